@@ -1,0 +1,244 @@
+"""Reading, checking, writing and downloading checkpoints.
+
+Accepted files: official SAM ``.pth``, MobileSAM ``.pt``, Hugging Face ``SamModel`` weights
+(``.safetensors`` or ``.bin``) and segany's own files, which embed their :class:`SamConfig`.
+Loading is always strict: a file that does not fit the model raises :class:`CheckpointError`
+naming the first missing/unexpected keys and the variant the file looks like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segany import hf_layout
+from segany.errors import CheckpointError, DownloadError
+from segany.modeling.config import SamConfig
+from segany.modeling.sam import Sam
+from segany.registry import WeightsInfo, get_config, get_weights_info, list_models
+
+log = logging.getLogger(__name__)
+
+SEGANY_FORMAT = "segany-checkpoint-v1"
+
+
+def weights_home() -> Path:
+    """Cache folder for downloaded weights: ``$SEGANY_HOME`` or ``~/.cache/segany``."""
+    return Path(os.environ.get("SEGANY_HOME", Path.home() / ".cache" / "segany")).expanduser()
+
+
+def cached_path(info: WeightsInfo) -> Path:
+    return weights_home() / "weights" / info.filename
+
+
+def _read_raw(path: Path) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path or run `segany download NAME`")
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        if not candidates:
+            raise CheckpointError(f"{str(path)!r} is a folder without .safetensors/.bin weights; pass the file itself")
+        path = candidates[0]
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc}); the file may be "
+                                  "truncated: download it again") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:200]}); "
+            "it may be truncated or not a checkpoint at all: download it again (`segany download NAME`)"
+        ) from exc
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], SamConfig | None, dict[str, Any]]:
+    """Read a checkpoint file into (state dict in segany names, embedded config or None, metadata)."""
+    raw = _read_raw(Path(path))
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(raw).__name__}, not a state dict")
+    config: SamConfig | None = None
+    meta: dict[str, Any] = {}
+    if raw.get("format") == SEGANY_FORMAT:
+        config = SamConfig.from_dict(raw["config"])
+        meta = dict(raw.get("meta", {}))
+        sd = raw["model"]
+    elif "model" in raw and isinstance(raw["model"], dict) and "config" not in raw:
+        sd = raw["model"]  # training checkpoints of other tools
+    elif "state_dict" in raw and isinstance(raw["state_dict"], dict):
+        sd = raw["state_dict"]
+    else:
+        sd = raw
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{str(path)!r} is not a model state dict (entry {bad[0]!r} is not a tensor)")
+    if hf_layout.is_hf(sd):
+        sd = hf_layout.from_hf(sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped saves
+    return sd, config, meta
+
+
+def guess_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Name the registered model whose parameter names and shapes match ``state_dict`` best."""
+    best, best_score = None, -1.0
+    for name in list_models():
+        with torch.device("meta"):
+            ref = Sam(get_config(name)).state_dict()
+        same = sum(1 for k, v in ref.items() if k in state_dict and tuple(state_dict[k].shape) == tuple(v.shape))
+        score = same / max(len(ref), len(state_dict))
+        if score > best_score:
+            best, best_score = name, score
+    return best if best_score > 0.5 else None
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], model_name: str, source: str) -> None:
+    """Raise a readable :class:`CheckpointError` unless ``state_dict`` fits ``model`` exactly."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"checkpoint {source!r} does not fit model {model_name!r}:"]
+    if missing:
+        parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
+    guess = guess_variant(state_dict)
+    if guess and guess != model_name:
+        parts.append(f"the file looks like a {guess!r} checkpoint: use --model {guess}")
+    elif missing and not unexpected:
+        parts.append("the file may be truncated or partial: download it again")
+    raise CheckpointError("; ".join(parts))
+
+
+def load_weights(model: Sam, path: str | os.PathLike[str], model_name: str = "model") -> dict[str, Any]:
+    """Load ``path`` into ``model`` strictly; returns the checkpoint's metadata."""
+    sd, _, meta = read_checkpoint(path)
+    check_state_dict(model, sd, model_name, str(path))
+    model.load_state_dict(sd, strict=True)
+    return meta
+
+
+def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = None,
+              device: str | torch.device = "cpu") -> Sam:
+    """Build a registered model, optionally loading weights, in eval mode.
+
+    A segany checkpoint carries its own config; its variant name then need not be given exactly,
+    but a mismatch between the embedded config and ``name`` is reported.
+    """
+    if checkpoint is not None:
+        sd, embedded, _ = read_checkpoint(checkpoint)
+        config = embedded or get_config(name)
+        model = Sam(config)
+        check_state_dict(model, sd, name, str(checkpoint))
+        model.load_state_dict(sd, strict=True)
+    else:
+        model = Sam(get_config(name))
+    return model.to(device).eval()
+
+
+def _atomic_write(path: Path, writer: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: Sam, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
+                    half: bool = False) -> Path:
+    """Write a self-describing segany checkpoint atomically (``half`` stores floats as fp16)."""
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in model.state_dict().items()}
+    blob = {"format": SEGANY_FORMAT, "config": model.cfg.to_dict(), "model": sd, "meta": dict(meta or {})}
+    out = Path(path)
+    _atomic_write(out, lambda tmp: torch.save(blob, tmp))
+    return out
+
+
+def _digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path: Path, info: WeightsInfo) -> None:
+    """Check size and every published hash of ``info``; raise :class:`DownloadError` on mismatch."""
+    size = path.stat().st_size
+    if info.size is not None and size != info.size:
+        raise DownloadError(f"{path} has {size} bytes but {info.name} should have {info.size}: the file is "
+                            "truncated or another file; delete it and download again")
+    for algo in ("sha256", "md5"):
+        want = getattr(info, algo)
+        if want and _digest(path, algo) != want.lower():
+            raise DownloadError(f"{path} fails its {algo} check for {info.name} (expected {want}); delete it and "
+                                "download again")
+
+
+def download(name: str, *, force: bool = False, timeout: float = 30.0,
+             progress: Callable[[int, int | None], None] | None = None) -> Path:
+    """Fetch registered weights into the cache, verify them and return the path.
+
+    Offline or on any network error, raises :class:`DownloadError` saying where to put the file by hand.
+    """
+    info = get_weights_info(name)
+    dest = cached_path(info)
+    if dest.exists() and not force:
+        verify_file(dest, info)
+        return dest
+
+    def fetch(tmp: str) -> None:
+        try:
+            with urllib.request.urlopen(info.url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                total = resp.length
+                done = 0
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise DownloadError(
+                f"could not download {info.name} from {info.url} ({getattr(exc, 'reason', exc)}). "
+                f"If this machine is offline, fetch the file elsewhere and put it at {dest} "
+                f"(or pass its path with --checkpoint)"
+            ) from exc
+        verify_file(Path(tmp), info)
+
+    _atomic_write(dest, fetch)
+    return dest
+
+
+def find_weights(name: str) -> Path | None:
+    """Path of cached weights ``name`` if present (not verified: verification reads the whole file)."""
+    path = cached_path(get_weights_info(name))
+    return path if path.exists() else None

@@ -1,0 +1,1 @@
+"""Loading and writing data: images, masks and annotation formats."""

@@ -1,0 +1,74 @@
+"""Robust image loading: every supported input becomes (H, W, 3) uint8 RGB, or a clear error.
+
+Grayscale is replicated to 3 channels, alpha is composited away (dropped), 16-bit images are
+scaled to 8 bits, and EXIF orientation is applied so masks line up with what a viewer shows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from segany.errors import ImageLoadError, InputError
+
+
+def to_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
+    """Normalize an array image to (H, W, 3) uint8.
+
+    Accepts (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) of uint8, uint16 or float in [0, 1].
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise InputError(f"{what} must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {arr.shape}; "
+                         "pass an HWC image array")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InputError(f"{what} is empty (shape {arr.shape})")
+    if arr.dtype == np.uint8:
+        pass
+    elif arr.dtype == np.uint16:
+        arr = (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise InputError(f"{what} contains NaN or infinite values")
+        hi = float(arr.max()) if arr.size else 0.0
+        arr = np.clip(arr * (255.0 if hi <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    else:
+        raise InputError(f"{what} has dtype {arr.dtype}; expected uint8, uint16 or float")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    return np.ascontiguousarray(arr)
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageLoadError(f"image {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ImageLoadError(f"{str(p)!r} is a folder, not an image file")
+    try:
+        with Image.open(p) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
+                if arr.dtype == np.uint32:
+                    arr = np.clip(arr, 0, 65535).astype(np.uint16)
+                return to_rgb_uint8(arr, str(p))
+            if im.mode in ("RGBA", "LA", "P", "PA"):
+                im = im.convert("RGBA").convert("RGB")
+            elif im.mode != "RGB":
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"could not read {str(p)!r} as an image ({exc}); pass a JPEG, PNG, TIFF, BMP or WebP file"
+                             ) from exc
+    return to_rgb_uint8(arr, str(p))

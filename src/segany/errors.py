@@ -1,0 +1,58 @@
+"""Errors raised by segany.
+
+Every error is a :class:`SeganyError` so callers can catch one type; each message says what was
+wrong, what was received and how to fix it, because most of them reach a person through the CLI.
+"""
+
+from __future__ import annotations
+
+
+class SeganyError(Exception):
+    """Base class of all errors segany raises on purpose."""
+
+
+class InputError(SeganyError, ValueError):
+    """A user-supplied value (image, prompt, option) is malformed."""
+
+
+class ImageLoadError(InputError):
+    """A file could not be read as an image."""
+
+
+class PromptError(InputError):
+    """Point, box or mask prompts are malformed or inconsistent."""
+
+
+class StateError(SeganyError, RuntimeError):
+    """An API was called in the wrong order (e.g. ``predict`` before ``set_image``)."""
+
+
+class UnknownModelError(SeganyError, KeyError):
+    """A model or weights name is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(SeganyError):
+    """A checkpoint file is missing, corrupt, truncated or made for another model."""
+
+
+class DownloadError(SeganyError):
+    """Weights could not be fetched or failed their checksum."""
+
+
+class MissingDependencyError(SeganyError, ImportError):
+    """An optional dependency is not installed; the message carries the pip command."""
+
+
+def require(module: str, extra: str) -> object:
+    """Import an optional dependency or raise with the install hint for the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(
+            f"{module!r} is needed for this feature but is not installed; run: pip install 'segany[{extra}]'"
+        ) from exc

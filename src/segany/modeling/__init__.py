@@ -1,0 +1,12 @@
+"""The Segment Anything network: image encoders, prompt encoder and mask decoder (tensors only)."""
+
+from segany.modeling.config import (
+    MaskDecoderConfig,
+    PromptEncoderConfig,
+    SamConfig,
+    TinyViTConfig,
+    ViTConfig,
+)
+from segany.modeling.sam import Sam
+
+__all__ = ["Sam", "SamConfig", "ViTConfig", "TinyViTConfig", "PromptEncoderConfig", "MaskDecoderConfig"]

@@ -1,0 +1,147 @@
+"""Architecture configs as frozen dataclasses.
+
+A checkpoint written by segany embeds ``SamConfig.to_dict()`` so it describes itself; the variants
+in :mod:`segany.modeling.variants` are just named instances of these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from segany.errors import InputError
+
+
+def _check_positive(owner: str, **values: int | float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise InputError(f"{owner}.{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Plain ViT image encoder with windowed attention (SAM paper §3, appendix A)."""
+
+    img_size: int = 1024
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    out_chans: int = 256
+    qkv_bias: bool = True
+    use_abs_pos: bool = True
+    use_rel_pos: bool = True
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    kind: str = field(default="vit", init=False)
+
+    def __post_init__(self) -> None:
+        _check_positive("ViTConfig", img_size=self.img_size, patch_size=self.patch_size,
+                        embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
+        if self.img_size % self.patch_size:
+            raise InputError(f"ViTConfig.img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.embed_dim % self.num_heads:
+            raise InputError(f"ViTConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise InputError(f"ViTConfig.global_attn_indexes {bad} are outside 0..{self.depth - 1}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """TinyViT encoder as used by MobileSAM: conv stem + MBConv stage + three windowed-attention stages."""
+
+    img_size: int = 1024
+    in_chans: int = 3
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+    out_chans: int = 256
+    num_classes: int = 1000  # MobileSAM keeps TinyViT's unused classifier head; kept for strict loading.
+    kind: str = field(default="tiny_vit", init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.embed_dims)
+        if not (len(self.depths) == len(self.num_heads) == len(self.window_sizes) == n == 4):
+            raise InputError("TinyViTConfig needs 4 stages: embed_dims, depths, num_heads and window_sizes of length 4")
+        if self.img_size % 64:
+            raise InputError(f"TinyViTConfig.img_size must be a multiple of 64, got {self.img_size}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // 16
+
+
+@dataclass(frozen=True)
+class PromptEncoderConfig:
+    embed_dim: int = 256
+    mask_in_chans: int = 16
+
+
+@dataclass(frozen=True)
+class MaskDecoderConfig:
+    transformer_dim: int = 256
+    transformer_depth: int = 2
+    transformer_heads: int = 8
+    transformer_mlp_dim: int = 2048
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """The whole model. ``encoder`` is a :class:`ViTConfig` or :class:`TinyViTConfig`."""
+
+    encoder: ViTConfig | TinyViTConfig = field(default_factory=ViTConfig)
+    prompt: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
+    decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    mask_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.encoder.out_chans != self.prompt.embed_dim or self.prompt.embed_dim != self.decoder.transformer_dim:
+            raise InputError(
+                "SamConfig: encoder.out_chans, prompt.embed_dim and decoder.transformer_dim must be equal, got "
+                f"{self.encoder.out_chans}, {self.prompt.embed_dim}, {self.decoder.transformer_dim}"
+            )
+
+    @property
+    def img_size(self) -> int:
+        return self.encoder.img_size
+
+    @property
+    def embed_size(self) -> int:
+        """Side of the square image-embedding grid (64 for 1024 px input)."""
+        return self.encoder.grid_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamConfig:
+        """Inverse of :meth:`to_dict`; tuples come back as tuples so configs compare equal."""
+        enc = dict(data["encoder"])
+        kind = enc.pop("kind", "vit")
+        enc = {k: tuple(v) if isinstance(v, list) else v for k, v in enc.items()}
+        encoder: ViTConfig | TinyViTConfig = TinyViTConfig(**enc) if kind == "tiny_vit" else ViTConfig(**enc)
+        return cls(
+            encoder=encoder,
+            prompt=PromptEncoderConfig(**data.get("prompt", {})),
+            decoder=MaskDecoderConfig(**data.get("decoder", {})),
+            pixel_mean=tuple(data.get("pixel_mean", cls.pixel_mean)),  # type: ignore[arg-type]
+            pixel_std=tuple(data.get("pixel_std", cls.pixel_std)),  # type: ignore[arg-type]
+            mask_threshold=float(data.get("mask_threshold", 0.0)),
+        )

@@ -1,0 +1,136 @@
+"""Prompt encoder (SAM §3 "Prompt encoder"): points and boxes become sparse tokens, masks a dense map.
+
+Coordinates are (x, y) pixels in the *resized* model-input frame (longest side = ``img_size``).
+Point labels: 1 foreground, 0 background, 2/3 box corners (internal), -1 padding ("not a point").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from segany.modeling.layers import LayerNorm2d
+
+
+class RandomFourierEncoding(nn.Module):
+    """Positional encoding by a fixed random Gaussian projection (Tancik et al. 2020).
+
+    The matrix is a buffer, not a parameter: it is part of the checkpoint but never trained.
+    """
+
+    def __init__(self, num_pos_feats: int = 128, scale: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn(2, num_pos_feats))
+
+    def _encode(self, coords01: torch.Tensor) -> torch.Tensor:
+        """(..., 2) coordinates in [0, 1] → (..., 2·num_pos_feats)."""
+        proj = (2 * coords01 - 1) @ self.positional_encoding_gaussian_matrix.to(coords01.dtype)
+        proj = 2 * math.pi * proj
+        return torch.cat([proj.sin(), proj.cos()], dim=-1)
+
+    def forward(self, size_hw: tuple[int, int]) -> torch.Tensor:
+        """Dense encoding of an H×W grid of cell centres: (C, H, W)."""
+        h, w = size_hw
+        m = self.positional_encoding_gaussian_matrix
+        ys = (torch.arange(h, device=m.device, dtype=m.dtype) + 0.5) / h
+        xs = (torch.arange(w, device=m.device, dtype=m.dtype) + 0.5) / w
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
+        return self._encode(grid).permute(2, 0, 1)
+
+    def forward_with_coords(self, points_xy: torch.Tensor, image_size_hw: tuple[int, int]) -> torch.Tensor:
+        """Encode pixel coordinates (..., 2) given the frame size (H, W)."""
+        h, w = image_size_hw
+        size_xy = torch.tensor([w, h], device=points_xy.device, dtype=torch.float32)
+        return self._encode(points_xy.float() / size_xy)
+
+
+# Kept under the reference's name so code that pokes at the encoder still finds it.
+PositionEmbeddingRandom = RandomFourierEncoding
+
+
+class PromptEncoder(nn.Module):
+    def __init__(self, *, embed_dim: int, image_embedding_size: tuple[int, int], input_image_size: tuple[int, int],
+                 mask_in_chans: int = 16) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.image_embedding_size = image_embedding_size
+        self.input_image_size = input_image_size
+        self.pe_layer = RandomFourierEncoding(embed_dim // 2)
+        # 0: background point, 1: foreground point, 2: box top-left, 3: box bottom-right.
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
+        c = mask_in_chans
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, c // 4, kernel_size=2, stride=2),
+            LayerNorm2d(c // 4),
+            nn.GELU(),
+            nn.Conv2d(c // 4, c, kernel_size=2, stride=2),
+            LayerNorm2d(c),
+            nn.GELU(),
+            nn.Conv2d(c, embed_dim, kernel_size=1),
+        )
+        self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    def get_dense_pe(self) -> torch.Tensor:
+        """Positional encoding of the image-embedding grid, (1, C, H, W)."""
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+
+    def _embed_points(self, points_xy: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        points_xy = points_xy + 0.5  # pixel centres
+        if pad:  # without a box the decoder expects one padding token after the points
+            B = points_xy.shape[0]
+            points_xy = torch.cat([points_xy, points_xy.new_zeros(B, 1, 2)], dim=1)
+            labels = torch.cat([labels, -labels.new_ones(B, 1)], dim=1)
+        emb = self.pe_layer.forward_with_coords(points_xy, self.input_image_size)
+        lab = labels[..., None]
+        emb = torch.where(lab == -1, self.not_a_point_embed.weight.to(emb.dtype).expand_as(emb), emb)
+        for value in (0, 1, 2, 3):
+            emb = emb + (lab == value).to(emb.dtype) * self.point_embeddings[value].weight.to(emb.dtype)
+        return emb
+
+    def _embed_boxes(self, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        corners = (boxes_xyxy + 0.5).reshape(-1, 2, 2)
+        emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
+        corner_tokens = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0)
+        return emb + corner_tokens.to(emb.dtype)
+
+    def forward(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed prompts.
+
+        Args:
+            points: ``(coords (B, N, 2), labels (B, N))`` in model-input pixels, or None.
+            boxes: (B, 4) XYXY in model-input pixels, or None.
+            masks: (B, 1, 256, 256) low-res mask logits, or None.
+
+        Returns:
+            sparse (B, N', C) tokens and dense (B, C, 64, 64) embeddings.
+        """
+        if points is not None:
+            B = points[0].shape[0]
+        elif boxes is not None:
+            B = boxes.shape[0]
+        elif masks is not None:
+            B = masks.shape[0]
+        else:
+            B = 1
+        device = self.point_embeddings[0].weight.device
+        parts = [torch.empty(B, 0, self.embed_dim, device=device)]
+        if points is not None:
+            parts.append(self._embed_points(points[0], points[1], pad=boxes is None))
+        if boxes is not None:
+            parts.append(self._embed_boxes(boxes))
+        sparse = torch.cat(parts, dim=1)
+        if masks is not None:
+            dense = self.mask_downscaling(masks)
+        else:
+            h, w = self.image_embedding_size
+            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
+        return sparse, dense

@@ -1,0 +1,222 @@
+"""Interactive prediction on one image: embed once, then decode many prompts quickly.
+
+A drop-in for ``segment_anything.SamPredictor``: same methods, arguments and return values.
+``predict`` is the numpy edge (prompts in original-image pixels), ``predict_torch`` the tensor
+core (prompts already in the model's resized frame, batched). Prompts are validated here, so a
+wrong shape or an out-of-image click raises :class:`PromptError` instead of a silent bad mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from segany.data.images import to_rgb_uint8
+from segany.errors import InputError, PromptError, StateError
+from segany.modeling.sam import Sam
+from segany.transforms import ResizeLongestSide
+
+_SET_IMAGE_FIRST = "no image is set: call set_image(image) before predict"
+
+
+class SamPredictor:
+    def __init__(self, sam_model: Sam) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.img_size)
+        self.reset_image()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ------------------------------------------------------------------ image
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Compute the embedding of an (H, W, C) image.
+
+        Args:
+            image: uint8 RGB or BGR (grayscale, RGBA, 16-bit and float in [0, 1] are converted).
+            image_format: ``"RGB"`` or ``"BGR"`` (OpenCV order).
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if not isinstance(image, np.ndarray):
+            raise InputError(f"set_image expects a numpy array (H, W, 3), got {type(image).__name__}; "
+                             "load files with segany.data.images.load_image")
+        was_bgr = image_format == "BGR" and image.ndim == 3 and image.shape[2] in (3, 4)
+        image = to_rgb_uint8(image)
+        if was_bgr:
+            image = np.ascontiguousarray(image[..., ::-1])
+        resized = self.transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(tensor, image.shape[:2])
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        """Embed a (1, 3, h, w) image already resized so its long side is the model's input size."""
+        s = self.model.img_size
+        if transformed_image.ndim != 4 or transformed_image.shape[:2] != (1, 3) or max(transformed_image.shape[2:]) != s:
+            raise InputError(f"set_torch_image expects (1, 3, h, w) with max(h, w) == {s}, got "
+                             f"{tuple(transformed_image.shape)}; resize with predictor.transform.apply_image_torch")
+        self.reset_image()
+        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.input_size = (int(transformed_image.shape[2]), int(transformed_image.shape[3]))
+        x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
+        self.features = self.model.image_encoder(x)
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The (1, 256, 64, 64) embedding of the current image."""
+        if not self.is_image_set or self.features is None:
+            raise StateError("no image is set: call set_image(image) before get_image_embedding")
+        return self.features
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    # --------------------------------------------------------------- prompts
+    def _check_points(self, coords: np.ndarray | None, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+        if coords is None and labels is None:
+            return None
+        if coords is None or labels is None:
+            raise PromptError("point_coords and point_labels must be given together; labels are 1 (foreground) "
+                              "or 0 (background)")
+        coords = np.asarray(coords, dtype=np.float64)
+        labels = np.asarray(labels)
+        if coords.ndim != 2 or coords.shape[1] != 2:
+            raise PromptError(f"point_coords must have shape (N, 2), got {coords.shape}; pass [[x, y], ...]")
+        if labels.ndim != 1 or labels.shape[0] != coords.shape[0]:
+            raise PromptError(f"point_labels must have shape (N,) matching point_coords' N={coords.shape[0]}, got "
+                              f"{labels.shape}; give one label per point")
+        if coords.shape[0] == 0:
+            raise PromptError("point_coords is empty; pass at least one point or use None")
+        if not np.isfinite(coords).all():
+            raise PromptError("point_coords contains NaN or infinite values")
+        bad_labels = sorted(set(labels.tolist()) - {-1, 0, 1})
+        if bad_labels:
+            raise PromptError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {bad_labels}")
+        assert self.original_size is not None
+        h, w = self.original_size
+        outside = (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise PromptError(f"point {coords[i].tolist()} lies outside the {w}x{h} (width x height) image; "
+                              "coordinates are (x, y) pixels of the original image")
+        return coords, labels.astype(np.int64)
+
+    def _check_box(self, box: np.ndarray | None) -> np.ndarray | None:
+        if box is None:
+            return None
+        box = np.asarray(box, dtype=np.float64)
+        if box.shape not in ((4,), (1, 4)):
+            raise PromptError(f"box must have shape (4,) as [x0, y0, x1, y1], got {box.shape}; "
+                              "for many boxes use predict_torch")
+        box = box.reshape(4)
+        if not np.isfinite(box).all():
+            raise PromptError("box contains NaN or infinite values")
+        assert self.original_size is not None
+        h, w = self.original_size
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise PromptError(f"box {box.tolist()} must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
+        if box[2] <= 0 or box[3] <= 0 or box[0] >= w or box[1] >= h:
+            raise PromptError(f"box {box.tolist()} lies entirely outside the {w}x{h} (width x height) image")
+        return np.clip(box, 0, [w, h, w, h])[None]
+
+    def _check_mask_input(self, mask_input: np.ndarray | None) -> np.ndarray | None:
+        if mask_input is None:
+            return None
+        m = np.asarray(mask_input, dtype=np.float32)
+        side = 4 * self.model.cfg.embed_size
+        if m.shape == (side, side):
+            m = m[None]
+        if m.shape != (1, side, side):
+            raise PromptError(f"mask_input must have shape (1, {side}, {side}) (low-res logits from a previous "
+                              f"predict), got {m.shape}")
+        return m
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt set, in original-image pixels.
+
+        Returns:
+            masks (C, H, W) bool (float logits if ``return_logits``), scores (C,), low-res logits
+            (C, 256, 256); C is 3 with ``multimask_output`` and 1 without.
+        """
+        if not self.is_image_set:
+            raise StateError(_SET_IMAGE_FIRST)
+        assert self.original_size is not None
+        pts = self._check_points(point_coords, point_labels)
+        box_np = self._check_box(box)
+        mask_np = self._check_mask_input(mask_input)
+        if pts is None and box_np is None and mask_np is None:
+            # The reference silently decodes an empty prompt; that is never what a user meant.
+            raise PromptError("no prompt given: pass point_coords/point_labels, box or mask_input")
+        dev = self.device
+        coords_t = labels_t = box_t = mask_t = None
+        if pts is not None:
+            coords_t = torch.as_tensor(self.transform.apply_coords(pts[0], self.original_size), dtype=torch.float32,
+                                       device=dev)[None]
+            labels_t = torch.as_tensor(pts[1], dtype=torch.int64, device=dev)[None]
+        if box_np is not None:
+            box_t = torch.as_tensor(self.transform.apply_boxes(box_np, self.original_size), dtype=torch.float32,
+                                    device=dev)
+        if mask_np is not None:
+            mask_t = torch.as_tensor(mask_np, dtype=torch.float32, device=dev)[None]
+        masks, scores, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output, return_logits)
+        return masks[0].cpu().numpy(), scores[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched prediction; prompts are in the resized model frame (use ``predictor.transform``).
+
+        Args:
+            point_coords: (B, N, 2) XY; point_labels: (B, N).
+            boxes: (B, 4) XYXY. mask_input: (B, 1, 256, 256) logits.
+
+        Returns:
+            masks (B, C, H, W), iou predictions (B, C), low-res logits (B, C, 256, 256).
+        """
+        if not self.is_image_set or self.features is None:
+            raise StateError(_SET_IMAGE_FIRST)
+        assert self.input_size is not None and self.original_size is not None
+        points = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise PromptError("point_labels is required with point_coords")
+            if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
+                raise PromptError(f"point_coords must be (B, N, 2) and point_labels (B, N), got "
+                                  f"{tuple(point_coords.shape)} and {tuple(point_labels.shape)}")
+            points = (point_coords.to(self.device), point_labels.to(self.device))
+        if boxes is not None:
+            if boxes.ndim != 2 or boxes.shape[-1] != 4:
+                raise PromptError(f"boxes must be (B, 4) XYXY, got {tuple(boxes.shape)}")
+            boxes = boxes.to(self.device)
+        batch = {t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None}
+        if len(batch) > 1:
+            raise PromptError(f"points, boxes and mask_input must share the batch size, got sizes {sorted(batch)}")
+        if mask_input is not None:
+            mask_input = mask_input.to(self.device)
+        pe = self.model.prompt_encoder
+        sparse, dense = pe(points, boxes, mask_input)
+        low_res, iou = self.model.mask_decoder(self.features, pe.get_dense_pe(), sparse, dense, multimask_output)
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res

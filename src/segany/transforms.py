@@ -1,0 +1,56 @@
+"""Resize-longest-side geometry shared by the predictor, the generator and training.
+
+The model sees images whose longer side is ``target_length`` (1024 for SAM); prompts given in
+original-image pixels are scaled by the same factors. Image resizing uses PIL's bilinear filter on
+uint8 for numpy input (as the reference does, so masks match it) and antialiased bilinear
+interpolation for tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def preprocess_shape(h: int, w: int, target_length: int) -> tuple[int, int]:
+    """(h, w) after scaling the longer side to ``target_length`` (rounded half up)."""
+    scale = target_length / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+class ResizeLongestSide:
+    def __init__(self, target_length: int) -> None:
+        self.target_length = target_length
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 → (h, w, 3) uint8."""
+        h, w = preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
+        """Scale (..., 2) XY pixel coordinates from ``original_size`` (H, W) to the model frame."""
+        old_h, old_w = original_size
+        new_h, new_w = preprocess_shape(old_h, old_w, self.target_length)
+        out = np.array(coords, dtype=float, copy=True)
+        out[..., 0] *= new_w / old_w
+        out[..., 1] *= new_h / old_h
+        return out
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
+        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float → (B, 3, h, w)."""
+        h, w = preprocess_shape(image.shape[2], image.shape[3], self.target_length)
+        return F.interpolate(image, (h, w), mode="bilinear", align_corners=False, antialias=True)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
+        old_h, old_w = original_size
+        new_h, new_w = preprocess_shape(old_h, old_w, self.target_length)
+        scale = torch.tensor([new_w / old_w, new_h / old_h], dtype=torch.float32, device=coords.device)
+        return coords.to(torch.float32) * scale
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)

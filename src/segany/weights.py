@@ -1,0 +1,26 @@
+"""Known checkpoints. Sizes and MD5s are the publishers' own figures (the hex suffix of each SAM file
+name is the start of its MD5); ``segany download`` checks every hash an entry carries."""
+
+from __future__ import annotations
+
+from segany.registry import WeightsInfo, register_weights
+
+_SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+register_weights(WeightsInfo(
+    name="sam_vit_h", model="vit_h", url=_SAM + "sam_vit_h_4b8939.pth", filename="sam_vit_h_4b8939.pth",
+    size=2564550879, md5="4b8939a88964f0f4ff5f5b2642c598a6", description="Official SAM ViT-H",
+))
+register_weights(WeightsInfo(
+    name="sam_vit_l", model="vit_l", url=_SAM + "sam_vit_l_0b3195.pth", filename="sam_vit_l_0b3195.pth",
+    size=1249524607, md5="0b3195507c641ddb6910d2bb5adee89c", description="Official SAM ViT-L",
+))
+register_weights(WeightsInfo(
+    name="sam_vit_b", model="vit_b", url=_SAM + "sam_vit_b_01ec64.pth", filename="sam_vit_b_01ec64.pth",
+    size=375042383, md5="01ec64d29a2fca3f0661936605ae66f8", description="Official SAM ViT-B",
+))
+register_weights(WeightsInfo(
+    name="mobile_sam", model="vit_t",
+    url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+    filename="mobile_sam.pt", layout="mobile_sam", description="MobileSAM (TinyViT encoder)",
+))
