@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny seeded models (ours and, for parity, the reference) and real sample images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segany.modeling.config import SamConfig, ViTConfig
+from segany.modeling.sam import Sam
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE_IMAGE = REPO / "src" / "segany" / "assets" / "sample.jpg"
+
+
+def tiny_config(img_size: int = 256) -> SamConfig:
+    """Depth-2 ViT at 256 px: runs in well under a second on 2 CPU cores."""
+    return SamConfig(encoder=ViTConfig(img_size=img_size, depth=2, embed_dim=96, num_heads=3,
+                                       global_attn_indexes=(1,), window_size=8))
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Fill every float parameter and buffer with seeded noise, so untrained parts are not trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                noise = torch.randn(t.shape, generator=g) * scale
+                if name.endswith(("running_var",)):
+                    noise = noise.abs() + 1.0
+                t.copy_(noise)
+    return model
+
+
+@pytest.fixture
+def tiny_sam() -> Sam:
+    return randomize_(Sam(tiny_config())).eval()
+
+
+@pytest.fixture(scope="session")
+def sample_image() -> np.ndarray:
+    from segany.data.images import load_image
+
+    return load_image(SAMPLE_IMAGE)
