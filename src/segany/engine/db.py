@@ -1,0 +1,172 @@
+"""Schema of the data-engine store (SAM §4 "Segment Anything Data Engine").
+
+Tables: projects, images, annotations, annotators, model versions and dataset versions. The
+schema is created and evolved only through the packaged Alembic migrations
+(``segany/engine/migrations``); these classes describe it for the ORM and must match the latest
+migration (``tests/engine/test_store.py`` checks that they do).
+
+Design notes for the stages that build on this store:
+
+* ``Annotation.source`` says which engine stage made a mask: ``manual`` (stage 1, assisted-manual),
+  ``semi`` (stage 2, pre-filled by the model and reviewed) or ``auto`` (stage 3, fully automatic).
+* ``Annotation.review_state`` is ``accepted``, ``pending`` (waiting for a person) or ``rejected``;
+  rejected rows are kept so retraining can learn what the model got wrong.
+* ``Annotation.model_version_id`` names the model that proposed or assisted the mask, and
+  ``ModelVersion.parent_id``/``trained_on_id`` record the retraining lineage
+  (model → dataset version it was trained on → previous model).
+* ``DatasetVersion`` freezes a set of annotations (``dataset_version_annotations``) for training or
+  export, so a model version can point at exactly the data it saw.
+* ``Annotation.uuid`` is the client's idempotency key: a retried save finds the row it already made.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SOURCES = ("manual", "semi", "auto")
+REVIEW_STATES = ("accepted", "pending", "rejected")
+STAGES = ("manual", "semi", "auto")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Folder where uploaded images are written; None for a project whose images are only registered by path.
+    media_dir: Mapped[str | None] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(String(16), default="manual")
+    labels: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="project", cascade="all, delete-orphan")
+
+    __table_args__ = (CheckConstraint("stage IN ('manual', 'semi', 'auto')", name="ck_projects_stage"),)
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    file_name: Mapped[str] = mapped_column(String(500))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    project: Mapped[Project] = relationship(back_populates="images")
+    annotations: Mapped[list[Annotation]] = relationship(back_populates="image", cascade="all, delete-orphan")
+
+    __table_args__ = (UniqueConstraint("project_id", "sha256", name="uq_images_project_sha256"),)
+
+
+class Annotator(Base):
+    __tablename__ = "annotators"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # sha256 of a random 256-bit token: the token itself is shown once and never stored.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model_type: Mapped[str] = mapped_column(String(100))
+    checkpoint_path: Mapped[str | None] = mapped_column(Text)
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    trained_on_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id", ondelete="SET NULL"))
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+dataset_version_annotations = Table(
+    "dataset_version_annotations",
+    Base.metadata,
+    Column("dataset_version_id", ForeignKey("dataset_versions.id", ondelete="CASCADE"), primary_key=True),
+    Column("annotation_id", ForeignKey("annotations.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class DatasetVersion(Base):
+    __tablename__ = "dataset_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    annotations: Mapped[list[Annotation]] = relationship(secondary=dataset_version_annotations)
+
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_dataset_versions_project_name"),)
+
+
+class Annotation(Base):
+    __tablename__ = "annotations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    label: Mapped[str] = mapped_column(String(200), default="object")
+    # COCO compressed RLE: counts string and the mask's (height, width).
+    rle_counts: Mapped[str] = mapped_column(Text)
+    height: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    area: Mapped[int] = mapped_column(Integer)
+    bbox_xywh: Mapped[list[Any]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(16), default="manual")
+    review_state: Mapped[str] = mapped_column(String(16), default="accepted")
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    prompts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    annotator_id: Mapped[int | None] = mapped_column(ForeignKey("annotators.id", ondelete="SET NULL"))
+    seconds_spent: Mapped[float | None] = mapped_column(Float)
+    predicted_iou: Mapped[float | None] = mapped_column(Float)
+    stability_score: Mapped[float | None] = mapped_column(Float)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="annotations")
+    annotator: Mapped[Annotator | None] = relationship()
+    model_version: Mapped[ModelVersion | None] = relationship()
+
+    __table_args__ = (
+        CheckConstraint("source IN ('manual', 'semi', 'auto')", name="ck_annotations_source"),
+        CheckConstraint("review_state IN ('accepted', 'pending', 'rejected')", name="ck_annotations_review_state"),
+        Index("ix_annotations_image_state", "image_id", "review_state"),
+    )

@@ -1,0 +1,535 @@
+"""The annotation store: one object over a SQLite file or a PostgreSQL server.
+
+``open_store(target)`` takes a project folder (its ``segany.db`` SQLite file is created there), a
+``.db`` file, or any SQLAlchemy URL (``postgresql+psycopg://user@host:port/db``), applies the
+packaged Alembic migrations up to head, and returns a :class:`Store`.
+
+Every public write is one transaction. SQLite runs in WAL mode with a busy timeout and takes the
+write lock at ``BEGIN`` (``BEGIN IMMEDIATE``), so concurrent writers queue instead of failing
+half-way; PostgreSQL uses its own row locking. Annotation saves carry a client-made UUID: a save
+retried after a lost response finds the row it already wrote instead of writing a second one.
+
+Methods return plain dicts (JSON-ready) so nothing outside a transaction touches a live ORM row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import uuid as uuid_lib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from segany.engine import db
+from segany.engine.db import Annotation, Annotator, DatasetVersion, Image, ModelVersion, Project
+from segany.engine.masks import encode_mask, normalize_rle, rle_area_bbox
+from segany.errors import InputError, SeganyError
+
+log = logging.getLogger(__name__)
+
+DB_FILENAME = "segany.db"
+MEDIA_DIRNAME = "images"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_PG_MIGRATION_LOCK = 0x5E6A_0001
+
+
+class StoreError(SeganyError):
+    """The store could not do what was asked (unknown project, missing row, conflicting write)."""
+
+
+class NotFoundError(StoreError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConflictError(StoreError):
+    """A write conflicts with what is stored (e.g. an idempotency key reused for another image)."""
+
+
+def resolve_target(target: str | os.PathLike[str]) -> tuple[str, Path | None]:
+    """Map a CLI target to (SQLAlchemy URL, project folder or None)."""
+    t = str(target)
+    if "://" in t:
+        if t.startswith("postgresql://"):  # default to the psycopg 3 driver we depend on
+            t = "postgresql+psycopg://" + t[len("postgresql://"):]
+        return t, None
+    p = Path(t).expanduser().resolve()
+    if p.suffix in (".db", ".sqlite", ".sqlite3"):
+        return f"sqlite:///{p}", p.parent
+    return f"sqlite:///{p / DB_FILENAME}", p
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # A deferred transaction that reads then writes can fail with SQLITE_BUSY without waiting when
+        # another writer got in between; taking the write lock up front makes writers queue on busy_timeout.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, pool_timeout=60)
+    return create_engine(url)
+
+
+def migrate(engine: Engine) -> None:
+    """Apply the packaged Alembic migrations up to head (safe to call from many processes at once)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- dicts
+def project_dict(p: Project) -> dict[str, Any]:
+    return {"id": p.id, "name": p.name, "stage": p.stage, "labels": list(p.labels or []),
+            "media_dir": p.media_dir, "settings": dict(p.settings or {})}
+
+
+def image_dict(im: Image) -> dict[str, Any]:
+    return {"id": im.id, "project_id": im.project_id, "file_name": im.file_name, "path": im.path,
+            "width": im.width, "height": im.height, "sha256": im.sha256}
+
+
+def annotation_dict(a: Annotation) -> dict[str, Any]:
+    return {
+        "id": a.id, "uuid": a.uuid, "image_id": a.image_id, "label": a.label,
+        "segmentation": {"size": [a.height, a.width], "counts": a.rle_counts},
+        "area": a.area, "bbox": list(a.bbox_xywh), "source": a.source, "review_state": a.review_state,
+        "model_version_id": a.model_version_id, "prompts": a.prompts or {}, "annotator_id": a.annotator_id,
+        "seconds_spent": a.seconds_spent, "predicted_iou": a.predicted_iou, "stability_score": a.stability_score,
+        "revision": a.revision,
+        "created_at": a.created_at.isoformat() if a.created_at else None,
+        "updated_at": a.updated_at.isoformat() if a.updated_at else None,
+    }
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise InputError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+class Store:
+    """Transactions over the data-engine tables. Thread-safe: each call uses its own session."""
+
+    def __init__(self, engine: Engine, project_dir: Path | None = None) -> None:
+        self.engine = engine
+        self.project_dir = project_dir
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any exception."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # ------------------------------------------------------------------------------------ projects
+    def create_project(self, name: str, *, media_dir: str | os.PathLike[str] | None = None,
+                       labels: Iterable[str] = (), stage: str = "manual") -> dict[str, Any]:
+        _check_choice("stage", stage, db.STAGES)
+        if not name or len(name) > 200:
+            raise InputError(f"project name must be 1-200 characters, got {name!r}")
+        with self.transaction() as s:
+            if s.scalar(select(Project).where(Project.name == name)) is not None:
+                raise ConflictError(f"project {name!r} already exists; pick another --name")
+            p = Project(name=name, media_dir=str(media_dir) if media_dir else None, labels=list(labels),
+                        stage=stage, settings={})
+            s.add(p)
+            s.flush()
+            return project_dict(p)
+
+    def list_projects(self) -> list[dict[str, Any]]:
+        with self.transaction() as s:
+            return [project_dict(p) for p in s.scalars(select(Project).order_by(Project.id))]
+
+    def get_project(self, name: str | None = None) -> dict[str, Any]:
+        """The project called ``name``; without a name, the only (or first) project."""
+        with self.transaction() as s:
+            if name is None:
+                p = s.scalar(select(Project).order_by(Project.id).limit(1))
+                if p is None:
+                    raise NotFoundError("the store has no project yet; run `segany project create DIR` first")
+            else:
+                p = s.scalar(select(Project).where(Project.name == name))
+                if p is None:
+                    known = ", ".join(s.scalars(select(Project.name))) or "none"
+                    raise NotFoundError(f"no project named {name!r} (known: {known})")
+            return project_dict(p)
+
+    def update_project(self, project_id: int, *, labels: Sequence[str] | None = None, stage: str | None = None,
+                       settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        with self.transaction() as s:
+            p = s.get(Project, project_id)
+            if p is None:
+                raise NotFoundError(f"no project with id {project_id}")
+            if labels is not None:
+                p.labels = list(dict.fromkeys(labels))
+            if stage is not None:
+                p.stage = _check_choice("stage", stage, db.STAGES)
+            if settings is not None:
+                p.settings = {**(p.settings or {}), **settings}
+            return project_dict(p)
+
+    # -------------------------------------------------------------------------------------- images
+    def add_images(self, project_id: int, paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+        """Register image files (folders are searched for images); an image already present is skipped.
+
+        Files are referenced where they are, by absolute path; sizes and checksums are read now.
+        """
+        from segany.data.images import load_image  # reads EXIF orientation like the model will
+
+        files: list[Path] = []
+        for raw in paths:
+            p = Path(raw).expanduser().resolve()
+            if p.is_dir():
+                files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+            elif p.is_file():
+                files.append(p)
+            else:
+                raise InputError(f"{str(raw)!r} is neither an image file nor a folder")
+        rows = []
+        for f in files:
+            arr = load_image(f)
+            rows.append((f, arr.shape[0], arr.shape[1], file_sha256(f)))
+        out = []
+        with self.transaction() as s:
+            if s.get(Project, project_id) is None:
+                raise NotFoundError(f"no project with id {project_id}")
+            seen = set(s.scalars(select(Image.sha256).where(Image.project_id == project_id)))
+            for f, h, w, digest in rows:
+                if digest in seen:
+                    log.info("skipping %s: same content already in the project", f)
+                    continue
+                seen.add(digest)
+                im = Image(project_id=project_id, path=str(f), file_name=f.name, width=w, height=h, sha256=digest)
+                s.add(im)
+                s.flush()
+                out.append(image_dict(im))
+        return out
+
+    def list_images(self, project_id: int) -> list[dict[str, Any]]:
+        """Images in id order, each with counts of accepted and pending annotations."""
+        with self.transaction() as s:
+            counts: dict[tuple[int, str], int] = {}
+            q = (select(Annotation.image_id, Annotation.review_state, func.count())
+                 .join(Image, Image.id == Annotation.image_id)
+                 .where(Image.project_id == project_id)
+                 .group_by(Annotation.image_id, Annotation.review_state))
+            for image_id, state, n in s.execute(q):
+                counts[(image_id, state)] = n
+            out = []
+            for im in s.scalars(select(Image).where(Image.project_id == project_id).order_by(Image.id)):
+                d = image_dict(im)
+                d["accepted"] = counts.get((im.id, "accepted"), 0)
+                d["pending"] = counts.get((im.id, "pending"), 0)
+                out.append(d)
+            return out
+
+    def get_image(self, project_id: int, image_id: int) -> dict[str, Any]:
+        with self.transaction() as s:
+            im = s.get(Image, image_id)
+            if im is None or im.project_id != project_id:
+                raise NotFoundError(f"no image with id {image_id} in this project")
+            return image_dict(im)
+
+    # ---------------------------------------------------------------------------------- annotators
+    def add_annotator(self, name: str) -> str:
+        """Create an annotator and return their bearer token (shown once; only its hash is stored)."""
+        if not name or len(name) > 200:
+            raise InputError(f"annotator name must be 1-200 characters, got {name!r}")
+        token = secrets.token_urlsafe(32)
+        with self.transaction() as s:
+            if s.scalar(select(Annotator).where(Annotator.name == name)) is not None:
+                raise ConflictError(f"annotator {name!r} already exists; use another name or `--rotate`")
+            s.add(Annotator(name=name, token_hash=hash_token(token), active=True))
+        return token
+
+    def rotate_token(self, name: str) -> str:
+        token = secrets.token_urlsafe(32)
+        with self.transaction() as s:
+            a = s.scalar(select(Annotator).where(Annotator.name == name))
+            if a is None:
+                raise NotFoundError(f"no annotator named {name!r}")
+            a.token_hash = hash_token(token)
+        return token
+
+    def authenticate(self, token: str) -> dict[str, Any] | None:
+        """The active annotator owning ``token``, or None."""
+        if not token:
+            return None
+        with self.transaction() as s:
+            a = s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token), Annotator.active))
+            return None if a is None else {"id": a.id, "name": a.name}
+
+    def list_annotators(self) -> list[dict[str, Any]]:
+        with self.transaction() as s:
+            return [{"id": a.id, "name": a.name, "active": a.active} for a in s.scalars(select(Annotator))]
+
+    # ------------------------------------------------------------------------------ model versions
+    def register_model_version(self, name: str, model_type: str, checkpoint_path: str | None = None, *,
+                               checkpoint_sha256: str | None = None, parent_id: int | None = None,
+                               trained_on_id: int | None = None, meta: dict[str, Any] | None = None) -> int:
+        """Id of the model version called ``name``, created on first use."""
+        for _ in range(2):  # a concurrent first registration may win the unique name; then read it
+            try:
+                with self.transaction() as s:
+                    mv = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
+                    if mv is None:
+                        mv = ModelVersion(name=name, model_type=model_type, checkpoint_path=checkpoint_path,
+                                          checkpoint_sha256=checkpoint_sha256, parent_id=parent_id,
+                                          trained_on_id=trained_on_id, meta=dict(meta or {}))
+                        s.add(mv)
+                        s.flush()
+                    return mv.id
+            except IntegrityError:
+                continue
+        raise StoreError(f"could not register model version {name!r}")
+
+    def list_model_versions(self) -> list[dict[str, Any]]:
+        with self.transaction() as s:
+            return [{"id": m.id, "name": m.name, "model_type": m.model_type, "checkpoint_path": m.checkpoint_path,
+                     "parent_id": m.parent_id, "trained_on_id": m.trained_on_id, "meta": m.meta}
+                    for m in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
+
+    # --------------------------------------------------------------------------------- annotations
+    def save_annotation(
+        self,
+        image_id: int,
+        *,
+        mask: np.ndarray | None = None,
+        rle: dict[str, Any] | None = None,
+        uuid: str | None = None,
+        label: str = "object",
+        source: str = "manual",
+        review_state: str | None = None,
+        model_version_id: int | None = None,
+        prompts: dict[str, Any] | None = None,
+        annotator_id: int | None = None,
+        seconds_spent: float | None = None,
+        predicted_iou: float | None = None,
+        stability_score: float | None = None,
+        project_id: int | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Store one mask (a bool array or any COCO RLE); returns (annotation, created).
+
+        ``uuid`` is the idempotency key: saving the same uuid again returns the stored row and
+        ``created=False`` without writing. Reusing a uuid for another image raises :class:`ConflictError`.
+        """
+        _check_choice("source", source, db.SOURCES)
+        if review_state is None:
+            review_state = "pending" if source in ("semi", "auto") and annotator_id is None else "accepted"
+        _check_choice("review_state", review_state, db.REVIEW_STATES)
+        key = _check_uuid(uuid) if uuid else str(uuid_lib.uuid4())
+        if (mask is None) == (rle is None):
+            raise InputError("give exactly one of mask (H, W) array or rle")
+        enc = encode_mask(mask) if mask is not None else normalize_rle(rle)  # type: ignore[arg-type]
+        area, bbox = rle_area_bbox(enc)
+        if seconds_spent is not None and not (0 <= seconds_spent < 1e6):
+            raise InputError(f"seconds_spent must be between 0 and 1e6, got {seconds_spent}")
+        label = (label or "object").strip()[:200] or "object"
+        try:
+            with self.transaction() as s:
+                existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
+                if existing is not None:
+                    return self._replay(existing, image_id), False
+                im = s.get(Image, image_id)
+                if im is None or (project_id is not None and im.project_id != project_id):
+                    raise NotFoundError(f"no image with id {image_id} in this project")
+                if tuple(enc["size"]) != (im.height, im.width):
+                    raise InputError(f"mask size {enc['size']} does not match image {image_id}'s "
+                                     f"[height, width] = [{im.height}, {im.width}]")
+                a = Annotation(
+                    uuid=key, image_id=image_id, label=label, rle_counts=enc["counts"], height=im.height,
+                    width=im.width, area=area, bbox_xywh=bbox, source=source, review_state=review_state,
+                    model_version_id=model_version_id, prompts=dict(prompts or {}), annotator_id=annotator_id,
+                    seconds_spent=seconds_spent, predicted_iou=predicted_iou, stability_score=stability_score,
+                    revision=1,
+                )
+                s.add(a)
+                s.flush()
+                return annotation_dict(a), True
+        except IntegrityError:
+            # Another request with the same key committed between our read and our insert.
+            with self.transaction() as s:
+                existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
+                if existing is None:
+                    raise
+                return self._replay(existing, image_id), False
+
+    @staticmethod
+    def _replay(existing: Annotation, image_id: int) -> dict[str, Any]:
+        if existing.image_id != image_id:
+            raise ConflictError(f"annotation uuid {existing.uuid} was already used on image {existing.image_id}; "
+                                "generate a new uuid for each new annotation")
+        return annotation_dict(existing)
+
+    def get_annotation(self, annotation_id: int, project_id: int | None = None) -> dict[str, Any]:
+        with self.transaction() as s:
+            return annotation_dict(self._get_ann(s, annotation_id, project_id))
+
+    @staticmethod
+    def _get_ann(s: Session, annotation_id: int, project_id: int | None) -> Annotation:
+        a = s.get(Annotation, annotation_id)
+        if a is None or (project_id is not None and a.image.project_id != project_id):
+            raise NotFoundError(f"no annotation with id {annotation_id} in this project")
+        return a
+
+    def update_annotation(self, annotation_id: int, *, project_id: int | None = None,
+                          mask: np.ndarray | None = None, rle: dict[str, Any] | None = None,
+                          label: str | None = None, review_state: str | None = None,
+                          annotator_id: int | None = None, seconds_spent: float | None = None,
+                          prompts: dict[str, Any] | None = None, expected_revision: int | None = None
+                          ) -> dict[str, Any]:
+        """Edit a stored annotation; ``expected_revision`` makes the edit fail if someone else edited first."""
+        if mask is not None and rle is not None:
+            raise InputError("give at most one of mask and rle")
+        if review_state is not None:
+            _check_choice("review_state", review_state, db.REVIEW_STATES)
+        with self.transaction() as s:
+            a = self._get_ann(s, annotation_id, project_id)
+            if expected_revision is not None and a.revision != expected_revision:
+                raise ConflictError(f"annotation {annotation_id} is at revision {a.revision}, not "
+                                    f"{expected_revision}: someone edited it; reload and edit again")
+            if mask is not None or rle is not None:
+                enc = encode_mask(mask) if mask is not None else normalize_rle(rle)  # type: ignore[arg-type]
+                if tuple(enc["size"]) != (a.height, a.width):
+                    raise InputError(f"mask size {enc['size']} does not match [{a.height}, {a.width}]")
+                a.rle_counts = enc["counts"]
+                a.area, a.bbox_xywh = rle_area_bbox(enc)
+            if label is not None:
+                a.label = label.strip()[:200] or "object"
+            if review_state is not None:
+                a.review_state = review_state
+            if annotator_id is not None:
+                a.annotator_id = annotator_id
+            if seconds_spent is not None:
+                a.seconds_spent = (a.seconds_spent or 0.0) + float(seconds_spent)
+            if prompts is not None:
+                a.prompts = dict(prompts)
+            a.revision += 1
+            a.updated_at = db.utcnow()
+            s.flush()
+            return annotation_dict(a)
+
+    def delete_annotation(self, annotation_id: int, project_id: int | None = None) -> None:
+        with self.transaction() as s:
+            s.delete(self._get_ann(s, annotation_id, project_id))
+
+    def list_annotations(self, *, project_id: int | None = None, image_id: int | None = None,
+                         states: Sequence[str] | None = None, sources: Sequence[str] | None = None
+                         ) -> list[dict[str, Any]]:
+        q = select(Annotation).join(Image, Image.id == Annotation.image_id).order_by(Annotation.id)
+        if project_id is not None:
+            q = q.where(Image.project_id == project_id)
+        if image_id is not None:
+            q = q.where(Annotation.image_id == image_id)
+        if states:
+            q = q.where(Annotation.review_state.in_(list(states)))
+        if sources:
+            q = q.where(Annotation.source.in_(list(sources)))
+        with self.transaction() as s:
+            return [annotation_dict(a) for a in s.scalars(q)]
+
+    def count_annotations(self, project_id: int | None = None) -> int:
+        q = select(func.count(Annotation.id))
+        if project_id is not None:
+            q = q.join(Image, Image.id == Annotation.image_id).where(Image.project_id == project_id)
+        with self.transaction() as s:
+            return int(s.scalar(q) or 0)
+
+    # ---------------------------------------------------------------------------- dataset versions
+    def create_dataset_version(self, project_id: int, name: str, *, states: Sequence[str] = ("accepted",),
+                               meta: dict[str, Any] | None = None) -> int:
+        """Freeze the project's annotations in ``states`` under ``name`` (for training or export)."""
+        with self.transaction() as s:
+            anns = list(s.scalars(select(Annotation).join(Image, Image.id == Annotation.image_id)
+                                  .where(Image.project_id == project_id, Annotation.review_state.in_(list(states)))))
+            dv = DatasetVersion(project_id=project_id, name=name, meta={**(meta or {}), "states": list(states)})
+            dv.annotations = anns
+            s.add(dv)
+            s.flush()
+            return dv.id
+
+    def dataset_version_annotation_ids(self, dataset_version_id: int) -> list[int]:
+        with self.transaction() as s:
+            dv = s.get(DatasetVersion, dataset_version_id)
+            if dv is None:
+                raise NotFoundError(f"no dataset version with id {dataset_version_id}")
+            return sorted(a.id for a in dv.annotations)
+
+
+def _check_uuid(value: str) -> str:
+    try:
+        return str(uuid_lib.UUID(str(value)))
+    except ValueError as exc:
+        raise InputError(f"uuid must be a UUID string like {uuid_lib.uuid4()}, got {value!r}") from exc
+
+
+def open_store(target: str | os.PathLike[str], *, create: bool = False) -> Store:
+    """Open (and migrate to head) the store at a project folder, a ``.db`` file or a database URL.
+
+    Args:
+        target: project folder, SQLite file, or SQLAlchemy URL (``postgresql://…`` uses psycopg 3).
+        create: make the project folder if it does not exist; otherwise a missing folder is an error.
+    """
+    url, project_dir = resolve_target(target)
+    if project_dir is not None:
+        db_file = Path(url.removeprefix("sqlite:///"))
+        if not db_file.exists() and not create:
+            raise StoreError(f"{str(target)!r} is not a segany project (no {db_file.name}); create it with "
+                             f"`segany project create {target}`")
+        db_file.parent.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)
+    migrate(engine)
+    return Store(engine, project_dir)
