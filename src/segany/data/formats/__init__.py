@@ -1,0 +1,69 @@
+"""Dataset readers. Every reader returns a list of :class:`InstanceRecord` (image path + COCO RLE masks).
+
+``read_shared`` knows the four datasets of ``../shared/data`` (see its README) and their splits.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from segany.data.formats.bsds import read_bsds
+from segany.data.formats.coco import read_coco
+from segany.data.formats.common import InstanceRecord, decode_rle, encode_mask
+from segany.data.formats.png import read_binary_masks, read_instance_pngs
+from segany.data.formats.yolo import read_yolo_seg
+from segany.errors import InputError
+
+__all__ = ["InstanceRecord", "decode_rle", "encode_mask", "read_bsds", "read_coco", "read_binary_masks",
+           "read_instance_pngs", "read_yolo_seg", "read_shared", "SHARED_DATASETS", "held_out_ids"]
+
+SHARED_DATASETS = ("coco128", "pennfudan", "kvasir", "bsds")
+
+# Held-out sizes for the datasets that ship without a validation split (README "Suggested use").
+HELD_OUT = {"pennfudan": 20, "kvasir": 80}
+SPLIT_SEED = 5  # fixed forever: changing it would silently leak training images into evaluation
+
+
+def held_out_ids(dataset: str, ids: list[str]) -> list[str]:
+    """The deterministic held-out ids of ``dataset`` among ``ids`` (order-independent)."""
+    n = HELD_OUT.get(dataset, 0)
+    pool = sorted(ids)
+    random.Random(f"{dataset}-{SPLIT_SEED}").shuffle(pool)
+    return sorted(pool[:n])
+
+
+def read_shared(name: str, data_root: str | os.PathLike[str], *, limit: int | None = None
+                ) -> dict[str, list[InstanceRecord]]:
+    """Read one shared dataset as ``{"train": [...], "val": [...]}``.
+
+    coco128 has no validation split (all train); bsds uses its own train/val; PennFudan and Kvasir hold
+    back a fixed seeded subset (20 images, 80 ids).
+    """
+    root = Path(data_root)
+    if name == "coco128":
+        return {"train": read_yolo_seg(root / "coco128-seg", "train2017", dataset=name, min_area=16, limit=limit),
+                "val": []}
+    if name == "bsds":
+        return {"train": read_bsds(root / "bsds500", "train", dataset=name, limit=limit),
+                "val": read_bsds(root / "bsds500", "val", dataset=name, limit=limit)}
+    if name == "pennfudan":
+        base = root / "PennFudanPed"
+        recs = read_instance_pngs(base / "PNGImages", base / "PedMasks", dataset=name, limit=limit)
+    elif name == "kvasir":
+        base = root / "kvasir-seg"
+        ids = (base / "train.txt").read_text().split()
+        held = set(held_out_ids(name, ids))
+        if limit is not None:  # keep some held-out ids in small reads so both splits are exercised
+            ids = sorted(held)[: limit // 2] + [i for i in ids if i not in held][: limit - limit // 2]
+        recs = read_binary_masks(base / "Kvasir-SEG" / "images", base / "Kvasir-SEG" / "masks", ids=ids,
+                                 dataset=name)
+    else:
+        raise InputError(f"unknown shared dataset {name!r}; choose from {', '.join(SHARED_DATASETS)}")
+    if name == "kvasir":
+        all_ids = (root / "kvasir-seg" / "train.txt").read_text().split()
+    else:  # split over every image on disk, not just the ones read, so `limit` never moves the split
+        all_ids = [p.stem for p in (root / "PennFudanPed" / "PNGImages").iterdir() if p.suffix == ".png"]
+    held = set(held_out_ids(name, all_ids))
+    return {"train": [r for r in recs if r.image_id not in held], "val": [r for r in recs if r.image_id in held]}

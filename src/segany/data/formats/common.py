@@ -1,0 +1,159 @@
+"""The record every dataset reader returns, and a dependency-free COCO RLE codec.
+
+A record is one image: its path, its size, and its instance masks as COCO run-length encodings
+(``{"size": [H, W], "counts": str}``, column-major, the format of COCO and SA-1B). The codec is written
+here in numpy so training and evaluation run where pycocotools is not installed (GPU machines);
+pycocotools is used for speed when present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segany.errors import InputError
+
+RLE = dict[str, Any]
+
+
+@dataclass
+class InstanceRecord:
+    """One image and its instance masks.
+
+    Attributes:
+        image_path: file of the image (any format :func:`segany.data.images.load_image` reads).
+        size_hw: (H, W) of the image, the frame of every mask.
+        masks: COCO RLEs, one per instance.
+        class_names: one name per mask, or None when the dataset has no classes.
+        image_id: a stable id, unique within its dataset (used by splits).
+        dataset: the dataset's name (``coco128``, ``pennfudan``, ``kvasir``, ``bsds``, ...).
+        groups: optional per-mask group index (BSDS: the annotator), so samplers can keep one partition.
+    """
+
+    image_path: str
+    size_hw: tuple[int, int]
+    masks: list[RLE]
+    class_names: list[str] | None = None
+    image_id: str = ""
+    dataset: str = ""
+    groups: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"image_path": self.image_path, "size_hw": list(self.size_hw), "masks": self.masks,
+                             "image_id": self.image_id, "dataset": self.dataset}
+        if self.class_names is not None:
+            d["class_names"] = self.class_names
+        if self.groups is not None:
+            d["groups"] = self.groups
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], root: Path | None = None) -> InstanceRecord:
+        path = d["image_path"]
+        if root is not None and not Path(path).is_absolute():
+            path = str(root / path)
+        return cls(image_path=path, size_hw=(int(d["size_hw"][0]), int(d["size_hw"][1])), masks=list(d["masks"]),
+                   class_names=d.get("class_names"), image_id=str(d.get("image_id", "")),
+                   dataset=str(d.get("dataset", "")), groups=d.get("groups"))
+
+
+# ----------------------------------------------------------------------------- RLE codec
+def _counts_of(mask: np.ndarray) -> list[int]:
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return [0]
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0]:  # counts start with a run of zeros
+        runs = [0, *runs]
+    return runs
+
+
+def _counts_to_string(counts: list[int]) -> str:
+    """COCO's compact counts string: each count (delta-coded after the second) as 5-bit LEB128 chars + 48."""
+    out = []
+    for i, c in enumerate(counts):
+        x = int(c) - int(counts[i - 2]) if i > 2 else int(c)
+        more = True
+        while more:
+            ch = x & 0x1F
+            x >>= 5
+            more = not ((x == 0 and not ch & 0x10) or (x == -1 and ch & 0x10))
+            if more:
+                ch |= 0x20
+            out.append(chr(ch + 48))
+    return "".join(out)
+
+
+def _string_to_counts(s: str | bytes) -> list[int]:
+    if isinstance(s, bytes):
+        s = s.decode("ascii")
+    counts: list[int] = []
+    p = 0
+    n = len(s)
+    while p < n:
+        x = 0
+        k = 0
+        more = True
+        while more:
+            ch = ord(s[p]) - 48
+            x |= (ch & 0x1F) << (5 * k)
+            more = bool(ch & 0x20)
+            p += 1
+            k += 1
+            if not more and ch & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def encode_mask(mask: np.ndarray) -> RLE:
+    """(H, W) bool → compressed COCO RLE with a str ``counts``."""
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise InputError(f"encode_mask expects an (H, W) mask, got shape {m.shape}")
+    try:
+        from pycocotools import mask as mask_utils
+
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": rle["counts"].decode("ascii")}
+    except ImportError:
+        return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": _counts_to_string(_counts_of(m))}
+
+
+def decode_rle(rle: RLE) -> np.ndarray:
+    """COCO RLE (compressed str/bytes counts or a list of counts) → (H, W) bool."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = _string_to_counts(counts)
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() != h * w:
+        raise InputError(f"RLE counts sum to {int(counts.sum())} but size is {h}x{w}; the annotation is corrupt")
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, counts)
+    return flat.reshape((w, h)).T
+
+
+def rle_area(rle: RLE) -> int:
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = _string_to_counts(counts)
+    return int(sum(counts[1::2]))
+
+
+def rle_bbox_xyxy(rle: RLE) -> tuple[int, int, int, int]:
+    """Tight box (x0, y0, x1, y1), inclusive pixel indices, of a non-empty mask."""
+    m = decode_rle(rle)
+    ys, xs = np.nonzero(m)
+    if len(xs) == 0:
+        return (0, 0, 0, 0)
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
