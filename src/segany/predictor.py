@@ -20,9 +20,18 @@ _SET_IMAGE_FIRST = "no image is set: call set_image(image) before predict"
 
 
 class SamPredictor:
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, precision: str = "auto", compile: bool | str = False) -> None:
+        """``precision``: ``"auto"`` (bf16 fast path on CUDA, exact fp32 on CPU), ``"fp32"``, ``"bf16"``,
+        ``"fp16"``; ``compile`` torch.compiles encoder and decoder (see :mod:`segany.fast`)."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.img_size)
+        from segany.fast import FastPath, resolve_precision
+
+        # Plain fp32 eager stays on the reference modules, so its numbers are exactly the reference's.
+        wants_fast = resolve_precision(precision, sam_model.device) != "fp32" or bool(compile)
+        wants_fast = wants_fast or sam_model.device.type == "cuda"  # CUDA graphs for the decoder
+        self.fast: FastPath | None = (FastPath(sam_model, precision=precision, compile=compile)
+                                      if wants_fast else None)
         self.reset_image()
 
     @property
@@ -61,7 +70,7 @@ class SamPredictor:
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[2]), int(transformed_image.shape[3]))
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        self.features = self.model.image_encoder(x)
+        self.features = self.fast.encode(x) if self.fast is not None else self.model.image_encoder(x)
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -213,6 +222,9 @@ class SamPredictor:
             raise PromptError(f"points, boxes and mask_input must share the batch size, got sizes {sorted(batch)}")
         if mask_input is not None:
             mask_input = mask_input.to(self.device)
+        if self.fast is not None:
+            return self.fast.decode(self.features, points, boxes, mask_input, multimask_output, self.input_size,
+                                    self.original_size, return_logits)
         pe = self.model.prompt_encoder
         sparse, dense = pe(points, boxes, mask_input)
         low_res, iou = self.model.mask_decoder(self.features, pe.get_dense_pe(), sparse, dense, multimask_output)

@@ -1,0 +1,439 @@
+"""Fast inference paths: reduced precision, fused attention, batched encoding, compile and CUDA graphs.
+
+The fp32 modules in :mod:`segany.modeling` are the numerical reference and stay untouched. A
+:class:`FastPath` keeps *copies* of the image encoder and mask decoder cast to bf16/fp16, with the
+ViT's attention swapped for :class:`FastViTAttention`, which gives the decomposed relative-position
+bias to ``scaled_dot_product_attention`` in a layout its fused kernels accept:
+
+* ``attention="mask"`` (default): the bias is written into a buffer whose last dimension is padded to
+  a multiple of 8 and passed as an additive mask; the memory-efficient (and cuDNN) kernels need that
+  alignment, otherwise SDPA pads (copies) the bias on every call or falls back to the math kernel.
+* ``attention="fold"``: the bias is folded into the dot product, ``q' = [q·s, q·R_h, q·R_w]`` and
+  ``k' = [k, onehot(row), onehot(col)]``, so no (L, L) bias exists at all and flash kernels can run;
+  it costs a wider head (64 → 192 for global blocks), so which one wins depends on the GPU: measure it
+  with ``bench/speed.py``.
+
+Prompt → mask latency on CUDA comes from capturing the decoder plus mask post-processing in a CUDA
+graph per prompt shape (:class:`_GraphCache`), or from ``torch.compile(mode="reduce-overhead")`` with
+``compile=True``. Compiled artefacts are cached on disk under ``$SEGANY_HOME/compile-cache`` so the
+compile cost is paid once per machine.
+
+Entry points: ``SamPredictor(model, precision=..., compile=...)`` (which builds a :class:`FastPath`
+when it helps), :func:`encode_images` for batched embeddings, :func:`configure_cpu_threads`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany.errors import InputError
+from segany.modeling import image_encoder as vit
+from segany.modeling.layers import LayerNorm2d
+from segany.modeling.sam import Sam
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ATTENTIONS = ("mask", "fold")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------ settings
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"auto"`` → ``"bf16"`` on CUDA, ``"fp32"`` elsewhere (CPU stays exact by default)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dev = torch.device(device)
+    if precision == "auto":
+        return "bf16" if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        raise InputError("precision='fp16' is not supported on CPU (slow and inaccurate there); use 'bf16' or 'fp32'")
+    return precision
+
+
+def configure_cpu_threads(num_threads: int | None = None) -> int:
+    """Set torch's intra-op threads to the physical cores we may use (or ``num_threads``); returns the count.
+
+    Hyper-threads slow GEMM-bound inference down, and a process limited by ``taskset``/cgroups should not
+    start more threads than it owns, so we count the usable CPUs and halve them when SMT is on.
+    """
+    if num_threads is None:
+        try:
+            usable = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            usable = os.cpu_count() or 1
+        smt = 1
+        try:
+            siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
+            smt = max(1, len(siblings.replace("-", ",").split(",")))
+        except OSError:
+            pass
+        num_threads = max(1, usable // smt) if usable >= 2 * smt else usable
+    torch.set_num_threads(int(num_threads))
+    return int(num_threads)
+
+
+def compile_cache_dir() -> Path:
+    """Point TorchInductor's on-disk cache at ``$SEGANY_HOME/compile-cache`` (unless the user set one)."""
+    from segany.checkpoints import weights_home
+
+    path = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", weights_home() / "compile-cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        inductor_config.autotune_local_cache = True
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        pass
+    return path
+
+
+# ------------------------------------------------------------------------------------------ modules
+class FastViTAttention(nn.Module):
+    """Drop-in for :class:`segany.modeling.image_encoder.Attention` that feeds fused SDPA kernels.
+
+    Shares the parameters of the module it is built from (call :meth:`from_attention`). The maths is
+    the same as the reference; only where the bias lives in memory (``"mask"``) or how it is applied
+    (``"fold"``) differs, so fp32 results agree to rounding.
+    """
+
+    def __init__(self, src: vit.Attention, mode: str = "mask") -> None:
+        super().__init__()
+        if mode not in ATTENTIONS:
+            raise InputError(f"attention must be one of {', '.join(ATTENTIONS)}, got {mode!r}")
+        self.num_heads = src.num_heads
+        self.head_dim = src.head_dim
+        self.qkv = src.qkv
+        self.proj = src.proj
+        self.use_rel_pos = src.use_rel_pos
+        if self.use_rel_pos:
+            self.rel_pos_h = src.rel_pos_h
+            self.rel_pos_w = src.rel_pos_w
+        self.mode = mode
+
+    @classmethod
+    def from_attention(cls, src: vit.Attention, mode: str = "mask") -> FastViTAttention:
+        return cls(src, mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        nh, hd, L = self.num_heads, self.head_dim, H * W
+        qkv = self.qkv(x).reshape(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
+        q, k, v = qkv.unbind(0)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            rel_h = vit.relative_position_table(H, H, self.rel_pos_h).to(q.dtype)  # (H, H, hd)
+            rel_w = vit.relative_position_table(W, W, self.rel_pos_w).to(q.dtype)  # (W, W, hd)
+            qg = q.reshape(B, nh, H, W, hd)
+            bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rel_h).reshape(B, nh, L, H)
+            bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rel_w).reshape(B, nh, L, W)
+            if self.mode == "fold":
+                out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
+        return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
+
+
+def _padded_bias(bias_h: torch.Tensor, bias_w: torch.Tensor) -> torch.Tensor:
+    """(B, nh, L, H) ⊕ (B, nh, L, W) → (B, nh, L, L) view into storage whose rows are 8-aligned."""
+    B, nh, L, H = bias_h.shape
+    W = bias_w.shape[-1]
+    padded = (L + 7) // 8 * 8
+    if padded == L:
+        return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(B, nh, L, L)
+    buf = bias_h.new_empty(B, nh, L, padded)
+    torch.add(bias_h[..., :, None], bias_w[..., None, :], out=buf[..., :L].view(B, nh, L, H, W))
+    return buf[..., :L]
+
+
+def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
+                      bias_w: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Attention with the decomposed bias folded into q·k: no (L, L) tensor, flash kernels allowed."""
+    B, nh, L, hd = q.shape
+    rows = torch.arange(L, device=q.device) // W
+    cols = torch.arange(L, device=q.device) % W
+    onehot_h = F.one_hot(rows, H).to(q.dtype).expand(B, nh, L, H)
+    onehot_w = F.one_hot(cols, W).to(q.dtype).expand(B, nh, L, W)
+    qf = torch.cat([q * (hd ** -0.5), bias_h, bias_w], dim=-1)
+    kf = torch.cat([k, onehot_h, onehot_w], dim=-1)
+    width = (qf.shape[-1] + 7) // 8 * 8
+    pad = width - qf.shape[-1]
+    if pad:
+        qf, kf = F.pad(qf, (0, pad)), F.pad(kf, (0, pad))
+    # Flash kernels want equal q/k/v head sizes; zero columns in v cost compute but not correctness.
+    vf = F.pad(v, (0, width - hd))
+    return F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :hd]
+
+
+class _Float32LayerNorm2d(nn.Module):
+    """LayerNorm2d computing its statistics in fp32 whatever the input dtype (bf16 variance is too coarse)."""
+
+    def __init__(self, src: LayerNorm2d) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = src.weight, src.bias, src.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        mean = xf.mean(dim=1, keepdim=True)
+        var = (xf - mean).square().mean(dim=1, keepdim=True)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+
+
+def _swap_modules(root: nn.Module, fn: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    for name, child in list(root.named_children()):
+        new = fn(child)
+        if new is not None:
+            setattr(root, name, new)
+        else:
+            _swap_modules(child, fn)
+    return root
+
+
+def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str = "mask",
+                      channels_last: bool = False) -> nn.Module:
+    """A copy of ``encoder`` cast to ``dtype`` with fused-kernel attention; the original is not touched."""
+    enc = copy.deepcopy(encoder)
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, vit.Attention):
+            return FastViTAttention.from_attention(m, attention)
+        if isinstance(m, LayerNorm2d) and dtype != torch.float32:
+            return _Float32LayerNorm2d(m)
+        return None
+
+    _swap_modules(enc, swap)
+    enc = enc.to(dtype)
+    if channels_last:
+        enc = enc.to(memory_format=torch.channels_last)
+    return enc.eval().requires_grad_(False)
+
+
+def make_fast_decoder(decoder: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of the mask decoder in ``dtype`` (LayerNorm2d statistics stay fp32)."""
+    dec = copy.deepcopy(decoder)
+    if dtype != torch.float32:
+        _swap_modules(dec, lambda m: _Float32LayerNorm2d(m) if isinstance(m, LayerNorm2d) else None)
+    return dec.to(dtype).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------ CUDA graphs
+class _GraphCache:
+    """One captured CUDA graph per input signature; replays copy inputs into static buffers.
+
+    A failed capture (an op that syncs, an allocator issue) disables graphs with a warning and the
+    caller's eager function is used, so a graph problem never breaks prediction.
+    """
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self.max_entries = max_entries
+        self.entries: OrderedDict[Any, tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = OrderedDict()
+        self.enabled = True
+        self.pool: Any = None
+
+    def __call__(self, key: Any, fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Tensor, ...]
+                 ) -> tuple[torch.Tensor, ...]:
+        """Run ``fn(*inputs)``; ``key`` must identify everything ``fn`` closes over (sizes, flags)."""
+        if not self.enabled:
+            return fn(*inputs)
+        full_key = (key, tuple((tuple(t.shape), t.dtype) for t in inputs))
+        entry = self.entries.get(full_key)
+        if entry is None:
+            try:
+                entry = self._capture(fn, inputs)
+            except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
+                log.warning("CUDA graph capture failed (%s); running the decoder eagerly", exc)
+                self.enabled = False
+                torch.cuda.synchronize()
+                return fn(*inputs)
+            self.entries[full_key] = entry
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(full_key)
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, inputs, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        # Clone: the next replay overwrites the static outputs.
+        return tuple(t.clone() for t in static_out)
+
+    def _capture(self, fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Tensor, ...]) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        static_in = tuple(t.clone() for t in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up kernels (cuBLAS handles, autotuning) outside the capture
+                fn(*static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = fn(*static_in)
+        return graph, static_in, static_out
+
+
+# ------------------------------------------------------------------------------------------ fast path
+class FastPath:
+    """Fast encoder and decoder for one :class:`Sam`, used by ``SamPredictor`` and :func:`encode_images`.
+
+    Args:
+        model: the fp32 model; it is not modified (the fast path keeps cast copies of the encoder and decoder).
+        precision: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
+        compile: ``False``, ``True`` or a torch.compile mode for the encoder (e.g. ``"max-autotune"``);
+            the decoder is compiled with ``"reduce-overhead"`` on CUDA.
+        cuda_graphs: capture decoder + post-processing in CUDA graphs (default: on for CUDA without compile).
+        attention: ``"mask"`` or ``"fold"`` (see module docstring).
+        decoder_precision: dtype of the decoder copy; defaults to ``precision``.
+        channels_last: channels-last memory for the encoder copy (default: on CUDA for TinyViT, whose
+            convolutions profit; the ViT is linear layers on channels-last tokens already).
+    """
+
+    def __init__(self, model: Sam, *, precision: str = "auto", compile: bool | str = False,
+                 cuda_graphs: bool | None = None, attention: str = "mask", decoder_precision: str | None = None,
+                 channels_last: bool | None = None) -> None:
+        if attention not in ATTENTIONS:
+            raise InputError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        self.model = model
+        self.device = model.device
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = _DTYPES[self.precision]
+        dec_precision = resolve_precision(decoder_precision or self.precision, self.device)
+        self.decoder_dtype = _DTYPES[dec_precision]
+        is_cuda = self.device.type == "cuda"
+        is_tiny = model.cfg.encoder.kind == "tiny_vit"
+        if channels_last is None:
+            channels_last = is_cuda and is_tiny
+        self.channels_last = channels_last
+        if self.dtype == torch.float32 and not channels_last:
+            self.encoder = model.image_encoder  # fp32: the reference modules themselves, no copy
+        else:
+            self.encoder = make_fast_encoder(model.image_encoder, self.dtype, attention=attention,
+                                             channels_last=channels_last)
+        self.decoder = (model.mask_decoder if self.decoder_dtype == torch.float32
+                        else make_fast_decoder(model.mask_decoder, self.decoder_dtype))
+        self.compile = compile
+        self._encode_fn: Callable[[torch.Tensor], torch.Tensor] = self.encoder
+        self._decode_fn: Callable[..., tuple[torch.Tensor, ...]] = self._decode_core
+        if compile:
+            compile_cache_dir()
+            mode = compile if isinstance(compile, str) else None
+            self._encode_fn = torch.compile(self.encoder, mode=mode, dynamic=False)
+            self._decode_fn = torch.compile(self._decode_core, mode="reduce-overhead" if is_cuda else None,
+                                            dynamic=False)
+        use_graphs = (is_cuda and not compile) if cuda_graphs is None else (cuda_graphs and is_cuda)
+        self._graphs = _GraphCache() if use_graphs else None
+        with torch.no_grad():
+            self._image_pe = model.prompt_encoder.get_dense_pe().to(self.decoder_dtype)
+        self._lowp_features: tuple[int, int, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ encoder
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized, padded images (B, 3, S, S) → fp32 embeddings (B, C, S/16, S/16)."""
+        x = x.to(self.device, self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._encode_fn(x).float().contiguous()
+
+    # ------------------------------------------------------------------ decoder
+    def _features_for_decoder(self, features: torch.Tensor) -> torch.Tensor:
+        if self.decoder_dtype == features.dtype:
+            return features
+        key = (features.data_ptr(), features._version)
+        if self._lowp_features is None or self._lowp_features[:2] != key:
+            self._lowp_features = (*key, features.to(self.decoder_dtype))
+        return self._lowp_features[2]
+
+    def _decode_core(self, features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, *,
+                     multimask: bool, input_size: tuple[int, int], original_size: tuple[int, int],
+                     return_logits: bool, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        low_res, iou = self.decoder(features, self._image_pe, sparse, dense, multimask)
+        low_res = low_res.float()
+        masks = self.model.postprocess_masks(low_res, input_size, original_size)
+        if not return_logits:
+            masks = masks > threshold
+        return masks, iou.float(), low_res
+
+    @torch.no_grad()
+    def decode(self, features: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None,
+               boxes: torch.Tensor | None, mask_input: torch.Tensor | None, multimask_output: bool,
+               input_size: tuple[int, int], original_size: tuple[int, int], return_logits: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt encoder (fp32, eager) → decoder + post-processing (fast dtype, graphed/compiled)."""
+        pe = self.model.prompt_encoder
+        sparse, dense = pe(points, boxes, mask_input)
+        feats = self._features_for_decoder(features)
+        sparse = sparse.to(self.decoder_dtype)
+        dense = dense.to(self.decoder_dtype).contiguous()
+        kwargs = dict(multimask=multimask_output, input_size=tuple(input_size), original_size=tuple(original_size),
+                      return_logits=return_logits, threshold=float(self.model.mask_threshold))
+        if self._graphs is not None:
+            key = tuple(sorted(kwargs.items()))
+            core = self._decode_core
+            masks, iou, low_res = self._graphs(key, lambda f, s, d: core(f, s, d, **kwargs),  # type: ignore[arg-type]
+                                               (feats, sparse, dense))
+            return masks, iou, low_res
+        return self._decode_fn(feats, sparse, dense, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ batches
+def _as_uint8_images(images: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+    from segany.data.images import to_rgb_uint8
+
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = [images]
+    out = []
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray):
+            raise InputError(f"images[{i}] is a {type(img).__name__}; pass (H, W, 3) numpy arrays")
+        out.append(to_rgb_uint8(img))
+    return out
+
+
+@torch.no_grad()
+def encode_images(model: Sam, images: Sequence[np.ndarray], *, batch_size: int = 8,
+                  fast: FastPath | None = None, precision: str = "auto") -> tuple[torch.Tensor, list[tuple[int, int]],
+                                                                                 list[tuple[int, int]]]:
+    """Embed many RGB images in batches.
+
+    Returns:
+        embeddings (N, C, h, w) fp32 on the model's device, input sizes (resized, before padding) and
+        original sizes, each a list of (H, W) — what ``SamPredictor.set_embedding`` takes per image.
+    """
+    from segany.transforms import ResizeLongestSide
+
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    imgs = _as_uint8_images(images)
+    if not imgs:
+        raise InputError("encode_images needs at least one image")
+    fast = fast or FastPath(model, precision=precision)
+    transform = ResizeLongestSide(model.img_size)
+    chunks, input_sizes, original_sizes = [], [], []
+    for start in range(0, len(imgs), batch_size):
+        batch = []
+        for img in imgs[start:start + batch_size]:
+            resized = transform.apply_image(img)
+            t = torch.as_tensor(np.ascontiguousarray(resized), device=model.device).permute(2, 0, 1)
+            batch.append(model.preprocess(t[None].float())[0])
+            input_sizes.append((int(resized.shape[0]), int(resized.shape[1])))
+            original_sizes.append((int(img.shape[0]), int(img.shape[1])))
+        chunks.append(fast.encode(torch.stack(batch)))
+    return torch.cat(chunks), input_sizes, original_sizes
+
