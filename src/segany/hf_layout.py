@@ -52,7 +52,7 @@ def to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a segany/official state dict to HF ``SamModel`` names."""
     out = {_rewrite(k, _OURS_TO_HF): v for k, v in state_dict.items()}
     if _PROMPT_PE in out:
-        out[_SHARED_PE] = out[_PROMPT_PE]
+        out[_SHARED_PE] = out[_PROMPT_PE].clone()  # a shared storage would make safetensors' save_file refuse
     return out
 
 
@@ -60,7 +60,8 @@ def _inverse_rules() -> list[tuple[str, str]]:
     # Hand-written inverses: regex rewrites are not mechanically invertible in general.
     return [
         (r"^vision_encoder\.", "image_encoder."),
-        (r"^image_encoder\.layers\.", "image_encoder.blocks."),
+        # ViT blocks only: TinyViT's stages are also called layers (``layers.N.blocks.M``/``.downsample``).
+        (r"^image_encoder\.layers\.(?=\d+\.(?!blocks\.|downsample\.))", "image_encoder.blocks."),
         (r"\.patch_embed\.projection\.", ".patch_embed.proj."),
         (r"\.neck\.conv1\.", ".neck.0."),
         (r"\.neck\.layer_norm1\.", ".neck.1."),
