@@ -1,0 +1,358 @@
+"""ONNX export of the image encoder and the prompt decoder, and a predictor that runs them in ONNX Runtime.
+
+Two graphs are written (SAM paper §3: the heavy encoder runs once per image, the light decoder once
+per prompt, which is what makes a browser or a laptop CPU interactive):
+
+``encoder.onnx``
+    input ``image`` float32 (B, 3, h, w): RGB 0–255, already resized so that max(h, w) equals the
+    model's ``img_size`` (normalization and bottom/right zero padding happen in the graph);
+    output ``image_embeddings`` float32 (B, 256, S/16, S/16).
+
+``decoder.onnx`` (the input/output contract of SAM's published ONNX decoder, so web clients work as-is)
+    inputs ``image_embeddings`` (1, 256, 64, 64); ``point_coords`` float32 (1, N, 2) XY in the resized
+    model frame (``ResizeLongestSide.apply_coords``); ``point_labels`` float32 (1, N): 1 foreground,
+    0 background, 2/3 box top-left/bottom-right, -1 padding (add one (0, 0)/-1 point when there is no
+    box); ``mask_input`` (1, 1, 256, 256) low-res logits; ``has_mask_input`` (1,) 1 or 0;
+    ``orig_im_size`` float32 (2,) as (H, W). N is dynamic.
+    outputs ``masks`` float32 (1, K, H, W) logits at the original size (threshold at 0),
+    ``iou_predictions`` (1, K), ``low_res_masks`` (1, K, 256, 256); K is 1 by default: for a prompt
+    with a single real point (ambiguous) the best of the three multimask outputs by predicted IoU,
+    otherwise the single-mask output. With ``multimask=True`` K is 3 (the three multimask outputs).
+    Two extra outputs carry all four decoder masks for :class:`OnnxPredictor`:
+    ``all_low_res_masks`` (1, 4, 256, 256) and ``all_iou_predictions`` (1, 4).
+
+``--quantize`` additionally writes ``encoder.int8.onnx`` and ``decoder.int8.onnx`` with dynamic int8
+weights (ONNX Runtime's ``quantize_dynamic``): smaller and faster on CPUs, slightly less accurate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany.errors import InputError, PromptError, StateError, require
+from segany.modeling.sam import Sam
+from segany.transforms import ResizeLongestSide
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+META_FILE = "segany_onnx.json"
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
+DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks", "all_low_res_masks", "all_iou_predictions")
+
+
+class EncoderGraph(nn.Module):
+    """Resized RGB 0–255 image (B, 3, h, w) → embeddings; normalizes and pads like ``Sam.preprocess``."""
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.image_encoder(self.model.preprocess(image))
+
+
+class DecoderGraph(nn.Module):
+    """SAM-ONNX-style decoder: prompt embedding, mask decoding, mask choice and resizing in one graph."""
+
+    def __init__(self, model: Sam, multimask: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.multimask = multimask
+        self.img_size = model.img_size
+
+    def _sparse(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Same operations as PromptEncoder._embed_points, without its automatic padding point: the
+        # caller sends padding explicitly (label -1), as SAM's ONNX contract expects.
+        pe = self.model.prompt_encoder
+        emb = pe.pe_layer._encode((coords + 0.5) / self.img_size)
+        lab = labels[..., None]
+        emb = torch.where(lab == -1, pe.not_a_point_embed.weight.expand_as(emb), emb)
+        for value in (0, 1, 2, 3):
+            emb = emb + (lab == value).to(emb.dtype) * pe.point_embeddings[value].weight
+        return emb
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        pe = self.model.prompt_encoder
+        sparse = self._sparse(point_coords, point_labels)
+        has = has_mask_input.reshape(-1, 1, 1, 1)
+        dense = pe.mask_downscaling(mask_input) * has + pe.no_mask_embed.weight.reshape(1, -1, 1, 1) * (1 - has)
+        low_res, iou = self.model.mask_decoder.predict_masks(image_embeddings, pe.get_dense_pe(), sparse, dense)
+        if self.multimask:
+            sel_low, sel_iou = low_res[:, 1:], iou[:, 1:]
+        else:
+            real_points = (point_labels != -1).sum(dim=1)  # (B,)
+            best_multi = iou[:, 1:].argmax(dim=1) + 1
+            idx = torch.where(real_points <= 1, best_multi, torch.zeros_like(best_multi))  # (B,)
+            sel_iou = iou.gather(1, idx[:, None])
+            sel_low = low_res.gather(1, idx[:, None, None, None].expand(-1, 1, *low_res.shape[2:]))
+        masks = self._upscale(sel_low, orig_im_size)
+        return masks, sel_iou, sel_low, low_res, iou
+
+    def _upscale(self, low_res: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        s = self.img_size
+        up = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
+        size = orig_im_size.to(torch.int64)
+        # preprocess_shape: round half up of the scaled sides.
+        scale = s / torch.max(orig_im_size)
+        input_hw = torch.floor(orig_im_size * scale + 0.5).to(torch.int64)
+        up = up[..., : input_hw[0], : input_hw[1]]
+        return F.interpolate(up, size=(size[0], size[1]), mode="bilinear", align_corners=False)
+
+
+def _check_model(model: Any) -> Sam:
+    if not isinstance(model, Sam):
+        raise InputError(f"export needs a segany Sam model, got {type(model).__name__}; build one with "
+                         "segany.build_sam(name, checkpoint)")
+    return model
+
+
+def _check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; pass a folder for encoder.onnx and decoder.onnx")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _legacy_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+                   output_names: list[str], dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """Write ``module`` to ``path`` atomically with the TorchScript-based exporter.
+
+    The decoder resizes masks to ``orig_im_size``, a value read from an input tensor; the tracing
+    exporter records that as a dynamic Resize, which torch.export (dynamo) refuses as data-dependent.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python ints, deprecation notes
+            torch.onnx.export(module, args, tmp, dynamo=False, opset_version=OPSET, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_encoder(model: Sam, path: str | os.PathLike[str]) -> Path:
+    model = _check_model(model)
+    require("onnx", "onnx")
+    s = model.img_size
+    out = Path(path)
+    example = torch.randint(0, 256, (1, 3, s, s * 3 // 4), dtype=torch.float32)
+    with torch.no_grad():
+        _legacy_export(EncoderGraph(model.float().eval()), (example,), out, ["image"], ["image_embeddings"],
+                       {"image": {0: "batch", 2: "height", 3: "width"}, "image_embeddings": {0: "batch"}})
+    return out
+
+
+def export_decoder(model: Sam, path: str | os.PathLike[str], multimask: bool = False) -> Path:
+    model = _check_model(model)
+    require("onnx", "onnx")
+    g = model.cfg.embed_size
+    c = model.cfg.prompt.embed_dim
+    out = Path(path)
+    example = (
+        torch.randn(1, c, g, g),
+        torch.randint(0, model.img_size, (1, 3, 2)).float(),
+        torch.tensor([[1.0, 0.0, -1.0]]),
+        torch.randn(1, 1, 4 * g, 4 * g),
+        torch.tensor([1.0]),
+        torch.tensor([float(model.img_size) * 0.75, float(model.img_size)]),
+    )
+    with torch.no_grad():
+        _legacy_export(DecoderGraph(model.float().eval(), multimask), example, out, list(DECODER_INPUTS),
+                       list(DECODER_OUTPUTS),
+                       {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
+                        "masks": {2: "height", 3: "width"}})
+    return out
+
+
+def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Dynamic int8 weight quantization (MatMul/Gemm) with ONNX Runtime, written atomically."""
+    require("onnxruntime", "onnx")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        quantize_dynamic(str(src), tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: bool = False,
+                multimask: bool = False, model_name: str | None = None) -> dict[str, Path]:
+    """Export encoder and decoder into ``out_dir``; returns the written paths by role."""
+    model = _check_model(model)
+    out = _check_out_dir(out_dir)
+    model = model.cpu().float().eval()
+    paths = {"encoder": export_encoder(model, out / ENCODER_FILE),
+             "decoder": export_decoder(model, out / DECODER_FILE, multimask=multimask)}
+    if quantize_int8:
+        paths["encoder_int8"] = quantize(paths["encoder"], out / "encoder.int8.onnx")
+        paths["decoder_int8"] = quantize(paths["decoder"], out / "decoder.int8.onnx")
+    meta = {"format": "segany-onnx-v1", "model": model_name, "config": model.cfg.to_dict(), "opset": OPSET,
+            "multimask": multimask, "files": {k: v.name for k, v in paths.items()}}
+    meta_path = out / META_FILE
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{META_FILE}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(meta, fh, indent=2)
+    os.replace(tmp, meta_path)
+    paths["meta"] = meta_path
+    return paths
+
+
+# ----------------------------------------------------------------------------------- runtime
+def _session(path: Path, num_threads: int | None) -> Any:
+    ort = require("onnxruntime", "onnx")
+    opts = ort.SessionOptions()  # type: ignore[attr-defined]
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # type: ignore[attr-defined]
+    if num_threads:
+        opts.intra_op_num_threads = num_threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+
+
+class OnnxPredictor:
+    """The :class:`segany.SamPredictor` API running exported graphs in ONNX Runtime (no torch model needed).
+
+    Args:
+        onnx_dir: folder written by ``segany export onnx``.
+        quantized: use the ``*.int8.onnx`` files (export with ``--quantize``).
+        num_threads: ONNX Runtime intra-op threads (default: its own choice, the physical cores).
+    """
+
+    def __init__(self, onnx_dir: str | os.PathLike[str], *, quantized: bool = False,
+                 num_threads: int | None = None) -> None:
+        folder = Path(onnx_dir)
+        meta_path = folder / META_FILE
+        if not meta_path.exists():
+            raise InputError(f"{str(folder)!r} has no {META_FILE}; export first: segany export onnx --model M "
+                             f"--checkpoint C --out {folder}")
+        meta = json.loads(meta_path.read_text())
+        from segany.modeling.config import SamConfig
+
+        self.config = SamConfig.from_dict(meta["config"])
+        suffix = ".int8.onnx" if quantized else ".onnx"
+        enc, dec = folder / f"encoder{suffix}", folder / f"decoder{suffix}"
+        for p in (enc, dec):
+            if not p.exists():
+                hint = " (export with --quantize)" if quantized else ""
+                raise InputError(f"{str(p)!r} is missing{hint}")
+        self.encoder = _session(enc, num_threads)
+        self.decoder = _session(dec, num_threads)
+        self.img_size = self.config.img_size
+        self.mask_threshold = self.config.mask_threshold
+        self.transform = ResizeLongestSide(self.img_size)
+        self.reset_image()
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features: np.ndarray | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed an (H, W, 3) uint8 image (same conversions as ``SamPredictor.set_image``)."""
+        from segany.data.images import to_rgb_uint8
+
+        if image_format not in ("RGB", "BGR"):
+            raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if not isinstance(image, np.ndarray):
+            raise InputError(f"set_image expects a numpy array (H, W, 3), got {type(image).__name__}")
+        was_bgr = image_format == "BGR" and image.ndim == 3 and image.shape[2] in (3, 4)
+        image = to_rgb_uint8(image)
+        if was_bgr:
+            image = np.ascontiguousarray(image[..., ::-1])
+        resized = self.transform.apply_image(image)
+        x = np.ascontiguousarray(resized.transpose(2, 0, 1)[None].astype(np.float32))
+        self.reset_image()
+        (self.features,) = self.encoder.run(["image_embeddings"], {"image": x})
+        self.original_size = (int(image.shape[0]), int(image.shape[1]))
+        self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> np.ndarray:
+        if not self.is_image_set or self.features is None:
+            raise StateError("no image is set: call set_image(image) before get_image_embedding")
+        return self.features
+
+    def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+                box: np.ndarray | None = None, mask_input: np.ndarray | None = None, multimask_output: bool = True,
+                return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Same contract as ``SamPredictor.predict``: masks (C, H, W), scores (C,), low-res logits (C, 256, 256)."""
+        from segany.predictor import SamPredictor
+
+        if not self.is_image_set or self.features is None:
+            raise StateError("no image is set: call set_image(image) before predict")
+        assert self.original_size is not None and self.input_size is not None
+        # The prompt checks only read original_size, so SamPredictor's validators serve both predictors.
+        pts = SamPredictor._check_points(self, point_coords, point_labels)  # type: ignore[arg-type]
+        box_np = SamPredictor._check_box(self, box)  # type: ignore[arg-type]
+        side = 4 * self.config.embed_size
+        mask_np = None
+        if mask_input is not None:
+            mask_np = np.asarray(mask_input, dtype=np.float32)
+            if mask_np.shape not in ((side, side), (1, side, side)):
+                raise PromptError(f"mask_input must have shape (1, {side}, {side}) (low-res logits from a previous "
+                                  f"predict), got {mask_np.shape}")
+            mask_np = mask_np.reshape(1, side, side)
+        if pts is None and box_np is None and mask_np is None:
+            raise PromptError("no prompt given: pass point_coords/point_labels, box or mask_input")
+        coords_l, labels_l = [], []
+        if pts is not None:
+            coords_l.append(self.transform.apply_coords(pts[0], self.original_size))
+            labels_l.append(pts[1].astype(np.float32))
+        if box_np is not None:
+            coords_l.append(self.transform.apply_boxes(box_np, self.original_size).reshape(2, 2))
+            labels_l.append(np.array([2.0, 3.0], dtype=np.float32))
+        else:
+            coords_l.append(np.zeros((1, 2)))
+            labels_l.append(np.array([-1.0], dtype=np.float32))
+        feeds = {
+            "image_embeddings": self.features,
+            "point_coords": np.concatenate(coords_l).astype(np.float32)[None],
+            "point_labels": np.concatenate(labels_l).astype(np.float32)[None],
+            "mask_input": (mask_np if mask_np is not None else np.zeros((1, side, side), np.float32))[None],
+            "has_mask_input": np.array([1.0 if mask_np is not None else 0.0], dtype=np.float32),
+            "orig_im_size": np.array(self.original_size, dtype=np.float32),
+        }
+        low_all, iou_all = self.decoder.run(["all_low_res_masks", "all_iou_predictions"], feeds)
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        low_res = torch.from_numpy(low_all[:, sel])
+        masks = postprocess_masks(low_res, self.img_size, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        return masks[0].numpy(), iou_all[0, sel], low_all[0, sel]
+
+
+def postprocess_masks(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                      original_size: tuple[int, int]) -> torch.Tensor:
+    """Same resizing as ``Sam.postprocess_masks`` without a model: (B, C, 256, 256) → (B, C, H, W)."""
+    masks = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+
+__all__ = ["export_onnx", "export_encoder", "export_decoder", "quantize", "OnnxPredictor", "EncoderGraph",
+           "DecoderGraph", "postprocess_masks"]
