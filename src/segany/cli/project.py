@@ -1,0 +1,114 @@
+"""`segany project ...`: create a project, add images and annotators, export and import annotations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+EXPORTS = ("coco", "coco-polygons", "sa1b", "yolo", "png")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("project", help="create and manage annotation projects",
+                              description="Create and manage data-engine projects (a folder or a database URL).")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="project_cmd", required=True, metavar="COMMAND")
+    c = sub.add_parser("create", help="create a project (folder with a SQLite store, or in a database URL)")
+    c.add_argument("target", metavar="DIR_OR_DB_URL")
+    c.add_argument("--name", default=None, help="project name (default: the folder name)")
+    c.add_argument("--labels", default="", help="comma-separated label names")
+    c.add_argument("--stage", choices=("manual", "semi", "auto"), default="manual",
+                   help="manual: clicks only; semi: the app pre-fills confident masks for review")
+    c.add_argument("--samples", action="store_true", help="also add the bundled sample images")
+    a = sub.add_parser("add-images", help="register image files or folders")
+    a.add_argument("target", metavar="DIR_OR_DB_URL")
+    a.add_argument("paths", nargs="+")
+    a.add_argument("--project", default=None)
+    t = sub.add_parser("add-annotator", help="create an annotator and print their token")
+    t.add_argument("target", metavar="DIR_OR_DB_URL")
+    t.add_argument("name")
+    t.add_argument("--rotate", action="store_true", help="issue a new token for an existing annotator")
+    e = sub.add_parser("export", help="export accepted annotations")
+    e.add_argument("target", metavar="DIR_OR_DB_URL")
+    e.add_argument("format", choices=EXPORTS)
+    e.add_argument("out", help="output file (coco) or folder")
+    e.add_argument("--project", default=None)
+    i = sub.add_parser("import-coco", help="import COCO instance annotations")
+    i.add_argument("target", metavar="DIR_OR_DB_URL")
+    i.add_argument("coco_json")
+    i.add_argument("--images-dir", default=None, help="folder holding images the project does not have yet")
+    i.add_argument("--project", default=None)
+    s = sub.add_parser("stats", help="images, annotations and seconds per mask")
+    s.add_argument("target", metavar="DIR_OR_DB_URL")
+    s.add_argument("--project", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from segany.engine import exports
+    from segany.engine.store import open_store
+
+    cmd = args.project_cmd
+    store = open_store(args.target, create=cmd == "create")
+    try:
+        if cmd == "create":
+            name = args.name or (store.project_dir.name if store.project_dir else "default")
+            media = str(store.project_dir / "images") if store.project_dir else None
+            labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+            proj = store.create_project(name, media_dir=media, labels=labels, stage=args.stage)
+            print(f"created project {proj['name']!r} in {store.url}")
+            if args.samples:
+                samples = Path(__file__).resolve().parents[1] / "assets" / "samples"
+                print(f"added {len(store.add_images(proj['id'], [samples]))} sample images")
+            return 0
+        if cmd == "add-annotator":
+            token = store.rotate_token(args.name) if args.rotate else store.add_annotator(args.name)
+            print(token)
+            print(f"(token for {args.name}: shown once; open the app at http://HOST:PORT/#token={token})",
+                  file=sys.stderr)
+            return 0
+        proj = store.get_project(args.project)
+        if cmd == "add-images":
+            added = store.add_images(proj["id"], args.paths)
+            print(f"added {len(added)} images to {proj['name']!r}")
+        elif cmd == "export":
+            if args.format in ("coco", "coco-polygons"):
+                out = exports.export_coco(store, proj["id"], args.out, polygons=args.format == "coco-polygons")
+            else:
+                out = {"sa1b": exports.export_sa1b, "yolo": exports.export_yolo, "png": exports.export_png}[
+                    args.format](store, proj["id"], args.out)
+            print(f"wrote {out}")
+        elif cmd == "import-coco":
+            n = exports.import_coco(store, proj["id"], args.coco_json, images_dir=args.images_dir)
+            print(f"imported {n} annotations")
+        elif cmd == "stats":
+            anns = store.list_annotations(project_id=proj["id"])
+            by_state: dict[str, int] = {}
+            for a in anns:
+                by_state[f"{a['source']}/{a['review_state']}"] = by_state.get(f"{a['source']}/{a['review_state']}", 0) + 1
+            secs = [a["seconds_spent"] for a in anns if a["seconds_spent"] is not None and a["source"] == "manual"]
+            print(f"project {proj['name']!r}: {len(store.list_images(proj['id']))} images, {len(anns)} annotations")
+            for k, v in sorted(by_state.items()):
+                print(f"  {k}: {v}")
+            if secs:
+                print(f"  seconds per manual mask: {sum(secs) / len(secs):.1f} (n={len(secs)})")
+        return 0
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="segany project")
+    _add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Exports of the store (SA-1B JSON, COCO with RLE or polygons, YOLO-seg, PNG masks) and COCO import.
+
+Only accepted annotations are exported unless ``states`` says otherwise: pending stage-2 proposals
+and rejected masks stay in the store for review and retraining, not in a released dataset.
+
+Polygons keep holes. COCO and YOLO polygons have no hole syntax, and pycocotools unions the
+polygons of one object, so a hole written as its own polygon would be filled in. Instead each
+outer contour is joined to each of its holes by a zero-width cut ("keyhole"): the single polygon
+that results fills with the even-odd rule, which is how pycocotools (and OpenCV's fillPoly)
+rasterise, so the hole comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image as PILImage
+
+from segany.engine.masks import decode_rle, normalize_rle, rle_area_bbox
+from segany.engine.store import Store
+from segany.errors import InputError
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------- polygons
+def _splice(outer: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Join ``hole`` into ``outer`` through their closest vertices; both (N, 2)."""
+    d = ((outer[:, None, :].astype(np.float64) - hole[None, :, :]) ** 2).sum(-1)
+    i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+    hole_loop = np.concatenate([hole[j:], hole[: j + 1]])
+    return np.concatenate([outer[: i + 1], hole_loop, outer[i:]])
+
+
+def mask_to_polygons(mask: np.ndarray, *, min_area: float = 0.0) -> list[list[float]]:
+    """(H, W) mask → COCO polygons ``[[x0, y0, x1, y1, ...], ...]``, one per connected piece, holes kept.
+
+    Vertices are the boundary pixels' centres (contour + 0.5), which rasterises back within about one pixel.
+    """
+    m = np.ascontiguousarray(np.asarray(mask, dtype=np.uint8))
+    if m.ndim != 2:
+        raise InputError(f"mask must be 2-D (H, W), got shape {m.shape}")
+    # RETR_CCOMP: a two-level hierarchy, outer boundaries and the holes directly inside them.
+    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+    hier = hierarchy[0]
+    polys = []
+    for idx, cnt in enumerate(contours):
+        if hier[idx][3] != -1:  # a hole: handled with its parent
+            continue
+        outer = cnt.reshape(-1, 2)
+        if len(outer) < 3 or cv2.contourArea(cnt) < min_area:
+            # Tiny or degenerate pieces (single pixels, lines) cannot make a polygon; pad to a box.
+            if len(outer) < 3:
+                x, y = outer.min(0)
+                x1, y1 = outer.max(0) + 1
+                polys.append([float(x), float(y), float(x1), float(y), float(x1), float(y1), float(x), float(y1)])
+            continue
+        poly = outer
+        child = hier[idx][2]
+        while child != -1:
+            hole = contours[child].reshape(-1, 2)
+            if len(hole) >= 3:
+                poly = _splice(poly, hole)
+            child = hier[child][0]
+        polys.append((poly.astype(np.float64) + 0.5).reshape(-1).tolist())
+    return polys
+
+
+# ------------------------------------------------------------------------------------- gathering
+def _collect(store: Store, project_id: int, states: Sequence[str]) -> tuple[list[dict[str, Any]], dict[int, list]]:
+    images = store.list_images(project_id)
+    anns: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in images}
+    for a in store.list_annotations(project_id=project_id, states=list(states)):
+        anns.setdefault(a["image_id"], []).append(a)
+    return images, anns
+
+
+def export_coco(store: Store, project_id: int, out_path: str | os.PathLike[str], *, polygons: bool = False,
+                states: Sequence[str] = ("accepted",)) -> Path:
+    """One COCO instances JSON; ``polygons`` writes polygon segmentations instead of compressed RLE."""
+    images, anns = _collect(store, project_id, states)
+    labels = _project_labels(store, project_id, anns)
+    cat_id = {name: i + 1 for i, name in enumerate(labels)}
+    out_images, out_anns = [], []
+    for im in images:
+        out_images.append({"id": im["id"], "file_name": im["file_name"], "width": im["width"],
+                           "height": im["height"]})
+        for a in anns.get(im["id"], []):
+            seg: Any = a["segmentation"]
+            if polygons:
+                seg = mask_to_polygons(decode_rle(seg))
+                if not seg:
+                    continue
+            out_anns.append({
+                "id": a["id"], "image_id": im["id"], "category_id": cat_id[a["label"]], "segmentation": seg,
+                "area": a["area"], "bbox": a["bbox"], "iscrowd": 0,
+                "segany": {"uuid": a["uuid"], "source": a["source"], "review_state": a["review_state"],
+                           "seconds_spent": a["seconds_spent"], "predicted_iou": a["predicted_iou"]},
+            })
+    data = {"info": {"description": "exported by segany"}, "images": out_images, "annotations": out_anns,
+            "categories": [{"id": i, "name": n, "supercategory": "object"} for n, i in cat_id.items()]}
+    return _write_json(Path(out_path), data)
+
+
+def _project_labels(store: Store, project_id: int, anns: dict[int, list]) -> list[str]:
+    labels: list[str] = []
+    for p in store.list_projects():
+        if p["id"] == project_id:
+            labels = list(p["labels"])
+    for group in anns.values():
+        for a in group:
+            if a["label"] not in labels:
+                labels.append(a["label"])
+    return labels
+
+
+def export_sa1b(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
+                states: Sequence[str] = ("accepted",)) -> Path:
+    """SA-1B layout: one ``<image stem>.json`` per image with ``image`` and ``annotations`` (RLE)."""
+    out = Path(out_dir)
+    images, anns = _collect(store, project_id, states)
+    for im in images:
+        records = []
+        for a in anns.get(im["id"], []):
+            pc = a["prompts"].get("point_coords") or a["prompts"].get("points") or []
+            records.append({"id": a["id"], "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"],
+                            "predicted_iou": a["predicted_iou"], "stability_score": a["stability_score"],
+                            "point_coords": pc, "crop_box": [0, 0, im["width"], im["height"]],
+                            "label": a["label"], "source": a["source"]})
+        _write_json(out / f"{Path(im['file_name']).stem}.json", {
+            "image": {"image_id": im["id"], "width": im["width"], "height": im["height"],
+                      "file_name": im["file_name"], "sha256": im["sha256"]},
+            "annotations": records})
+    return out
+
+
+def export_yolo(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
+                states: Sequence[str] = ("accepted",)) -> Path:
+    """YOLO segmentation labels: ``labels/<stem>.txt`` lines ``class x1 y1 x2 y2 ...`` (0–1), plus data.yaml."""
+    out = Path(out_dir)
+    images, anns = _collect(store, project_id, states)
+    labels = _project_labels(store, project_id, anns)
+    cls = {n: i for i, n in enumerate(labels)}
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    for im in images:
+        lines = []
+        for a in anns.get(im["id"], []):
+            for poly in mask_to_polygons(decode_rle(a["segmentation"])):
+                xy = np.asarray(poly).reshape(-1, 2) / [im["width"], im["height"]]
+                xy = np.clip(xy, 0, 1)
+                lines.append(f"{cls[a['label']]} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
+        (out / "labels" / f"{Path(im['file_name']).stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    yaml_lines = ["path: .", "train: images", "val: images", "names:"]
+    yaml_lines += [f"  {i}: {json.dumps(n)}" for n, i in cls.items()]
+    (out / "data.yaml").write_text("\n".join(yaml_lines) + "\n")
+    return out
+
+
+def export_png(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
+               states: Sequence[str] = ("accepted",)) -> Path:
+    """Binary PNG per annotation (``<stem>/<annotation id>.png``, 0/255) and an ``index.json``."""
+    out = Path(out_dir)
+    images, anns = _collect(store, project_id, states)
+    index = []
+    for im in images:
+        stem = Path(im["file_name"]).stem
+        for a in anns.get(im["id"], []):
+            rel = f"{stem}/{a['id']}.png"
+            (out / stem).mkdir(parents=True, exist_ok=True)
+            PILImage.fromarray(decode_rle(a["segmentation"]).astype(np.uint8) * 255).save(out / rel)
+            index.append({"file": rel, "image": im["file_name"], "label": a["label"], "uuid": a["uuid"],
+                          "source": a["source"]})
+    _write_json(out / "index.json", index)
+    return out
+
+
+# --------------------------------------------------------------------------------------- import
+def coco_segmentation_to_rle(seg: Any, height: int, width: int) -> dict[str, Any]:
+    """COCO polygons / uncompressed RLE / compressed RLE → compressed RLE (str counts)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        if not seg:
+            raise InputError("empty polygon list")
+        rles = mask_utils.frPyObjects(seg, height, width)
+        merged = mask_utils.merge(rles)
+        c = merged["counts"]
+        return {"size": [height, width], "counts": c.decode("ascii") if isinstance(c, bytes) else c}
+    if isinstance(seg, dict):
+        return normalize_rle(seg)
+    raise InputError(f"unsupported COCO segmentation of type {type(seg).__name__}")
+
+
+def import_coco(store: Store, project_id: int, coco_json: str | os.PathLike[str], *,
+                images_dir: str | os.PathLike[str] | None = None, source: str = "manual") -> int:
+    """Import COCO instance annotations; images are matched by file name (added from ``images_dir`` if missing).
+
+    Re-importing the same file adds nothing: each annotation's uuid is derived from the file and its id.
+    Returns the number of annotations created.
+    """
+    import uuid as uuid_lib
+
+    data = json.loads(Path(coco_json).read_text())
+    cats = {c["id"]: c["name"] for c in data.get("categories", [])}
+    known = {im["file_name"]: im for im in store.list_images(project_id)}
+    missing = [im["file_name"] for im in data.get("images", []) if im["file_name"] not in known]
+    if missing and images_dir is not None:
+        paths = [Path(images_dir) / name for name in missing if (Path(images_dir) / name).is_file()]
+        if paths:
+            store.add_images(project_id, paths)
+            known = {im["file_name"]: im for im in store.list_images(project_id)}
+    by_coco_id = {im["id"]: known.get(im["file_name"]) for im in data.get("images", [])}
+    if cats:
+        labels = _project_labels(store, project_id, {})
+        new = [n for n in cats.values() if n not in labels]
+        if new:
+            store.update_project(project_id, labels=labels + new)
+    ns = uuid_lib.uuid5(uuid_lib.NAMESPACE_URL, str(Path(coco_json).resolve()))
+    created = 0
+    for a in data.get("annotations", []):
+        im = by_coco_id.get(a["image_id"])
+        if im is None:
+            continue
+        rle = coco_segmentation_to_rle(a["segmentation"], im["height"], im["width"])
+        area, _ = rle_area_bbox(rle)
+        if area == 0:
+            continue
+        extra = a.get("segany", {})
+        _, was_new = store.save_annotation(
+            im["id"], rle=rle, uuid=str(uuid_lib.uuid5(ns, str(a.get("id")))), label=cats.get(a["category_id"], "object"),
+            source=extra.get("source", source), review_state="accepted", prompts={"imported_from": str(coco_json)},
+            seconds_spent=extra.get("seconds_spent"), predicted_iou=extra.get("predicted_iou"), project_id=project_id)
+        created += int(was_new)
+    return created

@@ -1,0 +1,237 @@
+"""The model behind the server: image embeddings (LRU-cached, next image prefetched), server-side
+prompt decoding (the fallback when the browser cannot run ONNX), the browser's ONNX decoder file,
+and stage-2 pre-fill masks.
+
+The model is built on first use, not at startup, so the server answers (and the store works)
+while weights load. Embeddings are computed one at a time on one worker thread: the encoder
+already uses every core (or the GPU), and a prefetch queued behind a user's request must not
+compete with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segany.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PrefillFn = Callable[[np.ndarray], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Image embedding (1, C, g, g) float32 on CPU plus the frames needed to decode against it."""
+
+    features: torch.Tensor
+    original_size: tuple[int, int]  # (H, W) of the image file
+    input_size: tuple[int, int]  # (h, w) after resize-longest-side, before padding
+
+
+@dataclass(frozen=True)
+class PrefillSettings:
+    """Strict automatic-generator thresholds: stage 2 only pre-fills masks the model is sure of."""
+
+    points_per_side: int = 16
+    pred_iou_thresh: float = 0.92
+    stability_score_thresh: float = 0.95
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 100
+    max_masks: int = 50
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelService:
+    def __init__(self, model_type: str = "vit_b", checkpoint: str | None = None, *, device: str | None = None,
+                 cache_size: int = 16, cache_dir: Path | None = None, sam: Any = None,
+                 prefill: PrefillFn | None = None, prefill_settings: PrefillSettings | None = None) -> None:
+        """
+        Args:
+            model_type: registered model name (``segany.list_models()``).
+            checkpoint: weights file; without it (and without ``sam``) the model has random weights,
+                which is only useful for trying the app.
+            device: ``cuda`` when available unless given.
+            cache_size: embeddings kept in memory (a ViT-H embedding is 4 MiB).
+            cache_dir: where the exported ONNX decoder is kept between runs.
+            sam: an already built model (tests pass a tiny one).
+            prefill: replace the stage-2 generator (a function image → list of SAM-style records).
+        """
+        self.model_type = model_type
+        self.checkpoint = checkpoint
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.cache_size = max(1, cache_size)
+        self.cache_dir = cache_dir
+        self._sam = sam
+        self._prefill = prefill
+        self.prefill_settings = prefill_settings or PrefillSettings()
+        self._build_lock = threading.Lock()
+        self._cache: collections.OrderedDict[Any, Embedding] = collections.OrderedDict()
+        self._inflight: dict[Any, Future[Embedding]] = {}
+        self._cache_lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-embed")
+        self._onnx_lock = threading.Lock()
+        self._prefill_lock = threading.Lock()
+        self.stats = {"hits": 0, "misses": 0, "prefetches": 0}
+
+    # ------------------------------------------------------------------------------------ identity
+    @property
+    def version_name(self) -> str:
+        """Stable name of this model for the store's ``model_versions`` table."""
+        if self.checkpoint:
+            p = Path(self.checkpoint)
+            h = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}".encode())
+            with open(p, "rb") as f:  # head + tail: cheap and changes whenever weights are retrained
+                h.update(f.read(1 << 20))
+                f.seek(max(0, p.stat().st_size - (1 << 20)))
+                h.update(f.read(1 << 20))
+            return f"{self.model_type}:{h.hexdigest()[:16]}"
+        if self._sam is not None:
+            digest = hashlib.sha256()
+            for k, v in sorted(self._sam.state_dict().items())[:8]:
+                digest.update(k.encode())
+                digest.update(v.detach().float().cpu().numpy().tobytes()[:4096])
+            return f"{self.model_type}:inmemory-{digest.hexdigest()[:12]}"
+        return f"{self.model_type}:random-init"
+
+    @property
+    def sam(self) -> Any:
+        if self._sam is None:
+            with self._build_lock:
+                if self._sam is None:
+                    from segany.checkpoints import build_sam
+
+                    log.info("building %s from %s on %s", self.model_type, self.checkpoint or "random init",
+                             self.device)
+                    self._sam = build_sam(self.model_type, self.checkpoint, device=self.device)
+        return self._sam
+
+    def info(self) -> dict[str, Any]:
+        sam = self.sam
+        return {"model_type": self.model_type, "img_size": sam.img_size, "embed_size": sam.cfg.embed_size,
+                "embed_dim": sam.cfg.decoder.transformer_dim, "mask_threshold": float(sam.mask_threshold),
+                "device": str(self.device), "version": self.version_name}
+
+    # ---------------------------------------------------------------------------------- embeddings
+    def _compute(self, path: str) -> Embedding:
+        from segany.data.images import load_image
+        from segany.predictor import SamPredictor
+
+        image = load_image(path)
+        pred = SamPredictor(self.sam)
+        pred.set_image(image)
+        assert pred.original_size is not None and pred.input_size is not None
+        feats = pred.get_image_embedding().detach().to("cpu", torch.float32).contiguous()
+        return Embedding(feats, pred.original_size, pred.input_size)
+
+    def _submit(self, key: Any, path: str) -> Future[Embedding]:
+        with self._cache_lock:
+            if key in self._cache:
+                fut: Future[Embedding] = Future()
+                self._cache.move_to_end(key)
+                fut.set_result(self._cache[key])
+                return fut
+            if key in self._inflight:
+                return self._inflight[key]
+            fut = self._worker.submit(self._compute, path)
+            self._inflight[key] = fut
+
+        def done(f: Future[Embedding]) -> None:
+            with self._cache_lock:
+                self._inflight.pop(key, None)
+                if f.exception() is None:
+                    self._cache[key] = f.result()
+                    self._cache.move_to_end(key)
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+
+        fut.add_done_callback(done)
+        return fut
+
+    def embedding(self, image_id: int, path: str, *, prefetch: tuple[int, str] | None = None) -> Embedding:
+        """Embedding of one image (cached); ``prefetch`` = (id, path) of the image likely needed next."""
+        with self._cache_lock:
+            hit = image_id in self._cache
+            self.stats["hits" if hit else "misses"] += 1
+        fut = self._submit(image_id, path)
+        if prefetch is not None:
+            with self._cache_lock:
+                queued = prefetch[0] in self._cache or prefetch[0] in self._inflight
+            if not queued:
+                self.stats["prefetches"] += 1
+                self._submit(prefetch[0], prefetch[1])
+        return fut.result()
+
+    def cached_ids(self) -> list[int]:
+        with self._cache_lock:
+            return list(self._cache)
+
+    # ----------------------------------------------------------------------------- server decoding
+    def decode(self, emb: Embedding, *, points_xy: list[list[float]] | None = None,
+               labels: list[int] | None = None, box_xyxy: list[float] | None = None,
+               mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Three candidate masks (3, H, W) bool, their predicted IoU (3,) and low-res logits (3, 4g, 4g)."""
+        from segany.predictor import SamPredictor
+
+        pred = SamPredictor(self.sam)
+        # Reuse the cached embedding instead of re-running the encoder: set the predictor's image state.
+        pred.features = emb.features.to(pred.device)
+        pred.original_size = emb.original_size
+        pred.input_size = emb.input_size
+        pred.is_image_set = True
+        pc = np.asarray(points_xy, dtype=np.float64) if points_xy else None
+        pl = np.asarray(labels, dtype=np.int64) if points_xy else None
+        box = np.asarray(box_xyxy, dtype=np.float64) if box_xyxy is not None else None
+        return pred.predict(pc, pl, box, mask_input, multimask_output=True)
+
+    # -------------------------------------------------------------------------------- ONNX decoder
+    def onnx_decoder_path(self) -> Path:
+        """The browser decoder for this model, exported on first request and kept in ``cache_dir``."""
+        import tempfile
+
+        base = self.cache_dir or Path(tempfile.gettempdir()) / "segany-onnx"
+        safe = self.version_name.replace(":", "-").replace("/", "_")
+        path = base / f"decoder-{safe}.onnx"
+        with self._onnx_lock:
+            if not path.exists():
+                from segany.server.onnx_decoder import export_decoder_onnx
+
+                log.info("exporting the browser decoder to %s", path)
+                export_decoder_onnx(self.sam, path)
+        return path
+
+    # ----------------------------------------------------------------------------- stage-2 pre-fill
+    def prefill(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Confident automatic masks for one image: records with ``segmentation`` (H, W) bool,
+        ``predicted_iou``, ``stability_score`` and ``point_coords``."""
+        with self._prefill_lock:  # the generator holds per-image state and uses all cores
+            if self._prefill is not None:
+                return self._prefill(image)
+            return default_prefill(self.sam, image, self.prefill_settings)
+
+
+def default_prefill(sam: Any, image: np.ndarray, s: PrefillSettings) -> list[dict[str, Any]]:
+    """Run ``SamAutomaticMaskGenerator`` with strict thresholds (imported lazily: it is optional)."""
+    try:
+        from segany.amg import SamAutomaticMaskGenerator  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise InputError("stage-2 pre-fill needs segany.amg.SamAutomaticMaskGenerator, which this install "
+                         "lacks; update segany") from exc
+    gen = SamAutomaticMaskGenerator(
+        sam, points_per_side=s.points_per_side, pred_iou_thresh=s.pred_iou_thresh,
+        stability_score_thresh=s.stability_score_thresh, box_nms_thresh=s.box_nms_thresh,
+        min_mask_region_area=s.min_mask_region_area, output_mode="binary_mask", **s.extra,
+    )
+    records = gen.generate(image)
+    records.sort(key=lambda r: -float(r.get("predicted_iou", 0.0)))
+    return records[: s.max_masks]

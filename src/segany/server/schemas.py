@@ -1,0 +1,59 @@
+"""Typed request bodies of the annotation API (responses are the store's plain dicts)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RLE(BaseModel):
+    """COCO RLE: ``counts`` a compressed string or an uncompressed, column-major list of run lengths."""
+
+    size: list[int] = Field(min_length=2, max_length=2)
+    counts: str | list[int]
+
+
+class AnnotationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uuid: str = Field(description="client-generated UUID: the idempotency key of this save")
+    segmentation: RLE
+    label: str = "object"
+    source: Literal["manual", "semi", "auto"] = "manual"
+    prompts: dict[str, Any] = Field(default_factory=dict)
+    seconds_spent: float | None = Field(default=None, ge=0, lt=1e6)
+    predicted_iou: float | None = None
+
+
+class AnnotationPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    segmentation: RLE | None = None
+    label: str | None = None
+    review_state: Literal["accepted", "pending", "rejected"] | None = None
+    seconds_spent: float | None = Field(default=None, ge=0, lt=1e6)
+    prompts: dict[str, Any] | None = None
+    revision: int | None = Field(default=None, description="fail with 409 unless the stored revision is this")
+
+
+class DecodeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    points: list[list[float]] = Field(default_factory=list, description="[[x, y], ...] original-image pixels")
+    labels: list[int] = Field(default_factory=list, description="1 foreground, 0 background")
+    box: list[float] | None = Field(default=None, description="[x0, y0, x1, y1] original-image pixels")
+
+
+class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds_spent: float | None = Field(default=None, ge=0, lt=1e6)
+    label: str | None = None
+
+
+class ProjectPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[str] | None = None
+    stage: Literal["manual", "semi", "auto"] | None = None

@@ -1,0 +1,426 @@
+// segany annotator: the browser side of data-engine stages 1 (assisted-manual) and 2 (semi-automatic).
+//
+// The server computes one image embedding per image; every click/box is decoded here with the ONNX
+// prompt decoder in onnxruntime-web (vendored under /static/vendor/ort by scripts/build_web.sh), so a
+// click gives a mask without a network round trip. Without ONNX support the server decodes instead.
+// Masks are H*W Uint8Arrays in row-major order; the API speaks COCO RLE (column-major).
+
+const $ = (id) => document.getElementById(id);
+const COLORS = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+  [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]];
+
+const S = {
+  token: null, project: null, model: null, images: [], idx: 0,
+  img: null, W: 0, H: 0, emb: null, embShape: null, ort: null, session: null, mode: "prompt",
+  points: [], box: null, drag: null, candidates: [], chosen: 0, mask: null, lowres: null,
+  history: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
+  decodeMs: [], spm: [], busy: false, overlay: null, imageToken: 0,
+};
+window.segany = S; // for debugging and the browser tests
+
+// ------------------------------------------------------------------------------------------ API
+async function api(path, opts = {}) {
+  const headers = Object.assign({}, opts.headers || {}, { Authorization: `Bearer ${S.token}` });
+  if (opts.json !== undefined) { headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(opts.json); }
+  const res = await fetch(path, Object.assign({}, opts, { headers }));
+  if (res.status === 401) { showLogin("token rejected: sign in again"); throw new Error("unauthorized"); }
+  if (!res.ok) {
+    let detail = res.statusText;
+    try { detail = (await res.json()).detail; } catch (e) { /* not JSON */ }
+    throw new Error(`${res.status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+  }
+  return res;
+}
+
+function uuid4() {
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+// ------------------------------------------------------------------------------------------ RLE
+function maskToRle(mask, H, W) { // column-major uncompressed COCO RLE
+  const counts = []; let prev = 0, run = 0;
+  for (let x = 0; x < W; x++) for (let y = 0; y < H; y++) {
+    const v = mask[y * W + x];
+    if (v !== prev) { counts.push(run); run = 0; prev = v; }
+    run++;
+  }
+  counts.push(run);
+  return { size: [H, W], counts };
+}
+
+function countsFromString(s) { // pycocotools' compressed counts string → run lengths
+  const cnts = []; let p = 0;
+  while (p < s.length) {
+    let x = 0, k = 0, more = 1;
+    while (more) {
+      const c = s.charCodeAt(p) - 48;
+      x |= (c & 0x1f) << (5 * k); more = c & 0x20; p++; k++;
+      if (!more && (c & 0x10)) x |= -1 << (5 * k);
+    }
+    if (cnts.length > 2) x += cnts[cnts.length - 2];
+    cnts.push(x);
+  }
+  return cnts;
+}
+
+function rleToMask(rle) {
+  const [H, W] = rle.size;
+  const counts = typeof rle.counts === "string" ? countsFromString(rle.counts) : rle.counts;
+  const m = new Uint8Array(H * W); let pos = 0, v = 0;
+  for (const c of counts) {
+    if (v) for (let i = pos; i < pos + c; i++) { const x = (i / H) | 0, y = i - x * H; m[y * W + x] = 1; }
+    pos += c; v ^= 1;
+  }
+  return m;
+}
+
+// ------------------------------------------------------------------------------------- decoding
+async function initOrt() {
+  try {
+    const ort = await import("/static/vendor/ort/ort.wasm.min.mjs");
+    ort.env.wasm.wasmPaths = "/static/vendor/ort/";
+    ort.env.wasm.numThreads = 1; // threads need cross-origin isolation; the decoder is small anyway
+    const buf = await (await api("/api/model/decoder.onnx")).arrayBuffer();
+    S.session = await ort.InferenceSession.create(buf, { executionProviders: ["wasm"] });
+    S.ort = ort;
+    $("decoder-mode").textContent = "browser (onnxruntime-web)";
+  } catch (e) {
+    console.warn("in-browser decoder unavailable, using the server", e);
+    S.session = null;
+    $("decoder-mode").textContent = "server";
+  }
+}
+
+async function decodeInBrowser() {
+  const { ort } = S; const scale = S.model.img_size / Math.max(S.W, S.H);
+  const pts = S.points.map((p) => [p.x * scale, p.y * scale]); const labels = S.points.map((p) => p.label);
+  if (S.box) { pts.push([S.box[0] * scale, S.box[1] * scale], [S.box[2] * scale, S.box[3] * scale]); labels.push(2, 3); }
+  else { pts.push([0, 0]); labels.push(-1); }
+  const g = S.embShape[2]; const lowSide = 4 * g;
+  const hasMask = S.lowres && S.points.length > 1 ? 1 : 0;
+  const feeds = {
+    image_embeddings: new ort.Tensor("float32", S.emb, S.embShape),
+    point_coords: new ort.Tensor("float32", Float32Array.from(pts.flat()), [1, pts.length, 2]),
+    point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, labels.length]),
+    mask_input: new ort.Tensor("float32", hasMask ? S.lowres : new Float32Array(lowSide * lowSide), [1, 1, lowSide, lowSide]),
+    has_mask_input: new ort.Tensor("float32", Float32Array.from([hasMask]), [1]),
+    orig_im_size: new ort.Tensor("float32", Float32Array.from([S.H, S.W]), [2]),
+  };
+  const out = await S.session.run(feeds);
+  const n = S.H * S.W; const logits = out.masks.data; const low = out.low_res_masks.data;
+  const cands = [];
+  for (let k = 0; k < 3; k++) {
+    const m = new Uint8Array(n); const off = k * n;
+    for (let i = 0; i < n; i++) m[i] = logits[off + i] > 0 ? 1 : 0;
+    cands.push({ mask: m, score: out.iou_predictions.data[k], lowres: low.slice(k * lowSide * lowSide, (k + 1) * lowSide * lowSide) });
+  }
+  return cands;
+}
+
+async function decodeOnServer() {
+  const body = { points: S.points.map((p) => [p.x, p.y]), labels: S.points.map((p) => p.label), box: S.box };
+  const res = await (await api(`/api/images/${current().id}/decode`, { method: "POST", json: body })).json();
+  return res.masks.map((rle, k) => ({ mask: rleToMask(rle), score: res.scores[k], lowres: null }));
+}
+
+async function decode() {
+  if (!S.points.length && !S.box) { S.candidates = []; S.mask = null; draw(); return; }
+  const token = S.imageToken; const t0 = performance.now();
+  const cands = S.session && S.emb ? await decodeInBrowser() : await decodeOnServer();
+  if (token !== S.imageToken) return; // the user moved to another image meanwhile
+  S.candidates = cands;
+  // With one point the three masks are genuine alternatives; keep the user's choice, else the best score.
+  let best = 0; cands.forEach((c, k) => { if (c.score > cands[best].score) best = k; });
+  S.chosen = S.points.length + (S.box ? 1 : 0) > 1 ? S.chosen : best;
+  S.mask = cands[S.chosen].mask.slice(); S.lowres = cands[S.chosen].lowres;
+  draw();
+  const ms = performance.now() - t0;
+  S.decodeMs.push(ms); $("latency").textContent = ms.toFixed(1);
+  renderChoices();
+}
+
+// ------------------------------------------------------------------------------------- drawing
+function colorFor(i) { return COLORS[i % COLORS.length]; }
+
+function rebuildOverlay() {
+  const c = S.overlay || (S.overlay = document.createElement("canvas"));
+  c.width = S.W; c.height = S.H;
+  const ctx = c.getContext("2d"); const im = ctx.createImageData(S.W, S.H); const d = im.data;
+  const paint = (m, rgb, a) => { for (let i = 0; i < m.length; i++) if (m[i]) { const o = 4 * i; d[o] = rgb[0]; d[o + 1] = rgb[1]; d[o + 2] = rgb[2]; d[o + 3] = a; } };
+  S.saved.forEach((a, i) => paint(a._mask, colorFor(i), a.id === S.selected ? 170 : 110));
+  S.pending.forEach((a) => paint(a._mask, [255, 255, 255], a.id === S.selectedPending ? 170 : 90));
+  ctx.putImageData(im, 0, 0);
+}
+
+function draw() {
+  const cv = $("view"); const ctx = cv.getContext("2d");
+  if (!S.img) return;
+  ctx.drawImage(S.img, 0, 0);
+  if (S.overlay) ctx.drawImage(S.overlay, 0, 0);
+  if (S.mask) {
+    const im = ctx.getImageData(0, 0, S.W, S.H); const d = im.data; const m = S.mask;
+    for (let i = 0; i < m.length; i++) if (m[i]) { const o = 4 * i; d[o] = (d[o] + 30) >> 1; d[o + 1] = (d[o + 1] + 144) >> 1; d[o + 2] = (d[o + 2] + 255) >> 1; }
+    ctx.putImageData(im, 0, 0);
+  }
+  const r = Math.max(3, Math.round(Math.max(S.W, S.H) / 160));
+  for (const p of S.points) {
+    ctx.beginPath(); ctx.arc(p.x, p.y, r, 0, 2 * Math.PI);
+    ctx.fillStyle = p.label === 1 ? "#22c55e" : "#ef4444"; ctx.fill(); ctx.lineWidth = 1.5; ctx.strokeStyle = "#fff"; ctx.stroke();
+  }
+  const b = S.drag && S.drag.moved ? S.drag.box : S.box;
+  if (b) { ctx.lineWidth = 2; ctx.strokeStyle = "#facc15"; ctx.strokeRect(b[0], b[1], b[2] - b[0], b[3] - b[1]); }
+}
+
+function renderChoices() {
+  const el = $("choices"); el.innerHTML = "";
+  S.candidates.forEach((c, k) => {
+    const btn = document.createElement("button");
+    btn.textContent = `${k + 1}: ${c.score.toFixed(2)}`; btn.className = k === S.chosen ? "chosen" : "";
+    btn.dataset.choice = String(k); btn.onclick = () => choose(k); el.appendChild(btn);
+  });
+}
+
+function renderLists() {
+  const ul = $("annotations"); ul.innerHTML = "";
+  S.saved.forEach((a, i) => {
+    const li = document.createElement("li"); li.dataset.id = a.id; li.className = a.id === S.selected ? "selected" : "";
+    const [r, g, b] = colorFor(i);
+    li.innerHTML = `<span class="swatch" style="background:rgb(${r},${g},${b})"></span><span class="name"></span><button title="delete">✕</button>`;
+    li.querySelector(".name").textContent = `${a.label} · ${a.source}${a.seconds_spent != null ? ` · ${a.seconds_spent.toFixed(1)}s` : ""}`;
+    li.onclick = () => { S.selected = S.selected === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
+    li.querySelector("button").onclick = (e) => { e.stopPropagation(); deleteAnnotation(a.id); };
+    ul.appendChild(li);
+  });
+  const pl = $("pending"); pl.innerHTML = "";
+  S.pending.forEach((a) => {
+    const li = document.createElement("li"); li.dataset.id = a.id; li.className = `pending ${a.id === S.selectedPending ? "selected" : ""}`;
+    li.innerHTML = `<span class="swatch" style="background:#ddd"></span><span class="name"></span><button class="accept-pending" title="accept (Y)">✓</button><button class="reject-pending" title="reject (X)">✕</button>`;
+    li.querySelector(".name").textContent = `iou ${a.predicted_iou != null ? a.predicted_iou.toFixed(2) : "?"} · ${a.area}px`;
+    li.onclick = () => { S.selectedPending = S.selectedPending === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
+    li.querySelector(".accept-pending").onclick = (e) => { e.stopPropagation(); review(a.id, "accept"); };
+    li.querySelector(".reject-pending").onclick = (e) => { e.stopPropagation(); review(a.id, "reject"); };
+    pl.appendChild(li);
+  });
+  const im = current(); if (im) $("image-pos").textContent = `${S.idx + 1}/${S.images.length}`;
+}
+
+function setStatus(text, ready) { const s = $("status"); s.textContent = text; if (ready !== undefined) s.dataset.ready = ready ? "1" : "0"; }
+
+// ------------------------------------------------------------------------------------ editing
+function snapshot() {
+  S.history.push({ points: S.points.slice(), box: S.box && S.box.slice(), mask: S.mask && S.mask.slice(),
+    candidates: S.candidates, chosen: S.chosen, lowres: S.lowres });
+  if (S.history.length > 100) S.history.shift();
+}
+
+function undo() {
+  const h = S.history.pop(); if (!h) return;
+  Object.assign(S, { points: h.points, box: h.box, mask: h.mask, candidates: h.candidates, chosen: h.chosen, lowres: h.lowres });
+  renderChoices(); draw();
+}
+
+function clearPrompts() {
+  Object.assign(S, { points: [], box: null, mask: null, candidates: [], lowres: null, history: [], t0: null, chosen: 0 });
+  renderChoices(); draw();
+}
+
+function choose(k) {
+  if (!S.candidates[k]) return;
+  snapshot(); S.chosen = k; S.mask = S.candidates[k].mask.slice(); S.lowres = S.candidates[k].lowres;
+  renderChoices(); draw();
+}
+
+function startTimer() { if (S.t0 === null) S.t0 = performance.now(); }
+
+async function addPrompt(p) {
+  startTimer(); snapshot();
+  if (p.box) S.box = p.box; else S.points.push(p);
+  await decode();
+}
+
+function paint(x, y, erase) {
+  if (!S.mask) S.mask = new Uint8Array(S.W * S.H);
+  const r = S.brush; const v = erase ? 0 : 1;
+  for (let yy = Math.max(0, Math.floor(y - r)); yy <= Math.min(S.H - 1, Math.ceil(y + r)); yy++)
+    for (let xx = Math.max(0, Math.floor(x - r)); xx <= Math.min(S.W - 1, Math.ceil(x + r)); xx++)
+      if ((xx - x) ** 2 + (yy - y) ** 2 <= r * r) S.mask[yy * S.W + xx] = v;
+}
+
+async function accept() {
+  if (!S.mask || !S.mask.some((v) => v)) { setStatus("nothing to save: click on an object first", true); return; }
+  const seconds = S.t0 === null ? null : (performance.now() - S.t0) / 1000;
+  const body = {
+    uuid: uuid4(), segmentation: maskToRle(S.mask, S.H, S.W), label: $("label").value.trim() || "object",
+    source: "manual", seconds_spent: seconds,
+    prompts: { points: S.points.map((p) => [p.x, p.y]), labels: S.points.map((p) => p.label), box: S.box,
+      brush: S.mode === "brush" || undefined, chosen: S.chosen },
+    predicted_iou: S.candidates[S.chosen] ? S.candidates[S.chosen].score : null,
+  };
+  let saved = null;
+  for (let attempt = 0; attempt < 4 && !saved; attempt++) { // same uuid on retry: the server never duplicates
+    try { saved = await (await api(`/api/images/${current().id}/annotations`, { method: "POST", json: body })).json(); }
+    catch (e) { if (attempt === 3) { setStatus(`save failed: ${e.message}`, true); return; } await new Promise((r) => setTimeout(r, 300 * (attempt + 1))); }
+  }
+  if (seconds !== null) { S.spm.push(seconds); $("spm").textContent = (S.spm.reduce((a, b) => a + b, 0) / S.spm.length).toFixed(1); }
+  saved._mask = S.mask;
+  S.saved.push(saved); addLabel(saved.label);
+  clearPrompts(); rebuildOverlay(); renderLists(); draw();
+  setStatus(`saved annotation ${saved.id}`, true);
+}
+
+async function deleteAnnotation(id) {
+  await api(`/api/annotations/${id}`, { method: "DELETE" });
+  S.saved = S.saved.filter((a) => a.id !== id); if (S.selected === id) S.selected = null;
+  rebuildOverlay(); renderLists(); draw();
+}
+
+async function review(id, action) {
+  const t0 = S.pendingShownAt || performance.now();
+  const body = { seconds_spent: (performance.now() - t0) / 1000 / Math.max(1, S.pending.length) };
+  if (action === "accept") body.label = $("label").value.trim() || "object";
+  const a = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json();
+  const p = S.pending.find((x) => x.id === id); S.pending = S.pending.filter((x) => x.id !== id);
+  if (action === "accept") { a._mask = p._mask; S.saved.push(a); }
+  if (S.selectedPending === id) S.selectedPending = null;
+  rebuildOverlay(); renderLists(); draw();
+}
+
+async function prefill() {
+  setStatus("pre-filling…");
+  try {
+    const list = await (await api(`/api/images/${current().id}/prefill`, { method: "POST", json: {} })).json();
+    S.pending = list.map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
+    S.pendingShownAt = performance.now();
+    rebuildOverlay(); renderLists(); draw(); setStatus(`${S.pending.length} pre-filled masks to review`, true);
+  } catch (e) { setStatus(`pre-fill failed: ${e.message}`, true); }
+}
+
+function addLabel(name) {
+  const dl = $("labels");
+  if (![...dl.options].some((o) => o.value === name)) { const o = document.createElement("option"); o.value = name; dl.appendChild(o); }
+}
+
+// -------------------------------------------------------------------------------------- images
+function current() { return S.images[S.idx]; }
+
+async function openImage(idx) {
+  if (idx < 0 || idx >= S.images.length) return;
+  S.idx = idx; S.imageToken++; const token = S.imageToken; const im = current();
+  clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.emb = null; S.overlay = null;
+  setStatus(`loading ${im.file_name}…`, false);
+  $("image-name").textContent = im.file_name;
+  localStorage.setItem("segany.idx", String(idx));
+  const [blob, embRes, anns] = await Promise.all([
+    api(`/api/images/${im.id}/file`).then((r) => r.blob()),
+    S.model ? api(`/api/images/${im.id}/embedding`) : Promise.resolve(null),
+    api(`/api/images/${im.id}/annotations?state=accepted,pending`).then((r) => r.json()),
+  ]);
+  const bitmap = await createImageBitmap(blob);
+  if (token !== S.imageToken) return;
+  S.img = bitmap; S.W = bitmap.width; S.H = bitmap.height;
+  const cv = $("view"); cv.width = S.W; cv.height = S.H;
+  S.saved = anns.filter((a) => a.review_state === "accepted").map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
+  S.pending = anns.filter((a) => a.review_state === "pending").map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
+  S.pendingShownAt = performance.now();
+  rebuildOverlay(); renderLists(); draw();
+  if (embRes) {
+    S.embShape = embRes.headers.get("X-Embedding-Shape").split(",").map(Number);
+    const buf = await embRes.arrayBuffer();
+    if (token !== S.imageToken) return;
+    S.emb = new Float32Array(buf);
+  }
+  setStatus(`${im.file_name} ready`, true);
+  if (S.project.stage === "semi" && !S.pending.length) prefill();
+}
+
+// ------------------------------------------------------------------------------------- pointer
+function toImage(ev) {
+  const r = $("view").getBoundingClientRect();
+  return { x: (ev.clientX - r.left) * S.W / r.width, y: (ev.clientY - r.top) * S.H / r.height };
+}
+
+function bindCanvas() {
+  const cv = $("view");
+  cv.addEventListener("contextmenu", (e) => e.preventDefault());
+  cv.addEventListener("mousedown", (e) => {
+    if (!S.img || $("status").dataset.ready !== "1") return;
+    const p = toImage(e); const erase = e.button === 2 || e.shiftKey;
+    if (S.mode === "brush") { startTimer(); snapshot(); paint(p.x, p.y, erase); S.drag = { brush: true, erase }; draw(); return; }
+    S.drag = { x0: p.x, y0: p.y, moved: false, button: e.button, shift: e.shiftKey, box: null };
+  });
+  cv.addEventListener("mousemove", (e) => {
+    if (!S.drag) return; const p = toImage(e);
+    if (S.drag.brush) { paint(p.x, p.y, S.drag.erase); draw(); return; }
+    const tol = Math.max(4, Math.max(S.W, S.H) / 150);
+    if (Math.abs(p.x - S.drag.x0) > tol || Math.abs(p.y - S.drag.y0) > tol) S.drag.moved = true;
+    if (S.drag.moved) { S.drag.box = [Math.min(S.drag.x0, p.x), Math.min(S.drag.y0, p.y), Math.max(S.drag.x0, p.x), Math.max(S.drag.y0, p.y)]; draw(); }
+  });
+  window.addEventListener("mouseup", async (e) => {
+    const d = S.drag; S.drag = null; if (!d || d.brush) return;
+    const clamp = (v, hi) => Math.min(Math.max(v, 0), hi);
+    try {
+      if (d.moved && d.box) await addPrompt({ box: [clamp(d.box[0], S.W), clamp(d.box[1], S.H), clamp(d.box[2], S.W), clamp(d.box[3], S.H)] });
+      else await addPrompt({ x: clamp(d.x0, S.W - 1), y: clamp(d.y0, S.H - 1), label: d.button === 2 || d.shift ? 0 : 1 });
+    } catch (err) { setStatus(`decode failed: ${err.message}`, true); }
+  });
+}
+
+function setMode(m) {
+  S.mode = m; $("mode-prompt").classList.toggle("active", m === "prompt"); $("mode-brush").classList.toggle("active", m === "brush");
+}
+
+function bindKeys() {
+  document.addEventListener("keydown", (e) => {
+    if (e.target.tagName === "INPUT") { if (e.key === "Enter" || e.key === "Escape") e.target.blur(); return; }
+    const k = e.key.toLowerCase();
+    if ((e.ctrlKey || e.metaKey) && k === "z") { e.preventDefault(); undo(); return; }
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    const actions = {
+      enter: accept, a: accept, u: undo, escape: clearPrompts, b: () => setMode(S.mode === "brush" ? "prompt" : "brush"),
+      "[": () => { S.brush = Math.max(1, S.brush - 2); $("brush-size").textContent = `r=${S.brush}`; },
+      "]": () => { S.brush = Math.min(200, S.brush + 2); $("brush-size").textContent = `r=${S.brush}`; },
+      n: () => openImage(S.idx + 1), arrowright: () => openImage(S.idx + 1),
+      p: () => openImage(S.idx - 1), arrowleft: () => openImage(S.idx - 1),
+      1: () => choose(0), 2: () => choose(1), 3: () => choose(2), f: prefill,
+      l: () => { $("label").focus(); $("label").select(); },
+      delete: () => { const id = S.selected || (S.saved.length && S.saved[S.saved.length - 1].id); if (id) deleteAnnotation(id); },
+      backspace: () => actions.delete(),
+      y: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "accept"); },
+      x: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "reject"); },
+    };
+    if (actions[k]) { e.preventDefault(); actions[k](); }
+  });
+}
+
+// ---------------------------------------------------------------------------------------- start
+function showLogin(msg) { $("login").hidden = false; $("login-error").textContent = msg || ""; }
+
+async function start() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) { localStorage.setItem("segany.token", decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname + location.search); }
+  S.token = localStorage.getItem("segany.token");
+  if (!S.token) { showLogin(); return; }
+  let me;
+  try { me = await (await api("/api/me")).json(); } catch (e) { return; }
+  $("login").hidden = true;
+  S.project = me.project; $("project-name").textContent = me.project.name; $("who").textContent = me.annotator.name;
+  (me.project.labels || []).forEach(addLabel);
+  if (me.project.labels && me.project.labels.length) $("label").value = me.project.labels[0];
+  try { S.model = await (await api("/api/model")).json(); } catch (e) { S.model = null; setStatus("no model on the server"); }
+  S.images = await (await api("/api/images")).json();
+  if (!S.images.length) { setStatus("this project has no images: add some with `segany project add-images`", true); return; }
+  const ortReady = S.model ? initOrt() : Promise.resolve();
+  const q = new URLSearchParams(location.search);
+  const want = q.has("image") ? S.images.findIndex((im) => String(im.id) === q.get("image")) : Number(localStorage.getItem("segany.idx") || 0);
+  await Promise.all([openImage(Math.min(Math.max(want, 0), S.images.length - 1)), ortReady]);
+  document.body.dataset.decoder = S.session ? "onnx" : "server";
+}
+
+$("login-form").addEventListener("submit", (e) => { e.preventDefault(); localStorage.setItem("segany.token", $("token").value.trim()); start(); });
+$("prev").onclick = () => openImage(S.idx - 1); $("next").onclick = () => openImage(S.idx + 1);
+$("accept").onclick = accept; $("undo").onclick = undo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
+$("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = () => setMode("brush");
+bindCanvas(); bindKeys(); start();
