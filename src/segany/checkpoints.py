@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from segany import hf_layout
-from segany.errors import CheckpointError, DownloadError
+from segany.errors import CheckpointError, DownloadError, UnknownModelError
 from segany.modeling.config import SamConfig
 from segany.modeling.sam import Sam
 from segany.registry import WeightsInfo, get_config, get_weights_info, list_models
@@ -63,7 +63,7 @@ def _read_raw(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:200]}); "
+            f"{str(path)!r} is not a readable PyTorch checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0][:200]}); "
             "it may be truncated or not a checkpoint at all: download it again (`segany download NAME`)"
         ) from exc
 
@@ -119,7 +119,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     ]
     if not (missing or unexpected or shapes):
         return
-    parts = [f"checkpoint {source!r} does not fit model {model_name!r}:"]
+    parts: list[str] = []
     if missing:
         parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
     if unexpected:
@@ -131,7 +131,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         parts.append(f"the file looks like a {guess!r} checkpoint: use --model {guess}")
     elif missing and not unexpected:
         parts.append("the file may be truncated or partial: download it again")
-    raise CheckpointError("; ".join(parts))
+    raise CheckpointError(f"checkpoint {source!r} does not fit model {model_name!r}: " + "; ".join(parts))
 
 
 def load_weights(model: Sam, path: str | os.PathLike[str], model_name: str = "model") -> dict[str, Any]:
@@ -152,12 +152,21 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     if checkpoint is not None:
         sd, embedded, _ = read_checkpoint(checkpoint)
         config = embedded or get_config(name)
+        if embedded is not None and embedded != _config_or_none(name):
+            log.info("%s embeds its own config, which is used instead of %r's", checkpoint, name)
         model = Sam(config)
         check_state_dict(model, sd, name, str(checkpoint))
         model.load_state_dict(sd, strict=True)
     else:
         model = Sam(get_config(name))
     return model.to(device).eval()
+
+
+def _config_or_none(name: str) -> SamConfig | None:
+    try:
+        return get_config(name)
+    except UnknownModelError:
+        return None
 
 
 def _atomic_write(path: Path, writer: Callable[[str], None]) -> None:
@@ -219,7 +228,9 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
     def fetch(tmp: str) -> None:
         try:
             with urllib.request.urlopen(info.url, timeout=timeout) as resp, open(tmp, "wb") as out:
-                total = resp.length
+                # file:// responses have no .length; both kinds carry Content-Length.
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length else None
                 done = 0
                 while chunk := resp.read(1 << 20):
                     out.write(chunk)

@@ -48,8 +48,9 @@ _WEIGHTS: dict[str, WeightsInfo] = {}
 
 
 def _unknown(kind: str, name: str, known: list[str]) -> UnknownModelError:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    by_lower = {k.lower(): k for k in known}  # "VIT_B" should still suggest vit_b
+    close = [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.4)]
+    hint = f"; did you mean {', '.join(close)}?" if close else "."
     return UnknownModelError(f"unknown {kind} {name!r}{hint} Known: {', '.join(sorted(known))}")
 
 

@@ -1,0 +1,238 @@
+"""Checkpoint reading, strict loading, self-describing saves and the download cache."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from segany import registry
+from segany.checkpoints import (
+    SEGANY_FORMAT,
+    build_sam,
+    cached_path,
+    download,
+    find_weights,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+    weights_home,
+)
+from segany.errors import CheckpointError, DownloadError
+from segany.modeling.sam import Sam
+from segany.registry import ModelInfo, WeightsInfo, get_config
+
+
+@pytest.fixture
+def tiny_name(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The tiny test config under a registered name, for this test only."""
+    registry._ensure_loaded()
+    monkeypatch.setitem(registry._MODELS, "test_tiny", ModelInfo("test_tiny", tiny_config, None, "test"))
+    return "test_tiny"
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def vit_t_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An official-layout MobileSAM file (plain state dict, like mobile_sam.pt)."""
+    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam.pt"
+    torch.save(randomize_(Sam(get_config("vit_t")), seed=2).state_dict(), path)
+    return path
+
+
+# ------------------------------------------------------------------ reading and loading
+def test_official_pth_layout(tmp_path: Path, tiny_sam: Sam, tiny_name: str) -> None:
+    path = tmp_path / "sam_official.pth"
+    torch.save(tiny_sam.state_dict(), path)  # official SAM files are a bare state dict
+    _assert_same_weights(build_sam(tiny_name, checkpoint=path), tiny_sam)
+
+
+def test_official_vit_t_file_loads_strictly(vit_t_file: Path) -> None:
+    model = build_sam("vit_t", checkpoint=vit_t_file)
+    assert not model.training
+    ref = torch.load(vit_t_file, weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
+
+
+@pytest.mark.parametrize("wrap", ["module_prefix", "state_dict_key", "model_key"])
+def test_wrapped_state_dicts(tmp_path: Path, tiny_sam: Sam, tiny_name: str, wrap: str) -> None:
+    sd = tiny_sam.state_dict()
+    blob: dict = {
+        "module_prefix": {f"module.{k}": v for k, v in sd.items()},  # saved from a DDP-wrapped model
+        "state_dict_key": {"state_dict": sd, "epoch": 3},
+        "model_key": {"model": sd},
+    }[wrap]
+    path = tmp_path / "wrapped.pth"
+    torch.save(blob, path)
+    _assert_same_weights(build_sam(tiny_name, checkpoint=path), tiny_sam)
+
+
+def test_segany_checkpoint_describes_itself(tmp_path: Path, tiny_sam: Sam) -> None:
+    path = save_checkpoint(tiny_sam, tmp_path / "sub" / "tiny.pt", meta={"step": 7})
+    sd, cfg, meta = read_checkpoint(path)
+    assert cfg == tiny_config() and meta == {"step": 7}
+    assert torch.load(path, weights_only=True)["format"] == SEGANY_FORMAT
+    # The embedded config wins over the name, so any registered name (here the default) builds it.
+    for name in ("vit_b", "vit_h"):
+        _assert_same_weights(build_sam(name, checkpoint=path), tiny_sam)
+    assert [p.name for p in path.parent.iterdir()] == ["tiny.pt"], "temp files left behind"
+
+
+def test_half_checkpoint_loads_into_fp32(tmp_path: Path, tiny_sam: Sam) -> None:
+    path = save_checkpoint(tiny_sam, tmp_path / "half.pt", half=True)
+    model = build_sam("vit_b", checkpoint=path)
+    w = model.mask_decoder.iou_token.weight
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, tiny_sam.mask_decoder.iou_token.weight, atol=1e-3, rtol=1e-3)
+
+
+def test_wrong_checkpoint_names_probable_variant(vit_t_file: Path) -> None:
+    with pytest.raises(CheckpointError) as info:
+        build_sam("vit_b", checkpoint=vit_t_file)
+    msg = str(info.value)
+    assert "does not fit model 'vit_b'" in msg
+    assert "missing keys (first: image_encoder.pos_embed" in msg
+    assert "unexpected keys" in msg
+    assert "looks like a 'vit_t' checkpoint: use --model vit_t" in msg
+    assert "\n" not in msg
+
+
+def test_missing_keys_say_truncated(tmp_path: Path, tiny_sam: Sam, tiny_name: str) -> None:
+    sd = tiny_sam.state_dict()
+    partial = {k: v for i, (k, v) in enumerate(sd.items()) if i < len(sd) - 10}
+    path = tmp_path / "partial.pth"
+    torch.save(partial, path)
+    with pytest.raises(CheckpointError, match="10 missing keys .*may be truncated or partial"):
+        build_sam(tiny_name, checkpoint=path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_file_never_loads_partially(tmp_path: Path, tiny_sam: Sam, tiny_name: str, suffix: str) -> None:
+    full = tmp_path / f"full{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tiny_sam.state_dict().items()}, str(full))
+    else:
+        torch.save(tiny_sam.state_dict(), full)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    target = Sam(tiny_config())
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_weights(target, cut, tiny_name)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items()), "partial load happened"
+    with pytest.raises(CheckpointError, match="truncated"):
+        build_sam(tiny_name, checkpoint=cut)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\xff\xd8\xff\xe0 this is a jpeg, not weights", "not a readable PyTorch checkpoint"),
+        (b"", "not a readable PyTorch checkpoint"),
+    ],
+)
+def test_non_checkpoint_bytes(tmp_path: Path, content: bytes, fragment: str) -> None:
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=fragment):
+        build_sam("vit_b", checkpoint=path)
+
+
+def test_non_state_dict_objects(tmp_path: Path) -> None:
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
+        read_checkpoint(tmp_path / "list.pth")
+    torch.save({"weights": "nope"}, tmp_path / "dict.pth")
+    with pytest.raises(CheckpointError, match="entry 'weights' is not a tensor"):
+        read_checkpoint(tmp_path / "dict.pth")
+
+
+def test_missing_path_and_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_sam("vit_b", checkpoint=tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="folder without .safetensors"):
+        read_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------ download cache
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SEGANY_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _register(monkeypatch: pytest.MonkeyPatch, **fields: object) -> WeightsInfo:
+    registry._ensure_loaded()
+    info = WeightsInfo(**{"name": "test_weights", "model": "vit_t", "filename": "test_weights.pt", **fields})
+    monkeypatch.setitem(registry._WEIGHTS, info.name, info)
+    return info
+
+
+def test_download_from_file_url(home: Path, vit_t_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = vit_t_file.read_bytes()
+    info = _register(monkeypatch, url=vit_t_file.as_uri(), size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    assert weights_home() == home and find_weights(info.name) is None
+    seen: list[tuple[int, int | None]] = []
+    path = download(info.name, progress=lambda done, total: seen.append((done, total)))
+    assert path == cached_path(info) == home / "weights" / "test_weights.pt"
+    assert path.read_bytes() == data
+    assert seen and seen[-1] == (len(data), len(data))
+    assert find_weights(info.name) == path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["test_weights.pt"]
+    # Present and valid: no second fetch (a now-dead URL proves it), --force fetches again.
+    monkeypatch.setitem(registry._WEIGHTS, info.name, WeightsInfo(**{**info.__dict__, "url": "file:///gone"}))
+    assert download(info.name) == path
+    with pytest.raises(DownloadError):
+        download(info.name, force=True)
+    assert path.read_bytes() == data, "a failed forced download must keep the good file"
+    build_sam("vit_t", checkpoint=path)
+
+
+@pytest.mark.parametrize("bad", ["sha256", "size"])
+def test_download_rejects_bad_checksum(home: Path, vit_t_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                       bad: str) -> None:
+    data = vit_t_file.read_bytes()
+    fields = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    fields[bad] = "0" * 64 if bad == "sha256" else len(data) + 1
+    info = _register(monkeypatch, url=vit_t_file.as_uri(), **fields)
+    with pytest.raises(DownloadError, match="sha256 check" if bad == "sha256" else "truncated or another file"):
+        download(info.name)
+    cache = home / "weights"
+    assert not cache.exists() or list(cache.iterdir()) == [], "nothing may be left in the cache"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/sam.pth", "file:///nonexistent/segany/sam.pth"])
+def test_download_offline_says_where_to_put_the_file(home: Path, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    info = _register(monkeypatch, url=url)
+    with pytest.raises(DownloadError) as exc:
+        download(info.name, timeout=5)
+    msg = str(exc.value)
+    assert "If this machine is offline" in msg
+    assert str(home / "weights" / "test_weights.pt") in msg
+    assert "--checkpoint" in msg
+    assert not (home / "weights").exists() or list((home / "weights").iterdir()) == []
+
+
+def test_default_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEGANY_HOME", raising=False)
+    assert weights_home() == Path.home() / ".cache" / "segany"
+
+
+def test_registered_weights_are_consistent() -> None:
+    for name in registry.list_weights():
+        info = registry.get_weights_info(name)
+        assert info.model in registry.list_models(), f"weights {name} name unknown model {info.model}"
+        assert info.url.startswith("https://") and info.filename
+        assert info.sha256 or info.md5 or info.size or info.layout == "mobile_sam", name
