@@ -1,0 +1,1 @@
+"""Evaluation: the interactive click protocol, box prompts, AR for automatic masks, GrabCut baseline."""

@@ -1,0 +1,1 @@
+"""Training with the SAM interactive recipe (SAM paper §3 "Training", appendix A)."""

@@ -1,0 +1,185 @@
+"""Training configuration: frozen dataclasses, one per section, loaded from YAML with dotted overrides.
+
+    model:  {name: segany_tiny, checkpoint: null}
+    data:   {pack: out/packed, datasets: [coco128, pennfudan, kvasir, bsds], max_masks: 16, ...}
+    optim:  {lr: 1e-3, weight_decay: 0.1, warmup_steps: 250, decay_at: [0.7, 0.9], ...}
+    recipe: {point_rounds: 4, mask_only_rounds: 1, ...}
+    run:    {out_dir: runs/x, max_steps: 1000, max_minutes: null, batch_size: 8, ...}
+
+``--override optim.lr=3e-4`` sets one field; values parse as YAML (numbers, lists, booleans).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segany.errors import InputError
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "segany_tiny"
+    checkpoint: str | None = None  # initial weights (fine-tuning); None trains from scratch
+
+
+@dataclass(frozen=True)
+class DataSection:
+    pack: str = "out/packed"  # a folder written by scripts/pack_data.py
+    datasets: tuple[str, ...] = ("coco128", "pennfudan", "kvasir", "bsds")
+    max_masks: int = 16  # instance masks sampled per image
+    hflip: float = 0.5
+    scale_min: float = 0.6
+    scale_max: float = 1.5
+    min_mask_area: int = 64
+    num_workers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_masks < 1:
+            raise InputError(f"data.max_masks must be >= 1, got {self.max_masks}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise InputError(f"data.scale_min/scale_max must satisfy 0 < min <= max, got {self.scale_min}, "
+                             f"{self.scale_max}")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 250
+    decay_at: tuple[float, ...] = (0.7, 0.9)  # fractions of the run (steps or wall-clock) where lr drops
+    decay_gamma: float = 0.1
+    layer_decay: float = 1.0  # lr scale per encoder layer from the top; 1.0 = none (from scratch)
+    freeze_image_encoder: bool = False
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise InputError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 < self.layer_decay <= 1:
+            raise InputError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass(frozen=True)
+class RecipeSection:
+    point_rounds: int = 4  # corrective-click rounds after the first prompt (SAM: 8)
+    mask_only_rounds: int = 1  # final rounds that feed back the mask without a new point (SAM: 2)
+    box_prob: float = 0.5  # first prompt is a jittered box with this chance, else a foreground point
+    box_noise: float = 0.1  # std of box-corner noise as a fraction of the box side ...
+    box_noise_max: float = 20.0  # ... capped at this many pixels (SAM: 10%, 20 px)
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+
+    @property
+    def num_rounds(self) -> int:
+        return 1 + self.point_rounds + self.mask_only_rounds
+
+
+@dataclass(frozen=True)
+class RunSection:
+    out_dir: str = "runs/train"
+    max_steps: int = 1000
+    max_minutes: float | None = None  # wall-clock budget; the lr schedule then follows elapsed time
+    batch_size: int = 8  # images per GPU (or per process on CPU)
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    ckpt_every: int = 500
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    recipe: RecipeSection = field(default_factory=RecipeSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise InputError(f"unknown config sections {sorted(unknown)}; allowed: {sorted(sections)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            sec_cls = f.default_factory  # type: ignore[misc]
+            values = dict(data.get(f.name) or {})
+            allowed = {g.name: g for g in dataclasses.fields(sec_cls)}
+            bad = set(values) - set(allowed)
+            if bad:
+                raise InputError(f"unknown keys {sorted(bad)} in config section {f.name!r}; allowed: {sorted(allowed)}")
+            values = {k: _coerce(f"{f.name}.{k}", allowed[k].type, v) for k, v in values.items()}
+            kwargs[f.name] = sec_cls(**values)
+        return cls(**kwargs)
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Convert YAML values to the field's type (YAML reads ``1e-4`` as a string, lists as lists)."""
+    ann = str(annotation)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (list, tuple)):
+            item = float if "tuple[float" in ann else int if "tuple[int" in ann else str
+            return tuple(item(v) for v in value)
+        if ann.startswith("float"):
+            return float(value)
+        if ann.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if ann.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if ann.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"config {key} must be {ann}, got {value!r}") from exc
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``section.key=value`` entries on a nested dict (values parsed as YAML)."""
+    out = {k: dict(v or {}) for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise InputError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = _parse_value(value)
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"config file {str(p)!r} does not exist; see configs/ for examples")
+        import yaml
+
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise InputError(f"{str(p)!r} must hold a mapping of sections (model, data, optim, recipe, run)")
+    return TrainConfig.from_dict(apply_overrides(data, overrides or []))

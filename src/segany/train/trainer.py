@@ -1,0 +1,378 @@
+"""The SAM interactive training loop (SAM §3 "Training algorithm", appendix A "Training").
+
+Per image, up to K instance masks. Round 0 prompts each mask with a foreground point or a jittered
+box (equal chance); for single-point prompts the decoder's three ambiguity masks are scored and only
+the best one takes the loss. Each later round adds a click drawn uniformly from the error region of the
+previous prediction and feeds back its low-res logits as the mask prompt; the last rounds feed the mask
+only. Loss: 20·focal + dice per mask, plus MSE between the IoU head and the true IoU, averaged over rounds.
+
+Runs on CPU, one GPU, or many through torchrun (DDP when WORLD_SIZE > 1). Checkpoints hold model,
+optimizer, schedule, RNG states and step, and are written atomically; prompts are drawn from a generator
+seeded by (seed, step, rank), and batches are a function of the step, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany.modeling.sam import Sam
+from segany.train.config import RecipeSection, TrainConfig
+from segany.train.losses import mask_iou, mask_losses
+from segany.train.optim import lr_factor, param_groups, set_lr
+from segany.train.prompts import error_points, jitter_boxes, mask_boxes_xyxy, sample_points
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "segany-train-state-v1"
+
+
+class InteractiveRecipe(nn.Module):
+    """Wraps a :class:`Sam` so one ``forward`` runs every round and returns the loss (DDP-friendly)."""
+
+    def __init__(self, sam: Sam, recipe: RecipeSection) -> None:
+        super().__init__()
+        self.sam = sam
+        self.recipe = recipe
+
+    def _sparse(self, pts: torch.Tensor, labels: torch.Tensor, n_pts: int, use_box: torch.Tensor,
+                boxes: torch.Tensor) -> torch.Tensor:
+        """Sparse tokens for all masks: point-first rows use points[0..n_pts], box-first rows the box plus
+        points[1..n_pts]; both give n_pts + 1 tokens (a padding token stands in for the box)."""
+        pe = self.sam.prompt_encoder
+        M = pts.shape[0]
+        out: torch.Tensor | None = None
+        for rows, is_box in ((torch.nonzero(~use_box).flatten(), False), (torch.nonzero(use_box).flatten(), True)):
+            if len(rows) == 0:
+                continue
+            if is_box:
+                p = (pts[rows, 1:n_pts], labels[rows, 1:n_pts]) if n_pts > 1 else None
+                sp, _ = pe(p, boxes[rows], None)
+            else:
+                sp, _ = pe((pts[rows, :n_pts], labels[rows, :n_pts]), None, None)
+            if out is None:
+                out = sp.new_zeros((M, *sp.shape[1:]))
+            out = out.index_copy(0, rows, sp)
+        assert out is not None
+        return out
+
+    def forward(self, images: torch.Tensor, gt: torch.Tensor, img_idx: torch.Tensor, gen: torch.Generator
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for M masks.
+
+        Args:
+            images: (B, 3, S, S) normalized, padded.
+            gt: (M, S, S) bool instance masks.
+            img_idx: (M,) image of each mask.
+            gen: generator for prompt sampling (on the masks' device).
+        """
+        r = self.recipe
+        sam = self.sam
+        S = images.shape[-1]
+        M = gt.shape[0]
+        emb = sam.image_encoder(images)[img_idx]  # (M, C, g, g)
+        dense_pe = sam.prompt_encoder.get_dense_pe()
+        target = gt.float()
+        use_box = torch.rand(M, generator=gen, device=gt.device) < r.box_prob
+        boxes = jitter_boxes(mask_boxes_xyxy(gt), S, gen, r.box_noise, r.box_noise_max)
+        first_xy, _ = sample_points(gt, gen)
+        rounds = r.num_rounds
+        pts = torch.zeros(M, 1 + r.point_rounds, 2, device=gt.device)
+        labels = torch.full((M, 1 + r.point_rounds), -1, dtype=torch.long, device=gt.device)
+        pts[:, 0], labels[:, 0] = first_xy, 1
+        n_pts = 1
+        prev_low: torch.Tensor | None = None
+        pred: torch.Tensor | None = None
+        total = gt.new_zeros((), dtype=torch.float32)
+        stats: dict[str, float] = {}
+        for rnd in range(rounds):
+            if 1 <= rnd <= r.point_rounds:
+                assert pred is not None
+                xy, lab = error_points(pred, gt, gen)
+                pts[:, n_pts], labels[:, n_pts] = xy, lab
+                n_pts += 1
+            sparse = self._sparse(pts, labels, n_pts, use_box, boxes)
+            if prev_low is None:
+                dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                    M, -1, *sam.prompt_encoder.image_embedding_size)
+            else:
+                dense = sam.prompt_encoder.mask_downscaling(prev_low.to(emb.dtype))
+            low, iou_pred = sam.mask_decoder.predict_masks(emb, dense_pe, sparse, dense)  # (M, 4, h, w), (M, 4)
+            if rnd == 0:
+                # Single points are ambiguous: score the 3 multimask outputs, train the best. Boxes: output 0.
+                cand = torch.where(use_box[:, None, None, None], low[:, :1].expand(-1, 3, -1, -1), low[:, 1:])
+                cand_iou = torch.where(use_box[:, None], iou_pred[:, :1].expand(-1, 3), iou_pred[:, 1:])
+            else:
+                cand, cand_iou = low[:, :1], iou_pred[:, :1]
+            k = cand.shape[1]
+            up = F.interpolate(cand.float(), (S, S), mode="bilinear", align_corners=False)  # (M, k, S, S)
+            tgt = target[:, None].expand(-1, k, -1, -1).reshape(M * k, S, S)
+            per = mask_losses(up.reshape(M * k, S, S), tgt, r.focal_weight, r.dice_weight).view(M, k)
+            true_iou = mask_iou(up.detach().reshape(M * k, S, S), tgt).view(M, k)
+            best = per.detach().argmin(1)
+            rows = torch.arange(M, device=gt.device)
+            mask_loss = per[rows, best].mean()
+            iou_loss = F.mse_loss(cand_iou.float(), true_iou)
+            total = total + mask_loss + r.iou_weight * iou_loss
+            prev_low = cand[rows, best][:, None].detach()
+            pred = up.detach()[rows, best] > 0
+            if rnd == 0:
+                stats["iou_first"] = float(true_iou[rows, best].mean())
+        stats["iou_last"] = float(true_iou[rows, best].mean())
+        return total / rounds, stats
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]),
+                   "gauss": py_state[2] if py_state[2] is None else float(py_state[2])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Trainer:
+    """Owns the model, optimizer and schedule; ``fit`` runs the loop, ``save``/``load`` checkpoint it."""
+
+    def __init__(self, cfg: TrainConfig, *, sam: Sam | None = None, train_records: list | None = None) -> None:
+        from segany.checkpoints import build_sam
+
+        self.cfg = cfg
+        self.rank, self.world, local = init_distributed()
+        dev = resolve_device(cfg.run.device)
+        if dev.type == "cuda" and self.world > 1:
+            dev = torch.device("cuda", local)
+        self.device = dev
+        torch.manual_seed(cfg.run.seed)
+        if sam is None:
+            sam = build_sam(cfg.model.name, checkpoint=cfg.model.checkpoint)
+        self.sam = sam.to(dev).train()
+        if cfg.run.grad_checkpointing:
+            for m in self.sam.image_encoder.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m.gradient_checkpointing = True
+        if cfg.optim.freeze_image_encoder:
+            for p in self.sam.image_encoder.parameters():
+                p.requires_grad_(False)
+        self.net: nn.Module = InteractiveRecipe(self.sam, cfg.recipe)
+        self.ddp: nn.Module = self.net
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # The TinyViT classifier norm and frozen parts get no gradient: let DDP skip them.
+            self.ddp = DistributedDataParallel(self.net, device_ids=[local] if dev.type == "cuda" else None,
+                                               find_unused_parameters=True)
+        betas = tuple(cfg.optim.betas)
+        self.optimizer = torch.optim.AdamW(param_groups(self.sam, cfg.optim), lr=cfg.optim.lr,
+                                           betas=betas)  # type: ignore[arg-type]
+        self.step = 0
+        self.elapsed = 0.0  # training seconds before this process (resumed runs)
+        self.progress = 0.0
+        self.train_records = train_records
+        self.out_dir = Path(cfg.run.out_dir)
+        self.amp = cfg.run.amp and dev.type == "cuda"
+
+    # ------------------------------------------------------------------ one step
+    def _progress(self, elapsed: float) -> float:
+        p = self.step / max(1, self.cfg.run.max_steps)
+        if self.cfg.run.max_minutes:
+            p = max(p, elapsed / (60.0 * self.cfg.run.max_minutes))
+        return min(p, 1.0)
+
+    def generator(self) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.cfg.run.seed * 1_000_003 + self.step * 7_919 + self.rank)
+        return gen
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        masks = batch["masks"].to(self.device, non_blocking=True)
+        n = batch["num_masks"].to(self.device)
+        K = masks.shape[1]
+        valid = torch.arange(K, device=self.device)[None] < n[:, None]
+        img_idx = valid.nonzero()[:, 0]
+        gt = masks[valid]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss, stats = self.ddp(images, gt, img_idx, self.generator())
+        stats["masks"] = float(gt.shape[0])
+        return loss, stats
+
+    def train_step(self, batch: dict[str, Any], elapsed: float = 0.0) -> dict[str, float]:
+        self.progress = self._progress(elapsed)
+        lr = set_lr(self.optimizer, self.cfg.optim.lr, lr_factor(self.step, self.progress, self.cfg.optim))
+        self.net.train()
+        loss, stats = self.compute_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.cfg.optim.grad_clip > 0:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        self.optimizer.step()
+        self.step += 1
+        stats.update(loss=float(loss.detach()), lr=lr)
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "step": self.step, "elapsed": self.elapsed, "progress": self.progress,
+                "model": self.sam.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+                "config": self.cfg.to_dict(), "model_config": self.sam.cfg.to_dict()}
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the full training state atomically (rank 0 only); returns its path."""
+        p = Path(path) if path is not None else self.out_dir / "last.pt"
+        if self.rank == 0:
+            _atomic_torch_save(self.state_dict(), p)
+        return p
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        from segany.errors import CheckpointError
+
+        p = Path(path)
+        if not p.is_file():
+            raise CheckpointError(f"no training state at {str(p)!r}; start without --resume or pass the right run")
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{str(p)!r} is not a segany training state (written by `segany train`)")
+        self.sam.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        self.progress = float(state.get("progress", 0.0))
+        _set_rng_state(state["rng"])
+
+    def export(self, path: str | os.PathLike[str], half: bool = True, meta: dict[str, Any] | None = None) -> Path:
+        """Write inference weights (a self-describing segany checkpoint; fp16 by default)."""
+        from segany.checkpoints import save_checkpoint
+
+        info = {"trained_steps": self.step, "train_seconds": round(self.elapsed, 1), **(meta or {})}
+        return save_checkpoint(self.sam, path, meta=info, half=half)
+
+    # ------------------------------------------------------------------ loop
+    def build_loader(self) -> torch.utils.data.DataLoader:
+        from segany.data.datasets import AugmentConfig, SegmentationDataset, StepBatchSampler, collate
+        from segany.data.pack import load_pack
+
+        d = self.cfg.data
+        records = self.train_records
+        if records is None:
+            records = load_pack(d.pack, split="train", datasets=d.datasets)
+        aug = AugmentConfig(hflip=d.hflip, scale_min=d.scale_min, scale_max=d.scale_max,
+                            min_mask_area=d.min_mask_area)
+        ds = SegmentationDataset(records, img_size=self.sam.img_size, max_masks=d.max_masks, augment=aug,
+                                 seed=self.cfg.run.seed, pixel_mean=self.sam.cfg.pixel_mean,
+                                 pixel_std=self.sam.cfg.pixel_std)
+        self.num_train_images = len(ds)
+        sampler = StepBatchSampler(len(ds), self.cfg.run.batch_size, seed=self.cfg.run.seed, start_step=self.step,
+                                   rank=self.rank, world_size=self.world)
+        nw = d.num_workers
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=nw, collate_fn=collate,
+                                           pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                           prefetch_factor=4 if nw > 0 else None)
+
+    def fit(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train until ``run.max_steps`` or ``run.max_minutes``; checkpoint periodically and at the end."""
+        run = self.cfg.run
+        loader = self.build_loader()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.time() - self.elapsed
+        last_t, last_step = time.time(), self.step
+        log_path = self.out_dir / "log.jsonl"
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        budget = 60.0 * run.max_minutes if run.max_minutes else float("inf")
+        first_loss = None
+        stats: dict[str, float] = {}
+        it = iter(loader)
+        while self.step < run.max_steps and time.time() - t0 < budget:
+            batch = next(it)
+            stats = self.train_step(batch, elapsed=time.time() - t0)
+            first_loss = stats["loss"] if first_loss is None else first_loss
+            self.elapsed = time.time() - t0
+            if self.step % run.log_every == 0 or self.step == 1:
+                now = time.time()
+                imgs = (self.step - last_step) * run.batch_size * self.world
+                entry = {"step": self.step, "time_s": round(self.elapsed, 1), **{k: round(v, 5) for k, v in
+                                                                                 stats.items()},
+                         "images_per_s": round(imgs / max(now - last_t, 1e-9), 2)}
+                if self.device.type == "cuda":
+                    entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+                last_t, last_step = now, self.step
+                if self.rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(entry) + "\n")
+                    log.info("step %d loss %.4f", self.step, stats["loss"])
+                    if on_log:
+                        on_log(entry)
+            if run.ckpt_every and self.step % run.ckpt_every == 0:
+                self.save()
+        self.save()
+        summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "first_loss": first_loss,
+                   "last_loss": stats.get("loss"), "world_size": self.world, "batch_size": run.batch_size,
+                   "images_seen": self.step * run.batch_size * self.world,
+                   "images_per_s": round(self.step * run.batch_size * self.world / max(self.elapsed, 1e-9), 2),
+                   "device": str(self.device), "train_images": getattr(self, "num_train_images", None)}
+        if self.device.type == "cuda":
+            summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+            summary["gpu"] = torch.cuda.get_device_name(self.device)
+        return summary
