@@ -1,0 +1,147 @@
+"""ONNX export: graphs agree with torch (tiny config) and bad inputs give clear errors.
+
+Tolerances: the fp32 decoder graph must match torch to 1e-4 (absolute, on logits and IoU); the
+encoder graph to 1e-4 relative to the embedding range (ONNX Runtime fuses and reorders reductions
+in attention and LayerNorm, so bit equality is not expected). The int8 graphs are only checked to
+run and to stay within 25% of the logit range.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="pip install 'segany[onnx]'")
+
+from segany.errors import InputError, PromptError, StateError  # noqa: E402
+from segany.export.onnx import DECODER_INPUTS, OnnxPredictor, export_onnx, postprocess_masks  # noqa: E402
+from segany.predictor import SamPredictor  # noqa: E402
+
+DECODER_ATOL = 1e-4
+ENCODER_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import randomize_, tiny_config
+
+    from segany.modeling.sam import Sam
+
+    model = randomize_(Sam(tiny_config())).eval()
+    out = tmp_path_factory.mktemp("onnx")
+    paths = export_onnx(model, out, quantize_int8=True, model_name="tiny")
+    return model, out, paths
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return (np.random.RandomState(0).rand(200, 300, 3) * 255).astype(np.uint8)
+
+
+def test_files_and_metadata(exported):
+    _, out, paths = exported
+    for key in ("encoder", "decoder", "encoder_int8", "decoder_int8", "meta"):
+        assert paths[key].exists() and paths[key].parent == out
+    meta = json.loads((out / "segany_onnx.json").read_text())
+    assert meta["format"] == "segany-onnx-v1" and meta["config"]["encoder"]["img_size"] == 256
+    assert not list(out.glob("*.tmp")), "no temp files left behind"
+
+
+def test_decoder_contract(exported):
+    import onnxruntime as ort
+
+    _, out, _ = exported
+    sess = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert tuple(i.name for i in sess.get_inputs()) == DECODER_INPUTS
+    assert [o.name for o in sess.get_outputs()][:3] == ["masks", "iou_predictions", "low_res_masks"]
+
+
+def test_predictor_parity(exported, image):
+    model, out, _ = exported
+    ref, onnx = SamPredictor(model), OnnxPredictor(out)
+    ref.set_image(image)
+    onnx.set_image(image)
+    emb_ref = ref.features.numpy()
+    assert np.abs(emb_ref - onnx.get_image_embedding()).max() <= ENCODER_RTOL * np.abs(emb_ref).max()
+    onnx.features = emb_ref  # judge the decoder on identical embeddings
+    prompts = [
+        dict(point_coords=np.array([[120, 80]]), point_labels=np.array([1])),
+        dict(point_coords=np.array([[120, 80], [30, 40]]), point_labels=np.array([1, 0]), multimask_output=False),
+        dict(box=np.array([20, 30, 200, 150]), multimask_output=False),
+        dict(box=np.array([20, 30, 200, 150]), point_coords=np.array([[120, 80]]), point_labels=np.array([1])),
+    ]
+    for kwargs in prompts:
+        a = ref.predict(**kwargs, return_logits=True)
+        b = onnx.predict(**kwargs, return_logits=True)
+        for x, y in zip(a, b, strict=True):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(x, y, atol=DECODER_ATOL, rtol=0)
+        with_mask = dict(kwargs, mask_input=a[2][:1])
+        a2, b2 = ref.predict(**with_mask, return_logits=True), onnx.predict(**with_mask, return_logits=True)
+        np.testing.assert_allclose(a2[0], b2[0], atol=DECODER_ATOL, rtol=0)
+        assert (onnx.predict(**kwargs)[0] == ref.predict(**kwargs)[0]).mean() > 0.999
+
+
+def test_sam_onnx_masks_output_dynamic_size(exported, image):
+    """The browser path: `masks` resized in-graph to any orig_im_size, best mask for a single click."""
+    import onnxruntime as ort
+
+    model, out, _ = exported
+    ref = SamPredictor(model)
+    ref.set_image(image)
+    sess = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    for h, w in ((200, 300), (480, 333)):
+        coords = ref.transform.apply_coords(np.array([[50.0, 40.0], [0.0, 0.0]]), (h, w))
+        feeds = {"image_embeddings": ref.features.numpy(),
+                 "point_coords": coords[None].astype(np.float32),
+                 "point_labels": np.array([[1, -1]], np.float32),
+                 "mask_input": np.zeros((1, 1, 64, 64), np.float32),
+                 "has_mask_input": np.zeros(1, np.float32),
+                 "orig_im_size": np.array([h, w], np.float32)}
+        masks, iou, low, low_all, iou_all = sess.run(None, feeds)
+        assert masks.shape == (1, 1, h, w) and iou.shape == (1, 1) and low.shape == (1, 1, 64, 64)
+        best = int(iou_all[0, 1:].argmax()) + 1
+        np.testing.assert_allclose(low[0, 0], low_all[0, best], atol=0)
+        ref.original_size, ref.input_size = (h, w), tuple(
+            int(v) for v in np.floor(np.array([h, w]) * 256 / max(h, w) + 0.5))
+        expect = postprocess_masks(torch.from_numpy(low), 256, ref.input_size, (h, w)).numpy()
+        np.testing.assert_allclose(masks, expect, atol=DECODER_ATOL, rtol=0)
+
+
+def test_quantized_runs(exported, image):
+    model, out, _ = exported
+    ref, q = SamPredictor(model), OnnxPredictor(out, quantized=True, num_threads=1)
+    ref.set_image(image)
+    q.set_image(image)
+    kwargs = dict(point_coords=np.array([[120, 80]]), point_labels=np.array([1]), return_logits=True)
+    a, b = ref.predict(**kwargs), q.predict(**kwargs)
+    assert np.abs(a[0] - b[0]).max() < 0.25 * np.abs(a[0]).max()
+
+
+def test_bad_inputs(exported, tmp_path, image):
+    model, out, _ = exported
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="is a file; pass a folder"):
+        export_onnx(model, afile)
+    with pytest.raises(InputError, match="needs a segany Sam model"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "x")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="export first"):
+        OnnxPredictor(tmp_path)
+    p = OnnxPredictor(out)
+    with pytest.raises(StateError, match="set_image"):
+        p.predict(point_coords=np.array([[1, 1]]), point_labels=np.array([1]))
+    p.set_image(image)
+    with pytest.raises(PromptError, match="outside"):
+        p.predict(point_coords=np.array([[1000, 1]]), point_labels=np.array([1]))
+    with pytest.raises(PromptError, match="mask_input must have shape"):
+        p.predict(mask_input=np.zeros((256, 256)))
+    with pytest.raises(PromptError, match="no prompt"):
+        p.predict()

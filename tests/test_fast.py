@@ -1,0 +1,160 @@
+"""The fast path (segany.fast) on CPU: it runs, and agrees with the exact fp32 path within stated tolerances.
+
+bf16 has an 8-bit mantissa (relative rounding ~4e-3 per op), so after a dozen layers we allow a logit
+error of 5% of the logit range, and compare thresholded masks by IoU only where logits are clearly
+away from the threshold. fp32 variants of the fast modules must agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segany.errors import InputError
+from segany.fast import (
+    FastPath,
+    FastViTAttention,
+    configure_cpu_threads,
+    encode_images,
+    make_fast_encoder,
+    resolve_precision,
+)
+from segany.modeling import image_encoder as vit
+from segany.predictor import SamPredictor
+
+BF16_REL_TOL = 0.05  # max |logit error| / max |logit|
+
+
+def _rel_err(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return (np.random.RandomState(0).rand(200, 300, 3) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["mask", "fold"])
+def test_fast_attention_fp32_matches_reference(tiny_sam, mode):
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    fast = make_fast_encoder(tiny_sam.image_encoder, torch.float32, attention=mode)
+    assert any(isinstance(m, FastViTAttention) for m in fast.modules())
+    assert not any(isinstance(m, FastViTAttention) for m in tiny_sam.image_encoder.modules()), "original touched"
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), tiny_sam.image_encoder(x), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_bias_is_8_aligned_and_exact():
+    attn = vit.Attention(48, 3, True, True, (14, 14))
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 14, 14, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(FastViTAttention.from_attention(attn)(x), attn(x), atol=1e-6, rtol=1e-5)
+    from segany.fast import _padded_bias
+
+    bias = _padded_bias(torch.randn(1, 2, 196, 14), torch.randn(1, 2, 196, 14))
+    assert bias.shape == (1, 2, 196, 196) and bias.stride(2) % 8 == 0
+
+
+@pytest.mark.parametrize("mode", ["mask", "fold"])
+def test_bf16_encoder_within_tolerance(tiny_sam, mode):
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    fast = FastPath(tiny_sam, precision="bf16", attention=mode)
+    with torch.no_grad():
+        ref = tiny_sam.image_encoder(x)
+    out = fast.encode(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert _rel_err(ref, out) < BF16_REL_TOL
+
+
+def test_predictor_bf16_agrees_with_fp32(tiny_sam, image):
+    exact, quick = SamPredictor(tiny_sam), SamPredictor(tiny_sam, precision="bf16")
+    assert exact.fast is None, "CPU default must stay on the exact fp32 modules"
+    assert quick.fast is not None and quick.fast.dtype == torch.bfloat16
+    exact.set_image(image)
+    quick.set_image(image)
+    for kwargs in (dict(point_coords=np.array([[120, 80]]), point_labels=np.array([1])),
+                   dict(box=np.array([20, 30, 200, 150]), multimask_output=False)):
+        a = exact.predict(**kwargs, return_logits=True)
+        b = quick.predict(**kwargs, return_logits=True)
+        assert a[0].shape == b[0].shape and a[0].dtype == b[0].dtype == np.float32
+        assert _rel_err(a[0], b[0]) < BF16_REL_TOL
+        assert _rel_err(a[2], b[2]) < BF16_REL_TOL
+        np.testing.assert_allclose(a[1], b[1], atol=0.02)
+        masks_a = exact.predict(**kwargs)[0]
+        masks_b = quick.predict(**kwargs)[0]
+        assert masks_b.dtype == bool
+        # Pixels whose fp32 logit is clearly off the threshold must not flip.
+        clear = np.abs(a[0]) > BF16_REL_TOL * np.abs(a[0]).max() * 2
+        assert (masks_a[clear] == masks_b[clear]).all()
+
+
+def test_fp32_fast_path_is_exact(tiny_sam, image):
+    exact, fp32 = SamPredictor(tiny_sam), SamPredictor(tiny_sam, precision="fp32")
+    fp32.fast = FastPath(tiny_sam, precision="fp32")  # force the fast-path plumbing on CPU
+    assert fp32.fast.encoder is tiny_sam.image_encoder
+    exact.set_image(image)
+    fp32.set_image(image)
+    kwargs = dict(point_coords=np.array([[120, 80], [30, 40]]), point_labels=np.array([1, 0]), return_logits=True)
+    for a, b in zip(exact.predict(**kwargs), fp32.predict(**kwargs), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_encode_images_batches(tiny_sam, image):
+    other = np.ascontiguousarray(image[:150, :100])
+    emb, input_sizes, original_sizes = encode_images(tiny_sam, [image, other, image], batch_size=2,
+                                                     precision="fp32")
+    assert emb.shape == (3, 256, 16, 16)
+    assert original_sizes == [(200, 300), (150, 100), (200, 300)]
+    assert input_sizes[0] == (171, 256) and input_sizes[1] == (256, 171)
+    p = SamPredictor(tiny_sam)
+    p.set_image(other)
+    torch.testing.assert_close(emb[1:2], p.features, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_options():
+    with pytest.raises(InputError, match="precision must be one of"):
+        resolve_precision("int4", "cpu")
+    with pytest.raises(InputError, match="fp16.*not supported on CPU"):
+        resolve_precision("fp16", "cpu")
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16"
+
+
+def test_bad_attention_and_batch(tiny_sam, image):
+    with pytest.raises(InputError, match="attention must be one of"):
+        FastPath(tiny_sam, precision="bf16", attention="flash3")
+    with pytest.raises(InputError, match="batch_size"):
+        encode_images(tiny_sam, [image], batch_size=0)
+    with pytest.raises(InputError, match="numpy arrays"):
+        encode_images(tiny_sam, ["x.jpg"])  # type: ignore[list-item]
+
+
+def test_configure_cpu_threads_restores():
+    before = torch.get_num_threads()
+    try:
+        assert configure_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        n = configure_cpu_threads()
+        assert n >= 1 and torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_is_bf16_with_graphs(tiny_sam, image):
+    model = tiny_sam.cuda()
+    p = SamPredictor(model)
+    assert p.fast is not None and p.fast.dtype == torch.bfloat16 and p.fast._graphs is not None
+    p.set_image(image)
+    ref = SamPredictor(model, precision="fp32")
+    ref.fast = None
+    ref.set_image(image)
+    kwargs = dict(point_coords=np.array([[120, 80]]), point_labels=np.array([1]), return_logits=True)
+    for _ in range(3):  # capture, then replays
+        a, b = ref.predict(**kwargs), p.predict(**kwargs)
+        assert _rel_err(a[0], b[0]) < BF16_REL_TOL
