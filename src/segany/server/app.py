@@ -7,7 +7,7 @@
 request can name a file on disk.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the route signatures (and the local `Who` alias) at runtime.
 
 import io
 import logging

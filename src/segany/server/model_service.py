@@ -204,10 +204,16 @@ class ModelService:
         path = base / f"decoder-{safe}.onnx"
         with self._onnx_lock:
             if not path.exists():
-                from segany.server.onnx_decoder import export_decoder_onnx
-
                 log.info("exporting the browser decoder to %s", path)
-                export_decoder_onnx(self.sam, path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:  # the project-wide exporter (`segany export onnx`), same graph contract
+                    from segany.export.onnx import export_decoder
+                except ImportError:
+                    from segany.server.onnx_decoder import export_decoder_onnx
+
+                    export_decoder_onnx(self.sam, path)
+                else:
+                    export_decoder(self.sam, path, multimask=True)
         return path
 
     # ----------------------------------------------------------------------------- stage-2 pre-fill

@@ -1,0 +1,230 @@
+"""HTTP API of the annotation server: auth, path safety, size limits, embeddings, decoding, saves, stage 2."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from annotation_fixtures import (  # noqa: F401  (fixtures)
+    SAMPLE_FILES,
+    app,
+    model_service,
+    project,
+    tiny_checkpoint,
+    token,
+)
+from fastapi.testclient import TestClient
+
+from segany.data.images import load_image
+from segany.engine.masks import decode_rle
+from segany.server.app import _uncompressed_rle, unpack_rle_for_tests
+
+
+@pytest.fixture
+def client(app: Any) -> TestClient:
+    return TestClient(app)
+
+
+def auth(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+def _ann_body(h: int, w: int, **kw: Any) -> dict[str, Any]:
+    m = np.zeros((h, w), bool)
+    m[20:60, 30:90] = True
+    return {"uuid": str(uuid.uuid4()), "segmentation": _uncompressed_rle(m), "label": "person", **kw}
+
+
+# ----------------------------------------------------------------------------------------- security
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/api/images"), ("GET", "/api/images/1/file"), ("GET", "/api/images/1/embedding"),
+    ("POST", "/api/images/1/annotations"), ("DELETE", "/api/annotations/1"), ("GET", "/api/export/coco"),
+    ("GET", "/api/model/decoder.onnx"), ("POST", "/api/images/1/prefill"),
+])
+def test_no_token_is_401(client: TestClient, token: str, method: str, path: str) -> None:
+    r = client.request(method, path)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = client.request(method, path, headers=auth("not-a-real-token"))
+    assert r.status_code == 401
+
+
+def test_health_and_app_shell_need_no_token(client: TestClient) -> None:
+    assert client.get("/api/health").json() == {"ok": True}
+    r = client.get("/")
+    assert r.status_code == 200 and "segany" in r.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+@pytest.mark.parametrize("path", [
+    "/api/images/..%2F..%2F..%2Fetc%2Fpasswd/file",
+    "/api/images/%2E%2E/file",
+    "/api/images/1/..%2F..%2Fetc%2Fpasswd",
+    "/static/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "/static/%2E%2E/%2E%2E/app.py",
+])
+def test_path_traversal_refused(client: TestClient, token: str, path: str) -> None:
+    r = client.get(path, headers=auth(token))
+    assert r.status_code in (404, 422)
+    assert b"root:" not in r.content and b"def create_app" not in r.content
+
+
+def test_unregistered_image_id_is_404(client: TestClient, token: str) -> None:
+    assert client.get("/api/images/999/file", headers=auth(token)).status_code == 404
+
+
+def test_upload_traversal_name_refused(client: TestClient, token: str, project: Any, tmp_path: Any) -> None:
+    data = SAMPLE_FILES[2].read_bytes()
+    r = client.post("/api/images", headers=auth(token), files={"file": ("../../evil.jpg", data, "image/jpeg")})
+    assert r.status_code == 400
+    assert not list(tmp_path.rglob("evil.jpg"))
+
+
+def test_oversized_upload_is_413(client: TestClient, token: str) -> None:
+    big = b"\xff" * (3 * 1024 * 1024)  # limit in the fixture is 2 MiB
+    r = client.post("/api/images", headers=auth(token), files={"file": ("big.jpg", big, "image/jpeg")})
+    assert r.status_code == 413
+    r = client.post("/api/images/1/annotations", headers={**auth(token), "Content-Type": "application/json"},
+                    content=b"{" + b" " * (3 * 1024 * 1024) + b"}")
+    assert r.status_code == 413
+
+
+def test_upload_adds_image(client: TestClient, token: str) -> None:
+    r = client.post("/api/images", headers=auth(token),
+                    files={"file": (SAMPLE_FILES[2].name, SAMPLE_FILES[2].read_bytes(), "image/jpeg")})
+    assert r.status_code == 201, r.text
+    assert len(client.get("/api/images", headers=auth(token)).json()) == 3
+
+
+# ---------------------------------------------------------------------------------------- images
+def test_image_listing_and_bytes(client: TestClient, token: str) -> None:
+    images = client.get("/api/images", headers=auth(token)).json()
+    assert [im["file_name"] for im in images] == [p.name for p in SAMPLE_FILES[:2]]
+    assert "path" not in images[0]
+    body = client.get(f"/api/images/{images[0]['id']}/file", headers=auth(token)).content
+    assert body == SAMPLE_FILES[0].read_bytes()
+
+
+def test_embedding_lru_and_prefetch(client: TestClient, token: str, model_service: Any) -> None:
+    images = client.get("/api/images", headers=auth(token)).json()
+    r = client.get(f"/api/images/{images[0]['id']}/embedding", headers=auth(token))
+    assert r.status_code == 200
+    shape = tuple(int(v) for v in r.headers["x-embedding-shape"].split(","))
+    assert shape == (1, 256, 16, 16)
+    assert len(r.content) == 4 * int(np.prod(shape))
+    h, w = (int(v) for v in r.headers["x-original-size"].split(","))
+    assert (h, w) == (images[0]["height"], images[0]["width"])
+    deadline = time.monotonic() + 30  # the next image is embedded in the background
+    while images[1]["id"] not in model_service.cached_ids():
+        assert time.monotonic() < deadline, "next image was not prefetched"
+        time.sleep(0.05)
+    hits = model_service.stats["hits"]
+    client.get(f"/api/images/{images[1]['id']}/embedding", headers=auth(token))
+    assert model_service.stats["hits"] == hits + 1
+
+
+def test_server_decode_matches_predictor(client: TestClient, token: str, model_service: Any) -> None:
+    from segany.predictor import SamPredictor
+
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    r = client.post(f"/api/images/{im['id']}/decode", headers=auth(token),
+                    json={"points": [[300, 200]], "labels": [1]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["masks"]) == 3 and len(out["scores"]) == 3
+    pred = SamPredictor(model_service.sam)
+    pred.set_image(load_image(SAMPLE_FILES[0]))
+    masks, scores, _ = pred.predict(np.array([[300, 200]]), np.array([1]))
+    np.testing.assert_allclose(out["scores"], scores, atol=1e-5)
+    for k in range(3):
+        assert (unpack_rle_for_tests(out["masks"][k]) == masks[k]).mean() > 0.999
+    bad = client.post(f"/api/images/{im['id']}/decode", headers=auth(token), json={"points": [[1e6, 5]], "labels": [1]})
+    assert bad.status_code == 400 and "outside" in bad.json()["detail"]
+
+
+def test_onnx_decoder_served_and_matches_server(client: TestClient, token: str, model_service: Any) -> None:
+    import onnxruntime as ort
+
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    blob = client.get("/api/model/decoder.onnx", headers=auth(token)).content
+    sess = ort.InferenceSession(blob)
+    r = client.get(f"/api/images/{im['id']}/embedding", headers=auth(token))
+    emb = np.frombuffer(r.content, "<f4").reshape(1, 256, 16, 16)
+    info = client.get("/api/model", headers=auth(token)).json()
+    scale = info["img_size"] / max(im["height"], im["width"])
+    out = sess.run(None, {
+        "image_embeddings": emb, "point_coords": np.array([[[300 * scale, 200 * scale], [0, 0]]], np.float32),
+        "point_labels": np.array([[1, -1]], np.float32), "mask_input": np.zeros((1, 1, 64, 64), np.float32),
+        "has_mask_input": np.zeros(1, np.float32), "orig_im_size": np.array([im["height"], im["width"]], np.float32)})
+    server = client.post(f"/api/images/{im['id']}/decode", headers=auth(token),
+                         json={"points": [[300, 200]], "labels": [1]}).json()
+    np.testing.assert_allclose(out[1][0], server["scores"], atol=1e-4)
+    for k in range(3):
+        assert ((out[0][0, k] > 0) == unpack_rle_for_tests(server["masks"][k])).mean() > 0.999
+
+
+# ----------------------------------------------------------------------------------- annotations
+def test_save_is_idempotent_and_editable(client: TestClient, token: str, project: Any) -> None:
+    store, _ = project
+    images = client.get("/api/images", headers=auth(token)).json()
+    im = images[0]
+    body = _ann_body(im["height"], im["width"], seconds_spent=4.5, prompts={"points": [[40, 30]], "labels": [1]})
+    r1 = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=body)
+    r2 = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=body)
+    assert (r1.status_code, r2.status_code) == (201, 200)
+    a = r1.json()
+    assert r2.json()["id"] == a["id"] and store.count_annotations() == 1
+    assert a["source"] == "manual" and a["review_state"] == "accepted" and a["seconds_spent"] == 4.5
+    assert a["area"] == 40 * 60 and a["bbox"] == [30.0, 20.0, 60.0, 40.0]
+    assert a["model_version_id"] is not None and a["annotator_id"] is not None
+    assert decode_rle(a["segmentation"])[25, 35]
+    # the same key on another image is a client bug, not a retry
+    other = client.post(f"/api/images/{images[1]['id']}/annotations", headers=auth(token),
+                        json={**body, "segmentation": _uncompressed_rle(np.ones((images[1]["height"], images[1]["width"]), bool))})
+    assert other.status_code == 409
+    # edit with optimistic revision check
+    p = client.patch(f"/api/annotations/{a['id']}", headers=auth(token), json={"label": "thing", "revision": 1})
+    assert p.status_code == 200 and p.json()["revision"] == 2 and p.json()["label"] == "thing"
+    stale = client.patch(f"/api/annotations/{a['id']}", headers=auth(token), json={"label": "x", "revision": 1})
+    assert stale.status_code == 409
+    wrong_size = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=_ann_body(10, 10))
+    assert wrong_size.status_code == 400
+    assert client.delete(f"/api/annotations/{a['id']}", headers=auth(token)).status_code == 204
+    assert store.count_annotations() == 0
+    assert client.delete(f"/api/annotations/{a['id']}", headers=auth(token)).status_code == 404
+
+
+def test_stage2_prefill_pending_then_accept_reject(client: TestClient, token: str, project: Any) -> None:
+    store, _ = project
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    pending = client.post(f"/api/images/{im['id']}/prefill", headers=auth(token)).json()
+    assert len(pending) == 2
+    assert all(a["source"] == "semi" and a["review_state"] == "pending" and a["annotator_id"] is None for a in pending)
+    again = client.post(f"/api/images/{im['id']}/prefill", headers=auth(token)).json()
+    assert [a["id"] for a in again] == [a["id"] for a in pending]  # runs once per image and model
+    ok = client.post(f"/api/annotations/{pending[0]['id']}/accept", headers=auth(token), json={"seconds_spent": 1.5})
+    assert ok.json()["review_state"] == "accepted" and ok.json()["annotator_id"] is not None
+    no = client.post(f"/api/annotations/{pending[1]['id']}/reject", headers=auth(token), json={})
+    assert no.json()["review_state"] == "rejected"
+    left = client.post(f"/api/images/{im['id']}/prefill", headers=auth(token)).json()
+    assert left == []
+    assert {a["review_state"] for a in store.list_annotations()} == {"accepted", "rejected"}
+    coco = client.get("/api/export/coco", headers=auth(token)).json()
+    assert len(coco["annotations"]) == 1  # rejected proposals stay out of exports
+
+
+@pytest.mark.parametrize("fmt", ["sa1b", "yolo", "png"])
+def test_zip_exports(client: TestClient, token: str, fmt: str) -> None:
+    import zipfile
+
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=_ann_body(im["height"], im["width"]))
+    r = client.get(f"/api/export/{fmt}", headers=auth(token))
+    assert r.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    assert names
+    assert client.get("/api/export/nope", headers=auth(token)).status_code == 404
