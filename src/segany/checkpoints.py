@@ -251,5 +251,11 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
 
 def find_weights(name: str) -> Path | None:
     """Path of cached weights ``name`` if present (not verified: verification reads the whole file)."""
-    path = cached_path(get_weights_info(name))
+    info = get_weights_info(name)
+    from segany.bundled import bundled_path  # weights shipped inside the package win over the cache
+
+    packaged = bundled_path(info.filename)
+    if packaged is not None:
+        return packaged
+    path = cached_path(info)
     return path if path.exists() else None

@@ -24,3 +24,7 @@ register_weights(WeightsInfo(
     url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
     filename="mobile_sam.pt", layout="mobile_sam", description="MobileSAM (TinyViT encoder)",
 ))
+register_weights(WeightsInfo(
+    name="segany_tiny", model="segany_tiny", url="", filename="segany_tiny.pt", layout="segany",
+    description="segany's own light model, shipped in the package (segany/assets/weights/)",
+))

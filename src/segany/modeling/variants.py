@@ -28,3 +28,11 @@ def vit_b() -> SamConfig:
 @register_model("vit_t", weights="mobile_sam", description="MobileSAM TinyViT (5.7M encoder), for CPUs")
 def vit_t() -> SamConfig:
     return SamConfig(encoder=TinyViTConfig())
+
+
+@register_model("segany_tiny", weights="segany_tiny",
+                description="segany's own light model (TinyViT, 512 px), trained on open data; the default")
+def segany_tiny() -> SamConfig:
+    # Stage windows fit the 512 px grid exactly (128/64/32/32 tokens a side), and the unused
+    # ImageNet classifier head of TinyViT is dropped (num_classes=0).
+    return SamConfig(encoder=TinyViTConfig(img_size=512, window_sizes=(8, 8, 16, 8), num_classes=0))

@@ -1,0 +1,95 @@
+"""One evaluation run: held-out records → model and (optionally) GrabCut results, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from segany.data.formats.common import InstanceRecord
+from segany.errors import InputError
+
+
+def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets: list[str] | None = None,
+                      limit_images: int | None = None) -> list[InstanceRecord]:
+    """Records from a pack folder (``manifest.json.gz``) or the shared-data root (``../shared/data``)."""
+    root = Path(data)
+    if (root / "manifest.json.gz").exists():
+        from segany.data.pack import load_pack
+
+        recs = load_pack(root, split=split, datasets=datasets)
+    elif (root / "PennFudanPed").exists() or (root / "kvasir-seg").exists():
+        from segany.data.formats import SHARED_DATASETS, read_shared
+
+        recs = []
+        for name in datasets or SHARED_DATASETS:
+            if (root / {"coco128": "coco128-seg", "bsds": "bsds500", "pennfudan": "PennFudanPed",
+                        "kvasir": "kvasir-seg"}[name]).exists():
+                recs.extend(read_shared(name, root)[split])
+    else:
+        raise InputError(f"{str(root)!r} is neither a pack (manifest.json.gz) nor the shared data folder; "
+                         "pass --data out/packed or --data ../shared/data")
+    if limit_images is not None:  # a few images per dataset, keeping every dataset represented
+        by_ds: dict[str, list[InstanceRecord]] = {}
+        for r in recs:
+            by_ds.setdefault(r.dataset, []).append(r)
+        recs = [r for rs in by_ds.values() for r in rs[:limit_images]]
+    if not recs:
+        raise InputError(f"no {split!r} records found in {str(root)!r} for datasets {datasets or 'all'}")
+    return recs
+
+
+def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int = 20, max_objects_per_image: int = 8,
+                   grabcut: bool = False, grabcut_workers: int = 1, out_dir: str | os.PathLike[str] | None = None,
+                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                   meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` (and GrabCut) on the same objects; write ``results.json`` and a plot to ``out_dir``."""
+    from segany.eval.interactive import eval_objects, evaluate_model, summarize
+
+    objects = eval_objects(records, max_objects_per_image)
+    n_obj = sum(len(m) for _, m in objects)
+    t0 = time.time()
+    res = evaluate_model(model, objects, max_clicks=max_clicks,
+                         progress=progress("model", n_obj) if progress else None)
+    t_model = time.time() - t0
+    result: dict[str, Any] = {"meta": {**(meta or {}), "images": len(objects), "objects": n_obj,
+                                       "max_clicks": max_clicks, "max_objects_per_image": max_objects_per_image,
+                                       "model_seconds": round(t_model, 1)},
+                              "model": summarize(res, max_clicks)}
+    if grabcut:
+        from segany.eval.grabcut import evaluate_grabcut
+
+        t0 = time.time()
+        gc = evaluate_grabcut(objects, workers=grabcut_workers,
+                              progress=progress("grabcut", n_obj) if progress else None)
+        result["grabcut"] = summarize(gc, max_clicks)
+        result["meta"]["grabcut_seconds"] = round(time.time() - t0, 1)
+    if out_dir is not None:
+        from segany.eval.plots import plot_miou_vs_clicks
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".results.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out / "results.json")
+        plot_miou_vs_clicks(result["model"], out / "miou_vs_clicks.png", baseline=result.get("grabcut"),
+                            title=f"{(meta or {}).get('model', 'model')}: mIoU vs clicks (dashed: GrabCut box)")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table: per dataset, the model's 1/5-click mIoU, NoC@85/90, box mIoU and GrabCut's."""
+    gc = result.get("grabcut", {})
+    head = f"{'dataset':10s} {'objects':>7s} {'1-click':>8s} {'5-click':>8s} {'NoC@85':>7s} {'NoC@90':>7s} " \
+           f"{'box':>7s} {'GrabCut':>8s}"
+    lines = [head, "-" * len(head)]
+    for name, s in result["model"].items():
+        g = gc.get(name, {}).get("box_miou")
+        lines.append(f"{name:10s} {s['objects']:7d} {s.get('miou_1', float('nan')):8.3f} "
+                     f"{s.get('miou_5', float('nan')):8.3f} {s.get('noc85', float('nan')):7.2f} "
+                     f"{s.get('noc90', float('nan')):7.2f} {s['box_miou']:7.3f} "
+                     f"{g if g is not None else float('nan'):8.3f}")
+    return "\n".join(lines)
