@@ -27,7 +27,8 @@ class ResizeLongestSide:
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (h, w, 3) uint8."""
         h, w = preprocess_shape(image.shape[0], image.shape[1], self.target_length)
-        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        # np.array, not asarray: PIL's buffer is read-only and torch.as_tensor warns on it.
+        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
         """Scale (..., 2) XY pixel coordinates from ``original_size`` (H, W) to the model frame."""

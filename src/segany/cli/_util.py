@@ -1,0 +1,133 @@
+"""Helpers shared by CLI subcommands: stderr progress, atomic file writes, prompt parsing, weights lookup."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from segany.errors import CheckpointError, InputError
+
+
+class Progress:
+    """Step messages with timings on stderr, so stdout stays clean for results."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.timings: dict[str, float] = {}
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[segany] {message}", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def step(self, key: str, message: str) -> Iterator[None]:
+        if not self.quiet:
+            print(f"[segany] {message} ...", end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            if not self.quiet:
+                print(" failed", file=sys.stderr, flush=True)
+            raise
+        seconds = time.perf_counter() - start
+        self.timings[key] = seconds
+        if not self.quiet:
+            print(f" {seconds:.2f} s", file=sys.stderr, flush=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)  # type: ignore[arg-type]
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs should be readable like any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def parse_numbers(text: str, option: str, counts: tuple[int, ...], example: str) -> list[float]:
+    """Split ``"1,2,3"`` into floats, checking how many there are."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in counts or not all(v == v and abs(v) != float("inf") for v in values):
+        raise InputError(f"{option} {text!r} is not valid; write it as {example}")
+    return values
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    """``X,Y`` (foreground) or ``X,Y,LABEL`` with LABEL 1 (foreground) or 0 (background)."""
+    values = parse_numbers(text, "--point", (2, 3), "X,Y or X,Y,LABEL (LABEL 1 = foreground, 0 = background)")
+    label = 1 if len(values) == 2 else values[2]
+    if label not in (0, 1):
+        raise InputError(f"--point {text!r} has label {label:g}; use 1 (foreground) or 0 (background)")
+    return values[0], values[1], int(label)
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = parse_numbers(text, "--box", (4,), "X0,Y0,X1,Y1 (top-left and bottom-right corners)")
+    return x0, y0, x1, y1
+
+
+def resolve_checkpoint(model: str, checkpoint: str | None) -> Path | None:
+    """The weights file to load: ``checkpoint`` if given, else the model's cached download.
+
+    Raises a :class:`CheckpointError` that says how to get the weights when none are available.
+    """
+    from segany.checkpoints import cached_path, find_weights
+    from segany.registry import get_model_info, get_weights_info
+
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"--checkpoint {str(path)!r} does not exist; check the path")
+        return path
+    info = get_model_info(model)  # unknown names raise with suggestions
+    if not info.weights:
+        raise CheckpointError(f"model {model!r} has no published weights; pass --checkpoint PATH")
+    try:
+        weights = get_weights_info(info.weights)
+    except KeyError:
+        raise CheckpointError(f"model {model!r} names weights {info.weights!r}, which are not registered yet; "
+                              "pass --checkpoint PATH") from None
+    found = find_weights(weights.name)
+    if found is None:
+        raise CheckpointError(
+            f"no weights for {model!r} in the cache ({cached_path(weights)}); run `segany download {weights.name}` "
+            "or pass --checkpoint PATH"
+        )
+    return found
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was asked for but CUDA is not available here; use --device cpu")
+    if device.startswith("mps") and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device} was asked for but MPS is not available here; use --device cpu")
+    return device

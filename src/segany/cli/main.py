@@ -1,0 +1,97 @@
+"""``segany`` entry point: builds the argument parser from subcommand modules and runs one.
+
+Subcommand modules are found, not listed: every public module of :mod:`segany.cli` that defines
+``add_parser(subparsers)`` is plugged in (see the package docstring). A module whose import fails
+(e.g. an extra is not installed) still shows up, and running it prints the import error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import traceback
+from types import ModuleType
+from typing import Any, NoReturn
+
+from segany import __version__
+from segany.errors import SeganyError
+
+# Shown first in `segany --help`; the rest follow alphabetically.
+_FIRST = ("predict", "models", "download")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other segany error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"segany: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _subcommand_modules() -> list[str]:
+    import segany.cli as package
+
+    names = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "main"]
+    return sorted(names, key=lambda n: (_FIRST.index(n) if n in _FIRST else len(_FIRST), n))
+
+
+def _broken(subparsers: Any, name: str, exc: BaseException) -> None:
+    def run(args: argparse.Namespace) -> int:
+        raise SeganyError(f"`segany {name}` is unavailable: {exc}")
+
+    p = subparsers.add_parser(name, help=f"(unavailable: {exc})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="segany", description="Promptable image segmentation (Segment Anything, reimplemented).")
+    parser.add_argument("--version", action="version", version=f"segany {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for name in _subcommand_modules():
+        try:
+            module: ModuleType = importlib.import_module(f"segany.cli.{name}")
+        except ImportError as exc:
+            _broken(subparsers, name, exc)
+            continue
+        if hasattr(module, "add_parser"):
+            module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Accepted anywhere (`segany predict ... --debug` too), so it is taken out before parsing.
+    debug = "--debug" in args_list
+    args_list = [a for a in args_list if a != "--debug"]
+    try:
+        parser = build_parser()
+        args = parser.parse_args(args_list)
+        return int(args.func(args) or 0)
+    except SeganyError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"segany: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("segany: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: say so and how to see more
+        if debug:
+            traceback.print_exc()
+            return 1
+        print(f"segany: unexpected error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""``segany predict``: masks for point/box prompts on one image, written as PNGs, an overlay and JSON.
+
+Outputs in ``--out`` (each written atomically; the JSON last, so its presence means a complete run):
+``<stem>_mask<i>.png`` (0/255), ``<stem>_overlay.png`` (best mask, prompts drawn) and ``<stem>.json``
+with scores, mask bounding boxes (XYXY pixels) and COCO RLE (pycocotools ``counts`` as text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segany.cli._util import (
+    Progress,
+    atomic_write,
+    atomic_write_bytes,
+    parse_box,
+    parse_point,
+    resolve_checkpoint,
+    resolve_device,
+)
+from segany.errors import InputError
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict", help="segment one image from point and box prompts",
+        description="Segment one image from clicks and/or a box. A segany checkpoint (from save_checkpoint or "
+                    "training) embeds its architecture, so with one --model only picks the fallback; official "
+                    ".pth files need the matching --model.",
+    )
+    p.add_argument("image", help="image file (JPEG, PNG, TIFF, BMP, WebP; grayscale/RGBA/16-bit are converted)")
+    p.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
+                   help="a click in image pixels; LABEL 1 = foreground (default), 0 = background; repeatable")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box in image pixels (top-left, bottom-right)")
+    p.add_argument("--model", default="vit_b", help="registered model name (see `segany models`; default vit_b)")
+    p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    mm = p.add_mutually_exclusive_group()
+    mm.add_argument("--multimask", dest="multimask", action="store_true", default=None,
+                    help="write SAM's 3 candidate masks (default for a single click, which is ambiguous)")
+    mm.add_argument("--single", dest="multimask", action="store_false",
+                    help="write one mask (default for boxes and several clicks)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    points = [parse_point(t) for t in args.point]
+    box = parse_box(args.box) if args.box else None
+    if not points and box is None:
+        raise InputError("no prompt given: pass at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
+    multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; pass a folder")
+    progress = Progress(args.quiet)
+
+    # Cheap checks first, so a typo fails before seconds of model loading.
+    from segany.data.images import load_image
+
+    image = load_image(args.image)
+    checkpoint = resolve_checkpoint(args.model, args.checkpoint)
+    device = resolve_device(args.device)
+
+    import torch
+
+    from segany.checkpoints import build_sam
+    from segany.predictor import SamPredictor
+
+    with progress.step("load_s", f"loading {args.model} from {checkpoint} on {device}"):
+        model = build_sam(args.model, checkpoint=checkpoint, device=device)
+    predictor = SamPredictor(model)
+    h, w = image.shape[:2]
+    with progress.step("embed_s", f"embedding {w}x{h} image"):
+        predictor.set_image(image)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    coords = np.array([[x, y] for x, y, _ in points], dtype=np.float64) if points else None
+    labels = np.array([lab for _, _, lab in points], dtype=np.int64) if points else None
+    what = " and ".join(x for x in (f"{len(points)} point(s)" if points else "", "a box" if box else "") if x)
+    with progress.step("decode_s", f"decoding {what}"):
+        masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels,
+                                             box=np.array(box) if box else None, multimask_output=multimask)
+    order = np.argsort(-scores, kind="stable")  # best first
+    masks, scores = masks[order], scores[order]
+
+    stem = Path(args.image).stem
+    records = []
+    for i, (mask, score) in enumerate(zip(masks, scores, strict=True)):
+        name = f"{stem}_mask{i}.png"
+        atomic_write_bytes(out / name, _png(mask.astype(np.uint8) * 255))
+        records.append({"index": i, "file": name, "score": round(float(score), 6), "area": int(mask.sum()),
+                        "box_xyxy": _mask_box(mask), "rle": _rle(mask)})
+    overlay = f"{stem}_overlay.png"
+    atomic_write_bytes(out / overlay, _png(_overlay(image, masks[0], points, box)))
+    result = {
+        "image": str(Path(args.image)), "size_hw": [h, w], "model": args.model, "checkpoint": str(checkpoint),
+        "device": device, "multimask": multimask,
+        "prompts": {"points_xy": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points],
+                    "box_xyxy": list(box) if box else None},
+        "overlay": overlay, "masks": records,
+        "timings_s": {k: round(v, 4) for k, v in progress.timings.items()},
+    }
+    atomic_write(out / f"{stem}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    progress.note(f"wrote {len(records)} mask(s), overlay and {stem}.json to {out} "
+                  f"(best score {float(scores[0]):.3f})")
+    print(out / f"{stem}.json", file=sys.stdout)
+    return 0
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _mask_box(mask: np.ndarray) -> list[int] | None:
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, points: list[tuple[float, float, int]],
+             box: tuple[float, float, float, float] | None) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    color = np.array([30, 144, 255], dtype=np.float32)
+    out = image.astype(np.float32)
+    out[mask] = 0.45 * out[mask] + 0.55 * color
+    pil = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    r = max(3, round(max(image.shape[:2]) / 150))
+    if box:
+        draw.rectangle(box, outline=(0, 255, 0), width=max(2, r // 2))
+    for x, y, label in points:
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(0, 200, 0) if label else (230, 30, 30), outline=(255, 255, 255))
+    return np.asarray(pil)
