@@ -10,11 +10,12 @@ const COLORS = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [24
   [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]];
 
 const S = {
+  maskImage: null,
   token: null, project: null, model: null, images: [], idx: 0,
   img: null, W: 0, H: 0, emb: null, embShape: null, ort: null, session: null, mode: "prompt",
   points: [], box: null, drag: null, candidates: [], chosen: 0, mask: null, lowres: null,
   history: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
-  decodeMs: [], spm: [], busy: false, overlay: null, imageToken: 0,
+  decodeMs: [], timings: {}, embTensor: null, zeroMask: null, maskCanvas: null, spm: [], busy: false, overlay: null, imageToken: 0,
 };
 window.segany = S; // for debugging and the browser tests
 
@@ -101,23 +102,28 @@ async function decodeInBrowser() {
   else { pts.push([0, 0]); labels.push(-1); }
   const g = S.embShape[2]; const lowSide = 4 * g;
   const hasMask = S.lowres && S.points.length > 1 ? 1 : 0;
+  if (!S.embTensor) S.embTensor = new ort.Tensor("float32", S.emb, S.embShape);
+  if (!S.zeroMask || S.zeroMask.length !== lowSide * lowSide) S.zeroMask = new Float32Array(lowSide * lowSide);
   const feeds = {
-    image_embeddings: new ort.Tensor("float32", S.emb, S.embShape),
+    image_embeddings: S.embTensor,
     point_coords: new ort.Tensor("float32", Float32Array.from(pts.flat()), [1, pts.length, 2]),
     point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, labels.length]),
-    mask_input: new ort.Tensor("float32", hasMask ? S.lowres : new Float32Array(lowSide * lowSide), [1, 1, lowSide, lowSide]),
+    mask_input: new ort.Tensor("float32", hasMask ? S.lowres : S.zeroMask, [1, 1, lowSide, lowSide]),
     has_mask_input: new ort.Tensor("float32", Float32Array.from([hasMask]), [1]),
     orig_im_size: new ort.Tensor("float32", Float32Array.from([S.H, S.W]), [2]),
   };
-  const out = await S.session.run(feeds);
-  const n = S.H * S.W; const logits = out.masks.data; const low = out.low_res_masks.data;
-  const cands = [];
-  for (let k = 0; k < 3; k++) {
-    const m = new Uint8Array(n); const off = k * n;
-    for (let i = 0; i < n; i++) m[i] = logits[off + i] > 0 ? 1 : 0;
-    cands.push({ mask: m, score: out.iou_predictions.data[k], lowres: low.slice(k * lowSide * lowSide, (k + 1) * lowSide * lowSide) });
-  }
-  return cands;
+  const t0 = performance.now();
+  const out = await S.session.run(feeds, ["masks", "iou_predictions", "low_res_masks"]);
+  S.timings.run = performance.now() - t0;
+  const n = S.H * S.W; const logits = out.masks.data; const low = out.low_res_masks.data; const ls = lowSide * lowSide;
+  // Keep logits views; a candidate is thresholded only when shown (see maskOf).
+  return [0, 1, 2].map((k) => ({ logits: logits.subarray(k * n, (k + 1) * n), mask: null, score: out.iou_predictions.data[k],
+    lowres: low.slice(k * ls, (k + 1) * ls) }));
+}
+
+function maskOf(c) {
+  if (!c.mask) { const l = c.logits; const m = new Uint8Array(l.length); for (let i = 0; i < l.length; i++) m[i] = l[i] > 0 ? 1 : 0; c.mask = m; }
+  return c.mask;
 }
 
 async function decodeOnServer() {
@@ -135,8 +141,8 @@ async function decode() {
   // With one point the three masks are genuine alternatives; keep the user's choice, else the best score.
   let best = 0; cands.forEach((c, k) => { if (c.score > cands[best].score) best = k; });
   S.chosen = S.points.length + (S.box ? 1 : 0) > 1 ? S.chosen : best;
-  S.mask = cands[S.chosen].mask.slice(); S.lowres = cands[S.chosen].lowres;
-  draw();
+  S.mask = maskOf(cands[S.chosen]).slice(); S.lowres = cands[S.chosen].lowres;
+  const t1 = performance.now(); draw(); S.timings.draw = performance.now() - t1;
   const ms = performance.now() - t0;
   S.decodeMs.push(ms); $("latency").textContent = ms.toFixed(1);
   renderChoices();
@@ -161,9 +167,16 @@ function draw() {
   ctx.drawImage(S.img, 0, 0);
   if (S.overlay) ctx.drawImage(S.overlay, 0, 0);
   if (S.mask) {
-    const im = ctx.getImageData(0, 0, S.W, S.H); const d = im.data; const m = S.mask;
-    for (let i = 0; i < m.length; i++) if (m[i]) { const o = 4 * i; d[o] = (d[o] + 30) >> 1; d[o + 1] = (d[o + 1] + 144) >> 1; d[o + 2] = (d[o + 2] + 255) >> 1; }
-    ctx.putImageData(im, 0, 0);
+    // No getImageData readback (slow): write the mask as RGBA words into an offscreen canvas and composite.
+    const mc = S.maskCanvas || (S.maskCanvas = document.createElement("canvas"));
+    if (mc.width !== S.W || mc.height !== S.H) { mc.width = S.W; mc.height = S.H; S.maskImage = null; }
+    const mctx = mc.getContext("2d");
+    if (!S.maskImage) S.maskImage = mctx.createImageData(S.W, S.H);
+    const px = new Uint32Array(S.maskImage.data.buffer); const m = S.mask;
+    const on = 0x99ff901e; // ABGR little-endian: rgba(30, 144, 255, 0.6)
+    for (let i = 0; i < m.length; i++) px[i] = m[i] ? on : 0;
+    mctx.putImageData(S.maskImage, 0, 0);
+    ctx.drawImage(mc, 0, 0);
   }
   const r = Math.max(3, Math.round(Math.max(S.W, S.H) / 160));
   for (const p of S.points) {
@@ -229,7 +242,7 @@ function clearPrompts() {
 
 function choose(k) {
   if (!S.candidates[k]) return;
-  snapshot(); S.chosen = k; S.mask = S.candidates[k].mask.slice(); S.lowres = S.candidates[k].lowres;
+  snapshot(); S.chosen = k; S.mask = maskOf(S.candidates[k]).slice(); S.lowres = S.candidates[k].lowres;
   renderChoices(); draw();
 }
 
@@ -309,7 +322,7 @@ function current() { return S.images[S.idx]; }
 async function openImage(idx) {
   if (idx < 0 || idx >= S.images.length) return;
   S.idx = idx; S.imageToken++; const token = S.imageToken; const im = current();
-  clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.emb = null; S.overlay = null;
+  clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.emb = null; S.embTensor = null; S.overlay = null;
   setStatus(`loading ${im.file_name}…`, false);
   $("image-name").textContent = im.file_name;
   localStorage.setItem("segany.idx", String(idx));

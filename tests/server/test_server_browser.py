@@ -1,0 +1,116 @@
+"""The annotation app in real Chromium (Debian's package, driven by Playwright): click → mask → save →
+reload → in the database; a stage-2 pre-fill appears and is accepted. Keeps docs/screenshots/app.png.
+
+Chromium is the system one (/usr/bin/chromium); Playwright's own browser download is never used.
+The click→mask latency measured in the page (in-browser ONNX decoder, after the embedding arrived)
+is printed and written to docs/screenshots/latency.json; speed is reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from annotation_fixtures import REPO, app, model_service, project, running_server, tiny_checkpoint, token  # noqa: F401
+
+CHROMIUM = os.environ.get("SEGANY_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+VENDORED = REPO / "src" / "segany" / "server" / "static" / "vendor" / "ort" / "ort-wasm-simd-threaded.wasm"
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser() -> Any:
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.fail("Chromium not found: apt-get install chromium (the browser tests use the system browser)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+def _open(browser: Any, base: str, tok: str) -> Any:
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.on("console", lambda m: print(f"[browser {m.type}] {m.text}") if m.type in ("error", "warning") else None)
+    page.goto(f"{base}/#token={tok}")
+    page.wait_for_function("document.getElementById('status').dataset.ready === '1' && document.body.dataset.decoder",
+                           timeout=60_000)
+    return page
+
+
+def _click_image(page: Any, fx: float, fy: float) -> None:
+    box = page.locator("#view").bounding_box()
+    page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+
+
+def test_click_mask_save_reload(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+    if not VENDORED.exists():
+        pytest.fail("onnxruntime-web is not vendored: run scripts/build_web.sh (needs npm)")
+    store, proj = project
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        assert page.evaluate("document.body.dataset.decoder") == "onnx", "in-browser decoder did not load"
+        _click_image(page, 0.5, 0.5)
+        page.wait_for_function("window.segany.mask !== null && window.segany.candidates.length === 3")
+        # Warm-up done by the first click; measure a few more clicks (each adds a point and decodes).
+        page.wait_for_function("window.segany.decodeMs.length === 1")
+        for n, (fx, fy) in enumerate(((0.45, 0.55), (0.55, 0.45), (0.6, 0.6), (0.4, 0.4), (0.52, 0.48)), start=2):
+            _click_image(page, fx, fy)  # one at a time: a click during a decode would wait for it
+            page.wait_for_function(f"window.segany.decodeMs.length === {n}")
+        ms = page.evaluate("window.segany.decodeMs")
+        parts = page.evaluate("window.segany.timings")
+        assert page.evaluate("window.segany.mask.reduce((a, b) => a + b, 0)") > 0
+        page.keyboard.press("2")
+        page.keyboard.press("1")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#annotations li")
+        anns = store.list_annotations(project_id=proj["id"])
+        assert len(anns) == 1 and anns[0]["source"] == "manual" and anns[0]["seconds_spent"] > 0
+        assert anns[0]["prompts"]["points"] and len(anns[0]["prompts"]["points"]) == 6
+        page.reload()
+        page.wait_for_function("document.getElementById('status').dataset.ready === '1'")
+        page.wait_for_selector("#annotations li")
+        assert page.locator("#annotations li").count() == 1
+        # server fallback decodes the same way when ONNX is unavailable
+        page.evaluate("window.segany.session = null")
+        _click_image(page, 0.3, 0.3)
+        page.wait_for_function("window.segany.candidates.length === 3")
+        page.keyboard.press("Escape")
+        steady = sorted(ms[1:])
+        record = {"click_to_mask_ms_first": round(ms[0], 2), "click_to_mask_ms_median": round(steady[len(steady) // 2], 2),
+                  "clicks": [round(x, 2) for x in ms],
+                  "last_click_parts_ms": {k: round(v, 2) for k, v in parts.items()}, "model": "tiny test model (decoder full size, 16x16 embedding)",
+                  "image": "640x426"}
+        print("click->mask latency:", record)
+        out = REPO / "docs" / "screenshots"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "latency.json").write_text(json.dumps(record, indent=1) + "\n")
+        page.close()
+
+
+def test_prefill_appears_and_is_accepted(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+    store, proj = project
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        page.keyboard.press("f")
+        page.wait_for_selector("#pending li", timeout=60_000)
+        assert page.locator("#pending li").count() == 2
+        page.locator("#pending li .accept-pending").first.click()
+        page.wait_for_function("document.querySelectorAll('#pending li').length === 1")
+        page.keyboard.press("x")
+        page.wait_for_function("document.querySelectorAll('#pending li').length === 0")
+        states = sorted((a["source"], a["review_state"]) for a in store.list_annotations(project_id=proj["id"]))
+        assert states == [("semi", "accepted"), ("semi", "rejected")]
+        # one manual mask too, then keep a screenshot of the app with both kinds visible
+        _click_image(page, 0.5, 0.5)
+        page.wait_for_function("window.segany.mask !== null")
+        page.screenshot(path=str(REPO / "docs" / "screenshots" / "app.png"))
+        page.close()
