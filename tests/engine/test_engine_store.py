@@ -1,0 +1,96 @@
+"""The store: migrations, idempotent saves, edits, dataset versions, tokens."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from segany.engine.db import Base
+from segany.engine.masks import decode_rle
+from segany.engine.store import ConflictError, NotFoundError, StoreError, open_store, resolve_target
+from segany.errors import InputError
+
+SAMPLE = REPO / "src" / "segany" / "assets" / "samples" / "coco_000000000025.jpg"
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = open_store(tmp_path / "p", create=True)
+    yield s
+    s.close()
+
+
+def test_orm_matches_migrations(store) -> None:  # type: ignore[no-untyped-def]
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with store.engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+    assert diffs == [], "db.py and the migrations disagree: write a new migration"
+
+
+def test_open_requires_project_and_resolves_targets(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="project create"):
+        open_store(tmp_path / "missing")
+    assert resolve_target("postgresql://u@h/db")[0].startswith("postgresql+psycopg://")
+    assert resolve_target(tmp_path / "x.db") == (f"sqlite:///{tmp_path / 'x.db'}", tmp_path)
+
+
+def test_sqlite_pragmas(store) -> None:  # type: ignore[no-untyped-def]
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_save_idempotent_edit_delete(store) -> None:  # type: ignore[no-untyped-def]
+    p = store.create_project("demo")
+    im = store.add_images(p["id"], [SAMPLE])[0]
+    assert store.add_images(p["id"], [SAMPLE]) == []  # same content is not added twice
+    m = np.zeros((im["height"], im["width"]), bool)
+    m[5:15, 10:30] = True
+    key = str(uuid.uuid4())
+    a, created = store.save_annotation(im["id"], mask=m, uuid=key, prompts={"points": [[12, 8]]})
+    b, created2 = store.save_annotation(im["id"], mask=m, uuid=key)
+    assert created and not created2 and a["id"] == b["id"] and store.count_annotations() == 1
+    assert (decode_rle(a["segmentation"]) == m).all() and a["area"] == 200
+    e = store.update_annotation(a["id"], label="cup", review_state="rejected", expected_revision=1)
+    assert (e["label"], e["review_state"], e["revision"]) == ("cup", "rejected", 2)
+    with pytest.raises(ConflictError, match="revision"):
+        store.update_annotation(a["id"], label="x", expected_revision=1)
+    with pytest.raises(InputError, match="source must be one of"):
+        store.save_annotation(im["id"], mask=m, source="robot")
+    with pytest.raises(InputError, match="does not match image"):
+        store.save_annotation(im["id"], mask=np.ones((4, 4), bool))
+    semi, _ = store.save_annotation(im["id"], mask=m, source="semi")
+    assert semi["review_state"] == "pending"
+    store.delete_annotation(a["id"])
+    with pytest.raises(NotFoundError):
+        store.get_annotation(a["id"])
+
+
+def test_tokens_and_model_and_dataset_versions(store) -> None:  # type: ignore[no-untyped-def]
+    p = store.create_project("demo")
+    im = store.add_images(p["id"], [SAMPLE])[0]
+    tok = store.add_annotator("bob")
+    assert store.authenticate(tok)["name"] == "bob" and store.authenticate("nope") is None
+    new = store.rotate_token("bob")
+    assert store.authenticate(tok) is None and store.authenticate(new)["name"] == "bob"
+    with pytest.raises(ConflictError):
+        store.add_annotator("bob")
+    v1 = store.register_model_version("vit_b:abc", "vit_b")
+    assert store.register_model_version("vit_b:abc", "vit_b") == v1
+    m = np.zeros((im["height"], im["width"]), bool)
+    m[:10, :10] = True
+    a, _ = store.save_annotation(im["id"], mask=m, model_version_id=v1)
+    store.save_annotation(im["id"], mask=m, source="auto")  # pending: not in the dataset
+    dv = store.create_dataset_version(p["id"], "v1")
+    assert store.dataset_version_annotation_ids(dv) == [a["id"]]
+    v2 = store.register_model_version("vit_b:def", "vit_b", parent_id=v1, trained_on_id=dv)
+    lineage = {m["id"]: m for m in store.list_model_versions()}
+    assert lineage[v2]["parent_id"] == v1 and lineage[v2]["trained_on_id"] == dv
