@@ -30,7 +30,7 @@ def test_orm_matches_migrations(store) -> None:  # type: ignore[no-untyped-def]
 
     with store.engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"  # head: 0002 adds image_runs (issue 8)
     assert diffs == [], "db.py and the migrations disagree: write a new migration"
 
 

@@ -136,6 +136,23 @@ class DatasetVersion(Base):
     __table_args__ = (UniqueConstraint("project_id", "name", name="uq_dataset_versions_project_name"),)
 
 
+class ImageRun(Base):
+    """Done marker of an engine job on one image (``kind`` = ``auto``), written with the image's masks."""
+
+    __tablename__ = "image_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    num_masks: Mapped[int] = mapped_column(Integer)
+    settings_hash: Mapped[str | None] = mapped_column(String(64))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("image_id", "kind", name="uq_image_runs_image_kind"),)
+
+
 class Annotation(Base):
     __tablename__ = "annotations"
 
