@@ -24,6 +24,8 @@ from segany.errors import InputError
 class ModelSection:
     name: str = "segany_tiny"
     checkpoint: str | None = None  # initial weights (fine-tuning); None trains from scratch
+    # An explicit architecture in SamConfig.to_dict() form, for experiments with unregistered sizes.
+    arch: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class RecipeSection:
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
+    # Side of the square grid where losses are computed and corrective clicks sampled (0 = img_size).
+    # Logits are predicted at img_size/4 anyway; 256 keeps memory flat for large batches.
+    loss_size: int = 256
 
     @property
     def num_rounds(self) -> int:

@@ -63,7 +63,7 @@ class InteractiveRecipe(nn.Module):
                 sp, _ = pe((pts[rows, :n_pts], labels[rows, :n_pts]), None, None)
             if out is None:
                 out = sp.new_zeros((M, *sp.shape[1:]))
-            out = out.index_copy(0, rows, sp)
+            out = out.index_copy(0, rows, sp.to(out.dtype))
         assert out is not None
         return out
 
@@ -80,10 +80,14 @@ class InteractiveRecipe(nn.Module):
         r = self.recipe
         sam = self.sam
         S = images.shape[-1]
+        L = r.loss_size if 0 < r.loss_size < S else S
         M = gt.shape[0]
         emb = sam.image_encoder(images)[img_idx]  # (M, C, g, g)
         dense_pe = sam.prompt_encoder.get_dense_pe()
-        target = gt.float()
+        # Targets at the loss grid: area-averaged soft masks (exact when L == S).
+        target = gt.float() if L == S else F.interpolate(gt[:, None].float(), (L, L), mode="area")[:, 0]
+        gt_l = target > 0.5
+        to_model = S / L  # loss-grid pixel -> model-frame pixel centre
         use_box = torch.rand(M, generator=gen, device=gt.device) < r.box_prob
         boxes = jitter_boxes(mask_boxes_xyxy(gt), S, gen, r.box_noise, r.box_noise_max)
         first_xy, _ = sample_points(gt, gen)
@@ -96,11 +100,12 @@ class InteractiveRecipe(nn.Module):
         pred: torch.Tensor | None = None
         total = gt.new_zeros((), dtype=torch.float32)
         stats: dict[str, float] = {}
+        rows = torch.arange(M, device=gt.device)
         for rnd in range(rounds):
             if 1 <= rnd <= r.point_rounds:
                 assert pred is not None
-                xy, lab = error_points(pred, gt, gen)
-                pts[:, n_pts], labels[:, n_pts] = xy, lab
+                xy, lab = error_points(pred, gt_l, gen)
+                pts[:, n_pts], labels[:, n_pts] = (xy + 0.5) * to_model - 0.5, lab
                 n_pts += 1
             sparse = self._sparse(pts, labels, n_pts, use_box, boxes)
             if prev_low is None:
@@ -116,12 +121,11 @@ class InteractiveRecipe(nn.Module):
             else:
                 cand, cand_iou = low[:, :1], iou_pred[:, :1]
             k = cand.shape[1]
-            up = F.interpolate(cand.float(), (S, S), mode="bilinear", align_corners=False)  # (M, k, S, S)
-            tgt = target[:, None].expand(-1, k, -1, -1).reshape(M * k, S, S)
-            per = mask_losses(up.reshape(M * k, S, S), tgt, r.focal_weight, r.dice_weight).view(M, k)
-            true_iou = mask_iou(up.detach().reshape(M * k, S, S), tgt).view(M, k)
+            up = F.interpolate(cand.float(), (L, L), mode="bilinear", align_corners=False)  # (M, k, L, L)
+            tgt = target[:, None].expand(-1, k, -1, -1).reshape(M * k, L, L)
+            per = mask_losses(up.reshape(M * k, L, L), tgt, r.focal_weight, r.dice_weight).view(M, k)
+            true_iou = mask_iou(up.detach().reshape(M * k, L, L), tgt).view(M, k)
             best = per.detach().argmin(1)
-            rows = torch.arange(M, device=gt.device)
             mask_loss = per[rows, best].mean()
             iou_loss = F.mse_loss(cand_iou.float(), true_iou)
             total = total + mask_loss + r.iou_weight * iou_loss
@@ -201,7 +205,19 @@ class Trainer:
         if dev.type == "cuda" and self.world > 1:
             dev = torch.device("cuda", local)
         self.device = dev
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.run.seed)
+        if sam is None and cfg.model.arch is not None:
+            from segany.modeling.config import SamConfig
+
+            sam = Sam(SamConfig.from_dict(cfg.model.arch))
+            if cfg.model.checkpoint:
+                from segany.checkpoints import load_weights
+
+                load_weights(sam, cfg.model.checkpoint, cfg.model.name)
         if sam is None:
             sam = build_sam(cfg.model.name, checkpoint=cfg.model.checkpoint)
         self.sam = sam.to(dev).train()

@@ -1,0 +1,91 @@
+"""``segany train CONFIG [--override section.key=value ...] [--resume]``: the SAM training recipe.
+
+Launch on several GPUs with ``torchrun --nproc-per-node N -m segany.cli.train CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train or fine-tune a model with the SAM interactive recipe",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (see configs/); defaults apply when omitted")
+    p.add_argument("--override", "-o", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set one config value, e.g. optim.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt if it exists")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (sets run.max_minutes)")
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="write fp16 inference weights here at the end (default OUT_DIR/model_fp16.pt)")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from segany.train.config import load_config
+    from segany.train.trainer import Trainer
+
+    overrides = list(args.override)
+    if args.max_minutes is not None:
+        overrides.append(f"run.max_minutes={args.max_minutes}")
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
+    last = Path(cfg.run.out_dir) / "last.pt"
+    if args.resume and last.exists():
+        trainer.load(last)
+        _say(trainer, f"resumed from {last} at step {trainer.step}")
+    n_params = sum(p.numel() for p in trainer.sam.parameters())
+    _say(trainer, f"model {cfg.model.name} ({n_params / 1e6:.2f} M parameters) on {trainer.device}, "
+                  f"world size {trainer.world}, batch {cfg.run.batch_size}/process, "
+                  f"{cfg.recipe.num_rounds} rounds/mask, out {cfg.run.out_dir}")
+
+    def on_log(entry: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        mem = f" mem {entry['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in entry else ""
+        print(f"step {entry['step']:6d}  {entry['time_s']:7.1f}s  loss {entry['loss']:.4f}  "
+              f"IoU first {entry.get('iou_first', 0):.3f} last {entry.get('iou_last', 0):.3f}  "
+              f"lr {entry['lr']:.2e}  {entry['images_per_s']:.1f} img/s{mem}", flush=True)
+
+    summary = trainer.fit(on_log=on_log)
+    if trainer.rank == 0:
+        export = Path(args.export) if args.export else Path(cfg.run.out_dir) / "model_fp16.pt"
+        trainer.export(export, half=True, meta={"config": cfg.to_dict(), "summary": summary})
+        summary["export"] = str(export)
+        (Path(cfg.run.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1))
+    if trainer.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def _say(trainer: Any, msg: str) -> None:
+    if trainer.rank == 0:
+        print(f"[segany] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m segany.cli.train``), for torchrun and machines without the CLI."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    p = argparse.ArgumentParser(prog="segany train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
