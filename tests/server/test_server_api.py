@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures are imported from annotation_fixtures and used as arguments)
 """HTTP API of the annotation server: auth, path safety, size limits, embeddings, decoding, saves, stage 2."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures are imported from annotation_fixtures and used as arguments)
 """The annotation app in real Chromium (Debian's package, driven by Playwright): click → mask → save →
 reload → in the database; a stage-2 pre-fill appears and is accepted. Keeps docs/screenshots/app.png.
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures are imported from annotation_fixtures and used as arguments)
 """20 clients saving 50 annotations each through a real uvicorn server at once: nothing lost or doubled.
 
 Every fifth save is sent twice (a client retrying after a lost response); the idempotency key

@@ -115,7 +115,11 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                 return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
                                                f"{settings.max_upload_bytes} bytes (--max-upload-mb)"},
                                     status_code=413)
-        return await call_next(request)
+        response = await call_next(request)
+        # Cross-origin isolation lets onnxruntime-web use threads (SharedArrayBuffer); everything is same-origin.
+        response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+        response.headers["Cross-Origin-Embedder-Policy"] = "require-corp"
+        return response
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:

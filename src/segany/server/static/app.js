@@ -83,11 +83,14 @@ async function initOrt() {
   try {
     const ort = await import("/static/vendor/ort/ort.wasm.min.mjs");
     ort.env.wasm.wasmPaths = "/static/vendor/ort/";
-    ort.env.wasm.numThreads = 1; // threads need cross-origin isolation; the decoder is small anyway
+    // Threads need cross-origin isolation (the server sends COOP/COEP); otherwise one thread.
+    // Half the cores (max 4): the page itself and the OS need the rest; ?threads=N overrides.
+    const want = Number(new URLSearchParams(location.search).get("threads")) || Math.floor((navigator.hardwareConcurrency || 2) / 2);
+    ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.max(1, Math.min(4, want)) : 1;
     const buf = await (await api("/api/model/decoder.onnx")).arrayBuffer();
     S.session = await ort.InferenceSession.create(buf, { executionProviders: ["wasm"] });
     S.ort = ort;
-    $("decoder-mode").textContent = "browser (onnxruntime-web)";
+    $("decoder-mode").textContent = `browser (onnxruntime-web, ${ort.env.wasm.numThreads} thread${ort.env.wasm.numThreads > 1 ? "s" : ""})`;
   } catch (e) {
     console.warn("in-browser decoder unavailable, using the server", e);
     S.session = null;

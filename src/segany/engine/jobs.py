@@ -1,0 +1,189 @@
+"""Where stage 3 runs: in this process, on a pool of local worker processes, or on Ray actors.
+
+A runner takes :class:`~segany.engine.auto.ImageTask` s and yields
+:class:`~segany.engine.auto.ImageResult` s as they finish (any order). Runners never touch the store:
+the driver writes each result idempotently, so a runner may deliver a result twice (a task retried
+after its worker died) without harm, and must never lose one.
+
+* ``InlineRunner``: one model in the calling process (``--workers 1``).
+* ``PoolRunner``: N spawned processes, each holding one model replica and using cores/N threads.
+* ``RayRunner``: N Ray actors, one model replica each (one per GPU when the cluster has GPUs, else
+  one per CPU). The checkpoint is put in Ray's object store once and images travel as file bytes, so
+  actors on other machines need no shared file system. A task whose actor dies is resubmitted to a
+  fresh actor; results stream back through ``ray.wait``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from segany.engine.auto import AutoSettings, AutoWorker, ImageResult, ImageTask, ModelSpec
+from segany.errors import InputError, SeganyError
+
+log = logging.getLogger(__name__)
+
+
+class JobError(SeganyError):
+    """A distributed job could not finish (workers keep dying, the cluster is unreachable)."""
+
+
+class InlineRunner:
+    def __init__(self, spec: ModelSpec, settings: AutoSettings) -> None:
+        self.workers = 1
+        self.worker = AutoWorker(spec, settings)
+
+    def run(self, tasks: Sequence[ImageTask]) -> Iterator[ImageResult]:
+        for t in tasks:
+            yield self.worker.process(t)
+
+    def close(self) -> None:
+        pass
+
+
+# One replica per pool process, built by the initializer.
+_POOL_WORKER: AutoWorker | None = None
+
+
+def _pool_init(spec: ModelSpec, settings: AutoSettings, threads: int) -> None:
+    global _POOL_WORKER
+    _POOL_WORKER = AutoWorker(spec, settings, threads=threads)
+
+
+def _pool_process(task: ImageTask) -> ImageResult:
+    assert _POOL_WORKER is not None, "pool initializer did not run"
+    return _POOL_WORKER.process(task)
+
+
+class PoolRunner:
+    """A ``spawn`` process pool (fork would copy the parent's torch thread pools and can deadlock)."""
+
+    def __init__(self, spec: ModelSpec, settings: AutoSettings, workers: int) -> None:
+        import multiprocessing as mp
+
+        self.workers = workers
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self.pool = mp.get_context("spawn").Pool(workers, initializer=_pool_init, initargs=(spec, settings, threads))
+
+    def run(self, tasks: Sequence[ImageTask]) -> Iterator[ImageResult]:
+        yield from self.pool.imap_unordered(_pool_process, tasks, chunksize=1)
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
+class _RayWorkerImpl:
+    """Body of the Ray actor (wrapped with ``ray.remote`` at run time, so importing needs no Ray)."""
+
+    def __init__(self, spec: ModelSpec, settings: AutoSettings, threads: int | None) -> None:
+        self.worker = AutoWorker(spec, settings, threads=threads)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def process(self, task: ImageTask) -> ImageResult:
+        return self.worker.process(task)
+
+
+class RayRunner:
+    def __init__(self, spec: ModelSpec, settings: AutoSettings, *, workers: int = 0, address: str | None = None,
+                 max_attempts: int = 3, inflight_per_worker: int = 2) -> None:
+        from segany.errors import require
+
+        require("ray", "scale")
+        import ray
+
+        self.ray = ray
+        self._started_ray = False
+        if not ray.is_initialized():
+            if address in (None, "local"):
+                ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            self._started_ray = True
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        cpus = int(resources.get("CPU", 1))
+        use_gpu = gpus > 0 and spec.device != "cpu"
+        self.workers = workers or (gpus if use_gpu else max(1, cpus))
+        if use_gpu and spec.device == "cpu":
+            raise InputError("--device cpu with GPUs in the cluster: pass --device cuda to use them")
+        device = "cuda" if use_gpu else "cpu"
+        if spec.checkpoint and spec.checkpoint_bytes is None:  # ship weights, not a path the actor may lack
+            with open(spec.checkpoint, "rb") as f:
+                spec = ModelSpec(spec.model, spec.checkpoint, device, f.read())
+        else:
+            spec = ModelSpec(spec.model, spec.checkpoint, device, spec.checkpoint_bytes)
+        threads = None if use_gpu else max(1, cpus // self.workers)
+        self._actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                                     max_restarts=0)(_RayWorkerImpl)
+        self._args = (ray.put(spec), settings, threads)
+        self.actors: list[Any] = [self._new_actor() for _ in range(self.workers)]
+        self.max_attempts = max_attempts
+        self.inflight_per_worker = inflight_per_worker
+        self.restarts = 0
+
+    def _new_actor(self) -> Any:
+        spec_ref, settings, threads = self._args
+        return self._actor_cls.remote(spec_ref, settings, threads)
+
+    def actor_pids(self) -> list[int]:
+        return [int(p) for p in self.ray.get([a.pid.remote() for a in self.actors])]
+
+    def run(self, tasks: Sequence[ImageTask]) -> Iterator[ImageResult]:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+
+        lost = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+        queue: collections.deque[tuple[ImageTask, int]] = collections.deque((t, 1) for t in tasks)
+        inflight: dict[Any, tuple[int, Any, ImageTask, int]] = {}  # ref -> (slot, actor, task, attempt)
+        load = [0] * len(self.actors)
+        while queue or inflight:
+            for slot in range(len(self.actors)):
+                while queue and load[slot] < self.inflight_per_worker:
+                    task, attempt = queue.popleft()
+                    actor = self.actors[slot]
+                    inflight[actor.process.remote(task)] = (slot, actor, task, attempt)
+                    load[slot] += 1
+            ready, _ = self.ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                slot, actor, task, attempt = inflight.pop(ref)
+                load[slot] -= 1
+                try:
+                    result = self.ray.get(ref)
+                except lost as exc:
+                    if attempt >= self.max_attempts:
+                        raise JobError(f"image {task.image_id} failed {attempt} times because its worker died "
+                                       f"({type(exc).__name__}); check the workers' memory and logs") from exc
+                    log.warning("worker for image %d died (%s); retrying on a new worker", task.image_id,
+                                type(exc).__name__)
+                    if self.actors[slot] is actor:  # its other in-flight tasks fail too: replace once
+                        self.actors[slot] = self._new_actor()
+                        self.restarts += 1
+                    queue.appendleft((task, attempt + 1))
+                    continue
+                yield result
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:  # already dead
+                pass
+        if self._started_ray:
+            self.ray.shutdown()
+
+
+def make_runner(backend: str, spec: ModelSpec, settings: AutoSettings, *, workers: int = 1,
+                address: str | None = None) -> Any:
+    if backend == "ray":
+        return RayRunner(spec, settings, workers=workers, address=address)
+    if backend != "local":
+        raise InputError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1 on one machine, got {workers}")
+    return InlineRunner(spec, settings) if workers == 1 else PoolRunner(spec, settings, workers)
