@@ -154,8 +154,10 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
         config = embedded or get_config(name)
         if embedded is not None and embedded != _config_or_none(name):
             log.info("%s embeds its own config, which is used instead of %r's", checkpoint, name)
+        with torch.device("meta"):  # check keys and shapes before paying for a full-size random init
+            shell = Sam(config)
+        check_state_dict(shell, sd, name, str(checkpoint))
         model = Sam(config)
-        check_state_dict(model, sd, name, str(checkpoint))
         model.load_state_dict(sd, strict=True)
     else:
         model = Sam(get_config(name))
@@ -221,6 +223,12 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
     """
     info = get_weights_info(name)
     dest = cached_path(info)
+    if not info.url:  # e.g. weights shipped inside the package: nothing to fetch
+        found = find_weights(name)
+        if found is not None:
+            return found
+        raise DownloadError(f"weights {name!r} have no download URL; put the file at {dest} "
+                            "(or pass its path with --checkpoint)")
     if dest.exists() and not force:
         verify_file(dest, info)
         return dest
