@@ -1,0 +1,392 @@
+"""Speed of segany vs the reference segment_anything (and segment-anything-fast's method), one process, same weights.
+
+Measures, per model:
+
+* encoder images/s at ``--batch`` (GPU default 8; CPU default 1, one image);
+* prompt → mask latency: one foreground point, embedding already set, through ``predict`` including
+  post-processing to the original size and the thresholded numpy mask;
+* accuracy of reduced precision vs fp32 on the same inputs: max |logit| error of embeddings and of
+  mask logits, and mask IoU (mean and min over prompts).
+
+Variants that fail (out of memory, a compile error, a missing package) are recorded with their error
+and the run goes on. segment-anything-fast (pytorch-labs) is not on PyPI — the PyPI name
+``segment-anything-fast==0.1.2`` is an unrelated FastSAM/YOLO package — so its published method is
+reproduced here: bf16 weights and activations, SDPA with the relative-position bias as an additive mask
+(unpadded), ``torch.compile(mode="max-autotune")``. Its custom Triton rel-pos kernel, int8 dynamic
+quantization and 2:4 sparsity are not reproduced.
+
+Usage::
+
+    python bench/speed.py --device cpu --models vit_b,vit_t --json bench/speed_cpu.json
+    python bench/speed.py --device cuda --models vit_b,vit_l,vit_h --json bench/speed_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from segany.checkpoints import build_sam  # noqa: E402
+from segany.fast import FastPath, configure_cpu_threads  # noqa: E402
+from segany.predictor import SamPredictor  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str, warmup: int, iters: int, budget_s: float = 120.0) -> list[float]:
+    """Seconds per call after ``warmup`` calls; stops early once ``budget_s`` is spent (at least 1 timed call)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_variant(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], device: str) -> None:
+    """Run one measurement; record its numbers or its error, never abort the others."""
+    try:
+        results[name] = fn()
+        print(f"  {name}: {results[name]}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - a failing variant is data, not a crash
+        results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        print(f"  {name}: FAILED {results[name]['error']}", flush=True)
+        if os.environ.get("SEGANY_BENCH_DEBUG"):
+            traceback.print_exc()
+    finally:
+        free(device)
+
+
+def reference_model(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The reference package's model of the same variant carrying segany's weights (strict load)."""
+    if name == "vit_t":
+        from mobile_sam import sam_model_registry as registry  # type: ignore[import-not-found]
+    else:
+        from segment_anything import sam_model_registry as registry  # type: ignore[import-not-found]
+    ref = registry[name]()
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref.eval()
+
+
+def reference_predictor(ref: torch.nn.Module) -> Any:
+    if type(ref).__module__.startswith("mobile_sam"):
+        from mobile_sam import SamPredictor as RefPredictor  # type: ignore[import-not-found]
+    else:
+        from segment_anything import SamPredictor as RefPredictor  # type: ignore[import-not-found]
+    return RefPredictor(ref)
+
+
+def sam_fast_method_encoder(model: torch.nn.Module, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """segment-anything-fast's published recipe on our weights: bf16 + SDPA(bias mask) + compile max-autotune.
+
+    segany's reference modules already use SDPA with the unpadded bias as an additive mask, which is
+    that project's attention rewrite; the Triton rel-pos kernel is not reproduced.
+    """
+    enc = copy.deepcopy(model.image_encoder).to(torch.bfloat16).eval()
+    mode = "max-autotune" if device == "cuda" else None
+    return torch.compile(enc, mode=mode)
+
+
+def set_embedding(predictor: Any, features: torch.Tensor, input_size: tuple[int, int],
+                  original_size: tuple[int, int]) -> None:
+    """Give a predictor (ours or the reference) an embedding without running its encoder again."""
+    predictor.reset_image()
+    predictor.features = features
+    predictor.input_size = input_size
+    predictor.original_size = original_size
+    predictor.is_image_set = True
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+# ----------------------------------------------------------------------------------------- benches
+def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    device = args.device
+    torch.manual_seed(0)
+    model = build_sam(name).to(device).eval()
+    s = model.img_size
+    batch = args.batch
+    x = (torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(1))).to(device)
+    out: dict[str, Any] = {"model": name, "img_size": s, "batch": batch}
+    enc: dict[str, Any] = {}
+    out["encoder_img_per_s"] = enc
+    print(f"[{name}] encoder, batch {batch}", flush=True)
+
+    def enc_variant(fn: Callable[[torch.Tensor], torch.Tensor], cast: torch.dtype) -> Callable[[], dict[str, Any]]:
+        def measure() -> dict[str, Any]:
+            xin = x.to(cast)
+            with torch.inference_mode():
+                times = timed(lambda: fn(xin), device, args.warmup, args.iters, args.budget)
+            t = statistics.median(times)
+            return {"img_per_s": round(batch / t, 3), "s_per_batch": round(t, 4), "n": len(times)}
+        return measure
+
+    ref = None
+    if not args.skip_reference:
+        try:
+            ref = reference_model(model, name).to(device)
+        except Exception as exc:  # noqa: BLE001
+            enc["reference"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    if ref is not None:
+        run_variant(enc, "reference_fp32", enc_variant(ref.image_encoder, torch.float32), device)
+        if device == "cuda" or "bf16" in args.cpu_variants:
+            def ref_bf16() -> dict[str, Any]:
+                e = copy.deepcopy(ref.image_encoder).to(torch.bfloat16)
+                return enc_variant(e, torch.bfloat16)()
+            run_variant(enc, "reference_bf16", ref_bf16, device)
+    variants: list[tuple[str, dict[str, Any]]] = [("segany_fp32", {"precision": "fp32"})]
+    if device == "cuda" or "bf16" in args.cpu_variants:
+        variants.append(("segany_bf16", {"precision": "bf16"}))
+    if device == "cuda":
+        variants.append(("segany_bf16_fold", {"precision": "bf16", "attention": "fold"}))
+    if args.compile:
+        variants.append(("segany_bf16_compiled", {"precision": "bf16", "compile": "max-autotune"
+                                                  if device == "cuda" else True}))
+        variants.append(("segany_bf16_fold_compiled", {"precision": "bf16", "attention": "fold",
+                                                       "compile": "max-autotune" if device == "cuda" else True}))
+    for label, kw in variants:
+        def seg(kw: dict[str, Any] = kw) -> dict[str, Any]:
+            fp = FastPath(model, **kw)
+            return enc_variant(fp._encode_fn, fp.dtype)()
+        run_variant(enc, label, seg, device)
+    if args.compile and (device == "cuda" or "bf16" in args.cpu_variants):
+        run_variant(enc, "sam_fast_method", lambda: enc_variant(sam_fast_method_encoder(model, device),
+                                                               torch.bfloat16)(), device)
+    if device == "cpu" and "onnx" in args.cpu_variants:
+        run_variant(enc, "onnx_fp32", lambda: onnx_encoder(model, x[:1], args, quantized=False), device)
+        if args.quantize:
+            run_variant(enc, "onnx_int8", lambda: onnx_encoder(model, x[:1], args, quantized=True), device)
+    base = enc.get("reference_fp32", {}).get("img_per_s")
+    if base:
+        out["encoder_speedup_vs_reference_fp32"] = {k: round(v["img_per_s"] / base, 2) for k, v in enc.items()
+                                                   if isinstance(v, dict) and "img_per_s" in v}
+
+    # -------------------------------------------------------------- prompt latency and accuracy
+    print(f"[{name}] prompt -> mask", flush=True)
+    rng = np.random.RandomState(0)
+    orig = (768, 1024)
+    image = (rng.rand(*orig, 3) * 255).astype(np.uint8)
+    exact = SamPredictor(model, precision="fp32")
+    exact.fast = None  # the exact modules, also on CUDA
+    exact.set_image(image)
+    feats, input_size = exact.features, exact.input_size
+    point = (np.array([[600, 400]]), np.array([1]))
+    lat: dict[str, Any] = {}
+    out["prompt_ms"] = lat
+
+    def prompt_variant(pred: Any, features: torch.Tensor | None = feats) -> Callable[[], dict[str, Any]]:
+        def measure() -> dict[str, Any]:
+            if features is not None:
+                set_embedding(pred, features, input_size, orig)
+            times = timed(lambda: pred.predict(point_coords=point[0], point_labels=point[1]), device,
+                          args.warmup + 2, args.prompt_iters, args.budget)
+            return {"ms": round(1000 * statistics.median(times), 3), "min_ms": round(1000 * min(times), 3),
+                    "n": len(times)}
+        return measure
+
+    if ref is not None:
+        run_variant(lat, "reference", prompt_variant(reference_predictor(ref)), device)
+    run_variant(lat, "segany_fp32", prompt_variant(exact), device)
+    if device == "cuda":
+        run_variant(lat, "segany_fp32_graphs", prompt_variant(SamPredictor(model, precision="fp32")), device)
+        run_variant(lat, "segany_bf16_graphs", prompt_variant(SamPredictor(model, precision="bf16")), device)
+    elif "bf16" in args.cpu_variants:
+        run_variant(lat, "segany_bf16", prompt_variant(SamPredictor(model, precision="bf16")), device)
+    if args.compile:
+        run_variant(lat, "segany_bf16_compiled",
+                    prompt_variant(SamPredictor(model, precision="bf16", compile=True)), device)
+    if device == "cpu" and "onnx" in args.cpu_variants:
+        run_variant(lat, "onnx_fp32", lambda: onnx_prompt(model, feats, input_size, orig, point, args, False), device)
+        if args.quantize:
+            run_variant(lat, "onnx_int8", lambda: onnx_prompt(model, feats, input_size, orig, point, args, True),
+                        device)
+    base = lat.get("reference", {}).get("ms")
+    if base:
+        out["prompt_speedup_vs_reference"] = {k: round(base / v["ms"], 2) for k, v in lat.items()
+                                              if isinstance(v, dict) and "ms" in v}
+
+    # -------------------------------------------------------------- accuracy of reduced precision
+    if device == "cuda" or "bf16" in args.cpu_variants:
+        print(f"[{name}] bf16 vs fp32 accuracy", flush=True)
+        out["bf16_accuracy"] = {}
+        run_variant(out["bf16_accuracy"], "segany_bf16",
+                    lambda: accuracy(model, exact, image, "bf16", device), device)
+    return out
+
+
+def accuracy(model: torch.nn.Module, exact: SamPredictor, image: np.ndarray, precision: str,
+             device: str) -> dict[str, Any]:
+    quick = SamPredictor(model, precision=precision)
+    quick.set_image(image)
+    emb_err = (quick.features - exact.features).abs().max().item()
+    emb_scale = exact.features.abs().max().item()
+    h, w = image.shape[:2]
+    rng = np.random.RandomState(1)
+    ious, logit_errs, logit_scale = [], [], []
+    for _ in range(8):
+        pts = np.stack([rng.randint(0, w, 3), rng.randint(0, h, 3)], axis=1)
+        labels = np.array([1, 1, 0])
+        for multimask in (True, False):
+            a = exact.predict(pts, labels, multimask_output=multimask, return_logits=True)
+            b = quick.predict(pts, labels, multimask_output=multimask, return_logits=True)
+            logit_errs.append(float(np.abs(a[0] - b[0]).max()))
+            logit_scale.append(float(np.abs(a[0]).max()))
+            ious.extend(mask_iou(x > 0, y > 0) for x, y in zip(a[0], b[0], strict=True))
+    return {"embedding_max_abs_err": round(emb_err, 5), "embedding_max_abs": round(emb_scale, 4),
+            "mask_logit_max_abs_err": round(max(logit_errs), 5), "mask_logit_max_abs": round(max(logit_scale), 4),
+            "mask_iou_mean": round(float(np.mean(ious)), 5), "mask_iou_min": round(float(np.min(ious)), 5),
+            "n_masks": len(ious)}
+
+
+_ONNX_DIRS: dict[tuple[int, bool], Path] = {}
+
+
+def _onnx_dir(model: torch.nn.Module, quantized: bool) -> Path:
+    from segany.export.onnx import export_onnx
+
+    key = (id(model), quantized)
+    if key not in _ONNX_DIRS:
+        folder = Path(tempfile.mkdtemp(prefix="segany_bench_onnx_"))
+        export_onnx(copy.deepcopy(model).cpu(), folder, quantize_int8=quantized)
+        _ONNX_DIRS[key] = folder
+    return _ONNX_DIRS[key]
+
+
+def onnx_encoder(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, quantized: bool) -> dict[str, Any]:
+    from segany.export.onnx import OnnxPredictor
+
+    pred = OnnxPredictor(_onnx_dir(model, quantized), quantized=quantized, num_threads=args.threads)
+    img = (np.random.RandomState(2).rand(model.img_size, model.img_size, 3) * 255).astype(np.uint8)
+    times = timed(lambda: pred.set_image(img), "cpu", args.warmup, args.iters, args.budget)
+    t = statistics.median(times)
+    return {"img_per_s": round(1 / t, 3), "s_per_batch": round(t, 4), "n": len(times), "batch": 1}
+
+
+def onnx_prompt(model: torch.nn.Module, feats: torch.Tensor, input_size: tuple[int, int], orig: tuple[int, int],
+                point: tuple[np.ndarray, np.ndarray], args: argparse.Namespace, quantized: bool) -> dict[str, Any]:
+    from segany.export.onnx import OnnxPredictor
+
+    pred = OnnxPredictor(_onnx_dir(model, quantized), quantized=quantized, num_threads=args.threads)
+    set_embedding(pred, feats.cpu().numpy(), input_size, orig)
+    times = timed(lambda: pred.predict(point_coords=point[0], point_labels=point[1]), "cpu",
+                  args.warmup + 2, args.prompt_iters, args.budget)
+    return {"ms": round(1000 * statistics.median(times), 3), "min_ms": round(1000 * min(times), 3), "n": len(times)}
+
+
+# ----------------------------------------------------------------------------------------- main
+def machine(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    info["logical_cpus"] = os.cpu_count()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="vit_b", help="comma-separated: vit_b,vit_l,vit_h,vit_t")
+    p.add_argument("--batch", type=int, help="encoder batch (default 8 on CUDA, 1 on CPU)")
+    p.add_argument("--iters", type=int, help="timed encoder calls (default 10 CUDA, 2 CPU)")
+    p.add_argument("--prompt-iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 3 CUDA, 1 CPU)")
+    p.add_argument("--budget", type=float, default=120.0, help="max seconds of timed calls per variant")
+    p.add_argument("--compile", action="store_true", help="include torch.compile variants (slow to start)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--cpu-variants", default="bf16,onnx", help="CPU extras: bf16, onnx (comma-separated, or none)")
+    p.add_argument("--quantize", action="store_true", help="CPU: also time int8 ONNX graphs")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--json", help="write all results here")
+    p.set_defaults(compile=None)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    gpu = args.device == "cuda"
+    args.batch = args.batch or (8 if gpu else 1)
+    args.iters = args.iters or (10 if gpu else 2)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    args.compile = gpu if args.compile is None else args.compile
+    args.cpu_variants = {v for v in args.cpu_variants.split(",") if v and v != "none"}
+    if not gpu:
+        args.threads = configure_cpu_threads(args.threads)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in this table
+        torch.backends.cudnn.allow_tf32 = False
+    report: dict[str, Any] = {"machine": machine(args.device), "args": {k: (sorted(v) if isinstance(v, set) else v)
+                                                                         for k, v in vars(args).items()},
+                              "results": []}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        try:
+            report["results"].append(bench_model(name, args))
+        except Exception as exc:  # noqa: BLE001 - one model failing (OOM) must not lose the others
+            report["results"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            print(f"[{name}] FAILED: {exc}", flush=True)
+        free(args.device)
+        if args.json:
+            write_json(args.json, report)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(report, fh, indent=1)
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
