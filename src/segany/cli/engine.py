@@ -1,0 +1,188 @@
+"""`segany engine auto|retrain|report PROJECT`: data-engine stage 3, the retraining loop, maintenance reports.
+
+    segany engine auto PROJECT [--workers 4] [--ray local|ADDRESS]   automatic masks for images not done yet
+    segany engine retrain PROJECT --steps 200                         freeze data, fine-tune, evaluate, register
+    segany engine report PROJECT --out report/                        HTML report; flags go to the review queue
+
+PROJECT is a project folder or a database URL (as for `segany project`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("engine", help="data engine: automatic stage, retraining, maintenance reports",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="PROJECT", help="project folder (SQLite inside) or database URL")
+    p.add_argument("--project", default=None, help="project name in the store (default: the first one)")
+    p.add_argument("--model", default=None,
+                   help="registered model (default: the project's current model, else segany_tiny)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights file (default: the project's current model, else the model's cached weights)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="engine_cmd", required=True, metavar="COMMAND")
+    a = sub.add_parser("auto", help="stage 3: automatic masks for every image not done yet (resumable)")
+    _model_args(a)
+    a.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on Ray: 'local' starts a cluster here, else the cluster address (ray://host:10001)")
+    a.add_argument("--workers", type=int, default=None,
+                   help="model replicas: local processes (default 1) or Ray actors (default one per GPU/CPU)")
+    a.add_argument("--points-per-side", type=int, default=32)
+    a.add_argument("--points-per-batch", type=int, default=64)
+    a.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    a.add_argument("--stability-thresh", type=float, default=0.95)
+    a.add_argument("--box-nms-thresh", type=float, default=0.7)
+    a.add_argument("--crop-n-layers", type=int, default=0)
+    a.add_argument("--min-area", type=int, default=0, help="remove mask regions and holes below this area")
+    a.add_argument("--max-masks", type=int, default=None, help="keep the best N masks per image")
+    a.add_argument("--review", action="store_true", help="store masks as pending review instead of accepted")
+    a.add_argument("--redo", action="store_true", help="run again on images already done (replaces their masks)")
+    a.add_argument("--generator", default="segany.amg:SamAutomaticMaskGenerator", help=argparse.SUPPRESS)
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    r = sub.add_parser("retrain", help="freeze a dataset version, fine-tune, evaluate old vs new, register")
+    _model_args(r)
+    r.add_argument("--steps", type=int, default=200, help="training steps")
+    r.add_argument("--batch-size", type=int, default=2)
+    r.add_argument("--lr", type=float, default=1e-4)
+    r.add_argument("--held-out", type=float, default=0.2, help="fraction of images kept for evaluation")
+    r.add_argument("--eval-data", default=None,
+                   help="evaluate on this data instead of the held-out images (a pack or ../shared/data)")
+    r.add_argument("--eval-datasets", default=None, help="comma-separated datasets of --eval-data")
+    r.add_argument("--eval-images", type=int, default=None, help="at most this many evaluation images")
+    r.add_argument("--max-objects", type=int, default=8, help="objects evaluated per image")
+    r.add_argument("--freeze-encoder", action="store_true", help="train prompt encoder and decoder only")
+    r.add_argument("--always-promote", action="store_true", help="make the new model current even if not better")
+    r.add_argument("--out", default=None, help="run folder (default PROJECT/.segany/retrain/<dataset version>)")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    m = sub.add_parser("report", help="data maintenance report (HTML); flagged masks go to the review queue")
+    _model_args(m)
+    m.add_argument("--out", required=True, help="report folder")
+    m.add_argument("--disagreement-iou", type=float, default=0.5,
+                   help="flag accepted masks whose box-prompted model mask has IoU below this")
+    m.add_argument("--max-disagreement", type=int, default=500, help="masks checked against the model at most")
+    m.add_argument("--dup-iou", type=float, default=0.9, help="mask pairs in one image above this IoU are duplicates")
+    m.add_argument("--dup-hash-bits", type=int, default=6, help="images whose 64-bit dHash differ in at most "
+                                                                 "this many bits are near-duplicates")
+    m.add_argument("--no-model", action="store_true", help="skip the model-vs-annotation disagreement check")
+    m.add_argument("--no-flag", action="store_true", help="write the report only; do not touch review states")
+
+
+def run(args: argparse.Namespace) -> int:
+    from segany.engine.store import open_store
+
+    store = open_store(args.target)
+    try:
+        return {"auto": _auto, "retrain": _retrain, "report": _report}[args.engine_cmd](store, args)
+    finally:
+        store.close()
+
+
+def _spec(store: Any, args: argparse.Namespace) -> Any:
+    from segany.cli._util import resolve_device
+    from segany.engine.retrain import model_spec_for
+
+    return model_spec_for(store, args.project, model=args.model, checkpoint=args.checkpoint,
+                          device=resolve_device(args.device))
+
+
+def _auto(store: Any, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from segany.engine.auto import AutoSettings, run_auto
+
+    settings = AutoSettings(
+        points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
+        box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_area,
+        max_masks=args.max_masks, review_state="pending" if args.review else "accepted", generator=args.generator)
+    spec = _spec(store, args)
+    backend = "ray" if args.ray else "local"
+    workers = args.workers if args.workers is not None else (0 if backend == "ray" else 1)
+    bar: dict[str, Any] = {}
+
+    def on_start(todo: int, done: int) -> None:
+        print(f"[segany] stage 3 with {spec.version_name()} on {backend}: {todo} images to do, {done} already done",
+              file=sys.stderr, flush=True)
+        bar["t"] = tqdm(total=todo, unit="img", disable=args.quiet, file=sys.stderr)
+
+    def on_result(result: Any, written: bool) -> None:
+        bar["t"].update(1)
+        bar["t"].set_postfix(masks=len(result.masks))
+
+    summary = run_auto(store, args.project, spec, settings, backend=backend, workers=workers, ray_address=args.ray,
+                       redo=args.redo, on_start=on_start, on_result=on_result)
+    if "t" in bar:
+        bar["t"].close()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=1))
+    else:
+        print(f"stage 3: {summary.images_written} images written ({summary.masks_written} masks), "
+              f"{summary.images_skipped} already done, {summary.duplicates_dropped} duplicate results dropped, "
+              f"{summary.seconds:.1f} s ({summary.images_per_hour:.0f} images/hour with {summary.workers} "
+              f"{'actors' if backend == 'ray' else 'workers'})")
+    return 0
+
+
+def _retrain(store: Any, args: argparse.Namespace) -> int:
+    from segany.cli._util import resolve_device
+    from segany.engine.retrain import RetrainSettings, retrain
+
+    settings = RetrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, held_out=args.held_out,
+        eval_data=args.eval_data, eval_datasets=tuple(args.eval_datasets.split(",")) if args.eval_datasets else None,
+        eval_images=args.eval_images, max_objects=args.max_objects, freeze_encoder=args.freeze_encoder,
+        always_promote=args.always_promote, device=resolve_device(args.device))
+    result = retrain(store, args.project, settings, model=args.model, checkpoint=args.checkpoint, out_dir=args.out,
+                     log=lambda msg: print(f"[segany] {msg}", file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        o, n = result["metrics_old"]["all"], result["metrics_new"]["all"]
+        print(f"dataset version {result['dataset_version']['name']} ({result['dataset_version']['annotations']} "
+              f"masks, hash {result['dataset_version']['content_hash'][:12]})")
+        print(f"{'':10s} {'1-click':>8s} {'5-click':>8s} {'box':>8s}")
+        for name, s in (("old", o), ("new", n)):
+            print(f"{name:10s} {s['miou_1']:8.3f} {s['miou_5']:8.3f} {s['box_miou']:8.3f}")
+        state = "now current" if result["promoted"] else "not better: the current model stays"
+        print(f"model version {result['model_version']['name']} (id {result['model_version']['id']}): {state}")
+    return 0
+
+
+def _report(store: Any, args: argparse.Namespace) -> int:
+    from segany.engine.report import ReportSettings, build_report
+
+    spec = None if args.no_model else _spec(store, args)
+    settings = ReportSettings(disagreement_iou=args.disagreement_iou, max_disagreement=args.max_disagreement,
+                              dup_iou=args.dup_iou, dup_hash_bits=args.dup_hash_bits, flag=not args.no_flag)
+    out = build_report(store, args.project, args.out, settings, spec=spec,
+                       log=lambda msg: print(f"[segany] {msg}", file=sys.stderr, flush=True))
+    print(f"wrote {out['html']} ({out['flagged']} masks sent to review)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="segany engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The retraining loop of the data engine (SAM §4: the model was retrained after each stage, 6 times).
+
+``retrain`` freezes the project's accepted annotations into a dataset version (a sorted list with a
+content hash, stored in the DB, so the same data always gives the same version), fine-tunes the current
+model on the training images with the interactive recipe of :mod:`segany.train.trainer`, evaluates old
+and new on held-out images with the protocol of :mod:`segany.eval.interactive` (1- and 5-click mIoU,
+box mIoU), registers the new model version with its metrics and lineage (parent, dataset version), and
+makes it the project's current model when it is better. ``segany serve`` and ``segany engine auto``
+load the current model unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segany.engine.auto import ModelSpec
+from segany.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CURRENT_KEY = "current_model_version_id"
+DEFAULT_MODEL = "segany_tiny"
+
+
+# ------------------------------------------------------------------------------------- current model
+def current_model(store: Any, project: str | None) -> dict[str, Any] | None:
+    """The project's current model version (a ``list_model_versions`` row) or None."""
+    proj = store.get_project(project)
+    mv_id = (proj["settings"] or {}).get(CURRENT_KEY)
+    if mv_id is None:
+        return None
+    for mv in store.list_model_versions():
+        if mv["id"] == mv_id:
+            return mv
+    return None
+
+
+def set_current_model(store: Any, project: str | None, model_version_id: int) -> None:
+    proj = store.get_project(project)
+    store.update_project(proj["id"], settings={CURRENT_KEY: int(model_version_id)})
+
+
+def model_spec_for(store: Any, project: str | None, *, model: str | None = None, checkpoint: str | None = None,
+                   device: str = "cpu") -> ModelSpec:
+    """What to run: explicit ``model``/``checkpoint``, else the project's current model, else ``segany_tiny``
+    with its packaged or cached weights (random weights with a warning when there are none)."""
+    if checkpoint is None and model is None:
+        cur = current_model(store, project)
+        if cur is not None and cur["checkpoint_path"]:
+            if not Path(cur["checkpoint_path"]).is_file():
+                raise InputError(f"the project's current model {cur['name']!r} points at "
+                                 f"{cur['checkpoint_path']!r}, which is gone; pass --model and --checkpoint")
+            return ModelSpec(cur["model_type"], cur["checkpoint_path"], device)
+    name = model or DEFAULT_MODEL
+    if checkpoint is None:
+        from segany.checkpoints import find_weights
+        from segany.registry import get_model_info
+
+        info = get_model_info(name)
+        found = find_weights(info.weights) if info.weights else None
+        if found is None:
+            log.warning("no weights for %s: using RANDOM weights (pass --checkpoint)", name)
+        checkpoint = str(found) if found else None
+    elif not Path(checkpoint).is_file():
+        raise InputError(f"--checkpoint {checkpoint!r} does not exist; check the path")
+    return ModelSpec(name, checkpoint, device)
+
+
+# ---------------------------------------------------------------------------------- dataset versions
+def held_out_image(sha256: str, fraction: float) -> bool:
+    """Deterministic split by image content: the same image is held out in every dataset version."""
+    return int(sha256[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def freeze_dataset_version(store: Any, project: str | None, *, held_out: float = 0.2,
+                           states: tuple[str, ...] = ("accepted",)) -> dict[str, Any]:
+    """Freeze the project's annotations in ``states`` as a dataset version; reuse one with the same content.
+
+    The content hash covers, in annotation-uuid order, each annotation's uuid, image sha256, label and
+    RLE, so it changes exactly when the data changes. Returns ``{id, name, content_hash, annotations,
+    images, train_image_ids, held_out_image_ids}``.
+    """
+    from sqlalchemy import select
+
+    from segany.engine.db import Annotation, DatasetVersion, Image
+
+    proj = store.get_project(project)
+    with store.transaction() as s:
+        rows = list(s.execute(
+            select(Annotation, Image.sha256).join(Image, Image.id == Annotation.image_id)
+            .where(Image.project_id == proj["id"], Annotation.review_state.in_(list(states)))
+            .order_by(Annotation.uuid)))
+        if not rows:
+            raise InputError(f"project {proj['name']!r} has no {'/'.join(states)} annotations to train on; "
+                             "annotate or accept some first")
+        h = hashlib.sha256()
+        for a, sha in rows:
+            h.update(f"{a.uuid}\0{sha}\0{a.label}\0{a.height}x{a.width}\0{a.rle_counts}\n".encode())
+        digest = h.hexdigest()
+        images = {a.image_id: sha for a, sha in rows}
+        held = sorted(i for i, sha in images.items() if held_out_image(sha, held_out))
+        train = sorted(i for i in images if i not in set(held))
+        if held_out > 0 and not held and len(images) >= 2:  # tiny projects: hold out one image anyway
+            held = [min(images, key=lambda i: images[i])]
+            train = [i for i in train if i not in held]
+        for dv in s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])):
+            if (dv.meta or {}).get("content_hash") == digest and (dv.meta or {}).get("held_out") == held_out:
+                return _dv_dict(dv)
+        n = len(list(s.scalars(select(DatasetVersion.id).where(DatasetVersion.project_id == proj["id"])))) + 1
+        dv = DatasetVersion(project_id=proj["id"], name=f"v{n}-{digest[:8]}", meta={
+            "content_hash": digest, "states": list(states), "annotations": len(rows), "images": len(images),
+            "held_out": held_out, "train_image_ids": train, "held_out_image_ids": held,
+            "annotation_uuids_sha256": hashlib.sha256("\n".join(a.uuid for a, _ in rows).encode()).hexdigest()})
+        dv.annotations = [a for a, _ in rows]
+        s.add(dv)
+        s.flush()
+        return _dv_dict(dv)
+
+
+def _dv_dict(dv: Any) -> dict[str, Any]:
+    m = dv.meta or {}
+    return {"id": dv.id, "name": dv.name, "content_hash": m.get("content_hash"), "annotations": m.get("annotations"),
+            "images": m.get("images"), "train_image_ids": list(m.get("train_image_ids", [])),
+            "held_out_image_ids": list(m.get("held_out_image_ids", []))}
+
+
+def dataset_records(store: Any, dataset_version_id: int, image_ids: list[int], dataset: str = "project"
+                    ) -> list[Any]:
+    """Training/eval records (:class:`InstanceRecord`) of the given images, from the frozen annotations."""
+    from sqlalchemy import select
+
+    from segany.data.formats.common import InstanceRecord
+    from segany.engine.db import Annotation, DatasetVersion, Image, dataset_version_annotations
+
+    wanted = set(image_ids)
+    with store.transaction() as s:
+        if s.get(DatasetVersion, dataset_version_id) is None:
+            raise InputError(f"no dataset version with id {dataset_version_id}")
+        q = (select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
+             .join(dataset_version_annotations, dataset_version_annotations.c.annotation_id == Annotation.id)
+             .where(dataset_version_annotations.c.dataset_version_id == dataset_version_id)
+             .order_by(Image.id, Annotation.uuid))
+        by_image: dict[int, InstanceRecord] = {}
+        for a, im in s.execute(q):
+            if im.id not in wanted:
+                continue
+            rec = by_image.get(im.id)
+            if rec is None:
+                rec = by_image[im.id] = InstanceRecord(image_path=im.path, size_hw=(im.height, im.width), masks=[],
+                                                       class_names=[], image_id=str(im.id), dataset=dataset)
+            rec.masks.append({"size": [a.height, a.width], "counts": a.rle_counts})
+            assert rec.class_names is not None
+            rec.class_names.append(a.label)
+    return [by_image[i] for i in sorted(by_image)]
+
+
+# ------------------------------------------------------------------------------------------ retrain
+@dataclass(frozen=True)
+class RetrainSettings:
+    steps: int = 200
+    batch_size: int = 2
+    lr: float = 1e-4
+    held_out: float = 0.2
+    eval_data: str | None = None  # evaluate on external data (pack or shared-data root) instead
+    eval_datasets: tuple[str, ...] | None = None
+    eval_images: int | None = None
+    max_objects: int = 8
+    max_clicks: int = 5  # 1- and 5-click mIoU are reported
+    freeze_encoder: bool = False
+    always_promote: bool = False
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise InputError(f"--steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.held_out < 1.0:
+            raise InputError(f"--held-out must be in [0, 1), got {self.held_out}")
+        if self.max_clicks < 5:
+            raise InputError(f"max_clicks must be >= 5 (5-click mIoU is reported), got {self.max_clicks}")
+
+
+def score(metrics: dict[str, Any]) -> float:
+    """One number to compare models: mean of 1-click, 5-click and box mIoU over all objects."""
+    a = metrics["all"]
+    return float((a["miou_1"] + a["miou_5"] + a["box_miou"]) / 3.0)
+
+
+def evaluate(sam: Any, records: list[Any], *, max_objects: int, max_clicks: int) -> dict[str, Any]:
+    from segany.eval.interactive import eval_objects, evaluate_model, summarize
+
+    objects = eval_objects(records, max_objects)
+    if not objects:
+        raise InputError("the evaluation split has no objects of at least 64 pixels; add data or use --eval-data")
+    was_training = sam.training
+    sam.eval()
+    try:
+        return summarize(evaluate_model(sam, objects, max_clicks=max_clicks), max_clicks)
+    finally:
+        sam.train(was_training)
+
+
+def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model: str | None = None,
+            checkpoint: str | None = None, out_dir: str | None = None,
+            log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """One turn of the loop: freeze data, fine-tune, evaluate old vs new, register, maybe promote.
+
+    Returns a JSON-ready dict: ``dataset_version``, ``model_version`` (id, name, checkpoint),
+    ``metrics_old``/``metrics_new`` (per dataset and ``all``: ``miou_1``, ``miou_5``, ``box_miou``, ...),
+    ``promoted`` and ``train`` (the trainer's summary).
+    """
+    import torch
+
+    from segany.checkpoints import build_sam, save_checkpoint
+    from segany.engine.auto import register_model
+    from segany.engine.store import file_sha256
+    from segany.train.config import TrainConfig
+    from segany.train.trainer import Trainer
+
+    proj = store.get_project(project)
+    spec = model_spec_for(store, project, model=model, checkpoint=checkpoint, device=settings.device)
+    parent_id = register_model(store, spec)
+    dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out)
+    log(f"dataset version {dv['name']}: {dv['annotations']} masks on {dv['images']} images "
+        f"({len(dv['train_image_ids'])} train, {len(dv['held_out_image_ids'])} held out)")
+    train_records = dataset_records(store, dv["id"], dv["train_image_ids"])
+    if not train_records:
+        raise InputError("no training images left after the held-out split; lower --held-out or add images")
+    if settings.eval_data:
+        from segany.eval.run import load_eval_records
+
+        eval_records = load_eval_records(settings.eval_data, "val", list(settings.eval_datasets or []) or None,
+                                         limit_images=settings.eval_images)
+    else:
+        eval_records = dataset_records(store, dv["id"], dv["held_out_image_ids"])
+        if settings.eval_images is not None:
+            eval_records = eval_records[: settings.eval_images]
+    if not eval_records:
+        raise InputError("no held-out images to evaluate on; raise --held-out or pass --eval-data")
+
+    base = Path(out_dir) if out_dir else (
+        (store.project_dir or Path.cwd()) / ".segany" / "retrain" / f"{dv['name']}-from-{parent_id}")
+    base.mkdir(parents=True, exist_ok=True)
+
+    old = build_sam(spec.model, spec.checkpoint, device=settings.device)
+    log(f"evaluating the current model {spec.version_name()} on {len(eval_records)} held-out images")
+    t0 = time.time()
+    metrics_old = evaluate(old, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
+
+    cfg = TrainConfig.from_dict({
+        "model": {"name": spec.model},
+        "data": {"max_masks": 8, "num_workers": 0, "scale_min": 0.8, "scale_max": 1.2, "min_mask_area": 16},
+        "optim": {"lr": settings.lr, "warmup_steps": max(1, min(50, settings.steps // 10)), "weight_decay": 0.01,
+                  "freeze_image_encoder": settings.freeze_encoder},
+        "recipe": {"point_rounds": 2, "mask_only_rounds": 1},
+        "run": {"out_dir": str(base / "run"), "max_steps": settings.steps, "batch_size": settings.batch_size,
+                "seed": settings.seed, "device": settings.device, "log_every": max(1, settings.steps // 10),
+                "ckpt_every": 0},
+    })
+    log(f"fine-tuning for {settings.steps} steps on {len(train_records)} images")
+    torch.manual_seed(settings.seed)
+    trainer = Trainer(cfg, sam=old, train_records=train_records)  # fine-tunes ``old`` in place
+    summary = trainer.fit()
+    new = trainer.sam.eval()
+    metrics_new = evaluate(new, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
+    s_old, s_new = score(metrics_old), score(metrics_new)
+    better = s_new > s_old
+    promote = better or settings.always_promote
+    meta = {"dataset_version": dv["name"], "content_hash": dv["content_hash"], "steps": settings.steps,
+            "metrics": metrics_new, "parent_metrics": metrics_old, "score": round(s_new, 4),
+            "parent_score": round(s_old, 4), "eval_images": len(eval_records),
+            "eval_split": "external:" + settings.eval_data if settings.eval_data else "held-out project images",
+            "train_images": len(train_records), "train": summary}
+    ckpt = base / "model.pt"
+    save_checkpoint(new, ckpt, meta={k: v for k, v in meta.items() if k != "train"})
+    new_spec = ModelSpec(spec.model, str(ckpt.resolve()), settings.device)
+    mv_id = int(store.register_model_version(new_spec.version_name(), spec.model, str(ckpt.resolve()),
+                                             checkpoint_sha256=file_sha256(ckpt), parent_id=parent_id,
+                                             trained_on_id=dv["id"], meta=meta))
+    if promote:
+        set_current_model(store, project, mv_id)
+    result = {"project": proj["name"], "dataset_version": {k: dv[k] for k in ("id", "name", "content_hash",
+                                                                              "annotations", "images")},
+              "model_version": {"id": mv_id, "name": new_spec.version_name(), "checkpoint": str(ckpt),
+                                "parent_id": parent_id},
+              "metrics_old": metrics_old, "metrics_new": metrics_new, "score_old": round(s_old, 4),
+              "score_new": round(s_new, 4), "better": better, "promoted": promote, "train": summary,
+              "seconds": round(time.time() - t0, 1)}
+    tmp = base / ".result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(base / "result.json")
+    return result
