@@ -1,0 +1,340 @@
+"""Data maintenance for the engine's output (SAM §5 "Segment Anything Dataset", mask quality checks).
+
+``build_report`` writes an HTML page with PNG plots, a ``report.json`` and a ``flags.json`` for every
+dataset version of a project plus the live set of annotations:
+
+* masks per image, mask size (fraction of the image), predicted IoU and stability of automatic masks;
+* disagreement: the current model's mask from each accepted annotation's box, compared with the
+  annotation. Low IoU marks a mask for review (either the annotation or the model is wrong);
+* near-duplicate masks (pairs above an IoU in one image) and near-duplicate images (64-bit dHash);
+* annotator throughput: seconds per mask over time (SA-1B went from 34 s to 14 s per mask).
+
+Flagged masks are moved to ``review_state = pending`` (the app's review queue) unless ``flag=False``;
+the reason is kept in ``flags.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    disagreement_iou: float = 0.5
+    max_disagreement: int = 500
+    dup_iou: float = 0.9
+    dup_hash_bits: int = 6
+    flag: bool = True
+
+
+# ---------------------------------------------------------------------------------------- measures
+def dhash(path: str, size: int = 8) -> int:
+    """64-bit difference hash: grayscale (size+1)×size thumbnail, one bit per horizontal gradient sign."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        g = np.asarray(im.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (g[:, 1:] > g[:, :-1]).ravel()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def near_duplicate_images(hashes: dict[int, int], max_bits: int) -> list[tuple[int, int, int]]:
+    """(image a, image b, differing bits) for every pair within ``max_bits``."""
+    ids = sorted(hashes)
+    out = []
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            d = bin(hashes[a] ^ hashes[b]).count("1")
+            if d <= max_bits:
+                out.append((a, b, d))
+    return out
+
+
+def duplicate_masks(anns: list[dict[str, Any]], thresh: float) -> list[tuple[int, int, float]]:
+    """(annotation a, annotation b, IoU) for pairs in one image above ``thresh``; b is the one to review
+    (lower predicted IoU, or the later one)."""
+    from pycocotools import mask as mask_utils
+
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for a in anns:
+        by_image[a["image_id"]].append(a)
+    out = []
+    for items in by_image.values():
+        if len(items) < 2:
+            continue
+        rles = [{"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode("ascii")}
+                for a in items]
+        ious = np.asarray(mask_utils.iou(rles, rles, [0] * len(rles)))
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                if ious[i, j] > thresh:
+                    a, b = items[i], items[j]
+                    keep_a = (a["predicted_iou"] or 1.0, -a["id"]) >= (b["predicted_iou"] or 1.0, -b["id"])
+                    first, second = (a, b) if keep_a else (b, a)
+                    out.append((first["id"], second["id"], float(ious[i, j])))
+    return out
+
+
+def disagreement(sam: Any, images: dict[int, dict[str, Any]], anns: list[dict[str, Any]], limit: int
+                 ) -> dict[int, float]:
+    """annotation id → IoU between the annotation and the model's single mask from its box."""
+    from segany.data.images import load_image
+    from segany.engine.masks import decode_rle
+    from segany.eval.metrics import iou
+    from segany.predictor import SamPredictor
+
+    pred = SamPredictor(sam)
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for a in anns[:limit]:
+        by_image[a["image_id"]].append(a)
+    out: dict[int, float] = {}
+    for image_id, items in by_image.items():
+        pred.set_image(load_image(images[image_id]["path"]))
+        for a in items:
+            x, y, w, h = a["bbox"]
+            if w < 1 or h < 1:
+                continue
+            masks, _, _ = pred.predict(box=np.array([x, y, x + w, y + h], dtype=np.float32), multimask_output=False)
+            out[a["id"]] = iou(masks[0], decode_rle(a["segmentation"]))
+    return out
+
+
+def throughput(anns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seconds per mask per day for annotator-made masks (manual and reviewed semi-automatic)."""
+    days: dict[str, list[float]] = defaultdict(list)
+    for a in anns:
+        if a["seconds_spent"] is None or a["source"] == "auto" or not a["created_at"]:
+            continue
+        day = a["created_at"][:10]
+        days[day].append(float(a["seconds_spent"]))
+    return [{"day": d, "masks": len(v), "seconds_per_mask": round(float(np.mean(v)), 2)}
+            for d, v in sorted(days.items())]
+
+
+def describe(anns: list[dict[str, Any]], images: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Counts and distributions of one set of annotations."""
+    per_image = defaultdict(int)
+    for a in anns:
+        per_image[a["image_id"]] += 1
+    counts = [per_image.get(i, 0) for i in images]
+    rel = [a["area"] / max(1, a["segmentation"]["size"][0] * a["segmentation"]["size"][1]) for a in anns]
+    by_source: dict[str, int] = defaultdict(int)
+    for a in anns:
+        by_source[a["source"]] += 1
+
+    def stats(v: list[float]) -> dict[str, float] | None:
+        if not v:
+            return None
+        arr = np.asarray(v, dtype=float)
+        return {"mean": round(float(arr.mean()), 4), "median": round(float(np.median(arr)), 4),
+                "p10": round(float(np.percentile(arr, 10)), 4), "p90": round(float(np.percentile(arr, 90)), 4)}
+
+    return {"images": len(images), "masks": len(anns), "by_source": dict(by_source),
+            "masks_per_image": stats([float(c) for c in counts]), "relative_area": stats(rel),
+            "predicted_iou": stats([a["predicted_iou"] for a in anns if a["predicted_iou"] is not None]),
+            "stability_score": stats([a["stability_score"] for a in anns if a["stability_score"] is not None]),
+            "_counts": counts, "_rel": rel,
+            "_piou": [a["predicted_iou"] for a in anns if a["predicted_iou"] is not None],
+            "_stab": [a["stability_score"] for a in anns if a["stability_score"] is not None]}
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _plots(name: str, d: dict[str, Any], out: Path, extra: dict[str, list[float]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    panels = [("masks per image", d["_counts"], "masks", False), ("mask size", d["_rel"], "area / image area", True),
+              ("predicted IoU", d["_piou"], "predicted IoU", False), ("stability", d["_stab"], "stability score", False)]
+    panels += [(k, v, k, False) for k, v in extra.items()]
+    panels = [p for p in panels if len(p[1])]
+    if not panels:
+        return files
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    for ax, (title, values, xlabel, logx) in zip(axes[0], panels):
+        v = np.asarray(values, dtype=float)
+        if logx:
+            v = np.clip(v[v > 0], 1e-4, 1.0)
+            bins = np.logspace(-4, 0, 21)  # 0.01 % of the image up to all of it
+            ax.set_xscale("log")
+        else:
+            bins = 20
+        ax.hist(v, bins=bins, color="#4477aa")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path = out / f"{name}_distributions.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    files.append(path.name)
+    return files
+
+
+def _throughput_plot(rows: list[dict[str, Any]], out: Path) -> str | None:
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.plot([r["day"] for r in rows], [r["seconds_per_mask"] for r in rows], marker="o")
+    ax.set_ylabel("seconds per mask")
+    ax.set_title("annotator throughput", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=90)
+    plt.close(fig)
+    return "throughput.png"
+
+
+# ------------------------------------------------------------------------------------------ report
+def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str], settings: ReportSettings,
+                 *, spec: Any = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Write ``index.html``, plots, ``report.json`` and ``flags.json`` to ``out_dir``; flag masks for review.
+
+    Args:
+        spec: the model to check accepted masks against (:class:`segany.engine.auto.ModelSpec`), or None.
+
+    Returns:
+        ``{"html": path, "flagged": n, "report": the report dict}``.
+    """
+    from segany.engine.db import DatasetVersion
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proj = store.get_project(project)
+    pid = proj["id"]
+    images = {im["id"]: im for im in store.list_images(pid)}
+    live = store.list_annotations(project_id=pid, states=["accepted", "pending"])
+    with store.transaction() as s:
+        from sqlalchemy import select
+
+        versions = [(dv.id, dv.name, dict(dv.meta or {}), sorted(a.id for a in dv.annotations))
+                    for dv in s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == pid)
+                                        .order_by(DatasetVersion.id))]
+    all_by_id = {a["id"]: a for a in store.list_annotations(project_id=pid)}
+
+    # Checks on the live set (what the next dataset version will freeze).
+    log(f"checking {len(live)} masks on {len(images)} images")
+    hashes = {}
+    for i, im in images.items():
+        try:
+            hashes[i] = dhash(im["path"])
+        except OSError:
+            log(f"image {i} ({im['file_name']}) cannot be read; skipped in the near-duplicate check")
+    dup_images = near_duplicate_images(hashes, settings.dup_hash_bits)
+    dup_masks = duplicate_masks(live, settings.dup_iou)
+    disagree: dict[int, float] = {}
+    model_name = None
+    if spec is not None:
+        accepted = [a for a in live if a["review_state"] == "accepted"]
+        log(f"model {spec.version_name()} vs {min(len(accepted), settings.max_disagreement)} accepted masks")
+        model_name = spec.version_name()
+        disagree = disagreement(spec.build(), images, accepted, settings.max_disagreement)
+
+    flags: list[dict[str, Any]] = []
+    for aid, iou_v in sorted(disagree.items()):
+        if iou_v < settings.disagreement_iou:
+            flags.append({"annotation_id": aid, "image_id": all_by_id[aid]["image_id"], "reason": "disagreement",
+                          "iou": round(iou_v, 4)})
+    for a_id, b_id, iou_v in dup_masks:
+        flags.append({"annotation_id": b_id, "image_id": all_by_id[b_id]["image_id"], "reason": "duplicate_mask",
+                      "duplicate_of": a_id, "iou": round(iou_v, 4)})
+    flagged = 0
+    if settings.flag:
+        seen = set()
+        for f in flags:
+            aid = f["annotation_id"]
+            if aid in seen:
+                continue
+            seen.add(aid)
+            if all_by_id[aid]["review_state"] == "accepted":
+                store.update_annotation(aid, project_id=pid, review_state="pending")
+                flagged += 1
+    image_flags = [{"image_id": a, "duplicate_of": b, "hash_bits": d, "reason": "near_duplicate_image"}
+                   for a, b, d in dup_images]
+
+    sections = []
+    report: dict[str, Any] = {"project": proj["name"], "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                              "model": model_name, "versions": [], "flags": flags, "image_flags": image_flags,
+                              "flagged_to_review": flagged}
+    sets = [("live", "current annotations (accepted + pending)", live, None)]
+    sets += [(f"dv{vid}", f"dataset version {name}", [all_by_id[i] for i in ids if i in all_by_id], meta)
+             for vid, name, meta, ids in versions]
+    for key, title, anns, meta in sets:
+        d = describe(anns, images)
+        extra = {}
+        if key == "live" and disagree:
+            extra["model vs annotation IoU"] = list(disagree.values())
+        pngs = _plots(key, d, out, extra)
+        public = {k: v for k, v in d.items() if not k.startswith("_")}
+        report["versions"].append({"key": key, "title": title, "meta": meta or {}, **public})
+        sections.append((title, public, pngs, meta))
+    thr = throughput(store.list_annotations(project_id=pid))
+    report["throughput"] = thr
+    thr_png = _throughput_plot(thr, out)
+    _write_json(out / "report.json", report)
+    _write_json(out / "flags.json", {"masks": flags, "images": image_flags})
+    html_path = out / "index.html"
+    _write_text(html_path, _html(report, sections, thr_png, settings))
+    return {"html": str(html_path), "flagged": flagged, "report": report}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _html(report: dict[str, Any], sections: list[Any], thr_png: str | None, settings: ReportSettings) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><meta charset=utf-8><title>segany report: {e(report['project'])}</title>",
+             "<style>body{font:14px sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>",
+             f"<h1>Data report: {e(report['project'])}</h1><p>generated {e(report['generated_at'])}; model "
+             f"{e(str(report['model']))}; {report['flagged_to_review']} masks sent to the review queue.</p>"]
+    for title, d, pngs, meta in sections:
+        parts.append(f"<h2>{e(title)}</h2>")
+        if meta and meta.get("content_hash"):
+            parts.append(f"<p>content hash <code>{e(meta['content_hash'][:16])}</code></p>")
+        rows = "".join(f"<tr><th>{e(k)}</th><td>{e(json.dumps(v))}</td></tr>" for k, v in d.items())
+        parts.append(f"<table>{rows}</table>")
+        parts += [f'<p><img src="{e(p)}" alt="{e(title)}"></p>' for p in pngs]
+    parts.append(f"<h2>Review candidates</h2><p>model-vs-annotation IoU below {settings.disagreement_iou}, "
+                 f"duplicate masks above IoU {settings.dup_iou}:</p><table><tr><th>annotation</th><th>image</th>"
+                 "<th>reason</th><th>IoU</th></tr>")
+    parts += [f"<tr><td>{f['annotation_id']}</td><td>{f['image_id']}</td><td>{e(f['reason'])}</td>"
+              f"<td>{f['iou']:.3f}</td></tr>" for f in report["flags"][:500]]
+    parts.append("</table><h2>Near-duplicate images</h2><table><tr><th>image</th><th>duplicate of</th>"
+                 "<th>dHash bits</th></tr>")
+    parts += [f"<tr><td>{f['image_id']}</td><td>{f['duplicate_of']}</td><td>{f['hash_bits']}</td></tr>"
+              for f in report["image_flags"]]
+    parts.append("</table><h2>Annotator throughput</h2><table><tr><th>day</th><th>masks</th><th>s/mask</th></tr>")
+    parts += [f"<tr><td>{e(r['day'])}</td><td>{r['masks']}</td><td>{r['seconds_per_mask']}</td></tr>"
+              for r in report["throughput"]]
+    parts.append("</table>")
+    if thr_png:
+        parts.append(f'<p><img src="{thr_png}" alt="throughput"></p>')
+    return "\n".join(parts)
