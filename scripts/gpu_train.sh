@@ -11,15 +11,15 @@
 #
 #   device run: command "bash scripts/gpu_train.sh", carry ["out/packed"], timeout_s 600
 #
-# Env knobs: MAX_MINUTES (training budget, default 6.5 so evaluation fits a 10-minute call),
+# Env knobs: MAX_MINUTES (training budget, default 6 so evaluation fits a 10-minute call),
 # PACK (default out/packed), OUT (default out/gpu_run), PYTHON (default python3), EVAL_TIMEOUT (s, 150),
-# DEVICE (auto), EXTRA (more `-o section.key=value` overrides for training).
+# DEVICE (auto), EXTRA (more `-o section.key=value` overrides for training), EVAL_EXTRA (more eval flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PACK=${PACK:-out/packed}
 OUT=${OUT:-out/gpu_run}
-MAX_MINUTES=${MAX_MINUTES:-6.5}
+MAX_MINUTES=${MAX_MINUTES:-6}
 EVAL_TIMEOUT=${EVAL_TIMEOUT:-150}
 DEVICE=${DEVICE:-auto}
 RUN=${RUN_DIR:-/tmp/segany_tiny_run}
@@ -62,7 +62,7 @@ $PY -c "from segany.bundled import split_file; import sys; print([p.name for p i
 # 3) evaluate on the held-out split, GrabCut from the same boxes beside it
 timeout "$EVAL_TIMEOUT" $PY -m segany.cli.eval --model segany_tiny --checkpoint "$RUN/segany_tiny.pt" \
   --data "$PACK" --grabcut --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --max-objects-per-image 4 \
-  --device "$DEVICE" --out "$RUN/eval" --quiet 2>&1 | tee -a "$LOG"
+  --device "$DEVICE" --out "$RUN/eval" --quiet ${EVAL_EXTRA:-} 2>&1 | tee -a "$LOG"
 echo "eval rc ${PIPESTATUS[0]}" | tee -a "$LOG"
 cp "$RUN/eval/miou_vs_clicks.png" "$OUT/" 2>/dev/null
 

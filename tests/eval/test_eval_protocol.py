@@ -1,0 +1,91 @@
+"""The click simulator, NoC/mIoU on hand-made cases, AR against a hand-computed COCOeval case, GrabCut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segany.data.formats.common import InstanceRecord, encode_mask
+from segany.errors import InputError
+from segany.eval.clicks import Click, first_click, next_click
+from segany.eval.metrics import average_recall, iou, noc, summarize_clicks
+
+
+def rect(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_first_click_is_farthest_from_boundary() -> None:
+    gt = rect(40, 60, 10, 31, 5, 26)  # 21x21 square: centre (15, 20)
+    assert first_click(gt) == Click(15, 20, True)
+    # an L shape: the thick arm wins, not the bounding-box centre
+    L = rect(50, 50, 0, 50, 0, 10) | rect(50, 50, 30, 50, 0, 50)
+    c = first_click(L)
+    assert L[c.y, c.x] and 30 <= c.y < 50 and c.x >= 9
+    # the image border counts as boundary
+    edge = rect(20, 20, 0, 20, 0, 7)
+    assert first_click(edge).x == 3
+    with pytest.raises(InputError):
+        first_click(np.zeros((5, 5), bool))
+
+
+def test_next_click_picks_largest_error_region_and_sign() -> None:
+    gt = rect(60, 60, 10, 50, 10, 50)
+    pred = gt.copy()
+    pred[10:50, 40:50] = False  # 40x10 missed strip (false negative)
+    pred |= rect(60, 60, 0, 4, 0, 4)  # 4x4 false positive blob
+    c = next_click(gt, pred)
+    assert c is not None and c.positive and 40 <= c.x < 50 and 10 <= c.y < 50 and c.x in (44, 45)
+    pred2 = gt | rect(60, 60, 52, 60, 0, 60)  # an 8x60 false-positive band is the largest error
+    pred2[20:22, 20:22] = False
+    c2 = next_click(gt, pred2)
+    assert c2 is not None and not c2.positive and c2.y >= 52
+    assert next_click(gt, gt) is None
+
+
+def test_noc_and_miou_on_hand_made_case() -> None:
+    a = [0.5, 0.86, 0.91] + [0.95] * 17
+    b = [0.2] * 20
+    assert noc(a, 0.85) == 2 and noc(a, 0.90) == 3 and noc(b, 0.85) == 20
+    s = summarize_clicks([a, b])
+    assert s["miou_1"] == pytest.approx(0.35) and s["miou_5"] == pytest.approx(0.575)
+    assert s["noc85"] == pytest.approx(11.0) and s["noc90"] == pytest.approx(11.5)
+    assert iou(rect(4, 4, 0, 2, 0, 4), rect(4, 4, 0, 4, 0, 4)) == 0.5
+
+
+def test_average_recall_matches_hand_computation() -> None:
+    h, w = 100, 100
+    g1, g2 = rect(h, w, 0, 20, 0, 20), rect(h, w, 50, 90, 50, 90)
+    p1 = g1  # perfect: matched at all 10 IoU thresholds
+    p2 = rect(h, w, 50, 90, 50, 74)  # IoU 24/40 = 0.6: matched at 0.50, 0.55, 0.60
+    far = rect(h, w, 0, 5, 90, 100)  # matches nothing
+    props = [[{"segmentation": encode_mask(p1), "score": 0.9}, {"segmentation": encode_mask(p2), "score": 0.8},
+              {"segmentation": encode_mask(far), "score": 0.95}]]
+    ar = average_recall([[encode_mask(g1), encode_mask(g2)]], props, [(h, w)], max_dets=(1, 100, 1000))
+    assert ar["AR@100"] == pytest.approx((1.0 + 0.3) / 2)
+    assert ar["AR@1000"] == pytest.approx(0.65)
+    assert ar["AR@1"] == pytest.approx(0.0)  # the single top-scored proposal is the miss
+
+
+def test_grabcut_and_model_eval_on_synthetic_object(tmp_path, tiny_sam) -> None:
+    from PIL import Image
+
+    from segany.eval.grabcut import evaluate_grabcut, grabcut_box
+    from segany.eval.interactive import eval_objects, evaluate_model, summarize
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((80, 100, 3)) * 60).astype(np.uint8)
+    gt = rect(80, 100, 20, 60, 30, 75)
+    img[gt] = [220, 200, 30]
+    m = grabcut_box(img, np.array([25, 15, 80, 65]))
+    assert iou(m, gt) > 0.9
+    Image.fromarray(img).save(tmp_path / "x.png")
+    objects = eval_objects([InstanceRecord(str(tmp_path / "x.png"), (80, 100), [encode_mask(gt)], dataset="syn")])
+    gc = summarize(evaluate_grabcut(objects))
+    assert gc["syn"]["box_miou"] > 0.9
+    res = evaluate_model(tiny_sam, objects, max_clicks=3)
+    assert len(res) == 1 and len(res[0].click_ious) == 3
+    s = summarize(res, max_clicks=3)
+    assert set(s["all"]) >= {"miou_1", "miou_5", "noc85", "noc90", "box_miou", "miou_by_clicks"}
