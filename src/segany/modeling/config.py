@@ -101,6 +101,51 @@ class MaskDecoderConfig:
 
 
 @dataclass(frozen=True)
+class TextConfig:
+    """Optional CLIP prompt token (SAM §7.5): a CLIP embedding becomes one more sparse prompt token.
+
+    ``clip_model`` names an entry of :mod:`segany.text.clip` (architecture + weights), so a checkpoint
+    says which CLIP its text token was trained against; ``clip_dim`` is that CLIP's embedding width.
+    """
+
+    clip_model: str = "clip_vit_b32"
+    clip_dim: int = 512
+
+    def __post_init__(self) -> None:
+        _check_positive("TextConfig", clip_dim=self.clip_dim)
+        if not self.clip_model:
+            raise InputError("TextConfig.clip_model must name a CLIP model (see segany.text.list_clip_models())")
+
+
+@dataclass(frozen=True)
+class ClassHeadConfig:
+    """Optional class head over the decoder's mask tokens: a label and a score per mask.
+
+    ``class_names`` is the closed vocabulary, in the order of the head's logits. ``clip_dim`` > 0 adds a
+    projection of each mask token into a CLIP embedding space, so labels can also be open-vocabulary
+    (compared with CLIP text embeddings of any label list).
+    """
+
+    class_names: tuple[str, ...] = ()
+    hidden_dim: int = 256
+    num_layers: int = 3
+    clip_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.class_names:
+            raise InputError("ClassHeadConfig.class_names must list at least one class, e.g. ('person', 'car')")
+        bad = [n for n in self.class_names if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise InputError(f"ClassHeadConfig.class_names must be non-empty strings, got {bad[:3]}")
+        dup = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+        if dup:
+            raise InputError(f"ClassHeadConfig.class_names has duplicates {dup[:5]}; names must be unique")
+        _check_positive("ClassHeadConfig", hidden_dim=self.hidden_dim, num_layers=self.num_layers)
+        if self.clip_dim < 0:
+            raise InputError(f"ClassHeadConfig.clip_dim must be >= 0 (0 = no CLIP projection), got {self.clip_dim}")
+
+
+@dataclass(frozen=True)
 class SamConfig:
     """The whole model. ``encoder`` is a :class:`ViTConfig` or :class:`TinyViTConfig`."""
 
@@ -110,6 +155,9 @@ class SamConfig:
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     mask_threshold: float = 0.0
+    # Optional parts (issue 10); None keeps the model, its state dict and its dict form exactly SAM's.
+    text: TextConfig | None = None
+    classes: ClassHeadConfig | None = None
 
     def __post_init__(self) -> None:
         if self.encoder.out_chans != self.prompt.embed_dim or self.prompt.embed_dim != self.decoder.transformer_dim:
@@ -128,7 +176,11 @@ class SamConfig:
         return self.encoder.grid_size
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("text", "classes"):  # absent rather than None: older readers see the dict they know
+            if d[key] is None:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamConfig:
@@ -144,4 +196,7 @@ class SamConfig:
             pixel_mean=tuple(data.get("pixel_mean", cls.pixel_mean)),  # type: ignore[arg-type]
             pixel_std=tuple(data.get("pixel_std", cls.pixel_std)),  # type: ignore[arg-type]
             mask_threshold=float(data.get("mask_threshold", 0.0)),
+            text=TextConfig(**data["text"]) if data.get("text") else None,
+            classes=(ClassHeadConfig(**{**data["classes"], "class_names": tuple(data["classes"]["class_names"])})
+                     if data.get("classes") else None),
         )

@@ -57,13 +57,17 @@ class MaskDecoder(nn.Module):
         Returns:
             low-res mask logits (B, 3 or 1, 4h, 4w) and predicted IoU (B, 3 or 1).
         """
-        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                        dense_prompt_embeddings)[:2]
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou[:, sel]
 
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                      dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All 4 masks and IoU predictions, before choosing single or multimask output."""
+                      dense: torch.Tensor, return_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+        """All 4 masks and IoU predictions, before choosing single or multimask output.
+
+        With ``return_tokens`` also the (B, 4, C) output mask tokens (what a class head reads).
+        """
         B = sparse.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0).to(sparse.dtype)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(B, -1, -1), sparse], dim=1)
@@ -80,4 +84,6 @@ class MaskDecoder(nn.Module):
         hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         _, c, H, W = up.shape
         masks = (hyper @ up.view(B, c, H * W)).view(B, -1, H, W)
+        if return_tokens:
+            return masks, self.iou_prediction_head(iou_out), mask_out
         return masks, self.iou_prediction_head(iou_out)

@@ -52,7 +52,7 @@ PositionEmbeddingRandom = RandomFourierEncoding
 
 class PromptEncoder(nn.Module):
     def __init__(self, *, embed_dim: int, image_embedding_size: tuple[int, int], input_image_size: tuple[int, int],
-                 mask_in_chans: int = 16) -> None:
+                 mask_in_chans: int = 16, text_dim: int = 0) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.image_embedding_size = image_embedding_size
@@ -73,6 +73,18 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(c, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        # Optional CLIP prompt token (SAM §7.5): only built when asked, so SAM checkpoints load strictly.
+        self.text_dim = text_dim
+        if text_dim > 0:
+            self.text_proj = nn.Linear(text_dim, embed_dim)
+            self.text_type_embed = nn.Embedding(1, embed_dim)
+
+    def embed_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, D) CLIP embeddings (text or image, L2-normalized) → (B, 1, C) prompt tokens."""
+        if self.text_dim <= 0:
+            raise ValueError("this prompt encoder has no text token (built with text_dim=0)")
+        tok = self.text_proj(text_embeddings.to(self.text_proj.weight.dtype)) + self.text_type_embed.weight
+        return tok[:, None]
 
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image-embedding grid, (1, C, H, W)."""
@@ -102,6 +114,7 @@ class PromptEncoder(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
+        text_embeddings: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed prompts.
 
@@ -109,6 +122,7 @@ class PromptEncoder(nn.Module):
             points: ``(coords (B, N, 2), labels (B, N))`` in model-input pixels, or None.
             boxes: (B, 4) XYXY in model-input pixels, or None.
             masks: (B, 1, 256, 256) low-res mask logits, or None.
+            text_embeddings: (B, D) CLIP embeddings, one extra token each (needs ``text_dim`` > 0), or None.
 
         Returns:
             sparse (B, N', C) tokens and dense (B, C, 64, 64) embeddings.
@@ -119,6 +133,8 @@ class PromptEncoder(nn.Module):
             B = boxes.shape[0]
         elif masks is not None:
             B = masks.shape[0]
+        elif text_embeddings is not None:
+            B = text_embeddings.shape[0]
         else:
             B = 1
         device = self.point_embeddings[0].weight.device
@@ -127,6 +143,8 @@ class PromptEncoder(nn.Module):
             parts.append(self._embed_points(points[0], points[1], pad=boxes is None))
         if boxes is not None:
             parts.append(self._embed_boxes(boxes))
+        if text_embeddings is not None:
+            parts.append(self.embed_text(text_embeddings))
         sparse = torch.cat(parts, dim=1)
         if masks is not None:
             dense = self.mask_downscaling(masks)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segany.modeling.class_head import ClassHead
 from segany.modeling.config import SamConfig, TinyViTConfig
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
@@ -34,8 +35,12 @@ class Sam(nn.Module):
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt.embed_dim, image_embedding_size=(g, g),
             input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=cfg.prompt.mask_in_chans,
+            text_dim=cfg.text.clip_dim if cfg.text is not None else 0,
         )
         self.mask_decoder = MaskDecoder(cfg.decoder)
+        # Optional (issue 10): absent unless the config asks, so SAM's state dict is unchanged.
+        self.class_head: ClassHead | None = (ClassHead(cfg.classes, cfg.decoder.transformer_dim)
+                                             if cfg.classes is not None else None)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
 
@@ -70,14 +75,16 @@ class Sam(nn.Module):
 
         Each item holds ``image`` (3, h, w) already resized so its long side is ``img_size``,
         ``original_size`` (H, W), and optionally ``point_coords`` (B, N, 2), ``point_labels`` (B, N),
-        ``boxes`` (B, 4) and ``mask_inputs`` (B, 1, 256, 256), all in the resized frame.
+        ``boxes`` (B, 4) and ``mask_inputs`` (B, 1, 256, 256), all in the resized frame, and
+        ``text_embeddings`` (B, D) CLIP embeddings for a model with a text token.
         """
         images = torch.stack([self.preprocess(item["image"]) for item in batched_input])
         embeddings = self.image_encoder(images)
         outputs = []
         for item, emb in zip(batched_input, embeddings, strict=True):
             points = (item["point_coords"], item["point_labels"]) if "point_coords" in item else None
-            sparse, dense = self.prompt_encoder(points, item.get("boxes"), item.get("mask_inputs"))
+            sparse, dense = self.prompt_encoder(points, item.get("boxes"), item.get("mask_inputs"),
+                                                item.get("text_embeddings"))
             low_res, iou = self.mask_decoder(emb[None], self.prompt_encoder.get_dense_pe(), sparse, dense,
                                              multimask_output)
             masks = self.postprocess_masks(low_res, tuple(item["image"].shape[-2:]), tuple(item["original_size"]))
