@@ -15,7 +15,14 @@ from segany.compat import build_sam_vit_b, build_sam_vit_h, sam_model_registry
 from segany.errors import SeganyError, UnknownModelError
 from segany.modeling.config import SamConfig
 from segany.modeling.sam import Sam
-from segany.registry import WeightsInfo, get_config, get_model_info, list_models, register_model, register_weights
+from segany.registry import (
+    WeightsInfo,
+    get_config,
+    get_model_info,
+    list_models,
+    register_model,
+    register_weights,
+)
 
 
 def test_official_variants_are_registered() -> None:
