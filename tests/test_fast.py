@@ -158,3 +158,44 @@ def test_cuda_default_is_bf16_with_graphs(tiny_sam, image):
     for _ in range(3):  # capture, then replays
         a, b = ref.predict(**kwargs), p.predict(**kwargs)
         assert _rel_err(a[0], b[0]) < BF16_REL_TOL
+
+
+def test_fast_mask_decoder_matches_reference(tiny_sam):
+    from segany.fast import FastMaskDecoder
+
+    pe = tiny_sam.prompt_encoder
+    fast = FastMaskDecoder(tiny_sam.mask_decoder, pe.get_dense_pe())
+    g = torch.Generator().manual_seed(3)
+    feats_a, feats_b = torch.randn(1, 256, 16, 16, generator=g), torch.randn(1, 256, 16, 16, generator=g)
+    one = (torch.tensor([[[100.0, 60.0]]]), torch.tensor([[1]]))
+    two = (torch.tensor([[[100.0, 60.0], [10, 20]], [[5.0, 6.0], [200, 100]]]), torch.tensor([[1, 0], [1, 1]]))
+    masks = torch.randn(2, 1, 64, 64, generator=g)
+    with torch.no_grad():
+        for feats in (feats_a, feats_b, feats_a.clone()):  # a new tensor must never hit a stale cache
+            for points, mask_in in ((one, None), (two, None), (two, masks)):
+                sparse, dense = pe(points, None, mask_in)
+                for multimask in (True, False):
+                    ref = tiny_sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, multimask)
+                    for _ in range(2):  # second call hits the per-image cache
+                        out = fast(feats, pe.get_dense_pe(), sparse, dense, multimask, mask_in is None)
+                        for r, o in zip(ref, out, strict=True):
+                            torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-4)
+        feats_a.add_(1.0)  # in-place change bumps the version: cache must miss
+        sparse, dense = pe(one, None, None)
+        ref = tiny_sam.mask_decoder(feats_a, pe.get_dense_pe(), sparse, dense, True)
+        torch.testing.assert_close(fast(feats_a, None, sparse, dense, True, True)[0], ref[0], atol=1e-5, rtol=1e-4)
+
+
+def test_enable_fast_path_fp32_fast_decoder(tiny_sam, image):
+    from segany.fast import FastMaskDecoder, enable_fast_path
+
+    exact, quick = SamPredictor(tiny_sam), SamPredictor(tiny_sam)
+    fp = enable_fast_path(quick, precision="fp32", fast_decoder=True)
+    assert isinstance(fp.decoder, FastMaskDecoder) and quick.fast is fp
+    exact.set_image(image)
+    quick.set_image(image)
+    for _ in range(2):
+        a = exact.predict(np.array([[120, 80]]), np.array([1]), return_logits=True)
+        b = quick.predict(np.array([[120, 80]]), np.array([1]), return_logits=True)
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5)

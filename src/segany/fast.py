@@ -231,6 +231,137 @@ def make_fast_decoder(decoder: nn.Module, dtype: torch.dtype) -> nn.Module:
     return dec.to(dtype).eval().requires_grad_(False)
 
 
+class FastMaskDecoder(nn.Module):
+    """The mask decoder's maths with less memory traffic; shares the parameters of ``decoder``.
+
+    * The three projections that read the image tokens in a two-way block (token→image keys and
+      values, image→token queries) run as one GEMM; the positional-encoding terms they add are
+      linear, so ``(keys + pe) @ W`` becomes ``keys @ W + (pe @ W)`` with ``pe @ W`` precomputed.
+    * Without a mask prompt, the first block's image-side inputs depend only on the image, so their
+      projection is cached per embedding and a click only pays for the rest.
+    * The 2×2 stride-2 transposed convolutions of the upscaler run as GEMMs on channels-last tokens
+      followed by a pixel shuffle, so the (B, C, H, W) transposes disappear.
+
+    fp32 results agree with :class:`MaskDecoder` to rounding (~1e-6), not bit for bit.
+    """
+
+    def __init__(self, decoder: nn.Module, image_pe: torch.Tensor) -> None:
+        super().__init__()
+        self.dec = decoder
+        t = decoder.transformer
+        pe = image_pe.flatten(2).transpose(1, 2)[0]  # (HW, C)
+        self.register_buffer("key_pe", pe.contiguous(), persistent=False)
+        self.grid = tuple(image_pe.shape[-2:])
+        with torch.no_grad():
+            for i, layer in enumerate(t.layers):
+                t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+                w = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # (3ci, C)
+                add = torch.cat([pe @ t2i.k_proj.weight.T + t2i.k_proj.bias,
+                                 t2i.v_proj.bias.expand(pe.shape[0], -1),
+                                 pe @ i2t.q_proj.weight.T + i2t.q_proj.bias], dim=1)  # (HW, 3ci)
+                self.register_buffer(f"w_{i}", w.T.contiguous(), persistent=False)
+                self.register_buffer(f"add_{i}", add.contiguous(), persistent=False)
+            fin = t.final_attn_token_to_image
+            self.register_buffer("w_final", torch.cat([fin.k_proj.weight, fin.v_proj.weight]).T.contiguous(),
+                                 persistent=False)
+            self.register_buffer("add_final", torch.cat([pe @ fin.k_proj.weight.T + fin.k_proj.bias,
+                                                         fin.v_proj.bias.expand(pe.shape[0], -1)], dim=1).contiguous(),
+                                 persistent=False)
+            up1, ln, _, up2, _ = decoder.output_upscaling
+            self.register_buffer("up1_w", up1.weight.reshape(up1.weight.shape[0], -1).contiguous(), persistent=False)
+            self.register_buffer("up2_w", up2.weight.reshape(up2.weight.shape[0], -1).contiguous(), persistent=False)
+        # (embedding tensor, its version, keys, projection); holding the tensor keeps its memory from being
+        # reused by another image, so an identity check cannot be fooled.
+        self._cache: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def _image_proj(keys: torch.Tensor, w: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        B, N, C = keys.shape
+        if B == 1:
+            return torch.addmm(add, keys[0], w)[None]
+        return torch.matmul(keys, w) + add
+
+    @staticmethod
+    def _heads(x: torch.Tensor, nh: int) -> torch.Tensor:
+        B, N, C = x.shape
+        return x.view(B, N, nh, C // nh).transpose(1, 2)
+
+    def _cross(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        nh = attn.num_heads
+        out = F.scaled_dot_product_attention(self._heads(q, nh), self._heads(k, nh), self._heads(v, nh))
+        B, _, N, _ = out.shape
+        return attn.out_proj(out.transpose(1, 2).reshape(B, N, -1))
+
+    def _layer0_image_side(self, features: torch.Tensor, dense: torch.Tensor, cacheable: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._cache
+        if cacheable and c is not None and c[0] is features and c[1] == features._version:
+            return c[2], c[3]
+        keys = (features + dense).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
+        proj = self._image_proj(keys, self.w_0, self.add_0)
+        self._cache = (features, features._version, keys, proj) if cacheable else None
+        return keys, proj
+
+    def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                dense: torch.Tensor, multimask_output: bool, cacheable: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same inputs and outputs as ``MaskDecoder.forward``. ``cacheable``: ``dense`` is the no-mask
+        embedding, so the first block's image side may be reused while ``image_embeddings`` is the same
+        tensor (never set it inside CUDA-graph capture or torch.compile)."""
+        dec, t = self.dec, self.dec.transformer
+        B = sparse.shape[0]
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).to(sparse.dtype)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(B, -1, -1), sparse], dim=1)
+        feats = image_embeddings if image_embeddings.shape[0] == B else image_embeddings.expand(B, -1, -1, -1)
+        if cacheable and image_embeddings.shape[0] == 1:  # one image, B prompts: its image side is shared
+            keys, proj = self._layer0_image_side(image_embeddings, dense[:1], True)
+        else:
+            keys, proj = self._layer0_image_side(feats, dense, False)
+        if proj.shape[0] != B:
+            keys, proj = keys.expand(B, -1, -1), proj.expand(B, -1, -1)
+        queries, query_pe = tokens, tokens
+        for i, layer in enumerate(t.layers):
+            if i > 0:
+                proj = self._image_proj(keys, getattr(self, f"w_{i}"), getattr(self, f"add_{i}"))
+            ci = layer.cross_attn_token_to_image.internal_dim
+            k_t2i, v_t2i, q_i2t = proj.split([ci, ci, layer.cross_attn_image_to_token.internal_dim], dim=-1)
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(queries, queries, queries)
+            else:
+                q = queries + query_pe
+                queries = queries + layer.self_attn(q, q, queries)
+            queries = layer.norm1(queries)
+            t2i = layer.cross_attn_token_to_image
+            queries = layer.norm2(queries + self._cross(t2i, t2i.q_proj(queries + query_pe), k_t2i, v_t2i))
+            queries = layer.norm3(queries + layer.mlp(queries))
+            i2t = layer.cross_attn_image_to_token
+            q_tok = queries + query_pe
+            keys = layer.norm4(keys + self._cross(i2t, q_i2t, i2t.k_proj(q_tok), i2t.v_proj(queries)))
+        fin = t.final_attn_token_to_image
+        kv = self._image_proj(keys, self.w_final, self.add_final)
+        k_fin, v_fin = kv.split(fin.internal_dim, dim=-1)
+        queries = t.norm_final_attn(queries + self._cross(fin, fin.q_proj(queries + query_pe), k_fin, v_fin))
+        iou = dec.iou_prediction_head(queries[:, 0])
+        mask_out = queries[:, 1 : 1 + dec.num_mask_tokens]
+        up = self._upscale(keys)  # (B, 16·HW, C/8)
+        hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+        h, w = self.grid
+        masks = torch.matmul(hyper, up.transpose(1, 2)).view(B, -1, 4 * h, 4 * w)
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sel], iou[:, sel]
+
+    def _upscale(self, keys: torch.Tensor) -> torch.Tensor:
+        """ConvT(2, 2) → LayerNorm2d → GELU → ConvT(2, 2) → GELU on (B, HW, C) tokens, channels last."""
+        up1, ln, act1, up2, act2 = self.dec.output_upscaling
+        B = keys.shape[0]
+        h, w = self.grid
+        c1, c2 = up1.weight.shape[1], up2.weight.shape[1]
+        x = (keys @ self.up1_w).view(B, h, w, c1, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * h, 2 * w, c1)
+        x = act1(F.layer_norm(x + up1.bias, (c1,), ln.weight, ln.bias, ln.eps))
+        x = (x @ self.up2_w).view(B, 2 * h, 2 * w, c2, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(B, -1, c2)
+        return act2(x + up2.bias)
+
+
 # ------------------------------------------------------------------------------------------ CUDA graphs
 class _GraphCache:
     """One captured CUDA graph per input signature; replays copy inputs into static buffers.
@@ -300,13 +431,15 @@ class FastPath:
         cuda_graphs: capture decoder + post-processing in CUDA graphs (default: on for CUDA without compile).
         attention: ``"mask"`` or ``"fold"`` (see module docstring).
         decoder_precision: dtype of the decoder copy; defaults to ``precision``.
+        fast_decoder: run :class:`FastMaskDecoder` (fused projections, per-image cache); default on
+            unless the precision is fp32, where the reference decoder keeps results bit-exact.
         channels_last: channels-last memory for the encoder copy (default: on CUDA for TinyViT, whose
             convolutions profit; the ViT is linear layers on channels-last tokens already).
     """
 
     def __init__(self, model: Sam, *, precision: str = "auto", compile: bool | str = False,
                  cuda_graphs: bool | None = None, attention: str = "mask", decoder_precision: str | None = None,
-                 channels_last: bool | None = None) -> None:
+                 channels_last: bool | None = None, fast_decoder: bool | None = None) -> None:
         if attention not in ATTENTIONS:
             raise InputError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         self.model = model
@@ -325,8 +458,13 @@ class FastPath:
         else:
             self.encoder = make_fast_encoder(model.image_encoder, self.dtype, attention=attention,
                                              channels_last=channels_last)
-        self.decoder = (model.mask_decoder if self.decoder_dtype == torch.float32
-                        else make_fast_decoder(model.mask_decoder, self.decoder_dtype))
+        decoder = (model.mask_decoder if self.decoder_dtype == torch.float32
+                   else make_fast_decoder(model.mask_decoder, self.decoder_dtype))
+        with torch.no_grad():
+            self._image_pe = model.prompt_encoder.get_dense_pe().to(self.decoder_dtype)
+        if fast_decoder is None:
+            fast_decoder = self.precision != "fp32"
+        self.decoder: nn.Module = FastMaskDecoder(decoder, self._image_pe) if fast_decoder else decoder
         self.compile = compile
         self._encode_fn: Callable[[torch.Tensor], torch.Tensor] = self.encoder
         self._decode_fn: Callable[..., tuple[torch.Tensor, ...]] = self._decode_core
@@ -338,9 +476,7 @@ class FastPath:
                                             dynamic=False)
         use_graphs = (is_cuda and not compile) if cuda_graphs is None else (cuda_graphs and is_cuda)
         self._graphs = _GraphCache() if use_graphs else None
-        with torch.no_grad():
-            self._image_pe = model.prompt_encoder.get_dense_pe().to(self.decoder_dtype)
-        self._lowp_features: tuple[int, int, torch.Tensor] | None = None
+        self._lowp_features: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ encoder
     @torch.no_grad()
@@ -355,15 +491,19 @@ class FastPath:
     def _features_for_decoder(self, features: torch.Tensor) -> torch.Tensor:
         if self.decoder_dtype == features.dtype:
             return features
-        key = (features.data_ptr(), features._version)
-        if self._lowp_features is None or self._lowp_features[:2] != key:
-            self._lowp_features = (*key, features.to(self.decoder_dtype))
-        return self._lowp_features[2]
+        c = self._lowp_features  # holds the fp32 tensor, so an identity check is safe
+        if c is None or c[0] is not features or c[1] != features._version:
+            c = self._lowp_features = (features, features._version, features.to(self.decoder_dtype))
+        return c[2]
 
     def _decode_core(self, features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, *,
                      multimask: bool, input_size: tuple[int, int], original_size: tuple[int, int],
-                     return_logits: bool, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        low_res, iou = self.decoder(features, self._image_pe, sparse, dense, multimask)
+                     return_logits: bool, threshold: float, cacheable: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(self.decoder, FastMaskDecoder):
+            low_res, iou = self.decoder(features, self._image_pe, sparse, dense, multimask, cacheable)
+        else:
+            low_res, iou = self.decoder(features, self._image_pe, sparse, dense, multimask)
         low_res = low_res.float()
         masks = self.model.postprocess_masks(low_res, input_size, original_size)
         if not return_logits:
@@ -389,7 +529,17 @@ class FastPath:
             masks, iou, low_res = self._graphs(key, lambda f, s, d: core(f, s, d, **kwargs),  # type: ignore[arg-type]
                                                (feats, sparse, dense))
             return masks, iou, low_res
+        if not self.compile:  # eager: reuse the prompt-free image side between clicks
+            return self._decode_core(feats, sparse, dense, **kwargs, cacheable=mask_input is None)
         return self._decode_fn(feats, sparse, dense, **kwargs)
+
+
+def enable_fast_path(predictor: Any, **options: Any) -> FastPath:
+    """Give an existing ``SamPredictor`` a :class:`FastPath` built with ``options`` (e.g. ``precision="fp32",
+    fast_decoder=True`` for a faster exact-to-rounding CPU decoder); returns it. Call before ``set_image``."""
+    predictor.fast = FastPath(predictor.model, **options)
+    predictor.reset_image()
+    return predictor.fast
 
 
 # ------------------------------------------------------------------------------------------ batches
