@@ -6,11 +6,17 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from pycocotools import mask as mask_utils
 
-from conftest import SHARED_DATA
 from segany.data.formats import held_out_ids, read_coco, read_shared
-from segany.data.formats.common import _counts_of, _counts_to_string, _string_to_counts, decode_rle, encode_mask
+from segany.data.formats.common import (
+    _counts_of,
+    _counts_to_string,
+    _string_to_counts,
+    decode_rle,
+    encode_mask,
+)
 
 
 def _shared() -> None:
@@ -20,7 +26,7 @@ def _shared() -> None:
 
 def test_rle_codec_matches_pycocotools() -> None:
     rng = np.random.default_rng(0)
-    for t in range(60):
+    for _ in range(60):
         h, w = (int(v) for v in rng.integers(1, 40, 2))
         m = rng.random((h, w)) < rng.random()
         ref = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from segany.data.datasets import AugmentConfig, SegmentationDataset, StepBatchSampler, collate
 from segany.data.formats.common import decode_rle
 from segany.data.pack import load_pack, pack_shared

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from segany.data.datasets import collate
 from segany.data.formats.common import InstanceRecord, encode_mask
 from segany.errors import InputError
