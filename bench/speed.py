@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from segany.checkpoints import build_sam  # noqa: E402
-from segany.fast import FastPath, configure_cpu_threads  # noqa: E402
+from segany.fast import FastPath, configure_cpu_threads, enable_fast_path  # noqa: E402
 from segany.predictor import SamPredictor  # noqa: E402
 
 
@@ -227,8 +227,14 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if device == "cuda":
         run_variant(lat, "segany_fp32_graphs", prompt_variant(SamPredictor(model, precision="fp32")), device)
         run_variant(lat, "segany_bf16_graphs", prompt_variant(SamPredictor(model, precision="bf16")), device)
-    elif "bf16" in args.cpu_variants:
-        run_variant(lat, "segany_bf16", prompt_variant(SamPredictor(model, precision="bf16")), device)
+    else:
+        def fp32_fast_decoder() -> dict[str, Any]:
+            pred = SamPredictor(model)
+            enable_fast_path(pred, precision="fp32", fast_decoder=True)
+            return prompt_variant(pred)()
+        run_variant(lat, "segany_fp32_fast_decoder", fp32_fast_decoder, device)
+        if "bf16" in args.cpu_variants:
+            run_variant(lat, "segany_bf16", prompt_variant(SamPredictor(model, precision="bf16")), device)
     if args.compile:
         run_variant(lat, "segany_bf16_compiled",
                     prompt_variant(SamPredictor(model, precision="bf16", compile=True)), device)

@@ -505,7 +505,14 @@ class FastPath:
         else:
             low_res, iou = self.decoder(features, self._image_pe, sparse, dense, multimask)
         low_res = low_res.float()
-        masks = self.model.postprocess_masks(low_res, input_size, original_size)
+        if tuple(input_size) == tuple(original_size):
+            # The second resize of postprocess_masks would be the identity (scale 1 samples pixel centres
+            # exactly); skip it and the copy of the cropped view it implies.
+            s = self.model.img_size
+            masks = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
+            masks = masks[..., : input_size[0], : input_size[1]]
+        else:
+            masks = self.model.postprocess_masks(low_res, input_size, original_size)
         if not return_logits:
             masks = masks > threshold
         return masks, iou.float(), low_res
