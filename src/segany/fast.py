@@ -538,6 +538,11 @@ class FastPath:
             return masks, iou, low_res
         if not self.compile:  # eager: reuse the prompt-free image side between clicks
             return self._decode_core(feats, sparse, dense, **kwargs, cacheable=mask_input is None)
+        if self.device.type == "cuda":
+            # reduce-overhead replays CUDA graphs whose outputs the next replay overwrites: clone them.
+            torch.compiler.cudagraph_mark_step_begin()
+            masks, iou, low_res = self._decode_fn(feats, sparse, dense, **kwargs)
+            return masks.clone(), iou.clone(), low_res.clone()
         return self._decode_fn(feats, sparse, dense, **kwargs)
 
 
