@@ -153,7 +153,7 @@ class AutoWorker:
         import numpy as np
 
         from segany.data.images import load_image
-        from segany.engine.masks import encode_mask
+        from segany.engine.masks import encode_mask, rle_area_bbox
 
         t0 = time.perf_counter()
         if task.data is not None:
@@ -176,6 +176,8 @@ class AutoWorker:
                 from segany.engine.masks import normalize_rle
 
                 rle = normalize_rle(seg)
+            if not rle_area_bbox(rle)[0]:  # an empty mask annotates nothing
+                continue
             masks.append(MaskRecord(
                 rle=rle, predicted_iou=float(r.get("predicted_iou", 0.0)),
                 stability_score=float(r.get("stability_score", 0.0)),

@@ -1,0 +1,74 @@
+"""Shared setup for the data-engine stage-3/retrain/report tests: a tiny checkpoint and small projects."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segany.engine.auto import AutoSettings
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SAMPLES = REPO / "src" / "segany" / "assets" / "samples"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def generator_name() -> str:
+    """The real automatic mask generator when installed, else the grid stand-in (see grid_generator.py)."""
+    if importlib.util.find_spec("segany.amg") is not None:
+        return "segany.amg:SamAutomaticMaskGenerator"
+    return "grid_generator:GridGenerator"
+
+
+def use_test_generator_path() -> None:
+    """Make ``grid_generator`` importable in spawned processes, Ray workers and CLI subprocesses."""
+    paths = os.environ.get("PYTHONPATH", "")
+    if str(HERE) not in paths.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), paths) if p)
+
+
+def auto_settings() -> AutoSettings:
+    # Random weights predict low IoUs: zero thresholds keep some masks so results can be compared.
+    return AutoSettings(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                        box_nms_thresh=0.7, max_masks=8, generator=generator_name())
+
+
+def save_tiny_checkpoint(path: Path) -> Path:
+    from conftest import randomize_, tiny_config
+
+    from segany.checkpoints import save_checkpoint
+    from segany.modeling.sam import Sam
+
+    return save_checkpoint(randomize_(Sam(tiny_config())).eval(), path)
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    """``n`` distinct small images from the bundled samples (flips and crops, so their hashes differ)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(SAMPLES.glob("*.jpg"))
+    out = []
+    for i in range(n):
+        with Image.open(sources[i % len(sources)]) as im:
+            im = im.convert("RGB")
+            im.thumbnail((320, 320))
+            arr = np.asarray(im)
+        if (i // len(sources)) % 2:
+            arr = arr[:, ::-1]
+        arr = arr[: arr.shape[0] - (i // len(sources)) * 3]
+        p = folder / f"img{i:02d}.png"
+        Image.fromarray(np.ascontiguousarray(arr)).save(p)
+        out.append(p)
+    return out
+
+
+def make_project(root: Path, images: list[Path], name: str = "p") -> tuple[object, dict]:
+    from segany.engine.store import open_store
+
+    store = open_store(root, create=True)
+    proj = store.create_project(name)
+    store.add_images(proj["id"], images)
+    return store, proj
