@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fixtures import auto_settings, make_images, make_project, save_tiny_checkpoint, use_test_generator_path
+from engine_fixtures import (
+    auto_settings,
+    make_images,
+    make_project,
+    save_tiny_checkpoint,
+    use_test_generator_path,
+)
 
 from segany.engine.auto import ModelSpec, count_sets, run_auto
 from segany.engine.masks import decode_rle

@@ -79,7 +79,7 @@ def test_report_writes_html_and_flags_review_queue(pennfudan_project: dict, tmp_
     out = build_report(store, None, tmp_path / "report", ReportSettings(disagreement_iou=0.05, max_disagreement=6),
                        spec=spec)
     html = Path(out["html"]).read_text()
-    assert "Review candidates" in html and "dataset version" in html
+    assert "Review candidates" in html and "current annotations" in html
     assert (tmp_path / "report" / "live_distributions.png").stat().st_size > 1000
     assert (tmp_path / "report" / "throughput.png").is_file()
     report = json.loads((tmp_path / "report" / "report.json").read_text())

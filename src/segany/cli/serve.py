@@ -48,12 +48,19 @@ def build_app(args: argparse.Namespace) -> Any:
     store = open_store(args.target, create=args.create)
     model = None
     if not args.no_model:
-        ckpt = args.checkpoint or _default_checkpoint(args.model)
+        model_name, ckpt = args.model, args.checkpoint
+        if ckpt is None:  # the project's current model (promoted by `segany engine retrain`) comes first
+            from segany.engine.retrain import current_model
+
+            cur = current_model(store, args.project)
+            if cur is not None and cur["checkpoint_path"]:
+                model_name, ckpt = cur["model_type"], cur["checkpoint_path"]
+        ckpt = ckpt or _default_checkpoint(model_name)
         if ckpt is None:
             print(f"[segany] no weights for {args.model} found: serving RANDOM weights (masks are meaningless); "
                   "pass --checkpoint FILE or run `segany download`", file=sys.stderr)
         cache_dir = (store.project_dir / ".cache") if store.project_dir else None
-        model = ModelService(args.model, ckpt, device=args.device, cache_size=args.cache_size, cache_dir=cache_dir)
+        model = ModelService(model_name, ckpt, device=args.device, cache_size=args.cache_size, cache_dir=cache_dir)
     settings = ServerSettings(project=args.project, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     return create_app(store, model, settings)
 

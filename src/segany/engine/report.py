@@ -166,7 +166,7 @@ def _plots(name: str, d: dict[str, Any], out: Path, extra: dict[str, list[float]
     if not panels:
         return files
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
-    for ax, (title, values, xlabel, logx) in zip(axes[0], panels):
+    for ax, (title, values, xlabel, logx) in zip(axes[0], panels, strict=True):
         v = np.asarray(values, dtype=float)
         if logx:
             v = np.clip(v[v > 0], 1e-4, 1.0)
