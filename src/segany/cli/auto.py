@@ -1,0 +1,255 @@
+"""``segany auto``: automatic masks for an image, a folder or a list of images, resumable.
+
+Each image's result is written atomically and is the marker that the image is done, so a run
+killed at any moment (even with SIGKILL) and restarted with ``--resume`` loses, duplicates and
+half-writes nothing. Unreadable images are reported, skipped and listed; the exit status is 1
+if any failed. ``manifest.json`` records the model, options, versions and counts of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from segany.cli._util import atomic_write_bytes, resolve_checkpoint, resolve_device
+from segany.errors import ImageLoadError, InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+FORMATS = ("sa1b", "coco", "png")
+_GEN_OPTIONS = {  # CLI flag → (generator keyword, type)
+    "points_per_side": int, "points_per_batch": int, "pred_iou_thresh": float, "stability_score_thresh": float,
+    "stability_score_offset": float, "box_nms_thresh": float, "crop_n_layers": int, "crop_nms_thresh": float,
+    "crop_overlap_ratio": float, "crop_n_points_downscale_factor": int, "min_mask_region_area": int,
+}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "auto", help="segment everything in images (automatic masks, SA-1B output)",
+        description="Automatic mask generation for one image, a folder (recursive) or a .txt file with one image "
+                    "path per line. One output per image, written atomically; --resume skips finished images.",
+    )
+    p.add_argument("input", help="image file, folder of images, or .txt list of image paths")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--model", default="vit_h", help="registered model name (default vit_h)")
+    p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
+    p.add_argument("--format", choices=FORMATS, default="sa1b",
+                   help="sa1b: one SA-1B JSON per image (default); coco: per-image COCO results plus "
+                        "coco_results.json; png: a folder of mask PNGs per image")
+    p.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png showing all masks")
+    p.add_argument("--resume", action="store_true", help="skip images whose output already exists")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("generator options (defaults as in SAM)")
+    defaults = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
+                "stability_score_thresh": 0.95, "stability_score_offset": 1.0, "box_nms_thresh": 0.7,
+                "crop_n_layers": 0, "crop_nms_thresh": 0.7, "crop_overlap_ratio": 512 / 1500,
+                "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0}
+    for name, typ in _GEN_OPTIONS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name], dest=name,
+                       help=f"default {defaults[name]:g}")
+    p.set_defaults(func=run)
+    return p
+
+
+# ------------------------------------------------------------------ inputs
+def collect_images(source: str) -> list[tuple[Path, str]]:
+    """(image path, output key) pairs in a stable order; the key names the image's outputs."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise InputError(f"input {str(src)!r} does not exist; pass an image, a folder or a .txt list of paths")
+    if src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(src).parts))
+        if not files:
+            raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {str(src)!r}")
+        return [(f, f.relative_to(src).with_suffix("").as_posix()) for f in files]
+    if src.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
+        paths = [Path(ln).expanduser() for ln in lines if ln and not ln.startswith("#")]
+        paths = [p if p.is_absolute() else src.parent / p for p in paths]
+        if not paths:
+            raise InputError(f"list {str(src)!r} names no images; write one image path per line")
+        keys: dict[str, int] = {}
+        out = []
+        for p in paths:
+            key = p.stem
+            if key in keys:  # two files with one name in different folders: keep both apart
+                keys[key] += 1
+                key = f"{key}_{keys[key]}"
+            else:
+                keys[key] = 0
+            out.append((p, key))
+        return out
+    return [(src, src.stem)]
+
+
+# ----------------------------------------------------------------- outputs
+def _json_bytes(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+def output_path(out: Path, key: str, fmt: str) -> Path:
+    return out / (key if fmt == "png" else f"{key}.json")
+
+
+def _write_png_dir(target: Path, records: list[dict[str, Any]]) -> None:
+    from PIL import Image
+
+    from segany.data.rle import coco_to_mask
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        meta = []
+        for i, r in enumerate(records):
+            m = r["segmentation"]
+            m = m if not isinstance(m, dict) else coco_to_mask(m)
+            name = f"mask_{i:04d}.png"
+            Image.fromarray(m.astype("uint8") * 255).save(tmp / name, format="PNG")
+            meta.append({"file": name, **{k: v for k, v in r.items() if k != "segmentation"}})
+        (tmp / "masks.json").write_bytes(_json_bytes(meta))
+        if target.exists():  # a rerun without --resume replaces the old result
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # renaming a folder is atomic: the image is done exactly when this lands
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _coco_results(records: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
+    return [{"image_id": image_id, "category_id": 1, "segmentation": r["segmentation"], "bbox": r["bbox"],
+             "score": r["predicted_iou"], "area": r["area"]} for r in records]
+
+
+def _clean_stale_temps(out: Path) -> None:
+    # A run killed mid-write leaves ".NAME.*.tmp" behind; the finished outputs never depend on them.
+    for p in out.rglob(".*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _versions() -> dict[str, str]:
+    import cv2
+    import numpy
+    import pycocotools
+    import torch
+    import torchvision
+
+    import segany
+
+    return {"segany": segany.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "opencv": cv2.__version__,
+            "pycocotools": getattr(pycocotools, "__version__", "unknown"), "python": sys.version.split()[0]}
+
+
+# --------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    from segany.amg.config import AmgConfig
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; pass a folder")
+    images = collect_images(args.input)
+    options = {name: getattr(args, name) for name in _GEN_OPTIONS}
+    options["output_mode"] = "binary_mask" if args.format == "png" else "coco_rle"
+    config = AmgConfig(**options)  # bad option values fail here, before the model loads
+    checkpoint = resolve_checkpoint(args.model, args.checkpoint)
+    device = resolve_device(args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temps(out)
+
+    todo = [(i, p, k) for i, (p, k) in enumerate(images)
+            if not (args.resume and output_path(out, k, args.format).exists())]
+    skipped = len(images) - len(todo)
+
+    from tqdm import tqdm
+
+    from segany.amg.generator import SamAutomaticMaskGenerator
+    from segany.checkpoints import build_sam
+    from segany.data.formats.sa1b import to_sa1b
+    from segany.data.images import load_image
+
+    start = time.perf_counter()
+    model = build_sam(args.model, checkpoint=checkpoint, device=device)
+    generator = SamAutomaticMaskGenerator.from_config(model, config)
+    failures: list[dict[str, str]] = []
+    n_masks = 0
+    done = 0
+    bar = tqdm(todo, total=len(todo), unit="img", file=sys.stderr, disable=args.quiet, dynamic_ncols=True,
+               desc="segany auto")
+    for index, path, key in bar:
+        try:
+            image = load_image(path)
+        except ImageLoadError as exc:
+            failures.append({"image": str(path), "error": str(exc)})
+            bar.write(f"segany: skipping {path}: {exc}", file=sys.stderr)
+            continue
+        records = generator.generate(image)
+        n_masks += len(records)
+        target = output_path(out, key, args.format)
+        if args.overlay:
+            from segany.amg.render import render_overlay
+
+            overlay_path = out / f"{key}.overlay.png"
+            import io
+
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(render_overlay(image, records)).save(buf, format="PNG")
+            atomic_write_bytes(overlay_path, buf.getvalue())
+        h, w = image.shape[:2]
+        file_name = path.name
+        if args.format == "sa1b":
+            atomic_write_bytes(target, _json_bytes(to_sa1b(records, image_id=index + 1, file_name=file_name,
+                                                           size_hw=(h, w))))
+        elif args.format == "coco":
+            atomic_write_bytes(target, _json_bytes({"image": {"id": index + 1, "file_name": file_name, "width": w,
+                                                              "height": h},
+                                                    "results": _coco_results(records, index + 1)}))
+        else:
+            _write_png_dir(target, records)
+        done += 1
+        bar.set_postfix(masks=len(records))
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    if args.format == "coco":
+        merged_images, merged = [], []
+        for _, key in images:
+            p = output_path(out, key, "coco")
+            if p.exists():
+                d = json.loads(p.read_text(encoding="utf-8"))
+                merged_images.append(d["image"])
+                merged.extend(d["results"])
+        atomic_write_bytes(out / "coco_results.json", _json_bytes(merged))
+        atomic_write_bytes(out / "coco_images.json", _json_bytes(merged_images))
+
+    manifest = {
+        "command": "auto", "input": str(args.input), "format": args.format, "model": args.model,
+        "checkpoint": str(checkpoint) if checkpoint else None, "device": device, "options": config.to_dict(),
+        "versions": _versions(),
+        "counts": {"images": len(images), "processed": done, "skipped_existing": skipped, "failed": len(failures),
+                   "masks": n_masks},
+        "failures": failures, "seconds": round(elapsed, 3),
+    }
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode("utf-8"))
+    rate = done / elapsed if elapsed > 0 else 0.0
+    print(f"segany auto: {done} processed, {skipped} already done, {len(failures)} failed, {n_masks} masks, "
+          f"{rate:.2f} images/s; outputs in {out}", file=sys.stderr)
+    if failures:
+        print("failed images:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f['image']}: {f['error']}", file=sys.stderr)
+        return 1
+    return 0
