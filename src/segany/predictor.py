@@ -153,8 +153,13 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for one prompt set, in original-image pixels.
+
+        ``text`` (models with a text token or class head, see :mod:`segany.text.prompting`): with
+        clicks/box it picks the candidate that is the named thing; alone, with a class head, it returns
+        every instance of it (N masks, best first; N may be 0), otherwise the text token's object.
 
         Returns:
             masks (C, H, W) bool (float logits if ``return_logits``), scores (C,), low-res logits
@@ -166,6 +171,19 @@ class SamPredictor:
         pts = self._check_points(point_coords, point_labels)
         box_np = self._check_box(box)
         mask_np = self._check_mask_input(mask_input)
+        if text is not None:
+            from segany.text.prompting import predict_text
+
+            t = self.transform
+            return predict_text(
+                self, text,
+                None if pts is None else torch.as_tensor(t.apply_coords(pts[0], self.original_size),
+                                                         dtype=torch.float32, device=self.device)[None],
+                None if pts is None else torch.as_tensor(pts[1], device=self.device)[None],
+                None if box_np is None else torch.as_tensor(t.apply_boxes(box_np, self.original_size),
+                                                            dtype=torch.float32, device=self.device),
+                None if mask_np is None else torch.as_tensor(mask_np, device=self.device)[None],
+                multimask_output, return_logits)
         if pts is None and box_np is None and mask_np is None:
             # The reference silently decodes an empty prompt; that is never what a user meant.
             raise PromptError("no prompt given: pass point_coords/point_labels, box or mask_input")

@@ -28,3 +28,18 @@ register_weights(WeightsInfo(
     name="segany_tiny", model="segany_tiny", url="", filename="segany_tiny.pt", layout="segany",
     description="segany's own light model, shipped in the package (segany/assets/weights/)",
 ))
+
+# CLIP text encoders for text prompts (issue 10). OpenAI publishes each file under its sha256.
+_CLIP = "https://openaipublic.azureedge.net/clip/models/"
+register_weights(WeightsInfo(
+    name="clip_vit_b32_openai", model="clip_vit_b32", layout="openai_clip", filename="clip_ViT-B-32.pt",
+    url=_CLIP + "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    sha256="40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    description="OpenAI CLIP ViT-B/32 (text prompts: segany[text])",
+))
+register_weights(WeightsInfo(
+    name="clip_vit_l14_openai", model="clip_vit_l14", layout="openai_clip", filename="clip_ViT-L-14.pt",
+    url=_CLIP + "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    description="OpenAI CLIP ViT-L/14 (text prompts: segany[text])",
+))

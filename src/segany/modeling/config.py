@@ -165,6 +165,11 @@ class SamConfig:
                 "SamConfig: encoder.out_chans, prompt.embed_dim and decoder.transformer_dim must be equal, got "
                 f"{self.encoder.out_chans}, {self.prompt.embed_dim}, {self.decoder.transformer_dim}"
             )
+        if self.classes is not None and self.classes.clip_dim > 0:
+            # Open-vocabulary labels compare mask embeddings with the text token's CLIP: it must exist and match.
+            if self.text is None or self.text.clip_dim != self.classes.clip_dim:
+                raise InputError("SamConfig: classes.clip_dim > 0 needs text=TextConfig(...) with the same clip_dim "
+                                 f"(got classes.clip_dim={self.classes.clip_dim}, text={self.text})")
 
     @property
     def img_size(self) -> int:

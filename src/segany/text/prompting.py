@@ -1,0 +1,270 @@
+"""Text prompts and class labels at inference (issue 10), behind ``SamPredictor.predict(text=...)``.
+
+Two ways a model can understand text, used together when both exist:
+
+* a **text token** (``SamConfig.text``): CLIP's text embedding of the phrase is one more sparse prompt
+  token, as in SAM §7.5. Alone it gives one object; with clicks or a box it says which one ("the cup").
+* a **class head** (``SamConfig.classes``): a label distribution per mask, over a closed vocabulary
+  (the training data's class names) and, with ``clip_dim`` > 0, open-vocabulary by cosine similarity
+  with CLIP text embeddings of any label list.
+
+``predict(text=...)`` with clicks/box rescores the candidate masks by how well they match the phrase;
+with text alone and a class head it **segments every instance** of the class: a point grid is decoded,
+each mask scored by ``predicted IoU × P(class)``, and overlapping masks suppressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from segany.errors import PromptError
+from segany.text.vocab import check_text, normalize_phrase, resolve_label
+
+if TYPE_CHECKING:
+    from segany.modeling.sam import Sam
+    from segany.predictor import SamPredictor
+    from segany.text.clip import ClipEncoder
+
+NO_TEXT_PATH = ("model has neither a text token nor a class head, so it cannot take text prompts; use a model "
+                "trained with labels: the checkpoint scripts/train_labels.py writes (architecture "
+                "'segany_tiny_labels': segany_tiny + class head; add --clip for free-form text), loaded with "
+                "build_sam(..., checkpoint=PATH)")
+
+
+def get_clip(predictor: SamPredictor) -> ClipEncoder:
+    """The predictor's CLIP (``predictor.clip`` if set), else the one the model's text config names."""
+    clip = getattr(predictor, "clip", None)
+    if clip is None:
+        from segany.text.clip import load_clip
+
+        cfg = predictor.model.cfg.text
+        if cfg is None:
+            raise PromptError("this model has no CLIP text path; " + NO_TEXT_PATH)
+        clip = load_clip(cfg.clip_model, device=predictor.device)
+        predictor.clip = clip  # type: ignore[attr-defined]
+    return clip
+
+
+@dataclass
+class Vocabulary:
+    """Labels to score masks against: closed (indices into the class head) or open (CLIP text embeddings)."""
+
+    names: list[str]
+    closed_idx: list[int] | None = None
+    text_emb: torch.Tensor | None = None  # (N, D)
+
+
+def make_vocabulary(model: Sam, labels: list[str], clip: ClipEncoder | None = None,
+                    predictor: SamPredictor | None = None) -> Vocabulary:
+    """Closed when every label is a class name; otherwise open-vocabulary (needs CLIP), else an error."""
+    head = model.class_head
+    labels = [check_text(t) for t in labels]
+    if not labels:
+        raise PromptError("the label list is empty; pass names such as person,car")
+    if head is None:
+        raise PromptError("this model has no class head, so it cannot label masks; " + NO_TEXT_PATH)
+    try:
+        return Vocabulary(labels, closed_idx=[resolve_label(t, head.class_names) for t in labels])
+    except PromptError:
+        if head.clip_dim <= 0:
+            raise
+    if clip is None:
+        if predictor is None:
+            raise PromptError("open-vocabulary labels need a CLIP encoder (pass clip=load_clip(...))")
+        clip = get_clip(predictor)
+    return Vocabulary(labels, text_emb=clip.encode_text(labels).to(model.device))
+
+
+def label_probs(model: Sam, tokens: torch.Tensor, vocab: Vocabulary | None = None) -> torch.Tensor:
+    """(..., C) mask tokens → (..., N) label probabilities; N = all classes when ``vocab`` is None.
+
+    The head's background class takes the rest of the mass, so a mask of nothing known scores low on all.
+    """
+    head = model.class_head
+    if head is None:
+        raise PromptError("this model has no class head; " + NO_TEXT_PATH)
+    logits, emb = head(tokens)
+    probs = logits.float().softmax(-1)
+    if vocab is None:
+        return probs[..., :-1]
+    if vocab.closed_idx is not None:
+        return probs[..., vocab.closed_idx]
+    assert emb is not None and vocab.text_emb is not None
+    fg = 1.0 - probs[..., -1:]
+    return fg * head.open_vocab_logits(emb, vocab.text_emb).float().softmax(-1)
+
+
+def decode(model: Sam, features: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None,
+           boxes: torch.Tensor | None, mask_input: torch.Tensor | None, text_emb: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts → all 4 low-res mask logits (B, 4, h, w), IoU predictions (B, 4) and mask tokens (B, 4, C)."""
+    pe = model.prompt_encoder
+    sparse, dense = pe(points, boxes, mask_input, text_emb)
+    low, iou, tokens = model.mask_decoder.predict_masks(features, pe.get_dense_pe(), sparse, dense,
+                                                        return_tokens=True)
+    return low, iou, tokens
+
+
+def _phrase_vocab(model: Sam, text: str, predictor: SamPredictor) -> tuple[Vocabulary, int] | None:
+    """Vocabulary to score one phrase against, and the phrase's index in it (None without a class head).
+
+    Open vocabulary scores the phrase against the model's own class names too, so a 'dog' mask is not
+    called 'cat' just because 'cat' was the only option.
+    """
+    head = model.class_head
+    if head is None:
+        return None
+    try:
+        return Vocabulary([text], closed_idx=[resolve_label(text, head.class_names)]), 0
+    except PromptError:
+        if head.clip_dim <= 0 or model.cfg.text is None:
+            raise
+    names = [n for n in head.class_names if normalize_phrase(n) != normalize_phrase(text)] + [text]
+    return make_vocabulary(model, names, predictor=predictor), len(names) - 1
+
+
+@torch.no_grad()
+def predict_text(predictor: SamPredictor, text: str, coords: torch.Tensor | None, labels: torch.Tensor | None,
+                 box: torch.Tensor | None, mask_input: torch.Tensor | None, multimask_output: bool,
+                 return_logits: bool, **every: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The numpy result of ``predict`` for a text prompt; prompts already in the model frame, batch 1."""
+    text = check_text(text)
+    model = predictor.model
+    if model.cfg.text is None and model.class_head is None:
+        raise PromptError("text prompts: this " + NO_TEXT_PATH)
+    if coords is None and box is None and mask_input is None and model.class_head is not None:
+        return segment_every(predictor, text, return_logits=return_logits, **every)
+    text_emb = get_clip(predictor).encode_text([text]) if model.cfg.text is not None else None
+    points = (coords, labels) if coords is not None and labels is not None else None
+    assert predictor.features is not None and predictor.input_size and predictor.original_size
+    low, iou, tokens = decode(model, predictor.features, points, box, mask_input, text_emb)
+    sel = slice(1, None) if multimask_output else slice(0, 1)
+    low, iou, tokens = low[:, sel], iou[:, sel], tokens[:, sel]
+    pv = _phrase_vocab(model, text, predictor)
+    if pv is not None:  # how much each candidate is the named thing decides among the ambiguity masks
+        vocab, idx = pv
+        iou = iou * label_probs(model, tokens, vocab)[..., idx]
+    masks = model.postprocess_masks(low, predictor.input_size, predictor.original_size)
+    if not return_logits:
+        masks = masks > model.mask_threshold
+    return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low[0].float().cpu().numpy()
+
+
+def grid_points(size_hw: tuple[int, int], per_side: int) -> np.ndarray:
+    """(per_side², 2) XY cell centres of an even grid over an image of ``size_hw``."""
+    h, w = size_hw
+    off = 0.5 / per_side
+    side = np.linspace(off, 1 - off, per_side)
+    xs, ys = np.meshgrid(side * w, side * h)
+    return np.stack([xs.ravel(), ys.ravel()], axis=1)
+
+
+@torch.no_grad()
+def propose(predictor: SamPredictor, *, text: str | None = None, points_per_side: int = 16, batch: int = 64
+            ) -> dict[str, torch.Tensor]:
+    """Decode a point grid (each point with the phrase's text token when the model has one).
+
+    Returns all candidates, 3 per point: ``low_res`` (P, h, w) logits, ``iou`` (P,) and ``tokens`` (P, C).
+    """
+    model = predictor.model
+    assert predictor.features is not None and predictor.original_size is not None
+    pts = predictor.transform.apply_coords(grid_points(predictor.original_size, points_per_side),
+                                           predictor.original_size)
+    pts_t = torch.as_tensor(pts, dtype=torch.float32, device=predictor.device)
+    text_emb = None
+    if text is not None and model.cfg.text is not None:
+        text_emb = get_clip(predictor).encode_text([text])
+    lows, ious, toks = [], [], []
+    for i in range(0, len(pts_t), batch):
+        p = pts_t[i:i + batch, None]
+        lab = torch.ones(p.shape[:2], dtype=torch.long, device=p.device)
+        te = text_emb.expand(len(p), -1) if text_emb is not None else None
+        low, iou, tok = decode(model, predictor.features, (p, lab), None, None, te)
+        lows.append(low[:, 1:].flatten(0, 1))
+        ious.append(iou[:, 1:].flatten())
+        toks.append(tok[:, 1:].flatten(0, 1))
+    return {"low_res": torch.cat(lows), "iou": torch.cat(ious), "tokens": torch.cat(toks)}
+
+
+def select(low_res: torch.Tensor, scores: torch.Tensor, *, min_score: float, nms_iou: float, max_instances: int,
+           threshold: float = 0.0) -> torch.Tensor:
+    """Indices of candidates above ``min_score`` surviving box NMS, best first."""
+    from torchvision.ops import masks_to_boxes, nms
+
+    keep = torch.nonzero(scores >= min_score).flatten()
+    binary = low_res[keep] > threshold
+    nonempty = binary.flatten(1).any(1)
+    keep, binary = keep[nonempty], binary[nonempty]
+    if len(keep) == 0:
+        return keep
+    boxes = masks_to_boxes(binary).float()
+    kept = nms(boxes, scores[keep].float(), nms_iou)
+    return keep[kept][:max_instances]
+
+
+@torch.no_grad()
+def segment_every(predictor: SamPredictor, text: str, *, points_per_side: int = 16, min_score: float = 0.25,
+                  nms_iou: float = 0.7, max_instances: int = 50, return_logits: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every instance of ``text``: masks (N, H, W), scores (N,), low-res logits (N, h, w), best first."""
+    model = predictor.model
+    pv = _phrase_vocab(model, check_text(text), predictor)
+    if pv is None:
+        raise PromptError("'segment every <class>' needs a class head; " + NO_TEXT_PATH)
+    vocab, idx = pv
+    cand = propose(predictor, text=text, points_per_side=points_per_side)
+    scores = cand["iou"].float().clamp(0, 1) * label_probs(model, cand["tokens"], vocab)[:, idx]
+    keep = select(cand["low_res"], scores, min_score=min_score, nms_iou=nms_iou, max_instances=max_instances,
+                  threshold=model.mask_threshold)
+    low = cand["low_res"][keep][:, None]
+    assert predictor.input_size is not None and predictor.original_size is not None
+    h, w = predictor.original_size
+    if len(keep) == 0:
+        side = low.shape[-1]
+        empty = np.zeros((0, h, w), dtype=np.float32 if return_logits else bool)
+        return empty, np.zeros(0, dtype=np.float32), np.zeros((0, side, side), dtype=np.float32)
+    masks = model.postprocess_masks(low, predictor.input_size, predictor.original_size)[:, 0]
+    if not return_logits:
+        masks = masks > model.mask_threshold
+    return masks.cpu().numpy(), scores[keep].float().cpu().numpy(), low[:, 0].float().cpu().numpy()
+
+
+@torch.no_grad()
+def label_masks(predictor: SamPredictor, masks: np.ndarray | torch.Tensor, labels: list[str] | None = None
+                ) -> tuple[list[str], np.ndarray]:
+    """Label masks from any source (e.g. the automatic generator): each is re-prompted by its box and
+    centre point, and the class head reads the resulting mask token.
+
+    Args:
+        masks: (N, H, W) bool in original-image pixels.
+        labels: optional label list (closed or, with CLIP, open); default the model's class names.
+
+    Returns:
+        (label per mask, its probability (N,)). With ``labels`` given, each mask gets the best of them.
+    """
+    model = predictor.model
+    vocab = make_vocabulary(model, labels, predictor=predictor) if labels else None
+    names = list(labels) if labels else list(model.class_head.class_names if model.class_head else [])
+    m = torch.as_tensor(np.asarray(masks), device=predictor.device).bool()
+    if m.ndim != 3:
+        raise PromptError(f"masks must be (N, H, W) bool, got shape {tuple(m.shape)}")
+    if len(m) == 0:
+        return [], np.zeros(0, dtype=np.float32)
+    assert predictor.features is not None and predictor.original_size is not None
+    from torchvision.ops import masks_to_boxes
+
+    nonempty = m.flatten(1).any(1)
+    boxes = torch.zeros(len(m), 4, device=m.device)
+    boxes[nonempty] = masks_to_boxes(m[nonempty]).float()
+    boxes[:, 2:] += 1
+    t = predictor.transform
+    boxes_t = torch.as_tensor(t.apply_boxes(boxes.cpu().numpy(), predictor.original_size), dtype=torch.float32,
+                              device=predictor.device)
+    _, _, tokens = decode(model, predictor.features, None, boxes_t, None, None)
+    probs = label_probs(model, tokens[:, 0], vocab)
+    score, idx = probs.max(-1)
+    return [names[i] for i in idx.tolist()], score.float().cpu().numpy()

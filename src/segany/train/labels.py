@@ -1,0 +1,363 @@
+"""Training with class labels and CLIP prompts (issue 10): SAM's recipe plus a class head and a text token.
+
+Per image, up to K instance masks with class names (COCO128-seg's ``data.yaml``; PennFudan is all
+"person"). Each mask is prompted once, by one of:
+
+* a foreground point (the 3 ambiguity masks are scored, the best takes the loss) or a jittered box;
+* with a text token (``SamConfig.text``) and a mask at least ``min_text_area`` px: the **CLIP image
+  embedding of a crop around the mask** (SAM §7.5), alone or with a point. At inference the CLIP *text*
+  embedding of a phrase takes its place, which CLIP aligns with image embeddings.
+
+Losses: 20·focal + dice on masks, MSE on the IoU head (SAM §3), cross-entropy of the class head on every
+mask token, and for open-vocabulary heads 1 − cos between each mask's CLIP-space embedding and its
+crop's CLIP embedding. Background points (pixels of no labelled object) teach the head's background
+class, so "segment every <class>" can drop masks of sky, road and the like.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segany.data.formats.common import InstanceRecord, decode_rle
+from segany.errors import InputError
+from segany.modeling.config import ClassHeadConfig, SamConfig, TextConfig
+from segany.modeling.sam import Sam
+from segany.train.losses import mask_iou, mask_losses
+from segany.train.prompts import jitter_boxes, mask_boxes_xyxy, sample_points
+
+log = logging.getLogger(__name__)
+
+COCO128_HELD_OUT = 16  # coco128 ships no validation split: these many images (seeded) are held out for labels
+LABEL_SPLIT_SEED = 10
+
+
+def with_labels(cfg: SamConfig, class_names: Sequence[str], clip_model: str | None = None,
+                clip_dim: int | None = None, open_vocab: bool = True) -> SamConfig:
+    """``cfg`` plus a class head over ``class_names`` and, with ``clip_model``, a CLIP text token."""
+    from dataclasses import replace
+
+    text = None
+    if clip_model is not None:
+        from segany.text.clip import get_clip_spec
+
+        text = TextConfig(clip_model=clip_model, clip_dim=clip_dim or get_clip_spec(clip_model).embed_dim)
+    classes = ClassHeadConfig(class_names=tuple(class_names),
+                              clip_dim=text.clip_dim if (text is not None and open_vocab) else 0)
+    return replace(cfg, text=text, classes=classes)
+
+
+# ------------------------------------------------------------------------------------------- data
+def label_split(records: list[InstanceRecord]) -> dict[str, list[InstanceRecord]]:
+    """Train/held-out split for label training: PennFudan's held-out images (the project's split) stay
+    held out; coco128 loses ``COCO128_HELD_OUT`` seeded images to evaluation. PennFudan masks are 'person'."""
+    from segany.data.formats import held_out_ids
+
+    out: dict[str, list[InstanceRecord]] = {"train": [], "val": []}
+    by_ds: dict[str, list[InstanceRecord]] = {}
+    for r in records:
+        if r.class_names is None and r.dataset == "pennfudan":
+            r.class_names = ["person"] * len(r.masks)
+        if r.class_names is None:
+            continue  # no labels: nothing to teach the class head
+        by_ds.setdefault(r.dataset, []).append(r)
+    for ds, recs in by_ds.items():
+        ids = sorted(r.image_id for r in recs)
+        if ds == "coco128":
+            pool = list(ids)
+            random.Random(f"labels-{LABEL_SPLIT_SEED}").shuffle(pool)
+            held = set(pool[:COCO128_HELD_OUT])
+        else:
+            held = set(held_out_ids(ds, ids))
+        for r in recs:
+            out["val" if r.image_id in held else "train"].append(r)
+    return out
+
+
+def read_labeled(*, pack: str | None = None, data_root: str | None = None, limit: int | None = None
+                 ) -> dict[str, list[InstanceRecord]]:
+    """coco128-seg + PennFudan with class names, from a pack (``scripts/pack_data.py``) or the raw data."""
+    if pack is not None:
+        from segany.data.pack import load_pack
+
+        recs = load_pack(pack, datasets=["coco128", "pennfudan"])
+    elif data_root is not None:
+        from segany.data.formats import read_shared
+
+        recs = []
+        for name in ("coco128", "pennfudan"):
+            for split in read_shared(name, data_root, limit=limit).values():
+                recs.extend(split)
+    else:
+        raise InputError("read_labeled needs pack= (a packed dataset folder) or data_root= (../shared/data)")
+    return label_split(recs)
+
+
+class LabeledDataset(torch.utils.data.Dataset):
+    """(image, masks, class ids) at model resolution: long side → ``img_size``, zero-padded, optional flip.
+
+    Items: ``image`` (3, S, S) float 0–255 RGB (normalized in the step, CLIP crops need raw pixels),
+    ``masks`` (K, S, S) bool, ``labels`` (K,) long (-1 = padding), ``size_hw`` of the valid region.
+    """
+
+    def __init__(self, records: Sequence[InstanceRecord], class_names: Sequence[str], *, img_size: int,
+                 max_masks: int = 8, hflip: float = 0.5, seed: int = 0, min_area: int = 16) -> None:
+        index = {n: i for i, n in enumerate(class_names)}
+        self.records = [r for r in records if r.masks and r.class_names]
+        if not self.records:
+            raise InputError("no labelled images to train on; check the pack/data path")
+        self.index, self.S, self.K, self.hflip, self.seed = index, img_size, max_masks, hflip, seed
+        self.min_area = min_area
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        import cv2
+
+        from segany.data.images import load_image
+        from segany.transforms import preprocess_shape
+
+        i, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
+        rng = np.random.default_rng([self.seed, epoch, int(i)])
+        rec = self.records[int(i)]
+        image = load_image(rec.image_path)
+        h, w = preprocess_shape(*image.shape[:2], self.S)
+        flip = rng.random() < self.hflip
+        img = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+        order = rng.permutation(len(rec.masks))
+        masks, labels = [], []
+        for j in order:
+            name = rec.class_names[j] if rec.class_names else None
+            if name not in self.index:
+                continue
+            m = cv2.resize(decode_rle(rec.masks[j]).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+            if m.sum() < self.min_area:
+                continue
+            masks.append(m[:, ::-1] if flip else m)
+            labels.append(self.index[name])
+            if len(masks) == self.K:
+                break
+        if flip:
+            img = img[:, ::-1]
+        out_img = torch.zeros(3, self.S, self.S)
+        out_img[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(img).transpose(2, 0, 1).astype(np.float32))
+        out_m = torch.zeros(self.K, self.S, self.S, dtype=torch.bool)
+        out_l = torch.full((self.K,), -1, dtype=torch.long)
+        for k, (m, lab) in enumerate(zip(masks, labels, strict=True)):
+            out_m[k, :h, :w] = torch.from_numpy(np.ascontiguousarray(m) > 0)
+            out_l[k] = lab
+        return {"image": out_img, "masks": out_m, "labels": out_l, "size_hw": (h, w)}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"image": torch.stack([it["image"] for it in items]), "masks": torch.stack([it["masks"] for it in items]),
+            "labels": torch.stack([it["labels"] for it in items]), "size_hw": [it["size_hw"] for it in items]}
+
+
+# ------------------------------------------------------------------------------------------- step
+@dataclass(frozen=True)
+class LabelRecipe:
+    box_prob: float = 0.4
+    text_prob: float = 0.5  # of masks big enough, the share prompted by their crop's CLIP embedding ...
+    text_with_point: float = 0.5  # ... and of those, the share that also get a point
+    min_text_area: int = 1024  # px at model resolution (32×32 at 1024 px; SAM §7.5 used 100² at 1024)
+    bg_points: int = 4  # background points per image (class-head negatives)
+    class_weight: float = 1.0
+    clip_weight: float = 1.0
+    iou_weight: float = 1.0
+
+
+def label_loss(sam: Sam, batch: dict[str, Any], recipe: LabelRecipe, gen: torch.Generator,
+               clip: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch (see the module docstring). ``clip`` is a :class:`~segany.text.clip.ClipEncoder`."""
+    dev = sam.device
+    images = batch["image"].to(dev)
+    masks, labels = batch["masks"].to(dev), batch["labels"].to(dev)
+    valid = labels >= 0
+    img_idx, gt, cls = valid.nonzero()[:, 0], masks[valid], labels[valid]
+    M, S = gt.shape[0], images.shape[-1]
+    pe = sam.prompt_encoder
+    feats = sam.image_encoder(sam.preprocess(images))
+    head = sam.class_head
+    has_text = sam.cfg.text is not None and clip is not None
+    stats: dict[str, float] = {"masks": float(M)}
+    total = feats.new_zeros(())
+
+    # CLIP embeddings of crops around each mask (the training stand-in for a phrase's text embedding).
+    crop_emb = None
+    boxes = mask_boxes_xyxy(gt)
+    if has_text or (head is not None and head.clip_dim > 0 and clip is not None):
+        crop_emb = torch.cat([clip.encode_crops(images[i], boxes[img_idx == i] + torch.tensor([0, 0, 1, 1.], device=dev))
+                              for i in range(images.shape[0])]).to(dev) if M else None
+    area = gt.flatten(1).sum(1)
+    u = torch.rand(M, 3, generator=gen, device=dev)
+    use_text = (area >= recipe.min_text_area) & (u[:, 0] < recipe.text_prob) if has_text else torch.zeros(
+        M, dtype=torch.bool, device=dev)
+    use_box = ~use_text & (u[:, 1] < recipe.box_prob)
+    text_point = use_text & (u[:, 2] < recipe.text_with_point)
+    use_point = ~use_box & ~use_text
+    pts, _ = sample_points(gt, gen)
+    jit = jitter_boxes(boxes, S, gen)
+    if M:
+        # One decoder call per prompt kind, each with exactly the token layout inference uses
+        # ([point, pad], [corner, corner], [text], [point, pad, text]): SAM's decoder attends to padding
+        # tokens too, so training on another layout would shift what it sees at inference.
+        text_tok = pe.embed_text(crop_emb) if has_text and crop_emb is not None else None
+        dense_pe = pe.get_dense_pe()
+        low = feats.new_zeros(M, 4, 4 * pe.image_embedding_size[0], 4 * pe.image_embedding_size[1])
+        iou_pred = feats.new_zeros(M, 4)
+        tokens = feats.new_zeros(M, 4, feats.shape[1])
+        ones = torch.ones(M, 1, dtype=torch.long, device=dev)
+        for kind in ("point", "box", "text", "text_point"):
+            rows = {"point": use_point & ~use_text, "box": use_box, "text": use_text & ~text_point,
+                    "text_point": text_point}[kind].nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            pts_k = (pts[rows, None], ones[rows]) if kind in ("point", "text_point") else None
+            box_k = jit[rows] if kind == "box" else None
+            txt_k = text_tok[rows, 0] if kind.startswith("text") and text_tok is not None else None
+            parts = [] if pts_k is None else [pe._embed_points(pts_k[0], pts_k[1], pad=box_k is None)]
+            if box_k is not None:
+                parts.append(pe._embed_boxes(box_k))
+            if txt_k is not None:
+                parts.append(txt_k[:, None])
+            sparse = torch.cat(parts, 1)
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(rows), -1, *pe.image_embedding_size)
+            lo, io, tk = sam.mask_decoder.predict_masks(feats[img_idx[rows]], dense_pe, sparse, dense,
+                                                        return_tokens=True)
+            low = low.index_copy(0, rows, lo.to(low.dtype))
+            iou_pred = iou_pred.index_copy(0, rows, io.to(iou_pred.dtype))
+            tokens = tokens.index_copy(0, rows, tk.to(tokens.dtype))
+        # Ambiguous prompts (a point alone) train the best of the 3 multimask outputs; the rest output 0.
+        ambiguous = use_point
+        cand = torch.where(ambiguous[:, None, None, None], low[:, 1:], low[:, :1].expand(-1, 3, -1, -1))
+        cand_iou = torch.where(ambiguous[:, None], iou_pred[:, 1:], iou_pred[:, :1].expand(-1, 3))
+        up = F.interpolate(cand, (S, S), mode="bilinear", align_corners=False)
+        tgt = gt[:, None].float().expand(-1, 3, -1, -1)
+        per = mask_losses(up.flatten(0, 1), tgt.flatten(0, 1)).view(M, 3)
+        true_iou = mask_iou(up.detach().flatten(0, 1), tgt.flatten(0, 1)).view(M, 3)
+        best = per.detach().argmin(1)
+        rows = torch.arange(M, device=dev)
+        total = total + per[rows, best].mean() + recipe.iou_weight * F.mse_loss(cand_iou, true_iou)
+        stats["mask_iou"] = float(true_iou[rows, best].mean())
+        if head is not None:
+            logits, emb = head(tokens)  # (M, 4, K+1), (M, 4, D)
+            ce = F.cross_entropy(logits.flatten(0, 1), cls.repeat_interleave(4))
+            total = total + recipe.class_weight * ce
+            stats["class_ce"] = float(ce.detach())
+            stats["class_acc"] = float((logits[rows, 0].argmax(-1) == cls).float().mean())
+            if emb is not None and crop_emb is not None:
+                cos = (emb * crop_emb[:, None]).sum(-1)
+                total = total + recipe.clip_weight * (1 - cos).mean()
+                stats["clip_cos"] = float(cos.mean())
+    if head is not None and recipe.bg_points > 0:
+        # Background: points on no labelled object. Labels are incomplete (coco128 misses some objects),
+        # so this teaches "stuff" more than "unlabelled thing"; it is weighted like one more mask.
+        covered = torch.zeros(images.shape[0], S, S, dtype=torch.bool, device=dev)
+        covered.index_put_((img_idx,), gt, accumulate=True)
+        region = ~covered
+        for i, (h, w) in enumerate(batch["size_hw"]):
+            region[i, h:], region[i, :, w:] = False, False
+        region = region.repeat_interleave(recipe.bg_points, 0)
+        bxy, found = sample_points(region, gen)
+        b_img = torch.arange(images.shape[0], device=dev).repeat_interleave(recipe.bg_points)[found]
+        bxy = bxy[found]
+        if len(bxy):
+            lab = torch.ones(len(bxy), 1, dtype=torch.long, device=dev)
+            sp = pe._embed_points(bxy[:, None], lab, pad=True)
+            dn = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(bxy), -1, *pe.image_embedding_size)
+            _, _, btok = sam.mask_decoder.predict_masks(feats[b_img], pe.get_dense_pe(), sp, dn, return_tokens=True)
+            blog, _ = head(btok)
+            bg = torch.full((len(bxy) * 4,), head.num_classes, dtype=torch.long, device=dev)
+            total = total + recipe.class_weight * F.cross_entropy(blog.flatten(0, 1), bg) * 0.5
+    stats["loss"] = float(total.detach())
+    return total, stats
+
+
+# ------------------------------------------------------------------------------------------- loop
+@dataclass(frozen=True)
+class LabelTrainConfig:
+    out_dir: str = "runs/labels"
+    steps: int = 200
+    max_minutes: float | None = None
+    batch_size: int = 4
+    max_masks: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"
+    freeze_image_encoder: bool = False
+    log_every: int = 10
+    recipe: LabelRecipe = field(default_factory=LabelRecipe)
+
+
+def train_labels(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig, *, clip: Any = None,
+                 on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train ``sam`` (with a class head and optionally a text token) in place; returns a summary."""
+    from segany.data.datasets import StepBatchSampler
+
+    if sam.class_head is None:
+        raise InputError("train_labels needs a model with a class head: build it from with_labels(config, names)")
+    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if cfg.device == "auto" else cfg.device))
+    sam.to(dev).train()
+    if clip is not None:
+        clip.to(dev)
+    torch.manual_seed(cfg.seed)
+    if cfg.freeze_image_encoder:
+        sam.image_encoder.requires_grad_(False)
+    params = [p for p in sam.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ds = LabeledDataset(train, sam.class_head.class_names, img_size=sam.img_size, max_masks=cfg.max_masks,
+                        seed=cfg.seed)
+    sampler = StepBatchSampler(len(ds), cfg.batch_size, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    history: list[dict[str, Any]] = []
+    budget = 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    amp = dev.type == "cuda"
+    step = 0
+    for step, batch in enumerate(loader, start=1):
+        frac = min(1.0, (step / cfg.steps) if not cfg.max_minutes else max(step / cfg.steps,
+                                                                          (time.time() - t0) / budget))
+        lr = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + step)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss, stats = label_loss(sam, batch, cfg.recipe, gen, clip)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        stats.update(step=step, lr=lr, time_s=round(time.time() - t0, 1))
+        history.append(stats)
+        if step % cfg.log_every == 0 or step == 1:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            log.info("step %d loss %.4f", step, stats["loss"])
+            if on_log:
+                on_log(stats)
+        if step >= cfg.steps or time.time() - t0 > budget:
+            break
+    sam.eval()
+    first = float(np.mean([h["loss"] for h in history[:5]]))
+    last = float(np.mean([h["loss"] for h in history[-5:]]))
+    return {"steps": step, "train_seconds": round(time.time() - t0, 1), "first_loss": first, "last_loss": last,
+            "train_images": len(ds), "device": str(dev), "config": asdict(cfg)}
