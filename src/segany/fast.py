@@ -299,7 +299,8 @@ class FastMaskDecoder(nn.Module):
             return c[2], c[3]
         keys = (features + dense).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
         proj = self._image_proj(keys, self.w_0, self.add_0)
-        self._cache = (features, features._version, keys, proj) if cacheable else None
+        if cacheable:  # never mutated otherwise, so graph capture and torch.compile see no side effect
+            self._cache = (features, features._version, keys, proj)
         return keys, proj
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
