@@ -600,3 +600,20 @@ def encode_images(model: Sam, images: Sequence[np.ndarray], *, batch_size: int =
         chunks.append(fast.encode(torch.stack(batch)))
     return torch.cat(chunks), input_sizes, original_sizes
 
+
+
+def auto_points_per_batch(device: torch.device | str, *, original_pixels: int = 1500 * 2250,
+                          headroom: float = 0.5, cap: int = 1024) -> int:
+    """Prompts per decoder batch for the automatic mask generator, sized to free accelerator memory.
+
+    Per prompt the decoder holds a few (4096, 256) fp32 image-token tensors (~4 MiB each, ~20 live) and
+    three mask logit maps at the original size; we use ``headroom`` of the free memory. CPUs get 64,
+    a size whose working set stays in cache-friendly territory.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 64
+    free_bytes, _ = torch.cuda.mem_get_info(dev)
+    per_prompt = 20 * 4 * 2**20 + 3 * 4 * (1024 * 1024 + original_pixels)
+    n = int(free_bytes * headroom // per_prompt)
+    return max(16, min(cap, n // 16 * 16))
