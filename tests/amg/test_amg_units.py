@@ -1,0 +1,130 @@
+"""Units of automatic mask generation: RLE helpers, windowed small-region clean-up, SA-1B files, config errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from segany.amg.config import AmgConfig
+from segany.amg.filters import masks_to_boxes_xyxy
+from segany.amg.postprocess import clean_mask_full, clean_mask_windowed
+from segany.data.formats.sa1b import read_sa1b, to_sa1b, write_sa1b
+from segany.data.rle import (
+    coco_to_mask,
+    counts_to_changes,
+    decode_masks_torch,
+    encode_masks,
+    mask_to_counts,
+)
+from segany.errors import InputError
+
+
+def _random_masks(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, h, w), dtype=bool)
+    for i in range(n):
+        for _ in range(rng.integers(1, 6)):
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            masks[i, y0:y0 + rng.integers(1, h), x0:x0 + rng.integers(1, w)] ^= True
+        masks[i] ^= rng.random((h, w)) < 0.02  # speckle: tiny holes and islands
+    masks[0] = False
+    masks[1] = True
+    return masks
+
+
+def test_rle_batch_matches_pycocotools_and_round_trips() -> None:
+    masks = _random_masks(12, 23, 31)
+    rle = encode_masks(torch.as_tensor(masks))
+    np_rle = rle.to_numpy()
+    coco = np_rle.to_coco()
+    for i, m in enumerate(masks):
+        ref = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert coco[i]["counts"] == ref["counts"].decode("ascii")
+        assert np.array_equal(np_rle.decode(i), m)
+        assert np.array_equal(coco_to_mask(coco[i]), m)
+        assert np.array_equal(np_rle.counts(i), mask_to_counts(m))
+        ch, first = counts_to_changes(mask_to_counts(m))
+        assert np.array_equal(ch, np_rle.changes[np_rle.offsets[i]:np_rle.offsets[i + 1]]) and first == m.flat[0]
+    assert np.array_equal(decode_masks_torch(rle).numpy(), masks)
+    idx = torch.tensor([5, 0, 11, 5])
+    sub = rle.select(idx).to_numpy()
+    for j, i in enumerate(idx.tolist()):
+        assert np.array_equal(sub.decode(j), masks[i])
+
+
+def test_boxes_of_masks() -> None:
+    masks = _random_masks(6, 17, 29, seed=3)
+    boxes = masks_to_boxes_xyxy(torch.as_tensor(masks)).numpy()
+    for m, b in zip(masks, boxes, strict=True):
+        if not m.any():
+            assert b.tolist() == [0, 0, 0, 0]
+            continue
+        ys, xs = np.nonzero(m)
+        assert b.tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_windowed_cleanup_equals_whole_image(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    h, w = 40, 56
+    cases = list(_random_masks(8, h, w, seed))
+    band = np.zeros((h, w), dtype=bool)  # full-height band: the outside splits into left and right parts
+    band[:, 3:50] = True
+    band[5:9, 10:12] = False
+    cases.append(band)
+    thin = np.zeros((h, w), dtype=bool)  # outside strips thinner than min_area: they count as holes
+    thin[:, 1:] = True
+    cases.append(thin)
+    for m in cases:
+        for min_area in (3, 20, int(rng.integers(40, 400))):
+            full, changed = clean_mask_full(m.copy(), min_area)
+            ys, xs = np.nonzero(m)
+            box = np.array([xs.min(), ys.min(), xs.max(), ys.max()]) if xs.size else np.zeros(4, dtype=np.int64)
+            counts, new_box, changed_w = clean_mask_windowed(mask_to_counts(m), box, (h, w), min_area)
+            assert changed_w == changed
+            if changed:
+                assert counts is not None
+                assert np.array_equal(coco_to_mask({"size": [h, w], "counts": counts.tolist()}), full)
+                fy, fx = np.nonzero(full)
+                if fx.size:
+                    assert new_box.tolist() == [fx.min(), fy.min(), fx.max(), fy.max()]
+
+
+def test_sa1b_round_trip_validated_by_pycocotools(tmp_path) -> None:
+    masks = _random_masks(4, 30, 20, seed=7)
+    records = [{"segmentation": m, "area": int(m.sum()), "bbox": [1, 2, 3, 4], "predicted_iou": 0.9,
+                "point_coords": [[1.5, 2.5]], "stability_score": 0.97, "crop_box": [0, 0, 20, 30]} for m in masks]
+    data = to_sa1b(records, image_id=7, file_name="x.jpg", size_hw=(30, 20))
+    path = write_sa1b(tmp_path / "x.json", data)
+    back = read_sa1b(path)
+    assert (back.image_id, back.width, back.height, back.file_name) == (7, 20, 30, "x.jpg")
+    for a, m in zip(back.annotations, masks, strict=True):
+        assert isinstance(a["segmentation"]["counts"], str)
+        enc = {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+        assert np.array_equal(mask_utils.decode(enc).astype(bool), m)
+        assert int(mask_utils.area(enc)) == a["area"]
+    assert np.array_equal(back.masks(), masks)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_sa1b_reader_rejects_bad_files(tmp_path) -> None:
+    (tmp_path / "t.json").write_text('{"image": {"image_id": 1')
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_sa1b(tmp_path / "t.json")
+    (tmp_path / "k.json").write_text('{"images": []}')
+    with pytest.raises(InputError, match="not an SA-1B file"):
+        read_sa1b(tmp_path / "k.json")
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"output_mode": "png"}, "output_mode must be one of"),
+    ({"points_per_side": None}, "exactly one of points_per_side and point_grids"),
+    ({"points_per_side": 0}, "points_per_side must be >= 1"),
+    ({"box_nms_thresh": 1.5}, "box_nms_thresh must be in"),
+    ({"points_per_side": None, "point_grids": [np.zeros((4, 2))], "crop_n_layers": 1}, "one grid per crop layer"),
+])
+def test_config_errors(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(InputError, match=fragment):
+        AmgConfig(**kwargs)

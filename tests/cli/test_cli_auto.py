@@ -1,0 +1,137 @@
+"""`segany auto`: outputs, kill -9 and --resume, bad inputs, manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLE_IMAGE, randomize_, tiny_config
+
+from segany.checkpoints import save_checkpoint
+from segany.data.formats.sa1b import read_sa1b
+from segany.modeling.sam import Sam
+
+SAMPLES = sorted((REPO / "src" / "segany" / "assets" / "samples").glob("*.jpg"))
+FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(randomize_(Sam(tiny_config()), seed=0, scale=0.1).eval(), path)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    d = tmp_path / "images"
+    (d / "sub").mkdir(parents=True)
+    for i, p in enumerate([*SAMPLES, SAMPLE_IMAGE, SAMPLES[0]]):
+        shutil.copy(p, (d / "sub" if i == 5 else d) / f"img_{i}.jpg")
+    return d
+
+
+def _cmd(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "segany.cli.main", "auto", *map(str, args)]
+
+
+def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(_cmd(*args), capture_output=True, text=True, timeout=300, env=env)
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.json"))
+            if p.name != "manifest.json"}
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(folder: Path, checkpoint: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    r = _run(folder, "--out", full, "--checkpoint", checkpoint, *FAST, "--quiet")
+    assert r.returncode == 0, r.stderr
+    expected = _outputs(full)
+    assert len(expected) == 6
+    manifest = json.loads((full / "manifest.json").read_text())
+    assert manifest["counts"] == {"images": 6, "processed": 6, "skipped_existing": 0, "failed": 0,
+                                  "masks": manifest["counts"]["masks"]}
+    assert manifest["counts"]["masks"] > 0 and manifest["options"]["points_per_side"] == 4
+    assert {"segany", "torch", "pycocotools"} <= set(manifest["versions"])
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cmd(folder, "--out", killed, "--checkpoint", checkpoint, *FAST, "--quiet"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(killed.rglob("img_*.json"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _outputs(killed)
+    assert 0 < len(partial) < 6, "the kill should land mid-folder"
+    for name, data in partial.items():  # whatever exists is complete and final
+        assert data == expected[name]
+
+    r = _run(folder, "--out", killed, "--checkpoint", checkpoint, *FAST, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert _outputs(killed) == expected
+    assert not list(killed.rglob("*.tmp"))
+    counts = json.loads((killed / "manifest.json").read_text())["counts"]
+    assert counts["skipped_existing"] == len(partial) and counts["processed"] == 6 - len(partial)
+    assert "img/s" in r.stderr or "s/img" in r.stderr  # the progress bar
+
+
+def test_sa1b_png_coco_and_overlay_outputs(checkpoint: Path, tmp_path: Path) -> None:
+    img = tmp_path / "photo.jpg"
+    shutil.copy(SAMPLE_IMAGE, img)
+    r = _run(img, "--out", tmp_path / "a", "--checkpoint", checkpoint, *FAST, "--overlay", "--quiet")
+    assert r.returncode == 0, r.stderr
+    sa1b = read_sa1b(tmp_path / "a" / "photo.json")
+    assert sa1b.annotations and (sa1b.width, sa1b.height, sa1b.file_name) == (640, 425, "photo.jpg")
+    assert (tmp_path / "a" / "photo.overlay.png").stat().st_size > 0
+
+    r = _run(img, "--out", tmp_path / "p", "--checkpoint", checkpoint, *FAST, "--format", "png", "--quiet")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "p" / "photo" / "masks.json").read_text())
+    assert len(meta) == len(sa1b.annotations)
+    from PIL import Image
+
+    m0 = np.asarray(Image.open(tmp_path / "p" / "photo" / meta[0]["file"])) > 0
+    assert np.array_equal(m0, sa1b.masks()[0])
+
+    r = _run(img, "--out", tmp_path / "c", "--checkpoint", checkpoint, *FAST, "--format", "coco", "--quiet")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "c" / "coco_results.json").read_text())
+    assert len(results) == len(sa1b.annotations) and {"image_id", "segmentation", "score", "bbox"} <= set(results[0])
+
+
+def test_unreadable_image_is_reported_and_skipped(folder: Path, checkpoint: Path, tmp_path: Path) -> None:
+    for p in list(folder.rglob("*.jpg"))[1:]:
+        p.unlink()
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    r = _run(folder, "--out", tmp_path / "o", "--checkpoint", checkpoint, *FAST, "--quiet")
+    assert r.returncode == 1
+    assert "broken.jpg" in r.stderr and "1 failed" in r.stderr and "failed images:" in r.stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["counts"]["failed"] == 1 and manifest["counts"]["processed"] == 1
+    assert manifest["failures"][0]["image"].endswith("broken.jpg")
+
+
+@pytest.mark.parametrize(("make", "fragment"), [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: d, "no images"),
+    (lambda d: (d / "list.txt").write_text("# nothing\n") and d / "list.txt", "names no images"),
+])
+def test_bad_inputs(make, fragment: str, checkpoint: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    r = _run(make(src), "--out", tmp_path / "o", "--checkpoint", checkpoint, *FAST)
+    assert r.returncode == 1 and fragment in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1  # one line, no traceback
