@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, randomize_, tiny_config
 
 from segany.checkpoints import build_sam, read_checkpoint, save_checkpoint
 from segany.errors import CheckpointError, InputError, PromptError
@@ -16,10 +17,6 @@ from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 from segany.text import load_clip
 from segany.train.labels import LabelRecipe, LabelTrainConfig, label_loss, train_labels, with_labels
-from conftest import SHARED_DATA, randomize_, tiny_config
-
-
-
 
 NAMES = ("person", "dog", "car")
 
@@ -149,7 +146,7 @@ def test_training_step_lowers_loss(clip) -> None:  # type: ignore[no-untyped-def
     opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)
     batch = _batch()
     losses = []
-    for step in range(6):
+    for _step in range(6):
         gen = torch.Generator().manual_seed(1)  # same prompts each step: the loss must go down
         loss, stats = label_loss(sam, batch, recipe, gen, clip)
         opt.zero_grad()
@@ -189,3 +186,18 @@ def test_train_labels_on_real_records(tmp_path: Path) -> None:
     summary = train_labels(sam, recs, cfg)
     assert summary["steps"] == 3 and np.isfinite(summary["last_loss"])
     assert (tmp_path / "log.jsonl").exists()
+
+
+def test_automatic_masks_carry_labels(sample_image: np.ndarray) -> None:
+    from segany.amg.generator import SamAutomaticMaskGenerator
+    from segany.data.formats.sa1b import to_sa1b
+
+    model = randomize_(Sam(with_labels(tiny_config(), NAMES)), seed=6).eval()
+    gen = SamAutomaticMaskGenerator(model, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    anns = gen.generate(sample_image)
+    assert anns, "the random model should still give some masks with no thresholds"
+    assert all(a["label"] in NAMES and 0 <= a["label_score"] <= 1 for a in anns)
+    sa1b = to_sa1b(anns, image_id=1, file_name="x.jpg", size_hw=sample_image.shape[:2])
+    assert sa1b["annotations"][0]["label"] in NAMES
+    gen.labels = ["car"]
+    assert {a["label"] for a in gen.generate(sample_image)} == {"car"}

@@ -46,6 +46,9 @@ def _nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, iou_thresh: float) -> t
 
 
 class SamAutomaticMaskGenerator:
+    # Label list for masks (closed vocabulary, or open with CLIP); None: the model's class names, if any.
+    labels: list[str] | None = None
+
     def __init__(
         self,
         model: Sam,
@@ -105,7 +108,12 @@ class SamAutomaticMaskGenerator:
             ``point_coords`` ([[x, y]]), ``stability_score`` and ``crop_box`` (XYWH).
         """
         records = self.generate_records(image)
-        return self.records_to_annotations(records)
+        anns = self.records_to_annotations(records)
+        if anns and (self.labels or self.predictor.model.class_head is not None):
+            from segany.text.prompting import add_labels  # issue 10: label, label_score, category_id
+
+            add_labels(self, image, anns, self.labels)
+        return anns
 
     @torch.no_grad()
     def generate_records(self, image: np.ndarray) -> MaskRecords:

@@ -47,6 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip images whose output already exists")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--labels", help="label masks with these comma-separated names, e.g. person,car (needs a model "
+                                    "with a class head; names outside its classes need CLIP)")
     g = p.add_argument_group("generator options (defaults as in SAM)")
     defaults = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
                 "stability_score_thresh": 0.95, "stability_score_offset": 1.0, "box_nms_thresh": 0.7,
@@ -125,8 +127,10 @@ def _write_png_dir(target: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _coco_results(records: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
-    return [{"image_id": image_id, "category_id": 1, "segmentation": r["segmentation"], "bbox": r["bbox"],
-             "score": r["predicted_iou"], "area": r["area"]} for r in records]
+    return [{"image_id": image_id, "category_id": r.get("category_id", 1), "segmentation": r["segmentation"],
+             "bbox": r["bbox"], "score": r["predicted_iou"], "area": r["area"],
+             **({"category_name": r["label"], "label_score": r["label_score"]} if "label" in r else {})}
+            for r in records]
 
 
 def _clean_stale_temps(out: Path) -> None:
@@ -182,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = build_sam(args.model, checkpoint=checkpoint, device=device)
     generator = SamAutomaticMaskGenerator.from_config(model, config)
+    if args.labels:
+        generator.labels = [t.strip() for t in args.labels.split(",") if t.strip()]
     failures: list[dict[str, str]] = []
     n_masks = 0
     done = 0

@@ -39,6 +39,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
                    help="a click in image pixels; LABEL 1 = foreground (default), 0 = background; repeatable")
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box in image pixels (top-left, bottom-right)")
+    p.add_argument("--text", help="a phrase, e.g. 'a dog' (models with a text token or class head); alone it "
+                                  "segments every instance, with clicks/box it picks the named object")
     p.add_argument("--model", default="vit_b", help="registered model name (see `segany models`; default vit_b)")
     p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
@@ -56,8 +58,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     points = [parse_point(t) for t in args.point]
     box = parse_box(args.box) if args.box else None
-    if not points and box is None:
-        raise InputError("no prompt given: pass at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
+    if not points and box is None and args.text is None:
+        raise InputError("no prompt given: pass at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or --text")
     multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -89,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     what = " and ".join(x for x in (f"{len(points)} point(s)" if points else "", "a box" if box else "") if x)
     with progress.step("decode_s", f"decoding {what}"):
         masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels,
-                                             box=np.array(box) if box else None, multimask_output=multimask)
+                                             box=np.array(box) if box else None, multimask_output=multimask,
+                                             text=args.text)
+    if len(masks) == 0:
+        raise InputError(f"nothing matched --text {args.text!r} in {args.image}")
     order = np.argsort(-scores, kind="stable")  # best first
     masks, scores = masks[order], scores[order]
 

@@ -268,3 +268,34 @@ def label_masks(predictor: SamPredictor, masks: np.ndarray | torch.Tensor, label
     probs = label_probs(model, tokens[:, 0], vocab)
     score, idx = probs.max(-1)
     return [names[i] for i in idx.tolist()], score.float().cpu().numpy()
+
+
+def _ann_mask(seg: Any) -> np.ndarray:
+    if isinstance(seg, np.ndarray):
+        return seg.astype(bool)
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg.get("counts"), list):
+        seg = mask_utils.frPyObjects(seg, *seg["size"])
+    counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]
+    return mask_utils.decode({"size": seg["size"], "counts": counts}).astype(bool)
+
+
+def add_labels(generator: Any, image: np.ndarray, anns: list[dict[str, Any]], labels: list[str] | None = None
+               ) -> list[dict[str, Any]]:
+    """Give the automatic generator's annotations ``label``, ``label_score`` and ``category_id``.
+
+    ``category_id`` is 1-based in ``labels`` (or the model's class names). Reuses the generator's image
+    embedding when it ran on the whole image (no crop layers); otherwise embeds the image once more.
+    """
+    if not anns:
+        return anns
+    predictor = generator.predictor
+    if predictor.original_size != tuple(image.shape[:2]) or getattr(generator.config, "crop_n_layers", 0) > 0:
+        predictor.set_image(image)
+    masks = np.stack([_ann_mask(a["segmentation"]) for a in anns])
+    names, scores = label_masks(predictor, masks, labels)
+    vocab = list(labels) if labels else list(predictor.model.class_head.class_names)
+    for a, n, s in zip(anns, names, scores.tolist(), strict=True):
+        a["label"], a["label_score"], a["category_id"] = n, float(s), vocab.index(n) + 1
+    return anns

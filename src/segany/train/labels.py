@@ -244,9 +244,12 @@ def label_loss(sam: Sam, batch: dict[str, Any], recipe: LabelRecipe, gen: torch.
         ambiguous = use_point
         cand = torch.where(ambiguous[:, None, None, None], low[:, 1:], low[:, :1].expand(-1, 3, -1, -1))
         cand_iou = torch.where(ambiguous[:, None], iou_pred[:, 1:], iou_pred[:, :1].expand(-1, 3))
-        up = F.interpolate(cand, (S, S), mode="bilinear", align_corners=False)
-        tgt = gt[:, None].float().expand(-1, 3, -1, -1)
-        per = mask_losses(up.flatten(0, 1), tgt.flatten(0, 1)).view(M, 3)
+        # Losses on the decoder's low-res grid (S/4 for SAM): 16× cheaper than at full size, and the
+        # class head, not mask detail, is what this recipe adds.
+        up = cand.float()
+        small = F.adaptive_avg_pool2d(gt[:, None].float(), up.shape[-2:]) > 0.5
+        tgt = small.float().expand(-1, 3, -1, -1)
+        per = mask_losses(up.flatten(0, 1), tgt.flatten(0, 1)).view(M, 3)  # (M, 3)
         true_iou = mask_iou(up.detach().flatten(0, 1), tgt.flatten(0, 1)).view(M, 3)
         best = per.detach().argmin(1)
         rows = torch.arange(M, device=dev)

@@ -53,7 +53,8 @@ def to_sa1b(records: list[dict[str, Any]], *, image_id: int, file_name: str, siz
                      "bbox": [float(v) for v in r["bbox"]], "area": int(r["area"]),
                      "predicted_iou": float(r["predicted_iou"]), "stability_score": float(r["stability_score"]),
                      "crop_box": [float(v) for v in r["crop_box"]],
-                     "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]]})
+                     "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]],
+                     **({"label": r["label"], "label_score": float(r["label_score"])} if "label" in r else {})})
     return {"image": {"image_id": int(image_id), "width": int(w), "height": int(h), "file_name": str(file_name)},
             "annotations": anns}
 
