@@ -199,3 +199,14 @@ def test_enable_fast_path_fp32_fast_decoder(tiny_sam, image):
         b = quick.predict(np.array([[120, 80]]), np.array([1]), return_logits=True)
         for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("input_hw", [(768, 1024), (1024, 683), (1024, 1024), (1, 1024), (1023, 5)])
+def test_upscale_cropped_is_exact(input_hw):
+    import torch.nn.functional as F
+
+    from segany.fast import upscale_cropped
+
+    low = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    ref = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)[..., : input_hw[0], : input_hw[1]]
+    torch.testing.assert_close(upscale_cropped(low, 1024, input_hw), ref, atol=0, rtol=0)

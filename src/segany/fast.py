@@ -288,7 +288,14 @@ class FastMaskDecoder(nn.Module):
 
     def _cross(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         nh = attn.num_heads
-        out = F.scaled_dot_product_attention(self._heads(q, nh), self._heads(k, nh), self._heads(v, nh))
+        qh, kh, vh = self._heads(q, nh), self._heads(k, nh), self._heads(v, nh)
+        if q.is_cuda:
+            out = F.scaled_dot_product_attention(qh, kh, vh)
+        else:
+            # One side has only a handful of tokens; CPU flash attention's blocking costs more than the
+            # two small matmuls it would save.
+            weights = torch.matmul(qh * qh.shape[-1] ** -0.5, kh.transpose(-2, -1)).softmax(dim=-1)
+            out = torch.matmul(weights, vh)
         B, _, N, _ = out.shape
         return attn.out_proj(out.transpose(1, 2).reshape(B, N, -1))
 
@@ -361,6 +368,24 @@ class FastMaskDecoder(nn.Module):
         x = act1(F.layer_norm(x + up1.bias, (c1,), ln.weight, ln.bias, ln.eps))
         x = (x @ self.up2_w).view(B, 2 * h, 2 * w, c2, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(B, -1, c2)
         return act2(x + up2.bias)
+
+
+def upscale_cropped(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int]) -> torch.Tensor:
+    """``interpolate(low_res, (S, S))[..., :h, :w]`` without computing the rows and columns cropped away.
+
+    Bilinear (align_corners=False) output pixel y reads input rows floor(y/k + 0.5/k − 0.5) and the next
+    one, k = S / low-res side; keeping one input row/column beyond the crop and asking for exactly k
+    times as many output pixels keeps the scale, so the kept pixels are computed identically.
+    """
+    side = low_res.shape[-1]
+    k = img_size // side
+    if k * side != img_size:  # not an integer scale: fall back to the plain two-step form
+        return F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)[
+            ..., : input_size[0], : input_size[1]]
+    rows = min(side, -(-input_size[0] // k) + 1)
+    cols = min(side, -(-input_size[1] // k) + 1)
+    up = F.interpolate(low_res[..., :rows, :cols], (rows * k, cols * k), mode="bilinear", align_corners=False)
+    return up[..., : input_size[0], : input_size[1]]
 
 
 # ------------------------------------------------------------------------------------------ CUDA graphs
@@ -506,14 +531,10 @@ class FastPath:
         else:
             low_res, iou = self.decoder(features, self._image_pe, sparse, dense, multimask)
         low_res = low_res.float()
-        if tuple(input_size) == tuple(original_size):
-            # The second resize of postprocess_masks would be the identity (scale 1 samples pixel centres
-            # exactly); skip it and the copy of the cropped view it implies.
-            s = self.model.img_size
-            masks = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
-            masks = masks[..., : input_size[0], : input_size[1]]
-        else:
-            masks = self.model.postprocess_masks(low_res, input_size, original_size)
+        masks = upscale_cropped(low_res, self.model.img_size, input_size)
+        if tuple(input_size) != tuple(original_size):
+            # When equal, this resize would be the identity (scale 1 samples pixel centres exactly).
+            masks = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
         if not return_logits:
             masks = masks > threshold
         return masks, iou.float(), low_res
@@ -528,7 +549,9 @@ class FastPath:
         sparse, dense = pe(points, boxes, mask_input)
         feats = self._features_for_decoder(features)
         sparse = sparse.to(self.decoder_dtype)
-        dense = dense.to(self.decoder_dtype).contiguous()
+        dense = dense.to(self.decoder_dtype)
+        if self._graphs is not None:  # static graph inputs are dense buffers
+            dense = dense.contiguous()
         kwargs = dict(multimask=multimask_output, input_size=tuple(input_size), original_size=tuple(original_size),
                       return_logits=return_logits, threshold=float(self.model.mask_threshold))
         if self._graphs is not None:
