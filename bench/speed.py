@@ -157,6 +157,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     enc: dict[str, Any] = {}
     out["encoder_img_per_s"] = enc
     print(f"[{name}] encoder, batch {batch}", flush=True)
+    parts = set(args.parts.split(","))
 
     def enc_variant(fn: Callable[[torch.Tensor], torch.Tensor], cast: torch.dtype) -> Callable[[], dict[str, Any]]:
         def measure() -> dict[str, Any]:
@@ -174,7 +175,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             ref = reference_model(model, name).to(device)
         except Exception as exc:  # noqa: BLE001
             enc["reference"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    if ref is not None:
+    if ref is not None and "encoder" in parts:
         run_variant(enc, "reference_fp32", enc_variant(ref.image_encoder, torch.float32), device)
         if device == "cuda" or "bf16" in args.cpu_variants:
             def ref_bf16() -> dict[str, Any]:
@@ -182,6 +183,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 return enc_variant(e, torch.bfloat16)()
             run_variant(enc, "reference_bf16", ref_bf16, device)
     variants: list[tuple[str, dict[str, Any]]] = [("segany_fp32", {"precision": "fp32"})]
+    if "encoder" not in parts:
+        variants = []
     if device == "cuda" or "bf16" in args.cpu_variants:
         variants.append(("segany_bf16", {"precision": "bf16"}))
     if device == "cuda":
@@ -196,10 +199,10 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             fp = FastPath(model, **kw)
             return enc_variant(fp._encode_fn, fp.dtype)()
         run_variant(enc, label, seg, device)
-    if args.compile and (device == "cuda" or "bf16" in args.cpu_variants):
+    if "encoder" in parts and args.compile and (device == "cuda" or "bf16" in args.cpu_variants):
         run_variant(enc, "sam_fast_method", lambda: enc_variant(
             sam_fast_method_encoder(model, device, args.compile_mode), torch.bfloat16)(), device)
-    if device == "cpu" and "onnx" in args.cpu_variants:
+    if "encoder" in parts and device == "cpu" and "onnx" in args.cpu_variants:
         run_variant(enc, "onnx_fp32", lambda: onnx_encoder(model, x[:1], args, quantized=False), device)
         if args.quantize:
             run_variant(enc, "onnx_int8", lambda: onnx_encoder(model, x[:1], args, quantized=True), device)
@@ -214,6 +217,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 if isinstance(v, dict) and v.get("cpu_s_per_batch")}
 
     # -------------------------------------------------------------- prompt latency and accuracy
+    if "prompt" not in parts:
+        return out
     print(f"[{name}] prompt -> mask", flush=True)
     rng = np.random.RandomState(0)
     orig = (768, 1024)
@@ -378,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", action="store_true", help="CPU: also time int8 ONNX graphs")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--parts", default="encoder,prompt", help="encoder, prompt (prompt includes the accuracy check)")
     p.add_argument("--json", help="write all results here")
     p.set_defaults(compile=None)
     args = p.parse_args(argv)
