@@ -183,8 +183,6 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 return enc_variant(e, torch.bfloat16)()
             run_variant(enc, "reference_bf16", ref_bf16, device)
     variants: list[tuple[str, dict[str, Any]]] = [("segany_fp32", {"precision": "fp32"})]
-    if "encoder" not in parts:
-        variants = []
     if device == "cuda" or "bf16" in args.cpu_variants:
         variants.append(("segany_bf16", {"precision": "bf16"}))
     if device == "cuda":
@@ -194,7 +192,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         variants.append(("segany_bf16_compiled", {"precision": "bf16", "compile": mode}))
         if args.compile_fold:
             variants.append(("segany_bf16_fold_compiled", {"precision": "bf16", "attention": "fold", "compile": mode}))
-    for label, kw in variants:
+    for label, kw in variants if "encoder" in parts else []:
         def seg(kw: dict[str, Any] = kw) -> dict[str, Any]:
             fp = FastPath(model, **kw)
             return enc_variant(fp._encode_fn, fp.dtype)()
