@@ -45,23 +45,47 @@ def _config(name: str) -> SamConfig:
     return tiny_config() if name == "tiny" else get_config(name)
 
 
-@pytest.fixture(scope="module", params=["tiny", "vit_t", "vit_b"])
-def pair(request: pytest.FixtureRequest, sample_image: np.ndarray) -> Iterator[Pair]:
-    """Both predictors with one image set; built once per model because a ViT-B encode takes ~15 s."""
-    name = request.param
-    cfg = _config(name)
-    ref_model = reference_mobile_sam(cfg) if name == "vit_t" else reference_sam(cfg)
-    randomize_realistic_(ref_model, seed=3)
-    ours_model = Sam(cfg)
-    ours_model.load_state_dict(ref_model.state_dict(), strict=True)
-    ours_model.eval()
-    ref_model.load_state_dict(ours_model.state_dict(), strict=True)  # and back
-    ref_model.eval()  # after loading: MobileSAM caches attention biases in eval()
-    ours = SamPredictor(ours_model)
-    ref = mobile_sam_predictor(ref_model) if name == "vit_t" else reference_predictor(ref_model)
-    ours.set_image(sample_image)
-    ref.set_image(sample_image)
-    yield Pair(name, ours, ref, sample_image.shape[:2])
+MODELS = ["tiny", "vit_t", "vit_b"]
+
+
+class Pairs:
+    """Predictor pairs built on first use and kept for the module: a ViT-B encode takes ~15 s."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.cache: dict[str, Pair] = {}
+
+    def __getitem__(self, name: str) -> Pair:
+        if name not in self.cache:
+            self.cache[name] = self._build(name)
+        return self.cache[name]
+
+    def _build(self, name: str) -> Pair:
+        cfg = _config(name)
+        ref_model = reference_mobile_sam(cfg) if name == "vit_t" else reference_sam(cfg)
+        randomize_realistic_(ref_model, seed=3)
+        ours_model = Sam(cfg)
+        ours_model.load_state_dict(ref_model.state_dict(), strict=True)
+        ours_model.eval()
+        ref_model.load_state_dict(ours_model.state_dict(), strict=True)  # and back
+        ref_model.eval()  # after loading: MobileSAM caches attention biases in eval()
+        ours = SamPredictor(ours_model)
+        ref = mobile_sam_predictor(ref_model) if name == "vit_t" else reference_predictor(ref_model)
+        ours.set_image(self.image)
+        ref.set_image(self.image)
+        return Pair(name, ours, ref, self.image.shape[:2])
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_image: np.ndarray) -> Iterator[Pairs]:
+    cache = Pairs(sample_image)
+    yield cache
+    cache.cache.clear()
+
+
+@pytest.fixture(params=MODELS)
+def pair(request: pytest.FixtureRequest, pairs: Pairs) -> Pair:
+    return pairs[request.param]
 
 
 def test_image_embeddings(pair: Pair) -> None:
@@ -81,7 +105,6 @@ def _prompts(h: int, w: int) -> dict[str, dict[str, Any]]:
         "points_single": dict(point_coords=np.array([[0.5 * w, 0.55 * h], [0.1 * w, 0.1 * h]]),
                               point_labels=np.array([1, 0]), multimask_output=False),
         "box_single": dict(box=np.array([0.2 * w, 0.15 * h, 0.8 * w, 0.9 * h]), multimask_output=False),
-        "box_multimask": dict(box=np.array([0.2 * w, 0.15 * h, 0.8 * w, 0.9 * h]), multimask_output=True),
         "box_and_points": dict(box=np.array([0.2 * w, 0.15 * h, 0.8 * w, 0.9 * h]),
                                point_coords=np.array([[0.5 * w, 0.5 * h], [0.25 * w, 0.2 * h]]),
                                point_labels=np.array([1, 0]), multimask_output=True),
@@ -90,11 +113,13 @@ def _prompts(h: int, w: int) -> dict[str, dict[str, Any]]:
     }
 
 
-CASES = list(_prompts(1, 1))
+# The decoder is shared by all encoders, so vit_t (whose encoder is what differs) runs a subset.
+CASES = [(m, c) for m in MODELS for c in _prompts(1, 1) if m != "vit_t" or c in ("point_multimask", "box_and_points")]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_predict(pair: Pair, case: str) -> None:
+@pytest.mark.parametrize(("model", "case"), CASES, ids=[f"{m}-{c}" for m, c in CASES])
+def test_predict(pairs: Pairs, model: str, case: str) -> None:
+    pair = pairs[model]
     kwargs = _prompts(*pair.size_hw)[case]
     ours_logits, ours_iou, ours_low = pair.ours.predict(**kwargs, return_logits=True)
     ref_logits, ref_iou, ref_low = pair.ref.predict(**kwargs, return_logits=True)
@@ -106,10 +131,10 @@ def test_predict(pair: Pair, case: str) -> None:
     assert_close(ours_logits, ref_logits, f"{case} full-size logits (return_logits=True)")
 
     ours_masks, ours_iou2, _ = pair.ours.predict(**kwargs)
-    ref_masks, _, _ = pair.ref.predict(**kwargs)
-    assert ours_masks.dtype == ref_masks.dtype == np.bool_
+    assert ours_masks.dtype == np.bool_
     np.testing.assert_array_equal(ours_iou2, ours_iou)
-    assert_masks_match(ours_masks, ref_masks, ours_logits)
+    # The reference's boolean masks are exactly its logits > mask_threshold (0.0); saves a decode.
+    assert_masks_match(ours_masks, ref_logits > 0.0, ours_logits)
 
 
 @pytest.mark.parametrize("multimask", [True, False])
@@ -127,8 +152,7 @@ def test_predict_with_mask_input(pair: Pair, multimask: bool) -> None:
     assert_close(ours_iou, ref_iou, "mask_input IoU predictions")
     assert_close(ours_logits, ref_logits, "mask_input logits")
     ours_masks, _, _ = pair.ours.predict(**kwargs)
-    ref_masks, _, _ = pair.ref.predict(**kwargs)
-    assert_masks_match(ours_masks, ref_masks, ours_logits)
+    assert_masks_match(ours_masks, ref_logits > 0.0, ours_logits)
 
 
 def _boxes(h: int, w: int, n: int = 6) -> np.ndarray:
@@ -152,8 +176,7 @@ def test_predict_torch_many_boxes(pair: Pair, multimask: bool) -> None:
     for what, a, b in zip(("logits", "IoU predictions", "low-res logits"), ours, ref, strict=True):
         assert_close(a, b, f"batched boxes {what}")
     masks_ours = pair.ours.predict_torch(None, None, boxes=ref_boxes, multimask_output=multimask)[0]
-    masks_ref = pair.ref.predict_torch(None, None, boxes=ref_boxes, multimask_output=multimask)[0]
-    assert_masks_match(masks_ours, masks_ref, ours[0])
+    assert_masks_match(masks_ours, ref[0] > 0.0, ours[0])
 
 
 def test_predict_torch_batched_points(pair: Pair) -> None:
