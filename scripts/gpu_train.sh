@@ -13,7 +13,7 @@
 #
 # Env knobs: MAX_MINUTES (training budget, default 6 so evaluation fits a 10-minute call),
 # PACK (default out/packed), OUT (default out/gpu_run), PYTHON (default python3), EVAL_TIMEOUT (s, 150),
-# DEVICE (auto), EXTRA (more `-o section.key=value` overrides for training), EVAL_EXTRA (more eval flags).
+# DEVICE (auto), GRABCUT (1: also run the GrabCut baseline; 0: model only), EXTRA (more `-o section.key=value` overrides for training), EVAL_EXTRA (more eval flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -61,7 +61,7 @@ $PY -c "from segany.bundled import split_file; import sys; print([p.name for p i
 
 # 3) evaluate on the held-out split, GrabCut from the same boxes beside it
 timeout "$EVAL_TIMEOUT" $PY -m segany.cli.eval --model segany_tiny --checkpoint "$RUN/segany_tiny.pt" \
-  --data "$PACK" --grabcut --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --max-objects-per-image 4 \
+  --data "$PACK" $([ "${GRABCUT:-1}" = 1 ] && echo --grabcut) --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --max-objects-per-image 4 \
   --device "$DEVICE" --out "$RUN/eval" --quiet ${EVAL_EXTRA:-} 2>&1 | tee -a "$LOG"
 echo "eval rc ${PIPESTATUS[0]}" | tee -a "$LOG"
 cp "$RUN/eval/miou_vs_clicks.png" "$OUT/" 2>/dev/null

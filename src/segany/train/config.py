@@ -38,6 +38,7 @@ class DataSection:
     scale_max: float = 1.5
     min_mask_area: int = 64
     num_workers: int = 4
+    device_cache: bool = False  # decode the whole pack once into accelerator memory and augment there
 
     def __post_init__(self) -> None:
         if self.max_masks < 1:

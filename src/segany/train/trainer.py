@@ -344,10 +344,32 @@ class Trainer:
                                            pin_memory=self.device.type == "cuda", persistent_workers=False,
                                            prefetch_factor=4 if nw > 0 else None)
 
+    def build_batches(self) -> Callable[[], dict[str, Any]]:
+        """A function returning the next batch: worker processes, or the accelerator-resident cache."""
+        d = self.cfg.data
+        if not d.device_cache:
+            it = iter(self.build_loader())
+            return lambda: next(it)
+        from segany.data.datasets import AugmentConfig
+        from segany.data.device_batches import DeviceBatcher
+        from segany.data.pack import load_pack
+
+        records = self.train_records if self.train_records is not None else load_pack(
+            d.pack, split="train", datasets=d.datasets)
+        aug = AugmentConfig(hflip=d.hflip, scale_min=d.scale_min, scale_max=d.scale_max,
+                            min_mask_area=d.min_mask_area)
+        batcher = DeviceBatcher(records, img_size=self.sam.img_size, max_masks=d.max_masks,
+                                batch_size=self.cfg.run.batch_size, augment=aug, seed=self.cfg.run.seed,
+                                pixel_mean=self.sam.cfg.pixel_mean, pixel_std=self.sam.cfg.pixel_std,
+                                device=self.device, workers=max(1, d.num_workers), rank=self.rank,
+                                world_size=self.world)
+        self.num_train_images = len(batcher)
+        return lambda: batcher.batch(self.step)
+
     def fit(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Train until ``run.max_steps`` or ``run.max_minutes``; checkpoint periodically and at the end."""
         run = self.cfg.run
-        loader = self.build_loader()
+        next_batch = self.build_batches()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.time() - self.elapsed
@@ -359,9 +381,8 @@ class Trainer:
         budget = 60.0 * run.max_minutes if run.max_minutes else float("inf")
         first_loss = None
         stats: dict[str, float] = {}
-        it = iter(loader)
         while self.step < run.max_steps and time.time() - t0 < budget:
-            batch = next(it)
+            batch = next_batch()
             stats = self.train_step(batch, elapsed=time.time() - t0)
             first_loss = stats["loss"] if first_loss is None else first_loss
             self.elapsed = time.time() - t0

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one call of the device tool (each step time-boxed; a failing step does not stop
+# the others). Results go to $OUT/*.json and $OUT/bench_log.txt.
+#   device run: command "bash bench/gpu_all.sh", carry [".whl"] (pycocotools + segment_anything wheels)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_bench}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+LOG="$OUT/bench_log.txt"
+step() {  # step SECONDS NAME CMD...
+  local t=$1 name=$2; shift 2
+  echo "== $name ($(date -u +%T))" | tee -a "$LOG"
+  timeout "$t" "$@" 2>&1 | tail -n 40 | tee -a "$LOG"
+  echo "== $name rc ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$LOG"
+step ${T_SPEED_B:-110} speed_vit_b python3 bench/speed.py --device cuda --models vit_b --no-compile --json "$OUT/speed_vit_b.json"
+step ${T_AMG:-150} amg_vit_h python3 bench/amg.py --model vit_h --device cuda --points-per-side 32 --repeats 1 --json "$OUT/amg_vit_h.json"
+step ${T_PRED:-50} predictor_vit_b python3 bench/predictor.py --device cuda --repeats 3 --prompts 20 --json "$OUT/predictor_vit_b.json"
+step ${T_SPEED_H:-80} speed_vit_h python3 bench/speed.py --device cuda --models vit_h --no-compile --json "$OUT/speed_vit_h.json"
+step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
+ls -la "$OUT"

@@ -1,0 +1,78 @@
+"""The accelerator-resident batcher: deterministic per step, geometry identical to the source without
+augmentation, masks moved with their image, valid masks first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segany.data.datasets import AugmentConfig
+from segany.data.device_batches import DeviceBatcher
+from segany.data.formats.common import InstanceRecord, encode_mask
+
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+@pytest.fixture
+def records(tmp_path) -> list[InstanceRecord]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i, (h, w) in enumerate([(48, 64), (64, 40), (30, 64)]):
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(img).save(path)
+        masks = []
+        for k in range(3):
+            m = np.zeros((h, w), dtype=bool)
+            m[4 + 3 * k : 20 + 3 * k, 5 + 4 * k : 25 + 4 * k] = True
+            masks.append(encode_mask(m))
+        recs.append(InstanceRecord(image_path=str(path), size_hw=(h, w), masks=masks, image_id=str(i)))
+    return recs
+
+
+def make(records, aug: AugmentConfig, K: int = 2) -> DeviceBatcher:
+    return DeviceBatcher(records, img_size=64, max_masks=K, batch_size=2, augment=aug, seed=3, pixel_mean=MEAN,
+                         pixel_std=STD, device=torch.device("cpu"), workers=1)
+
+
+def test_same_step_same_batch_and_steps_differ(records):
+    b = make(records, AugmentConfig())
+    x, y, z = b.batch(0), b.batch(0), b.batch(1)
+    assert torch.equal(x["image"], y["image"]) and torch.equal(x["masks"], y["masks"])
+    assert not torch.equal(x["image"], z["image"])
+
+
+def test_identity_without_augmentation(records):
+    b = make(records, AugmentConfig(hflip=0.0, scale_min=1.0, scale_max=1.0, min_mask_area=1), K=3)
+    out = b.batch(0)
+    for j, i in enumerate(b._indices(0)):
+        h, w = b.sizes[i].tolist()
+        src = (b.images[i].float() - b.mean[0]) / b.std[0]
+        assert torch.allclose(out["image"][j, :, :h, :w], src[:, :h, :w], atol=1e-5)
+        assert out["image"][j, :, h:, :].abs().sum() == 0 and out["image"][j, :, :, w:].abs().sum() == 0
+        n = int(out["num_masks"][j])
+        assert n == 3
+        got = {tuple(m.nonzero().min(0).values.tolist()) for m in out["masks"][j, :n]}
+        want = {tuple(m.bool().nonzero().min(0).values.tolist()) for m in b.masks[b.first[i]: b.first[i] + 3]}
+        assert got == want
+
+
+def test_flip_moves_masks_with_image(records):
+    b = make(records, AugmentConfig(hflip=1.0, scale_min=1.0, scale_max=1.0, min_mask_area=1), K=3)
+    out = b.batch(0)
+    i = b._indices(0)[0]
+    h, w = b.sizes[i].tolist()
+    src = (b.images[i].float() - b.mean[0]) / b.std[0]
+    assert torch.allclose(out["image"][0, :, :h, :w], src[:, :h, :w].flip(-1), atol=1e-5)
+    first = b.masks[b.first[i]][:h, :w].bool().flip(-1)
+    assert any(torch.equal(m[:h, :w], first) for m in out["masks"][0])
+
+
+def test_cropped_away_masks_are_dropped_and_valid_first(records):
+    b = make(records, AugmentConfig(hflip=0.0, scale_min=1.0, scale_max=1.0, min_mask_area=10_000), K=2)
+    out = b.batch(0)
+    assert out["num_masks"].tolist() == [0, 0]
+    assert not out["masks"].any()
