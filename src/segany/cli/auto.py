@@ -38,7 +38,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="image file, folder of images, or .txt list of image paths")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--model", default="vit_h", help="registered model name (default vit_h)")
+    p.add_argument("--model", default="segany_tiny",
+                   help="registered model name (default segany_tiny, whose weights ship with segany)")
     p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
     p.add_argument("--format", choices=FORMATS, default="sa1b",
                    help="sa1b: one SA-1B JSON per image (default); coco: per-image COCO results plus "

@@ -41,7 +41,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box in image pixels (top-left, bottom-right)")
     p.add_argument("--text", help="a phrase, e.g. 'a dog' (models with a text token or class head); alone it "
                                   "segments every instance, with clicks/box it picks the named object")
-    p.add_argument("--model", default="vit_b", help="registered model name (see `segany models`; default vit_b)")
+    p.add_argument("--model", default="segany_tiny",
+                   help="registered model name (see `segany models`; default segany_tiny, whose weights ship with segany)")
     p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     mm = p.add_mutually_exclusive_group()

@@ -21,7 +21,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--project", default=None, help="project name in the store (default: the first one)")
-    p.add_argument("--model", default="vit_b", help="registered model name (see `segany models`)")
+    p.add_argument("--model", default="segany_tiny",
+                   help="registered model name (see `segany models`; default segany_tiny, shipped with segany)")
     p.add_argument("--checkpoint", default=None,
                    help="weights file; default: the model's cached official weights if present, else random weights")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's main command: set up .venv, then run segany's main jobs on the bundled sample images
+# with the built-in segany_tiny model (its weights ship inside the package; nothing is downloaded).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEGANY_EXTRAS=${SEGANY_EXTRAS:-server} bash scripts/setup.sh
+OUT=${OUT:-out/demo}
+S=.venv/bin/segany
+echo "== 1. a click on the zebra (3 candidate masks, overlay, JSON with scores and COCO RLE)"
+$S predict src/segany/assets/sample.jpg --point 250,150 --out "$OUT/predict"
+echo "== 2. segment everything in the sample folder (SA-1B JSON per image, overlays, run manifest)"
+$S auto src/segany/assets/samples --out "$OUT/auto" --format sa1b --overlay --points-per-side 16 --resume
+echo "== done: results in $OUT/"
+echo "   the annotation app on the same images:  .venv/bin/segany project create out/demo_project --samples"
+echo "                                            .venv/bin/segany project add-annotator out/demo_project you"
+echo "                                            .venv/bin/segany serve out/demo_project   # open the printed URL"
