@@ -84,8 +84,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # Stage 2: confident masks pre-filled (pending), then accepted by the annotator.
     store.update_project(proj["id"], stage="semi")
-    strict = AutoSettings(points_per_side=args.points_per_side, pred_iou_thresh=0.0 if random_weights else 0.9,
-                          stability_score_thresh=0.0 if random_weights else 0.95, max_masks=5)
+    # SAM's thresholds suit SAM's confident heads. segany_tiny (minutes of training) predicts IoUs below
+    # 0.4 and soft logits, so it gets thresholds on its own scale (as in scripts/demo.sh).
+    tiny = not random_weights and spec.model == "segany_tiny"
+    if random_weights:
+        strict_t, auto_t = (0.0, 0.0, 1.0), (0.0, 0.0, 1.0)
+    elif tiny:
+        strict_t, auto_t = (0.3, 0.4, 0.1), (0.25, 0.3, 0.1)
+    else:
+        strict_t, auto_t = (0.9, 0.95, 1.0), (0.88, 0.92, 1.0)
+    strict = AutoSettings(points_per_side=args.points_per_side, pred_iou_thresh=strict_t[0],
+                          stability_score_thresh=strict_t[1], stability_score_offset=strict_t[2], max_masks=5)
     gen = make_generator(sam, strict)
     n2 = 0
     for im in images:
@@ -102,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Stage 3: fully automatic over every image.
     store.update_project(proj["id"], stage="auto")
-    auto = AutoSettings(points_per_side=args.points_per_side, pred_iou_thresh=0.0 if random_weights else 0.88,
-                        stability_score_thresh=0.0 if random_weights else 0.92, max_masks=50)
+    auto = AutoSettings(points_per_side=args.points_per_side, pred_iou_thresh=auto_t[0],
+                        stability_score_thresh=auto_t[1], stability_score_offset=auto_t[2], max_masks=50)
     s3 = run_auto(store, None, spec, auto, workers=args.workers)
     say(f"stage 3: {s3.masks_written} automatic masks on {s3.images_written} images "
         f"({s3.images_per_hour:.0f} images/hour)")

@@ -45,6 +45,7 @@ class AutoSettings:
     points_per_batch: int = 64
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
     min_mask_region_area: int = 0
@@ -69,7 +70,7 @@ class AutoSettings:
     def generator_kwargs(self) -> dict[str, Any]:
         return {"points_per_side": self.points_per_side, "points_per_batch": self.points_per_batch,
                 "pred_iou_thresh": self.pred_iou_thresh, "stability_score_thresh": self.stability_score_thresh,
-                "box_nms_thresh": self.box_nms_thresh, "crop_n_layers": self.crop_n_layers,
+                "stability_score_offset": self.stability_score_offset, "box_nms_thresh": self.box_nms_thresh, "crop_n_layers": self.crop_n_layers,
                 "min_mask_region_area": self.min_mask_region_area}
 
     def digest(self) -> str:
