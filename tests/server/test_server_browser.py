@@ -1,10 +1,12 @@
 # ruff: noqa: F811  (pytest fixtures are imported from annotation_fixtures and used as arguments)
 """The annotation app in real Chromium (Debian's package, driven by Playwright): click → mask → save →
-reload → in the database; a stage-2 pre-fill appears and is accepted. Keeps docs/screenshots/app.png.
+reload → in the database; a stage-2 pre-fill appears and is accepted. Keeps a screenshot.
 
 Chromium is the system one (/usr/bin/chromium); Playwright's own browser download is never used.
 The click→mask latency measured in the page (in-browser ONNX decoder, after the embedding arrived)
-is printed and written to docs/screenshots/latency.json; speed is reported, not asserted.
+is printed and written to latency.json; speed is reported, not asserted. Test runs write the screenshot and
+latency.json into pytest's tmp_path; SEGANY_UPDATE_DOCS=1 writes them into docs/screenshots/ instead (the
+screenshot as app_test_model.png: docs/screenshots/app.png comes from bench/app_latency.py with segany_tiny).
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 VENDORED = REPO / "src" / "segany" / "server" / "static" / "vendor" / "ort" / "ort-wasm-simd-threaded.wasm"
 
 pytestmark = pytest.mark.browser
+
+
+def _out_dir(tmp_path: Path) -> Path:
+    """Where a run keeps its screenshot and latency.json: docs/screenshots only when asked (SEGANY_UPDATE_DOCS=1)."""
+    out = REPO / "docs" / "screenshots" if os.environ.get("SEGANY_UPDATE_DOCS") == "1" else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +61,8 @@ def _click_image(page: Any, fx: float, fy: float) -> None:
     page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
 
 
-def test_click_mask_save_reload(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+def test_click_mask_save_reload(browser: Any, app: Any, project: Any, token: str,  # noqa: F811
+                                tmp_path: Path) -> None:
     if not VENDORED.exists():
         pytest.fail("onnxruntime-web is not vendored: run scripts/build_web.sh (needs npm)")
     store, proj = project
@@ -91,13 +101,13 @@ def test_click_mask_save_reload(browser: Any, app: Any, project: Any, token: str
                   "last_click_parts_ms": {k: round(v, 2) for k, v in parts.items()}, "model": "tiny test model (decoder full size, 16x16 embedding)",
                   "image": "640x426"}
         print("click->mask latency:", record)
-        out = REPO / "docs" / "screenshots"
-        out.mkdir(parents=True, exist_ok=True)
+        out = _out_dir(tmp_path)
         (out / "latency.json").write_text(json.dumps(record, indent=1) + "\n")
         page.close()
 
 
-def test_prefill_appears_and_is_accepted(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+def test_prefill_appears_and_is_accepted(browser: Any, app: Any, project: Any, token: str,  # noqa: F811
+                                        tmp_path: Path) -> None:
     store, proj = project
     with running_server(app) as base:
         page = _open(browser, base, token)
@@ -113,5 +123,6 @@ def test_prefill_appears_and_is_accepted(browser: Any, app: Any, project: Any, t
         # one manual mask too, then keep a screenshot of the app with both kinds visible
         _click_image(page, 0.5, 0.5)
         page.wait_for_function("window.segany.mask !== null")
-        page.screenshot(path=str(REPO / "docs" / "screenshots" / "app.png"))
+        out = _out_dir(tmp_path)
+        page.screenshot(path=str(out / ("app.png" if out == tmp_path else "app_test_model.png")))
         page.close()
