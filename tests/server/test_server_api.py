@@ -229,3 +229,20 @@ def test_zip_exports(client: TestClient, token: str, fmt: str) -> None:
     names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
     assert names
     assert client.get("/api/export/nope", headers=auth(token)).status_code == 404
+
+
+def test_split_decoder_served(client: TestClient, token: str) -> None:
+    import onnxruntime as ort
+
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    image_sess = ort.InferenceSession(client.get("/api/model/decoder_image.onnx", headers=auth(token)).content)
+    click_sess = ort.InferenceSession(client.get("/api/model/decoder_click.onnx", headers=auth(token)).content)
+    emb = np.frombuffer(client.get(f"/api/images/{im['id']}/embedding", headers=auth(token)).content, "<f4")
+    toks, proj = image_sess.run(None, {"image_embeddings": emb.reshape(1, 256, 16, 16).copy()})
+    iou, low = click_sess.run(None, {"image_tokens": toks, "layer0_proj": proj,
+                                     "point_coords": np.array([[[100.0, 80.0], [0, 0]]], np.float32),
+                                     "point_labels": np.array([[1.0, -1.0]], np.float32),
+                                     "mask_input": np.zeros((1, 1, 64, 64), np.float32),
+                                     "has_mask_input": np.zeros(1, np.float32)})
+    assert iou.shape == (1, 3) and low.shape == (1, 3, 64, 64) and np.isfinite(low).all()
+    assert client.get("/api/model/decoder_click.onnx").status_code == 401

@@ -197,6 +197,16 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         path = need_model().onnx_decoder_path()
         return FileResponse(path, media_type="application/octet-stream", filename="decoder.onnx")
 
+    @app.get("/api/model/decoder_image.onnx")
+    def decoder_image_onnx(who: Who) -> FileResponse:
+        path = need_model().onnx_split_decoder_path("image")
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+    @app.get("/api/model/decoder_click.onnx")
+    def decoder_click_onnx(who: Who) -> FileResponse:
+        path = need_model().onnx_split_decoder_path("click")
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
     @app.get("/api/images")
     def list_images(who: Who) -> list[dict[str, Any]]:
         return [{k: v for k, v in im.items() if k != "path"} for im in store.list_images(project_id)]

@@ -216,6 +216,26 @@ class ModelService:
                     export_decoder(self.sam, path, multimask=True)
         return path
 
+    def onnx_split_decoder_path(self, part: str) -> Path:
+        """``decoder_image.onnx`` (run once per embedding) or ``decoder_click.onnx`` (per click) for this
+        model, both exported on first request and kept in ``cache_dir``; what the browser app runs."""
+        import tempfile
+
+        from segany.errors import InputError
+        from segany.export.onnx_split import CLICK_FILE, IMAGE_FILE, export_split_decoder
+
+        files = {"image": IMAGE_FILE, "click": CLICK_FILE}
+        if part not in files:
+            raise InputError(f"unknown decoder part {part!r}; use 'image' or 'click'")
+        base = self.cache_dir or Path(tempfile.gettempdir()) / "segany-onnx"
+        safe = self.version_name.replace(":", "-").replace("/", "_")
+        folder = base / f"split-{safe}"
+        with self._onnx_lock:
+            if not all((folder / f).exists() for f in files.values()):
+                log.info("exporting the browser's split decoder to %s", folder)
+                export_split_decoder(self.sam, folder)
+        return folder / files[part]
+
     # ----------------------------------------------------------------------------- stage-2 pre-fill
     def prefill(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Confident automatic masks for one image: records with ``segmentation`` (H, W) bool,

@@ -2,7 +2,10 @@
 //
 // The server computes one image embedding per image; every click/box is decoded here with the ONNX
 // prompt decoder in onnxruntime-web (vendored under /static/vendor/ort by scripts/build_web.sh), so a
-// click gives a mask without a network round trip. Without ONNX support the server decodes instead.
+// click gives a mask without a network round trip. The decoder comes as two graphs
+// (segany.export.onnx_split): decoder_image.onnx runs once when the embedding arrives and caches the
+// image-only part, decoder_click.onnx runs per click and returns low-res (4g x 4g) logits, of which only
+// the shown mask is resized to the image here. Without ONNX support the server decodes instead.
 // Masks are H*W Uint8Arrays in row-major order; the API speaks COCO RLE (column-major).
 
 const $ = (id) => document.getElementById(id);
@@ -15,7 +18,7 @@ const S = {
   img: null, W: 0, H: 0, emb: null, embShape: null, ort: null, session: null, mode: "prompt",
   points: [], box: null, drag: null, candidates: [], chosen: 0, mask: null, lowres: null,
   history: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
-  decodeMs: [], timings: {}, embTensor: null, zeroMask: null, maskCanvas: null, spm: [], busy: false, overlay: null, imageToken: 0,
+  decodeMs: [], timings: {}, embTensor: null, imgSession: null, imageSide: null, ortReady: null, zeroMask: null, maskCanvas: null, spm: [], busy: false, overlay: null, imageToken: 0,
 };
 window.segany = S; // for debugging and the browser tests
 
@@ -87,8 +90,11 @@ async function initOrt() {
     // Half the cores (max 4): the page itself and the OS need the rest; ?threads=N overrides.
     const want = Number(new URLSearchParams(location.search).get("threads")) || Math.floor((navigator.hardwareConcurrency || 2) / 2);
     ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.max(1, Math.min(4, want)) : 1;
-    const buf = await (await api("/api/model/decoder.onnx")).arrayBuffer();
-    S.session = await ort.InferenceSession.create(buf, { executionProviders: ["wasm"] });
+    const [imgBuf, clickBuf] = await Promise.all(["decoder_image", "decoder_click"].map(
+      async (name) => (await api(`/api/model/${name}.onnx`)).arrayBuffer()));
+    const opts = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
+    S.imgSession = await ort.InferenceSession.create(imgBuf, opts);
+    S.session = await ort.InferenceSession.create(clickBuf, opts);
     S.ort = ort;
     $("decoder-mode").textContent = `browser (onnxruntime-web, ${ort.env.wasm.numThreads} thread${ort.env.wasm.numThreads > 1 ? "s" : ""})`;
   } catch (e) {
@@ -98,34 +104,69 @@ async function initOrt() {
   }
 }
 
+// The image-only part of the decoder, once per embedding (its outputs stay as onnxruntime tensors).
+async function prepareImageSide() {
+  if (S.imageSide || !S.imgSession || !S.emb) return;
+  const emb = S.emb; const t0 = performance.now();
+  if (!S.embTensor) S.embTensor = new S.ort.Tensor("float32", S.emb, S.embShape);
+  const out = await S.imgSession.run({ image_embeddings: S.embTensor });
+  if (emb !== S.emb) return; // another image meanwhile
+  S.imageSide = { image_tokens: out.image_tokens, layer0_proj: out.layer0_proj };
+  S.timings.imageSide = performance.now() - t0;
+}
+
 async function decodeInBrowser() {
+  await prepareImageSide();
   const { ort } = S; const scale = S.model.img_size / Math.max(S.W, S.H);
   const pts = S.points.map((p) => [p.x * scale, p.y * scale]); const labels = S.points.map((p) => p.label);
   if (S.box) { pts.push([S.box[0] * scale, S.box[1] * scale], [S.box[2] * scale, S.box[3] * scale]); labels.push(2, 3); }
   else { pts.push([0, 0]); labels.push(-1); }
   const g = S.embShape[2]; const lowSide = 4 * g;
   const hasMask = S.lowres && S.points.length > 1 ? 1 : 0;
-  if (!S.embTensor) S.embTensor = new ort.Tensor("float32", S.emb, S.embShape);
   if (!S.zeroMask || S.zeroMask.length !== lowSide * lowSide) S.zeroMask = new Float32Array(lowSide * lowSide);
   const feeds = {
-    image_embeddings: S.embTensor,
+    image_tokens: S.imageSide.image_tokens, layer0_proj: S.imageSide.layer0_proj,
     point_coords: new ort.Tensor("float32", Float32Array.from(pts.flat()), [1, pts.length, 2]),
     point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, labels.length]),
     mask_input: new ort.Tensor("float32", hasMask ? S.lowres : S.zeroMask, [1, 1, lowSide, lowSide]),
     has_mask_input: new ort.Tensor("float32", Float32Array.from([hasMask]), [1]),
-    orig_im_size: new ort.Tensor("float32", Float32Array.from([S.H, S.W]), [2]),
   };
   const t0 = performance.now();
-  const out = await S.session.run(feeds, ["masks", "iou_predictions", "low_res_masks"]);
+  const out = await S.session.run(feeds);
   S.timings.run = performance.now() - t0;
-  const n = S.H * S.W; const logits = out.masks.data; const low = out.low_res_masks.data; const ls = lowSide * lowSide;
-  // Keep logits views; a candidate is thresholded only when shown (see maskOf).
-  return [0, 1, 2].map((k) => ({ logits: logits.subarray(k * n, (k + 1) * n), mask: null, score: out.iou_predictions.data[k],
-    lowres: low.slice(k * ls, (k + 1) * ls) }));
+  const low = out.low_res_masks.data; const ls = lowSide * lowSide;
+  // Low-res logits only; a candidate is resized and thresholded when shown (see maskOf).
+  return [0, 1, 2].map((k) => ({ mask: null, score: out.iou_predictions.data[k], lowres: low.slice(k * ls, (k + 1) * ls) }));
+}
+
+// Low-res logits (L x L over the padded square model frame) → H x W mask: one bilinear sample per pixel,
+// the composite of the exporter's two resizes (to the model frame, crop the padding, to the image size).
+function upscaleMask(low) {
+  const L = Math.round(Math.sqrt(low.length)); const s = S.model.img_size; const W = S.W, H = S.H;
+  const scale = s / Math.max(W, H); const hin = Math.floor(H * scale + 0.5), win = Math.floor(W * scale + 0.5);
+  const axis = (n, inN) => {
+    const i0 = new Int32Array(n), i1 = new Int32Array(n), w = new Float32Array(n);
+    for (let x = 0; x < n; x++) {
+      const f = Math.min(Math.max((x + 0.5) * inN / n * L / s - 0.5, 0), L - 1); const a = Math.floor(f);
+      i0[x] = a; i1[x] = Math.min(a + 1, L - 1); w[x] = f - a;
+    }
+    return [i0, i1, w];
+  };
+  const [x0, x1, wx] = axis(W, win); const [y0, y1, wy] = axis(H, hin);
+  const m = new Uint8Array(W * H); const th = S.model.mask_threshold || 0;
+  for (let y = 0; y < H; y++) {
+    const r0 = y0[y] * L, r1 = y1[y] * L, b = wy[y], a = 1 - b; const o = y * W;
+    for (let x = 0; x < W; x++) {
+      const c = wx[x], d = 1 - c;
+      const v = a * (d * low[r0 + x0[x]] + c * low[r0 + x1[x]]) + b * (d * low[r1 + x0[x]] + c * low[r1 + x1[x]]);
+      m[o + x] = v > th ? 1 : 0;
+    }
+  }
+  return m;
 }
 
 function maskOf(c) {
-  if (!c.mask) { const l = c.logits; const m = new Uint8Array(l.length); for (let i = 0; i < l.length; i++) m[i] = l[i] > 0 ? 1 : 0; c.mask = m; }
+  if (!c.mask) { const t0 = performance.now(); c.mask = upscaleMask(c.lowres); S.timings.upscale = performance.now() - t0; }
   return c.mask;
 }
 
@@ -325,7 +366,7 @@ function current() { return S.images[S.idx]; }
 async function openImage(idx) {
   if (idx < 0 || idx >= S.images.length) return;
   S.idx = idx; S.imageToken++; const token = S.imageToken; const im = current();
-  clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.emb = null; S.embTensor = null; S.overlay = null;
+  clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.emb = null; S.embTensor = null; S.imageSide = null; S.overlay = null;
   setStatus(`loading ${im.file_name}…`, false);
   $("image-name").textContent = im.file_name;
   localStorage.setItem("segany.idx", String(idx));
@@ -347,6 +388,12 @@ async function openImage(idx) {
     const buf = await embRes.arrayBuffer();
     if (token !== S.imageToken) return;
     S.emb = new Float32Array(buf);
+    if (S.ortReady) { // the decoder's image-only part, before the first click
+      await S.ortReady;
+      if (token !== S.imageToken) return;
+      try { await prepareImageSide(); } catch (e) { console.warn("image-side decoder failed, using the server", e); S.session = null; }
+      if (token !== S.imageToken) return;
+    }
   }
   setStatus(`${im.file_name} ready`, true);
   if (S.project.stage === "semi" && !S.pending.length) prefill();
@@ -428,7 +475,7 @@ async function start() {
   try { S.model = await (await api("/api/model")).json(); } catch (e) { S.model = null; setStatus("no model on the server"); }
   S.images = await (await api("/api/images")).json();
   if (!S.images.length) { setStatus("this project has no images: add some with `segany project add-images`", true); return; }
-  const ortReady = S.model ? initOrt() : Promise.resolve();
+  const ortReady = S.ortReady = S.model ? initOrt() : Promise.resolve();
   const q = new URLSearchParams(location.search);
   const want = q.has("image") ? S.images.findIndex((im) => String(im.id) === q.get("image")) : Number(localStorage.getItem("segany.idx") || 0);
   await Promise.all([openImage(Math.min(Math.max(want, 0), S.images.length - 1)), ortReady]);
