@@ -210,3 +210,35 @@ def test_upscale_cropped_is_exact(input_hw):
     low = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     ref = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)[..., : input_hw[0], : input_hw[1]]
     torch.testing.assert_close(upscale_cropped(low, 1024, input_hw), ref, atol=0, rtol=0)
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+@pytest.mark.parametrize("orig,input_size", [((768, 1024), (768, 1024)), ((425, 640), (680, 1024))])
+def test_fast_prompt_path_iou_vs_exact_vit_b(orig, input_size):
+    """The CPU prompt→mask fast paths on the ViT-B decoder (bench/speed.py's one-point prompt, the bench's
+    768×1024 frame and the 640×425 sample's): bf16 masks IoU ≥ 0.99, fp32 fast decoder ≥ 0.9999 / 1e-5."""
+    from segany.checkpoints import build_sam
+    from segany.fast import enable_fast_path
+
+    torch.manual_seed(0)
+    model = build_sam("vit_b").eval()
+    feats = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(3))
+    exact, bf16, f32 = SamPredictor(model), SamPredictor(model, precision="bf16"), SamPredictor(model)
+    enable_fast_path(f32, precision="fp32", fast_decoder=True)
+    for p in (exact, bf16, f32):  # same embedding for all: this checks the decoder and post-processing
+        p.features, p.input_size, p.original_size, p.is_image_set = feats, input_size, orig, True
+    point, label = np.array([[600, 400]]), np.array([1])
+    for _ in range(2):  # the second click reuses the cached image side
+        ref = exact.predict(point, label)
+        for mask_ref, mask in zip(ref[0], bf16.predict(point, label)[0], strict=True):
+            assert _mask_iou(mask_ref, mask) >= 0.99
+        for mask_ref, mask in zip(ref[0], f32.predict(point, label)[0], strict=True):
+            assert _mask_iou(mask_ref, mask) >= 0.9999
+    logits_ref = exact.predict(point, label, return_logits=True)
+    logits = f32.predict(point, label, return_logits=True)
+    for x, y in zip(logits_ref, logits, strict=True):
+        np.testing.assert_allclose(y, x, atol=1e-5)

@@ -234,13 +234,25 @@ def make_fast_decoder(decoder: nn.Module, dtype: torch.dtype) -> nn.Module:
 class FastMaskDecoder(nn.Module):
     """The mask decoder's maths with less memory traffic; shares the parameters of ``decoder``.
 
-    * The three projections that read the image tokens in a two-way block (token→image keys and
-      values, image→token queries) run as one GEMM; the positional-encoding terms they add are
-      linear, so ``(keys + pe) @ W`` becomes ``keys @ W + (pe @ W)`` with ``pe @ W`` precomputed.
+    One side of every cross attention holds a handful of prompt tokens (T, ~7), the other the 4096
+    image tokens, so the image-side projections are folded into the few-token side instead of being
+    applied to 4096 rows:
+
+    * Heads become one GEMM: the T token queries (keys) of the nh heads go on the diagonal of an
+      (inner, nh·T) block matrix, so scores for all heads are ``image_tokens @ block`` with no head
+      transposes.
+    * Token→image: ``softmax(q·(x+pe)·Wkᵀ)`` needs only ``(q·Wk)`` (the key bias adds a per-row constant
+      that softmax drops) and ``P·(x·Wvᵀ + bv) = (P·x)·Wvᵀ + bv`` (rows of P sum to 1), so the image keys
+      and values are never materialized.
+    * Image→token: ``q_img = (x+pe)·Wqᵀ + bq`` is folded into the score GEMM and ``out_proj`` into the
+      value block (``P·(V·Woᵀ + bo/nh)``, each of the nh heads' rows sums to 1), so the image side costs
+      two skinny GEMMs and one fused ``keys + P·M`` update.
     * Without a mask prompt, the first block's image-side inputs depend only on the image, so their
       projection is cached per embedding and a click only pays for the rest.
-    * The 2×2 stride-2 transposed convolutions of the upscaler run as GEMMs on channels-last tokens
-      followed by a pixel shuffle, so the (B, C, H, W) transposes disappear.
+    * The 2×2 stride-2 transposed convolutions of the upscaler run as GEMMs on channels-last tokens whose
+      output columns are ordered (sub-row, sub-col, channel), so no pixel shuffle is needed before the
+      hypernetwork product; only the returned masks are computed, and one small permute of the (B, M, ·)
+      logits restores the image layout.
 
     fp32 results agree with :class:`MaskDecoder` to rounding (~1e-6), not bit for bit.
     """
@@ -253,23 +265,22 @@ class FastMaskDecoder(nn.Module):
         self.register_buffer("key_pe", pe.contiguous(), persistent=False)
         self.grid = tuple(image_pe.shape[-2:])
         with torch.no_grad():
-            for i, layer in enumerate(t.layers):
-                t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-                w = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # (3ci, C)
-                add = torch.cat([pe @ t2i.k_proj.weight.T + t2i.k_proj.bias,
-                                 t2i.v_proj.bias.expand(pe.shape[0], -1),
-                                 pe @ i2t.q_proj.weight.T + i2t.q_proj.bias], dim=1)  # (HW, 3ci)
-                self.register_buffer(f"w_{i}", w.T.contiguous(), persistent=False)
-                self.register_buffer(f"add_{i}", add.contiguous(), persistent=False)
-            fin = t.final_attn_token_to_image
-            self.register_buffer("w_final", torch.cat([fin.k_proj.weight, fin.v_proj.weight]).T.contiguous(),
+            layer = t.layers[0]
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            w = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # (3ci, C)
+            add = torch.cat([pe @ t2i.k_proj.weight.T + t2i.k_proj.bias,
+                             t2i.v_proj.bias.expand(pe.shape[0], -1),
+                             pe @ i2t.q_proj.weight.T + i2t.q_proj.bias], dim=1)  # (HW, 3ci)
+            self.register_buffer("w_0", w.T.contiguous(), persistent=False)
+            self.register_buffer("add_0", add.contiguous(), persistent=False)
+            up1, _, _, up2, _ = decoder.output_upscaling
+            # ConvTranspose2d weight (in, out, 2, 2) → (2·2·out, in): output columns ordered (a, b, channel).
+            self.register_buffer("up1_w", up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.weight.shape[0]).contiguous(),
                                  persistent=False)
-            self.register_buffer("add_final", torch.cat([pe @ fin.k_proj.weight.T + fin.k_proj.bias,
-                                                         fin.v_proj.bias.expand(pe.shape[0], -1)], dim=1).contiguous(),
+            self.register_buffer("up1_b", up1.bias.repeat(4).contiguous(), persistent=False)
+            self.register_buffer("up2_w", up2.weight.permute(2, 3, 1, 0).reshape(-1, up2.weight.shape[0]).contiguous(),
                                  persistent=False)
-            up1, ln, _, up2, _ = decoder.output_upscaling
-            self.register_buffer("up1_w", up1.weight.reshape(up1.weight.shape[0], -1).contiguous(), persistent=False)
-            self.register_buffer("up2_w", up2.weight.reshape(up2.weight.shape[0], -1).contiguous(), persistent=False)
+            self.register_buffer("up2_b", up2.bias.repeat(4).contiguous(), persistent=False)
         # (embedding tensor, its version, keys, projection); holding the tensor keeps its memory from being
         # reused by another image, so an identity check cannot be fooled.
         self._cache: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
@@ -282,29 +293,74 @@ class FastMaskDecoder(nn.Module):
         return torch.matmul(keys, w) + add
 
     @staticmethod
-    def _heads(x: torch.Tensor, nh: int) -> torch.Tensor:
-        B, N, C = x.shape
-        return x.view(B, N, nh, C // nh).transpose(1, 2)
+    def _block(x: torch.Tensor, nh: int, scale: float = 1.0) -> torch.Tensor:
+        """(B, T, nh·d) → (B, nh·d, nh·T) block-diagonal: head h's (d, T) block at rows/columns of head h."""
+        B, T, D = x.shape
+        eye = torch.eye(nh, dtype=x.dtype, device=x.device)
+        return torch.einsum("btnd,nm->bndmt", x.view(B, T, nh, D // nh) * scale, eye).reshape(B, D, nh * T)
 
-    def _cross(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _unblock(o: torch.Tensor, nh: int) -> torch.Tensor:
+        """(B, nh·T, nh·d) with head h's rows read against every head's columns → (B, T, nh·d), diagonal blocks."""
+        B, R, D = o.shape
+        T, d = R // nh, D // nh
+        return torch.diagonal(o.view(B, nh, T, nh, d), dim1=1, dim2=3).transpose(-1, -2).reshape(B, T, D)
+
+    @staticmethod
+    def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Batched matmul; with batch 1 a 2-D GEMM, which takes transposed operands without a copy."""
+        if a.shape[0] == 1 and b.shape[0] == 1:
+            return torch.mm(a[0], b[0])[None]
+        return torch.matmul(a, b)
+
+    def _t2i(self, attn: nn.Module, queries_pe: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor | None,
+             kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Token → image attention. ``kv``: precomputed image keys/values (B|1, N, ci); otherwise they are
+        folded (see class docstring) from ``keys`` (values) and ``keys_pe`` (keys)."""
         nh = attn.num_heads
-        qh, kh, vh = self._heads(q, nh), self._heads(k, nh), self._heads(v, nh)
-        if q.is_cuda:
-            out = F.scaled_dot_product_attention(qh, kh, vh)
+        q = attn.q_proj(queries_pe)
+        B, T, D = q.shape
+        qb = self._block(q, nh, (D // nh) ** -0.5).transpose(1, 2)  # (B, nh·T, ci)
+        if kv is not None:
+            p = self._mm(qb, kv[0].transpose(1, 2)).softmax(dim=-1)  # (B, nh·T, N)
+            o = self._mm(p, kv[1])  # (B, nh·T, ci)
         else:
-            # One side has only a handful of tokens; CPU flash attention's blocking costs more than the
-            # two small matmuls it would save.
-            weights = torch.matmul(qh * qh.shape[-1] ** -0.5, kh.transpose(-2, -1)).softmax(dim=-1)
-            out = torch.matmul(weights, vh)
-        B, _, N, _ = out.shape
-        return attn.out_proj(out.transpose(1, 2).reshape(B, N, -1))
+            assert keys_pe is not None
+            p = self._mm(self._mm(qb, attn.k_proj.weight[None]), keys_pe.transpose(1, 2)).softmax(dim=-1)
+            o = F.linear(self._mm(p, keys), attn.v_proj.weight, attn.v_proj.bias)
+        return attn.out_proj(self._unblock(o, nh))
+
+    def _i2t(self, attn: nn.Module, keys: torch.Tensor, keys_pe: torch.Tensor | None, q_img: torch.Tensor | None,
+             queries: torch.Tensor, queries_pe: torch.Tensor) -> torch.Tensor:
+        """Image → token attention; returns ``keys + attention output`` (before the block's norm).
+
+        Scores are laid out (B, nh, T, N) so the softmax over each head's T tokens runs along a
+        strided axis of long rows (a (N, nh, T) softmax over the last axis of length T is ~20× slower).
+        """
+        nh = attn.num_heads
+        k, v = attn.k_proj(queries_pe), attn.v_proj(queries)
+        B, T, D = k.shape
+        kbt = self._block(k, nh, (D // nh) ** -0.5).transpose(1, 2)  # (B, nh·T, ci)
+        if q_img is not None:
+            s = self._mm(kbt, q_img.transpose(1, 2))  # (B, nh·T, N)
+        else:
+            assert keys_pe is not None
+            s = self._mm(self._mm(kbt, attn.q_proj.weight[None]), keys_pe.transpose(1, 2))
+            s = s + torch.matmul(kbt, attn.q_proj.bias)[..., None]
+        N = s.shape[-1]
+        p = s.view(-1, nh, T, N).softmax(dim=2).view(-1, nh * T, N)
+        # Each head's T weights sum to 1, so adding bo/nh to every value row adds bo once per image token.
+        m = F.linear(self._block(v, nh).transpose(1, 2), attn.out_proj.weight) + attn.out_proj.bias / nh
+        if keys.shape[0] == 1 and p.shape[0] == 1:
+            return torch.addmm(keys[0], p[0].t(), m[0])[None]
+        return keys + torch.matmul(p.transpose(1, 2), m)
 
     def _layer0_image_side(self, features: torch.Tensor, dense: torch.Tensor, cacheable: bool
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         c = self._cache
         if cacheable and c is not None and c[0] is features and c[1] == features._version:
             return c[2], c[3]
-        keys = (features + dense).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
+        keys = (features + dense.to(features.dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
         proj = self._image_proj(keys, self.w_0, self.add_0)
         if cacheable:  # never mutated otherwise, so graph capture and torch.compile see no side effect
             self._cache = (features, features._version, keys, proj)
@@ -325,49 +381,50 @@ class FastMaskDecoder(nn.Module):
             keys, proj = self._layer0_image_side(image_embeddings, dense[:1], True)
         else:
             keys, proj = self._layer0_image_side(feats, dense, False)
-        if proj.shape[0] != B:
-            keys, proj = keys.expand(B, -1, -1), proj.expand(B, -1, -1)
         queries, query_pe = tokens, tokens
         for i, layer in enumerate(t.layers):
-            if i > 0:
-                proj = self._image_proj(keys, getattr(self, f"w_{i}"), getattr(self, f"add_{i}"))
-            ci = layer.cross_attn_token_to_image.internal_dim
-            k_t2i, v_t2i, q_i2t = proj.split([ci, ci, layer.cross_attn_image_to_token.internal_dim], dim=-1)
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(queries, queries, queries)
             else:
                 q = queries + query_pe
                 queries = queries + layer.self_attn(q, q, queries)
             queries = layer.norm1(queries)
-            t2i = layer.cross_attn_token_to_image
-            queries = layer.norm2(queries + self._cross(t2i, t2i.q_proj(queries + query_pe), k_t2i, v_t2i))
+            if i == 0:
+                ci = t2i.internal_dim
+                k_t2i, v_t2i, q_i2t = proj.split([ci, ci, i2t.internal_dim], dim=-1)
+                keys_pe = None
+                queries = layer.norm2(queries + self._t2i(t2i, queries + query_pe, keys, None, (k_t2i, v_t2i)))
+            else:
+                q_i2t = None
+                keys_pe = keys + self.key_pe
+                queries = layer.norm2(queries + self._t2i(t2i, queries + query_pe, keys, keys_pe))
             queries = layer.norm3(queries + layer.mlp(queries))
-            i2t = layer.cross_attn_image_to_token
-            q_tok = queries + query_pe
-            keys = layer.norm4(keys + self._cross(i2t, q_i2t, i2t.k_proj(q_tok), i2t.v_proj(queries)))
+            keys = layer.norm4(self._i2t(i2t, keys, keys_pe, q_i2t, queries, queries + query_pe))
         fin = t.final_attn_token_to_image
-        kv = self._image_proj(keys, self.w_final, self.add_final)
-        k_fin, v_fin = kv.split(fin.internal_dim, dim=-1)
-        queries = t.norm_final_attn(queries + self._cross(fin, fin.q_proj(queries + query_pe), k_fin, v_fin))
+        queries = t.norm_final_attn(queries + self._t2i(fin, queries + query_pe, keys, keys + self.key_pe))
         iou = dec.iou_prediction_head(queries[:, 0])
-        mask_out = queries[:, 1 : 1 + dec.num_mask_tokens]
-        up = self._upscale(keys)  # (B, 16·HW, C/8)
-        hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
-        h, w = self.grid
-        masks = torch.matmul(hyper, up.transpose(1, 2)).view(B, -1, 4 * h, 4 * w)
-        sel = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sel], iou[:, sel]
+        sel = range(1, dec.num_mask_tokens) if multimask_output else range(0, 1)
+        hyper = torch.stack([dec.output_hypernetworks_mlps[j](queries[:, 1 + j]) for j in sel], dim=1)
+        masks = self._upscale_masks(keys, hyper)
+        return masks, iou[:, sel.start:sel.stop]
 
-    def _upscale(self, keys: torch.Tensor) -> torch.Tensor:
-        """ConvT(2, 2) → LayerNorm2d → GELU → ConvT(2, 2) → GELU on (B, HW, C) tokens, channels last."""
-        up1, ln, act1, up2, act2 = self.dec.output_upscaling
-        B = keys.shape[0]
+    def _upscale_masks(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """ConvT(2, 2) → LayerNorm2d → GELU → ConvT(2, 2) → GELU, then ``hyper @ up``: (B, M, 4h, 4w).
+
+        Both transposed convolutions write their 2×2 sub-pixels as extra rows of channels-last tokens,
+        so pixels stay in (h, w, a1, b1, a2, b2) order until the (B, M) logits are permuted once.
+        """
+        _, ln, act1, _, act2 = self.dec.output_upscaling
+        B, N, _ = keys.shape
+        c1, c2 = self.up1_w.shape[0] // 4, self.up2_w.shape[0] // 4
+        x = F.linear(keys, self.up1_w, self.up1_b).view(B, N * 4, c1)
+        x = act1(F.layer_norm(x, (c1,), ln.weight, ln.bias, ln.eps))
+        x = act2(F.linear(x, self.up2_w, self.up2_b)).view(B, N * 16, c2)
+        M = hyper.shape[1]
+        m = self._mm(x, hyper.transpose(1, 2))  # (B, 16·HW, M)
         h, w = self.grid
-        c1, c2 = up1.weight.shape[1], up2.weight.shape[1]
-        x = (keys @ self.up1_w).view(B, h, w, c1, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * h, 2 * w, c1)
-        x = act1(F.layer_norm(x + up1.bias, (c1,), ln.weight, ln.bias, ln.eps))
-        x = (x @ self.up2_w).view(B, 2 * h, 2 * w, c2, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(B, -1, c2)
-        return act2(x + up2.bias)
+        return m.view(B, h, w, 2, 2, 2, 2, M).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(B, M, 4 * h, 4 * w)
 
 
 def upscale_cropped(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int]) -> torch.Tensor:
@@ -549,7 +606,9 @@ class FastPath:
         sparse, dense = pe(points, boxes, mask_input)
         feats = self._features_for_decoder(features)
         sparse = sparse.to(self.decoder_dtype)
-        dense = dense.to(self.decoder_dtype)
+        if not (isinstance(self.decoder, FastMaskDecoder) and mask_input is None and self._graphs is None
+                and not self.compile):  # else the cached image side makes dense unused after the first click
+            dense = dense.to(self.decoder_dtype)
         if self._graphs is not None:  # static graph inputs are dense buffers
             dense = dense.contiguous()
         kwargs = dict(multimask=multimask_output, input_size=tuple(input_size), original_size=tuple(original_size),
