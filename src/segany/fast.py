@@ -257,9 +257,13 @@ class FastMaskDecoder(nn.Module):
     fp32 results agree with :class:`MaskDecoder` to rounding (~1e-6), not bit for bit.
     """
 
-    def __init__(self, decoder: nn.Module, image_pe: torch.Tensor) -> None:
+    def __init__(self, decoder: nn.Module, image_pe: torch.Tensor, token_decoder: nn.Module | None = None) -> None:
+        """``token_decoder``: a decoder with the same weights whose modules run the few-token side (e.g. the
+        fp32 reference beside a bf16 ``decoder`` on CPU, where tiny bf16 GEMMs cost more than fp32 ones);
+        it is held without being registered, so moving or casting this module never touches it."""
         super().__init__()
         self.dec = decoder
+        self._tok = (token_decoder if token_decoder is not None else decoder,)
         t = decoder.transformer
         pe = image_pe.flatten(2).transpose(1, 2)[0]  # (HW, C)
         self.register_buffer("key_pe", pe.contiguous(), persistent=False)
@@ -313,8 +317,8 @@ class FastMaskDecoder(nn.Module):
             return torch.mm(a[0], b[0])[None]
         return torch.matmul(a, b)
 
-    def _t2i(self, attn: nn.Module, queries_pe: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor | None,
-             kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def _t2i(self, attn: nn.Module, img: nn.Module, queries_pe: torch.Tensor, keys: torch.Tensor,
+             keys_pe: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Token → image attention. ``kv``: precomputed image keys/values (B|1, N, ci); otherwise they are
         folded (see class docstring) from ``keys`` (values) and ``keys_pe`` (keys)."""
         nh = attn.num_heads
@@ -322,15 +326,16 @@ class FastMaskDecoder(nn.Module):
         B, T, D = q.shape
         qb = self._block(q, nh, (D // nh) ** -0.5).transpose(1, 2)  # (B, nh·T, ci)
         if kv is not None:
-            p = self._mm(qb, kv[0].transpose(1, 2)).softmax(dim=-1)  # (B, nh·T, N)
-            o = self._mm(p, kv[1])  # (B, nh·T, ci)
+            p = self._mm(qb.to(keys.dtype), kv[0].transpose(1, 2)).softmax(dim=-1)  # (B, nh·T, N)
+            o = self._mm(p, kv[1]).to(q.dtype)  # (B, nh·T, ci)
         else:
             assert keys_pe is not None
-            p = self._mm(self._mm(qb, attn.k_proj.weight[None]), keys_pe.transpose(1, 2)).softmax(dim=-1)
-            o = F.linear(self._mm(p, keys), attn.v_proj.weight, attn.v_proj.bias)
+            a = self._mm(qb, attn.k_proj.weight[None]).to(keys.dtype)
+            p = self._mm(a, keys_pe.transpose(1, 2)).softmax(dim=-1)
+            o = F.linear(self._mm(p, keys).to(q.dtype), attn.v_proj.weight, attn.v_proj.bias)
         return attn.out_proj(self._unblock(o, nh))
 
-    def _i2t(self, attn: nn.Module, keys: torch.Tensor, keys_pe: torch.Tensor | None, q_img: torch.Tensor | None,
+    def _i2t(self, attn: nn.Module, img: nn.Module, keys: torch.Tensor, keys_pe: torch.Tensor | None, q_img: torch.Tensor | None,
              queries: torch.Tensor, queries_pe: torch.Tensor) -> torch.Tensor:
         """Image → token attention; returns ``keys + attention output`` (before the block's norm).
 
@@ -342,15 +347,15 @@ class FastMaskDecoder(nn.Module):
         B, T, D = k.shape
         kbt = self._block(k, nh, (D // nh) ** -0.5).transpose(1, 2)  # (B, nh·T, ci)
         if q_img is not None:
-            s = self._mm(kbt, q_img.transpose(1, 2))  # (B, nh·T, N)
+            s = self._mm(kbt.to(keys.dtype), q_img.transpose(1, 2))  # (B, nh·T, N)
         else:
             assert keys_pe is not None
-            s = self._mm(self._mm(kbt, attn.q_proj.weight[None]), keys_pe.transpose(1, 2))
-            s = s + torch.matmul(kbt, attn.q_proj.bias)[..., None]
+            s = self._mm(self._mm(kbt, attn.q_proj.weight[None]).to(keys.dtype), keys_pe.transpose(1, 2))
+            s = s + torch.matmul(kbt, attn.q_proj.bias).to(keys.dtype)[..., None]
         N = s.shape[-1]
         p = s.view(-1, nh, T, N).softmax(dim=2).view(-1, nh * T, N)
         # Each head's T weights sum to 1, so adding bo/nh to every value row adds bo once per image token.
-        m = F.linear(self._block(v, nh).transpose(1, 2), attn.out_proj.weight) + attn.out_proj.bias / nh
+        m = (F.linear(self._block(v, nh).transpose(1, 2), attn.out_proj.weight) + attn.out_proj.bias / nh).to(keys.dtype)
         if keys.shape[0] == 1 and p.shape[0] == 1:
             return torch.addmm(keys[0], p[0].t(), m[0])[None]
         return keys + torch.matmul(p.transpose(1, 2), m)
@@ -372,18 +377,20 @@ class FastMaskDecoder(nn.Module):
         """Same inputs and outputs as ``MaskDecoder.forward``. ``cacheable``: ``dense`` is the no-mask
         embedding, so the first block's image side may be reused while ``image_embeddings`` is the same
         tensor (never set it inside CUDA-graph capture or torch.compile)."""
-        dec, t = self.dec, self.dec.transformer
+        dec, tok = self.dec, self._tok[0]
+        t, tt = dec.transformer, tok.transformer
         B = sparse.shape[0]
-        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).to(sparse.dtype)
-        tokens = torch.cat([out_tokens.unsqueeze(0).expand(B, -1, -1), sparse], dim=1)
+        out_tokens = torch.cat([tok.iou_token.weight, tok.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(B, -1, -1), sparse.to(out_tokens.dtype)], dim=1)
         feats = image_embeddings if image_embeddings.shape[0] == B else image_embeddings.expand(B, -1, -1, -1)
         if cacheable and image_embeddings.shape[0] == 1:  # one image, B prompts: its image side is shared
             keys, proj = self._layer0_image_side(image_embeddings, dense[:1], True)
         else:
             keys, proj = self._layer0_image_side(feats, dense, False)
         queries, query_pe = tokens, tokens
-        for i, layer in enumerate(t.layers):
+        for i, (layer, img) in enumerate(zip(tt.layers, t.layers, strict=True)):
             t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            t2i_img, i2t_img = img.cross_attn_token_to_image, img.cross_attn_image_to_token
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(queries, queries, queries)
             else:
@@ -394,19 +401,19 @@ class FastMaskDecoder(nn.Module):
                 ci = t2i.internal_dim
                 k_t2i, v_t2i, q_i2t = proj.split([ci, ci, i2t.internal_dim], dim=-1)
                 keys_pe = None
-                queries = layer.norm2(queries + self._t2i(t2i, queries + query_pe, keys, None, (k_t2i, v_t2i)))
+                queries = layer.norm2(queries + self._t2i(t2i, t2i_img, queries + query_pe, keys, None, (k_t2i, v_t2i)))
             else:
                 q_i2t = None
                 keys_pe = keys + self.key_pe
-                queries = layer.norm2(queries + self._t2i(t2i, queries + query_pe, keys, keys_pe))
+                queries = layer.norm2(queries + self._t2i(t2i, t2i_img, queries + query_pe, keys, keys_pe))
             queries = layer.norm3(queries + layer.mlp(queries))
-            keys = layer.norm4(self._i2t(i2t, keys, keys_pe, q_i2t, queries, queries + query_pe))
-        fin = t.final_attn_token_to_image
-        queries = t.norm_final_attn(queries + self._t2i(fin, queries + query_pe, keys, keys + self.key_pe))
-        iou = dec.iou_prediction_head(queries[:, 0])
+            keys = img.norm4(self._i2t(i2t, i2t_img, keys, keys_pe, q_i2t, queries, queries + query_pe))
+        fin, fin_img = tt.final_attn_token_to_image, t.final_attn_token_to_image
+        queries = tt.norm_final_attn(queries + self._t2i(fin, fin_img, queries + query_pe, keys, keys + self.key_pe))
+        iou = tok.iou_prediction_head(queries[:, 0])
         sel = range(1, dec.num_mask_tokens) if multimask_output else range(0, 1)
-        hyper = torch.stack([dec.output_hypernetworks_mlps[j](queries[:, 1 + j]) for j in sel], dim=1)
-        masks = self._upscale_masks(keys, hyper)
+        hyper = torch.stack([tok.output_hypernetworks_mlps[j](queries[:, 1 + j]) for j in sel], dim=1)
+        masks = self._upscale_masks(keys, hyper.to(keys.dtype))
         return masks, iou[:, sel.start:sel.stop]
 
     def _upscale_masks(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
@@ -547,7 +554,10 @@ class FastPath:
             self._image_pe = model.prompt_encoder.get_dense_pe().to(self.decoder_dtype)
         if fast_decoder is None:
             fast_decoder = self.precision != "fp32"
-        self.decoder: nn.Module = FastMaskDecoder(decoder, self._image_pe) if fast_decoder else decoder
+        # On CPU the few-token side runs on the fp32 reference modules: tiny bf16 GEMMs are slower there.
+        token_decoder = model.mask_decoder if not is_cuda else None
+        self.decoder: nn.Module = (FastMaskDecoder(decoder, self._image_pe, token_decoder) if fast_decoder
+                                   else decoder)
         self.compile = compile
         self._encode_fn: Callable[[torch.Tensor], torch.Tensor] = self.encoder
         self._decode_fn: Callable[..., tuple[torch.Tensor, ...]] = self._decode_core
