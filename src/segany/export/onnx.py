@@ -75,15 +75,9 @@ class DecoderGraph(nn.Module):
         self.img_size = model.img_size
 
     def _sparse(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Same operations as PromptEncoder._embed_points, without its automatic padding point: the
-        # caller sends padding explicitly (label -1), as SAM's ONNX contract expects.
-        pe = self.model.prompt_encoder
-        emb = pe.pe_layer._encode((coords + 0.5) / self.img_size)
-        lab = labels[..., None]
-        emb = torch.where(lab == -1, pe.not_a_point_embed.weight.expand_as(emb), emb)
-        for value in (0, 1, 2, 3):
-            emb = emb + (lab == value).to(emb.dtype) * pe.point_embeddings[value].weight
-        return emb
+        # No automatic padding point: the caller sends padding explicitly (label -1), as SAM's ONNX
+        # contract expects.
+        return self.model.prompt_encoder._embed_points(coords, labels, pad=False)
 
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor

@@ -109,13 +109,8 @@ class ClickGraph(nn.Module):
 
     # -- prompts
     def _sparse(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pe = self.model.prompt_encoder
-        emb = pe.pe_layer._encode((coords + 0.5) / self.img_size)
-        lab = labels[..., None]
-        emb = torch.where(lab == -1, pe.not_a_point_embed.weight.expand_as(emb), emb)
-        for value in (0, 1, 2, 3):
-            emb = emb + (lab == value).to(emb.dtype) * pe.point_embeddings[value].weight
-        return emb[0]  # (N, C)
+        # Padding comes from the caller (label -1), as in SAM's ONNX contract.
+        return self.model.prompt_encoder._embed_points(coords, labels, pad=False)[0]  # (N, C)
 
     # -- attention pieces; tokens are (1, T, ·) as the token-side modules expect, image tokens (HW, ·)
     @staticmethod
