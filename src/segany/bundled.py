@@ -13,17 +13,12 @@ import tempfile
 from pathlib import Path
 
 from segany.errors import CheckpointError
+from segany.hashing import file_digest
 
 BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "weights"
 PART_BYTES = 15 * 1000 * 1000
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parts_of(path: Path) -> list[Path]:
@@ -69,7 +64,7 @@ def join_parts(first: str | os.PathLike[str], dest: str | os.PathLike[str]) -> P
         sha_file = base.with_name(base.name + ".sha256")
         if sha_file.exists():
             want = sha_file.read_text().split()[0]
-            if _sha256(Path(tmp)) != want:
+            if file_digest(tmp) != want:
                 raise CheckpointError(f"joined parts of {base.name} fail their sha256 check; a part is missing or "
                                       "corrupt: reinstall segany or fetch the parts again")
         os.replace(tmp, out)

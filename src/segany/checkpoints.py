@@ -8,7 +8,6 @@ naming the first missing/unexpected keys and the variant the file looks like.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -24,6 +23,7 @@ import torch
 
 from segany import hf_layout
 from segany.errors import CheckpointError, DownloadError, UnknownModelError
+from segany.hashing import file_digest
 from segany.modeling.config import SamConfig
 from segany.modeling.sam import Sam
 from segany.registry import WeightsInfo, get_config, get_weights_info, list_models
@@ -194,14 +194,6 @@ def save_checkpoint(model: Sam, path: str | os.PathLike[str], meta: dict[str, An
     return out
 
 
-def _digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_file(path: Path, info: WeightsInfo) -> None:
     """Check size and every published hash of ``info``; raise :class:`DownloadError` on mismatch."""
     size = path.stat().st_size
@@ -210,7 +202,7 @@ def verify_file(path: Path, info: WeightsInfo) -> None:
                             "truncated or another file; delete it and download again")
     for algo in ("sha256", "md5"):
         want = getattr(info, algo)
-        if want and _digest(path, algo) != want.lower():
+        if want and file_digest(path, algo) != want.lower():
             raise DownloadError(f"{path} fails its {algo} check for {info.name} (expected {want}); delete it and "
                                 "download again")
 

@@ -33,6 +33,7 @@ from segany.engine import db
 from segany.engine.db import Annotation, Annotator, DatasetVersion, Image, ModelVersion, Project
 from segany.engine.masks import encode_mask, normalize_rle, rle_area_bbox
 from segany.errors import InputError, SeganyError
+from segany.hashing import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,7 @@ def hash_token(token: str) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 # ----------------------------------------------------------------------------------------------- dicts
