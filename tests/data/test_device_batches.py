@@ -76,3 +76,18 @@ def test_cropped_away_masks_are_dropped_and_valid_first(records):
     out = b.batch(0)
     assert out["num_masks"].tolist() == [0, 0]
     assert not out["masks"].any()
+
+
+def test_repeated_records_decode_once_and_follow_factors(records):
+    from segany.data.datasets import repeat_records
+
+    for r, name in zip(records, ["a", "b", "b"]):
+        r.dataset = name
+    rep = repeat_records(records, {"a": 3, "b": 0.5}, seed=1)
+    assert sum(r.dataset == "a" for r in rep) == 3 and sum(r.dataset == "b" for r in rep) == 1
+    assert rep == repeat_records(records, {"a": 3, "b": 0.5}, seed=1)  # a pure function of the seed
+    b = make(rep, AugmentConfig())
+    assert len(b) == 4 and len(b.records) == 2 and b.images.shape[0] == 2
+    seen = [i for step in range(4) for i in b._indices(step)]
+    a_slot = b.records.index(records[0])
+    assert seen.count(a_slot) == 6  # two epochs of 4 positions, 3 of them image "a"

@@ -156,3 +156,12 @@ def test_shipped_configs_load() -> None:
 def test_collate_pads_num_masks() -> None:
     b = collate([_batch() | {"image": _batch()["image"][0], "masks": _batch()["masks"][0], "num_masks": 2}])
     assert b["image"].shape == (1, 3, S, S)
+
+
+def test_repeat_config_checks_names_and_values() -> None:
+    cfg = load_config(None, ["data.datasets=[bsds, kvasir]", "data.repeat={bsds: 4, kvasir: 0.5}"])
+    assert cfg.data.repeat == {"bsds": 4.0, "kvasir": 0.5}
+    with pytest.raises(InputError, match="not in data.datasets"):
+        load_config(None, ["data.datasets=[bsds]", "data.repeat={coco: 2}"])
+    with pytest.raises(InputError, match=">= 0"):
+        load_config(None, ["data.repeat={bsds: -1}"])

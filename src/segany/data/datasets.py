@@ -10,7 +10,7 @@ a resumed run sees exactly the batches it would have seen, whatever the number o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,32 @@ class SegmentationDataset(Dataset):
             out_masks[j, :vh, :vw] = masks[i] > 0
         return {"image": torch.from_numpy(out_img), "masks": torch.from_numpy(out_masks),
                 "num_masks": len(keep), "size_hw": (vh, vw)}
+
+
+def repeat_records(records: Sequence[InstanceRecord], factors: Mapping[str, float] | None, seed: int = 0
+                   ) -> list[InstanceRecord]:
+    """Records with each dataset's share scaled by its factor (the same objects, repeated).
+
+    A factor f keeps every record floor(f) times plus a seeded, fixed subset of round(frac(f) * n) of
+    them, so the epoch is a pure function of the seed and resumed runs see the same data.
+    """
+    if not factors:
+        return list(records)
+    by_ds: dict[str, list[InstanceRecord]] = {}
+    for r in records:
+        by_ds.setdefault(r.dataset, []).append(r)
+    out: list[InstanceRecord] = []
+    for k, (name, recs) in enumerate(sorted(by_ds.items())):
+        f = float(factors.get(name, 1.0))
+        whole, frac = int(f), f - int(f)
+        out.extend(recs * whole)
+        extra = int(round(frac * len(recs)))
+        if extra:
+            pick = np.random.default_rng([seed, 31337, k]).permutation(len(recs))[:extra]
+            out.extend(recs[i] for i in sorted(pick))
+    if not out:
+        raise InputError("data.repeat leaves no training images; use factors > 0")
+    return out
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

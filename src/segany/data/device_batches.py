@@ -49,9 +49,17 @@ class DeviceBatcher:
     def __init__(self, records: Sequence[InstanceRecord], *, img_size: int, max_masks: int, batch_size: int,
                  augment: AugmentConfig, seed: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  device: torch.device, workers: int = 8, rank: int = 0, world_size: int = 1) -> None:
-        self.records = [r for r in records if r.masks]
-        if not self.records:
+        positions = [r for r in records if r.masks]
+        if not positions:
             raise InputError("the dataset has no image with masks; check the data path and split")
+        # Repeated records (data.repeat) are decoded once; an epoch walks ``positions``, each mapped to a slot.
+        slot_of: dict[int, int] = {}
+        self.records: list[InstanceRecord] = []
+        for r in positions:
+            if id(r) not in slot_of:
+                slot_of[id(r)] = len(self.records)
+                self.records.append(r)
+        self.slots = np.array([slot_of[id(r)] for r in positions], dtype=np.int64)
         S = self.S = img_size
         self.K, self.B, self.aug, self.seed = max_masks, batch_size, augment, seed
         self.rank, self.world = rank, world_size
@@ -81,16 +89,16 @@ class DeviceBatcher:
                  (self.images.numel() + self.masks.numel()) / 2**30, device)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.slots)
 
     def _indices(self, step: int) -> list[int]:
-        n, gbs = len(self.records), self.B * self.world
+        n, gbs = len(self.slots), self.B * self.world
         out = []
         for j in range(self.B):
             pos = step * gbs + self.rank * self.B + j
             epoch, i = divmod(pos, n)
             perm = np.random.default_rng([self.seed, 7919, epoch]).permutation(n)
-            out.append(int(perm[i]))
+            out.append(int(self.slots[perm[i]]))
         return out
 
     def batch(self, step: int) -> dict[str, Any]:

@@ -39,8 +39,16 @@ class DataSection:
     min_mask_area: int = 64
     num_workers: int = 4
     device_cache: bool = False  # decode the whole pack once into accelerator memory and augment there
+    # Per-dataset repeat factors, e.g. {bsds: 4, kvasir: 0.5}: rebalances what an epoch holds when one
+    # dataset has many more images than the rest (kvasir is 70% of the packed training images). Missing = 1.
+    repeat: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
+        for name, factor in (self.repeat or {}).items():
+            if name not in self.datasets:
+                raise InputError(f"data.repeat names {name!r}, which is not in data.datasets {list(self.datasets)}")
+            if not factor >= 0:
+                raise InputError(f"data.repeat[{name!r}] must be >= 0, got {factor}")
         if self.max_masks < 1:
             raise InputError(f"data.max_masks must be >= 1, got {self.max_masks}")
         if not 0 < self.scale_min <= self.scale_max:
@@ -136,6 +144,10 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     if value is None:
         return None
     try:
+        if ann.startswith("dict[str, float]"):
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(k): float(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             item = float if "tuple[float" in ann else int if "tuple[int" in ann else str
             return tuple(item(v) for v in value)

@@ -324,13 +324,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def build_loader(self) -> torch.utils.data.DataLoader:
-        from segany.data.datasets import AugmentConfig, SegmentationDataset, StepBatchSampler, collate
+        from segany.data.datasets import AugmentConfig, SegmentationDataset, StepBatchSampler, collate, repeat_records
         from segany.data.pack import load_pack
 
         d = self.cfg.data
         records = self.train_records
         if records is None:
             records = load_pack(d.pack, split="train", datasets=d.datasets)
+        records = repeat_records(records, d.repeat, seed=self.cfg.run.seed)
         aug = AugmentConfig(hflip=d.hflip, scale_min=d.scale_min, scale_max=d.scale_max,
                             min_mask_area=d.min_mask_area)
         ds = SegmentationDataset(records, img_size=self.sam.img_size, max_masks=d.max_masks, augment=aug,
@@ -350,12 +351,13 @@ class Trainer:
         if not d.device_cache:
             it = iter(self.build_loader())
             return lambda: next(it)
-        from segany.data.datasets import AugmentConfig
+        from segany.data.datasets import AugmentConfig, repeat_records
         from segany.data.device_batches import DeviceBatcher
         from segany.data.pack import load_pack
 
         records = self.train_records if self.train_records is not None else load_pack(
             d.pack, split="train", datasets=d.datasets)
+        records = repeat_records(records, d.repeat, seed=self.cfg.run.seed)
         aug = AugmentConfig(hflip=d.hflip, scale_min=d.scale_min, scale_max=d.scale_max,
                             min_mask_area=d.min_mask_area)
         batcher = DeviceBatcher(records, img_size=self.sam.img_size, max_masks=d.max_masks,
