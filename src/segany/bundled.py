@@ -83,6 +83,14 @@ def resolve_parts(path: str | os.PathLike[str]) -> Path:
         return p
     from segany.checkpoints import weights_home
 
+    sha_file = base.with_name(base.name + ".sha256")
+    if sha_file.exists():
+        # Keyed by content: a checkout with other weights never reuses a stale join, whatever the mtimes.
+        # The joined file only appears (atomically) after its sha256 matched, so it can be trusted as is.
+        dest = weights_home() / "joined" / f"{sha_file.read_text().split()[0][:16]}-{base.name}"
+        if not dest.exists():
+            join_parts(base, dest)
+        return dest
     digest = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:12]
     dest = weights_home() / "joined" / f"{digest}-{base.name}"
     if not dest.exists() or dest.stat().st_mtime < parts_of(base)[-1].stat().st_mtime:
