@@ -269,22 +269,15 @@ class FastMaskDecoder(nn.Module):
         self.register_buffer("key_pe", pe.contiguous(), persistent=False)
         self.grid = tuple(image_pe.shape[-2:])
         with torch.no_grad():
-            layer = t.layers[0]
-            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-            w = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # (3ci, C)
-            add = torch.cat([pe @ t2i.k_proj.weight.T + t2i.k_proj.bias,
-                             t2i.v_proj.bias.expand(pe.shape[0], -1),
-                             pe @ i2t.q_proj.weight.T + i2t.q_proj.bias], dim=1)  # (HW, 3ci)
-            self.register_buffer("w_0", w.T.contiguous(), persistent=False)
-            self.register_buffer("add_0", add.contiguous(), persistent=False)
-            up1, _, _, up2, _ = decoder.output_upscaling
-            # ConvTranspose2d weight (in, out, 2, 2) → (2·2·out, in): output columns ordered (a, b, channel).
-            self.register_buffer("up1_w", up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.weight.shape[0]).contiguous(),
-                                 persistent=False)
-            self.register_buffer("up1_b", up1.bias.repeat(4).contiguous(), persistent=False)
-            self.register_buffer("up2_w", up2.weight.permute(2, 3, 1, 0).reshape(-1, up2.weight.shape[0]).contiguous(),
-                                 persistent=False)
-            self.register_buffer("up2_b", up2.bias.repeat(4).contiguous(), persistent=False)
+            w, add = layer0_image_projection(t, pe)
+            self.register_buffer("w_0", w, persistent=False)
+            self.register_buffer("add_0", add, persistent=False)
+            up1_w, up1_b, up2_w, up2_b = upscaler_gemms(decoder)
+            # F.linear takes (out, in): rows ordered (sub-row, sub-col, channel).
+            self.register_buffer("up1_w", up1_w.T.contiguous(), persistent=False)
+            self.register_buffer("up1_b", up1_b, persistent=False)
+            self.register_buffer("up2_w", up2_w.T.contiguous(), persistent=False)
+            self.register_buffer("up2_b", up2_b, persistent=False)
         # (embedding tensor, its version, keys, projection); holding the tensor keeps its memory from being
         # reused by another image, so an identity check cannot be fooled.
         self._cache: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
@@ -387,29 +380,19 @@ class FastMaskDecoder(nn.Module):
             keys, proj = self._layer0_image_side(image_embeddings, dense[:1], True)
         else:
             keys, proj = self._layer0_image_side(feats, dense, False)
-        queries, query_pe = tokens, tokens
-        for i, (layer, img) in enumerate(zip(tt.layers, t.layers, strict=True)):
-            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-            t2i_img, i2t_img = img.cross_attn_token_to_image, img.cross_attn_image_to_token
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(queries, queries, queries)
-            else:
-                q = queries + query_pe
-                queries = queries + layer.self_attn(q, q, queries)
-            queries = layer.norm1(queries)
-            if i == 0:
-                ci = t2i.internal_dim
-                k_t2i, v_t2i, q_i2t = proj.split([ci, ci, i2t.internal_dim], dim=-1)
-                keys_pe = None
-                queries = layer.norm2(queries + self._t2i(t2i, t2i_img, queries + query_pe, keys, None, (k_t2i, v_t2i)))
-            else:
-                q_i2t = None
-                keys_pe = keys + self.key_pe
-                queries = layer.norm2(queries + self._t2i(t2i, t2i_img, queries + query_pe, keys, keys_pe))
-            queries = layer.norm3(queries + layer.mlp(queries))
-            keys = img.norm4(self._i2t(i2t, i2t_img, keys, keys_pe, q_i2t, queries, queries + query_pe))
-        fin, fin_img = tt.final_attn_token_to_image, t.final_attn_token_to_image
-        queries = tt.norm_final_attn(queries + self._t2i(fin, fin_img, queries + query_pe, keys, keys + self.key_pe))
+        first = t.layers[0]
+        ci = first.cross_attn_token_to_image.internal_dim
+        k_t2i, v_t2i, q_i2t = proj.split([ci, ci, first.cross_attn_image_to_token.internal_dim], dim=-1)
+
+        def t2i(i: int, attn: nn.Module, img: nn.Module, queries_pe: torch.Tensor, keys: torch.Tensor,
+                keys_pe: torch.Tensor | None) -> torch.Tensor:
+            return self._t2i(attn, img, queries_pe, keys, keys_pe, (k_t2i, v_t2i) if i == 0 else None)
+
+        def i2t(i: int, attn: nn.Module, img: nn.Module, keys: torch.Tensor, keys_pe: torch.Tensor | None,
+                queries: torch.Tensor, queries_pe: torch.Tensor) -> torch.Tensor:
+            return self._i2t(attn, img, keys, keys_pe, q_i2t if i == 0 else None, queries, queries_pe)
+
+        queries, keys = run_two_way(tt, t, tokens, keys, self.key_pe, t2i=t2i, i2t=i2t)
         iou = tok.iou_prediction_head(queries[:, 0])
         sel = range(1, dec.num_mask_tokens) if multimask_output else range(0, 1)
         hyper = torch.stack([tok.output_hypernetworks_mlps[j](queries[:, 1 + j]) for j in sel], dim=1)
@@ -432,6 +415,77 @@ class FastMaskDecoder(nn.Module):
         m = self._mm(x, hyper.transpose(1, 2))  # (B, 16·HW, M)
         h, w = self.grid
         return m.view(B, h, w, 2, 2, 2, 2, M).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(B, M, 4 * h, 4 * w)
+
+
+# ------------------------------------------------------------------ pieces shared with the ONNX click graph
+TokenToImage = Callable[[int, nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+ImageToToken = Callable[[int, nn.Module, nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor],
+                        torch.Tensor]
+
+
+def run_two_way(tok: nn.Module, img: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, key_pe: torch.Tensor, *,
+                t2i: TokenToImage, i2t: ImageToToken,
+                norm4: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-way transformer's blocks and final attention, with the image-side attention maths supplied.
+
+    The token side (self-attention, norms, MLP) runs on ``tok``'s modules; the image side is the caller's:
+    ``t2i(i, attn_tok, attn_img, queries_pe, keys, keys_pe)`` returns the token update of block ``i``'s
+    token→image attention (``i == len(layers)``: the final attention) and
+    ``i2t(i, attn_tok, attn_img, keys, keys_pe, queries, queries_pe)`` returns ``keys`` plus the
+    image→token update, before ``norm4`` (``norm4(module, x)``, default ``module(x)``). ``keys_pe`` is
+    ``keys + key_pe``, formed once per block and ``None`` in block 0, whose image-side projections callers
+    precompute per image. ``img`` holds the same weights as ``tok`` (possibly in another dtype).
+
+    Shared by :class:`FastMaskDecoder` and the ONNX click graph (:mod:`segany.export.onnx_split`).
+    """
+    queries, query_pe = tokens, tokens
+    for i, (layer, layer_img) in enumerate(zip(tok.layers, img.layers, strict=True)):
+        if layer.skip_first_layer_pe:  # block 0: the queries already are the prompt encodings
+            queries = layer.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + layer.self_attn(q, q, queries)
+        queries = layer.norm1(queries)
+        keys_pe = keys + key_pe if i > 0 else None
+        queries = layer.norm2(queries + t2i(i, layer.cross_attn_token_to_image, layer_img.cross_attn_token_to_image,
+                                            queries + query_pe, keys, keys_pe))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = i2t(i, layer.cross_attn_image_to_token, layer_img.cross_attn_image_to_token, keys, keys_pe, queries,
+                   queries + query_pe)
+        keys = norm4(layer_img.norm4, keys) if norm4 is not None else layer_img.norm4(keys)
+    n = len(tok.layers)
+    update = t2i(n, tok.final_attn_token_to_image, img.final_attn_token_to_image, queries + query_pe, keys,
+                 keys + key_pe)
+    return tok.norm_final_attn(queries + update), keys
+
+
+def layer0_image_projection(transformer: nn.Module, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first block's image-side projections as one affine map of the image tokens ``x`` (HW, C).
+
+    Returns ``w`` (C, 3ci) and ``add`` (HW, 3ci): ``x @ w + add`` is [token→image keys (x+pe)·Wkᵀ+bk |
+    token→image values x·Wvᵀ+bv | image→token queries (x+pe)·Wqᵀ+bq]; ``pe`` (HW, C) is the dense
+    positional encoding. Without a mask prompt nothing here depends on the click, so it is cached per image.
+    """
+    layer = transformer.layers[0]
+    t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    w = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight]).T  # (C, 3ci)
+    add = torch.cat([pe @ t2i.k_proj.weight.T + t2i.k_proj.bias, t2i.v_proj.bias.expand(pe.shape[0], -1),
+                     pe @ i2t.q_proj.weight.T + i2t.q_proj.bias], dim=1)
+    return w.contiguous(), add.contiguous()
+
+
+def upscaler_gemms(decoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's two 2×2 stride-2 transposed convolutions as GEMMs on channels-last tokens.
+
+    Returns ``up1_w`` (C, 4·c1), ``up1_b`` (4·c1,), ``up2_w`` (c1, 4·c2), ``up2_b`` (4·c2,): output columns
+    are ordered (sub-row, sub-col, channel), so each output row holds one token's 2×2 sub-pixels.
+    """
+    up1, _, _, up2, _ = decoder.output_upscaling
+    # ConvTranspose2d weight (in, out, 2, 2) → (in, 2·2·out)
+    w1 = up1.weight.permute(0, 2, 3, 1).reshape(up1.weight.shape[0], -1)
+    w2 = up2.weight.permute(0, 2, 3, 1).reshape(up2.weight.shape[0], -1)
+    return w1.contiguous(), up1.bias.repeat(4).contiguous(), w2.contiguous(), up2.bias.repeat(4).contiguous()
 
 
 def upscale_cropped(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int]) -> torch.Tensor:
