@@ -12,7 +12,7 @@ import torch
 ort = pytest.importorskip("onnxruntime", reason="pip install 'segany[onnx]'")
 
 from segany.export.onnx import postprocess_masks  # noqa: E402
-from segany.export.onnx_split import export_split_decoder  # noqa: E402
+from segany.export.onnx_split import CLICK_INPUTS, IMAGE_OUTPUTS, export_split_decoder  # noqa: E402
 
 ATOL = 1e-4
 
@@ -29,7 +29,11 @@ def split(tmp_path_factory):
 
     model = randomize_(Sam(tiny_config())).eval()
     paths = export_split_decoder(model, tmp_path_factory.mktemp("split"))
-    return model, ort.InferenceSession(str(paths["image"])), ort.InferenceSession(str(paths["click"]))
+    image_sess, click_sess = ort.InferenceSession(str(paths["image"])), ort.InferenceSession(str(paths["click"]))
+    # the contract the app relies on: it feeds the image graph's outputs to the click graph by name
+    assert [o.name for o in image_sess.get_outputs()] == list(IMAGE_OUTPUTS)
+    assert [i.name for i in click_sess.get_inputs()] == list(CLICK_INPUTS)
+    return model, image_sess, click_sess
 
 
 def _torch(model, emb, coords, labels, mask):
@@ -69,9 +73,10 @@ def test_split_graphs_match_torch(split, prompt, with_mask):
     mask = torch.randn(1, 1, 4 * g, 4 * g, generator=gen) * 4 if with_mask else None
     low_ref, iou_ref = _torch(model, emb, coords_t, labels_t, mask)
 
-    toks, proj = image_sess.run(None, {"image_embeddings": emb.numpy()})
+    outs = image_sess.run(list(IMAGE_OUTPUTS), {"image_embeddings": emb.numpy()})
+    image_side = dict(zip(IMAGE_OUTPUTS, outs, strict=True))
     iou, low = click_sess.run(["iou_predictions", "low_res_masks"], {
-        "image_tokens": toks, "layer0_proj": proj, "point_coords": coords_t.numpy(), "point_labels": labels_t.numpy(),
+        **image_side, "point_coords": coords_t.numpy(), "point_labels": labels_t.numpy(),
         "mask_input": (mask if mask is not None else torch.zeros(1, 1, 4 * g, 4 * g)).numpy(),
         "has_mask_input": np.array([1.0 if with_mask else 0.0], np.float32)})
     assert low.shape == (1, 3, 4 * g, 4 * g) and iou.shape == (1, 3)

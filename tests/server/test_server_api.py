@@ -238,8 +238,10 @@ def test_split_decoder_served(client: TestClient, token: str) -> None:
     image_sess = ort.InferenceSession(client.get("/api/model/decoder_image.onnx", headers=auth(token)).content)
     click_sess = ort.InferenceSession(client.get("/api/model/decoder_click.onnx", headers=auth(token)).content)
     emb = np.frombuffer(client.get(f"/api/images/{im['id']}/embedding", headers=auth(token)).content, "<f4")
-    toks, proj = image_sess.run(None, {"image_embeddings": emb.reshape(1, 256, 16, 16).copy()})
-    iou, low = click_sess.run(None, {"image_tokens": toks, "layer0_proj": proj,
+    names = [o.name for o in image_sess.get_outputs()]
+    outs = image_sess.run(names, {"image_embeddings": emb.reshape(1, 256, 16, 16).copy()})
+    image_side = dict(zip(names, outs, strict=True))
+    iou, low = click_sess.run(None, {**image_side,
                                      "point_coords": np.array([[[100.0, 80.0], [0, 0]]], np.float32),
                                      "point_labels": np.array([[1.0, -1.0]], np.float32),
                                      "mask_input": np.zeros((1, 1, 64, 64), np.float32),

@@ -221,15 +221,14 @@ class ModelService:
         model, both exported on first request and kept in ``cache_dir``; what the browser app runs."""
         import tempfile
 
-        from segany.errors import InputError
-        from segany.export.onnx_split import CLICK_FILE, IMAGE_FILE, export_split_decoder
+        from segany.export.onnx_split import CLICK_FILE, FORMAT_VERSION, IMAGE_FILE, export_split_decoder
 
         files = {"image": IMAGE_FILE, "click": CLICK_FILE}
         if part not in files:
             raise InputError(f"unknown decoder part {part!r}; use 'image' or 'click'")
         base = self.cache_dir or Path(tempfile.gettempdir()) / "segany-onnx"
         safe = self.version_name.replace(":", "-").replace("/", "_")
-        folder = base / f"split-{safe}"
+        folder = base / f"split{FORMAT_VERSION}-{safe}"  # a new graph format never reuses old files
         with self._onnx_lock:
             if not all((folder / f).exists() for f in files.values()):
                 log.info("exporting the browser's split decoder to %s", folder)

@@ -5,7 +5,8 @@
 // click gives a mask without a network round trip. The decoder comes as two graphs
 // (segany.export.onnx_split): decoder_image.onnx runs once when the embedding arrives and caches the
 // image-only part, decoder_click.onnx runs per click and returns low-res (4g x 4g) logits, of which only
-// the shown mask is resized to the image here. Without ONNX support the server decodes instead.
+// the shown mask is resized to the image here (only over the box where it can be positive). Without ONNX
+// support the server decodes instead.
 // Masks are H*W Uint8Arrays in row-major order; the API speaks COCO RLE (column-major).
 
 const $ = (id) => document.getElementById(id);
@@ -19,6 +20,7 @@ const S = {
   points: [], box: null, drag: null, candidates: [], chosen: 0, mask: null, lowres: null,
   history: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
   decodeMs: [], timings: {}, embTensor: null, imgSession: null, imageSide: null, ortReady: null, zeroMask: null, maskCanvas: null, spm: [], busy: false, overlay: null, imageToken: 0,
+  axes: null,
 };
 window.segany = S; // for debugging and the browser tests
 
@@ -111,26 +113,43 @@ async function prepareImageSide() {
   if (!S.embTensor) S.embTensor = new S.ort.Tensor("float32", S.emb, S.embShape);
   const out = await S.imgSession.run({ image_embeddings: S.embTensor });
   if (emb !== S.emb) return; // another image meanwhile
-  S.imageSide = { image_tokens: out.image_tokens, layer0_proj: out.layer0_proj };
+  S.imageSide = out; // fed to the click graph by name (segany.export.onnx_split: IMAGE_OUTPUTS)
   S.timings.imageSide = performance.now() - t0;
+  await warmUp();
+}
+
+// The click graph's inputs: prompts in the model frame (points_xy, labels), previous low-res logits or null.
+function clickFeeds(pts, labels, lowres) {
+  const { ort } = S; const lowSide = 4 * S.embShape[2];
+  if (!S.zeroMask || S.zeroMask.length !== lowSide * lowSide) S.zeroMask = new Float32Array(lowSide * lowSide);
+  const feeds = {
+    point_coords: new ort.Tensor("float32", Float32Array.from(pts.flat()), [1, pts.length, 2]),
+    point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, labels.length]),
+    mask_input: new ort.Tensor("float32", lowres || S.zeroMask, [1, 1, lowSide, lowSide]),
+    has_mask_input: new ort.Tensor("float32", Float32Array.from([lowres ? 1 : 0]), [1]),
+  };
+  for (const name of S.session.inputNames) if (!(name in feeds)) feeds[name] = S.imageSide[name];
+  return feeds;
+}
+
+// onnxruntime's first runs of a session allocate and pre-pack (~10x a normal run): pay that once, before the
+// user's first click, with throw-away prompts of both shapes a click produces (no mask yet, and with one).
+async function warmUp() {
+  if (S.warm || !S.session || !S.imageSide) return;
+  S.warm = true; const t0 = performance.now();
+  await S.session.run(clickFeeds([[0, 0], [0, 0]], [1, -1], null));
+  await S.session.run(clickFeeds([[0, 0], [1, 1], [0, 0]], [1, 0, -1], S.zeroMask));
+  S.timings.warmUp = performance.now() - t0;
 }
 
 async function decodeInBrowser() {
   await prepareImageSide();
-  const { ort } = S; const scale = S.model.img_size / Math.max(S.W, S.H);
+  const scale = S.model.img_size / Math.max(S.W, S.H);
   const pts = S.points.map((p) => [p.x * scale, p.y * scale]); const labels = S.points.map((p) => p.label);
   if (S.box) { pts.push([S.box[0] * scale, S.box[1] * scale], [S.box[2] * scale, S.box[3] * scale]); labels.push(2, 3); }
   else { pts.push([0, 0]); labels.push(-1); }
-  const g = S.embShape[2]; const lowSide = 4 * g;
-  const hasMask = S.lowres && S.points.length > 1 ? 1 : 0;
-  if (!S.zeroMask || S.zeroMask.length !== lowSide * lowSide) S.zeroMask = new Float32Array(lowSide * lowSide);
-  const feeds = {
-    image_tokens: S.imageSide.image_tokens, layer0_proj: S.imageSide.layer0_proj,
-    point_coords: new ort.Tensor("float32", Float32Array.from(pts.flat()), [1, pts.length, 2]),
-    point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, labels.length]),
-    mask_input: new ort.Tensor("float32", hasMask ? S.lowres : S.zeroMask, [1, 1, lowSide, lowSide]),
-    has_mask_input: new ort.Tensor("float32", Float32Array.from([hasMask]), [1]),
-  };
+  const lowSide = 4 * S.embShape[2];
+  const feeds = clickFeeds(pts, labels, S.lowres && S.points.length > 1 ? S.lowres : null);
   const t0 = performance.now();
   const out = await S.session.run(feeds);
   S.timings.run = performance.now() - t0;
@@ -141,8 +160,11 @@ async function decodeInBrowser() {
 
 // Low-res logits (L x L over the padded square model frame) → H x W mask: one bilinear sample per pixel,
 // the composite of the exporter's two resizes (to the model frame, crop the padding, to the image size).
-function upscaleMask(low) {
-  const L = Math.round(Math.sqrt(low.length)); const s = S.model.img_size; const W = S.W, H = S.H;
+// A pixel is a bilinear mix of its 2x2 source cells, so it can only be on where one of them is above the
+// threshold: pixels outside the box of such cells are left at 0 without being computed (same result).
+function upscaleAxes(L) {
+  const s = S.model.img_size; const W = S.W, H = S.H;
+  if (S.axes && S.axes.key === `${L}:${W}:${H}:${s}`) return S.axes;
   const scale = s / Math.max(W, H); const hin = Math.floor(H * scale + 0.5), win = Math.floor(W * scale + 0.5);
   const axis = (n, inN) => {
     const i0 = new Int32Array(n), i1 = new Int32Array(n), w = new Float32Array(n);
@@ -150,15 +172,40 @@ function upscaleMask(low) {
       const f = Math.min(Math.max((x + 0.5) * inN / n * L / s - 0.5, 0), L - 1); const a = Math.floor(f);
       i0[x] = a; i1[x] = Math.min(a + 1, L - 1); w[x] = f - a;
     }
-    return [i0, i1, w];
+    return { i0, i1, w };
   };
-  const [x0, x1, wx] = axis(W, win); const [y0, y1, wy] = axis(H, hin);
-  const m = new Uint8Array(W * H); const th = S.model.mask_threshold || 0;
-  for (let y = 0; y < H; y++) {
-    const r0 = y0[y] * L, r1 = y1[y] * L, b = wy[y], a = 1 - b; const o = y * W;
-    for (let x = 0; x < W; x++) {
+  S.axes = { key: `${L}:${W}:${H}:${s}`, x: axis(W, win), y: axis(H, hin) };
+  return S.axes;
+}
+
+// First and last output index whose source cells [i0, i1] meet [lo, hi] (both tables are non-decreasing).
+function coveredRange(ax, lo, hi) {
+  let a = 0, b = ax.i0.length - 1;
+  while (a <= b && ax.i1[a] < lo) a++;
+  while (b >= a && ax.i0[b] > hi) b--;
+  return [a, b];
+}
+
+function upscaleMask(low) {
+  const L = Math.round(Math.sqrt(low.length)); const W = S.W, H = S.H;
+  const th = S.model.mask_threshold || 0; const m = new Uint8Array(W * H);
+  const { x: ax, y: ay } = upscaleAxes(L);
+  // box of low-res cells above the threshold, within the cells the image reads
+  const rows = ay.i1[H - 1] + 1, cols = ax.i1[W - 1] + 1;
+  let r0 = L, r1 = -1, c0 = L, c1 = -1;
+  for (let r = 0; r < rows; r++) {
+    const o = r * L; let any = false;
+    for (let c = 0; c < cols; c++) if (low[o + c] > th) { any = true; if (c < c0) c0 = c; if (c > c1) c1 = c; }
+    if (any) { if (r < r0) r0 = r; r1 = r; }
+  }
+  if (r1 < 0) return m;
+  const [xa, xb] = coveredRange(ax, c0, c1); const [ya, yb] = coveredRange(ay, r0, r1);
+  const { i0: x0, i1: x1, w: wx } = ax;
+  for (let y = ya; y <= yb; y++) {
+    const q0 = ay.i0[y] * L, q1 = ay.i1[y] * L, b = ay.w[y], a = 1 - b; const o = y * W;
+    for (let x = xa; x <= xb; x++) {
       const c = wx[x], d = 1 - c;
-      const v = a * (d * low[r0 + x0[x]] + c * low[r0 + x1[x]]) + b * (d * low[r1 + x0[x]] + c * low[r1 + x1[x]]);
+      const v = a * (d * low[q0 + x0[x]] + c * low[q0 + x1[x]]) + b * (d * low[q1 + x0[x]] + c * low[q1 + x1[x]]);
       m[o + x] = v > th ? 1 : 0;
     }
   }
@@ -178,7 +225,7 @@ async function decodeOnServer() {
 
 async function decode() {
   if (!S.points.length && !S.box) { S.candidates = []; S.mask = null; draw(); return; }
-  const token = S.imageToken; const t0 = performance.now();
+  const token = S.imageToken; const t0 = performance.now(); S.timings = {};
   const cands = S.session && S.emb ? await decodeInBrowser() : await decodeOnServer();
   if (token !== S.imageToken) return; // the user moved to another image meanwhile
   S.candidates = cands;
@@ -187,7 +234,7 @@ async function decode() {
   S.chosen = S.points.length + (S.box ? 1 : 0) > 1 ? S.chosen : best;
   S.mask = maskOf(cands[S.chosen]).slice(); S.lowres = cands[S.chosen].lowres;
   const t1 = performance.now(); draw(); S.timings.draw = performance.now() - t1;
-  const ms = performance.now() - t0;
+  const ms = performance.now() - t0; S.timings.total = ms;
   S.decodeMs.push(ms); $("latency").textContent = ms.toFixed(1);
   renderChoices();
 }
