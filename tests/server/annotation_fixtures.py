@@ -1,5 +1,6 @@
 """Fixtures for the server tests: a project on a bundled real image, a tiny model saved as a segany
-checkpoint, annotator tokens, a real uvicorn server, and a PostgreSQL server started from scratch."""
+checkpoint, a tiny model with a class head for text prompts, annotator tokens, a real uvicorn server, and a
+PostgreSQL server started from scratch."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, randomize_, tiny_config
 
 from segany.checkpoints import save_checkpoint
@@ -28,6 +30,7 @@ from segany.server.model_service import ModelService
 
 SAMPLES = REPO / "src" / "segany" / "assets" / "samples"
 SAMPLE_FILES = sorted(SAMPLES.glob("*.jpg"))
+LABELS = ("dog", "person", "car")
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +65,32 @@ def grid_prefill(svc_ref: dict[str, ModelService]) -> Any:
         return out
 
     return run
+
+
+def label_sam() -> Sam:
+    """A tiny random-weight model with a closed-vocabulary class head over LABELS whose outputs are set:
+    every mask is "dog" with probability ~0.999 and a predicted IoU of 0.9, so "segment every dog" proposes
+    masks (those surviving NMS) deterministically, whatever the random decoder draws."""
+    from segany.train.labels import with_labels
+
+    sam = randomize_(Sam(with_labels(tiny_config(), LABELS)), seed=5).eval()
+    with torch.no_grad():
+        head = sam.class_head
+        assert head is not None
+        head.logits.weight.zero_()
+        head.logits.bias.copy_(torch.tensor([8.0, 0.0, 0.0, -8.0]))  # dog, person, car, background
+        last = sam.mask_decoder.iou_prediction_head.layers[-1]
+        last.weight.zero_()
+        last.bias.fill_(0.9)
+    return sam
+
+
+@pytest.fixture
+def label_app(project: tuple[Store, dict[str, Any]], tmp_path: Path) -> Any:
+    """The app over a model with a class head (text prompts work)."""
+    svc = ModelService("segany_tiny_labels", device="cpu", cache_size=4, cache_dir=tmp_path / "onnx-labels",
+                       sam=label_sam())
+    return create_app(project[0], svc, ServerSettings(max_upload_bytes=2 * 1024 * 1024))
 
 
 @pytest.fixture

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 from annotation_fixtures import (  # noqa: F401  (fixtures)
+    LABELS,
     SAMPLE_FILES,
     app,
+    label_app,
     model_service,
     project,
     tiny_checkpoint,
@@ -44,7 +46,7 @@ def _ann_body(h: int, w: int, **kw: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("method,path", [
     ("GET", "/api/images"), ("GET", "/api/images/1/file"), ("GET", "/api/images/1/embedding"),
     ("POST", "/api/images/1/annotations"), ("DELETE", "/api/annotations/1"), ("GET", "/api/export/coco"),
-    ("GET", "/api/model/decoder.onnx"), ("POST", "/api/images/1/prefill"),
+    ("GET", "/api/model/decoder.onnx"), ("POST", "/api/images/1/prefill"), ("POST", "/api/images/1/text"),
 ])
 def test_no_token_is_401(client: TestClient, token: str, method: str, path: str) -> None:
     r = client.request(method, path)
@@ -248,3 +250,58 @@ def test_split_decoder_served(client: TestClient, token: str) -> None:
                                      "has_mask_input": np.zeros(1, np.float32)})
     assert iou.shape == (1, 3) and low.shape == (1, 3, 64, 64) and np.isfinite(low).all()
     assert client.get("/api/model/decoder_click.onnx").status_code == 401
+
+
+# ------------------------------------------------------------------------------------- text prompts
+def test_text_prompt_proposes_masks(label_app: Any, token: str) -> None:
+    from pycocotools import mask as mask_utils
+
+    client = TestClient(label_app)
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    r = client.post(f"/api/images/{im['id']}/text", headers=auth(token), json={"text": "  the Dogs ", "max_masks": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["text"] == "the Dogs" and body["label"] == "dog"
+    props = body["proposals"]
+    assert 1 <= len(props) <= 5
+    scores = [p["score"] for p in props]
+    assert scores == sorted(scores, reverse=True) and all(0.25 <= s <= 1 for s in scores)
+    for p in props:
+        m = mask_utils.decode({"size": p["segmentation"]["size"], "counts": p["segmentation"]["counts"].encode()})
+        assert m.shape == (im["height"], im["width"]) and m.sum() == p["area"] > 0
+        x, y, w, h = p["bbox"]
+        ys, xs = np.nonzero(m)
+        assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        assert p["label"] == "dog"
+    # nothing is stored until the annotator accepts a proposal
+    assert client.get(f"/api/images/{im['id']}/annotations", headers=auth(token)).json() == []
+    # a stricter threshold than any score: no proposals, still 200
+    r = client.post(f"/api/images/{im['id']}/text", headers=auth(token), json={"text": "dog", "min_score": 0.95})
+    assert r.status_code == 200 and r.json()["proposals"] == []
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("", "text is empty"),
+    ("   ", "text is empty"),
+    ("zebra", f"Known: {', '.join(LABELS)}"),
+])
+def test_text_prompt_bad_phrase_is_400(label_app: Any, token: str, text: str, fragment: str) -> None:
+    client = TestClient(label_app)
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    r = client.post(f"/api/images/{im['id']}/text", headers=auth(token), json={"text": text})
+    assert r.status_code == 400 and fragment in r.json()["detail"]
+
+
+def test_text_prompt_without_text_path_names_the_model(client: TestClient, token: str) -> None:
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    r = client.post(f"/api/images/{im['id']}/text", headers=auth(token), json={"text": "dog"})
+    assert r.status_code == 400
+    assert "segany_tiny_labels" in r.json()["detail"]
+
+
+def test_text_prompt_request_validation(label_app: Any, token: str) -> None:
+    client = TestClient(label_app)
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    for body in ({"text": "dog", "max_masks": 0}, {"text": "dog", "min_score": 2}, {"text": "x" * 201}, {}):
+        assert client.post(f"/api/images/{im['id']}/text", headers=auth(token), json=body).status_code == 422
+    assert client.post("/api/images/999/text", headers=auth(token), json={"text": "dog"}).status_code == 404

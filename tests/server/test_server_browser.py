@@ -1,6 +1,7 @@
 # ruff: noqa: F811  (pytest fixtures are imported from annotation_fixtures and used as arguments)
 """The annotation app in real Chromium (Debian's package, driven by Playwright): click → mask → save →
-reload → in the database; a stage-2 pre-fill appears and is accepted. Keeps a screenshot.
+reload → in the database; a stage-2 pre-fill appears and is accepted; a phrase typed in the text box gives
+proposals, one is accepted and stored with its phrase. Keeps a screenshot.
 
 Chromium is the system one (/usr/bin/chromium); Playwright's own browser download is never used.
 The click→mask latency measured in the page (in-browser ONNX decoder, after the embedding arrived)
@@ -18,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from annotation_fixtures import REPO, app, model_service, project, running_server, tiny_checkpoint, token  # noqa: F401
+from annotation_fixtures import (  # noqa: F401  (fixtures)
+    REPO,
+    app,
+    label_app,
+    model_service,
+    project,
+    running_server,
+    tiny_checkpoint,
+    token,
+)
 
 CHROMIUM = os.environ.get("SEGANY_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -125,4 +135,40 @@ def test_prefill_appears_and_is_accepted(browser: Any, app: Any, project: Any, t
         page.wait_for_function("window.segany.mask !== null")
         out = _out_dir(tmp_path)
         page.screenshot(path=str(out / ("app.png" if out == tmp_path else "app_test_model.png")))
+        page.close()
+
+
+def test_text_prompt_proposals_accepted(browser: Any, label_app: Any, project: Any, token: str) -> None:  # noqa: F811
+    store, proj = project
+    with running_server(label_app) as base:
+        page = _open(browser, base, token)
+        page.keyboard.press("t")  # focus the text box from the keyboard
+        assert page.evaluate("document.activeElement.id") == "text-prompt"
+        page.keyboard.type("dogs")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#pending li.proposal", timeout=60_000)
+        n = page.locator("#pending li.proposal").count()
+        assert n >= 1
+        assert "dog" in page.locator("#pending li.proposal .name").first.inner_text()
+        assert store.list_annotations(project_id=proj["id"]) == []  # proposals are not stored until accepted
+        area = page.evaluate("window.segany.pending.find((a) => a._proposal).area")
+        page.locator("#pending li.proposal .accept-pending").first.click()
+        page.wait_for_function(f"document.querySelectorAll('#pending li.proposal').length === {n - 1}")
+        page.wait_for_selector("#annotations li")
+        anns = store.list_annotations(project_id=proj["id"])
+        assert len(anns) == 1
+        a = anns[0]
+        assert (a["source"], a["label"], a["review_state"]) == ("semi", "dog", "accepted")
+        assert a["prompts"]["text"] == "dogs" and a["prompts"]["label_score"] > 0.25
+        assert a["area"] == area
+        # ask again with the button, reject everything from the keyboard: dropped, nothing more is stored
+        page.locator("#text-prompt").fill("a dog")
+        page.locator("#text-submit").click()
+        page.wait_for_selector("#pending li.proposal", timeout=60_000)
+        left = page.locator("#pending li.proposal").count()
+        assert left >= 1
+        for k in range(left):
+            page.keyboard.press("x")
+            page.wait_for_function(f"document.querySelectorAll('#pending li.proposal').length === {left - k - 1}")
+        assert len(store.list_annotations(project_id=proj["id"])) == 1
         page.close()

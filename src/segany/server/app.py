@@ -31,7 +31,7 @@ from segany.engine.masks import encode_mask
 from segany.engine.store import ConflictError, NotFoundError, Store, file_sha256, hash_token
 from segany.errors import InputError, SeganyError
 from segany.server.model_service import ModelService
-from segany.server.schemas import AnnotationIn, AnnotationPatch, DecodeIn, ProjectPatch, ReviewIn
+from segany.server.schemas import AnnotationIn, AnnotationPatch, DecodeIn, ProjectPatch, ReviewIn, TextIn
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,28 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         masks, scores, _ = svc.decode(emb, points_xy=body.points or None, labels=body.labels or None,
                                       box_xyxy=body.box)
         return {"masks": [_uncompressed_rle(m) for m in masks], "scores": [float(s) for s in scores]}
+
+    @app.post("/api/images/{image_id}/text")
+    def text_prompt(image_id: int, body: TextIn, who: Who) -> dict[str, Any]:
+        """Masks proposed for a phrase ("dog"), best first, for the annotator to accept or reject.
+
+        Nothing is stored: an accepted proposal is saved like any annotation (the app sends source "semi" and
+        the phrase in ``prompts``). A model without a text path answers 400 with the model to use instead.
+        """
+        svc = need_model()
+        im = store.get_image(project_id, image_id)
+        emb = svc.embedding(image_id, im["path"])
+        t0 = time.perf_counter()
+        label, proposals = svc.text_proposals(emb, body.text, max_masks=body.max_masks, min_score=body.min_score)
+        out = []
+        for p in proposals:
+            rle = encode_mask(p.mask)
+            ys, xs = np.nonzero(p.mask)
+            bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+            out.append({"segmentation": rle, "score": p.score, "label": p.label, "area": int(p.mask.sum()),
+                        "bbox": bbox})
+        return {"text": body.text.strip(), "label": label, "proposals": out,
+                "compute_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
     @app.get("/api/images/{image_id}/annotations")
     def list_annotations(image_id: int, who: Who, state: str | None = None) -> list[dict[str, Any]]:

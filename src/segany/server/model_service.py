@@ -1,6 +1,6 @@
 """The model behind the server: image embeddings (LRU-cached, next image prefetched), server-side
 prompt decoding (the fallback when the browser cannot run ONNX), the browser's ONNX decoder file,
-and stage-2 pre-fill masks.
+stage-2 pre-fill masks and masks proposed for a phrase (text prompts, models with a class head or CLIP).
 
 The model is built on first use, not at startup, so the server answers (and the store works)
 while weights load. Embeddings are computed one at a time on one worker thread: the encoder
@@ -31,6 +31,15 @@ PrefillFn = Callable[[np.ndarray], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
+class TextProposal:
+    """One mask proposed for a phrase: (H, W) bool in image pixels, its score and the label it was given."""
+
+    mask: np.ndarray
+    score: float  # predicted IoU × probability of the label (class head), or predicted IoU (text token only)
+    label: str
+
+
+@dataclass(frozen=True)
 class Embedding:
     """Image embedding (1, C, g, g) float32 on CPU plus the frames needed to decode against it."""
 
@@ -55,7 +64,8 @@ class PrefillSettings:
 class ModelService:
     def __init__(self, model_type: str = "vit_b", checkpoint: str | None = None, *, device: str | None = None,
                  cache_size: int = 16, cache_dir: Path | None = None, sam: Any = None,
-                 prefill: PrefillFn | None = None, prefill_settings: PrefillSettings | None = None) -> None:
+                 prefill: PrefillFn | None = None, prefill_settings: PrefillSettings | None = None,
+                 text_min_score: float = 0.25) -> None:
         """
         Args:
             model_type: registered model name (``segany.list_models()``).
@@ -66,6 +76,7 @@ class ModelService:
             cache_dir: where the exported ONNX decoder is kept between runs.
             sam: an already built model (tests pass a tiny one).
             prefill: replace the stage-2 generator (a function image → list of SAM-style records).
+            text_min_score: default threshold of text proposals (predicted IoU × label probability).
         """
         self.model_type = model_type
         self.checkpoint = checkpoint
@@ -75,6 +86,8 @@ class ModelService:
         self._sam = sam
         self._prefill = prefill
         self.prefill_settings = prefill_settings or PrefillSettings()
+        self.text_min_score = text_min_score
+        self._clip: Any = None  # the CLIP text encoder of a model with a text token, loaded on first use
         self._build_lock = threading.Lock()
         self._cache: collections.OrderedDict[Any, Embedding] = collections.OrderedDict()
         self._inflight: dict[Any, Future[Embedding]] = {}
@@ -177,22 +190,61 @@ class ModelService:
             return list(self._cache)
 
     # ----------------------------------------------------------------------------- server decoding
-    def decode(self, emb: Embedding, *, points_xy: list[list[float]] | None = None,
-               labels: list[int] | None = None, box_xyxy: list[float] | None = None,
-               mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Three candidate masks (3, H, W) bool, their predicted IoU (3,) and low-res logits (3, 4g, 4g)."""
+    def _predictor(self, emb: Embedding) -> Any:
+        """A ``SamPredictor`` on the cached embedding (the encoder does not run again)."""
         from segany.predictor import SamPredictor
 
         pred = SamPredictor(self.sam)
-        # Reuse the cached embedding instead of re-running the encoder: set the predictor's image state.
         pred.features = emb.features.to(pred.device)
         pred.original_size = emb.original_size
         pred.input_size = emb.input_size
         pred.is_image_set = True
+        return pred
+
+    def decode(self, emb: Embedding, *, points_xy: list[list[float]] | None = None,
+               labels: list[int] | None = None, box_xyxy: list[float] | None = None,
+               mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Three candidate masks (3, H, W) bool, their predicted IoU (3,) and low-res logits (3, 4g, 4g)."""
+        pred = self._predictor(emb)
         pc = np.asarray(points_xy, dtype=np.float64) if points_xy else None
         pl = np.asarray(labels, dtype=np.int64) if points_xy else None
         box = np.asarray(box_xyxy, dtype=np.float64) if box_xyxy is not None else None
         return pred.predict(pc, pl, box, mask_input, multimask_output=True)
+
+    # ---------------------------------------------------------------------------------- text prompts
+    def text_proposals(self, emb: Embedding, text: str, *, max_masks: int = 20,
+                       min_score: float | None = None) -> tuple[str, list[TextProposal]]:
+        """Masks of ``text`` in the image, best first: ``(label, proposals)``.
+
+        With a class head, every instance of the class ("segment every <class>",
+        :func:`segany.text.prompting.segment_every`); with only a CLIP text token, the token's one object
+        (``SamPredictor.predict(text=...)``). A model with neither, an empty phrase or a label outside a
+        closed vocabulary raise :class:`segany.errors.PromptError` whose message says what to do.
+        """
+        from segany.text.prompting import segment_every
+        from segany.text.vocab import check_text, normalize_phrase, resolve_label
+
+        text = check_text(text)
+        pred = self._predictor(emb)
+        if self._clip is not None:
+            pred.clip = self._clip
+        model = self.sam
+        threshold = self.text_min_score if min_score is None else min_score
+        if model.class_head is not None:
+            masks, scores, _ = segment_every(pred, text, min_score=threshold, max_instances=max_masks)
+            names = model.class_head.class_names
+            try:  # the class the phrase named; an open-vocabulary phrase is its own label
+                label = names[resolve_label(text, names)]
+            except InputError:
+                label = normalize_phrase(text)
+        else:  # text token only (or no text path at all: predict raises the error naming the model to use)
+            masks, scores, _ = pred.predict(text=text, multimask_output=False)
+            keep = [i for i in np.argsort(-scores) if scores[i] >= threshold and masks[i].any()][:max_masks]
+            masks, scores = masks[keep], scores[keep]
+            label = normalize_phrase(text)
+        if getattr(pred, "clip", None) is not None:
+            self._clip = pred.clip  # keep the loaded CLIP for the next phrase
+        return label, [TextProposal(np.asarray(m, dtype=bool), float(s), label) for m, s in zip(masks, scores, strict=True)]
 
     # -------------------------------------------------------------------------------- ONNX decoder
     def onnx_decoder_path(self) -> Path:

@@ -57,3 +57,15 @@ class ProjectPatch(BaseModel):
 
     labels: list[str] | None = None
     stage: Literal["manual", "semi", "auto"] | None = None
+
+
+class TextIn(BaseModel):
+    """A phrase to find in the image (models with a class head or a CLIP text token, issue 10)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(max_length=200, description="what to segment, e.g. 'dog' or 'a red car'")
+    max_masks: int = Field(default=20, ge=1, le=100, description="at most this many proposals, best first")
+    min_score: float | None = Field(default=None, ge=0, le=1,
+                                    description="keep masks scoring at least this (predicted IoU × label "
+                                                "probability); default: the server's setting")

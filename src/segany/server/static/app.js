@@ -6,7 +6,8 @@
 // (segany.export.onnx_split): decoder_image.onnx runs once when the embedding arrives and caches the
 // image-only part, decoder_click.onnx runs per click and returns low-res (4g x 4g) logits, of which only
 // the shown mask is resized to the image here (only over the box where it can be positive). Without ONNX
-// support the server decodes instead.
+// support the server decodes instead. A phrase in the text box asks the server for masks of that thing
+// (models with a class head or CLIP text token); they are reviewed like stage-2 pre-fills.
 // Masks are H*W Uint8Arrays in row-major order; the API speaks COCO RLE (column-major).
 
 const $ = (id) => document.getElementById(id);
@@ -20,7 +21,7 @@ const S = {
   points: [], box: null, drag: null, candidates: [], chosen: 0, mask: null, lowres: null,
   history: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
   decodeMs: [], timings: {}, embTensor: null, imgSession: null, imageSide: null, ortReady: null, zeroMask: null, maskCanvas: null, spm: [], busy: false, overlay: null, imageToken: 0,
-  axes: null,
+  axes: null, proposalSeq: 0, textPrompt: null,
 };
 window.segany = S; // for debugging and the browser tests
 
@@ -248,7 +249,7 @@ function rebuildOverlay() {
   const ctx = c.getContext("2d"); const im = ctx.createImageData(S.W, S.H); const d = im.data;
   const paint = (m, rgb, a) => { for (let i = 0; i < m.length; i++) if (m[i]) { const o = 4 * i; d[o] = rgb[0]; d[o + 1] = rgb[1]; d[o + 2] = rgb[2]; d[o + 3] = a; } };
   S.saved.forEach((a, i) => paint(a._mask, colorFor(i), a.id === S.selected ? 170 : 110));
-  S.pending.forEach((a) => paint(a._mask, [255, 255, 255], a.id === S.selectedPending ? 170 : 90));
+  S.pending.forEach((a) => paint(a._mask, a._proposal ? [255, 200, 0] : [255, 255, 255], a.id === S.selectedPending ? 170 : 90));
   ctx.putImageData(im, 0, 0);
 }
 
@@ -302,7 +303,9 @@ function renderLists() {
   S.pending.forEach((a) => {
     const li = document.createElement("li"); li.dataset.id = a.id; li.className = `pending ${a.id === S.selectedPending ? "selected" : ""}`;
     li.innerHTML = `<span class="swatch" style="background:#ddd"></span><span class="name"></span><button class="accept-pending" title="accept (Y)">✓</button><button class="reject-pending" title="reject (X)">✕</button>`;
-    li.querySelector(".name").textContent = `iou ${a.predicted_iou != null ? a.predicted_iou.toFixed(2) : "?"} · ${a.area}px`;
+    li.querySelector(".name").textContent = a._proposal ? `“${a.prompts.text}” → ${a.label} ${a.score.toFixed(2)} · ${a.area}px`
+      : `iou ${a.predicted_iou != null ? a.predicted_iou.toFixed(2) : "?"} · ${a.area}px`;
+    if (a._proposal) li.classList.add("proposal");
     li.onclick = () => { S.selectedPending = S.selectedPending === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
     li.querySelector(".accept-pending").onclick = (e) => { e.stopPropagation(); review(a.id, "accept"); };
     li.querySelector(".reject-pending").onclick = (e) => { e.stopPropagation(); review(a.id, "reject"); };
@@ -382,6 +385,8 @@ async function deleteAnnotation(id) {
 }
 
 async function review(id, action) {
+  const prop = S.pending.find((x) => x.id === id && x._proposal);
+  if (prop) { await reviewProposal(prop, action); return; }
   const t0 = S.pendingShownAt || performance.now();
   const body = { seconds_spent: (performance.now() - t0) / 1000 / Math.max(1, S.pending.length) };
   if (action === "accept") body.label = $("label").value.trim() || "object";
@@ -402,6 +407,45 @@ async function prefill() {
   } catch (e) { setStatus(`pre-fill failed: ${e.message}`, true); }
 }
 
+// Text prompt → proposed masks (POST /api/images/{id}/text), shown in the review list like pre-fills. They
+// live only in the page until accepted; an accepted one is saved as source "semi" with the phrase in prompts.
+async function proposeText(ev) {
+  if (ev) ev.preventDefault();
+  const text = $("text-prompt").value.trim();
+  if (!text) { setStatus("type what to segment, e.g. 'dog'", true); return; }
+  const im = current(); const token = S.imageToken;
+  setStatus(`looking for “${text}”…`, false);
+  try {
+    const res = await (await api(`/api/images/${im.id}/text`, { method: "POST", json: { text } })).json();
+    if (token !== S.imageToken) return;
+    S.pending = S.pending.filter((a) => !a._proposal);
+    res.proposals.forEach((p) => S.pending.push(Object.assign(p, {
+      id: `text-${++S.proposalSeq}`, _proposal: true, _mask: rleToMask(p.segmentation), prompts: { text: res.text } })));
+    S.textPrompt = res.text; S.pendingShownAt = performance.now();
+    rebuildOverlay(); renderLists(); draw();
+    setStatus(res.proposals.length ? `${res.proposals.length} masks for “${res.text}” to review (Y/X)`
+      : `no mask found for “${res.text}”`, true);
+  } catch (e) { setStatus(`text prompt failed: ${e.message}`, true); }
+}
+
+async function reviewProposal(p, action) {
+  S.pending = S.pending.filter((x) => x.id !== p.id);
+  if (S.selectedPending === p.id) S.selectedPending = null;
+  if (action === "accept") {
+    const body = {
+      uuid: uuid4(), segmentation: p.segmentation, label: p.label, source: "semi", predicted_iou: p.score,
+      seconds_spent: (performance.now() - (S.pendingShownAt || performance.now())) / 1000,
+      prompts: { text: p.prompts.text, label_score: p.score },
+    };
+    try {
+      const saved = await (await api(`/api/images/${current().id}/annotations`, { method: "POST", json: body })).json();
+      saved._mask = p._mask; S.saved.push(saved); addLabel(saved.label);
+      setStatus(`saved “${p.prompts.text}” as annotation ${saved.id}`, true);
+    } catch (e) { S.pending.push(p); setStatus(`save failed: ${e.message}`, true); }
+  }
+  rebuildOverlay(); renderLists(); draw();
+}
+
 function addLabel(name) {
   const dl = $("labels");
   if (![...dl.options].some((o) => o.value === name)) { const o = document.createElement("option"); o.value = name; dl.appendChild(o); }
@@ -413,7 +457,7 @@ function current() { return S.images[S.idx]; }
 async function openImage(idx) {
   if (idx < 0 || idx >= S.images.length) return;
   S.idx = idx; S.imageToken++; const token = S.imageToken; const im = current();
-  clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.emb = null; S.embTensor = null; S.imageSide = null; S.overlay = null;
+  clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.selectedPending = null; S.emb = null; S.embTensor = null; S.imageSide = null; S.overlay = null;
   setStatus(`loading ${im.file_name}…`, false);
   $("image-name").textContent = im.file_name;
   localStorage.setItem("segany.idx", String(idx));
@@ -484,7 +528,10 @@ function setMode(m) {
 
 function bindKeys() {
   document.addEventListener("keydown", (e) => {
-    if (e.target.tagName === "INPUT") { if (e.key === "Enter" || e.key === "Escape") e.target.blur(); return; }
+    if (e.target.tagName === "INPUT") { // Enter in the text box submits its form (and leaves the box)
+      if (e.key === "Escape" || (e.key === "Enter" && e.target.id !== "text-prompt")) e.target.blur();
+      return;
+    }
     const k = e.key.toLowerCase();
     if ((e.ctrlKey || e.metaKey) && k === "z") { e.preventDefault(); undo(); return; }
     if (e.ctrlKey || e.metaKey || e.altKey) return;
@@ -496,6 +543,7 @@ function bindKeys() {
       p: () => openImage(S.idx - 1), arrowleft: () => openImage(S.idx - 1),
       1: () => choose(0), 2: () => choose(1), 3: () => choose(2), f: prefill,
       l: () => { $("label").focus(); $("label").select(); },
+      t: () => { $("text-prompt").focus(); $("text-prompt").select(); },
       delete: () => { const id = S.selected || (S.saved.length && S.saved[S.saved.length - 1].id); if (id) deleteAnnotation(id); },
       backspace: () => actions.delete(),
       y: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "accept"); },
@@ -533,4 +581,5 @@ $("login-form").addEventListener("submit", (e) => { e.preventDefault(); localSto
 $("prev").onclick = () => openImage(S.idx - 1); $("next").onclick = () => openImage(S.idx + 1);
 $("accept").onclick = accept; $("undo").onclick = undo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
 $("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = () => setMode("brush");
+$("text-form").addEventListener("submit", (e) => { proposeText(e); $("text-prompt").blur(); });
 bindCanvas(); bindKeys(); start();
