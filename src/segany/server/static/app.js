@@ -199,8 +199,9 @@ function upscaleMask(low) {
     for (let c = 0; c < cols; c++) if (low[o + c] > th) { any = true; if (c < c0) c0 = c; if (c > c1) c1 = c; }
     if (any) { if (r < r0) r0 = r; r1 = r; }
   }
-  if (r1 < 0) return m;
+  if (r1 < 0) { m.box = [0, 0, 0, 0]; return m; }
   const [xa, xb] = coveredRange(ax, c0, c1); const [ya, yb] = coveredRange(ay, r0, r1);
+  m.box = [xa, ya, xb, yb]; // pixels outside are 0 (draw() only rewrites this box)
   const { i0: x0, i1: x1, w: wx } = ax;
   for (let y = ya; y <= yb; y++) {
     const q0 = ay.i0[y] * L, q1 = ay.i1[y] * L, b = ay.w[y], a = 1 - b; const o = y * W;
@@ -212,6 +213,8 @@ function upscaleMask(low) {
   }
   return m;
 }
+
+function copyMask(m) { const c = m.slice(); c.box = m.box; return c; } // the shown mask is edited by the brush
 
 function maskOf(c) {
   if (!c.mask) { const t0 = performance.now(); c.mask = upscaleMask(c.lowres); S.timings.upscale = performance.now() - t0; }
@@ -233,7 +236,7 @@ async function decode() {
   // With one point the three masks are genuine alternatives; keep the user's choice, else the best score.
   let best = 0; cands.forEach((c, k) => { if (c.score > cands[best].score) best = k; });
   S.chosen = S.points.length + (S.box ? 1 : 0) > 1 ? S.chosen : best;
-  S.mask = maskOf(cands[S.chosen]).slice(); S.lowres = cands[S.chosen].lowres;
+  S.mask = copyMask(maskOf(cands[S.chosen])); S.lowres = cands[S.chosen].lowres;
   const t1 = performance.now(); draw(); S.timings.draw = performance.now() - t1;
   const ms = performance.now() - t0; S.timings.total = ms;
   S.decodeMs.push(ms); $("latency").textContent = ms.toFixed(1);
@@ -263,11 +266,16 @@ function draw() {
     const mc = S.maskCanvas || (S.maskCanvas = document.createElement("canvas"));
     if (mc.width !== S.W || mc.height !== S.H) { mc.width = S.W; mc.height = S.H; S.maskImage = null; }
     const mctx = mc.getContext("2d");
-    if (!S.maskImage) S.maskImage = mctx.createImageData(S.W, S.H);
+    if (!S.maskImage) { S.maskImage = mctx.createImageData(S.W, S.H); S.maskDrawn = null; }
     const px = new Uint32Array(S.maskImage.data.buffer); const m = S.mask;
     const on = 0x99ff901e; // ABGR little-endian: rgba(30, 144, 255, 0.6)
-    for (let i = 0; i < m.length; i++) px[i] = m[i] ? on : 0;
-    mctx.putImageData(S.maskImage, 0, 0);
+    // Rewrite only the mask's box (m.box, from upscaleMask; none after brush edits: all) and what was drawn before.
+    const box = m.box || [0, 0, S.W - 1, S.H - 1]; const old = S.maskDrawn || box;
+    const x0 = Math.min(box[0], old[0]), y0 = Math.min(box[1], old[1]);
+    const x1 = Math.max(box[2], old[2]), y1 = Math.max(box[3], old[3]);
+    for (let y = y0; y <= y1; y++) for (let i = y * S.W + x0, e = y * S.W + x1; i <= e; i++) px[i] = m[i] ? on : 0;
+    mctx.putImageData(S.maskImage, 0, 0, x0, y0, x1 - x0 + 1, y1 - y0 + 1);
+    S.maskDrawn = box;
     ctx.drawImage(mc, 0, 0);
   }
   const r = Math.max(3, Math.round(Math.max(S.W, S.H) / 160));
@@ -336,7 +344,7 @@ function clearPrompts() {
 
 function choose(k) {
   if (!S.candidates[k]) return;
-  snapshot(); S.chosen = k; S.mask = maskOf(S.candidates[k]).slice(); S.lowres = S.candidates[k].lowres;
+  snapshot(); S.chosen = k; S.mask = copyMask(maskOf(S.candidates[k])); S.lowres = S.candidates[k].lowres;
   renderChoices(); draw();
 }
 
@@ -350,6 +358,7 @@ async function addPrompt(p) {
 
 function paint(x, y, erase) {
   if (!S.mask) S.mask = new Uint8Array(S.W * S.H);
+  S.mask.box = null; // the brush may paint anywhere: draw() rewrites the whole mask
   const r = S.brush; const v = erase ? 0 : 1;
   for (let yy = Math.max(0, Math.floor(y - r)); yy <= Math.min(S.H - 1, Math.ceil(y + r)); yy++)
     for (let xx = Math.max(0, Math.floor(x - r)); xx <= Math.min(S.W - 1, Math.ceil(x + r)); xx++)
