@@ -305,3 +305,21 @@ def test_text_prompt_request_validation(label_app: Any, token: str) -> None:
     for body in ({"text": "dog", "max_masks": 0}, {"text": "dog", "min_score": 2}, {"text": "x" * 201}, {}):
         assert client.post(f"/api/images/{im['id']}/text", headers=auth(token), json=body).status_code == 422
     assert client.post("/api/images/999/text", headers=auth(token), json={"text": "dog"}).status_code == 404
+
+
+def test_prefill_keeps_the_generators_labels(project: Any, token: str, tiny_checkpoint: Any, tmp_path: Any) -> None:
+    """A class-head model's automatic masks carry label and label_score: stage 2 stores them (else "object")."""
+    from segany.server.app import ServerSettings, create_app
+    from segany.server.model_service import ModelService
+
+    def labelled(image: np.ndarray) -> list[dict[str, Any]]:
+        m = np.zeros(image.shape[:2], bool)
+        m[10:50, 20:80] = True
+        return [{"segmentation": m, "predicted_iou": 0.95, "label": "dog", "label_score": 0.8},
+                {"segmentation": ~m, "predicted_iou": 0.93}]
+
+    svc = ModelService("vit_b", str(tiny_checkpoint), device="cpu", cache_dir=tmp_path / "onnx", prefill=labelled)
+    client = TestClient(create_app(project[0], svc, ServerSettings()))
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    pending = client.post(f"/api/images/{im['id']}/prefill", headers=auth(token)).json()
+    assert sorted((a["label"], a["prompts"].get("label_score")) for a in pending) == [("dog", 0.8), ("object", None)]

@@ -316,7 +316,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.post("/api/images/{image_id}/prefill")
     def prefill(image_id: int, who: Who) -> list[dict[str, Any]]:
-        """Stage 2: confident automatic masks, stored as source=semi, review_state=pending.
+        """Stage 2: confident automatic masks, stored as source=semi, review_state=pending, labelled with the
+        generator's class label when the model has a class head (else "object").
 
         Runs once per image and model version; calling again returns what is still pending.
         """
@@ -333,11 +334,13 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                 key = uuid_lib.uuid5(PREFILL_NAMESPACE, f"{image_id}:{mv}:{i}")
                 seg = r["segmentation"]
                 rle = encode_mask(seg) if isinstance(seg, np.ndarray) else seg
+                prompts = {"point_coords": np.asarray(r.get("point_coords", [])).tolist(),
+                           "crop_box": np.asarray(r.get("crop_box", [])).tolist()}
+                if "label_score" in r:  # a model with a class head labels its masks (issue 10)
+                    prompts["label_score"] = float(r["label_score"])
                 store.save_annotation(
-                    image_id, rle=rle, uuid=str(key), label="object", source="semi", review_state="pending",
-                    model_version_id=mv, project_id=project_id,
-                    prompts={"point_coords": np.asarray(r.get("point_coords", [])).tolist(),
-                             "crop_box": np.asarray(r.get("crop_box", [])).tolist()},
+                    image_id, rle=rle, uuid=str(key), label=str(r.get("label") or "object"), source="semi",
+                    review_state="pending", model_version_id=mv, project_id=project_id, prompts=prompts,
                     predicted_iou=float(r["predicted_iou"]) if "predicted_iou" in r else None,
                     stability_score=float(r["stability_score"]) if "stability_score" in r else None,
                 )

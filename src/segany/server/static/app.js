@@ -312,7 +312,7 @@ function renderLists() {
     const li = document.createElement("li"); li.dataset.id = a.id; li.className = `pending ${a.id === S.selectedPending ? "selected" : ""}`;
     li.innerHTML = `<span class="swatch" style="background:#ddd"></span><span class="name"></span><button class="accept-pending" title="accept (Y)">✓</button><button class="reject-pending" title="reject (X)">✕</button>`;
     li.querySelector(".name").textContent = a._proposal ? `“${a.prompts.text}” → ${a.label} ${a.score.toFixed(2)} · ${a.area}px`
-      : `iou ${a.predicted_iou != null ? a.predicted_iou.toFixed(2) : "?"} · ${a.area}px`;
+      : `${a.label && a.label !== "object" ? `${a.label} · ` : ""}iou ${a.predicted_iou != null ? a.predicted_iou.toFixed(2) : "?"} · ${a.area}px`;
     if (a._proposal) li.classList.add("proposal");
     li.onclick = () => { S.selectedPending = S.selectedPending === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
     li.querySelector(".accept-pending").onclick = (e) => { e.stopPropagation(); review(a.id, "accept"); };
@@ -398,7 +398,9 @@ async function review(id, action) {
   if (prop) { await reviewProposal(prop, action); return; }
   const t0 = S.pendingShownAt || performance.now();
   const body = { seconds_spent: (performance.now() - t0) / 1000 / Math.max(1, S.pending.length) };
-  if (action === "accept") body.label = $("label").value.trim() || "object";
+  const pre = S.pending.find((x) => x.id === id);
+  // a class-head model labelled the pre-fill: keep its label; otherwise the label box's
+  if (action === "accept") body.label = pre && pre.label && pre.label !== "object" ? pre.label : $("label").value.trim() || "object";
   const a = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json();
   const p = S.pending.find((x) => x.id === id); S.pending = S.pending.filter((x) => x.id !== id);
   if (action === "accept") { a._mask = p._mask; S.saved.push(a); }
