@@ -81,7 +81,7 @@ def test_cropped_away_masks_are_dropped_and_valid_first(records):
 def test_repeated_records_decode_once_and_follow_factors(records):
     from segany.data.datasets import repeat_records
 
-    for r, name in zip(records, ["a", "b", "b"]):
+    for r, name in zip(records, ["a", "b", "b"], strict=True):
         r.dataset = name
     rep = repeat_records(records, {"a": 3, "b": 0.5}, seed=1)
     assert sum(r.dataset == "a" for r in rep) == 3 and sum(r.dataset == "b" for r in rep) == 1

@@ -324,7 +324,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def build_loader(self) -> torch.utils.data.DataLoader:
-        from segany.data.datasets import AugmentConfig, SegmentationDataset, StepBatchSampler, collate, repeat_records
+        from segany.data.datasets import (
+            AugmentConfig,
+            SegmentationDataset,
+            StepBatchSampler,
+            collate,
+            repeat_records,
+        )
         from segany.data.pack import load_pack
 
         d = self.cfg.data
