@@ -75,6 +75,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(f"{str(path)!r} holds a {type(raw).__name__}, not a state dict")
     config: SamConfig | None = None
     meta: dict[str, Any] = {}
+    from segany.text.label_model import expand_head, is_head_blob
+
+    if is_head_blob(raw):  # a class head over another model's weights (segany_tiny_labels): base + head
+        return expand_head(raw, str(path))
     if raw.get("format") == SEGANY_FORMAT:
         config = SamConfig.from_dict(raw["config"])
         meta = dict(raw.get("meta", {}))
@@ -149,6 +153,8 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     A segany checkpoint carries its own config; its variant name then need not be given exactly,
     but a mismatch between the embedded config and ``name`` is reported.
     """
+    if checkpoint is None:
+        checkpoint = _shipped_head(name)
     if checkpoint is not None:
         sd, embedded, _ = read_checkpoint(checkpoint)
         config = embedded or get_config(name)
@@ -162,6 +168,22 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     else:
         model = Sam(get_config(name))
     return model.to(device).eval()
+
+
+def _shipped_head(name: str) -> Path | None:
+    """The shipped head file of a model that is a class head over another model's weights, else None.
+
+    Such a model (segany_tiny_labels) loads its weights by default: its class names live in the head file,
+    and a random head over random weights is not that model at all.
+    """
+    from segany.registry import weights_for_model
+    from segany.text.label_model import HEAD_LAYOUT
+
+    try:
+        info = weights_for_model(name)
+    except UnknownModelError:
+        return None  # build_sam reports the unknown name with suggestions below
+    return find_weights(info.name) if info is not None and info.layout == HEAD_LAYOUT else None
 
 
 def _config_or_none(name: str) -> SamConfig | None:

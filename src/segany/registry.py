@@ -78,6 +78,7 @@ def _ensure_loaded() -> None:
     # Variants and weights register on import of these modules; importing here keeps
     # `segany.registry` free of import cycles with the modeling package.
     import segany.modeling.variants  # noqa: F401
+    import segany.text.label_model  # noqa: F401  (segany_tiny_labels: a shipped class head over segany_tiny)
     import segany.weights  # noqa: F401
 
 

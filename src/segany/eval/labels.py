@@ -44,9 +44,8 @@ def evaluate_labels(model: Sam, records: Sequence[InstanceRecord], *, points_per
     """Per-class mask AP of "segment every <class>" and label accuracy of automatic masks."""
     try:
         from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
     except ImportError:  # GPU boxes may lack it: keep the label-accuracy figures, say why AP is missing
-        COCO = COCOeval = None
+        COCO = None
 
     from segany.amg.generator import SamAutomaticMaskGenerator
     from segany.data.images import load_image
@@ -60,9 +59,13 @@ def evaluate_labels(model: Sam, records: Sequence[InstanceRecord], *, points_per
                                                               "pred_iou_thresh": 0.5,
                                                               "stability_score_thresh": 0.7}))
     dets: list[dict[str, Any]] = []
-    matched = correct = auto_masks = gt_total = 0
+    matched = correct = auto_masks = gt_total = gt_correct = 0
     confusion: dict[str, dict[str, int]] = {}
+    # Per dataset: [gt instances, auto masks, matched, correct] (coco128 vs PennFudan read differently).
+    by_ds: dict[str, list[int]] = {}
     for img_id, rec in enumerate(records, start=1):
+        # [gt instances, auto masks, matched, correct, gt labelled correctly from their own box]
+        ds_counts = by_ds.setdefault(rec.dataset or "?", [0, 0, 0, 0, 0])
         image = load_image(rec.image_path)
         predictor.set_image(image)
         cand = propose(predictor, points_per_side=points_per_side)
@@ -84,10 +87,18 @@ def evaluate_labels(model: Sam, records: Sequence[InstanceRecord], *, points_per
         # Automatic masks → labels → matched to ground truth.
         auto = gen.generate(image)
         gt = [decode_rle(r) for r in rec.masks]
+        if gt:  # the class head alone: ground-truth masks re-prompted by their boxes (label_masks)
+            gt_labels, _ = label_masks(predictor, np.stack(gt))
+            ok = sum(p == t for p, t in zip(gt_labels, rec.class_names or [], strict=True))
+            gt_correct += ok
+            ds_counts[4] += ok
         gt_total += len(gt)
+        ds_counts[0] += len(gt)
+        ds_counts[1] += len(auto)
         if auto and gt:
             am = np.stack([a["segmentation"] for a in auto])
-            labels, _ = label_masks(predictor, am)
+            # The generator labels its masks itself (the model has a class head): score those labels.
+            labels = [a["label"] for a in auto] if all("label" in a for a in auto) else label_masks(predictor, am)[0]
             auto_masks += len(am)
             a_flat = torch.as_tensor(am.reshape(len(am), -1), dtype=torch.float32)
             g_flat = torch.as_tensor(np.stack(gt).reshape(len(gt), -1), dtype=torch.float32)
@@ -104,6 +115,8 @@ def evaluate_labels(model: Sam, records: Sequence[InstanceRecord], *, points_per
                 matched += 1
                 true = (rec.class_names or [])[g]
                 correct += labels[a] == true
+                ds_counts[2] += 1
+                ds_counts[3] += int(labels[a] == true)
                 confusion.setdefault(true, {}).setdefault(labels[a], 0)
                 confusion[true][labels[a]] += 1
         if progress:
@@ -118,29 +131,73 @@ def evaluate_labels(model: Sam, records: Sequence[InstanceRecord], *, points_per
         coco.createIndex()
     per_class: dict[str, float] = {}
     mean_ap = mean_ap50 = float("nan")
+    per_dataset: dict[str, dict[str, Any]] = {}
     if dets and coco is not None:
         dt = coco.loadRes(dets)
-        ev = COCOeval(coco, dt, iouType="segm")
-        ev.params.maxDets = [1, 10, max_per_class]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-        prec = ev.eval["precision"]  # (T, R, K, A, M)
-        gt_cats = {a["category_id"] for a in gt_json["annotations"]}
-        for k, name in enumerate(names):
-            if k + 1 not in gt_cats:
-                continue
-            p = prec[:, :, ev.params.catIds.index(k + 1), 0, -1]
-            per_class[name] = float(np.mean(p[p > -1])) if (p > -1).any() else 0.0
-        mean_ap, mean_ap50 = float(ev.stats[0]), float(ev.stats[1])
+        mean_ap, mean_ap50, per_class = _coco_ap(coco, dt, names, max_per_class, None)
+        for ds in sorted(by_ds):
+            ids = [i for i, r in enumerate(records, start=1) if (r.dataset or "?") == ds]
+            ap, ap50, pc = _coco_ap(coco, dt, names, max_per_class, ids)
+            n_gt_ds, n_auto, n_match, n_ok, n_gt_ok = by_ds[ds]
+            per_dataset[ds] = {"images": len(ids), "gt_instances": n_gt_ds, "mask_ap": ap, "mask_ap50": ap50,
+                               "per_class_ap": {n: round(v, 4) for n, v in pc.items()},
+                               "auto_masks": n_auto, "auto_matched_gt": n_match,
+                               "auto_label_accuracy": n_ok / n_match if n_match else float("nan"),
+                               "auto_recall_at_0.5": n_match / n_gt_ds if n_gt_ds else float("nan"),
+                               "gt_box_label_accuracy": n_gt_ok / n_gt_ds if n_gt_ds else float("nan")}
+    # The trivial labeller (every mask is the held-out set's commonest class), to read label accuracies against.
+    counts: dict[str, int] = {}
+    for r in records:
+        for n in r.class_names or []:
+            counts[n] = counts.get(n, 0) + 1
+    majority, majority_n = max(counts.items(), key=lambda kv: kv[1]) if counts else ("", 0)
     return {
         "ap_note": None if COCO is not None else "pycocotools not installed: no AP",
         "images": len(records), "gt_instances": gt_total, "detections": len(dets),
         "mask_ap": mean_ap, "mask_ap50": mean_ap50,
         "per_class_ap": {n: round(v, 4) for n, v in sorted(per_class.items(), key=lambda kv: -n_gt[kv[0]])},
         "per_class_gt": {n: c for n, c in n_gt.items() if c},
+        "gt_box_label_accuracy": gt_correct / gt_total if gt_total else float("nan"),
+        "majority_class": majority, "majority_class_accuracy": majority_n / gt_total if gt_total else float("nan"),
         "auto_masks": auto_masks, "auto_matched_gt": matched,
         "auto_label_accuracy": correct / matched if matched else float("nan"),
         "auto_recall_at_0.5": matched / gt_total if gt_total else float("nan"),
         "confusion_top": {t: dict(sorted(c.items(), key=lambda kv: -kv[1])[:3]) for t, c in confusion.items()},
+        "per_dataset": per_dataset,
     }
+
+
+def _coco_ap(coco: Any, dt: Any, names: Sequence[str], max_per_class: int, img_ids: list[int] | None
+             ) -> tuple[float, float, dict[str, float]]:
+    """(mask AP, AP50, AP per class) over ``img_ids`` (all images when None).
+
+    Only classes with ground truth in those images count: pycocotools leaves a class without ground truth
+    at -1 and leaves it out of the mean, and it is left out of the per-class table here too.
+    """
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    ev = COCOeval(coco, dt, iouType="segm")
+    ev.params.maxDets = [1, 10, max_per_class]
+    if img_ids is not None:
+        ev.params.imgIds = img_ids
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval["precision"]  # (T, R, K, A, M); A = 0 is area "all", M = -1 is max_per_class detections
+    wanted = set(img_ids) if img_ids is not None else None
+    gt_cats = {a["category_id"] for a in coco.dataset["annotations"] if wanted is None or a["image_id"] in wanted}
+    per_class: dict[str, float] = {}
+    for k, name in enumerate(names):
+        if k + 1 not in gt_cats:
+            continue
+        p = prec[:, :, ev.params.catIds.index(k + 1), 0, -1]
+        per_class[name] = float(np.mean(p[p > -1])) if (p > -1).any() else 0.0
+    # Means straight from the precision array: COCOeval.summarize's AP@[.5:.95] looks for maxDets=100 and
+    # reports -1 when max_per_class is anything else. Classes without ground truth stay -1 and are left out.
+    p_all, p_50 = prec[:, :, :, 0, -1], prec[0, :, :, 0, -1]
+    mean_ap = float(np.mean(p_all[p_all > -1])) if (p_all > -1).any() else float("nan")
+    mean_ap50 = float(np.mean(p_50[p_50 > -1])) if (p_50 > -1).any() else float("nan")
+    return mean_ap, mean_ap50, per_class

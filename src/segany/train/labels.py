@@ -16,9 +16,11 @@ class, so "segment every <class>" can drop masks of sky, road and the like.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -158,12 +160,14 @@ class LabeledDataset(torch.utils.data.Dataset):
         for k, (m, lab) in enumerate(zip(masks, labels, strict=True)):
             out_m[k, :h, :w] = torch.from_numpy(np.ascontiguousarray(m) > 0)
             out_l[k] = lab
-        return {"image": out_img, "masks": out_m, "labels": out_l, "size_hw": (h, w)}
+        # key: what the image tensor depends on, so a frozen encoder's features can be cached per key.
+        return {"image": out_img, "masks": out_m, "labels": out_l, "size_hw": (h, w), "key": (int(i), bool(flip))}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"image": torch.stack([it["image"] for it in items]), "masks": torch.stack([it["masks"] for it in items]),
-            "labels": torch.stack([it["labels"] for it in items]), "size_hw": [it["size_hw"] for it in items]}
+            "labels": torch.stack([it["labels"] for it in items]), "size_hw": [it["size_hw"] for it in items],
+            "keys": [it.get("key") for it in items]}
 
 
 # ------------------------------------------------------------------------------------------- step
@@ -304,6 +308,14 @@ class LabelTrainConfig:
     num_workers: int = 2
     device: str = "auto"
     freeze_image_encoder: bool = False
+    # Train the class head alone (see train_head_only): every SAM parameter frozen, so the head fits the
+    # base weights exactly and can ship as a small file over them. ``steps`` then counts head updates of
+    # ``pool_batch`` prompts over a pool collected in ``pool_rounds`` passes over the images
+    # (``max_minutes`` caps the collection).
+    head_only: bool = False
+    pool_rounds: int = 4
+    pool_batch: int = 256
+    head_val_fraction: float = 0.0
     log_every: int = 10
     recipe: LabelRecipe = field(default_factory=LabelRecipe)
 
@@ -315,6 +327,10 @@ def train_labels(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig, *
 
     if sam.class_head is None:
         raise InputError("train_labels needs a model with a class head: build it from with_labels(config, names)")
+    if cfg.head_only:
+        if clip is not None or sam.cfg.text is not None:
+            raise InputError("head-only training covers a closed-vocabulary class head; drop the CLIP text token")
+        return train_head_only(sam, train, cfg, on_log=on_log)
     dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if cfg.device == "auto" else cfg.device))
     sam.to(dev).train()
@@ -322,7 +338,8 @@ def train_labels(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig, *
         clip.to(dev)
     torch.manual_seed(cfg.seed)
     if cfg.freeze_image_encoder:
-        sam.image_encoder.requires_grad_(False)
+        # eval(): frozen also means BatchNorm running statistics (TinyViT) are not updated by the batches.
+        sam.image_encoder.requires_grad_(False).eval()
     params = [p for p in sam.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ds = LabeledDataset(train, sam.class_head.class_names, img_size=sam.img_size, max_masks=cfg.max_masks,
@@ -364,3 +381,243 @@ def train_labels(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig, *
     last = float(np.mean([h["loss"] for h in history[-5:]]))
     return {"steps": step, "train_seconds": round(time.time() - t0, 1), "first_loss": first, "last_loss": last,
             "train_images": len(ds), "device": str(dev), "config": asdict(cfg)}
+
+
+# ------------------------------------------------------------------------------ head only
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+@torch.no_grad()
+def head_tokens(sam: Sam, batch: dict[str, Any], features: torch.Tensor, recipe: LabelRecipe,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask tokens of one batch's prompts and their targets, decoded exactly as at inference.
+
+    Each mask gets one prompt, a foreground point (``[point, pad]``, as "segment every <class>" decodes its
+    grid) or with ``recipe.box_prob`` a jittered box (``[corner, corner]``, as ``label_masks`` re-prompts
+    automatic masks); each image ``recipe.bg_points`` points on no labelled object, target background.
+
+    Returns:
+        tokens (P, 4, C) float32 (all 4 mask tokens of each prompt), targets (P,) long (the class index, or
+        ``num_classes`` for background) and the batch index of each prompt's image (P,) long.
+    """
+    dev = features.device
+    pe, dec = sam.prompt_encoder, sam.mask_decoder
+    masks, labels = batch["masks"].to(dev), batch["labels"].to(dev)
+    valid = labels >= 0
+    img_idx, gt, cls = valid.nonzero()[:, 0], masks[valid], labels[valid]
+    B, S = masks.shape[0], masks.shape[-1]
+
+    def decode(idx: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(idx), -1, *pe.image_embedding_size)
+        _, _, tokens = dec.predict_masks(features[idx], pe.get_dense_pe(), sparse, dense, return_tokens=True)
+        return tokens.float()
+
+    toks, tgts, imgs = [], [], []
+    M = gt.shape[0]
+    if M:
+        use_box = torch.rand(M, generator=gen, device=dev) < recipe.box_prob
+        pts, _ = sample_points(gt, gen)
+        boxes = jitter_boxes(mask_boxes_xyxy(gt), S, gen)
+        ones = torch.ones(M, 1, dtype=torch.long, device=dev)
+        tokens = features.new_zeros(M, 4, features.shape[1])
+        rows = (~use_box).nonzero().flatten()
+        if len(rows):
+            tokens[rows] = decode(img_idx[rows], pe._embed_points(pts[rows, None], ones[rows], pad=True))
+        rows = use_box.nonzero().flatten()
+        if len(rows):
+            tokens[rows] = decode(img_idx[rows], pe._embed_boxes(boxes[rows]))
+        toks.append(tokens)
+        tgts.append(cls)
+        imgs.append(img_idx)
+    head = sam.class_head
+    assert head is not None
+    if recipe.bg_points > 0:
+        covered = torch.zeros(B, S, S, dtype=torch.bool, device=dev)
+        covered.index_put_((img_idx,), gt, accumulate=True)
+        region = ~covered
+        for i, (h, w) in enumerate(batch["size_hw"]):
+            region[i, h:], region[i, :, w:] = False, False
+        region = region.repeat_interleave(recipe.bg_points, 0)
+        bxy, found = sample_points(region, gen)
+        b_img = torch.arange(B, device=dev).repeat_interleave(recipe.bg_points)[found]
+        bxy = bxy[found]
+        if len(bxy):
+            lab = torch.ones(len(bxy), 1, dtype=torch.long, device=dev)
+            toks.append(decode(b_img, pe._embed_points(bxy[:, None], lab, pad=True)))
+            tgts.append(torch.full((len(bxy),), head.num_classes, dtype=torch.long, device=dev))
+            imgs.append(b_img)
+    if not toks:
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return features.new_zeros(0, 4, features.shape[1]), empty, empty
+    return torch.cat(toks), torch.cat(tgts), torch.cat(imgs)
+
+
+def collect_head_pool(sam: Sam, ds: LabeledDataset, cfg: LabelTrainConfig) -> dict[str, Any]:
+    """Mask tokens of ``cfg.pool_rounds`` passes over ``ds`` (fresh flips, mask subsets and prompts each).
+
+    Each (image, flip) is embedded once. Returns ``tokens`` (P, 4, C), ``targets`` (P,), ``images`` (P,)
+    (dataset index of each prompt's image), ``rounds`` done (``max_minutes`` stops early), ``embeddings`` and
+    ``seconds``.
+    """
+    dev = sam.device
+    t0 = time.time()
+    budget = 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    cache: dict[tuple[int, bool], torch.Tensor] = {}
+    pool_t, pool_y, pool_i = [], [], []
+    rounds = 0
+    for rnd in range(cfg.pool_rounds):
+        order = np.random.default_rng([cfg.seed, 7919, rnd]).permutation(len(ds))
+        for j in range(0, len(order), cfg.batch_size):
+            chunk = [int(i) for i in order[j:j + cfg.batch_size]]
+            batch = collate([ds[(i, rnd)] for i in chunk])
+            with torch.no_grad():
+                new = [k for k, key in enumerate(batch["keys"]) if key not in cache]
+                if new:
+                    feats = sam.image_encoder(sam.preprocess(batch["image"][new].to(dev)))
+                    for k, f in zip(new, feats, strict=True):
+                        cache[batch["keys"][k]] = f
+                features = torch.stack([cache[key] for key in batch["keys"]])
+            gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + rnd * 100_003 + j)
+            tokens, targets, local = head_tokens(sam, batch, features, cfg.recipe, gen)
+            pool_t.append(tokens.cpu())
+            pool_y.append(targets.cpu())
+            pool_i.append(torch.tensor(chunk, dtype=torch.long)[local.cpu()])
+            if time.time() - t0 > budget:
+                break
+        rounds = rnd + 1
+        log.info("pool round %d: %d prompts, %d embeddings, %.0f s", rounds, sum(len(y) for y in pool_y),
+                 len(cache), time.time() - t0)
+        if time.time() - t0 > budget:
+            break
+    return {"tokens": torch.cat(pool_t), "targets": torch.cat(pool_y), "images": torch.cat(pool_i),
+            "rounds": rounds, "embeddings": len(cache), "seconds": round(time.time() - t0, 1)}
+
+
+def _pool_key(sam: Sam, ds: LabeledDataset, cfg: LabelTrainConfig) -> dict[str, Any]:
+    """What a saved pool depends on: reuse it only when all of this matches."""
+    digest = hashlib.sha256()
+    for name, t in sorted(sam.state_dict().items()):
+        if not name.startswith("class_head."):
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().float().numpy().tobytes()[:4096])  # a cheap fingerprint per tensor
+    return {"sam": digest.hexdigest(), "images": [r.image_path for r in ds.records],
+            "classes": list(ds.index), "seed": cfg.seed, "rounds": cfg.pool_rounds, "batch": cfg.batch_size,
+            "max_masks": cfg.max_masks, "recipe": asdict(cfg.recipe), "minutes": cfg.max_minutes}
+
+
+def train_head_only(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig, *,
+                    on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train ``sam.class_head`` alone, every other parameter frozen; returns a summary.
+
+    With SAM frozen the head's inputs — mask tokens of prompts — do not depend on the head, so they are
+    decoded once into a pool (:func:`collect_head_pool`, saved as ``out_dir/pool.pt`` and reused by a rerun
+    with the same model, data and settings) and the head is then fitted to the pool for ``steps`` updates of
+    ``pool_batch`` prompts. Loss per update: cross-entropy of all 4 tokens of each object prompt plus 0.5 ×
+    that of the background prompts, as in :func:`label_loss`.
+
+    Mask tokens of one SAM share a large common component (per-dimension spread ≈ 1/3 of the mean's), which
+    makes plain SGD on them slow; the head is fitted on standardized tokens and the standardization is then
+    folded exactly into its first linear layer, so the shipped head takes raw tokens like any other.
+
+    ``head_val_fraction`` > 0 keeps that share of the *training* images out of the fit and reports the
+    head's loss and accuracy on their prompts (to choose ``lr``/``steps`` without the evaluation images).
+    """
+    head = sam.class_head
+    if head is None:
+        raise InputError("train_head_only needs a model with a class head: build it from with_labels(config, names)")
+    dev = _device(cfg.device)
+    sam.to(dev)
+    # eval() everywhere but the head: frozen means TinyViT's BatchNorm statistics stay the base weights' too.
+    sam.requires_grad_(False).eval()
+    head.requires_grad_(True)
+    ds = LabeledDataset(train, head.class_names, img_size=sam.img_size, max_masks=cfg.max_masks, seed=cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    key = _pool_key(sam, ds, cfg)
+    pool_file = out / "pool.pt"
+    pool = None
+    reused = False
+    if pool_file.exists():
+        saved = torch.load(pool_file, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            pool, reused = saved, True
+            log.info("reusing the prompt-token pool in %s (%d prompts)", pool_file, len(saved["targets"]))
+    if pool is None:
+        pool = collect_head_pool(sam, ds, cfg)
+        tmp = out / ".pool.pt.tmp"
+        torch.save({**pool, "key": key}, tmp)
+        os.replace(tmp, pool_file)
+    tokens, targets, images = pool["tokens"].to(dev), pool["targets"].to(dev), pool["images"].to(dev)
+    if len(targets) == 0:
+        raise InputError("no prompts collected for the class head; check the labelled data")
+    fit = torch.ones(len(targets), dtype=torch.bool, device=dev)
+    if cfg.head_val_fraction > 0:
+        held = np.random.default_rng([cfg.seed, 31]).permutation(len(ds))[: round(cfg.head_val_fraction * len(ds))]
+        fit = ~torch.isin(images, torch.as_tensor(held, device=dev))
+    fit_idx, val_idx = fit.nonzero().flatten(), (~fit).nonzero().flatten()
+    flat = tokens[fit_idx].flatten(0, 1)
+    mu, sigma = flat.mean(0), flat.std(0).clamp(min=1e-4)
+    z = (tokens - mu) / sigma
+    is_bg = targets == head.num_classes
+
+    def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        logits, _ = head(z[idx])  # (b, 4, K+1)
+        y = targets[idx]
+        ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(4), reduction="none").view(-1, 4).mean(1)
+        bg = is_bg[idx]
+        w = cfg.recipe.class_weight
+        loss = w * ce[~bg].mean() if (~bg).any() else ce.new_zeros(())
+        if bg.any():  # background weighs half a mask, as in label_loss
+            loss = loss + 0.5 * w * ce[bg].mean()
+        return loss, float((logits[:, 0].argmax(-1) == y).float().mean())
+
+    head.train()
+    params = list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, Any]] = []
+    perm, pos = fit_idx[torch.randperm(len(fit_idx), generator=g).to(dev)], 0
+    for step in range(1, cfg.steps + 1):
+        if pos + cfg.pool_batch > len(perm):
+            perm, pos = fit_idx[torch.randperm(len(fit_idx), generator=g).to(dev)], 0
+        idx = perm[pos:pos + cfg.pool_batch]
+        pos += cfg.pool_batch
+        lr = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, acc = loss_of(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        stats: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "acc": acc, "lr": lr,
+                                 "time_s": round(time.time() - t0, 1)}
+        if len(val_idx) and (step % cfg.log_every == 0 or step == cfg.steps):
+            with torch.no_grad():
+                vl, va = loss_of(val_idx)
+            stats.update(val_loss=float(vl), val_acc=va)
+        history.append(stats)
+        if step % cfg.log_every == 0 or step == 1:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            if on_log:
+                on_log(stats)
+    head.eval()
+    with torch.no_grad():  # fold the standardization into the first layer: W (x - mu) / sigma + b
+        first_layer = head.trunk.layers[0]
+        w = first_layer.weight / sigma
+        first_layer.bias -= w @ mu
+        first_layer.weight.copy_(w)
+    first = float(np.mean([h["loss"] for h in history[:5]]))
+    last = float(np.mean([h["loss"] for h in history[-5:]]))
+    summary = {"steps": len(history), "train_seconds": round(time.time() - t0, 1),
+               "pool_seconds": pool["seconds"], "pool_reused": reused, "pool_rounds": pool["rounds"], "pool_prompts": len(targets),
+               "pool_background": int(is_bg.sum()), "embeddings": pool["embeddings"], "first_loss": first,
+               "last_loss": last, "train_images": len(ds), "device": str(dev), "config": asdict(cfg)}
+    if len(val_idx):
+        summary.update(val_images=round(cfg.head_val_fraction * len(ds)), val_prompts=len(val_idx),
+                       val_loss=history[-1]["val_loss"], val_acc=history[-1]["val_acc"])
+    return summary
