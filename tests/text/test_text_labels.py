@@ -110,8 +110,12 @@ def test_closed_vocabulary_and_bad_input(sample_image: np.ndarray) -> None:
     with pytest.raises(PromptError, match="text is empty"):
         p.predict(text="  ")
     plain = _predictor(randomize_(Sam(tiny_config())).eval(), sample_image)
-    with pytest.raises(PromptError, match="train_labels.py.*segany_tiny_labels"):
+    # The fix names a model that exists and ships with segany.
+    with pytest.raises(PromptError, match=r"use the label model segany_tiny_labels .*--model segany_tiny_labels"):
         plain.predict(text="a dog")
+    from segany.registry import list_models
+
+    assert "segany_tiny_labels" in list_models()
 
 
 def test_label_masks_closed_and_open(text_sam: Sam, sample_image: np.ndarray) -> None:

@@ -189,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
     generator = SamAutomaticMaskGenerator.from_config(model, config)
     if args.labels:
         generator.labels = [t.strip() for t in args.labels.split(",") if t.strip()]
+        if not generator.labels:
+            raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")
+        if model.class_head is None:  # fail now, not silently on the first image that has masks
+            raise InputError(f"--labels needs a model with a class head and {args.model!r} has none; use "
+                             "--model segany_tiny_labels (segany_tiny + a class head, shipped with segany)")
     failures: list[dict[str, str]] = []
     n_masks = 0
     done = 0

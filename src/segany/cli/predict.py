@@ -41,6 +41,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box in image pixels (top-left, bottom-right)")
     p.add_argument("--text", help="a phrase, e.g. 'a dog' (models with a text token or class head); alone it "
                                   "segments every instance, with clicks/box it picks the named object")
+    # segany_tiny's IoU head is under-confident (its predicted IoUs stay below ~0.6, see scripts/demo.sh), so
+    # the every-instance score IoU × P(class) of segany_tiny_labels stays below ~0.2: a default of 0.1 lets
+    # its confident instances through; raise it for models with SAM-scale IoU predictions.
+    p.add_argument("--min-score", type=float, default=0.1,
+                   help="--text alone: keep instances whose predicted IoU x P(class) is at least this (default 0.1)")
+    p.add_argument("--points-per-side", type=int, default=16,
+                   help="--text alone: side of the point grid searched for instances (default 16)")
     p.add_argument("--model", default="segany_tiny",
                    help="registered model name (see `segany models`; default segany_tiny, whose weights ship with segany)")
     p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
@@ -61,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     box = parse_box(args.box) if args.box else None
     if not points and box is None and args.text is None:
         raise InputError("no prompt given: pass at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or --text")
+    if not 0.0 <= args.min_score <= 1.0:
+        raise InputError(f"--min-score must be in [0, 1], got {args.min_score:g}")
+    if args.points_per_side < 1:
+        raise InputError(f"--points-per-side must be >= 1, got {args.points_per_side}")
     multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -90,12 +101,20 @@ def run(args: argparse.Namespace) -> int:
     coords = np.array([[x, y] for x, y, _ in points], dtype=np.float64) if points else None
     labels = np.array([lab for _, _, lab in points], dtype=np.int64) if points else None
     what = " and ".join(x for x in (f"{len(points)} point(s)" if points else "", "a box" if box else "") if x)
-    with progress.step("decode_s", f"decoding {what}"):
-        masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels,
-                                             box=np.array(box) if box else None, multimask_output=multimask,
-                                             text=args.text)
+    every = args.text is not None and not points and box is None and model.class_head is not None
+    with progress.step("decode_s", f"decoding {what}" if what else f"finding every {args.text!r}"):
+        if every:  # text alone + class head: every instance, with the search settings of the command line
+            from segany.text.prompting import segment_every
+
+            masks, scores, _ = segment_every(predictor, args.text, points_per_side=args.points_per_side,
+                                             min_score=args.min_score)
+        else:
+            masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels,
+                                                 box=np.array(box) if box else None, multimask_output=multimask,
+                                                 text=args.text)
     if len(masks) == 0:
-        raise InputError(f"nothing matched --text {args.text!r} in {args.image}")
+        raise InputError(f"nothing matched --text {args.text!r} in {args.image}: no instance scored at least "
+                         f"--min-score {args.min_score:g} (predicted IoU x P(class)); lower it to see weaker ones")
     order = np.argsort(-scores, kind="stable")  # best first
     masks, scores = masks[order], scores[order]
 
@@ -112,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         "image": str(Path(args.image)), "size_hw": [h, w], "model": args.model, "checkpoint": str(checkpoint),
         "device": device, "multimask": multimask,
         "prompts": {"points_xy": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points],
-                    "box_xyxy": list(box) if box else None},
+                    "box_xyxy": list(box) if box else None, **({"text": args.text} if args.text else {}),
+                    **({"min_score": args.min_score, "points_per_side": args.points_per_side} if every else {})},
         "overlay": overlay, "masks": records,
         "timings_s": {k: round(v, 4) for k, v in progress.timings.items()},
     }

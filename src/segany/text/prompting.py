@@ -29,10 +29,12 @@ if TYPE_CHECKING:
     from segany.predictor import SamPredictor
     from segany.text.clip import ClipEncoder
 
-NO_TEXT_PATH = ("model has neither a text token nor a class head, so it cannot take text prompts; use a model "
-                "trained with labels: the checkpoint scripts/train_labels.py writes (architecture "
-                "'segany_tiny_labels': segany_tiny + class head; add --clip for free-form text), loaded with "
-                "build_sam(..., checkpoint=PATH)")
+# The fix names a model that ships with segany (segany.text.label_model), so it works offline as written.
+NO_TEXT_PATH = ("model has neither a text token nor a class head, so it cannot take text prompts; use the "
+                "label model segany_tiny_labels (segany_tiny + a class head over the coco128-seg classes, shipped "
+                "with segany): `segany predict IMAGE --model segany_tiny_labels --text person` or "
+                "build_sam('segany_tiny_labels'). For free-form text beyond its class names, train a model with "
+                "a CLIP text token: scripts/train_labels.py --clip clip_vit_b32")
 
 
 def get_clip(predictor: SamPredictor) -> ClipEncoder:

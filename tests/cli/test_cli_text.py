@@ -1,0 +1,89 @@
+"""``segany predict --text`` and ``segany auto --labels`` with the shipped label model (issue 10), in a subprocess.
+
+The real segany_tiny_labels (bundled segany_tiny + its shipped class head) runs on CPU in seconds, so these
+use it rather than random weights: what a user types is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# A bundled COCO sample with a person (and an umbrella) in it.
+PERSON_IMAGE = REPO / "src" / "segany" / "assets" / "samples" / "coco_000000000036.jpg"
+# segany_tiny's automatic-mask thresholds (scripts/demo.sh); SAM's defaults keep none of its masks.
+LOOSE = ("--pred-iou-thresh", "0.25", "--stability-score-thresh", "0.3", "--stability-score-offset", "0.1")
+
+
+def segany(*args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SEGANY_HOME": str(home), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "segany.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def test_predict_text_with_the_label_model_writes_every_person(tmp_path: Path, home: Path) -> None:
+    out = tmp_path / "out"
+    # An 8×8 search grid keeps the test fast (the default 16×16 decodes 4× the prompts).
+    r = segany("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "person",
+               "--points-per-side", "8", "--out", str(out), home=home)
+    assert r.returncode == 0, r.stderr
+    stem = PERSON_IMAGE.stem
+    assert r.stdout.strip() == str(out / f"{stem}.json")
+    result = json.loads((out / f"{stem}.json").read_text())
+    assert result["model"] == "segany_tiny_labels"
+    assert result["prompts"]["text"] == "person" and result["prompts"]["min_score"] == 0.1
+    assert all(m["score"] >= 0.1 for m in result["masks"])
+    assert result["checkpoint"].endswith("segany_tiny_labels_head.pt")
+    masks = result["masks"]
+    assert len(masks) >= 1
+    scores = [m["score"] for m in masks]
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    files = {p.name for p in out.iterdir()}
+    assert {f"{stem}.json", f"{stem}_overlay.png"} | {m["file"] for m in masks} == files
+    h, w = result["size_hw"]
+    assert all(m["area"] > 0 and m["rle"]["size"] == [h, w] for m in masks)
+
+
+def test_auto_labels_records_carry_label_and_score(tmp_path: Path, home: Path) -> None:
+    out = tmp_path / "out"
+    r = segany("auto", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--labels", "person,umbrella,car",
+               "--points-per-side", "6", *LOOSE, "--device", "cpu", "--quiet", "--out", str(out), home=home)
+    assert r.returncode == 0, r.stderr
+    anns = json.loads((out / f"{PERSON_IMAGE.stem}.json").read_text())["annotations"]
+    assert anns, "the loose thresholds keep some masks of segany_tiny"
+    assert all(a["label"] in {"person", "umbrella", "car"} and 0.0 <= a["label_score"] <= 1.0 for a in anns)
+
+
+@pytest.mark.parametrize("argv", [
+    ("predict", str(PERSON_IMAGE), "--text", "person"),  # default model segany_tiny: no class head
+    ("auto", str(PERSON_IMAGE), "--labels", "person", "--device", "cpu", "--quiet"),
+])
+def test_text_with_a_model_without_labels_names_the_label_model(argv: tuple[str, ...], tmp_path: Path,
+                                                                home: Path) -> None:
+    r = segany(*argv, "--out", str(tmp_path / "out"), home=home)
+    assert r.returncode == 1, r.stderr
+    assert "segany_tiny_labels" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nothing_above_min_score_says_how_to_see_weaker_matches(tmp_path: Path, home: Path) -> None:
+    r = segany("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "person",
+               "--points-per-side", "2", "--min-score", "1", "--out", str(tmp_path / "out"), home=home)
+    assert r.returncode == 1 and "nothing matched --text 'person'" in r.stderr and "--min-score 1" in r.stderr
+
+
+def test_unknown_label_lists_the_known_ones(tmp_path: Path, home: Path) -> None:
+    r = segany("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "zebra crossing",
+               "--out", str(tmp_path / "out"), home=home)
+    assert r.returncode == 1
+    assert "unknown label 'zebra crossing'" in r.stderr and "Known: " in r.stderr and "person" in r.stderr
