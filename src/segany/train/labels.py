@@ -45,6 +45,23 @@ COCO128_HELD_OUT = 16  # coco128 ships no validation split: these many images (s
 LABEL_SPLIT_SEED = 10
 
 
+def background_points(gt: torch.Tensor, img_idx: torch.Tensor, size_hw: Sequence[tuple[int, int]], num_images: int,
+                      per_image: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``per_image`` points per image on no labelled mask and inside the image (not its padding).
+
+    Returns the points (N, 2) as x, y and the image index of each; images with no free pixel give none.
+    """
+    S = gt.shape[-1]
+    covered = torch.zeros(num_images, S, S, dtype=torch.bool, device=gt.device)
+    covered.index_put_((img_idx,), gt, accumulate=True)
+    region = ~covered
+    for i, (h, w) in enumerate(size_hw):
+        region[i, h:], region[i, :, w:] = False, False
+    xy, found = sample_points(region.repeat_interleave(per_image, 0), gen)
+    b_img = torch.arange(num_images, device=gt.device).repeat_interleave(per_image)[found]
+    return xy[found], b_img
+
+
 def with_labels(cfg: SamConfig, class_names: Sequence[str], clip_model: str | None = None,
                 clip_dim: int | None = None, open_vocab: bool = True) -> SamConfig:
     """``cfg`` plus a class head over ``class_names`` and, with ``clip_model``, a CLIP text token."""
@@ -272,15 +289,7 @@ def label_loss(sam: Sam, batch: dict[str, Any], recipe: LabelRecipe, gen: torch.
     if head is not None and recipe.bg_points > 0:
         # Background: points on no labelled object. Labels are incomplete (coco128 misses some objects),
         # so this teaches "stuff" more than "unlabelled thing"; it is weighted like one more mask.
-        covered = torch.zeros(images.shape[0], S, S, dtype=torch.bool, device=dev)
-        covered.index_put_((img_idx,), gt, accumulate=True)
-        region = ~covered
-        for i, (h, w) in enumerate(batch["size_hw"]):
-            region[i, h:], region[i, :, w:] = False, False
-        region = region.repeat_interleave(recipe.bg_points, 0)
-        bxy, found = sample_points(region, gen)
-        b_img = torch.arange(images.shape[0], device=dev).repeat_interleave(recipe.bg_points)[found]
-        bxy = bxy[found]
+        bxy, b_img = background_points(gt, img_idx, batch["size_hw"], images.shape[0], recipe.bg_points, gen)
         if len(bxy):
             lab = torch.ones(len(bxy), 1, dtype=torch.long, device=dev)
             sp = pe._embed_points(bxy[:, None], lab, pad=True)
@@ -434,15 +443,7 @@ def head_tokens(sam: Sam, batch: dict[str, Any], features: torch.Tensor, recipe:
     head = sam.class_head
     assert head is not None
     if recipe.bg_points > 0:
-        covered = torch.zeros(B, S, S, dtype=torch.bool, device=dev)
-        covered.index_put_((img_idx,), gt, accumulate=True)
-        region = ~covered
-        for i, (h, w) in enumerate(batch["size_hw"]):
-            region[i, h:], region[i, :, w:] = False, False
-        region = region.repeat_interleave(recipe.bg_points, 0)
-        bxy, found = sample_points(region, gen)
-        b_img = torch.arange(B, device=dev).repeat_interleave(recipe.bg_points)[found]
-        bxy = bxy[found]
+        bxy, b_img = background_points(gt, img_idx, batch["size_hw"], B, recipe.bg_points, gen)
         if len(bxy):
             lab = torch.ones(len(bxy), 1, dtype=torch.long, device=dev)
             toks.append(decode(b_img, pe._embed_points(bxy[:, None], lab, pad=True)))
