@@ -55,7 +55,7 @@ def save_head(model: torch.nn.Module, path: str | os.PathLike[str], *, base_mode
               base_path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
     """Write ``model.class_head`` (fp16) as a head file over ``base_weights`` (the file at ``base_path``).
 
-    Written atomically; a ``<name>.sha256`` sidecar is written beside it like the other bundled files.
+    Written atomically (readable like the other packaged files); a ``<name>.sha256`` sidecar is written beside it like the other bundled files.
     """
     import hashlib
     import io
@@ -76,25 +76,12 @@ def save_head(model: torch.nn.Module, path: str | os.PathLike[str], *, base_mode
     buf = io.BytesIO()
     torch.save(blob, buf)
     data = buf.getvalue()
+    from segany.cli._util import atomic_write_bytes
+
     out = Path(path)
-    _write_atomic(out, data)
-    _write_atomic(out.with_name(out.name + ".sha256"), (hashlib.sha256(data).hexdigest() + "\n").encode())
+    atomic_write_bytes(out, data)
+    atomic_write_bytes(out.with_name(out.name + ".sha256"), (hashlib.sha256(data).hexdigest() + "\n").encode())
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder + ``os.replace``; mode 0644 like the other packaged files."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def is_head_blob(raw: Any) -> bool:
