@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from segany.modeling.config import ClassHeadConfig, SamConfig, TextConfig
 from segany.modeling.sam import Sam
 from segany.train.losses import mask_iou, mask_losses
 from segany.train.prompts import jitter_boxes, mask_boxes_xyxy, sample_points
+from segany.train.trainer import _atomic_torch_save, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,7 @@ def train_labels(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig, *
         if clip is not None or sam.cfg.text is not None:
             raise InputError("head-only training covers a closed-vocabulary class head; drop the CLIP text token")
         return train_head_only(sam, train, cfg, on_log=on_log)
-    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if cfg.device == "auto" else cfg.device))
+    dev = resolve_device(cfg.device)
     sam.to(dev).train()
     if clip is not None:
         clip.to(dev)
@@ -393,11 +392,6 @@ def train_labels(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig, *
 
 
 # ------------------------------------------------------------------------------ head only
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        ("cpu" if name == "auto" else name))
-
-
 @torch.no_grad()
 def head_tokens(sam: Sam, batch: dict[str, Any], features: torch.Tensor, recipe: LabelRecipe,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -528,7 +522,7 @@ def train_head_only(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig
     head = sam.class_head
     if head is None:
         raise InputError("train_head_only needs a model with a class head: build it from with_labels(config, names)")
-    dev = _device(cfg.device)
+    dev = resolve_device(cfg.device)
     sam.to(dev)
     # eval() everywhere but the head: frozen means TinyViT's BatchNorm statistics stay the base weights' too.
     sam.requires_grad_(False).eval()
@@ -548,9 +542,7 @@ def train_head_only(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig
             log.info("reusing the prompt-token pool in %s (%d prompts)", pool_file, len(saved["targets"]))
     if pool is None:
         pool = collect_head_pool(sam, ds, cfg)
-        tmp = out / ".pool.pt.tmp"
-        torch.save({**pool, "key": key}, tmp)
-        os.replace(tmp, pool_file)
+        _atomic_torch_save({**pool, "key": key}, pool_file)
     tokens, targets, images = pool["tokens"].to(dev), pool["targets"].to(dev), pool["images"].to(dev)
     if len(targets) == 0:
         raise InputError("no prompts collected for the class head; check the labelled data")
