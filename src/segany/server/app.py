@@ -268,10 +268,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         label, proposals = svc.text_proposals(emb, body.text, max_masks=body.max_masks, min_score=body.min_score)
         out = []
         for p in proposals:
-            ys, xs = np.nonzero(p.mask)
-            if len(xs) == 0:  # nothing to accept; an empty proposal would only confuse the annotator
-                continue
             rle = encode_mask(p.mask)
+            ys, xs = np.nonzero(p.mask)
             bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
             out.append({"segmentation": rle, "score": p.score, "label": p.label, "area": int(p.mask.sum()),
                         "bbox": bbox})

@@ -244,15 +244,21 @@ class ModelService:
             label = normalize_phrase(text)
         if getattr(pred, "clip", None) is not None:
             self._clip = pred.clip  # keep the loaded CLIP for the next phrase
-        return label, [TextProposal(np.asarray(m, dtype=bool), float(s), label) for m, s in zip(masks, scores, strict=True)]
+        # An empty mask is nothing to accept, whichever path proposed it.
+        return label, [TextProposal(np.asarray(m, dtype=bool), float(s), label)
+                       for m, s in zip(masks, scores, strict=True) if m.any()]
 
     # -------------------------------------------------------------------------------- ONNX decoder
-    def onnx_decoder_path(self) -> Path:
-        """The browser decoder for this model, exported on first request and kept in ``cache_dir``."""
+    def _onnx_cache(self) -> tuple[Path, str]:
+        """(folder of exported decoders, this model version's name made safe for a file name)."""
         import tempfile
 
         base = self.cache_dir or Path(tempfile.gettempdir()) / "segany-onnx"
-        safe = self.version_name.replace(":", "-").replace("/", "_")
+        return base, self.version_name.replace(":", "-").replace("/", "_")
+
+    def onnx_decoder_path(self) -> Path:
+        """The browser decoder for this model, exported on first request and kept in ``cache_dir``."""
+        base, safe = self._onnx_cache()
         path = base / f"decoder-{safe}.onnx"
         with self._onnx_lock:
             if not path.exists():
@@ -271,15 +277,12 @@ class ModelService:
     def onnx_split_decoder_path(self, part: str) -> Path:
         """``decoder_image.onnx`` (run once per embedding) or ``decoder_click.onnx`` (per click) for this
         model, both exported on first request and kept in ``cache_dir``; what the browser app runs."""
-        import tempfile
-
         from segany.export.onnx_split import CLICK_FILE, FORMAT_VERSION, IMAGE_FILE, export_split_decoder
 
         files = {"image": IMAGE_FILE, "click": CLICK_FILE}
         if part not in files:
             raise InputError(f"unknown decoder part {part!r}; use 'image' or 'click'")
-        base = self.cache_dir or Path(tempfile.gettempdir()) / "segany-onnx"
-        safe = self.version_name.replace(":", "-").replace("/", "_")
+        base, safe = self._onnx_cache()
         folder = base / f"split{FORMAT_VERSION}-{safe}"  # a new graph format never reuses old files
         with self._onnx_lock:
             if not all((folder / f).exists() for f in files.values()):
