@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--min-score must be in [0, 1], got {args.min_score:g}")
     if args.points_per_side < 1:
         raise InputError(f"--points-per-side must be >= 1, got {args.points_per_side}")
+    if args.text is not None:  # the same check the model path makes, before seconds of loading
+        from segany.text.vocab import check_text
+
+        check_text(args.text)
     multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
