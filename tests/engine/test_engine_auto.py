@@ -83,18 +83,27 @@ def test_ray_matches_local_and_survives_actor_kill(setup: dict, ray_cluster, tmp
     assert_same_masks(setup["local"], masks_by_file(store, proj["id"]))
 
     # Kill one actor's process (SIGKILL) once results flow: its tasks are retried on a fresh actor.
+    # The victim is the actor that sent the first result. With 6 images, 2 actors and 2 tasks in flight each,
+    # 2 images are still queued then, and the next one goes to that actor's free slot: the kill cannot go
+    # unnoticed. (Killing a fixed actor could not promise this: it may already have finished all its work.)
     store2, proj2 = make_project(tmp_path / "ray_kill", setup["images"])
     runners = []
+    pids: list[int] = []
     killed = []
+
+    def hook(runner) -> None:  # before any task is sent, so the pid calls do not queue behind images
+        runners.append(runner)
+        pids.extend(runner.actor_pids())
 
     def on_result(result, written) -> None:
         if not killed:
-            pid = runners[0].actor_pids()[0]
+            pid = int(result.worker.removeprefix("pid"))
+            assert pid in pids, f"result from {result.worker}, actors are {pids}"
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
     s2 = run_auto(store2, None, setup["spec"], auto_settings(), backend="ray", workers=2,
-                  runner_hook=runners.append, on_result=on_result)
+                  runner_hook=hook, on_result=on_result)
     assert killed and runners[0].restarts >= 1, "the actor kill was not noticed"
     assert s2.images_written + s2.duplicates_dropped >= N_IMAGES
     assert_one_set_each(store2, proj2["id"], N_IMAGES)
