@@ -24,5 +24,11 @@ step ${T_SPEED_B:-110} speed_vit_b python3 bench/speed.py --device cuda --models
 step ${T_AMG:-150} amg_vit_h python3 bench/amg.py --model vit_h --device cuda --points-per-side 32 --repeats 1 --json "$OUT/amg_vit_h.json"
 step ${T_PRED:-50} predictor_vit_b python3 bench/predictor.py --device cuda --repeats 3 --prompts 20 --json "$OUT/predictor_vit_b.json"
 step ${T_SPEED_H:-80} speed_vit_h python3 bench/speed.py --device cuda --models vit_h --no-compile --json "$OUT/speed_vit_h.json"
+# Compiled encoders (issue 7's remaining lever): 'default' mode compiles in about a minute per variant;
+# max-autotune (segment-anything-fast's choice) only if time is left.
+step ${T_COMPILE_B:-240} speed_vit_b_compiled python3 bench/speed.py --device cuda --models vit_b --parts encoder \
+  --skip-reference --attentions "" --compile --compile-mode default --compile-attentions mixed,flex \
+  --json "$OUT/speed_vit_b_compiled.json"
+step ${T_SPEED_L:-80} speed_vit_l python3 bench/speed.py --device cuda --models vit_l --no-compile --json "$OUT/speed_vit_l.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 ls -la "$OUT"

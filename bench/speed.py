@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from segany.checkpoints import build_sam  # noqa: E402
-from segany.fast import FastPath, configure_cpu_threads, enable_fast_path  # noqa: E402
+from segany.fast import ATTENTIONS, FastPath, configure_cpu_threads, enable_fast_path  # noqa: E402
 from segany.predictor import SamPredictor  # noqa: E402
 
 
@@ -186,12 +186,13 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if device == "cuda" or "bf16" in args.cpu_variants:
         variants.append(("segany_bf16", {"precision": "bf16"}))
     if device == "cuda":
-        variants.append(("segany_bf16_fold", {"precision": "bf16", "attention": "fold"}))
+        for att in args.attentions:  # "mask" is segany_bf16 itself
+            variants.append((f"segany_bf16_{att}", {"precision": "bf16", "attention": att}))
     if args.compile:
         mode = args.compile_mode if device == "cuda" else True
         variants.append(("segany_bf16_compiled", {"precision": "bf16", "compile": mode}))
-        if args.compile_fold:
-            variants.append(("segany_bf16_fold_compiled", {"precision": "bf16", "attention": "fold", "compile": mode}))
+        for att in args.compile_attentions:
+            variants.append((f"segany_bf16_{att}_compiled", {"precision": "bf16", "attention": att, "compile": mode}))
     for label, kw in variants if "encoder" in parts else []:
         def seg(kw: dict[str, Any] = kw) -> dict[str, Any]:
             fp = FastPath(model, **kw)
@@ -376,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-mode", default="max-autotune",
                    help="torch.compile mode of compiled encoders on CUDA (max-autotune is what segment-anything-fast "
                         "published; 'default' compiles much faster)")
-    p.add_argument("--compile-fold", action="store_true", help="also compile the attention='fold' encoder")
+    p.add_argument("--attentions", default="fold,mixed,flex",
+                   help="CUDA: bf16 encoder variants with these attention modes besides 'mask' (comma-separated; "
+                        "flex compiles its kernel on first use)")
+    p.add_argument("--compile-attentions", default="",
+                   help="also compile the encoder with these attention modes (e.g. fold,mixed,flex)")
     p.add_argument("--cpu-variants", default="bf16,onnx", help="CPU extras: bf16, onnx (comma-separated, or none)")
     p.add_argument("--quantize", action="store_true", help="CPU: also time int8 ONNX graphs")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
@@ -393,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     args.compile = gpu if args.compile is None else args.compile
     args.cpu_variants = {v for v in args.cpu_variants.split(",") if v and v != "none"}
+    args.attentions = [a for a in args.attentions.split(",") if a and a != "mask"]
+    args.compile_attentions = [a for a in args.compile_attentions.split(",") if a and a != "mask"]
+    for a in args.attentions + args.compile_attentions:
+        if a not in ATTENTIONS:
+            p.error(f"unknown attention mode {a!r}; known: {', '.join(ATTENTIONS)}")
     if not gpu:
         args.threads = configure_cpu_threads(args.threads)
     if gpu:

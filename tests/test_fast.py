@@ -36,11 +36,15 @@ def image() -> np.ndarray:
     return (np.random.RandomState(0).rand(200, 300, 3) * 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("mode", ["mask", "fold"])
+@pytest.mark.parametrize("mode", ["mask", "fold", "mixed", "flex"])
 def test_fast_attention_fp32_matches_reference(tiny_sam, mode):
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     fast = make_fast_encoder(tiny_sam.image_encoder, torch.float32, attention=mode)
-    assert any(isinstance(m, FastViTAttention) for m in fast.modules())
+    modes = {(b.window > 0, b.attn.mode) for b in fast.modules() if isinstance(b, vit.Block)}
+    if mode == "mixed":  # fold where windows keep the head narrow, mask in the global blocks
+        assert modes == {(True, "fold"), (False, "mask")}
+    else:
+        assert modes == {(True, mode), (False, mode)}
     assert not any(isinstance(m, FastViTAttention) for m in tiny_sam.image_encoder.modules()), "original touched"
     with torch.no_grad():
         torch.testing.assert_close(fast(x), tiny_sam.image_encoder(x), atol=1e-5, rtol=1e-5)
@@ -60,7 +64,7 @@ def test_padded_bias_is_8_aligned_and_exact():
     assert bias.shape == (1, 2, 196, 196) and bias.stride(2) % 8 == 0
 
 
-@pytest.mark.parametrize("mode", ["mask", "fold"])
+@pytest.mark.parametrize("mode", ["mask", "fold", "mixed", "flex"])
 def test_bf16_encoder_within_tolerance(tiny_sam, mode):
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     fast = FastPath(tiny_sam, precision="bf16", attention=mode)

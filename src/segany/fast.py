@@ -12,6 +12,12 @@ bias to ``scaled_dot_product_attention`` in a layout its fused kernels accept:
   ``k' = [k, onehot(row), onehot(col)]``, so no (L, L) bias exists at all and flash kernels can run;
   it costs a wider head (64 → 192 for global blocks), so which one wins depends on the GPU: measure it
   with ``bench/speed.py``.
+* ``attention="mixed"``: ``fold`` in the windowed blocks (14 + 14 extra columns on a 64-wide head) and
+  ``mask`` in the few global blocks, where folding would triple the head.
+* ``attention="flex"``: PyTorch's ``flex_attention`` with the bias added by a ``score_mod`` that reads
+  the two small (L, H) and (L, W) tables, so neither an (L, L) bias nor a wider head exists. It is
+  compiled to a fused Triton kernel on CUDA; on CPU it runs uncompiled, which is exact but slow (a
+  correctness path for tests, not a speed option).
 
 Prompt → mask latency on CUDA comes from capturing the decoder plus mask post-processing in a CUDA
 graph per prompt shape (:class:`_GraphCache`), or from ``torch.compile(mode="reduce-overhead")`` with
@@ -45,7 +51,7 @@ from segany.modeling.sam import Sam
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ATTENTIONS = ("mask", "fold")
+ATTENTIONS = ("mask", "fold", "mixed", "flex")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -143,6 +149,8 @@ class FastViTAttention(nn.Module):
             bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rel_w).reshape(B, nh, L, W)
             if self.mode == "fold":
                 out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
+            elif self.mode == "flex":
+                out = _flex_attention(q, k, v, bias_h, bias_w, W)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
         return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
@@ -179,6 +187,32 @@ def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h:
     return F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :hd]
 
 
+_COMPILED_FLEX: Callable[..., torch.Tensor] | None = None
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
+                    bias_w: torch.Tensor, W: int) -> torch.Tensor:
+    """Attention plus the decomposed bias through ``flex_attention``: the bias is gathered per score
+    inside the kernel, so the (L, L) matrix is never written and the head keeps its width."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                  kv_idx: torch.Tensor) -> torch.Tensor:
+        return score + bias_h[b, h, q_idx, kv_idx // W] + bias_w[b, h, q_idx, kv_idx % W]
+
+    global _COMPILED_FLEX
+    if q.is_cuda and not torch.compiler.is_compiling():
+        # Uncompiled flex_attention materialises the scores; the compiled one is the fused kernel.
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        return _COMPILED_FLEX(q, k, v, score_mod=score_mod)
+    import warnings
+
+    with warnings.catch_warnings():  # the "use torch.compile" hint: on CPU this path is for correctness
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, score_mod=score_mod)
+
+
 class _Float32LayerNorm2d(nn.Module):
     """LayerNorm2d computing its statistics in fp32 whatever the input dtype (bf16 variance is too coarse)."""
 
@@ -210,8 +244,11 @@ def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str 
     enc = copy.deepcopy(encoder)
 
     def swap(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, vit.Block) and attention == "mixed":
+            m.attn = FastViTAttention.from_attention(m.attn, "fold" if m.window > 0 else "mask")
+            return None  # keep the block, descend for its norms
         if isinstance(m, vit.Attention):
-            return FastViTAttention.from_attention(m, attention)
+            return FastViTAttention.from_attention(m, "mask" if attention == "mixed" else attention)
         if isinstance(m, LayerNorm2d) and dtype != torch.float32:
             return _Float32LayerNorm2d(m)
         return None
@@ -573,7 +610,7 @@ class FastPath:
         compile: ``False``, ``True`` or a torch.compile mode for the encoder (e.g. ``"max-autotune"``);
             the decoder is compiled with ``"reduce-overhead"`` on CUDA.
         cuda_graphs: capture decoder + post-processing in CUDA graphs (default: on for CUDA without compile).
-        attention: ``"mask"`` or ``"fold"`` (see module docstring).
+        attention: ``"mask"``, ``"fold"``, ``"mixed"`` or ``"flex"`` (see module docstring).
         decoder_precision: dtype of the decoder copy; defaults to ``precision``.
         fast_decoder: run :class:`FastMaskDecoder` (fused projections, per-image cache); default on
             unless the precision is fp32, where the reference decoder keeps results bit-exact.
