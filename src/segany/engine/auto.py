@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segany.amg.config import AmgConfig
 from segany.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -39,16 +40,22 @@ AUTO_NAMESPACE = uuid_lib.UUID("5e6a0000-0000-4000-8000-000000000003")
 
 @dataclass(frozen=True)
 class AutoSettings:
-    """Automatic mask generator settings for stage 3 (SAM used 32×32 points plus crops on 11 M images)."""
+    """Automatic mask generator settings for stage 3 (SAM used 32×32 points plus crops on 11 M images).
+
+    The generator is pluggable (``generator``), so these are the keyword arguments every generator takes
+    (SamAutomaticMaskGenerator's), not an :class:`AmgConfig`; their defaults are AmgConfig's, and the
+    default generator's values are checked by AmgConfig itself. They are stored flat because their hash
+    is recorded with every stage-3 run.
+    """
 
     points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    min_mask_region_area: int = 0
+    points_per_batch: int = AmgConfig.points_per_batch
+    pred_iou_thresh: float = AmgConfig.pred_iou_thresh
+    stability_score_thresh: float = AmgConfig.stability_score_thresh
+    stability_score_offset: float = AmgConfig.stability_score_offset
+    box_nms_thresh: float = AmgConfig.box_nms_thresh
+    crop_n_layers: int = AmgConfig.crop_n_layers
+    min_mask_region_area: int = AmgConfig.min_mask_region_area
     max_masks: int | None = None  # keep only the best masks by predicted IoU (None: all)
     review_state: str = "accepted"  # SA-1B kept stage-3 masks without review; "pending" queues them
     # ``module:Class`` of the generator: anything built as Class(sam, output_mode=..., **generator_kwargs())
@@ -56,22 +63,21 @@ class AutoSettings:
     generator: str = "segany.amg:SamAutomaticMaskGenerator"
 
     def __post_init__(self) -> None:
-        if self.points_per_side < 1:
-            raise InputError(f"points_per_side must be >= 1, got {self.points_per_side}")
         if ":" not in self.generator:
             raise InputError(f"generator must be 'module:Class', got {self.generator!r}")
         if self.review_state not in ("accepted", "pending"):
             raise InputError(f"review_state must be 'accepted' or 'pending', got {self.review_state!r}")
-        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        if self.max_masks is not None and self.max_masks < 1:
+            raise InputError(f"max_masks must be >= 1 or None, got {self.max_masks}")
+        AmgConfig(**self.generator_kwargs())  # the same checks and messages as the generator's own
+        for name in ("pred_iou_thresh", "stability_score_thresh"):  # AmgConfig allows any float here
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {v}")
 
     def generator_kwargs(self) -> dict[str, Any]:
-        return {"points_per_side": self.points_per_side, "points_per_batch": self.points_per_batch,
-                "pred_iou_thresh": self.pred_iou_thresh, "stability_score_thresh": self.stability_score_thresh,
-                "stability_score_offset": self.stability_score_offset, "box_nms_thresh": self.box_nms_thresh, "crop_n_layers": self.crop_n_layers,
-                "min_mask_region_area": self.min_mask_region_area}
+        own = ("max_masks", "review_state", "generator")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in own}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
