@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one call of the device tool (each step time-boxed; a failing step does not stop
 # the others). Results go to $OUT/*.json and $OUT/bench_log.txt.
-#   device run: command "bash bench/gpu_all.sh", carry [".whl"] (pycocotools + segment_anything wheels)
+#   device run: command "STEPS=... bash bench/gpu_all.sh", carry [".whl"] (pycocotools + segment_anything wheels)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_bench}
@@ -12,18 +12,22 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 LOG="$OUT/bench_log.txt"
+# STEPS: which steps to run (space-separated names; default all). All of them take ~15 minutes, more than
+# one 10-minute device call, so split them, e.g. STEPS="speed_vit_b speed_vit_h amg_vit_h" then the rest.
+STEPS=${STEPS:-all}
 step() {  # step SECONDS NAME CMD...
   local t=$1 name=$2; shift 2
+  if [ "$STEPS" != all ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   echo "== $name ($(date -u +%T))" | tee -a "$LOG"
   timeout "$t" "$@" 2>&1 | tail -n 40 | tee -a "$LOG"
   echo "== $name rc ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$LOG"
-step ${T_SPEED_B:-110} speed_vit_b python3 bench/speed.py --device cuda --models vit_b --no-compile --json "$OUT/speed_vit_b.json"
+step ${T_SPEED_B:-200} speed_vit_b python3 bench/speed.py --device cuda --models vit_b --no-compile --json "$OUT/speed_vit_b.json"
 step ${T_AMG:-150} amg_vit_h python3 bench/amg.py --model vit_h --device cuda --points-per-side 32 --repeats 1 --json "$OUT/amg_vit_h.json"
 step ${T_PRED:-50} predictor_vit_b python3 bench/predictor.py --device cuda --repeats 3 --prompts 20 --json "$OUT/predictor_vit_b.json"
-step ${T_SPEED_H:-80} speed_vit_h python3 bench/speed.py --device cuda --models vit_h --no-compile --json "$OUT/speed_vit_h.json"
+step ${T_SPEED_H:-180} speed_vit_h python3 bench/speed.py --device cuda --models vit_h --no-compile --json "$OUT/speed_vit_h.json"
 # Compiled encoders (issue 7's remaining lever): 'default' mode compiles in about a minute per variant;
 # max-autotune (segment-anything-fast's choice) only if time is left.
 step ${T_COMPILE_B:-240} speed_vit_b_compiled python3 bench/speed.py --device cuda --models vit_b --parts encoder \
