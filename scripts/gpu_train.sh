@@ -13,7 +13,8 @@
 #
 # Env knobs: MAX_MINUTES (training budget, default 6 so evaluation fits a 10-minute call),
 # PACK (default out/packed), OUT (default out/gpu_run), PYTHON (default python3), EVAL_TIMEOUT (s, 150),
-# DEVICE (auto), GRABCUT (1: also run the GrabCut baseline; 0: model only), EXTRA (more `-o section.key=value` overrides for training), EVAL_EXTRA (more eval flags).
+# DEVICE (auto), GRABCUT (1: also run the GrabCut baseline; 0: model only), EXTRA (more `-o section.key=value` overrides for training, shell-quoted where a value has spaces:
+# EXTRA='-o "data.repeat={bsds: 3, kvasir: 0.5}"'), EVAL_EXTRA (more eval flags, quoted the same way).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,6 +28,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBA
 mkdir -p "$OUT" "$RUN"
 LOG="$OUT/train_log.txt"
 t_start=$(date +%s)
+eval "extra=(${EXTRA:-})" && eval "eval_extra=(${EVAL_EXTRA:-})" || { echo "EXTRA or EVAL_EXTRA is not valid shell words"; exit 2; }
 {
   echo "== $(date -u +%FT%TZ) segany gpu_train: pack=$PACK max_minutes=$MAX_MINUTES"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -37,7 +39,7 @@ t_start=$(date +%s)
 
 # 1) train (the budget ends the run; lr decays at fixed fractions of it)
 $PY -m segany.cli.train configs/segany_tiny.yaml --max-minutes "$MAX_MINUTES" \
-  -o run.out_dir="$RUN" -o data.pack="$PACK" -o run.device="$DEVICE" ${EXTRA:-} \
+  -o run.out_dir="$RUN" -o data.pack="$PACK" -o run.device="$DEVICE" "${extra[@]}" \
   --export "$RUN/segany_tiny.pt" 2>&1 | tee -a "$LOG"
 train_rc=${PIPESTATUS[0]}
 cp "$RUN/log.jsonl" "$OUT/log.jsonl" 2>/dev/null
@@ -62,7 +64,7 @@ $PY -c "from segany.bundled import split_file; import sys; print([p.name for p i
 # 3) evaluate on the held-out split, GrabCut from the same boxes beside it
 timeout "$EVAL_TIMEOUT" $PY -m segany.cli.eval --model segany_tiny --checkpoint "$RUN/segany_tiny.pt" \
   --data "$PACK" $([ "${GRABCUT:-1}" = 1 ] && echo --grabcut) --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --max-objects-per-image 4 \
-  --device "$DEVICE" --out "$RUN/eval" --quiet ${EVAL_EXTRA:-} 2>&1 | tee -a "$LOG"
+  --device "$DEVICE" --out "$RUN/eval" --quiet "${eval_extra[@]}" 2>&1 | tee -a "$LOG"
 echo "eval rc ${PIPESTATUS[0]}" | tee -a "$LOG"
 cp "$RUN/eval/miou_vs_clicks.png" "$OUT/" 2>/dev/null
 
