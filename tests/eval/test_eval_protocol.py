@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,47 @@ def test_grabcut_and_model_eval_on_synthetic_object(tmp_path, tiny_sam) -> None:
     assert len(res) == 1 and len(res[0].click_ious) == 3
     s = summarize(res, max_clicks=3)
     assert set(s["all"]) >= {"miou_1", "miou_5", "noc85", "noc90", "box_miou", "miou_by_clicks"}
+
+
+def test_paired_bootstrap_resamples_images_not_objects() -> None:
+    from segany.eval.metrics import paired_bootstrap
+
+    # A constant difference: the interval collapses onto it.
+    c = paired_bootstrap([0.1] * 6, ["a", "a", "b", "b", "c", "c"], resamples=500)
+    assert c["mean"] == pytest.approx(0.1) and c["ci_low"] == pytest.approx(0.1) and c["ci_high"] == pytest.approx(0.1)
+    assert (c["objects"], c["clusters"], c["a_better"]) == (6, 3, 1.0)
+    # 20 images, each with 10 identical objects (+1 or -1): object-level resampling would see 200 independent
+    # draws (CI half-width ~0.14); image-level sees 20 (~0.44). The wide interval proves images are resampled.
+    diffs = [1.0 if i % 2 else -1.0 for i in range(20) for _ in range(10)]
+    groups = [i for i in range(20) for _ in range(10)]
+    w = paired_bootstrap(diffs, groups, resamples=4000, seed=1)
+    assert w["mean"] == pytest.approx(0.0) and w["ci_low"] < -0.3 and w["ci_high"] > 0.3
+    flat = paired_bootstrap(diffs, list(range(200)), resamples=4000, seed=1)
+    assert flat["ci_high"] - flat["ci_low"] < 0.5 * (w["ci_high"] - w["ci_low"])
+    assert paired_bootstrap([], [])["objects"] == 0
+
+
+def test_run_evaluation_writes_per_object_rows_and_box_comparison(tmp_path, tiny_sam) -> None:
+    from PIL import Image
+
+    from segany.eval.run import format_table, run_evaluation
+
+    rng = np.random.default_rng(0)
+    records = []
+    for k in range(2):
+        img = (rng.random((80, 100, 3)) * 60).astype(np.uint8)
+        gt = rect(80, 100, 20 + k, 60, 30, 75)
+        img[gt] = [220, 200, 30]
+        Image.fromarray(img).save(tmp_path / f"x{k}.png")
+        records.append(InstanceRecord(str(tmp_path / f"x{k}.png"), (80, 100), [encode_mask(gt)], dataset="syn",
+                                      image_id=f"x{k}"))
+    res = run_evaluation(tiny_sam, records, max_clicks=2, grabcut=True, out_dir=tmp_path / "out")
+    rows_m, rows_g = res["per_object"]["model"], res["per_object"]["grabcut"]
+    assert [r["image_id"] for r in rows_m] == [r["image_id"] for r in rows_g] == ["x0", "x1"]
+    assert len(rows_m[0]["click_ious"]) == 2 and "click_ious" not in rows_g[0]
+    cmp = res["box_vs_grabcut"]["all"]
+    want = np.mean([m["box_iou"] - g["box_iou"] for m, g in zip(rows_m, rows_g, strict=True)])
+    assert cmp["mean"] == pytest.approx(want, abs=1e-3) and cmp["clusters"] == 2
+    assert "box mIoU − GrabCut, all" in format_table(res)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["box_vs_grabcut"] == res["box_vs_grabcut"]

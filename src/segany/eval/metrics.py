@@ -92,3 +92,30 @@ def average_recall(gt: Sequence[Sequence[dict]], proposals: Sequence[Sequence[di
 def _bytes_rle(rle: dict) -> dict:
     counts = rle["counts"]
     return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def paired_bootstrap(diffs: Sequence[float], clusters: Sequence[Any], *, resamples: int = 10_000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean of paired differences (method A − method B on the same objects) with a bootstrap interval.
+
+    Objects of one image are not independent (same lighting, same annotator), so whole images
+    (``clusters``) are resampled, not objects; with one object per cluster this is the plain bootstrap.
+    Returns the mean, the ``level`` percentile interval, and the share of objects where A is better.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.size == 0:
+        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "a_better": float("nan"),
+                "objects": 0, "clusters": 0}
+    keys = {c: i for i, c in enumerate(dict.fromkeys(clusters))}
+    idx = np.fromiter((keys[c] for c in clusters), dtype=np.int64, count=d.size)
+    n = len(keys)
+    sums = np.bincount(idx, weights=d, minlength=n)
+    counts = np.bincount(idx, minlength=n).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    # Each resample draws n images with replacement; its mean is over all objects of the drawn images.
+    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])
+    means = (weights @ sums) / (weights @ counts)
+    tail = (1.0 - level) / 2 * 100
+    return {"mean": float(d.mean()), "ci_low": float(np.percentile(means, tail)),
+            "ci_high": float(np.percentile(means, 100 - tail)), "a_better": float((d > 0).mean()),
+            "objects": int(d.size), "clusters": n}

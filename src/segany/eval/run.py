@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,10 @@ def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int
                               progress=progress("grabcut", n_obj) if progress else None)
         result["grabcut"] = summarize(gc, max_clicks)
         result["meta"]["grabcut_seconds"] = round(time.time() - t0, 1)
+        result["box_vs_grabcut"] = compare_box(res, gc)
+    result["per_object"] = {"model": [_object_row(r) for r in res]}
+    if grabcut:
+        result["per_object"]["grabcut"] = [_object_row(r) for r in gc]
     if out_dir is not None:
         from segany.eval.plots import plot_miou_vs_clicks
 
@@ -78,6 +82,33 @@ def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int
         plot_miou_vs_clicks(result["model"], out / "miou_vs_clicks.png", baseline=result.get("grabcut"),
                             title=f"{(meta or {}).get('model', 'model')}: mIoU vs clicks (dashed: GrabCut box)")
     return result
+
+
+def _object_row(r: Any) -> dict[str, Any]:
+    row = {"dataset": r.dataset, "image_id": r.image_id, "box_iou": round(r.box_iou, 4)}
+    if r.click_ious:
+        row["click_ious"] = [round(v, 4) for v in r.click_ious]
+    return row
+
+
+def compare_box(model: Sequence[Any], grabcut: Sequence[Any], *, resamples: int = 10_000) -> dict[str, Any]:
+    """Per dataset and overall: box IoU of the model minus GrabCut's on the same objects, with a 95%
+    image-level bootstrap interval, so "above GrabCut" is a claim with an error bar, not two means."""
+    from segany.eval.metrics import paired_bootstrap
+
+    if len(model) != len(grabcut) or any((a.dataset, a.image_id) != (b.dataset, b.image_id)
+                                         for a, b in zip(model, grabcut, strict=True)):
+        raise ValueError("model and GrabCut results must list the same objects in the same order")
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(model):
+        groups.setdefault(r.dataset, []).append(i)
+    groups["all"] = list(range(len(model)))
+    out = {}
+    for name, ids in groups.items():
+        stats = paired_bootstrap([model[i].box_iou - grabcut[i].box_iou for i in ids],
+                                 [(model[i].dataset, model[i].image_id) for i in ids], resamples=resamples)
+        out[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
+    return out
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -92,4 +123,7 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{s.get('miou_5', float('nan')):8.3f} {s.get('noc85', float('nan')):7.2f} "
                      f"{s.get('noc90', float('nan')):7.2f} {s['box_miou']:7.3f} "
                      f"{g if g is not None else float('nan'):8.3f}")
+    for name, c in result.get("box_vs_grabcut", {}).items():
+        lines.append(f"box mIoU − GrabCut, {name}: {c['mean']:+.3f} (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, "
+                     f"images resampled; better on {c['a_better']:.0%} of {c['objects']} objects)")
     return "\n".join(lines)
