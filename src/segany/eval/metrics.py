@@ -113,8 +113,15 @@ def paired_bootstrap(diffs: Sequence[float], clusters: Sequence[Any], *, resampl
     counts = np.bincount(idx, minlength=n).astype(np.float64)
     rng = np.random.default_rng(seed)
     # Each resample draws n images with replacement; its mean is over all objects of the drawn images.
-    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])
-    means = (weights @ sums) / (weights @ counts)
+    # Chunked so that memory stays ~chunk × n whatever the number of resamples.
+    means = np.empty(resamples)
+    chunk = max(1, min(resamples, 4_000_000 // max(n, 1)))
+    for start in range(0, resamples, chunk):
+        k = min(chunk, resamples - start)
+        draws = rng.integers(0, n, (k, n))
+        weights = np.zeros((k, n))
+        np.add.at(weights, (np.repeat(np.arange(k), n), draws.ravel()), 1.0)
+        means[start : start + k] = (weights @ sums) / (weights @ counts)
     tail = (1.0 - level) / 2 * 100
     return {"mean": float(d.mean()), "ci_low": float(np.percentile(means, tail)),
             "ci_high": float(np.percentile(means, 100 - tail)), "a_better": float((d > 0).mean()),
