@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from segany.data.formats.common import InstanceRecord, decode_rle
 from segany.eval.clicks import first_click, next_click
 from segany.eval.metrics import iou, summarize_clicks
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,14 +91,19 @@ def evaluate_model(model: Any, objects: Sequence[tuple[InstanceRecord, list[np.n
     return results
 
 
+def by_dataset(items: Sequence[T], dataset: Callable[[T], str]) -> dict[str, list[T]]:
+    """``items`` per dataset, in first-seen order, then all of them under ``"all"`` (the tables' rows)."""
+    groups: dict[str, list[T]] = {}
+    for it in items:
+        groups.setdefault(dataset(it), []).append(it)
+    groups["all"] = list(items)
+    return groups
+
+
 def summarize(results: Sequence[ObjectResult], max_clicks: int = 20) -> dict[str, Any]:
     """Per dataset and overall: mIoU by clicks, 1/5-click mIoU, NoC@85/90 and box mIoU."""
     out: dict[str, Any] = {}
-    groups: dict[str, list[ObjectResult]] = {}
-    for r in results:
-        groups.setdefault(r.dataset, []).append(r)
-    groups["all"] = list(results)
-    for name, rs in groups.items():
+    for name, rs in by_dataset(results, lambda r: r.dataset).items():
         s = summarize_clicks([r.click_ious for r in rs], max_clicks) if rs and rs[0].click_ious else \
             {"objects": len(rs)}
         s["box_miou"] = round(float(np.mean([r.box_iou for r in rs])), 4) if rs else None

@@ -119,8 +119,7 @@ def paired_bootstrap(diffs: Sequence[float], clusters: Sequence[Any], *, resampl
     for start in range(0, resamples, chunk):
         k = min(chunk, resamples - start)
         draws = rng.integers(0, n, (k, n))
-        weights = np.zeros((k, n))
-        np.add.at(weights, (np.repeat(np.arange(k), n), draws.ravel()), 1.0)
+        weights = np.bincount((draws + n * np.arange(k)[:, None]).ravel(), minlength=k * n).reshape(k, n)
         means[start : start + k] = (weights @ sums) / (weights @ counts)
     tail = (1.0 - level) / 2 * 100
     return {"mean": float(d.mean()), "ci_low": float(np.percentile(means, tail)),

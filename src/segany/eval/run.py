@@ -94,19 +94,16 @@ def _object_row(r: Any) -> dict[str, Any]:
 def compare_box(model: Sequence[Any], grabcut: Sequence[Any], *, resamples: int = 10_000) -> dict[str, Any]:
     """Per dataset and overall: box IoU of the model minus GrabCut's on the same objects, with a 95%
     image-level bootstrap interval, so "above GrabCut" is a claim with an error bar, not two means."""
+    from segany.eval.interactive import by_dataset
     from segany.eval.metrics import paired_bootstrap
 
     if len(model) != len(grabcut) or any((a.dataset, a.image_id) != (b.dataset, b.image_id)
                                          for a, b in zip(model, grabcut, strict=True)):
         raise ValueError("model and GrabCut results must list the same objects in the same order")
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(model):
-        groups.setdefault(r.dataset, []).append(i)
-    groups["all"] = list(range(len(model)))
     out = {}
-    for name, ids in groups.items():
-        stats = paired_bootstrap([model[i].box_iou - grabcut[i].box_iou for i in ids],
-                                 [(model[i].dataset, model[i].image_id) for i in ids], resamples=resamples)
+    for name, pairs in by_dataset(list(zip(model, grabcut, strict=True)), lambda p: p[0].dataset).items():
+        stats = paired_bootstrap([m.box_iou - g.box_iou for m, g in pairs],
+                                 [(m.dataset, m.image_id) for m, _ in pairs], resamples=resamples)
         out[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
     return out
 
