@@ -43,9 +43,9 @@ class AutoSettings:
     """Automatic mask generator settings for stage 3 (SAM used 32×32 points plus crops on 11 M images).
 
     The generator is pluggable (``generator``), so these are the keyword arguments every generator takes
-    (SamAutomaticMaskGenerator's), not an :class:`AmgConfig`; their defaults are AmgConfig's, and the
-    default generator's values are checked by AmgConfig itself. They are stored flat because their hash
-    is recorded with every stage-3 run.
+    (SamAutomaticMaskGenerator's), not an :class:`AmgConfig`; their defaults are AmgConfig's, and their
+    values are checked by AmgConfig itself whichever generator runs. They are stored flat because their
+    hash is recorded with every stage-3 run.
     """
 
     points_per_side: int = 32
