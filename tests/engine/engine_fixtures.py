@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from conftest import SHARED_DATA  # noqa: F401  (re-exported for the engine tests: one definition of the data path)
 from PIL import Image
 
 from segany.engine.auto import AutoSettings
@@ -14,7 +15,6 @@ from segany.engine.auto import AutoSettings
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SAMPLES = REPO / "src" / "segany" / "assets" / "samples"
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def generator_name() -> str:
