@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from segany.modeling.config import SamConfig, ViTConfig
 from segany.modeling.sam import Sam
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# CI lays ../shared/data beside the repo; SEGANY_SHARED_DATA points a clone elsewhere at the same datasets.
+SHARED_DATA = Path(os.environ.get("SEGANY_SHARED_DATA") or REPO.parent / "shared" / "data")
 SAMPLE_IMAGE = REPO / "src" / "segany" / "assets" / "sample.jpg"
 
 

@@ -74,6 +74,7 @@ def test_text_with_a_model_without_labels_names_the_label_model(argv: tuple[str,
     r = segany(*argv, "--out", str(tmp_path / "out"), home=home)
     assert r.returncode == 1, r.stderr
     assert "segany_tiny_labels" in r.stderr and "Traceback" not in r.stderr
+    assert "embedding" not in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_nothing_above_min_score_says_how_to_see_weaker_matches(tmp_path: Path, home: Path) -> None:
@@ -82,8 +83,15 @@ def test_nothing_above_min_score_says_how_to_see_weaker_matches(tmp_path: Path, 
     assert r.returncode == 1 and "nothing matched --text 'person'" in r.stderr and "--min-score 1" in r.stderr
 
 
-def test_unknown_label_lists_the_known_ones(tmp_path: Path, home: Path) -> None:
-    r = segany("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "zebra crossing",
-               "--out", str(tmp_path / "out"), home=home)
+@pytest.mark.parametrize("argv", [
+    ("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "zebra crossing"),
+    ("auto", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--labels", "person,zebra crossing",
+     "--device", "cpu"),
+])
+def test_unknown_label_lists_the_known_ones(argv: tuple[str, ...], tmp_path: Path, home: Path) -> None:
+    r = segany(*argv, "--out", str(tmp_path / "out"), home=home)
     assert r.returncode == 1
     assert "unknown label 'zebra crossing'" in r.stderr and "Known: " in r.stderr and "person" in r.stderr
+    # The vocabulary is checked once the model is loaded, before any image work; nothing is written.
+    assert "embedding" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

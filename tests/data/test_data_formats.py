@@ -21,7 +21,7 @@ from segany.data.formats.common import (
 
 def _shared() -> None:
     if not SHARED_DATA.exists():
-        pytest.fail(f"shared datasets not found at {SHARED_DATA}; CI lays ../shared/data beside the repo")
+        pytest.fail(f"shared datasets not found at {SHARED_DATA}; CI lays ../shared/data beside the repo, or set SEGANY_SHARED_DATA")
 
 
 def test_rle_codec_matches_pycocotools() -> None:

@@ -15,7 +15,7 @@ from segany.data.pack import load_pack, pack_shared
 @pytest.fixture(scope="module")
 def pack_dir(tmp_path_factory):
     if not SHARED_DATA.exists():
-        pytest.fail(f"shared datasets not found at {SHARED_DATA}")
+        pytest.fail(f"shared datasets not found at {SHARED_DATA}; lay ../shared/data beside the repo or set SEGANY_SHARED_DATA")
     out = tmp_path_factory.mktemp("pack")
     pack_shared(SHARED_DATA, out, datasets=("pennfudan", "kvasir"), limit=3, max_side=256)
     return out

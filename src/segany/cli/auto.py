@@ -168,14 +168,11 @@ def run(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in _GEN_OPTIONS}
     options["output_mode"] = "binary_mask" if args.format == "png" else "coco_rle"
     config = AmgConfig(**options)  # bad option values fail here, before the model loads
+    labels = [t.strip() for t in args.labels.split(",") if t.strip()] if args.labels is not None else None
+    if labels == []:
+        raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temps(out)
-
-    todo = [(i, p, k) for i, (p, k) in enumerate(images)
-            if not (args.resume and output_path(out, k, args.format).exists())]
-    skipped = len(images) - len(todo)
 
     from tqdm import tqdm
 
@@ -187,13 +184,19 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = build_sam(args.model, checkpoint=checkpoint, device=device)
     generator = SamAutomaticMaskGenerator.from_config(model, config)
-    if args.labels:
-        generator.labels = [t.strip() for t in args.labels.split(",") if t.strip()]
-        if not generator.labels:
-            raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")
+    if labels is not None:
         if model.class_head is None:  # fail now, not silently on the first image that has masks
             raise InputError(f"--labels needs a model with a class head and {args.model!r} has none; use "
                              "--model segany_tiny_labels (segany_tiny + a class head, shipped with segany)")
+        from segany.text.prompting import check_text_for_model
+
+        generator.labels = [check_text_for_model(model, t) for t in labels]  # unknown closed-vocabulary names
+    # The output folder appears only once every check has passed: a refused run leaves nothing behind.
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temps(out)
+    todo = [(i, p, k) for i, (p, k) in enumerate(images)
+            if not (args.resume and output_path(out, k, args.format).exists())]
+    skipped = len(images) - len(todo)
     failures: list[dict[str, str]] = []
     n_masks = 0
     done = 0

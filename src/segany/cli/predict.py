@@ -96,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
 
     with progress.step("load_s", f"loading {args.model} from {checkpoint} on {device}"):
         model = build_sam(args.model, checkpoint=checkpoint, device=device)
+    if args.text is not None:  # a phrase the model cannot take fails now, not after the image is embedded
+        from segany.text.prompting import check_text_for_model
+
+        check_text_for_model(model, args.text)
     predictor = SamPredictor(model)
     h, w = image.shape[:2]
     with progress.step("embed_s", f"embedding {w}x{h} image"):

@@ -129,15 +129,28 @@ def _phrase_vocab(model: Sam, text: str, predictor: SamPredictor) -> tuple[Vocab
     return make_vocabulary(model, names, predictor=predictor), len(names) - 1
 
 
+def check_text_for_model(model: Sam, text: object) -> str:
+    """The phrase, normalised checks done, or the error a prompt with it would raise: before any image work.
+
+    A model without a text path, or a closed vocabulary that lacks the phrase, fails here, so the CLI can
+    say so before embedding the image (seconds on a CPU) instead of after.
+    """
+    text = check_text(text)
+    if model.cfg.text is None and model.class_head is None:
+        raise PromptError("text prompts: this " + NO_TEXT_PATH)
+    head = model.class_head
+    if head is not None and (head.clip_dim <= 0 or model.cfg.text is None):
+        resolve_label(text, head.class_names)  # closed vocabulary: unknown names list the known ones
+    return text
+
+
 @torch.no_grad()
 def predict_text(predictor: SamPredictor, text: str, coords: torch.Tensor | None, labels: torch.Tensor | None,
                  box: torch.Tensor | None, mask_input: torch.Tensor | None, multimask_output: bool,
                  return_logits: bool, **every: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The numpy result of ``predict`` for a text prompt; prompts already in the model frame, batch 1."""
-    text = check_text(text)
     model = predictor.model
-    if model.cfg.text is None and model.class_head is None:
-        raise PromptError("text prompts: this " + NO_TEXT_PATH)
+    text = check_text_for_model(model, text)
     if coords is None and box is None and mask_input is None and model.class_head is not None:
         return segment_every(predictor, text, return_logits=return_logits, **every)
     text_emb = get_clip(predictor).encode_text([text]) if model.cfg.text is not None else None
