@@ -11,7 +11,7 @@ $S predict src/segany/assets/sample.jpg --point 250,150 --out "$OUT/predict"
 echo "== 2. segment everything in the sample folder (SA-1B JSON per image, overlays, run manifest)"
 # segany_tiny was trained for minutes, so its IoU head and logits are far less confident than SAM's:
 # SAM's default thresholds (0.88 / 0.95) keep nothing. These looser ones suit it (see docs/benchmarks.md).
-$S auto src/segany/assets/samples --out "$OUT/auto" --format sa1b --overlay --points-per-side 16 --resume \
+$S auto src/segany/assets/samples --out "$OUT/auto" --format sa1b --overlay --points-per-side 16 \
   --pred-iou-thresh 0.25 --stability-score-thresh 0.3 --stability-score-offset 0.1 --min-mask-region-area 100
 echo "== done: results in $OUT/"
 echo "   the annotation app on the same images:  .venv/bin/segany project create out/demo_project --samples"

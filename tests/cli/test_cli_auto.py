@@ -50,7 +50,7 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def _outputs(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.json"))
-            if p.name != "manifest.json"}
+            if p.name not in ("manifest.json", "run.json")}
 
 
 def test_kill_9_then_resume_equals_uninterrupted_run(folder: Path, checkpoint: Path, tmp_path: Path) -> None:
@@ -135,3 +135,46 @@ def test_bad_inputs(make, fragment: str, checkpoint: Path, tmp_path: Path) -> No
     r = _run(make(src), "--out", tmp_path / "o", "--checkpoint", checkpoint, *FAST)
     assert r.returncode == 1 and fragment in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1  # one line, no traceback
+
+
+def _three(tmp_path: Path) -> Path:
+    d = tmp_path / "three"
+    d.mkdir()
+    for i, p in enumerate(SAMPLES[:3]):
+        shutil.copy(p, d / f"img_{i}.jpg")
+    return d
+
+
+def test_resume_refuses_a_folder_made_with_other_settings(checkpoint: Path, tmp_path: Path) -> None:
+    images, out = _three(tmp_path), tmp_path / "out"
+    r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--quiet")
+    assert r.returncode == 0, r.stderr
+    before = _outputs(out)
+    other = tmp_path / "other.pt"
+    shutil.copy(checkpoint, other)
+    for extra, says in ((["--checkpoint", checkpoint, "--points-per-side", "3"], "points_per_side 4 → 3"),
+                        (["--checkpoint", other, "--points-per-side", "4"], f"checkpoint '{checkpoint.resolve()}' → '{other.resolve()}'")):
+        r = _run(images, "--out", out, *extra, *FAST[2:], "--resume", "--quiet")
+        assert r.returncode == 1 and says in r.stderr and "rerun without --resume" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and _outputs(out) == before
+    # Outputs with no record of what made them (another tool, an older segany) are not silently kept either.
+    (out / "run.json").unlink()
+    r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
+    assert r.returncode == 1 and "no run.json" in r.stderr
+
+
+def test_resume_redoes_what_a_replaced_run_left_behind(checkpoint: Path, tmp_path: Path) -> None:
+    images, out, clean = _three(tmp_path), tmp_path / "out", tmp_path / "clean"
+    three = ["--points-per-side", "3", *FAST[2:]]
+    assert _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--quiet").returncode == 0
+    # A run with other settings and no --resume replaces every image; this one "dies" after the first,
+    # leaving two outputs of the old settings in the folder.
+    first = tmp_path / "first.txt"
+    first.write_text(f"{images / 'img_0.jpg'}\n")
+    assert _run(first, "--out", out, "--checkpoint", checkpoint, *three, "--quiet").returncode == 0
+    r = _run(images, "--out", out, "--checkpoint", checkpoint, *three, "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["skipped_existing"] == 1 and counts["processed"] == 2
+    assert _run(images, "--out", clean, "--checkpoint", checkpoint, *three, "--quiet").returncode == 0
+    assert _outputs(out) == _outputs(clean)

@@ -3,7 +3,8 @@
 Each image's result is written atomically and is the marker that the image is done, so a run
 killed at any moment (even with SIGKILL) and restarted with ``--resume`` loses, duplicates and
 half-writes nothing. Unreadable images are reported, skipped and listed; the exit status is 1
-if any failed. ``manifest.json`` records the model, options, versions and counts of the run.
+if any failed. ``manifest.json`` records the model, options, versions and counts of the run;
+``run.json`` the settings that ``--resume`` checks (:mod:`segany.cli.auto_resume`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segany.cli._util import atomic_write_bytes, resolve_checkpoint, resolve_device
+from segany.cli.auto_resume import is_current, record_run, resume_since, run_settings
 from segany.errors import ImageLoadError, InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -45,7 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="sa1b: one SA-1B JSON per image (default); coco: per-image COCO results plus "
                         "coco_results.json; png: a folder of mask PNGs per image")
     p.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png showing all masks")
-    p.add_argument("--resume", action="store_true", help="skip images whose output already exists")
+    p.add_argument("--resume", action="store_true",
+                   help="skip images already done with the same model, weights and options (others are refused)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--labels", help="label masks with these comma-separated names, e.g. person,car (needs a model "
@@ -173,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
+    settings = run_settings(args.model, checkpoint, args.format, config.to_dict(), labels)
+    has_outputs = out.is_dir() and any(output_path(out, k, args.format).exists() for _, k in images)
+    since = resume_since(out, settings, args.resume, has_outputs)  # other settings: refused before loading
 
     from tqdm import tqdm
 
@@ -194,8 +200,9 @@ def run(args: argparse.Namespace) -> int:
     # The output folder appears only once every check has passed: a refused run leaves nothing behind.
     out.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out)
+    since = record_run(out, settings, since)
     todo = [(i, p, k) for i, (p, k) in enumerate(images)
-            if not (args.resume and output_path(out, k, args.format).exists())]
+            if not (args.resume and is_current(output_path(out, k, args.format), since))]
     skipped = len(images) - len(todo)
     failures: list[dict[str, str]] = []
     n_masks = 0
@@ -243,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         merged_images, merged = [], []
         for _, key in images:
             p = output_path(out, key, "coco")
-            if p.exists():
+            if is_current(p, since):  # not a replaced run's output for an image that failed this time
                 d = json.loads(p.read_text(encoding="utf-8"))
                 merged_images.append(d["image"])
                 merged.extend(d["results"])

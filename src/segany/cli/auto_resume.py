@@ -1,0 +1,98 @@
+"""Which outputs of an earlier ``segany auto`` run ``--resume`` may keep.
+
+An output is only kept when the settings that made it (model, weights file, generator options, format,
+labels) equal this run's: resuming a folder with another model would otherwise leave the old model's masks
+in place under a manifest that names the new one. ``run.json`` in the output folder records the settings
+and ``since_ns``, the moment outputs with these settings began to be written. A run without ``--resume``
+redoes every image, so it moves ``since_ns`` to its own start; outputs older than that belong to a
+replaced run (one killed before it reached them) and a later ``--resume`` redoes them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from segany.cli._util import atomic_write_bytes
+from segany.errors import InputError
+
+RUN_FILE = "run.json"
+
+
+def checkpoint_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """Path, size and modification time of the weights: cheap even for multi-GB files, and a file
+    replaced in place changes at least its mtime."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def run_settings(model: str, checkpoint: str | os.PathLike[str] | None, fmt: str, options: dict[str, Any],
+                 labels: list[str] | None) -> dict[str, Any]:
+    """Everything that changes what an output holds (the device does not: same masks up to rounding)."""
+    return {"model": model, "checkpoint": checkpoint_identity(checkpoint), "format": fmt,
+            "options": options, "labels": labels}
+
+
+def resume_since(out: Path, settings: dict[str, Any], resume: bool, has_outputs: bool) -> int | None:
+    """The ``since_ns`` whose outputs may be kept, ``None`` for "keep none" (a fresh start).
+
+    Raises:
+        InputError: ``--resume`` into a folder made with other settings, or whose outputs have no record.
+    """
+    if not resume:
+        return None
+    path = out / RUN_FILE
+    if not path.exists():
+        if has_outputs:
+            raise InputError(f"--resume: {str(out)!r} holds outputs but no {RUN_FILE}, so which model and settings "
+                             "made them is unknown; rerun without --resume to replace them, or pick a new --out")
+        return None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        before, since = previous["settings"], int(previous["since_ns"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume to replace "
+                         "the outputs, or pick a new --out") from exc
+    before = json.loads(json.dumps(before))
+    now = json.loads(json.dumps(settings))  # compare as JSON round-trips them (tuples, floats)
+    if before != now:
+        changed = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
+        detail = ", ".join(_describe(k, before.get(k), now.get(k)) for k in changed)
+        raise InputError(f"--resume: {str(out)!r} was made with other settings ({detail}); rerun without "
+                         "--resume to replace its outputs, or pick a new --out")
+    return since
+
+
+def _describe(key: str, old: Any, new: Any) -> str:
+    if isinstance(old, dict) and isinstance(new, dict) and key == "options":
+        return ", ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in sorted({*old, *new})
+                         if old.get(k) != new.get(k))
+    if key == "checkpoint":
+        o = old.get("path") if isinstance(old, dict) else old
+        n = new.get("path") if isinstance(new, dict) else new
+        return f"checkpoint {o!r} → {n!r}" + (" (same path, file changed)" if o == n else "")
+    return f"{key} {old!r} → {new!r}"
+
+
+def record_run(out: Path, settings: dict[str, Any], since: int | None) -> int:
+    """Write ``run.json``; returns the ``since_ns`` in force. A fresh start takes run.json's own mtime, so
+    it is on the same clock as the outputs' mtimes that :func:`is_current` compares with it."""
+    path = out / RUN_FILE
+    if since is None:
+        atomic_write_bytes(path, b"{}")
+        since = path.stat().st_mtime_ns
+    atomic_write_bytes(path, json.dumps({"settings": settings, "since_ns": since}, indent=2).encode("utf-8"))
+    return since
+
+
+def is_current(output: Path, since: int) -> bool:
+    """Whether ``output`` exists and was written under the recorded settings."""
+    try:
+        return output.stat().st_mtime_ns >= since
+    except FileNotFoundError:
+        return False
