@@ -80,7 +80,7 @@ def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out / "results.json")
         plot_miou_vs_clicks(result["model"], out / "miou_vs_clicks.png", baseline=result.get("grabcut"),
-                            title=f"{(meta or {}).get('model', 'model')}: mIoU vs clicks (dashed: GrabCut box)")
+                            title=f"{(meta or {}).get('model', 'model')}: mIoU vs clicks (★ box prompt; dashed: GrabCut box)")
     return result
 
 
