@@ -285,7 +285,7 @@ def label_loss(sam: Sam, batch: dict[str, Any], recipe: LabelRecipe, gen: torch.
             if emb is not None and crop_emb is not None:
                 cos = (emb * crop_emb[:, None]).sum(-1)
                 total = total + recipe.clip_weight * (1 - cos).mean()
-                stats["clip_cos"] = float(cos.mean())
+                stats["clip_cos"] = float(cos.detach().mean())
     if head is not None and recipe.bg_points > 0:
         # Background: points on no labelled object. Labels are incomplete (coco128 misses some objects),
         # so this teaches "stuff" more than "unlabelled thing"; it is weighted like one more mask.
