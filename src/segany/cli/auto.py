@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segany.cli._util import atomic_write_bytes, resolve_checkpoint, resolve_device
-from segany.cli.auto_resume import is_current, record_run, resume_since, run_settings
+from segany.cli.auto_resume import check_resume, is_current, record_run, run_settings
 from segany.errors import ImageLoadError, InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -177,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
     settings = run_settings(args.model, checkpoint, args.format, config.to_dict(), labels)
-    has_outputs = out.is_dir() and any(output_path(out, k, args.format).exists() for _, k in images)
-    since = resume_since(out, settings, args.resume, has_outputs)  # other settings: refused before loading
+    keep = check_resume(out, settings, args.resume,  # other settings: refused before the model loads
+                        lambda: any(output_path(out, k, args.format).exists() for _, k in images))
 
     from tqdm import tqdm
 
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     # The output folder appears only once every check has passed: a refused run leaves nothing behind.
     out.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out)
-    since = record_run(out, settings, since)
+    since = record_run(out, settings, keep)
     todo = [(i, p, k) for i, (p, k) in enumerate(images)
             if not (args.resume and is_current(output_path(out, k, args.format), since))]
     skipped = len(images) - len(todo)

@@ -2,16 +2,18 @@
 
 An output is only kept when the settings that made it (model, weights file, generator options, format,
 labels) equal this run's: resuming a folder with another model would otherwise leave the old model's masks
-in place under a manifest that names the new one. ``run.json`` in the output folder records the settings
-and ``since_ns``, the moment outputs with these settings began to be written. A run without ``--resume``
-redoes every image, so it moves ``since_ns`` to its own start; outputs older than that belong to a
-replaced run (one killed before it reached them) and a later ``--resume`` redoes them too.
+in place under a manifest that names the new one. ``run.json`` in the output folder records the settings;
+its modification time is the moment outputs with these settings began to be written. A run without
+``--resume`` redoes every image, so it rewrites run.json at its start; outputs older than that belong to a
+replaced run (one killed before it reached them) and a later ``--resume`` redoes them too. A resume with
+the same settings leaves run.json as it is.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,34 +40,35 @@ def run_settings(model: str, checkpoint: str | os.PathLike[str] | None, fmt: str
             "options": options, "labels": labels}
 
 
-def resume_since(out: Path, settings: dict[str, Any], resume: bool, has_outputs: bool) -> int | None:
-    """The ``since_ns`` whose outputs may be kept, ``None`` for "keep none" (a fresh start).
+def check_resume(out: Path, settings: dict[str, Any], resume: bool, has_outputs: Callable[[], bool]) -> bool:
+    """Whether this run keeps the outputs of the recorded one (``--resume`` with the same settings).
+
+    Reads only, so it can run before the model loads; ``has_outputs`` is asked only when resuming into a
+    folder without run.json.
 
     Raises:
         InputError: ``--resume`` into a folder made with other settings, or whose outputs have no record.
     """
     if not resume:
-        return None
+        return False
     path = out / RUN_FILE
     if not path.exists():
-        if has_outputs:
+        if has_outputs():
             raise InputError(f"--resume: {str(out)!r} holds outputs but no {RUN_FILE}, so which model and settings "
                              "made them is unknown; rerun without --resume to replace them, or pick a new --out")
-        return None
+        return False
     try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        before, since = previous["settings"], int(previous["since_ns"])
+        before = json.loads(path.read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume to replace "
                          "the outputs, or pick a new --out") from exc
-    before = json.loads(json.dumps(before))
     now = json.loads(json.dumps(settings))  # compare as JSON round-trips them (tuples, floats)
     if before != now:
         changed = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
         detail = ", ".join(_describe(k, before.get(k), now.get(k)) for k in changed)
         raise InputError(f"--resume: {str(out)!r} was made with other settings ({detail}); rerun without "
                          "--resume to replace its outputs, or pick a new --out")
-    return since
+    return True
 
 
 def _describe(key: str, old: Any, new: Any) -> str:
@@ -79,15 +82,13 @@ def _describe(key: str, old: Any, new: Any) -> str:
     return f"{key} {old!r} → {new!r}"
 
 
-def record_run(out: Path, settings: dict[str, Any], since: int | None) -> int:
-    """Write ``run.json``; returns the ``since_ns`` in force. A fresh start takes run.json's own mtime, so
-    it is on the same clock as the outputs' mtimes that :func:`is_current` compares with it."""
+def record_run(out: Path, settings: dict[str, Any], keep: bool) -> int:
+    """The time (ns) from which outputs count as made with ``settings``: run.json's mtime, on the same clock
+    as the outputs' mtimes that :func:`is_current` compares with it. A fresh start rewrites run.json first."""
     path = out / RUN_FILE
-    if since is None:
-        atomic_write_bytes(path, b"{}")
-        since = path.stat().st_mtime_ns
-    atomic_write_bytes(path, json.dumps({"settings": settings, "since_ns": since}, indent=2).encode("utf-8"))
-    return since
+    if not keep:
+        atomic_write_bytes(path, json.dumps({"settings": settings}, indent=2).encode("utf-8"))
+    return path.stat().st_mtime_ns
 
 
 def is_current(output: Path, since: int) -> bool:

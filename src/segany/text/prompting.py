@@ -123,7 +123,7 @@ def _phrase_vocab(model: Sam, text: str, predictor: SamPredictor) -> tuple[Vocab
     try:
         return Vocabulary([text], closed_idx=[resolve_label(text, head.class_names)]), 0
     except PromptError:
-        if head.clip_dim <= 0 or model.cfg.text is None:
+        if _closed_vocabulary(model):
             raise
     names = [n for n in head.class_names if normalize_phrase(n) != normalize_phrase(text)] + [text]
     return make_vocabulary(model, names, predictor=predictor), len(names) - 1
@@ -138,10 +138,16 @@ def check_text_for_model(model: Sam, text: object) -> str:
     text = check_text(text)
     if model.cfg.text is None and model.class_head is None:
         raise PromptError("text prompts: this " + NO_TEXT_PATH)
-    head = model.class_head
-    if head is not None and (head.clip_dim <= 0 or model.cfg.text is None):
-        resolve_label(text, head.class_names)  # closed vocabulary: unknown names list the known ones
+    if model.class_head is not None and _closed_vocabulary(model):
+        resolve_label(text, model.class_head.class_names)  # unknown names fail listing the known ones
     return text
+
+
+def _closed_vocabulary(model: Sam) -> bool:
+    """A class head that can only name its own classes: phrases beyond them need its CLIP projection
+    and the model's CLIP text path together."""
+    head = model.class_head
+    return head is not None and (head.clip_dim <= 0 or model.cfg.text is None)
 
 
 @torch.no_grad()

@@ -19,18 +19,23 @@ from segany.errors import CheckpointError, InputError
 from segany.modeling.sam import Sam
 
 
+def normalized_weights(n: int, weights: Sequence[float] | None = None) -> list[float]:
+    """One weight per checkpoint, summing to 1 (equal when ``weights`` is None); checked."""
+    if n < 2:
+        raise InputError(f"averaging needs at least 2 checkpoints, got {n}")
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n or any(x < 0 for x in w) or sum(w) <= 0:
+        raise InputError(f"need one non-negative weight per checkpoint ({n}), not all zero; got {w}")
+    return [x / sum(w) for x in w]
+
+
 def average_checkpoints(paths: Sequence[str | os.PathLike[str]], weights: Sequence[float] | None = None) -> Sam:
     """A model whose float tensors are the weighted mean of the checkpoints' (fp32 arithmetic).
 
     Every checkpoint must embed the same config and hold the same keys and shapes; integer buffers are
     taken from the first. Weights default to equal and are normalised to sum to 1.
     """
-    if len(paths) < 2:
-        raise InputError(f"averaging needs at least 2 checkpoints, got {len(paths)}")
-    w = [1.0] * len(paths) if weights is None else [float(x) for x in weights]
-    if len(w) != len(paths) or any(x < 0 for x in w) or sum(w) <= 0:
-        raise InputError(f"need one non-negative weight per checkpoint ({len(paths)}), not all zero; got {w}")
-    w = [x / sum(w) for x in w]
+    w = normalized_weights(len(paths), weights)
     first_sd, cfg, _ = read_checkpoint(paths[0])
     if cfg is None:
         raise CheckpointError(f"{str(paths[0])!r} has no embedded config; average segany checkpoints")
@@ -53,7 +58,6 @@ def average_to_file(paths: Sequence[str | os.PathLike[str]], out: str | os.PathL
                     weights: Sequence[float] | None = None, half: bool = True) -> Path:
     """Average ``paths`` and write a self-describing checkpoint (fp16 by default, as shipped) atomically."""
     model = average_checkpoints(paths, weights)
-    w = [1.0] * len(paths) if weights is None else list(weights)
-    meta = {"soup_of": [str(p) for p in paths], "weights": [x / sum(w) for x in w]}
+    meta = {"soup_of": [str(p) for p in paths], "weights": normalized_weights(len(paths), weights)}
     with torch.no_grad():
         return save_checkpoint(model, out, meta=meta, half=half)
