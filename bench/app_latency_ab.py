@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clicks", type=int, default=40, help="clicks per version (the first is left out of the stats)")
     p.add_argument("--clicks-per-object", type=int, default=5)
     p.add_argument("--json", default=None, help="write the summary and every click here")
+    p.add_argument("--keep", action="store_true", help="keep the temporary projects and server logs")
     args = p.parse_args(argv)
     variants = {"A": _variant(args.a), "B": _variant(args.b)}
     tmp = Path(tempfile.mkdtemp(prefix="segany_app_ab_"))
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    if not args.keep:  # on failure the folder stays: the error names it for its server logs
+        shutil.rmtree(tmp, ignore_errors=True)
     summary: dict[str, Any] = {"a": args.a, "b": args.b, "model": "vit_b random" if args.random_vit_b else args.model,
                                "image": IMAGE, "load_avg_end": [round(x, 2) for x in os.getloadavg()], **info}
     for name, rows in clicks.items():

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -78,6 +79,7 @@ def main() -> int:
            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)  # one project per worker count: too big to leave in /tmp
     print(json.dumps(out, indent=1))
     return 0
 

@@ -24,11 +24,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -313,6 +315,8 @@ def _onnx_dir(model: torch.nn.Module, quantized: bool) -> Path:
     key = (id(model), quantized)
     if key not in _ONNX_DIRS:
         folder = Path(tempfile.mkdtemp(prefix="segany_bench_onnx_"))
+        # Each export is a few hundred MB for ViT-B; left behind, repeated runs fill the disk.
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         export_onnx(copy.deepcopy(model).cpu(), folder, quantize_int8=quantized)
         _ONNX_DIRS[key] = folder
     return _ONNX_DIRS[key]

@@ -11,6 +11,13 @@ fi
 VPIP=".venv/bin/python -m pip"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! .venv/bin/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null; then
+  # torch 2.14.1 is a CUDA build: the venv grows to about 6.5 GB. Say so up front rather than die in pip's ENOSPC.
+  free_kb=$(df -Pk .venv | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((6500 * 1024)) ]; then
+    echo "[setup] error: only $((free_kb / 1024)) MB free on the disk holding $(pwd)/.venv; installing torch" \
+         "needs about 6500 MB. Free some space (old clones, /tmp) or clone onto a bigger disk, then rerun." >&2
+    exit 1
+  fi
   echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (from the local wheel store)" >&2
   $VPIP install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
 fi

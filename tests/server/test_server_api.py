@@ -233,6 +233,31 @@ def test_zip_exports(client: TestClient, token: str, fmt: str) -> None:
     assert client.get("/api/export/nope", headers=auth(token)).status_code == 404
 
 
+def test_exports_leave_no_temporary_files(client: TestClient, token: str, tmp_path: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each export works in a temporary folder; a server exporting all day must not fill the disk with them."""
+    import tempfile
+
+    from segany.engine import exports
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=_ann_body(im["height"], im["width"]))
+    for fmt in ("coco", "yolo"):
+        assert client.get(f"/api/export/{fmt}", headers=auth(token)).status_code == 200
+        assert list(scratch.iterdir()) == [], fmt
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(exports, "export_yolo", broken)
+    with pytest.raises(OSError, match="disk full"):
+        client.get("/api/export/yolo", headers=auth(token))
+    assert list(scratch.iterdir()) == []
+
+
 def test_split_decoder_served(client: TestClient, token: str) -> None:
     import onnxruntime as ort
 

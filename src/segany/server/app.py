@@ -390,18 +390,24 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         if fmt not in EXPORT_FORMATS:
             raise HTTPException(404, f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
         work = Path(tempfile.mkdtemp(prefix="segany-export-"))
-        cleanup = BackgroundTask(shutil.rmtree, work, ignore_errors=True)
-        if fmt in ("coco", "coco-polygons"):
-            out = exports.export_coco(store, project_id, work / "annotations.json", polygons=fmt == "coco-polygons")
-            return FileResponse(out, media_type="application/json", filename=f"{fmt}.json", background=cleanup)
-        target = work / fmt
-        {"sa1b": exports.export_sa1b, "yolo": exports.export_yolo, "png": exports.export_png}[fmt](
-            store, project_id, target)
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            for f in sorted(target.rglob("*")):
-                if f.is_file():
-                    zf.write(f, f.relative_to(target))
+        try:
+            if fmt in ("coco", "coco-polygons"):
+                out = exports.export_coco(store, project_id, work / "annotations.json",
+                                          polygons=fmt == "coco-polygons")
+                # The file is streamed after this returns, so the folder goes in a background task.
+                cleanup = BackgroundTask(shutil.rmtree, work, ignore_errors=True)
+                return FileResponse(out, media_type="application/json", filename=f"{fmt}.json", background=cleanup)
+            target = work / fmt
+            {"sa1b": exports.export_sa1b, "yolo": exports.export_yolo, "png": exports.export_png}[fmt](
+                store, project_id, target)
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                for f in sorted(target.rglob("*")):
+                    if f.is_file():
+                        zf.write(f, f.relative_to(target))
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # a failed export must not leave its files in /tmp
+            raise
         shutil.rmtree(work, ignore_errors=True)
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{fmt}.zip"'})
