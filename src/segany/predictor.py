@@ -19,6 +19,60 @@ from segany.transforms import ResizeLongestSide
 _SET_IMAGE_FIRST = "no image is set: call set_image(image) before predict"
 
 
+def check_points(coords: np.ndarray | None, labels: np.ndarray | None, size_hw: tuple[int, int]
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validated (N, 2) float pixel coords and (N,) int labels for an image of ``size_hw``, or None.
+
+    Module-level so the CLI can reject a bad click before it loads a model and embeds the image, and so
+    the ONNX predictor shares it; raises :class:`PromptError` naming the problem.
+    """
+    if coords is None and labels is None:
+        return None
+    if coords is None or labels is None:
+        raise PromptError("point_coords and point_labels must be given together; labels are 1 (foreground) "
+                          "or 0 (background)")
+    coords = np.asarray(coords, dtype=np.float64)
+    labels = np.asarray(labels)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise PromptError(f"point_coords must have shape (N, 2), got {coords.shape}; pass [[x, y], ...]")
+    if labels.ndim != 1 or labels.shape[0] != coords.shape[0]:
+        raise PromptError(f"point_labels must have shape (N,) matching point_coords' N={coords.shape[0]}, got "
+                          f"{labels.shape}; give one label per point")
+    if coords.shape[0] == 0:
+        raise PromptError("point_coords is empty; pass at least one point or use None")
+    if not np.isfinite(coords).all():
+        raise PromptError("point_coords contains NaN or infinite values")
+    bad_labels = sorted(set(labels.tolist()) - {-1, 0, 1})
+    if bad_labels:
+        raise PromptError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {bad_labels}")
+    h, w = size_hw
+    outside = (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise PromptError(f"point {coords[i].tolist()} lies outside the {w}x{h} (width x height) image; "
+                          "coordinates are (x, y) pixels of the original image")
+    return coords, labels.astype(np.int64)
+
+
+def check_box(box: np.ndarray | None, size_hw: tuple[int, int]) -> np.ndarray | None:
+    """A validated box as (1, 4) xyxy pixels clipped to the ``size_hw`` image, or None."""
+    if box is None:
+        return None
+    box = np.asarray(box, dtype=np.float64)
+    if box.shape not in ((4,), (1, 4)):
+        raise PromptError(f"box must have shape (4,) as [x0, y0, x1, y1], got {box.shape}; "
+                          "for many boxes use predict_torch")
+    box = box.reshape(4)
+    if not np.isfinite(box).all():
+        raise PromptError("box contains NaN or infinite values")
+    h, w = size_hw
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise PromptError(f"box {box.tolist()} must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
+    if box[2] <= 0 or box[3] <= 0 or box[0] >= w or box[1] >= h:
+        raise PromptError(f"box {box.tolist()} lies entirely outside the {w}x{h} (width x height) image")
+    return np.clip(box, 0, [w, h, w, h])[None]
+
+
 class SamPredictor:
     def __init__(self, sam_model: Sam, precision: str = "auto", compile: bool | str = False) -> None:
         """``precision``: ``"auto"`` (bf16 fast path on CUDA, exact fp32 on CPU), ``"fp32"``, ``"bf16"``,
@@ -86,53 +140,6 @@ class SamPredictor:
         self.input_size: tuple[int, int] | None = None
 
     # --------------------------------------------------------------- prompts
-    def _check_points(self, coords: np.ndarray | None, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
-        if coords is None and labels is None:
-            return None
-        if coords is None or labels is None:
-            raise PromptError("point_coords and point_labels must be given together; labels are 1 (foreground) "
-                              "or 0 (background)")
-        coords = np.asarray(coords, dtype=np.float64)
-        labels = np.asarray(labels)
-        if coords.ndim != 2 or coords.shape[1] != 2:
-            raise PromptError(f"point_coords must have shape (N, 2), got {coords.shape}; pass [[x, y], ...]")
-        if labels.ndim != 1 or labels.shape[0] != coords.shape[0]:
-            raise PromptError(f"point_labels must have shape (N,) matching point_coords' N={coords.shape[0]}, got "
-                              f"{labels.shape}; give one label per point")
-        if coords.shape[0] == 0:
-            raise PromptError("point_coords is empty; pass at least one point or use None")
-        if not np.isfinite(coords).all():
-            raise PromptError("point_coords contains NaN or infinite values")
-        bad_labels = sorted(set(labels.tolist()) - {-1, 0, 1})
-        if bad_labels:
-            raise PromptError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {bad_labels}")
-        assert self.original_size is not None
-        h, w = self.original_size
-        outside = (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
-        if outside.any():
-            i = int(np.flatnonzero(outside)[0])
-            raise PromptError(f"point {coords[i].tolist()} lies outside the {w}x{h} (width x height) image; "
-                              "coordinates are (x, y) pixels of the original image")
-        return coords, labels.astype(np.int64)
-
-    def _check_box(self, box: np.ndarray | None) -> np.ndarray | None:
-        if box is None:
-            return None
-        box = np.asarray(box, dtype=np.float64)
-        if box.shape not in ((4,), (1, 4)):
-            raise PromptError(f"box must have shape (4,) as [x0, y0, x1, y1], got {box.shape}; "
-                              "for many boxes use predict_torch")
-        box = box.reshape(4)
-        if not np.isfinite(box).all():
-            raise PromptError("box contains NaN or infinite values")
-        assert self.original_size is not None
-        h, w = self.original_size
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise PromptError(f"box {box.tolist()} must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
-        if box[2] <= 0 or box[3] <= 0 or box[0] >= w or box[1] >= h:
-            raise PromptError(f"box {box.tolist()} lies entirely outside the {w}x{h} (width x height) image")
-        return np.clip(box, 0, [w, h, w, h])[None]
-
     def _check_mask_input(self, mask_input: np.ndarray | None) -> np.ndarray | None:
         if mask_input is None:
             return None
@@ -168,8 +175,8 @@ class SamPredictor:
         if not self.is_image_set:
             raise StateError(_SET_IMAGE_FIRST)
         assert self.original_size is not None
-        pts = self._check_points(point_coords, point_labels)
-        box_np = self._check_box(box)
+        pts = check_points(point_coords, point_labels, self.original_size)
+        box_np = check_box(box, self.original_size)
         mask_np = self._check_mask_input(mask_input)
         if text is not None:
             from segany.text.prompting import predict_text

@@ -194,6 +194,11 @@ CLI_CASES: list[tuple[str, Callable[[Files], list[str]], str]] = [
     ("truncated_jpeg", lambda f: [str(f.truncated_jpeg), "--point", "1,1"], "truncated"),
     ("missing_image", lambda f: [str(f.text.parent / "nope.jpg"), "--point", "1,1"], "does not exist"),
     ("point_outside", lambda f: [str(SAMPLE_IMAGE), "--point", "900,10"], "lies outside the 640x425"),
+    # Checked against the image before the model: the missing checkpoint is never reached.
+    ("point_outside_before_model", lambda f: [str(SAMPLE_IMAGE), "--point", "900,10", "--checkpoint", "/nope.pt"],
+     "lies outside the 640x425"),
+    ("box_outside_before_model", lambda f: [str(SAMPLE_IMAGE), "--box", "700,10,800,100", "--checkpoint",
+                                            "/nope.pt"], "lies entirely outside the 640x425"),
     ("point_format", lambda f: [str(SAMPLE_IMAGE), "--point", "10;20"], "write it as X,Y or X,Y,LABEL"),
     ("point_label", lambda f: [str(SAMPLE_IMAGE), "--point", "10,20,2"], "use 1 (foreground) or 0"),
     ("box_x1_lt_x0", lambda f: [str(SAMPLE_IMAGE), "--box", "300,10,200,100"], "x1 > x0"),

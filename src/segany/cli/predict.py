@@ -84,8 +84,13 @@ def run(args: argparse.Namespace) -> int:
 
     # Cheap checks first, so a typo fails before seconds of model loading.
     from segany.data.images import load_image
+    from segany.predictor import check_box, check_points
 
     image = load_image(args.image)
+    coords = np.array([[x, y] for x, y, _ in points], dtype=np.float64) if points else None
+    labels = np.array([lab for _, _, lab in points], dtype=np.int64) if points else None
+    check_points(coords, labels, image.shape[:2])  # a click off the image fails before the model loads
+    check_box(np.array(box) if box else None, image.shape[:2])
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
 
@@ -106,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
         predictor.set_image(image)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-    coords = np.array([[x, y] for x, y, _ in points], dtype=np.float64) if points else None
-    labels = np.array([lab for _, _, lab in points], dtype=np.int64) if points else None
     what = " and ".join(x for x in (f"{len(points)} point(s)" if points else "", "a box" if box else "") if x)
     every = args.text is not None and not points and box is None and model.class_head is not None
     with progress.step("decode_s", f"decoding {what}" if what else f"finding every {args.text!r}"):

@@ -295,14 +295,13 @@ class OnnxPredictor:
                 box: np.ndarray | None = None, mask_input: np.ndarray | None = None, multimask_output: bool = True,
                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Same contract as ``SamPredictor.predict``: masks (C, H, W), scores (C,), low-res logits (C, 256, 256)."""
-        from segany.predictor import SamPredictor
+        from segany.predictor import check_box, check_points
 
         if not self.is_image_set or self.features is None:
             raise StateError("no image is set: call set_image(image) before predict")
         assert self.original_size is not None and self.input_size is not None
-        # The prompt checks only read original_size, so SamPredictor's validators serve both predictors.
-        pts = SamPredictor._check_points(self, point_coords, point_labels)  # type: ignore[arg-type]
-        box_np = SamPredictor._check_box(self, box)  # type: ignore[arg-type]
+        pts = check_points(point_coords, point_labels, self.original_size)
+        box_np = check_box(box, self.original_size)
         side = 4 * self.config.embed_size
         mask_np = None
         if mask_input is not None:
