@@ -11,7 +11,8 @@ the base model's: for every ground-truth mask of the labelled training and held-
 
 fits the same linear softmax probe on each (fixed settings, standardized inputs) on the training masks, and
 reports held-out accuracy beside the always-"person" rate. Held-out images only report; nothing is chosen on
-them.
+them. The learnt-feature accuracies move by a few points between runs (float rounding in the features differs
+between processes, and a probe that memorises amplifies it), so read them as a range, not to the digit.
 
     .venv/bin/python scripts/label_probe.py --out docs/segany_tiny_label_probe.json
 """
@@ -24,6 +25,7 @@ import os
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from segany.checkpoints import build_sam
+    from segany.cli._util import atomic_write_bytes
     from segany.errors import SeganyError
     from segany.predictor import SamPredictor
     from segany.train.labels import read_labeled
@@ -162,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        atomic_write_bytes(Path(args.out), (text + "\n").encode("utf-8"))
     return 0
 
 

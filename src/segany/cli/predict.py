@@ -89,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     coords = np.array([[x, y] for x, y, _ in points], dtype=np.float64) if points else None
     labels = np.array([lab for _, _, lab in points], dtype=np.int64) if points else None
+    box_np = np.array(box) if box else None
     check_points(coords, labels, image.shape[:2])  # a click off the image fails before the model loads
-    check_box(np.array(box) if box else None, image.shape[:2])
+    check_box(box_np, image.shape[:2])
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
 
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                                              min_score=args.min_score)
         else:
             masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels,
-                                                 box=np.array(box) if box else None, multimask_output=multimask,
+                                                 box=box_np, multimask_output=multimask,
                                                  text=args.text)
     if len(masks) == 0:
         raise InputError(f"nothing matched --text {args.text!r} in {args.image}: no instance scored at least "
