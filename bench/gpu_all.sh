@@ -24,6 +24,8 @@ step() {  # step SECONDS NAME CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$LOG"
+# The fused rel-pos kernel alone at the global blocks' shapes vs SDPA with the bias mask (~20 s).
+step ${T_KERNEL:-60} relpos_kernel python3 bench/relpos_kernel.py --json "$OUT/relpos_kernel.json"
 step ${T_SPEED_B:-200} speed_vit_b python3 bench/speed.py --device cuda --models vit_b --no-compile --json "$OUT/speed_vit_b.json"
 step ${T_AMG:-150} amg_vit_h python3 bench/amg.py --model vit_h --device cuda --points-per-side 32 --repeats 1 --json "$OUT/amg_vit_h.json"
 step ${T_PRED:-50} predictor_vit_b python3 bench/predictor.py --device cuda --repeats 3 --prompts 20 --json "$OUT/predictor_vit_b.json"
@@ -31,8 +33,22 @@ step ${T_SPEED_H:-180} speed_vit_h python3 bench/speed.py --device cuda --models
 # Compiled encoders (issue 7's remaining lever): 'default' mode compiles in about a minute per variant;
 # max-autotune (segment-anything-fast's choice) only if time is left.
 step ${T_COMPILE_B:-240} speed_vit_b_compiled python3 bench/speed.py --device cuda --models vit_b --parts encoder \
-  --skip-reference --attentions "" --compile --compile-mode default --compile-attentions mixed,flex \
+  --skip-reference --attentions "" --compile --compile-mode default --compile-attentions mixed,fused \
   --json "$OUT/speed_vit_b_compiled.json"
 step ${T_SPEED_L:-80} speed_vit_l python3 bench/speed.py --device cuda --models vit_l --no-compile --json "$OUT/speed_vit_l.json"
+# Where the eager and compiled encoders spend their time (kernels grouped by kind), for the next change.
+step ${T_PROFILE:-70} profile_vit_b python3 bench/profile_encoder.py --device cuda --model vit_b --attention mask,mixed,fused \
+  --json "$OUT/profile_vit_b.json"
+# The CUDA-only tests (CUDA-graph decoder path vs the exact fp32 modules).
+step ${T_TESTS:-60} cuda_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast.py
+# Compiled ViT-L/H (default mode) and ViT-B in segment-anything-fast's max-autotune mode, ours and theirs.
+step ${T_COMPILE_LH:-230} speed_lh_compiled python3 bench/speed.py --device cuda --models vit_l,vit_h --parts encoder \
+  --skip-reference --attentions "" --compile --compile-mode default --compile-attentions mixed,fused \
+  --json "$OUT/speed_lh_compiled.json"
+step ${T_PROFILE_C:-50} profile_vit_b_compiled python3 bench/profile_encoder.py --device cuda --model vit_b --attention mixed,fused \
+  --compile-mode default --json "$OUT/profile_vit_b_compiled.json"
+step ${T_AUTOTUNE_B:-300} speed_vit_b_autotune python3 bench/speed.py --device cuda --models vit_b --parts encoder \
+  --skip-reference --attentions "" --compile --compile-mode max-autotune --compile-attentions fused --no-compile-mask \
+  --json "$OUT/speed_vit_b_autotune.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 ls -la "$OUT"

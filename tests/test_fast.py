@@ -36,18 +36,30 @@ def image() -> np.ndarray:
     return (np.random.RandomState(0).rand(200, 300, 3) * 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("mode", ["mask", "fold", "mixed", "flex"])
+@pytest.mark.parametrize("mode", ["mask", "fold", "mixed", "fused", "flex"])
 def test_fast_attention_fp32_matches_reference(tiny_sam, mode):
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     fast = make_fast_encoder(tiny_sam.image_encoder, torch.float32, attention=mode)
     modes = {(b.window > 0, b.attn.mode) for b in fast.modules() if isinstance(b, vit.Block)}
-    if mode == "mixed":  # fold where windows keep the head narrow, mask in the global blocks
-        assert modes == {(True, "fold"), (False, "mask")}
+    if mode in ("mixed", "fused"):  # fold where windows keep the head narrow; mask or the kernel in global blocks
+        assert modes == {(True, "fold"), (False, "mask" if mode == "mixed" else "fused")}
     else:
         assert modes == {(True, mode), (False, mode)}
     assert not any(isinstance(m, FastViTAttention) for m in tiny_sam.image_encoder.modules()), "original touched"
     with torch.no_grad():
         torch.testing.assert_close(fast(x), tiny_sam.image_encoder(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [256, 250])  # 250: the strided convolution drops the 10-pixel remainder
+def test_gemm_patch_embed_matches_the_convolution(tiny_sam, size):
+    from segany.fast import _GemmPatchEmbed
+
+    src = tiny_sam.image_encoder.patch_embed
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    fast = make_fast_encoder(tiny_sam.image_encoder, torch.bfloat16)
+    assert isinstance(fast.patch_embed, _GemmPatchEmbed)
+    with torch.no_grad():
+        torch.testing.assert_close(_GemmPatchEmbed(src)(x), src(x), atol=1e-5, rtol=1e-5)
 
 
 def test_padded_bias_is_8_aligned_and_exact():
@@ -64,7 +76,7 @@ def test_padded_bias_is_8_aligned_and_exact():
     assert bias.shape == (1, 2, 196, 196) and bias.stride(2) % 8 == 0
 
 
-@pytest.mark.parametrize("mode", ["mask", "fold", "mixed", "flex"])
+@pytest.mark.parametrize("mode", ["mask", "fold", "mixed", "fused", "flex"])
 def test_bf16_encoder_within_tolerance(tiny_sam, mode):
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     fast = FastPath(tiny_sam, precision="bf16", attention=mode)
@@ -162,6 +174,36 @@ def test_cuda_default_is_bf16_with_graphs(tiny_sam, image):
     for _ in range(3):  # capture, then replays
         a, b = ref.predict(**kwargs), p.predict(**kwargs)
         assert _rel_err(a[0], b[0]) < BF16_REL_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_fused_attention_bf16(tiny_sam, compiled):
+    """The Triton rel-pos kernel in bf16 on the GPU (CI's interpreter cannot run bf16 dots), eager and compiled."""
+    model = tiny_sam.cuda()
+    x = torch.randn(2, 3, 256, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    fast = FastPath(model, precision="bf16", attention="fused", compile="default" if compiled else False)
+    assert {b.attn.mode for b in fast.encoder.modules() if isinstance(b, vit.Block) and b.window == 0} == {"fused"}
+    with torch.no_grad():
+        ref = model.image_encoder(x)
+    assert _rel_err(ref, fast.encode(x)) < BF16_REL_TOL
+    assert _rel_err(FastPath(model, precision="bf16", attention="mask").encode(x), fast.encode(x)) < BF16_REL_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_host_arrays_are_pinned_copies_that_stay_put():
+    from segany.predictor import host_arrays
+
+    a = torch.rand(3, 64, 80, device="cuda")
+    m, s = host_arrays(a > 0.5, a[:, 0, 0])
+    np.testing.assert_array_equal(m, (a > 0.5).cpu().numpy())
+    np.testing.assert_array_equal(s, a[:, 0, 0].cpu().numpy())
+    first = m.copy()
+    for _ in range(3):  # later copies must not land in arrays already handed out
+        host_arrays(torch.ones(3, 64, 80, dtype=torch.bool, device="cuda"))
+    np.testing.assert_array_equal(m, first)
 
 
 def test_fast_mask_decoder_matches_reference(tiny_sam):

@@ -14,10 +14,14 @@ bias to ``scaled_dot_product_attention`` in a layout its fused kernels accept:
   with ``bench/speed.py``.
 * ``attention="mixed"``: ``fold`` in the windowed blocks (14 + 14 extra columns on a 64-wide head) and
   ``mask`` in the few global blocks, where folding would triple the head.
+* ``attention="fused"``: :mod:`segany.kernels.relpos_attention`, a Triton kernel that adds the bias tile by
+  tile from the two small tables, in the global blocks (``fold`` in the windowed ones); on devices
+  without Triton it falls back to ``mask``. Measured on CPU through Triton's interpreter only so far.
 * ``attention="flex"``: PyTorch's ``flex_attention`` with the bias added by a ``score_mod`` that reads
   the two small (L, H) and (L, W) tables, so neither an (L, L) bias nor a wider head exists. It is
   compiled to a fused Triton kernel on CUDA; on CPU it runs uncompiled, which is exact but slow (a
-  correctness path for tests, not a speed option).
+  correctness path for tests, not a speed option). On an H200 it was 3× slower than ``mask`` (two scalar
+  gathers per score; ``docs/benchmarks.md``): kept for comparison, not recommended.
 
 Prompt → mask latency on CUDA comes from capturing the decoder plus mask post-processing in a CUDA
 graph per prompt shape (:class:`_GraphCache`), or from ``torch.compile(mode="reduce-overhead")`` with
@@ -44,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.errors import InputError
+from segany.kernels import relpos_attention as relpos_kernel
 from segany.modeling import image_encoder as vit
 from segany.modeling.layers import LayerNorm2d
 from segany.modeling.sam import Sam
@@ -51,7 +56,7 @@ from segany.modeling.sam import Sam
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ATTENTIONS = ("mask", "fold", "mixed", "flex")
+ATTENTIONS = ("mask", "fold", "mixed", "fused", "flex")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -149,6 +154,8 @@ class FastViTAttention(nn.Module):
             bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rel_w).reshape(B, nh, L, W)
             if self.mode == "fold":
                 out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
+            elif self.mode == "fused" and relpos_kernel.available(q.device) and relpos_kernel.supports((H, W), hd):
+                out = relpos_kernel.relpos_attention(q, k, v, bias_h, bias_w, (H, W))
             elif self.mode == "flex":
                 out = _flex_attention(q, k, v, bias_h, bias_w, W)
             else:
@@ -213,6 +220,28 @@ def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: t
         return flex_attention(q, k, v, score_mod=score_mod)
 
 
+class _GemmPatchEmbed(nn.Module):
+    """:class:`~segany.modeling.image_encoder.PatchEmbed` as one GEMM over the unfolded patches.
+
+    For the 16×16, stride-16 bf16 convolution cuDNN picked an implicit-GEMM kernel that took 2.1 ms per
+    batch of 8 on an H200, 7% of the compiled ViT-B (``bench/results/gpu_2026-11-26``); the patches are a
+    reshape away from a plain (tokens, 3·16·16) × (3·16·16, C) product. Same sums, another order.
+    """
+
+    def __init__(self, src: vit.PatchEmbed) -> None:
+        super().__init__()
+        self.proj = src.proj  # shares the convolution's parameters (and its state-dict keys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.proj.kernel_size[0]
+        B, C, Hs, Ws = x.shape
+        h, w = Hs // p, Ws // p
+        x = x[:, :, : h * p, : w * p]  # a strided convolution without padding drops the remainder too
+        patches = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h, w, C * p * p)
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)  # (C_out, C·p·p), (c, i, j) order
+        return F.linear(patches, weight, self.proj.bias)
+
+
 class _Float32LayerNorm2d(nn.Module):
     """LayerNorm2d computing its statistics in fp32 whatever the input dtype (bf16 variance is too coarse)."""
 
@@ -244,11 +273,14 @@ def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str 
     enc = copy.deepcopy(encoder)
 
     def swap(m: nn.Module) -> nn.Module | None:
-        if isinstance(m, vit.Block) and attention == "mixed":
-            m.attn = FastViTAttention.from_attention(m.attn, "fold" if m.window > 0 else "mask")
+        if isinstance(m, vit.Block) and attention in ("mixed", "fused"):
+            global_mode = "mask" if attention == "mixed" else "fused"
+            m.attn = FastViTAttention.from_attention(m.attn, "fold" if m.window > 0 else global_mode)
             return None  # keep the block, descend for its norms
         if isinstance(m, vit.Attention):
             return FastViTAttention.from_attention(m, "mask" if attention == "mixed" else attention)
+        if isinstance(m, vit.PatchEmbed):
+            return _GemmPatchEmbed(m)
         if isinstance(m, LayerNorm2d) and dtype != torch.float32:
             return _Float32LayerNorm2d(m)
         return None
@@ -610,7 +642,7 @@ class FastPath:
         compile: ``False``, ``True`` or a torch.compile mode for the encoder (e.g. ``"max-autotune"``);
             the decoder is compiled with ``"reduce-overhead"`` on CUDA.
         cuda_graphs: capture decoder + post-processing in CUDA graphs (default: on for CUDA without compile).
-        attention: ``"mask"``, ``"fold"``, ``"mixed"`` or ``"flex"`` (see module docstring).
+        attention: ``"mask"``, ``"fold"``, ``"mixed"``, ``"fused"`` or ``"flex"`` (see module docstring).
         decoder_precision: dtype of the decoder copy; defaults to ``precision``.
         fast_decoder: run :class:`FastMaskDecoder` (fused projections, per-image cache); default on
             unless the precision is fp32, where the reference decoder keeps results bit-exact.

@@ -19,6 +19,21 @@ from segany.transforms import ResizeLongestSide
 _SET_IMAGE_FIRST = "no image is set: call set_image(image) before predict"
 
 
+def host_arrays(*tensors: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Tensors → numpy arrays. From a GPU, every copy goes into pinned memory without blocking and the
+    stream is synchronised once: a pageable ``.cpu()`` per tensor stages each copy through a driver
+    buffer and waits three times, which is a visible share of a ~2 ms click."""
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return tuple(t.detach().cpu().numpy() for t in tensors)
+    # Fresh tensors from torch's caching host allocator: the arrays handed out own their memory, and a
+    # block is reused only after the user drops the array (and its copy has finished).
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for dst, src in zip(host, tensors, strict=True):
+        dst.copy_(src.detach(), non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return tuple(h.numpy() for h in host)
+
+
 def check_points(coords: np.ndarray | None, labels: np.ndarray | None, size_hw: tuple[int, int]
                  ) -> tuple[np.ndarray, np.ndarray] | None:
     """Validated (N, 2) float pixel coords and (N,) int labels for an image of ``size_hw``, or None.
@@ -206,7 +221,7 @@ class SamPredictor:
         if mask_np is not None:
             mask_t = torch.as_tensor(mask_np, dtype=torch.float32, device=dev)[None]
         masks, scores, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output, return_logits)
-        return masks[0].cpu().numpy(), scores[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+        return host_arrays(masks[0], scores[0].float(), low_res[0].float())  # type: ignore[return-value]
 
     @torch.no_grad()
     def predict_torch(
