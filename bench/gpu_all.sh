@@ -40,7 +40,7 @@ step ${T_SPEED_L:-80} speed_vit_l python3 bench/speed.py --device cuda --models 
 step ${T_PROFILE:-70} profile_vit_b python3 bench/profile_encoder.py --device cuda --model vit_b --attention mask,mixed,fused \
   --json "$OUT/profile_vit_b.json"
 # The CUDA-only tests (CUDA-graph decoder path vs the exact fp32 modules).
-step ${T_TESTS:-60} cuda_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast.py
+step ${T_TESTS:-120} cuda_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast.py
 # Compiled ViT-L/H (default mode) and ViT-B in segment-anything-fast's max-autotune mode, ours and theirs.
 step ${T_COMPILE_LH:-230} speed_lh_compiled python3 bench/speed.py --device cuda --models vit_l,vit_h --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions mixed,fused \

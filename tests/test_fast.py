@@ -21,6 +21,8 @@ from segany.fast import (
     resolve_precision,
 )
 from segany.modeling import image_encoder as vit
+from segany.modeling.config import SamConfig, ViTConfig
+from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 
 BF16_REL_TOL = 0.05  # max |logit error| / max |logit|
@@ -60,6 +62,24 @@ def test_gemm_patch_embed_matches_the_convolution(tiny_sam, size):
     assert isinstance(fast.patch_embed, _GemmPatchEmbed)
     with torch.no_grad():
         torch.testing.assert_close(_GemmPatchEmbed(src)(x), src(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["mask", "fold"])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_window_block_without_padding_rows_is_exact(mode, qkv_bias):
+    """Windows of 6 on a 16×16 grid pad to 18×18: FastWindowBlock projects only the real tokens and must
+    still give the padded keys/values the reference gives them (the qkv bias), or the outputs drift."""
+    from segany.fast import FastWindowBlock
+    from tests.conftest import randomize_
+
+    cfg = SamConfig(encoder=ViTConfig(img_size=256, depth=2, embed_dim=96, num_heads=3, global_attn_indexes=(1,),
+                                      window_size=6, qkv_bias=qkv_bias))
+    enc = randomize_(Sam(cfg), seed=7, scale=0.2).image_encoder.eval()
+    fast = make_fast_encoder(enc, torch.float32, attention=mode)
+    assert [type(b) for b in fast.blocks] == [FastWindowBlock, vit.Block]
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), enc(x), atol=1e-5, rtol=1e-5)
 
 
 def test_padded_bias_is_8_aligned_and_exact():

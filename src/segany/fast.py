@@ -140,10 +140,14 @@ class FastViTAttention(nn.Module):
         return cls(src, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        return self.proj(self.attend(self.qkv(x)))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Projected tokens (B, H, W, 3C) → attention output (B, H, W, C), before the output projection."""
+        B, H, W, C3 = qkv.shape
+        C = C3 // 3
         nh, hd, L = self.num_heads, self.head_dim, H * W
-        qkv = self.qkv(x).reshape(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv.reshape(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hd)
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -160,7 +164,37 @@ class FastViTAttention(nn.Module):
                 out = _flex_attention(q, k, v, bias_h, bias_w, W)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
-        return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
+        return out.transpose(1, 2).reshape(B, H, W, C)
+
+
+class FastWindowBlock(vit.Block):
+    """A windowed :class:`~segany.modeling.image_encoder.Block` whose projections skip the window padding.
+
+    The reference pads the normalised tokens to whole windows (64 → 70 per side at 1024 px, 20% more rows)
+    and runs ``qkv`` and ``proj`` on the padding too. Here ``qkv`` runs on the real tokens; the padding is
+    filled with what ``qkv`` gives a zero token, its bias, so the keys and values the windows see are the
+    reference's; ``proj`` runs after the padding is cropped away, since those rows are discarded anyway.
+    Same maths, 16% fewer rows in two of the block's four GEMMs.
+    """
+
+    attn: FastViTAttention
+
+    @classmethod
+    def from_block(cls, src: vit.Block, attn: FastViTAttention) -> FastWindowBlock:
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.norm1, block.attn, block.norm2, block.mlp, block.window = src.norm1, attn, src.norm2, src.mlp, src.window
+        return block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        qkv = F.linear(self.norm1(x), self.attn.qkv.weight)  # bias added after padding, see class docstring
+        windows, padded = vit.window_partition(qkv, self.window)
+        if self.attn.qkv.bias is not None:
+            windows = windows + self.attn.qkv.bias
+        out = vit.window_unpartition(self.attn.attend(windows), self.window, padded, (H, W))
+        x = x + self.attn.proj(out)
+        return x + self.mlp(self.norm2(x))
 
 
 def _padded_bias(bias_h: torch.Tensor, bias_w: torch.Tensor) -> torch.Tensor:
@@ -273,12 +307,15 @@ def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str 
     enc = copy.deepcopy(encoder)
 
     def swap(m: nn.Module) -> nn.Module | None:
-        if isinstance(m, vit.Block) and attention in ("mixed", "fused"):
-            global_mode = "mask" if attention == "mixed" else "fused"
-            m.attn = FastViTAttention.from_attention(m.attn, "fold" if m.window > 0 else global_mode)
-            return None  # keep the block, descend for its norms
-        if isinstance(m, vit.Attention):
-            return FastViTAttention.from_attention(m, "mask" if attention == "mixed" else attention)
+        if isinstance(m, vit.Block):
+            mode = attention
+            if attention in ("mixed", "fused"):  # fold in windows; mask or the kernel in global blocks
+                mode = "fold" if m.window > 0 else ("mask" if attention == "mixed" else "fused")
+            attn = FastViTAttention.from_attention(m.attn, mode)
+            if m.window > 0:
+                return FastWindowBlock.from_block(m, attn)
+            m.attn = attn
+            return m
         if isinstance(m, vit.PatchEmbed):
             return _GemmPatchEmbed(m)
         if isinstance(m, LayerNorm2d) and dtype != torch.float32:
