@@ -771,24 +771,19 @@ class FastPath:
                boxes: torch.Tensor | None, mask_input: torch.Tensor | None, multimask_output: bool,
                input_size: tuple[int, int], original_size: tuple[int, int], return_logits: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt encoder (fp32, eager) → decoder + post-processing (fast dtype, graphed/compiled)."""
+        """Prompt encoder (fp32) → decoder + post-processing (fast dtype); all three in one CUDA graph when graphs
+        are on, else the encoder eagerly and the rest eager or compiled."""
         pe = self.model.prompt_encoder
-        sparse, dense = pe(points, boxes, mask_input)
         feats = self._features_for_decoder(features)
-        sparse = sparse.to(self.decoder_dtype)
-        if not (isinstance(self.decoder, FastMaskDecoder) and mask_input is None and self._graphs is None
-                and not self.compile):  # else the cached image side makes dense unused after the first click
-            dense = dense.to(self.decoder_dtype)
-        if self._graphs is not None:  # static graph inputs are dense buffers
-            dense = dense.contiguous()
         kwargs = dict(multimask=multimask_output, input_size=tuple(input_size), original_size=tuple(original_size),
                       return_logits=return_logits, threshold=float(self.model.mask_threshold))
         if self._graphs is not None:
-            key = tuple(sorted(kwargs.items()))
-            core = self._decode_core
-            masks, iou, low_res = self._graphs(key, lambda f, s, d: core(f, s, d, **kwargs),  # type: ignore[arg-type]
-                                               (feats, sparse, dense))
-            return masks, iou, low_res
+            return self._decode_graphed(feats, points, boxes, mask_input, kwargs)
+        sparse, dense = pe(points, boxes, mask_input)
+        sparse = sparse.to(self.decoder_dtype)
+        if not (isinstance(self.decoder, FastMaskDecoder) and mask_input is None
+                and not self.compile):  # else the cached image side makes dense unused after the first click
+            dense = dense.to(self.decoder_dtype)
         if not self.compile:  # eager: reuse the prompt-free image side between clicks
             return self._decode_core(feats, sparse, dense, **kwargs, cacheable=mask_input is None)
         if self.device.type == "cuda":
@@ -797,6 +792,37 @@ class FastPath:
             masks, iou, low_res = self._decode_fn(feats, sparse, dense, **kwargs)
             return masks.clone(), iou.clone(), low_res.clone()
         return self._decode_fn(feats, sparse, dense, **kwargs)
+
+    def _decode_graphed(self, feats: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None,
+                        boxes: torch.Tensor | None, mask_input: torch.Tensor | None, kwargs: dict[str, Any]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt encoder, decoder and post-processing as one CUDA graph per prompt signature.
+
+        For one click the prompt encoder is some two dozen tiny kernels whose launches cost host time on
+        every click; inside the graph they cost one replay. Which prompts exist is part of the key; their
+        shapes and dtypes are added by the cache.
+        """
+        has = (points is not None, boxes is not None, mask_input is not None)
+        tensors = [t.contiguous() for t in (*(points or ()), boxes, mask_input) if t is not None]
+        pe, dtype, core = self.model.prompt_encoder, self.decoder_dtype, self._decode_core
+
+        def run(f: torch.Tensor, *prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            sparse, dense = pe(*_split_prompts(has, prompt))
+            return core(f, sparse.to(dtype), dense.to(dtype), **kwargs)  # type: ignore[arg-type]
+
+        assert self._graphs is not None
+        masks, iou, low_res = self._graphs((tuple(sorted(kwargs.items())), has), run, (feats, *tensors))
+        return masks, iou, low_res
+
+
+def _split_prompts(has: tuple[bool, bool, bool], tensors: Sequence[torch.Tensor]
+                   ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+    """The flat tensors of a graph's inputs back into (points, boxes, mask_input); ``has`` says which exist."""
+    it = iter(tensors)
+    points = (next(it), next(it)) if has[0] else None
+    boxes = next(it) if has[1] else None
+    masks = next(it) if has[2] else None
+    return points, boxes, masks
 
 
 def enable_fast_path(predictor: Any, **options: Any) -> FastPath:
