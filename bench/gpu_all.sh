@@ -50,5 +50,8 @@ step ${T_PROFILE_C:-50} profile_vit_b_compiled python3 bench/profile_encoder.py 
 step ${T_AUTOTUNE_B:-300} speed_vit_b_autotune python3 bench/speed.py --device cuda --models vit_b --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode max-autotune --compile-attentions fused --no-compile-mask \
   --json "$OUT/speed_vit_b_autotune.json"
+# ViT-H's compiled time by kernel kind (not yet profiled: its gap to 80 img/s is the largest).
+step ${T_PROFILE_H:-120} profile_vit_h_compiled python3 bench/profile_encoder.py --device cuda --model vit_h \
+  --attention mixed,fused --compile-mode default --json "$OUT/profile_vit_h_compiled.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 ls -la "$OUT"
