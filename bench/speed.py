@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from segany.checkpoints import build_sam  # noqa: E402
+from segany.cli._util import atomic_write_bytes  # noqa: E402
 from segany.fast import ATTENTIONS, FastPath, configure_cpu_threads, enable_fast_path  # noqa: E402
 from segany.predictor import SamPredictor  # noqa: E402
 
@@ -426,18 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] FAILED: {exc}", flush=True)
         free(args.device)
         if args.json:
-            write_json(args.json, report)
+            atomic_write_bytes(Path(args.json), json.dumps(report, indent=1).encode())
     print(json.dumps(report, indent=1))
     return 0
-
-
-def write_json(path: str, report: dict[str, Any]) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=1)
-    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

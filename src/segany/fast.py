@@ -187,7 +187,7 @@ class FastWindowBlock(vit.Block):
         return block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, _ = x.shape
+        H, W = x.shape[1:3]
         qkv = F.linear(self.norm1(x), self.attn.qkv.weight)  # bias added after padding, see class docstring
         windows, padded = vit.window_partition(qkv, self.window)
         if self.attn.qkv.bias is not None:
@@ -773,13 +773,12 @@ class FastPath:
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt encoder (fp32) → decoder + post-processing (fast dtype); all three in one CUDA graph when graphs
         are on, else the encoder eagerly and the rest eager or compiled."""
-        pe = self.model.prompt_encoder
         feats = self._features_for_decoder(features)
         kwargs = dict(multimask=multimask_output, input_size=tuple(input_size), original_size=tuple(original_size),
                       return_logits=return_logits, threshold=float(self.model.mask_threshold))
         if self._graphs is not None:
             return self._decode_graphed(feats, points, boxes, mask_input, kwargs)
-        sparse, dense = pe(points, boxes, mask_input)
+        sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
         sparse = sparse.to(self.decoder_dtype)
         if not (isinstance(self.decoder, FastMaskDecoder) and mask_input is None
                 and not self.compile):  # else the cached image side makes dense unused after the first click
