@@ -89,6 +89,11 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+# Called after every variant: the JSON on disk then holds everything measured so far, so a step killed by
+# its time limit on the device machine still returns what it finished.
+SAVE_PARTIAL: Callable[[], None] = lambda: None  # noqa: E731
+
+
 def run_variant(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], device: str) -> None:
     """Run one measurement; record its numbers or its error, never abort the others."""
     try:
@@ -101,6 +106,7 @@ def run_variant(results: dict[str, Any], name: str, fn: Callable[[], dict[str, A
             traceback.print_exc()
     finally:
         free(device)
+        SAVE_PARTIAL()
 
 
 def reference_model(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -149,14 +155,15 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------- benches
-def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def bench_model(name: str, args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``out`` (already in the report, so partial saves include it) with every variant's figures."""
     device = args.device
     torch.manual_seed(0)
     model = build_sam(name).to(device).eval()
     s = model.img_size
     batch = args.batch
     x = (torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(1))).to(device)
-    out: dict[str, Any] = {"model": name, "img_size": s, "batch": batch}
+    out.update({"model": name, "img_size": s, "batch": batch})
     enc: dict[str, Any] = {}
     out["encoder_img_per_s"] = enc
     print(f"[{name}] encoder, batch {batch}", flush=True)
@@ -197,6 +204,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             variants.append(("segany_bf16_compiled", {"precision": "bf16", "compile": mode}))
         for att in args.compile_attentions:
             variants.append((f"segany_bf16_{att}_compiled", {"precision": "bf16", "attention": att, "compile": mode}))
+    for fmt in args.encoder_quant if device == "cuda" else []:  # 8-bit block GEMMs (opt-in, cost accuracy)
+        for att in args.compile_attentions or ["mixed"]:
+            kw = {"precision": "bf16", "attention": att, "quantize": fmt}
+            variants.append((f"segany_{fmt}_{att}_compiled", {**kw, "compile": mode}) if args.compile
+                            else (f"segany_{fmt}_{att}", kw))
     for label, kw in variants if "encoder" in parts else []:
         def seg(kw: dict[str, Any] = kw) -> dict[str, Any]:
             fp = FastPath(model, **kw)
@@ -220,15 +232,25 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 if isinstance(v, dict) and v.get("cpu_s_per_batch")}
 
     # -------------------------------------------------------------- prompt latency and accuracy
-    if "prompt" not in parts:
+    if not parts & {"prompt", "accuracy"}:
         return out
-    print(f"[{name}] prompt -> mask", flush=True)
     rng = np.random.RandomState(0)
     orig = (768, 1024)
     image = (rng.rand(*orig, 3) * 255).astype(np.uint8)
     exact = SamPredictor(model, precision="fp32")
     exact.fast = None  # the exact modules, also on CUDA
     exact.set_image(image)
+    if "prompt" in parts:
+        prompt_latency(out, model, ref, exact, orig, args)
+    accuracy_rows(out, model, exact, image, args)
+    return out
+
+
+def prompt_latency(out: dict[str, Any], model: torch.nn.Module, ref: torch.nn.Module | None, exact: SamPredictor,
+                   orig: tuple[int, int], args: argparse.Namespace) -> None:
+    """ms per one-point prompt with the embedding set, post-processing included, for every variant."""
+    device, name = args.device, out["model"]
+    print(f"[{name}] prompt -> mask", flush=True)
     feats, input_size = exact.features, exact.input_size
     point = (np.array([[600, 400]]), np.array([1]))
     lat: dict[str, Any] = {}
@@ -275,18 +297,25 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             out["prompt_cpu_time_speedup_vs_reference"] = {k: round(cpu_base / v["cpu_ms"], 2) for k, v in lat.items()
                                                            if isinstance(v, dict) and v.get("cpu_ms")}
 
-    # -------------------------------------------------------------- accuracy of reduced precision
-    if device == "cuda" or "bf16" in args.cpu_variants:
+
+def accuracy_rows(out: dict[str, Any], model: torch.nn.Module, exact: SamPredictor, image: np.ndarray,
+                  args: argparse.Namespace) -> None:
+    """Reduced precision against the exact fp32 modules on the same image and prompts."""
+    device, name = args.device, out["model"]
+    if device == "cuda" or "bf16" in args.cpu_variants or args.encoder_quant:
         print(f"[{name}] bf16 vs fp32 accuracy", flush=True)
         out["bf16_accuracy"] = {}
-        run_variant(out["bf16_accuracy"], "segany_bf16",
-                    lambda: accuracy(model, exact, image, "bf16", device), device)
-    return out
+        if device == "cuda" or "bf16" in args.cpu_variants:
+            run_variant(out["bf16_accuracy"], "segany_bf16",
+                        lambda: accuracy(model, exact, image, "bf16", device), device)
+        for fmt in args.encoder_quant:  # runs on CPU too (slowly): the accuracy needs no GPU
+            run_variant(out["bf16_accuracy"], f"segany_{fmt}",
+                        lambda fmt=fmt: accuracy(model, exact, image, "bf16", device, quantize=fmt), device)
 
 
 def accuracy(model: torch.nn.Module, exact: SamPredictor, image: np.ndarray, precision: str,
-             device: str) -> dict[str, Any]:
-    quick = SamPredictor(model, precision=precision)
+             device: str, quantize: str | None = None) -> dict[str, Any]:
+    quick = SamPredictor(model, precision=precision, quantize=quantize)
     quick.set_image(image)
     emb_err = (quick.features - exact.features).abs().max().item()
     emb_scale = exact.features.abs().max().item()
@@ -394,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", action="store_true", help="CPU: also time int8 ONNX graphs")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--parts", default="encoder,prompt", help="encoder, prompt (prompt includes the accuracy check)")
+    p.add_argument("--parts", default="encoder,prompt",
+                   help="encoder, prompt, accuracy (comma-separated; prompt includes the accuracy check)")
+    p.add_argument("--encoder-quant", default="",
+                   help="8-bit block GEMMs to add (comma-separated: int8, fp8; quantize= of FastPath): "
+                        "timed on CUDA, accuracy against fp32 on any device")
     p.add_argument("--json", help="write all results here")
     p.set_defaults(compile=None)
     args = p.parse_args(argv)
@@ -411,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     for a in args.attentions + args.compile_attentions:
         if a not in ATTENTIONS:
             p.error(f"unknown attention mode {a!r}; known: {', '.join(ATTENTIONS)}")
+    args.encoder_quant = [f for f in args.encoder_quant.split(",") if f]
+    for f in args.encoder_quant:
+        if f not in ("int8", "fp8"):
+            p.error(f"unknown --encoder-quant format {f!r}; known: int8, fp8")
+    unknown_parts = set(args.parts.split(",")) - {"encoder", "prompt", "accuracy"}
+    if unknown_parts:
+        p.error(f"unknown --parts {', '.join(sorted(unknown_parts))}; known: encoder, prompt, accuracy")
     if not gpu:
         args.threads = configure_cpu_threads(args.threads)
     if gpu:
@@ -419,15 +459,21 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine(args.device), "args": {k: (sorted(v) if isinstance(v, set) else v)
                                                                          for k, v in vars(args).items()},
                               "results": []}
+    global SAVE_PARTIAL
+    if args.json:
+        def save() -> None:
+            atomic_write_bytes(Path(args.json), json.dumps(report, indent=1).encode())
+        SAVE_PARTIAL = save
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        out: dict[str, Any] = {"model": name}
+        report["results"].append(out)
         try:
-            report["results"].append(bench_model(name, args))
+            bench_model(name, args, out)
         except Exception as exc:  # noqa: BLE001 - one model failing (OOM) must not lose the others
-            report["results"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            out["error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(f"[{name}] FAILED: {exc}", flush=True)
         free(args.device)
-        if args.json:
-            atomic_write_bytes(Path(args.json), json.dumps(report, indent=1).encode())
+        SAVE_PARTIAL()
     print(json.dumps(report, indent=1))
     return 0
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.errors import InputError
+from segany.kernels import quant_linear
 from segany.kernels import relpos_attention as relpos_kernel
 from segany.modeling import image_encoder as vit
 from segany.modeling.layers import LayerNorm2d
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("mask", "fold", "mixed", "fused", "flex")
+QUANTIZE = (None, "int8", "fp8")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -188,7 +190,11 @@ class FastWindowBlock(vit.Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[1:3]
-        qkv = F.linear(self.norm1(x), self.attn.qkv.weight)  # bias added after padding, see class docstring
+        qkv_layer = self.attn.qkv  # bias added after padding, see class docstring
+        if isinstance(qkv_layer, quant_linear.QuantLinear):
+            qkv = qkv_layer.matmul(self.norm1(x))
+        else:
+            qkv = F.linear(self.norm1(x), qkv_layer.weight)
         windows, padded = vit.window_partition(qkv, self.window)
         if self.attn.qkv.bias is not None:
             windows = windows + self.attn.qkv.bias
@@ -302,8 +308,16 @@ def _swap_modules(root: nn.Module, fn: Callable[[nn.Module], nn.Module | None]) 
 
 
 def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str = "mask",
-                      channels_last: bool = False) -> nn.Module:
-    """A copy of ``encoder`` cast to ``dtype`` with fused-kernel attention; the original is not touched."""
+                      channels_last: bool = False, quantize: str | None = None) -> nn.Module:
+    """A copy of ``encoder`` cast to ``dtype`` with fused-kernel attention; the original is not touched.
+
+    ``quantize="int8"`` or ``"fp8"`` also runs the transformer blocks' linear layers as 8-bit GEMMs
+    (:mod:`segany.kernels.quant_linear`); the patch embedding and the neck stay in ``dtype``, since they
+    are a few percent of the work and sit at the input and output where errors are not averaged away
+    (TinyViT: every linear layer, all in its attention blocks; its convolutions stay in ``dtype``).
+    """
+    if quantize not in QUANTIZE:
+        raise InputError(f"quantize must be one of None, 'int8', 'fp8', got {quantize!r}")
     enc = copy.deepcopy(encoder)
 
     def swap(m: nn.Module) -> nn.Module | None:
@@ -324,6 +338,12 @@ def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str 
 
     _swap_modules(enc, swap)
     enc = enc.to(dtype)
+    if quantize is not None:  # after the cast: .to(dtype) would turn fp8 buffers back into dtype
+        # ViT: the blocks' linears. TinyViT has linear layers only in its attention blocks, so all of them.
+        targets = [m for m in enc.modules() if isinstance(m, vit.Block)] or [enc]
+        if sum(quant_linear.convert_linears(t, quantize, dtype) for t in targets) == 0:
+            raise InputError(f"quantize={quantize!r}: {type(encoder).__name__} has no linear layer the 8-bit "
+                             "kernels take; leave quantize unset for this model")
     if channels_last:
         enc = enc.to(memory_format=torch.channels_last)
     return enc.eval().requires_grad_(False)
@@ -681,6 +701,10 @@ class FastPath:
         cuda_graphs: capture decoder + post-processing in CUDA graphs (default: on for CUDA without compile).
         attention: ``"mask"``, ``"fold"``, ``"mixed"``, ``"fused"`` or ``"flex"`` (see module docstring).
         decoder_precision: dtype of the decoder copy; defaults to ``precision``.
+        quantize: ``"int8"`` or ``"fp8"`` runs the encoder blocks' GEMMs in 8 bits with per-token and
+            per-channel scales (needs ``precision="bf16"``; CUDA compute capability 8.0+ for int8, 8.9+
+            for fp8; the CPU runs both, slowly, for checking accuracy). It costs accuracy (int8 less
+            than fp8; docs/benchmarks.md) and pays off with ``compile``. Default ``None``.
         fast_decoder: run :class:`FastMaskDecoder` (fused projections, per-image cache); default on
             unless the precision is fp32, where the reference decoder keeps results bit-exact.
         channels_last: channels-last memory for the encoder copy (default: on CUDA for TinyViT, whose
@@ -689,12 +713,15 @@ class FastPath:
 
     def __init__(self, model: Sam, *, precision: str = "auto", compile: bool | str = False,
                  cuda_graphs: bool | None = None, attention: str = "mask", decoder_precision: str | None = None,
-                 channels_last: bool | None = None, fast_decoder: bool | None = None) -> None:
+                 channels_last: bool | None = None, fast_decoder: bool | None = None,
+                 quantize: str | None = None) -> None:
         if attention not in ATTENTIONS:
             raise InputError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         self.model = model
         self.device = model.device
         self.precision = resolve_precision(precision, self.device)
+        check_quantize(quantize, self.precision, self.device)
+        self.quantize = quantize
         self.dtype = _DTYPES[self.precision]
         dec_precision = resolve_precision(decoder_precision or self.precision, self.device)
         self.decoder_dtype = _DTYPES[dec_precision]
@@ -707,7 +734,7 @@ class FastPath:
             self.encoder = model.image_encoder  # fp32: the reference modules themselves, no copy
         else:
             self.encoder = make_fast_encoder(model.image_encoder, self.dtype, attention=attention,
-                                             channels_last=channels_last)
+                                             channels_last=channels_last, quantize=quantize)
         decoder = (model.mask_decoder if self.decoder_dtype == torch.float32
                    else make_fast_decoder(model.mask_decoder, self.decoder_dtype))
         with torch.no_grad():
@@ -723,6 +750,8 @@ class FastPath:
         self._decode_fn: Callable[..., tuple[torch.Tensor, ...]] = self._decode_core
         if compile:
             compile_cache_dir()
+            if quantize == "int8":
+                _fuse_int8_scaling()
             mode = compile if isinstance(compile, str) else None
             self._encode_fn = torch.compile(self.encoder, mode=mode, dynamic=False)
             self._decode_fn = torch.compile(self._decode_core, mode="reduce-overhead" if is_cuda else None,
@@ -812,6 +841,32 @@ class FastPath:
         assert self._graphs is not None
         masks, iou, low_res = self._graphs((tuple(sorted(kwargs.items())), has), run, (feats, *tensors))
         return masks, iou, low_res
+
+
+def _fuse_int8_scaling() -> None:
+    """Let Inductor fold the per-token scale into the int8 GEMM instead of a pass over its int32 output
+    (a process-wide Inductor setting; it only matches ``_int_mm(a, b) * scale``, which only int8 layers make)."""
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_fuse_int_mm_with_mul = True
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        pass
+
+
+def check_quantize(quantize: str | None, precision: str, device: torch.device | str) -> None:
+    """Raise :class:`InputError` (saying what to pass instead) unless ``quantize`` can run with the
+    resolved ``precision`` on ``device``."""
+    if quantize not in QUANTIZE:
+        raise InputError(f"quantize must be one of None, 'int8', 'fp8', got {quantize!r}")
+    if quantize is None:
+        return
+    if precision != "bf16":
+        raise InputError(f"quantize={quantize!r} runs with precision='bf16' (the 8-bit GEMMs write bf16), "
+                         f"got precision={precision!r}; pass precision='bf16' (--precision bf16)")
+    ok, why = quant_linear.supported(quantize, device)
+    if not ok:
+        raise InputError(f"quantize={quantize!r} is not available: {why}; leave quantize unset to use bf16")
 
 
 def _split_prompts(has: tuple[bool, bool, bool], tensors: Sequence[torch.Tensor]

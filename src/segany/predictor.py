@@ -8,6 +8,8 @@ wrong shape or an out-of-image click raises :class:`PromptError` instead of a si
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -15,6 +17,9 @@ from segany.data.images import to_rgb_uint8
 from segany.errors import InputError, PromptError, StateError
 from segany.modeling.sam import Sam
 from segany.transforms import ResizeLongestSide
+
+if TYPE_CHECKING:  # segany.fast imports this module's helpers; the class is imported where it is built
+    from segany.fast import FastPath
 
 _SET_IMAGE_FIRST = "no image is set: call set_image(image) before predict"
 
@@ -89,18 +94,31 @@ def check_box(box: np.ndarray | None, size_hw: tuple[int, int]) -> np.ndarray | 
 
 
 class SamPredictor:
-    def __init__(self, sam_model: Sam, precision: str = "auto", compile: bool | str = False) -> None:
+    def __init__(self, sam_model: Sam, precision: str = "auto", compile: bool | str = False,
+                 quantize: str | None = None, *, fast_path: FastPath | None = None) -> None:
         """``precision``: ``"auto"`` (bf16 fast path on CUDA, exact fp32 on CPU), ``"fp32"``, ``"bf16"``,
-        ``"fp16"``; ``compile`` torch.compiles encoder and decoder (see :mod:`segany.fast`)."""
+        ``"fp16"``; ``compile`` torch.compiles encoder and decoder; ``quantize="int8"|"fp8"`` runs the
+        encoder's GEMMs in 8 bits with ``precision="bf16"``, trading accuracy for speed (see :mod:`segany.fast`).
+
+        ``fast_path``: an existing :class:`~segany.fast.FastPath` of ``sam_model`` to share (the other
+        options are then its own). Building one copies and casts the encoder, so code that makes many
+        predictors, like a server making one per request, builds it once. A shared fast path keeps
+        per-image caches and CUDA graphs, so callers serialise the predictors that use it.
+        """
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.img_size)
         from segany.fast import FastPath, resolve_precision
 
-        # Plain fp32 eager stays on the reference modules, so its numbers are exactly the reference's.
-        wants_fast = resolve_precision(precision, sam_model.device) != "fp32" or bool(compile)
-        wants_fast = wants_fast or sam_model.device.type == "cuda"  # CUDA graphs for the decoder
-        self.fast: FastPath | None = (FastPath(sam_model, precision=precision, compile=compile)
-                                      if wants_fast else None)
+        if fast_path is not None:
+            if fast_path.model is not sam_model:
+                raise InputError("fast_path was built for another model; build it with FastPath(sam_model, ...)")
+            self.fast: FastPath | None = fast_path
+        else:
+            # Plain fp32 eager stays on the reference modules, so its numbers are exactly the reference's.
+            wants_fast = resolve_precision(precision, sam_model.device) != "fp32" or bool(compile) or bool(quantize)
+            wants_fast = wants_fast or sam_model.device.type == "cuda"  # CUDA graphs for the decoder
+            self.fast = (FastPath(sam_model, precision=precision, compile=compile, quantize=quantize)
+                         if wants_fast else None)
         self.reset_image()
 
     @property

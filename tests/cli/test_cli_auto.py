@@ -178,3 +178,17 @@ def test_resume_redoes_what_a_replaced_run_left_behind(checkpoint: Path, tmp_pat
     assert counts["skipped_existing"] == 1 and counts["processed"] == 2
     assert _run(images, "--out", clean, "--checkpoint", checkpoint, *three, "--quiet").returncode == 0
     assert _outputs(out) == _outputs(clean)
+
+
+def test_quantized_run_is_recorded_and_not_mixed_on_resume(checkpoint: Path, tmp_path: Path) -> None:
+    """An 8-bit encoder changes masks beyond rounding, so run.json records it and --resume with other
+    options is refused; default runs keep the record they always had (no "predictor" key)."""
+    images, out = _three(tmp_path), tmp_path / "out"
+    r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--precision", "bf16", "--quantize", "int8",
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["predictor"] == {"precision": "bf16", "quantize": "int8"}
+    assert len(_outputs(out)) == 3
+    r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
+    assert r.returncode == 1 and "predictor" in r.stderr and "rerun without --resume" in r.stderr, r.stderr

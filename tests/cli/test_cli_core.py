@@ -160,3 +160,20 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err.strip().splitlines() == [
         "segany: error: the following arguments are required: --out (see `segany predict --help`)"
     ]
+
+
+def test_predict_fast_path_options(tmp_path: Path, tiny_ckpt: Path, home: Path) -> None:
+    """--precision/--quantize reach the predictor (same prompt, nearly the same mask as the exact path), and a
+    combination that cannot run is one line naming the fix, with no output folder left behind."""
+    args = [str(SAMPLE_IMAGE), "--point", "320,212", "--checkpoint", str(tiny_ckpt), "--single"]
+    exact, quick = tmp_path / "exact", tmp_path / "int8"
+    assert segany("predict", *args, "--out", str(exact), home=home).returncode == 0
+    r = segany("predict", *args, "--out", str(quick), "--precision", "bf16", "--quantize", "int8", home=home)
+    assert r.returncode == 0, r.stderr
+    a = np.asarray(Image.open(exact / "sample_mask0.png")) > 0
+    b = np.asarray(Image.open(quick / "sample_mask0.png")) > 0
+    assert a.any() and (a & b).sum() / (a | b).sum() > 0.95
+    bad = tmp_path / "bad"
+    r = segany("predict", *args, "--out", str(bad), "--quantize", "fp8", home=home)  # CPU auto precision: fp32
+    assert r.returncode == 1 and "--precision bf16" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not bad.exists()

@@ -35,8 +35,11 @@ SCRIPT = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     out = {"available_cpu": relpos.available("cpu"), "cases": []}
     # (B, nh, H, W, D, dtype): powers of two, odd widths and head sizes, L not a multiple of BLOCK_M.
+    # 80 and 48 run as two channel tiles (64 + 16, 32 + 16), ViT-H's head size among them.
     for B, nh, H, W, D, dt in [(1, 2, 4, 8, 16, torch.float32), (2, 3, 5, 7, 20, torch.float32),
-                               (1, 1, 3, 17, 64, torch.float32), (2, 2, 6, 6, 32, torch.float16)]:
+                               (1, 1, 3, 17, 64, torch.float32), (2, 2, 6, 6, 32, torch.float16),
+                               (1, 2, 3, 5, 80, torch.float32), (2, 1, 4, 6, 48, torch.float32),
+                               (1, 2, 4, 4, 80, torch.float16)]:
         L = H * W
         # q, k, v as the encoder makes them: strided views of one (B, L, 3, nh, D) projection.
         qkv = torch.randn(B, L, 3, nh, D, generator=g).to(dt).permute(2, 0, 3, 1, 4)
@@ -101,7 +104,7 @@ def interpreted() -> dict:
 def test_kernel_matches_sdpa_with_full_bias(interpreted):
     assert interpreted["available_cpu"] is True  # the interpreter runs CPU tensors
     cases = interpreted["cases"]
-    assert len(cases) == 4
+    assert len(cases) == 7
     for case in cases:
         B, nh, H, W, D = case["shape"]
         assert case["out_shape"] == [B, nh, H * W, D] and case["finite"], case
@@ -132,8 +135,15 @@ def test_bad_shapes_are_refused():
         relpos.relpos_attention(q, q, q, torch.zeros(1, 1, 12, 3), torch.zeros(1, 1, 12, 5), (3, 5))
 
 
-@pytest.mark.parametrize("block_d", [64, 128])  # ViT-B/L heads (64) and ViT-H's (80, padded to 128)
-def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path, monkeypatch, block_d):
+def test_head_channel_tiles():
+    assert relpos.head_blocks(64) == (64, 0) and relpos.head_blocks(128) == (128, 0)
+    assert relpos.head_blocks(80) == (64, 16)  # ViT-H: exact, instead of one 128-channel tile
+    assert relpos.head_blocks(20) == (32, 0) and relpos.head_blocks(112) == (128, 0)  # no gain from splitting
+
+
+# ViT-B/L heads (64), ViT-H's (80 = 64 + 16) and a 128-wide one.
+@pytest.mark.parametrize("block_d,block_d2", [(64, 0), (64, 16), (128, 0)])
+def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path, monkeypatch, block_d, block_d2):
     """Lower the bf16 kernel to sm_90 machine code ahead of time: catches Triton compile errors in CI and
     shows the dots became Hopper tensor-core instructions (wgmma), not a slower fallback."""
     import triton
@@ -142,9 +152,11 @@ def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path, monkeypatch, block_d
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     fn = relpos._relpos_attention_kernel.fn  # the jitted function under the autotuner
-    sig = {n: ("*bf16" if n in ("Q", "K", "V", "BH", "BW", "Out") else "constexpr" if n.startswith("BLOCK_")
+    sig = {n: ("*bf16" if n in ("Q", "K", "V", "BH", "BW", "Out") else "constexpr" if n.startswith(("BLOCK_", "SPLIT_"))
                else "fp32" if n == "qk_scale" else "i32") for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": block_d})
+    constexprs = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": block_d, "SPLIT_D": block_d2 > 0,
+                  "BLOCK_D2": max(block_d2, 16)}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
     assert kernel.asm["cubin"] and "wgmma" in kernel.asm["ptx"]
     assert kernel.metadata.shared <= 227 * 1024  # fits an H100/H200 block's shared memory

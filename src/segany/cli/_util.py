@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from segany.errors import CheckpointError, InputError
 
@@ -131,3 +133,28 @@ def resolve_device(device: str | None) -> str:
     if device.startswith("mps") and not torch.backends.mps.is_available():
         raise InputError(f"--device {device} was asked for but MPS is not available here; use --device cpu")
     return device
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """``--precision``, ``--quantize`` and ``--compile``: the predictor's fast-path options (docs/speed.md)."""
+    g = p.add_argument_group("speed (docs/speed.md)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 on CUDA, exact fp32 on CPU; bf16 on CPU pays off with AMX/AVX512-BF16")
+    g.add_argument("--quantize", default=None, choices=["int8", "fp8"],
+                   help="8-bit encoder GEMMs, with --precision bf16: faster on recent GPUs, costs some accuracy")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile encoder and decoder: slow first image, faster after (cached on disk)")
+
+
+def predictor_options(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """``SamPredictor`` keyword arguments from :func:`add_speed_arguments`'s options, checked before any
+    model loads (a combination that cannot run raises :class:`InputError` naming what to pass)."""
+    from segany.fast import check_quantize, resolve_precision
+
+    check_quantize(args.quantize, resolve_precision(args.precision, device), device)
+    return {"precision": args.precision, "quantize": args.quantize, "compile": bool(args.compile)}
+
+
+def changes_results(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that change masks beyond rounding noise (for run records): not compile, not defaults."""
+    return {k: v for k, v in options.items() if k != "compile" and v not in ("auto", None)}

@@ -19,7 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from segany.cli._util import atomic_write_bytes, resolve_checkpoint, resolve_device
+from segany.cli._util import (
+    add_speed_arguments,
+    atomic_write_bytes,
+    changes_results,
+    predictor_options,
+    resolve_checkpoint,
+    resolve_device,
+)
 from segany.cli.auto_resume import check_resume, is_current, record_run, run_settings
 from segany.errors import ImageLoadError, InputError
 
@@ -50,6 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="skip images already done with the same model, weights and options (others are refused)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    add_speed_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--labels", help="label masks with these comma-separated names, e.g. person,car (needs a model "
                                     "with a class head; names outside its classes need CLIP)")
@@ -176,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
+    fast_options = predictor_options(args, device)
     settings = run_settings(args.model, checkpoint, args.format, config.to_dict(), labels)
+    if changes_results(fast_options):  # runs with the defaults keep the settings record they always had
+        settings["predictor"] = changes_results(fast_options)
     keep = check_resume(out, settings, args.resume,  # other settings: refused before the model loads
                         lambda: any(output_path(out, k, args.format).exists() for _, k in images))
 
@@ -186,10 +197,12 @@ def run(args: argparse.Namespace) -> int:
     from segany.checkpoints import build_sam
     from segany.data.formats.sa1b import to_sa1b
     from segany.data.images import load_image
+    from segany.predictor import SamPredictor
 
     start = time.perf_counter()
     model = build_sam(args.model, checkpoint=checkpoint, device=device)
     generator = SamAutomaticMaskGenerator.from_config(model, config)
+    generator.predictor = SamPredictor(model, **fast_options)
     if labels is not None:
         if model.class_head is None:  # fail now, not silently on the first image that has masks
             raise InputError(f"--labels needs a model with a class head and {args.model!r} has none; use "

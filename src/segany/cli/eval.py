@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+from segany.cli._util import add_speed_arguments, predictor_options
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="evaluate a model on held-out data (clicks, boxes, GrabCut baseline)",
@@ -36,6 +38,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="processes for GrabCut")
     p.add_argument("--device", default="auto")
+    add_speed_arguments(p)  # evaluates a fast path with the same protocol
     p.add_argument("--out", default="runs/eval", help="folder for results.json and miou_vs_clicks.png")
     p.add_argument("--quiet", action="store_true")
 
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
+    options = predictor_options(args, device)  # a combination that cannot run fails before anything loads
     ckpt = resolve_parts(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
         info = weights_for_model(args.model)
@@ -76,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                             max_objects_per_image=args.max_objects_per_image, grabcut=args.grabcut,
                             grabcut_workers=args.workers, out_dir=args.out, progress=_bar(args.quiet),
                             meta={"model": args.model, "checkpoint": str(ckpt), "data": str(args.data),
-                                  "split": args.split, "device": device})
+                                  "split": args.split, "device": device},
+                            predictor_options=options)
     print(format_table(result))
     print(f"results: {os.path.join(args.out, 'results.json')}  plot: {os.path.join(args.out, 'miou_vs_clicks.png')}")
     if not args.quiet:

@@ -18,10 +18,12 @@ import numpy as np
 
 from segany.cli._util import (
     Progress,
+    add_speed_arguments,
     atomic_write,
     atomic_write_bytes,
     parse_box,
     parse_point,
+    predictor_options,
     resolve_checkpoint,
     resolve_device,
 )
@@ -58,6 +60,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     mm.add_argument("--single", dest="multimask", action="store_false",
                     help="write one mask (default for boxes and several clicks)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps or auto")
+    add_speed_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=run)
     return p
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     check_box(box_np, image.shape[:2])
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
+    options = predictor_options(args, device)
 
     import torch
 
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         from segany.text.prompting import check_text_for_model
 
         check_text_for_model(model, args.text)
-    predictor = SamPredictor(model)
+    predictor = SamPredictor(model, **options)
     h, w = image.shape[:2]
     with progress.step("embed_s", f"embedding {w}x{h} image"):
         predictor.set_image(image)

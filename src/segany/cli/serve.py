@@ -30,6 +30,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-size", type=int, default=16, help="image embeddings kept in memory")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted request body")
     p.add_argument("--create", action="store_true", help="create the project folder if it does not exist")
+    from segany.cli._util import add_speed_arguments
+
+    add_speed_arguments(p)
 
 
 def _default_checkpoint(model: str) -> str | None:
@@ -46,6 +49,14 @@ def build_app(args: argparse.Namespace) -> Any:
     from segany.server.app import ServerSettings, create_app
     from segany.server.model_service import ModelService
 
+    options: dict[str, Any] = {}
+    if not args.no_model:  # a combination that cannot run fails before the store is opened
+        import torch
+
+        from segany.cli._util import predictor_options
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        options = predictor_options(args, device)
     store = open_store(args.target, create=args.create)
     model = None
     if not args.no_model:
@@ -61,7 +72,8 @@ def build_app(args: argparse.Namespace) -> Any:
             print(f"[segany] no weights for {args.model} found: serving RANDOM weights (masks are meaningless); "
                   "pass --checkpoint FILE or run `segany download`", file=sys.stderr)
         cache_dir = (store.project_dir / ".cache") if store.project_dir else None
-        model = ModelService(model_name, ckpt, device=args.device, cache_size=args.cache_size, cache_dir=cache_dir)
+        model = ModelService(model_name, ckpt, device=args.device, cache_size=args.cache_size, cache_dir=cache_dir,
+                             predictor_options=options)
     settings = ServerSettings(project=args.project, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     return create_app(store, model, settings)
 

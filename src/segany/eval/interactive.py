@@ -55,12 +55,17 @@ def box_of(mask: np.ndarray) -> np.ndarray:
 
 
 def evaluate_model(model: Any, objects: Sequence[tuple[InstanceRecord, list[np.ndarray]]], *, max_clicks: int = 20,
-                   use_prev_mask: bool = True, progress: Callable[[int], None] | None = None) -> list[ObjectResult]:
-    """Run box and click prompts through a :class:`SamPredictor` for every object."""
+                   use_prev_mask: bool = True, progress: Callable[[int], None] | None = None,
+                   predictor_options: dict[str, Any] | None = None) -> list[ObjectResult]:
+    """Run box and click prompts through a :class:`SamPredictor` for every object.
+
+    ``predictor_options`` (e.g. ``precision="bf16", quantize="int8"``) evaluate a fast path instead of
+    the default one, so its accuracy is measured with the same protocol as the model's.
+    """
     from segany.data.images import load_image
     from segany.predictor import SamPredictor
 
-    predictor = SamPredictor(model)
+    predictor = SamPredictor(model, **(predictor_options or {}))
     results = []
     for rec, masks in objects:
         predictor.set_image(load_image(rec.image_path))

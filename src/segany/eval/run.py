@@ -45,17 +45,23 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
 def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int = 20, max_objects_per_image: int = 8,
                    grabcut: bool = False, grabcut_workers: int = 1, out_dir: str | os.PathLike[str] | None = None,
                    progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                   meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate ``model`` (and GrabCut) on the same objects; write ``results.json`` and a plot to ``out_dir``."""
+                   meta: dict[str, Any] | None = None,
+                   predictor_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` (and GrabCut) on the same objects; write ``results.json`` and a plot to ``out_dir``.
+
+    ``predictor_options`` go to ``SamPredictor`` (precision, quantize) and are recorded in the meta.
+    """
     from segany.eval.interactive import eval_objects, evaluate_model, summarize
 
     objects = eval_objects(records, max_objects_per_image)
     n_obj = sum(len(m) for _, m in objects)
     t0 = time.time()
     res = evaluate_model(model, objects, max_clicks=max_clicks,
-                         progress=progress("model", n_obj) if progress else None)
+                         progress=progress("model", n_obj) if progress else None,
+                         predictor_options=predictor_options)
     t_model = time.time() - t0
-    result: dict[str, Any] = {"meta": {**(meta or {}), "images": len(objects), "objects": n_obj,
+    result: dict[str, Any] = {"meta": {**(meta or {}), "predictor": dict(predictor_options or {}),
+                                       "images": len(objects), "objects": n_obj,
                                        "max_clicks": max_clicks, "max_objects_per_image": max_objects_per_image,
                                        "model_seconds": round(t_model, 1)},
                               "model": summarize(res, max_clicks)}

@@ -72,6 +72,7 @@ if triton is not None:
         so_b, so_n, so_l, so_d,
         L, H, W, D, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     ):
         pid_m, n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,6 +83,14 @@ if triton is not None:
 
         q = tl.load(Q + b * sq_b + n * sq_n + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
                     mask=in_m[:, None] & in_d[None, :], other=0.0)
+        if SPLIT_D:  # channels BLOCK_D… of a head that is not a power of two (ViT-H: 80 = 64 + 16)
+            offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)
+            in_e = offs_e < D
+            q2 = tl.load(Q + b * sq_b + n * sq_n + offs_m[:, None] * sq_l + offs_e[None, :] * sq_d,
+                         mask=in_m[:, None] & in_e[None, :], other=0.0)
+            k2_base = K + b * sk_b + n * sk_n + offs_e[:, None] * sk_d
+            v2_base = V + b * sv_b + n * sv_n + offs_e[None, :] * sv_d
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
         # bias_w[q, col(k)] is the same for every key row: load the (BLOCK_M, W) slab once, in log2 units.
         bw = tl.load(BW + b * sbw_b + n * sbw_n + offs_m[:, None] * sbw_l + offs_n[None, :] * sbw_w,
                      mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32) * log2e
@@ -96,7 +105,11 @@ if triton is not None:
         for r in range(0, H):  # one key-grid row per step
             keys = r * W + offs_n
             k = tl.load(k_base + keys[None, :] * sk_l, mask=in_d[:, None] & in_n[None, :], other=0.0)
-            s = tl.dot(q, k) * (qk_scale * log2e)
+            s = tl.dot(q, k)
+            if SPLIT_D:
+                k2 = tl.load(k2_base + keys[None, :] * sk_l, mask=in_e[:, None] & in_n[None, :], other=0.0)
+                s += tl.dot(q2, k2)
+            s = s * (qk_scale * log2e)
             bh = tl.load(bh_base + r * sbh_h, mask=in_m, other=0.0).to(tl.float32) * log2e
             s = s + bh[:, None] + bw
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -105,14 +118,33 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + keys[:, None] * sv_l, mask=in_n[:, None] & in_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if SPLIT_D:
+                v2 = tl.load(v2_base + keys[:, None] * sv_l, mask=in_n[:, None] & in_e[None, :], other=0.0)
+                acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(Out + b * so_b + n * so_n + offs_m[:, None] * so_l + offs_d[None, :] * so_d,
                  acc.to(Out.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
+        if SPLIT_D:
+            acc2 = acc2 / l_i[:, None]
+            tl.store(Out + b * so_b + n * so_n + offs_m[:, None] * so_l + offs_e[None, :] * so_d,
+                     acc2.to(Out.dtype.element_ty), mask=in_m[:, None] & in_e[None, :])
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (n - 1).bit_length())
+
+
+def head_blocks(D: int) -> tuple[int, int]:
+    """Channel tiles for a head of ``D``: (main, tail), tail 0 when one power-of-two tile is as small.
+
+    Triton tiles are powers of two, so one tile would pad ViT-H's 80-channel heads to 128 and spend 60%
+    more on both dots; a 64 tile plus a 16 tile covers them exactly.
+    """
+    whole = _pow2(D)
+    main = max(16, 1 << (D.bit_length() - 1))
+    tail = _pow2(D - main) if D > main else 0
+    return (main, tail) if tail and main + tail < whole else (whole, 0)
 
 
 def _launch(kernel: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
@@ -120,6 +152,7 @@ def _launch(kernel: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     """Allocate the output and launch ``kernel`` (the Triton kernel, or it wrapped for torch.compile)."""
     B, nh, L, D = q.shape
     out = _empty_out(q)  # (B, L, nh, D) storage, so the caller's transpose back to tokens is free
+    block_d, block_d2 = head_blocks(D)
 
     def grid(meta: dict[str, int]) -> tuple[int, int, int]:
         return (triton.cdiv(L, meta["BLOCK_M"]), nh, B)
@@ -128,7 +161,7 @@ def _launch(kernel: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
         q, k, v, bias_h, bias_w, out,
         *q.stride(), *k.stride(), *v.stride(), *bias_h.stride(), *bias_w.stride(), *out.stride(),
         L, L // W, W, D, scale,
-        BLOCK_N=_pow2(W), BLOCK_D=_pow2(D),
+        BLOCK_N=_pow2(W), BLOCK_D=block_d, SPLIT_D=block_d2 > 0, BLOCK_D2=max(block_d2, 16),
     )
     return out
 

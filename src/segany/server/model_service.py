@@ -65,7 +65,7 @@ class ModelService:
     def __init__(self, model_type: str = "vit_b", checkpoint: str | None = None, *, device: str | None = None,
                  cache_size: int = 16, cache_dir: Path | None = None, sam: Any = None,
                  prefill: PrefillFn | None = None, prefill_settings: PrefillSettings | None = None,
-                 text_min_score: float = 0.25) -> None:
+                 text_min_score: float = 0.25, predictor_options: dict[str, Any] | None = None) -> None:
         """
         Args:
             model_type: registered model name (``segany.list_models()``).
@@ -77,6 +77,8 @@ class ModelService:
             sam: an already built model (tests pass a tiny one).
             prefill: replace the stage-2 generator (a function image → list of SAM-style records).
             text_min_score: default threshold of text proposals (predicted IoU × label probability).
+            predictor_options: ``SamPredictor`` options (``precision``, ``quantize``, ``compile``). The
+                fast path they make is built once, with the model, and shared by every request.
         """
         self.model_type = model_type
         self.checkpoint = checkpoint
@@ -88,6 +90,12 @@ class ModelService:
         self.prefill_settings = prefill_settings or PrefillSettings()
         self.text_min_score = text_min_score
         self._clip: Any = None  # the CLIP text encoder of a model with a text token, loaded on first use
+        self.predictor_options = dict(predictor_options or {})
+        self._fast: Any = None  # the shared FastPath (None: the exact fp32 modules need none)
+        self._fast_built = False
+        # A shared fast path keeps per-image decoder caches and CUDA graphs: one request at a time uses it.
+        # On CUDA the encoder takes the lock too, since a graph capture must not see other threads' work.
+        self._fast_lock = threading.RLock()
         self._build_lock = threading.Lock()
         self._cache: collections.OrderedDict[Any, Embedding] = collections.OrderedDict()
         self._inflight: dict[Any, Future[Embedding]] = {}
@@ -129,6 +137,35 @@ class ModelService:
                     self._sam = build_sam(self.model_type, self.checkpoint, device=self.device)
         return self._sam
 
+    def _ensure_fast(self) -> Any:
+        """The shared fast path, built on first use (None when the options need none, e.g. CPU fp32)."""
+        from segany.predictor import SamPredictor
+
+        sam = self.sam
+        if not self._fast_built:
+            with self._build_lock:
+                if not self._fast_built:
+                    self._fast = SamPredictor(sam, **self.predictor_options).fast
+                    self._fast_built = True
+        return self._fast
+
+    def _new_predictor(self) -> Any:
+        """A ``SamPredictor`` on the shared fast path: the encoder and decoder copies are made once."""
+        from segany.predictor import SamPredictor
+
+        fast = self._ensure_fast()
+        return SamPredictor(self.sam, fast_path=fast) if fast is not None else SamPredictor(self.sam)
+
+    def _exclusive(self, *, encoder: bool = False) -> Any:
+        """Held while a predictor on the shared fast path runs: its decoder caches and CUDA graphs serve one
+        request at a time. The encoder takes it only on CUDA, where a graph capture must not see another
+        thread's work; on CPU clicks keep flowing while an encoder runs for seconds."""
+        import contextlib
+
+        if self._ensure_fast() is None or (encoder and not str(self.device).startswith("cuda")):
+            return contextlib.nullcontext()
+        return self._fast_lock
+
     def info(self) -> dict[str, Any]:
         sam = self.sam
         return {"model_type": self.model_type, "img_size": sam.img_size, "embed_size": sam.cfg.embed_size,
@@ -138,13 +175,13 @@ class ModelService:
     # ---------------------------------------------------------------------------------- embeddings
     def _compute(self, path: str) -> Embedding:
         from segany.data.images import load_image
-        from segany.predictor import SamPredictor
 
         image = load_image(path)
-        pred = SamPredictor(self.sam)
-        pred.set_image(image)
+        pred = self._new_predictor()
+        with self._exclusive(encoder=True):
+            pred.set_image(image)
+            feats = pred.get_image_embedding().detach().to("cpu", torch.float32).contiguous()
         assert pred.original_size is not None and pred.input_size is not None
-        feats = pred.get_image_embedding().detach().to("cpu", torch.float32).contiguous()
         return Embedding(feats, pred.original_size, pred.input_size)
 
     def _submit(self, key: Any, path: str) -> Future[Embedding]:
@@ -191,10 +228,9 @@ class ModelService:
 
     # ----------------------------------------------------------------------------- server decoding
     def _predictor(self, emb: Embedding) -> Any:
-        """A ``SamPredictor`` on the cached embedding (the encoder does not run again)."""
-        from segany.predictor import SamPredictor
-
-        pred = SamPredictor(self.sam)
+        """A ``SamPredictor`` on the cached embedding (the encoder does not run again); use it inside
+        :meth:`_exclusive`."""
+        pred = self._new_predictor()
         pred.features = emb.features.to(pred.device)
         pred.original_size = emb.original_size
         pred.input_size = emb.input_size
@@ -205,11 +241,11 @@ class ModelService:
                labels: list[int] | None = None, box_xyxy: list[float] | None = None,
                mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Three candidate masks (3, H, W) bool, their predicted IoU (3,) and low-res logits (3, 4g, 4g)."""
-        pred = self._predictor(emb)
         pc = np.asarray(points_xy, dtype=np.float64) if points_xy else None
         pl = np.asarray(labels, dtype=np.int64) if points_xy else None
         box = np.asarray(box_xyxy, dtype=np.float64) if box_xyxy is not None else None
-        return pred.predict(pc, pl, box, mask_input, multimask_output=True)
+        with self._exclusive():
+            return self._predictor(emb).predict(pc, pl, box, mask_input, multimask_output=True)
 
     # ---------------------------------------------------------------------------------- text prompts
     def text_proposals(self, emb: Embedding, text: str, *, max_masks: int = 20,
@@ -225,28 +261,29 @@ class ModelService:
         from segany.text.vocab import check_text, normalize_phrase, resolve_label
 
         text = check_text(text)
-        pred = self._predictor(emb)
-        if self._clip is not None:
-            pred.clip = self._clip
-        model = self.sam
-        threshold = self.text_min_score if min_score is None else min_score
-        if model.class_head is not None:
-            masks, scores, _ = segment_every(pred, text, min_score=threshold, max_instances=max_masks)
-            names = model.class_head.class_names
-            try:  # the class the phrase named; an open-vocabulary phrase is its own label
-                label = names[resolve_label(text, names)]
-            except InputError:
+        with self._exclusive():
+            pred = self._predictor(emb)
+            if self._clip is not None:
+                pred.clip = self._clip
+            model = self.sam
+            threshold = self.text_min_score if min_score is None else min_score
+            if model.class_head is not None:
+                masks, scores, _ = segment_every(pred, text, min_score=threshold, max_instances=max_masks)
+                names = model.class_head.class_names
+                try:  # the class the phrase named; an open-vocabulary phrase is its own label
+                    label = names[resolve_label(text, names)]
+                except InputError:
+                    label = normalize_phrase(text)
+            else:  # text token only (or no text path at all: predict raises the error naming the model to use)
+                masks, scores, _ = pred.predict(text=text, multimask_output=False)
+                keep = [i for i in np.argsort(-scores) if scores[i] >= threshold and masks[i].any()][:max_masks]
+                masks, scores = masks[keep], scores[keep]
                 label = normalize_phrase(text)
-        else:  # text token only (or no text path at all: predict raises the error naming the model to use)
-            masks, scores, _ = pred.predict(text=text, multimask_output=False)
-            keep = [i for i in np.argsort(-scores) if scores[i] >= threshold and masks[i].any()][:max_masks]
-            masks, scores = masks[keep], scores[keep]
-            label = normalize_phrase(text)
-        if getattr(pred, "clip", None) is not None:
-            self._clip = pred.clip  # keep the loaded CLIP for the next phrase
-        # An empty mask is nothing to accept, whichever path proposed it.
-        return label, [TextProposal(np.asarray(m, dtype=bool), float(s), label)
-                       for m, s in zip(masks, scores, strict=True) if m.any()]
+            if getattr(pred, "clip", None) is not None:
+                self._clip = pred.clip  # keep the loaded CLIP for the next phrase
+            # An empty mask is nothing to accept, whichever path proposed it.
+            return label, [TextProposal(np.asarray(m, dtype=bool), float(s), label)
+                           for m, s in zip(masks, scores, strict=True) if m.any()]
 
     # -------------------------------------------------------------------------------- ONNX decoder
     def _onnx_cache(self) -> tuple[Path, str]:
@@ -297,11 +334,15 @@ class ModelService:
         with self._prefill_lock:  # the generator holds per-image state and uses all cores
             if self._prefill is not None:
                 return self._prefill(image)
-            return default_prefill(self.sam, image, self.prefill_settings)
+            with self._exclusive():
+                return default_prefill(self.sam, image, self.prefill_settings, predictor=self._new_predictor())
 
 
-def default_prefill(sam: Any, image: np.ndarray, s: PrefillSettings) -> list[dict[str, Any]]:
-    """Run ``SamAutomaticMaskGenerator`` with strict thresholds (imported lazily: it is optional)."""
+def default_prefill(sam: Any, image: np.ndarray, s: PrefillSettings, predictor: Any = None) -> list[dict[str, Any]]:
+    """Run ``SamAutomaticMaskGenerator`` with strict thresholds (imported lazily: it is optional).
+
+    ``predictor``: the one the generator uses (e.g. on a shared fast path); default: its own.
+    """
     try:
         from segany.amg import SamAutomaticMaskGenerator  # type: ignore[attr-defined]
     except ImportError as exc:
@@ -312,6 +353,8 @@ def default_prefill(sam: Any, image: np.ndarray, s: PrefillSettings) -> list[dic
         stability_score_thresh=s.stability_score_thresh, box_nms_thresh=s.box_nms_thresh,
         min_mask_region_area=s.min_mask_region_area, output_mode="binary_mask", **s.extra,
     )
+    if predictor is not None:
+        gen.predictor = predictor
     records = gen.generate(image)
     records.sort(key=lambda r: -float(r.get("predicted_iou", 0.0)))
     return records[: s.max_masks]

@@ -1,0 +1,79 @@
+"""The server's model on a fast path: built once and shared by every request, serialised, same masks.
+
+Before, each embedding, click and pre-fill made a new ``SamPredictor``; on CUDA (or with any fast-path
+option) that copied and cast the whole encoder per request and threw away the click's CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_IMAGE, randomize_, tiny_config
+
+from segany.data.images import load_image
+from segany.fast import FastPath
+from segany.modeling.sam import Sam
+from segany.predictor import SamPredictor
+from segany.server.model_service import ModelService
+
+
+@pytest.fixture
+def sam() -> Sam:
+    return randomize_(Sam(tiny_config()), seed=4, scale=0.5).eval()
+
+
+def test_fast_path_is_built_once_and_gives_the_predictors_masks(sam, monkeypatch):
+    built = []
+    real_init = FastPath.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(kwargs)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastPath, "__init__", counting_init)
+    svc = ModelService("vit_b", sam=sam, device="cpu", predictor_options={"precision": "bf16", "quantize": "int8"})
+    emb = svc.embedding(1, str(SAMPLE_IMAGE))
+    clicks = [dict(points_xy=[[320, 212]], labels=[1]), dict(box_xyxy=[100, 60, 560, 400]),
+              dict(points_xy=[[40, 40], [300, 200]], labels=[0, 1])]
+    got = [svc.decode(emb, **c) for c in clicks]
+    assert len(built) == 1 and built[0]["quantize"] == "int8", built  # one fast path for the embedding and 3 clicks
+
+    ref = SamPredictor(sam, precision="bf16", quantize="int8")
+    ref.set_image(load_image(SAMPLE_IMAGE))
+    np.testing.assert_allclose(emb.features.numpy(), ref.features.float().numpy(), atol=1e-6)
+    for c, (masks, scores, _) in zip(clicks, got, strict=True):
+        pc = np.array(c["points_xy"]) if "points_xy" in c else None
+        pl = np.array(c["labels"]) if "labels" in c else None
+        box = np.array(c["box_xyxy"]) if "box_xyxy" in c else None
+        m, s, _ = ref.predict(pc, pl, box, multimask_output=True)
+        np.testing.assert_array_equal(masks, m)
+        np.testing.assert_allclose(scores, s, atol=1e-6)
+
+
+def test_concurrent_clicks_on_the_shared_fast_path_are_not_mixed_up(sam):
+    svc = ModelService("vit_b", sam=sam, device="cpu", predictor_options={"precision": "bf16"})
+    emb = svc.embedding(1, str(SAMPLE_IMAGE))
+    points = [[[40 + 60 * i, 30 + 40 * i]] for i in range(6)]
+    expected = [svc.decode(emb, points_xy=p, labels=[1])[0] for p in points]
+    results: dict[int, np.ndarray] = {}
+
+    def click(i: int) -> None:
+        for _ in range(3):
+            results[i] = svc.decode(emb, points_xy=points[i], labels=[1])[0]
+
+    threads = [threading.Thread(target=click, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(6):
+        np.testing.assert_array_equal(results[i], expected[i])
+
+
+def test_default_cpu_service_needs_no_fast_path(sam):
+    svc = ModelService("vit_b", sam=sam, device="cpu")
+    emb = svc.embedding(1, str(SAMPLE_IMAGE))
+    masks, _, _ = svc.decode(emb, points_xy=[[320, 212]], labels=[1])
+    assert svc._fast is None and masks.shape == (3, 425, 640)
