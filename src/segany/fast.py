@@ -156,16 +156,20 @@ class FastViTAttention(nn.Module):
             rel_h = vit.relative_position_table(H, H, self.rel_pos_h).to(q.dtype)  # (H, H, hd)
             rel_w = vit.relative_position_table(W, W, self.rel_pos_w).to(q.dtype)  # (W, W, hd)
             qg = q.reshape(B, nh, H, W, hd)
-            bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rel_h).reshape(B, nh, L, H)
             bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rel_w).reshape(B, nh, L, W)
-            if self.mode == "fold":
-                out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
-            elif self.mode == "fused" and relpos_kernel.available(q.device) and relpos_kernel.supports((H, W), hd):
+            if self.mode == "fused" and relpos_kernel.available(q.device) and relpos_kernel.supports((H, W), hd):
+                # The kernel reads one key row's bias for a block of queries per step: with the queries
+                # contiguous (a transposed view, same values) that read is one coalesced load, not a gather.
+                bias_h = torch.einsum("bnhwc,hkc->bnkhw", qg, rel_h).reshape(B, nh, H, L).transpose(-1, -2)
                 out = relpos_kernel.relpos_attention(q, k, v, bias_h, bias_w, (H, W))
-            elif self.mode == "flex":
-                out = _flex_attention(q, k, v, bias_h, bias_w, W)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
+                bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rel_h).reshape(B, nh, L, H)
+                if self.mode == "fold":
+                    out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
+                elif self.mode == "flex":
+                    out = _flex_attention(q, k, v, bias_h, bias_w, W)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
         return out.transpose(1, 2).reshape(B, H, W, C)
 
 

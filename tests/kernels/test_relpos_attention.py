@@ -48,9 +48,13 @@ SCRIPT = textwrap.dedent(
         bw = torch.randn(B, nh, L, W, generator=g).to(dt)
         got = relpos.relpos_attention(q, k, v, bh, bw, (H, W))
         ref = reference(q, k, v, bh, bw)
+        # The encoder hands bias_h over transposed (queries contiguous): same values, other strides.
+        bh_t = bh.transpose(-1, -2).contiguous().transpose(-1, -2)
+        got_t = relpos.relpos_attention(q, k, v, bh_t, bw, (H, W))
         out["cases"].append({"shape": [B, nh, H, W, D], "dtype": str(dt), "out_shape": list(got.shape),
                              "out_dtype": str(got.dtype), "finite": bool(torch.isfinite(got).all()),
-                             "err": float((got.double() - ref).abs().max() / ref.abs().max())})
+                             "err": float((got.double() - ref).abs().max() / ref.abs().max()),
+                             "err_transposed_bias": float((got_t.double() - ref).abs().max() / ref.abs().max())})
 
     # The whole fast encoder with attention="fused" (the kernel in its global block) vs the fp32 reference.
     from segany.fast import make_fast_encoder
@@ -109,7 +113,7 @@ def test_kernel_matches_sdpa_with_full_bias(interpreted):
         B, nh, H, W, D = case["shape"]
         assert case["out_shape"] == [B, nh, H * W, D] and case["finite"], case
         tol = 1e-5 if case["dtype"] == "torch.float32" else 5e-3  # fp16 rounds p before p·v
-        assert case["err"] < tol, case
+        assert case["err"] < tol and case["err_transposed_bias"] < tol, case
 
 
 def test_fused_encoder_runs_the_kernel_and_matches(interpreted):
