@@ -4,6 +4,9 @@ Reports, per dataset, mIoU after 1 and 5 clicks, NoC@85/90 (20-click cap) and bo
 OpenCV GrabCut from the same boxes beside it (``--grabcut``), and then the model's box mIoU minus GrabCut's
 with a 95% interval (paired bootstrap over images). Writes results.json (summaries and every object's IoUs)
 and a mIoU-vs-clicks PNG to ``--out``.
+
+``--amg`` instead judges the automatic mask generator: its masks as object proposals, ranked by predicted
+IoU, scored by class-agnostic mask AR@10/100/1000 against every annotated instance; writes amg_results.json.
 """
 
 from __future__ import annotations
@@ -38,18 +41,21 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="processes for GrabCut")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amg", action="store_true",
+                   help="evaluate automatic masks as proposals (AR@10/100/1000) instead of clicks and boxes")
+    p.add_argument("--points-per-side", type=int, default=16, help="--amg: the generator's point grid (default 16)")
     add_speed_arguments(p)  # evaluates a fast path with the same protocol
     p.add_argument("--out", default="runs/eval", help="folder for results.json and miou_vs_clicks.png")
     p.add_argument("--quiet", action="store_true")
 
 
-def _bar(quiet: bool) -> Any:
+def _bar(quiet: bool, unit: str = "obj") -> Any:
     def make(desc: str, total: int) -> Any:
         if quiet:
             return None
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=desc, unit="obj", file=sys.stderr, mininterval=1.0)
+        bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=1.0)
         return bar.update
     return make
 
@@ -65,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     options = predictor_options(args, device)  # a combination that cannot run fails before anything loads
+    if args.amg and args.points_per_side < 1:
+        from segany.errors import InputError
+
+        raise InputError(f"--points-per-side must be at least 1, got {args.points_per_side}")
     ckpt = resolve_parts(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
         info = weights_for_model(args.model)
@@ -76,16 +86,39 @@ def run(args: argparse.Namespace) -> int:
     model = build_sam(args.model, checkpoint=ckpt, device=device).float()
     datasets = args.datasets.split(",") if args.datasets else None
     records = load_eval_records(args.data, args.split, datasets, args.limit_images)
+    meta = {"model": args.model, "checkpoint": str(ckpt), "data": str(args.data), "split": args.split,
+            "device": device}
+    if args.amg:
+        return _run_amg(args, model, records, meta, options)
     result = run_evaluation(model, records, max_clicks=args.max_clicks,
                             max_objects_per_image=args.max_objects_per_image, grabcut=args.grabcut,
                             grabcut_workers=args.workers, out_dir=args.out, progress=_bar(args.quiet),
-                            meta={"model": args.model, "checkpoint": str(ckpt), "data": str(args.data),
-                                  "split": args.split, "device": device},
-                            predictor_options=options)
+                            meta=meta, predictor_options=options)
     print(format_table(result))
     print(f"results: {os.path.join(args.out, 'results.json')}  plot: {os.path.join(args.out, 'miou_vs_clicks.png')}")
     if not args.quiet:
         print(json.dumps(result["meta"]), file=sys.stderr)
+    return 0
+
+
+def _run_amg(args: argparse.Namespace, model: Any, records: Any, meta: dict[str, Any],
+             options: dict[str, Any]) -> int:
+    from pathlib import Path
+
+    from segany.cli._util import atomic_write_bytes
+    from segany.eval.amg import AmgEvalSettings, evaluate_amg, format_amg_table
+    from segany.eval.interactive import eval_objects
+
+    n_images = len(eval_objects(records, max_objects_per_image=None))
+    bar = _bar(args.quiet, unit="img")("amg", n_images)
+    result = evaluate_amg(model, records, AmgEvalSettings(points_per_side=args.points_per_side),
+                          predictor_options=options, progress=bar)
+    result = {"meta": {**meta, "predictor": options}, **result}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "amg_results.json", json.dumps(result, indent=1).encode())
+    print(format_amg_table(result))
+    print(f"results: {out / 'amg_results.json'}")
     return 0
 
 
