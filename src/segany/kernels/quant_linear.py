@@ -100,7 +100,8 @@ class QuantLinear(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ Wᵀ (+ bias)`` over the last dimension of ``x``: 8-bit products, exact int32 or fp32 sums."""
         lead = x.shape[:-1]
-        xq, xs = quantize_rows(x.reshape(-1, self.in_features), self.fmt)
+        # Row-major rows for the GPU kernels (a window block's tokens can arrive as a strided view).
+        xq, xs = quantize_rows(x.reshape(-1, self.in_features).contiguous(), self.fmt)
         if self.fmt == "fp8":
             out = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale,
                                    bias=bias, out_dtype=self.out_dtype)
