@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,15 +74,16 @@ def average_recall(gt: Sequence[Sequence[dict]], proposals: Sequence[Sequence[di
         for d in p:
             dets.append({"image_id": i + 1, "category_id": 1, "segmentation": _bytes_rle(d["segmentation"]),
                          "score": float(d.get("score", 1.0))})
-    coco_gt = COCO()
-    coco_gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
-    coco_gt.createIndex()
-    coco_dt = coco_gt.loadRes(dets) if dets else COCO()
-    ev = COCOeval(coco_gt, coco_dt, iouType="segm")
-    ev.params.useCats = 0
-    ev.params.maxDets = sorted(set(max_dets))
-    ev.evaluate()
-    ev.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress to stdout, our results'
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(dets) if dets else COCO()
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.params.useCats = 0
+        ev.params.maxDets = sorted(set(max_dets))
+        ev.evaluate()
+        ev.accumulate()
     recall = ev.eval["recall"]  # (T IoU thresholds, K cats, A areas, M maxDets)
     out = {}
     for m, n in enumerate(ev.params.maxDets):
