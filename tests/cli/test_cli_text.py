@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # A bundled COCO sample with a person (and an umbrella) in it.
 PERSON_IMAGE = REPO / "src" / "segany" / "assets" / "samples" / "coco_000000000036.jpg"
-# segany_tiny's automatic-mask thresholds (scripts/demo.sh); SAM's defaults keep none of its masks.
+# Loose automatic-mask thresholds for segany_tiny (the demo's until 2026-11-26); SAM's defaults keep none.
 LOOSE = ("--pred-iou-thresh", "0.25", "--stability-score-thresh", "0.3", "--stability-score-offset", "0.1")
 
 
