@@ -40,7 +40,7 @@ step ${T_SPEED_L:-80} speed_vit_l python3 bench/speed.py --device cuda --models 
 step ${T_PROFILE:-70} profile_vit_b python3 bench/profile_encoder.py --device cuda --model vit_b --attention mask,mixed,fused \
   --json "$OUT/profile_vit_b.json"
 # The CUDA-only tests (CUDA-graph decoder path vs the exact fp32 modules).
-step ${T_TESTS:-150} cuda_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast.py tests/kernels
+step ${T_TESTS:-200} cuda_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast.py tests/kernels
 # Compiled ViT-L/H (default mode) and ViT-B in segment-anything-fast's max-autotune mode, ours and theirs.
 step ${T_COMPILE_LH:-230} speed_lh_compiled python3 bench/speed.py --device cuda --models vit_l,vit_h --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions mixed,fused \
@@ -57,12 +57,12 @@ step ${T_PROFILE_H:-120} profile_vit_h_compiled python3 bench/profile_encoder.py
 # mode) with the fused kernel, the 8-bit block GEMMs, and segment-anything-fast's method in the same process.
 step ${T_B_FUSED:-240} speed_b_fused python3 bench/speed.py --device cuda --models vit_b --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
-  --encoder-quant int8 --json "$OUT/speed_b_fused.json"
+  --encoder-quant int8 --skip-eager --json "$OUT/speed_b_fused.json"
 step ${T_H_QUANT:-330} speed_h_quant python3 bench/speed.py --device cuda --models vit_h --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
-  --encoder-quant int8,fp8 --json "$OUT/speed_h_quant.json"
+  --encoder-quant int8,fp8 --skip-eager --json "$OUT/speed_h_quant.json"
 step ${T_L_FUSED:-200} speed_l_fused python3 bench/speed.py --device cuda --models vit_l --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
-  --encoder-quant int8 --json "$OUT/speed_l_fused.json"
+  --encoder-quant int8 --skip-eager --json "$OUT/speed_l_fused.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 ls -la "$OUT"

@@ -192,8 +192,8 @@ def bench_model(name: str, args: argparse.Namespace, out: dict[str, Any]) -> dic
                 e = copy.deepcopy(ref.image_encoder).to(torch.bfloat16)
                 return enc_variant(e, torch.bfloat16)()
             run_variant(enc, "reference_bf16", ref_bf16, device)
-    variants: list[tuple[str, dict[str, Any]]] = [("segany_fp32", {"precision": "fp32"})]
-    if device == "cuda" or "bf16" in args.cpu_variants:
+    variants: list[tuple[str, dict[str, Any]]] = [] if args.skip_eager else [("segany_fp32", {"precision": "fp32"})]
+    if (device == "cuda" or "bf16" in args.cpu_variants) and not args.skip_eager:
         variants.append(("segany_bf16", {"precision": "bf16"}))
     if device == "cuda":
         for att in args.attentions:  # "mask" is segany_bf16 itself
@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", action="store_true", help="CPU: also time int8 ONNX graphs")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-eager", action="store_true",
+                   help="leave out the eager segany fp32/bf16 encoder rows (compile-only steps: ViT-H fp32 costs ~20 s)")
     p.add_argument("--parts", default="encoder,prompt",
                    help="encoder, prompt, accuracy (comma-separated; prompt includes the accuracy check)")
     p.add_argument("--encoder-quant", default="",
