@@ -72,9 +72,11 @@ def test_the_real_generator_on_a_tiny_model(tmp_path, tiny_sam):
     json.dumps(res)  # what the CLI writes
 
 
-def test_cli_refuses_an_empty_grid_before_loading_anything(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "segany.cli", "eval", "--amg", "--points-per-side", "0",
+@pytest.mark.parametrize("extra, says", [(["--points-per-side", "0"], "--points-per-side must be at least 1"),
+                                         (["--grabcut"], "does not apply to --amg")])
+def test_cli_refuses_bad_amg_options_before_loading_anything(tmp_path, extra, says):
+    r = subprocess.run([sys.executable, "-m", "segany.cli", "eval", "--amg", *extra,
                         "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "--points-per-side must be at least 1" in r.stderr, r.stderr
+    assert r.returncode == 1 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "o").exists()

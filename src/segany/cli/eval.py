@@ -71,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     options = predictor_options(args, device)  # a combination that cannot run fails before anything loads
-    if args.amg and args.points_per_side < 1:
+    if args.amg:
         from segany.errors import InputError
 
-        raise InputError(f"--points-per-side must be at least 1, got {args.points_per_side}")
+        if args.points_per_side < 1:
+            raise InputError(f"--points-per-side must be at least 1, got {args.points_per_side}")
+        if args.grabcut:
+            raise InputError("--grabcut is the baseline for box prompts and does not apply to --amg; drop one of them")
     ckpt = resolve_parts(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
         info = weights_for_model(args.model)
