@@ -64,5 +64,10 @@ step ${T_H_QUANT:-330} speed_h_quant python3 bench/speed.py --device cuda --mode
 step ${T_L_FUSED:-200} speed_l_fused python3 bench/speed.py --device cuda --models vit_l --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
   --encoder-quant int8 --skip-eager --json "$OUT/speed_l_fused.json"
+# ViT-H's 8-bit encoders in max-autotune, where Inductor generates the int8 GEMM with its scaling fused
+# (default mode writes the int32 sums out first).
+step ${T_H_QUANT_AT:-330} speed_h_quant_autotune python3 bench/speed.py --device cuda --models vit_h --parts encoder \
+  --skip-reference --attentions "" --compile --compile-mode max-autotune --compile-attentions fused --no-compile-mask \
+  --encoder-quant int8,fp8 --skip-eager --json "$OUT/speed_h_quant_autotune.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 ls -la "$OUT"

@@ -848,8 +848,9 @@ class FastPath:
 
 
 def _fuse_int8_scaling() -> None:
-    """Let Inductor fold the per-token scale into the int8 GEMM instead of a pass over its int32 output
-    (a process-wide Inductor setting; it only matches ``_int_mm(a, b) * scale``, which only int8 layers make)."""
+    """Ask Inductor to fold the per-token scale into the int8 GEMM (``_int_mm(a, b) * scale``) in default
+    mode too. A process-wide setting. It only matches what int8 layers make, and Inductors since about 2.14
+    ignore it: the fusion then needs ``compile="max-autotune"``."""
     try:
         import torch._inductor.config as inductor_config
 

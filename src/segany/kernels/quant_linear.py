@@ -12,9 +12,12 @@ row (token) gets one per call from its absolute maximum. So an outlier token or 
 only in its own row. The two formats differ in where they lose it:
 
 * ``int8``: a uniform grid of 255 steps across the row. On random-weight ViT-B the embedding moved by
-  2.1% (relative L2) against 1.1% for bf16 alone. ``torch._int_mm`` gives int32 sums, the scales and
-  bias are applied after; Inductor can fuse that multiply into the GEMM
-  (``force_fuse_int_mm_with_mul``, which :class:`segany.fast.FastPath` turns on when compiling).
+  2.1% (relative L2) against 1.1% for bf16 alone. ``torch._int_mm`` gives int32 sums, and the scales and
+  bias are applied after. So the GEMM writes 4 bytes per output instead of 2, unless Inductor generates
+  the GEMM itself and fuses the scaling into it. It does that with ``mode="max-autotune"``'s Triton
+  templates; older Inductors also had a default-mode pattern behind ``force_fuse_int_mm_with_mul``, which
+  :class:`segany.fast.FastPath` sets but which torch 2.14 no longer has. In default mode the scaling at
+  least fuses with the op that reads the output (GELU, the residual add).
 * ``fp8`` (e4m3): 3 mantissa bits, so every value is off by up to 1/16 of itself: 7.5% on the same
   test. ``torch._scaled_mm`` applies both scales and the bias inside the GEMM and writes bf16, so it
   needs no compile to avoid an extra pass; it needs compute capability 8.9+.
@@ -106,7 +109,7 @@ class QuantLinear(nn.Module):
             out = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale,
                                    bias=bias, out_dtype=self.out_dtype)
         else:
-            y = torch._int_mm(xq, self.weight_q.t()) * xs  # the int_mm·scale pattern Inductor fuses
+            y = torch._int_mm(xq, self.weight_q.t()) * xs  # int_mm·scale: the pattern fusions look for
             y = y * self.weight_scale
             out = (y if bias is None else y + bias).to(self.out_dtype)
         return out.reshape(*lead, self.out_features)
