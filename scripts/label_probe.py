@@ -11,8 +11,8 @@ the base model's: for every ground-truth mask of the labelled training and held-
 
 fits the same linear softmax probe on each (fixed settings, standardized inputs) on the training masks, and
 reports held-out accuracy beside the always-"person" rate. Held-out images only report; nothing is chosen on
-them. The learnt-feature accuracies move by a few points between runs (float rounding in the features differs
-between processes, and a probe that memorises amplifies it), so read them as a range, not to the digit.
+them. Without ``--checkpoint`` it loads the model's bundled or cached weights explicitly (``build_sam`` alone
+would build a random model) and records the file and its sha256; the figures are then the same on every run.
 
     .venv/bin/python scripts/label_probe.py --out docs/segany_tiny_label_probe.json
 """
@@ -109,6 +109,16 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n
         return lin(xt).argmax(1).numpy(), lin(xs).argmax(1).numpy()
 
 
+def _default_weights(model: str) -> str | None:
+    """The weights build_sam would load for ``model`` (bundled or cached), so the JSON can name them."""
+    from segany.checkpoints import find_weights
+    from segany.registry import weights_for_model
+
+    info = weights_for_model(model)
+    path = find_weights(info.name) if info else None
+    return str(path) if path else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pack", default="out/packed", help="packed data (scripts/pack_data.py)")
@@ -124,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     from segany.checkpoints import build_sam
     from segany.cli._util import atomic_write_bytes
     from segany.errors import SeganyError
+    from segany.hashing import file_digest
     from segany.predictor import SamPredictor
     from segany.train.labels import read_labeled
 
     torch.set_num_threads(args.threads)
     try:
         split = read_labeled(pack=args.pack)
-        sam = build_sam(args.model, checkpoint=args.checkpoint).eval()
+        checkpoint = args.checkpoint or _default_weights(args.model)
+        sam = build_sam(args.model, checkpoint=checkpoint).eval()
     except SeganyError as e:
         print(f"label_probe: {e}", file=sys.stderr)
         return 1
@@ -147,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     y_test = np.array([index[n] for n, k in zip(test_names, keep, strict=True) if k])
     person = y_test == index["person"]
     result: dict[str, Any] = {
-        "model": args.model, "checkpoint": args.checkpoint, "train_masks": len(y_train),
+        "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": file_digest(checkpoint) if checkpoint else None, "train_masks": len(y_train),
         "test_masks": int(keep.sum()), "classes": len(classes),
         "test_top_classes": Counter(n for n in test_names if n in index).most_common(5),
         "always_person_accuracy": round(float(person.mean()), 3), "probes": {},

@@ -56,3 +56,15 @@ def test_mask_features(probe: Any, tiny_sam: Any) -> None:
     other = np.zeros_like(mask)
     other[80:110, 120:190] = True
     assert not np.allclose(probe.mask_features(pred, image, other)["pooled_embedding"], f["pooled_embedding"])
+
+
+def test_probes_the_shipped_weights_not_a_random_model(probe: Any) -> None:
+    """The first published probe figures came from a random segany_tiny: build_sam without a checkpoint
+    builds one. The script must resolve the shipped file itself, and the JSON names it by sha256."""
+    from segany.hashing import file_digest
+
+    path = probe._default_weights("segany_tiny")
+    assert path is not None
+    shipped = (Path(__file__).resolve().parents[2] / "src" / "segany" / "assets" / "weights"
+               / "segany_tiny.pt.sha256").read_text().split()[0]
+    assert file_digest(path) == shipped
