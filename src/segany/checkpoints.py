@@ -152,6 +152,11 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
 
     A segany checkpoint carries its own config; its variant name then need not be given exactly,
     but a mismatch between the embedded config and ``name`` is reported.
+
+    Without ``checkpoint`` the model is randomly initialised, as ``sam_model_registry[name]()`` is in
+    ``segment_anything``, and training from scratch relies on that. This holds for ``segany_tiny`` too,
+    although its weights ship with segany: pass ``find_weights("segany_tiny")`` to get them. The exception
+    is a class-head model (``segany_tiny_labels``), which is meaningless without its shipped head.
     """
     if checkpoint is None:
         checkpoint = _shipped_head(name)
