@@ -481,4 +481,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    for folder in _ONNX_DIRS.values():  # os._exit below skips atexit, where these would be removed
+        shutil.rmtree(folder, ignore_errors=True)
+    # Leave at once: the JSON is written. After a max-autotune compile the interpreter's exit waited on
+    # Inductor's compile workers until the device call's step limit killed it (rc 124 on 2026-11-26,
+    # with complete results), minutes of a scarce GPU call spent doing nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
