@@ -10,12 +10,10 @@ echo "== 1. a click on the zebra (3 candidate masks, overlay, JSON with scores a
 $S predict src/segany/assets/sample.jpg --point 250,150 --out "$OUT/predict"
 echo "== 2. segment everything in the sample folder (SA-1B JSON per image, overlays, run manifest)"
 # segany_tiny was trained for minutes, so its IoU head and logits are far less confident than SAM's:
-# SAM's default thresholds (0.88 / 0.95) keep nothing. These suit it: about its top quarter by predicted IoU
-# (which ranks its masks well: docs/benchmarks.md, AR@K), stable ones only, holes and islands under 800 px
-# cleaned, overlaps above 0.5 IoU merged. Looser ones (0.25 / 0.3 / 100 px) show ~80 ragged masks an image.
-$S auto src/segany/assets/samples --out "$OUT/auto" --format sa1b --overlay --points-per-side 16 \
-  --pred-iou-thresh 0.32 --stability-score-thresh 0.8 --stability-score-offset 0.1 --min-mask-region-area 800 \
-  --box-nms-thresh 0.5
+# SAM's default thresholds (0.88 / 0.95) keep nothing, and `segany auto` gives it its own defaults
+# (segany/amg/model_defaults.py): about its top quarter by predicted IoU, stable masks only, holes and
+# islands under 800 px cleaned, overlaps above 0.5 merged, 16 points a side.
+$S auto src/segany/assets/samples --out "$OUT/auto" --format sa1b --overlay
 echo "== done: results in $OUT/"
 echo "   the annotation app on the same images:  .venv/bin/segany project create out/demo_project --samples"
 echo "                                            .venv/bin/segany project add-annotator out/demo_project you"

@@ -61,14 +61,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--labels", help="label masks with these comma-separated names, e.g. person,car (needs a model "
                                     "with a class head; names outside its classes need CLIP)")
-    g = p.add_argument_group("generator options (defaults as in SAM)")
-    defaults = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
-                "stability_score_thresh": 0.95, "stability_score_offset": 1.0, "box_nms_thresh": 0.7,
-                "crop_n_layers": 0, "crop_nms_thresh": 0.7, "crop_overlap_ratio": 512 / 1500,
-                "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0}
+    g = p.add_argument_group("generator options (defaults: SAM's; segany_tiny's where they differ)")
+    from segany.amg.model_defaults import generator_defaults
+
+    sam, tiny = generator_defaults("vit_h"), generator_defaults("segany_tiny")
     for name, typ in _GEN_OPTIONS.items():
-        g.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name], dest=name,
-                       help=f"default {defaults[name]:g}")
+        note = f"default {sam[name]:g}" + (f"; segany_tiny {tiny[name]:g}" if tiny[name] != sam[name] else "")
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, dest=name, help=note)
     p.set_defaults(func=run)
     return p
 
@@ -176,7 +175,11 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file; pass a folder")
     images = collect_images(args.input)
-    options = {name: getattr(args, name) for name in _GEN_OPTIONS}
+    from segany.amg.model_defaults import generator_defaults
+
+    defaults = generator_defaults(args.model)  # what the user left unset, on the model's own scale
+    options = {name: getattr(args, name) if getattr(args, name) is not None else defaults[name]
+               for name in _GEN_OPTIONS}
     options["output_mode"] = "binary_mask" if args.format == "png" else "coco_rle"
     config = AmgConfig(**options)  # bad option values fail here, before the model loads
     labels = [t.strip() for t in args.labels.split(",") if t.strip()] if args.labels is not None else None

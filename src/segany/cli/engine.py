@@ -41,13 +41,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run on Ray: 'local' starts a cluster here, else the cluster address (ray://host:10001)")
     a.add_argument("--workers", type=int, default=None,
                    help="model replicas: local processes (default 1) or Ray actors (default one per GPU/CPU)")
-    a.add_argument("--points-per-side", type=int, default=32)
-    a.add_argument("--points-per-batch", type=int, default=64)
-    a.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    a.add_argument("--stability-thresh", type=float, default=0.95)
-    a.add_argument("--box-nms-thresh", type=float, default=0.7)
-    a.add_argument("--crop-n-layers", type=int, default=0)
-    a.add_argument("--min-area", type=int, default=0, help="remove mask regions and holes below this area")
+    # Unset generator options take the model's defaults (segany.amg.model_defaults): SAM's, or segany_tiny's.
+    a.add_argument("--points-per-side", type=int, default=None, help="default 32; segany_tiny 16")
+    a.add_argument("--points-per-batch", type=int, default=None, help="default 64")
+    a.add_argument("--pred-iou-thresh", type=float, default=None, help="default 0.88; segany_tiny 0.32")
+    a.add_argument("--stability-thresh", type=float, default=None, help="default 0.95; segany_tiny 0.8")
+    a.add_argument("--box-nms-thresh", type=float, default=None, help="default 0.7; segany_tiny 0.5")
+    a.add_argument("--crop-n-layers", type=int, default=None, help="default 0")
+    a.add_argument("--min-area", type=int, default=None,
+                   help="remove mask regions and holes below this area (default 0; segany_tiny 800)")
     a.add_argument("--max-masks", type=int, default=None, help="keep the best N masks per image")
     a.add_argument("--review", action="store_true", help="store masks as pending review instead of accepted")
     a.add_argument("--redo", action="store_true", help="run again on images already done (replaces their masks)")
@@ -105,14 +107,25 @@ def _spec(store: Any, args: argparse.Namespace) -> Any:
 def _auto(store: Any, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from segany.amg.model_defaults import generator_defaults
     from segany.engine.auto import AutoSettings, run_auto
 
-    settings = AutoSettings(
-        points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
-        box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_area,
-        max_masks=args.max_masks, review_state="pending" if args.review else "accepted", generator=args.generator)
     spec = _spec(store, args)
+    d = generator_defaults(spec.model)  # for the options left unset: the model's own scale
+
+    def pick(value: Any, name: str) -> Any:
+        return d[name] if value is None else value
+
+    settings = AutoSettings(
+        points_per_side=pick(args.points_per_side, "points_per_side"),
+        points_per_batch=pick(args.points_per_batch, "points_per_batch"),
+        pred_iou_thresh=pick(args.pred_iou_thresh, "pred_iou_thresh"),
+        stability_score_thresh=pick(args.stability_thresh, "stability_score_thresh"),
+        stability_score_offset=d["stability_score_offset"],
+        box_nms_thresh=pick(args.box_nms_thresh, "box_nms_thresh"),
+        crop_n_layers=pick(args.crop_n_layers, "crop_n_layers"),
+        min_mask_region_area=pick(args.min_area, "min_mask_region_area"),
+        max_masks=args.max_masks, review_state="pending" if args.review else "accepted", generator=args.generator)
     backend = "ray" if args.ray else "local"
     workers = args.workers if args.workers is not None else (0 if backend == "ray" else 1)
     bar: dict[str, Any] = {}
