@@ -52,3 +52,20 @@ def test_default_command_on_the_default_model_writes_masks(tmp_path):
     options = json.loads((out / "run.json").read_text())["settings"]["options"]
     assert options["pred_iou_thresh"] == 0.9 and options["points_per_side"] == 4
     assert options["stability_score_thresh"] == 0.8  # the rest still segany_tiny's
+
+
+def test_stage2_prefill_is_strict_on_the_models_own_scale():
+    """SAM's strict pre-fill thresholds (0.92 / 0.95) pre-filled nothing for the default model, so stage 2
+    was inert with it; segany_tiny's are strict on its scale, SAM models keep SAM's."""
+    from segany.checkpoints import build_sam, find_weights
+    from segany.data.images import load_image
+    from segany.server.model_service import ModelService, PrefillSettings, default_prefill
+
+    assert ModelService("vit_b", device="cpu").prefill_settings == PrefillSettings()
+    tuned = ModelService("segany_tiny", device="cpu").prefill_settings
+    assert (tuned.pred_iou_thresh, tuned.stability_score_thresh) == (0.40, 0.85)
+    sam = build_sam("segany_tiny", checkpoint=find_weights("segany_tiny"))
+    image = load_image(SAMPLE)
+    assert default_prefill(sam, image, PrefillSettings()) == []
+    masks = default_prefill(sam, image, tuned)
+    assert len(masks) >= 1 and all(m["predicted_iou"] > 0.40 for m in masks)

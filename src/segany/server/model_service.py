@@ -87,7 +87,11 @@ class ModelService:
         self.cache_dir = cache_dir
         self._sam = sam
         self._prefill = prefill
-        self.prefill_settings = prefill_settings or PrefillSettings()
+        if prefill_settings is None:  # strict on the model's own scale (SAM's thresholds suit SAM's heads)
+            from segany.amg.model_defaults import prefill_defaults
+
+            prefill_settings = PrefillSettings(**prefill_defaults(model_type))
+        self.prefill_settings = prefill_settings
         self.text_min_score = text_min_score
         self._clip: Any = None  # the CLIP text encoder of a model with a text token, loaded on first use
         self.predictor_options = dict(predictor_options or {})
