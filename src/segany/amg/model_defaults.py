@@ -17,7 +17,7 @@ from typing import Any
 
 from segany.amg.config import AmgConfig
 
-__all__ = ["generator_defaults", "prefill_defaults"]
+__all__ = ["default_note", "generator_defaults", "prefill_defaults"]
 
 _TUNED_FOR_SEGANY_TINY: dict[str, Any] = {
     "points_per_side": 16,
@@ -38,17 +38,21 @@ def generator_defaults(model: str | None) -> dict[str, Any]:
     return {**base, **_TUNED.get(model or "", {})}
 
 
-# Stage 2 pre-fills only masks the model is sure of, so its thresholds sit above the generator's.
-_PREFILL_SAM: dict[str, Any] = {"points_per_side": 16, "pred_iou_thresh": 0.92, "stability_score_thresh": 0.95,
-                                "box_nms_thresh": 0.7, "min_mask_region_area": 100}
+def default_note(name: str) -> str:
+    """Help text for a generator option: SAM's default, and segany_tiny's where it differs."""
+    sam, tiny = generator_defaults(None)[name], _TUNED_FOR_SEGANY_TINY.get(name)
+    return f"default {sam:g}" + (f"; segany_tiny {tiny:g}" if tiny is not None and tiny != sam else "")
+
+
+# Stage 2 pre-fills only masks the model is sure of, so its thresholds sit above the generator's. For SAM's
+# models these are PrefillSettings' own defaults.
 _PREFILL_SEGANY_TINY: dict[str, Any] = {"points_per_side": 16, "pred_iou_thresh": 0.40, "stability_score_thresh": 0.85,
                                         "box_nms_thresh": 0.5, "min_mask_region_area": 800,
                                         "extra": {"stability_score_offset": 0.1}}
 
 
 def prefill_defaults(model: str | None) -> dict[str, Any]:
-    """Stage-2 pre-fill settings (``PrefillSettings`` fields) for ``model``. SAM's strict thresholds pre-fill
-    nothing for segany_tiny, so it gets strict ones on its own scale: about 2–8 masks on the bundled
-    samples, against 7–16 at the generator's defaults."""
-    tuned = model in _TUNED
-    return dict(_PREFILL_SEGANY_TINY if tuned else _PREFILL_SAM)
+    """Stage-2 pre-fill settings (``PrefillSettings`` fields) for ``model`` that differ from its defaults.
+    SAM's strict thresholds pre-fill nothing for segany_tiny, so it gets strict ones on its own scale:
+    about 2–8 masks on the bundled samples, against 7–16 at the generator's defaults."""
+    return dict(_PREFILL_SEGANY_TINY) if model in _TUNED else {}

@@ -62,12 +62,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label masks with these comma-separated names, e.g. person,car (needs a model "
                                     "with a class head; names outside its classes need CLIP)")
     g = p.add_argument_group("generator options (defaults: SAM's; segany_tiny's where they differ)")
-    from segany.amg.model_defaults import generator_defaults
+    from segany.amg.model_defaults import default_note
 
-    sam, tiny = generator_defaults("vit_h"), generator_defaults("segany_tiny")
     for name, typ in _GEN_OPTIONS.items():
-        note = f"default {sam[name]:g}" + (f"; segany_tiny {tiny[name]:g}" if tiny[name] != sam[name] else "")
-        g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, dest=name, help=note)
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, dest=name, help=default_note(name))
     p.set_defaults(func=run)
     return p
 
@@ -189,8 +187,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     fast_options = predictor_options(args, device)
     settings = run_settings(args.model, checkpoint, args.format, config.to_dict(), labels)
-    if changes_results(fast_options):  # runs with the defaults keep the settings record they always had
-        settings["predictor"] = changes_results(fast_options)
+    predictor_settings = changes_results(fast_options)
+    if predictor_settings:  # runs with the defaults keep the settings record they always had
+        settings["predictor"] = predictor_settings
     keep = check_resume(out, settings, args.resume,  # other settings: refused before the model loads
                         lambda: any(output_path(out, k, args.format).exists() for _, k in images))
 

@@ -42,14 +42,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--workers", type=int, default=None,
                    help="model replicas: local processes (default 1) or Ray actors (default one per GPU/CPU)")
     # Unset generator options take the model's defaults (segany.amg.model_defaults): SAM's, or segany_tiny's.
-    a.add_argument("--points-per-side", type=int, default=None, help="default 32; segany_tiny 16")
-    a.add_argument("--points-per-batch", type=int, default=None, help="default 64")
-    a.add_argument("--pred-iou-thresh", type=float, default=None, help="default 0.88; segany_tiny 0.32")
-    a.add_argument("--stability-thresh", type=float, default=None, help="default 0.95; segany_tiny 0.8")
-    a.add_argument("--box-nms-thresh", type=float, default=None, help="default 0.7; segany_tiny 0.5")
-    a.add_argument("--crop-n-layers", type=int, default=None, help="default 0")
-    a.add_argument("--min-area", type=int, default=None,
-                   help="remove mask regions and holes below this area (default 0; segany_tiny 800)")
+    from segany.amg.model_defaults import default_note
+
+    a.add_argument("--points-per-side", type=int, default=None, help=default_note("points_per_side"))
+    a.add_argument("--points-per-batch", type=int, default=None, help=default_note("points_per_batch"))
+    a.add_argument("--pred-iou-thresh", type=float, default=None, help=default_note("pred_iou_thresh"))
+    a.add_argument("--stability-thresh", type=float, default=None, help=default_note("stability_score_thresh"))
+    a.add_argument("--box-nms-thresh", type=float, default=None, help=default_note("box_nms_thresh"))
+    a.add_argument("--crop-n-layers", type=int, default=None, help=default_note("crop_n_layers"))
+    a.add_argument("--min-area", type=int, default=None, help="remove mask regions and holes below this area ("
+                   + default_note("min_mask_region_area") + ")")
     a.add_argument("--max-masks", type=int, default=None, help="keep the best N masks per image")
     a.add_argument("--review", action="store_true", help="store masks as pending review instead of accepted")
     a.add_argument("--redo", action="store_true", help="run again on images already done (replaces their masks)")

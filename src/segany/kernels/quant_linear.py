@@ -22,7 +22,7 @@ only in its own row. The two formats differ in where they lose it:
   test. ``torch._scaled_mm`` applies both scales and the bias inside the GEMM and writes bf16, so it
   needs no compile to avoid an extra pass; it needs compute capability 8.9+.
 
-These are opt-in trades of accuracy for speed; ``bench/speed.py --quantize-gpu`` reports both. The CPU
+These are opt-in trades of accuracy for speed; ``bench/speed.py --encoder-quant int8,fp8`` reports both. The CPU
 has both ops too (slow for fp8), so the tests run the same calls a GPU makes.
 """
 
