@@ -16,6 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 # CI lays ../shared/data beside the repo; SEGANY_SHARED_DATA points a clone elsewhere at the same datasets.
 SHARED_DATA = Path(os.environ.get("SEGANY_SHARED_DATA") or REPO.parent / "shared" / "data")
 SAMPLE_IMAGE = REPO / "src" / "segany" / "assets" / "sample.jpg"
+# The command line's --precision auto picks bf16 on CPUs with native bf16 (segany.fast.cpu_has_native_bf16).
+# Tests expect the exact fp32 default whatever CPU runs them (and pass it on to the CLI subprocesses they
+# start); tests of the bf16 choice set this themselves.
+os.environ["SEGANY_CPU_BF16"] = "0"
 
 
 def tiny_config(img_size: int = 256) -> SamConfig:

@@ -177,3 +177,21 @@ def test_predict_fast_path_options(tmp_path: Path, tiny_ckpt: Path, home: Path) 
     r = segany("predict", *args, "--out", str(bad), "--quantize", "fp8", home=home)  # CPU auto precision: fp32
     assert r.returncode == 1 and "--precision bf16" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not bad.exists()
+
+
+def test_predict_auto_precision_is_bf16_on_a_native_bf16_cpu(tmp_path: Path, tiny_ckpt: Path, home: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision auto: exact fp32 on CPUs without native bf16, bf16 on those with it (as on CUDA); the JSON
+    says which ran, and the mask is nearly the exact one."""
+    args = [str(SAMPLE_IMAGE), "--point", "320,212", "--checkpoint", str(tiny_ckpt), "--single"]
+    masks = {}
+    for flag, expected in (("0", "fp32"), ("1", "bf16")):
+        monkeypatch.setenv("SEGANY_CPU_BF16", flag)
+        out = tmp_path / expected
+        r = segany("predict", *args, "--out", str(out), home=home)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "sample.json").read_text())["precision"] == expected
+        assert f"on cpu ({expected})" in r.stderr
+        masks[expected] = np.asarray(Image.open(out / "sample_mask0.png")) > 0
+    a, b = masks["fp32"], masks["bf16"]
+    assert a.any() and (a & b).sum() / (a | b).sum() > 0.95

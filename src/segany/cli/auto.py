@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     fast_options = predictor_options(args, device)
     settings = run_settings(args.model, checkpoint, args.format, config.to_dict(), labels)
-    predictor_settings = changes_results(fast_options)
+    predictor_settings = changes_results(args)
     if predictor_settings:  # runs with the defaults keep the settings record they always had
         settings["predictor"] = predictor_settings
     keep = check_resume(out, settings, args.resume,  # other settings: refused before the model loads

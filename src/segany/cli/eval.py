@@ -44,7 +44,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amg", action="store_true",
                    help="evaluate automatic masks as proposals (AR@10/100/1000) instead of clicks and boxes")
     p.add_argument("--points-per-side", type=int, default=16, help="--amg: the generator's point grid (default 16)")
-    add_speed_arguments(p)  # evaluates a fast path with the same protocol
+    add_speed_arguments(p, cpu_bf16_auto=False)  # a fast path, same protocol; auto stays exact on CPU
     p.add_argument("--out", default="runs/eval", help="folder for results.json and miou_vs_clicks.png")
     p.add_argument("--quiet", action="store_true")
 
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
-    options = predictor_options(args, device)  # a combination that cannot run fails before anything loads
+    # A combination that cannot run fails before anything loads.
+    options = predictor_options(args, device, cpu_bf16_auto=False)
     if args.amg:
         from segany.errors import InputError
 

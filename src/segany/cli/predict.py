@@ -101,10 +101,14 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from segany.fast import resolve_precision
+
+    precision = resolve_precision(options["precision"], device)  # what "auto" became on this machine
+
     from segany.checkpoints import build_sam
     from segany.predictor import SamPredictor
 
-    with progress.step("load_s", f"loading {args.model} from {checkpoint} on {device}"):
+    with progress.step("load_s", f"loading {args.model} from {checkpoint} on {device} ({precision})"):
         model = build_sam(args.model, checkpoint=checkpoint, device=device)
     if args.text is not None:  # a phrase the model cannot take fails now, not after the image is embedded
         from segany.text.prompting import check_text_for_model
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_bytes(out / overlay, _png(_overlay(image, masks[0], points, box)))
     result = {
         "image": str(Path(args.image)), "size_hw": [h, w], "model": args.model, "checkpoint": str(checkpoint),
-        "device": device, "multimask": multimask,
+        "device": device, "precision": precision, "multimask": multimask,
         "prompts": {"points_xy": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points],
                     "box_xyxy": list(box) if box else None, **({"text": args.text} if args.text else {}),
                     **({"min_score": args.min_score, "points_per_side": args.points_per_side} if every else {})},
