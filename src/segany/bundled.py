@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
+from segany.atomic import atomic_path
 from segany.errors import CheckpointError
 from segany.hashing import file_digest
 
@@ -55,10 +55,8 @@ def join_parts(first: str | os.PathLike[str], dest: str | os.PathLike[str]) -> P
     if not parts:
         raise CheckpointError(f"no parts {base}.part0, .part1, … found; pass the checkpoint file itself")
     out = Path(dest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
             for p in parts:
                 f.write(p.read_bytes())
         sha_file = base.with_name(base.name + ".sha256")
@@ -67,9 +65,6 @@ def join_parts(first: str | os.PathLike[str], dest: str | os.PathLike[str]) -> P
             if file_digest(tmp) != want:
                 raise CheckpointError(f"joined parts of {base.name} fail their sha256 check; a part is missing or "
                                       "corrupt: reinstall segany or fetch the parts again")
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return out
 
 

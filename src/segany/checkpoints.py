@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from segany import hf_layout
+from segany.atomic import atomic_path
 from segany.errors import CheckpointError, DownloadError, UnknownModelError
 from segany.hashing import file_digest
 from segany.modeling.config import SamConfig
@@ -199,15 +199,8 @@ def _config_or_none(name: str) -> SamConfig | None:
 
 
 def _atomic_write(path: Path, writer: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        writer(str(tmp))
 
 
 def save_checkpoint(model: Sam, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,

@@ -111,3 +111,48 @@ def test_sa1b_yolo_png(filled, tmp_path: Path) -> None:  # type: ignore[no-untyp
     index = json.loads((png / "index.json").read_text())
     first = np.array(Image.open(png / index[0]["file"])) > 0
     assert first.shape == (im["height"], im["width"]) and first.any()
+
+
+def test_images_sharing_a_stem_get_their_own_files(tmp_path: Path) -> None:
+    """x.jpg and x.png in one project: per-image exports name both (no file overwrites the other's)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    jpg, png = src / "x.jpg", src / "x.png"
+    jpg.write_bytes(SAMPLE.read_bytes())
+    Image.open(SAMPLE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(png)
+    store = open_store(tmp_path / "p", create=True)
+    try:
+        p = store.create_project("demo", labels=["blob"])
+        ims = store.add_images(p["id"], [jpg, png])
+        assert len({im["id"] for im in ims}) == 2
+        for im in ims:
+            store.save_annotation(im["id"], mask=_blob(im["height"], im["width"]), label="blob")
+        sa1b = exports.export_sa1b(store, p["id"], tmp_path / "sa1b")
+        files = sorted(f.name for f in sa1b.iterdir())
+        assert len(files) == 2 and all(f.startswith("x") for f in files), files
+        names = {json.loads((sa1b / f).read_text())["image"]["file_name"] for f in files}
+        assert len(names) == 2
+        yolo = exports.export_yolo(store, p["id"], tmp_path / "yolo")
+        assert len(list((yolo / "labels").iterdir())) == 2
+        pngs = exports.export_png(store, p["id"], tmp_path / "png")
+        assert len(json.loads((pngs / "index.json").read_text())) == 2
+        assert len([d for d in pngs.iterdir() if d.is_dir()]) == 2
+    finally:
+        store.close()
+
+
+def test_export_targets_of_the_wrong_kind_are_refused_before_writing(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from segany.errors import InputError
+
+    store, p, _ = filled
+    folder = tmp_path / "o"
+    folder.mkdir()
+    with pytest.raises(InputError, match="is a folder; the coco export writes one file"):
+        exports.export_coco(store, p["id"], folder)
+    assert list(folder.iterdir()) == []  # no stray temp file
+    afile = tmp_path / "f.json"
+    afile.write_text("{}")
+    for export in (exports.export_sa1b, exports.export_yolo, exports.export_png):
+        with pytest.raises(InputError, match="is a file; the .* export writes a folder"):
+            export(store, p["id"], afile)
+    assert afile.read_text() == "{}"

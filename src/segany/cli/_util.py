@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from segany.atomic import atomic_write, atomic_write_bytes  # noqa: F401  (the CLI modules import them from here)
 from segany.errors import CheckpointError, InputError
 
 
@@ -44,28 +42,6 @@ class Progress:
             print(f" {seconds:.2f} s", file=sys.stderr, flush=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)  # type: ignore[arg-type]
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def parse_numbers(text: str, option: str, counts: tuple[int, ...], example: str) -> list[float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,37 @@ import cv2
 import numpy as np
 from PIL import Image as PILImage
 
+from segany.atomic import atomic_write, atomic_write_json, atomic_write_text
 from segany.engine.masks import decode_rle, normalize_rle, rle_area_bbox
 from segany.engine.store import Store
 from segany.errors import InputError
 
 
 def _write_json(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, data)
+
+
+def _stems(images: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """Per image, the name its per-image files get: the file's stem, or ``<stem>-<image id>`` where two
+    images share a stem (``x.jpg`` and ``x.png``, or ``a/x.jpg`` and ``b/x.jpg``), so neither overwrites
+    the other's file."""
+    count: dict[str, int] = {}
+    for im in images:
+        stem = Path(im["file_name"]).stem
+        count[stem] = count.get(stem, 0) + 1
+    return {im["id"]: (stem if count[stem] == 1 else f"{stem}-{im['id']}")
+            for im in images for stem in [Path(im["file_name"]).stem]}
+
+
+def _check_file_target(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; the {what} export writes one file: pass a file name such as "
+                         f"{path / 'annotations.json'}")
+
+
+def _check_folder_target(path: Path, what: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file; the {what} export writes a folder: pass a folder name")
 
 
 # ------------------------------------------------------------------------------------- polygons
@@ -94,6 +112,7 @@ def _collect(store: Store, project_id: int, states: Sequence[str]) -> tuple[list
 def export_coco(store: Store, project_id: int, out_path: str | os.PathLike[str], *, polygons: bool = False,
                 states: Sequence[str] = ("accepted",)) -> Path:
     """One COCO instances JSON; ``polygons`` writes polygon segmentations instead of compressed RLE."""
+    _check_file_target(Path(out_path), "coco")
     images, anns = _collect(store, project_id, states)
     labels = _project_labels(store, project_id, anns)
     cat_id = {name: i + 1 for i, name in enumerate(labels)}
@@ -134,7 +153,9 @@ def export_sa1b(store: Store, project_id: int, out_dir: str | os.PathLike[str], 
                 states: Sequence[str] = ("accepted",)) -> Path:
     """SA-1B layout: one ``<image stem>.json`` per image with ``image`` and ``annotations`` (RLE)."""
     out = Path(out_dir)
+    _check_folder_target(out, "sa1b")
     images, anns = _collect(store, project_id, states)
+    stems = _stems(images)
     for im in images:
         records = []
         for a in anns.get(im["id"], []):
@@ -143,7 +164,7 @@ def export_sa1b(store: Store, project_id: int, out_dir: str | os.PathLike[str], 
                             "predicted_iou": a["predicted_iou"], "stability_score": a["stability_score"],
                             "point_coords": pc, "crop_box": [0, 0, im["width"], im["height"]],
                             "label": a["label"], "source": a["source"]})
-        _write_json(out / f"{Path(im['file_name']).stem}.json", {
+        _write_json(out / f"{stems[im['id']]}.json", {
             "image": {"image_id": im["id"], "width": im["width"], "height": im["height"],
                       "file_name": im["file_name"], "sha256": im["sha256"]},
             "annotations": records})
@@ -154,10 +175,12 @@ def export_yolo(store: Store, project_id: int, out_dir: str | os.PathLike[str], 
                 states: Sequence[str] = ("accepted",)) -> Path:
     """YOLO segmentation labels: ``labels/<stem>.txt`` lines ``class x1 y1 x2 y2 ...`` (0–1), plus data.yaml."""
     out = Path(out_dir)
+    _check_folder_target(out, "yolo")
     images, anns = _collect(store, project_id, states)
     labels = _project_labels(store, project_id, anns)
     cls = {n: i for i, n in enumerate(labels)}
     (out / "labels").mkdir(parents=True, exist_ok=True)
+    stems = _stems(images)
     for im in images:
         lines = []
         for a in anns.get(im["id"], []):
@@ -165,10 +188,10 @@ def export_yolo(store: Store, project_id: int, out_dir: str | os.PathLike[str], 
                 xy = np.asarray(poly).reshape(-1, 2) / [im["width"], im["height"]]
                 xy = np.clip(xy, 0, 1)
                 lines.append(f"{cls[a['label']]} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
-        (out / "labels" / f"{Path(im['file_name']).stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        atomic_write_text(out / "labels" / f"{stems[im['id']]}.txt", "\n".join(lines) + ("\n" if lines else ""))
     yaml_lines = ["path: .", "train: images", "val: images", "names:"]
     yaml_lines += [f"  {i}: {json.dumps(n)}" for n, i in cls.items()]
-    (out / "data.yaml").write_text("\n".join(yaml_lines) + "\n")
+    atomic_write_text(out / "data.yaml", "\n".join(yaml_lines) + "\n")
     return out
 
 
@@ -176,14 +199,16 @@ def export_png(store: Store, project_id: int, out_dir: str | os.PathLike[str], *
                states: Sequence[str] = ("accepted",)) -> Path:
     """Binary PNG per annotation (``<stem>/<annotation id>.png``, 0/255) and an ``index.json``."""
     out = Path(out_dir)
+    _check_folder_target(out, "png")
     images, anns = _collect(store, project_id, states)
+    stems = _stems(images)
     index = []
     for im in images:
-        stem = Path(im["file_name"]).stem
+        stem = stems[im["id"]]
         for a in anns.get(im["id"], []):
             rel = f"{stem}/{a['id']}.png"
-            (out / stem).mkdir(parents=True, exist_ok=True)
-            PILImage.fromarray(decode_rle(a["segmentation"]).astype(np.uint8) * 255).save(out / rel)
+            png = PILImage.fromarray(decode_rle(a["segmentation"]).astype(np.uint8) * 255)
+            atomic_write(out / rel, lambda f, png=png: png.save(f, format="PNG"))
             index.append({"file": rel, "image": im["file_name"], "label": a["label"], "uuid": a["uuid"],
                           "source": a["source"]})
     _write_json(out / "index.json", index)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segany.atomic import atomic_path, atomic_write_json
 from segany.errors import InputError, PromptError, StateError, require
 from segany.modeling.sam import Sam
 from segany.transforms import ResizeLongestSide
@@ -131,17 +131,10 @@ def _legacy_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path
     The decoder resizes masks to ``orig_im_size``, a value read from an input tensor; the tracing
     exporter records that as a dynamic Resize, which torch.export (dynamo) refuses as data-dependent.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about python ints, deprecation notes
-            torch.onnx.export(module, args, tmp, dynamo=False, opset_version=OPSET, input_names=input_names,
-                              output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python ints, deprecation notes
+        torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
 def export_encoder(model: Sam, path: str | os.PathLike[str]) -> Path:
@@ -184,14 +177,8 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        quantize_dynamic(str(src), tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
     return out
 
 
@@ -208,12 +195,7 @@ def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: b
         paths["decoder_int8"] = quantize(paths["decoder"], out / "decoder.int8.onnx")
     meta = {"format": "segany-onnx-v1", "model": model_name, "config": model.cfg.to_dict(), "opset": OPSET,
             "multimask": multimask, "files": {k: v.name for k, v in paths.items()}}
-    meta_path = out / META_FILE
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{META_FILE}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(tmp, meta_path)
-    paths["meta"] = meta_path
+    paths["meta"] = atomic_write_json(out / META_FILE, meta, indent=2)
     return paths
 
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segany.atomic import atomic_path
 from segany.modeling.sam import Sam
 
 log = logging.getLogger(__name__)
@@ -105,18 +105,11 @@ def export_decoder_onnx(sam: Sam, path: str | os.PathLike[str], *, opset: int = 
     graph = PromptDecoderGraph(sam).to("cpu").eval()
     for p in graph.parameters():
         p.requires_grad_(False)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                graph, example_inputs(sam), tmp, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
-                              "masks": {2: "height", 3: "width"}},
-                opset_version=opset, do_constant_folding=True, dynamo=False,
-            )
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, torch.no_grad():
+        torch.onnx.export(
+            graph, example_inputs(sam), str(tmp), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
+                          "masks": {2: "height", 3: "width"}},
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
     return out

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from segany.atomic import atomic_write_text
 from segany.data.rle import coco_to_mask, mask_to_coco
 from segany.errors import InputError
 
@@ -61,20 +61,8 @@ def to_sa1b(records: list[dict[str, Any]], *, image_id: int, file_name: str, siz
 
 def write_sa1b(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
     """Write an SA-1B dict atomically (temp file in the same folder, then ``os.replace``)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, separators=(",", ":"), allow_nan=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write_text(path, text, fsync=True)  # resumed runs trust a present file as complete
 
 
 def read_sa1b(path: str | os.PathLike[str]) -> Sa1bImage:

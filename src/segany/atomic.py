@@ -1,0 +1,71 @@
+"""Atomic file writes: a reader, or a resumed run, sees the old file or the complete new one, never a part.
+
+Every writer in segany goes through :func:`atomic_path`, so three properties hold everywhere:
+
+* the data lands in a temp file beside the target and is renamed over it (``os.replace`` is atomic on one
+  file system), so a crash or Ctrl-C mid-write leaves the previous file, or none;
+* the temp file is removed on any failure, Ctrl-C included, so no ``.name.XXXX.tmp`` is left behind;
+* the new file gets the permissions any other new file gets under the process's umask (``mkstemp`` makes
+  0600 files, which other users, a web server or a container mount then cannot read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; restore at once
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temp path in ``path``'s folder to write to; on success it replaces ``path``.
+
+    For writers that take a file name (``torch.save``, ``torch.onnx.export``, ONNX Runtime's quantizer).
+    ``fsync`` flushes the data to disk before the rename, for files a resumed run trusts as complete.
+    The parent folder is created if missing.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object], *,
+                 fsync: bool = False) -> Path:
+    """Write ``path`` atomically through ``write(binary_file)``; returns the path."""
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
+    return atomic_write(path, lambda f: f.write(data), fsync=fsync)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any, *, fsync: bool = False, **dumps: Any) -> Path:
+    """``json.dumps(data, **dumps)`` written atomically (UTF-8)."""
+    return atomic_write_text(path, json.dumps(data, **dumps), fsync=fsync)
