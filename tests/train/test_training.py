@@ -165,3 +165,74 @@ def test_repeat_config_checks_names_and_values() -> None:
         load_config(None, ["data.datasets=[bsds]", "data.repeat={coco: 2}"])
     with pytest.raises(InputError, match=">= 0"):
         load_config(None, ["data.repeat={bsds: -1}"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("run.max_minutes=-1", "run.max_minutes"), ("run.max_minutes=0", "run.max_minutes"),
+    ("run.max_steps=0", "run.max_steps must be >= 1"), ("run.batch_size=0", "run.batch_size must be >= 1"),
+    ("run.log_every=0", "run.log_every"), ("run.ckpt_every=-1", "run.ckpt_every"), ("run.seed=-1", "run.seed"),
+    ("run.device=gpu", "run.device must be"), ("run.max_steps=null", "run.max_steps needs a value"),
+    ("optim.lr=0", "optim.lr must be > 0"), ("optim.lr=.nan", "optim.lr must be > 0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps"), ("optim.betas=[0.9, 1.5]", "optim.betas"),
+    ("optim.betas=0.9", "optim.betas must be tuple"), ("optim.decay_at=[0, 2]", "optim.decay_at"),
+    ("optim.grad_clip=-1", "optim.grad_clip"), ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("recipe.box_prob=2", "recipe.box_prob"), ("recipe.point_rounds=-1", "recipe.point_rounds"),
+    ("data.num_workers=-1", "data.num_workers"), ("data.hflip=1.5", "data.hflip"),
+    ("data.datasets=[]", "data.datasets is empty"), ("optim.lr=[", "not valid YAML"),
+])
+def test_config_rejects_bad_budgets_and_ranges(override: str, fragment: str) -> None:
+    with pytest.raises(InputError, match=fragment.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_config_file_that_is_not_yaml(tmp_path) -> None:
+    from conftest import SAMPLE_IMAGE
+
+    with pytest.raises(InputError, match="not a text file"):
+        load_config(SAMPLE_IMAGE)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run: [1\n")
+    with pytest.raises(InputError, match="not valid YAML at line 2"):
+        load_config(broken)
+    with pytest.raises(InputError, match="is a folder"):
+        load_config(tmp_path)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("run: 5\n")
+    with pytest.raises(InputError, match="section 'run' must be a mapping"):
+        load_config(scalar)
+
+
+def _steps(log_path) -> list[int]:
+    import json
+
+    return [json.loads(line)["step"] for line in log_path.read_text().splitlines()]
+
+
+def test_ctrl_c_saves_last_and_resume_keeps_one_log_history(tmp_path) -> None:
+    import os
+    import signal
+
+    recs = _records(tmp_path)
+    cfg = _cfg(tmp_path / "run", "run.max_steps=4")
+
+    def interrupt_at_2(entry: dict) -> None:
+        if entry["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C
+
+    a = Trainer(cfg, sam=_model(), train_records=recs)
+    with pytest.raises(KeyboardInterrupt):
+        a.fit(on_log=interrupt_at_2)
+    last = tmp_path / "run" / "last.pt"
+    assert a.interrupt_checkpoint == last and last.exists()  # ckpt_every=0: only the interrupt saved it
+    assert torch.load(last, weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    # A hard kill after the checkpoint leaves logged steps past it, and maybe a torn line.
+    log_path = tmp_path / "run" / "log.jsonl"
+    with open(log_path, "a") as f:
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    b = Trainer(cfg, sam=_model(seed=1), train_records=recs)
+    b.load(last)
+    b.fit()
+    assert _steps(log_path) == [1, 2, 3, 4]
+    assert not list((tmp_path / "run").glob(".*tmp"))

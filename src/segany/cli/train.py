@@ -32,13 +32,20 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segany.cli._checks import check_out_dir, check_out_file
     from segany.train.config import load_config
-    from segany.train.trainer import Trainer
 
     overrides = list(args.override)
     if args.max_minutes is not None:
         overrides.append(f"run.max_minutes={args.max_minutes}")
+    # Everything the user typed is checked before the model is built or a folder is made.
     cfg = load_config(args.config, overrides)
+    check_out_dir(cfg.run.out_dir, "run.out_dir")
+    if args.export:
+        check_out_file(args.export, "--export")
+
+    from segany.train.trainer import Trainer
+
     trainer = Trainer(cfg)
     last = Path(cfg.run.out_dir) / "last.pt"
     if args.resume and last.exists():
@@ -57,7 +64,14 @@ def run(args: argparse.Namespace) -> int:
               f"IoU first {entry.get('iou_first', 0):.3f} last {entry.get('iou_last', 0):.3f}  "
               f"lr {entry['lr']:.2e}  {entry['images_per_s']:.1f} img/s{mem}", flush=True)
 
-    summary = trainer.fit(on_log=on_log)
+    try:
+        summary = trainer.fit(on_log=on_log)
+    except KeyboardInterrupt:
+        if trainer.rank == 0:
+            saved = getattr(trainer, "interrupt_checkpoint", None)
+            where = f"saved {saved} at step {trainer.step}" if saved else "no checkpoint saved"
+            print(f"segany: interrupted; {where}; rerun with --resume to continue", file=sys.stderr, flush=True)
+        return 130
     if trainer.rank == 0:
         export = Path(args.export) if args.export else Path(cfg.run.out_dir) / "model_fp16.pt"
         trainer.export(export, half=True, meta={"config": cfg.to_dict(), "summary": summary})

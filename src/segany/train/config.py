@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from segany.errors import InputError
+
+
+def _require(ok: bool, message: str) -> None:
+    """Raise InputError(message) unless ``ok``; comparisons written as ``not x > 0`` also reject NaN."""
+    if not ok:
+        raise InputError(message)
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,12 @@ class DataSection:
                 raise InputError(f"data.repeat names {name!r}, which is not in data.datasets {list(self.datasets)}")
             if not factor >= 0:
                 raise InputError(f"data.repeat[{name!r}] must be >= 0, got {factor}")
-        if self.max_masks < 1:
-            raise InputError(f"data.max_masks must be >= 1, got {self.max_masks}")
+        _require(bool(self.datasets), "data.datasets is empty; name at least one, e.g. [coco128, pennfudan]")
+        _require(self.max_masks >= 1, f"data.max_masks must be >= 1, got {self.max_masks}")
+        _require(0 <= self.hflip <= 1, f"data.hflip is a probability in [0, 1], got {self.hflip}")
+        _require(self.min_mask_area >= 0, f"data.min_mask_area must be >= 0 pixels, got {self.min_mask_area}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0 (0 loads in the main process), "
+                                        f"got {self.num_workers}")
         if not 0 < self.scale_min <= self.scale_max:
             raise InputError(f"data.scale_min/scale_max must satisfy 0 < min <= max, got {self.scale_min}, "
                              f"{self.scale_max}")
@@ -69,10 +80,16 @@ class OptimSection:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise InputError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 < self.layer_decay <= 1:
-            raise InputError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}; e.g. optim.lr=3e-4")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}; e.g. [0.9, 0.999]")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(all(0 < f <= 1 for f in self.decay_at),
+                 f"optim.decay_at holds fractions of the run in (0, 1], got {list(self.decay_at)}")
+        _require(self.decay_gamma > 0, f"optim.decay_gamma must be > 0, got {self.decay_gamma}")
+        _require(0 < self.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,15 @@ class RecipeSection:
     # Side of the square grid where losses are computed and corrective clicks sampled (0 = img_size).
     # Logits are predicted at img_size/4 anyway; 256 keeps memory flat for large batches.
     loss_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("point_rounds", "mask_only_rounds", "loss_size"):
+            value = getattr(self, name)
+            _require(value >= 0, f"recipe.{name} must be >= 0, got {value}")
+        _require(0 <= self.box_prob <= 1, f"recipe.box_prob is a probability in [0, 1], got {self.box_prob}")
+        for name in ("box_noise", "box_noise_max", "focal_weight", "dice_weight", "iou_weight"):
+            value = getattr(self, name)
+            _require(value >= 0, f"recipe.{name} must be >= 0, got {value}")
 
     @property
     def num_rounds(self) -> int:
@@ -106,6 +132,19 @@ class RunSection:
     log_every: int = 10
     ckpt_every: int = 500
     device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _require(bool(self.out_dir and str(self.out_dir).strip()), "run.out_dir is empty; name a folder for the run")
+        _require(self.max_steps >= 1, f"run.max_steps must be >= 1, got {self.max_steps}")
+        _require(self.max_minutes is None or self.max_minutes > 0,
+                 f"run.max_minutes (--max-minutes) must be > 0, got {self.max_minutes}; "
+                 "leave it unset (null) for no time limit")
+        _require(self.batch_size >= 1, f"run.batch_size must be >= 1 image per process, got {self.batch_size}")
+        _require(self.seed >= 0, f"run.seed must be >= 0, got {self.seed}")
+        _require(self.log_every >= 1, f"run.log_every must be >= 1 step, got {self.log_every}")
+        _require(self.ckpt_every >= 0, f"run.ckpt_every must be >= 0 (0 saves only at the end), got {self.ckpt_every}")
+        _require(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)),
+                 f"run.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -142,8 +181,12 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     """Convert YAML values to the field's type (YAML reads ``1e-4`` as a string, lists as lists)."""
     ann = str(annotation)
     if value is None:
+        if "None" not in ann:
+            raise InputError(f"config {key} needs a value of type {ann}, got null")
         return None
     try:
+        if ann.startswith("tuple") and not isinstance(value, (list, tuple)):
+            raise ValueError(value)
         if ann.startswith("dict[str, float]"):
             if not isinstance(value, dict):
                 raise ValueError(value)
@@ -170,21 +213,28 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     return value
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(key: str, text: str) -> Any:
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise InputError(f"override {key}={text!r}: the value is not valid YAML; quote strings, write lists as "
+                         "[a, b]") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set ``section.key=value`` entries on a nested dict (values parsed as YAML)."""
+    for k, v in data.items():
+        if v is not None and not isinstance(v, dict):
+            raise InputError(f"config section {k!r} must be a mapping of key: value, got {v!r}")
     out = {k: dict(v or {}) for k, v in data.items()}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise InputError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = _parse_value(value)
+        out.setdefault(section, {})[name] = _parse_value(key, value)
     return out
 
 
@@ -193,11 +243,26 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise InputError(f"config {str(p)!r} is a folder; pass a YAML file inside it, e.g. configs/tiny_cpu.yaml")
         if not p.is_file():
             raise InputError(f"config file {str(p)!r} does not exist; see configs/ for examples")
         import yaml
 
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise InputError(f"config {str(p)!r} is not a text file (not UTF-8); pass a YAML config such as "
+                             "configs/tiny_cpu.yaml") from None
+        except OSError as exc:
+            raise InputError(f"cannot read config {str(p)!r}: {exc.strerror}; check the path and its "
+                             "permissions") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise InputError(f"config {str(p)!r} is not valid YAML{where}: {problem}; fix the file "
+                             "(see configs/ for examples)") from None
         if not isinstance(data, dict):
             raise InputError(f"{str(p)!r} must hold a mapping of sections (model, data, optim, recipe, run)")
     return TrainConfig.from_dict(apply_overrides(data, overrides or []))

@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -193,6 +195,65 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def trim_log(path: Path, step: int) -> int:
+    """Drop ``log.jsonl`` lines past ``step`` (and any torn last line), atomically; returns lines dropped.
+
+    A run killed after its last checkpoint logged steps it will now train again; without this, a resumed
+    run's log would hold those steps twice.
+    """
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and isinstance(entry, dict) and int(entry.get("step", 0)) <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        _write_text_atomic(path, "".join(keep))
+    return len(lines) - len(keep)
+
+
+class _DeferredInterrupt:
+    """Holds a Ctrl-C until the current step ends, so the state saved on interrupt is a whole step's.
+
+    A second Ctrl-C interrupts at once (and nothing is saved). Only the main thread can take signals;
+    elsewhere this does nothing and Ctrl-C behaves as usual.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: finishing this step and saving; press Ctrl-C again to stop at once")
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 class Trainer:
     """Owns the model, optimizer and schedule; ``fit`` runs the loop, ``save``/``load`` checkpoint it."""
 
@@ -245,6 +306,51 @@ class Trainer:
         self.train_records = train_records
         self.out_dir = Path(cfg.run.out_dir)
         self.amp = cfg.run.amp and dev.type == "cuda"
+
+
+    def _loop(self, next_batch: Callable[[], dict[str, Any]], interrupt: _DeferredInterrupt, t0: float,
+              budget: float, log_path: Path, on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        run = self.cfg.run
+        last_t, last_step = time.time(), self.step
+        self._first_loss: float | None = None
+        self._last_stats: dict[str, float] = {}
+        while self.step < run.max_steps and time.time() - t0 < budget:
+            if interrupt.requested:
+                self._save_on_interrupt()
+            try:
+                batch = next_batch()
+            except Exception:
+                if interrupt.requested:  # loader workers took the same Ctrl-C and exited
+                    self._save_on_interrupt()
+                raise
+            stats = self.train_step(batch, elapsed=time.time() - t0)
+            self._first_loss = stats["loss"] if self._first_loss is None else self._first_loss
+            self.elapsed = time.time() - t0
+            if self.step % run.log_every == 0 or self.step == 1:
+                now = time.time()
+                imgs = (self.step - last_step) * run.batch_size * self.world
+                entry = {"step": self.step, "time_s": round(self.elapsed, 1), **{k: round(v, 5) for k, v in
+                                                                                 stats.items()},
+                         "images_per_s": round(imgs / max(now - last_t, 1e-9), 2)}
+                if self.device.type == "cuda":
+                    entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+                last_t, last_step = now, self.step
+                if self.rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(entry) + "\n")
+                    log.info("step %d loss %.4f", self.step, stats["loss"])
+                    if on_log:
+                        on_log(entry)
+            if run.ckpt_every and self.step % run.ckpt_every == 0:
+                self.save()
+            self._last_stats = stats
+        if interrupt.requested:
+            self._save_on_interrupt()
+
+    def _save_on_interrupt(self) -> None:
+        """Checkpoint the state after the last whole step (as a periodic save would) and stop."""
+        self.interrupt_checkpoint = self.save()
+        raise KeyboardInterrupt
 
     # ------------------------------------------------------------------ one step
     def _progress(self, elapsed: float) -> float:
@@ -375,42 +481,26 @@ class Trainer:
         return lambda: batcher.batch(self.step)
 
     def fit(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Train until ``run.max_steps`` or ``run.max_minutes``; checkpoint periodically and at the end."""
+        """Train until ``run.max_steps`` or ``run.max_minutes``; checkpoint periodically and at the end.
+
+        Ctrl-C ends the current step, saves ``last.pt`` and raises KeyboardInterrupt (a second one stops at once).
+        """
         run = self.cfg.run
         next_batch = self.build_batches()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.time() - self.elapsed
-        last_t, last_step = time.time(), self.step
         log_path = self.out_dir / "log.jsonl"
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            # One clean history: steps logged after the checkpoint we start from are about to be redone.
+            trim_log(log_path, self.step)
         budget = 60.0 * run.max_minutes if run.max_minutes else float("inf")
-        first_loss = None
-        stats: dict[str, float] = {}
-        while self.step < run.max_steps and time.time() - t0 < budget:
-            batch = next_batch()
-            stats = self.train_step(batch, elapsed=time.time() - t0)
-            first_loss = stats["loss"] if first_loss is None else first_loss
-            self.elapsed = time.time() - t0
-            if self.step % run.log_every == 0 or self.step == 1:
-                now = time.time()
-                imgs = (self.step - last_step) * run.batch_size * self.world
-                entry = {"step": self.step, "time_s": round(self.elapsed, 1), **{k: round(v, 5) for k, v in
-                                                                                 stats.items()},
-                         "images_per_s": round(imgs / max(now - last_t, 1e-9), 2)}
-                if self.device.type == "cuda":
-                    entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-                last_t, last_step = now, self.step
-                if self.rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(entry) + "\n")
-                    log.info("step %d loss %.4f", self.step, stats["loss"])
-                    if on_log:
-                        on_log(entry)
-            if run.ckpt_every and self.step % run.ckpt_every == 0:
-                self.save()
+        self.interrupt_checkpoint: Path | None = None  # set when Ctrl-C stopped the run and its state was saved
+        with _DeferredInterrupt() as interrupt:
+            self._loop(next_batch, interrupt, t0, budget, log_path, on_log)
+        stats, first_loss = self._last_stats, self._first_loss
         self.save()
         summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "first_loss": first_loss,
                    "last_loss": stats.get("loss"), "world_size": self.world, "batch_size": run.batch_size,

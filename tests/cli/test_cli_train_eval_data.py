@@ -1,0 +1,46 @@
+"""Bad input to ``segany train``, ``segany eval`` and ``segany data pack``: one clear line, exit 1, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from segany.cli.main import main
+
+TINY = str(REPO / "configs" / "tiny_cpu.yaml")
+
+
+def _fails(capsys: pytest.CaptureFixture[str], args: list[str], fragment: str) -> str:
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("segany: error:") and fragment in err and "unexpected" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--max-minutes", "-1"], "run.max_minutes (--max-minutes) must be > 0"),
+    (["-o", "run.max_steps=0"], "run.max_steps must be >= 1"),
+    (["-o", "run.batch_size=0"], "run.batch_size must be >= 1"),
+])
+def test_train_rejects_bad_budgets_before_creating_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            extra: list[str], fragment: str) -> None:
+    out = tmp_path / "run"
+    _fails(capsys, ["train", TINY, "-o", f"run.out_dir={out}", *extra], fragment)
+    assert not out.exists()
+
+
+def test_train_config_and_out_dir_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import SAMPLE_IMAGE
+
+    _fails(capsys, ["train", str(SAMPLE_IMAGE)], "not a text file")
+    _fails(capsys, ["train", str(tmp_path)], "is a folder")
+    (tmp_path / "bad.yaml").write_text("run: {max_steps: [1}\n")
+    _fails(capsys, ["train", str(tmp_path / "bad.yaml")], "not valid YAML")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _fails(capsys, ["train", TINY, "-o", f"run.out_dir={afile}"], "run.out_dir")
+    _fails(capsys, ["train", TINY, "-o", f"run.out_dir={afile / 'sub'}"], "is a file")
+    _fails(capsys, ["train", TINY, "-o", f"run.out_dir={tmp_path / 'r'}", "--export", str(tmp_path)], "--export")
+    assert not (tmp_path / "r").exists()
