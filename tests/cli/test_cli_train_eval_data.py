@@ -44,3 +44,38 @@ def test_train_config_and_out_dir_errors(tmp_path: Path, capsys: pytest.CaptureF
     _fails(capsys, ["train", TINY, "-o", f"run.out_dir={afile / 'sub'}"], "is a file")
     _fails(capsys, ["train", TINY, "-o", f"run.out_dir={tmp_path / 'r'}", "--export", str(tmp_path)], "--export")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import randomize_, tiny_config
+
+    from segany.checkpoints import save_checkpoint
+    from segany.modeling.sam import Sam
+
+    return save_checkpoint(randomize_(Sam(tiny_config())), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def test_eval_rejects_bad_options_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import SHARED_DATA
+
+    import segany.checkpoints
+    import segany.eval.run
+
+    def no_work(*a: object, **k: object) -> None:
+        raise AssertionError("options must be checked before the model loads or evaluation runs")
+
+    monkeypatch.setattr(segany.eval.run, "run_evaluation", no_work)
+    monkeypatch.setattr(segany.checkpoints, "build_sam", no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["eval", "--checkpoint", str(tiny_ckpt), "--data", str(SHARED_DATA), "--quiet"]
+    _fails(capsys, [*base, "--out", str(afile)], "--out")
+    _fails(capsys, [*base, "--out", str(afile / "sub")], "is a file")
+    err = _fails(capsys, [*base, "--datasets", "foo,kvasir"], "unknown dataset(s) 'foo'")
+    assert "coco128, pennfudan, kvasir, bsds" in err
+    _fails(capsys, [*base, "--split", "bogus"], "choose from train, val")
+    _fails(capsys, [*base, "--max-clicks", "0"], "--max-clicks must be at least 1")
+    _fails(capsys, [*base, "--max-objects-per-image", "0"], "--max-objects-per-image")
+    _fails(capsys, [*base, "--limit-images", "0"], "--limit-images")

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from segany.cli._util import add_speed_arguments, predictor_options
+from segany.errors import InputError
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -49,6 +50,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Options that cannot give a result fail here, before the model loads or anything is written."""
+    from segany.cli._checks import check_out_dir
+
+    for flag, value in (("--max-clicks", args.max_clicks), ("--max-objects-per-image", args.max_objects_per_image),
+                        ("--limit-images", args.limit_images), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+    check_out_dir(args.out, "--out")
+
+
 def _bar(quiet: bool, unit: str = "obj") -> Any:
     def make(desc: str, total: int) -> Any:
         if quiet:
@@ -72,9 +84,8 @@ def run(args: argparse.Namespace) -> int:
         ("cpu" if args.device == "auto" else args.device)
     # A combination that cannot run fails before anything loads.
     options = predictor_options(args, device, cpu_bf16_auto=False)
+    _check_arguments(args)
     if args.amg:
-        from segany.errors import InputError
-
         if args.points_per_side < 1:
             raise InputError(f"--points-per-side must be at least 1, got {args.points_per_side}")
         if args.grabcut:
@@ -87,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
             from segany.errors import CheckpointError
 
             raise CheckpointError(f"no weights found for {args.model!r}; pass --checkpoint PATH")
-    model = build_sam(args.model, checkpoint=ckpt, device=device).float()
-    datasets = args.datasets.split(",") if args.datasets else None
+    # Records before the model: a wrong --data, --split or --datasets fails in a second.
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     records = load_eval_records(args.data, args.split, datasets, args.limit_images)
+    model = build_sam(args.model, checkpoint=ckpt, device=device).float()
     meta = {"model": args.model, "checkpoint": str(ckpt), "data": str(args.data), "split": args.split,
             "device": device}
     if args.amg:

@@ -12,18 +12,34 @@ from typing import Any
 from segany.data.formats.common import InstanceRecord
 from segany.errors import InputError
 
+SPLITS = ("train", "val")
+
+
+def _check_datasets(datasets: list[str] | None, known: list[str], where: str) -> None:
+    unknown = [d for d in datasets or [] if d not in known]
+    if unknown:
+        raise InputError(f"unknown dataset(s) {', '.join(map(repr, unknown))} in --datasets; {where} has "
+                         f"{', '.join(known) or 'none'}")
+
 
 def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets: list[str] | None = None,
                       limit_images: int | None = None) -> list[InstanceRecord]:
     """Records from a pack folder (``manifest.json.gz``) or the shared-data root (``../shared/data``)."""
     root = Path(data)
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose from {', '.join(SPLITS)} (val is the held-out images)")
+    if limit_images is not None and limit_images < 1:
+        raise InputError(f"--limit-images must be at least 1, got {limit_images}")
     if (root / "manifest.json.gz").exists():
         from segany.data.pack import load_pack
 
+        if datasets:
+            _check_datasets(datasets, sorted({r.dataset for r in load_pack(root)}), f"the pack {str(root)!r}")
         recs = load_pack(root, split=split, datasets=datasets)
     elif (root / "PennFudanPed").exists() or (root / "kvasir-seg").exists():
         from segany.data.formats import SHARED_DATASETS, read_shared
 
+        _check_datasets(datasets, list(SHARED_DATASETS), "the shared data")
         recs = []
         for name in datasets or SHARED_DATASETS:
             if (root / {"coco128": "coco128-seg", "bsds": "bsds500", "pennfudan": "PennFudanPed",
