@@ -69,8 +69,9 @@ def test_gemm_patch_embed_matches_the_convolution(tiny_sam, size):
 def test_window_block_without_padding_rows_is_exact(mode, qkv_bias):
     """Windows of 6 on a 16×16 grid pad to 18×18: FastWindowBlock projects only the real tokens and must
     still give the padded keys/values the reference gives them (the qkv bias), or the outputs drift."""
+    from conftest import randomize_
+
     from segany.fast import FastWindowBlock
-    from tests.conftest import randomize_
 
     cfg = SamConfig(encoder=ViTConfig(img_size=256, depth=2, embed_dim=96, num_heads=3, global_attn_indexes=(1,),
                                       window_size=6, qkv_bias=qkv_bias))

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import urllib.error
 import urllib.request
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,13 @@ import torch
 
 from segany import hf_layout
 from segany.atomic import atomic_path
-from segany.errors import CheckpointError, DownloadError, UnknownModelError
+from segany.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    DownloadError,
+    InputError,
+    UnknownModelError,
+)
 from segany.hashing import file_digest
 from segany.modeling.config import SamConfig
 from segany.modeling.sam import Sam
@@ -35,7 +39,11 @@ SEGANY_FORMAT = "segany-checkpoint-v1"
 
 def weights_home() -> Path:
     """Cache folder for downloaded weights: ``$SEGANY_HOME`` or ``~/.cache/segany``."""
-    return Path(os.environ.get("SEGANY_HOME", Path.home() / ".cache" / "segany")).expanduser()
+    home = Path(os.environ.get("SEGANY_HOME", Path.home() / ".cache" / "segany")).expanduser()
+    if home.exists() and not home.is_dir():
+        where = "SEGANY_HOME" if "SEGANY_HOME" in os.environ else "segany's cache folder"
+        raise InputError(f"{where} {str(home)!r} is a file; point SEGANY_HOME at a folder (created if missing)")
+    return home
 
 
 def cached_path(info: WeightsInfo) -> Path:
@@ -44,7 +52,8 @@ def cached_path(info: WeightsInfo) -> Path:
 
 def _read_raw(path: Path) -> Any:
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path or run `segany download NAME`")
+        raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path or run "
+                                      "`segany download NAME`")
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
         if not candidates:
@@ -61,9 +70,18 @@ def _read_raw(path: Path) -> Any:
                                   "truncated: download it again") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - pickle raises nearly anything (KeyError('h') for a text file)
+        text = str(exc)
+        if "Unsupported global" in text:  # objects besides tensors; never repeat torch's hint to unpickle them
+            raise CheckpointError(
+                f"{str(path)!r} holds Python objects besides tensors, which segany does not unpickle (that would "
+                "run code from the file); re-save only the weights: torch.save(model.state_dict(), path)"
+            ) from exc
+        if "Weights only load failed" in text:  # not a torch.save file at all (text, a plain pickle, garbage)
+            text = "not a torch.save file"
+        first = (text.splitlines() or [""])[0][:200] or type(exc).__name__
         raise CheckpointError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0][:200]}); "
+            f"{str(path)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {first}); "
             "it may be truncated or not a checkpoint at all: download it again (`segany download NAME`)"
         ) from exc
 

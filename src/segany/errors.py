@@ -38,6 +38,11 @@ class CheckpointError(SeganyError):
     """A checkpoint file is missing, corrupt, truncated or made for another model."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist. Also a ``FileNotFoundError``, which is what the reference package
+    raises there, so code written for it that catches that still does."""
+
+
 class DownloadError(SeganyError):
     """Weights could not be fetched or failed their checksum."""
 

@@ -74,8 +74,13 @@ def check_points(coords: np.ndarray | None, labels: np.ndarray | None, size_hw: 
     return coords, labels.astype(np.int64)
 
 
-def check_box(box: np.ndarray | None, size_hw: tuple[int, int]) -> np.ndarray | None:
-    """A validated box as (1, 4) xyxy pixels clipped to the ``size_hw`` image, or None."""
+def check_box(box: np.ndarray | None, size_hw: tuple[int, int], *, inside: bool = False) -> np.ndarray | None:
+    """A validated box as (1, 4) xyxy pixels, or None.
+
+    A box partly outside the image is passed on as it is, not clipped: the reference package does the
+    same, and a detector's box that sticks out gives the same mask in both. ``inside=True`` (the command
+    line, where a person typed the numbers) also refuses a box that reaches past the image.
+    """
     if box is None:
         return None
     box = np.asarray(box, dtype=np.float64)
@@ -90,7 +95,10 @@ def check_box(box: np.ndarray | None, size_hw: tuple[int, int]) -> np.ndarray | 
         raise PromptError(f"box {box.tolist()} must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
     if box[2] <= 0 or box[3] <= 0 or box[0] >= w or box[1] >= h:
         raise PromptError(f"box {box.tolist()} lies entirely outside the {w}x{h} (width x height) image")
-    return np.clip(box, 0, [w, h, w, h])[None]
+    if inside and (box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h):
+        raise PromptError(f"box {box.tolist()} reaches outside the {w}x{h} (width x height) image; keep x in "
+                          f"0..{w} and y in 0..{h}")
+    return box[None]
 
 
 class SamPredictor:

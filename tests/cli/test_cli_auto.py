@@ -43,8 +43,8 @@ def _cmd(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "segany.cli.main", "auto", *map(str, args)]
 
 
-def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(*args: str | Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     return subprocess.run(_cmd(*args), capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -116,18 +116,27 @@ def test_unreadable_image_is_reported_and_skipped(folder: Path, checkpoint: Path
     for p in list(folder.rglob("*.jpg"))[1:]:
         p.unlink()
     (folder / "broken.jpg").write_bytes(b"not an image")
-    r = _run(folder, "--out", tmp_path / "o", "--checkpoint", checkpoint, *FAST, "--quiet")
+    # above the pixel limit (PIL's decompression-bomb guard; lowered here so the file stays small): skipped
+    # like a corrupt file, not the end of the whole run
+    from PIL import Image
+
+    Image.new("RGB", (1000, 1000)).save(folder / "huge.png")
+    r = _run(folder, "--out", tmp_path / "o", "--checkpoint", checkpoint, *FAST, "--quiet",
+             SEGANY_MAX_IMAGE_PIXELS="500000")
     assert r.returncode == 1
-    assert "broken.jpg" in r.stderr and "1 failed" in r.stderr and "failed images:" in r.stderr
+    assert "broken.jpg" in r.stderr and "2 failed" in r.stderr and "failed images:" in r.stderr
+    assert "SEGANY_MAX_IMAGE_PIXELS" in r.stderr
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["counts"]["failed"] == 1 and manifest["counts"]["processed"] == 1
-    assert manifest["failures"][0]["image"].endswith("broken.jpg")
+    assert manifest["counts"]["failed"] == 2 and manifest["counts"]["processed"] == 1
+    assert sorted(Path(f["image"]).name for f in manifest["failures"]) == ["broken.jpg", "huge.png"]
 
 
 @pytest.mark.parametrize(("make", "fragment"), [
     (lambda d: d / "missing", "does not exist"),
     (lambda d: d, "no images"),
     (lambda d: (d / "list.txt").write_text("# nothing\n") and d / "list.txt", "names no images"),
+    (lambda d: (d / "photo.txt").write_bytes(SAMPLE_IMAGE.read_bytes()) and d / "photo.txt",
+     "is not a UTF-8 text list of image paths"),
 ])
 def test_bad_inputs(make, fragment: str, checkpoint: Path, tmp_path: Path) -> None:
     src = tmp_path / "in"
@@ -192,3 +201,30 @@ def test_quantized_run_is_recorded_and_not_mixed_on_resume(checkpoint: Path, tmp
     assert len(_outputs(out)) == 3
     r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
     assert r.returncode == 1 and "predictor" in r.stderr and "rerun without --resume" in r.stderr, r.stderr
+
+
+def test_outputs_of_images_sharing_a_name_do_not_overwrite_each_other(tmp_path: Path) -> None:
+    from segany.cli.auto import collect_images
+
+    d = tmp_path / "in"
+    (d / "a").mkdir(parents=True)
+    for name in ("x.jpg", "x.png", "y.jpg", "a/x.jpg"):
+        (d / name).write_bytes(b"")
+    keys = dict((p.relative_to(d).as_posix(), k) for p, k in collect_images(str(d)))
+    assert keys == {"a/x.jpg": "a/x", "x.jpg": "x.jpg", "x.png": "x.png", "y.jpg": "y"}
+    listing = d / "list.txt"  # one name in two folders, and a real x_1 that the renaming must not reuse
+    listing.write_text("x.jpg\na/x.jpg\nx_1.jpg\n")
+    assert [k for _, k in collect_images(str(listing))] == ["x", "x_1", "x_1_1"]
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--pred-iou-thresh", "5"], "--pred-iou-thresh must be in [0, 1], got 5"),
+    (["--stability-score-thresh", "-1"], "--stability-score-thresh must be in [0, 1], got -1"),
+])
+def test_thresholds_outside_0_1_are_refused(flags: list[str], fragment: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from segany.cli.main import main
+
+    assert main(["auto", str(SAMPLE_IMAGE), "--out", str(tmp_path / "o"), *flags]) == 1
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -170,6 +170,8 @@ def test_predict_fast_path_options(tmp_path: Path, tiny_ckpt: Path, home: Path) 
     assert segany("predict", *args, "--out", str(exact), home=home).returncode == 0
     r = segany("predict", *args, "--out", str(quick), "--precision", "bf16", "--quantize", "int8", home=home)
     assert r.returncode == 0, r.stderr
+    record = json.loads((quick / "sample.json").read_text())
+    assert record["precision"] == "bf16" and record["quantize"] == "int8"  # the JSON says what ran
     a = np.asarray(Image.open(exact / "sample_mask0.png")) > 0
     b = np.asarray(Image.open(quick / "sample_mask0.png")) > 0
     assert a.any() and (a & b).sum() / (a | b).sum() > 0.95

@@ -110,6 +110,8 @@ def _prompts(h: int, w: int) -> dict[str, dict[str, Any]]:
                                point_labels=np.array([1, 0]), multimask_output=True),
         "edge_point": dict(point_coords=np.array([[w - 1.0, h - 1.0]]), point_labels=np.array([1]),
                            multimask_output=False),
+        # a detector's box that sticks out of the image: passed on unclipped, as the reference does
+        "box_partly_outside": dict(box=np.array([0.6 * w, 0.5 * h, 1.3 * w, 1.4 * h]), multimask_output=True),
     }
 
 
@@ -182,8 +184,10 @@ def test_predict_torch_many_boxes(pair: Pair, multimask: bool) -> None:
 def test_predict_torch_batched_points(pair: Pair) -> None:
     h, w = pair.size_hw
     rng = np.random.default_rng(1)
-    coords = torch.as_tensor(rng.uniform(0, 1, (4, 3, 2)) * [w, h], dtype=torch.float32)  # (B=4, N=3, 2)
-    labels = torch.as_tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, -1, -1]])
+    coords = torch.as_tensor(rng.uniform(0, 1, (5, 3, 2)) * [w, h], dtype=torch.float32)  # (B=5, N=3, 2)
+    # the last row passes box corners as labels 2/3, as code written for SAM's ONNX model does: the
+    # reference's prompt encoder gives them their positional encoding only, and so must ours
+    labels = torch.as_tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, -1, -1], [2, 3, 1]])
     coords = pair.ref.transform.apply_coords_torch(coords, (h, w))
     ours = pair.ours.predict_torch(coords, labels, multimask_output=True, return_logits=True)
     ref = pair.ref.predict_torch(coords, labels, multimask_output=True, return_logits=True)

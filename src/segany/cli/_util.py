@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -99,11 +100,32 @@ def resolve_checkpoint(model: str, checkpoint: str | None) -> Path | None:
     return found
 
 
+def check_out_folder(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Fail now, before any work, if ``path`` cannot become an output folder: it is a file, lies inside a
+    file, or its nearest existing folder cannot be written to. Creates nothing."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {str(out)!r} is a file; pass a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {str(out)!r} lies inside {str(parent)!r}, which is a file; pass a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {str(out)!r}: cannot write in {str(parent)!r} (permission denied); pass a "
+                         "folder you can write to")
+    return out
+
+
 def resolve_device(device: str | None) -> str:
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N, mps or auto") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device} was asked for but CUDA is not available here; use --device cpu")
     if device.startswith("mps") and not torch.backends.mps.is_available():

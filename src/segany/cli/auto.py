@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from segany.cli._util import (
     add_speed_arguments,
     atomic_write_bytes,
     changes_results,
+    check_out_folder,
     predictor_options,
     resolve_checkpoint,
     resolve_device,
@@ -45,7 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Automatic mask generation for one image, a folder (recursive) or a .txt file with one image "
                     "path per line. One output per image, written atomically; --resume skips finished images.",
     )
-    p.add_argument("input", help="image file, folder of images, or .txt list of image paths")
+    p.add_argument("input", help="image file, folder of images, or .txt list of image paths (one per line; relative paths "
+                   "are relative to the list's folder)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--model", default="segany_tiny",
                    help="registered model name (default segany_tiny, whose weights ship with segany)")
@@ -72,7 +75,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------ inputs
 def collect_images(source: str) -> list[tuple[Path, str]]:
-    """(image path, output key) pairs in a stable order; the key names the image's outputs."""
+    """(image path, output key) pairs in a stable order; the key names the image's outputs.
+
+    Keys are unique, so no image's outputs overwrite another's: in a folder the key is the path relative to
+    it without the extension, or with it where two files differ only by extension (``x.jpg`` and ``x.png``
+    write ``x.jpg.json`` and ``x.png.json``); in a list, repeated names get ``_1``, ``_2``, ...
+    """
     src = Path(source).expanduser()
     if not src.exists():
         raise InputError(f"input {str(src)!r} does not exist; pass an image, a folder or a .txt list of paths")
@@ -81,22 +89,30 @@ def collect_images(source: str) -> list[tuple[Path, str]]:
                        and not any(part.startswith(".") for part in p.relative_to(src).parts))
         if not files:
             raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {str(src)!r}")
-        return [(f, f.relative_to(src).with_suffix("").as_posix()) for f in files]
+        stems = [f.relative_to(src).with_suffix("").as_posix() for f in files]
+        count = Counter(stems)
+        return [(f, stem if count[stem] == 1 else f.relative_to(src).as_posix())
+                for f, stem in zip(files, stems, strict=True)]
     if src.suffix.lower() == ".txt":
-        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{str(src)!r} ends in .txt but is not a UTF-8 text list of image paths ({exc.reason} "
+                             f"at byte {exc.start}); rename an image to its real extension, or write one path "
+                             "per line") from exc
         paths = [Path(ln).expanduser() for ln in lines if ln and not ln.startswith("#")]
-        paths = [p if p.is_absolute() else src.parent / p for p in paths]
+        paths = [p if p.is_absolute() else src.parent / p for p in paths]  # relative to the list's folder
         if not paths:
             raise InputError(f"list {str(src)!r} names no images; write one image path per line")
-        keys: dict[str, int] = {}
+        used: set[str] = set()
+        seen: Counter[str] = Counter()
         out = []
         for p in paths:
             key = p.stem
-            if key in keys:  # two files with one name in different folders: keep both apart
-                keys[key] += 1
-                key = f"{key}_{keys[key]}"
-            else:
-                keys[key] = 0
+            while key in used:  # one name in two folders (or x and a real x_1): keep them apart
+                seen[p.stem] += 1
+                key = f"{p.stem}_{seen[p.stem]}"
+            used.add(key)
             out.append((p, key))
         return out
     return [(src, src.stem)]
@@ -169,9 +185,7 @@ def _versions() -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from segany.amg.config import AmgConfig
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file; pass a folder")
+    out = check_out_folder(args.out)
     images = collect_images(args.input)
     from segany.amg.model_defaults import generator_defaults
 
@@ -180,6 +194,10 @@ def run(args: argparse.Namespace) -> int:
                for name in _GEN_OPTIONS}
     options["output_mode"] = "binary_mask" if args.format == "png" else "coco_rle"
     config = AmgConfig(**options)  # bad option values fail here, before the model loads
+    for name in ("pred_iou_thresh", "stability_score_thresh"):  # the Python generator, like SAM's, takes any
+        if not 0.0 <= options[name] <= 1.0:  # float; a typed value outside [0, 1] keeps all or no masks
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} must be in [0, 1], got {options[name]:g}")
     labels = [t.strip() for t in args.labels.split(",") if t.strip()] if args.labels is not None else None
     if labels == []:
         raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")

@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "onnx", help="encoder.onnx + decoder.onnx for ONNX Runtime (CPU, browser)",
         description="Write encoder.onnx (resized RGB image -> embeddings) and decoder.onnx (SAM-ONNX inputs: "
                     "image_embeddings, point_coords, point_labels, mask_input, has_mask_input, orig_im_size).")
-    onnx.add_argument("--model", required=True, help="registered model name, e.g. vit_b, vit_t (segany list)")
+    onnx.add_argument("--model", required=True, help="registered model name, e.g. vit_b, vit_t (`segany models` lists them)")
     onnx.add_argument("--checkpoint", help="weights file; default: the cached download for --model")
     onnx.add_argument("--out", required=True, help="output folder (created if missing)")
     onnx.add_argument("--quantize", action="store_true", help="also write int8 *.int8.onnx files for CPUs")

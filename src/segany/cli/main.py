@@ -26,6 +26,9 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line, like every other segany error."""
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("argument") and "expected one argument" in message:
+            # argparse reads "--point -5,3" as two options; a value starting with "-" needs the = form
+            message += " (a value starting with '-' needs '=', e.g. --point=-5,3)"
         self.exit(2, f"segany: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -80,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segany: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused (a file where a folder goes, permissions, disk full)
+        if debug:
+            traceback.print_exc()
+        where = f": {exc.filename!r}" if exc.filename else ""
+        print(f"segany: error: {exc.strerror or _one_line(exc)}{where}; check the path and its permissions",
+              file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug, not a user error: say so and how to see more
         if debug:
             traceback.print_exc()

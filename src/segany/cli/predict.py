@@ -21,6 +21,7 @@ from segany.cli._util import (
     add_speed_arguments,
     atomic_write,
     atomic_write_bytes,
+    check_out_folder,
     parse_box,
     parse_point,
     predictor_options,
@@ -40,7 +41,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("image", help="image file (JPEG, PNG, TIFF, BMP, WebP; grayscale/RGBA/16-bit are converted)")
     p.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
                    help="a click in image pixels; LABEL 1 = foreground (default), 0 = background; repeatable")
-    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box in image pixels (top-left, bottom-right)")
+    p.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1",
+                   help="a box in image pixels (top-left, bottom-right); one per run")
     p.add_argument("--text", help="a phrase, e.g. 'a dog' (models with a text token or class head); alone it "
                                   "segments every instance, with clicks/box it picks the named object")
     # segany_tiny's IoU head is under-confident (its predicted IoUs stay below ~0.6, see scripts/demo.sh), so
@@ -68,7 +70,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     points = [parse_point(t) for t in args.point]
-    box = parse_box(args.box) if args.box else None
+    if len(args.box) > 1:
+        raise InputError(f"--box was given {len(args.box)} times; predict takes one box (with points, it refines "
+                         "that box). For many boxes use SamPredictor.predict_torch, or `segany auto` for everything")
+    box = parse_box(args.box[0]) if args.box else None
     if not points and box is None and args.text is None:
         raise InputError("no prompt given: pass at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or --text")
     if not 0.0 <= args.min_score <= 1.0:
@@ -80,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_text(args.text)
     multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file; pass a folder")
+    out = check_out_folder(args.out)
     progress = Progress(args.quiet)
 
     # Cheap checks first, so a typo fails before seconds of model loading.
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     labels = np.array([lab for _, _, lab in points], dtype=np.int64) if points else None
     box_np = np.array(box) if box else None
     check_points(coords, labels, image.shape[:2])  # a click off the image fails before the model loads
-    check_box(box_np, image.shape[:2])
+    check_box(box_np, image.shape[:2], inside=True)
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
     options = predictor_options(args, device)
@@ -149,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_bytes(out / overlay, _png(_overlay(image, masks[0], points, box)))
     result = {
         "image": str(Path(args.image)), "size_hw": [h, w], "model": args.model, "checkpoint": str(checkpoint),
-        "device": device, "precision": precision, "multimask": multimask,
+        "device": device, "precision": precision, **({"quantize": args.quantize} if args.quantize else {}),
+        "multimask": multimask,
         "prompts": {"points_xy": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points],
                     "box_xyxy": list(box) if box else None, **({"text": args.text} if args.text else {}),
                     **({"min_score": args.min_score, "points_per_side": args.points_per_side} if every else {})},

@@ -7,6 +7,9 @@ scaled to 8 bits, and EXIF orientation is applied so masks line up with what a v
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,35 @@ def to_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _max_pixels() -> int:
+    """The largest image to decode: PIL's bomb guard fires at twice ``Image.MAX_IMAGE_PIXELS`` (about 179 M
+    pixels by default); ``SEGANY_MAX_IMAGE_PIXELS`` changes it, for trusted gigapixel scans and mosaics."""
+    text = os.environ.get("SEGANY_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return 2 * int(Image.MAX_IMAGE_PIXELS or 0) or 2**62
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise InputError(f"SEGANY_MAX_IMAGE_PIXELS={text!r} is not a positive whole number of pixels; "
+                         "set it to e.g. 400000000, or unset it")
+    return value
+
+
+@contextmanager
+def _pixel_limit(limit: int) -> Iterator[None]:
+    """PIL refuses images above twice its global limit: set that for one open, then restore it."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit // 2
+    try:
+        with warnings.catch_warnings():  # between 1x and 2x PIL only warns; the limit above is the one we mean
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB."""
     p = Path(path)
@@ -55,8 +87,9 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageLoadError(f"image {str(p)!r} does not exist")
     if p.is_dir():
         raise ImageLoadError(f"{str(p)!r} is a folder, not an image file")
+    limit = _max_pixels()
     try:
-        with Image.open(p) as im:
+        with _pixel_limit(limit), Image.open(p) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
@@ -68,6 +101,10 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
             elif im.mode != "RGB":
                 im = im.convert("RGB")
             arr = np.asarray(im)
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{str(p)!r} has more pixels than the {limit:,} segany opens (a guard against "
+                             "decompression bombs); downscale it, or raise the limit with "
+                             "SEGANY_MAX_IMAGE_PIXELS=<pixels> if you trust the file") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"could not read {str(p)!r} as an image ({exc}); pass a JPEG, PNG, TIFF, BMP or WebP file"
                              ) from exc

@@ -1,7 +1,8 @@
 """Prompt encoder (SAM §3 "Prompt encoder"): points and boxes become sparse tokens, masks a dense map.
 
 Coordinates are (x, y) pixels in the *resized* model-input frame (longest side = ``img_size``).
-Point labels: 1 foreground, 0 background, 2/3 box corners (internal), -1 padding ("not a point").
+Point labels: 1 foreground, 0 background, -1 padding ("not a point"); 2/3 are box corners in the ONNX
+graphs only (see ``_embed_points``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,11 @@ class PromptEncoder(nn.Module):
         """Positional encoding of the image-embedding grid, (1, C, H, W)."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
-    def _embed_points(self, points_xy: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+    def _embed_points(self, points_xy: torch.Tensor, labels: torch.Tensor, pad: bool, corners: bool = True
+                      ) -> torch.Tensor:
+        """Point tokens. ``corners``: labels 2/3 get the box-corner embeddings, as in SAM's ONNX decoder
+        (segany's ONNX graphs and label training send boxes that way). :meth:`forward` passes False: there,
+        as in the reference package, 2/3 are left with their positional encoding only."""
         points_xy = points_xy + 0.5  # pixel centres
         if pad:  # without a box the decoder expects one padding token after the points
             B = points_xy.shape[0]
@@ -99,7 +104,7 @@ class PromptEncoder(nn.Module):
         emb = self.pe_layer.forward_with_coords(points_xy, self.input_image_size)
         lab = labels[..., None]
         emb = torch.where(lab == -1, self.not_a_point_embed.weight.to(emb.dtype).expand_as(emb), emb)
-        for value in (0, 1, 2, 3):
+        for value in (0, 1, 2, 3) if corners else (0, 1):
             emb = emb + (lab == value).to(emb.dtype) * self.point_embeddings[value].weight.to(emb.dtype)
         return emb
 
@@ -140,7 +145,7 @@ class PromptEncoder(nn.Module):
         device = self.point_embeddings[0].weight.device
         parts = [torch.empty(B, 0, self.embed_dim, device=device)]
         if points is not None:
-            parts.append(self._embed_points(points[0], points[1], pad=boxes is None))
+            parts.append(self._embed_points(points[0], points[1], pad=boxes is None, corners=False))
         if boxes is not None:
             parts.append(self._embed_boxes(boxes))
         if text_embeddings is not None:

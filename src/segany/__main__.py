@@ -1,0 +1,7 @@
+"""``python -m segany`` is the same as the ``segany`` command."""
+
+import sys
+
+from segany.cli.main import main
+
+sys.exit(main())
