@@ -71,3 +71,48 @@ def test_sampler_resumes_mid_epoch() -> None:
     r0 = iter(StepBatchSampler(10, 3, seed=4, rank=0, world_size=2))
     r1 = iter(StepBatchSampler(10, 3, seed=4, rank=1, world_size=2))
     assert next(r0) + next(r1) == batches[0] + batches[1]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--max-side", "-5"], "--max-side"), (["--quality", "500"], "--quality"), (["--limit", "0"], "--limit"),
+    (["--datasets", "foo"], "unknown dataset 'foo'"), (["--datasets", ","], "no datasets to pack"),
+])
+def test_pack_rejects_bad_options_before_writing(tmp_path, capsys, extra, fragment) -> None:
+    from segany.cli.main import main
+
+    out = tmp_path / "pack"
+    assert main(["data", "pack", "--data", str(SHARED_DATA), "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("segany: error:") and fragment in err and "unexpected" not in err, err
+    assert not out.exists()
+
+
+def test_pack_missing_data_folder_names_the_right_option(tmp_path, capsys) -> None:
+    from segany.cli.main import main
+
+    assert main(["data", "pack", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "--data" in err and "--split" not in err, err
+
+
+def test_interrupted_pack_resumes_keeping_written_images(tmp_path, monkeypatch) -> None:
+    import segany.data.images
+
+    out = tmp_path / "pack"
+    first = pack_shared(SHARED_DATA, out, datasets=("pennfudan",), limit=3, max_side=128)
+    # As if Ctrl-C struck before the last image and the manifest were written.
+    (out / "manifest.json.gz").unlink()
+    last = out / first["records"][-1]["image_path"]
+    last.unlink()
+    loads = []
+    real = segany.data.images.load_image
+    monkeypatch.setattr(segany.data.images, "load_image", lambda p, *a, **k: loads.append(p) or real(p, *a, **k))
+    again = pack_shared(SHARED_DATA, out, datasets=("pennfudan",), limit=3, max_side=128)
+    assert len(loads) == 1 and again["reused"] == 2 and last.exists()
+    assert again["records"] == first["records"]
+    assert len(load_pack(out)) == 3
+    loads.clear()
+    other = pack_shared(SHARED_DATA, out, datasets=("pennfudan",), limit=3, max_side=64)  # new size: all again
+    assert len(loads) == 3 and other["reused"] == 0
+    assert all(max(r.size_hw) <= 64 for r in load_pack(out))
+    assert not list(out.rglob("*.tmp"))

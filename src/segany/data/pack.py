@@ -31,6 +31,8 @@ from segany.transforms import preprocess_shape
 log = logging.getLogger(__name__)
 
 PACK_FORMAT = "segany-pack-v1"
+# Folder of each shared dataset under the data root (../shared/data/README.md).
+SHARED_DIRS = {"coco128": "coco128-seg", "pennfudan": "PennFudanPed", "kvasir": "kvasir-seg", "bsds": "bsds500"}
 
 
 def _resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -43,25 +45,72 @@ def _resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return small >= 0.5
 
 
+SETTINGS_FILE = ".pack_settings.json"  # what the images were written with; a rerun that matches resumes
+
+
+def _check_settings(max_side: int, quality: int, max_side_by_dataset: dict[str, int] | None) -> None:
+    for name, side in [("max_side (--max-side)", max_side), *((f"max side of {k}", v) for k, v in
+                                                              (max_side_by_dataset or {}).items())]:
+        if not isinstance(side, int) or side < 32:
+            raise InputError(f"{name} must be a whole number of pixels >= 32, got {side!r}; e.g. 512")
+    if not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InputError(f"quality (--quality) is a JPEG quality from 1 to 100, got {quality!r}; e.g. 80")
+
+
+def _save_jpeg_atomic(image: Image.Image, path: Path, quality: int) -> None:
+    # Whole or absent: a rerun after Ctrl-C trusts every image it finds.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="JPEG", quality=quality)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | os.PathLike[str], *,
                  max_side: int = 512, quality: int = 80, min_area: int = 16,
                  max_side_by_dataset: dict[str, int] | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Write (split, record) pairs into a pack folder; returns the manifest."""
+    """Write (split, record) pairs into a pack folder; returns the manifest.
+
+    Resumable: images are written atomically, and a rerun into the same folder with the same ``max_side``
+    and ``quality`` keeps the images already there (the manifest is rebuilt; masks come from the sources).
+    With other settings every image is written again. The returned dict also says how many were ``reused``
+    (that key is not in the manifest file).
+    """
     from segany.data.images import load_image
 
+    _check_settings(max_side, quality, max_side_by_dataset)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"pack output {str(out)!r} is an existing file; pass a folder (--out DIR)")
     (out / "images").mkdir(parents=True, exist_ok=True)
+    settings = {"format": PACK_FORMAT, "max_side": max_side, "quality": quality,
+                "max_side_by_dataset": dict(sorted((max_side_by_dataset or {}).items()))}
+    settings_path = out / SETTINGS_FILE
+    try:
+        resume = json.loads(settings_path.read_text()) == settings
+    except (OSError, ValueError):
+        resume = False
+    if not resume:
+        tmp = settings_path.with_name(settings_path.name + ".tmp")
+        tmp.write_text(json.dumps(settings))
+        os.replace(tmp, settings_path)
     packed: list[dict[str, Any]] = []
+    reused = 0
     for split, rec in records:
-        image = load_image(rec.image_path)
-        h, w = image.shape[:2]
-        if (h, w) != tuple(rec.size_hw):
-            raise InputError(f"{rec.image_path}: image is {h}x{w} but its masks are {rec.size_hw}")
+        h, w = rec.size_hw
         side = (max_side_by_dataset or {}).get(rec.dataset, max_side)
         nh, nw = preprocess_shape(h, w, side) if max(h, w) > side else (h, w)
         rel = Path("images") / rec.dataset / f"{rec.image_id}.jpg"
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).resize((nw, nh), Image.BILINEAR).save(out / rel, quality=quality)
+        if resume and (out / rel).is_file():
+            reused += 1
+        else:
+            image = load_image(rec.image_path)
+            if image.shape[:2] != tuple(rec.size_hw):
+                raise InputError(f"{rec.image_path}: image is {image.shape[0]}x{image.shape[1]} but its masks are "
+                                 f"{rec.size_hw}")
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            _save_jpeg_atomic(Image.fromarray(image).resize((nw, nh), Image.BILINEAR), out / rel, quality)
         masks, classes, groups = [], [], []
         for i, rle in enumerate(rec.masks):
             m = _resize_mask(decode_rle(rle), (nh, nw))
@@ -86,7 +135,7 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
     with gzip.open(tmp, "wt", encoding="utf-8") as f:  # RLE strings gzip to about a third
         json.dump(manifest, f, separators=(",", ":"))
     os.replace(tmp, out / "manifest.json.gz")
-    return manifest
+    return {**manifest, "reused": reused}
 
 
 def _split_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
@@ -101,8 +150,28 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
                 quality: int = 80, max_side_by_dataset: dict[str, int] | None = None, bsds_annotators: int = 3, limit: int | None = None,
                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Pack the shared datasets (``../shared/data``) with their train/held-out splits."""
-    from segany.data.formats import read_shared
+    from segany.data.formats import SHARED_DATASETS, read_shared
 
+    datasets = list(datasets)
+    if limit is not None and limit < 1:
+        raise InputError(f"limit (--limit) must be at least 1 image per dataset, got {limit}")
+    if max_side_by_dataset is None:
+        # Kvasir is 60% of the images; its smooth endoscopy frames lose little at 384 px, and that keeps
+        # the whole pack under the 45 MB that can travel to a GPU machine.
+        max_side_by_dataset = {"kvasir": min(384, max_side)} if isinstance(max_side, int) else {}
+    _check_settings(max_side, quality, max_side_by_dataset)
+    root = Path(data_root)
+    if not root.is_dir():
+        raise InputError(f"data folder {str(root)!r} does not exist; pass the shared data folder (--data DIR) "
+                         f"holding {', '.join(f'{d}/' for d in SHARED_DIRS.values())}")
+    if not datasets:
+        raise InputError(f"no datasets to pack; name some of {', '.join(SHARED_DATASETS)} (--datasets)")
+    for name in datasets:
+        if name not in SHARED_DIRS:
+            raise InputError(f"unknown dataset {name!r} (--datasets); choose from {', '.join(SHARED_DATASETS)}")
+        if not (root / SHARED_DIRS[name]).is_dir():
+            raise InputError(f"{name}: {str(root / SHARED_DIRS[name])!r} not found; pass the shared data folder "
+                             f"(--data DIR) or leave {name} out of --datasets")
     pairs: list[tuple[str, InstanceRecord]] = []
     for name in datasets:
         splits = read_shared(name, data_root, limit=limit)
@@ -114,10 +183,6 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
                     r.groups = [r.groups[i] for i in keep]
                 pairs.append((split, r))
     log.info("packing %d images", len(pairs))
-    if max_side_by_dataset is None:
-        # Kvasir is 60% of the images; its smooth endoscopy frames lose little at 384 px, and that keeps
-        # the whole pack under the 45 MB that can travel to a GPU machine.
-        max_side_by_dataset = {"kvasir": min(384, max_side)}
     return pack_records(pairs, out_dir, max_side=max_side, quality=quality, progress=progress,
                         max_side_by_dataset=max_side_by_dataset)
 
