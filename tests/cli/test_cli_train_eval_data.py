@@ -79,3 +79,12 @@ def test_eval_rejects_bad_options_before_any_work(tmp_path: Path, capsys: pytest
     _fails(capsys, [*base, "--max-clicks", "0"], "--max-clicks must be at least 1")
     _fails(capsys, [*base, "--max-objects-per-image", "0"], "--max-objects-per-image")
     _fails(capsys, [*base, "--limit-images", "0"], "--limit-images")
+
+
+def test_train_on_cuda_without_a_gpu_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # the message is for machines without one
+    _fails(capsys, ["train", TINY, "-o", f"run.out_dir={tmp_path / 'r'}", "-o", "run.device=cuda"], "no usable CUDA")
+    assert not (tmp_path / "r").exists()

@@ -142,6 +142,10 @@ class InteractiveRecipe(nn.Module):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from segany.errors import InputError
+
+        raise InputError(f"run.device={name} but this machine has no usable CUDA GPU; use run.device=cpu or auto")
     return torch.device(name)
 
 
