@@ -7,6 +7,8 @@ signatures.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -39,3 +41,21 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'segany' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """segany's module type: keeps ``segany.build_sam`` the builder function, as the reference package does.
+
+    ``segany.build_sam`` is also the name of a submodule (the ``segment_anything.build_sam`` path).
+    Importing a submodule binds it on its package, which would silently turn ``from segany import
+    build_sam`` into the module; that one binding is refused here, so the name stays the function
+    whichever import runs first, and ``from segany.build_sam import sam_model_registry`` still works.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "build_sam" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

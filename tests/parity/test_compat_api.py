@@ -1,0 +1,230 @@
+"""The ``segment_anything`` import paths and names under ``segany``, checked against the reference package.
+
+Every helper of ``segany.utils.amg`` must give the reference's output on the same inputs (exactly:
+they are integer/boolean computations or the same float ops), and the drop-in module paths must import
+in any order without turning ``segany.build_sam`` from the function into the module.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sam_oracle import require_oracle
+
+pytestmark = pytest.mark.parity
+
+ref_amg = require_oracle("segment_anything.utils.amg", "segment-anything==1.0")
+
+from segany.utils import amg  # noqa: E402
+
+
+def assert_same(ours: Any, ref: Any, where: str = "output") -> None:
+    """Recursive equality of tensors (values and dtype), arrays, lists, tuples and dicts."""
+    if isinstance(ref, torch.Tensor):
+        assert isinstance(ours, torch.Tensor), f"{where}: {type(ours).__name__} is not a tensor"
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape, f"{where}: {ours.dtype}{tuple(ours.shape)} vs " \
+            f"{ref.dtype}{tuple(ref.shape)}"
+        assert torch.equal(ours, ref) or bool(torch.isnan(ref).any()) and torch.allclose(ours, ref, equal_nan=True), \
+            f"{where}: values differ"
+    elif isinstance(ref, np.ndarray):
+        assert isinstance(ours, np.ndarray), f"{where}: {type(ours).__name__} is not an array"
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype, f"{where}: {ours.dtype}{ours.shape} vs " \
+            f"{ref.dtype}{ref.shape}"
+        assert np.array_equal(ours, ref), f"{where}: values differ"
+    elif isinstance(ref, (list, tuple)):
+        assert type(ours) is type(ref) and len(ours) == len(ref), f"{where}: {ours!r} vs {ref!r}"
+        for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
+            assert_same(o, r, f"{where}[{i}]")
+    elif isinstance(ref, dict):
+        assert isinstance(ours, dict) and ours.keys() == ref.keys(), f"{where}: keys {ours!r} vs {ref!r}"
+        for k in ref:
+            assert_same(ours[k], ref[k], f"{where}[{k!r}]")
+    else:
+        assert ours == ref and type(ours) is type(ref), f"{where}: {ours!r} vs {ref!r}"
+
+
+def _masks() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(5, 17, 23, generator=g) > 0.6
+    m[1] = False  # empty
+    m[2] = True  # full
+    m[3, 0, 0] = True  # starts with foreground
+    m[4] = False
+    m[4, 3:9, 5:12] = True  # one blob
+    return m
+
+
+def test_every_reference_helper_has_a_name() -> None:
+    for name in ["MaskData", "area_from_rle", "batch_iterator", "batched_mask_to_box", "box_xyxy_to_xywh",
+                 "build_all_layer_point_grids", "build_point_grid", "calculate_stability_score", "coco_encode_rle",
+                 "generate_crop_boxes", "is_box_near_crop_edge", "mask_to_rle_pytorch", "remove_small_regions",
+                 "rle_to_mask", "uncrop_boxes_xyxy", "uncrop_masks", "uncrop_points"]:
+        assert hasattr(ref_amg, name), name
+        assert callable(getattr(amg, name)), name
+
+
+@pytest.mark.parametrize("n", [1, 4, 32])
+def test_point_grids(n: int) -> None:
+    assert_same(amg.build_point_grid(n), ref_amg.build_point_grid(n))
+    layers = 2 if n >= 4 else 0  # a layer grid of 0 points per side divides by zero in both
+    assert_same(amg.build_all_layer_point_grids(n, layers, 2), ref_amg.build_all_layer_point_grids(n, layers, 2))
+
+
+@pytest.mark.parametrize("size", [(425, 640), (640, 425), (33, 33)])
+@pytest.mark.parametrize("n_layers", [0, 1, 2])
+def test_crop_boxes(size: tuple[int, int], n_layers: int) -> None:
+    assert_same(amg.generate_crop_boxes(size, n_layers, 512 / 1500), ref_amg.generate_crop_boxes(size, n_layers,
+                                                                                                  512 / 1500))
+
+
+def test_rle_round_trip() -> None:
+    masks = _masks()
+    ours, ref = amg.mask_to_rle_pytorch(masks), ref_amg.mask_to_rle_pytorch(masks)
+    assert_same(ours, ref, "mask_to_rle_pytorch")
+    for i, rle in enumerate(ref):
+        assert_same(amg.rle_to_mask(rle), ref_amg.rle_to_mask(rle), f"rle_to_mask[{i}]")
+        assert_same(amg.area_from_rle(rle), ref_amg.area_from_rle(rle), f"area_from_rle[{i}]")
+        assert_same(amg.coco_encode_rle(rle), ref_amg.coco_encode_rle(rle), f"coco_encode_rle[{i}]")
+
+
+@pytest.mark.parametrize("shape", [(5, 17, 23), (17, 23), (2, 5, 17, 23), (0, 17, 23)])
+def test_batched_mask_to_box(shape: tuple[int, ...]) -> None:
+    masks = _masks()
+    n = int(np.prod(shape[:-2]))
+    masks = torch.cat([masks, masks.flip(1)])[:n].reshape(shape)
+    assert_same(amg.batched_mask_to_box(masks), ref_amg.batched_mask_to_box(masks))
+
+
+def test_stability_score() -> None:
+    logits = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)) * 3
+    logits[1, 2] = -10.0  # empty at both thresholds: NaN in both
+    for thr, off in [(0.0, 1.0), (0.5, 0.25)]:
+        assert_same(amg.calculate_stability_score(logits, thr, off), ref_amg.calculate_stability_score(logits, thr,
+                                                                                                     off))
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+@pytest.mark.parametrize("area", [0, 3, 10, 1000])
+def test_remove_small_regions(mode: str, area: float) -> None:
+    pytest.importorskip("cv2", reason="segany's generator needs opencv (a core dependency)")
+    mask = np.zeros((20, 24), dtype=bool)
+    mask[2:15, 2:15] = True
+    mask[5:7, 5:7] = False  # 4-px hole
+    mask[9, 9] = False  # 1-px hole
+    mask[17:19, 20:23] = True  # 6-px island
+    mask[0, 23] = True  # 1-px island
+    ours, ref = amg.remove_small_regions(mask, area, mode), ref_amg.remove_small_regions(mask, area, mode)
+    assert_same(ours, ref)
+
+
+def test_remove_small_regions_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="'holes' or 'islands'"):
+        amg.remove_small_regions(np.zeros((4, 4), bool), 3, "blobs")
+
+
+def test_boxes_points_and_crops() -> None:
+    g = torch.Generator().manual_seed(2)
+    boxes = torch.randint(0, 100, (6, 4), generator=g).float()
+    boxes[:, 2:] += boxes[:, :2]
+    crop, orig = [50, 40, 150, 120], [0, 0, 200, 160]
+    for atol in (20.0, 5.0):
+        assert_same(amg.is_box_near_crop_edge(boxes, crop, orig, atol), ref_amg.is_box_near_crop_edge(boxes, crop,
+                                                                                                    orig, atol))
+    assert_same(amg.box_xyxy_to_xywh(boxes[0]), ref_amg.box_xyxy_to_xywh(boxes[0]))
+    for b in (boxes, boxes[None], boxes.long()):
+        assert_same(amg.uncrop_boxes_xyxy(b, crop), ref_amg.uncrop_boxes_xyxy(b, crop))
+        assert_same(amg.uncrop_points(b[..., :2], crop), ref_amg.uncrop_points(b[..., :2], crop))
+    masks = _masks()
+    for crop_box in ([0, 0, 23, 17], [3, 4, 23, 17], [2, 1, 15, 9]):
+        assert_same(amg.uncrop_masks(masks, crop_box, 20, 30), ref_amg.uncrop_masks(masks, crop_box, 20, 30))
+
+
+def test_mask_data() -> None:
+    def make(mod: Any) -> Any:
+        return mod.MaskData(t=torch.arange(6.0), a=np.arange(6) * 2, names=list("abcdef"))
+
+    ours, ref = make(amg), make(ref_amg)
+    for keep in (torch.tensor([True, False, True, True, False, True]), torch.tensor([3, 0, 2])):
+        o, r = make(amg), make(ref_amg)
+        o.filter(keep)
+        r.filter(keep)
+        assert_same(dict(o.items()), dict(r.items()), f"filter({keep.tolist()})")
+    ours.cat(make(amg))
+    ref.cat(make(ref_amg))
+    ours["extra"] = torch.ones(12)
+    ref["extra"] = torch.ones(12)
+    del ours["names"], ref["names"]
+    ours.to_numpy()
+    ref.to_numpy()
+    assert_same(dict(ours.items()), dict(ref.items()), "cat + to_numpy")
+    with pytest.raises(TypeError, match="list, numpy array or torch tensor"):
+        amg.MaskData(x=3)
+
+
+def test_batch_iterator() -> None:
+    a, b = list(range(10)), np.arange(10)
+    ours, ref = list(amg.batch_iterator(4, a, b)), list(ref_amg.batch_iterator(4, a, b))
+    assert len(ours) == len(ref) == 3
+    for o, r in zip(ours, ref, strict=True):
+        assert_same(o[0], r[0])
+        assert_same(o[1], r[1])
+    with pytest.raises(ValueError, match="one length"):
+        list(amg.batch_iterator(2, [1, 2], [1]))
+
+
+def test_module_paths() -> None:
+    import segany.automatic_mask_generator
+    import segany.modeling
+    import segany.predictor
+    import segany.utils.transforms
+    from segany.amg.generator import SamAutomaticMaskGenerator
+    from segany.modeling.image_encoder import ImageEncoderViT
+    from segany.transforms import ResizeLongestSide
+
+    assert segany.utils.transforms.ResizeLongestSide is ResizeLongestSide
+    assert segany.automatic_mask_generator.SamAutomaticMaskGenerator is SamAutomaticMaskGenerator
+    assert segany.predictor.SamPredictor is segany.SamPredictor
+    assert segany.modeling.ImageEncoderViT is ImageEncoderViT
+    for name in ("Sam", "ImageEncoderViT", "MaskDecoder", "PromptEncoder", "TwoWayTransformer"):
+        assert isinstance(getattr(segany.modeling, name), type), name
+
+
+_IMPORT_ORDERS = {
+    "function_first": """
+        from segany import build_sam
+        from segany.build_sam import sam_model_registry, build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
+        from segany import build_sam as again
+        import segany
+        assert build_sam is again is segany.build_sam
+    """,
+    "module_first": """
+        from segany.build_sam import sam_model_registry, build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
+        import segany.build_sam
+        from segany import build_sam
+        import segany
+        assert build_sam is segany.build_sam
+        assert sys.modules["segany.build_sam"].sam_model_registry is sam_model_registry
+    """,
+}
+
+
+@pytest.mark.parametrize("order", sorted(_IMPORT_ORDERS))
+def test_build_sam_name_clash(order: str) -> None:
+    """``segany.build_sam`` is the function and ``segany.build_sam.*`` the module's names, in either order."""
+    code = "import sys, types\n" + textwrap.dedent(_IMPORT_ORDERS[order]) + textwrap.dedent("""
+        from segany.checkpoints import build_sam as the_function
+        assert build_sam is the_function, build_sam
+        assert isinstance(sys.modules["segany.build_sam"], types.ModuleType)
+        from segany.build_sam import build_sam as inner
+        assert inner is the_function
+        assert callable(sam_model_registry["vit_b"])
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
