@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, create_engine, event, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from segany.engine import db
@@ -523,10 +524,66 @@ def open_store(target: str | os.PathLike[str], *, create: bool = False) -> Store
     url, project_dir = resolve_target(target)
     if project_dir is not None:
         db_file = Path(url.removeprefix("sqlite:///"))
+        _check_sqlite_target(str(target), db_file, create)
         if not db_file.exists() and not create:
             raise StoreError(f"{str(target)!r} is not a segany project (no {db_file.name}); create it with "
                              f"`segany project create {target}`")
         db_file.parent.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(url)
-    migrate(engine)
+    else:
+        _check_url(url)
+    try:
+        engine = make_engine(url)
+    except (ImportError, NoSuchModuleError) as exc:  # the URL names a DBAPI driver that is not installed
+        raise StoreError(f"the database driver for {_safe_url(url)} is not installed ({exc}); use "
+                         "postgresql://... (psycopg 3, installed with segany) or pip install the driver") from exc
+    try:
+        migrate(engine)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise _unreachable(str(target), url, project_dir, exc) from exc
     return Store(engine, project_dir)
+
+
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+
+
+def _safe_url(url: str) -> str:
+    """``url`` for messages: the password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "the database URL"
+
+
+def _check_url(url: str) -> None:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError("the target is not a valid database URL; write it as "
+                         "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB or pass a project folder") from exc
+    if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise StoreError(f"database URL scheme {parsed.drivername!r} is not supported; use a project folder, "
+                         "a .db file, sqlite:///PATH or postgresql://USER@HOST[:PORT]/DB")
+
+
+def _check_sqlite_target(target: str, db_file: Path, create: bool) -> None:
+    """A project folder (or .db file's folder) that is a file, or a .db path that is a folder, fails here,
+    before anything is created."""
+    for parent in (db_file.parent, *db_file.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"{str(parent)!r} is a file, not a folder, so {target!r} cannot be a project "
+                                 "there; pass a new folder path or an existing project folder")
+            break
+    if db_file.exists() and not db_file.is_file():
+        raise StoreError(f"{str(db_file)!r} is a folder, not a SQLite database file; pass the project folder "
+                         "that holds it or another .db path")
+
+
+def _unreachable(target: str, url: str, project_dir: Path | None, exc: DBAPIError) -> StoreError:
+    detail = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    if project_dir is not None:
+        return StoreError(f"{url.removeprefix('sqlite:///')!r} could not be opened as a SQLite database "
+                          f"({detail}); is it a segany store? Pass a project folder made by `segany project create`")
+    return StoreError(f"could not reach the database at {_safe_url(url)} ({detail}); check the host, port, user "
+                      "and password, and that the server is running")

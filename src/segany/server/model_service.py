@@ -141,6 +141,24 @@ class ModelService:
                     self._sam = build_sam(self.model_type, self.checkpoint, device=self.device)
         return self._sam
 
+    def check_weights(self) -> None:
+        """Raise :class:`CheckpointError` now if the checkpoint is missing, unreadable or does not fit the model.
+
+        The model itself is still built on first use; this reads the file once and checks keys and shapes
+        against a meta-device shell, so a bad file fails at startup instead of on every request.
+        """
+        if self._sam is not None or self.checkpoint is None:
+            return
+        from segany.checkpoints import check_state_dict, read_checkpoint
+        from segany.modeling.sam import Sam
+        from segany.registry import get_config
+
+        state_dict, embedded, _ = read_checkpoint(self.checkpoint)
+        config = embedded or get_config(self.model_type)  # as build_sam: an embedded config wins
+        with torch.device("meta"):
+            shell = Sam(config)
+        check_state_dict(shell, state_dict, self.model_type, str(self.checkpoint))
+
     def _ensure_fast(self) -> Any:
         """The shared fast path, built on first use (None when the options need none, e.g. CPU fp32)."""
         from segany.predictor import SamPredictor

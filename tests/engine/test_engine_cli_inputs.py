@@ -1,0 +1,72 @@
+"""`segany project ...` and `segany engine ...` refuse bad input with one line, a non-zero exit and nothing
+half-written (a table of cases, as in tests/bad_inputs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from engine_fixtures import SAMPLES
+
+from segany.cli.main import main
+from segany.engine.store import StoreError, open_store
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], fragment: str, code: int = 1) -> str:
+    try:
+        got = main(argv)
+    except SystemExit as exc:  # usage errors leave through argparse
+        got = exc.code  # type: ignore[assignment]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert got == code, err
+    assert len(err) == 1, err
+    assert err[0].startswith("segany: error: ") and fragment in err[0], err[0]
+    return err[0]
+
+
+@pytest.fixture
+def proj(tmp_path: Path) -> Path:
+    """A project folder with the bundled sample images."""
+    root = tmp_path / "proj"
+    assert main(["project", "create", str(root)]) == 0
+    assert main(["project", "add-images", str(root), str(SAMPLES)]) == 0
+    return root
+
+
+# ------------------------------------------------------------------------------------- opening a store
+@pytest.mark.parametrize("suffix", ["", "/x.db", "/sub/dir"])
+def test_existing_file_is_not_a_project(tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    _fails(["project", "create", f"{target}{suffix}"], capsys, "is a file, not a folder")
+    assert target.read_text() == "mine"
+
+
+def test_non_database_file_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "other.db"
+    target.write_text("not sqlite")
+    _fails(["project", "create", str(target)], capsys, "could not be opened as a SQLite database")
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("foo://bar", "scheme 'foo' is not supported"),
+    ("mysql://u@h/db", "scheme 'mysql' is not supported"),
+    ("postgresql+nosuchdriver://u@h/db", "driver"),
+])
+def test_unsupported_database_urls(capsys: pytest.CaptureFixture[str], url: str, fragment: str) -> None:
+    line = _fails(["project", "create", url], capsys, fragment)
+    assert "postgresql://" in line or "pip install" in line
+
+
+def test_unreachable_database_hides_the_password(capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 1 on localhost refuses at once: no server is started and nothing waits.
+    line = _fails(["project", "create", "postgresql://nobody:s3cret@127.0.0.1:1/x"], capsys,
+                  "could not reach the database")
+    assert "s3cret" not in line and "127.0.0.1:1" in line
+
+
+def test_open_store_raises_store_error(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(StoreError, match="is a file"):
+        open_store(tmp_path / "f", create=True)
