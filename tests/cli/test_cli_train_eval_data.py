@@ -46,6 +46,15 @@ def test_train_config_and_out_dir_errors(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "r").exists()
 
 
+def test_train_into_a_folder_holding_a_run_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Starting over in a run's folder would overwrite its last.pt and log: refused unless --resume."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"previous run")
+    _fails(capsys, ["train", TINY, "-o", f"run.out_dir={out}"], "already holds a training run (last.pt); pass --resume")
+    assert (out / "last.pt").read_bytes() == b"previous run" and sorted(p.name for p in out.iterdir()) == ["last.pt"]
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import randomize_, tiny_config

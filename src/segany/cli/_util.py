@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -98,23 +97,6 @@ def resolve_checkpoint(model: str, checkpoint: str | None) -> Path | None:
             "or pass --checkpoint PATH"
         )
     return found
-
-
-def check_out_folder(path: str | os.PathLike[str], flag: str = "--out") -> Path:
-    """Fail now, before any work, if ``path`` cannot become an output folder: it is a file, lies inside a
-    file, or its nearest existing folder cannot be written to. Creates nothing."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{flag} {str(out)!r} is a file; pass a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{flag} {str(out)!r} lies inside {str(parent)!r}, which is a file; pass a folder path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {str(out)!r}: cannot write in {str(parent)!r} (permission denied); pass a "
-                         "folder you can write to")
-    return out
 
 
 def resolve_device(device: str | None) -> str:

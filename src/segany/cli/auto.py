@@ -20,11 +20,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from segany.cli._checks import check_out_dir
 from segany.cli._util import (
     add_speed_arguments,
     atomic_write_bytes,
     changes_results,
-    check_out_folder,
     predictor_options,
     resolve_checkpoint,
     resolve_device,
@@ -185,7 +185,7 @@ def _versions() -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from segany.amg.config import AmgConfig
 
-    out = check_out_folder(args.out)
+    out = check_out_dir(args.out, "--out")
     images = collect_images(args.input)
     from segany.amg.model_defaults import generator_defaults
 

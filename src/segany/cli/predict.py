@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from segany.cli._checks import check_out_dir
 from segany.cli._util import (
     Progress,
     add_speed_arguments,
     atomic_write,
     atomic_write_bytes,
-    check_out_folder,
     parse_box,
     parse_point,
     predictor_options,
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_text(args.text)
     multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
-    out = check_out_folder(args.out)
+    out = check_out_dir(args.out, "--out")
     progress = Progress(args.quiet)
 
     # Cheap checks first, so a typo fails before seconds of model loading.

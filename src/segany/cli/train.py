@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from segany.atomic import atomic_write_json
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train or fine-tune a model with the SAM interactive recipe",
@@ -44,10 +46,16 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         check_out_file(args.export, "--export")
 
+    last = Path(cfg.run.out_dir) / "last.pt"
+    if last.exists() and not args.resume:  # starting over would overwrite that run's checkpoint and log
+        from segany.errors import InputError
+
+        raise InputError(f"run.out_dir {cfg.run.out_dir!r} already holds a training run ({last.name}); pass "
+                         "--resume to continue it, or start a new one elsewhere with -o run.out_dir=FOLDER")
+
     from segany.train.trainer import Trainer
 
     trainer = Trainer(cfg)
-    last = Path(cfg.run.out_dir) / "last.pt"
     if args.resume and last.exists():
         trainer.load(last)
         _say(trainer, f"resumed from {last} at step {trainer.step}")
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         export = Path(args.export) if args.export else Path(cfg.run.out_dir) / "model_fp16.pt"
         trainer.export(export, half=True, meta={"config": cfg.to_dict(), "summary": summary})
         summary["export"] = str(export)
-        (Path(cfg.run.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(Path(cfg.run.out_dir) / "summary.json", summary, indent=1)
         print(json.dumps(summary, indent=1))
     if trainer.world > 1:
         import torch.distributed as dist

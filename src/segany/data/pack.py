@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segany.atomic import atomic_path, atomic_write, atomic_write_json
 from segany.data.formats.common import InstanceRecord, decode_rle, encode_mask
 from segany.errors import InputError
 from segany.transforms import preprocess_shape
@@ -59,12 +60,7 @@ def _check_settings(max_side: int, quality: int, max_side_by_dataset: dict[str, 
 
 def _save_jpeg_atomic(image: Image.Image, path: Path, quality: int) -> None:
     # Whole or absent: a rerun after Ctrl-C trusts every image it finds.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: image.save(f, format="JPEG", quality=quality))
 
 
 def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | os.PathLike[str], *,
@@ -92,9 +88,7 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
     except (OSError, ValueError):
         resume = False
     if not resume:
-        tmp = settings_path.with_name(settings_path.name + ".tmp")
-        tmp.write_text(json.dumps(settings))
-        os.replace(tmp, settings_path)
+        atomic_write_json(settings_path, settings)
     packed: list[dict[str, Any]] = []
     reused = 0
     for split, rec in records:
@@ -131,10 +125,8 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
             progress(1)
     manifest = {"format": PACK_FORMAT, "max_side": max_side, "records": packed,
                 "splits": _split_summary(packed)}
-    tmp = out / ".manifest.json.gz.tmp"
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:  # RLE strings gzip to about a third
-        json.dump(manifest, f, separators=(",", ":"))
-    os.replace(tmp, out / "manifest.json.gz")
+    with atomic_path(out / "manifest.json.gz") as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
+        json.dump(manifest, f, separators=(",", ":"))  # RLE strings gzip to about a third
     return {**manifest, "reused": reused}
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from segany.atomic import atomic_write_json
 from segany.data.formats.common import InstanceRecord
 from segany.errors import InputError
 
@@ -98,9 +98,7 @@ def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".results.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / "results.json")
+        atomic_write_json(out / "results.json", result, indent=1)
         plot_miou_vs_clicks(result["model"], out / "miou_vs_clicks.png", baseline=result.get("grabcut"),
                             title=f"{(meta or {}).get('model', 'model')}: mIoU vs clicks (★ box prompt; dashed: GrabCut box)")
     return result

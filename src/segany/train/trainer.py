@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segany.atomic import atomic_path, atomic_write_json, atomic_write_text
 from segany.modeling.sam import Sam
 from segany.train.config import RecipeSection, TrainConfig
 from segany.train.losses import mask_iou, mask_losses
@@ -190,22 +191,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path, fsync=True) as tmp:  # a resumed run trusts last.pt as whole
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def trim_log(path: Path, step: int) -> int:
@@ -226,7 +213,7 @@ def trim_log(path: Path, step: int) -> int:
         if line.endswith("\n") and isinstance(entry, dict) and int(entry.get("step", 0)) <= step:
             keep.append(line)
     if len(keep) != len(lines):
-        _write_text_atomic(path, "".join(keep))
+        atomic_write_text(path, "".join(keep))
     return len(lines) - len(keep)
 
 
@@ -497,7 +484,7 @@ class Trainer:
         log_path = self.out_dir / "log.jsonl"
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            atomic_write_json(self.out_dir / "config.json", self.cfg.to_dict(), indent=1)
             # One clean history: steps logged after the checkpoint we start from are about to be redone.
             trim_log(log_path, self.step)
         budget = 60.0 * run.max_minutes if run.max_minutes else float("inf")
