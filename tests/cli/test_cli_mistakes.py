@@ -50,7 +50,10 @@ def test_a_negative_value_gets_the_equals_form_hint(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(SAMPLE_IMAGE), "--point", "-5,3", "--out", "o"])
     assert exc.value.code == 2
-    assert "needs '=', e.g. --point=-5,3" in capsys.readouterr().err
+    assert "needs '=': --point=-5,3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a missing value is not that mistake: no hint
+        main(["predict", str(SAMPLE_IMAGE), "--checkpoint", "--out", "o"])
+    assert "needs '='" not in capsys.readouterr().err
 
 
 def test_segany_home_that_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

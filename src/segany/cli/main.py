@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import sys
 import traceback
 from types import ModuleType
@@ -26,10 +27,20 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line, like every other segany error."""
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("argument") and "expected one argument" in message:
+        m = re.match(r"argument (--[\w-]+)(?:/[^:]*)?: expected one argument", message)
+        if m and _negative_value_follows(m.group(1)):
             # argparse reads "--point -5,3" as two options; a value starting with "-" needs the = form
-            message += " (a value starting with '-' needs '=', e.g. --point=-5,3)"
+            message += f" (a value starting with '-' needs '=': {m.group(1)}=-5,3)"
         self.exit(2, f"segany: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _negative_value_follows(option: str) -> bool:
+    argv = sys.argv[1:] if _ARGV is None else _ARGV
+    return any(a == option and b[:1] == "-" and (b[1:2].isdigit() or b[1:2] == ".")
+               for a, b in zip(argv, argv[1:], strict=False))
+
+
+_ARGV: list[str] | None = None  # the arguments main() parses, for the hint above
 
 
 def _subcommand_modules() -> list[str]:
@@ -71,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     # Accepted anywhere (`segany predict ... --debug` too), so it is taken out before parsing.
     debug = "--debug" in args_list
     args_list = [a for a in args_list if a != "--debug"]
+    global _ARGV
+    _ARGV = args_list
     try:
         parser = build_parser()
         args = parser.parse_args(args_list)
