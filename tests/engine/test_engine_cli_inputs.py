@@ -70,3 +70,60 @@ def test_open_store_raises_store_error(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("")
     with pytest.raises(StoreError, match="is a file"):
         open_store(tmp_path / "f", create=True)
+
+
+# ------------------------------------------------------------------------------------ engine report
+@pytest.mark.parametrize(("option", "value", "fragment"), [
+    ("--dup-iou", "5", "--dup-iou"), ("--dup-iou", "nan", "--dup-iou"), ("--disagreement-iou", "-1", "between 0 and 1"),
+    ("--dup-hash-bits", "65", "0-64"), ("--max-disagreement", "-1", "--max-disagreement"),
+])
+def test_report_option_ranges(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
+                              value: str, fragment: str) -> None:
+    out = tmp_path / "o" / "rep"
+    _fails(["engine", "report", str(proj), "--out", str(out), "--no-model", f"{option}={value}"], capsys, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_out_is_a_file(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rep.html"
+    out.write_text("mine")
+    _fails(["engine", "report", str(proj), "--out", str(out), "--no-model"], capsys, "is a file")
+    assert out.read_text() == "mine"
+
+
+def test_report_bad_checkpoint_leaves_no_folder(proj: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    out = tmp_path / "o" / "rep"
+    _fails(["engine", "report", str(proj), "--out", str(out), "--checkpoint", str(bad), "--device", "cpu"], capsys,
+           "bad.pt")
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------- engine retrain
+@pytest.mark.parametrize(("option", "value", "fragment"), [
+    ("--lr", "-1", "--lr"), ("--lr", "nan", "--lr"), ("--batch-size", "0", "--batch-size"),
+    ("--max-objects", "0", "--max-objects"), ("--eval-images", "0", "--eval-images"),
+])
+def test_retrain_options_checked_first(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
+                                       value: str, fragment: str) -> None:
+    out = tmp_path / "o" / "run"
+    _fails(["engine", "retrain", str(proj), "--out", str(out), "--device", "cpu", f"{option}={value}"], capsys,
+           fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_retrain_bad_checkpoint_registers_nothing(proj: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    out = tmp_path / "o" / "run"
+    _fails(["engine", "retrain", str(proj), "--out", str(out), "--checkpoint", str(bad), "--device", "cpu"], capsys,
+           "bad.pt")
+    assert not (tmp_path / "o").exists()
+    store = open_store(proj)
+    try:
+        assert store.list_model_versions() == []
+    finally:
+        store.close()

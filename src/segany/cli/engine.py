@@ -181,11 +181,14 @@ def _retrain(store: Any, args: argparse.Namespace) -> int:
 
 
 def _report(store: Any, args: argparse.Namespace) -> int:
-    from segany.engine.report import ReportSettings, build_report
+    from pathlib import Path
 
-    spec = None if args.no_model else _spec(store, args)
+    from segany.engine.report import ReportSettings, build_report, check_out_dir
+
     settings = ReportSettings(disagreement_iou=args.disagreement_iou, max_disagreement=args.max_disagreement,
                               dup_iou=args.dup_iou, dup_hash_bits=args.dup_hash_bits, flag=not args.no_flag)
+    check_out_dir(Path(args.out))
+    spec = None if args.no_model else _spec(store, args)
     out = build_report(store, args.project, args.out, settings, spec=spec,
                        log=lambda msg: print(f"[segany] {msg}", file=sys.stderr, flush=True))
     print(f"wrote {out['html']} ({out['flagged']} masks sent to review)")

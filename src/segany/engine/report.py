@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from segany.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,16 @@ class ReportSettings:
     dup_iou: float = 0.9
     dup_hash_bits: int = 6
     flag: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value in (("disagreement-iou", self.disagreement_iou), ("dup-iou", self.dup_iou)):
+            if not 0.0 <= value <= 1.0:  # also refuses NaN
+                raise InputError(f"--{name} is an IoU, so it must be between 0 and 1, got {value}")
+        if self.max_disagreement < 0:
+            raise InputError(f"--max-disagreement must be >= 0 (0 skips the check), got {self.max_disagreement}")
+        if not 0 <= self.dup_hash_bits <= 64:
+            raise InputError(f"--dup-hash-bits counts differing bits of a 64-bit hash, so it must be 0-64, "
+                             f"got {self.dup_hash_bits}")
 
 
 # ---------------------------------------------------------------------------------------- measures
@@ -219,8 +231,12 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
     from segany.engine.db import DatasetVersion
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out)
     proj = store.get_project(project)
+    # The model is built (its checkpoint read and checked) before the report folder exists: a bad checkpoint
+    # fails here and leaves nothing behind.
+    sam = spec.build() if spec is not None else None
+    out.mkdir(parents=True, exist_ok=True)
     pid = proj["id"]
     images = {im["id"]: im for im in store.list_images(pid)}
     live = store.list_annotations(project_id=pid, states=["accepted", "pending"])
@@ -248,7 +264,7 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
         accepted = [a for a in live if a["review_state"] == "accepted"]
         log(f"model {spec.version_name()} vs {min(len(accepted), settings.max_disagreement)} accepted masks")
         model_name = spec.version_name()
-        disagree = disagreement(spec.build(), images, accepted, settings.max_disagreement)
+        disagree = disagreement(sam, images, accepted, settings.max_disagreement)
 
     flags: list[dict[str, Any]] = []
     for aid, iou_v in sorted(disagree.items()):
@@ -296,6 +312,15 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
     html_path = out / "index.html"
     _write_text(html_path, _html(report, sections, thr_png, settings))
     return {"html": str(html_path), "flagged": flagged, "report": report}
+
+
+def check_out_dir(out: Path) -> None:
+    """Raise :class:`InputError` when ``out`` (or a folder above it) is a file, so it cannot be the report folder."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"--out {str(out)!r} cannot be a folder: {str(p)!r} is a file; pass a folder path")
+            return
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -181,6 +181,14 @@ class RetrainSettings:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise InputError(f"--steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.lr < float("inf"):  # also refuses NaN
+            raise InputError(f"--lr must be a positive number such as 1e-4, got {self.lr}")
+        if self.max_objects < 1:
+            raise InputError(f"--max-objects must be >= 1, got {self.max_objects}")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise InputError(f"--eval-images must be >= 1 (leave it out to use all), got {self.eval_images}")
         if not 0.0 <= self.held_out < 1.0:
             raise InputError(f"--held-out must be in [0, 1), got {self.held_out}")
         if self.max_clicks < 5:
@@ -226,6 +234,12 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
 
     proj = store.get_project(project)
     spec = model_spec_for(store, project, model=model, checkpoint=checkpoint, device=settings.device)
+    if out_dir is not None:
+        from segany.engine.report import check_out_dir
+
+        check_out_dir(Path(out_dir))
+    # Built (its checkpoint read and checked) before anything is registered, frozen or written.
+    old = build_sam(spec.model, spec.checkpoint, device=settings.device)
     parent_id = register_model(store, spec)
     dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out)
     log(f"dataset version {dv['name']}: {dv['annotations']} masks on {dv['images']} images "
@@ -247,13 +261,6 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
 
     base = Path(out_dir) if out_dir else (
         (store.project_dir or Path.cwd()) / ".segany" / "retrain" / f"{dv['name']}-from-{parent_id}")
-    base.mkdir(parents=True, exist_ok=True)
-
-    old = build_sam(spec.model, spec.checkpoint, device=settings.device)
-    log(f"evaluating the current model {spec.version_name()} on {len(eval_records)} held-out images")
-    t0 = time.time()
-    metrics_old = evaluate(old, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
-
     cfg = TrainConfig.from_dict({
         "model": {"name": spec.model},
         "data": {"max_masks": 8, "num_workers": 0, "scale_min": 0.8, "scale_max": 1.2, "min_mask_area": 16},
@@ -264,6 +271,12 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
                 "seed": settings.seed, "device": settings.device, "log_every": max(1, settings.steps // 10),
                 "ckpt_every": 0},
     })
+    base.mkdir(parents=True, exist_ok=True)
+
+    log(f"evaluating the current model {spec.version_name()} on {len(eval_records)} held-out images")
+    t0 = time.time()
+    metrics_old = evaluate(old, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
+
     log(f"fine-tuning for {settings.steps} steps on {len(train_records)} images")
     torch.manual_seed(settings.seed)
     trainer = Trainer(cfg, sam=old, train_records=train_records)  # fine-tunes ``old`` in place
