@@ -133,6 +133,24 @@ class SamPredictor:
     def device(self) -> torch.device:
         return self.model.device
 
+    # The reference's per-image size attribute names, as read-only views of original_size / input_size (None
+    # before set_image). The reference declares them but never fills them in; code reading them gets sizes here.
+    @property
+    def orig_h(self) -> int | None:
+        return None if self.original_size is None else self.original_size[0]
+
+    @property
+    def orig_w(self) -> int | None:
+        return None if self.original_size is None else self.original_size[1]
+
+    @property
+    def input_h(self) -> int | None:
+        return None if self.input_size is None else self.input_size[0]
+
+    @property
+    def input_w(self) -> int | None:
+        return None if self.input_size is None else self.input_size[1]
+
     # ------------------------------------------------------------------ image
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Compute the embedding of an (H, W, C) image.

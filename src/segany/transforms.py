@@ -24,6 +24,12 @@ class ResizeLongestSide:
     def __init__(self, target_length: int) -> None:
         self.target_length = target_length
 
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        """(h, w) after scaling the longer side to ``long_side_length``; the reference's name for
+        :func:`preprocess_shape`."""
+        return preprocess_shape(oldh, oldw, long_side_length)
+
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (h, w, 3) uint8."""
         h, w = preprocess_shape(image.shape[0], image.shape[1], self.target_length)
