@@ -1,13 +1,14 @@
-"""``segment_anything``-style names as a read-only view of segany's registry."""
+"""``segment_anything``-style names as a view of segany's registry, plus builders users add themselves."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, MutableMapping
 
 import torch
 
 from segany.checkpoints import build_sam
+from segany.errors import InputError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.registry import get_model_info, list_models
 
@@ -26,21 +27,49 @@ def _builder(name: str) -> Builder:
     return build
 
 
-class _Registry(Mapping[str, Builder]):
+class _Registry(MutableMapping[str, Builder]):
     """Mapping of model names to builders, like ``segment_anything.sam_model_registry``.
 
-    Reads go through the live registry, so variants registered later appear here too.
+    Reads of registered names go through the live registry, so variants registered later appear here
+    too. As with the reference's dict, users may add their own builders
+    (``sam_model_registry["mine"] = fn`` or ``.update(...)``); those take priority over a registered
+    name of the same spelling and are the only entries that can be deleted. To make a variant
+    known to the whole library (CLI, ``create_model``), register it with ``segany.registry`` instead.
     """
 
+    def __init__(self) -> None:
+        self._user: dict[str, Builder] = {}
+
     def __getitem__(self, name: str) -> Builder:
+        if name in self._user:
+            return self._user[name]
         get_model_info(name)  # raises with suggestions for unknown names
         return _builder("vit_h" if name == "default" else name)
 
+    def __setitem__(self, name: str, builder: Builder) -> None:
+        if not isinstance(name, str):
+            raise InputError(f"sam_model_registry keys are model names (str), got {type(name).__name__}")
+        if not callable(builder):
+            raise InputError(f"sam_model_registry[{name!r}] must be a builder function (checkpoint=None) -> Sam, "
+                            f"got {type(builder).__name__}")
+        self._user[name] = builder
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._user:
+            raise UnknownModelError(f"{name!r} is not a builder added to sam_model_registry; registered models cannot "
+                           "be removed, only builders assigned with sam_model_registry[name] = fn")
+        del self._user[name]
+
     def __iter__(self) -> Iterator[str]:
-        return iter(["default", *list_models()])
+        names = ["default", *list_models()]
+        return iter(names + [n for n in self._user if n not in names])
 
     def __len__(self) -> int:
-        return len(list_models()) + 1
+        return sum(1 for _ in self)
+
+    def clear(self) -> None:
+        """Remove the user-added builders; registered models stay."""
+        self._user.clear()
 
 
 sam_model_registry = _Registry()

@@ -228,3 +228,88 @@ def test_build_sam_name_clash(order: str) -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ----------------------------------------------------------------- attribute gaps
+@pytest.mark.parametrize(("h", "w", "side"), [(425, 640, 1024), (640, 425, 1024), (1, 1000, 1024), (333, 333, 256),
+                                              (1500, 2250, 1024), (7, 3, 5)])
+def test_get_preprocess_shape(h: int, w: int, side: int) -> None:
+    ref_t = require_oracle("segment_anything.utils.transforms", "segment-anything==1.0")
+    from segany.utils.transforms import ResizeLongestSide
+
+    ours = ResizeLongestSide.get_preprocess_shape(h, w, side)
+    assert ours == ref_t.ResizeLongestSide.get_preprocess_shape(h, w, side)
+    assert ResizeLongestSide(side).get_preprocess_shape(h, w, side) == ours  # on an instance too
+
+
+def test_num_point_embeddings() -> None:
+    from conftest import tiny_config
+    from sam_oracle import reference_sam
+
+    from segany.modeling.sam import Sam
+
+    ours, ref = Sam(tiny_config()).prompt_encoder, reference_sam(tiny_config()).prompt_encoder
+    assert ours.num_point_embeddings == ref.num_point_embeddings == 4 == len(ours.point_embeddings)
+
+
+def test_predictor_size_attributes() -> None:
+    from conftest import randomize_, tiny_config
+    from sam_oracle import reference_predictor, reference_sam
+
+    from segany.modeling.sam import Sam
+    from segany.predictor import SamPredictor
+
+    ref_model = randomize_(reference_sam(tiny_config())).eval()
+    ours_model = Sam(tiny_config()).eval()
+    ours_model.load_state_dict(ref_model.state_dict())
+    ours, ref = SamPredictor(ours_model), reference_predictor(ref_model)
+    names = ("orig_h", "orig_w", "input_h", "input_w")
+    assert [getattr(ours, n) for n in names] == [getattr(ref, n) for n in names] == [None] * 4
+    image = np.random.default_rng(0).integers(0, 256, (61, 90, 3), dtype=np.uint8)
+    ours.set_image(image)
+    ref.set_image(image)
+    # The reference only ever resets these (they stay None); segany fills them in, from original_size/input_size.
+    assert [getattr(ref, n) for n in names] == [None] * 4
+    assert [getattr(ours, n) for n in names] == [*ref.original_size, *ref.input_size] == [61, 90, 174, 256]
+    with pytest.raises(AttributeError):
+        ours.orig_h = 3  # type: ignore[misc]
+    ours.reset_image()
+    assert [getattr(ours, n) for n in names] == [None] * 4
+
+
+# ----------------------------------------------------------------- user builders in sam_model_registry
+def test_registry_accepts_user_builders() -> None:
+    from segany import sam_model_registry as top_level
+    from segany.build_sam import sam_model_registry
+    from segany.errors import InputError, UnknownModelError
+
+    assert top_level is sam_model_registry
+    before = set(sam_model_registry)
+    n_before = len(sam_model_registry)
+
+    def mine(checkpoint: str | None = None) -> str:
+        return f"mine({checkpoint})"
+
+    def my_vit_b(checkpoint: str | None = None) -> str:
+        return "override"
+
+    try:
+        sam_model_registry["mine"] = mine
+        sam_model_registry.update({"vit_b": my_vit_b, "other": mine})
+        assert sam_model_registry["mine"] is mine and sam_model_registry["mine"]("x.pth") == "mine(x.pth)"
+        assert sam_model_registry["vit_b"] is my_vit_b  # a user builder takes priority over a registered name
+        assert sam_model_registry["vit_l"].__name__ == "build_sam_vit_l"  # registered names still read live
+        assert "mine" in sam_model_registry and "other" in sam_model_registry
+        assert set(sam_model_registry) == before | {"mine", "other"}
+        assert len(sam_model_registry) == n_before + 2
+        with pytest.raises(InputError, match="builder function"):
+            sam_model_registry["bad"] = "not callable"  # type: ignore[assignment]
+        with pytest.raises(UnknownModelError, match="cannot be removed"):
+            del sam_model_registry["vit_h"]
+        del sam_model_registry["vit_b"]
+        assert sam_model_registry["vit_b"].__name__ == "build_sam_vit_b"  # the registered one again
+    finally:
+        sam_model_registry.clear()
+    assert set(sam_model_registry) == before and len(sam_model_registry) == n_before
+    with pytest.raises(KeyError):
+        sam_model_registry["mine"]
