@@ -127,3 +127,52 @@ def test_retrain_bad_checkpoint_registers_nothing(proj: Path, tmp_path: Path,
         assert store.list_model_versions() == []
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------------------- project import-coco
+def _coco(path: Path, names: list[str]) -> Path:
+    square = [[10, 10, 50, 10, 50, 50, 10, 50]]
+    path.write_text(json.dumps({
+        "images": [{"id": i, "file_name": n, "height": 100, "width": 100} for i, n in enumerate(names, 1)],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "segmentation": square}
+                        for i in range(1, len(names) + 1)],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    return path
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (None, "does not exist"), ("{not json", "is not valid JSON"), ("[1, 2]", "not COCO instance annotations"),
+    ('{"images": [{"id": 1}]}', "images[0] needs an 'id' and a 'file_name'"),
+])
+def test_import_coco_bad_files(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None,
+                               fragment: str) -> None:
+    src = tmp_path / "in.json"
+    if content is not None:
+        src.write_text(content)
+    _fails(["project", "import-coco", str(proj), str(src)], capsys, fragment)
+
+
+@pytest.mark.parametrize("with_dir", [False, True])
+def test_import_coco_images_not_found(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      with_dir: bool) -> None:
+    src = _coco(tmp_path / "in.json", ["a.jpg", "b.jpg"])
+    (tmp_path / "imgs").mkdir()
+    extra = ["--images-dir", str(tmp_path / "imgs")] if with_dir else []
+    line = _fails(["project", "import-coco", str(proj), str(src), *extra], capsys, "nothing imported")
+    assert "2 annotations" in line and "'a.jpg'" in line and ("imgs" in line) == with_dir
+    store = open_store(proj)
+    try:
+        assert store.list_annotations() == [] and "thing" not in store.get_project()["labels"]
+    finally:
+        store.close()
+
+
+def test_import_coco_names_what_it_skipped(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "a.jpg").write_bytes(sorted(SAMPLES.glob("*.jpg"))[0].read_bytes())  # same content as a project image
+    src = _coco(tmp_path / "in.json", ["a.jpg", "b.jpg"])
+    assert main(["project", "import-coco", str(proj), str(src), "--images-dir", str(imgs)]) == 0
+    out, err = capsys.readouterr()
+    assert "imported 1 annotations" in out
+    assert "skipped 1 annotations on 1 images" in err and "'b.jpg'" in err

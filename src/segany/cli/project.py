@@ -86,8 +86,18 @@ def run(args: argparse.Namespace) -> int:
                     args.format](store, proj["id"], args.out)
             print(f"wrote {out}")
         elif cmd == "import-coco":
-            n = exports.import_coco(store, proj["id"], args.coco_json, images_dir=args.images_dir)
-            print(f"imported {n} annotations")
+            r = exports.import_coco_summary(store, proj["id"], args.coco_json, images_dir=args.images_dir)
+            notes = [f"{n} {what}" for n, what in ((r.already_present, "already present"),
+                                                    (r.empty, "empty masks skipped")) if n]
+            print(f"imported {r.created} annotations" + (f" ({', '.join(notes)})" if notes else "")
+                  + (f", added {r.images_added} images" if r.images_added else ""))
+            if r.skipped:
+                shown = ", ".join(repr(n) for n in r.missing_images[:3]) + (", ..." if len(r.missing_images) > 3
+                                                                            else "")
+                print(f"[segany] skipped {r.skipped} annotations on {len(r.missing_images)} images not found in "
+                      f"{' or in '.join(r.looked_in)} ({shown}); "
+                      + ("pass --images-dir FOLDER holding them" if args.images_dir is None
+                         else "put them in --images-dir under the names the COCO file gives"), file=sys.stderr)
         elif cmd == "stats":
             anns = store.list_annotations(project_id=proj["id"])
             by_state: dict[str, int] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -232,44 +233,134 @@ def coco_segmentation_to_rle(seg: Any, height: int, width: int) -> dict[str, Any
     raise InputError(f"unsupported COCO segmentation of type {type(seg).__name__}")
 
 
+@dataclass
+class ImportSummary:
+    """What :func:`import_coco_summary` did: annotations created, already present, empty or skipped."""
+
+    created: int = 0
+    already_present: int = 0
+    empty: int = 0  # masks of zero area
+    skipped: int = 0  # annotations whose image is neither in the project nor in images_dir
+    missing_images: list[str] = field(default_factory=list)  # their file names
+    images_added: int = 0
+    looked_in: list[str] = field(default_factory=list)  # where images were searched (project, images_dir)
+
+
 def import_coco(store: Store, project_id: int, coco_json: str | os.PathLike[str], *,
                 images_dir: str | os.PathLike[str] | None = None, source: str = "manual") -> int:
     """Import COCO instance annotations; images are matched by file name (added from ``images_dir`` if missing).
 
     Re-importing the same file adds nothing: each annotation's uuid is derived from the file and its id.
-    Returns the number of annotations created.
+    Returns the number of annotations created (:func:`import_coco_summary` says what was skipped too).
+    """
+    return import_coco_summary(store, project_id, coco_json, images_dir=images_dir, source=source).created
+
+
+def _read_coco(coco_json: str | os.PathLike[str]) -> dict[str, Any]:
+    """The COCO file as a dict with ``images`` and ``annotations`` lists, or an InputError that says what is wrong."""
+    path = Path(coco_json)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"COCO file {str(path)!r} {what}; pass the annotations .json file (e.g. instances_val.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{str(path)!r} is not a text file, so not a COCO .json file; pass the annotations "
+                         ".json file") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                         "pass a COCO annotations .json file") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations", []), list):
+        raise InputError(f"{str(path)!r} is JSON but not COCO instance annotations (expected an object with "
+                         "'images' and 'annotations' lists)")
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise InputError(f"{str(path)!r}: images[{i}] needs an 'id' and a 'file_name'; fix the file")
+    for i, a in enumerate(data.get("annotations", [])):
+        if not isinstance(a, dict) or "image_id" not in a or "segmentation" not in a:
+            raise InputError(f"{str(path)!r}: annotations[{i}] needs an 'image_id' and a 'segmentation' "
+                             "(polygons or RLE); fix the file")
+    return data
+
+
+def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathLike[str], *,
+                        images_dir: str | os.PathLike[str] | None = None, source: str = "manual") -> ImportSummary:
+    """:func:`import_coco`, returning what was created and what was skipped and why.
+
+    Everything is checked before anything is written: a malformed file, or one of whose annotations not a
+    single one has its image in the project or ``images_dir``, raises :class:`InputError` and changes nothing.
     """
     import uuid as uuid_lib
 
-    data = json.loads(Path(coco_json).read_text())
-    cats = {c["id"]: c["name"] for c in data.get("categories", [])}
+    data = _read_coco(coco_json)
+    out = ImportSummary(looked_in=["the project's images"])
+    if images_dir is not None:
+        if not Path(images_dir).is_dir():
+            raise InputError(f"--images-dir {str(images_dir)!r} is not a folder; pass the folder holding the images "
+                             "the COCO file names")
+        out.looked_in.append(str(Path(images_dir).resolve()))
+    cats = {c["id"]: c["name"] for c in data.get("categories", []) if isinstance(c, dict) and "id" in c
+            and "name" in c}
     known = {im["file_name"]: im for im in store.list_images(project_id)}
-    missing = [im["file_name"] for im in data.get("images", []) if im["file_name"] not in known]
-    if missing and images_dir is not None:
-        paths = [Path(images_dir) / name for name in missing if (Path(images_dir) / name).is_file()]
-        if paths:
-            store.add_images(project_id, paths)
-            known = {im["file_name"]: im for im in store.list_images(project_id)}
-    by_coco_id = {im["id"]: known.get(im["file_name"]) for im in data.get("images", [])}
+    missing = [im["file_name"] for im in data["images"] if im["file_name"] not in known]
+    found = [name for name in missing if images_dir is not None and (Path(images_dir) / name).is_file()]
+    to_add = [Path(images_dir) / name for name in found] if images_dir is not None else []
+    findable = set(known) | set(found)
+    names = {im["id"]: im["file_name"] for im in data["images"]}
+    anns = data.get("annotations", [])
+    usable = [a for a in anns if names.get(a["image_id"]) in findable]
+    out.skipped = len(anns) - len(usable)
+    out.missing_images = sorted({names.get(a["image_id"], f"<image id {a['image_id']}>") for a in anns
+                                 if names.get(a["image_id"]) not in findable})
+    if anns and not usable:
+        raise InputError(_nothing_found(coco_json, out, images_dir))
+    for a in usable:  # segmentation formats are checked before anything is written
+        seg = a["segmentation"]
+        if not (isinstance(seg, dict) or (isinstance(seg, list) and seg)):
+            raise InputError(f"{str(coco_json)!r}: annotation {a.get('id')!r} has a segmentation of type "
+                             f"{type(seg).__name__}; COCO uses polygons (a list) or RLE (a dict)")
+
+    if to_add:
+        from segany.engine.store import file_sha256
+
+        out.images_added = len(store.add_images(project_id, to_add))
+        stored = store.list_images(project_id)
+        by_sha = {im["sha256"]: im for im in stored}
+        known = {im["file_name"]: im for im in stored}
+        # A file the project already holds under another name (add_images skips same content) maps to that image.
+        known.update({name: by_sha[file_sha256(path)] for name, path in zip(found, to_add, strict=True)
+                      if name not in known})
+    by_coco_id = {im["id"]: known.get(im["file_name"]) for im in data["images"]}
     if cats:
         labels = _project_labels(store, project_id, {})
         new = [n for n in cats.values() if n not in labels]
         if new:
             store.update_project(project_id, labels=labels + new)
     ns = uuid_lib.uuid5(uuid_lib.NAMESPACE_URL, str(Path(coco_json).resolve()))
-    created = 0
-    for a in data.get("annotations", []):
+    for a in usable:
         im = by_coco_id.get(a["image_id"])
-        if im is None:
-            continue
+        if im is None:  # not reached: every usable annotation's image is in the project by now
+            raise InputError(f"image {a['image_id']!r} of annotation {a.get('id')!r} was not added; report this")
         rle = coco_segmentation_to_rle(a["segmentation"], im["height"], im["width"])
         area, _ = rle_area_bbox(rle)
         if area == 0:
+            out.empty += 1
             continue
         extra = a.get("segany", {})
         _, was_new = store.save_annotation(
-            im["id"], rle=rle, uuid=str(uuid_lib.uuid5(ns, str(a.get("id")))), label=cats.get(a["category_id"], "object"),
+            im["id"], rle=rle, uuid=str(uuid_lib.uuid5(ns, str(a.get("id")))), label=cats.get(a.get("category_id"), "object"),
             source=extra.get("source", source), review_state="accepted", prompts={"imported_from": str(coco_json)},
             seconds_spent=extra.get("seconds_spent"), predicted_iou=extra.get("predicted_iou"), project_id=project_id)
-        created += int(was_new)
-    return created
+        out.created += int(was_new)
+        out.already_present += int(not was_new)
+    return out
+
+
+def _nothing_found(coco_json: str | os.PathLike[str], out: ImportSummary,
+                   images_dir: str | os.PathLike[str] | None) -> str:
+    shown = ", ".join(repr(n) for n in out.missing_images[:3]) + (", ..." if len(out.missing_images) > 3 else "")
+    fix = ("pass --images-dir FOLDER holding them (file names as in the COCO file)" if images_dir is None
+           else "check that --images-dir is the folder the COCO file names are relative to")
+    return (f"nothing imported from {str(coco_json)!r}: all {out.skipped} annotations are on "
+            f"{len(out.missing_images)} images ({shown}) not found in {' or in '.join(out.looked_in)}; {fix}")
