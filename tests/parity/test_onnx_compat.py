@@ -131,14 +131,16 @@ def test_notebook_export_runs_in_onnxruntime(models: tuple[Sam, Any], tmp_path: 
                           opset_version=17, do_constant_folding=True, input_names=list(dummy_inputs.keys()),
                           output_names=output_names, dynamic_axes=dynamic_axes, dynamo=False)
     ort_session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # Other point counts and another image size than the export's dummies: both must stay dynamic.
-    for what, inputs in _prompts(ours_model).items():
-        if inputs["point_coords"].shape[0] != 1:
-            continue  # the notebook's graph has a fixed batch of 1
+    # Other point counts and other image sizes than the export's dummies: both must stay dynamic. (The
+    # reference's graph bakes the dummy's unpadded size in, so a portrait image differs there by O(1).)
+    prompts = [(what, inputs) for what, inputs in _prompts(ours_model).items() if inputs["point_coords"].shape[0] == 1]
+    portrait = [(f"{what} portrait", {**inputs, "orig_im_size": inputs["orig_im_size"].flip(0)})
+                for what, inputs in prompts[:2]]
+    for what, inputs in prompts + portrait:
         ort_inputs = {k: v.numpy().astype(np.float32) for k, v in inputs.items()}
         masks, scores, low_res_logits = ort_session.run(None, ort_inputs)
         ref_masks, ref_scores, ref_low = onnx_model(**inputs)
-        assert masks.shape == (1, 1, *ORIG_HW)
+        assert masks.shape == (1, 1, *inputs["orig_im_size"].to(torch.int64).tolist())
         assert_close(masks, ref_masks, f"onnxruntime {what} masks", tol=1e-3)
         assert_close(scores, ref_scores, f"onnxruntime {what} scores", tol=1e-3)
         assert_close(low_res_logits, ref_low, f"onnxruntime {what} low_res_masks", tol=1e-3)
