@@ -176,3 +176,8 @@ def test_import_coco_names_what_it_skipped(proj: Path, tmp_path: Path, capsys: p
     out, err = capsys.readouterr()
     assert "imported 1 annotations" in out
     assert "skipped 1 annotations on 1 images" in err and "'b.jpg'" in err
+
+
+def test_refused_project_create_leaves_no_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(["project", "create", str(tmp_path / "new" / "p"), "--name", "x" * 201], capsys, "1-200 characters")
+    assert list(tmp_path.iterdir()) == []

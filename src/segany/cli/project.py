@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from segany.engine import exports
-    from segany.engine.store import open_store
+    from segany.engine.store import open_store, paths_open_would_create, remove_paths
 
     cmd = args.project_cmd
+    made = paths_open_would_create(args.target) if cmd == "create" else []
     store = open_store(args.target, create=cmd == "create")
     try:
         if cmd == "create":
@@ -110,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
             if secs:
                 print(f"  seconds per manual mask: {sum(secs) / len(secs):.1f} (n={len(secs)})")
         return 0
+    except BaseException:
+        store.close()
+        remove_paths(made)  # a project that could not be created leaves no empty store behind
+        raise
     finally:
         store.close()
 

@@ -110,7 +110,7 @@ def _model_service(args: argparse.Namespace, model_name: str, ckpt: str | None, 
 
 def build_app(args: argparse.Namespace) -> Any:
     """The app for ``args``; every option, the device and the weights are checked before anything is created."""
-    from segany.engine.store import resolve_target
+    from segany.engine.store import paths_open_would_create, remove_paths
     from segany.server.app import ServerSettings, create_app
 
     options: dict[str, Any] = {}
@@ -127,8 +127,7 @@ def build_app(args: argparse.Namespace) -> Any:
             from segany.registry import get_model_info
 
             get_model_info(args.model)  # unknown names raise with suggestions
-    url, project_dir = resolve_target(args.target)
-    made = _new_paths(url, project_dir) if args.create else []
+    made = paths_open_would_create(args.target) if args.create else []
     store = None
     try:
         store = _open(args)
@@ -153,31 +152,8 @@ def build_app(args: argparse.Namespace) -> Any:
     except BaseException:
         if store is not None:
             store.close()
-        _remove(made)  # nothing half-made: what --create made in this call goes again
+        remove_paths(made)  # nothing half-made: what --create made in this call goes again
         raise
-
-
-def _new_paths(url: str, project_dir: Path | None) -> list[Path]:
-    """The files and folders opening ``url`` with create=True would make (removed again if serving fails)."""
-    if project_dir is None:
-        return []
-    db_file = Path(url.removeprefix("sqlite:///"))
-    made = [db_file.with_name(db_file.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
-    made = [f for f in made if not f.exists()]
-    top = db_file.parent
-    while not top.parent.exists():
-        top = top.parent
-    return made + ([top] if not top.exists() else [])
-
-
-def _remove(paths: list[Path]) -> None:
-    import shutil
-
-    for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.is_file():
-            path.unlink()
 
 
 def _open(args: argparse.Namespace) -> Any:

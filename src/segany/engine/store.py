@@ -587,3 +587,29 @@ def _unreachable(target: str, url: str, project_dir: Path | None, exc: DBAPIErro
                           f"({detail}); is it a segany store? Pass a project folder made by `segany project create`")
     return StoreError(f"could not reach the database at {_safe_url(url)} ({detail}); check the host, port, user "
                       "and password, and that the server is running")
+
+
+def paths_open_would_create(target: str | os.PathLike[str]) -> list[Path]:
+    """The files and folders ``open_store(target, create=True)`` would make now (the database file and its
+    WAL companions, the first missing folder), so a command that fails later can remove them again."""
+    url, project_dir = resolve_target(target)
+    if project_dir is None:
+        return []
+    db_file = Path(url.removeprefix("sqlite:///"))
+    made = [db_file.with_name(db_file.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    made = [f for f in made if not f.exists()]
+    top = db_file.parent
+    while not top.parent.exists():
+        top = top.parent
+    return made + ([top] if not top.exists() else [])
+
+
+def remove_paths(paths: Iterable[Path]) -> None:
+    """Remove what :func:`paths_open_would_create` listed (call after the store is closed)."""
+    import shutil
+
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
+            path.unlink()
