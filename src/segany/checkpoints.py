@@ -175,11 +175,19 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     ``segment_anything``, and training from scratch relies on that. This holds for ``segany_tiny`` too,
     although its weights ship with segany: pass ``find_weights("segany_tiny")`` to get them. The exception
     is a class-head model (``segany_tiny_labels``), which is meaningless without its shipped head.
+
+    ``build_sam("weights.pth")`` (a file, not a model name, as the reference's ``build_sam`` is called)
+    loads that file, taking the variant from its embedded config or its tensor shapes.
     """
-    if checkpoint is None:
+    path_first = checkpoint is None and _config_or_none(name) is None and Path(name).is_file()
+    if path_first:
+        checkpoint = name
+    elif checkpoint is None:
         checkpoint = _shipped_head(name)
     if checkpoint is not None:
         sd, embedded, _ = read_checkpoint(checkpoint)
+        if path_first:
+            name = guess_variant(sd) or "vit_h"
         config = embedded or get_config(name)
         if embedded is not None and embedded != _config_or_none(name):
             log.info("%s embeds its own config, which is used instead of %r's", checkpoint, name)

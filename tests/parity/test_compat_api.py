@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -313,3 +314,19 @@ def test_registry_accepts_user_builders() -> None:
     assert set(sam_model_registry) == before and len(sam_model_registry) == n_before
     with pytest.raises(KeyError):
         sam_model_registry["mine"]
+
+
+def test_build_sam_with_a_checkpoint_path_first(tmp_path: Path) -> None:
+    """``build_sam("weights.pth")``, as code written for the reference calls it: the file is loaded, its
+    variant read from it."""
+    from conftest import randomize_, tiny_config
+
+    from segany import build_sam
+    from segany.checkpoints import save_checkpoint
+    from segany.modeling.sam import Sam
+
+    model = randomize_(Sam(tiny_config()), seed=3)
+    path = save_checkpoint(model, tmp_path / "mine.pth")
+    loaded = build_sam(str(path))
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
