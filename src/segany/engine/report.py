@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from segany.atomic import atomic_write_text
 from segany.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -328,9 +329,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _html(report: dict[str, Any], sections: list[Any], thr_png: str | None, settings: ReportSettings) -> str:
