@@ -211,7 +211,7 @@ CLI_CASES: list[tuple[str, Callable[[Files], list[str]], str]] = [
     ("missing_checkpoint", lambda f: [str(SAMPLE_IMAGE), "--point", "1,1", "--checkpoint", "/nope.pt"],
      "does not exist"),
     ("unknown_model", lambda f: [str(SAMPLE_IMAGE), "--point", "1,1", "--model", "vit_bb"], "did you mean vit_b"),
-    ("out_is_a_file", lambda f: [str(SAMPLE_IMAGE), "--point", "1,1", "--out", str(f.text)], "is a file"),
+    ("out_is_a_file", lambda f: [str(SAMPLE_IMAGE), "--point", "1,1", "--out", str(f.text)], "is an existing file, not a folder"),
 ]
 if not torch.cuda.is_available():
     CLI_CASES.append(("cuda_unavailable", lambda f: [str(SAMPLE_IMAGE), "--point", "1,1", "--checkpoint",
