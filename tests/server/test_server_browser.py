@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,4 +172,33 @@ def test_text_prompt_proposals_accepted(browser: Any, label_app: Any, project: A
             page.keyboard.press("x")
             page.wait_for_function(f"document.querySelectorAll('#pending li.proposal').length === {left - k - 1}")
         assert len(store.list_annotations(project_id=proj["id"])) == 1
+        page.close()
+
+
+def _wait_ready(page: Any) -> None:
+    page.wait_for_function("document.getElementById('status').dataset.ready === '1'", timeout=60_000)
+
+
+def test_late_prefill_is_not_shown_on_the_next_image(browser: Any, app: Any, project: Any,  # noqa: F811
+                                                     token: str) -> None:
+    """F then N at once: the first image's pre-fill arrives on the second image and must be dropped there."""
+    store, proj = project
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        first = page.evaluate("window.segany.images[0].id")
+        page.keyboard.press("f")
+        page.keyboard.press("n")
+        _wait_ready(page)
+        assert page.evaluate("window.segany.idx") == 1
+        # the pre-fill of image 1 is stored (server side), and its answer has reached the page by now
+        deadline = time.monotonic() + 30
+        while len(store.list_annotations(project_id=proj["id"], image_id=first, states=["pending"])) < 2:
+            assert time.monotonic() < deadline, "pre-fill never ran"
+            time.sleep(0.1)
+        page.wait_for_timeout(1000)
+        assert page.evaluate("window.segany.pending.length") == 0
+        assert page.locator("#pending li").count() == 0
+        page.keyboard.press("y")  # nothing pending here: nothing of image 1 gets accepted
+        page.wait_for_timeout(300)
+        assert all(a["review_state"] == "pending" for a in store.list_annotations(project_id=proj["id"]))
         page.close()

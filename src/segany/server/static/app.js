@@ -231,7 +231,7 @@ async function decode() {
   if (!S.points.length && !S.box) { S.candidates = []; S.mask = null; draw(); return; }
   const token = S.imageToken; const t0 = performance.now(); S.timings = {};
   const cands = S.session && S.emb ? await decodeInBrowser() : await decodeOnServer();
-  if (token !== S.imageToken) return; // the user moved to another image meanwhile
+  if (stale(token)) return; // the user moved to another image meanwhile
   S.candidates = cands;
   // With one point the three masks are genuine alternatives; keep the user's choice, else the best score.
   let best = 0; cands.forEach((c, k) => { if (c.score > cands[best].score) best = k; });
@@ -375,11 +375,12 @@ async function accept() {
       brush: S.mode === "brush" || undefined, chosen: S.chosen },
     predicted_iou: S.candidates[S.chosen] ? S.candidates[S.chosen].score : null,
   };
-  let saved = null;
+  let saved = null; const im = current(); const token = S.imageToken;
   for (let attempt = 0; attempt < 4 && !saved; attempt++) { // same uuid on retry: the server never duplicates
-    try { saved = await (await api(`/api/images/${current().id}/annotations`, { method: "POST", json: body })).json(); }
-    catch (e) { if (attempt === 3) { setStatus(`save failed: ${e.message}`, true); return; } await new Promise((r) => setTimeout(r, 300 * (attempt + 1))); }
+    try { saved = await (await api(`/api/images/${im.id}/annotations`, { method: "POST", json: body })).json(); }
+    catch (e) { if (attempt === 3) { if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true); return; } await new Promise((r) => setTimeout(r, 300 * (attempt + 1))); }
   }
+  if (stale(token)) return; // saved, but the user is on another image now: leave that one alone
   if (seconds !== null) { S.spm.push(seconds); $("spm").textContent = (S.spm.reduce((a, b) => a + b, 0) / S.spm.length).toFixed(1); }
   saved._mask = S.mask;
   S.saved.push(saved); addLabel(saved.label);
@@ -388,7 +389,9 @@ async function accept() {
 }
 
 async function deleteAnnotation(id) {
+  const token = S.imageToken;
   await api(`/api/annotations/${id}`, { method: "DELETE" });
+  if (stale(token)) return;
   S.saved = S.saved.filter((a) => a.id !== id); if (S.selected === id) S.selected = null;
   rebuildOverlay(); renderLists(); draw();
 }
@@ -401,7 +404,9 @@ async function review(id, action) {
   const pre = S.pending.find((x) => x.id === id);
   // a class-head model labelled the pre-fill: keep its label; otherwise the label box's
   if (action === "accept") body.label = pre && pre.label && pre.label !== "object" ? pre.label : $("label").value.trim() || "object";
+  const token = S.imageToken;
   const a = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json();
+  if (stale(token)) return;
   const p = S.pending.find((x) => x.id === id); S.pending = S.pending.filter((x) => x.id !== id);
   if (action === "accept") { a._mask = p._mask; S.saved.push(a); }
   if (S.selectedPending === id) S.selectedPending = null;
@@ -409,13 +414,15 @@ async function review(id, action) {
 }
 
 async function prefill() {
+  const token = S.imageToken; const im = current();
   setStatus("pre-filling…");
   try {
-    const list = await (await api(`/api/images/${current().id}/prefill`, { method: "POST", json: {} })).json();
+    const list = await (await api(`/api/images/${im.id}/prefill`, { method: "POST", json: {} })).json();
+    if (stale(token)) return; // pre-filled an image the user has left: its masks stay pending in the store
     S.pending = list.map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
     S.pendingShownAt = performance.now();
     rebuildOverlay(); renderLists(); draw(); setStatus(`${S.pending.length} pre-filled masks to review`, true);
-  } catch (e) { setStatus(`pre-fill failed: ${e.message}`, true); }
+  } catch (e) { if (!stale(token)) setStatus(`pre-fill failed: ${e.message}`, true); }
 }
 
 // Text prompt → proposed masks (POST /api/images/{id}/text), shown in the review list like pre-fills. They
@@ -428,7 +435,7 @@ async function proposeText(ev) {
   setStatus(`looking for “${text}”…`, false);
   try {
     const res = await (await api(`/api/images/${im.id}/text`, { method: "POST", json: { text } })).json();
-    if (token !== S.imageToken) return;
+    if (stale(token)) return;
     S.pending = S.pending.filter((a) => !a._proposal);
     res.proposals.forEach((p) => S.pending.push(Object.assign(p, {
       id: `text-${++S.proposalSeq}`, _proposal: true, _mask: rleToMask(p.segmentation), prompts: { text: res.text } })));
@@ -436,10 +443,11 @@ async function proposeText(ev) {
     rebuildOverlay(); renderLists(); draw();
     setStatus(res.proposals.length ? `${res.proposals.length} masks for “${res.text}” to review (Y/X)`
       : `no mask found for “${res.text}”`, true);
-  } catch (e) { setStatus(`text prompt failed: ${e.message}`, true); }
+  } catch (e) { if (!stale(token)) setStatus(`text prompt failed: ${e.message}`, true); }
 }
 
 async function reviewProposal(p, action) {
+  const token = S.imageToken; const im = current();
   S.pending = S.pending.filter((x) => x.id !== p.id);
   if (S.selectedPending === p.id) S.selectedPending = null;
   if (action === "accept") {
@@ -449,10 +457,11 @@ async function reviewProposal(p, action) {
       prompts: { text: p.prompts.text, label_score: p.score },
     };
     try {
-      const saved = await (await api(`/api/images/${current().id}/annotations`, { method: "POST", json: body })).json();
+      const saved = await (await api(`/api/images/${im.id}/annotations`, { method: "POST", json: body })).json();
+      if (stale(token)) return;
       saved._mask = p._mask; S.saved.push(saved); addLabel(saved.label);
       setStatus(`saved “${p.prompts.text}” as annotation ${saved.id}`, true);
-    } catch (e) { S.pending.push(p); setStatus(`save failed: ${e.message}`, true); }
+    } catch (e) { if (stale(token)) return; S.pending.push(p); setStatus(`save failed: ${e.message}`, true); }
   }
   rebuildOverlay(); renderLists(); draw();
 }
@@ -464,6 +473,13 @@ function addLabel(name) {
 
 // -------------------------------------------------------------------------------------- images
 function current() { return S.images[S.idx]; }
+
+// Every answer that belongs to one image (embedding, decode, pre-fill, text find, save, review) is requested
+// with the navigation counter of that moment and dropped when the user has moved on since (S.staleDrops counts them).
+function stale(token) {
+  if (token === S.imageToken) return false;
+  S.staleDrops = (S.staleDrops || 0) + 1; return true;
+}
 
 async function openImage(idx) {
   if (idx < 0 || idx >= S.images.length) return;
