@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from annotation_fixtures import (  # noqa: F401  (fixtures)
     REPO,
@@ -201,4 +202,40 @@ def test_late_prefill_is_not_shown_on_the_next_image(browser: Any, app: Any, pro
         page.keyboard.press("y")  # nothing pending here: nothing of image 1 gets accepted
         page.wait_for_timeout(300)
         assert all(a["review_state"] == "pending" for a in store.list_annotations(project_id=proj["id"]))
+        page.close()
+
+
+def _saved_box(store: Any, project_id: int, image_id: int, label: str = "person") -> dict[str, Any]:
+    im = store.get_image(project_id, image_id)
+    h, w = im["height"], im["width"]
+    m = np.zeros((h, w), bool)
+    m[20:80, 30:120] = True
+    return store.save_annotation(image_id, mask=m, label=label)[0]
+
+
+def test_delete_needs_a_selection_and_a_confirmation(browser: Any, app: Any, project: Any,  # noqa: F811
+                                                    token: str) -> None:
+    store, proj = project
+    image_id = store.list_images(proj["id"])[0]["id"]
+    ann = _saved_box(store, proj["id"], image_id)
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        assert page.locator("#annotations li").count() == 1
+        dialogs: list[str] = []
+        answer = {"ok": False}
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.accept() if answer["ok"] else d.dismiss()))
+        page.keyboard.press("Delete")  # nothing selected: nothing deleted
+        page.keyboard.press("Backspace")
+        page.wait_for_timeout(300)
+        assert [a["id"] for a in store.list_annotations(project_id=proj["id"])] == [ann["id"]] and not dialogs
+        page.locator("#annotations li .name").click()  # select it; Delete asks, "Cancel" keeps it
+        page.keyboard.press("Delete")
+        page.locator("#annotations li button").click()  # the ✕ asks too
+        page.wait_for_timeout(300)
+        assert len(dialogs) == 2 and "Delete annotation" in dialogs[0]
+        assert len(store.list_annotations(project_id=proj["id"])) == 1
+        answer["ok"] = True
+        page.keyboard.press("Delete")
+        page.wait_for_function("document.querySelectorAll('#annotations li').length === 0")
+        assert store.list_annotations(project_id=proj["id"]) == []
         page.close()

@@ -304,7 +304,7 @@ function renderLists() {
     li.innerHTML = `<span class="swatch" style="background:rgb(${r},${g},${b})"></span><span class="name"></span><button title="delete">✕</button>`;
     li.querySelector(".name").textContent = `${a.label} · ${a.source}${a.seconds_spent != null ? ` · ${a.seconds_spent.toFixed(1)}s` : ""}`;
     li.onclick = () => { S.selected = S.selected === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
-    li.querySelector("button").onclick = (e) => { e.stopPropagation(); deleteAnnotation(a.id); };
+    li.querySelector("button").onclick = (e) => { e.stopPropagation(); confirmDelete(a); };
     ul.appendChild(li);
   });
   const pl = $("pending"); pl.innerHTML = "";
@@ -386,6 +386,22 @@ async function accept() {
   S.saved.push(saved); addLabel(saved.label);
   clearPrompts(); rebuildOverlay(); renderLists(); draw();
   setStatus(`saved annotation ${saved.id}`, true);
+}
+
+// A saved annotation is only deleted when the user names it (selected in the list, or its ✕) and confirms.
+function confirmDelete(a) {
+  if (!a) return;
+  if (!window.confirm(`Delete annotation ${a.id} (${a.label})? This cannot be undone.`)) return;
+  deleteAnnotation(a.id);
+}
+
+// Delete/Backspace: the selected saved annotation (confirmed); with none selected, Backspace takes back the
+// last click of the unsaved mask, as in a text field, and Delete says how to pick one.
+function deleteKey(backspace) {
+  const a = S.selected !== null && S.saved.find((x) => x.id === S.selected);
+  if (a) { confirmDelete(a); return; }
+  if (backspace && (S.points.length || S.box || S.mask)) { undo(); return; }
+  if (S.saved.length) setStatus("select an annotation in the list first, then Delete removes it");
 }
 
 async function deleteAnnotation(id) {
@@ -571,8 +587,7 @@ function bindKeys() {
       1: () => choose(0), 2: () => choose(1), 3: () => choose(2), f: prefill,
       l: () => { $("label").focus(); $("label").select(); },
       t: () => { $("text-prompt").focus(); $("text-prompt").select(); },
-      delete: () => { const id = S.selected || (S.saved.length && S.saved[S.saved.length - 1].id); if (id) deleteAnnotation(id); },
-      backspace: () => actions.delete(),
+      delete: () => deleteKey(false), backspace: () => deleteKey(true),
       y: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "accept"); },
       x: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "reject"); },
     };
