@@ -201,6 +201,31 @@ def test_save_is_idempotent_and_editable(client: TestClient, token: str, project
     assert client.delete(f"/api/annotations/{a['id']}", headers=auth(token)).status_code == 404
 
 
+def test_stale_id_refused_by_uuid(client: TestClient, token: str, project: Any) -> None:
+    """SQLite gives a deleted row's id to the next one: a tab still showing the deleted annotation names it by
+    id and uuid, and the server refuses (409) to delete or review the new one; the id alone still works."""
+    store, _ = project
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    url = f"/api/images/{im['id']}/annotations"
+    old = client.post(url, headers=auth(token), json=_ann_body(im["height"], im["width"])).json()
+    assert client.delete(f"/api/annotations/{old['id']}?uuid={old['uuid']}", headers=auth(token)).status_code == 204
+    new = client.post(url, headers=auth(token), json=_ann_body(im["height"], im["width"])).json()
+    assert new["id"] == old["id"] and new["uuid"] != old["uuid"]  # the id is reused
+    gone = client.delete(f"/api/annotations/{old['id']}?uuid={old['uuid']}", headers=auth(token))
+    assert gone.status_code == 409 and "deleted or replaced" in gone.json()["detail"]
+    for action in ("accept", "reject"):
+        r = client.post(f"/api/annotations/{old['id']}/{action}", headers=auth(token), json={"uuid": old["uuid"]})
+        assert r.status_code == 409
+    r = client.patch(f"/api/annotations/{old['id']}", headers=auth(token), json={"label": "x", "uuid": old["uuid"]})
+    assert r.status_code == 409
+    assert [(a["uuid"], a["review_state"], a["label"]) for a in store.list_annotations()] == [
+        (new["uuid"], "accepted", "person")]
+    ok = client.post(f"/api/annotations/{new['id']}/reject", headers=auth(token), json={"uuid": new["uuid"]})
+    assert ok.status_code == 200
+    assert client.delete(f"/api/annotations/{new['id']}", headers=auth(token)).status_code == 204  # no uuid: as before
+    assert store.count_annotations() == 0
+
+
 def test_stage2_prefill_pending_then_accept_reject(client: TestClient, token: str, project: Any) -> None:
     store, _ = project
     im = client.get("/api/images", headers=auth(token)).json()[0]

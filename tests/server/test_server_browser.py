@@ -239,3 +239,22 @@ def test_delete_needs_a_selection_and_a_confirmation(browser: Any, app: Any, pro
         page.wait_for_function("document.querySelectorAll('#annotations li').length === 0")
         assert store.list_annotations(project_id=proj["id"]) == []
         page.close()
+
+
+def test_stale_delete_is_refused_and_said(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+    """The page shows annotation A; meanwhile A is deleted and B gets its id: deleting A leaves B alone."""
+    store, proj = project
+    image_id = store.list_images(proj["id"])[0]["id"]
+    old = _saved_box(store, proj["id"], image_id)
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        store.delete_annotation(old["id"])
+        new = _saved_box(store, proj["id"], image_id, label="thing")
+        assert new["id"] == old["id"]
+        page.on("dialog", lambda d: d.accept())
+        page.locator("#annotations li .name").click()
+        page.keyboard.press("Delete")
+        page.wait_for_function("document.getElementById('status').textContent.includes('deleted or replaced')")
+        assert [a["uuid"] for a in store.list_annotations(project_id=proj["id"])] == [new["uuid"]]
+        assert page.locator("#annotations li").count() == 0  # A is gone: it leaves the list
+        page.close()

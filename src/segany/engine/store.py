@@ -423,19 +423,29 @@ class Store:
             raise NotFoundError(f"no annotation with id {annotation_id} in this project")
         return a
 
+    @staticmethod
+    def _check_uuid(a: Annotation, annotation_id: int, uuid: str | None) -> None:
+        # Ids are reused after a delete (SQLite), so a client that still shows a deleted annotation could
+        # otherwise edit or delete the new one that got its id; the uuid names the one it means.
+        if uuid is not None and a.uuid != uuid:
+            raise ConflictError(f"annotation {annotation_id} is not the one you had (uuid {uuid}): that one was "
+                                f"deleted or replaced; reload the image")
+
     def update_annotation(self, annotation_id: int, *, project_id: int | None = None,
                           mask: np.ndarray | None = None, rle: dict[str, Any] | None = None,
                           label: str | None = None, review_state: str | None = None,
                           annotator_id: int | None = None, seconds_spent: float | None = None,
-                          prompts: dict[str, Any] | None = None, expected_revision: int | None = None
-                          ) -> dict[str, Any]:
-        """Edit a stored annotation; ``expected_revision`` makes the edit fail if someone else edited first."""
+                          prompts: dict[str, Any] | None = None, expected_revision: int | None = None,
+                          expected_uuid: str | None = None) -> dict[str, Any]:
+        """Edit a stored annotation; ``expected_revision`` makes the edit fail if someone else edited first,
+        ``expected_uuid`` (:class:`ConflictError`) if the id now names another annotation."""
         if mask is not None and rle is not None:
             raise InputError("give at most one of mask and rle")
         if review_state is not None:
             _check_choice("review_state", review_state, db.REVIEW_STATES)
         with self.transaction() as s:
             a = self._get_ann(s, annotation_id, project_id)
+            self._check_uuid(a, annotation_id, expected_uuid)
             if expected_revision is not None and a.revision != expected_revision:
                 raise ConflictError(f"annotation {annotation_id} is at revision {a.revision}, not "
                                     f"{expected_revision}: someone edited it; reload and edit again")
@@ -460,9 +470,13 @@ class Store:
             s.flush()
             return annotation_dict(a)
 
-    def delete_annotation(self, annotation_id: int, project_id: int | None = None) -> None:
+    def delete_annotation(self, annotation_id: int, project_id: int | None = None, *,
+                          expected_uuid: str | None = None) -> None:
+        """Delete one annotation; with ``expected_uuid``, only if the id still names that annotation."""
         with self.transaction() as s:
-            s.delete(self._get_ann(s, annotation_id, project_id))
+            a = self._get_ann(s, annotation_id, project_id)
+            self._check_uuid(a, annotation_id, expected_uuid)
+            s.delete(a)
 
     def list_annotations(self, *, project_id: int | None = None, image_id: int | None = None,
                          states: Sequence[str] | None = None, sources: Sequence[str] | None = None

@@ -297,22 +297,26 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         return store.update_annotation(
             annotation_id, project_id=project_id, rle=body.segmentation.model_dump() if body.segmentation else None,
             label=body.label, review_state=body.review_state, annotator_id=who["id"],
-            seconds_spent=body.seconds_spent, prompts=body.prompts, expected_revision=body.revision)
+            seconds_spent=body.seconds_spent, prompts=body.prompts, expected_revision=body.revision,
+            expected_uuid=body.uuid)
 
     @app.delete("/api/annotations/{annotation_id}", status_code=204)
-    def delete_annotation(annotation_id: int, who: Who) -> Response:
-        store.delete_annotation(annotation_id, project_id)
+    def delete_annotation(annotation_id: int, who: Who, uuid: str | None = None) -> Response:
+        """``?uuid=``: answer 409 instead if the id now names another annotation (ids are reused after a delete)."""
+        store.delete_annotation(annotation_id, project_id, expected_uuid=uuid)
         return Response(status_code=204)
 
     @app.post("/api/annotations/{annotation_id}/accept")
     def accept(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="accepted",
-                                       annotator_id=who["id"], seconds_spent=body.seconds_spent, label=body.label)
+                                       annotator_id=who["id"], seconds_spent=body.seconds_spent, label=body.label,
+                                       expected_uuid=body.uuid)
 
     @app.post("/api/annotations/{annotation_id}/reject")
     def reject(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="rejected",
-                                       annotator_id=who["id"], seconds_spent=body.seconds_spent)
+                                       annotator_id=who["id"], seconds_spent=body.seconds_spent,
+                                       expected_uuid=body.uuid)
 
     @app.post("/api/images/{image_id}/prefill")
     def prefill(image_id: int, who: Who) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ class AnnotationPatch(BaseModel):
     seconds_spent: float | None = Field(default=None, ge=0, lt=1e6)
     prompts: dict[str, Any] | None = None
     revision: int | None = Field(default=None, description="fail with 409 unless the stored revision is this")
+    uuid: str | None = Field(default=None, description="fail with 409 unless the id still names this annotation")
 
 
 class DecodeIn(BaseModel):
@@ -50,6 +51,8 @@ class ReviewIn(BaseModel):
 
     seconds_spent: float | None = Field(default=None, ge=0, lt=1e6)
     label: str | None = None
+    uuid: str | None = Field(default=None, description="fail with 409 unless the id still names this annotation "
+                                                       "(ids are reused after a delete)")
 
 
 class ProjectPatch(BaseModel):

@@ -34,7 +34,8 @@ async function api(path, opts = {}) {
   if (!res.ok) {
     let detail = res.statusText;
     try { detail = (await res.json()).detail; } catch (e) { /* not JSON */ }
-    throw new Error(`${res.status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    const err = new Error(`${res.status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    err.status = res.status; throw err;
   }
   return res;
 }
@@ -404,12 +405,20 @@ function deleteKey(backspace) {
   if (S.saved.length) setStatus("select an annotation in the list first, then Delete removes it");
 }
 
+// The uuid goes with the id: ids are reused after a delete, so a stale page must not delete another annotation
+// (the server answers 409). An annotation that is gone or replaced leaves the list with the server's message.
 async function deleteAnnotation(id) {
-  const token = S.imageToken;
-  await api(`/api/annotations/${id}`, { method: "DELETE" });
+  const token = S.imageToken; const a = S.saved.find((x) => x.id === id);
+  let msg = `deleted annotation ${id}`;
+  try { await api(`/api/annotations/${id}?uuid=${encodeURIComponent(a ? a.uuid : "")}`, { method: "DELETE" }); }
+  catch (e) {
+    if (stale(token)) return;
+    if (e.status !== 404 && e.status !== 409) { setStatus(`delete failed: ${e.message}`, true); return; }
+    msg = `not deleted: ${e.message}`;
+  }
   if (stale(token)) return;
-  S.saved = S.saved.filter((a) => a.id !== id); if (S.selected === id) S.selected = null;
-  rebuildOverlay(); renderLists(); draw();
+  S.saved = S.saved.filter((x) => x.id !== id); if (S.selected === id) S.selected = null;
+  rebuildOverlay(); renderLists(); draw(); setStatus(msg, true);
 }
 
 async function review(id, action) {
@@ -418,13 +427,19 @@ async function review(id, action) {
   const t0 = S.pendingShownAt || performance.now();
   const body = { seconds_spent: (performance.now() - t0) / 1000 / Math.max(1, S.pending.length) };
   const pre = S.pending.find((x) => x.id === id);
+  if (pre) body.uuid = pre.uuid; // refused (409) if the id now names another annotation
   // a class-head model labelled the pre-fill: keep its label; otherwise the label box's
   if (action === "accept") body.label = pre && pre.label && pre.label !== "object" ? pre.label : $("label").value.trim() || "object";
-  const token = S.imageToken;
-  const a = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json();
+  const token = S.imageToken; let a = null;
+  try { a = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json(); }
+  catch (e) {
+    if (stale(token)) return;
+    setStatus(`${action} failed: ${e.message}`, true);
+    if (e.status !== 404 && e.status !== 409) return; // gone or replaced: it leaves the list
+  }
   if (stale(token)) return;
   const p = S.pending.find((x) => x.id === id); S.pending = S.pending.filter((x) => x.id !== id);
-  if (action === "accept") { a._mask = p._mask; S.saved.push(a); }
+  if (action === "accept" && a) { a._mask = p._mask; S.saved.push(a); }
   if (S.selectedPending === id) S.selectedPending = null;
   rebuildOverlay(); renderLists(); draw();
 }
