@@ -258,3 +258,39 @@ def test_stale_delete_is_refused_and_said(browser: Any, app: Any, project: Any, 
         assert [a["uuid"] for a in store.list_annotations(project_id=proj["id"])] == [new["uuid"]]
         assert page.locator("#annotations li").count() == 0  # A is gone: it leaves the list
         page.close()
+
+
+def _mask_px(page: Any) -> int:
+    return int(page.evaluate("window.segany.mask ? window.segany.mask.reduce((a, b) => a + b, 0) : 0"))
+
+
+def test_unsaved_mask_survives_navigation_and_sign_in(browser: Any, app: Any, project: Any,  # noqa: F811
+                                                      token: str) -> None:
+    store, proj = project
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.type), d.dismiss()))
+        _click_image(page, 0.5, 0.5)
+        page.wait_for_function("window.segany.mask !== null")
+        px = _mask_px(page)
+        page.keyboard.press("n")  # asks; "Cancel" stays on the image with the mask
+        page.wait_for_timeout(200)
+        assert dialogs == ["confirm"] and page.evaluate("window.segany.idx") == 0 and _mask_px(page) == px
+        page.evaluate("window.segany.token = 'expired'")  # the session ends: saving asks to sign in again
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#login:not([hidden])")
+        page.locator("#token").fill(token)
+        page.locator("#login button[type=submit]").click()
+        page.wait_for_selector("#login", state="hidden")
+        assert _mask_px(page) == px  # still there, and it saves
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#annotations li")
+        assert len(store.list_annotations(project_id=proj["id"])) == 1
+        _click_image(page, 0.3, 0.3)
+        page.wait_for_function("window.segany.mask !== null")
+        leave = "(() => { const e = new Event('beforeunload', {cancelable: true}); window.dispatchEvent(e); return e.defaultPrevented; })()"
+        assert page.evaluate(leave)  # leaving the page with an unsaved mask asks too (the browser's own dialog)
+        page.keyboard.press("Escape")
+        assert not page.evaluate(leave)
+        page.close()

@@ -30,7 +30,10 @@ async function api(path, opts = {}) {
   const headers = Object.assign({}, opts.headers || {}, { Authorization: `Bearer ${S.token}` });
   if (opts.json !== undefined) { headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(opts.json); }
   const res = await fetch(path, Object.assign({}, opts, { headers }));
-  if (res.status === 401) { showLogin("token rejected: sign in again"); throw new Error("unauthorized"); }
+  if (res.status === 401) {
+    showLogin("token rejected: sign in again");
+    const err = new Error("unauthorized: sign in again, then retry (your unsaved mask is kept)"); err.status = 401; throw err;
+  }
   if (!res.ok) {
     let detail = res.statusText;
     try { detail = (await res.json()).detail; } catch (e) { /* not JSON */ }
@@ -379,7 +382,7 @@ async function accept() {
   let saved = null; const im = current(); const token = S.imageToken;
   for (let attempt = 0; attempt < 4 && !saved; attempt++) { // same uuid on retry: the server never duplicates
     try { saved = await (await api(`/api/images/${im.id}/annotations`, { method: "POST", json: body })).json(); }
-    catch (e) { if (attempt === 3) { if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true); return; } await new Promise((r) => setTimeout(r, 300 * (attempt + 1))); }
+    catch (e) { if (attempt === 3 || e.status === 401) { if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true); return; } await new Promise((r) => setTimeout(r, 300 * (attempt + 1))); }
   }
   if (stale(token)) return; // saved, but the user is on another image now: leave that one alone
   if (seconds !== null) { S.spm.push(seconds); $("spm").textContent = (S.spm.reduce((a, b) => a + b, 0) / S.spm.length).toFixed(1); }
@@ -512,6 +515,16 @@ function stale(token) {
   S.staleDrops = (S.staleDrops || 0) + 1; return true;
 }
 
+// The mask being drawn is only in the page: say so before leaving it (another image, or the page itself).
+function hasUnsaved() { return Boolean(S.points.length || S.box || (S.mask && S.mask.some((v) => v))); }
+
+function navigate(step) {
+  const idx = S.idx + step;
+  if (idx < 0 || idx >= S.images.length) return;
+  if (hasUnsaved() && !window.confirm("Leave this image? Its unsaved mask will be lost (Cancel, then Enter saves it).")) return;
+  openImage(idx);
+}
+
 async function openImage(idx) {
   if (idx < 0 || idx >= S.images.length) return;
   S.idx = idx; S.imageToken++; const token = S.imageToken; const im = current();
@@ -597,8 +610,7 @@ function bindKeys() {
       enter: accept, a: accept, u: undo, escape: clearPrompts, b: () => setMode(S.mode === "brush" ? "prompt" : "brush"),
       "[": () => { S.brush = Math.max(1, S.brush - 2); $("brush-size").textContent = `r=${S.brush}`; },
       "]": () => { S.brush = Math.min(200, S.brush + 2); $("brush-size").textContent = `r=${S.brush}`; },
-      n: () => openImage(S.idx + 1), arrowright: () => openImage(S.idx + 1),
-      p: () => openImage(S.idx - 1), arrowleft: () => openImage(S.idx - 1),
+      n: () => navigate(1), arrowright: () => navigate(1), p: () => navigate(-1), arrowleft: () => navigate(-1),
       1: () => choose(0), 2: () => choose(1), 3: () => choose(2), f: prefill,
       l: () => { $("label").focus(); $("label").select(); },
       t: () => { $("text-prompt").focus(); $("text-prompt").select(); },
@@ -634,8 +646,20 @@ async function start() {
   document.body.dataset.decoder = S.session ? "onnx" : "server";
 }
 
-$("login-form").addEventListener("submit", (e) => { e.preventDefault(); localStorage.setItem("segany.token", $("token").value.trim()); start(); });
-$("prev").onclick = () => openImage(S.idx - 1); $("next").onclick = () => openImage(S.idx + 1);
+// Signing in again after the token was rejected (expired, revoked) keeps the page as it is: the unsaved mask,
+// the image and its lists stay, and the failed action can simply be repeated. Only a first sign-in loads all.
+async function signIn(e) {
+  e.preventDefault();
+  const tok = $("token").value.trim(); localStorage.setItem("segany.token", tok);
+  if (!S.project) { start(); return; }
+  S.token = tok;
+  try { await api("/api/me"); } catch (err) { return; } // still rejected: the sign-in box stays, with its message
+  $("login").hidden = true; $("token").value = "";
+  setStatus(hasUnsaved() ? "signed in again: your unsaved mask is still here (Enter saves it)" : "signed in again", true);
+}
+$("login-form").addEventListener("submit", signIn);
+$("prev").onclick = () => navigate(-1); $("next").onclick = () => navigate(1);
+window.addEventListener("beforeunload", (e) => { if (hasUnsaved()) { e.preventDefault(); e.returnValue = ""; } });
 $("accept").onclick = accept; $("undo").onclick = undo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
 $("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = () => setMode("brush");
 $("text-form").addEventListener("submit", (e) => { proposeText(e); $("text-prompt").blur(); });
