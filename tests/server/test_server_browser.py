@@ -294,3 +294,21 @@ def test_unsaved_mask_survives_navigation_and_sign_in(browser: Any, app: Any, pr
         page.keyboard.press("Escape")
         assert not page.evaluate(leave)
         page.close()
+
+
+def test_pending_rows_show_the_label_accept_applies(browser: Any, app: Any, project: Any,  # noqa: F811
+                                                     token: str) -> None:
+    store, proj = project
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        page.keyboard.press("f")
+        page.wait_for_selector("#pending li", timeout=60_000)
+        rows = page.locator("#pending li")
+        assert "person" in rows.first.inner_text()  # the project's first label, in the label box by default
+        assert "person" in rows.first.locator(".accept-pending").get_attribute("title")
+        page.locator("#label").fill("thing")
+        assert "thing" in rows.first.inner_text() and "person" not in rows.first.inner_text()
+        rows.first.locator(".accept-pending").click()
+        page.wait_for_selector("#annotations li")
+        assert [a["label"] for a in store.list_annotations(project_id=proj["id"], states=["accepted"])] == ["thing"]
+        page.close()

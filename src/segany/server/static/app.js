@@ -314,9 +314,12 @@ function renderLists() {
   const pl = $("pending"); pl.innerHTML = "";
   S.pending.forEach((a) => {
     const li = document.createElement("li"); li.dataset.id = a.id; li.className = `pending ${a.id === S.selectedPending ? "selected" : ""}`;
-    li.innerHTML = `<span class="swatch" style="background:#ddd"></span><span class="name"></span><button class="accept-pending" title="accept (Y)">✓</button><button class="reject-pending" title="reject (X)">✕</button>`;
-    li.querySelector(".name").textContent = a._proposal ? `“${a.prompts.text}” → ${a.label} ${a.score.toFixed(2)} · ${a.area}px`
-      : `${a.label && a.label !== "object" ? `${a.label} · ` : ""}iou ${a.predicted_iou != null ? a.predicted_iou.toFixed(2) : "?"} · ${a.area}px`;
+    const label = pendingLabel(a); // what Y / ✓ saves it as, shown before accepting
+    li.innerHTML = `<span class="swatch" style="background:#ddd"></span><span class="name"></span><span class="as"></span><button class="accept-pending">✓</button><button class="reject-pending" title="reject (X)">✕</button>`;
+    li.querySelector(".name").textContent = a._proposal ? `“${a.prompts.text}” ${a.score.toFixed(2)} · ${a.area}px`
+      : `iou ${a.predicted_iou != null ? a.predicted_iou.toFixed(2) : "?"} · ${a.area}px`;
+    li.querySelector(".as").textContent = `→ ${label}`;
+    li.querySelector(".accept-pending").title = `accept as “${label}” (Y)`;
     if (a._proposal) li.classList.add("proposal");
     li.onclick = () => { S.selectedPending = S.selectedPending === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
     li.querySelector(".accept-pending").onclick = (e) => { e.stopPropagation(); review(a.id, "accept"); };
@@ -431,8 +434,7 @@ async function review(id, action) {
   const body = { seconds_spent: (performance.now() - t0) / 1000 / Math.max(1, S.pending.length) };
   const pre = S.pending.find((x) => x.id === id);
   if (pre) body.uuid = pre.uuid; // refused (409) if the id now names another annotation
-  // a class-head model labelled the pre-fill: keep its label; otherwise the label box's
-  if (action === "accept") body.label = pre && pre.label && pre.label !== "object" ? pre.label : $("label").value.trim() || "object";
+  if (action === "accept") body.label = pendingLabel(pre || {});
   const token = S.imageToken; let a = null;
   try { a = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json(); }
   catch (e) {
@@ -498,6 +500,12 @@ async function reviewProposal(p, action) {
     } catch (e) { if (stale(token)) return; S.pending.push(p); setStatus(`save failed: ${e.message}`, true); }
   }
   rebuildOverlay(); renderLists(); draw();
+}
+
+// The label accepting a pending mask gives it: a proposal's or class-head model's own label, else the label box's.
+function pendingLabel(a) {
+  if (a._proposal || (a.label && a.label !== "object")) return a.label;
+  return $("label").value.trim() || "object";
 }
 
 function addLabel(name) {
@@ -663,4 +671,5 @@ window.addEventListener("beforeunload", (e) => { if (hasUnsaved()) { e.preventDe
 $("accept").onclick = accept; $("undo").onclick = undo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
 $("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = () => setMode("brush");
 $("text-form").addEventListener("submit", (e) => { proposeText(e); $("text-prompt").blur(); });
+$("label").addEventListener("input", () => { if (S.pending.length) renderLists(); }); // rows show the label Y applies
 bindCanvas(); bindKeys(); start();
