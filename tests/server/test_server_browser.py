@@ -312,3 +312,36 @@ def test_pending_rows_show_the_label_accept_applies(browser: Any, app: Any, proj
         page.wait_for_selector("#annotations li")
         assert [a["label"] for a in store.list_annotations(project_id=proj["id"], states=["accepted"])] == ["thing"]
         page.close()
+
+
+def test_keyboard_sign_in_buttons_and_redo(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+    store, proj = project
+    with running_server(app) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(base)  # no token yet: the sign-in box opens with its field focused, and Enter signs in
+        page.wait_for_selector("#login:not([hidden])")
+        assert page.evaluate("document.activeElement.id") == "token"
+        page.keyboard.type(token)
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.getElementById('status').dataset.ready === '1' && document.body.dataset.decoder",
+                               timeout=60_000)
+        for n, (fx, fy) in enumerate(((0.5, 0.5), (0.3, 0.6)), start=1):
+            _click_image(page, fx, fy)
+            page.wait_for_function(f"window.segany.decodeMs.length === {n}")
+        npts = "window.segany.points.length"
+        page.keyboard.press("Control+z")
+        assert page.evaluate(npts) == 1
+        page.keyboard.press("Control+Shift+z")
+        assert page.evaluate(npts) == 2
+        page.keyboard.press("Control+z")
+        page.keyboard.press("Control+y")
+        assert page.evaluate(npts) == 2
+        page.focus("#clear")  # Enter on a focused button presses that button, it does not also accept the mask
+        page.keyboard.press("Enter")
+        assert page.evaluate(npts) == 0 and page.evaluate("window.segany.mask") is None
+        page.focus("#mode-brush")
+        page.keyboard.press(" ")
+        assert page.evaluate("window.segany.mode") == "brush"
+        page.wait_for_timeout(300)
+        assert store.list_annotations(project_id=proj["id"]) == []
+        page.close()

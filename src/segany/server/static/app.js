@@ -19,7 +19,7 @@ const S = {
   token: null, project: null, model: null, images: [], idx: 0,
   img: null, W: 0, H: 0, emb: null, embShape: null, ort: null, session: null, mode: "prompt",
   points: [], box: null, drag: null, candidates: [], chosen: 0, mask: null, lowres: null,
-  history: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
+  history: [], future: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
   decodeMs: [], timings: {}, embTensor: null, imgSession: null, imageSide: null, ortReady: null, zeroMask: null, maskCanvas: null, spm: [], busy: false, overlay: null, imageToken: 0,
   axes: null, proposalSeq: 0, textPrompt: null,
 };
@@ -332,20 +332,28 @@ function renderLists() {
 function setStatus(text, ready) { const s = $("status"); s.textContent = text; if (ready !== undefined) s.dataset.ready = ready ? "1" : "0"; }
 
 // ------------------------------------------------------------------------------------ editing
+// Undo/redo: S.history holds the states before each edit, S.future the states undone since (a new edit drops them).
+function editState() {
+  return { points: S.points.slice(), box: S.box && S.box.slice(), mask: S.mask && S.mask.slice(),
+    candidates: S.candidates, chosen: S.chosen, lowres: S.lowres };
+}
+
 function snapshot() {
-  S.history.push({ points: S.points.slice(), box: S.box && S.box.slice(), mask: S.mask && S.mask.slice(),
-    candidates: S.candidates, chosen: S.chosen, lowres: S.lowres });
+  S.history.push(editState()); S.future = [];
   if (S.history.length > 100) S.history.shift();
 }
 
-function undo() {
-  const h = S.history.pop(); if (!h) return;
+function restore(h) {
   Object.assign(S, { points: h.points, box: h.box, mask: h.mask, candidates: h.candidates, chosen: h.chosen, lowres: h.lowres });
   renderChoices(); draw();
 }
 
+function undo() { const h = S.history.pop(); if (!h) return; S.future.push(editState()); restore(h); }
+
+function redo() { const f = S.future.pop(); if (!f) return; S.history.push(editState()); restore(f); }
+
 function clearPrompts() {
-  Object.assign(S, { points: [], box: null, mask: null, candidates: [], lowres: null, history: [], t0: null, chosen: 0 });
+  Object.assign(S, { points: [], box: null, mask: null, candidates: [], lowres: null, history: [], future: [], t0: null, chosen: 0 });
   renderChoices(); draw();
 }
 
@@ -607,11 +615,16 @@ function setMode(m) {
 
 function bindKeys() {
   document.addEventListener("keydown", (e) => {
-    if (e.target.tagName === "INPUT") { // Enter in the text box submits its form (and leaves the box)
-      if (e.key === "Escape" || (e.key === "Enter" && e.target.id !== "text-prompt")) e.target.blur();
+    const tag = e.target.tagName;
+    if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT") {
+      // Enter in a form's field submits it (sign-in, text prompt); elsewhere (the label box) it leaves the field.
+      if (e.key === "Escape" || (e.key === "Enter" && !e.target.form)) e.target.blur();
       return;
     }
+    if (tag === "BUTTON" && (e.key === "Enter" || e.key === " ")) return; // the focused button's own action only
+    if (!$("login").hidden) return; // no shortcuts behind the sign-in box
     const k = e.key.toLowerCase();
+    if ((e.ctrlKey || e.metaKey) && ((k === "z" && e.shiftKey) || k === "y")) { e.preventDefault(); redo(); return; }
     if ((e.ctrlKey || e.metaKey) && k === "z") { e.preventDefault(); undo(); return; }
     if (e.ctrlKey || e.metaKey || e.altKey) return;
     const actions = {
@@ -631,7 +644,7 @@ function bindKeys() {
 }
 
 // ---------------------------------------------------------------------------------------- start
-function showLogin(msg) { $("login").hidden = false; $("login-error").textContent = msg || ""; }
+function showLogin(msg) { $("login").hidden = false; $("login-error").textContent = msg || ""; $("token").focus(); }
 
 async function start() {
   const m = location.hash.match(/token=([^&]+)/);
@@ -668,7 +681,7 @@ async function signIn(e) {
 $("login-form").addEventListener("submit", signIn);
 $("prev").onclick = () => navigate(-1); $("next").onclick = () => navigate(1);
 window.addEventListener("beforeunload", (e) => { if (hasUnsaved()) { e.preventDefault(); e.returnValue = ""; } });
-$("accept").onclick = accept; $("undo").onclick = undo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
+$("accept").onclick = accept; $("undo").onclick = undo; $("redo").onclick = redo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
 $("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = () => setMode("brush");
 $("text-form").addEventListener("submit", (e) => { proposeText(e); $("text-prompt").blur(); });
 $("label").addEventListener("input", () => { if (S.pending.length) renderLists(); }); // rows show the label Y applies
