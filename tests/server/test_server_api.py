@@ -349,6 +349,11 @@ def test_text_prompt_without_text_path_names_the_model(client: TestClient, token
     assert "segany_tiny_labels" in r.json()["detail"]
 
 
+def test_model_info_says_whether_text_prompts_work(client: TestClient, label_app: Any, token: str) -> None:
+    assert client.get("/api/model", headers=auth(token)).json()["text"] is False
+    assert TestClient(label_app).get("/api/model", headers=auth(token)).json()["text"] is True
+
+
 def test_text_prompt_request_validation(label_app: Any, token: str) -> None:
     client = TestClient(label_app)
     im = client.get("/api/images", headers=auth(token)).json()[0]

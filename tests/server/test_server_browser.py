@@ -345,3 +345,20 @@ def test_keyboard_sign_in_buttons_and_redo(browser: Any, app: Any, project: Any,
         page.wait_for_timeout(300)
         assert store.list_annotations(project_id=proj["id"]) == []
         page.close()
+
+
+def test_text_box_off_without_text_model_and_errors_fit_one_line(browser: Any, app: Any,  # noqa: F811
+                                                                 token: str) -> None:
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        assert page.locator("#text-prompt").is_disabled() and page.locator("#text-submit").is_disabled()
+        assert "cannot segment from text" in page.locator("#text-form").get_attribute("title")
+        # a server error (here: the text route asked anyway) is one line in the status bar, all of it in the tooltip
+        page.evaluate("document.getElementById('text-prompt').value = 'dog';"
+                      "document.getElementById('text-form').requestSubmit()")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('text prompt failed')")
+        status = page.locator("#status")
+        text, title = status.inner_text(), status.get_attribute("title")
+        assert "\n" not in text and len(text) <= 140 and len(title) > len(text)
+        assert page.evaluate("document.getElementById('status').getBoundingClientRect().height") < 30
+        page.close()

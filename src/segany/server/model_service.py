@@ -192,7 +192,9 @@ class ModelService:
         sam = self.sam
         return {"model_type": self.model_type, "img_size": sam.img_size, "embed_size": sam.cfg.embed_size,
                 "embed_dim": sam.cfg.decoder.transformer_dim, "mask_threshold": float(sam.mask_threshold),
-                "device": str(self.device), "version": self.version_name}
+                "device": str(self.device), "version": self.version_name,
+                # text prompts need a class head or a CLIP text token (the app hides its text box otherwise)
+                "text": sam.cfg.text is not None or sam.class_head is not None}
 
     # ---------------------------------------------------------------------------------- embeddings
     def _compute(self, path: str) -> Embedding:

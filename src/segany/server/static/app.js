@@ -329,7 +329,24 @@ function renderLists() {
   const im = current(); if (im) $("image-pos").textContent = `${S.idx + 1}/${S.images.length}`;
 }
 
-function setStatus(text, ready) { const s = $("status"); s.textContent = text; if (ready !== undefined) s.dataset.ready = ready ? "1" : "0"; }
+// One readable line in the status bar (server errors can run to several lines); the whole text in its tooltip.
+const STATUS_MAX = 140;
+function setStatus(text, ready) {
+  const s = $("status"); const line = String(text).replace(/\s+/g, " ").trim();
+  s.textContent = line.length > STATUS_MAX ? `${line.slice(0, STATUS_MAX - 1)}…` : line;
+  s.title = line.length > STATUS_MAX || line !== text ? String(text) : "";
+  if (ready !== undefined) s.dataset.ready = ready ? "1" : "0";
+}
+
+// A model without a text path (no class head, no CLIP token) cannot take a phrase: the text box is disabled.
+function setTextPrompts(on) {
+  const why = on ? "" : "this model cannot segment from text (it needs a class head or a CLIP text token)";
+  for (const id of ["text-prompt", "text-submit"]) {
+    const el = $(id); if (el.dataset.title === undefined) el.dataset.title = el.title;
+    el.disabled = !on; el.title = why || el.dataset.title;
+  }
+  $("text-form").title = why;
+}
 
 // ------------------------------------------------------------------------------------ editing
 // Undo/redo: S.history holds the states before each edit, S.future the states undone since (a new edit drops them).
@@ -634,7 +651,7 @@ function bindKeys() {
       n: () => navigate(1), arrowright: () => navigate(1), p: () => navigate(-1), arrowleft: () => navigate(-1),
       1: () => choose(0), 2: () => choose(1), 3: () => choose(2), f: prefill,
       l: () => { $("label").focus(); $("label").select(); },
-      t: () => { $("text-prompt").focus(); $("text-prompt").select(); },
+      t: () => { if ($("text-prompt").disabled) { setStatus($("text-form").title, true); return; } $("text-prompt").focus(); $("text-prompt").select(); },
       delete: () => deleteKey(false), backspace: () => deleteKey(true),
       y: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "accept"); },
       x: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "reject"); },
@@ -658,6 +675,7 @@ async function start() {
   (me.project.labels || []).forEach(addLabel);
   if (me.project.labels && me.project.labels.length) $("label").value = me.project.labels[0];
   try { S.model = await (await api("/api/model")).json(); } catch (e) { S.model = null; setStatus("no model on the server"); }
+  setTextPrompts(Boolean(S.model && S.model.text));
   S.images = await (await api("/api/images")).json();
   if (!S.images.length) { setStatus("this project has no images: add some with `segany project add-images`", true); return; }
   const ortReady = S.ortReady = S.model ? initOrt() : Promise.resolve();
