@@ -124,8 +124,14 @@ def test_prefill_appears_and_is_accepted(browser: Any, app: Any, project: Any, t
     with running_server(app) as base:
         page = _open(browser, base, token)
         page.keyboard.press("f")
+        # while a pre-fill runs its button is off and says so (checked right after a click: no race)
+        busy = page.evaluate("(() => { const b = document.getElementById('prefill'); b.click(); "
+                             "return [b.disabled, b.textContent]; })()")
+        assert busy == [True, "Pre-filling…"]
         page.wait_for_selector("#pending li", timeout=60_000)
         assert page.locator("#pending li").count() == 2
+        page.wait_for_function("!document.getElementById('prefill').disabled")
+        assert page.locator("#prefill").inner_text() == "Pre-fill"
         page.locator("#pending li .accept-pending").first.click()
         page.wait_for_function("document.querySelectorAll('#pending li').length === 1")
         page.keyboard.press("x")

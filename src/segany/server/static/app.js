@@ -474,8 +474,11 @@ async function review(id, action) {
   rebuildOverlay(); renderLists(); draw();
 }
 
+// One pre-fill at a time: the button is disabled and says so while the server works (seconds on a CPU).
 async function prefill() {
+  const btn = $("prefill"); if (btn.disabled) return;
   const token = S.imageToken; const im = current();
+  btn.disabled = true; btn.classList.add("busy"); btn.textContent = "Pre-filling…";
   setStatus("pre-filling…");
   try {
     const list = await (await api(`/api/images/${im.id}/prefill`, { method: "POST", json: {} })).json();
@@ -484,6 +487,7 @@ async function prefill() {
     S.pendingShownAt = performance.now();
     rebuildOverlay(); renderLists(); draw(); setStatus(`${S.pending.length} pre-filled masks to review`, true);
   } catch (e) { if (!stale(token)) setStatus(`pre-fill failed: ${e.message}`, true); }
+  finally { btn.disabled = false; btn.classList.remove("busy"); btn.textContent = "Pre-fill"; }
 }
 
 // Text prompt → proposed masks (POST /api/images/{id}/text), shown in the review list like pre-fills. They
