@@ -368,3 +368,24 @@ def test_text_box_off_without_text_model_and_errors_fit_one_line(browser: Any, a
         assert "\n" not in text and len(text) <= 140 and len(title) > len(text)
         assert page.evaluate("document.getElementById('status').getBoundingClientRect().height") < 30
         page.close()
+
+
+def test_pending_colours_match_rows_and_narrow_layout(browser: Any, app: Any, token: str) -> None:  # noqa: F811
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        page.keyboard.press("f")
+        page.wait_for_function("document.querySelectorAll('#pending li').length === 2", timeout=60_000)
+        swatches = page.evaluate("[...document.querySelectorAll('#pending li .swatch')]"
+                                 ".map((e) => getComputedStyle(e).backgroundColor.match(/\\d+/g).map(Number))")
+        # the colour each pending mask is painted with on the image, at a pixel of that mask alone
+        painted = page.evaluate("""(() => { const S = window.segany, ctx = S.overlay.getContext('2d');
+            return S.pending.map((a) => {
+              const i = a._mask.findIndex((v, j) => v && S.pending.every((o) => o === a || !o._mask[j]));
+              return [...ctx.getImageData(i % S.W, Math.floor(i / S.W), 1, 1).data.slice(0, 3)]; }); })()""")
+        assert len({tuple(c) for c in swatches}) == 2
+        for got, want in zip(painted, swatches, strict=True):  # (canvas alpha rounding: a unit or two off)
+            assert max(abs(x - y) for x, y in zip(got, want, strict=True)) <= 3, (painted, swatches)
+        page.set_viewport_size({"width": 600, "height": 900})  # narrow: the side panel goes below the image
+        stage, aside = (page.locator(sel).bounding_box() for sel in ("#stage", "aside"))
+        assert aside["y"] >= stage["y"] + stage["height"] - 1 and aside["width"] > 500
+        page.close()

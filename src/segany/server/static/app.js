@@ -249,6 +249,8 @@ async function decode() {
 
 // ------------------------------------------------------------------------------------- drawing
 function colorFor(i) { return COLORS[i % COLORS.length]; }
+// Pending masks take the colours after the saved ones, so each is told apart on the image and in its row.
+function pendingColor(i) { return colorFor(S.saved.length + i); }
 
 function rebuildOverlay() {
   const c = S.overlay || (S.overlay = document.createElement("canvas"));
@@ -256,7 +258,7 @@ function rebuildOverlay() {
   const ctx = c.getContext("2d"); const im = ctx.createImageData(S.W, S.H); const d = im.data;
   const paint = (m, rgb, a) => { for (let i = 0; i < m.length; i++) if (m[i]) { const o = 4 * i; d[o] = rgb[0]; d[o + 1] = rgb[1]; d[o + 2] = rgb[2]; d[o + 3] = a; } };
   S.saved.forEach((a, i) => paint(a._mask, colorFor(i), a.id === S.selected ? 170 : 110));
-  S.pending.forEach((a) => paint(a._mask, a._proposal ? [255, 200, 0] : [255, 255, 255], a.id === S.selectedPending ? 170 : 90));
+  S.pending.forEach((a, i) => paint(a._mask, pendingColor(i), a.id === S.selectedPending ? 170 : 90));
   ctx.putImageData(im, 0, 0);
 }
 
@@ -312,10 +314,11 @@ function renderLists() {
     ul.appendChild(li);
   });
   const pl = $("pending"); pl.innerHTML = "";
-  S.pending.forEach((a) => {
+  S.pending.forEach((a, i) => {
     const li = document.createElement("li"); li.dataset.id = a.id; li.className = `pending ${a.id === S.selectedPending ? "selected" : ""}`;
     const label = pendingLabel(a); // what Y / ✓ saves it as, shown before accepting
-    li.innerHTML = `<span class="swatch" style="background:#ddd"></span><span class="name"></span><span class="as"></span><button class="accept-pending">✓</button><button class="reject-pending" title="reject (X)">✕</button>`;
+    const [r, g, b] = pendingColor(i);
+    li.innerHTML = `<span class="swatch" style="background:rgb(${r},${g},${b})"></span><span class="name"></span><span class="as"></span><button class="accept-pending">✓</button><button class="reject-pending" title="reject (X)">✕</button>`;
     li.querySelector(".name").textContent = a._proposal ? `“${a.prompts.text}” ${a.score.toFixed(2)} · ${a.area}px`
       : `iou ${a.predicted_iou != null ? a.predicted_iou.toFixed(2) : "?"} · ${a.area}px`;
     li.querySelector(".as").textContent = `→ ${label}`;
