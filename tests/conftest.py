@@ -51,3 +51,19 @@ def sample_image() -> np.ndarray:
     from segany.data.images import load_image
 
     return load_image(SAMPLE_IMAGE)
+
+
+def cli_fails(argv: list[str], capsys: pytest.CaptureFixture[str], fragment: str, code: int = 1) -> str:
+    """Run ``segany argv`` in-process; assert it fails with ``code`` and one ``segany: error:`` line holding
+    ``fragment``, and return that line. Usage errors (exit 2) leave through argparse's SystemExit."""
+    from segany.cli.main import main
+
+    try:
+        got = main(argv)
+    except SystemExit as exc:
+        got = exc.code  # type: ignore[assignment]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert got == code, err
+    assert len(err) == 1, err
+    assert err[0].startswith("segany: error: ") and fragment in err[0], err[0]
+    return err[0]

@@ -7,22 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import cli_fails
 from engine_fixtures import SAMPLES
 
 from segany.cli.main import main
 from segany.engine.store import StoreError, open_store
 
-
-def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], fragment: str, code: int = 1) -> str:
-    try:
-        got = main(argv)
-    except SystemExit as exc:  # usage errors leave through argparse
-        got = exc.code  # type: ignore[assignment]
-    err = capsys.readouterr().err.strip().splitlines()
-    assert got == code, err
-    assert len(err) == 1, err
-    assert err[0].startswith("segany: error: ") and fragment in err[0], err[0]
-    return err[0]
+_fails = cli_fails
 
 
 @pytest.fixture

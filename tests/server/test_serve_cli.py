@@ -11,23 +11,16 @@ from typing import Any
 import pytest
 import torch
 from annotation_fixtures import project, tiny_checkpoint  # noqa: F401  (fixtures)
+from conftest import cli_fails
 
 from segany.cli import serve
-from segany.cli.main import main
 from segany.engine.store import Store, open_store
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], fragment: str, code: int = 1) -> str:
-    try:
-        got = main(argv)
-    except SystemExit as exc:  # usage errors leave through argparse
-        got = exc.code  # type: ignore[assignment]
-    err = capsys.readouterr().err.strip().splitlines()
-    assert got == code, err
-    assert len(err) == 1, err
-    assert err[0].startswith("segany: error: ") and fragment in err[0], err[0]
-    assert "serving" not in err[0]
-    return err[0]
+    line = cli_fails(argv, capsys, fragment, code)
+    assert "serving" not in line
+    return line
 
 
 @pytest.fixture

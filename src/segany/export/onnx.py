@@ -79,14 +79,21 @@ class DecoderGraph(nn.Module):
         # contract expects.
         return self.model.prompt_encoder._embed_points(coords, labels, pad=False)
 
+    def _decode(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, mask_input: torch.Tensor,
+                has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits and IoU of all mask tokens; ``has_mask_input`` (0/1) blends the previous mask's
+        dense embedding with the no-mask one inside the graph, so one graph serves both cases."""
+        pe = self.model.prompt_encoder
+        has = has_mask_input.reshape(-1, 1, 1, 1)
+        dense = pe.mask_downscaling(mask_input) * has + pe.no_mask_embed.weight.reshape(1, -1, 1, 1) * (1 - has)
+        low_res, iou = self.model.mask_decoder.predict_masks(image_embeddings, pe.get_dense_pe(), sparse, dense)[:2]
+        return low_res, iou
+
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        pe = self.model.prompt_encoder
-        sparse = self._sparse(point_coords, point_labels)
-        has = has_mask_input.reshape(-1, 1, 1, 1)
-        dense = pe.mask_downscaling(mask_input) * has + pe.no_mask_embed.weight.reshape(1, -1, 1, 1) * (1 - has)
-        low_res, iou = self.model.mask_decoder.predict_masks(image_embeddings, pe.get_dense_pe(), sparse, dense)
+        low_res, iou = self._decode(image_embeddings, self._sparse(point_coords, point_labels), mask_input,
+                                    has_mask_input)
         if self.multimask:
             sel_low, sel_iou = low_res[:, 1:], iou[:, 1:]
         else:

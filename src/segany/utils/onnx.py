@@ -75,12 +75,9 @@ class SamOnnxModel(DecoderGraph):
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        pe = self.model.prompt_encoder
         # Labels 2/3 get the box-corner embeddings and -1 the padding embedding; no padding is added.
-        sparse = self._sparse(point_coords, point_labels)
-        has = has_mask_input.reshape(-1, 1, 1, 1)
-        dense = pe.mask_downscaling(mask_input) * has + pe.no_mask_embed.weight.reshape(1, -1, 1, 1) * (1 - has)
-        low_res, scores = self.mask_decoder.predict_masks(image_embeddings, pe.get_dense_pe(), sparse, dense)[:2]
+        low_res, scores = self._decode(image_embeddings, self._sparse(point_coords, point_labels), mask_input,
+                                       has_mask_input)
         threshold = self.model.mask_threshold
         if self.use_stability_score:
             scores = stability_scores(low_res, threshold, self.stability_score_offset)
