@@ -30,7 +30,7 @@ def test_orm_matches_migrations(store) -> None:  # type: ignore[no-untyped-def]
 
     with store.engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"  # head: 0002 adds image_runs (issue 8)
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"  # head: 0003 adds roles
     assert diffs == [], "db.py and the migrations disagree: write a new migration"
 
 
@@ -94,3 +94,48 @@ def test_tokens_and_model_and_dataset_versions(store) -> None:  # type: ignore[n
     v2 = store.register_model_version("vit_b:def", "vit_b", parent_id=v1, trained_on_id=dv)
     lineage = {m["id"]: m for m in store.list_model_versions()}
     assert lineage[v2]["parent_id"] == v1 and lineage[v2]["trained_on_id"] == dv
+
+
+def test_upgrade_to_roles_keeps_users_as_admins(tmp_path: Path) -> None:
+    """A store made before roles (migration 0002) upgrades in place: its users, their tokens and the
+    authorship of their annotations stay, and they become admins so nobody is locked out."""
+    from sqlalchemy import text
+
+    from segany.engine.store import hash_token, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'p' / 'segany.db'}")
+    (tmp_path / "p").mkdir()
+    migrate(engine, "0002")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO annotators (name, token_hash, active, created_at) "
+                          "VALUES ('old', :h, 1, '2025-01-01')"), {"h": hash_token("old-token")})
+        conn.execute(text("INSERT INTO projects (name, stage, labels, settings, created_at) "
+                          "VALUES ('demo', 'manual', '[]', '{}', '2025-01-01')"))
+        conn.execute(text("INSERT INTO images (project_id, path, file_name, width, height, sha256, created_at) "
+                          "VALUES (1, 'x.jpg', 'x.jpg', 4, 4, 'abc', '2025-01-01')"))
+        conn.execute(text("INSERT INTO annotations (uuid, image_id, label, rle_counts, height, width, area, "
+                          "bbox_xywh, source, review_state, prompts, annotator_id, revision, created_at, "
+                          "updated_at) VALUES ('u', 1, 'o', '4', 4, 4, 0, '[]', 'manual', 'accepted', '{}', 1, "
+                          "1, '2025-01-01', '2025-01-01')"))
+    engine.dispose()
+    store = open_store(tmp_path / "p")
+    try:
+        assert store.list_annotators() == [{"id": 1, "name": "old", "active": True, "role": "admin"}]
+        assert store.authenticate("old-token") == {"id": 1, "name": "old", "role": "admin"}
+        assert [a["annotator_id"] for a in store.list_annotations()] == [1]  # no table rebuild nulled it
+        store.add_annotator("new")  # users made after the upgrade start with the least rights
+        assert store.list_annotators()[1]["role"] == "annotator"
+    finally:
+        store.close()
+
+
+def test_roles(store) -> None:  # type: ignore[no-untyped-def]
+    tok = store.add_annotator("rev", role="reviewer")
+    assert store.authenticate(tok)["role"] == "reviewer"
+    assert store.set_role("rev", "admin")["role"] == "admin" and store.authenticate(tok)["role"] == "admin"
+    with pytest.raises(InputError, match="role must be one of annotator, reviewer, admin, got 'boss'"):
+        store.add_annotator("x", role="boss")
+    with pytest.raises(InputError, match="role must be one of"):
+        store.set_role("rev", "root")
+    with pytest.raises(NotFoundError, match="no annotator named 'zed' .known: rev"):
+        store.set_role("zed", "admin")

@@ -17,6 +17,8 @@ Design notes for the stages that build on this store:
 * ``DatasetVersion`` freezes a set of annotations (``dataset_version_annotations``) for training or
   export, so a model version can point at exactly the data it saw.
 * ``Annotation.uuid`` is the client's idempotency key: a retried save finds the row it already made.
+* ``Annotator.role`` is ``annotator`` (the default), ``reviewer`` or ``admin`` (migration 0003 made every
+  annotator that existed before roles an ``admin``, so an upgrade locks nobody out).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 SOURCES = ("manual", "semi", "auto")
 REVIEW_STATES = ("accepted", "pending", "rejected")
 STAGES = ("manual", "semi", "auto")
+# Who may do what on the annotation server (segany.server.permissions): an annotator makes and edits their own
+# masks and reviews machine proposals; a reviewer also reviews and deletes anyone's; an admin also runs the project.
+ROLES = ("annotator", "reviewer", "admin")
 
 
 def utcnow() -> dt.datetime:
@@ -97,7 +102,10 @@ class Annotator(Base):
     # sha256 of a random 256-bit token: the token itself is shown once and never stored.
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    role: Mapped[str] = mapped_column(String(16), default="annotator", server_default="annotator")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (CheckConstraint("role IN ('annotator', 'reviewer', 'admin')", name="ck_annotators_role"),)
 
 
 class ModelVersion(Base):

@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 import uuid as uuid_lib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,8 @@ def make_engine(url: str) -> Engine:
     return create_engine(url)
 
 
-def migrate(engine: Engine) -> None:
-    """Apply the packaged Alembic migrations up to head (safe to call from many processes at once)."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Apply the packaged Alembic migrations up to ``revision`` (safe to call from many processes at once)."""
     from alembic import command
     from alembic.config import Config
 
@@ -110,7 +110,7 @@ def migrate(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 def hash_token(token: str) -> str:
@@ -143,6 +143,18 @@ def annotation_dict(a: Annotation) -> dict[str, Any]:
         "created_at": a.created_at.isoformat() if a.created_at else None,
         "updated_at": a.updated_at.isoformat() if a.updated_at else None,
     }
+
+
+def _annotator_dict(a: Annotator) -> dict[str, Any]:
+    return {"id": a.id, "name": a.name, "active": a.active, "role": a.role}
+
+
+def check_role(role: str) -> str:
+    """``role`` if it is one of :data:`segany.engine.db.ROLES`, else :class:`InputError` listing them."""
+    if role not in db.ROLES:
+        raise InputError(f"role must be one of {', '.join(db.ROLES)}, got {role!r} (annotator: own masks and "
+                         "machine proposals; reviewer: also anyone's; admin: also the project)")
+    return role
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -282,37 +294,54 @@ class Store:
             return image_dict(im)
 
     # ---------------------------------------------------------------------------------- annotators
-    def add_annotator(self, name: str) -> str:
-        """Create an annotator and return their bearer token (shown once; only its hash is stored)."""
+    def add_annotator(self, name: str, role: str = "annotator") -> str:
+        """Create an annotator with ``role`` (see :data:`segany.engine.db.ROLES`) and return their bearer token
+        (shown once; only its hash is stored)."""
         if not name or len(name) > 200:
             raise InputError(f"annotator name must be 1-200 characters, got {name!r}")
+        check_role(role)
         token = secrets.token_urlsafe(32)
         with self.transaction() as s:
             if s.scalar(select(Annotator).where(Annotator.name == name)) is not None:
                 raise ConflictError(f"annotator {name!r} already exists; use another name or `--rotate`")
-            s.add(Annotator(name=name, token_hash=hash_token(token), active=True))
+            s.add(Annotator(name=name, token_hash=hash_token(token), active=True, role=role))
         return token
 
     def rotate_token(self, name: str) -> str:
         token = secrets.token_urlsafe(32)
         with self.transaction() as s:
-            a = s.scalar(select(Annotator).where(Annotator.name == name))
-            if a is None:
-                raise NotFoundError(f"no annotator named {name!r}")
+            a = self._annotator_named(s, name)
             a.token_hash = hash_token(token)
         return token
 
+    def set_role(self, name: str, role: str) -> dict[str, Any]:
+        """Give the annotator called ``name`` the role ``role``; returns them as :meth:`list_annotators` does."""
+        check_role(role)
+        with self.transaction() as s:
+            a = self._annotator_named(s, name)
+            a.role = role
+            return _annotator_dict(a)
+
+    @staticmethod
+    def _annotator_named(s: Session, name: str) -> Annotator:
+        a = s.scalar(select(Annotator).where(Annotator.name == name))
+        if a is None:
+            known = ", ".join(s.scalars(select(Annotator.name).order_by(Annotator.id))) or "none"
+            raise NotFoundError(f"no annotator named {name!r} (known: {known}); create one with "
+                                "`segany project add-annotator DIR NAME`")
+        return a
+
     def authenticate(self, token: str) -> dict[str, Any] | None:
-        """The active annotator owning ``token``, or None."""
+        """The active annotator owning ``token`` (id, name, role), or None."""
         if not token:
             return None
         with self.transaction() as s:
             a = s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token), Annotator.active))
-            return None if a is None else {"id": a.id, "name": a.name}
+            return None if a is None else {"id": a.id, "name": a.name, "role": a.role}
 
     def list_annotators(self) -> list[dict[str, Any]]:
         with self.transaction() as s:
-            return [{"id": a.id, "name": a.name, "active": a.active} for a in s.scalars(select(Annotator))]
+            return [_annotator_dict(a) for a in s.scalars(select(Annotator).order_by(Annotator.id))]
 
     # ------------------------------------------------------------------------------ model versions
     def register_model_version(self, name: str, model_type: str, checkpoint_path: str | None = None, *,
@@ -436,9 +465,12 @@ class Store:
                           label: str | None = None, review_state: str | None = None,
                           annotator_id: int | None = None, seconds_spent: float | None = None,
                           prompts: dict[str, Any] | None = None, expected_revision: int | None = None,
-                          expected_uuid: str | None = None) -> dict[str, Any]:
+                          expected_uuid: str | None = None,
+                          check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Edit a stored annotation; ``expected_revision`` makes the edit fail if someone else edited first,
-        ``expected_uuid`` (:class:`ConflictError`) if the id now names another annotation."""
+        ``expected_uuid`` (:class:`ConflictError`) if the id now names another annotation. ``check`` gets the
+        annotation as stored, in the same transaction, and raises to refuse the edit (the server's role checks:
+        no one can take a proposal between the check and the write)."""
         if mask is not None and rle is not None:
             raise InputError("give at most one of mask and rle")
         if review_state is not None:
@@ -446,6 +478,8 @@ class Store:
         with self.transaction() as s:
             a = self._get_ann(s, annotation_id, project_id)
             self._check_uuid(a, annotation_id, expected_uuid)
+            if check is not None:
+                check(annotation_dict(a))
             if expected_revision is not None and a.revision != expected_revision:
                 raise ConflictError(f"annotation {annotation_id} is at revision {a.revision}, not "
                                     f"{expected_revision}: someone edited it; reload and edit again")
@@ -471,11 +505,15 @@ class Store:
             return annotation_dict(a)
 
     def delete_annotation(self, annotation_id: int, project_id: int | None = None, *,
-                          expected_uuid: str | None = None) -> None:
-        """Delete one annotation; with ``expected_uuid``, only if the id still names that annotation."""
+                          expected_uuid: str | None = None,
+                          check: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Delete one annotation; with ``expected_uuid``, only if the id still names that annotation; ``check``
+        as in :meth:`update_annotation`."""
         with self.transaction() as s:
             a = self._get_ann(s, annotation_id, project_id)
             self._check_uuid(a, annotation_id, expected_uuid)
+            if check is not None:
+                check(annotation_dict(a))
             s.delete(a)
 
     def list_annotations(self, *, project_id: int | None = None, image_id: int | None = None,
