@@ -104,7 +104,18 @@ def project(tmp_path: Path) -> Iterator[tuple[Store, dict[str, Any]]]:
 
 @pytest.fixture
 def token(project: tuple[Store, dict[str, Any]]) -> str:
+    """An annotator's token (the default role: own masks and machine proposals)."""
     return project[0].add_annotator("alice")
+
+
+@pytest.fixture
+def reviewer_token(project: tuple[Store, dict[str, Any]]) -> str:
+    return project[0].add_annotator("rita", role="reviewer")
+
+
+@pytest.fixture
+def admin_token(project: tuple[Store, dict[str, Any]]) -> str:
+    return project[0].add_annotator("adam", role="admin")
 
 
 @pytest.fixture

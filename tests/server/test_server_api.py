@@ -13,6 +13,7 @@ import pytest
 from annotation_fixtures import (  # noqa: F401  (fixtures)
     LABELS,
     SAMPLE_FILES,
+    admin_token,
     app,
     label_app,
     model_service,
@@ -80,9 +81,9 @@ def test_unregistered_image_id_is_404(client: TestClient, token: str) -> None:
     assert client.get("/api/images/999/file", headers=auth(token)).status_code == 404
 
 
-def test_upload_traversal_name_refused(client: TestClient, token: str, project: Any, tmp_path: Any) -> None:
+def test_upload_traversal_name_refused(client: TestClient, admin_token: str, project: Any, tmp_path: Any) -> None:
     data = SAMPLE_FILES[2].read_bytes()
-    r = client.post("/api/images", headers=auth(token), files={"file": ("../../evil.jpg", data, "image/jpeg")})
+    r = client.post("/api/images", headers=auth(admin_token), files={"file": ("../../evil.jpg", data, "image/jpeg")})
     assert r.status_code == 400
     assert not list(tmp_path.rglob("evil.jpg"))
 
@@ -96,9 +97,11 @@ def test_oversized_upload_is_413(client: TestClient, token: str) -> None:
     assert r.status_code == 413
 
 
-def test_upload_adds_image(client: TestClient, token: str) -> None:
-    r = client.post("/api/images", headers=auth(token),
-                    files={"file": (SAMPLE_FILES[2].name, SAMPLE_FILES[2].read_bytes(), "image/jpeg")})
+def test_upload_adds_image(client: TestClient, token: str, admin_token: str) -> None:
+    file = {"file": (SAMPLE_FILES[2].name, SAMPLE_FILES[2].read_bytes(), "image/jpeg")}
+    refused = client.post("/api/images", headers=auth(token), files=file)
+    assert refused.status_code == 403 and "needs the admin role" in refused.json()["detail"]
+    r = client.post("/api/images", headers=auth(admin_token), files=file)
     assert r.status_code == 201, r.text
     assert len(client.get("/api/images", headers=auth(token)).json()) == 3
 

@@ -3,8 +3,9 @@
 ``create_app(store, model_service)`` returns an app that serves the browser tool from
 ``segany/server/static`` and a JSON API under ``/api``. Every ``/api`` route except
 ``/api/health`` needs ``Authorization: Bearer <token>`` of an active annotator
-(``segany project add-annotator``). Images are only ever served by their id in the store, so no
-request can name a file on disk.
+(``segany project add-annotator``), and what they may change depends on their role
+(``segany.server.permissions``: annotator, reviewer, admin; refusals are 403). Images are only ever
+served by their id in the store, so no request can name a file on disk.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (and the local `Who` alias) at runtime.
@@ -31,6 +32,7 @@ from segany.engine.masks import encode_mask
 from segany.engine.store import ConflictError, NotFoundError, Store, file_sha256, hash_token
 from segany.errors import InputError, SeganyError
 from segany.server.model_service import ModelService
+from segany.server.permissions import PermissionDeniedError, require_delete, require_review, require_role
 from segany.server.schemas import AnnotationIn, AnnotationPatch, DecodeIn, ProjectPatch, ReviewIn, TextIn
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,10 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     async def _conflict(_: Request, exc: ConflictError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(PermissionDeniedError)
+    async def _forbidden(_: Request, exc: PermissionDeniedError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
     @app.exception_handler(SeganyError)
     async def _bad(_: Request, exc: SeganyError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400 if isinstance(exc, InputError) else 500)
@@ -178,7 +184,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.get("/api/me")
     def me(who: Who) -> dict[str, Any]:
-        return {"annotator": who, "project": store.get_project(settings.project)}
+        """The signed-in user (id, name, role) and the project; the app hides what the role cannot use."""
+        return {"annotator": who, "role": who["role"], "project": store.get_project(settings.project)}
 
     @app.get("/api/project")
     def get_project(who: Who) -> dict[str, Any]:
@@ -186,6 +193,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.patch("/api/project")
     def patch_project(body: ProjectPatch, who: Who) -> dict[str, Any]:
+        require_role(who, "admin", "changing the project (stage, labels)")
         return store.update_project(project_id, labels=body.labels, stage=body.stage)
 
     @app.get("/api/model")
@@ -298,25 +306,26 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
             annotation_id, project_id=project_id, rle=body.segmentation.model_dump() if body.segmentation else None,
             label=body.label, review_state=body.review_state, annotator_id=who["id"],
             seconds_spent=body.seconds_spent, prompts=body.prompts, expected_revision=body.revision,
-            expected_uuid=body.uuid)
+            expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "editing"))
 
     @app.delete("/api/annotations/{annotation_id}", status_code=204)
     def delete_annotation(annotation_id: int, who: Who, uuid: str | None = None) -> Response:
         """``?uuid=``: answer 409 instead if the id now names another annotation (ids are reused after a delete)."""
-        store.delete_annotation(annotation_id, project_id, expected_uuid=uuid)
+        store.delete_annotation(annotation_id, project_id, expected_uuid=uuid,
+                                check=lambda ann: require_delete(who, ann))
         return Response(status_code=204)
 
     @app.post("/api/annotations/{annotation_id}/accept")
     def accept(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="accepted",
                                        annotator_id=who["id"], seconds_spent=body.seconds_spent, label=body.label,
-                                       expected_uuid=body.uuid)
+                                       expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "rejecting"))
 
     @app.post("/api/annotations/{annotation_id}/reject")
     def reject(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="rejected",
                                        annotator_id=who["id"], seconds_spent=body.seconds_spent,
-                                       expected_uuid=body.uuid)
+                                       expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "accepting"))
 
     @app.post("/api/images/{image_id}/prefill")
     def prefill(image_id: int, who: Who) -> list[dict[str, Any]]:
@@ -352,7 +361,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.post("/api/images", status_code=201)
     async def upload_image(file: UploadFile, who: Who) -> list[dict[str, Any]]:
-        """Add an image to the project by upload (written into the project's media folder)."""
+        """Add an image to the project by upload (written into the project's media folder); admins only."""
+        require_role(who, "admin", "adding images to the project")
         proj = store.get_project(settings.project)
         media = proj["media_dir"] or (str(store.project_dir / "images") if store.project_dir else None)
         if media is None:
