@@ -172,3 +172,29 @@ def test_import_coco_names_what_it_skipped(proj: Path, tmp_path: Path, capsys: p
 def test_refused_project_create_leaves_no_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(["project", "create", str(tmp_path / "new" / "p"), "--name", "x" * 201], capsys, "1-200 characters")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ roles
+def test_annotator_roles_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "proj"
+    assert main(["project", "create", str(root)]) == 0
+    assert main(["project", "add-annotator", str(root), "rita", "--role", "reviewer"]) == 0
+    assert main(["project", "add-annotator", str(root), "al"]) == 0
+    out = capsys.readouterr()
+    rita_token = out.out.split()[0]
+    assert "(reviewer)" in out.err and "(annotator)" in out.err
+    assert main(["project", "set-role", str(root), "al", "admin"]) == 0
+    assert capsys.readouterr().out.startswith("al: annotator -> admin")
+    assert main(["project", "annotators", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["rita\treviewer", "al\tadmin"]
+    assert main(["project", "add-annotator", str(root), "rita", "--rotate", "--role", "admin"]) == 0
+    new_token = capsys.readouterr().out.split()[0]
+    store = open_store(root)
+    try:
+        assert store.authenticate(rita_token) is None
+        assert store.authenticate(new_token)["role"] == "admin"
+    finally:
+        store.close()
+    _fails(["project", "set-role", str(root), "zed", "admin"], capsys, "no annotator named 'zed'")
+    _fails(["project", "set-role", str(root), "al", "boss"], capsys, "invalid choice: 'boss'", code=2)
+    _fails(["project", "add-annotator", str(root), "x", "--role", "root"], capsys, "invalid choice: 'root'", code=2)

@@ -7,6 +7,9 @@ import sys
 from typing import Any
 
 EXPORTS = ("coco", "coco-polygons", "sa1b", "yolo", "png")
+ROLES = ("annotator", "reviewer", "admin")  # segany.engine.db.ROLES, without importing SQLAlchemy for --help
+ROLES_HELP = ("annotator: own masks and machine proposals; reviewer: also accepts, rejects and deletes anyone's; "
+              "admin: also changes the project (stage, labels, images)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,7 +36,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("add-annotator", help="create an annotator and print their token")
     t.add_argument("target", metavar="DIR_OR_DB_URL")
     t.add_argument("name")
+    t.add_argument("--role", choices=ROLES, default=None,
+                   help=f"what they may do (default annotator; with --rotate: unchanged). {ROLES_HELP}")
     t.add_argument("--rotate", action="store_true", help="issue a new token for an existing annotator")
+    r = sub.add_parser("set-role", help="change an annotator's role", description=f"Roles: {ROLES_HELP}.")
+    r.add_argument("target", metavar="DIR_OR_DB_URL")
+    r.add_argument("name")
+    r.add_argument("role", choices=ROLES)
+    n = sub.add_parser("annotators", help="list annotators with their roles")
+    n.add_argument("target", metavar="DIR_OR_DB_URL")
     e = sub.add_parser("export", help="export accepted annotations")
     e.add_argument("target", metavar="DIR_OR_DB_URL")
     e.add_argument("format", choices=EXPORTS)
@@ -70,10 +81,24 @@ def run(args: argparse.Namespace) -> int:
                 print(f"added {len(store.add_images(proj['id'], [samples]))} sample images")
             return 0
         if cmd == "add-annotator":
-            token = store.rotate_token(args.name) if args.rotate else store.add_annotator(args.name)
+            if args.rotate:
+                token = store.rotate_token(args.name)
+                role = store.set_role(args.name, args.role)["role"] if args.role else None
+            else:
+                role = args.role or "annotator"
+                token = store.add_annotator(args.name, role=role)
             print(token)
-            print(f"(token for {args.name}: shown once; open the app at http://HOST:PORT/#token={token})",
-                  file=sys.stderr)
+            print(f"(token for {args.name}{f' ({role})' if role else ''}: shown once; open the app at "
+                  f"http://HOST:PORT/#token={token})", file=sys.stderr)
+            return 0
+        if cmd == "set-role":
+            old = {a["name"]: a["role"] for a in store.list_annotators()}.get(args.name)
+            who = store.set_role(args.name, args.role)
+            print(f"{who['name']}: {old} -> {who['role']} (running servers apply it within 30 s)")
+            return 0
+        if cmd == "annotators":
+            for a in store.list_annotators():
+                print(f"{a['name']}\t{a['role']}" + ("" if a["active"] else "\tinactive"))
             return 0
         proj = store.get_project(args.project)
         if cmd == "add-images":
