@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from annotation_fixtures import (  # noqa: F401  (fixtures)
     REPO,
+    admin_token,
     app,
     label_app,
     model_service,
@@ -220,12 +221,12 @@ def _saved_box(store: Any, project_id: int, image_id: int, label: str = "person"
 
 
 def test_delete_needs_a_selection_and_a_confirmation(browser: Any, app: Any, project: Any,  # noqa: F811
-                                                    token: str) -> None:
+                                                    admin_token: str) -> None:
     store, proj = project
     image_id = store.list_images(proj["id"])[0]["id"]
-    ann = _saved_box(store, proj["id"], image_id)
+    ann = _saved_box(store, proj["id"], image_id)  # nobody's (as if imported): deleting it needs a reviewer+
     with running_server(app) as base:
-        page = _open(browser, base, token)
+        page = _open(browser, base, admin_token)
         assert page.locator("#annotations li").count() == 1
         dialogs: list[str] = []
         answer = {"ok": False}
@@ -247,13 +248,14 @@ def test_delete_needs_a_selection_and_a_confirmation(browser: Any, app: Any, pro
         page.close()
 
 
-def test_stale_delete_is_refused_and_said(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+def test_stale_delete_is_refused_and_said(browser: Any, app: Any, project: Any,  # noqa: F811
+                                          admin_token: str) -> None:
     """The page shows annotation A; meanwhile A is deleted and B gets its id: deleting A leaves B alone."""
     store, proj = project
     image_id = store.list_images(proj["id"])[0]["id"]
     old = _saved_box(store, proj["id"], image_id)
     with running_server(app) as base:
-        page = _open(browser, base, token)
+        page = _open(browser, base, admin_token)
         store.delete_annotation(old["id"])
         new = _saved_box(store, proj["id"], image_id, label="thing")
         assert new["id"] == old["id"]

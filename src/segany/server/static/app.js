@@ -21,7 +21,7 @@ const S = {
   points: [], box: null, drag: null, candidates: [], chosen: 0, mask: null, lowres: null,
   history: [], future: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
   decodeMs: [], timings: {}, embTensor: null, imgSession: null, imageSide: null, ortReady: null, zeroMask: null, maskCanvas: null, spm: [], busy: false, overlay: null, imageToken: 0,
-  axes: null, proposalSeq: 0, textPrompt: null,
+  axes: null, proposalSeq: 0, textPrompt: null, me: null,
 };
 window.segany = S; // for debugging and the browser tests
 
@@ -333,6 +333,7 @@ function renderLists() {
 }
 
 // One readable line in the status bar (server errors can run to several lines); the whole text in its tooltip.
+    allowIf(li.querySelector("button"), deleteRefusal(a));
 const STATUS_MAX = 140;
 function setStatus(text, ready) {
   const s = $("status"); const line = String(text).replace(/\s+/g, " ").trim();
@@ -349,11 +350,28 @@ function setTextPrompts(on) {
     el.disabled = !on; el.title = why || el.dataset.title;
   }
   $("text-form").title = why;
+    const why = reviewRefusal(a); allowIf(li.querySelector(".accept-pending"), why); allowIf(li.querySelector(".reject-pending"), why);
 }
 
 // ------------------------------------------------------------------------------------ editing
 // Undo/redo: S.history holds the states before each edit, S.future the states undone since (a new edit drops them).
 function editState() {
+// Roles (segany.server.permissions, the same rules): an annotator reviews and edits their own masks and machine
+// proposals nobody owns, and deletes only their own; a reviewer or admin, anyone's. Controls the signed-in role
+// cannot use are disabled with the reason as their tooltip, so normal use never meets the server's 403.
+const ROLE_RANK = { annotator: 0, reviewer: 1, admin: 2 };
+function hasRole(role) { return S.me != null && (ROLE_RANK[S.me.role] ?? -1) >= ROLE_RANK[role]; }
+function ownsOrReviews(a) { return a._proposal || hasRole("reviewer") || (S.me && a.annotator_id === S.me.id); }
+function reviewRefusal(a) {
+  if (ownsOrReviews(a) || (a.annotator_id == null && a.review_state === "pending")) return null;
+  return `another person's annotation: reviewing it needs the reviewer or admin role (you are ${S.me ? S.me.role : "signed out"})`;
+}
+function deleteRefusal(a) {
+  if (ownsOrReviews(a)) return null;
+  return `${a.annotator_id == null ? "a machine proposal" : "another person's annotation"}: deleting it needs the reviewer or admin role (you are ${S.me ? S.me.role : "signed out"})`;
+}
+function allowIf(btn, why) { btn.disabled = Boolean(why); if (why) { btn.title = why; btn.classList.add("not-allowed"); } }
+
   return { points: S.points.slice(), box: S.box && S.box.slice(), mask: S.mask && S.mask.slice(),
     candidates: S.candidates, chosen: S.chosen, lowres: S.lowres };
 }
@@ -448,6 +466,7 @@ async function deleteAnnotation(id) {
   catch (e) {
     if (stale(token)) return;
     if (e.status !== 404 && e.status !== 409) { setStatus(`delete failed: ${e.message}`, true); return; }
+  const why = deleteRefusal(a); if (why) { setStatus(`not deleted: ${why}`, true); return; }
     msg = `not deleted: ${e.message}`;
   }
   if (stale(token)) return;
@@ -483,6 +502,7 @@ async function prefill() {
   const token = S.imageToken; const im = current();
   btn.disabled = true; btn.classList.add("busy"); btn.textContent = "Pre-filling…";
   setStatus("pre-filling…");
+  const why = pre && reviewRefusal(pre); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
   try {
     const list = await (await api(`/api/images/${im.id}/prefill`, { method: "POST", json: {} })).json();
     if (stale(token)) return; // pre-filled an image the user has left: its masks stay pending in the store
@@ -678,7 +698,7 @@ async function start() {
   let me;
   try { me = await (await api("/api/me")).json(); } catch (e) { return; }
   $("login").hidden = true;
-  S.project = me.project; $("project-name").textContent = me.project.name; $("who").textContent = me.annotator.name;
+  S.project = me.project; $("project-name").textContent = me.project.name; setMe(me.annotator);
   (me.project.labels || []).forEach(addLabel);
   if (me.project.labels && me.project.labels.length) $("label").value = me.project.labels[0];
   try { S.model = await (await api("/api/model")).json(); } catch (e) { S.model = null; setStatus("no model on the server"); }
@@ -692,6 +712,10 @@ async function start() {
   document.body.dataset.decoder = S.session ? "onnx" : "server";
 }
 
+function setMe(who) {
+  S.me = who; $("who").textContent = `${who.name} (${who.role})`; document.body.dataset.role = who.role;
+}
+
 // Signing in again after the token was rejected (expired, revoked) keeps the page as it is: the unsaved mask,
 // the image and its lists stay, and the failed action can simply be repeated. Only a first sign-in loads all.
 async function signIn(e) {
@@ -699,7 +723,8 @@ async function signIn(e) {
   const tok = $("token").value.trim(); localStorage.setItem("segany.token", tok);
   if (!S.project) { start(); return; }
   S.token = tok;
-  try { await api("/api/me"); } catch (err) { return; } // still rejected: the sign-in box stays, with its message
+  let me;
+  try { me = await (await api("/api/me")).json(); } catch (err) { return; } // still rejected: the sign-in box stays, with its message
   $("login").hidden = true; $("token").value = "";
   setStatus(hasUnsaved() ? "signed in again: your unsaved mask is still here (Enter saves it)" : "signed in again", true);
 }
@@ -711,3 +736,4 @@ $("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = ()
 $("text-form").addEventListener("submit", (e) => { proposeText(e); $("text-prompt").blur(); });
 $("label").addEventListener("input", () => { if (S.pending.length) renderLists(); }); // rows show the label Y applies
 bindCanvas(); bindKeys(); start();
+  setMe(me.annotator); renderLists(); // another person may have signed in: their role decides the controls
