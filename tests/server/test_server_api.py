@@ -152,6 +152,59 @@ def test_server_decode_matches_predictor(client: TestClient, token: str, model_s
     assert bad.status_code == 400 and "outside" in bad.json()["detail"]
 
 
+def test_second_click_refines_from_the_previous_candidate(client: TestClient, token: str,
+                                                          model_service: Any) -> None:
+    """Click 2 names click 1's chosen candidate: the server feeds its low-res logits as mask_input, as the
+    browser's decoder does, so the masks are SamPredictor's with that mask_input (and not those without)."""
+    from segany.predictor import SamPredictor
+
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    url = f"/api/images/{im['id']}/decode"
+    first = client.post(url, headers=auth(token), json={"points": [[300, 200]], "labels": [1]}).json()
+    assert isinstance(first["decode_id"], str) and len(first["decode_id"]) <= 16
+    pts, labels = [[300, 200], [420, 260]], [1, 0]
+    pred = SamPredictor(model_service.sam)
+    pred.set_image(load_image(SAMPLE_FILES[0]))
+    _, _, low1 = pred.predict(np.array(pts[:1]), np.array(labels[:1]))
+    plain, _, _ = pred.predict(np.array(pts), np.array(labels))
+    for k in (0, 2):
+        # what the server feeds is that candidate's logits (this random model's masks hardly depend on them)
+        np.testing.assert_allclose(model_service.previous_logits(im["id"], first["decode_id"], k), low1[k][None],
+                                   atol=1e-4)
+        want, want_scores, _ = pred.predict(np.array(pts), np.array(labels), mask_input=low1[k][None])
+        r = client.post(url, headers=auth(token), json={"points": pts, "labels": labels,
+                                                        "previous": {"decode_id": first["decode_id"], "index": k}})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["decode_id"] != first["decode_id"]
+        np.testing.assert_allclose(out["scores"], want_scores, atol=1e-4)
+        got = np.stack([unpack_rle_for_tests(m) for m in out["masks"]])
+        for j in range(3):
+            assert (got[j] == want[j]).mean() > 0.999
+        assert (got != plain).mean() > 0.01, "the previous mask changed nothing: it was not used"
+
+
+def test_unknown_or_expired_previous_decode_is_410(client: TestClient, token: str, model_service: Any) -> None:
+    images = client.get("/api/images", headers=auth(token)).json()
+    url = f"/api/images/{images[0]['id']}/decode"
+    click = {"points": [[300, 200], [100, 100]], "labels": [1, 1]}
+    r = client.post(url, headers=auth(token), json={**click, "previous": {"decode_id": "nope", "index": 0}})
+    assert r.status_code == 410 and "unknown or expired" in r.json()["detail"]
+    model_service.decode_cache_size = 2  # the server keeps its last 2 decodes: the first of 3 expires
+    ids = [client.post(url, headers=auth(token), json=click).json()["decode_id"] for _ in range(3)]
+    r = client.post(url, headers=auth(token), json={**click, "previous": {"decode_id": ids[0], "index": 0}})
+    assert r.status_code == 410 and "decode the clicks again" in r.json()["detail"]
+    ok = client.post(url, headers=auth(token), json={**click, "previous": {"decode_id": ids[2], "index": 1}})
+    assert ok.status_code == 200
+    other = client.post(f"/api/images/{images[1]['id']}/decode", headers=auth(token),
+                        json={**click, "previous": {"decode_id": ids[2], "index": 1}})
+    assert other.status_code == 400 and "belongs to image" in other.json()["detail"]
+    bad = client.post(url, headers=auth(token), json={**click, "previous": {"decode_id": ids[2], "index": 3}})
+    assert bad.status_code == 400 and "names no candidate" in bad.json()["detail"]
+    assert client.post(url, headers=auth(token),
+                       json={**click, "previous": {"decode_id": ids[2], "index": -1}}).status_code == 422
+
+
 def test_onnx_decoder_served_and_matches_server(client: TestClient, token: str, model_service: Any) -> None:
     import onnxruntime as ort
 

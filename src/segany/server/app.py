@@ -31,7 +31,7 @@ from starlette.background import BackgroundTask
 from segany.engine.masks import encode_mask
 from segany.engine.store import ConflictError, NotFoundError, Store, file_sha256, hash_token
 from segany.errors import InputError, SeganyError
-from segany.server.model_service import ModelService
+from segany.server.model_service import DecodeExpiredError, ModelService
 from segany.server.permissions import PermissionDeniedError, require_delete, require_review, require_role
 from segany.server.schemas import AnnotationIn, AnnotationPatch, DecodeIn, ProjectPatch, ReviewIn, TextIn
 
@@ -251,16 +251,27 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.post("/api/images/{image_id}/decode")
     def decode(image_id: int, body: DecodeIn, who: Who) -> dict[str, Any]:
+        """Three candidate masks for points/box, refined from ``previous`` (an earlier decode's candidate)
+        when given, as the browser's decoder refines from the chosen mask. The answer's ``decode_id`` names
+        this decode for the next click; a ``previous`` the server no longer keeps answers 410, and the
+        client decodes the clicks again (see ``ModelService.remember_decode``)."""
         svc = need_model()
         im = store.get_image(project_id, image_id)
         if not body.points and body.box is None:
             raise InputError("decode needs points or a box")
         if len(body.points) != len(body.labels):
             raise InputError(f"got {len(body.points)} points but {len(body.labels)} labels; give one label per point")
+        mask_input = None
+        if body.previous is not None:
+            try:
+                mask_input = svc.previous_logits(image_id, body.previous.decode_id, body.previous.index)
+            except DecodeExpiredError as exc:
+                raise HTTPException(410, str(exc)) from exc
         emb = svc.embedding(image_id, im["path"])
-        masks, scores, _ = svc.decode(emb, points_xy=body.points or None, labels=body.labels or None,
-                                      box_xyxy=body.box)
-        return {"masks": [_uncompressed_rle(m) for m in masks], "scores": [float(s) for s in scores]}
+        masks, scores, low_res = svc.decode(emb, points_xy=body.points or None, labels=body.labels or None,
+                                            box_xyxy=body.box, mask_input=mask_input)
+        return {"masks": [_uncompressed_rle(m) for m in masks], "scores": [float(s) for s in scores],
+                "decode_id": svc.remember_decode(image_id, low_res)}
 
     @app.post("/api/images/{image_id}/text")
     def text_prompt(image_id: int, body: TextIn, who: Who) -> dict[str, Any]:

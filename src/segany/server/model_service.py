@@ -23,11 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from segany.errors import InputError
+from segany.errors import InputError, SeganyError
 
 log = logging.getLogger(__name__)
 
 PrefillFn = Callable[[np.ndarray], list[dict[str, Any]]]
+
+
+class DecodeExpiredError(SeganyError, LookupError):
+    """A decode named as ``previous`` is not (or no longer) held by the server: send the clicks again."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,8 @@ class ModelService:
     def __init__(self, model_type: str = "vit_b", checkpoint: str | None = None, *, device: str | None = None,
                  cache_size: int = 16, cache_dir: Path | None = None, sam: Any = None,
                  prefill: PrefillFn | None = None, prefill_settings: PrefillSettings | None = None,
-                 text_min_score: float = 0.25, predictor_options: dict[str, Any] | None = None) -> None:
+                 text_min_score: float = 0.25, predictor_options: dict[str, Any] | None = None,
+                 decode_cache_size: int = 32) -> None:
         """
         Args:
             model_type: registered model name (``segany.list_models()``).
@@ -79,6 +84,8 @@ class ModelService:
             text_min_score: default threshold of text proposals (predicted IoU × label probability).
             predictor_options: ``SamPredictor`` options (``precision``, ``quantize``, ``compile``). The
                 fast path they make is built once, with the model, and shared by every request.
+            decode_cache_size: server decodes whose low-res logits are kept for a next click to refine
+                (:meth:`remember_decode`); one SAM decode holds 3 x 256 x 256 float32 = 768 KiB.
         """
         self.model_type = model_type
         self.checkpoint = checkpoint
@@ -108,6 +115,9 @@ class ModelService:
         self._onnx_lock = threading.Lock()
         self._prefill_lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "prefetches": 0}
+        self.decode_cache_size = max(1, decode_cache_size)
+        self._decodes: collections.OrderedDict[str, tuple[int, np.ndarray]] = collections.OrderedDict()
+        self._decodes_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ identity
     @property
@@ -270,6 +280,51 @@ class ModelService:
         box = np.asarray(box_xyxy, dtype=np.float64) if box_xyxy is not None else None
         with self._exclusive():
             return self._predictor(emb).predict(pc, pl, box, mask_input, multimask_output=True)
+
+    # Multi-click refinement. SAM refines a click set from the previous step's chosen low-res logits (its
+    # mask_input), as the browser's ONNX decoder does and segany.eval.interactive evaluates; a server decode
+    # must do the same or the two modes give different masks. The logits stay here, named by a short id,
+    # rather than travelling with every click: as base64 float16 one candidate is 175 KB for SAM
+    # (256 x 256) and 44 KB for segany_tiny (128 x 128), and a response would carry three of them, against
+    # ~20 bytes for an id. Kept as exact float32 too (float16 would move pixels near the threshold). The
+    # cost is state: an id expires once `decode_cache_size` newer decodes (of any image) came after it, or
+    # when the server restarts, and the client then replays the clicks that made it (see app.js).
+    def remember_decode(self, image_id: int, low_res_logits: np.ndarray) -> str:
+        """Keep one decode's low-res logits (C, L, L) for a later click; returns its ``decode_id``."""
+        import secrets
+
+        decode_id = secrets.token_urlsafe(9)  # 12 characters, unguessable: ids are not shared between users
+        logits = np.ascontiguousarray(low_res_logits, dtype=np.float32)
+        with self._decodes_lock:
+            self._decodes[decode_id] = (image_id, logits)
+            while len(self._decodes) > self.decode_cache_size:
+                self._decodes.popitem(last=False)
+        return decode_id
+
+    def previous_logits(self, image_id: int, decode_id: str, index: int) -> np.ndarray:
+        """Candidate ``index``'s low-res logits (1, L, L) of a kept decode of this image: the ``mask_input``
+        of the next click.
+
+        Raises:
+            DecodeExpiredError: the id is unknown or expired (the client sends the clicks again).
+            InputError: the id belongs to another image, or ``index`` names no candidate.
+        """
+        with self._decodes_lock:
+            hit = self._decodes.get(decode_id)
+            if hit is not None:
+                self._decodes.move_to_end(decode_id)
+        if hit is None:
+            raise DecodeExpiredError(
+                f"decode_id {decode_id!r} is unknown or expired (the server keeps its last "
+                f"{self.decode_cache_size} decodes); decode the clicks again, each naming the decode before it")
+        owner, logits = hit
+        if owner != image_id:
+            raise InputError(f"decode_id {decode_id!r} belongs to image {owner}, not image {image_id}; name a "
+                             "decode of this image")
+        if not 0 <= index < logits.shape[0]:
+            raise InputError(f"previous index {index} names no candidate: decode {decode_id!r} has "
+                             f"{logits.shape[0]} (0 to {logits.shape[0] - 1})")
+        return logits[index][None]
 
     # ---------------------------------------------------------------------------------- text prompts
     def text_proposals(self, emb: Embedding, text: str, *, max_masks: int = 20,

@@ -38,12 +38,24 @@ class AnnotationPatch(BaseModel):
     uuid: str | None = Field(default=None, description="fail with 409 unless the id still names this annotation")
 
 
+class PreviousDecode(BaseModel):
+    """Candidate ``index`` of an earlier decode of the same image: its low-res logits become this decode's
+    mask_input (SAM's refinement from the previous mask, what the browser's decoder feeds from the second
+    click on). An unknown or expired ``decode_id`` answers 410: decode the clicks again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decode_id: str = Field(min_length=1, max_length=64, description="the decode_id a decode response gave")
+    index: int = Field(ge=0, description="which of its candidates (0-based): the one the user has chosen")
+
+
 class DecodeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     points: list[list[float]] = Field(default_factory=list, description="[[x, y], ...] original-image pixels")
     labels: list[int] = Field(default_factory=list, description="1 foreground, 0 background")
     box: list[float] | None = Field(default=None, description="[x0, y0, x1, y1] original-image pixels")
+    previous: PreviousDecode | None = Field(default=None, description="refine from this earlier decode's mask")
 
 
 class ReviewIn(BaseModel):

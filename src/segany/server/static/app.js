@@ -154,7 +154,8 @@ async function decodeInBrowser() {
   if (S.box) { pts.push([S.box[0] * scale, S.box[1] * scale], [S.box[2] * scale, S.box[3] * scale]); labels.push(2, 3); }
   else { pts.push([0, 0]); labels.push(-1); }
   const lowSide = 4 * S.embShape[2];
-  const feeds = clickFeeds(pts, labels, S.lowres && S.points.length > 1 ? S.lowres : null);
+  // From the second click on, SAM refines from the chosen candidate's logits (decodeOnServer: the same rule).
+  const feeds = clickFeeds(pts, labels, S.lowres instanceof Float32Array && S.points.length > 1 ? S.lowres : null);
   const t0 = performance.now();
   const out = await S.session.run(feeds);
   S.timings.run = performance.now() - t0;
@@ -225,10 +226,31 @@ function maskOf(c) {
   return c.mask;
 }
 
+// Server decoding refines from the chosen candidate exactly as decodeInBrowser does, but its logits stay on the
+// server: a candidate's `lowres` is a reference { ref, index }, where ref = { imageId, body, prev, decode_id } is
+// the request that made it (prev: the reference it refined from), so it can be made again.
 async function decodeOnServer() {
   const body = { points: S.points.map((p) => [p.x, p.y]), labels: S.points.map((p) => p.label), box: S.box };
-  const res = await (await api(`/api/images/${current().id}/decode`, { method: "POST", json: body })).json();
-  return res.masks.map((rle, k) => ({ mask: rleToMask(rle), score: res.scores[k], lowres: null }));
+  const prev = S.lowres && S.lowres.ref && S.points.length > 1 ? S.lowres : null;
+  const ref = { imageId: current().id, body, prev, decode_id: null };
+  const res = await serverDecode(ref);
+  return res.masks.map((rle, k) => ({ mask: rleToMask(rle), score: res.scores[k], lowres: { ref, index: k } }));
+}
+
+// POST one decode naming its previous one. The server keeps only its last few decodes: a previous it no longer
+// has (410) is decoded again first, from its own request (recursively), so the mask is the one an unbroken
+// session gives.
+async function serverDecode(ref) {
+  const send = () => api(`/api/images/${ref.imageId}/decode`, { method: "POST", json: Object.assign({}, ref.body,
+    ref.prev ? { previous: { decode_id: ref.prev.ref.decode_id, index: ref.prev.index } } : {}) });
+  let res;
+  try { res = await send(); } catch (e) {
+    if (e.status !== 410 || !ref.prev) throw e;
+    await serverDecode(ref.prev.ref); // gives ref.prev.ref a fresh decode_id
+    res = await send();
+  }
+  const out = await res.json(); ref.decode_id = out.decode_id;
+  return out;
 }
 
 async function decode() {
