@@ -333,6 +333,7 @@ function renderLists() {
     li.querySelector(".name").textContent = `${a.label} · ${a.source}${a.seconds_spent != null ? ` · ${a.seconds_spent.toFixed(1)}s` : ""}`;
     li.onclick = () => { S.selected = S.selected === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
     li.querySelector("button").onclick = (e) => { e.stopPropagation(); confirmDelete(a); };
+    allowIf(li.querySelector("button"), deleteRefusal(a));
     ul.appendChild(li);
   });
   const pl = $("pending"); pl.innerHTML = "";
@@ -349,35 +350,12 @@ function renderLists() {
     li.onclick = () => { S.selectedPending = S.selectedPending === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
     li.querySelector(".accept-pending").onclick = (e) => { e.stopPropagation(); review(a.id, "accept"); };
     li.querySelector(".reject-pending").onclick = (e) => { e.stopPropagation(); review(a.id, "reject"); };
+    const why = reviewRefusal(a); allowIf(li.querySelector(".accept-pending"), why); allowIf(li.querySelector(".reject-pending"), why);
     pl.appendChild(li);
   });
   const im = current(); if (im) $("image-pos").textContent = `${S.idx + 1}/${S.images.length}`;
 }
 
-// One readable line in the status bar (server errors can run to several lines); the whole text in its tooltip.
-    allowIf(li.querySelector("button"), deleteRefusal(a));
-const STATUS_MAX = 140;
-function setStatus(text, ready) {
-  const s = $("status"); const line = String(text).replace(/\s+/g, " ").trim();
-  s.textContent = line.length > STATUS_MAX ? `${line.slice(0, STATUS_MAX - 1)}…` : line;
-  s.title = line.length > STATUS_MAX || line !== text ? String(text) : "";
-  if (ready !== undefined) s.dataset.ready = ready ? "1" : "0";
-}
-
-// A model without a text path (no class head, no CLIP token) cannot take a phrase: the text box is disabled.
-function setTextPrompts(on) {
-  const why = on ? "" : "this model cannot segment from text (it needs a class head or a CLIP text token)";
-  for (const id of ["text-prompt", "text-submit"]) {
-    const el = $(id); if (el.dataset.title === undefined) el.dataset.title = el.title;
-    el.disabled = !on; el.title = why || el.dataset.title;
-  }
-  $("text-form").title = why;
-    const why = reviewRefusal(a); allowIf(li.querySelector(".accept-pending"), why); allowIf(li.querySelector(".reject-pending"), why);
-}
-
-// ------------------------------------------------------------------------------------ editing
-// Undo/redo: S.history holds the states before each edit, S.future the states undone since (a new edit drops them).
-function editState() {
 // Roles (segany.server.permissions, the same rules): an annotator reviews and edits their own masks and machine
 // proposals nobody owns, and deletes only their own; a reviewer or admin, anyone's. Controls the signed-in role
 // cannot use are disabled with the reason as their tooltip, so normal use never meets the server's 403.
@@ -394,6 +372,28 @@ function deleteRefusal(a) {
 }
 function allowIf(btn, why) { btn.disabled = Boolean(why); if (why) { btn.title = why; btn.classList.add("not-allowed"); } }
 
+// One readable line in the status bar (server errors can run to several lines); the whole text in its tooltip.
+const STATUS_MAX = 140;
+function setStatus(text, ready) {
+  const s = $("status"); const line = String(text).replace(/\s+/g, " ").trim();
+  s.textContent = line.length > STATUS_MAX ? `${line.slice(0, STATUS_MAX - 1)}…` : line;
+  s.title = line.length > STATUS_MAX || line !== text ? String(text) : "";
+  if (ready !== undefined) s.dataset.ready = ready ? "1" : "0";
+}
+
+// A model without a text path (no class head, no CLIP token) cannot take a phrase: the text box is disabled.
+function setTextPrompts(on) {
+  const why = on ? "" : "this model cannot segment from text (it needs a class head or a CLIP text token)";
+  for (const id of ["text-prompt", "text-submit"]) {
+    const el = $(id); if (el.dataset.title === undefined) el.dataset.title = el.title;
+    el.disabled = !on; el.title = why || el.dataset.title;
+  }
+  $("text-form").title = why;
+}
+
+// ------------------------------------------------------------------------------------ editing
+// Undo/redo: S.history holds the states before each edit, S.future the states undone since (a new edit drops them).
+function editState() {
   return { points: S.points.slice(), box: S.box && S.box.slice(), mask: S.mask && S.mask.slice(),
     candidates: S.candidates, chosen: S.chosen, lowres: S.lowres };
 }
@@ -466,6 +466,7 @@ async function accept() {
 // A saved annotation is only deleted when the user names it (selected in the list, or its ✕) and confirms.
 function confirmDelete(a) {
   if (!a) return;
+  const why = deleteRefusal(a); if (why) { setStatus(`not deleted: ${why}`, true); return; }
   if (!window.confirm(`Delete annotation ${a.id} (${a.label})? This cannot be undone.`)) return;
   deleteAnnotation(a.id);
 }
@@ -488,7 +489,6 @@ async function deleteAnnotation(id) {
   catch (e) {
     if (stale(token)) return;
     if (e.status !== 404 && e.status !== 409) { setStatus(`delete failed: ${e.message}`, true); return; }
-  const why = deleteRefusal(a); if (why) { setStatus(`not deleted: ${why}`, true); return; }
     msg = `not deleted: ${e.message}`;
   }
   if (stale(token)) return;
@@ -502,6 +502,7 @@ async function review(id, action) {
   const t0 = S.pendingShownAt || performance.now();
   const body = { seconds_spent: (performance.now() - t0) / 1000 / Math.max(1, S.pending.length) };
   const pre = S.pending.find((x) => x.id === id);
+  const why = pre && reviewRefusal(pre); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
   if (pre) body.uuid = pre.uuid; // refused (409) if the id now names another annotation
   if (action === "accept") body.label = pendingLabel(pre || {});
   const token = S.imageToken; let a = null;
@@ -524,7 +525,6 @@ async function prefill() {
   const token = S.imageToken; const im = current();
   btn.disabled = true; btn.classList.add("busy"); btn.textContent = "Pre-filling…";
   setStatus("pre-filling…");
-  const why = pre && reviewRefusal(pre); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
   try {
     const list = await (await api(`/api/images/${im.id}/prefill`, { method: "POST", json: {} })).json();
     if (stale(token)) return; // pre-filled an image the user has left: its masks stay pending in the store
@@ -712,6 +712,10 @@ function bindKeys() {
 // ---------------------------------------------------------------------------------------- start
 function showLogin(msg) { $("login").hidden = false; $("login-error").textContent = msg || ""; $("token").focus(); }
 
+function setMe(who) {
+  S.me = who; $("who").textContent = `${who.name} (${who.role})`; document.body.dataset.role = who.role;
+}
+
 async function start() {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) { localStorage.setItem("segany.token", decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname + location.search); }
@@ -734,10 +738,6 @@ async function start() {
   document.body.dataset.decoder = S.session ? "onnx" : "server";
 }
 
-function setMe(who) {
-  S.me = who; $("who").textContent = `${who.name} (${who.role})`; document.body.dataset.role = who.role;
-}
-
 // Signing in again after the token was rejected (expired, revoked) keeps the page as it is: the unsaved mask,
 // the image and its lists stay, and the failed action can simply be repeated. Only a first sign-in loads all.
 async function signIn(e) {
@@ -748,6 +748,7 @@ async function signIn(e) {
   let me;
   try { me = await (await api("/api/me")).json(); } catch (err) { return; } // still rejected: the sign-in box stays, with its message
   $("login").hidden = true; $("token").value = "";
+  setMe(me.annotator); renderLists(); // another person may have signed in: their role decides the controls
   setStatus(hasUnsaved() ? "signed in again: your unsaved mask is still here (Enter saves it)" : "signed in again", true);
 }
 $("login-form").addEventListener("submit", signIn);
@@ -758,4 +759,3 @@ $("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = ()
 $("text-form").addEventListener("submit", (e) => { proposeText(e); $("text-prompt").blur(); });
 $("label").addEventListener("input", () => { if (S.pending.length) renderLists(); }); // rows show the label Y applies
 bindCanvas(); bindKeys(); start();
-  setMe(me.annotator); renderLists(); // another person may have signed in: their role decides the controls
