@@ -16,5 +16,5 @@ echo "== 2. segment everything in the sample folder (SA-1B JSON per image, overl
 $S auto src/segany/assets/samples --out "$OUT/auto" --format sa1b --overlay
 echo "== done: results in $OUT/"
 echo "   the annotation app on the same images:  .venv/bin/segany project create out/demo_project --samples"
-echo "                                            .venv/bin/segany project add-annotator out/demo_project you"
+echo "                                            .venv/bin/segany project add-annotator out/demo_project you --role admin"
 echo "                                            .venv/bin/segany serve out/demo_project   # open the printed URL"
