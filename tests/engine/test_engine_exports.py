@@ -72,6 +72,23 @@ def test_coco_roundtrip_through_pycocotools(filled, tmp_path: Path, polygons: bo
     assert coco.annToMask(blob)[320, 550], "the second piece is missing"
 
 
+def test_coco_carries_annotator_and_reviewer(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The ``segany`` block names who drew each mask and who reviewed it: a review does not re-credit the mask."""
+    store, p, im = filled
+    store.add_annotator("alice")
+    store.add_annotator("rita", role="reviewer")
+    alice, rita = (u["id"] for u in store.list_annotators())
+    drawn, _ = store.save_annotation(im["id"], mask=_blob(im["height"], im["width"]), label="blob",
+                                     annotator_id=alice)
+    store.update_annotation(drawn["id"], review_state="accepted", by=rita)
+    coco = json.loads(exports.export_coco(store, p["id"], tmp_path / "coco.json").read_text())
+    extra = {a["id"]: a["segany"] for a in coco["annotations"]}
+    assert (extra[drawn["id"]]["annotator_id"], extra[drawn["id"]]["reviewer_id"]) == (alice, rita)
+    assert extra[drawn["id"]]["reviewed_at"] == store.get_annotation(drawn["id"])["reviewed_at"] is not None
+    unreviewed = [e for i, e in extra.items() if i != drawn["id"]]
+    assert len(unreviewed) == 2 and all(e["reviewer_id"] is None and e["reviewed_at"] is None for e in unreviewed)
+
+
 def test_polygon_of_mask_with_hole_keeps_hole() -> None:
     from pycocotools import mask as mask_utils
 

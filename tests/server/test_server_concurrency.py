@@ -85,3 +85,47 @@ def test_concurrent_saves_postgres(postgres_url: str) -> None:  # noqa: F811
         again.close()
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_upgrade_to_reviewers_postgres(postgres_url: str) -> None:  # noqa: F811
+    """A PostgreSQL store at migration 0003 with annotations upgrades in place to 0004 (reviewer_id,
+    reviewed_at): rows and their annotators stay, the new columns are NULL, the new foreign key holds.
+    (The SQLite twin is in tests/engine/test_engine_store.py.)"""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError
+
+    from segany.engine.store import make_engine, migrate
+
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = f"upgrade_{uuid.uuid4().hex[:8]}"  # a fresh database: the session's one is at head already
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    engine = make_engine(url)
+    migrate(engine, "0003")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO annotators (name, token_hash, active, role, created_at) "
+                          "VALUES ('ann', 'h', true, 'admin', '2025-01-01')"))
+        conn.execute(text("INSERT INTO projects (name, stage, labels, settings, created_at) "
+                          "VALUES ('demo', 'manual', '[]', '{}', '2025-01-01')"))
+        conn.execute(text("INSERT INTO images (project_id, path, file_name, width, height, sha256, created_at) "
+                          "VALUES (1, 'x.jpg', 'x.jpg', 4, 4, 'abc', '2025-01-01')"))
+        for uid, annotator in (("u1", 1), ("u2", None)):
+            conn.execute(text("INSERT INTO annotations (uuid, image_id, label, rle_counts, height, width, area, "
+                              "bbox_xywh, source, review_state, prompts, annotator_id, revision, created_at, "
+                              "updated_at) VALUES (:u, 1, 'o', '4', 4, 4, 0, '[]', 'semi', 'pending', '{}', :a, 1, "
+                              "'2025-01-01', '2025-01-01')"), {"u": uid, "a": annotator})
+    engine.dispose()
+    store = open_store(url)
+    try:
+        anns = store.list_annotations()
+        assert [(a["uuid"], a["annotator_id"], a["reviewer_id"], a["reviewed_at"]) for a in anns] == [
+            ("u1", 1, None, None), ("u2", None, None, None)]
+        done = store.update_annotation(anns[1]["id"], review_state="accepted", by=1)
+        assert (done["annotator_id"], done["reviewer_id"]) == (1, 1) and done["reviewed_at"]
+        with pytest.raises(IntegrityError):
+            store.update_annotation(anns[0]["id"], label="x", by=99)  # no annotator 99
+    finally:
+        store.close()

@@ -69,11 +69,25 @@ def test_annotator_cannot_review_edit_or_delete_anothers(client: TestClient, tok
     assert project[0].get_annotation(a["id"])["review_state"] == "accepted"  # nothing changed
     own = client.post(f"/api/annotations/{a['id']}/reject", headers=auth(token), json={})
     assert own.status_code == 200 and own.json()["review_state"] == "rejected"  # one's own: allowed
-    r = client.post(f"/api/annotations/{a['id']}/accept", headers=auth(reviewer_token), json={})
+    assert own.json()["reviewer_id"] == a["annotator_id"]  # a review of one's own is recorded too
+    rita = _id(client, reviewer_token)
+    r = client.post(f"/api/annotations/{a['id']}/accept", headers=auth(reviewer_token), json={"seconds_spent": 3})
     assert r.status_code == 200 and r.json()["review_state"] == "accepted"
-    # The review made it the reviewer's: the annotator cannot undo it.
-    assert client.post(f"/api/annotations/{a['id']}/reject", headers=auth(token), json={}).status_code == 403
+    # The review is recorded beside the annotator, who still drew the mask (and whose time it is).
+    assert (r.json()["annotator_id"], r.json()["reviewer_id"]) == (a["annotator_id"], rita)
+    assert r.json()["reviewed_at"] and r.json()["seconds_spent"] == a["seconds_spent"]
+    m = np.zeros((a["segmentation"]["size"]), bool)
+    m[10:40, 10:40] = True
+    e = client.patch(f"/api/annotations/{a['id']}", headers=auth(reviewer_token),
+                     json={"segmentation": _uncompressed_rle(m), "label": "car"})
+    assert e.status_code == 200 and (e.json()["annotator_id"], e.json()["reviewer_id"]) == (a["annotator_id"], rita)
+    # Still the annotator's own, so the rules for one's own apply (before 0004 the review made it the reviewer's).
+    assert client.post(f"/api/annotations/{a['id']}/reject", headers=auth(token), json={}).status_code == 200
     assert client.delete(f"/api/annotations/{a['id']}", headers=auth(reviewer_token)).status_code == 204
+
+
+def _id(client: TestClient, tok: str) -> int:
+    return int(client.get("/api/me", headers=auth(tok)).json()["annotator"]["id"])
 
 
 def test_project_changes_need_admin(client: TestClient, token: str, reviewer_token: str, admin_token: str,
@@ -97,11 +111,17 @@ def test_annotator_reviews_prefills_in_the_semi_stage(client: TestClient, token:
     r = client.delete(f"/api/annotations/{pending[1]['id']}", headers=auth(bob))
     assert r.status_code == 403 and "reject it instead" in r.json()["detail"]
     # ... but may accept or reject it, and accepting makes it theirs.
+    alice, bob_id, rita = _id(client, token), _id(client, bob), _id(client, reviewer_token)
     ok = client.post(f"/api/annotations/{pending[0]['id']}/accept", headers=auth(token), json={})
     assert ok.status_code == 200 and ok.json()["review_state"] == "accepted"
+    assert (ok.json()["annotator_id"], ok.json()["reviewer_id"]) == (alice, alice) and ok.json()["reviewed_at"]
     no = client.post(f"/api/annotations/{pending[1]['id']}/reject", headers=auth(bob), json={})
     assert no.status_code == 200 and no.json()["review_state"] == "rejected"
+    # Rejecting a proposal does not make it bob's: nobody drew it, and he cannot delete the model's mistake.
+    assert (no.json()["annotator_id"], no.json()["reviewer_id"]) == (None, bob_id)
+    assert client.delete(f"/api/annotations/{pending[1]['id']}", headers=auth(bob)).status_code == 403
     taken = client.post(f"/api/annotations/{pending[0]['id']}/reject", headers=auth(bob), json={})
     assert taken.status_code == 403  # alice took it: for bob it is another person's now
     r = client.post(f"/api/annotations/{pending[0]['id']}/reject", headers=auth(reviewer_token), json={})
     assert r.status_code == 200 and r.json()["review_state"] == "rejected"
+    assert (r.json()["annotator_id"], r.json()["reviewer_id"]) == (alice, rita)

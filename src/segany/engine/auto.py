@@ -251,8 +251,10 @@ def write_result(store: Any, result: ImageResult, *, model_version_id: int | Non
         im = s.get(Image, result.image_id)
         if im is None:  # deleted while the job ran
             return False
+        # Only masks no person has touched: a rejected one keeps no annotator but has a reviewer, and stays
+        # for retraining.
         s.execute(delete(Annotation).where(Annotation.image_id == im.id, Annotation.source == "auto",
-                                           Annotation.annotator_id.is_(None))
+                                           Annotation.annotator_id.is_(None), Annotation.reviewer_id.is_(None))
                   .execution_options(synchronize_session=False))
         for i, m in enumerate(result.masks):
             if tuple(m.rle["size"]) != (im.height, im.width):

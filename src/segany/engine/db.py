@@ -19,6 +19,10 @@ Design notes for the stages that build on this store:
 * ``Annotation.uuid`` is the client's idempotency key: a retried save finds the row it already made.
 * ``Annotator.role`` is ``annotator`` (the default), ``reviewer`` or ``admin`` (migration 0003 made every
   annotator that existed before roles an ``admin``, so an upgrade locks nobody out).
+* ``Annotation.annotator_id`` is who made the mask (or, for a machine proposal, the person who accepted it:
+  they vouched for it); ``reviewer_id``/``reviewed_at`` are the last person who accepted or rejected it, or
+  changed someone else's annotation, and when (migration 0004; NULL for rows reviewed before it). A review
+  never changes ``annotator_id``, so per-annotator figures and provenance credit whoever drew the mask.
 """
 
 from __future__ import annotations
@@ -179,6 +183,8 @@ class Annotation(Base):
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
     prompts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     annotator_id: Mapped[int | None] = mapped_column(ForeignKey("annotators.id", ondelete="SET NULL"))
+    reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("annotators.id", ondelete="SET NULL"))
+    reviewed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     seconds_spent: Mapped[float | None] = mapped_column(Float)
     predicted_iou: Mapped[float | None] = mapped_column(Float)
     stability_score: Mapped[float | None] = mapped_column(Float)
@@ -187,7 +193,8 @@ class Annotation(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="annotations")
-    annotator: Mapped[Annotator | None] = relationship()
+    annotator: Mapped[Annotator | None] = relationship(foreign_keys=[annotator_id])
+    reviewer: Mapped[Annotator | None] = relationship(foreign_keys=[reviewer_id])
     model_version: Mapped[ModelVersion | None] = relationship()
 
     __table_args__ = (

@@ -130,8 +130,11 @@ def export_coco(store: Store, project_id: int, out_path: str | os.PathLike[str],
             out_anns.append({
                 "id": a["id"], "image_id": im["id"], "category_id": cat_id[a["label"]], "segmentation": seg,
                 "area": a["area"], "bbox": a["bbox"], "iscrowd": 0,
+                # Provenance by store id, not name: who drew the mask and who last reviewed it (and when).
                 "segany": {"uuid": a["uuid"], "source": a["source"], "review_state": a["review_state"],
-                           "seconds_spent": a["seconds_spent"], "predicted_iou": a["predicted_iou"]},
+                           "seconds_spent": a["seconds_spent"], "predicted_iou": a["predicted_iou"],
+                           "annotator_id": a["annotator_id"], "reviewer_id": a["reviewer_id"],
+                           "reviewed_at": a["reviewed_at"]},
             })
     data = {"info": {"description": "exported by segany"}, "images": out_images, "annotations": out_anns,
             "categories": [{"id": i, "name": n, "supercategory": "object"} for n, i in cat_id.items()]}

@@ -138,6 +138,7 @@ def annotation_dict(a: Annotation) -> dict[str, Any]:
         "segmentation": {"size": [a.height, a.width], "counts": a.rle_counts},
         "area": a.area, "bbox": list(a.bbox_xywh), "source": a.source, "review_state": a.review_state,
         "model_version_id": a.model_version_id, "prompts": a.prompts or {}, "annotator_id": a.annotator_id,
+        "reviewer_id": a.reviewer_id, "reviewed_at": a.reviewed_at.isoformat() if a.reviewed_at else None,
         "seconds_spent": a.seconds_spent, "predicted_iou": a.predicted_iou, "stability_score": a.stability_score,
         "revision": a.revision,
         "created_at": a.created_at.isoformat() if a.created_at else None,
@@ -465,12 +466,26 @@ class Store:
                           label: str | None = None, review_state: str | None = None,
                           annotator_id: int | None = None, seconds_spent: float | None = None,
                           prompts: dict[str, Any] | None = None, expected_revision: int | None = None,
-                          expected_uuid: str | None = None,
+                          expected_uuid: str | None = None, by: int | None = None,
                           check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Edit a stored annotation; ``expected_revision`` makes the edit fail if someone else edited first,
         ``expected_uuid`` (:class:`ConflictError`) if the id now names another annotation. ``check`` gets the
         annotation as stored, in the same transaction, and raises to refuse the edit (the server's role checks:
-        no one can take a proposal between the check and the write)."""
+        no one can take a proposal between the check and the write).
+
+        ``by`` is the annotator making the change; who gets credit is decided here, in the same transaction
+        as the check, so it follows the row as stored:
+
+        * accepting an annotation nobody owns (a machine proposal) makes ``by`` its annotator: they vouch
+          for the mask. Rejecting one does not: nobody drew it, and the rejecter is not blamed for it.
+        * accepting or rejecting anything, or changing anything of another person's annotation (mask, label,
+          prompts), records ``by`` as ``reviewer_id`` with ``reviewed_at``; ``annotator_id`` stays who drew it.
+          The annotator's own edits leave the last review as it was (``reviewed_at < updated_at`` shows the
+          mask changed after it).
+        * ``seconds_spent`` is the annotator's time on the mask, so it only grows when ``by`` is (now) the
+          annotator; a reviewer's time on someone else's mask is not added to it.
+
+        ``annotator_id`` reassigns the annotation outright (before ``by`` is applied)."""
         if mask is not None and rle is not None:
             raise InputError("give at most one of mask and rle")
         if review_state is not None:
@@ -495,12 +510,18 @@ class Store:
                 a.review_state = review_state
             if annotator_id is not None:
                 a.annotator_id = annotator_id
-            if seconds_spent is not None:
+            now = db.utcnow()
+            if by is not None:
+                if a.annotator_id is None and review_state == "accepted":
+                    a.annotator_id = by
+                if review_state is not None or a.annotator_id != by:
+                    a.reviewer_id, a.reviewed_at = by, now
+            if seconds_spent is not None and (by is None or a.annotator_id == by):
                 a.seconds_spent = (a.seconds_spent or 0.0) + float(seconds_spent)
             if prompts is not None:
                 a.prompts = dict(prompts)
             a.revision += 1
-            a.updated_at = db.utcnow()
+            a.updated_at = now
             s.flush()
             return annotation_dict(a)
 

@@ -313,9 +313,10 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.patch("/api/annotations/{annotation_id}")
     def patch_annotation(annotation_id: int, body: AnnotationPatch, who: Who) -> dict[str, Any]:
+        # ``by``, not ``annotator_id``: the store keeps who drew the mask and records others as its reviewer.
         return store.update_annotation(
             annotation_id, project_id=project_id, rle=body.segmentation.model_dump() if body.segmentation else None,
-            label=body.label, review_state=body.review_state, annotator_id=who["id"],
+            label=body.label, review_state=body.review_state, by=who["id"],
             seconds_spent=body.seconds_spent, prompts=body.prompts, expected_revision=body.revision,
             expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "editing"))
 
@@ -329,13 +330,13 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     @app.post("/api/annotations/{annotation_id}/accept")
     def accept(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="accepted",
-                                       annotator_id=who["id"], seconds_spent=body.seconds_spent, label=body.label,
+                                       by=who["id"], seconds_spent=body.seconds_spent, label=body.label,
                                        expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "accepting"))
 
     @app.post("/api/annotations/{annotation_id}/reject")
     def reject(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="rejected",
-                                       annotator_id=who["id"], seconds_spent=body.seconds_spent,
+                                       by=who["id"], seconds_spent=body.seconds_spent,
                                        expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "rejecting"))
 
     @app.post("/api/images/{image_id}/prefill")
