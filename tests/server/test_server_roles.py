@@ -81,8 +81,12 @@ def test_annotator_cannot_review_edit_or_delete_anothers(client: TestClient, tok
     e = client.patch(f"/api/annotations/{a['id']}", headers=auth(reviewer_token),
                      json={"segmentation": _uncompressed_rle(m), "label": "car"})
     assert e.status_code == 200 and (e.json()["annotator_id"], e.json()["reviewer_id"]) == (a["annotator_id"], rita)
-    # Still the annotator's own, so the rules for one's own apply (before 0004 the review made it the reviewer's).
-    assert client.post(f"/api/annotations/{a['id']}/reject", headers=auth(token), json={}).status_code == 200
+    # Still the annotator's mask, but the review stands: they cannot overturn, edit or delete it any more.
+    for method, body in (("POST", {}), ("PATCH", {"label": "dog"}), ("DELETE", None)):
+        path = f"/api/annotations/{a['id']}" + ("/reject" if method == "POST" else "")
+        r = client.request(method, path, headers=auth(token), json=body)
+        assert r.status_code == 403 and "your annotation after another person's review" in r.json()["detail"], r.text
+    assert project[0].get_annotation(a["id"])["review_state"] == "accepted"
     assert client.delete(f"/api/annotations/{a['id']}", headers=auth(reviewer_token)).status_code == 204
 
 

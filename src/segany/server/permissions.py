@@ -3,9 +3,10 @@
 SA-1B's engine had annotators who drew and fixed masks and reviewers who checked other people's work; the
 roles here follow that split (``segany.engine.db.ROLES``):
 
-* ``annotator`` (the default): saves masks, edits, reviews and deletes their own, and accepts or rejects
-  machine proposals nobody owns yet (stage-2 pre-fills, stage-3 automatic masks) — accepting one makes it
-  theirs. Cannot touch another person's annotation or the project.
+* ``annotator`` (the default): saves masks, edits, reviews and deletes their own until someone else has
+  reviewed it, and accepts or rejects machine proposals nobody owns yet (stage-2 pre-fills, stage-3
+  automatic masks) — accepting one makes it theirs. Cannot touch another person's annotation, overturn a
+  review of their own, or change the project.
 * ``reviewer``: also accepts, rejects, edits and deletes anyone's annotation.
 * ``admin``: also changes the project (stage, labels) and adds images to it.
 
@@ -44,24 +45,40 @@ def is_open_proposal(ann: dict[str, Any]) -> bool:
     return ann.get("annotator_id") is None and ann.get("review_state") == "pending"
 
 
+def reviewed_by_other(who: dict[str, Any], ann: dict[str, Any]) -> bool:
+    """Someone other than ``who`` has reviewed ``ann``: its annotator may no longer overturn that review."""
+    return ann.get("reviewer_id") not in (None, who.get("id"))
+
+
 def can_review(who: dict[str, Any], ann: dict[str, Any]) -> bool:
-    """May ``who`` accept, reject or edit ``ann``: their own, an open proposal, or anyone's for a reviewer."""
-    return has_role(who, "reviewer") or ann.get("annotator_id") == who.get("id") or is_open_proposal(ann)
+    """May ``who`` accept, reject or edit ``ann``: their own (until another person reviewed it), an open
+    proposal, or anyone's for a reviewer."""
+    if has_role(who, "reviewer"):
+        return True
+    return (ann.get("annotator_id") == who.get("id") and not reviewed_by_other(who, ann)) or is_open_proposal(ann)
 
 
 def can_delete(who: dict[str, Any], ann: dict[str, Any]) -> bool:
-    """May ``who`` delete ``ann``: their own, or anyone's for a reviewer (an annotator rejects a proposal
-    instead, so the model's mistake stays in the store for retraining)."""
-    return has_role(who, "reviewer") or ann.get("annotator_id") == who.get("id")
+    """May ``who`` delete ``ann``: their own (until another person reviewed it), or anyone's for a reviewer (an
+    annotator rejects a proposal instead, so the model's mistake stays in the store for retraining)."""
+    return has_role(who, "reviewer") or (ann.get("annotator_id") == who.get("id")
+                                         and not reviewed_by_other(who, ann))
+
+
+def _whose(who: dict[str, Any], ann: dict[str, Any]) -> str:
+    if ann.get("annotator_id") is None:
+        return "a machine proposal (reject it instead)"
+    if ann.get("annotator_id") == who.get("id"):
+        return "your annotation after another person's review"
+    return "another person's annotation"
 
 
 def require_review(who: dict[str, Any], ann: dict[str, Any], action: str) -> None:
     if not can_review(who, ann):
-        require_role(who, "reviewer", f"{action} another person's annotation ({ann.get('id')})")
+        what = _whose(who, ann).replace(" (reject it instead)", "")
+        require_role(who, "reviewer", f"{action} {what} ({ann.get('id')})")
 
 
 def require_delete(who: dict[str, Any], ann: dict[str, Any]) -> None:
     if not can_delete(who, ann):
-        what = "a machine proposal (reject it instead)" if ann.get("annotator_id") is None else \
-            "another person's annotation"
-        require_role(who, "reviewer", f"deleting {what} ({ann.get('id')})")
+        require_role(who, "reviewer", f"deleting {_whose(who, ann)} ({ann.get('id')})")

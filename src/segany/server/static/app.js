@@ -361,14 +361,22 @@ function renderLists() {
 // cannot use are disabled with the reason as their tooltip, so normal use never meets the server's 403.
 const ROLE_RANK = { annotator: 0, reviewer: 1, admin: 2 };
 function hasRole(role) { return S.me != null && (ROLE_RANK[S.me.role] ?? -1) >= ROLE_RANK[role]; }
-function ownsOrReviews(a) { return a._proposal || hasRole("reviewer") || (S.me && a.annotator_id === S.me.id); }
+// Once another person has reviewed an annotation, its annotator can no longer change or delete it (server/permissions.py).
+function reviewedByOther(a) { return a.reviewer_id != null && !(S.me && a.reviewer_id === S.me.id); }
+function ownsOrReviews(a) {
+  return a._proposal || hasRole("reviewer") || (S.me && a.annotator_id === S.me.id && !reviewedByOther(a));
+}
+function whose(a) {
+  if (a.annotator_id == null) return "a machine proposal";
+  return S.me && a.annotator_id === S.me.id ? "your annotation after another person's review" : "another person's annotation";
+}
 function reviewRefusal(a) {
   if (ownsOrReviews(a) || (a.annotator_id == null && a.review_state === "pending")) return null;
-  return `another person's annotation: reviewing it needs the reviewer or admin role (you are ${S.me ? S.me.role : "signed out"})`;
+  return `${whose(a)}: reviewing it needs the reviewer or admin role (you are ${S.me ? S.me.role : "signed out"})`;
 }
 function deleteRefusal(a) {
   if (ownsOrReviews(a)) return null;
-  return `${a.annotator_id == null ? "a machine proposal" : "another person's annotation"}: deleting it needs the reviewer or admin role (you are ${S.me ? S.me.role : "signed out"})`;
+  return `${whose(a)}: deleting it needs the reviewer or admin role (you are ${S.me ? S.me.role : "signed out"})`;
 }
 function allowIf(btn, why) { btn.disabled = Boolean(why); if (why) { btn.title = why; btn.classList.add("not-allowed"); } }
 
