@@ -237,7 +237,7 @@ def test_delete_needs_a_selection_and_a_confirmation(browser: Any, app: Any, pro
         assert [a["id"] for a in store.list_annotations(project_id=proj["id"])] == [ann["id"]] and not dialogs
         page.locator("#annotations li .name").click()  # select it; Delete asks, "Cancel" keeps it
         page.keyboard.press("Delete")
-        page.locator("#annotations li button").click()  # the ✕ asks too
+        page.locator("#annotations li button.delete").click()  # the ✕ asks too
         page.wait_for_timeout(300)
         assert len(dialogs) == 2 and "Delete annotation" in dialogs[0]
         assert len(store.list_annotations(project_id=proj["id"])) == 1
@@ -264,7 +264,9 @@ def test_stale_delete_is_refused_and_said(browser: Any, app: Any, project: Any, 
         page.keyboard.press("Delete")
         page.wait_for_function("document.getElementById('status').textContent.includes('deleted or replaced')")
         assert [a["uuid"] for a in store.list_annotations(project_id=proj["id"])] == [new["uuid"]]
-        assert page.locator("#annotations li").count() == 0  # A is gone: it leaves the list
+        # the list is fetched again: A is gone, B (now holding that id) is shown
+        page.wait_for_function("document.querySelector('#annotations li .name')?.textContent.startsWith('thing')")
+        assert page.locator("#annotations li").count() == 1
         page.close()
 
 
@@ -466,3 +468,50 @@ def test_server_decoder_gives_the_browser_decoders_masks(browser: Any, app: Any,
           "same upscale", [round(v, 4) for v in exact])
     assert min(exact) > 0.999, exact
     assert min(shown) > 0.975, shown
+
+
+def test_save_refused_with_a_4xx_is_not_retried(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+    """A 422 (or 403) says what to fix: one request, its message at once; only network errors and 5xx repeat."""
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        posts: list[str] = []
+
+        def refuse(route: Any) -> None:
+            if route.request.method != "POST":
+                route.continue_()
+                return
+            posts.append(route.request.url)
+            route.fulfill(status=422, content_type="application/json", body='{"detail": "label: too long"}')
+
+        page.route("**/api/images/*/annotations", refuse)
+        page.evaluate("window.segany.mask = new Uint8Array(window.segany.W * window.segany.H).fill(1)")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('save failed: 422')")
+        page.wait_for_timeout(800)  # a retry would have come after 300 ms
+        assert len(posts) == 1
+        page.close()
+
+
+def test_opening_an_image_starts_its_own_prefill(browser: Any, app: Any, project: Any, admin_token: str) -> None:  # noqa: F811
+    """Semi stage: the pre-fill of the image left behind is still running; the next image gets its own at once."""
+    store, proj = project
+    store.update_project(proj["id"], stage="semi")
+    images = [im["id"] for im in store.list_images(proj["id"])]
+    with running_server(app) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        held: list[Any] = []  # image 1's pre-fill gets no answer until the end: it is still running when N opens image 2
+        page.route(f"**/api/images/{images[0]}/prefill", lambda route: held.append(route))
+        page.goto(f"{base}/#token={admin_token}")
+        page.wait_for_function("document.getElementById('status').dataset.ready === '1' && document.body.dataset.decoder",
+                               timeout=60_000)
+        page.wait_for_function("document.getElementById('prefill').disabled")
+        page.keyboard.press("n")
+        _wait_ready(page)
+        deadline = time.monotonic() + 60
+        while not store.list_annotations(project_id=proj["id"], image_id=images[1], states=["pending"]):
+            assert time.monotonic() < deadline, "opening the second image did not pre-fill it"
+            time.sleep(0.1)
+        page.wait_for_function("document.querySelectorAll('#pending li').length > 0", timeout=60_000)
+        assert page.locator("#prefill").text_content() == "Pre-fill" and held
+        held[0].abort()
+        page.close()

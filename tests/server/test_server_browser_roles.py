@@ -5,6 +5,8 @@ nobody owns stays open to them; a reviewer gets every button."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -54,8 +56,65 @@ def test_review_controls_follow_the_role(browser: Any, app: Any, project: Any, t
         page = _open(browser, base, reviewer_token)
         assert page.locator("#who").text_content() == "rita (reviewer)"
         rows = dict(page.evaluate(BUTTONS))
-        assert len(rows) == 3 and not any(off for buttons in rows.values() for off, _ in buttons)
+        # every button on (a saved row's ✓ is off only because it is accepted already)
+        assert len(rows) == 3 and not any(off and why != "already accepted" for b in rows.values() for off, why in b)
         page.locator(f"#pending li[data-id='{taken['id']}'] .reject-pending").click()
         page.wait_for_function(f"!document.querySelector(\"#pending li[data-id='{taken['id']}']\")")
         assert store.get_annotation(taken["id"])["review_state"] == "rejected"
+        page.close()
+
+
+def test_reviewer_reviews_saved_annotations_in_the_page(browser: Any, app: Any, project: Any, token: str,  # noqa: F811
+                                                        reviewer_token: str) -> None:
+    """A reviewer's saved rows have ✓ and ⊘ and show the review state; an annotator gets neither on another's."""
+    store, proj = project
+    bob_token = store.add_annotator("bob")
+    alice = store.authenticate(token)["id"]  # type: ignore[index]
+    im = store.list_images(proj["id"])[0]
+    m = np.zeros((im["height"], im["width"]), bool)
+    m[20:80, 30:120] = True
+    alices, _ = store.save_annotation(im["id"], mask=m, annotator_id=alice, label="person")
+    row = f"#annotations li[data-id='{alices['id']}']"
+    with running_server(app) as base:
+        page = _open(browser, base, bob_token)
+        assert page.locator(f"{row} .accept-saved, {row} .reject-saved").count() == 0
+        assert page.locator(f"{row} .state").text_content() == "accepted"
+        page.close()
+
+        page = _open(browser, base, reviewer_token)
+        assert page.locator(f"{row} .accept-saved").is_disabled()  # already accepted
+        page.locator(f"{row} .reject-saved").click()
+        page.wait_for_function(f"document.querySelector(\"{row} .state\").textContent === 'rejected'")
+        ann = store.get_annotation(alices["id"])
+        assert ann["review_state"] == "rejected" and ann["annotator_id"] == alice
+        assert page.locator(f"{row} .accept-saved").is_enabled() and page.locator(f"{row} .reject-saved").is_disabled()
+        page.close()
+
+
+def test_refused_delete_refreshes_the_list(browser: Any, app: Any, project: Any, token: str,  # noqa: F811
+                                           reviewer_token: str) -> None:
+    """Alice's page is open; a reviewer accepts her annotation meanwhile: her ✕ is refused (403), the message is
+    shown, and the list is fetched again, so the ✕ is now disabled; her unsaved mask stays."""
+    store, proj = project
+    alice = store.authenticate(token)["id"]  # type: ignore[index]
+    im = store.list_images(proj["id"])[0]
+    m = np.zeros((im["height"], im["width"]), bool)
+    m[20:80, 30:120] = True
+    x, _ = store.save_annotation(im["id"], mask=m, annotator_id=alice, label="person")
+    row = f"#annotations li[data-id='{x['id']}']"
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        assert page.locator(f"{row} .delete").is_enabled()
+        page.evaluate("window.segany.mask = new Uint8Array(window.segany.W * window.segany.H).fill(1)")
+        req = urllib.request.Request(f"{base}/api/annotations/{x['id']}/accept", data=json.dumps({}).encode(),
+                                     headers={"Authorization": f"Bearer {reviewer_token}",
+                                              "Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req) as res:
+            assert res.status == 200
+        page.on("dialog", lambda d: d.accept())
+        page.locator(f"{row} .delete").click()
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('not deleted: 403')")
+        page.wait_for_function(f"document.querySelector(\"{row} .delete\").disabled")
+        assert store.get_annotation(x["id"]) is not None
+        assert page.evaluate("window.segany.mask.every((v) => v === 1)")
         page.close()

@@ -329,11 +329,22 @@ function renderLists() {
   S.saved.forEach((a, i) => {
     const li = document.createElement("li"); li.dataset.id = a.id; li.className = a.id === S.selected ? "selected" : "";
     const [r, g, b] = colorFor(i);
-    li.innerHTML = `<span class="swatch" style="background:rgb(${r},${g},${b})"></span><span class="name"></span><button title="delete">✕</button>`;
+    // A reviewer or admin reviews saved annotations here too (an annotator's own: the API, to keep rows short).
+    const reviews = hasRole("reviewer") ? `<button class="accept-saved" title="accept">✓</button><button class="reject-saved" title="reject">⊘</button>` : "";
+    li.innerHTML = `<span class="swatch" style="background:rgb(${r},${g},${b})"></span><span class="name"></span><span class="state"></span>${reviews}<button class="delete" title="delete">✕</button>`;
     li.querySelector(".name").textContent = `${a.label} · ${a.source}${a.seconds_spent != null ? ` · ${a.seconds_spent.toFixed(1)}s` : ""}`;
+    const st = li.querySelector(".state"); st.textContent = a.review_state || ""; st.dataset.state = a.review_state || "";
     li.onclick = () => { S.selected = S.selected === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
-    li.querySelector("button").onclick = (e) => { e.stopPropagation(); confirmDelete(a); };
-    allowIf(li.querySelector("button"), deleteRefusal(a));
+    li.querySelector(".delete").onclick = (e) => { e.stopPropagation(); confirmDelete(a); };
+    allowIf(li.querySelector(".delete"), deleteRefusal(a));
+    if (reviews) {
+      const why = reviewRefusal(a);
+      for (const action of ["accept", "reject"]) {
+        const btn = li.querySelector(`.${action}-saved`);
+        btn.onclick = (e) => { e.stopPropagation(); reviewSaved(a, action); };
+        allowIf(btn, why || (a.review_state === `${action}ed` ? `already ${action}ed` : null));
+      }
+    }
     ul.appendChild(li);
   });
   const pl = $("pending"); pl.innerHTML = "";
@@ -461,7 +472,11 @@ async function accept() {
   let saved = null; const im = current(); const token = S.imageToken;
   for (let attempt = 0; attempt < 4 && !saved; attempt++) { // same uuid on retry: the server never duplicates
     try { saved = await (await api(`/api/images/${im.id}/annotations`, { method: "POST", json: body })).json(); }
-    catch (e) { if (attempt === 3 || e.status === 401) { if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true); return; } await new Promise((r) => setTimeout(r, 300 * (attempt + 1))); }
+    catch (e) { // only network errors and 5xx are worth repeating; a 4xx says what to fix, at once
+      if (attempt === 3 || (e.status !== undefined && e.status < 500)) { if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true); return;
+      }
+      await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
+    }
   }
   if (stale(token)) return; // saved, but the user is on another image now: leave that one alone
   if (seconds !== null) { S.spm.push(seconds); $("spm").textContent = (S.spm.reduce((a, b) => a + b, 0) / S.spm.length).toFixed(1); }
@@ -496,8 +511,8 @@ async function deleteAnnotation(id) {
   try { await api(`/api/annotations/${id}?uuid=${encodeURIComponent(a ? a.uuid : "")}`, { method: "DELETE" }); }
   catch (e) {
     if (stale(token)) return;
-    if (e.status !== 404 && e.status !== 409) { setStatus(`delete failed: ${e.message}`, true); return; }
-    msg = `not deleted: ${e.message}`;
+    if (REFUSED.has(e.status)) { setStatus(`not deleted: ${e.message}`, true); await refreshAnnotations(token); return; }
+    setStatus(`delete failed: ${e.message}`, true); return;
   }
   if (stale(token)) return;
   S.saved = S.saved.filter((x) => x.id !== id); if (S.selected === id) S.selected = null;
@@ -518,7 +533,8 @@ async function review(id, action) {
   catch (e) {
     if (stale(token)) return;
     setStatus(`${action} failed: ${e.message}`, true);
-    if (e.status !== 404 && e.status !== 409) return; // gone or replaced: it leaves the list
+    if (REFUSED.has(e.status)) await refreshAnnotations(token); // the list was stale: show what is there now
+    return;
   }
   if (stale(token)) return;
   const p = S.pending.find((x) => x.id === id); S.pending = S.pending.filter((x) => x.id !== id);
@@ -527,11 +543,49 @@ async function review(id, action) {
   rebuildOverlay(); renderLists(); draw();
 }
 
-// One pre-fill at a time: the button is disabled and says so while the server works (seconds on a CPU).
+// A refusal (403 someone reviewed it meanwhile, 404 gone, 409 the id now names another annotation) means the
+// list is stale: the current image's annotations are fetched again. The unsaved mask, clicks and the page-only
+// text proposals stay as they are.
+const REFUSED = new Set([403, 404, 409]);
+async function refreshAnnotations(token) {
+  const im = current(); let anns;
+  try { anns = await (await api(`/api/images/${im.id}/annotations?state=accepted,pending`)).json(); }
+  catch (e) { return; } // the refusal's message stays in the status bar
+  if (stale(token)) return;
+  const withMask = (a) => Object.assign(a, { _mask: rleToMask(a.segmentation) });
+  S.saved = anns.filter((a) => a.review_state === "accepted").map(withMask);
+  S.pending = anns.filter((a) => a.review_state === "pending").map(withMask).concat(S.pending.filter((a) => a._proposal));
+  if (!S.saved.some((a) => a.id === S.selected)) S.selected = null;
+  if (!S.pending.some((a) => a.id === S.selectedPending)) S.selectedPending = null;
+  rebuildOverlay(); renderLists(); draw();
+}
+
+// Reviewing a saved annotation (a reviewer's or admin's ✓/⊘ on its row): the uuid goes with the id, as for
+// pending rows; the row stays, showing its new review state, until the image is opened again.
+async function reviewSaved(a, action) {
+  const why = reviewRefusal(a); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
+  const token = S.imageToken; let out;
+  try { out = await (await api(`/api/annotations/${a.id}/${action}`, { method: "POST", json: { uuid: a.uuid } })).json(); }
+  catch (e) {
+    if (stale(token)) return;
+    setStatus(`${action} failed: ${e.message}`, true);
+    if (REFUSED.has(e.status)) await refreshAnnotations(token);
+    return;
+  }
+  if (stale(token)) return;
+  Object.assign(a, out, { _mask: a._mask });
+  renderLists(); setStatus(`${action}ed annotation ${a.id}`, true);
+}
+
+// One pre-fill per image at a time: while the server works (seconds on a CPU) the button is disabled and says
+// so for that image only. Opening another image starts its own pre-fill; the old one's late answer is dropped.
+function prefillButton(busy) {
+  const btn = $("prefill"); btn.disabled = busy; btn.classList.toggle("busy", busy); btn.textContent = busy ? "Pre-filling…" : "Pre-fill";
+}
 async function prefill() {
-  const btn = $("prefill"); if (btn.disabled) return;
   const token = S.imageToken; const im = current();
-  btn.disabled = true; btn.classList.add("busy"); btn.textContent = "Pre-filling…";
+  if (S.prefillToken === token) return; // this image's pre-fill is still running
+  S.prefillToken = token; prefillButton(true);
   setStatus("pre-filling…");
   try {
     const list = await (await api(`/api/images/${im.id}/prefill`, { method: "POST", json: {} })).json();
@@ -540,7 +594,7 @@ async function prefill() {
     S.pendingShownAt = performance.now();
     rebuildOverlay(); renderLists(); draw(); setStatus(`${S.pending.length} pre-filled masks to review`, true);
   } catch (e) { if (!stale(token)) setStatus(`pre-fill failed: ${e.message}`, true); }
-  finally { btn.disabled = false; btn.classList.remove("busy"); btn.textContent = "Pre-fill"; }
+  finally { if (S.prefillToken === token) { S.prefillToken = null; prefillButton(false); } }
 }
 
 // Text prompt → proposed masks (POST /api/images/{id}/text), shown in the review list like pre-fills. They
@@ -618,6 +672,7 @@ function navigate(step) {
 async function openImage(idx) {
   if (idx < 0 || idx >= S.images.length) return;
   S.idx = idx; S.imageToken++; const token = S.imageToken; const im = current();
+  if (S.prefillToken != null) { S.prefillToken = null; prefillButton(false); } // the previous image's pre-fill: its answer is dropped
   clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.selectedPending = null; S.emb = null; S.embTensor = null; S.imageSide = null; S.overlay = null;
   setStatus(`loading ${im.file_name}…`, false);
   $("image-name").textContent = im.file_name;
