@@ -165,3 +165,24 @@ def test_kill9_then_resume_leaves_one_set_per_image(setup: dict, tmp_path: Path)
     store = open_store(tmp_path / "proj")
     assert_one_set_each(store, proj["id"], n)
     store.close()
+
+
+def test_workers_run_bf16_on_cpus_that_have_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--precision auto`` is decided on each worker's machine: bf16 where the CPU multiplies bf16 in hardware,
+    the exact fp32 modules elsewhere; ``fp32`` keeps a run exact everywhere."""
+    import torch
+
+    from segany.amg.generator import SamAutomaticMaskGenerator
+    from segany.engine.auto import AutoSettings, AutoWorker
+
+    ckpt = str(save_tiny_checkpoint(tmp_path / "tiny.pt"))
+    settings = AutoSettings(points_per_side=4, generator="segany.amg:SamAutomaticMaskGenerator")
+    seen = {}
+    for flag, precision in (("1", "auto"), ("0", "auto"), ("1", "fp32")):
+        monkeypatch.setenv("SEGANY_CPU_BF16", flag)
+        worker = AutoWorker(ModelSpec(checkpoint=ckpt, model="segany_tiny", precision=precision), settings)
+        assert isinstance(worker.generator, SamAutomaticMaskGenerator)
+        fast = worker.generator.predictor.fast
+        seen[(flag, precision)] = (worker.precision, None if fast is None else fast.dtype)
+    assert seen == {("1", "auto"): ("bf16", torch.bfloat16), ("0", "auto"): ("fp32", None),
+                    ("1", "fp32"): ("fp32", None)}

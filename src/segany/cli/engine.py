@@ -10,6 +10,7 @@ PROJECT is a project folder or a database URL (as for `segany project`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -56,6 +57,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--review", action="store_true", help="store masks as pending review instead of accepted")
     a.add_argument("--redo", action="store_true", help="run again on images already done (replaces their masks)")
     a.add_argument("--generator", default="segany.amg:SamAutomaticMaskGenerator", help=argparse.SUPPRESS)
+    a.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bf16 on CUDA and on CPUs that multiply bf16 in hardware (AMX, "
+                        "AVX512-BF16), exact fp32 on other CPUs; decided on each worker's machine")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -112,7 +116,7 @@ def _auto(store: Any, args: argparse.Namespace) -> int:
     from segany.amg.model_defaults import generator_defaults
     from segany.engine.auto import AutoSettings, run_auto
 
-    spec = _spec(store, args)
+    spec = dataclasses.replace(_spec(store, args), precision=args.precision)
     d = generator_defaults(spec.model)  # for the options left unset: the model's own scale
 
     def pick(value: Any, name: str) -> Any:

@@ -90,6 +90,9 @@ class ModelSpec:
     model: str = "segany_tiny"
     checkpoint: str | None = None
     device: str = "cpu"
+    # "auto": bf16 on CUDA and on CPUs that multiply bf16 in hardware, resolved on each worker's own machine
+    # (segany.fast.cpu_has_native_bf16); "fp32" keeps a run exact everywhere.
+    precision: str = "auto"
     # Checkpoint content, for workers on other machines that cannot read ``checkpoint`` (Ray ships it).
     checkpoint_bytes: bytes | None = field(default=None, repr=False)
 
@@ -154,6 +157,12 @@ class AutoWorker:
         self.settings = settings
         self.sam = spec.build()
         self.generator = make_generator(self.sam, settings)
+        self.precision = worker_precision(spec)
+        if hasattr(self.generator, "predictor") and self.precision != ("bf16" if spec.device.startswith("cuda")
+                                                                      else "fp32"):
+            from segany.predictor import SamPredictor
+
+            self.generator.predictor = SamPredictor(self.sam, precision=self.precision)
         self.name = f"pid{os.getpid()}"
 
     def process(self, task: ImageTask) -> ImageResult:
@@ -191,6 +200,15 @@ class AutoWorker:
                 point_coords=np.asarray(r.get("point_coords", []), dtype=float).reshape(-1, 2).tolist(),
                 crop_box=[float(v) for v in np.asarray(r.get("crop_box", []), dtype=float).ravel()]))
         return ImageResult(task.image_id, task.sha256, masks, time.perf_counter() - t0, self.name)
+
+
+def worker_precision(spec: ModelSpec) -> str:
+    """The precision a worker runs: ``spec.precision``, with ``auto`` resolved on this machine."""
+    from segany.fast import cpu_has_native_bf16, resolve_precision
+
+    if spec.precision == "auto" and not spec.device.startswith("cuda") and cpu_has_native_bf16():
+        return "bf16"
+    return resolve_precision(spec.precision, spec.device)
 
 
 def make_generator(sam: Any, settings: AutoSettings) -> Any:
