@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from annotation_fixtures import (  # noqa: F401  (fixtures)
+    admin_token,
     app,
     model_service,
     project,
@@ -117,4 +118,42 @@ def test_refused_delete_refreshes_the_list(browser: Any, app: Any, project: Any,
         page.wait_for_function(f"document.querySelector(\"{row} .delete\").disabled")
         assert store.get_annotation(x["id"]) is not None
         assert page.evaluate("window.segany.mask.every((v) => v === 1)")
+        page.close()
+
+
+def test_admin_changes_stage_and_labels_in_the_page(browser: Any, app: Any, project: Any, token: str,  # noqa: F811
+                                                    admin_token: str) -> None:
+    """An admin's Project box PATCHes /api/project (stage semi, one more label): the API reports both, the label
+    choices follow, and semi pre-fills the open image; a refused value shows the server's error; annotators lack
+    the box."""
+    store, proj = project
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        assert page.locator("#project-group").is_hidden()
+        page.close()
+
+        page = _open(browser, base, admin_token)
+        assert page.locator("#project-group").is_visible()
+        assert page.locator("#project-labels").input_value() == "person, thing"
+        page.locator("#project-stage").select_option("semi")
+        page.locator("#project-labels").fill("person, thing, car")
+        page.locator("#project-labels").press("n")  # typing in the field: no shortcut (N would open the next image)
+        assert page.locator("#project-labels").input_value() == "person, thing, carn"
+        page.locator("#project-labels").fill("person, thing, car")
+        page.locator("#project-save").click()
+        page.wait_for_function("window.segany.project.stage === 'semi'")
+        assert page.evaluate("window.segany.idx") == 0
+        req = urllib.request.Request(f"{base}/api/project", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req) as res:
+            got = json.loads(res.read())
+        assert got["stage"] == "semi" and got["labels"] == ["person", "thing", "car"]
+        assert page.evaluate("[...document.querySelectorAll('#labels option')].map((o) => o.value)") == [
+            "person", "thing", "car"]
+        page.wait_for_function("!document.getElementById('prefill').disabled")  # semi: the open image was pre-filled
+        page.evaluate("""(() => { const o = document.createElement('option'); o.value = 'bogus';
+            document.getElementById('project-stage').appendChild(o); })()""")
+        page.locator("#project-stage").select_option("bogus")
+        page.locator("#project-save").click()
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('project not saved: 422')")
+        assert store.get_project(proj["name"])["stage"] == "semi"
         page.close()

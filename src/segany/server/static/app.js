@@ -644,6 +644,12 @@ function pendingLabel(a) {
   return $("label").value.trim() || "object";
 }
 
+// The label choices are the project's list (replaced when an admin changes it in the Project box).
+function setLabels(labels) {
+  const dl = $("labels"); dl.replaceChildren(); (labels || []).forEach(addLabel);
+  if (labels && labels.length && !$("label").value.trim()) $("label").value = labels[0];
+}
+
 function addLabel(name) {
   const dl = $("labels");
   if (![...dl.options].some((o) => o.value === name)) { const o = document.createElement("option"); o.value = name; dl.appendChild(o); }
@@ -777,6 +783,27 @@ function showLogin(msg) { $("login").hidden = false; $("login-error").textConten
 
 function setMe(who) {
   S.me = who; $("who").textContent = `${who.name} (${who.role})`; document.body.dataset.role = who.role;
+  $("project-group").hidden = !hasRole("admin"); // the server refuses PATCH /api/project to anyone else
+  if (S.project) showProject();
+}
+
+// ------------------------------------------------------------------------------------- project
+// Admins set the project's stage and labels here (PATCH /api/project); the page then uses them at once:
+// the label choices are replaced, and switching to semi pre-fills the open image like opening it would.
+function showProject() {
+  $("project-stage").value = S.project.stage; $("project-labels").value = (S.project.labels || []).join(", ");
+}
+async function saveProject(e) {
+  e.preventDefault();
+  const labels = [...new Set($("project-labels").value.split(",").map((t) => t.trim()).filter(Boolean))];
+  const wasStage = S.project.stage; const btn = $("project-save"); btn.disabled = true;
+  try {
+    S.project = await (await api("/api/project", { method: "PATCH", json: { stage: $("project-stage").value, labels } })).json();
+  } catch (err) { setStatus(`project not saved: ${err.message}`, true); return; }
+  finally { btn.disabled = false; }
+  showProject(); setLabels(S.project.labels);
+  setStatus(`project saved: stage ${S.project.stage}, ${S.project.labels.length} labels`, true);
+  if (S.project.stage === "semi" && wasStage !== "semi" && current() && S.img && !S.pending.length) prefill();
 }
 
 async function start() {
@@ -788,7 +815,7 @@ async function start() {
   try { me = await (await api("/api/me")).json(); } catch (e) { return; }
   $("login").hidden = true;
   S.project = me.project; $("project-name").textContent = me.project.name; setMe(me.annotator);
-  (me.project.labels || []).forEach(addLabel);
+  setLabels(me.project.labels);
   if (me.project.labels && me.project.labels.length) $("label").value = me.project.labels[0];
   try { S.model = await (await api("/api/model")).json(); } catch (e) { S.model = null; setStatus("no model on the server"); }
   setTextPrompts(Boolean(S.model && S.model.text));
@@ -815,6 +842,7 @@ async function signIn(e) {
   setStatus(hasUnsaved() ? "signed in again: your unsaved mask is still here (Enter saves it)" : "signed in again", true);
 }
 $("login-form").addEventListener("submit", signIn);
+$("project-form").addEventListener("submit", (e) => { saveProject(e); document.activeElement.blur(); });
 $("prev").onclick = () => navigate(-1); $("next").onclick = () => navigate(1);
 window.addEventListener("beforeunload", (e) => { if (hasUnsaved()) { e.preventDefault(); e.returnValue = ""; } });
 $("accept").onclick = accept; $("undo").onclick = undo; $("redo").onclick = redo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
