@@ -186,3 +186,7 @@ def test_workers_run_bf16_on_cpus_that_have_it(tmp_path: Path, monkeypatch: pyte
         seen[(flag, precision)] = (worker.precision, None if fast is None else fast.dtype)
     assert seen == {("1", "auto"): ("bf16", torch.bfloat16), ("0", "auto"): ("fp32", None),
                     ("1", "fp32"): ("fp32", None)}
+    from segany.errors import InputError
+
+    with pytest.raises(InputError, match="precision must be auto, fp32, bf16 or fp16"):
+        ModelSpec(checkpoint=ckpt, precision=b"not a precision")  # type: ignore[arg-type]

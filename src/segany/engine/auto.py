@@ -90,11 +90,15 @@ class ModelSpec:
     model: str = "segany_tiny"
     checkpoint: str | None = None
     device: str = "cpu"
+    # Checkpoint content, for workers on other machines that cannot read ``checkpoint`` (Ray ships it).
+    checkpoint_bytes: bytes | None = field(default=None, repr=False)
     # "auto": bf16 on CUDA and on CPUs that multiply bf16 in hardware, resolved on each worker's own machine
     # (segany.fast.cpu_has_native_bf16); "fp32" keeps a run exact everywhere.
     precision: str = "auto"
-    # Checkpoint content, for workers on other machines that cannot read ``checkpoint`` (Ray ships it).
-    checkpoint_bytes: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):  # fail on the driver, not in every worker
+            raise InputError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
     def build(self) -> Any:
         from segany.checkpoints import build_sam

@@ -16,6 +16,7 @@ after its worker died) without harm, and must never lose one.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -116,9 +117,9 @@ class RayRunner:
         device = "cuda" if use_gpu else "cpu"
         if spec.checkpoint and spec.checkpoint_bytes is None:  # ship weights, not a path the actor may lack
             with open(spec.checkpoint, "rb") as f:
-                spec = ModelSpec(spec.model, spec.checkpoint, device, f.read())
+                spec = dataclasses.replace(spec, device=device, checkpoint_bytes=f.read())
         else:
-            spec = ModelSpec(spec.model, spec.checkpoint, device, spec.checkpoint_bytes)
+            spec = dataclasses.replace(spec, device=device)
         threads = None if use_gpu else max(1, cpus // self.workers)
         self._actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
                                      max_restarts=0)(_RayWorkerImpl)
