@@ -29,15 +29,22 @@ BUTTONS = """(() => [...document.querySelectorAll('#annotations li, #pending li'
   [li.dataset.id, [...li.querySelectorAll('button')].map((b) => [b.disabled, b.title])]))()"""
 
 
+def _saved_mask(store: Any, proj: dict, token: str, **extra: Any) -> tuple[int, dict, np.ndarray, dict]:
+    """The signed-in annotator's (``token``'s) id, the project's first image, a box mask on it and a saved
+    annotation of theirs with that mask."""
+    alice = store.authenticate(token)["id"]
+    im = store.list_images(proj["id"])[0]
+    m = np.zeros((im["height"], im["width"]), bool)
+    m[20:80, 30:120] = True
+    saved, _ = store.save_annotation(im["id"], mask=m, annotator_id=alice, label="person", **extra)
+    return alice, im, m, saved
+
+
 def test_review_controls_follow_the_role(browser: Any, app: Any, project: Any, token: str,  # noqa: F811
                                          reviewer_token: str) -> None:
     store, proj = project
     bob_token = store.add_annotator("bob")
-    alice = store.authenticate(token)["id"]  # type: ignore[index]
-    im = store.list_images(proj["id"])[0]
-    m = np.zeros((im["height"], im["width"]), bool)
-    m[20:80, 30:120] = True
-    alices, _ = store.save_annotation(im["id"], mask=m, annotator_id=alice, label="person")
+    alice, im, m, alices = _saved_mask(store, proj, token)
     taken, _ = store.save_annotation(im["id"], mask=m, source="semi", review_state="pending", annotator_id=alice)
     proposal, _ = store.save_annotation(im["id"], mask=m, source="semi")  # pending, nobody's
     with running_server(app) as base:
@@ -70,11 +77,7 @@ def test_reviewer_reviews_saved_annotations_in_the_page(browser: Any, app: Any, 
     """A reviewer's saved rows have ✓ and ⊘ and show the review state; an annotator gets neither on another's."""
     store, proj = project
     bob_token = store.add_annotator("bob")
-    alice = store.authenticate(token)["id"]  # type: ignore[index]
-    im = store.list_images(proj["id"])[0]
-    m = np.zeros((im["height"], im["width"]), bool)
-    m[20:80, 30:120] = True
-    alices, _ = store.save_annotation(im["id"], mask=m, annotator_id=alice, label="person")
+    alice, _, _, alices = _saved_mask(store, proj, token)
     row = f"#annotations li[data-id='{alices['id']}']"
     with running_server(app) as base:
         page = _open(browser, base, bob_token)
@@ -97,11 +100,7 @@ def test_refused_delete_refreshes_the_list(browser: Any, app: Any, project: Any,
     """Alice's page is open; a reviewer accepts her annotation meanwhile: her ✕ is refused (403), the message is
     shown, and the list is fetched again, so the ✕ is now disabled; her unsaved mask stays."""
     store, proj = project
-    alice = store.authenticate(token)["id"]  # type: ignore[index]
-    im = store.list_images(proj["id"])[0]
-    m = np.zeros((im["height"], im["width"]), bool)
-    m[20:80, 30:120] = True
-    x, _ = store.save_annotation(im["id"], mask=m, annotator_id=alice, label="person")
+    _, _, _, x = _saved_mask(store, proj, token)
     row = f"#annotations li[data-id='{x['id']}']"
     with running_server(app) as base:
         page = _open(browser, base, token)
