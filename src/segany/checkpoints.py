@@ -185,20 +185,33 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     elif checkpoint is None:
         checkpoint = _shipped_head(name)
     if checkpoint is not None:
-        sd, embedded, _ = read_checkpoint(checkpoint)
-        if path_first:
-            name = guess_variant(sd) or "vit_h"
-        config = embedded or get_config(name)
-        if embedded is not None and embedded != _config_or_none(name):
-            log.info("%s embeds its own config, which is used instead of %r's", checkpoint, name)
-        with torch.device("meta"):  # check keys and shapes before paying for a full-size random init
-            shell = Sam(config)
-        check_state_dict(shell, sd, name, str(checkpoint))
+        sd, config = read_checked(name, checkpoint, guess_name=path_first)
         model = Sam(config)
         model.load_state_dict(sd, strict=True)
     else:
         model = Sam(get_config(name))
     return model.to(device).eval()
+
+
+def read_checked(name: str, checkpoint: str | os.PathLike[str], *, guess_name: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], SamConfig]:
+    """Read ``checkpoint`` and check its keys and shapes against the model it describes; returns the state dict
+    and that model's config, or raises :class:`CheckpointError` naming what does not fit.
+
+    The config is the one the file embeds, else ``name``'s (with ``guess_name``, the variant its shapes look
+    like). The check runs on a meta-device shell, so a wrong file fails before a full-size model is built;
+    a server uses this alone to refuse bad weights at startup.
+    """
+    sd, embedded, _ = read_checkpoint(checkpoint)
+    if guess_name:
+        name = guess_variant(sd) or "vit_h"
+    config = embedded or get_config(name)
+    if embedded is not None and embedded != _config_or_none(name):
+        log.info("%s embeds its own config, which is used instead of %r's", checkpoint, name)
+    with torch.device("meta"):
+        shell = Sam(config)
+    check_state_dict(shell, sd, name, str(checkpoint))
+    return sd, config
 
 
 def _shipped_head(name: str) -> Path | None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from segany.errors import CheckpointError, InputError
+from segany.errors import InputError
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -81,27 +81,11 @@ def _default_checkpoint(model: str) -> str | None:
     return str(found) if found else None
 
 
-def _check_device(device: str | None) -> str:
-    """The device to serve on, refused now (not at the first request) when this machine does not have it."""
-    import torch
-
-    from segany.cli._util import resolve_device
-
-    resolved = resolve_device(device)
-    try:
-        torch.device(resolved)
-    except RuntimeError as exc:
-        raise InputError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from exc
-    return resolved
-
-
 def _model_service(args: argparse.Namespace, model_name: str, ckpt: str | None, device: str,
                    options: dict[str, Any], cache_dir: Path | None) -> Any:
     """A model service whose weights file was read and checked against the model (CheckpointError if not)."""
     from segany.server.model_service import ModelService
 
-    if ckpt is not None and not Path(ckpt).expanduser().exists():
-        raise CheckpointError(f"--checkpoint {ckpt!r} does not exist; check the path")
     model = ModelService(model_name, ckpt, device=device, cache_size=args.cache_size, cache_dir=cache_dir,
                          predictor_options=options)
     model.check_weights()
@@ -117,12 +101,13 @@ def build_app(args: argparse.Namespace) -> Any:
     device = "cpu"
     model = None
     if not args.no_model:  # a combination that cannot run fails before the store is opened
-        from segany.cli._util import predictor_options
+        from segany.cli._util import predictor_options, resolve_checkpoint, resolve_device
 
-        device = _check_device(args.device)
+        device = resolve_device(args.device)  # refused now, not at the first request
         options = predictor_options(args, device)
         if args.checkpoint is not None:  # read and checked now, before a project is created
-            model = _model_service(args, args.model, args.checkpoint, device, options, None)
+            ckpt = str(resolve_checkpoint(args.model, args.checkpoint))  # the same check as every command's
+            model = _model_service(args, args.model, ckpt, device, options, None)
         else:
             from segany.registry import get_model_info
 

@@ -159,15 +159,9 @@ class ModelService:
         """
         if self._sam is not None or self.checkpoint is None:
             return
-        from segany.checkpoints import check_state_dict, read_checkpoint
-        from segany.modeling.sam import Sam
-        from segany.registry import get_config
+        from segany.checkpoints import read_checked
 
-        state_dict, embedded, _ = read_checkpoint(self.checkpoint)
-        config = embedded or get_config(self.model_type)  # as build_sam: an embedded config wins
-        with torch.device("meta"):
-            shell = Sam(config)
-        check_state_dict(shell, state_dict, self.model_type, str(self.checkpoint))
+        read_checked(self.model_type, self.checkpoint)
 
     def _ensure_fast(self) -> Any:
         """The shared fast path, built on first use (None when the options need none, e.g. CPU fp32)."""
