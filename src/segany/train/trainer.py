@@ -298,13 +298,14 @@ class Trainer:
         self.out_dir = Path(cfg.run.out_dir)
         self.amp = cfg.run.amp and dev.type == "cuda"
 
-
     def _loop(self, next_batch: Callable[[], dict[str, Any]], interrupt: _DeferredInterrupt, t0: float,
-              budget: float, log_path: Path, on_log: Callable[[dict[str, Any]], None] | None) -> None:
+              budget: float, log_path: Path, on_log: Callable[[dict[str, Any]], None] | None
+              ) -> tuple[float | None, dict[str, float]]:
+        """Train steps until the budget ends; returns the first step's loss and the last step's stats."""
         run = self.cfg.run
         last_t, last_step = time.time(), self.step
-        self._first_loss: float | None = None
-        self._last_stats: dict[str, float] = {}
+        first_loss: float | None = None
+        stats: dict[str, float] = {}
         while self.step < run.max_steps and time.time() - t0 < budget:
             if interrupt.requested:
                 self._save_on_interrupt()
@@ -315,7 +316,7 @@ class Trainer:
                     self._save_on_interrupt()
                 raise
             stats = self.train_step(batch, elapsed=time.time() - t0)
-            self._first_loss = stats["loss"] if self._first_loss is None else self._first_loss
+            first_loss = stats["loss"] if first_loss is None else first_loss
             self.elapsed = time.time() - t0
             if self.step % run.log_every == 0 or self.step == 1:
                 now = time.time()
@@ -334,9 +335,9 @@ class Trainer:
                         on_log(entry)
             if run.ckpt_every and self.step % run.ckpt_every == 0:
                 self.save()
-            self._last_stats = stats
         if interrupt.requested:
             self._save_on_interrupt()
+        return first_loss, stats
 
     def _save_on_interrupt(self) -> None:
         """Checkpoint the state after the last whole step (as a periodic save would) and stop."""
@@ -490,8 +491,7 @@ class Trainer:
         budget = 60.0 * run.max_minutes if run.max_minutes else float("inf")
         self.interrupt_checkpoint: Path | None = None  # set when Ctrl-C stopped the run and its state was saved
         with _DeferredInterrupt() as interrupt:
-            self._loop(next_batch, interrupt, t0, budget, log_path, on_log)
-        stats, first_loss = self._last_stats, self._first_loss
+            first_loss, stats = self._loop(next_batch, interrupt, t0, budget, log_path, on_log)
         self.save()
         summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "first_loss": first_loss,
                    "last_loss": stats.get("loss"), "world_size": self.world, "batch_size": run.batch_size,
