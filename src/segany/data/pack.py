@@ -32,8 +32,6 @@ from segany.transforms import preprocess_shape
 log = logging.getLogger(__name__)
 
 PACK_FORMAT = "segany-pack-v1"
-# Folder of each shared dataset under the data root (../shared/data/README.md).
-SHARED_DIRS = {"coco128": "coco128-seg", "pennfudan": "PennFudanPed", "kvasir": "kvasir-seg", "bsds": "bsds500"}
 
 
 def _resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -142,7 +140,7 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
                 quality: int = 80, max_side_by_dataset: dict[str, int] | None = None, bsds_annotators: int = 3, limit: int | None = None,
                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Pack the shared datasets (``../shared/data``) with their train/held-out splits."""
-    from segany.data.formats import SHARED_DATASETS, read_shared
+    from segany.data.formats import SHARED_DATASETS, SHARED_DIRS, read_shared
 
     datasets = list(datasets)
     if limit is not None and limit < 1:

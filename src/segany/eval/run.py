@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from segany.atomic import atomic_write_json
+from segany.data.formats import SHARED_DATASETS, SHARED_DIRS, read_shared
 from segany.data.formats.common import InstanceRecord
 from segany.errors import InputError
 
@@ -33,17 +34,14 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
     if (root / "manifest.json.gz").exists():
         from segany.data.pack import load_pack
 
-        if datasets:
-            _check_datasets(datasets, sorted({r.dataset for r in load_pack(root)}), f"the pack {str(root)!r}")
         recs = load_pack(root, split=split, datasets=datasets)
-    elif (root / "PennFudanPed").exists() or (root / "kvasir-seg").exists():
-        from segany.data.formats import SHARED_DATASETS, read_shared
-
+        if datasets and set(datasets) - {r.dataset for r in recs}:  # unknown, or only not in this split
+            _check_datasets(datasets, sorted({r.dataset for r in load_pack(root)}), f"the pack {str(root)!r}")
+    elif (root / SHARED_DIRS["pennfudan"]).exists() or (root / SHARED_DIRS["kvasir"]).exists():
         _check_datasets(datasets, list(SHARED_DATASETS), "the shared data")
         recs = []
         for name in datasets or SHARED_DATASETS:
-            if (root / {"coco128": "coco128-seg", "bsds": "bsds500", "pennfudan": "PennFudanPed",
-                        "kvasir": "kvasir-seg"}[name]).exists():
+            if (root / SHARED_DIRS[name]).exists():
                 recs.extend(read_shared(name, root)[split])
     else:
         raise InputError(f"{str(root)!r} is neither a pack (manifest.json.gz) nor the shared data folder; "

@@ -17,9 +17,11 @@ from segany.data.formats.yolo import read_yolo_seg
 from segany.errors import InputError
 
 __all__ = ["InstanceRecord", "decode_rle", "encode_mask", "read_bsds", "read_coco", "read_binary_masks",
-           "read_instance_pngs", "read_yolo_seg", "read_shared", "SHARED_DATASETS", "held_out_ids"]
+           "read_instance_pngs", "read_yolo_seg", "read_shared", "SHARED_DATASETS", "SHARED_DIRS", "held_out_ids"]
 
 SHARED_DATASETS = ("coco128", "pennfudan", "kvasir", "bsds")
+# Folder of each shared dataset under the data root (../shared/data/README.md).
+SHARED_DIRS = {"coco128": "coco128-seg", "pennfudan": "PennFudanPed", "kvasir": "kvasir-seg", "bsds": "bsds500"}
 
 # Held-out sizes for the datasets that ship without a validation split (README "Suggested use").
 HELD_OUT = {"pennfudan": 20, "kvasir": 80}
@@ -43,16 +45,16 @@ def read_shared(name: str, data_root: str | os.PathLike[str], *, limit: int | No
     """
     root = Path(data_root)
     if name == "coco128":
-        return {"train": read_yolo_seg(root / "coco128-seg", "train2017", dataset=name, min_area=16, limit=limit),
+        return {"train": read_yolo_seg(root / SHARED_DIRS[name], "train2017", dataset=name, min_area=16, limit=limit),
                 "val": []}
     if name == "bsds":
-        return {"train": read_bsds(root / "bsds500", "train", dataset=name, limit=limit),
-                "val": read_bsds(root / "bsds500", "val", dataset=name, limit=limit)}
+        return {"train": read_bsds(root / SHARED_DIRS[name], "train", dataset=name, limit=limit),
+                "val": read_bsds(root / SHARED_DIRS[name], "val", dataset=name, limit=limit)}
     if name == "pennfudan":
-        base = root / "PennFudanPed"
+        base = root / SHARED_DIRS[name]
         recs = read_instance_pngs(base / "PNGImages", base / "PedMasks", dataset=name, limit=limit)
     elif name == "kvasir":
-        base = root / "kvasir-seg"
+        base = root / SHARED_DIRS[name]
         ids = (base / "train.txt").read_text().split()
         held = set(held_out_ids(name, ids))
         if limit is not None:  # keep some held-out ids in small reads so both splits are exercised
@@ -62,8 +64,8 @@ def read_shared(name: str, data_root: str | os.PathLike[str], *, limit: int | No
     else:
         raise InputError(f"unknown shared dataset {name!r}; choose from {', '.join(SHARED_DATASETS)}")
     if name == "kvasir":
-        all_ids = (root / "kvasir-seg" / "train.txt").read_text().split()
+        all_ids = (root / SHARED_DIRS[name] / "train.txt").read_text().split()
     else:  # split over every image on disk, not just the ones read, so `limit` never moves the split
-        all_ids = [p.stem for p in (root / "PennFudanPed" / "PNGImages").iterdir() if p.suffix == ".png"]
+        all_ids = [p.stem for p in (root / SHARED_DIRS[name] / "PNGImages").iterdir() if p.suffix == ".png"]
     held = set(held_out_ids(name, all_ids))
     return {"train": [r for r in recs if r.image_id not in held], "val": [r for r in recs if r.image_id in held]}
