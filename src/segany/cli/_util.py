@@ -44,6 +44,11 @@ class Progress:
 
 
 
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``: the names of a comma-separated option, blanks dropped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def parse_numbers(text: str, option: str, counts: tuple[int, ...], example: str) -> list[float]:
     """Split ``"1,2,3"`` into floats, checking how many there are."""
     try:

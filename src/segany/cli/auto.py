@@ -25,6 +25,7 @@ from segany.cli._util import (
     add_speed_arguments,
     atomic_write_bytes,
     changes_results,
+    comma_list,
     predictor_options,
     resolve_checkpoint,
     resolve_device,
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0.0 <= options[name] <= 1.0:  # float; a typed value outside [0, 1] keeps all or no masks
             flag = "--" + name.replace("_", "-")
             raise InputError(f"{flag} must be in [0, 1], got {options[name]:g}")
-    labels = [t.strip() for t in args.labels.split(",") if t.strip()] if args.labels is not None else None
+    labels = comma_list(args.labels) if args.labels is not None else None
     if labels == []:
         raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)

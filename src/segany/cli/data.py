@@ -28,10 +28,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from segany.cli._checks import check_out_dir
+    from segany.cli._util import comma_list
     from segany.data.pack import pack_shared
 
     check_out_dir(args.out, "--out")
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    datasets = comma_list(args.datasets)
     bar = None
 
     def progress(n: int) -> None:

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from segany.cli._util import add_speed_arguments, predictor_options
+from segany.cli._util import add_speed_arguments, comma_list, predictor_options
 from segany.errors import InputError
 
 
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
             raise CheckpointError(f"no weights found for {args.model!r}; pass --checkpoint PATH")
     # Records before the model: a wrong --data, --split or --datasets fails in a second.
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    datasets = comma_list(args.datasets) if args.datasets else None
     records = load_eval_records(args.data, args.split, datasets, args.limit_images)
     model = build_sam(args.model, checkpoint=ckpt, device=device).float()
     meta = {"model": args.model, "checkpoint": str(ckpt), "data": str(args.data), "split": args.split,

@@ -63,6 +63,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from segany.cli._util import comma_list
     from segany.engine import exports
     from segany.engine.store import open_store, paths_open_would_create, remove_paths
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if cmd == "create":
             name = args.name or (store.project_dir.name if store.project_dir else "default")
             media = str(store.project_dir / "images") if store.project_dir else None
-            labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+            labels = comma_list(args.labels)
             proj = store.create_project(name, media_dir=media, labels=labels, stage=args.stage)
             print(f"created project {proj['name']!r} in {store.url}")
             if args.samples:
