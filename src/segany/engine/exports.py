@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,9 @@ def _stems(images: Sequence[dict[str, Any]]) -> dict[int, str]:
     """Per image, the name its per-image files get: the file's stem, or ``<stem>-<image id>`` where two
     images share a stem (``x.jpg`` and ``x.png``, or ``a/x.jpg`` and ``b/x.jpg``), so neither overwrites
     the other's file."""
-    count: dict[str, int] = {}
-    for im in images:
-        stem = Path(im["file_name"]).stem
-        count[stem] = count.get(stem, 0) + 1
-    return {im["id"]: (stem if count[stem] == 1 else f"{stem}-{im['id']}")
-            for im in images for stem in [Path(im["file_name"]).stem]}
+    stems = {im["id"]: Path(im["file_name"]).stem for im in images}
+    count = Counter(stems.values())
+    return {i: (stem if count[stem] == 1 else f"{stem}-{i}") for i, stem in stems.items()}
 
 
 def _check_file_target(path: Path, what: str) -> None:
