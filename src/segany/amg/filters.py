@@ -51,5 +51,15 @@ def near_crop_edge(boxes_xyxy: torch.Tensor, crop_box: list[int], image_box: lis
     return (at_crop & ~at_image).any(dim=1)
 
 
+def paste_crop(masks: torch.Tensor, crop_box: list[int], size_hw: tuple[int, int]) -> torch.Tensor:
+    """(..., h, w) masks of the crop ``crop_box`` (XYXY) → (..., H, W) masks of the whole image, zero
+    outside the crop (returned as they are when the crop is the whole image)."""
+    x0, y0, x1, y1 = crop_box
+    h, w = size_hw
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        return masks
+    return torch.nn.functional.pad(masks, (x0, w - x1, y0, h - y1), value=0)
+
+
 def box_area(boxes_xyxy: torch.Tensor) -> torch.Tensor:
     return (boxes_xyxy[:, 2] - boxes_xyxy[:, 0]) * (boxes_xyxy[:, 3] - boxes_xyxy[:, 1])

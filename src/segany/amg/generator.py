@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from segany.amg.config import AmgConfig
-from segany.amg.filters import box_area, masks_to_boxes_xyxy, near_crop_edge, stability_scores
+from segany.amg.filters import box_area, masks_to_boxes_xyxy, near_crop_edge, paste_crop, stability_scores
 from segany.amg.grid import crop_boxes, layer_point_grids
 from segany.amg.records import MaskRecords
 from segany.data.images import to_rgb_uint8
@@ -198,9 +197,7 @@ class SamAutomaticMaskGenerator:
                 stability[keep]
             if masks.shape[0] == 0:
                 return None
-        x0, y0, x1, y1 = crop_box
-        if (x0, y0, x1, y1) != (0, 0, w, h):  # paste the crop's masks into the full image frame
-            masks = F.pad(masks, (x0, w - x1, y0, h - y1), value=False)
+        masks = paste_crop(masks, crop_box, (h, w))  # into the full image frame
         areas = masks.sum(dim=(1, 2))
         return MaskRecords(rles=encode_masks(masks), iou_preds=iou_preds, stability=stability, points_xy=points,
                            boxes_xyxy=boxes, crop_boxes_xyxy=boxes.new_zeros(boxes.shape), areas=areas)

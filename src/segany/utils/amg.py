@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from segany.amg.filters import masks_to_boxes_xyxy, near_crop_edge, stability_scores
+from segany.amg.filters import masks_to_boxes_xyxy, near_crop_edge, paste_crop, stability_scores
 from segany.amg.grid import crop_boxes, layer_point_grids, point_grid
 from segany.data.rle import NumpyRle, counts_area, counts_to_changes, counts_to_mask, encode_masks
 
@@ -132,10 +131,7 @@ def uncrop_points(points: torch.Tensor, crop_box: list[int]) -> torch.Tensor:
 
 def uncrop_masks(masks: torch.Tensor, crop_box: list[int], orig_h: int, orig_w: int) -> torch.Tensor:
     """Zero-pad (..., h, w) crop masks to the (orig_h, orig_w) image at the crop's position."""
-    x0, y0, x1, y1 = crop_box
-    if (x0, y0, x1, y1) == (0, 0, orig_w, orig_h):
-        return masks
-    return F.pad(masks, (x0, orig_w - x1, y0, orig_h - y1), value=0)
+    return paste_crop(masks, crop_box, (orig_h, orig_w))
 
 
 def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: list[int], orig_box: list[int], atol: float = 20.0
