@@ -528,19 +528,27 @@ async function review(id, action) {
   const why = pre && reviewRefusal(pre); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
   if (pre) body.uuid = pre.uuid; // refused (409) if the id now names another annotation
   if (action === "accept") body.label = pendingLabel(pre || {});
-  const token = S.imageToken; let a = null;
-  try { a = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json(); }
-  catch (e) {
-    if (stale(token)) return;
-    setStatus(`${action} failed: ${e.message}`, true);
-    if (REFUSED.has(e.status)) await refreshAnnotations(token); // the list was stale: show what is there now
-    return;
-  }
-  if (stale(token)) return;
+  const a = await postReview(id, action, body);
+  if (!a) return;
   const p = S.pending.find((x) => x.id === id); S.pending = S.pending.filter((x) => x.id !== id);
   if (action === "accept" && a) { a._mask = p._mask; S.saved.push(a); }
   if (S.selectedPending === id) S.selectedPending = null;
   rebuildOverlay(); renderLists(); draw();
+}
+
+// POST an accept/reject; null when it failed (the message is shown and a stale list fetched again) or when the
+// user left the image meanwhile.
+async function postReview(id, action, body) {
+  const token = S.imageToken;
+  try {
+    const out = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json();
+    return stale(token) ? null : out;
+  } catch (e) {
+    if (stale(token)) return null;
+    setStatus(`${action} failed: ${e.message}`, true);
+    if (REFUSED.has(e.status)) await refreshAnnotations(token); // the list was stale: show what is there now
+    return null;
+  }
 }
 
 // A refusal (403 someone reviewed it meanwhile, 404 gone, 409 the id now names another annotation) means the
@@ -564,15 +572,8 @@ async function refreshAnnotations(token) {
 // pending rows; the row stays, showing its new review state, until the image is opened again.
 async function reviewSaved(a, action) {
   const why = reviewRefusal(a); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
-  const token = S.imageToken; let out;
-  try { out = await (await api(`/api/annotations/${a.id}/${action}`, { method: "POST", json: { uuid: a.uuid } })).json(); }
-  catch (e) {
-    if (stale(token)) return;
-    setStatus(`${action} failed: ${e.message}`, true);
-    if (REFUSED.has(e.status)) await refreshAnnotations(token);
-    return;
-  }
-  if (stale(token)) return;
+  const out = await postReview(a.id, action, { uuid: a.uuid });
+  if (!out) return;
   Object.assign(a, out, { _mask: a._mask });
   renderLists(); setStatus(`${action}ed annotation ${a.id}`, true);
 }
