@@ -6,6 +6,7 @@ import argparse
 import errno
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +43,22 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_speed_arguments(p)
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 65535, got {text!r}")
-    return port
+def _whole_number(low: int, high: float, expected: str) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number in [low, high]; anything else is a usage error saying ``expected``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+_port = _whole_number(1, 65535, "must be a whole number from 1 to 65535")
+_positive_int = _whole_number(1, float("inf"), "expected a whole number >= 1")
 
 
 def _positive_float(text: str) -> float:
