@@ -164,31 +164,44 @@ async function decodeInBrowser() {
   return [0, 1, 2].map((k) => ({ mask: null, score: out.iou_predictions.data[k], lowres: low.slice(k * ls, (k + 1) * ls) }));
 }
 
-// Low-res logits (L x L over the padded square model frame) → H x W mask: one bilinear sample per pixel,
-// the composite of the exporter's two resizes (to the model frame, crop the padding, to the image size).
-// A pixel is a bilinear mix of its 2x2 source cells, so it can only be on where one of them is above the
-// threshold: pixels outside the box of such cells are left at 0 without being computed (same result).
+// Low-res logits (L x L over the padded square model frame) → H x W mask, exactly as the server and the
+// exporter make it: bilinear to the s x s model frame, crop the padding, bilinear to the image size (both
+// align_corners=false). Each resize is linear and separable, so per axis the two compose into at most three
+// consecutive low-res taps (L <= s) whose weights are computed once per image size. One pass over the
+// pixels then gives the two-pass result without the s x s intermediate. Weights are non-negative, so a
+// pixel can only be on where one of its taps is above the threshold: pixels outside the box of such cells
+// are left at 0 without being computed (same result).
 function upscaleAxes(L) {
   const s = S.model.img_size; const W = S.W, H = S.H;
   if (S.axes && S.axes.key === `${L}:${W}:${H}:${s}`) return S.axes;
   const scale = s / Math.max(W, H); const hin = Math.floor(H * scale + 0.5), win = Math.floor(W * scale + 0.5);
+  // one bilinear resize of `inN` samples to `n` (torch's rule): the two source indices and the second's weight
+  const src = (x, n, inN) => {
+    const f = Math.max((x + 0.5) * inN / n - 0.5, 0); const a = Math.floor(f);
+    return [a, Math.min(a + 1, inN - 1), f - a];
+  };
   const axis = (n, inN) => {
-    const i0 = new Int32Array(n), i1 = new Int32Array(n), w = new Float32Array(n);
+    const base = new Int32Array(n), hi = new Int32Array(n), w = new Float32Array(3 * n);
     for (let x = 0; x < n; x++) {
-      const f = Math.min(Math.max((x + 0.5) * inN / n * L / s - 0.5, 0), L - 1); const a = Math.floor(f);
-      i0[x] = a; i1[x] = Math.min(a + 1, L - 1); w[x] = f - a;
+      const [j0, j1, a] = src(x, n, inN); // image pixel ← model-frame pixels j0, j1 (the crop keeps indices)
+      const [k0] = src(j0, s, L); base[x] = k0;
+      for (const [j, wj] of [[j0, 1 - a], [j1, a]]) {
+        const [ka, kb, b] = src(j, s, L); // model-frame pixel ← low-res cells ka, kb
+        w[3 * x + ka - k0] += wj * (1 - b); w[3 * x + kb - k0] += wj * b;
+      }
+      hi[x] = Math.min(k0 + 2, L - 1);
     }
-    return { i0, i1, w };
+    return { base, hi, w };
   };
   S.axes = { key: `${L}:${W}:${H}:${s}`, x: axis(W, win), y: axis(H, hin) };
   return S.axes;
 }
 
-// First and last output index whose source cells [i0, i1] meet [lo, hi] (both tables are non-decreasing).
-function coveredRange(ax, lo, hi) {
-  let a = 0, b = ax.i0.length - 1;
-  while (a <= b && ax.i1[a] < lo) a++;
-  while (b >= a && ax.i0[b] > hi) b--;
+// First and last output index whose taps [base, hi] meet [lo, up] (both tables are non-decreasing).
+function coveredRange(ax, lo, up) {
+  let a = 0, b = ax.base.length - 1;
+  while (a <= b && ax.hi[a] < lo) a++;
+  while (b >= a && ax.base[b] > up) b--;
   return [a, b];
 }
 
@@ -197,7 +210,7 @@ function upscaleMask(low) {
   const th = S.model.mask_threshold || 0; const m = new Uint8Array(W * H);
   const { x: ax, y: ay } = upscaleAxes(L);
   // box of low-res cells above the threshold, within the cells the image reads
-  const rows = ay.i1[H - 1] + 1, cols = ax.i1[W - 1] + 1;
+  const rows = ay.hi[H - 1] + 1, cols = ax.hi[W - 1] + 1;
   let r0 = L, r1 = -1, c0 = L, c1 = -1;
   for (let r = 0; r < rows; r++) {
     const o = r * L; let any = false;
@@ -207,12 +220,16 @@ function upscaleMask(low) {
   if (r1 < 0) { m.box = [0, 0, 0, 0]; return m; }
   const [xa, xb] = coveredRange(ax, c0, c1); const [ya, yb] = coveredRange(ay, r0, r1);
   m.box = [xa, ya, xb, yb]; // pixels outside are 0 (draw() only rewrites this box)
-  const { i0: x0, i1: x1, w: wx } = ax;
+  const { base: bx, w: wx } = ax; const row = new Float32Array(L + 2); // +2: taps past L-1 have weight 0
+  const ca = bx[xa], cb = Math.min(bx[xb] + 2, L - 1);
   for (let y = ya; y <= yb; y++) {
-    const q0 = ay.i0[y] * L, q1 = ay.i1[y] * L, b = ay.w[y], a = 1 - b; const o = y * W;
+    // the three low-res rows mixed once for this image row, then three taps per pixel
+    const r = ay.base[y], w0 = ay.w[3 * y], w1 = ay.w[3 * y + 1], w2 = ay.w[3 * y + 2];
+    const q0 = r * L, q1 = Math.min(r + 1, L - 1) * L, q2 = Math.min(r + 2, L - 1) * L;
+    for (let c = ca; c <= cb; c++) row[c] = w0 * low[q0 + c] + w1 * low[q1 + c] + w2 * low[q2 + c];
+    const o = y * W;
     for (let x = xa; x <= xb; x++) {
-      const c = wx[x], d = 1 - c;
-      const v = a * (d * low[q0 + x0[x]] + c * low[q0 + x1[x]]) + b * (d * low[q1 + x0[x]] + c * low[q1 + x1[x]]);
+      const c = bx[x]; const v = wx[3 * x] * row[c] + wx[3 * x + 1] * row[c + 1] + wx[3 * x + 2] * row[c + 2];
       m[o + x] = v > th ? 1 : 0;
     }
   }
