@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,24 @@ def test_upload_adds_image(client: TestClient, token: str, admin_token: str) -> 
     r = client.post("/api/images", headers=auth(admin_token), files=file)
     assert r.status_code == 201, r.text
     assert len(client.get("/api/images", headers=auth(token)).json()) == 3
+
+
+def test_upload_of_an_image_already_there_leaves_no_file(client: TestClient, admin_token: str, project: Any) -> None:
+    """The same pixels under another name are skipped (empty list), and the copy just written is removed; the same
+    file uploaded twice keeps the one file the project uses."""
+    store, proj = project
+    media = Path(store.get_project(proj["name"])["media_dir"])
+    before = sorted(media.iterdir()) if media.exists() else []
+    data = SAMPLE_FILES[0].read_bytes()
+    r = client.post("/api/images", headers=auth(admin_token), files={"file": ("renamed.jpg", data, "image/jpeg")})
+    assert r.status_code == 201 and r.json() == []
+    assert (sorted(media.iterdir()) if media.exists() else []) == before
+    new = {"file": (SAMPLE_FILES[2].name, SAMPLE_FILES[2].read_bytes(), "image/jpeg")}
+    first = client.post("/api/images", headers=auth(admin_token), files=new).json()
+    again = client.post("/api/images", headers=auth(admin_token), files=new)
+    assert again.status_code == 201 and again.json() == []
+    assert Path(store.get_image(proj["id"], first[0]["id"])["path"]).is_file()
+    assert len(list(media.iterdir())) == len(before) + 1
 
 
 # ---------------------------------------------------------------------------------------- images

@@ -156,3 +156,49 @@ def test_admin_changes_stage_and_labels_in_the_page(browser: Any, app: Any, proj
         page.wait_for_function("document.getElementById('status').textContent.startsWith('project not saved: 422')")
         assert store.get_project(proj["name"])["stage"] == "semi"
         page.close()
+
+
+def test_admin_adds_images_in_the_page(browser: Any, app: Any, project: Any, admin_token: str,  # noqa: F811
+                                       tmp_path: Any) -> None:
+    """Add images (Project box): one new file is added, one with pixels already in the project is skipped, and a
+    broken file is refused by name; the status line says all three and the image list grows by one."""
+    from annotation_fixtures import SAMPLE_FILES
+
+    store, proj = project
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    dup = tmp_path / "same_pixels.jpg"
+    dup.write_bytes(SAMPLE_FILES[0].read_bytes())
+    with running_server(app) as base:
+        page = _open(browser, base, admin_token)
+        assert page.evaluate("window.segany.images.length") == 2
+        page.locator("#project-upload").set_input_files([str(SAMPLE_FILES[2]), str(dup), str(broken)])
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('added')", timeout=60_000)
+        status = page.locator("#status").text_content()
+        assert status.startswith("added 1 image, 1 already in the project, refused: broken.jpg (400:"), status
+        assert page.evaluate("window.segany.images.length") == 3
+        assert page.locator("#image-pos").text_content() == "1/3"
+        assert [im["file_name"] for im in store.list_images(proj["id"])][-1].endswith(SAMPLE_FILES[2].name)
+        page.close()
+
+
+def test_first_images_of_an_empty_project_open_at_once(browser: Any, model_service: Any, tmp_path: Any) -> None:  # noqa: F811
+    """A new project has no images: an admin uploads one in the page and it opens, ready to click."""
+    from annotation_fixtures import SAMPLE_FILES
+
+    from segany.engine.store import open_store
+    from segany.server.app import ServerSettings, create_app
+
+    store = open_store(tmp_path / "empty", create=True)
+    store.create_project("empty", media_dir=tmp_path / "empty" / "images")
+    tok = store.add_annotator("adam", role="admin")
+    with running_server(create_app(store, model_service, ServerSettings())) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{base}/#token={tok}")
+        page.wait_for_function("document.getElementById('status').textContent.includes('has no images')")
+        assert "Add images" in page.locator("#status").text_content()
+        page.locator("#project-upload").set_input_files([str(SAMPLE_FILES[1])])
+        page.wait_for_function("document.getElementById('status').dataset.ready === '1' && "
+                               "document.body.dataset.decoder && window.segany.W > 0", timeout=60_000)
+        assert page.locator("#image-pos").text_content() == "1/1"
+        page.close()

@@ -407,6 +407,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         except SeganyError:
             dest.unlink(missing_ok=True)
             raise
+        if not added and not any(im["path"] == str(dest.resolve()) for im in store.list_images(project_id)):
+            dest.unlink(missing_ok=True)  # same pixels already in the project under another name: keep no orphan
         return [{k: v for k, v in im.items() if k != "path"} for im in added]
 
     @app.get("/api/export/{fmt}")

@@ -824,6 +824,39 @@ async function saveProject(e) {
   if (S.project.stage === "semi" && wasStage !== "semi" && current() && S.img && !S.pending.length) prefill();
 }
 
+// Admins add images from their disk (POST /api/images, one file per request so one bad file refuses only
+// itself). The list is then fetched again; a project that had none opens its first image.
+async function uploadImages(files) {
+  const input = $("project-upload"); input.disabled = true;
+  let added = 0, skipped = 0; const refused = [];
+  try {
+    for (const [i, file] of [...files].entries()) {
+      setStatus(`uploading ${i + 1}/${files.length}: ${file.name}`, false);
+      const form = new FormData(); form.append("file", file, file.name);
+      try {
+        const got = await (await api("/api/images", { method: "POST", body: form })).json();
+        if (got.length) added += got.length; else skipped++;
+      } catch (err) {
+        if (err.status === 401) return; // the sign-in box is up; the same files can be chosen again after it
+        refused.push(`${file.name} (${err.message})`);
+      }
+    }
+  } finally { input.disabled = false; input.value = ""; }
+  const wasEmpty = !S.images.length;
+  S.images = await (await api("/api/images")).json();
+  const parts = [`added ${added} image${added === 1 ? "" : "s"}`];
+  if (skipped) parts.push(`${skipped} already in the project`);
+  if (refused.length) parts.push(`refused: ${refused.join("; ")}`);
+  setStatus(parts.join(", "), true);
+  if (wasEmpty && S.images.length) await openImageAndDecoder(0); else renderLists();
+}
+
+async function openImageAndDecoder(idx) {
+  const ortReady = S.ortReady = S.model ? initOrt() : Promise.resolve();
+  await Promise.all([openImage(Math.min(Math.max(idx, 0), S.images.length - 1)), ortReady]);
+  document.body.dataset.decoder = S.session ? "onnx" : "server";
+}
+
 async function start() {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) { localStorage.setItem("segany.token", decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname + location.search); }
@@ -838,12 +871,14 @@ async function start() {
   try { S.model = await (await api("/api/model")).json(); } catch (e) { S.model = null; setStatus("no model on the server"); }
   setTextPrompts(Boolean(S.model && S.model.text));
   S.images = await (await api("/api/images")).json();
-  if (!S.images.length) { setStatus("this project has no images: add some with `segany project add-images`", true); return; }
-  const ortReady = S.ortReady = S.model ? initOrt() : Promise.resolve();
+  if (!S.images.length) {
+    setStatus(hasRole("admin") ? "this project has no images: add some with Add images (Project box) or `segany project add-images`"
+      : "this project has no images yet: an admin adds them (`segany project add-images`)", true);
+    return;
+  }
   const q = new URLSearchParams(location.search);
   const want = q.has("image") ? S.images.findIndex((im) => String(im.id) === q.get("image")) : Number(localStorage.getItem("segany.idx") || 0);
-  await Promise.all([openImage(Math.min(Math.max(want, 0), S.images.length - 1)), ortReady]);
-  document.body.dataset.decoder = S.session ? "onnx" : "server";
+  await openImageAndDecoder(want);
 }
 
 // Signing in again after the token was rejected (expired, revoked) keeps the page as it is: the unsaved mask,
@@ -861,6 +896,7 @@ async function signIn(e) {
 }
 $("login-form").addEventListener("submit", signIn);
 $("project-form").addEventListener("submit", (e) => { saveProject(e); document.activeElement.blur(); });
+$("project-upload").addEventListener("change", (e) => { if (e.target.files.length) uploadImages(e.target.files); });
 $("prev").onclick = () => navigate(-1); $("next").onclick = () => navigate(1);
 window.addEventListener("beforeunload", (e) => { if (hasUnsaved()) { e.preventDefault(); e.returnValue = ""; } });
 $("accept").onclick = accept; $("undo").onclick = undo; $("redo").onclick = redo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
