@@ -145,3 +145,32 @@ def test_bad_inputs(exported, tmp_path, image):
         p.predict(mask_input=np.zeros((256, 256)))
     with pytest.raises(PromptError, match="no prompt"):
         p.predict()
+
+
+def test_reexport_without_int8_leaves_no_stale_int8(exported, tmp_path, image, caplog):
+    """Exporting other weights into a folder that held int8 graphs removes them: OnnxPredictor(quantized=True)
+    is refused (it used to load the old weights' int8 graphs, an embedding 7.5 off); a registered name whose
+    config the weights do not have is not recorded; quantizing logs no onnxruntime warnings."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import randomize_, tiny_config
+
+    from segany.modeling.sam import Sam
+
+    _, out, _ = exported
+    folder = tmp_path / "onnx"
+    shutil.copytree(out, folder)
+    other = randomize_(Sam(tiny_config()), seed=11).eval()
+    export_onnx(other, folder, model_name="vit_b")
+    assert not list(folder.glob("*.int8.onnx"))
+    meta = json.loads((folder / "segany_onnx.json").read_text())
+    assert meta["model"] is None and set(meta["files"]) == {"encoder", "decoder"}
+    with pytest.raises(InputError, match="lists no encoder_int8 or decoder_int8 graph: export again with --quantize"):
+        OnnxPredictor(folder, quantized=True)
+    OnnxPredictor(folder).set_image(image)
+    with caplog.at_level("WARNING"):
+        export_onnx(other, tmp_path / "q", quantize_int8=True, model_name="tiny")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text

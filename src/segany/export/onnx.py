@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.atomic import atomic_path, atomic_write_json
-from segany.errors import InputError, PromptError, StateError, require
+from segany.errors import InputError, PromptError, StateError, UnknownModelError, require
+from segany.modeling.config import SamConfig
 from segany.modeling.sam import Sam
 from segany.transforms import ResizeLongestSide
 
@@ -184,8 +185,14 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = Path(dst)
-    with atomic_path(out) as tmp:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to run shape inference first goes to the root logger on every call
+    try:
+        with atomic_path(out) as tmp:
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
     return out
 
 
@@ -200,10 +207,25 @@ def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: b
     if quantize_int8:
         paths["encoder_int8"] = quantize(paths["encoder"], out / "encoder.int8.onnx")
         paths["decoder_int8"] = quantize(paths["decoder"], out / "decoder.int8.onnx")
+    else:  # int8 graphs of an earlier export are of other weights: none may survive beside these
+        for stale in ("encoder.int8.onnx", "decoder.int8.onnx"):
+            (out / stale).unlink(missing_ok=True)
+    registered = _registered_config(model_name) if model_name is not None else None
+    if registered is not None and registered != model.cfg:
+        model_name = None  # the weights file's own config won (e.g. --model vit_b with a TinyViT file): no false name
     meta = {"format": "segany-onnx-v1", "model": model_name, "config": model.cfg.to_dict(), "opset": OPSET,
             "multimask": multimask, "files": {k: v.name for k, v in paths.items()}}
     paths["meta"] = atomic_write_json(out / META_FILE, meta, indent=2)
     return paths
+
+
+def _registered_config(name: str) -> SamConfig | None:
+    from segany.registry import get_config
+
+    try:
+        return get_config(name)
+    except UnknownModelError:
+        return None
 
 
 # ----------------------------------------------------------------------------------- runtime
@@ -233,15 +255,18 @@ class OnnxPredictor:
             raise InputError(f"{str(folder)!r} has no {META_FILE}; export first: segany export onnx --model M "
                              f"--checkpoint C --out {folder}")
         meta = json.loads(meta_path.read_text())
-        from segany.modeling.config import SamConfig
-
         self.config = SamConfig.from_dict(meta["config"])
-        suffix = ".int8.onnx" if quantized else ".onnx"
-        enc, dec = folder / f"encoder{suffix}", folder / f"decoder{suffix}"
+        # Only the files this export wrote (its meta lists them): graphs left by an earlier export are not used.
+        roles = ("encoder_int8", "decoder_int8") if quantized else ("encoder", "decoder")
+        listed = meta.get("files", {})
+        missing = [r for r in roles if r not in listed]
+        if missing:
+            hint = "export again with --quantize" if quantized else "export again"
+            raise InputError(f"{str(meta_path)!r} lists no {' or '.join(missing)} graph: {hint}")
+        enc, dec = folder / listed[roles[0]], folder / listed[roles[1]]
         for p in (enc, dec):
             if not p.exists():
-                hint = " (export with --quantize)" if quantized else ""
-                raise InputError(f"{str(p)!r} is missing{hint}")
+                raise InputError(f"{str(p)!r} is missing (listed in {META_FILE}): export again into {str(folder)!r}")
         self.encoder = _session(enc, num_threads)
         self.decoder = _session(dec, num_threads)
         self.img_size = self.config.img_size
