@@ -249,3 +249,20 @@ def test_weights_without_url(home: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     info = _register(monkeypatch, url="")
     with pytest.raises(DownloadError, match="no download URL; put the file at .*test_weights.pt"):
         download(info.name)
+
+
+def test_training_state_loads_as_a_checkpoint(tmp_path: Path) -> None:
+    """`segany train`'s last.pt (model + optimizer + config) is accepted wherever weights are, e.g. `segany
+    predict --checkpoint run/last.pt`; it used to be refused as "not a model state dict"."""
+    from segany.checkpoints import TRAIN_STATE_FORMAT, build_sam
+    from segany.train.trainer import STATE_FORMAT
+
+    assert TRAIN_STATE_FORMAT == STATE_FORMAT
+    model = randomize_(Sam(tiny_config()), seed=5).eval()
+    opt = torch.optim.AdamW(model.parameters())
+    state = {"format": STATE_FORMAT, "step": 7, "elapsed": 1.0, "progress": 0.1, "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "rng": {}, "config": {"run": {}}, "model_config": model.cfg.to_dict()}
+    torch.save(state, tmp_path / "last.pt")
+    loaded = build_sam(str(tmp_path / "last.pt"))
+    assert loaded.cfg == model.cfg
+    _assert_same_weights(loaded, model)

@@ -35,6 +35,7 @@ from segany.registry import WeightsInfo, get_config, get_weights_info, list_mode
 log = logging.getLogger(__name__)
 
 SEGANY_FORMAT = "segany-checkpoint-v1"
+TRAIN_STATE_FORMAT = "segany-train-state-v1"  # segany.train.trainer.STATE_FORMAT (not imported: that pulls in training)
 
 
 def weights_home() -> Path:
@@ -100,6 +101,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     if raw.get("format") == SEGANY_FORMAT:
         config = SamConfig.from_dict(raw["config"])
         meta = dict(raw.get("meta", {}))
+        sd = raw["model"]
+    elif raw.get("format") == TRAIN_STATE_FORMAT and isinstance(raw.get("model_config"), dict):
+        # `segany train`'s last.pt: the model inside the training state loads like a checkpoint, so a run can
+        # be tried (predict, eval) mid-way without first exporting model_fp16.pt.
+        config = SamConfig.from_dict(raw["model_config"])
+        meta = {"training_step": int(raw.get("step", 0))}
         sd = raw["model"]
     elif "model" in raw and isinstance(raw["model"], dict) and "config" not in raw:
         sd = raw["model"]  # training checkpoints of other tools
