@@ -135,3 +135,22 @@ def test_run_evaluation_writes_per_object_rows_and_box_comparison(tmp_path, tiny
     assert "box mIoU − GrabCut, all" in format_table(res)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["box_vs_grabcut"] == res["box_vs_grabcut"]
+
+
+def test_per_object_rows_name_the_object_and_table_has_no_grabcut_column_without_it(tmp_path, tiny_sam) -> None:
+    """Two objects of one image are told apart in results.json (`object`: largest first), and without --grabcut
+    the table has no GrabCut column (it used to print nan)."""
+    from PIL import Image
+
+    from segany.eval.run import format_table, run_evaluation
+
+    img = (np.random.default_rng(1).random((80, 100, 3)) * 60).astype(np.uint8)
+    big, small = rect(80, 100, 10, 50, 10, 60), rect(80, 100, 55, 75, 70, 95)
+    Image.fromarray(img).save(tmp_path / "two.png")
+    rec = InstanceRecord(str(tmp_path / "two.png"), (80, 100), [encode_mask(small), encode_mask(big)], dataset="syn",
+                         image_id="two")
+    res = run_evaluation(tiny_sam, [rec], max_clicks=1)
+    rows = res["per_object"]["model"]
+    assert [(r["image_id"], r["object"]) for r in rows] == [("two", 0), ("two", 1)]
+    table = format_table(res)
+    assert "GrabCut" not in table and "nan" not in table, table

@@ -42,7 +42,8 @@ def _one_image(args: tuple[str, str, str, list[np.ndarray]]) -> list[ObjectResul
 
     path, dataset, image_id, masks = args
     image = load_image(path)
-    return [ObjectResult(dataset, image_id, iou(grabcut_box(image, box_of(gt)), gt)) for gt in masks]
+    return [ObjectResult(dataset, image_id, iou(grabcut_box(image, box_of(gt)), gt), index=k)
+            for k, gt in enumerate(masks)]
 
 
 def evaluate_grabcut(objects: Sequence[tuple[InstanceRecord, list[np.ndarray]]], workers: int = 1,

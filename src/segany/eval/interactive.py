@@ -27,6 +27,7 @@ class ObjectResult:
     image_id: str
     box_iou: float
     click_ious: list[float] = field(default_factory=list)
+    index: int = 0  # which of the image's evaluated objects (largest first), to tell two objects of one image apart
 
 
 def eval_objects(records: Sequence[InstanceRecord], max_objects_per_image: int | None = 8,
@@ -69,9 +70,9 @@ def evaluate_model(model: Any, objects: Sequence[tuple[InstanceRecord, list[np.n
     results = []
     for rec, masks in objects:
         predictor.set_image(load_image(rec.image_path))
-        for gt in masks:
+        for index, gt in enumerate(masks):
             m, _, _ = predictor.predict(box=box_of(gt), multimask_output=False)
-            res = ObjectResult(rec.dataset, rec.image_id, iou(m[0], gt))
+            res = ObjectResult(rec.dataset, rec.image_id, iou(m[0], gt), index=index)
             clicks = [first_click(gt)]
             prev = None
             for k in range(max_clicks):

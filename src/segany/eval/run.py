@@ -103,7 +103,7 @@ def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int
 
 
 def _object_row(r: Any) -> dict[str, Any]:
-    row = {"dataset": r.dataset, "image_id": r.image_id, "box_iou": round(r.box_iou, 4)}
+    row = {"dataset": r.dataset, "image_id": r.image_id, "object": r.index, "box_iou": round(r.box_iou, 4)}
     if r.click_ious:
         row["click_ious"] = [round(v, 4) for v in r.click_ious]
     return row
@@ -128,16 +128,18 @@ def compare_box(model: Sequence[Any], grabcut: Sequence[Any], *, resamples: int 
 
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table: per dataset, the model's 1/5-click mIoU, NoC@85/90, box mIoU and GrabCut's."""
-    gc = result.get("grabcut", {})
+    gc = result.get("grabcut")  # its column only when GrabCut ran (--grabcut)
     head = f"{'dataset':10s} {'objects':>7s} {'1-click':>8s} {'5-click':>8s} {'NoC@85':>7s} {'NoC@90':>7s} " \
-           f"{'box':>7s} {'GrabCut':>8s}"
+           f"{'box':>7s}" + (f" {'GrabCut':>8s}" if gc is not None else "")
     lines = [head, "-" * len(head)]
     for name, s in result["model"].items():
-        g = gc.get(name, {}).get("box_miou")
-        lines.append(f"{name:10s} {s['objects']:7d} {s.get('miou_1', float('nan')):8.3f} "
-                     f"{s.get('miou_5', float('nan')):8.3f} {s.get('noc85', float('nan')):7.2f} "
-                     f"{s.get('noc90', float('nan')):7.2f} {s['box_miou']:7.3f} "
-                     f"{g if g is not None else float('nan'):8.3f}")
+        line = (f"{name:10s} {s['objects']:7d} {s.get('miou_1', float('nan')):8.3f} "
+                f"{s.get('miou_5', float('nan')):8.3f} {s.get('noc85', float('nan')):7.2f} "
+                f"{s.get('noc90', float('nan')):7.2f} {s['box_miou']:7.3f}")
+        if gc is not None:
+            g = gc.get(name, {}).get("box_miou")
+            line += f" {g if g is not None else float('nan'):8.3f}"
+        lines.append(line)
     for name, c in result.get("box_vs_grabcut", {}).items():
         lines.append(f"box mIoU − GrabCut, {name}: {c['mean']:+.3f} (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, "
                      f"images resampled; better on {c['a_better']:.0%} of {c['objects']} objects)")
