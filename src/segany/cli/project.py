@@ -33,6 +33,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("target", metavar="DIR_OR_DB_URL")
     a.add_argument("paths", nargs="+")
     a.add_argument("--project", default=None)
+    a.add_argument("--skip-invalid", action="store_true",
+                   help="add the readable images and list the unreadable ones (default: add nothing, list them)")
     t = sub.add_parser("add-annotator", help="create an annotator and print their token")
     t.add_argument("target", metavar="DIR_OR_DB_URL")
     t.add_argument("name")
@@ -55,6 +57,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("coco_json")
     i.add_argument("--images-dir", default=None, help="folder holding images the project does not have yet")
     i.add_argument("--project", default=None)
+    i.add_argument("--include-crowd", action="store_true",
+                   help="also import iscrowd=1 regions as ordinary masks (default: skip and count them)")
     s = sub.add_parser("stats", help="images, annotations and seconds per mask")
     s.add_argument("target", metavar="DIR_OR_DB_URL")
     s.add_argument("--project", default=None)
@@ -103,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         proj = store.get_project(args.project)
         if cmd == "add-images":
-            added = store.add_images(proj["id"], args.paths)
-            print(f"added {len(added)} images to {proj['name']!r}")
+            added, bad = store.add_images_report(proj["id"], args.paths, skip_invalid=args.skip_invalid)
+            print(f"added {len(added)} images to {proj['name']!r}"
+                  + (f", skipped {len(bad)} unreadable: " + "; ".join(f"{f} ({why})" for f, why in bad) if bad else ""))
         elif cmd == "export":
             if args.format in ("coco", "coco-polygons"):
                 out = exports.export_coco(store, proj["id"], args.out, polygons=args.format == "coco-polygons")
@@ -113,11 +118,9 @@ def run(args: argparse.Namespace) -> int:
                     args.format](store, proj["id"], args.out)
             print(f"wrote {out}")
         elif cmd == "import-coco":
-            r = exports.import_coco_summary(store, proj["id"], args.coco_json, images_dir=args.images_dir)
-            notes = [f"{n} {what}" for n, what in ((r.already_present, "already present"),
-                                                    (r.empty, "empty masks skipped")) if n]
-            print(f"imported {r.created} annotations" + (f" ({', '.join(notes)})" if notes else "")
-                  + (f", added {r.images_added} images" if r.images_added else ""))
+            r = exports.import_coco_summary(store, proj["id"], args.coco_json, images_dir=args.images_dir,
+                                            include_crowd=args.include_crowd)
+            print(_import_line(r))
             if r.skipped:
                 shown = ", ".join(repr(n) for n in r.missing_images[:3]) + (", ..." if len(r.missing_images) > 3
                                                                             else "")
@@ -143,6 +146,18 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         store.close()
+
+
+def _import_line(r: Any) -> str:
+    """One line of counts for an import: what it did with each annotation of the file."""
+    parts = [f"imported {r.created} annotations", f"updated {r.updated}", f"unchanged {r.unchanged}"]
+    skipped = [f"{n} {what}" for n, what in ((r.empty, "empty masks"), (r.crowd, "crowd regions (--include-crowd "
+                                             "imports them)"), (r.skipped, "on missing images")) if n]
+    line = ", ".join(parts) + f", skipped {r.empty + r.crowd + r.skipped}" + (f" ({', '.join(skipped)})" if skipped
+                                                                             else "")
+    if r.unknown_category:
+        line += f"; {r.unknown_category} with a category_id not in the file's categories were labelled 'object'"
+    return line + (f"; added {r.images_added} images" if r.images_added else "")
 
 
 def main(argv: list[str] | None = None) -> int:

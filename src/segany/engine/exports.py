@@ -12,8 +12,10 @@ rasterise, so the hole comes back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid as uuid_lib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from PIL import Image as PILImage
 
 from segany.atomic import atomic_write, atomic_write_json, atomic_write_text
 from segany.engine.masks import decode_rle, normalize_rle, rle_area_bbox
-from segany.engine.store import Store
+from segany.engine.store import ImageRow, Store, bad_images_message, read_image_files
 from segany.errors import InputError
 
 
@@ -236,23 +238,46 @@ def coco_segmentation_to_rle(seg: Any, height: int, width: int) -> dict[str, Any
 
 @dataclass
 class ImportSummary:
-    """What :func:`import_coco_summary` did: annotations created, already present, empty or skipped."""
+    """What :func:`import_coco_summary` did with each annotation of the file.
+
+    A re-import is idempotent wherever the file lives: annotations are keyed by the project, the image's
+    content (sha256) and the annotation's id in the file, so the same annotation is ``unchanged``, an edited
+    one ``updated``, and a copy of the file under another name adds nothing.
+    """
 
     created: int = 0
-    already_present: int = 0
-    empty: int = 0  # masks of zero area
+    unchanged: int = 0
+    updated: int = 0
+    empty: int = 0  # masks of zero area, skipped
+    crowd: int = 0  # iscrowd=1 regions, skipped unless include_crowd
+    unknown_category: int = 0  # category_id not in the file's categories: imported as "object"
     skipped: int = 0  # annotations whose image is neither in the project nor in images_dir
     missing_images: list[str] = field(default_factory=list)  # their file names
     images_added: int = 0
     looked_in: list[str] = field(default_factory=list)  # where images were searched (project, images_dir)
+
+    @property
+    def already_present(self) -> int:
+        """Older name of :attr:`unchanged`."""
+        return self.unchanged
+
+
+IMPORT_NAMESPACE = uuid_lib.UUID("5e6a0000-0000-4000-8000-000000000003")
+
+
+def import_key(project_id: int, image_sha256: str, coco_id: Any, rle: dict[str, Any], label: str) -> str:
+    """The imported annotation's uuid: project-scoped (the same image may be in two projects) and by content
+    (the image's sha256, not the file's path), so the same annotation keys the same wherever its file lives.
+    Without a COCO id the mask and label stand in for it."""
+    ident = f"id={coco_id}" if coco_id is not None else f"mask={label}:{rle['counts']}"
+    return str(uuid_lib.uuid5(IMPORT_NAMESPACE, f"{project_id}:{image_sha256}:{ident}"))
 
 
 def import_coco(store: Store, project_id: int, coco_json: str | os.PathLike[str], *,
                 images_dir: str | os.PathLike[str] | None = None, source: str = "manual") -> int:
     """Import COCO instance annotations; images are matched by file name (added from ``images_dir`` if missing).
 
-    Re-importing the same file adds nothing: each annotation's uuid is derived from the file and its id.
-    Returns the number of annotations created (:func:`import_coco_summary` says what was skipped too).
+    Returns the number of annotations created (:func:`import_coco_summary` says what else happened).
     """
     return import_coco_summary(store, project_id, coco_json, images_dir=images_dir, source=source).created
 
@@ -286,14 +311,15 @@ def _read_coco(coco_json: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathLike[str], *,
-                        images_dir: str | os.PathLike[str] | None = None, source: str = "manual") -> ImportSummary:
-    """:func:`import_coco`, returning what was created and what was skipped and why.
+                        images_dir: str | os.PathLike[str] | None = None, source: str = "manual",
+                        include_crowd: bool = False) -> ImportSummary:
+    """:func:`import_coco`, returning what was created, updated, unchanged and skipped and why.
 
-    Everything is checked before anything is written: a malformed file, or one of whose annotations not a
-    single one has its image in the project or ``images_dir``, raises :class:`InputError` and changes nothing.
+    Everything is checked and converted before anything is written, and the images, labels and annotations
+    are then written in one transaction: a malformed file, an unreadable image, or a file not one of whose
+    annotations has its image in the project or ``images_dir`` raises :class:`InputError` and changes nothing.
+    ``iscrowd`` regions are skipped (counted) unless ``include_crowd``.
     """
-    import uuid as uuid_lib
-
     data = _read_coco(coco_json)
     out = ImportSummary(looked_in=["the project's images"])
     if images_dir is not None:
@@ -306,56 +332,77 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     known = {im["file_name"]: im for im in store.list_images(project_id)}
     missing = [im["file_name"] for im in data["images"] if im["file_name"] not in known]
     found = [name for name in missing if images_dir is not None and (Path(images_dir) / name).is_file()]
-    to_add = [Path(images_dir) / name for name in found] if images_dir is not None else []
-    findable = set(known) | set(found)
     names = {im["id"]: im["file_name"] for im in data["images"]}
     anns = data.get("annotations", [])
+    findable = set(known) | set(found)
     usable = [a for a in anns if names.get(a["image_id"]) in findable]
     out.skipped = len(anns) - len(usable)
     out.missing_images = sorted({names.get(a["image_id"], f"<image id {a['image_id']}>") for a in anns
                                  if names.get(a["image_id"]) not in findable})
     if anns and not usable:
         raise InputError(_nothing_found(coco_json, out, images_dir))
-    for a in usable:  # segmentation formats are checked before anything is written
-        seg = a["segmentation"]
-        if not (isinstance(seg, dict) or (isinstance(seg, list) and seg)):
-            raise InputError(f"{str(coco_json)!r}: annotation {a.get('id')!r} has a segmentation of type "
-                             f"{type(seg).__name__}; COCO uses polygons (a list) or RLE (a dict)")
-
-    if to_add:
-        from segany.engine.store import file_sha256
-
-        out.images_added = len(store.add_images(project_id, to_add))
-        stored = store.list_images(project_id)
-        by_sha = {im["sha256"]: im for im in stored}
-        known = {im["file_name"]: im for im in stored}
-        # A file the project already holds under another name (add_images skips same content) maps to that image.
-        known.update({name: by_sha[file_sha256(path)] for name, path in zip(found, to_add, strict=True)
-                      if name not in known})
-    by_coco_id = {im["id"]: known.get(im["file_name"]) for im in data["images"]}
-    if cats:
-        labels = _project_labels(store, project_id, {})
-        new = [n for n in cats.values() if n not in labels]
-        if new:
-            store.update_project(project_id, labels=labels + new)
-    ns = uuid_lib.uuid5(uuid_lib.NAMESPACE_URL, str(Path(coco_json).resolve()))
+    new_rows = _read_new_images(images_dir, found)
+    sha_of = {name: im["sha256"] for name, im in known.items()}
+    sha_of.update({name: row[3] for name, row in zip(found, new_rows, strict=True)})
+    sizes = {name: (im["height"], im["width"]) for name, im in known.items()}
+    sizes.update({name: (row[1], row[2]) for name, row in zip(found, new_rows, strict=True)})
+    records = []
     for a in usable:
-        im = by_coco_id.get(a["image_id"])
-        if im is None:  # not reached: every usable annotation's image is in the project by now
-            raise InputError(f"image {a['image_id']!r} of annotation {a.get('id')!r} was not added; report this")
-        rle = coco_segmentation_to_rle(a["segmentation"], im["height"], im["width"])
-        area, _ = rle_area_bbox(rle)
-        if area == 0:
-            out.empty += 1
+        name = names[a["image_id"]]
+        rec = _import_record(coco_json, a, cats, sizes[name], source, include_crowd, out)
+        if rec is None:
             continue
-        extra = a.get("segany", {})
-        _, was_new = store.save_annotation(
-            im["id"], rle=rle, uuid=str(uuid_lib.uuid5(ns, str(a.get("id")))), label=cats.get(a.get("category_id"), "object"),
-            source=extra.get("source", source), review_state="accepted", prompts={"imported_from": str(coco_json)},
-            seconds_spent=extra.get("seconds_spent"), predicted_iou=extra.get("predicted_iou"), project_id=project_id)
-        out.created += int(was_new)
-        out.already_present += int(not was_new)
+        rec["image_sha256"] = sha_of[name]
+        rec["key"] = import_key(project_id, sha_of[name], a.get("id"), rec["rle"], rec["label"])
+        records.append(rec)
+    used_labels = [n for n in cats.values()] + (["object"] if out.unknown_category else [])
+    counts = store.import_annotations(project_id, new_images=new_rows, labels=used_labels, records=records)
+    out.images_added = counts["images_added"]
+    out.created, out.updated, out.unchanged = counts["created"], counts["updated"], counts["unchanged"]
     return out
+
+
+def _read_new_images(images_dir: str | os.PathLike[str] | None, found: Sequence[str]) -> list[ImageRow]:
+    """Size and sha256 of the images to add, read before the transaction; any unreadable one fails the import."""
+    if images_dir is None or not found:
+        return []
+    rows, bad = read_image_files([(Path(images_dir) / name).resolve() for name in found])
+    if bad:
+        raise InputError(bad_images_message(bad).replace("--skip-invalid to add the others",
+                                                          "--images-dir a folder with readable copies"))
+    return rows
+
+
+def _import_record(coco_json: str | os.PathLike[str], a: dict[str, Any], cats: dict[Any, str],
+                   size_hw: tuple[int, int], source: str, include_crowd: bool,
+                   out: ImportSummary) -> dict[str, Any] | None:
+    """One COCO annotation as an import record for :meth:`Store.import_annotations`, or None (counted in
+    ``out``) for a crowd region or an empty mask."""
+    seg = a["segmentation"]
+    if not (isinstance(seg, dict) or (isinstance(seg, list) and seg)):
+        raise InputError(f"{str(coco_json)!r}: annotation {a.get('id')!r} has a segmentation of type "
+                         f"{type(seg).__name__}; COCO uses polygons (a list) or RLE (a dict)")
+    if a.get("iscrowd") and not include_crowd:
+        out.crowd += 1
+        return None
+    try:
+        rle = coco_segmentation_to_rle(seg, *size_hw)
+    except InputError as exc:
+        raise InputError(f"{str(coco_json)!r}: annotation {a.get('id')!r}: {exc}; fix the file") from exc
+    if rle_area_bbox(rle)[0] == 0:
+        out.empty += 1
+        return None
+    label = cats.get(a.get("category_id"))
+    if label is None:
+        out.unknown_category += 1
+        label = "object"
+    extra = a.get("segany") if isinstance(a.get("segany"), dict) else {}
+    digest = hashlib.sha256(f"{label}\n{rle['counts']}".encode()).hexdigest()[:16]
+    src = extra.get("source", source)
+    return {"rle": rle, "label": label.strip()[:200] or "object",
+            "source": src if src in ("manual", "semi", "auto") else source,
+            "prompts": {"imported_from": str(coco_json), "import_digest": digest},
+            "seconds_spent": extra.get("seconds_spent"), "predicted_iou": extra.get("predicted_iou")}
 
 
 def _nothing_found(coco_json: str | os.PathLike[str], out: ImportSummary,

@@ -233,40 +233,41 @@ class Store:
             return project_dict(p)
 
     # -------------------------------------------------------------------------------------- images
-    def add_images(self, project_id: int, paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    def add_images(self, project_id: int, paths: Iterable[str | os.PathLike[str]], *,
+                   skip_invalid: bool = False) -> list[dict[str, Any]]:
         """Register image files (folders are searched for images); an image already present is skipped.
 
-        Files are referenced where they are, by absolute path; sizes and checksums are read now.
+        Files are referenced where they are, by absolute path; sizes and checksums are read now. Every file is
+        read before anything is written, so one bad file adds nothing and the error lists all bad files; with
+        ``skip_invalid`` the good ones are added (see :meth:`add_images_report` for the skipped ones).
         """
-        from segany.data.images import load_image  # reads EXIF orientation like the model will
+        return self.add_images_report(project_id, paths, skip_invalid=skip_invalid)[0]
 
-        files: list[Path] = []
-        for raw in paths:
-            p = Path(raw).expanduser().resolve()
-            if p.is_dir():
-                files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise InputError(f"{str(raw)!r} is neither an image file nor a folder")
-        rows = []
-        for f in files:
-            arr = load_image(f)
-            rows.append((f, arr.shape[0], arr.shape[1], file_sha256(f)))
-        out = []
+    def add_images_report(self, project_id: int, paths: Iterable[str | os.PathLike[str]], *,
+                          skip_invalid: bool = False) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+        """:meth:`add_images`, also returning the files skipped as unreadable, each with the reason."""
+        rows, bad = read_image_files(collect_image_files(paths))
+        if bad and not skip_invalid:
+            raise InputError(bad_images_message(bad))
         with self.transaction() as s:
-            if s.get(Project, project_id) is None:
-                raise NotFoundError(f"no project with id {project_id}")
-            seen = set(s.scalars(select(Image.sha256).where(Image.project_id == project_id)))
-            for f, h, w, digest in rows:
-                if digest in seen:
-                    log.info("skipping %s: same content already in the project", f)
-                    continue
-                seen.add(digest)
-                im = Image(project_id=project_id, path=str(f), file_name=f.name, width=w, height=h, sha256=digest)
-                s.add(im)
-                s.flush()
-                out.append(image_dict(im))
+            return self._insert_images(s, project_id, rows), bad
+
+    @staticmethod
+    def _insert_images(s: Session, project_id: int, rows: Sequence[ImageRow]) -> list[dict[str, Any]]:
+        """Add ``rows`` to the project inside the caller's transaction, skipping content it already holds."""
+        if s.get(Project, project_id) is None:
+            raise NotFoundError(f"no project with id {project_id}")
+        seen = set(s.scalars(select(Image.sha256).where(Image.project_id == project_id)))
+        out = []
+        for f, h, w, digest in rows:
+            if digest in seen:
+                log.info("skipping %s: same content already in the project", f)
+                continue
+            seen.add(digest)
+            im = Image(project_id=project_id, path=str(f), file_name=f.name, width=w, height=h, sha256=digest)
+            s.add(im)
+            s.flush()
+            out.append(image_dict(im))
         return out
 
     def list_images(self, project_id: int) -> list[dict[str, Any]]:
@@ -442,6 +443,70 @@ class Store:
                                 "generate a new uuid for each new annotation")
         return annotation_dict(existing)
 
+    def import_annotations(self, project_id: int, *, new_images: Sequence[ImageRow], labels: Sequence[str],
+                           records: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """Add images, labels and annotations from a file in ONE transaction: a failure leaves nothing behind.
+
+        Each record has ``image_sha256`` (the image, by content), ``key`` (a uuid derived by the caller from the
+        project, the image's content and the record's id in its file), ``rle`` (compressed), ``label``,
+        ``source``, ``prompts``, ``seconds_spent`` and ``predicted_iou``. A record is *unchanged* when its key,
+        or an annotation with the same mask and label on that image, is already stored as it is; *updated* when
+        its key is stored with another mask or label (the file was edited); else *created*.
+
+        Returns counts: ``images_added``, ``created``, ``updated``, ``unchanged``.
+        """
+        counts = {"images_added": 0, "created": 0, "updated": 0, "unchanged": 0}
+        with self.transaction() as s:
+            counts["images_added"] = len(self._insert_images(s, project_id, new_images))
+            p = s.get(Project, project_id)
+            if p is not None and any(n not in (p.labels or []) for n in labels):
+                p.labels = list(dict.fromkeys([*(p.labels or []), *labels]))
+            by_sha = {im.sha256: im for im in s.scalars(select(Image).where(Image.project_id == project_id))}
+            for r in records:
+                im = by_sha.get(r["image_sha256"])
+                if im is None:  # the caller maps every record to an image it holds or adds
+                    raise StoreError(f"image with sha256 {r['image_sha256'][:12]}... is not in the project")
+                counts[self._import_one(s, im, r)] += 1
+        return counts
+
+    @staticmethod
+    def _import_one(s: Session, im: Image, r: dict[str, Any]) -> str:
+        """Create, update or leave one imported annotation; returns which of the three it was."""
+        rle = r["rle"]
+        if tuple(rle["size"]) != (im.height, im.width):
+            raise InputError(f"a mask of size {rle['size']} does not match image {im.file_name!r} "
+                             f"[height, width] = [{im.height}, {im.width}]; fix the file")
+        existing = s.scalar(select(Annotation).where(Annotation.uuid == r["key"]))
+        if existing is not None and existing.image_id != im.id:
+            raise ConflictError(f"import key {r['key']} already names an annotation on another image; report this")
+        if existing is None:
+            same = s.scalar(select(Annotation.id).where(Annotation.image_id == im.id,
+                                                        Annotation.rle_counts == rle["counts"],
+                                                        Annotation.label == r["label"]).limit(1))
+            if same is not None:
+                return "unchanged"
+            area, bbox = rle_area_bbox(rle)
+            s.add(Annotation(uuid=r["key"], image_id=im.id, label=r["label"], rle_counts=rle["counts"],
+                             height=im.height, width=im.width, area=area, bbox_xywh=bbox, source=r["source"],
+                             review_state="accepted", prompts=dict(r.get("prompts") or {}),
+                             seconds_spent=r.get("seconds_spent"), predicted_iou=r.get("predicted_iou"),
+                             revision=1))
+            s.flush()
+            return "created"
+        digest = (r.get("prompts") or {}).get("import_digest")
+        # The file says what it said at the last import: keep the stored row, which may have been edited in the
+        # app since (a re-import must not undo a reviewer's fix).
+        if (digest is not None and (existing.prompts or {}).get("import_digest") == digest) or \
+                (existing.rle_counts == rle["counts"] and existing.label == r["label"]):
+            return "unchanged"
+        existing.prompts = {**(existing.prompts or {}), **(r.get("prompts") or {})}
+        existing.rle_counts = rle["counts"]
+        existing.area, existing.bbox_xywh = rle_area_bbox(rle)
+        existing.label = r["label"]
+        existing.revision += 1
+        existing.updated_at = db.utcnow()
+        return "updated"
+
     def get_annotation(self, annotation_id: int, project_id: int | None = None) -> dict[str, Any]:
         with self.transaction() as s:
             return annotation_dict(self._get_ann(s, annotation_id, project_id))
@@ -578,6 +643,54 @@ class Store:
             if dv is None:
                 raise NotFoundError(f"no dataset version with id {dataset_version_id}")
             return sorted(a.id for a in dv.annotations)
+
+
+ImageRow = tuple[Path, int, int, str]  # file, height, width, sha256
+
+
+def collect_image_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The image files named by ``paths`` (folders searched recursively by suffix), absolute."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser().resolve()
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"{str(raw)!r} is neither an image file nor a folder")
+    return files
+
+
+def read_image_files(files: Sequence[Path]) -> tuple[list[ImageRow], list[tuple[Path, str]]]:
+    """Size and checksum of every file that opens as an image, and (file, reason) for every one that does not,
+    so a caller can name all bad files at once instead of stopping at the first."""
+    from segany.data.images import load_image  # reads EXIF orientation like the model will
+
+    rows: list[ImageRow] = []
+    bad: list[tuple[Path, str]] = []
+    for f in files:
+        try:
+            if f.stat().st_size == 0:
+                raise InputError("empty file")
+            arr = load_image(f)
+        except InputError as exc:
+            bad.append((f, _reason(exc, f)))
+            continue
+        rows.append((f, arr.shape[0], arr.shape[1], file_sha256(f)))
+    return rows, bad
+
+
+def _reason(exc: Exception, f: Path) -> str:
+    """The loader's message without the file name and the generic fix, which the summary gives once."""
+    text = str(exc).replace(repr(str(f)), "").split("; pass a")[0].strip()
+    return text.removeprefix("could not read  as an image ").strip("() ") or "not an image"
+
+
+def bad_images_message(bad: Sequence[tuple[Path, str]]) -> str:
+    shown = "; ".join(f"{f} ({why})" for f, why in bad[:20]) + (f"; ... {len(bad) - 20} more" if len(bad) > 20 else "")
+    return (f"{len(bad)} file(s) are not readable images, so nothing was added: {shown}; fix or remove them, "
+            "or pass --skip-invalid to add the others")
 
 
 def _check_uuid(value: str) -> str:

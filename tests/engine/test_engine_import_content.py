@@ -1,0 +1,153 @@
+"""`segany project import-coco` keys annotations on content, per project, in one transaction (audit findings 1, 4
+and 12), and `project add-images` names every unreadable file (finding 7)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli_fails
+from engine_fixtures import make_images
+
+from segany.cli.main import main
+from segany.engine.masks import decode_rle, encode_mask
+from segany.engine.store import open_store
+
+
+def _square(h: int, w: int, x0: int, y0: int, side: int) -> dict:
+    m = np.zeros((h, w), bool)
+    m[y0:y0 + side, x0:x0 + side] = True
+    return encode_mask(m)
+
+
+def _coco(path: Path, images: list[Path], *, shift: int = 0, extra: list[dict] | None = None) -> Path:
+    """Three annotations (RLE) on the first two images; ``shift`` moves the first mask (an edit)."""
+    from PIL import Image
+
+    ims = []
+    for i, p in enumerate(images[:2], 1):
+        with Image.open(p) as im:
+            ims.append({"id": i, "file_name": p.name, "width": im.width, "height": im.height})
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+             "segmentation": _square(ims[0]["height"], ims[0]["width"], 5 + shift, 5, 20)},
+            {"id": 2, "image_id": 1, "category_id": 2, "iscrowd": 0,
+             "segmentation": _square(ims[0]["height"], ims[0]["width"], 40, 40, 15)},
+            {"id": 3, "image_id": 2, "category_id": 1, "iscrowd": 0,
+             "segmentation": _square(ims[1]["height"], ims[1]["width"], 10, 30, 25)}]
+    path.write_text(json.dumps({"images": ims, "annotations": anns + (extra or []),
+                                "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "bag"}]}))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, list[Path]]:
+    images = make_images(tmp_path / "imgs", 3)
+    root = tmp_path / "proj"
+    assert main(["project", "create", str(root), "--name", "first"]) == 0
+    assert main(["project", "add-images", str(root), str(tmp_path / "imgs")]) == 0
+    return root, images
+
+
+def _anns(root: Path, project: str | None = None) -> list[dict]:
+    store = open_store(root)
+    try:
+        return store.list_annotations(project_id=store.get_project(project)["id"])
+    finally:
+        store.close()
+
+
+def _import(root: Path, src: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    capsys.readouterr()
+    assert main(["project", "import-coco", str(root), str(src), *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_reimport_is_keyed_on_content_not_path(setup: tuple[Path, list[Path]], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root, images = setup
+    src = _coco(tmp_path / "gt.json", images)
+    assert "imported 3 annotations, updated 0, unchanged 0" in _import(root, src, capsys)
+    assert "imported 0 annotations, updated 0, unchanged 3" in _import(root, src, capsys)
+    copy = tmp_path / "elsewhere" / "copy.json"
+    copy.parent.mkdir()
+    shutil.copy(src, copy)
+    assert "imported 0 annotations, updated 0, unchanged 3" in _import(root, copy, capsys)  # no duplicates
+    assert len(_anns(root)) == 3
+
+    _coco(src, images, shift=7)  # one mask edited in place
+    assert "imported 0 annotations, updated 1, unchanged 2" in _import(root, src, capsys)
+    anns = _anns(root)
+    assert len(anns) == 3
+    first = decode_rle(anns[0]["segmentation"])
+    assert first[5:25, 12:32].all() and not first[5:25, 5:12].any()  # the edit is stored, not ignored
+
+
+def test_same_images_in_a_second_project(setup: tuple[Path, list[Path]], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root, images = setup
+    src = _coco(tmp_path / "gt.json", images)
+    _import(root, src, capsys)
+    store = open_store(root)
+    store.create_project("second")
+    store.close()
+    out = _import(root, src, capsys, "--project", "second", "--images-dir", str(tmp_path / "imgs"))
+    assert "imported 3 annotations" in out and "added 2 images" in out
+    assert len(_anns(root, "second")) == 3 and len(_anns(root, "first")) == 3
+
+
+def test_failed_import_writes_nothing(setup: tuple[Path, list[Path]], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    root, images = setup
+    store = open_store(root)
+    store.create_project("second")
+    store.close()
+    bad = {"id": 9, "image_id": 2, "category_id": 1, "segmentation": _square(10, 10, 0, 0, 3)}  # wrong size
+    src = _coco(tmp_path / "gt.json", images, extra=[bad])
+    cli_fails(["project", "import-coco", str(root), str(src), "--project", "second", "--images-dir",
+               str(tmp_path / "imgs")], capsys, "does not match image")
+    store = open_store(root)
+    try:
+        second = store.get_project("second")
+        assert store.list_images(second["id"]) == [] and second["labels"] == []
+        assert store.list_annotations(project_id=second["id"]) == []
+    finally:
+        store.close()
+
+
+def test_crowd_and_unknown_categories_are_counted(setup: tuple[Path, list[Path]], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    root, images = setup
+    from PIL import Image
+
+    with Image.open(images[0]) as im:
+        h, w = im.height, im.width
+    extra = [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": _square(h, w, 60, 5, 10)},
+             {"id": 11, "image_id": 1, "category_id": 77, "iscrowd": 0, "segmentation": _square(h, w, 80, 5, 10)}]
+    src = _coco(tmp_path / "gt.json", images, extra=extra)
+    out = _import(root, src, capsys)
+    assert "imported 4 annotations" in out and "1 crowd regions" in out
+    assert "1 with a category_id not in the file's categories" in out
+    out = _import(root, src, capsys, "--include-crowd")
+    assert "imported 1 annotations" in out and len(_anns(root)) == 5
+
+
+# ------------------------------------------------------------------------------------------ add-images
+def test_add_images_lists_every_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "imgs"
+    make_images(folder, 2)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "cut.png").write_bytes((folder / "img00.png").read_bytes()[:200])  # truncated
+    root = tmp_path / "proj"
+    assert main(["project", "create", str(root)]) == 0
+    line = cli_fails(["project", "add-images", str(root), str(folder)], capsys, "3 file(s) are not readable")
+    assert all(name in line for name in ("empty.jpg", "notes.png", "cut.png")) and "--skip-invalid" in line
+    store = open_store(root)
+    assert store.list_images(store.get_project()["id"]) == []
+    store.close()
+    assert main(["project", "add-images", str(root), str(folder), "--skip-invalid"]) == 0
+    out = capsys.readouterr().out
+    assert "added 2 images" in out and "skipped 3 unreadable" in out and "cut.png" in out
