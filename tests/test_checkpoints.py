@@ -266,3 +266,21 @@ def test_training_state_loads_as_a_checkpoint(tmp_path: Path) -> None:
     loaded = build_sam(str(tmp_path / "last.pt"))
     assert loaded.cfg == model.cfg
     _assert_same_weights(loaded, model)
+
+
+def test_bundled_checkpoint_and_registry_kind_check(tmp_path: Path) -> None:
+    """checkpoint="bundled" gives segany_tiny's shipped weights (without it: random, as in segment_anything);
+    a model without shipped weights says which have them; sam_model_registry["vit_b"] refuses a TinyViT file
+    (it used to return the TinyViT model silently)."""
+    from segany import sam_model_registry
+    from segany.checkpoints import build_sam, find_weights
+
+    shipped = build_sam("segany_tiny", checkpoint="bundled")
+    _assert_same_weights(shipped, build_sam("segany_tiny", checkpoint=find_weights("segany_tiny")))
+    with pytest.raises(CheckpointError, match="no weights shipped.*models that have: .*segany_tiny"):
+        build_sam("vit_b", checkpoint="bundled")
+    tiny = tmp_path / "tiny.pt"
+    save_checkpoint(shipped, tiny)
+    with pytest.raises(CheckpointError, match=r"holds a TinyViT model, not 'vit_b'.*sam_model_registry\['segany_tiny'\]"):
+        sam_model_registry["vit_b"](checkpoint=tiny)
+    assert sam_model_registry["segany_tiny"](checkpoint=tiny).cfg == shipped.cfg

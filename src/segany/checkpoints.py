@@ -35,6 +35,7 @@ from segany.registry import WeightsInfo, get_config, get_weights_info, list_mode
 log = logging.getLogger(__name__)
 
 SEGANY_FORMAT = "segany-checkpoint-v1"
+BUNDLED = "bundled"  # checkpoint= value meaning the weights that ship inside the package (segany_tiny's)
 TRAIN_STATE_FORMAT = "segany-train-state-v1"  # segany.train.trainer.STATE_FORMAT (not imported: that pulls in training)
 
 
@@ -180,12 +181,14 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
 
     Without ``checkpoint`` the model is randomly initialised, as ``sam_model_registry[name]()`` is in
     ``segment_anything``, and training from scratch relies on that. This holds for ``segany_tiny`` too,
-    although its weights ship with segany: pass ``find_weights("segany_tiny")`` to get them. The exception
+    although its weights ship with segany: pass ``checkpoint="bundled"`` to get them. The exception
     is a class-head model (``segany_tiny_labels``), which is meaningless without its shipped head.
 
     ``build_sam("weights.pth")`` (a file, not a model name, as the reference's ``build_sam`` is called)
     loads that file, taking the variant from its embedded config or its tensor shapes.
     """
+    if checkpoint == BUNDLED:
+        checkpoint = _bundled_weights(name)
     path_first = checkpoint is None and _config_or_none(name) is None and Path(name).is_file()
     if path_first:
         checkpoint = name
@@ -235,6 +238,27 @@ def _shipped_head(name: str) -> Path | None:
     except UnknownModelError:
         return None  # build_sam reports the unknown name with suggestions below
     return find_weights(info.name) if info is not None and info.layout == HEAD_LAYOUT else None
+
+
+def _bundled_weights(name: str) -> Path:
+    """The weights file shipped (or downloaded) for model ``name``, for ``checkpoint="bundled"``."""
+    from segany.registry import weights_for_model
+
+    info = weights_for_model(name)  # unknown names raise with suggestions
+    found = find_weights(info.name) if info is not None else None
+    if found is None:
+        have = [m for m in list_models() if _has_bundled(m)]
+        raise CheckpointError(f"model {name!r} has no weights shipped with segany (checkpoint='bundled'); models "
+                              f"that have: {', '.join(have) or 'none'}; otherwise pass a weights file")
+    return found
+
+
+def _has_bundled(name: str) -> bool:
+    from segany.bundled import bundled_path
+    from segany.registry import weights_for_model
+
+    info = weights_for_model(name)
+    return info is not None and bundled_path(info.filename) is not None
 
 
 def _config_or_none(name: str) -> SamConfig | None:

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator, MutableMapping
 import torch
 
 from segany.checkpoints import build_sam
-from segany.errors import InputError, UnknownModelError
+from segany.errors import CheckpointError, InputError, UnknownModelError
 from segany.modeling.sam import Sam
-from segany.registry import get_model_info, list_models
+from segany.registry import get_config, get_model_info, list_models
 
 Builder = Callable[..., Sam]
 
@@ -21,10 +21,25 @@ def create_model(name: str, checkpoint: str | os.PathLike[str] | None = None, de
 
 def _builder(name: str) -> Builder:
     def build(checkpoint: str | os.PathLike[str] | None = None) -> Sam:
-        return build_sam(name, checkpoint=checkpoint)
+        model = build_sam(name, checkpoint=checkpoint)
+        _check_kind(model, name, checkpoint)
+        return model
 
     build.__name__ = f"build_sam_{name}"
     return build
+
+
+def _check_kind(model: Sam, name: str, checkpoint: str | os.PathLike[str] | None) -> None:
+    """``sam_model_registry["vit_b"](checkpoint=f)`` must give a ViT-B-kind model, as the reference's strict
+    load ensures. A segany file carries its own config, which ``build_sam`` follows (the CLI relies on that);
+    here the name was asked for explicitly, so an encoder of another kind (TinyViT for ViT) is refused."""
+    wanted = type(get_config(name).encoder)
+    got = type(model.cfg.encoder)
+    if got is not wanted:
+        same = [m for m in list_models() if get_config(m) == model.cfg]
+        hint = f"sam_model_registry[{same[0]!r}]" if same else "segany.build_sam(path)"
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} holds a {got.__name__.removesuffix('Config')} model, not {name!r} "
+                              f"({wanted.__name__.removesuffix('Config')}): use {hint}, which reads the variant from the file")
 
 
 class _Registry(MutableMapping[str, Builder]):
