@@ -40,25 +40,25 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.override)
     if args.max_minutes is not None:
         overrides.append(f"run.max_minutes={args.max_minutes}")
-    # Everything the user typed is checked before the model is built or a folder is made.
+    # Everything the user typed (config, output paths, pack and its datasets, a resume's changes) is checked
+    # before the model is built or a folder is made.
     cfg = load_config(args.config, overrides)
     check_out_dir(cfg.run.out_dir, "run.out_dir")
     if args.export:
         check_out_file(args.export, "--export")
-
-    last = Path(cfg.run.out_dir) / "last.pt"
-    if last.exists() and not args.resume:  # starting over would overwrite that run's checkpoint and log
-        from segany.errors import InputError
-
-        raise InputError(f"run.out_dir {cfg.run.out_dir!r} already holds a training run ({last.name}); pass "
-                         "--resume to continue it, or start a new one elsewhere with -o run.out_dir=FOLDER")
+    last = _check_resume(cfg, args.resume)
+    records, notes = _check_data(cfg)
 
     from segany.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    if args.resume and last.exists():
+    trainer = Trainer(cfg, train_records=records)
+    for note in notes:
+        _say(trainer, note)
+    if last is not None:
         trainer.load(last)
         _say(trainer, f"resumed from {last} at step {trainer.step}")
+    else:
+        _say(trainer, f"initial weights: {_init_source(cfg, trainer)}")
     n_params = sum(p.numel() for p in trainer.sam.parameters())
     _say(trainer, f"model {cfg.model.name} ({n_params / 1e6:.2f} M parameters) on {trainer.device}, "
                   f"world size {trainer.world}, batch {cfg.run.batch_size}/process, "
@@ -68,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
         if args.quiet:
             return
         mem = f" mem {entry['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in entry else ""
+        if "val_score" in entry:
+            print(f"step {entry['step']:6d}  val box mIoU {entry['val_box_miou']:.3f}  1-click mIoU "
+                  f"{entry['val_miou_1']:.3f}  score {entry['val_score']:.4f}"
+                  f"{'  (best: saved best.pt)' if entry.get('best') else ''}", flush=True)
+            return
         print(f"step {entry['step']:6d}  {entry['time_s']:7.1f}s  loss {entry['loss']:.4f}  "
               f"IoU first {entry.get('iou_first', 0):.3f} last {entry.get('iou_last', 0):.3f}  "
               f"lr {entry['lr']:.2e}  {entry['images_per_s']:.1f} img/s{mem}", flush=True)
@@ -91,6 +96,44 @@ def run(args: argparse.Namespace) -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+def _check_resume(cfg: Any, resume: bool) -> Path | None:
+    """The state to resume from (None: a fresh run); refuses to overwrite a run or to change one's maths."""
+    from segany.errors import InputError
+    from segany.train.resume import check_resume_config, saved_config
+
+    last = Path(cfg.run.out_dir) / "last.pt"
+    if not last.exists():
+        return None
+    if not resume:  # starting over would overwrite that run's checkpoint and log
+        raise InputError(f"run.out_dir {cfg.run.out_dir!r} already holds a training run ({last.name}); pass "
+                         "--resume to continue it, or start a new one elsewhere with -o run.out_dir=FOLDER")
+    check_resume_config(saved_config(last), cfg, cfg.run.out_dir)
+    return last
+
+
+def _check_data(cfg: Any) -> tuple[list[Any], list[str]]:
+    """The training records (the pack and its dataset names checked), and notes for the user."""
+    from segany.train.data import effective_repeat, train_records, val_records
+
+    records = train_records(cfg.data)
+    _, ignored = effective_repeat(records, cfg.data.repeat)
+    notes = []
+    if ignored:
+        have = ", ".join(sorted({r.dataset for r in records}))
+        notes.append(f"note: data.repeat entries for {', '.join(ignored)} ignored: not among the training "
+                     f"datasets ({have})")
+    if cfg.run.val_every:
+        val_records(cfg.data)  # a pack without held-out images fails now, not at the first validation
+    return records, notes
+
+
+def _init_source(cfg: Any, trainer: Any) -> str:
+    from segany.train.config import BUNDLED
+    from segany.train.init_weights import describe_init
+
+    return describe_init(trainer.init_checkpoint, cfg.model.checkpoint == BUNDLED)
 
 
 def _say(trainer: Any, msg: str) -> None:

@@ -27,12 +27,26 @@ def _require(ok: bool, message: str) -> None:
         raise InputError(message)
 
 
+BUNDLED = "bundled"  # model.checkpoint value meaning "the weights shipped in the package for model.name"
+
+
 @dataclass(frozen=True)
 class ModelSection:
     name: str = "segany_tiny"
-    checkpoint: str | None = None  # initial weights (fine-tuning); None trains from scratch
+    # Initial weights: null = random init (from scratch), "bundled" = the weights shipped with segany for
+    # ``name`` (fine-tuning segany_tiny), or a checkpoint file.
+    checkpoint: str | None = None
     # An explicit architecture in SamConfig.to_dict() form, for experiments with unregistered sizes.
     arch: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch is None:  # a typo must not train some other model (unknown names suggest close ones)
+            from segany.registry import get_config
+
+            get_config(self.name)
+        if self.checkpoint == BUNDLED and self.arch is not None:
+            raise InputError("model.checkpoint=bundled needs a registered model.name, not model.arch; "
+                             "pass a checkpoint file instead")
 
 
 @dataclass(frozen=True)
@@ -51,9 +65,9 @@ class DataSection:
     repeat: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
+        # Names outside data.datasets (or the pack) are ignored with a note when the run starts, so one
+        # config serves packs holding other datasets (see segany.train.data.effective_repeat).
         for name, factor in (self.repeat or {}).items():
-            if name not in self.datasets:
-                raise InputError(f"data.repeat names {name!r}, which is not in data.datasets {list(self.datasets)}")
             if not factor >= 0:
                 raise InputError(f"data.repeat[{name!r}] must be >= 0, got {factor}")
         _require(bool(self.datasets), "data.datasets is empty; name at least one, e.g. [coco128, pennfudan]")
@@ -76,7 +90,10 @@ class OptimSection:
     decay_at: tuple[float, ...] = (0.7, 0.9)  # fractions of the run (steps or wall-clock) where lr drops
     decay_gamma: float = 0.1
     layer_decay: float = 1.0  # lr scale per encoder layer from the top; 1.0 = none (from scratch)
+    # A frozen part gets no gradient and no optimizer state, and stays in eval mode for the whole run
+    # (TinyViT's BatchNorm running statistics do not move either). Both frozen = decoder-only fine-tuning.
     freeze_image_encoder: bool = False
+    freeze_prompt_encoder: bool = False
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
@@ -132,6 +149,10 @@ class RunSection:
     log_every: int = 10
     ckpt_every: int = 500
     device: str = "auto"  # auto | cpu | cuda
+    # Held-out validation every val_every steps (0 = off) on at most val_objects objects of the pack's
+    # val split: box mIoU and 1-click mIoU (segany.eval); best.pt keeps the weights with the best mean.
+    val_every: int = 0
+    val_objects: int = 64
 
     def __post_init__(self) -> None:
         _require(bool(self.out_dir and str(self.out_dir).strip()), "run.out_dir is empty; name a folder for the run")
@@ -143,6 +164,8 @@ class RunSection:
         _require(self.seed >= 0, f"run.seed must be >= 0, got {self.seed}")
         _require(self.log_every >= 1, f"run.log_every must be >= 1 step, got {self.log_every}")
         _require(self.ckpt_every >= 0, f"run.ckpt_every must be >= 0 (0 saves only at the end), got {self.ckpt_every}")
+        _require(self.val_every >= 0, f"run.val_every must be >= 0 steps (0 turns validation off), got {self.val_every}")
+        _require(self.val_objects >= 1, f"run.val_objects must be >= 1 object, got {self.val_objects}")
         _require(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)),
                  f"run.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -185,8 +208,12 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
             raise InputError(f"config {key} needs a value of type {ann}, got null")
         return None
     try:
+        if ann.startswith("tuple[str") and isinstance(value, str):
+            value = [value]  # data.datasets=foo means [foo]
         if ann.startswith("tuple") and not isinstance(value, (list, tuple)):
             raise ValueError(value)
+        if ann.startswith(("int", "float")) and isinstance(value, bool):
+            raise TypeError(value)  # bool is an int in Python: run.batch_size=true must not mean 1
         if ann.startswith("dict[str, float]"):
             if not isinstance(value, dict):
                 raise ValueError(value)

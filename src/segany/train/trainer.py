@@ -32,6 +32,7 @@ from torch import nn
 from segany.atomic import atomic_path, atomic_write_json, atomic_write_text
 from segany.modeling.sam import Sam
 from segany.train.config import RecipeSection, TrainConfig
+from segany.train.init_weights import resolve_init_checkpoint
 from segany.train.losses import mask_iou, mask_losses
 from segany.train.optim import lr_factor, param_groups, set_lr
 from segany.train.prompts import error_points, jitter_boxes, mask_boxes_xyxy, sample_points
@@ -262,25 +263,27 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.run.seed)
+        # The file the initial weights came from (None: random init, or a model passed in).
+        self.init_checkpoint = resolve_init_checkpoint(cfg.model) if sam is None else None
         if sam is None and cfg.model.arch is not None:
             from segany.modeling.config import SamConfig
 
             sam = Sam(SamConfig.from_dict(cfg.model.arch))
-            if cfg.model.checkpoint:
+            if self.init_checkpoint is not None:
                 from segany.checkpoints import load_weights
 
-                load_weights(sam, cfg.model.checkpoint, cfg.model.name)
+                load_weights(sam, self.init_checkpoint, cfg.model.name)
         if sam is None:
-            sam = build_sam(cfg.model.name, checkpoint=cfg.model.checkpoint)
-        self.sam = sam.to(dev).train()
+            sam = build_sam(cfg.model.name, checkpoint=self.init_checkpoint)
+        self.sam = sam.to(dev)
         if cfg.run.grad_checkpointing:
             for m in self.sam.image_encoder.modules():
                 if hasattr(m, "gradient_checkpointing"):
                     m.gradient_checkpointing = True
-        if cfg.optim.freeze_image_encoder:
-            for p in self.sam.image_encoder.parameters():
-                p.requires_grad_(False)
+        for p in self.frozen_parameters():
+            p.requires_grad_(False)
         self.net: nn.Module = InteractiveRecipe(self.sam, cfg.recipe)
+        self.set_train_mode()
         self.ddp: nn.Module = self.net
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -294,17 +297,55 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process (resumed runs)
         self.progress = 0.0
+        self.first_loss: float | None = None  # the run's first loss, kept across resumes for summary.json
+        self.best_val: float | None = None  # best validation score so far (best.pt holds those weights)
+        self._val_objects: list | None = None
+        self._last_val_step = -1
         self.train_records = train_records
         self.out_dir = Path(cfg.run.out_dir)
         self.amp = cfg.run.amp and dev.type == "cuda"
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the parts ``optim.freeze_*`` keeps fixed."""
+        return [p for m in self.frozen_modules() for p in m.parameters()]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        o = self.cfg.optim
+        return [m for m, frozen in ((self.sam.image_encoder, o.freeze_image_encoder),
+                                    (self.sam.prompt_encoder, o.freeze_prompt_encoder)) if frozen]
+
+    def set_train_mode(self) -> None:
+        """Train mode, except frozen parts: their BatchNorm statistics and dropout must not change either."""
+        self.net.train()
+        for m in self.frozen_modules():
+            m.eval()
+
+    def _write_log(self, entry: dict[str, Any], log_path: Path, on_log: Callable[[dict[str, Any]], None] | None
+                   ) -> None:
+        if self.rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if on_log:
+                on_log(entry)
+
+    def _step_entry(self, stats: dict[str, float], since_t: float, since_step: int) -> dict[str, Any]:
+        imgs = (self.step - since_step) * self.cfg.run.batch_size * self.world
+        entry = {"step": self.step, "time_s": round(self.elapsed, 1), **{k: round(v, 5) for k, v in stats.items()},
+                 "images_per_s": round(imgs / max(time.time() - since_t, 1e-9), 2)}
+        if self.device.type == "cuda":
+            entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        log.info("step %d loss %.4f", self.step, stats["loss"])
+        return entry
+
     def _loop(self, next_batch: Callable[[], dict[str, Any]], interrupt: _DeferredInterrupt, t0: float,
               budget: float, log_path: Path, on_log: Callable[[dict[str, Any]], None] | None
-              ) -> tuple[float | None, dict[str, float]]:
-        """Train steps until the budget ends; returns the first step's loss and the last step's stats."""
+              ) -> dict[str, float]:
+        """Train steps until the budget ends; returns the last step's stats.
+
+        The last step is always logged (and validated, when validation is on), whatever its number.
+        """
         run = self.cfg.run
         last_t, last_step = time.time(), self.step
-        first_loss: float | None = None
         stats: dict[str, float] = {}
         while self.step < run.max_steps and time.time() - t0 < budget:
             if interrupt.requested:
@@ -316,28 +357,31 @@ class Trainer:
                     self._save_on_interrupt()
                 raise
             stats = self.train_step(batch, elapsed=time.time() - t0)
-            first_loss = stats["loss"] if first_loss is None else first_loss
+            self.first_loss = stats["loss"] if self.first_loss is None else self.first_loss
             self.elapsed = time.time() - t0
             if self.step % run.log_every == 0 or self.step == 1:
-                now = time.time()
-                imgs = (self.step - last_step) * run.batch_size * self.world
-                entry = {"step": self.step, "time_s": round(self.elapsed, 1), **{k: round(v, 5) for k, v in
-                                                                                 stats.items()},
-                         "images_per_s": round(imgs / max(now - last_t, 1e-9), 2)}
-                if self.device.type == "cuda":
-                    entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-                last_t, last_step = now, self.step
-                if self.rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(entry) + "\n")
-                    log.info("step %d loss %.4f", self.step, stats["loss"])
-                    if on_log:
-                        on_log(entry)
+                self._log_step(stats, last_t, last_step, log_path, on_log)
+                last_t, last_step = time.time(), self.step
+            if run.val_every and self.step % run.val_every == 0:
+                self._validate_and_log(log_path, on_log)
             if run.ckpt_every and self.step % run.ckpt_every == 0:
                 self.save()
+        if stats and last_step != self.step:  # the budget ended between log steps: log where it stopped
+            self._log_step(stats, last_t, last_step, log_path, on_log)
+        if run.val_every and stats and self._last_val_step != self.step:
+            self._validate_and_log(log_path, on_log)
         if interrupt.requested:
             self._save_on_interrupt()
-        return first_loss, stats
+        return stats
+
+    def _log_step(self, stats: dict[str, float], since_t: float, since_step: int, log_path: Path,
+                  on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        self._write_log(self._step_entry(stats, since_t, since_step), log_path, on_log)
+
+    def _validate_and_log(self, log_path: Path, on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        self._last_val_step = self.step
+        if self.rank == 0:  # the other processes wait at their next gradient all-reduce
+            self._write_log(self.validate(), log_path, on_log)
 
     def _save_on_interrupt(self) -> None:
         """Checkpoint the state after the last whole step (as a periodic save would) and stop."""
@@ -372,7 +416,7 @@ class Trainer:
     def train_step(self, batch: dict[str, Any], elapsed: float = 0.0) -> dict[str, float]:
         self.progress = self._progress(elapsed)
         lr = set_lr(self.optimizer, self.cfg.optim.lr, lr_factor(self.step, self.progress, self.cfg.optim))
-        self.net.train()
+        self.set_train_mode()
         loss, stats = self.compute_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,7 +432,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "step": self.step, "elapsed": self.elapsed, "progress": self.progress,
                 "model": self.sam.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
-                "config": self.cfg.to_dict(), "model_config": self.sam.cfg.to_dict()}
+                "config": self.cfg.to_dict(), "model_config": self.sam.cfg.to_dict(),
+                "first_loss": self.first_loss, "best_val": self.best_val}
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the full training state atomically (rank 0 only); returns its path."""
@@ -406,11 +451,19 @@ class Trainer:
         state = torch.load(p, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{str(p)!r} is not a segany training state (written by `segany train`)")
+        from segany.checkpoints import check_state_dict
+        from segany.train.resume import check_resume_config
+
+        # Another lr, dataset or model would make this one run's files describe two; only budgets may grow.
+        check_resume_config(state.get("config") or {}, self.cfg, str(p.parent))
+        check_state_dict(self.sam, state["model"], self.cfg.model.name, str(p))  # one line, not torch's kBs
         self.sam.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.progress = float(state.get("progress", 0.0))
+        self.first_loss = state.get("first_loss")
+        self.best_val = state.get("best_val")
         _set_rng_state(state["rng"])
 
     def export(self, path: str | os.PathLike[str], half: bool = True, meta: dict[str, Any] | None = None) -> Path:
@@ -427,15 +480,10 @@ class Trainer:
             SegmentationDataset,
             StepBatchSampler,
             collate,
-            repeat_records,
         )
-        from segany.data.pack import load_pack
 
         d = self.cfg.data
-        records = self.train_records
-        if records is None:
-            records = load_pack(d.pack, split="train", datasets=d.datasets)
-        records = repeat_records(records, d.repeat, seed=self.cfg.run.seed)
+        records = self.epoch_records()
         aug = AugmentConfig(hflip=d.hflip, scale_min=d.scale_min, scale_max=d.scale_max,
                             min_mask_area=d.min_mask_area)
         ds = SegmentationDataset(records, img_size=self.sam.img_size, max_masks=d.max_masks, augment=aug,
@@ -449,19 +497,73 @@ class Trainer:
                                            pin_memory=self.device.type == "cuda", persistent_workers=False,
                                            prefetch_factor=4 if nw > 0 else None)
 
+    def epoch_records(self) -> list:
+        """Training records with ``data.repeat`` applied; repeat entries for absent datasets are noted, not fatal."""
+        from segany.data.datasets import repeat_records
+        from segany.train.data import effective_repeat, train_records
+
+        records = self.train_records if self.train_records is not None else train_records(self.cfg.data)
+        repeat, ignored = effective_repeat(records, self.cfg.data.repeat)
+        if ignored and self.rank == 0:
+            log.info("data.repeat names %s, not among the training datasets (%s); ignored", ", ".join(ignored),
+                        ", ".join(sorted({r.dataset for r in records})))
+        return repeat_records(records, repeat, seed=self.cfg.run.seed)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, Any]:
+        """Box and 1-click mIoU on the held-out split (segany.eval's protocol); keeps best.pt on a new best.
+
+        The score is the mean of the two. Runs on rank 0 only and in eval mode; prompts there are
+        deterministic, so validating does not change the training that follows.
+        """
+        from segany.eval.interactive import evaluate_model, summarize
+
+        objects = self.validation_objects()
+        t = time.time()
+        self.sam.eval()
+        try:
+            with torch.no_grad():
+                results = evaluate_model(self.sam, objects, max_clicks=1,
+                                         predictor_options={"precision": "fp32"})
+        finally:
+            self.set_train_mode()
+        s = summarize(results, max_clicks=1)["all"]
+        score = round((s["box_miou"] + s["miou_1"]) / 2, 4)
+        entry: dict[str, Any] = {"step": self.step, "val_box_miou": s["box_miou"], "val_miou_1": s["miou_1"],
+                                 "val_score": score, "val_objects": len(results), "val_s": round(time.time() - t, 1)}
+        if self.best_val is None or score > self.best_val:
+            self.best_val = score
+            entry["best"] = True
+            meta = {"best_step": self.step, "val_score": score, "config": self.cfg.to_dict()}
+            self.export(self.out_dir / "best.pt", half=False, meta=meta)
+            self.export(self.out_dir / "best_fp16.pt", half=True, meta=meta)
+        return entry
+
+    def validation_objects(self) -> list:
+        """The first ``run.val_objects`` objects of the held-out images (loaded once, the same every time)."""
+        if self._val_objects is None:
+            from segany.eval.interactive import eval_objects
+            from segany.train.data import val_records
+
+            cap = self.cfg.run.val_objects
+            objects = []
+            for rec, masks in eval_objects(val_records(self.cfg.data)):
+                objects.append((rec, masks[: cap - sum(len(m) for _, m in objects)]))
+                if sum(len(m) for _, m in objects) >= cap:
+                    break
+            self._val_objects = objects
+        return self._val_objects
+
     def build_batches(self) -> Callable[[], dict[str, Any]]:
         """A function returning the next batch: worker processes, or the accelerator-resident cache."""
         d = self.cfg.data
         if not d.device_cache:
             it = iter(self.build_loader())
             return lambda: next(it)
-        from segany.data.datasets import AugmentConfig, repeat_records
+        from segany.data.datasets import AugmentConfig
         from segany.data.device_batches import DeviceBatcher
-        from segany.data.pack import load_pack
 
-        records = self.train_records if self.train_records is not None else load_pack(
-            d.pack, split="train", datasets=d.datasets)
-        records = repeat_records(records, d.repeat, seed=self.cfg.run.seed)
+        records = self.epoch_records()
         aug = AugmentConfig(hflip=d.hflip, scale_min=d.scale_min, scale_max=d.scale_max,
                             min_mask_area=d.min_mask_area)
         batcher = DeviceBatcher(records, img_size=self.sam.img_size, max_masks=d.max_masks,
@@ -491,9 +593,9 @@ class Trainer:
         budget = 60.0 * run.max_minutes if run.max_minutes else float("inf")
         self.interrupt_checkpoint: Path | None = None  # set when Ctrl-C stopped the run and its state was saved
         with _DeferredInterrupt() as interrupt:
-            first_loss, stats = self._loop(next_batch, interrupt, t0, budget, log_path, on_log)
+            stats = self._loop(next_batch, interrupt, t0, budget, log_path, on_log)
         self.save()
-        summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "first_loss": first_loss,
+        summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "first_loss": self.first_loss,
                    "last_loss": stats.get("loss"), "world_size": self.world, "batch_size": run.batch_size,
                    "images_seen": self.step * run.batch_size * self.world,
                    "images_per_s": round(self.step * run.batch_size * self.world / max(self.elapsed, 1e-9), 2),
@@ -501,4 +603,6 @@ class Trainer:
         if self.device.type == "cuda":
             summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
             summary["gpu"] = torch.cuda.get_device_name(self.device)
+        if self.best_val is not None:
+            summary["best_val_score"] = self.best_val
         return summary

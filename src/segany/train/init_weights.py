@@ -1,0 +1,40 @@
+"""Where a run's initial weights come from: random init, the weights shipped with segany, or a file.
+
+``model.checkpoint: null`` silently meant random init, which is right for training from scratch and a trap
+for fine-tuning (first loss 3.4 instead of 0.7). ``bundled`` names the shipped weights without a path, and
+the run prints its source (file and sha256 prefix) so a log always says what it started from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segany.errors import CheckpointError
+from segany.train.config import BUNDLED, ModelSection
+
+
+def resolve_init_checkpoint(model: ModelSection) -> Path | None:
+    """The file ``model.checkpoint`` means (None = random init); ``bundled`` finds the shipped weights."""
+    if model.checkpoint is None:
+        return None
+    if model.checkpoint != BUNDLED:
+        return Path(model.checkpoint)  # read and checked by build_sam / load_weights, as before
+    from segany.checkpoints import find_weights
+    from segany.registry import list_weights, weights_for_model
+
+    info = weights_for_model(model.name)
+    path = find_weights(info.name) if info is not None else None
+    if path is None:
+        shipped = [w for w in list_weights() if find_weights(w) is not None]
+        raise CheckpointError(f"model.checkpoint=bundled but no weights for {model.name!r} ship with this install "
+                              f"(shipped: {', '.join(shipped) or 'none'}); pass a weights file or null for random init")
+    return path
+
+
+def describe_init(path: Path | None, bundled: bool) -> str:
+    """One line for the start-up banner: ``random init`` or the file and its sha256 prefix."""
+    if path is None:
+        return "random init (model.checkpoint is null)"
+    from segany.hashing import file_digest
+
+    return f"{'bundled ' if bundled else ''}{path} (sha256 {file_digest(path)[:12]})"

@@ -1,0 +1,238 @@
+"""Fine-tuning as a user meets it: frozen parts stay frozen, resumes keep one run, the shipped weights are the
+easy start, data mistakes name the datasets, validation keeps best.pt, and the log/summary tell the truth.
+
+The CLI tests run ``segany train`` in-process on a real pack of a few synthetic images (dataset ``mydata``,
+as a user's own pack would be) with the tests' tiny ViT (configs/tiny_cpu.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, cli_fails
+
+from segany.data.formats.common import InstanceRecord, encode_mask
+from segany.errors import CheckpointError, InputError, UnknownModelError
+from segany.modeling.config import SamConfig, TinyViTConfig
+from segany.modeling.sam import Sam
+from segany.train.config import load_config
+from segany.train.trainer import Trainer
+
+TINY_CPU = str(REPO / "configs" / "tiny_cpu.yaml")
+FINETUNE = str(REPO / "configs" / "segany_tiny_cpu_finetune.yaml")
+# Small enough for ~1 s per step on 2 cores; the rest of tiny_cpu.yaml (256 px depth-2 ViT) is kept.
+FAST = ["run.batch_size=1", "data.max_masks=1", "data.num_workers=0", "recipe.point_rounds=0", "run.log_every=5",
+        "run.ckpt_every=0"]
+
+
+def _pack(root: Path, dataset: str = "mydata") -> Path:
+    """A real pack (manifest + JPEGs) of 3 train and 2 val images, one object each, written by data.pack."""
+    from PIL import Image
+
+    from segany.data.pack import pack_records
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(5):
+        img = (rng.random((96, 120, 3)) * 60).astype(np.uint8)
+        m = np.zeros((96, 120), bool)
+        m[10 + 4 * i : 70, 20 : 100 - 6 * i] = True
+        img[m] = [200, 40, 40]
+        path = root / "src" / f"im{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+        rec = InstanceRecord(str(path), (96, 120), [encode_mask(m)], image_id=str(i), dataset=dataset)
+        pairs.append(("train" if i < 3 else "val", rec))
+    pack_records(pairs, root / "pack")
+    return root / "pack"
+
+
+def _train(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    from segany.cli.main import main
+
+    code = main(["train", *argv, "--quiet"])
+    return code, capsys.readouterr().err
+
+
+def _opts(pack: Path, out: Path, *extra: str, mine: bool = True) -> list[str]:
+    """``-o`` options for the pack and run folder; ``mine`` names the pack's dataset (a later extra wins)."""
+    mine_opt = ["data.datasets=[mydata]"] if mine else []
+    return [a for kv in [f"data.pack={pack}", f"run.out_dir={out}", *mine_opt, *FAST, *extra] for a in ("-o", kv)]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pack(tmp_path_factory.mktemp("pack"))
+
+
+# ----------------------------------------------------------------------------- finding 3: frozen encoder
+def _tinyvit_sam() -> Sam:
+    torch.manual_seed(0)
+    enc = TinyViTConfig(img_size=128, embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2),
+                        window_sizes=(4, 4, 4, 4), num_classes=0)
+    return Sam(SamConfig(encoder=enc))
+
+
+def _batch(S: int = 128) -> dict:
+    masks = torch.zeros(1, 1, S, S, dtype=torch.bool)
+    masks[0, 0, 20:90, 30:100] = True
+    return {"image": torch.randn(1, 3, S, S), "masks": masks, "num_masks": torch.tensor([1])}
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(None, [f"run.out_dir={tmp_path}", "recipe.point_rounds=0", "recipe.mask_only_rounds=0",
+                              "recipe.loss_size=0", "optim.warmup_steps=0", "run.max_steps=3", *extra])
+
+
+def test_frozen_encoder_keeps_batchnorm_statistics_and_eval_mode(tmp_path: Path) -> None:
+    sam = _tinyvit_sam()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in sam.image_encoder.modules())
+    before = {k: v.clone() for k, v in sam.image_encoder.state_dict().items()}
+    tr = Trainer(_cfg(tmp_path, "optim.freeze_image_encoder=true"), sam=sam)
+    for _ in range(3):
+        tr.train_step(_batch())
+        assert not tr.sam.image_encoder.training and tr.sam.mask_decoder.training
+    changed = [k for k, v in tr.sam.image_encoder.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == []
+
+
+def test_decoder_only_fine_tuning_freezes_prompt_encoder_too(tmp_path: Path) -> None:
+    sam = _tinyvit_sam()
+    frozen_before = {k: v.clone() for k, v in sam.state_dict().items() if not k.startswith("mask_decoder.")}
+    dec_before = sam.mask_decoder.output_upscaling[0].weight.detach().clone()
+    tr = Trainer(_cfg(tmp_path, "optim.freeze_image_encoder=true", "optim.freeze_prompt_encoder=true"), sam=sam)
+    trained = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in tr.sam.mask_decoder.parameters()}
+    tr.train_step(_batch())
+    after = tr.sam.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen_before.items())
+    assert not torch.equal(tr.sam.mask_decoder.output_upscaling[0].weight, dec_before)
+
+
+# ----------------------------------------------------------------------------- finding 4 and 9: resume
+def test_resume_refuses_changed_maths_and_keeps_the_runs_first_loss(pack: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code, err = _train(capsys, TINY_CPU, *_opts(pack, out, "run.max_steps=2"))
+    assert code == 0, err
+    first = json.loads((out / "summary.json").read_text())
+    files = {p: p.read_bytes() for p in (out / "model_fp16.pt", out / "config.json", out / "last.pt")}
+
+    line = cli_fails(["train", TINY_CPU, "--resume", *_opts(pack, out, "run.max_steps=3", "optim.lr=5")], capsys,
+                     "optim.lr")
+    assert "run.out_dir=FOLDER" in line and "run.max_steps" not in line.split(";")[0]
+    cli_fails(["train", TINY_CPU, "--resume", *_opts(pack, out, "model.name=vit_t")], capsys, "model.name")
+    assert all(p.read_bytes() == b for p, b in files.items())  # nothing rewritten by a refused resume
+
+    code, err = _train(capsys, TINY_CPU, "--resume", *_opts(pack, out, "run.max_steps=3", "run.log_every=2"))
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["first_loss"] == first["first_loss"]
+    steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # step 2 ended the first run and step 3 this one: both logged
+
+
+# ----------------------------------------------------------------------------- finding 6: initial weights
+def test_bundled_checkpoint_loads_the_shipped_weights_and_says_so(tmp_path: Path) -> None:
+    from segany.checkpoints import build_sam, find_weights
+    from segany.hashing import file_digest
+    from segany.train.init_weights import describe_init
+
+    cfg = load_config(FINETUNE, [f"run.out_dir={tmp_path}"])
+    assert cfg.model.checkpoint == "bundled"
+    tr = Trainer(cfg)
+    shipped = find_weights("segany_tiny")
+    assert tr.init_checkpoint == shipped
+    ref = build_sam("segany_tiny", checkpoint=shipped)
+    w = "mask_decoder.iou_token.weight"
+    assert torch.equal(tr.sam.state_dict()[w], ref.state_dict()[w])
+    assert file_digest(shipped)[:12] in describe_init(tr.init_checkpoint, True)
+    assert describe_init(None, False).startswith("random init")
+
+
+def test_unknown_model_name_is_refused_even_with_a_checkpoint(tmp_path: Path) -> None:
+    from segany.checkpoints import find_weights
+
+    with pytest.raises(UnknownModelError, match="vit_xx"):
+        load_config(None, ["model.name=vit_xx", f"model.checkpoint={find_weights('segany_tiny')}"])
+    with pytest.raises(CheckpointError, match="no weights for 'vit_b' ship"):
+        Trainer(load_config(None, ["model.name=vit_b", "model.checkpoint=bundled", f"run.out_dir={tmp_path}"]))
+
+
+# ----------------------------------------------------------------------------- finding 7: data messages
+def test_unknown_dataset_is_named_with_the_packs_datasets(pack: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    line = cli_fails(["train", TINY_CPU, *_opts(pack, tmp_path / "r", "data.datasets=[foo]")], capsys, "foo")
+    assert "mydata" in line and "data.datasets=[mydata]" in line
+    # The fine-tune config's shared-dataset names on a user's pack: the names are the problem, say so.
+    line = cli_fails(["train", FINETUNE, *_opts(pack, tmp_path / "r", mine=False)], capsys,
+                     "none of data.datasets")
+    assert "coco128" in line and "mydata" in line
+
+
+def test_missing_pack_fails_before_the_model_is_built(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_model(*a: object, **k: object) -> None:
+        raise AssertionError("the model was built before the pack was checked")
+
+    monkeypatch.setattr(Trainer, "__init__", no_model)
+    cli_fails(["train", TINY_CPU, *_opts(tmp_path / "nope", tmp_path / "r")], capsys, "does not exist")
+    (tmp_path / "empty").mkdir()
+    cli_fails(["train", TINY_CPU, *_opts(tmp_path / "empty", tmp_path / "r")], capsys, "not a segany pack")
+    assert not (tmp_path / "r").exists()
+
+
+def test_finetune_config_trains_on_a_users_pack(pack: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ft"
+    code, err = _train(capsys, FINETUNE, *_opts(pack, out, "data.datasets=mydata", "run.max_steps=1",
+                                                 "run.device=cpu"))
+    assert code == 0, err
+    assert "data.repeat entries for bsds, coco128, kvasir, pennfudan ignored" in err
+    assert "initial weights: bundled" in err and "sha256" in err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+# ----------------------------------------------------------------------------- finding 8: validation
+def test_validation_logs_metrics_and_keeps_best_weights(pack: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from segany.checkpoints import build_sam
+
+    out = tmp_path / "val"
+    code, err = _train(capsys, TINY_CPU, *_opts(pack, out, "run.max_steps=3", "run.val_every=2",
+                                                "run.val_objects=2"))
+    assert code == 0, err
+    entries = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    val = [e for e in entries if "val_score" in e]
+    assert [e["step"] for e in val] == [2, 3]  # every 2 steps, and the last
+    assert all(0 <= e["val_box_miou"] <= 1 and 0 <= e["val_miou_1"] <= 1 and e["val_objects"] == 2 for e in val)
+    best = max(val, key=lambda e: e["val_score"])
+    model = build_sam("tiny_cpu", checkpoint=out / "best.pt")
+    assert model.cfg.encoder.depth == 2
+    meta = torch.load(out / "best_fp16.pt", map_location="cpu", weights_only=True).get("meta", {})
+    assert meta.get("best_step", best["step"]) == best["step"]
+    assert json.loads((out / "summary.json").read_text())["best_val_score"] == best["val_score"]
+
+
+def test_validation_on_a_pack_without_held_out_images_fails_up_front(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from segany.data.pack import load_pack, pack_records
+
+    src = _pack(tmp_path / "a")
+    train_only = [("train", r) for r in load_pack(src, split="train")]
+    pack_records(train_only, tmp_path / "b")
+    cli_fails(["train", TINY_CPU, *_opts(tmp_path / "b", tmp_path / "r", "run.val_every=1")], capsys,
+              "no held-out (val) images")
+
+
+# ----------------------------------------------------------------------------- finding 9: config types
+def test_bools_are_not_numbers_and_a_bare_dataset_is_a_list() -> None:
+    with pytest.raises(InputError, match="run.batch_size must be int"):
+        load_config(None, ["run.batch_size=true"])
+    with pytest.raises(InputError, match="optim.lr must be float"):
+        load_config(None, ["optim.lr=false"])
+    assert load_config(None, ["data.datasets=foo"]).data.datasets == ("foo",)
