@@ -79,6 +79,7 @@ class SegmentationDataset(Dataset):
         # Oversample candidates: a crop can cut some masks away.
         chosen = self._choose_masks(rec, rng, self.max_masks * (2 if aug else 1))
         masks = np.stack([decode_rle(rec.masks[i]) for i in chosen]).astype(np.uint8)  # (n, H, W)
+        check_frames(rec, image.shape[:2], masks.shape[1:])
         h0, w0 = image.shape[:2]
         if aug is not None and rng.random() < aug.hflip:
             image, masks = image[:, ::-1], masks[:, :, ::-1]
@@ -101,6 +102,19 @@ class SegmentationDataset(Dataset):
             out_masks[j, :vh, :vw] = masks[i] > 0
         return {"image": torch.from_numpy(out_img), "masks": torch.from_numpy(out_masks),
                 "num_masks": len(keep), "size_hw": (vh, vw)}
+
+
+def check_frames(rec: InstanceRecord, image_hw: tuple[int, ...], masks_hw: tuple[int, ...]) -> None:
+    """Refuse an image whose size is not its masks' size.
+
+    Stretching the masks onto it would train on objects in the wrong place without a word: the pack
+    is stale (an old image kept under a reused id) or edited, and only repacking repairs it.
+    """
+    want = tuple(rec.size_hw)
+    if tuple(image_hw) != want or tuple(masks_hw) != want:
+        raise InputError(f"{rec.image_path} is {image_hw[0]}x{image_hw[1]} but its masks in the pack are "
+                         f"{masks_hw[0]}x{masks_hw[1]} (record says {want[0]}x{want[1]}); the pack is stale or "
+                         "edited: pack the data again (segany data pack) into a new --out folder")
 
 
 def repeat_records(records: Sequence[InstanceRecord], factors: Mapping[str, float] | None, seed: int = 0

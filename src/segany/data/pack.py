@@ -14,9 +14,11 @@ pycocotools nor scipy.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,9 @@ import numpy as np
 from PIL import Image
 
 from segany.atomic import atomic_path, atomic_write, atomic_write_json
-from segany.data.formats.common import InstanceRecord, decode_rle, encode_mask
-from segany.errors import InputError
+from segany.data.formats import held_out_ids
+from segany.data.formats.common import InstanceRecord, ReadReport, decode_rle, encode_mask
+from segany.errors import ImageLoadError, InputError
 from segany.transforms import preprocess_shape
 
 log = logging.getLogger(__name__)
@@ -56,27 +59,79 @@ def _check_settings(max_side: int, quality: int, max_side_by_dataset: dict[str, 
         raise InputError(f"quality (--quality) is a JPEG quality from 1 to 100, got {quality!r}; e.g. 80")
 
 
-def _save_jpeg_atomic(image: Image.Image, path: Path, quality: int) -> None:
-    # Whole or absent: a rerun after Ctrl-C trusts every image it finds.
-    atomic_write(path, lambda f: image.save(f, format="JPEG", quality=quality))
+def source_digest(path: str | os.PathLike[str]) -> str:
+    """A short content hash of a source image: what decides whether a packed JPEG may be kept on a rerun.
+
+    The content, not the image id or path, is the key: a rerun whose ids now name other images (a
+    re-exported COCO file, renamed files) must not keep the old JPEGs under those ids.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _packed_source(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    """(source digest, (H, W)) a packed JPEG was written from and at, read from its header; Nones if unknown."""
+    try:
+        with Image.open(path) as im:
+            comment = im.info.get("comment", b"")
+            size_hw = (im.size[1], im.size[0])
+        return str(json.loads(comment).get("segany_source")), size_hw
+    except (OSError, ValueError, AttributeError):
+        return None, None
+
+
+def _write_image(rec: InstanceRecord, target: Path, size_hw: tuple[int, int], quality: int, digest: str) -> None:
+    from segany.data.images import load_image
+
+    image = load_image(rec.image_path)
+    if image.shape[:2] != tuple(rec.size_hw):
+        raise ImageLoadError(f"{rec.image_path}: image is {image.shape[0]}x{image.shape[1]} but its masks are "
+                             f"{rec.size_hw[0]}x{rec.size_hw[1]}")
+    nh, nw = size_hw
+    target.parent.mkdir(parents=True, exist_ok=True)
+    small = Image.fromarray(image).resize((nw, nh), Image.BILINEAR)
+    comment = json.dumps({"segany_source": digest}).encode()  # lets a rerun tell whose pixels these are
+    atomic_write(target, lambda f: small.save(f, format="JPEG", quality=quality, comment=comment))
+
+
+def _packed_masks(rec: InstanceRecord, size_hw: tuple[int, int], min_area: int) -> dict[str, list[Any]]:
+    masks, classes, groups = [], [], []
+    for i, rle in enumerate(rec.masks):
+        m = _resize_mask(decode_rle(rle), size_hw)
+        if m.sum() < min_area:
+            continue
+        masks.append(encode_mask(m))
+        if rec.class_names is not None:
+            classes.append(rec.class_names[i])
+        if rec.groups is not None:
+            groups.append(rec.groups[i])
+    return {"masks": masks, "classes": classes, "groups": groups, "dropped": len(rec.masks) - len(masks)}
 
 
 def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | os.PathLike[str], *,
                  max_side: int = 512, quality: int = 80, min_area: int = 16,
-                 max_side_by_dataset: dict[str, int] | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                 max_side_by_dataset: dict[str, int] | None = None, progress: Callable[[int], None] | None = None,
+                 on_bad: Callable[[str], None] | None = None, manifest_extra: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """Write (split, record) pairs into a pack folder; returns the manifest.
 
-    Resumable: images are written atomically, and a rerun into the same folder with the same ``max_side``
-    and ``quality`` keeps the images already there (the manifest is rebuilt; masks come from the sources).
-    With other settings every image is written again. The returned dict also says how many were ``reused``
-    (that key is not in the manifest file).
+    Resumable: images are written atomically, each JPEG remembering the content hash of its source, and a
+    rerun into the same folder with the same ``max_side`` and ``quality`` keeps a JPEG only when its source
+    is byte-identical and its size is the record's (the manifest is rebuilt; masks come from the sources).
+    An image that cannot be read raises, or, with ``on_bad``, is reported there and left out.
+    ``manifest_extra`` is merged into the manifest (the split rule of own data). The returned dict also
+    says how many images were ``reused`` (that key is not in the manifest file).
     """
-    from segany.data.images import load_image
-
     _check_settings(max_side, quality, max_side_by_dataset)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"pack output {str(out)!r} is an existing file; pass a folder (--out DIR)")
+    records = list(records)
+    if not records:
+        raise InputError(f"nothing to pack into {str(out)!r}: the input has no images")
     (out / "images").mkdir(parents=True, exist_ok=True)
     settings = {"format": PACK_FORMAT, "max_side": max_side, "quality": quality,
                 "max_side_by_dataset": dict(sorted((max_side_by_dataset or {}).items()))}
@@ -88,44 +143,143 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
     if not resume:
         atomic_write_json(settings_path, settings)
     packed: list[dict[str, Any]] = []
-    reused = 0
+    reused = dropped = 0
+    bad: list[str] = []
     for split, rec in records:
         h, w = rec.size_hw
         side = (max_side_by_dataset or {}).get(rec.dataset, max_side)
         nh, nw = preprocess_shape(h, w, side) if max(h, w) > side else (h, w)
         rel = Path("images") / rec.dataset / f"{rec.image_id}.jpg"
-        if resume and (out / rel).is_file():
-            reused += 1
-        else:
-            image = load_image(rec.image_path)
-            if image.shape[:2] != tuple(rec.size_hw):
-                raise InputError(f"{rec.image_path}: image is {image.shape[0]}x{image.shape[1]} but its masks are "
-                                 f"{rec.size_hw}")
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            _save_jpeg_atomic(Image.fromarray(image).resize((nw, nh), Image.BILINEAR), out / rel, quality)
-        masks, classes, groups = [], [], []
-        for i, rle in enumerate(rec.masks):
-            m = _resize_mask(decode_rle(rle), (nh, nw))
-            if m.sum() < min_area:
-                continue
-            masks.append(encode_mask(m))
-            if rec.class_names is not None:
-                classes.append(rec.class_names[i])
-            if rec.groups is not None:
-                groups.append(rec.groups[i])
-        d = InstanceRecord(image_path=rel.as_posix(), size_hw=(nh, nw), masks=masks,
-                           class_names=classes if rec.class_names is not None else None,
+        try:
+            digest = source_digest(rec.image_path)
+            if resume and _packed_source(out / rel) == (digest, (nh, nw)):
+                reused += 1
+            else:
+                _write_image(rec, out / rel, (nh, nw), quality, digest)
+        except (OSError, ImageLoadError) as exc:
+            if on_bad is None:
+                raise ImageLoadError(f"{rec.image_path}: cannot be packed ({exc})") from exc
+            bad.append(f"{rec.image_path}: {exc}")
+            on_bad(bad[-1])
+            continue
+        kept = _packed_masks(rec, (nh, nw), min_area)
+        dropped += kept["dropped"]
+        d = InstanceRecord(image_path=rel.as_posix(), size_hw=(nh, nw), masks=kept["masks"],
+                           class_names=kept["classes"] if rec.class_names is not None else None,
                            image_id=rec.image_id, dataset=rec.dataset,
-                           groups=groups if rec.groups is not None else None).to_dict()
+                           groups=kept["groups"] if rec.groups is not None else None).to_dict()
         d["split"] = split
+        d["source"] = {"file": Path(rec.image_path).name, "blake2b": digest}
         packed.append(d)
         if progress:
             progress(1)
-    manifest = {"format": PACK_FORMAT, "max_side": max_side, "records": packed,
+    if not packed:
+        raise InputError(f"none of the {len(records)} images could be packed; the first: {bad[0]}")
+    manifest = {"format": PACK_FORMAT, "max_side": max_side, **(manifest_extra or {}), "records": packed,
                 "splits": _split_summary(packed)}
     with atomic_path(out / "manifest.json.gz") as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
         json.dump(manifest, f, separators=(",", ":"))  # RLE strings gzip to about a third
-    return {**manifest, "reused": reused}
+    return {**manifest, "reused": reused, "dropped_small": dropped}
+
+
+OWN_FORMATS = ("coco", "yolo", "masks")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def read_own(*, coco: str | None = None, yolo: str | None = None, masks: str | None = None,
+             images: str | None = None, name: str = "own", split: str | None = None,
+             categories: list[str] | None = None, report: ReadReport | None = None) -> list[InstanceRecord]:
+    """Records of a user's own dataset: a COCO instances JSON, a YOLO-seg folder or per-object PNG masks.
+
+    Exactly one of ``coco``, ``yolo``, ``masks`` is given; ``images`` is the image folder (COCO: defaults to
+    the JSON's folder; masks: required). Refuses an input that yields no object, saying what it looked for.
+    """
+    from segany.data.formats import read_coco, read_object_masks, read_yolo_seg
+
+    given = [k for k, v in (("--coco", coco), ("--yolo", yolo), ("--masks", masks)) if v is not None]
+    if len(given) != 1:
+        raise InputError(f"give exactly one input, --coco FILE, --yolo DIR or --masks DIR (with --images DIR); "
+                         f"got {', '.join(given) or 'none'}")
+    if not _NAME_RE.fullmatch(name):
+        raise InputError(f"--name {name!r} names a folder of the pack; use letters, digits, '_', '-' or '.', "
+                         "e.g. --name parts")
+    if categories is not None and masks is not None:
+        raise InputError("--categories filters class names, which --masks data has none of; leave it out")
+    if split is not None and yolo is None:
+        raise InputError("--split picks a YOLO split folder (images/<split>/); it only goes with --yolo")
+    if coco is not None:
+        recs = read_coco(coco, images, dataset=name, categories=categories, report=report)
+        looked = f"images listed in {coco} (files under {images or Path(coco).parent})"
+    elif yolo is not None:
+        if images is not None:
+            raise InputError("--images does not go with --yolo: a YOLO-seg folder holds its own images/ and labels/")
+        recs = read_yolo_seg(yolo, split, dataset=name, categories=categories, report=report)
+        looked = f"images under {Path(yolo) / 'images' / (split or '*')} with labels under {Path(yolo) / 'labels'}"
+    else:
+        if images is None:
+            raise InputError("--masks needs --images DIR, the folder of the images the masks belong to")
+        recs = read_object_masks(images, masks, dataset=name, report=report)
+        looked = f"images in {images} with a mask folder {masks}/<image stem>/*.png"
+    if not any(r.masks for r in recs):
+        what = f" of categories {', '.join(categories)}" if categories else ""
+        raise InputError(f"found no objects{what}: looked for {looked} and read {len(recs)} image(s) with masks; "
+                         "check the paths (see `segany data pack --help` for each layout)")
+    return recs
+
+
+def pack_own(out_dir: str | os.PathLike[str], *, coco: str | None = None, yolo: str | None = None,
+             masks: str | None = None, images: str | None = None, name: str = "own", split: str | None = None,
+             categories: list[str] | None = None, val_fraction: float = 0.1, seed: int = 0,
+             skip_bad: bool = False, max_side: int = 512, quality: int = 80,
+             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Pack a user's own dataset with a seeded held-out split; returns the manifest plus its ``report``.
+
+    ``val_fraction`` of the images (at least one) become the "val" split ``segany eval`` uses; training
+    uses the rest. The rule (fraction, seed) is kept in the manifest so the split can be told and
+    remade. Unusable images are refused all at once, listed, before anything is written; with
+    ``skip_bad`` they are left out and listed in ``report.bad``.
+    """
+    _check_settings(max_side, quality, None)
+    if not 0 <= val_fraction < 1:
+        raise InputError(f"--val-fraction must be in [0, 1), got {val_fraction}; e.g. 0.1 holds out a tenth")
+    report = ReadReport()
+    recs = _readable(read_own(coco=coco, yolo=yolo, masks=masks, images=images, name=name, split=split,
+                              categories=categories, report=report), report)
+    if not recs:
+        raise InputError(_bad_summary(report.bad) + "; nothing usable is left to pack")
+    if report.bad and not skip_bad:
+        raise InputError(_bad_summary(report.bad) + "; fix or remove them, or pass --skip-bad to pack the rest")
+    held = set(held_out_ids(name, [r.image_id for r in recs], fraction=val_fraction, seed=seed))
+    pairs = [("val" if r.image_id in held else "train", r) for r in recs]
+    rule = {"split_rule": {name: {"val_fraction": val_fraction, "seed": seed}}}
+    manifest = pack_records(pairs, out_dir, max_side=max_side, quality=quality, progress=progress,
+                            on_bad=report.bad.append if skip_bad else None, manifest_extra=rule)
+    return {**manifest, "report": report}
+
+
+def _readable(recs: list[InstanceRecord], report: ReadReport) -> list[InstanceRecord]:
+    """The records whose image file opens at the size the annotations say; the rest go to ``report.bad``.
+
+    Header reads only, so every bad file is found and listed before any image is written.
+    """
+    from segany.data.formats.common import image_size_hw
+
+    good = []
+    for r in recs:
+        size_hw = image_size_hw(Path(r.image_path), report)
+        if size_hw is None:
+            continue
+        if size_hw != tuple(r.size_hw):
+            report.bad.append(f"{r.image_path}: image is {size_hw[0]}x{size_hw[1]} but its annotations say "
+                              f"{r.size_hw[0]}x{r.size_hw[1]}")
+            continue
+        good.append(r)
+    return good
+
+
+def _bad_summary(bad: list[str], show: int = 5) -> str:
+    more = f" (and {len(bad) - show} more)" if len(bad) > show else ""
+    return f"{len(bad)} image(s) cannot be used: " + "; ".join(bad[:show]) + more
 
 
 def _split_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
@@ -151,6 +305,9 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
         max_side_by_dataset = {"kvasir": min(384, max_side)} if isinstance(max_side, int) else {}
     _check_settings(max_side, quality, max_side_by_dataset)
     root = Path(data_root)
+    if root.is_file():
+        raise InputError(f"--data {str(root)!r} is a file; --data is the shared data folder. To pack your own "
+                         "data pass --coco FILE (a COCO json, with --images DIR), --yolo DIR or --masks DIR")
     if not root.is_dir():
         raise InputError(f"data folder {str(root)!r} does not exist; pass the shared data folder (--data DIR) "
                          f"holding {', '.join(f'{d}/' for d in SHARED_DIRS.values())}")
@@ -158,7 +315,8 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
         raise InputError(f"no datasets to pack; name some of {', '.join(SHARED_DATASETS)} (--datasets)")
     for name in datasets:
         if name not in SHARED_DIRS:
-            raise InputError(f"unknown dataset {name!r} (--datasets); choose from {', '.join(SHARED_DATASETS)}")
+            raise InputError(f"unknown dataset {name!r} (--datasets); choose from {', '.join(SHARED_DATASETS)}, "
+                             "or pack your own data with --coco FILE, --yolo DIR or --masks DIR")
         if not (root / SHARED_DIRS[name]).is_dir():
             raise InputError(f"{name}: {str(root / SHARED_DIRS[name])!r} not found; pass the shared data folder "
                              f"(--data DIR) or leave {name} out of --datasets")
@@ -190,6 +348,11 @@ def load_pack(pack_dir: str | os.PathLike[str], split: str | None = None, datase
     if manifest.get("format") != PACK_FORMAT:
         raise InputError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {PACK_FORMAT!r}")
     wanted = set(datasets) if datasets is not None else None
+    have = sorted({str(d.get("dataset", "")) for d in manifest["records"]})
+    if wanted is not None and not wanted & set(have):
+        raise InputError(f"unknown dataset(s) {', '.join(map(repr, sorted(wanted)))} for the pack {str(root)!r}, "
+                         f"which holds {', '.join(have) or 'nothing'}; ask for those (training: "
+                         f"-o data.datasets=[{','.join(have)}]; eval: --datasets {','.join(have)})")
     out = []
     for d in manifest["records"]:
         if split is not None and d["split"] != split:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from segany.data.formats.bsds import read_bsds
 from segany.data.formats.coco import read_coco
-from segany.data.formats.common import InstanceRecord, decode_rle, encode_mask
-from segany.data.formats.png import read_binary_masks, read_instance_pngs
+from segany.data.formats.common import InstanceRecord, ReadReport, decode_rle, encode_mask
+from segany.data.formats.png import read_binary_masks, read_instance_pngs, read_object_masks
 from segany.data.formats.yolo import read_yolo_seg
 from segany.errors import InputError
 
-__all__ = ["InstanceRecord", "decode_rle", "encode_mask", "read_bsds", "read_coco", "read_binary_masks",
-           "read_instance_pngs", "read_yolo_seg", "read_shared", "SHARED_DATASETS", "SHARED_DIRS", "held_out_ids"]
+__all__ = ["InstanceRecord", "ReadReport", "decode_rle", "encode_mask", "read_bsds", "read_coco",
+           "read_binary_masks", "read_instance_pngs", "read_object_masks", "read_yolo_seg", "read_shared", "SHARED_DATASETS", "SHARED_DIRS", "held_out_ids"]
 
 SHARED_DATASETS = ("coco128", "pennfudan", "kvasir", "bsds")
 # Folder of each shared dataset under the data root (../shared/data/README.md).
@@ -28,11 +28,26 @@ HELD_OUT = {"pennfudan": 20, "kvasir": 80}
 SPLIT_SEED = 5  # fixed forever: changing it would silently leak training images into evaluation
 
 
-def held_out_ids(dataset: str, ids: list[str]) -> list[str]:
-    """The deterministic held-out ids of ``dataset`` among ``ids`` (order-independent)."""
-    n = HELD_OUT.get(dataset, 0)
+def held_out_ids(dataset: str, ids: list[str], *, fraction: float | None = None, seed: int = SPLIT_SEED
+                 ) -> list[str]:
+    """The deterministic held-out ids of ``dataset`` among ``ids`` (order-independent).
+
+    The shared datasets have fixed held-out counts; any other dataset needs ``fraction`` (0 to < 1), of
+    which round(fraction * n) ids, at least one when fraction > 0 and there are two ids or more, are held out.
+    """
+    if fraction is None:
+        if dataset not in HELD_OUT:
+            raise InputError(f"dataset {dataset!r} has no fixed held-out split (only {', '.join(HELD_OUT)} do); "
+                             "pass a held-out fraction, e.g. fraction=0.1 (segany data pack --val-fraction 0.1)")
+        n = HELD_OUT[dataset]
+    else:
+        if not 0 <= fraction < 1:
+            raise InputError(f"held-out fraction (--val-fraction) must be in [0, 1), got {fraction}; e.g. 0.1")
+        n = round(fraction * len(ids))
+        if fraction > 0 and len(ids) >= 2:
+            n = min(max(n, 1), len(ids) - 1)  # keep at least one image on each side
     pool = sorted(ids)
-    random.Random(f"{dataset}-{SPLIT_SEED}").shuffle(pool)
+    random.Random(f"{dataset}-{seed}").shuffle(pool)
     return sorted(pool[:n])
 
 

@@ -1,15 +1,33 @@
-"""COCO instance-segmentation JSON (polygons, uncompressed and compressed RLE) → records."""
+"""COCO instance-segmentation JSON (polygons, uncompressed and compressed RLE) → records.
+
+A user's own COCO export is often rough: images without ``height``/``width``, RLEs made for another
+image size, polygons with a stray coordinate, annotations pointing at images that are not listed. Each
+is either refused with the file, annotation id and fix, or skipped and counted in a :class:`ReadReport`;
+nothing is stretched or dropped without a word.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections import defaultdict
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from segany.data.formats.common import InstanceRecord, encode_mask
+from segany.data.formats.common import (
+    RLE,
+    InstanceRecord,
+    ReadReport,
+    _string_to_counts,
+    decode_rle,
+    encode_mask,
+    image_size_hw,
+    note,
+    rle_area,
+)
 from segany.errors import InputError
 
 
@@ -25,48 +43,119 @@ def polygons_to_mask(polygons: list[list[float]], size_hw: tuple[int, int]) -> n
     return canvas.astype(bool)
 
 
+def _where(path: Path, ann: dict[str, Any]) -> str:
+    return f"{path}: annotation {ann.get('id', '?')} (image_id {ann.get('image_id', '?')})"
+
+
+def _check_polygons(seg: list[Any], path: Path, ann: dict[str, Any]) -> None:
+    for poly in seg:
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
+            raise InputError(f"{_where(path, ann)} has a polygon that is not a list of numbers; COCO polygons are "
+                             "[[x0, y0, x1, y1, ...], ...] in pixels: fix or remove it")
+        if len(poly) % 2:
+            raise InputError(f"{_where(path, ann)} has a polygon with {len(poly)} coordinates, an odd count; "
+                             "COCO polygons are x, y pairs: fix or remove it")
+
+
+def _checked_rle(seg: dict[str, Any], size_hw: tuple[int, int], path: Path, ann: dict[str, Any]) -> RLE:
+    """The annotation's RLE with str counts, refused when it was made for another image size."""
+    h, w = size_hw
+    rle_size = [int(v) for v in seg.get("size", [])]
+    if rle_size != [h, w]:
+        got = "x".join(map(str, rle_size)) or "no size"
+        raise InputError(f"{_where(path, ann)} has an RLE of size {got} but its image is {h}x{w}; "
+                         "re-export the mask at the image's size, or fix the image's height/width")
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        total = int(np.sum(counts))
+    else:
+        if isinstance(counts, bytes):
+            counts = counts.decode("ascii")
+        total = int(np.sum(_string_to_counts(counts)))
+    if total != h * w:
+        raise InputError(f"{_where(path, ann)}: RLE counts cover {total} pixels but its size {h}x{w} has {h * w}; "
+                         "the annotation is corrupt: re-export it")
+    if isinstance(counts, list):
+        return encode_mask(decode_rle({"size": [h, w], "counts": counts}))
+    return {"size": [h, w], "counts": counts}
+
+
+def _image_size(img: dict[str, Any], file: Path, report: ReadReport | None) -> tuple[int, int] | None:
+    """(H, W) from the entry, or from the image file when the entry lacks it (common in hand-made files)."""
+    try:
+        return int(img["height"]), int(img["width"])
+    except (KeyError, TypeError, ValueError):
+        return image_size_hw(file, report)
+
+
+def _category_names(data: dict[str, Any], path: Path, categories: Collection[str] | None) -> dict[Any, str]:
+    names = {c["id"]: str(c.get("name", c["id"])) for c in data.get("categories", [])}
+    unknown = sorted(set(categories or ()) - set(names.values()))
+    if unknown:
+        raise InputError(f"--categories names {', '.join(map(repr, unknown))}, not in {str(path)!r}; it has "
+                         f"{', '.join(sorted(set(names.values()))) or 'no categories'}")
+    return names
+
+
 def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None, *,
               dataset: str = "coco", min_area: int = 1, limit: int | None = None,
-              include_crowd: bool = False) -> list[InstanceRecord]:
-    """Read a COCO instance JSON; images resolve against ``image_root`` (default: the JSON's folder)."""
+              include_crowd: bool = False, categories: Collection[str] | None = None,
+              report: ReadReport | None = None) -> list[InstanceRecord]:
+    """Read a COCO instance JSON; images resolve against ``image_root`` (default: the JSON's folder).
+
+    ``categories`` keeps only annotations of those class names. Images that cannot be sized go to
+    ``report.bad`` (or raise without a report); annotations of unlisted images are counted in ``report.notes``.
+    """
     path = Path(annotation_json)
     if not path.is_file():
         raise InputError(f"COCO annotation file {str(path)!r} does not exist; pass the instances_*.json path")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{str(path)!r} is not valid JSON ({exc}); pass a COCO instances file") from exc
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise InputError(f"{str(path)!r} is not a COCO instance file (needs 'images' and 'annotations' lists)")
     root = Path(image_root) if image_root is not None else path.parent
-    names = {c["id"]: c.get("name", str(c["id"])) for c in data.get("categories", [])}
-    by_image: dict[int, list[dict]] = defaultdict(list)
+    names = _category_names(data, path, categories)
+    wanted = set(categories) if categories else None
+    by_image: dict[Any, list[dict]] = defaultdict(list)
     for ann in data["annotations"]:
-        by_image[ann["image_id"]].append(ann)
+        by_image[ann.get("image_id")].append(ann)
+    orphans = len(data["annotations"]) - sum(len(by_image.get(img.get("id"), [])) for img in data["images"])
+    if orphans:
+        note(report, f"{path}: {orphans} annotation(s) name an image_id that is not in 'images'; left out")
     records = []
     for img in data["images"]:
-        h, w = int(img["height"]), int(img["width"])
-        masks, classes = [], []
-        for ann in by_image.get(img["id"], []):
-            if ann.get("iscrowd", 0) and not include_crowd:
-                continue
-            seg = ann.get("segmentation")
-            if isinstance(seg, list):
-                m = polygons_to_mask(seg, (h, w))
-            elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-                from segany.data.formats.common import decode_rle
-
-                m = decode_rle({"size": seg["size"], "counts": seg["counts"]})
-            elif isinstance(seg, dict):
-                masks.append({"size": [h, w], "counts": seg["counts"] if isinstance(seg["counts"], str)
-                              else seg["counts"].decode("ascii")})
-                classes.append(names.get(ann.get("category_id"), ""))
-                continue
-            else:
-                continue
-            if m.sum() < min_area:
-                continue
-            masks.append(encode_mask(m))
-            classes.append(names.get(ann.get("category_id"), ""))
-        records.append(InstanceRecord(image_path=str(root / img["file_name"]), size_hw=(h, w), masks=masks,
+        file = root / str(img.get("file_name", ""))
+        size_hw = _image_size(img, file, report)
+        if size_hw is None:
+            continue
+        masks, classes = _image_masks(by_image.get(img.get("id"), []), size_hw, path, names, wanted,
+                                      min_area=min_area, include_crowd=include_crowd)
+        records.append(InstanceRecord(image_path=str(file), size_hw=size_hw, masks=masks,
                                       class_names=classes, image_id=str(img["id"]), dataset=dataset))
         if limit is not None and len(records) >= limit:
             break
     return records
+
+
+def _image_masks(anns: list[dict[str, Any]], size_hw: tuple[int, int], path: Path, names: dict[Any, str],
+                 wanted: set[str] | None, *, min_area: int, include_crowd: bool) -> tuple[list[RLE], list[str]]:
+    masks, classes = [], []
+    for ann in anns:
+        name = names.get(ann.get("category_id"), "")
+        if (ann.get("iscrowd", 0) and not include_crowd) or (wanted is not None and name not in wanted):
+            continue
+        seg = ann.get("segmentation")
+        if isinstance(seg, list):
+            _check_polygons(seg, path, ann)
+            rle = encode_mask(polygons_to_mask(seg, size_hw))
+        elif isinstance(seg, dict) and "counts" in seg:
+            rle = _checked_rle(seg, size_hw, path, ann)
+        else:
+            continue
+        if rle_area(rle) < min_area:
+            continue
+        masks.append(rle)
+        classes.append(name)
+    return masks, classes

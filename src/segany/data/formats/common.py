@@ -157,3 +157,50 @@ def rle_bbox_xyxy(rle: RLE) -> tuple[int, int, int, int]:
     if len(xs) == 0:
         return (0, 0, 0, 0)
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+# ----------------------------------------------------------------------------- problems found while reading
+@dataclass
+class ReadReport:
+    """What a reader skipped, so a person packing their own data hears about it instead of losing it quietly.
+
+    ``bad`` holds unusable images (``"path: reason"``); a caller that passes no report gets an error at
+    the first one instead. ``notes`` are counted warnings about annotations that were left out.
+    """
+
+    bad: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def bad_image(report: ReadReport | None, line: str) -> None:
+    """Record an unusable image in ``report``, or raise at once when the caller keeps no report."""
+    if report is None:
+        from segany.errors import ImageLoadError
+
+        raise ImageLoadError(line)
+    report.bad.append(line)
+
+
+def note(report: ReadReport | None, line: str) -> None:
+    """A counted warning: logged, and kept in ``report`` for the CLI to print."""
+    import logging
+
+    logging.getLogger(__name__).warning(line)
+    if report is not None:
+        report.notes.append(line)
+
+
+def image_size_hw(path: Path, report: ReadReport | None) -> tuple[int, int] | None:
+    """(H, W) from the image file's header (cheap: no decode), or None (reported) when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        bad_image(report, f"{path}: file not found")
+        return None
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, UnidentifiedImageError) as exc:
+        bad_image(report, f"{path}: not a readable image ({exc.__class__.__name__})")
+        return None
+    return int(h), int(w)

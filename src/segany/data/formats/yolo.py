@@ -1,19 +1,20 @@
 """YOLO segmentation folders (Ultralytics layout with ``data.yaml``, e.g. coco128-seg) → records.
 
 Each label line is ``class x1 y1 ... xn yn`` with vertices normalized to [0, 1]; one polygon per line.
-Images without a label file have no objects; label files without an image are ignored.
+Images without a label file have no objects; label files without an image are ignored. A malformed
+line is refused with its file and line number, since a wrong polygon would train the model on it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from segany.data.formats.coco import polygons_to_mask
-from segany.data.formats.common import InstanceRecord, encode_mask
+from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_size_hw
 from segany.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -32,33 +33,91 @@ def _class_names(root: Path) -> dict[int, str]:
     return {int(k): str(v) for k, v in names.items()}
 
 
-def read_yolo_seg(root: str | os.PathLike[str], split: str = "train2017", *, dataset: str = "coco128",
-                  min_area: int = 1, limit: int | None = None) -> list[InstanceRecord]:
+def parse_label_line(line: str, where: str) -> tuple[int, np.ndarray]:
+    """``class x1 y1 ... xn yn`` → (class index, (n, 2) normalized vertices); ``where`` is ``file:line``."""
+    parts = line.split()
+    if len(parts) == 5:
+        raise InputError(f"{where}: 5 values is a YOLO box label (class cx cy w h); segany needs segmentation "
+                         "polygons (class x1 y1 x2 y2 x3 y3 ...): export your labels as YOLO-seg")
+    if len(parts) < 7 or len(parts) % 2 == 0:
+        raise InputError(f"{where}: expected a class and at least 3 x y pairs, got {len(parts)} values; "
+                         "each line is `class x1 y1 x2 y2 x3 y3 ...` (normalized 0-1)")
+    try:
+        cls = int(parts[0])
+        xy = np.asarray([float(v) for v in parts[1:]], dtype=np.float64).reshape(-1, 2)
+    except ValueError as exc:
+        raise InputError(f"{where}: not a number ({exc}); each line is `class x1 y1 x2 y2 ...` with a whole "
+                         "class index and normalized coordinates") from exc
+    return cls, xy
+
+
+def _split_dirs(base: Path, split: str | None) -> list[str]:
+    """The splits to read: the one asked for, or every folder under ``images/`` ("" when images lie there)."""
+    img_root = base / "images"
+    if split is not None:
+        if not (img_root / split).is_dir():
+            raise InputError(f"{str(img_root / split)!r} is not a folder; a YOLO-seg dataset needs images/<split>/ "
+                             "and labels/<split>/ (pass the dataset root; --split NAME picks the split folder)")
+        return [split]
+    if not img_root.is_dir():
+        raise InputError(f"{str(img_root)!r} is not a folder; a YOLO-seg dataset root holds images/ and labels/ "
+                         "(images/<split>/x.jpg beside labels/<split>/x.txt)")
+    subs = sorted(p.name for p in img_root.iterdir() if p.is_dir())
+    return subs or [""]
+
+
+def read_yolo_seg(root: str | os.PathLike[str], split: str | None = "train2017", *, dataset: str = "coco128",
+                  min_area: int = 1, limit: int | None = None, categories: Collection[str] | None = None,
+                  report: ReadReport | None = None) -> list[InstanceRecord]:
+    """Read one split (or, with ``split=None``, every split folder) of a YOLO-seg dataset.
+
+    ``categories`` keeps only polygons of those class names (from ``data.yaml``; the index when it has none).
+    Unreadable images go to ``report.bad`` (or raise without a report).
+    """
     base = Path(root)
-    img_dir, lbl_dir = base / "images" / split, base / "labels" / split
-    if not img_dir.is_dir():
-        raise InputError(f"{str(img_dir)!r} is not a folder; a YOLO-seg dataset needs images/<split>/ and "
-                         "labels/<split>/ (pass the dataset root and --split)")
     names = _class_names(base)
-    records = []
-    for img_path in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        with Image.open(img_path) as im:
-            w, h = im.size
-        masks, classes = [], []
-        lbl = lbl_dir / (img_path.stem + ".txt")
-        if lbl.exists():
-            for line in lbl.read_text().splitlines():
-                parts = line.split()
-                if len(parts) < 7:
-                    continue
-                xy = np.asarray(parts[1:], dtype=np.float64).reshape(-1, 2) * [w, h]
-                m = polygons_to_mask([xy.ravel().tolist()], (h, w))
-                if m.sum() < min_area:
-                    continue
-                masks.append(encode_mask(m))
-                classes.append(names.get(int(parts[0]), parts[0]))
-        records.append(InstanceRecord(image_path=str(img_path), size_hw=(h, w), masks=masks, class_names=classes,
-                                      image_id=img_path.stem, dataset=dataset))
-        if limit is not None and len(records) >= limit:
-            break
+    wanted = set(categories) if categories else None
+    if wanted is not None:
+        known = set(names.values()) if names else None
+        if known is not None and wanted - known:
+            raise InputError(f"--categories names {', '.join(map(repr, sorted(wanted - known)))}, not in "
+                             f"{str(base / 'data.yaml')!r}; it has {', '.join(sorted(known))}")
+    records: list[InstanceRecord] = []
+    seen: dict[str, Path] = {}
+    for sp in _split_dirs(base, split):
+        img_dir, lbl_dir = base / "images" / sp, base / "labels" / sp
+        for img_path in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            if img_path.stem in seen:
+                raise InputError(f"{img_path} and {seen[img_path.stem]} share the name {img_path.stem!r}; image "
+                                 "names must be unique across splits: rename one, or pack one split (--split)")
+            seen[img_path.stem] = img_path
+            size_hw = image_size_hw(img_path, report)
+            if size_hw is None:
+                continue
+            masks, classes = _label_masks(lbl_dir / (img_path.stem + ".txt"), size_hw, names, wanted, min_area)
+            records.append(InstanceRecord(image_path=str(img_path), size_hw=size_hw, masks=masks,
+                                          class_names=classes, image_id=img_path.stem, dataset=dataset))
+            if limit is not None and len(records) >= limit:
+                return records
     return records
+
+
+def _label_masks(lbl: Path, size_hw: tuple[int, int], names: dict[int, str], wanted: set[str] | None,
+                 min_area: int) -> tuple[list[dict], list[str]]:
+    h, w = size_hw
+    masks, classes = [], []
+    if not lbl.exists():
+        return masks, classes
+    for lineno, line in enumerate(lbl.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        cls, xy = parse_label_line(line, f"{lbl}:{lineno}")
+        name = names.get(cls, str(cls))
+        if wanted is not None and name not in wanted:
+            continue
+        m = polygons_to_mask([(xy * [w, h]).ravel().tolist()], (h, w))
+        if m.sum() < min_area:
+            continue
+        masks.append(encode_mask(m))
+        classes.append(name)
+    return masks, classes
