@@ -46,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(cfg.run.out_dir, "run.out_dir")
     if args.export:
         check_out_file(args.export, "--export")
+    from segany.train.trainer import Trainer, resolve_device
+
+    resolve_device(cfg.run.device)  # run.device=cuda on a machine without one
     last = _check_resume(cfg, args.resume)
     records, notes = _check_data(cfg)
-
-    from segany.train.trainer import Trainer
 
     trainer = Trainer(cfg, train_records=records)
     for note in notes:
