@@ -79,7 +79,7 @@ def test_annotator_cannot_review_edit_or_delete_anothers(client: TestClient, tok
     m = np.zeros((a["segmentation"]["size"]), bool)
     m[10:40, 10:40] = True
     e = client.patch(f"/api/annotations/{a['id']}", headers=auth(reviewer_token),
-                     json={"segmentation": _uncompressed_rle(m), "label": "car"})
+                     json={"segmentation": _uncompressed_rle(m), "label": "thing"})
     assert e.status_code == 200 and (e.json()["annotator_id"], e.json()["reviewer_id"]) == (a["annotator_id"], rita)
     # Still the annotator's mask, but the review stands: they cannot overturn, edit or delete it any more.
     for method, body in (("POST", {}), ("PATCH", {"label": "dog"}), ("DELETE", None)):

@@ -57,6 +57,15 @@ class ConflictError(StoreError):
     """A write conflicts with what is stored (e.g. an idempotency key reused for another image)."""
 
 
+class InvalidAnnotationError(InputError):
+    """An annotation a dataset must not hold: an empty mask, or a label the project does not declare (the
+    server answers 422)."""
+
+
+EMPTY_MASK_MESSAGE = ("the mask is empty (no pixel set), so it annotates nothing; send a mask with at least one "
+                      "pixel, or delete the annotation instead")
+
+
 def resolve_target(target: str | os.PathLike[str]) -> tuple[str, Path | None]:
     """Map a CLI target to (SQLAlchemy URL, project folder or None)."""
     t = str(target)
@@ -418,6 +427,8 @@ class Store:
                 if tuple(enc["size"]) != (im.height, im.width):
                     raise InputError(f"mask size {enc['size']} does not match image {image_id}'s "
                                      f"[height, width] = [{im.height}, {im.width}]")
+                if area == 0:  # after the size check: a mask for another image is that mistake, not this one
+                    raise InvalidAnnotationError(EMPTY_MASK_MESSAGE)
                 a = Annotation(
                     uuid=key, image_id=image_id, label=label, rle_counts=enc["counts"], height=im.height,
                     width=im.width, area=area, bbox_xywh=bbox, source=source, review_state=review_state,
@@ -507,6 +518,27 @@ class Store:
         existing.updated_at = db.utcnow()
         return "updated"
 
+    def check_label(self, project_id: int, label: str | None) -> None:
+        """Refuse ``label`` when the project declares labels and it is not one of them, so a typo does not become
+        a new class in every export; a project without declared labels takes any label."""
+        if label is not None:
+            self._refuse_undeclared(self._project_labels(project_id), label)
+
+    @staticmethod
+    def _refuse_undeclared(labels: Sequence[str], label: str) -> None:
+        name = label.strip()[:200] or "object"
+        if labels and name not in labels:
+            raise InvalidAnnotationError(f"label {name!r} is not one of this project's labels "
+                                         f"({', '.join(labels)}); pick one of them, or an admin adds it to the "
+                                         "project's labels")
+
+    def _project_labels(self, project_id: int) -> list[str]:
+        with self.transaction() as s:
+            p = s.get(Project, project_id)
+            if p is None:
+                raise NotFoundError(f"no project with id {project_id}")
+            return list(p.labels or [])
+
     def get_annotation(self, annotation_id: int, project_id: int | None = None) -> dict[str, Any]:
         with self.transaction() as s:
             return annotation_dict(self._get_ann(s, annotation_id, project_id))
@@ -532,8 +564,10 @@ class Store:
                           annotator_id: int | None = None, seconds_spent: float | None = None,
                           prompts: dict[str, Any] | None = None, expected_revision: int | None = None,
                           expected_uuid: str | None = None, by: int | None = None,
-                          check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Edit a stored annotation; ``expected_revision`` makes the edit fail if someone else edited first,
+                          check: Callable[[dict[str, Any]], None] | None = None,
+                          declared_label: bool = False) -> dict[str, Any]:
+        """Edit a stored annotation; ``declared_label`` refuses a new label the project does not declare (as
+        :meth:`check_label`, after the conflict checks so a stale edit still reads as a conflict); ``expected_revision`` makes the edit fail if someone else edited first,
         ``expected_uuid`` (:class:`ConflictError`) if the id now names another annotation. ``check`` gets the
         annotation as stored, in the same transaction, and raises to refuse the edit (the server's role checks:
         no one can take a proposal between the check and the write).
@@ -567,9 +601,14 @@ class Store:
                 enc = encode_mask(mask) if mask is not None else normalize_rle(rle)  # type: ignore[arg-type]
                 if tuple(enc["size"]) != (a.height, a.width):
                     raise InputError(f"mask size {enc['size']} does not match [{a.height}, {a.width}]")
+                area, bbox = rle_area_bbox(enc)
+                if area == 0:
+                    raise InvalidAnnotationError(EMPTY_MASK_MESSAGE)
                 a.rle_counts = enc["counts"]
-                a.area, a.bbox_xywh = rle_area_bbox(enc)
+                a.area, a.bbox_xywh = area, bbox
             if label is not None:
+                if declared_label:
+                    self._refuse_undeclared(list(s.get(Project, a.image.project_id).labels or []), label)
                 a.label = label.strip()[:200] or "object"
             if review_state is not None:
                 a.review_state = review_state

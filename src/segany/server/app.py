@@ -29,7 +29,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
 from segany.engine.masks import encode_mask
-from segany.engine.store import ConflictError, NotFoundError, Store, file_sha256, hash_token
+from segany.engine.store import (
+    ConflictError,
+    InvalidAnnotationError,
+    NotFoundError,
+    Store,
+    file_sha256,
+    hash_token,
+)
 from segany.errors import InputError, SeganyError
 from segany.server.model_service import DecodeExpiredError, ModelService
 from segany.server.permissions import PermissionDeniedError, require_delete, require_review, require_role
@@ -130,6 +137,10 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     @app.exception_handler(ConflictError)
     async def _conflict(_: Request, exc: ConflictError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(InvalidAnnotationError)
+    async def _invalid_annotation(_: Request, exc: InvalidAnnotationError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(PermissionDeniedError)
     async def _forbidden(_: Request, exc: PermissionDeniedError) -> JSONResponse:
@@ -303,6 +314,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.post("/api/images/{image_id}/annotations")
     def save_annotation(image_id: int, body: AnnotationIn, who: Who) -> JSONResponse:
+        store.check_label(project_id, body.label)  # 422 naming the project's labels
         ann, created = store.save_annotation(
             image_id, rle=body.segmentation.model_dump(), uuid=body.uuid, label=body.label, source=body.source,
             review_state="accepted", model_version_id=model_version_id(), prompts=body.prompts,
@@ -318,7 +330,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
             annotation_id, project_id=project_id, rle=body.segmentation.model_dump() if body.segmentation else None,
             label=body.label, review_state=body.review_state, by=who["id"],
             seconds_spent=body.seconds_spent, prompts=body.prompts, expected_revision=body.revision,
-            expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "editing"))
+            expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "editing"), declared_label=True)
 
     @app.delete("/api/annotations/{annotation_id}", status_code=204)
     def delete_annotation(annotation_id: int, who: Who, uuid: str | None = None) -> Response:
@@ -331,7 +343,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     def accept(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="accepted",
                                        by=who["id"], seconds_spent=body.seconds_spent, label=body.label,
-                                       expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "accepting"))
+                                       expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "accepting"),
+                                       declared_label=True)
 
     @app.post("/api/annotations/{annotation_id}/reject")
     def reject(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:

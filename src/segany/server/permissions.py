@@ -65,9 +65,14 @@ def can_delete(who: dict[str, Any], ann: dict[str, Any]) -> bool:
                                          and not reviewed_by_other(who, ann))
 
 
-def _whose(who: dict[str, Any], ann: dict[str, Any]) -> str:
+def _whose(who: dict[str, Any], ann: dict[str, Any], *, deleting: bool = False) -> str:
+    """What ``ann`` is to ``who``, for the refusal message. Only an open proposal may be rejected instead of
+    deleted; an annotation nobody owns that is not pending (imported, or a proposal already reviewed) is a
+    reviewer's to change, so the message must not send the annotator to a reject they would also be refused."""
+    if is_open_proposal(ann):
+        return "a machine proposal" + (" (reject it instead)" if deleting else "")
     if ann.get("annotator_id") is None:
-        return "a machine proposal (reject it instead)"
+        return "an annotation nobody owns (imported, or a machine proposal already reviewed)"
     if ann.get("annotator_id") == who.get("id"):
         return "your annotation after another person's review"
     return "another person's annotation"
@@ -75,10 +80,9 @@ def _whose(who: dict[str, Any], ann: dict[str, Any]) -> str:
 
 def require_review(who: dict[str, Any], ann: dict[str, Any], action: str) -> None:
     if not can_review(who, ann):
-        what = _whose(who, ann).replace(" (reject it instead)", "")
-        require_role(who, "reviewer", f"{action} {what} ({ann.get('id')})")
+        require_role(who, "reviewer", f"{action} {_whose(who, ann)} ({ann.get('id')})")
 
 
 def require_delete(who: dict[str, Any], ann: dict[str, Any]) -> None:
     if not can_delete(who, ann):
-        require_role(who, "reviewer", f"deleting {_whose(who, ann)} ({ann.get('id')})")
+        require_role(who, "reviewer", f"deleting {_whose(who, ann, deleting=True)} ({ann.get('id')})")
