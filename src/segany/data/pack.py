@@ -247,6 +247,7 @@ def pack_own(out_dir: str | os.PathLike[str], *, coco: str | None = None, yolo: 
                               categories=categories, report=report), report)
     if not recs:
         raise InputError(_bad_summary(report.bad) + "; nothing usable is left to pack")
+    recs = _with_objects(recs, report, categories)
     if report.bad and not skip_bad:
         raise InputError(_bad_summary(report.bad) + "; fix or remove them, or pass --skip-bad to pack the rest")
     held = set(held_out_ids(name, [r.image_id for r in recs], fraction=val_fraction, seed=seed))
@@ -275,6 +276,18 @@ def _readable(recs: list[InstanceRecord], report: ReadReport) -> list[InstanceRe
             continue
         good.append(r)
     return good
+
+
+def _with_objects(recs: list[InstanceRecord], report: ReadReport, categories: list[str] | None
+                  ) -> list[InstanceRecord]:
+    """Leave out images without objects: they teach SAM nothing and have nothing to evaluate (counted)."""
+    from segany.data.formats.common import note
+
+    empty = [r.image_id for r in recs if not r.masks]
+    if empty:
+        what = f" of {', '.join(categories)}" if categories else ""
+        note(report, f"{len(empty)} image(s) have no objects{what} (e.g. {empty[0]!r}); left out")
+    return [r for r in recs if r.masks]
 
 
 def _bad_summary(bad: list[str], show: int = 5) -> str:
