@@ -3,6 +3,11 @@
     segany engine auto PROJECT [--workers 4] [--ray local|ADDRESS]   automatic masks for images not done yet
     segany engine retrain PROJECT --steps 200                         freeze data, fine-tune, evaluate, register
     segany engine report PROJECT --out report/                        HTML report; flags go to the review queue
+    segany engine versions PROJECT [--export-coco VERSION OUT.json]   frozen dataset versions; export one as COCO
+
+`engine auto` refuses a plain rerun over images done with other settings (pass --redo to redo them with the
+new ones); an interrupted --redo is finished by the next run with the same settings (with or without
+--redo). Images that cannot be read are skipped, listed, and make the exit status 1; rerun after fixing them.
 
 PROJECT is a project folder or a database URL (as for `segany project`).
 """
@@ -76,8 +81,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-objects", type=int, default=8, help="objects evaluated per image")
     r.add_argument("--freeze-encoder", action="store_true", help="train prompt encoder and decoder only")
     r.add_argument("--always-promote", action="store_true", help="make the new model current even if not better")
+    r.add_argument("--min-gain", type=float, default=0.01,
+                   help="promote only if the score (mean of 1-click, 5-click and box mIoU) rises by this much "
+                        "(default 0.01)")
+    r.add_argument("--min-eval-objects", type=int, default=20,
+                   help="promote only if at least this many held-out objects were evaluated (default 20)")
     r.add_argument("--out", default=None, help="run folder (default PROJECT/.segany/retrain/<dataset version>)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    v = sub.add_parser("versions", help="list the project's frozen dataset versions; export one as COCO")
+    v.add_argument("target", metavar="PROJECT", help="project folder (SQLite inside) or database URL")
+    v.add_argument("--project", default=None, help="project name in the store (default: the first one)")
+    v.add_argument("--export-coco", nargs=2, metavar=("VERSION", "OUT"), default=None,
+                   help="write dataset version VERSION (name, id or vN) as a COCO instances file OUT")
+    v.add_argument("--json", action="store_true", help="print as JSON")
 
     m = sub.add_parser("report", help="data maintenance report (HTML); flagged masks go to the review queue")
     _model_args(m)
@@ -97,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
     store = open_store(args.target)
     try:
-        return {"auto": _auto, "retrain": _retrain, "report": _report}[args.engine_cmd](store, args)
+        return {"auto": _auto, "retrain": _retrain, "report": _report,
+                "versions": _versions}[args.engine_cmd](store, args)
     finally:
         store.close()
 
@@ -115,7 +133,11 @@ def _auto(store: Any, args: argparse.Namespace) -> int:
 
     from segany.amg.model_defaults import generator_defaults
     from segany.engine.auto import AutoSettings, run_auto
+    from segany.engine.jobs import check_workers
 
+    backend = "ray" if args.ray else "local"
+    workers = args.workers if args.workers is not None else (0 if backend == "ray" else 1)
+    check_workers(backend, workers)  # before the model, the banner and the bar
     spec = dataclasses.replace(_spec(store, args), precision=args.precision)
     d = generator_defaults(spec.model)  # for the options left unset: the model's own scale
 
@@ -132,8 +154,6 @@ def _auto(store: Any, args: argparse.Namespace) -> int:
         crop_n_layers=pick(args.crop_n_layers, "crop_n_layers"),
         min_mask_region_area=pick(args.min_area, "min_mask_region_area"),
         max_masks=args.max_masks, review_state="pending" if args.review else "accepted", generator=args.generator)
-    backend = "ray" if args.ray else "local"
-    workers = args.workers if args.workers is not None else (0 if backend == "ray" else 1)
     bar: dict[str, Any] = {}
 
     def on_start(todo: int, done: int) -> None:
@@ -152,11 +172,25 @@ def _auto(store: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.to_dict(), indent=1))
     else:
-        print(f"stage 3: {summary.images_written} images written ({summary.masks_written} masks), "
-              f"{summary.images_skipped} already done, {summary.duplicates_dropped} duplicate results dropped, "
-              f"{summary.seconds:.1f} s ({summary.images_per_hour:.0f} images/hour with {summary.workers} "
-              f"{'actors' if backend == 'ray' else 'workers'})")
-    return 0
+        print(_auto_summary_line(summary, backend))
+        for f in summary.failures:
+            print(f"  image {f['image_id']} skipped: {f['reason']}", file=sys.stderr)
+    return 1 if summary.images_failed else 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _auto_summary_line(summary: Any, backend: str) -> str:
+    failed = f"{summary.images_failed} could not be read (listed below; rerun after fixing them), " \
+        if summary.images_failed else ""
+    redo = "finished an interrupted --redo: " if summary.resumed_redo else ""
+    return (f"stage 3: {redo}{_plural(summary.images_written, 'image')} written "
+            f"({_plural(summary.masks_written, 'mask')}), {summary.images_skipped} already done, {failed}"
+            f"{summary.duplicates_dropped} duplicate results dropped, {summary.seconds:.1f} s "
+            f"({summary.images_per_hour:.0f} images/hour with "
+            f"{_plural(summary.workers, 'actor' if backend == 'ray' else 'worker')})")
 
 
 def _retrain(store: Any, args: argparse.Namespace) -> int:
@@ -167,7 +201,8 @@ def _retrain(store: Any, args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, held_out=args.held_out,
         eval_data=args.eval_data, eval_datasets=tuple(args.eval_datasets.split(",")) if args.eval_datasets else None,
         eval_images=args.eval_images, max_objects=args.max_objects, freeze_encoder=args.freeze_encoder,
-        always_promote=args.always_promote, device=resolve_device(args.device))
+        always_promote=args.always_promote, min_gain=args.min_gain, min_eval_objects=args.min_eval_objects,
+        device=resolve_device(args.device))
     result = retrain(store, args.project, settings, model=args.model, checkpoint=args.checkpoint, out_dir=args.out,
                      log=lambda msg: print(f"[segany] {msg}", file=sys.stderr, flush=True))
     if args.json:
@@ -179,8 +214,31 @@ def _retrain(store: Any, args: argparse.Namespace) -> int:
         print(f"{'':10s} {'1-click':>8s} {'5-click':>8s} {'box':>8s}")
         for name, s in (("old", o), ("new", n)):
             print(f"{name:10s} {s['miou_1']:8.3f} {s['miou_5']:8.3f} {s['box_miou']:8.3f}")
-        state = "now current" if result["promoted"] else "not better: the current model stays"
-        print(f"model version {result['model_version']['name']} (id {result['model_version']['id']}): {state}")
+        state = "now current" if result["promoted"] else "not promoted"
+        print(f"model version {result['model_version']['name']} (id {result['model_version']['id']}): {state}: "
+              f"{result['promotion_reason']}")
+    return 0
+
+
+def _versions(store: Any, args: argparse.Namespace) -> int:
+    from segany.engine.versions import export_version_coco, list_versions
+
+    if args.export_coco:
+        version, out = args.export_coco
+        done = export_version_coco(store, args.project, version, out)
+        print(json.dumps(done) if args.json else
+              f"wrote {done['path']}: dataset version {done['name']}, {done['annotations']} masks on "
+              f"{done['images']} images")
+        return 0
+    rows = list_versions(store, args.project)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif not rows:
+        print("no dataset versions yet (segany engine retrain freezes one)")
+    for r in rows if not args.json else []:
+        models = ", ".join(r["models"]) or "-"
+        print(f"{r['id']:4d}  {r['name']:20s} {r['created_at']}  {r['masks']:6d} masks  {r['images'] or 0:5d} images"
+              f"  trained: {models}")
     return 0
 
 

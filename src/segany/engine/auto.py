@@ -33,8 +33,15 @@ from segany.errors import InputError
 log = logging.getLogger(__name__)
 
 AUTO_KIND = "auto"
-# Annotation uuids of stage 3 are uuid5(namespace, "<image sha256>:<model version>:<index>"), so a
-# rewrite of the same result produces the same keys.
+# Project setting holding an unfinished ``--redo`` ({settings_hash, model_version_id, started}): a rerun
+# finishes it instead of starting over or leaving two settings' masks mixed.
+REDO_KEY = "auto_redo"
+# A lock whose owner has not written a result for this long is taken over (its run is presumed dead).
+LOCK_STALE_SECONDS = 600.0
+# Annotation uuids of stage 3 are uuid5(namespace, "<image id>:<generation>:<index>"): the image id makes them
+# unique per project (two projects may hold the same file), the generation (how many times stage 3 wrote the
+# image, kept on its done marker) keeps a redo off the ids of masks people kept, and a rewrite of the same
+# generation produces the same keys.
 AUTO_NAMESPACE = uuid_lib.UUID("5e6a0000-0000-4000-8000-000000000003")
 
 
@@ -111,14 +118,10 @@ class ModelSpec:
         return build_sam(self.model, self.checkpoint, device=self.device)
 
     def version_name(self) -> str:
-        """Stable model-version name: the model plus the checkpoint's sha256 (or ``random-init``)."""
-        if self.checkpoint_bytes is not None:
-            return f"{self.model}:{hashlib.sha256(self.checkpoint_bytes).hexdigest()[:16]}"
-        if self.checkpoint:
-            from segany.engine.store import file_sha256
+        """The weights' model-version name (:func:`segany.engine.versions.model_version_name`, shared with serve)."""
+        from segany.engine.versions import model_version_name
 
-            return f"{self.model}:{file_sha256(Path(self.checkpoint))[:16]}"
-        return f"{self.model}:random-init"
+        return model_version_name(self.model, self.checkpoint, checkpoint_bytes=self.checkpoint_bytes)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class ImageResult:
     masks: list[MaskRecord]
     seconds: float
     worker: str = ""
+    error: str | None = None  # why the image could not be read (no masks then; the image stays to do)
 
 
 class AutoWorker:
@@ -172,17 +176,14 @@ class AutoWorker:
     def process(self, task: ImageTask) -> ImageResult:
         import numpy as np
 
-        from segany.data.images import load_image
         from segany.engine.masks import encode_mask, rle_area_bbox
 
         t0 = time.perf_counter()
-        if task.data is not None:
-            with tempfile.NamedTemporaryFile(suffix=Path(task.path).suffix or ".img") as f:
-                f.write(task.data)
-                f.flush()
-                image = load_image(f.name)
-        else:
-            image = load_image(task.path)
+        try:
+            image = _read_task_image(task)
+        except Exception as exc:  # one bad file must not stop the run: it is reported and left to do
+            return ImageResult(task.image_id, task.sha256, [], time.perf_counter() - t0, self.name,
+                               error=describe_unreadable(task, exc))
         records = self.generator.generate(image)
         records.sort(key=lambda r: -float(r.get("predicted_iou", 0.0)))
         if self.settings.max_masks is not None:
@@ -204,6 +205,43 @@ class AutoWorker:
                 point_coords=np.asarray(r.get("point_coords", []), dtype=float).reshape(-1, 2).tolist(),
                 crop_box=[float(v) for v in np.asarray(r.get("crop_box", []), dtype=float).ravel()]))
         return ImageResult(task.image_id, task.sha256, masks, time.perf_counter() - t0, self.name)
+
+
+def _read_task_image(task: ImageTask) -> Any:
+    """The task's image as RGB uint8, from its shipped bytes or its path."""
+    from segany.data.images import load_image
+
+    if task.data is None:
+        return load_image(task.path)
+    with tempfile.NamedTemporaryFile(suffix=Path(task.path).suffix or ".img") as f:
+        f.write(task.data)
+        f.flush()
+        return load_image(f.name)
+
+
+def describe_unreadable(task: ImageTask, exc: BaseException) -> str:
+    """Why a registered image cannot be processed, in the words a user can act on.
+
+    Load errors advise on file formats, which is wrong for a file that was registered fine: what happened
+    is that it went missing or changed afterwards.
+    """
+    p = Path(task.path)
+    if task.data is None and not p.exists():
+        return f"missing: {task.path} no longer exists; restore it or remove the image from the project"
+    try:
+        changed = task.data is None and file_digest_sha256(p) != task.sha256
+    except OSError:
+        changed = False
+    if changed:
+        return (f"changed: {task.path} is not the file that was registered (its sha256 differs); restore the "
+                "original or remove and re-add the image")
+    return f"unreadable: {task.path} ({type(exc).__name__}: {exc})"
+
+
+def file_digest_sha256(path: Path) -> str:
+    from segany.engine.store import file_sha256
+
+    return str(file_sha256(path))
 
 
 def worker_precision(spec: ModelSpec) -> str:
@@ -229,23 +267,48 @@ def make_generator(sam: Any, settings: AutoSettings) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ store side
-def pending_tasks(store: Any, project_id: int, *, redo: bool = False, ship_bytes: bool = False
-                  ) -> tuple[list[ImageTask], int]:
-    """Images of the project without an ``auto`` done marker (all of them with ``redo``); and how many
-    already have one."""
+def pending_tasks(store: Any, project_id: int, *, redo: bool = False, ship_bytes: bool = False,
+                  redo_after: float | None = None) -> tuple[list[ImageTask], int]:
+    """Images of the project to do, and how many are already done.
+
+    To do: images without an ``auto`` done marker; with ``redo``, all of them; with ``redo_after`` (a
+    ``time.time()``, the start of a ``--redo`` being finished), also those whose marker is older. With
+    ``ship_bytes`` each task carries the file's bytes (Ray actors may not see the path); an image whose file
+    cannot be read then still becomes a task, without bytes, and its worker reports it.
+    """
     from sqlalchemy import select
 
     from segany.engine.db import Image, ImageRun
 
+    cutoff = _naive_utc(redo_after) if redo_after is not None else None
     with store.transaction() as s:
         images = list(s.execute(select(Image.id, Image.path, Image.sha256)
                                 .where(Image.project_id == project_id).order_by(Image.id)))
-        done = set(s.scalars(select(ImageRun.image_id).join(Image, Image.id == ImageRun.image_id)
-                             .where(Image.project_id == project_id, ImageRun.kind == AUTO_KIND)))
-    todo = [im for im in images if redo or im.id not in done]
-    tasks = [ImageTask(im.id, im.path, im.sha256, Path(im.path).read_bytes() if ship_bytes else None)
-             for im in todo]
+        done = dict(s.execute(select(ImageRun.image_id, ImageRun.finished_at).join(Image, Image.id == ImageRun.image_id)
+                              .where(Image.project_id == project_id, ImageRun.kind == AUTO_KIND)).all())
+    todo = [im for im in images
+            if redo or im.id not in done or (cutoff is not None and done[im.id] < cutoff)]
+    tasks = [ImageTask(im.id, im.path, im.sha256, _read_bytes(im.path) if ship_bytes else None) for im in todo]
     return tasks, len(images) - len(todo)
+
+
+def _read_bytes(path: str) -> bytes | None:
+    """The file's bytes, or None when it cannot be read (the worker then names the problem)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
+def _naive_utc(timestamp: float) -> Any:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).replace(tzinfo=None)
+
+
+def machine_uuid(image_id: int, generation: int, index: int) -> str:
+    """The uuid of stage 3's ``index``-th mask of ``image_id`` in ``generation`` (see AUTO_NAMESPACE)."""
+    return str(uuid_lib.uuid5(AUTO_NAMESPACE, f"image{image_id}:gen{generation}:{index}"))
 
 
 def write_result(store: Any, result: ImageResult, *, model_version_id: int | None, settings: AutoSettings,
@@ -253,11 +316,13 @@ def write_result(store: Any, result: ImageResult, *, model_version_id: int | Non
     """Write one image's masks and its done marker in one transaction; False if it was already done.
 
     The image's unreviewed automatic masks (``source=auto``, ``pending``, or ``accepted`` by nobody) are
-    replaced, so writing an image again never adds a second set. ``redo_after`` (a ``time.time()``):
-    a marker older than that is replaced instead of treated as done (``--redo``).
-    """
-    import datetime as dt
+    replaced, so writing an image again never adds a second set. Masks people accepted or rejected stay,
+    and the new masks get the next generation's uuids, so they never collide with them. ``redo_after`` (a
+    ``time.time()``): a marker older than that is replaced instead of treated as done (``--redo``).
 
+    Raises:
+        InputError: a mask's size differs from the image's (the file changed after it was registered).
+    """
     from sqlalchemy import delete, select
 
     from segany.engine.db import Annotation, Image, ImageRun, utcnow
@@ -265,11 +330,8 @@ def write_result(store: Any, result: ImageResult, *, model_version_id: int | Non
 
     with store.transaction() as s:
         run = s.scalar(select(ImageRun).where(ImageRun.image_id == result.image_id, ImageRun.kind == AUTO_KIND))
-        if run is not None:
-            fresh = redo_after is None or run.finished_at >= dt.datetime.fromtimestamp(
-                redo_after, dt.timezone.utc).replace(tzinfo=None)
-            if fresh:
-                return False
+        if run is not None and (redo_after is None or run.finished_at >= _naive_utc(redo_after)):
+            return False
         im = s.get(Image, result.image_id)
         if im is None:  # deleted while the job ran
             return False
@@ -278,47 +340,196 @@ def write_result(store: Any, result: ImageResult, *, model_version_id: int | Non
         s.execute(delete(Annotation).where(Annotation.image_id == im.id, Annotation.source == "auto",
                                            Annotation.annotator_id.is_(None), Annotation.reviewer_id.is_(None))
                   .execution_options(synchronize_session=False))
+        kept = set(s.scalars(select(Annotation.uuid).where(Annotation.image_id == im.id)))
+        generation = _free_generation(im.id, (run.generation or 1) + 1 if run is not None else 1,
+                                      len(result.masks), kept)
         for i, m in enumerate(result.masks):
             if tuple(m.rle["size"]) != (im.height, im.width):
                 raise InputError(f"mask size {m.rle['size']} does not match image {im.id} "
                                  f"[{im.height}, {im.width}]; the image file changed after it was registered")
             area, bbox = rle_area_bbox(m.rle)
-            key = uuid_lib.uuid5(AUTO_NAMESPACE, f"{im.sha256}:{model_version_id}:{i}")
             s.add(Annotation(
-                uuid=str(key), image_id=im.id, label="object", rle_counts=m.rle["counts"], height=im.height,
-                width=im.width, area=area, bbox_xywh=bbox, source="auto", review_state=settings.review_state,
-                model_version_id=model_version_id, prompts={"point_coords": m.point_coords, "crop_box": m.crop_box},
-                annotator_id=None, seconds_spent=None, predicted_iou=m.predicted_iou,
-                stability_score=m.stability_score, revision=1))
+                uuid=machine_uuid(im.id, generation, i), image_id=im.id, label="object", rle_counts=m.rle["counts"],
+                height=im.height, width=im.width, area=area, bbox_xywh=bbox, source="auto",
+                review_state=settings.review_state, model_version_id=model_version_id,
+                prompts={"point_coords": m.point_coords, "crop_box": m.crop_box}, annotator_id=None,
+                seconds_spent=None, predicted_iou=m.predicted_iou, stability_score=m.stability_score, revision=1))
         if run is None:
-            s.add(ImageRun(image_id=im.id, kind=AUTO_KIND, model_version_id=model_version_id,
-                           num_masks=len(result.masks), settings_hash=settings.digest(), seconds=result.seconds,
-                           finished_at=utcnow()))
-        else:
-            run.model_version_id = model_version_id
-            run.num_masks = len(result.masks)
-            run.settings_hash = settings.digest()
-            run.seconds = result.seconds
-            run.finished_at = utcnow()
+            run = ImageRun(image_id=im.id, kind=AUTO_KIND)
+            s.add(run)
+        run.model_version_id = model_version_id
+        run.num_masks = len(result.masks)
+        run.settings_hash = settings.digest()
+        run.seconds = result.seconds
+        run.finished_at = utcnow()
+        run.generation = generation
     return True
+
+
+def _free_generation(image_id: int, start: int, n: int, taken: set[str]) -> int:
+    """The first generation from ``start`` whose ``n`` uuids are all free (a lost marker restarts at 1)."""
+    generation = start
+    while any(machine_uuid(image_id, generation, i) in taken for i in range(n)):
+        generation += 1
+    return generation
 
 
 def register_model(store: Any, spec: ModelSpec, meta: dict[str, Any] | None = None) -> int:
     """The store's model-version id for ``spec`` (created on first use)."""
-    from segany.engine.store import file_sha256
+    from segany.engine.versions import weights_sha256
 
-    sha = None
-    if spec.checkpoint:
-        sha = file_sha256(Path(spec.checkpoint))
+    sha = weights_sha256(spec.checkpoint) if spec.checkpoint else None
     return int(store.register_model_version(spec.version_name(), spec.model, spec.checkpoint, checkpoint_sha256=sha,
                                             meta=dict(meta or {})))
 
 
+# ----------------------------------------------------------------------------- settings and redo plan
+class SettingsMismatchError(InputError):
+    """A plain rerun would mix masks of two settings in one project."""
+
+
+class ProjectBusyError(InputError):
+    """Another ``engine auto`` run holds the project."""
+
+
+@dataclass(frozen=True)
+class AutoPlan:
+    """What a run does: ``redo_after`` is None for a plain run, else the start of the redo it belongs to."""
+
+    redo_after: float | None
+    resumed_redo: bool = False
+
+
+def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_version_id: int, *,
+             redo: bool) -> AutoPlan:
+    """Decide how this run relates to earlier ones; refuse one that would mix settings.
+
+    * An unfinished ``--redo`` with the same settings and model is finished (by ``--redo`` or a plain rerun):
+      only images it had not rewritten yet are done.
+    * ``--redo`` otherwise starts a new redo of every image.
+    * A plain run refuses when an unfinished redo used other settings, or when images were done with other
+      settings, and says to pass ``--redo`` (or to rerun with the settings used): silently skipping them would
+      report "already done" for masks of other settings, and silently redoing them would replace masks the
+      user did not ask to replace.
+    """
+    digest = settings.digest()
+    open_redo = (project["settings"] or {}).get(REDO_KEY)
+    same = bool(open_redo) and open_redo.get("settings_hash") == digest and \
+        open_redo.get("model_version_id") == model_version_id
+    if same:
+        return AutoPlan(float(open_redo["started"]), resumed_redo=True)
+    if redo:
+        started = time.time()
+        store.update_project(project["id"], settings={REDO_KEY: {
+            "settings_hash": digest, "model_version_id": model_version_id, "started": started}})
+        return AutoPlan(started)
+    if open_redo:
+        raise SettingsMismatchError(
+            "an interrupted `engine auto --redo` with other settings or another model is unfinished; rerun "
+            "with --redo to redo every image with these settings, or with the settings and model it used")
+    others = done_with_other_settings(store, project["id"], digest)
+    if others:
+        raise SettingsMismatchError(
+            f"{others} images were done with other settings (settings hash differs from {digest[:12]}); "
+            "pass --redo to redo them with these settings, or rerun with the settings used before")
+    return AutoPlan(None)
+
+
+def done_with_other_settings(store: Any, project_id: int, digest: str) -> int:
+    """How many of the project's done markers record a settings hash other than ``digest``."""
+    from sqlalchemy import func, select
+
+    from segany.engine.db import Image, ImageRun
+
+    with store.transaction() as s:
+        return int(s.scalar(select(func.count()).select_from(ImageRun).join(Image, Image.id == ImageRun.image_id)
+                            .where(Image.project_id == project_id, ImageRun.kind == AUTO_KIND,
+                                   ImageRun.settings_hash.is_not(None), ImageRun.settings_hash != digest)) or 0)
+
+
+# ------------------------------------------------------------------------------------------ project lock
+def _owner() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str) -> bool:
+    """False when ``owner`` ran on this host and its process is gone; True when it may still run."""
+    import socket
+
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_project(store: Any, project: dict[str, Any]) -> str:
+    """Claim the project for this run, taking over a stale claim; returns the owner string.
+
+    Raises:
+        ProjectBusyError: another live run holds it (two runs would each compute every image).
+    """
+    from sqlalchemy import delete, select
+    from sqlalchemy.exc import IntegrityError
+
+    from segany.engine.db import JobLock, utcnow
+
+    me = _owner()
+    for _ in range(3):
+        try:
+            with store.transaction() as s:
+                lock = s.scalar(select(JobLock).where(JobLock.project_id == project["id"], JobLock.kind == AUTO_KIND))
+                if lock is not None:
+                    age = (utcnow() - lock.heartbeat_at).total_seconds()
+                    if _owner_alive(lock.owner) and age < LOCK_STALE_SECONDS:
+                        raise ProjectBusyError(
+                            f"project {project['name']!r} is being processed by another `engine auto` run "
+                            f"({lock.owner}, last result {age:.0f} s ago); wait for it to finish, or stop it "
+                            "and rerun (the new run resumes where it stopped)")
+                    s.execute(delete(JobLock).where(JobLock.id == lock.id))
+                    s.flush()
+                s.add(JobLock(project_id=project["id"], kind=AUTO_KIND, owner=me, heartbeat_at=utcnow()))
+            return me
+        except IntegrityError:  # another run claimed it between our read and insert: look again
+            continue
+    raise ProjectBusyError(f"project {project['name']!r} is being claimed by another `engine auto` run; "
+                           "wait for it to finish and rerun")
+
+
+def _touch_claim(store: Any, project_id: int, owner: str) -> None:
+    from sqlalchemy import update
+
+    from segany.engine.db import JobLock, utcnow
+
+    with store.transaction() as s:
+        s.execute(update(JobLock).where(JobLock.project_id == project_id, JobLock.kind == AUTO_KIND,
+                                        JobLock.owner == owner).values(heartbeat_at=utcnow()))
+
+
+def release_project(store: Any, project_id: int, owner: str) -> None:
+    from sqlalchemy import delete
+
+    from segany.engine.db import JobLock
+
+    with store.transaction() as s:
+        s.execute(delete(JobLock).where(JobLock.project_id == project_id, JobLock.kind == AUTO_KIND,
+                                        JobLock.owner == owner))
+
+
+# ------------------------------------------------------------------------------------------------ run
 @dataclass
 class AutoSummary:
     images_total: int = 0
     images_skipped: int = 0  # already done before this run
     images_written: int = 0
+    images_failed: int = 0  # could not be read (missing, changed, corrupt): left to do, listed in ``failures``
     duplicates_dropped: int = 0  # results that arrived for an image already written
     masks_written: int = 0
     seconds: float = 0.0
@@ -326,6 +537,8 @@ class AutoSummary:
     backend: str = "local"
     workers: int = 1
     worker_seconds: float = 0.0
+    resumed_redo: bool = False  # this run finished an interrupted --redo
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {image_id, path, reason}
 
     @property
     def images_per_hour(self) -> float:
@@ -342,6 +555,10 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
              runner_hook: Callable[[Any], None] | None = None) -> AutoSummary:
     """Run stage 3 over the project's images that are not done yet.
 
+    Images that cannot be read are skipped and listed in ``summary.failures`` (they stay to do); the others
+    are done. A plain run refuses images done with other settings (:func:`plan_run`); an interrupted
+    ``--redo`` is finished by the next run with the same settings. One run at a time holds the project.
+
     Args:
         store: an open :class:`segany.engine.store.Store`.
         project: project name (None: the first project).
@@ -354,35 +571,66 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
     """
     from segany.engine import jobs
 
+    jobs.check_workers(backend, workers)
     proj = store.get_project(project)
-    mv = register_model(store, spec, meta={"device": spec.device})
-    tasks, skipped = pending_tasks(store, proj["id"], redo=redo, ship_bytes=backend == "ray")
-    summary = AutoSummary(images_total=len(tasks) + skipped, images_skipped=skipped, model_version_id=mv,
-                          backend=backend, workers=workers)
-    if on_start:
-        on_start(len(tasks), skipped)
-    redo_after = time.time() if redo else None
-    t0 = time.perf_counter()
-    if tasks:
-        runner = jobs.make_runner(backend, spec, settings, workers=workers, address=ray_address)
-        summary.workers = runner.workers
-        try:
-            if runner_hook:
-                runner_hook(runner)
-            for result in runner.run(tasks):
-                written = write_result(store, result, model_version_id=mv, settings=settings, redo_after=redo_after)
-                summary.worker_seconds += result.seconds
-                if written:
-                    summary.images_written += 1
-                    summary.masks_written += len(result.masks)
-                else:
-                    summary.duplicates_dropped += 1
-                if on_result:
-                    on_result(result, written)
-        finally:
-            runner.close()
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    owner = claim_project(store, proj)
+    try:
+        mv = register_model(store, spec, meta={"device": spec.device})
+        plan = plan_run(store, proj, settings, mv, redo=redo)
+        tasks, skipped = pending_tasks(store, proj["id"], ship_bytes=backend == "ray", redo_after=plan.redo_after)
+        summary = AutoSummary(images_total=len(tasks) + skipped, images_skipped=skipped, model_version_id=mv,
+                              backend=backend, workers=workers, resumed_redo=plan.resumed_redo)
+        if on_start:
+            on_start(len(tasks), skipped)
+        t0 = time.perf_counter()
+        if tasks:
+            _run_tasks(store, proj["id"], owner, tasks, summary, spec, settings, plan, ray_address=ray_address,
+                       on_result=on_result, runner_hook=runner_hook)
+        if plan.redo_after is not None and not summary.failures:
+            store.update_project(proj["id"], settings={REDO_KEY: None})  # the redo is complete
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    finally:
+        release_project(store, proj["id"], owner)
+
+
+def _run_tasks(store: Any, project_id: int, owner: str, tasks: list[ImageTask], summary: AutoSummary,
+               spec: ModelSpec, settings: AutoSettings, plan: AutoPlan, *, ray_address: str | None,
+               on_result: Callable[[ImageResult, bool], None] | None,
+               runner_hook: Callable[[Any], None] | None) -> None:
+    """Run the tasks on a runner and write each result as it arrives (counting it into ``summary``)."""
+    from segany.engine import jobs
+
+    paths = {t.image_id: t.path for t in tasks}
+    runner = jobs.make_runner(summary.backend, spec, settings, workers=summary.workers, address=ray_address)
+    summary.workers = runner.workers
+    try:
+        if runner_hook:
+            runner_hook(runner)
+        for result in runner.run(tasks):
+            summary.worker_seconds += result.seconds
+            written = False
+            if result.error is None:
+                try:
+                    written = write_result(store, result, model_version_id=summary.model_version_id,
+                                           settings=settings, redo_after=plan.redo_after)
+                except InputError as exc:  # the file changed under the run: this image fails, not the run
+                    result.error = f"changed: {paths.get(result.image_id)} ({exc})"
+            if result.error is not None:
+                log.warning("image %d skipped: %s", result.image_id, result.error)
+                summary.images_failed += 1
+                summary.failures.append({"image_id": result.image_id, "path": paths.get(result.image_id),
+                                         "reason": result.error})
+            elif written:
+                summary.images_written += 1
+                summary.masks_written += len(result.masks)
+                _touch_claim(store, project_id, owner)
+            else:
+                summary.duplicates_dropped += 1
+            if on_result:
+                on_result(result, written)
+    finally:
+        runner.close()
 
 
 def count_sets(store: Any, project_id: int) -> dict[int, tuple[int, int | None]]:

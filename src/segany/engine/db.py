@@ -14,8 +14,10 @@ Design notes for the stages that build on this store:
 * ``Annotation.model_version_id`` names the model that proposed or assisted the mask, and
   ``ModelVersion.parent_id``/``trained_on_id`` record the retraining lineage
   (model → dataset version it was trained on → previous model).
-* ``DatasetVersion`` freezes a set of annotations (``dataset_version_annotations``) for training or
-  export, so a model version can point at exactly the data it saw.
+* ``DatasetVersion`` freezes a set of annotations for training or export, so a model version can point at
+  exactly the data it saw. Its content is the immutable snapshot ``dataset_version_items`` (migration 0005:
+  image sha256/path, RLE, label, source, annotation uuid, copied when frozen); later edits or deletes of the
+  live annotations leave it unchanged. ``dataset_version_annotations`` only links to live rows that still exist.
 * ``Annotation.uuid`` is the client's idempotency key: a retried save finds the row it already made.
 * ``Annotator.role`` is ``annotator`` (the default), ``reviewer`` or ``admin`` (migration 0003 made every
   annotator that existed before roles an ``admin``, so an upgrade locks nobody out).
@@ -144,8 +146,36 @@ class DatasetVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     annotations: Mapped[list[Annotation]] = relationship(secondary=dataset_version_annotations)
+    items: Mapped[list[DatasetVersionItem]] = relationship(cascade="all, delete-orphan",
+                                                           order_by="DatasetVersionItem.id")
 
     __table_args__ = (UniqueConstraint("project_id", "name", name="uq_dataset_versions_project_name"),)
+
+
+class DatasetVersionItem(Base):
+    """One mask of a frozen dataset version, copied from its annotation when the version was frozen."""
+
+    __tablename__ = "dataset_version_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id", ondelete="CASCADE"),
+                                                    index=True)
+    annotation_uuid: Mapped[str] = mapped_column(String(36))
+    # SET NULL: the snapshot outlives a deleted image (its sha256 and path say which file it was).
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_path: Mapped[str] = mapped_column(Text)
+    file_name: Mapped[str] = mapped_column(String(500))
+    label: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(16))
+    rle_counts: Mapped[str] = mapped_column(Text)
+    height: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    area: Mapped[int] = mapped_column(Integer)
+    bbox_xywh: Mapped[list[Any]] = mapped_column(JSON)
+
+    __table_args__ = (UniqueConstraint("dataset_version_id", "annotation_uuid",
+                                       name="uq_dataset_version_items_dv_uuid"),)
 
 
 class ImageRun(Base):
@@ -161,8 +191,29 @@ class ImageRun(Base):
     settings_hash: Mapped[str | None] = mapped_column(String(64))
     seconds: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # How many times the job wrote this image (migration 0005): part of stage 3's machine uuids, so a redo's
+    # masks never reuse the ids of masks people kept from an earlier generation.
+    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     __table_args__ = (UniqueConstraint("image_id", "kind", name="uq_image_runs_image_kind"),)
+
+
+class JobLock(Base):
+    """A claim on a project by a running engine job (migration 0005): one ``engine auto`` run at a time.
+
+    ``owner`` is ``host:pid``; a claim whose process is gone (same host) or whose heartbeat is old is stale and
+    may be taken over, so a killed run never locks the project for good.
+    """
+
+    __tablename__ = "job_locks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str] = mapped_column(String(200))
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("project_id", "kind", name="uq_job_locks_project_kind"),)
 
 
 class Annotation(Base):

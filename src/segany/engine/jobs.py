@@ -179,12 +179,19 @@ class RayRunner:
             self.ray.shutdown()
 
 
+def check_workers(backend: str, workers: int) -> None:
+    """Refuse a bad backend or worker count before anything starts (no banner, bar or model load first)."""
+    if backend not in ("local", "ray"):
+        raise InputError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if backend == "ray" and workers < 0:
+        raise InputError(f"--workers must be >= 0 with --ray (0: one actor per GPU, else per CPU), got {workers}")
+    if backend == "local" and workers < 1:
+        raise InputError(f"--workers must be >= 1 on one machine, got {workers}")
+
+
 def make_runner(backend: str, spec: ModelSpec, settings: AutoSettings, *, workers: int = 1,
                 address: str | None = None) -> Any:
+    check_workers(backend, workers)
     if backend == "ray":
         return RayRunner(spec, settings, workers=workers, address=address)
-    if backend != "local":
-        raise InputError(f"backend must be 'local' or 'ray', got {backend!r}")
-    if workers < 1:
-        raise InputError(f"--workers must be >= 1 on one machine, got {workers}")
     return InlineRunner(spec, settings) if workers == 1 else PoolRunner(spec, settings, workers)

@@ -12,7 +12,6 @@ load the current model unless told otherwise.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -83,9 +82,11 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
                            states: tuple[str, ...] = ("accepted",)) -> dict[str, Any]:
     """Freeze the project's annotations in ``states`` as a dataset version; reuse one with the same content.
 
-    The content hash covers, in annotation-uuid order, each annotation's uuid, image sha256, label and
-    RLE, so it changes exactly when the data changes. Returns ``{id, name, content_hash, annotations,
-    images, train_image_ids, held_out_image_ids}``.
+    Freezing copies each mask (image id/sha256/path, RLE, label, source, annotation uuid) into the version's
+    immutable snapshot (``dataset_version_items``): a model's ``trained_on_id`` must keep describing what it
+    saw after reviewers relabel or delete the live annotations. The content hash covers, in annotation-uuid
+    order, each annotation's uuid, image sha256, label and RLE, so it changes exactly when the data changes.
+    Returns ``{id, name, content_hash, annotations, images, train_image_ids, held_out_image_ids}``.
     """
     from sqlalchemy import select
 
@@ -94,22 +95,15 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
     proj = store.get_project(project)
     with store.transaction() as s:
         rows = list(s.execute(
-            select(Annotation, Image.sha256).join(Image, Image.id == Annotation.image_id)
+            select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
             .where(Image.project_id == proj["id"], Annotation.review_state.in_(list(states)))
             .order_by(Annotation.uuid)))
         if not rows:
             raise InputError(f"project {proj['name']!r} has no {'/'.join(states)} annotations to train on; "
                              "annotate or accept some first")
-        h = hashlib.sha256()
-        for a, sha in rows:
-            h.update(f"{a.uuid}\0{sha}\0{a.label}\0{a.height}x{a.width}\0{a.rle_counts}\n".encode())
-        digest = h.hexdigest()
-        images = {a.image_id: sha for a, sha in rows}
-        held = sorted(i for i, sha in images.items() if held_out_image(sha, held_out))
-        train = sorted(i for i in images if i not in set(held))
-        if held_out > 0 and not held and len(images) >= 2:  # tiny projects: hold out one image anyway
-            held = [min(images, key=lambda i: images[i])]
-            train = [i for i in train if i not in held]
+        digest = _content_hash((a, im.sha256) for a, im in rows)
+        images = {a.image_id: im.sha256 for a, im in rows}
+        train, held = _split(images, held_out)
         for dv in s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])):
             if (dv.meta or {}).get("content_hash") == digest and (dv.meta or {}).get("held_out") == held_out:
                 return _dv_dict(dv)
@@ -119,9 +113,38 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
             "held_out": held_out, "train_image_ids": train, "held_out_image_ids": held,
             "annotation_uuids_sha256": hashlib.sha256("\n".join(a.uuid for a, _ in rows).encode()).hexdigest()})
         dv.annotations = [a for a, _ in rows]
+        dv.items = [_snapshot_item(a, im) for a, im in rows]
         s.add(dv)
         s.flush()
         return _dv_dict(dv)
+
+
+def _content_hash(rows: Any) -> str:
+    """sha256 over (annotation, image sha256) pairs already in uuid order."""
+    h = hashlib.sha256()
+    for a, sha in rows:
+        h.update(f"{a.uuid}\0{sha}\0{a.label}\0{a.height}x{a.width}\0{a.rle_counts}\n".encode())
+    return h.hexdigest()
+
+
+def _split(images: dict[int, str], held_out: float) -> tuple[list[int], list[int]]:
+    """(train, held-out) image ids, split by content so an image stays on its side in every version."""
+    held = sorted(i for i, sha in images.items() if held_out_image(sha, held_out))
+    train = sorted(i for i in images if i not in set(held))
+    if held_out > 0 and not held and len(images) >= 2:  # tiny projects: hold out one image anyway
+        held = [min(images, key=lambda i: images[i])]
+        train = [i for i in train if i not in held]
+    return train, held
+
+
+def _snapshot_item(a: Any, im: Any) -> Any:
+    """A copy of annotation ``a`` on image ``im`` that later edits of ``a`` cannot reach."""
+    from segany.engine.db import DatasetVersionItem
+
+    return DatasetVersionItem(
+        annotation_uuid=a.uuid, image_id=im.id, image_sha256=im.sha256, image_path=im.path, file_name=im.file_name,
+        label=a.label, source=a.source, rle_counts=a.rle_counts, height=a.height, width=a.width, area=a.area,
+        bbox_xywh=list(a.bbox_xywh or []))
 
 
 def _dv_dict(dv: Any) -> dict[str, Any]:
@@ -133,31 +156,23 @@ def _dv_dict(dv: Any) -> dict[str, Any]:
 
 def dataset_records(store: Any, dataset_version_id: int, image_ids: list[int], dataset: str = "project"
                     ) -> list[Any]:
-    """Training/eval records (:class:`InstanceRecord`) of the given images, from the frozen annotations."""
-    from sqlalchemy import select
-
+    """Training/eval records (:class:`InstanceRecord`) of the given images, from the version's frozen snapshot."""
     from segany.data.formats.common import InstanceRecord
-    from segany.engine.db import Annotation, DatasetVersion, Image, dataset_version_annotations
+    from segany.engine.versions import snapshot_items
 
     wanted = set(image_ids)
-    with store.transaction() as s:
-        if s.get(DatasetVersion, dataset_version_id) is None:
-            raise InputError(f"no dataset version with id {dataset_version_id}")
-        q = (select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
-             .join(dataset_version_annotations, dataset_version_annotations.c.annotation_id == Annotation.id)
-             .where(dataset_version_annotations.c.dataset_version_id == dataset_version_id)
-             .order_by(Image.id, Annotation.uuid))
-        by_image: dict[int, InstanceRecord] = {}
-        for a, im in s.execute(q):
-            if im.id not in wanted:
-                continue
-            rec = by_image.get(im.id)
-            if rec is None:
-                rec = by_image[im.id] = InstanceRecord(image_path=im.path, size_hw=(im.height, im.width), masks=[],
-                                                       class_names=[], image_id=str(im.id), dataset=dataset)
-            rec.masks.append({"size": [a.height, a.width], "counts": a.rle_counts})
-            assert rec.class_names is not None
-            rec.class_names.append(a.label)
+    by_image: dict[int, InstanceRecord] = {}
+    for it in snapshot_items(store, dataset_version_id):
+        if it["image_id"] not in wanted:
+            continue
+        rec = by_image.get(it["image_id"])
+        if rec is None:
+            rec = by_image[it["image_id"]] = InstanceRecord(
+                image_path=it["image_path"], size_hw=(it["height"], it["width"]), masks=[], class_names=[],
+                image_id=str(it["image_id"]), dataset=dataset)
+        rec.masks.append({"size": [it["height"], it["width"]], "counts": it["rle_counts"]})
+        assert rec.class_names is not None
+        rec.class_names.append(it["label"])
     return [by_image[i] for i in sorted(by_image)]
 
 
@@ -175,6 +190,11 @@ class RetrainSettings:
     max_clicks: int = 5  # 1- and 5-click mIoU are reported
     freeze_encoder: bool = False
     always_promote: bool = False
+    # Promotion needs evidence: the new model's score (mean of 1-click, 5-click and box mIoU, in [0, 1]) must
+    # beat the old one by at least ``min_gain`` on at least ``min_eval_objects`` held-out objects. A gain of a
+    # few thousandths on a handful of objects is noise, and promoting on noise churns the project's model.
+    min_gain: float = 0.01
+    min_eval_objects: int = 20
     device: str = "cpu"
     seed: int = 0
 
@@ -191,6 +211,10 @@ class RetrainSettings:
             raise InputError(f"--eval-images must be >= 1 (leave it out to use all), got {self.eval_images}")
         if not 0.0 <= self.held_out < 1.0:
             raise InputError(f"--held-out must be in [0, 1), got {self.held_out}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise InputError(f"--min-gain must be in [0, 1) (a score difference, e.g. 0.01), got {self.min_gain}")
+        if self.min_eval_objects < 1:
+            raise InputError(f"--min-eval-objects must be >= 1, got {self.min_eval_objects}")
         if self.max_clicks < 5:
             raise InputError(f"max_clicks must be >= 5 (5-click mIoU is reported), got {self.max_clicks}")
 
@@ -226,6 +250,7 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
     """
     import torch
 
+    from segany.atomic import atomic_write_json
     from segany.checkpoints import build_sam, save_checkpoint
     from segany.engine.auto import register_model
     from segany.engine.store import file_sha256
@@ -283,14 +308,15 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
     summary = trainer.fit()
     new = trainer.sam.eval()
     metrics_new = evaluate(new, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
+    _prune_run_dir(base / "run")
     s_old, s_new = score(metrics_old), score(metrics_new)
     better = s_new > s_old
-    promote = better or settings.always_promote
+    promote, why = promotion_decision(s_old, s_new, int(metrics_new["all"].get("objects", 0)), settings)
     meta = {"dataset_version": dv["name"], "content_hash": dv["content_hash"], "steps": settings.steps,
             "metrics": metrics_new, "parent_metrics": metrics_old, "score": round(s_new, 4),
             "parent_score": round(s_old, 4), "eval_images": len(eval_records),
             "eval_split": "external:" + settings.eval_data if settings.eval_data else "held-out project images",
-            "train_images": len(train_records), "train": summary}
+            "train_images": len(train_records), "train": summary, "promoted": promote, "promotion_reason": why}
     ckpt = base / "model.pt"
     save_checkpoint(new, ckpt, meta={k: v for k, v in meta.items() if k != "train"})
     new_spec = ModelSpec(spec.model, str(ckpt.resolve()), settings.device)
@@ -304,9 +330,35 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
               "model_version": {"id": mv_id, "name": new_spec.version_name(), "checkpoint": str(ckpt),
                                 "parent_id": parent_id},
               "metrics_old": metrics_old, "metrics_new": metrics_new, "score_old": round(s_old, 4),
-              "score_new": round(s_new, 4), "better": better, "promoted": promote, "train": summary,
+              "score_new": round(s_new, 4), "better": better, "promoted": promote, "promotion_reason": why,
+              "train": summary,
               "seconds": round(time.time() - t0, 1)}
-    tmp = base / ".result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(base / "result.json")
+    atomic_write_json(base / "result.json", result, indent=1)
     return result
+
+
+def promotion_decision(s_old: float, s_new: float, objects: int, settings: RetrainSettings) -> tuple[bool, str]:
+    """Whether the new model becomes current, and why, in one line for the output."""
+    gain = s_new - s_old
+    if settings.always_promote:
+        return True, f"--always-promote (score {s_old:.4f} -> {s_new:.4f})"
+    if objects < settings.min_eval_objects:
+        return False, (f"only {objects} held-out objects were evaluated (--min-eval-objects "
+                       f"{settings.min_eval_objects}); too few to tell, so the current model stays. Raise "
+                       "--held-out or --max-objects, or pass --eval-data")
+    if gain < settings.min_gain:
+        return False, (f"score {s_old:.4f} -> {s_new:.4f} (gain {gain:+.4f}) is below --min-gain "
+                       f"{settings.min_gain}; the current model stays")
+    return True, f"score {s_old:.4f} -> {s_new:.4f} (gain {gain:+.4f} >= {settings.min_gain}) on {objects} objects"
+
+
+def _prune_run_dir(run_dir: Path) -> None:
+    """Drop the trainer's checkpoints (optimizer state, copies of the weights) once the run is over.
+
+    The registered ``model.pt`` beside the run folder is what later stages load; ``config.json`` and
+    ``log.jsonl`` stay as the run's record. A 2-step retrain otherwise leaves over 100 MB behind.
+    """
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.rglob("*.pt"):
+        p.unlink(missing_ok=True)

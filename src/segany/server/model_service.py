@@ -124,13 +124,11 @@ class ModelService:
     def version_name(self) -> str:
         """Stable name of this model for the store's ``model_versions`` table."""
         if self.checkpoint:
-            p = Path(self.checkpoint)
-            h = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}".encode())
-            with open(p, "rb") as f:  # head + tail: cheap and changes whenever weights are retrained
-                h.update(f.read(1 << 20))
-                f.seek(max(0, p.stat().st_size - (1 << 20)))
-                h.update(f.read(1 << 20))
-            return f"{self.model_type}:{h.hexdigest()[:16]}"
+            # By content, with the engine's own function: the weights `engine retrain` registered (with their
+            # parent and dataset version) are found by name, not registered again without lineage.
+            from segany.engine.versions import model_version_name
+
+            return model_version_name(self.model_type, self.checkpoint)
         if self._sam is not None:
             digest = hashlib.sha256()
             for k, v in sorted(self._sam.state_dict().items())[:8]:

@@ -1,0 +1,157 @@
+"""Versions of the data engine's two moving parts: model weights and frozen dataset versions.
+
+* :func:`model_version_name` is the one name a set of weights gets in ``model_versions``, whoever registers
+  it (``segany serve``, ``segany engine auto``, ``engine retrain``): the model type plus the sha256 of the
+  weights' content. One name means one row, so masks drawn in the app keep the lineage (parent, dataset
+  version) that retraining recorded on that row.
+* A dataset version's content is its immutable snapshot (``dataset_version_items``, migration 0005);
+  :func:`snapshot_items` reads it, :func:`list_versions` lists a project's versions and
+  :func:`export_version_coco` writes one as COCO (RLE segmentations), for training elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from segany.errors import InputError
+
+# (resolved path, size, mtime_ns) -> sha256: the server and the engine hash a multi-GB checkpoint once per process.
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a weights file's content (cached per process while the file is unchanged)."""
+    from segany.engine.store import file_sha256
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(p)
+    return _SHA_CACHE[key]
+
+
+def model_version_name(model_type: str, checkpoint: str | os.PathLike[str] | None = None, *,
+                       checkpoint_bytes: bytes | None = None) -> str:
+    """``<model type>:<first 16 hex of the weights' sha256>`` (``:random-init`` without weights).
+
+    Named by content, not by path: the same weights copied elsewhere are the same model version.
+    """
+    if checkpoint_bytes is not None:
+        return f"{model_type}:{hashlib.sha256(checkpoint_bytes).hexdigest()[:16]}"
+    if checkpoint:
+        return f"{model_type}:{weights_sha256(checkpoint)[:16]}"
+    return f"{model_type}:random-init"
+
+
+# ------------------------------------------------------------------------------------ dataset versions
+def _find_version(s: Any, project_id: int, version: str | int) -> Any:
+    from sqlalchemy import select
+
+    from segany.engine.db import DatasetVersion
+
+    rows = list(s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == project_id)
+                          .order_by(DatasetVersion.id)))
+    for dv in rows:
+        if str(version) in (dv.name, str(dv.id)) or dv.name.split("-")[0] == str(version):
+            return dv
+    names = ", ".join(dv.name for dv in rows) or "none yet (run segany engine retrain)"
+    raise InputError(f"no dataset version {version!r} in this project; pass one of: {names}")
+
+
+def snapshot_items(store: Any, dataset_version_id: int) -> list[dict[str, Any]]:
+    """The masks frozen in a dataset version, ordered by image id then annotation uuid.
+
+    A version made without a snapshot (``Store.create_dataset_version``) falls back to its links to live
+    annotations, which is all it has.
+    """
+    from sqlalchemy import select
+
+    from segany.engine.db import (
+        Annotation,
+        DatasetVersion,
+        DatasetVersionItem,
+        Image,
+        dataset_version_annotations,
+    )
+
+    with store.transaction() as s:
+        if s.get(DatasetVersion, dataset_version_id) is None:
+            raise InputError(f"no dataset version with id {dataset_version_id}")
+        items = list(s.scalars(select(DatasetVersionItem)
+                               .where(DatasetVersionItem.dataset_version_id == dataset_version_id)))
+        if items:
+            out = [_item_dict(it) for it in items]
+        else:
+            q = (select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
+                 .join(dataset_version_annotations, dataset_version_annotations.c.annotation_id == Annotation.id)
+                 .where(dataset_version_annotations.c.dataset_version_id == dataset_version_id))
+            out = [{"annotation_uuid": a.uuid, "image_id": im.id, "image_sha256": im.sha256, "image_path": im.path,
+                    "file_name": im.file_name, "label": a.label, "source": a.source, "rle_counts": a.rle_counts,
+                    "height": a.height, "width": a.width, "area": a.area, "bbox_xywh": list(a.bbox_xywh or [])}
+                   for a, im in s.execute(q)]
+    return sorted(out, key=lambda d: (d["image_id"] if d["image_id"] is not None else -1, d["annotation_uuid"]))
+
+
+def _item_dict(it: Any) -> dict[str, Any]:
+    return {"annotation_uuid": it.annotation_uuid, "image_id": it.image_id, "image_sha256": it.image_sha256,
+            "image_path": it.image_path, "file_name": it.file_name, "label": it.label, "source": it.source,
+            "rle_counts": it.rle_counts, "height": it.height, "width": it.width, "area": it.area,
+            "bbox_xywh": list(it.bbox_xywh or [])}
+
+
+def list_versions(store: Any, project: str | None) -> list[dict[str, Any]]:
+    """The project's dataset versions, oldest first, with the model versions trained on each."""
+    from sqlalchemy import func, select
+
+    from segany.engine.db import DatasetVersion, DatasetVersionItem, ModelVersion
+
+    proj = store.get_project(project)
+    with store.transaction() as s:
+        out = []
+        for dv in s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])
+                            .order_by(DatasetVersion.id)):
+            n = s.scalar(select(func.count()).where(DatasetVersionItem.dataset_version_id == dv.id))
+            models = list(s.scalars(select(ModelVersion.name).where(ModelVersion.trained_on_id == dv.id)))
+            m = dv.meta or {}
+            out.append({"id": dv.id, "name": dv.name, "created_at": dv.created_at.isoformat(timespec="seconds"),
+                        "masks": int(n or 0), "images": m.get("images"), "content_hash": m.get("content_hash"),
+                        "held_out_images": len(m.get("held_out_image_ids", [])), "models": models})
+    return out
+
+
+def export_version_coco(store: Any, project: str | None, version: str | int, out_path: str | os.PathLike[str]
+                        ) -> dict[str, Any]:
+    """Write a dataset version's snapshot as a COCO instances file (RLE segmentations); returns counts."""
+    from segany.atomic import atomic_write_json
+
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: folder {out.parent} does not exist; create it or pick another path")
+    if out.is_dir():
+        raise InputError(f"{out} is a folder; pass a file path such as {out / 'coco.json'}")
+    proj = store.get_project(project)
+    with store.transaction() as s:
+        dv = _find_version(s, proj["id"], version)
+        dv_id, dv_name = dv.id, dv.name
+    items = snapshot_items(store, dv_id)
+    labels = sorted({it["label"] for it in items})
+    cat = {name: i + 1 for i, name in enumerate(labels)}
+    images: dict[str, dict[str, Any]] = {}
+    annotations = []
+    for it in items:
+        im = images.setdefault(it["image_sha256"], {
+            "id": len(images) + 1, "file_name": it["file_name"], "height": it["height"], "width": it["width"],
+            "path": it["image_path"], "sha256": it["image_sha256"]})
+        annotations.append({"id": len(annotations) + 1, "image_id": im["id"], "category_id": cat[it["label"]],
+                            "segmentation": {"size": [it["height"], it["width"]], "counts": it["rle_counts"]},
+                            "area": it["area"], "bbox": it["bbox_xywh"], "iscrowd": 0,
+                            "segany_uuid": it["annotation_uuid"], "segany_source": it["source"]})
+    coco = {"info": {"description": f"segany dataset version {dv_name} of {proj['name']}"},
+            "images": list(images.values()), "annotations": annotations,
+            "categories": [{"id": i, "name": n} for n, i in cat.items()]}
+    atomic_write_json(out_path, coco)
+    return {"name": dv_name, "images": len(images), "annotations": len(annotations), "path": str(out_path)}

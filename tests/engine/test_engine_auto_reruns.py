@@ -1,0 +1,172 @@
+"""Stage 3 reruns: --redo after people kept masks, two projects sharing an image, changed settings, an
+interrupted --redo, unreadable images, one run per project, worker counts checked first."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from engine_fixtures import (
+    auto_settings,
+    make_images,
+    make_project,
+    save_tiny_checkpoint,
+    use_test_generator_path,
+)
+
+from segany.engine.auto import ModelSpec, count_sets, run_auto
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    use_test_generator_path()
+    root = tmp_path_factory.mktemp("reruns")
+    return {"ckpt": save_tiny_checkpoint(root / "tiny.pt"), "images": make_images(root / "images", 3)}
+
+
+@pytest.fixture
+def project(base: dict, tmp_path: Path) -> tuple:
+    store, proj = make_project(tmp_path / "proj", base["images"][:2])
+    yield store, proj, ModelSpec("vit_b", str(base["ckpt"]), "cpu", precision="fp32")
+    store.close()
+
+
+def _hashes(store, project_id: int) -> set[str | None]:
+    from sqlalchemy import select
+
+    from segany.engine.db import Image, ImageRun
+
+    with store.transaction() as s:
+        return set(s.scalars(select(ImageRun.settings_hash).join(Image, Image.id == ImageRun.image_id)
+                             .where(Image.project_id == project_id)))
+
+
+def test_redo_keeps_accepted_machine_masks_and_gives_new_ids(project: tuple) -> None:
+    store, proj, spec = project
+    assert run_auto(store, None, spec, auto_settings()).masks_written > 0
+    store.add_annotator("rev", "reviewer")
+    kept = store.list_annotations(project_id=proj["id"], sources=["auto"])[0]
+    store.update_annotation(kept["id"], review_state="accepted", by=store.list_annotators()[0]["id"])
+
+    again = run_auto(store, None, spec, auto_settings(), redo=True)  # was IntegrityError: annotations.uuid
+    assert again.images_written == 2
+    anns = store.list_annotations(project_id=proj["id"], sources=["auto"])
+    assert kept["uuid"] in {a["uuid"] for a in anns}
+    assert len({a["uuid"] for a in anns}) == len(anns) == again.masks_written + 1
+
+
+def test_two_projects_holding_the_same_image(project: tuple) -> None:
+    store, proj, spec = project
+    second = store.create_project("second")
+    store.add_images(second["id"], [im["path"] for im in store.list_images(proj["id"])])
+    first = run_auto(store, None, spec, auto_settings())
+    other = run_auto(store, "second", spec, auto_settings())  # was IntegrityError: annotations.uuid
+    assert other.images_written == first.images_written == 2 and other.masks_written == first.masks_written
+    assert all(n == m for n, m in count_sets(store, second["id"]).values())
+
+
+def test_rerun_with_other_settings_refuses_and_points_to_redo(project: tuple) -> None:
+    from segany.engine.auto import SettingsMismatchError
+
+    store, proj, spec = project
+    a, b = auto_settings(), dataclasses.replace(auto_settings(), max_masks=2)
+    run_auto(store, None, spec, a)
+    with pytest.raises(SettingsMismatchError, match="2 images were done with other settings.*--redo"):
+        run_auto(store, None, spec, b)  # was: "2 already done", rc 0, nothing changed
+    assert run_auto(store, None, spec, a).images_skipped == 2  # the same settings still resume
+    done = run_auto(store, None, spec, b, redo=True)
+    assert done.images_written == 2 and _hashes(store, proj["id"]) == {b.digest()}
+
+
+def test_interrupted_redo_is_finished_by_the_next_run(project: tuple) -> None:
+    from segany.engine.auto import SettingsMismatchError
+
+    store, proj, spec = project
+    a, b = auto_settings(), dataclasses.replace(auto_settings(), max_masks=2)
+    run_auto(store, None, spec, a)
+
+    def stop_after_first(result, written) -> None:  # SIGTERM in the middle of a --redo
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_auto(store, None, spec, b, redo=True, on_result=stop_after_first)
+    assert _hashes(store, proj["id"]) == {a.digest(), b.digest()}  # mixed for now
+    with pytest.raises(SettingsMismatchError, match="interrupted .*--redo"):
+        run_auto(store, None, spec, a)  # the old settings must not silently skip or mix
+    finish = run_auto(store, None, spec, b)  # a plain rerun with the redo's settings finishes it
+    assert (finish.images_written, finish.images_skipped, finish.resumed_redo) == (1, 1, True)
+    assert _hashes(store, proj["id"]) == {b.digest()}
+    assert all(n == m for n, m in count_sets(store, proj["id"]).values())
+    assert run_auto(store, None, spec, b).images_skipped == 2  # and it is closed: nothing left to do
+
+
+def test_unreadable_images_are_skipped_and_listed(base: dict, tmp_path: Path) -> None:
+    from segany.engine.auto import pending_tasks
+
+    images = make_images(tmp_path / "images", 3)
+    store, proj = make_project(tmp_path / "proj", images)
+    spec = ModelSpec("vit_b", str(base["ckpt"]), "cpu", precision="fp32")
+    try:
+        images[0].unlink()  # missing
+        images[1].write_bytes(b"not an image any more")  # changed since it was registered
+        summary = run_auto(store, None, spec, auto_settings())
+        assert (summary.images_written, summary.images_failed) == (1, 2)
+        reasons = sorted(f["reason"] for f in summary.failures)
+        assert reasons[0].startswith("changed:") and "sha256 differs" in reasons[0]
+        assert reasons[1].startswith("missing:") and "no longer exists" in reasons[1]
+        assert not any("JPEG" in r for r in reasons)
+        # Ray's path: the driver ships bytes; a file it cannot read reaches the worker without them.
+        tasks, _ = pending_tasks(store, proj["id"], ship_bytes=True)
+        assert {t.data is None for t in tasks if t.path == str(images[0])} == {True}
+    finally:
+        store.close()
+
+
+def test_cli_auto_exit_status_and_wording(base: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`engine auto` exits 1 listing the bad image; --workers 0 is refused before the banner."""
+    from segany.cli.main import main
+
+    images = make_images(tmp_path / "images", 2)
+    store, _ = make_project(tmp_path / "proj", images)
+    store.close()
+    images[0].unlink()
+    s = auto_settings()
+    cmd = ["engine", "auto", str(tmp_path / "proj"), "--model", "vit_b", "--checkpoint", str(base["ckpt"]),
+           "--device", "cpu", "--precision", "fp32", "--quiet", "--points-per-side", str(s.points_per_side),
+           "--pred-iou-thresh", "0", "--stability-thresh", "0", "--max-masks", "8", "--generator", s.generator]
+    assert main([*cmd, "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "--workers must be >= 1" in err and "stage 3 with" not in err
+    assert main(cmd) == 1
+    out, err = capsys.readouterr()
+    assert "1 image written" in out and "1 could not be read" in out and "1 worker)" in out
+    assert f"skipped: missing: {images[0]}" in err
+
+
+def test_second_run_on_a_busy_project_refuses(project: tuple) -> None:
+    from segany.engine.auto import ProjectBusyError, claim_project, release_project
+    from segany.engine.db import JobLock, utcnow
+
+    store, proj, spec = project
+    with store.transaction() as s:  # a live run elsewhere on this host (our parent process) holds it
+        s.add(JobLock(project_id=proj["id"], kind="auto", owner=f"{socket.gethostname()}:{os.getppid()}",
+                      heartbeat_at=utcnow()))
+    with pytest.raises(ProjectBusyError, match="being processed by another `engine auto` run"):
+        run_auto(store, None, spec, auto_settings())
+    assert all(m is None for _, m in count_sets(store, proj["id"]).values())
+    with store.transaction() as s:  # its process died: the claim is stale and taken over
+        s.query(JobLock).update({"owner": f"{socket.gethostname()}:{_dead_pid()}"})
+    assert run_auto(store, None, spec, auto_settings()).images_written == 2
+    owner = claim_project(store, proj)  # and the finished run released it
+    release_project(store, proj["id"], owner)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid

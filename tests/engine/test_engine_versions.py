@@ -1,0 +1,147 @@
+"""Frozen dataset versions stay frozen; one model-version name per set of weights (serve and engine agree)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from engine_fixtures import make_images, make_project, save_tiny_checkpoint
+
+
+def _mask(h: int, w: int, k: int) -> np.ndarray:
+    m = np.zeros((h, w), dtype=bool)
+    m[4 + 3 * k: 30 + 3 * k, 5 + 4 * k: 40 + 4 * k] = True
+    return m
+
+
+@pytest.fixture
+def annotated(tmp_path: Path) -> dict:
+    """3 images with 4 accepted manual masks each, labelled person/car."""
+    store, proj = make_project(tmp_path / "proj", make_images(tmp_path / "images", 3))
+    store.add_annotator("alice")
+    alice = store.list_annotators()[0]["id"]
+    for im in store.list_images(proj["id"]):
+        for k in range(4):
+            store.save_annotation(im["id"], mask=_mask(im["height"], im["width"], k), source="manual",
+                                  annotator_id=alice, label="person" if k % 2 else "car")
+    yield {"store": store, "proj": proj, "root": tmp_path}
+    store.close()
+
+
+def _frozen(store, dv_id: int) -> list[tuple]:
+    from segany.engine.versions import snapshot_items
+
+    return [(it["annotation_uuid"], it["label"], it["rle_counts"], it["image_sha256"])
+            for it in snapshot_items(store, dv_id)]
+
+
+def test_frozen_version_survives_delete_and_relabel(annotated: dict, tmp_path: Path) -> None:
+    from segany.engine.retrain import dataset_records, freeze_dataset_version
+    from segany.engine.versions import export_version_coco, list_versions
+
+    store, proj = annotated["store"], annotated["proj"]
+    dv = freeze_dataset_version(store, None, held_out=0.0)
+    before = _frozen(store, dv["id"])
+    records_before = dataset_records(store, dv["id"], dv["train_image_ids"])
+    assert len(before) == 12 and sum(len(r.masks) for r in records_before) == 12
+
+    anns = store.list_annotations(project_id=proj["id"])
+    store.delete_annotation(anns[0]["id"])  # a reviewer deletes one and relabels another
+    store.update_annotation(anns[1]["id"], label="bicycle", by=1)
+
+    assert _frozen(store, dv["id"]) == before
+    records_after = dataset_records(store, dv["id"], dv["train_image_ids"])
+    assert [(r.image_path, r.masks, r.class_names) for r in records_after] == \
+        [(r.image_path, r.masks, r.class_names) for r in records_before]
+    assert "bicycle" not in {c for r in records_after for c in (r.class_names or [])}
+    assert [v["masks"] for v in list_versions(store, None)] == [12]
+
+    # Freezing the edited data makes a new version; the old one keeps its 12 masks.
+    dv2 = freeze_dataset_version(store, None, held_out=0.0)
+    assert dv2["id"] != dv["id"] and dv2["annotations"] == 11
+    out = export_version_coco(store, None, "v1", tmp_path / "v1.json")
+    coco = json.loads((tmp_path / "v1.json").read_text())
+    assert out["annotations"] == 12 and len(coco["annotations"]) == 12 and len(coco["images"]) == 3
+    assert {c["name"] for c in coco["categories"]} == {"person", "car"}
+
+
+def test_versions_cli_lists_and_exports(annotated: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from segany.cli.engine import main
+    from segany.engine.retrain import freeze_dataset_version
+    from segany.errors import InputError
+
+    dv = freeze_dataset_version(annotated["store"], None, held_out=0.0)
+    target = str(annotated["root"] / "proj")
+    assert main(["versions", target]) == 0
+    assert dv["name"] in capsys.readouterr().out
+    assert main(["versions", target, "--export-coco", dv["name"], str(tmp_path / "out.json")]) == 0
+    assert len(json.loads((tmp_path / "out.json").read_text())["annotations"]) == 12
+    with pytest.raises(InputError, match="no dataset version 'v9'.*pass one of"):
+        main(["versions", target, "--export-coco", "v9", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_upgrade_snapshots_versions_frozen_before(tmp_path: Path) -> None:
+    """A store at 0004 with a dataset version: the upgrade copies what its links point at."""
+    from sqlalchemy import text
+
+    from segany.engine.store import make_engine, migrate, open_store
+    from segany.engine.versions import snapshot_items
+
+    (tmp_path / "p").mkdir()
+    engine = make_engine(f"sqlite:///{tmp_path / 'p' / 'segany.db'}")
+    try:
+        migrate(engine, "0004")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (name, stage, labels, settings, created_at) "
+                              "VALUES ('demo', 'manual', '[]', '{}', '2025-01-01')"))
+            conn.execute(text("INSERT INTO images (project_id, path, file_name, width, height, sha256, created_at) "
+                              "VALUES (1, 'x.jpg', 'x.jpg', 4, 4, 'abc', '2025-01-01')"))
+            conn.execute(text("INSERT INTO annotations (uuid, image_id, label, rle_counts, height, width, area, "
+                              "bbox_xywh, source, review_state, prompts, revision, created_at, updated_at) "
+                              "VALUES ('u1', 1, 'cat', '4', 4, 4, 0, '[0, 0, 0, 0]', 'manual', 'accepted', '{}', 1, "
+                              "'2025-01-01', '2025-01-01')"))
+            conn.execute(text("INSERT INTO dataset_versions (project_id, name, meta, created_at) "
+                              "VALUES (1, 'v1', '{}', '2025-01-01')"))
+            conn.execute(text("INSERT INTO dataset_version_annotations VALUES (1, 1)"))
+            conn.execute(text("INSERT INTO image_runs (image_id, kind, num_masks, finished_at) "
+                              "VALUES (1, 'auto', 0, '2025-01-01')"))
+    finally:
+        engine.dispose()
+    store = open_store(tmp_path / "p")
+    try:
+        store.delete_annotation(1)  # after the upgrade, deleting the live row leaves the version whole
+        assert [(i["annotation_uuid"], i["label"], i["image_sha256"]) for i in snapshot_items(store, 1)] == [
+            ("u1", "cat", "abc")]
+        with store.transaction() as s:
+            assert s.execute(text("SELECT generation FROM image_runs")).scalar() == 1
+    finally:
+        store.close()
+
+
+def test_serve_and_engine_name_the_same_weights_alike(tmp_path: Path) -> None:
+    """After retrain registered weights with their lineage, the server finds that row instead of a new one."""
+    from segany.engine.auto import ModelSpec
+    from segany.server.model_service import ModelService
+
+    ckpt = save_tiny_checkpoint(tmp_path / "a" / "tiny.pt")
+    copy = tmp_path / "b" / "same.pt"  # the same weights elsewhere are the same model version
+    copy.parent.mkdir()
+    copy.write_bytes(ckpt.read_bytes())
+    engine_name = ModelSpec("vit_b", str(ckpt)).version_name()
+    assert ModelService("vit_b", str(ckpt), device="cpu").version_name == engine_name
+    assert ModelService("vit_b", str(copy), device="cpu").version_name == engine_name
+
+    store, _ = make_project(tmp_path / "proj", make_images(tmp_path / "images", 1))
+    try:
+        parent = store.register_model_version("vit_b:parent", "vit_b")
+        mv = store.register_model_version(engine_name, "vit_b", str(ckpt), parent_id=parent)
+        service = ModelService("vit_b", str(ckpt), device="cpu")
+        # what segany serve does at start-up (server/app.py)
+        assert store.register_model_version(service.version_name, service.model_type, service.checkpoint) == mv
+        rows = [m for m in store.list_model_versions() if m["name"] == engine_name]
+        assert len(rows) == 1 and rows[0]["parent_id"] == parent
+    finally:
+        store.close()
