@@ -540,17 +540,22 @@ class Trainer:
         return entry
 
     def validation_objects(self) -> list:
-        """The first ``run.val_objects`` objects of the held-out images (loaded once, the same every time)."""
+        """``run.val_objects`` objects of the held-out images, taken from each dataset in turn so a small cap
+        still covers them all; loaded once, the same every time."""
         if self._val_objects is None:
+            from itertools import chain, zip_longest
+
             from segany.eval.interactive import eval_objects
             from segany.train.data import val_records
 
-            cap = self.cfg.run.val_objects
-            objects = []
+            by_ds: dict[str, list] = {}
             for rec, masks in eval_objects(val_records(self.cfg.data)):
-                objects.append((rec, masks[: cap - sum(len(m) for _, m in objects)]))
-                if sum(len(m) for _, m in objects) >= cap:
-                    break
+                by_ds.setdefault(rec.dataset, []).append((rec, masks))
+            left, objects = self.cfg.run.val_objects, []
+            for item in chain.from_iterable(zip_longest(*by_ds.values())):  # one image per dataset in turn
+                if item is not None and left > 0:
+                    objects.append((item[0], item[1][:left]))
+                    left -= len(objects[-1][1])
             self._val_objects = objects
         return self._val_objects
 
