@@ -91,3 +91,15 @@ def test_repeated_records_decode_once_and_follow_factors(records):
     seen = [i for step in range(4) for i in b._indices(step)]
     a_slot = b.records.index(records[0])
     assert seen.count(a_slot) == 6  # two epochs of 4 positions, 3 of them image "a"
+
+
+def test_image_of_another_size_than_its_masks_is_refused(records) -> None:
+    """As in the CPU dataset: a stale pack (an old image under a reused id) is refused, not stretched."""
+    from PIL import Image
+
+    from segany.errors import InputError
+
+    Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(records[1].image_path)
+    with pytest.raises(InputError, match="stale or edited") as exc:
+        make(records, AugmentConfig(hflip=0.0))
+    assert records[1].image_path in str(exc.value)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segany.data.datasets import AugmentConfig
+from segany.data.datasets import AugmentConfig, check_frames
 from segany.data.formats.common import InstanceRecord, decode_rle
 from segany.errors import InputError
 from segany.transforms import preprocess_shape
@@ -32,10 +32,11 @@ def _decode(rec: InstanceRecord, size: int) -> tuple[np.ndarray, np.ndarray]:
     from segany.data.images import load_image
 
     image = load_image(rec.image_path)
+    full = [decode_rle(r) for r in rec.masks]
+    check_frames(rec, image.shape[:2], full[0].shape)  # a stale pack: never stretch masks onto another image
     h, w = preprocess_shape(image.shape[0], image.shape[1], size)
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    masks = np.stack([cv2.resize(decode_rle(r).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-                      for r in rec.masks])
+    masks = np.stack([cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for m in full])
     return image, masks
 
 
