@@ -60,7 +60,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    + default_note("min_mask_region_area") + ")")
     a.add_argument("--max-masks", type=int, default=None, help="keep the best N masks per image")
     a.add_argument("--review", action="store_true", help="store masks as pending review instead of accepted")
-    a.add_argument("--redo", action="store_true", help="run again on images already done (replaces their masks)")
+    a.add_argument("--redo", action="store_true", help="run again on images already done (replaces their unreviewed automatic masks; masks people "
+                        "accepted or rejected stay). Needed to change settings on a project already done")
     a.add_argument("--generator", default="segany.amg:SamAutomaticMaskGenerator", help=argparse.SUPPRESS)
     a.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto (default): bf16 on CUDA and on CPUs that multiply bf16 in hardware (AMX, "

@@ -492,7 +492,8 @@ def claim_project(store: Any, project: dict[str, Any]) -> str:
                         raise ProjectBusyError(
                             f"project {project['name']!r} is being processed by another `engine auto` run "
                             f"({lock.owner}, last result {age:.0f} s ago); wait for it to finish, or stop it "
-                            "and rerun (the new run resumes where it stopped)")
+                            "and rerun (the new run resumes where it stopped; a claim left by a run killed on "
+                            f"another machine is taken over after {LOCK_STALE_SECONDS / 60:.0f} minutes)")
                     s.execute(delete(JobLock).where(JobLock.id == lock.id))
                     s.flush()
                 s.add(JobLock(project_id=project["id"], kind=AUTO_KIND, owner=me, heartbeat_at=utcnow()))
@@ -624,9 +625,9 @@ def _run_tasks(store: Any, project_id: int, owner: str, tasks: list[ImageTask], 
             elif written:
                 summary.images_written += 1
                 summary.masks_written += len(result.masks)
-                _touch_claim(store, project_id, owner)
             else:
                 summary.duplicates_dropped += 1
+            _touch_claim(store, project_id, owner)  # still alive: keeps other runs from taking the project over
             if on_result:
                 on_result(result, written)
     finally:
