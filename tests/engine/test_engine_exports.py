@@ -145,7 +145,7 @@ def test_images_sharing_a_stem_get_their_own_files(tmp_path: Path) -> None:
         for im in ims:
             store.save_annotation(im["id"], mask=_blob(im["height"], im["width"]), label="blob")
         sa1b = exports.export_sa1b(store, p["id"], tmp_path / "sa1b")
-        files = sorted(f.name for f in sa1b.iterdir())
+        files = sorted(f.name for f in sa1b.glob("*.json"))
         assert len(files) == 2 and all(f.startswith("x") for f in files), files
         names = {json.loads((sa1b / f).read_text())["image"]["file_name"] for f in files}
         assert len(names) == 2

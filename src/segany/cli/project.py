@@ -52,6 +52,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("format", choices=EXPORTS)
     e.add_argument("out", help="output file (coco) or folder")
     e.add_argument("--project", default=None)
+    e.add_argument("--force", action="store_true",
+                   help="replace a non-empty output folder that is not an earlier segany export (its files are "
+                        "deleted); an earlier export is always replaced")
     i = sub.add_parser("import-coco", help="import COCO instance annotations")
     i.add_argument("target", metavar="DIR_OR_DB_URL")
     i.add_argument("coco_json")
@@ -111,12 +114,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"added {len(added)} images to {proj['name']!r}"
                   + (f", skipped {len(bad)} unreadable: " + "; ".join(f"{f} ({why})" for f, why in bad) if bad else ""))
         elif cmd == "export":
-            if args.format in ("coco", "coco-polygons"):
-                out = exports.export_coco(store, proj["id"], args.out, polygons=args.format == "coco-polygons")
-            else:
-                out = {"sa1b": exports.export_sa1b, "yolo": exports.export_yolo, "png": exports.export_png}[
-                    args.format](store, proj["id"], args.out)
-            print(f"wrote {out}")
+            print(exports.export_summary(store, proj["id"], args.format, args.out, force=args.force).describe())
         elif cmd == "import-coco":
             r = exports.import_coco_summary(store, proj["id"], args.coco_json, images_dir=args.images_dir,
                                             include_crowd=args.include_crowd)

@@ -12,12 +12,15 @@ rasterise, so the hole comes back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid as uuid_lib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +54,62 @@ def _check_file_target(path: Path, what: str) -> None:
                          f"{path / 'annotations.json'}")
 
 
-def _check_folder_target(path: Path, what: str) -> None:
+def _check_folder_target(path: Path, what: str, force: bool = False) -> None:
+    """Refuse a file, or a non-empty folder that is not an earlier segany export (its files would be mixed with
+    the export's, or deleted by the swap) unless ``force``."""
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} is a file; the {what} export writes a folder: pass a folder name")
+    if path.is_dir() and not force and not (path / EXPORT_MARKER).is_file() and any(path.iterdir()):
+        raise InputError(f"{path} is a folder with files that are not a segany export; pass a new or empty "
+                         "folder, or --force to replace its contents")
+
+
+# Marks a folder as a segany export, so the next export may replace it. JSON inside, but no .json suffix:
+# SA-1B readers take every *.json of the folder as an image's annotations.
+EXPORT_MARKER = ".segany-export"
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote: where, how many images and annotations, and how many empty masks it left out."""
+
+    path: Path
+    images: int = 0
+    annotations: int = 0
+    skipped_empty: int = 0
+
+    def describe(self) -> str:
+        skipped = f" (skipped {self.skipped_empty} empty masks)" if self.skipped_empty else ""
+        return f"wrote {self.annotations} annotations on {self.images} images to {self.path}{skipped}"
+
+
+@contextlib.contextmanager
+def _folder_swap(out: Path, what: str, force: bool) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out`` to write the export into; on success it replaces ``out`` (files
+    of an earlier export included, so nothing stale stays), on failure it is removed and ``out`` is untouched."""
+    _check_folder_target(out, what, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield work
+        atomic_write_json(work / EXPORT_MARKER, {"format": what, "written_by": "segany"})
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(work, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _nonempty(anns: Sequence[dict[str, Any]], result: ExportResult) -> list[dict[str, Any]]:
+    """The annotations with at least one pixel; the empty ones (stored before the store refused them) are
+    counted in ``result`` instead: an area-0 mask with a [0, 0, 0, 0] box breaks training and evaluation."""
+    kept = [a for a in anns if a["area"] > 0]
+    result.skipped_empty += len(anns) - len(kept)
+    return kept
 
 
 # ------------------------------------------------------------------------------------- polygons
@@ -113,8 +169,16 @@ def _collect(store: Store, project_id: int, states: Sequence[str]) -> tuple[list
 def export_coco(store: Store, project_id: int, out_path: str | os.PathLike[str], *, polygons: bool = False,
                 states: Sequence[str] = ("accepted",)) -> Path:
     """One COCO instances JSON; ``polygons`` writes polygon segmentations instead of compressed RLE."""
+    return export_coco_summary(store, project_id, out_path, polygons=polygons, states=states).path
+
+
+def export_coco_summary(store: Store, project_id: int, out_path: str | os.PathLike[str], *, polygons: bool = False,
+                        states: Sequence[str] = ("accepted",)) -> ExportResult:
+    """:func:`export_coco`, returning the counts."""
     _check_file_target(Path(out_path), "coco")
     images, anns = _collect(store, project_id, states)
+    result = ExportResult(Path(out_path), images=len(images))
+    anns = {i: _nonempty(group, result) for i, group in anns.items()}
     labels = _project_labels(store, project_id, anns)
     cat_id = {name: i + 1 for i, name in enumerate(labels)}
     out_images, out_anns = [], []
@@ -138,7 +202,9 @@ def export_coco(store: Store, project_id: int, out_path: str | os.PathLike[str],
             })
     data = {"info": {"description": "exported by segany"}, "images": out_images, "annotations": out_anns,
             "categories": [{"id": i, "name": n, "supercategory": "object"} for n, i in cat_id.items()]}
-    return _write_json(Path(out_path), data)
+    result.annotations = len(out_anns)
+    _write_json(Path(out_path), data)
+    return result
 
 
 def _project_labels(store: Store, project_id: int, anns: dict[int, list]) -> list[str]:
@@ -153,70 +219,135 @@ def _project_labels(store: Store, project_id: int, anns: dict[int, list]) -> lis
     return labels
 
 
+def _crop_box_xywh(a: dict[str, Any], im: dict[str, Any]) -> list[float]:
+    """The crop the mask was generated in (XYWH, as stage 3 stores it), or the whole image for masks made
+    without one (clicks, imports)."""
+    box = a["prompts"].get("crop_box")
+    if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+        return [float(v) for v in box]
+    return [0.0, 0.0, float(im["width"]), float(im["height"])]
+
+
 def export_sa1b(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
-                states: Sequence[str] = ("accepted",)) -> Path:
+                states: Sequence[str] = ("accepted",), force: bool = False) -> Path:
     """SA-1B layout: one ``<image stem>.json`` per image with ``image`` and ``annotations`` (RLE)."""
+    return export_sa1b_summary(store, project_id, out_dir, states=states, force=force).path
+
+
+def export_sa1b_summary(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
+                        states: Sequence[str] = ("accepted",), force: bool = False) -> ExportResult:
+    """:func:`export_sa1b`, returning the counts."""
     out = Path(out_dir)
-    _check_folder_target(out, "sa1b")
     images, anns = _collect(store, project_id, states)
+    result = ExportResult(out, images=len(images))
     stems = _stems(images)
-    for im in images:
-        records = []
-        for a in anns.get(im["id"], []):
-            pc = a["prompts"].get("point_coords") or a["prompts"].get("points") or []
-            records.append({"id": a["id"], "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"],
-                            "predicted_iou": a["predicted_iou"], "stability_score": a["stability_score"],
-                            "point_coords": pc, "crop_box": [0, 0, im["width"], im["height"]],
-                            "label": a["label"], "source": a["source"]})
-        _write_json(out / f"{stems[im['id']]}.json", {
-            "image": {"image_id": im["id"], "width": im["width"], "height": im["height"],
-                      "file_name": im["file_name"], "sha256": im["sha256"]},
-            "annotations": records})
-    return out
+    with _folder_swap(out, "sa1b", force) as work:
+        for im in images:
+            records = []
+            for a in _nonempty(anns.get(im["id"], []), result):
+                pc = a["prompts"].get("point_coords") or a["prompts"].get("points") or []
+                records.append({"id": a["id"], "segmentation": a["segmentation"], "area": a["area"],
+                                "bbox": a["bbox"], "predicted_iou": a["predicted_iou"],
+                                "stability_score": a["stability_score"], "point_coords": pc,
+                                "crop_box": _crop_box_xywh(a, im), "label": a["label"], "source": a["source"]})
+            result.annotations += len(records)
+            _write_json(work / f"{stems[im['id']]}.json", {
+                "image": {"image_id": im["id"], "width": im["width"], "height": im["height"],
+                          "file_name": im["file_name"], "sha256": im["sha256"]},
+                "annotations": records})
+    return result
 
 
 def export_yolo(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
-                states: Sequence[str] = ("accepted",)) -> Path:
-    """YOLO segmentation labels: ``labels/<stem>.txt`` lines ``class x1 y1 x2 y2 ...`` (0–1), plus data.yaml."""
+                states: Sequence[str] = ("accepted",), force: bool = False) -> Path:
+    """YOLO segmentation: ``images/<stem><ext>``, ``labels/<stem>.txt`` lines ``class x1 y1 x2 y2 ...`` (0–1),
+    and ``data.yaml`` naming both."""
+    return export_yolo_summary(store, project_id, out_dir, states=states, force=force).path
+
+
+def _place_image(src: str, dest: Path) -> None:
+    """Put the image at ``dest``: a hard link when the file system allows (no copy of a large dataset), else a
+    copy."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        try:
+            shutil.copy2(src, dest)
+        except OSError as exc:
+            raise InputError(f"could not copy image {src!r} into the export ({exc.strerror}); restore the file or "
+                             "remove it from the project") from exc
+
+
+def export_yolo_summary(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
+                        states: Sequence[str] = ("accepted",), force: bool = False) -> ExportResult:
+    """:func:`export_yolo`, returning the counts. The images are exported beside the labels because YOLO
+    trainers find a label file by replacing ``images`` with ``labels`` in the image's path."""
     out = Path(out_dir)
-    _check_folder_target(out, "yolo")
     images, anns = _collect(store, project_id, states)
+    result = ExportResult(out, images=len(images))
+    anns = {i: _nonempty(group, result) for i, group in anns.items()}
     labels = _project_labels(store, project_id, anns)
     cls = {n: i for i, n in enumerate(labels)}
-    (out / "labels").mkdir(parents=True, exist_ok=True)
     stems = _stems(images)
-    for im in images:
-        lines = []
-        for a in anns.get(im["id"], []):
-            for poly in mask_to_polygons(decode_rle(a["segmentation"])):
-                xy = np.asarray(poly).reshape(-1, 2) / [im["width"], im["height"]]
-                xy = np.clip(xy, 0, 1)
-                lines.append(f"{cls[a['label']]} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
-        atomic_write_text(out / "labels" / f"{stems[im['id']]}.txt", "\n".join(lines) + ("\n" if lines else ""))
-    yaml_lines = ["path: .", "train: images", "val: images", "names:"]
-    yaml_lines += [f"  {i}: {json.dumps(n)}" for n, i in cls.items()]
-    atomic_write_text(out / "data.yaml", "\n".join(yaml_lines) + "\n")
-    return out
+    with _folder_swap(out, "yolo", force) as work:
+        (work / "labels").mkdir()
+        (work / "images").mkdir()
+        for im in images:
+            stem = stems[im["id"]]
+            _place_image(im["path"], work / "images" / f"{stem}{Path(im['file_name']).suffix.lower()}")
+            lines = []
+            for a in anns.get(im["id"], []):
+                polys = mask_to_polygons(decode_rle(a["segmentation"]))
+                result.annotations += bool(polys)
+                for poly in polys:
+                    xy = np.clip(np.asarray(poly).reshape(-1, 2) / [im["width"], im["height"]], 0, 1)
+                    lines.append(f"{cls[a['label']]} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
+            atomic_write_text(work / "labels" / f"{stem}.txt", "\n".join(lines) + ("\n" if lines else ""))
+        # No ``path:`` key: YOLO trainers then resolve ``images`` against this file's folder, wherever it moves.
+        yaml_lines = ["# exported by segany; paths are relative to this file's folder", "train: images",
+                      "val: images", "names:"]
+        yaml_lines += [f"  {i}: {json.dumps(n)}" for n, i in cls.items()]
+        atomic_write_text(work / "data.yaml", "\n".join(yaml_lines) + "\n")
+    return result
 
 
 def export_png(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
-               states: Sequence[str] = ("accepted",)) -> Path:
+               states: Sequence[str] = ("accepted",), force: bool = False) -> Path:
     """Binary PNG per annotation (``<stem>/<annotation id>.png``, 0/255) and an ``index.json``."""
+    return export_png_summary(store, project_id, out_dir, states=states, force=force).path
+
+
+def export_png_summary(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
+                       states: Sequence[str] = ("accepted",), force: bool = False) -> ExportResult:
+    """:func:`export_png`, returning the counts."""
     out = Path(out_dir)
-    _check_folder_target(out, "png")
     images, anns = _collect(store, project_id, states)
+    result = ExportResult(out, images=len(images))
     stems = _stems(images)
     index = []
-    for im in images:
-        stem = stems[im["id"]]
-        for a in anns.get(im["id"], []):
-            rel = f"{stem}/{a['id']}.png"
-            png = PILImage.fromarray(decode_rle(a["segmentation"]).astype(np.uint8) * 255)
-            atomic_write(out / rel, lambda f, png=png: png.save(f, format="PNG"))
-            index.append({"file": rel, "image": im["file_name"], "label": a["label"], "uuid": a["uuid"],
-                          "source": a["source"]})
-    _write_json(out / "index.json", index)
-    return out
+    with _folder_swap(out, "png", force) as work:
+        for im in images:
+            stem = stems[im["id"]]
+            for a in _nonempty(anns.get(im["id"], []), result):
+                rel = f"{stem}/{a['id']}.png"
+                png = PILImage.fromarray(decode_rle(a["segmentation"]).astype(np.uint8) * 255)
+                atomic_write(work / rel, lambda f, png=png: png.save(f, format="PNG"))
+                index.append({"file": rel, "image": im["file_name"], "label": a["label"], "uuid": a["uuid"],
+                              "source": a["source"]})
+        result.annotations = len(index)
+        _write_json(work / "index.json", index)
+    return result
+
+
+def export_summary(store: Store, project_id: int, fmt: str, out: str | os.PathLike[str], *,
+                   force: bool = False) -> ExportResult:
+    """Export accepted annotations in ``fmt`` (one of ``coco``, ``coco-polygons``, ``sa1b``, ``yolo``, ``png``)."""
+    if fmt in ("coco", "coco-polygons"):
+        return export_coco_summary(store, project_id, out, polygons=fmt == "coco-polygons")
+    fns = {"sa1b": export_sa1b_summary, "yolo": export_yolo_summary, "png": export_png_summary}
+    if fmt not in fns:
+        raise InputError(f"unknown export format {fmt!r}; choose one of coco, coco-polygons, {', '.join(fns)}")
+    return fns[fmt](store, project_id, out, force=force)
 
 
 # --------------------------------------------------------------------------------------- import
