@@ -236,7 +236,8 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         if ann.startswith("str"):
             return str(value)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"config {key} must be {ann}, got {value!r}") from exc
+        hint = "a number, not true/false" if isinstance(value, bool) else f"a value of type {ann}"
+        raise InputError(f"config {key} must be {ann}, got {value!r}; write {hint}") from exc
     return value
 
 
