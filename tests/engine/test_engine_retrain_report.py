@@ -76,7 +76,7 @@ def test_report_writes_html_and_flags_review_queue(pennfudan_project: dict, tmp_
     dup, _ = store.save_annotation(first["image_id"], rle=first["segmentation"], source="manual",
                                    seconds_spent=5.0)  # an exact duplicate mask
     spec = ModelSpec("vit_b", str(pennfudan_project["ckpt"]), "cpu")
-    out = build_report(store, None, tmp_path / "report", ReportSettings(disagreement_iou=0.05, max_disagreement=6),
+    out = build_report(store, None, tmp_path / "report", ReportSettings(disagreement_iou=0.05, max_disagreement=6, demote=True),
                        spec=spec)
     html = Path(out["html"]).read_text()
     assert "Review candidates" in html and "current annotations" in html

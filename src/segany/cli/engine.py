@@ -2,7 +2,7 @@
 
     segany engine auto PROJECT [--workers 4] [--ray local|ADDRESS]   automatic masks for images not done yet
     segany engine retrain PROJECT --steps 200                         freeze data, fine-tune, evaluate, register
-    segany engine report PROJECT --out report/                        HTML report; flags go to the review queue
+    segany engine report PROJECT --out report/                        HTML report; --demote: flags to review
     segany engine versions PROJECT [--export-coco VERSION OUT.json]   frozen dataset versions; export one as COCO
 
 `engine auto` refuses a plain rerun over images done with other settings (pass --redo to redo them with the
@@ -97,7 +97,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write dataset version VERSION (name, id or vN) as a COCO instances file OUT")
     v.add_argument("--json", action="store_true", help="print as JSON")
 
-    m = sub.add_parser("report", help="data maintenance report (HTML); flagged masks go to the review queue")
+    m = sub.add_parser("report", help="data maintenance report (HTML) listing masks to check; changes nothing "
+                                      "unless --demote")
     _model_args(m)
     m.add_argument("--out", required=True, help="report folder")
     m.add_argument("--disagreement-iou", type=float, default=0.5,
@@ -107,7 +108,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--dup-hash-bits", type=int, default=6, help="images whose 64-bit dHash differ in at most "
                                                                  "this many bits are near-duplicates")
     m.add_argument("--no-model", action="store_true", help="skip the model-vs-annotation disagreement check")
-    m.add_argument("--no-flag", action="store_true", help="write the report only; do not touch review states")
+    m.add_argument("--demote", action="store_true", help="also move flagged accepted masks to the review queue "
+                   "(pending: out of exports and training until accepted again); by default the report changes "
+                   "nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,12 +252,13 @@ def _report(store: Any, args: argparse.Namespace) -> int:
     from segany.engine.report import ReportSettings, build_report, check_out_dir
 
     settings = ReportSettings(disagreement_iou=args.disagreement_iou, max_disagreement=args.max_disagreement,
-                              dup_iou=args.dup_iou, dup_hash_bits=args.dup_hash_bits, flag=not args.no_flag)
+                              dup_iou=args.dup_iou, dup_hash_bits=args.dup_hash_bits, demote=args.demote)
     check_out_dir(Path(args.out))
     spec = None if args.no_model else _spec(store, args)
     out = build_report(store, args.project, args.out, settings, spec=spec,
                        log=lambda msg: print(f"[segany] {msg}", file=sys.stderr, flush=True))
-    print(f"wrote {out['html']} ({out['flagged']} masks sent to review)")
+    print(f"wrote {out['html']} ({out['flagged']} masks flagged, "
+          + (f"{out['demoted']} sent to the review queue)" if args.demote else "--demote sends them to review)"))
     return 0
 
 

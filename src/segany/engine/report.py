@@ -9,8 +9,11 @@ dataset version of a project plus the live set of annotations:
 * near-duplicate masks (pairs above an IoU in one image) and near-duplicate images (64-bit dHash);
 * annotator throughput: seconds per mask over time (SA-1B went from 34 s to 14 s per mask).
 
-Flagged masks are moved to ``review_state = pending`` (the app's review queue) unless ``flag=False``;
-the reason is kept in ``flags.json``.
+* empty masks (area 0, stored before the store refused them): nothing to train on.
+
+A report changes nothing by default: flags are listed in ``flags.json`` and the page. With ``demote=True``
+(``segany engine report --demote``) flagged accepted masks are also moved to ``review_state = pending`` (the
+app's review queue), which takes them out of exports and training until someone accepts them again.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class ReportSettings:
     max_disagreement: int = 500
     dup_iou: float = 0.9
     dup_hash_bits: int = 6
-    flag: bool = True
+    demote: bool = False  # move flagged accepted masks to pending: opt-in, since it changes the released data
 
     def __post_init__(self) -> None:
         for name, value in (("disagreement-iou", self.disagreement_iou), ("dup-iou", self.dup_iou)):
@@ -221,13 +224,14 @@ def _throughput_plot(rows: list[dict[str, Any]], out: Path) -> str | None:
 # ------------------------------------------------------------------------------------------ report
 def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str], settings: ReportSettings,
                  *, spec: Any = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Write ``index.html``, plots, ``report.json`` and ``flags.json`` to ``out_dir``; flag masks for review.
+    """Write ``index.html``, plots, ``report.json`` and ``flags.json`` to ``out_dir``; with ``settings.demote``
+    also send flagged accepted masks to the review queue.
 
     Args:
         spec: the model to check accepted masks against (:class:`segany.engine.auto.ModelSpec`), or None.
 
     Returns:
-        ``{"html": path, "flagged": n, "report": the report dict}``.
+        ``{"html": path, "flagged": masks flagged, "demoted": masks moved to pending, "report": the report dict}``.
     """
     from segany.engine.db import DatasetVersion
 
@@ -258,11 +262,13 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
         except OSError:
             log(f"image {i} ({im['file_name']}) cannot be read; skipped in the near-duplicate check")
     dup_images = near_duplicate_images(hashes, settings.dup_hash_bits)
-    dup_masks = duplicate_masks(live, settings.dup_iou)
+    empty = [a for a in live if a["area"] == 0]
+    live_nonempty = [a for a in live if a["area"] > 0]  # an empty mask has no box to prompt and no IoU
+    dup_masks = duplicate_masks(live_nonempty, settings.dup_iou)
     disagree: dict[int, float] = {}
     model_name = None
     if spec is not None:
-        accepted = [a for a in live if a["review_state"] == "accepted"]
+        accepted = [a for a in live_nonempty if a["review_state"] == "accepted"]
         log(f"model {spec.version_name()} vs {min(len(accepted), settings.max_disagreement)} accepted masks")
         model_name = spec.version_name()
         disagree = disagreement(sam, images, accepted, settings.max_disagreement)
@@ -275,8 +281,9 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
     for a_id, b_id, iou_v in dup_masks:
         flags.append({"annotation_id": b_id, "image_id": all_by_id[b_id]["image_id"], "reason": "duplicate_mask",
                       "duplicate_of": a_id, "iou": round(iou_v, 4)})
+    flags += [{"annotation_id": a["id"], "image_id": a["image_id"], "reason": "empty_mask"} for a in empty]
     flagged = 0
-    if settings.flag:
+    if settings.demote:
         seen = set()
         for f in flags:
             aid = f["annotation_id"]
@@ -292,6 +299,7 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
     sections = []
     report: dict[str, Any] = {"project": proj["name"], "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                               "model": model_name, "versions": [], "flags": flags, "image_flags": image_flags,
+                              "flagged_masks": len({f["annotation_id"] for f in flags}),
                               "flagged_to_review": flagged}
     sets = [("live", "current annotations (accepted + pending)", live, None)]
     sets += [(f"dv{vid}", f"dataset version {name}", [all_by_id[i] for i in ids if i in all_by_id], meta)
@@ -312,7 +320,7 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
     _write_json(out / "flags.json", {"masks": flags, "images": image_flags})
     html_path = out / "index.html"
     _write_text(html_path, _html(report, sections, thr_png, settings))
-    return {"html": str(html_path), "flagged": flagged, "report": report}
+    return {"html": str(html_path), "flagged": report["flagged_masks"], "demoted": flagged, "report": report}
 
 
 def check_out_dir(out: Path) -> None:
@@ -338,7 +346,8 @@ def _html(report: dict[str, Any], sections: list[Any], thr_png: str | None, sett
              "<style>body{font:14px sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>",
              f"<h1>Data report: {e(report['project'])}</h1><p>generated {e(report['generated_at'])}; model "
-             f"{e(str(report['model']))}; {report['flagged_to_review']} masks sent to the review queue.</p>"]
+             f"{e(str(report['model']))}; {report['flagged_masks']} masks flagged, {report['flagged_to_review']} "
+             "of them sent to the review queue.</p>"]
     for title, d, pngs, meta in sections:
         parts.append(f"<h2>{e(title)}</h2>")
         if meta and meta.get("content_hash"):
@@ -347,10 +356,10 @@ def _html(report: dict[str, Any], sections: list[Any], thr_png: str | None, sett
         parts.append(f"<table>{rows}</table>")
         parts += [f'<p><img src="{e(p)}" alt="{e(title)}"></p>' for p in pngs]
     parts.append(f"<h2>Review candidates</h2><p>model-vs-annotation IoU below {settings.disagreement_iou}, "
-                 f"duplicate masks above IoU {settings.dup_iou}:</p><table><tr><th>annotation</th><th>image</th>"
+                 f"duplicate masks above IoU {settings.dup_iou}, empty masks:</p><table><tr><th>annotation</th><th>image</th>"
                  "<th>reason</th><th>IoU</th></tr>")
     parts += [f"<tr><td>{f['annotation_id']}</td><td>{f['image_id']}</td><td>{e(f['reason'])}</td>"
-              f"<td>{f['iou']:.3f}</td></tr>" for f in report["flags"][:500]]
+              f"<td>{format(f['iou'], '.3f') if 'iou' in f else '-'}</td></tr>" for f in report["flags"][:500]]
     parts.append("</table><h2>Near-duplicate images</h2><table><tr><th>image</th><th>duplicate of</th>"
                  "<th>dHash bits</th></tr>")
     parts += [f"<tr><td>{f['image_id']}</td><td>{f['duplicate_of']}</td><td>{f['hash_bits']}</td></tr>"
