@@ -188,7 +188,7 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     loads that file, taking the variant from its embedded config or its tensor shapes.
     """
     if checkpoint == BUNDLED:
-        checkpoint = _bundled_weights(name)
+        checkpoint = bundled_weights(name)
     path_first = checkpoint is None and _config_or_none(name) is None and Path(name).is_file()
     if path_first:
         checkpoint = name
@@ -240,8 +240,9 @@ def _shipped_head(name: str) -> Path | None:
     return find_weights(info.name) if info is not None and info.layout == HEAD_LAYOUT else None
 
 
-def _bundled_weights(name: str) -> Path:
-    """The weights file shipped (or downloaded) for model ``name``, for ``checkpoint="bundled"``."""
+def bundled_weights(name: str) -> Path:
+    """The weights file shipped (or downloaded) for model ``name``: what ``checkpoint="bundled"`` means, in
+    ``build_sam`` and in a training config's ``model.checkpoint``."""
     from segany.registry import weights_for_model
 
     info = weights_for_model(name)  # unknown names raise with suggestions

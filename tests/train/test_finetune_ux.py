@@ -159,7 +159,7 @@ def test_unknown_model_name_is_refused_even_with_a_checkpoint(tmp_path: Path) ->
 
     with pytest.raises(UnknownModelError, match="vit_xx"):
         load_config(None, ["model.name=vit_xx", f"model.checkpoint={find_weights('segany_tiny')}"])
-    with pytest.raises(CheckpointError, match="no weights for 'vit_b' ship"):
+    with pytest.raises(CheckpointError, match="model 'vit_b' has no weights shipped with segany"):
         Trainer(load_config(None, ["model.name=vit_b", "model.checkpoint=bundled", f"run.out_dir={tmp_path}"]))
 
 

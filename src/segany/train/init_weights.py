@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segany.errors import CheckpointError
 from segany.train.config import BUNDLED, ModelSection
 
 
@@ -19,16 +18,9 @@ def resolve_init_checkpoint(model: ModelSection) -> Path | None:
         return None
     if model.checkpoint != BUNDLED:
         return Path(model.checkpoint)  # read and checked by build_sam / load_weights, as before
-    from segany.checkpoints import find_weights
-    from segany.registry import list_weights, weights_for_model
+    from segany.checkpoints import bundled_weights
 
-    info = weights_for_model(model.name)
-    path = find_weights(info.name) if info is not None else None
-    if path is None:
-        shipped = [w for w in list_weights() if find_weights(w) is not None]
-        raise CheckpointError(f"model.checkpoint=bundled but no weights for {model.name!r} ship with this install "
-                              f"(shipped: {', '.join(shipped) or 'none'}); pass a weights file or null for random init")
-    return path
+    return bundled_weights(model.name)
 
 
 def describe_init(path: Path | None, bundled: bool) -> str:
