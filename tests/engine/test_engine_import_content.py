@@ -151,3 +151,32 @@ def test_add_images_lists_every_bad_file(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["project", "add-images", str(root), str(folder), "--skip-invalid"]) == 0
     out = capsys.readouterr().out
     assert "added 2 images" in out and "skipped 3 unreadable" in out and "cut.png" in out
+
+
+def test_file_imported_by_an_older_version_is_updated_not_duplicated(setup: tuple[Path, list[Path]],
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import uuid
+
+    root, images = setup
+    src = _coco(tmp_path / "gt.json", images)
+    first = json.loads(src.read_text())["annotations"][0]
+    old_key = uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, str(src.resolve())), "1")  # how imports were keyed
+    store = open_store(root)
+    try:
+        im = store.list_images(store.get_project()["id"])[0]
+        store.save_annotation(im["id"], rle=first["segmentation"], uuid=str(old_key), label="person")
+    finally:
+        store.close()
+    _coco(src, images, shift=7)
+    assert "imported 2 annotations, updated 1, unchanged 0" in _import(root, src, capsys)
+    assert len(_anns(root)) == 3
+
+
+def test_single_bad_image_gets_no_flag_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "proj"
+    assert main(["project", "create", str(root)]) == 0
+    bad = tmp_path / "x.jpg"
+    bad.write_text("not an image")
+    line = cli_fails(["project", "add-images", str(root), str(bad)], capsys, "x.jpg")
+    assert "--skip-invalid" not in line and "JPEG, PNG" in line

@@ -477,6 +477,8 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     sha_of.update({name: row[3] for name, row in zip(found, new_rows, strict=True)})
     sizes = {name: (im["height"], im["width"]) for name, im in known.items()}
     sizes.update({name: (row[1], row[2]) for name, row in zip(found, new_rows, strict=True)})
+    # Imports before 0.x keyed on the file's path: find those rows too, so editing such a file updates them.
+    legacy_ns = uuid_lib.uuid5(uuid_lib.NAMESPACE_URL, str(Path(coco_json).resolve()))
     records = []
     for a in usable:
         name = names[a["image_id"]]
@@ -485,6 +487,7 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
             continue
         rec["image_sha256"] = sha_of[name]
         rec["key"] = import_key(project_id, sha_of[name], a.get("id"), rec["rle"], rec["label"])
+        rec["legacy_key"] = str(uuid_lib.uuid5(legacy_ns, str(a.get("id"))))
         records.append(rec)
     used_labels = [n for n in cats.values()] + (["object"] if out.unknown_category else [])
     counts = store.import_annotations(project_id, new_images=new_rows, labels=used_labels, records=records)
@@ -499,8 +502,7 @@ def _read_new_images(images_dir: str | os.PathLike[str] | None, found: Sequence[
         return []
     rows, bad = read_image_files([(Path(images_dir) / name).resolve() for name in found])
     if bad:
-        raise InputError(bad_images_message(bad).replace("--skip-invalid to add the others",
-                                                          "--images-dir a folder with readable copies"))
+        raise InputError(bad_images_message(bad, "fix them, or pass --images-dir a folder with readable copies"))
     return rows
 
 

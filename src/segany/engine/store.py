@@ -255,9 +255,13 @@ class Store:
     def add_images_report(self, project_id: int, paths: Iterable[str | os.PathLike[str]], *,
                           skip_invalid: bool = False) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
         """:meth:`add_images`, also returning the files skipped as unreadable, each with the reason."""
-        rows, bad = read_image_files(collect_image_files(paths))
+        files = collect_image_files(paths)
+        rows, bad = read_image_files(files)
         if bad and not skip_invalid:
-            raise InputError(bad_images_message(bad))
+            # A lone bad file (an upload) gets no hint about a flag that would add nothing.
+            fix = ("fix or remove them, or pass --skip-invalid to add the others" if rows
+                   else "pass JPEG, PNG, TIFF, BMP or WebP files")
+            raise InputError(bad_images_message(bad, fix))
         with self.transaction() as s:
             return self._insert_images(s, project_id, rows), bad
 
@@ -460,7 +464,8 @@ class Store:
 
         Each record has ``image_sha256`` (the image, by content), ``key`` (a uuid derived by the caller from the
         project, the image's content and the record's id in its file), ``rle`` (compressed), ``label``,
-        ``source``, ``prompts``, ``seconds_spent`` and ``predicted_iou``. A record is *unchanged* when its key,
+        ``source``, ``prompts``, ``seconds_spent`` and ``predicted_iou`` (and optionally ``legacy_key``, the key an
+        older import gave it, looked up on the same image when ``key`` is not found). A record is *unchanged* when its key,
         or an annotation with the same mask and label on that image, is already stored as it is; *updated* when
         its key is stored with another mask or label (the file was edited); else *created*.
 
@@ -488,6 +493,9 @@ class Store:
             raise InputError(f"a mask of size {rle['size']} does not match image {im.file_name!r} "
                              f"[height, width] = [{im.height}, {im.width}]; fix the file")
         existing = s.scalar(select(Annotation).where(Annotation.uuid == r["key"]))
+        if existing is None and r.get("legacy_key"):  # an earlier import of this file under its old key
+            existing = s.scalar(select(Annotation).where(Annotation.uuid == r["legacy_key"],
+                                                         Annotation.image_id == im.id))
         if existing is not None and existing.image_id != im.id:
             raise ConflictError(f"import key {r['key']} already names an annotation on another image; report this")
         if existing is None:
@@ -726,10 +734,10 @@ def _reason(exc: Exception, f: Path) -> str:
     return text.removeprefix("could not read  as an image ").strip("() ") or "not an image"
 
 
-def bad_images_message(bad: Sequence[tuple[Path, str]]) -> str:
+def bad_images_message(bad: Sequence[tuple[Path, str]], fix: str) -> str:
+    """One line naming every unreadable file (the first 20) and ``fix``."""
     shown = "; ".join(f"{f} ({why})" for f, why in bad[:20]) + (f"; ... {len(bad) - 20} more" if len(bad) > 20 else "")
-    return (f"{len(bad)} file(s) are not readable images, so nothing was added: {shown}; fix or remove them, "
-            "or pass --skip-invalid to add the others")
+    return f"{len(bad)} file(s) are not readable images, so nothing was added: {shown}; {fix}"
 
 
 def _check_uuid(value: str) -> str:
