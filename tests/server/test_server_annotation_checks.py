@@ -49,6 +49,10 @@ def test_empty_masks_and_undeclared_labels_are_refused(client: TestClient, token
                                                                               label="nolabel")), "'nolabel'")
     assert "person, thing" in detail
     assert store.count_annotations() == 0
+    # An accepted text-prompt proposal keeps the model's class label: that comes from a vocabulary, not a typo.
+    proposal = {**_body(im["height"], im["width"], label="dog"), "source": "semi"}
+    assert client.post(url, headers=auth(token), json=proposal).status_code == 201
+    store.delete_annotation(store.list_annotations()[0]["id"])
     ok = client.post(url, headers=auth(token), json=_body(im["height"], im["width"]))
     assert ok.status_code == 201
     a = ok.json()

@@ -314,7 +314,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.post("/api/images/{image_id}/annotations")
     def save_annotation(image_id: int, body: AnnotationIn, who: Who) -> JSONResponse:
-        store.check_label(project_id, body.label)  # 422 naming the project's labels
+        if body.source == "manual":  # a typed label: 422 naming the project's labels. A proposal's label comes
+            store.check_label(project_id, body.label)  # from the model's class vocabulary, not a typo
         ann, created = store.save_annotation(
             image_id, rle=body.segmentation.model_dump(), uuid=body.uuid, label=body.label, source=body.source,
             review_state="accepted", model_version_id=model_version_id(), prompts=body.prompts,
