@@ -145,3 +145,16 @@ def test_serve_and_engine_name_the_same_weights_alike(tmp_path: Path) -> None:
         assert len(rows) == 1 and rows[0]["parent_id"] == parent
     finally:
         store.close()
+
+
+def test_store_made_version_is_frozen_too(annotated: dict) -> None:
+    """Store.create_dataset_version (the API's way to cut a version) snapshots its masks as retrain's does:
+    it fell back to live links, so a delete and a relabel changed it."""
+    store, proj = annotated["store"], annotated["proj"]
+    dv_id = store.create_dataset_version(proj["id"], "manual-cut")
+    before = _frozen(store, dv_id)
+    assert len(before) == 12
+    anns = store.list_annotations(project_id=proj["id"])
+    store.delete_annotation(anns[0]["id"])
+    store.update_annotation(anns[1]["id"], label="bicycle", by=1)
+    assert _frozen(store, dv_id) == before

@@ -177,6 +177,13 @@ class DatasetVersionItem(Base):
     __table_args__ = (UniqueConstraint("dataset_version_id", "annotation_uuid",
                                        name="uq_dataset_version_items_dv_uuid"),)
 
+    @classmethod
+    def copy_of(cls, a: Annotation, im: Image) -> DatasetVersionItem:
+        """A copy of annotation ``a`` on image ``im`` that later edits or deletes of ``a`` cannot reach."""
+        return cls(annotation_uuid=a.uuid, image_id=im.id, image_sha256=im.sha256, image_path=im.path,
+                   file_name=im.file_name, label=a.label, source=a.source, rle_counts=a.rle_counts, height=a.height,
+                   width=a.width, area=a.area, bbox_xywh=list(a.bbox_xywh or []))
+
 
 class ImageRun(Base):
     """Done marker of an engine job on one image (``kind`` = ``auto``), written with the image's masks."""

@@ -90,14 +90,14 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
     """
     from sqlalchemy import select
 
-    from segany.engine.db import Annotation, DatasetVersion, Image
+    from segany.engine.db import Annotation, DatasetVersion, DatasetVersionItem, Image
 
     proj = store.get_project(project)
     with store.transaction() as s:
         rows = list(s.execute(
             select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
-            .where(Image.project_id == proj["id"], Annotation.review_state.in_(list(states)))
-            .order_by(Annotation.uuid)))
+            .where(Image.project_id == proj["id"], Annotation.review_state.in_(list(states)), Annotation.area > 0)
+            .order_by(Annotation.uuid)))  # an empty mask (stored before saves refused them) teaches nothing
         if not rows:
             raise InputError(f"project {proj['name']!r} has no {'/'.join(states)} annotations to train on; "
                              "annotate or accept some first")
@@ -113,7 +113,7 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
             "held_out": held_out, "train_image_ids": train, "held_out_image_ids": held,
             "annotation_uuids_sha256": hashlib.sha256("\n".join(a.uuid for a, _ in rows).encode()).hexdigest()})
         dv.annotations = [a for a, _ in rows]
-        dv.items = [_snapshot_item(a, im) for a, im in rows]
+        dv.items = [DatasetVersionItem.copy_of(a, im) for a, im in rows]
         s.add(dv)
         s.flush()
         return _dv_dict(dv)
@@ -135,16 +135,6 @@ def _split(images: dict[int, str], held_out: float) -> tuple[list[int], list[int
         held = [min(images, key=lambda i: images[i])]
         train = [i for i in train if i not in held]
     return train, held
-
-
-def _snapshot_item(a: Any, im: Any) -> Any:
-    """A copy of annotation ``a`` on image ``im`` that later edits of ``a`` cannot reach."""
-    from segany.engine.db import DatasetVersionItem
-
-    return DatasetVersionItem(
-        annotation_uuid=a.uuid, image_id=im.id, image_sha256=im.sha256, image_path=im.path, file_name=im.file_name,
-        label=a.label, source=a.source, rle_counts=a.rle_counts, height=a.height, width=a.width, area=a.area,
-        bbox_xywh=list(a.bbox_xywh or []))
 
 
 def _dv_dict(dv: Any) -> dict[str, Any]:

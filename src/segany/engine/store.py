@@ -31,7 +31,15 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModu
 from sqlalchemy.orm import Session, sessionmaker
 
 from segany.engine import db
-from segany.engine.db import Annotation, Annotator, DatasetVersion, Image, ModelVersion, Project
+from segany.engine.db import (
+    Annotation,
+    Annotator,
+    DatasetVersion,
+    DatasetVersionItem,
+    Image,
+    ModelVersion,
+    Project,
+)
 from segany.engine.masks import encode_mask, normalize_rle, rle_area_bbox
 from segany.errors import InputError, SeganyError
 from segany.hashing import file_digest
@@ -676,10 +684,12 @@ class Store:
                                meta: dict[str, Any] | None = None) -> int:
         """Freeze the project's annotations in ``states`` under ``name`` (for training or export)."""
         with self.transaction() as s:
-            anns = list(s.scalars(select(Annotation).join(Image, Image.id == Annotation.image_id)
-                                  .where(Image.project_id == project_id, Annotation.review_state.in_(list(states)))))
+            rows = list(s.execute(select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
+                                  .where(Image.project_id == project_id, Annotation.review_state.in_(list(states)),
+                                         Annotation.area > 0)))
             dv = DatasetVersion(project_id=project_id, name=name, meta={**(meta or {}), "states": list(states)})
-            dv.annotations = anns
+            dv.annotations = [a for a, _ in rows]
+            dv.items = [DatasetVersionItem.copy_of(a, im) for a, im in rows]  # frozen: later edits cannot reach it
             s.add(dv)
             s.flush()
             return dv.id
