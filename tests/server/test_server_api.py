@@ -329,7 +329,7 @@ def test_zip_exports(client: TestClient, token: str, fmt: str) -> None:
     r = client.get(f"/api/export/{fmt}", headers=auth(token))
     assert r.status_code == 200
     names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
-    assert names
+    assert names and not [n for n in names if n.endswith(".segany-export")]  # the folder marker stays out
     assert client.get("/api/export/nope", headers=auth(token)).status_code == 404
 
 

@@ -445,7 +445,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
             buf = io.BytesIO()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
                 for f in sorted(target.rglob("*")):
-                    if f.is_file():
+                    if f.is_file() and f.name != exports.EXPORT_MARKER:  # the marker guards folders, not downloads
                         zf.write(f, f.relative_to(target))
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)  # a failed export must not leave its files in /tmp
