@@ -58,11 +58,13 @@ def test_kill_9_then_resume_equals_uninterrupted_run(folder: Path, checkpoint: P
     r = _run(folder, "--out", full, "--checkpoint", checkpoint, *FAST, "--quiet")
     assert r.returncode == 0, r.stderr
     expected = _outputs(full)
-    assert len(expected) == 6
+    assert len(expected) == 7 and "image_ids.json" in expected  # 6 images and their ids
     manifest = json.loads((full / "manifest.json").read_text())
-    assert manifest["counts"] == {"images": 6, "processed": 6, "skipped_existing": 0, "failed": 0,
-                                  "masks": manifest["counts"]["masks"]}
-    assert manifest["counts"]["masks"] > 0 and manifest["options"]["points_per_side"] == 4
+    masks = manifest["counts"]["masks"]
+    assert manifest["counts"] == {"images": 6, "done": 6, "failed": 0, "masks": masks, "not_images": 0}
+    assert {k: v for k, v in manifest["this_run"].items() if k != "seconds"} == {
+        "processed": 6, "skipped_existing": 0, "overlays_added": 0, "failed": 0, "masks": masks}
+    assert masks > 0 and manifest["options"]["points_per_side"] == 4
     assert {"segany", "torch", "pycocotools"} <= set(manifest["versions"])
 
     killed = tmp_path / "killed"
@@ -75,7 +77,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(folder: Path, checkpoint: P
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = _outputs(killed)
-    assert 0 < len(partial) < 6, "the kill should land mid-folder"
+    assert 0 < len(partial) - 1 < 6, "the kill should land mid-folder"  # image_ids.json is written first
     for name, data in partial.items():  # whatever exists is complete and final
         assert data == expected[name]
 
@@ -83,8 +85,10 @@ def test_kill_9_then_resume_equals_uninterrupted_run(folder: Path, checkpoint: P
     assert r.returncode == 0, r.stderr
     assert _outputs(killed) == expected
     assert not list(killed.rglob("*.tmp"))
-    counts = json.loads((killed / "manifest.json").read_text())["counts"]
-    assert counts["skipped_existing"] == len(partial) and counts["processed"] == 6 - len(partial)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    this_run = manifest["this_run"]
+    assert this_run["skipped_existing"] == len(partial) - 1 and this_run["processed"] == 7 - len(partial)
+    assert manifest["counts"]["done"] == 6 and manifest["counts"]["masks"] == masks  # the whole output
     assert "img/s" in r.stderr or "s/img" in r.stderr  # the progress bar
 
 
@@ -127,7 +131,7 @@ def test_unreadable_image_is_reported_and_skipped(folder: Path, checkpoint: Path
     assert "broken.jpg" in r.stderr and "2 failed" in r.stderr and "failed images:" in r.stderr
     assert "SEGANY_MAX_IMAGE_PIXELS" in r.stderr
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["counts"]["failed"] == 2 and manifest["counts"]["processed"] == 1
+    assert manifest["counts"]["failed"] == 2 and manifest["this_run"]["processed"] == 1
     assert sorted(Path(f["image"]).name for f in manifest["failures"]) == ["broken.jpg", "huge.png"]
 
 
@@ -183,7 +187,7 @@ def test_resume_redoes_what_a_replaced_run_left_behind(checkpoint: Path, tmp_pat
     assert _run(first, "--out", out, "--checkpoint", checkpoint, *three, "--quiet").returncode == 0
     r = _run(images, "--out", out, "--checkpoint", checkpoint, *three, "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
-    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    counts = json.loads((out / "manifest.json").read_text())["this_run"]
     assert counts["skipped_existing"] == 1 and counts["processed"] == 2
     assert _run(images, "--out", clean, "--checkpoint", checkpoint, *three, "--quiet").returncode == 0
     assert _outputs(out) == _outputs(clean)
@@ -198,7 +202,7 @@ def test_quantized_run_is_recorded_and_not_mixed_on_resume(checkpoint: Path, tmp
     assert r.returncode == 0, r.stderr
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["predictor"] == {"precision": "bf16", "quantize": "int8"}
-    assert len(_outputs(out)) == 3
+    assert len(_outputs(out)) == 4  # and image_ids.json
     r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
     assert r.returncode == 1 and "predictor" in r.stderr and "rerun without --resume" in r.stderr, r.stderr
 

@@ -3,8 +3,10 @@
 Each image's result is written atomically and is the marker that the image is done, so a run
 killed at any moment (even with SIGKILL) and restarted with ``--resume`` loses, duplicates and
 half-writes nothing. Unreadable images are reported, skipped and listed; the exit status is 1
-if any failed. ``manifest.json`` records the model, options, versions and counts of the run;
-``run.json`` the settings that ``--resume`` checks (:mod:`segany.cli.auto_resume`).
+if any failed. ``manifest.json`` records the model, options and versions, the counts of the whole
+output and those of this run; ``run.json`` the settings that ``--resume`` checks and
+``image_ids.json`` each image's stable id (:mod:`segany.cli.auto_resume`). No image name can produce
+a bookkeeping file's name, and an ``--out`` inside a folder input is not read back as input.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,26 @@ from segany.cli._util import (
     resolve_checkpoint,
     resolve_device,
 )
-from segany.cli.auto_resume import check_resume, is_current, record_run, run_settings
+from segany.cli.auto_resume import (
+    ANN_ID_STRIDE,
+    COCO_IMAGES_FILE,
+    COCO_RESULTS_FILE,
+    MANIFEST_FILE,
+    check_resume,
+    image_ids,
+    is_current,
+    is_reserved_key,
+    record_run,
+    run_settings,
+)
 from segany.errors import ImageLoadError, InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 FORMATS = ("sa1b", "coco", "png")
+# 256 x 256 points: 64 times SAM's 32 x 32, and with 3 masks per prompt at most, every mask index of an image
+# stays below ANN_ID_STRIDE. Larger grids ran out of memory in the point grid (100000 per side) or ran
+# for days (3000 per side: 9 million prompts per image).
+MAX_PROMPTS_PER_IMAGE = 65_536
 _GEN_OPTIONS = {  # CLI flag → (generator keyword, type)
     "points_per_side": int, "points_per_batch": int, "pred_iou_thresh": float, "stability_score_thresh": float,
     "stability_score_offset": float, "box_nms_thresh": float, "crop_n_layers": int, "crop_nms_thresh": float,
@@ -75,48 +93,139 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ inputs
-def collect_images(source: str) -> list[tuple[Path, str]]:
-    """(image path, output key) pairs in a stable order; the key names the image's outputs.
+@dataclass(frozen=True)
+class Listing:
+    """The images to segment, as (path, output key) pairs, and what a folder held that is not an image."""
+
+    images: list[tuple[Path, str]]
+    other_files: Counter[str] = field(default_factory=Counter)  # suffix -> count
+
+
+def collect_images(source: str, out: Path | None = None) -> list[tuple[Path, str]]:
+    """(image path, output key) pairs in a stable order; see :func:`scan_input`."""
+    return scan_input(source, out).images
+
+
+def scan_input(source: str, out: Path | None = None) -> Listing:
+    """The images of ``source`` (an image, a folder, or a .txt list) and their output keys.
 
     Keys are unique, so no image's outputs overwrite another's: in a folder the key is the path relative to
     it without the extension, or with it where two files differ only by extension (``x.jpg`` and ``x.png``
-    write ``x.jpg.json`` and ``x.png.json``); in a list, repeated names get ``_1``, ``_2``, ...
+    write ``x.jpg.json`` and ``x.png.json``); in a list, repeated names get ``_1``, ``_2``, ... A name that
+    would land on a bookkeeping file (``run.jpg`` -> run.json) keeps its extension too (``run.jpg.json``).
+    ``out``, when inside a folder input, is left out: its PNGs are this command's outputs, not images.
     """
     src = Path(source).expanduser()
     if not src.exists():
         raise InputError(f"input {str(src)!r} does not exist; pass an image, a folder or a .txt list of paths")
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(src).parts))
-        if not files:
-            raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {str(src)!r}")
-        stems = [f.relative_to(src).with_suffix("").as_posix() for f in files]
-        count = Counter(stems)
-        return [(f, stem if count[stem] == 1 else f.relative_to(src).as_posix())
-                for f, stem in zip(files, stems, strict=True)]
+        return _scan_folder(src, out)
     if src.suffix.lower() == ".txt":
-        try:
-            lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{str(src)!r} ends in .txt but is not a UTF-8 text list of image paths ({exc.reason} "
-                             f"at byte {exc.start}); rename an image to its real extension, or write one path "
-                             "per line") from exc
-        paths = [Path(ln).expanduser() for ln in lines if ln and not ln.startswith("#")]
-        paths = [p if p.is_absolute() else src.parent / p for p in paths]  # relative to the list's folder
-        if not paths:
-            raise InputError(f"list {str(src)!r} names no images; write one image path per line")
-        used: set[str] = set()
-        seen: Counter[str] = Counter()
-        out = []
-        for p in paths:
-            key = p.stem
-            while key in used:  # one name in two folders (or x and a real x_1): keep them apart
-                seen[p.stem] += 1
-                key = f"{p.stem}_{seen[p.stem]}"
-            used.add(key)
-            out.append((p, key))
-        return out
-    return [(src, src.stem)]
+        return Listing(_list_keys(_read_list(src)))
+    return Listing(_list_keys([src]))
+
+
+def _scan_folder(src: Path, out: Path | None) -> Listing:
+    inner = _parts_inside(out, src) if out is not None else None
+    same = inner == ()  # --out is the input folder itself: its JSON outputs are no news to the user
+    files: list[Path] = []
+    other: Counter[str] = Counter()
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src).parts
+        if any(part.startswith(".") for part in rel) or (inner and rel[:len(inner)] == inner) or not p.is_file():
+            continue
+        suffix = p.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            files.append(p)
+        elif not (same and suffix == ".json"):
+            other[suffix or "(no extension)"] += 1
+    if not files:
+        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {str(src)!r}")
+    stems = [f.relative_to(src).with_suffix("").as_posix() for f in files]
+    count = Counter(stems)
+    wanted = [stem if count[stem] == 1 and not is_reserved_key(stem) else f.relative_to(src).as_posix()
+              for f, stem in zip(files, stems, strict=True)]
+    return Listing(_unique(files, wanted), other)
+
+
+def _parts_inside(out: Path, src: Path) -> tuple[str, ...] | None:
+    """``out``'s path parts below ``src`` (``()`` when they are the same folder), or None when outside it."""
+    try:
+        return out.resolve().relative_to(src.resolve()).parts
+    except ValueError:
+        return None
+
+
+def _read_list(src: Path) -> list[Path]:
+    try:
+        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{str(src)!r} ends in .txt but is not a UTF-8 text list of image paths ({exc.reason} "
+                         f"at byte {exc.start}); rename an image to its real extension, or write one path "
+                         "per line") from exc
+    paths = [Path(ln).expanduser() for ln in lines if ln and not ln.startswith("#")]
+    if not paths:
+        raise InputError(f"list {str(src)!r} names no images; write one image path per line")
+    return [p if p.is_absolute() else src.parent / p for p in paths]  # relative to the list's folder
+
+
+def _list_keys(paths: list[Path]) -> list[tuple[Path, str]]:
+    return _unique(paths, [p.name if is_reserved_key(p.stem) else p.stem for p in paths])
+
+
+def _unique(paths: list[Path], wanted: list[str]) -> list[tuple[Path, str]]:
+    """Pair each path with its wanted key, or ``KEY_1``, ``KEY_2``, ... where that is taken or reserved."""
+    used: set[str] = set()
+    seen: Counter[str] = Counter()
+    out = []
+    for p, want in zip(paths, wanted, strict=True):
+        key = want
+        while key in used or is_reserved_key(key):  # one name in two folders (or x and a real x_1)
+            seen[want] += 1
+            key = f"{want}_{seen[want]}"
+        used.add(key)
+        out.append((p, key))
+    return out
+
+
+def _say_other_files(other: Counter[str]) -> None:
+    if other:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(other.items()))
+        print(f"segany auto: skipped {sum(other.values())} files that are not images ({kinds}); images are "
+              f"{', '.join(sorted(IMAGE_SUFFIXES))}", file=sys.stderr)
+
+
+def check_out_not_input(source: str, out: Path, fmt: str, overlay: bool) -> None:
+    """Refuse ``--out`` equal to the input folder where this run writes PNGs there (they would be input)."""
+    src = Path(source).expanduser()
+    if src.is_dir() and (fmt == "png" or overlay) and _parts_inside(out, src) == ():
+        what = "the mask PNGs of --format png" if fmt == "png" else "the --overlay PNGs"
+        raise InputError(f"--out {str(out)!r} is the input folder, so {what} would be read as images by the "
+                         f"next run; pass another --out, e.g. {str(src / 'masks')!r} (a subfolder is skipped)")
+
+
+def check_prompt_budget(options: dict[str, Any]) -> None:
+    """Refuse grids beyond :data:`MAX_PROMPTS_PER_IMAGE` before anything is written or loaded.
+
+    The point grid, its batches and the kept masks grow with the number of prompts, so an oversized grid
+    would otherwise run out of memory, or run for days, after the output folder exists.
+    """
+    pps, layers = options["points_per_side"], options["crop_n_layers"]
+    down = options["crop_n_points_downscale_factor"]
+    total, partial = 0, False
+    for i in range(layers + 1):
+        side = int(pps / down**i)
+        if side == 0:  # a sparser layer never adds points again
+            break
+        total += 4**i * side**2
+        if total > MAX_PROMPTS_PER_IMAGE:
+            partial = i < layers
+            break
+    if total > MAX_PROMPTS_PER_IMAGE:
+        raise InputError(f"--points-per-side {pps} with --crop-n-layers {layers} asks for "
+                         f"{'at least ' if partial else ''}{total:,} point prompts per image, over the limit of "
+                         f"{MAX_PROMPTS_PER_IMAGE:,} (256 per side without crops; SAM uses 32 per side, 1,024 "
+                         "prompts); lower --points-per-side or --crop-n-layers")
 
 
 # ----------------------------------------------------------------- outputs
@@ -126,6 +235,10 @@ def _json_bytes(data: Any) -> bytes:
 
 def output_path(out: Path, key: str, fmt: str) -> Path:
     return out / (key if fmt == "png" else f"{key}.json")
+
+
+def overlay_path(out: Path, key: str) -> Path:
+    return out / f"{key}.overlay.png"
 
 
 def _write_png_dir(target: Path, records: list[dict[str, Any]]) -> None:
@@ -187,7 +300,9 @@ def run(args: argparse.Namespace) -> int:
     from segany.amg.config import AmgConfig
 
     out = check_out_dir(args.out, "--out")
-    images = collect_images(args.input)
+    check_out_not_input(args.input, out, args.format, args.overlay)
+    listing = scan_input(args.input, out)
+    images = listing.images
     from segany.amg.model_defaults import generator_defaults
 
     defaults = generator_defaults(args.model)  # what the user left unset, on the model's own scale
@@ -199,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0.0 <= options[name] <= 1.0:  # float; a typed value outside [0, 1] keeps all or no masks
             flag = "--" + name.replace("_", "-")
             raise InputError(f"{flag} must be in [0, 1], got {options[name]:g}")
+    check_prompt_budget(options)
     labels = comma_list(args.labels) if args.labels is not None else None
     if labels == []:
         raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")
@@ -216,7 +332,6 @@ def run(args: argparse.Namespace) -> int:
 
     from segany.amg.generator import SamAutomaticMaskGenerator
     from segany.checkpoints import build_sam
-    from segany.data.formats.sa1b import to_sa1b
     from segany.data.images import load_image
     from segany.predictor import SamPredictor
 
@@ -235,77 +350,139 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out)
     since = record_run(out, settings, keep)
-    todo = [(i, p, k) for i, (p, k) in enumerate(images)
-            if not (args.resume and is_current(output_path(out, k, args.format), since))]
-    skipped = len(images) - len(todo)
+    ids = image_ids(out, [k for _, k in images], keep)
+    _say_other_files(listing.other_files)
+    todo, overlay_only = _plan(out, images, args, since)
+    overlay_keys = {key for _, key in overlay_only}
     failures: list[dict[str, str]] = []
-    n_masks = 0
-    done = 0
-    bar = tqdm(todo, total=len(todo), unit="img", file=sys.stderr, disable=args.quiet, dynamic_ncols=True,
-               desc="segany auto")
-    for index, path, key in bar:
+    n_masks = done = overlays = 0
+    bar = tqdm(total=len(todo) + len(overlay_only), unit="img", file=sys.stderr, disable=args.quiet,
+               dynamic_ncols=True, desc="segany auto")
+    for path, key in [*todo, *overlay_only]:
+        bar.update(1)
         try:
             image = load_image(path)
         except ImageLoadError as exc:
             failures.append({"image": str(path), "error": str(exc)})
             bar.write(f"segany: skipping {path}: {exc}", file=sys.stderr)
             continue
+        target = output_path(out, key, args.format)
+        if key in overlay_keys:  # done by the recorded run without --overlay: draw its saved masks
+            _write_overlay(out, key, image, _saved_records(target, args.format))
+            overlays += 1
+            continue
         records = generator.generate(image)
         n_masks += len(records)
-        target = output_path(out, key, args.format)
-        if args.overlay:
-            from segany.amg.render import render_overlay
-
-            overlay_path = out / f"{key}.overlay.png"
-            import io
-
-            from PIL import Image
-
-            buf = io.BytesIO()
-            Image.fromarray(render_overlay(image, records)).save(buf, format="PNG")
-            atomic_write_bytes(overlay_path, buf.getvalue())
-        h, w = image.shape[:2]
-        file_name = path.name
-        if args.format == "sa1b":
-            atomic_write_bytes(target, _json_bytes(to_sa1b(records, image_id=index + 1, file_name=file_name,
-                                                           size_hw=(h, w))))
-        elif args.format == "coco":
-            atomic_write_bytes(target, _json_bytes({"image": {"id": index + 1, "file_name": file_name, "width": w,
-                                                              "height": h},
-                                                    "results": _coco_results(records, index + 1)}))
-        else:
-            _write_png_dir(target, records)
+        if args.overlay:  # before the output, which marks the image done
+            _write_overlay(out, key, image, records)
+        _write_output(target, args.format, records, image_id=ids[key], file_name=path.name, size_hw=image.shape[:2])
         done += 1
         bar.set_postfix(masks=len(records))
     bar.close()
     elapsed = time.perf_counter() - start
-
-    if args.format == "coco":
-        merged_images, merged = [], []
-        for _, key in images:
-            p = output_path(out, key, "coco")
-            if is_current(p, since):  # not a replaced run's output for an image that failed this time
-                d = json.loads(p.read_text(encoding="utf-8"))
-                merged_images.append(d["image"])
-                merged.extend(d["results"])
-        atomic_write_bytes(out / "coco_results.json", _json_bytes(merged))
-        atomic_write_bytes(out / "coco_images.json", _json_bytes(merged_images))
-
+    whole = _summarize(out, images, args.format, since)
+    counts = {"images": len(images), "done": whole["done"], "failed": len(failures), "masks": whole["masks"],
+              "not_images": sum(listing.other_files.values())}
+    this_run = {"processed": done, "skipped_existing": len(images) - len(todo), "overlays_added": overlays,
+                "failed": len(failures), "masks": n_masks, "seconds": round(elapsed, 3)}
     manifest = {
-        "command": "auto", "input": str(args.input), "format": args.format, "model": args.model,
-        "checkpoint": str(checkpoint) if checkpoint else None, "device": device, "options": config.to_dict(),
-        "versions": _versions(),
-        "counts": {"images": len(images), "processed": done, "skipped_existing": skipped, "failed": len(failures),
-                   "masks": n_masks},
+        "command": "auto", "input": str(args.input), "format": args.format, "overlay": args.overlay,
+        "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "device": device,
+        "options": config.to_dict(), "versions": _versions(), "counts": counts, "this_run": this_run,
         "failures": failures, "seconds": round(elapsed, 3),
     }
-    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode("utf-8"))
+    atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
     rate = done / elapsed if elapsed > 0 else 0.0
-    print(f"segany auto: {done} processed, {skipped} already done, {len(failures)} failed, {n_masks} masks, "
-          f"{rate:.2f} images/s; outputs in {out}", file=sys.stderr)
+    print(f"segany auto: {done} processed, {this_run['skipped_existing']} already done"
+          + (f" ({overlays} overlays added)" if overlays else "")
+          + f", {len(failures)} failed, {n_masks} masks, {rate:.2f} images/s; the output holds {whole['done']} of "
+          f"{len(images)} images, {whole['masks']} masks; outputs in {out}", file=sys.stderr)
     if failures:
         print("failed images:", file=sys.stderr)
         for f in failures:
             print(f"  {f['image']}: {f['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _plan(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace, since: int
+          ) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(images to segment, images done whose overlay is missing). Without --resume every image is redone."""
+    if not args.resume:
+        return list(images), []
+    todo, overlay_only = [], []
+    for path, key in images:
+        if not is_current(output_path(out, key, args.format), since):
+            todo.append((path, key))
+        elif args.overlay and not is_current(overlay_path(out, key), since):
+            overlay_only.append((path, key))
+    return todo, overlay_only
+
+
+def _write_overlay(out: Path, key: str, image: Any, records: list[dict[str, Any]]) -> None:
+    import io
+
+    from PIL import Image
+
+    from segany.amg.render import render_overlay
+
+    buf = io.BytesIO()
+    Image.fromarray(render_overlay(image, records)).save(buf, format="PNG")
+    atomic_write_bytes(overlay_path(out, key), buf.getvalue())
+
+
+def _write_output(target: Path, fmt: str, records: list[dict[str, Any]], *, image_id: int, file_name: str,
+                  size_hw: tuple[int, int]) -> None:
+    """One image's output, written atomically: it marks the image done for --resume."""
+    from segany.data.formats.sa1b import to_sa1b
+
+    h, w = size_hw
+    if fmt == "sa1b":
+        data = to_sa1b(records, image_id=image_id, file_name=file_name, size_hw=(h, w))
+        for i, ann in enumerate(data["annotations"]):  # unique over the output, as SA-1B's are
+            ann["id"] = image_id * ANN_ID_STRIDE + i
+        atomic_write_bytes(target, _json_bytes(data))
+    elif fmt == "coco":
+        atomic_write_bytes(target, _json_bytes({"image": {"id": image_id, "file_name": file_name, "width": w,
+                                                          "height": h},
+                                                "results": _coco_results(records, image_id)}))
+    else:
+        _write_png_dir(target, records)
+
+
+def _read_output(target: Path, fmt: str) -> Any:
+    name = target / "masks.json" if fmt == "png" else target
+    return json.loads(name.read_text(encoding="utf-8"))
+
+
+def _saved_records(target: Path, fmt: str) -> list[dict[str, Any]]:
+    """The masks of a finished output, as records :func:`render_overlay` draws."""
+    data = _read_output(target, fmt)
+    if fmt == "sa1b":
+        return data["annotations"]
+    if fmt == "coco":
+        return data["results"]
+    import numpy as np
+    from PIL import Image
+
+    return [{**m, "segmentation": np.asarray(Image.open(target / m["file"])) > 0} for m in data]
+
+
+def _summarize(out: Path, images: list[tuple[Path, str]], fmt: str, since: int) -> dict[str, int]:
+    """Images done and masks in the whole output (this run's and earlier ones'); writes coco's merged files."""
+    done = masks = 0
+    merged_images, merged = [], []
+    for _, key in images:
+        p = output_path(out, key, fmt)
+        if not is_current(p, since):  # not done, or a replaced run's output for an image that failed this time
+            continue
+        data = _read_output(p, fmt)
+        done += 1
+        if fmt == "coco":
+            merged_images.append(data["image"])
+            merged.extend(data["results"])
+        masks += len(data["annotations"] if fmt == "sa1b" else data["results"] if fmt == "coco" else data)
+    if fmt == "coco":
+        atomic_write_bytes(out / COCO_RESULTS_FILE, _json_bytes(merged))
+        atomic_write_bytes(out / COCO_IMAGES_FILE, _json_bytes(merged_images))
+    return {"done": done, "masks": masks}

@@ -7,6 +7,10 @@ its modification time is the moment outputs with these settings began to be writ
 ``--resume`` redoes every image, so it rewrites run.json at its start; outputs older than that belong to a
 replaced run (one killed before it reached them) and a later ``--resume`` redoes them too. A resume with
 the same settings leaves run.json as it is.
+
+``image_ids.json`` maps each image's output key to its image id. Ids are handed out once, in listing order,
+before any image is processed, and a resume keeps them, so an image keeps its id when others are added or
+removed, and a killed-and-resumed run writes the same files as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,23 @@ from segany.cli._util import atomic_write_bytes
 from segany.errors import InputError
 
 RUN_FILE = "run.json"
+IDS_FILE = "image_ids.json"
+MANIFEST_FILE = "manifest.json"
+COCO_RESULTS_FILE = "coco_results.json"
+COCO_IMAGES_FILE = "coco_images.json"
+BOOKKEEPING = (RUN_FILE, IDS_FILE, MANIFEST_FILE, COCO_RESULTS_FILE, COCO_IMAGES_FILE)
+# SA-1B annotation ids are unique over the whole output: image_id * ANN_ID_STRIDE + the mask's index. The
+# prompt limit of ``segany auto`` (3 masks per prompt at most) keeps every index below the stride.
+ANN_ID_STRIDE = 1_000_000
+_RESERVED = {n.casefold() for n in BOOKKEEPING} | {n.removesuffix(".json").casefold() for n in BOOKKEEPING}
+
+
+def is_reserved_key(key: str) -> bool:
+    """Whether an image key would name a bookkeeping file: KEY.json (sa1b, coco) or the folder KEY (png).
+
+    Case-insensitive, because on macOS and Windows ``Run.json`` and ``run.json`` are one file.
+    """
+    return key.casefold() in _RESERVED
 
 
 def checkpoint_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
@@ -97,3 +118,37 @@ def is_current(output: Path, since: int) -> bool:
         return output.stat().st_mtime_ns >= since
     except FileNotFoundError:
         return False
+
+
+def image_ids(out: Path, keys: list[str], keep: bool) -> dict[str, int]:
+    """Each key's image id: the recorded one when resuming, otherwise the next free id, in listing order.
+
+    Keys recorded for images no longer listed keep their ids, so a removed image's id is never reused. A
+    fresh run (``keep`` false) starts from 1, as its outputs replace the folder's. Written atomically before
+    any image is processed, so a killed run resumes with the same ids.
+
+    Raises:
+        InputError: ``image_ids.json`` exists but cannot be read while resuming.
+    """
+    path = out / IDS_FILE
+    known = _read_ids(path) if keep and path.exists() else {}
+    before = dict(known)
+    next_id = max(known.values(), default=0) + 1
+    for key in keys:
+        if key not in known:
+            known[key] = next_id
+            next_id += 1
+    if known != before or not path.exists():
+        atomic_write_bytes(path, json.dumps({"ids": known}, indent=1).encode("utf-8"))
+    return known
+
+
+def _read_ids(path: Path) -> dict[str, int]:
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))["ids"]
+        if not all(isinstance(k, str) and type(v) is int and v > 0 for k, v in ids.items()):
+            raise ValueError("ids must map output names to positive integers")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume to replace "
+                         "the outputs, or pick a new --out") from exc
+    return dict(ids)
