@@ -74,8 +74,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
     p.add_argument("--format", choices=FORMATS, default="sa1b",
                    help="sa1b: one SA-1B JSON per image (default); coco: per-image COCO results plus "
-                        "coco_results.json; png: a folder of mask PNGs per image")
-    p.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png showing all masks")
+                        "coco_results.json; png: a folder of mask PNGs per image. bbox is [x0, y0, x1-x0, y1-y0] "
+                        "with inclusive x1, y1, as in SAM and SA-1B")
+    p.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png showing all masks (with --resume, also "
+                   "for images done without it, drawn from their saved masks)")
     p.add_argument("--resume", action="store_true",
                    help="skip images already done with the same model, weights and options (others are refused)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
