@@ -105,6 +105,10 @@ def test_out_inside_the_input_folder_is_not_read_back(checkpoint: Path, tmp_path
     assert "0 processed, 2 already done" in err and "skipped" not in err, err
     assert _json(nest / "masks" / "manifest.json")["counts"]["images"] == 2
     assert not (nest / "masks" / "masks").exists()
+    # A second output folder beside the first: the first's masks and overlays are not input either.
+    assert _auto(checkpoint, nest, "--out", nest / "v2", "--format", "png") == 0
+    assert sorted(p.name for p in (nest / "v2").iterdir() if p.is_dir()) == ["x", "y"]
+    capsys.readouterr()
     # --out the input folder itself: its PNG outputs would be input next time, so that is refused up front.
     assert _auto(checkpoint, nest, "--out", nest, "--format", "png") == 1
     err = capsys.readouterr().err

@@ -38,6 +38,7 @@ from segany.cli.auto_resume import (
     COCO_IMAGES_FILE,
     COCO_RESULTS_FILE,
     MANIFEST_FILE,
+    RUN_FILE,
     check_resume,
     image_ids,
     is_current,
@@ -115,7 +116,8 @@ def scan_input(source: str, out: Path | None = None) -> Listing:
     it without the extension, or with it where two files differ only by extension (``x.jpg`` and ``x.png``
     write ``x.jpg.json`` and ``x.png.json``); in a list, repeated names get ``_1``, ``_2``, ... A name that
     would land on a bookkeeping file (``run.jpg`` -> run.json) keeps its extension too (``run.jpg.json``).
-    ``out``, when inside a folder input, is left out: its PNGs are this command's outputs, not images.
+    ``out``, when inside a folder input, is left out: its PNGs are this command's outputs, not images; so is
+    any other subfolder that holds an earlier run's run.json.
     """
     src = Path(source).expanduser()
     if not src.exists():
@@ -130,11 +132,16 @@ def scan_input(source: str, out: Path | None = None) -> Listing:
 def _scan_folder(src: Path, out: Path | None) -> Listing:
     inner = _parts_inside(out, src) if out is not None else None
     same = inner == ()  # --out is the input folder itself: its JSON outputs are no news to the user
+    found = [p for p in sorted(src.rglob("*")) if not any(part.startswith(".") for part in p.relative_to(src).parts)]
+    # This run's --out, and any earlier run's output folder (it holds that run's run.json): masks, not input.
+    skip = [inner] if inner else []
+    skip += [p.parent.relative_to(src).parts for p in found
+             if p.name == RUN_FILE and p.parent != src and _is_run_record(p)]
     files: list[Path] = []
     other: Counter[str] = Counter()
-    for p in sorted(src.rglob("*")):
+    for p in found:
         rel = p.relative_to(src).parts
-        if any(part.startswith(".") for part in rel) or (inner and rel[:len(inner)] == inner) or not p.is_file():
+        if any(rel[:len(s)] == s for s in skip) or not p.is_file():
             continue
         suffix = p.suffix.lower()
         if suffix in IMAGE_SUFFIXES:
@@ -148,6 +155,15 @@ def _scan_folder(src: Path, out: Path | None) -> Listing:
     wanted = [stem if count[stem] == 1 and not is_reserved_key(stem) else f.relative_to(src).as_posix()
               for f, stem in zip(files, stems, strict=True)]
     return Listing(_unique(files, wanted), other)
+
+
+def _is_run_record(path: Path) -> bool:
+    """Whether ``path`` is the run.json of a ``segany auto`` output folder."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("settings"), dict) and "format" in data["settings"]
 
 
 def _parts_inside(out: Path, src: Path) -> tuple[str, ...] | None:
