@@ -63,6 +63,14 @@ def test_image_names_never_overwrite_bookkeeping_files(fmt: str, checkpoint: Pat
     assert (tmp_path / "l" / f"run.jpg{suffix}").exists() and "settings" in _json(tmp_path / "l" / "run.json")
 
 
+def test_names_a_next_run_would_clean_up_are_kept_apart(tmp_path: Path) -> None:
+    from segany.cli.auto import collect_images
+
+    listing = tmp_path / "list.txt"  # a png output folder ".x.tmp" would look like a killed run's temp file
+    listing.write_text(".x.tmp.jpg\nrun.jpg\nRUN.png\nrun.jpg\n")
+    assert [k for _, k in collect_images(str(listing))] == [".x.tmp.jpg", "run.jpg", "RUN.png", "run.jpg_1"]
+
+
 def test_image_ids_stay_stable_across_resumes_and_folder_changes(checkpoint: Path, tmp_path: Path) -> None:
     d, out = _images(tmp_path / "in", "b.jpg", "d.jpg"), tmp_path / "out"
     assert _auto(checkpoint, d, "--out", out, "--format", "coco") == 0

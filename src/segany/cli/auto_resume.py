@@ -39,9 +39,11 @@ _RESERVED = {n.casefold() for n in BOOKKEEPING} | {n.removesuffix(".json").casef
 def is_reserved_key(key: str) -> bool:
     """Whether an image key would name a bookkeeping file: KEY.json (sa1b, coco) or the folder KEY (png).
 
-    Case-insensitive, because on macOS and Windows ``Run.json`` and ``run.json`` are one file.
+    Case-insensitive, because on macOS and Windows ``Run.json`` and ``run.json`` are one file. A hidden
+    name ending in ``.tmp`` (the png folder ``.x.tmp``) looks like a killed write that the next run removes.
     """
-    return key.casefold() in _RESERVED
+    name = key.rsplit("/", 1)[-1]
+    return key.casefold() in _RESERVED or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def checkpoint_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
