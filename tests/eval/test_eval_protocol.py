@@ -154,3 +154,15 @@ def test_per_object_rows_name_the_object_and_table_has_no_grabcut_column_without
     assert [(r["image_id"], r["object"]) for r in rows] == [("two", 0), ("two", 1)]
     table = format_table(res)
     assert "GrabCut" not in table and "nan" not in table, table
+
+
+def test_table_names_the_click_count_it_shows() -> None:
+    """With --max-clicks 3 the second column is the 3rd click's mIoU and says so (it was headed 5-click)."""
+    from segany.eval.metrics import summarize_clicks
+    from segany.eval.run import format_table
+
+    s = {**summarize_clicks([[0.2, 0.5, 0.7]], max_clicks=3), "box_miou": 0.6}
+    table = format_table({"model": {"all": s}})
+    assert "3-click" in table.splitlines()[0] and "5-click" not in table
+    s5 = {**summarize_clicks([[0.1] * 6], max_clicks=6), "box_miou": 0.6}
+    assert "5-click" in format_table({"model": {"all": s5}}).splitlines()[0]

@@ -129,7 +129,9 @@ def compare_box(model: Sequence[Any], grabcut: Sequence[Any], *, resamples: int 
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table: per dataset, the model's 1/5-click mIoU, NoC@85/90, box mIoU and GrabCut's."""
     gc = result.get("grabcut")  # its column only when GrabCut ran (--grabcut)
-    head = f"{'dataset':10s} {'objects':>7s} {'1-click':>8s} {'5-click':>8s} {'NoC@85':>7s} {'NoC@90':>7s} " \
+    curves = [len(v.get("miou_by_clicks", [])) for v in result["model"].values()]
+    later = f"{min(5, max(curves, default=5)) or 5}-click"  # miou_5 is the last click's when fewer ran
+    head = f"{'dataset':10s} {'objects':>7s} {'1-click':>8s} {later:>8s} {'NoC@85':>7s} {'NoC@90':>7s} " \
            f"{'box':>7s}" + (f" {'GrabCut':>8s}" if gc is not None else "")
     lines = [head, "-" * len(head)]
     for name, s in result["model"].items():
