@@ -149,8 +149,8 @@ def test_cli_auto_exit_status_and_wording(base: dict, tmp_path: Path, capsys: py
 
 
 def test_second_run_on_a_busy_project_refuses(project: tuple) -> None:
-    from segany.engine.auto import ProjectBusyError, claim_project, release_project
     from segany.engine.db import JobLock, utcnow
+    from segany.engine.locks import ProjectBusyError, claim_project, release_project
 
     store, proj, spec = project
     with store.transaction() as s:  # a live run elsewhere on this host (our parent process) holds it
@@ -162,8 +162,8 @@ def test_second_run_on_a_busy_project_refuses(project: tuple) -> None:
     with store.transaction() as s:  # its process died: the claim is stale and taken over
         s.query(JobLock).update({"owner": f"{socket.gethostname()}:{_dead_pid()}"})
     assert run_auto(store, None, spec, auto_settings()).images_written == 2
-    owner = claim_project(store, proj)  # and the finished run released it
-    release_project(store, proj["id"], owner)
+    owner = claim_project(store, proj, "auto")  # and the finished run released it
+    release_project(store, proj["id"], "auto", owner)
 
 
 def _dead_pid() -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from segany.amg.config import AmgConfig
+from segany.engine.locks import claim_project, release_project, touch_claim
 from segany.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ AUTO_KIND = "auto"
 # Project setting holding an unfinished ``--redo`` ({settings_hash, model_version_id, started}): a rerun
 # finishes it instead of starting over or leaving two settings' masks mixed.
 REDO_KEY = "auto_redo"
-# A lock whose owner has not written a result for this long is taken over (its run is presumed dead).
-LOCK_STALE_SECONDS = 600.0
 # Annotation uuids of stage 3 are uuid5(namespace, "<image id>:<generation>:<index>"): the image id makes them
 # unique per project (two projects may hold the same file), the generation (how many times stage 3 wrote the
 # image, kept on its done marker) keeps a redo off the ids of masks people kept, and a rewrite of the same
@@ -388,10 +387,6 @@ class SettingsMismatchError(InputError):
     """A plain rerun would mix masks of two settings in one project."""
 
 
-class ProjectBusyError(InputError):
-    """Another ``engine auto`` run holds the project."""
-
-
 @dataclass(frozen=True)
 class AutoPlan:
     """What a run does: ``redo_after`` is None for a plain run, else the start of the redo it belongs to."""
@@ -447,83 +442,6 @@ def done_with_other_settings(store: Any, project_id: int, digest: str) -> int:
                                    ImageRun.settings_hash.is_not(None), ImageRun.settings_hash != digest)) or 0)
 
 
-# ------------------------------------------------------------------------------------------ project lock
-def _owner() -> str:
-    import socket
-
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_alive(owner: str) -> bool:
-    """False when ``owner`` ran on this host and its process is gone; True when it may still run."""
-    import socket
-
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def claim_project(store: Any, project: dict[str, Any]) -> str:
-    """Claim the project for this run, taking over a stale claim; returns the owner string.
-
-    Raises:
-        ProjectBusyError: another live run holds it (two runs would each compute every image).
-    """
-    from sqlalchemy import delete, select
-    from sqlalchemy.exc import IntegrityError
-
-    from segany.engine.db import JobLock, utcnow
-
-    me = _owner()
-    for _ in range(3):
-        try:
-            with store.transaction() as s:
-                lock = s.scalar(select(JobLock).where(JobLock.project_id == project["id"], JobLock.kind == AUTO_KIND))
-                if lock is not None:
-                    age = (utcnow() - lock.heartbeat_at).total_seconds()
-                    if _owner_alive(lock.owner) and age < LOCK_STALE_SECONDS:
-                        raise ProjectBusyError(
-                            f"project {project['name']!r} is being processed by another `engine auto` run "
-                            f"({lock.owner}, last result {age:.0f} s ago); wait for it to finish, or stop it "
-                            "and rerun (the new run resumes where it stopped; a claim left by a run killed on "
-                            f"another machine is taken over after {LOCK_STALE_SECONDS / 60:.0f} minutes)")
-                    s.execute(delete(JobLock).where(JobLock.id == lock.id))
-                    s.flush()
-                s.add(JobLock(project_id=project["id"], kind=AUTO_KIND, owner=me, heartbeat_at=utcnow()))
-            return me
-        except IntegrityError:  # another run claimed it between our read and insert: look again
-            continue
-    raise ProjectBusyError(f"project {project['name']!r} is being claimed by another `engine auto` run; "
-                           "wait for it to finish and rerun")
-
-
-def _touch_claim(store: Any, project_id: int, owner: str) -> None:
-    from sqlalchemy import update
-
-    from segany.engine.db import JobLock, utcnow
-
-    with store.transaction() as s:
-        s.execute(update(JobLock).where(JobLock.project_id == project_id, JobLock.kind == AUTO_KIND,
-                                        JobLock.owner == owner).values(heartbeat_at=utcnow()))
-
-
-def release_project(store: Any, project_id: int, owner: str) -> None:
-    from sqlalchemy import delete
-
-    from segany.engine.db import JobLock
-
-    with store.transaction() as s:
-        s.execute(delete(JobLock).where(JobLock.project_id == project_id, JobLock.kind == AUTO_KIND,
-                                        JobLock.owner == owner))
-
-
 # ------------------------------------------------------------------------------------------------ run
 @dataclass
 class AutoSummary:
@@ -574,7 +492,7 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
 
     jobs.check_workers(backend, workers)
     proj = store.get_project(project)
-    owner = claim_project(store, proj)
+    owner = claim_project(store, proj, AUTO_KIND)
     try:
         mv = register_model(store, spec, meta={"device": spec.device})
         plan = plan_run(store, proj, settings, mv, redo=redo)
@@ -592,7 +510,7 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
         summary.seconds = time.perf_counter() - t0
         return summary
     finally:
-        release_project(store, proj["id"], owner)
+        release_project(store, proj["id"], AUTO_KIND, owner)
 
 
 def _run_tasks(store: Any, project_id: int, owner: str, tasks: list[ImageTask], summary: AutoSummary,
@@ -627,7 +545,7 @@ def _run_tasks(store: Any, project_id: int, owner: str, tasks: list[ImageTask], 
                 summary.masks_written += len(result.masks)
             else:
                 summary.duplicates_dropped += 1
-            _touch_claim(store, project_id, owner)  # still alive: keeps other runs from taking the project over
+            touch_claim(store, project_id, AUTO_KIND, owner)  # still alive: keeps other runs from taking the project over
             if on_result:
                 on_result(result, written)
     finally:
