@@ -27,7 +27,9 @@ your own data (one of):
   Then: segany train CONFIG -o data.pack=OUT -o data.datasets=[NAME]; segany eval --data OUT ...
 
 An interrupted pack resumes: rerun the same command; images already written from the same source
-files with the same settings are kept."""
+files with the same settings are kept. Packing into a folder that already holds a pack adds to it:
+the dataset packed (--name, or each of --datasets) is replaced, every other dataset stays, so your data
+and the shared data can share one pack (train with -o 'data.datasets=[bsds,NAME]')."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -139,10 +141,14 @@ def _print_summary(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
               f"{args.max_side} were left out", file=sys.stderr)
     for name, sp in manifest["splits"].items():
         print(f"{name:10s} train {len(sp['train']):4d}  val {len(sp['val']):4d}")
+    print(f"the pack {args.out} now holds {', '.join(manifest['splits'])} (packing a dataset into an existing "
+          "pack replaces that dataset and keeps the others)")
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     reused = f" ({manifest['reused']} kept from an earlier run)" if manifest.get("reused") else ""
     skipped = f", {len(report.bad)} skipped" if report is not None and report.bad else ""
     print(f"{len(manifest['records'])} images{reused}{skipped}, {size / 1e6:.1f} MB in {args.out}")
     if _is_own(args):
-        print(f"train: segany train CONFIG -o data.pack={args.out} -o 'data.datasets=[{args.name}]'\n"
+        others = [n for n in manifest["splits"] if n != args.name]
+        both = f" (with the rest: -o 'data.datasets=[{','.join([*others, args.name])}]')" if others else ""
+        print(f"train: segany train CONFIG -o data.pack={args.out} -o 'data.datasets=[{args.name}]'{both}\n"
               f"eval:  segany eval --data {args.out} --checkpoint CKPT")

@@ -80,8 +80,12 @@ def _pixel_limit(limit: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
-def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB."""
+def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB.
+
+    ``apply_exif=False`` keeps the stored pixel frame: packing needs it for an EXIF-rotated image whose
+    masks were drawn on the stored pixels, so the masks stay on the pixels they outline.
+    """
     p = Path(path)
     if not p.exists():
         raise ImageLoadError(f"image {str(p)!r} does not exist")
@@ -90,7 +94,8 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     limit = _max_pixels()
     try:
         with _pixel_limit(limit), Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
+            if apply_exif:
+                im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
                 if arr.dtype == np.uint32:

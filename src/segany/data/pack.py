@@ -28,7 +28,7 @@ from PIL import Image
 
 from segany.atomic import atomic_path, atomic_write, atomic_write_json
 from segany.data.formats import held_out_ids
-from segany.data.formats.common import InstanceRecord, ReadReport, decode_rle, encode_mask
+from segany.data.formats.common import InstanceRecord, ReadReport, decode_rle, encode_mask, note
 from segany.errors import ImageLoadError, InputError
 from segany.transforms import preprocess_shape
 
@@ -72,29 +72,54 @@ def source_digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _packed_source(path: Path) -> tuple[str | None, tuple[int, int] | None]:
-    """(source digest, (H, W)) a packed JPEG was written from and at, read from its header; Nones if unknown."""
+def _packed_source(path: Path) -> tuple[str | None, tuple[int, int] | None, str]:
+    """(source digest, (H, W), EXIF frame) a packed JPEG was written from and at, read from its header;
+    Nones if unknown. The frame is "" for a source without EXIF rotation."""
     try:
         with Image.open(path) as im:
-            comment = im.info.get("comment", b"")
+            comment = json.loads(im.info.get("comment", b""))
             size_hw = (im.size[1], im.size[0])
-        return str(json.loads(comment).get("segany_source")), size_hw
+        return str(comment.get("segany_source")), size_hw, str(comment.get("exif_frame", ""))
     except (OSError, ValueError, AttributeError):
-        return None, None
+        return None, None, ""
+
+
+def _exif_frame(rec: InstanceRecord) -> str:
+    """"stored" when the record's masks are on the file's pixels as stored although it has an EXIF rotation
+    (the rotation is then not applied); "shown" when they are on the rotated picture; "" without rotation
+    or when unknown (shared datasets: the rotation is applied, as always)."""
+    return str(rec.extra.get("exif_frame", ""))
 
 
 def _write_image(rec: InstanceRecord, target: Path, size_hw: tuple[int, int], quality: int, digest: str) -> None:
     from segany.data.images import load_image
 
-    image = load_image(rec.image_path)
+    image = load_image(rec.image_path, apply_exif=_exif_frame(rec) != "stored")
     if image.shape[:2] != tuple(rec.size_hw):
         raise ImageLoadError(f"{rec.image_path}: image is {image.shape[0]}x{image.shape[1]} but its masks are "
                              f"{rec.size_hw[0]}x{rec.size_hw[1]}")
     nh, nw = size_hw
     target.parent.mkdir(parents=True, exist_ok=True)
     small = Image.fromarray(image).resize((nw, nh), Image.BILINEAR)
-    comment = json.dumps({"segany_source": digest}).encode()  # lets a rerun tell whose pixels these are
+    # Lets a rerun tell whose pixels these are, and in which frame they were written.
+    info: dict[str, str] = {"segany_source": digest}
+    if _exif_frame(rec):
+        info["exif_frame"] = _exif_frame(rec)
+    comment = json.dumps(info).encode()
     atomic_write(target, lambda f: small.save(f, format="JPEG", quality=quality, comment=comment))
+
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def packed_file_name(image_id: str) -> str:
+    """The packed JPEG's name for an image id: the id itself when it is a plain file name, otherwise a
+    sanitized id plus a short hash of the raw id, so an id like ``../../x`` or ``a/b`` never writes outside
+    ``images/<dataset>/`` and two ids never share a file."""
+    if _SAFE_ID.fullmatch(image_id) and ".." not in image_id:
+        return f"{image_id}.jpg"
+    plain = re.sub(r"[^A-Za-z0-9_-]+", "_", image_id).strip("_")[:60] or "id"
+    return f"{plain}-{hashlib.blake2b(image_id.encode(), digest_size=4).hexdigest()}.jpg"
 
 
 def _packed_masks(rec: InstanceRecord, size_hw: tuple[int, int], min_area: int) -> dict[str, list[Any]]:
@@ -122,8 +147,10 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
     rerun into the same folder with the same ``max_side`` and ``quality`` keeps a JPEG only when its source
     is byte-identical and its size is the record's (the manifest is rebuilt; masks come from the sources).
     An image that cannot be read raises, or, with ``on_bad``, is reported there and left out.
-    ``manifest_extra`` is merged into the manifest (the split rule of own data). The returned dict also
-    says how many images were ``reused`` (that key is not in the manifest file).
+    ``manifest_extra`` is merged into the manifest (the split rule of own data). A pack already in
+    ``out_dir`` is merged with: the datasets of ``records`` replace their old records (their JPEGs no
+    record names any more are deleted), every other dataset stays with its split and split rule. The
+    returned dict also says how many images were ``reused`` (that key is not in the manifest file).
     """
     _check_settings(max_side, quality, max_side_by_dataset)
     out = Path(out_dir)
@@ -149,10 +176,10 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
         h, w = rec.size_hw
         side = (max_side_by_dataset or {}).get(rec.dataset, max_side)
         nh, nw = preprocess_shape(h, w, side) if max(h, w) > side else (h, w)
-        rel = Path("images") / rec.dataset / f"{rec.image_id}.jpg"
+        rel = Path("images") / rec.dataset / packed_file_name(rec.image_id)
         try:
             digest = source_digest(rec.image_path)
-            if resume and _packed_source(out / rel) == (digest, (nh, nw)):
+            if resume and _packed_source(out / rel) == (digest, (nh, nw), _exif_frame(rec)):
                 reused += 1
             else:
                 _write_image(rec, out / rel, (nh, nw), quality, digest)
@@ -175,11 +202,54 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
             progress(1)
     if not packed:
         raise InputError(f"none of the {len(records)} images could be packed; the first: {bad[0]}")
-    manifest = {"format": PACK_FORMAT, "max_side": max_side, **(manifest_extra or {}), "records": packed,
-                "splits": _split_summary(packed)}
+    manifest = _merged(_existing_manifest(out), packed, {"format": PACK_FORMAT, "max_side": max_side,
+                                                         **(manifest_extra or {})})
     with atomic_path(out / "manifest.json.gz") as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
         json.dump(manifest, f, separators=(",", ":"))  # RLE strings gzip to about a third
+    _remove_orphans(out, packed)
     return {**manifest, "reused": reused, "dropped_small": dropped}
+
+
+def _existing_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest already in ``out``, or None when there is none (or it is unreadable, so nothing to keep)."""
+    path = out / "manifest.json.gz"
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("%s: unreadable (%s); it is replaced", path, exc)
+        return None
+    return old if isinstance(old, dict) and old.get("format") == PACK_FORMAT else None
+
+
+def _merged(old: dict[str, Any] | None, packed: list[dict[str, Any]], head: dict[str, Any]) -> dict[str, Any]:
+    """The new manifest: the datasets just packed replace their own records; every other dataset already in
+    the pack stays, with its split and split rule, so packing your data beside the shared data (or a second
+    dataset beside a first) adds to the pack instead of silently replacing it."""
+    names = {r["dataset"] for r in packed}
+    kept = [r for r in (old or {}).get("records", []) if r.get("dataset") not in names]
+    rules = {k: v for k, v in (old or {}).get("split_rule", {}).items() if k not in names}
+    rules.update(head.get("split_rule", {}))
+    records = kept + packed
+    manifest = {**head, "records": records, "splits": _split_summary(records)}
+    if rules:
+        manifest["split_rule"] = rules
+    return manifest
+
+
+def _remove_orphans(out: Path, packed: list[dict[str, Any]]) -> None:
+    """Delete the JPEGs of the datasets just packed that no record names any more (images that were
+    dropped from the dataset, or renamed), so a replaced dataset leaves no stale files behind."""
+    used = {(out / r["image_path"]).resolve() for r in packed}
+    for name in sorted({r["dataset"] for r in packed}):
+        folder = out / "images" / name
+        if not folder.is_dir():
+            continue
+        for f in folder.rglob("*.jpg"):
+            if f.is_file() and f.resolve() not in used:
+                f.unlink()
 
 
 OWN_FORMATS = ("coco", "yolo", "masks")
@@ -234,10 +304,13 @@ def pack_own(out_dir: str | os.PathLike[str], *, coco: str | None = None, yolo: 
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Pack a user's own dataset with a seeded held-out split; returns the manifest plus its ``report``.
 
-    ``val_fraction`` of the images (at least one) become the "val" split ``segany eval`` uses; training
-    uses the rest. The rule (fraction, seed) is kept in the manifest so the split can be told and
-    remade. Unusable images are refused all at once, listed, before anything is written; with
-    ``skip_bad`` they are left out and listed in ``report.bad``.
+    About ``val_fraction`` of the images (at least one when there are two or more) become the "val" split
+    ``segany eval`` uses, each picked by a seeded hash of its own id so adding images later never moves an
+    old one across; training uses the rest. A YOLO folder's own val/ folder is kept as the split instead.
+    The rule is kept in the manifest (``split_rule``) so the split can be told and remade. Unusable images
+    (unreadable, or of another size than their annotations) are refused all at once, listed, before
+    anything is written; with ``skip_bad`` they are left out and listed in ``report.bad``. Packing into a
+    folder that holds a pack replaces dataset ``name`` there and keeps the others.
     """
     _check_settings(max_side, quality, None)
     if not 0 <= val_fraction < 1:
@@ -250,39 +323,80 @@ def pack_own(out_dir: str | os.PathLike[str], *, coco: str | None = None, yolo: 
     recs = _with_objects(recs, report, categories)
     if report.bad and not skip_bad:
         raise InputError(_bad_summary(report.bad) + "; fix or remove them, or pass --skip-bad to pack the rest")
-    held = set(held_out_ids(name, [r.image_id for r in recs], fraction=val_fraction, seed=seed))
-    pairs = [("val" if r.image_id in held else "train", r) for r in recs]
-    rule = {"split_rule": {name: {"val_fraction": val_fraction, "seed": seed}}}
+    pairs, rule = _split(recs, name, val_fraction, seed, report)
     manifest = pack_records(pairs, out_dir, max_side=max_side, quality=quality, progress=progress,
-                            on_bad=report.bad.append if skip_bad else None, manifest_extra=rule)
+                            on_bad=report.bad.append if skip_bad else None, manifest_extra={"split_rule": {name: rule}})
     return {**manifest, "report": report}
+
+
+# A YOLO folder's split folders with these names hold its held-out images (Ultralytics: val, often test).
+YOLO_HELD_OUT = ("val", "valid", "validation", "test")
+
+
+def _split(recs: list[InstanceRecord], name: str, val_fraction: float, seed: int, report: ReadReport
+           ) -> tuple[list[tuple[str, InstanceRecord]], dict[str, Any]]:
+    """(split, record) pairs and the rule that made them.
+
+    A YOLO folder with a held-out split folder (val/, valid/, test/) beside others keeps it: those images
+    are "val" and ``val_fraction`` is not applied, so the user's own validation images never end up in
+    training. Otherwise the seeded per-id hash split of ``held_out_ids``.
+    """
+    folders = {str(r.extra["yolo_split"]) for r in recs if "yolo_split" in r.extra}
+    held_folders = sorted(f for f in folders if f.lower() in YOLO_HELD_OUT)
+    if held_folders and folders - set(held_folders):
+        pairs = [("val" if str(r.extra.get("yolo_split")).lower() in YOLO_HELD_OUT else "train", r) for r in recs]
+        note(report, f"{name}: kept the YOLO split folders: {', '.join(f + '/' for f in held_folders)} is the "
+                     f"held-out val split, the rest is train (--val-fraction is not applied; pass --split NAME "
+                     "to pack one folder and split it by --val-fraction instead)")
+        rule: dict[str, Any] = {"val_folders": held_folders}
+    else:
+        held = set(held_out_ids(name, [r.image_id for r in recs], fraction=val_fraction, seed=seed))
+        pairs = [("val" if r.image_id in held else "train", r) for r in recs]
+        rule = {"val_fraction": val_fraction, "seed": seed}
+    if not any(sp == "val" for sp, _ in pairs):
+        why = "--val-fraction is 0" if val_fraction == 0 else f"it has {len(recs)} image(s)"
+        note(report, f"{name} has no val image ({why}), so `segany eval` has nothing of it to evaluate; to hold "
+                     "some out, pack at least 2 images with --val-fraction 0.1 (or more)")
+    return pairs, rule
 
 
 def _readable(recs: list[InstanceRecord], report: ReadReport) -> list[InstanceRecord]:
     """The records whose image file opens at the size the annotations say; the rest go to ``report.bad``.
 
-    Header reads only, so every bad file is found and listed before any image is written.
+    Header reads only, so every bad file (a size mismatch included) is found and listed before any image
+    is written. An image with an EXIF rotation is matched in both frames: annotations of its stored pixels
+    (what most labelers draw on, and the rule when both fit: a square image) pack it unrotated; annotations
+    of the rotated picture pack it rotated. Either way masks and pixels agree. Sets ``extra["exif_frame"]``.
     """
-    from segany.data.formats.common import image_size_hw
+    from segany.data.formats.common import image_frames_hw
 
     good = []
+    unrotated: list[str] = []
     for r in recs:
-        size_hw = image_size_hw(Path(r.image_path), report)
-        if size_hw is None:
+        frames = image_frames_hw(Path(r.image_path), report)
+        if frames is None:
             continue
-        if size_hw != tuple(r.size_hw):
-            report.bad.append(f"{r.image_path}: image is {size_hw[0]}x{size_hw[1]} but its annotations say "
+        stored, shown, orientation = frames
+        size_hw = tuple(r.size_hw)
+        if size_hw not in (stored, shown):
+            turned = f" ({shown[0]}x{shown[1]} as its EXIF rotation shows it)" if shown != stored else ""
+            report.bad.append(f"{r.image_path}: image is {stored[0]}x{stored[1]}{turned} but its annotations say "
                               f"{r.size_hw[0]}x{r.size_hw[1]}")
             continue
+        if orientation != 1:
+            r.extra["exif_frame"] = "stored" if size_hw == stored else "shown"
+            if size_hw == stored:
+                unrotated.append(Path(r.image_path).name)
         good.append(r)
+    if unrotated:
+        note(report, f"{len(unrotated)} image(s) carry an EXIF orientation but their annotations fit the pixels as "
+                     f"stored (e.g. {unrotated[0]}); packed without that rotation, so masks stay on their pixels")
     return good
 
 
 def _with_objects(recs: list[InstanceRecord], report: ReadReport, categories: list[str] | None
                   ) -> list[InstanceRecord]:
     """Leave out images without objects: they teach SAM nothing and have nothing to evaluate (counted)."""
-    from segany.data.formats.common import note
-
     empty = [r.image_id for r in recs if not r.masks]
     if empty:
         what = f" of {', '.join(categories)}" if categories else ""

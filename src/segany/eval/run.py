@@ -52,7 +52,9 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
             by_ds.setdefault(r.dataset, []).append(r)
         recs = [r for rs in by_ds.values() for r in rs[:limit_images]]
     if not recs:
-        raise InputError(f"no {split!r} records found in {str(root)!r} for datasets {datasets or 'all'}")
+        raise InputError(f"no {split!r} records found in {str(root)!r} for datasets {datasets or 'all'}; a pack of "
+                         "your own data holds images out for eval only with --val-fraction > 0 and 2 images or "
+                         "more: repack with `segany data pack ... --val-fraction 0.1`")
     return recs
 
 

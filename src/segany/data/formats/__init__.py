@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -28,27 +29,42 @@ HELD_OUT = {"pennfudan": 20, "kvasir": 80}
 SPLIT_SEED = 5  # fixed forever: changing it would silently leak training images into evaluation
 
 
+def _unit_hash(dataset: str, seed: int, image_id: str) -> float:
+    """A uniform number in [0, 1) fixed by (dataset, seed, id) alone, whatever other ids exist."""
+    digest = hashlib.blake2b(f"{dataset}\0{seed}\0{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def held_out_ids(dataset: str, ids: list[str], *, fraction: float | None = None, seed: int = SPLIT_SEED
                  ) -> list[str]:
     """The deterministic held-out ids of ``dataset`` among ``ids`` (order-independent).
 
-    The shared datasets have fixed held-out counts; any other dataset needs ``fraction`` (0 to < 1), of
-    which round(fraction * n) ids, at least one when fraction > 0 and there are two ids or more, are held out.
+    The shared datasets have fixed held-out counts (a seeded shuffle that must never change: the shipped
+    model's evaluation depends on it). Any other dataset needs ``fraction`` (0 to < 1): an id is held out
+    when its own seeded hash falls under ``fraction``, so adding images never moves an existing image
+    across the split (a shuffle of the whole list would leak old val images into train). About
+    ``fraction`` of the ids are held out; with two ids or more and fraction > 0, at least one on each side
+    (the lowest-hash id when none falls under, the highest-hash one goes back to train when all do).
     """
     if fraction is None:
         if dataset not in HELD_OUT:
             raise InputError(f"dataset {dataset!r} has no fixed held-out split (only {', '.join(HELD_OUT)} do); "
                              "pass a held-out fraction, e.g. fraction=0.1 (segany data pack --val-fraction 0.1)")
-        n = HELD_OUT[dataset]
-    else:
-        if not 0 <= fraction < 1:
-            raise InputError(f"held-out fraction (--val-fraction) must be in [0, 1), got {fraction}; e.g. 0.1")
-        n = round(fraction * len(ids))
-        if fraction > 0 and len(ids) >= 2:
-            n = min(max(n, 1), len(ids) - 1)  # keep at least one image on each side
-    pool = sorted(ids)
-    random.Random(f"{dataset}-{seed}").shuffle(pool)
-    return sorted(pool[:n])
+        pool = sorted(ids)
+        random.Random(f"{dataset}-{seed}").shuffle(pool)
+        return sorted(pool[:HELD_OUT[dataset]])
+    if not 0 <= fraction < 1:
+        raise InputError(f"held-out fraction (--val-fraction) must be in [0, 1), got {fraction}; e.g. 0.1")
+    unique = set(ids)
+    if fraction == 0 or len(unique) < 2:
+        return []
+    scored = sorted((_unit_hash(dataset, seed, i), i) for i in unique)
+    held = [i for u, i in scored if u < fraction]
+    if not held:
+        held = [scored[0][1]]
+    elif len(held) == len(scored):
+        held = held[:-1]
+    return sorted(held)
 
 
 def read_shared(name: str, data_root: str | os.PathLike[str], *, limit: int | None = None

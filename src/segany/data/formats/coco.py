@@ -97,6 +97,19 @@ def _category_names(data: dict[str, Any], path: Path, categories: Collection[str
     return names
 
 
+def _check_unique_ids(images: list[dict[str, Any]], path: Path) -> None:
+    """Refuse two ``images`` entries with one id: their annotations could not be told apart, and both
+    would be packed under one file name, one image overwriting the other."""
+    seen: dict[Any, str] = {}
+    for img in images:
+        image_id, file_name = img.get("id"), str(img.get("file_name", ""))
+        if image_id in seen:
+            raise InputError(f"{path}: images {seen[image_id]!r} and {file_name!r} share the id {image_id!r}; "
+                             "each entry of 'images' needs its own id: give one a new id (and move its "
+                             "annotations' image_id)")
+        seen[image_id] = file_name
+
+
 def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None, *,
               dataset: str = "coco", min_area: int = 1, limit: int | None = None,
               include_crowd: bool = False, categories: Collection[str] | None = None,
@@ -118,10 +131,12 @@ def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.Path
     root = Path(image_root) if image_root is not None else path.parent
     names = _category_names(data, path, categories)
     wanted = set(categories) if categories else None
+    _check_unique_ids(data["images"], path)
     by_image: dict[Any, list[dict]] = defaultdict(list)
     for ann in data["annotations"]:
         by_image[ann.get("image_id")].append(ann)
-    orphans = len(data["annotations"]) - sum(len(by_image.get(img.get("id"), [])) for img in data["images"])
+    listed = {img.get("id") for img in data["images"]}
+    orphans = sum(len(anns) for image_id, anns in by_image.items() if image_id not in listed)
     if orphans:
         note(report, f"{path}: {orphans} annotation(s) name an image_id that is not in 'images'; left out")
     records = []

@@ -182,12 +182,18 @@ def bad_image(report: ReadReport | None, line: str) -> None:
 
 
 def note(report: ReadReport | None, line: str) -> None:
-    """A counted warning: logged, and kept in ``report`` for the CLI to print."""
+    """A counted warning: kept in ``report`` for the caller to print, or logged when there is no report.
+
+    Not both: with no logging handler configured, Python prints a warning bare on stderr, and the CLI
+    prints the report's notes too, so every warning appeared twice.
+    """
     import logging
 
-    logging.getLogger(__name__).warning(line)
     if report is not None:
         report.notes.append(line)
+        logging.getLogger(__name__).debug(line)
+    else:
+        logging.getLogger(__name__).warning(line)
 
 
 def image_size_hw(path: Path, report: ReadReport | None) -> tuple[int, int] | None:
@@ -204,3 +210,33 @@ def image_size_hw(path: Path, report: ReadReport | None) -> tuple[int, int] | No
         bad_image(report, f"{path}: not a readable image ({exc.__class__.__name__})")
         return None
     return int(h), int(w)
+
+
+# EXIF orientations 5 to 8 turn the picture a quarter: the shown image is the stored one with H and W swapped.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag (1 to 8) of an image file, 1 when it has none or it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            value = im.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):
+        return 1
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def image_frames_hw(path: Path, report: ReadReport | None) -> tuple[tuple[int, int], tuple[int, int], int] | None:
+    """(stored (H, W), shown (H, W), EXIF orientation) from the header; None (reported) when unreadable.
+
+    The stored frame is the pixels as written in the file; the shown frame is what a viewer displays after
+    applying the EXIF orientation. Annotations may be in either, so packing compares with both.
+    """
+    stored = image_size_hw(path, report)
+    if stored is None:
+        return None
+    orientation = exif_orientation(path)
+    shown = (stored[1], stored[0]) if orientation in _QUARTER_TURNS else stored
+    return stored, shown, orientation

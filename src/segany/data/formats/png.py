@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_size_hw, note
+from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw, note
 from segany.errors import InputError
 
 
@@ -90,32 +90,73 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _object_mask(path: Path) -> np.ndarray:
-    """One per-object mask file → (H, W) bool; 0/1 and 0/255 masks both work."""
-    values = _mask_array(path)
-    if values.ndim == 3:  # grey + alpha and the like: the first channel carries the mask
-        values = values[..., 0]
-    return values >= (128 if values.max(initial=0) > 1 else 1)
+    """One per-object mask file → (H, W) bool; 0/1 and 0/255 masks both work, in any colour.
+
+    Any colour channel at the threshold counts (a mask drawn in green is as much an object as one drawn in
+    white); a transparent pixel is background. A mask whose colour is black everywhere but whose alpha
+    varies (some editors export the object as opaque black) is its opaque part.
+    """
+    with Image.open(path) as im:
+        has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+        if im.mode in ("P", "PA", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV"):
+            arr = np.asarray(im.convert("RGBA"))
+            colour, alpha = arr[..., :3].max(axis=2), arr[..., 3]
+        else:  # "1", "L", "I", "I;16", "F": one channel
+            colour, alpha = np.asarray(im), None
+    if colour.ndim == 3:
+        colour = colour.max(axis=2)
+    obj = colour >= (128 if colour.max(initial=0) > 1 else 1)
+    if has_alpha and alpha is not None:
+        opaque = alpha >= 128
+        obj = (obj & opaque) if obj.any() else opaque & (alpha.min(initial=0) < 128)
+    return obj
 
 
-def _read_object_folder(folder: Path, img_path: Path, size_hw: tuple[int, int], report: ReadReport | None
-                        ) -> list[dict]:
+def _read_object_folder(folder: Path, img_path: Path, frames_hw: tuple[tuple[int, int], ...],
+                        report: ReadReport | None) -> tuple[list[dict], tuple[int, int]]:
+    """The folder's masks and their common size, which is one of ``frames_hw`` (the image's stored size,
+    or its size shown after the EXIF rotation)."""
     masks = []
     empty = 0
+    size_hw = frames_hw[0]
+    sizes: set[tuple[int, int]] = set()
     for mpath in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png"):
         try:
             m = _object_mask(mpath)
         except OSError as exc:
             raise InputError(f"{mpath}: not a readable PNG ({exc.__class__.__name__}); re-save or remove it") from exc
-        if m.shape != size_hw:
+        if m.shape not in frames_hw:
+            shown = f" (or {frames_hw[1][0]}x{frames_hw[1][1]} as its EXIF rotation shows it)" \
+                if frames_hw[1] != frames_hw[0] else ""
             raise InputError(f"{mpath} is {m.shape[0]}x{m.shape[1]} but its image {img_path} is "
-                             f"{size_hw[0]}x{size_hw[1]}; each object mask must be the image's size")
+                             f"{frames_hw[0][0]}x{frames_hw[0][1]}{shown}; each object mask must be the image's size")
+        sizes.add((int(m.shape[0]), int(m.shape[1])))
+        size_hw = (int(m.shape[0]), int(m.shape[1]))
         if not m.any():
             empty += 1
             continue
         masks.append(encode_mask(m))
+    if len(sizes) > 1:
+        raise InputError(f"{folder}: some masks are {' and some '.join('x'.join(map(str, s)) for s in sorted(sizes))}"
+                         f"; the image {img_path} is one of them turned by its EXIF rotation: save every mask "
+                         "in one frame")
     if empty:
         note(report, f"{folder}: {empty} mask file(s) are all background; left out")
-    return masks
+    return masks, size_hw
+
+
+def _images_by_stem(idir: Path, wanted: set[str]) -> dict[str, Path]:
+    """Images of ``idir`` by stem; two files with one stem (a.jpg and a.png) that has a mask folder are
+    refused, since either could be the picture its masks were drawn on."""
+    images: dict[str, Path] = {}
+    for p in sorted(idir.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.stem in images and p.stem in wanted:
+            raise InputError(f"{images[p.stem]} and {p} share the name {p.stem!r}, so the masks in {p.stem}/ could "
+                             "belong to either; rename or move one of them")
+        images.setdefault(p.stem, p)
+    return images
 
 
 def read_object_masks(image_dir: str | os.PathLike[str], mask_dir: str | os.PathLike[str], *,
@@ -130,16 +171,16 @@ def read_object_masks(image_dir: str | os.PathLike[str], mask_dir: str | os.Path
         if not d.is_dir():
             raise InputError(f"{flag} {str(d)!r} is not a folder; pass --images DIR (the images) and --masks DIR "
                              "holding one folder per image, <image stem>/<object>.png")
-    images = {p.stem: p for p in sorted(idir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     folders = {p.name: p for p in mdir.iterdir() if p.is_dir()}
+    images = _images_by_stem(idir, set(folders))
     records = []
     for stem, img_path in sorted(images.items()):
         if stem not in folders:
             continue
-        size_hw = image_size_hw(img_path, report)
-        if size_hw is None:
+        frames = image_frames_hw(img_path, report)
+        if frames is None:
             continue
-        masks = _read_object_folder(folders[stem], img_path, size_hw, report)
+        masks, size_hw = _read_object_folder(folders[stem], img_path, (frames[0], frames[1]), report)
         records.append(InstanceRecord(image_path=str(img_path), size_hw=size_hw, masks=masks, image_id=stem,
                                       dataset=dataset))
     if without := len(set(images) - set(folders)):

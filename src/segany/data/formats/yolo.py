@@ -96,7 +96,8 @@ def read_yolo_seg(root: str | os.PathLike[str], split: str | None = "train2017",
                 continue
             masks, classes = _label_masks(lbl_dir / (img_path.stem + ".txt"), size_hw, names, wanted, min_area)
             records.append(InstanceRecord(image_path=str(img_path), size_hw=size_hw, masks=masks,
-                                          class_names=classes, image_id=img_path.stem, dataset=dataset))
+                                          class_names=classes, image_id=img_path.stem, dataset=dataset,
+                                          extra={"yolo_split": sp}))
             if limit is not None and len(records) >= limit:
                 return records
     return records
