@@ -21,9 +21,11 @@ your own data (one of):
   --coco FILE [--images DIR]   a COCO instances JSON; images under DIR (default: the JSON's folder);
                                polygons and RLE; height/width may be missing (read from the image)
   --yolo DIR [--split NAME]    a YOLO-seg folder: DIR/images/<split>/x.jpg + DIR/labels/<split>/x.txt
-                               (lines `class x1 y1 x2 y2 ...`, normalized), class names from DIR/data.yaml
-  --masks DIR --images DIR     one binary PNG per object: DIR/<image stem>/<any name>.png, the image's size
-                               (nonzero, or >= 128 for 0/255 masks, is the object)
+                               (lines `class x1 y1 x2 y2 ...`, normalized), class names from DIR/data.yaml;
+                               a val/ (valid/, test/) folder beside train/ is kept as the held-out split
+  --masks DIR --images DIR     one PNG per object: DIR/<image stem>/<any name>.png, the image's size
+                               (any colour nonzero, or >= 128 for 0/255 masks, is the object; transparent
+                               is background)
   Then: segany train CONFIG -o data.pack=OUT -o data.datasets=[NAME]; segany eval --data OUT ...
 
 An interrupted pack resumes: rerun the same command; images already written from the same source
