@@ -29,8 +29,8 @@ FAST = ["run.batch_size=1", "data.max_masks=1", "data.num_workers=0", "recipe.po
         "run.ckpt_every=0"]
 
 
-def _pack(root: Path, dataset: str = "mydata") -> Path:
-    """A real pack (manifest + JPEGs) of 3 train and 2 val images, one object each, written by data.pack."""
+def _pack(root: Path, dataset: str = "mydata", n_train: int = 3) -> Path:
+    """A real pack (manifest + JPEGs) of ``n_train`` train and 5 - n_train val images, one object each."""
     from PIL import Image
 
     from segany.data.pack import pack_records
@@ -46,7 +46,7 @@ def _pack(root: Path, dataset: str = "mydata") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(path)
         rec = InstanceRecord(str(path), (96, 120), [encode_mask(m)], image_id=str(i), dataset=dataset)
-        pairs.append(("train" if i < 3 else "val", rec))
+        pairs.append(("train" if i < n_train else "val", rec))
     pack_records(pairs, root / "pack")
     return root / "pack"
 
@@ -236,3 +236,24 @@ def test_bools_are_not_numbers_and_a_bare_dataset_is_a_list() -> None:
     with pytest.raises(InputError, match="optim.lr must be float"):
         load_config(None, ["optim.lr=false"])
     assert load_config(None, ["data.datasets=foo"]).data.datasets == ("foo",)
+    # A list where one value goes was accepted and crashed later ("TypeError: expected str ... not tuple").
+    with pytest.raises(InputError, match=r"data.pack must be str, got \['a', 'b'\]; write one value, not a list"):
+        load_config(None, ["data.pack=[a,b]"])
+    with pytest.raises(InputError, match="run.max_steps must be int"):
+        load_config(None, ["run.max_steps=[1]"])
+
+
+def test_resume_refuses_a_pack_rebuilt_under_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The pack rebuilt with another split between a run and its resume: the resume would validate on images the
+    run trained on, so it is refused naming the change; the same pack resumes."""
+    own = _pack(tmp_path)
+    out = tmp_path / "run"
+    code, err = _train(capsys, TINY_CPU, *_opts(own, out, "run.max_steps=1"))
+    assert code == 0, err
+    _pack(tmp_path, n_train=4)  # the same folder rebuilt: 4 train images and 1 val
+    line = cli_fails(["train", TINY_CPU, "--resume", *_opts(own, out, "run.max_steps=2")], capsys,
+                     "changed since it started")
+    assert "train: 3 images then, 4 now" in line and "val: 2 images then, 1 now" in line, line
+    _pack(tmp_path)  # rebuilt as it was: the resume goes on
+    code, err = _train(capsys, TINY_CPU, "--resume", *_opts(own, out, "run.max_steps=2"))
+    assert code == 0, err

@@ -218,6 +218,8 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(value)
             return {str(k): float(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple, dict)) and not ann.startswith(("tuple", "dict")):
+            raise ValueError(value)  # data.pack=[a,b]: one value, not a list (it crashed later in a path call)
         if isinstance(value, (list, tuple)):
             item = float if "tuple[float" in ann else int if "tuple[int" in ann else str
             return tuple(item(v) for v in value)
@@ -236,7 +238,8 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         if ann.startswith("str"):
             return str(value)
     except (TypeError, ValueError) as exc:
-        hint = "a number, not true/false" if isinstance(value, bool) else f"a value of type {ann}"
+        hint = ("a number, not true/false" if isinstance(value, bool) else
+                "one value, not a list or mapping" if isinstance(value, (list, tuple, dict)) else f"a value of type {ann}")
         raise InputError(f"config {key} must be {ann}, got {value!r}; write {hint}") from exc
     return value
 

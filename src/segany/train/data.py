@@ -7,6 +7,7 @@ the data loader with "no image with masks".
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,3 +81,44 @@ def effective_repeat(records: Sequence[InstanceRecord], repeat: Mapping[str, flo
         raise InputError(f"data.repeat {{{zero}}} leaves no training images of {', '.join(sorted(present))}; "
                          "give at least one of them a factor > 0")
     return kept, ignored
+
+
+def records_fingerprint(records: Sequence[InstanceRecord]) -> str:
+    """sha256 over the records' ids, sizes and masks, in a fixed order: equal exactly when the data is."""
+    h = hashlib.sha256()
+    for r in sorted(records, key=lambda r: (r.dataset, str(r.image_id))):
+        h.update(f"{r.dataset}\0{r.image_id}\0{tuple(r.size_hw)}\0".encode())
+        for m in r.masks:
+            counts = m.get("counts") if isinstance(m, Mapping) else m
+            h.update(counts if isinstance(counts, bytes) else str(counts).encode())
+            h.update(b"\n")
+    return h.hexdigest()
+
+
+def data_fingerprint(data: DataSection, train: Sequence[InstanceRecord] | None = None) -> dict[str, object]:
+    """What a run trains and validates on, for ``--resume`` to check: a pack rebuilt under the run (other
+    images, another split) would otherwise be continued silently, validating on images already trained on.
+    ``train``: the records the run was given (else the pack's); the val part is the pack's held-out split of
+    ``data.datasets`` when ``data.pack`` is a pack (the engine's runs train on records of their own)."""
+    from segany.data.pack import load_pack
+
+    rec = list(train) if train is not None else train_records(data)
+    out: dict[str, object] = {"train": records_fingerprint(rec), "train_images": len(rec)}
+    if (Path(data.pack) / MANIFEST).is_file():
+        val = [r for r in load_pack(data.pack, split="val") if r.dataset in set(data.datasets)]
+        out.update(val=records_fingerprint(val), val_images=len(val))
+    return out
+
+
+def check_same_data(saved: Mapping[str, object] | None, now: Mapping[str, object], where: str) -> None:
+    """InputError when the data a resumed run would see is not what it saw (``saved`` None: an older state)."""
+    if not saved:
+        return
+    changed = [part for part in ("train", "val") if part in saved and part in now and saved[part] != now[part]]
+    if changed:
+        what = "; ".join(f"{part}: {saved.get(part + '_images')} images then, {now.get(part + '_images')} now"
+                         f"{' (same count, other content)' if saved.get(part + '_images') == now.get(part + '_images') else ''}"
+                         for part in changed)
+        raise InputError(f"--resume: the data of the run in {where} changed since it started ({what}); the pack "
+                         "was rebuilt or data.pack points elsewhere. Continue only on the same data: restore the "
+                         "pack, or start a new run with -o run.out_dir=FOLDER")

@@ -302,6 +302,7 @@ class Trainer:
         self._val_objects: list | None = None
         self._last_val_step = -1
         self.train_records = train_records
+        self._data_fp: dict[str, Any] | None = None
         self.out_dir = Path(cfg.run.out_dir)
         self.amp = cfg.run.amp and dev.type == "cuda"
 
@@ -433,7 +434,15 @@ class Trainer:
         return {"format": STATE_FORMAT, "step": self.step, "elapsed": self.elapsed, "progress": self.progress,
                 "model": self.sam.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
                 "config": self.cfg.to_dict(), "model_config": self.sam.cfg.to_dict(),
-                "first_loss": self.first_loss, "best_val": self.best_val}
+                "first_loss": self.first_loss, "best_val": self.best_val, "data": self.data_fingerprint()}
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What this run trains and validates on (computed once), kept in ``last.pt`` for ``--resume``."""
+        if self._data_fp is None:
+            from segany.train.data import data_fingerprint
+
+            self._data_fp = data_fingerprint(self.cfg.data, self.train_records)
+        return self._data_fp
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the full training state atomically (rank 0 only); returns its path."""
@@ -457,6 +466,9 @@ class Trainer:
         # Another lr, dataset or model would make this one run's files describe two; only budgets may grow.
         check_resume_config(state.get("config") or {}, self.cfg, str(p.parent))
         check_state_dict(self.sam, state["model"], self.cfg.model.name, str(p))  # one line, not torch's kBs
+        from segany.train.data import check_same_data
+
+        check_same_data(state.get("data"), self.data_fingerprint(), str(p.parent))
         self.sam.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
