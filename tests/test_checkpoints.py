@@ -284,3 +284,13 @@ def test_bundled_checkpoint_and_registry_kind_check(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"holds a TinyViT model, not 'vit_b'.*sam_model_registry\['segany_tiny'\]"):
         sam_model_registry["vit_b"](checkpoint=tiny)
     assert sam_model_registry["segany_tiny"](checkpoint=tiny).cfg == shipped.cfg
+
+
+def test_run_folder_as_checkpoint_names_the_file_to_pass(tmp_path: Path) -> None:
+    """`--checkpoint RUN_DIR` names the run's weights file instead of a bare "pass the file itself"."""
+    from segany.checkpoints import read_checkpoint
+
+    (tmp_path / "model_fp16.pt").write_bytes(b"x")
+    (tmp_path / "last.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"a `segany train` run: pass '.*model_fp16\.pt'"):
+        read_checkpoint(tmp_path)

@@ -59,7 +59,10 @@ def _read_raw(path: Path) -> Any:
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
         if not candidates:
-            raise CheckpointError(f"{str(path)!r} is a folder without .safetensors/.bin weights; pass the file itself")
+            run = [n for n in ("best_fp16.pt", "model_fp16.pt", "last.pt") if (path / n).is_file()]
+            hint = f" (a `segany train` run: pass {str(path / run[0])!r})" if run else ""
+            raise CheckpointError(f"{str(path)!r} is a folder without .safetensors/.bin weights; pass the file "
+                                  f"itself{hint}")
         path = candidates[0]
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError

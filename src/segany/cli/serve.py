@@ -30,7 +30,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="segany_tiny",
                    help="registered model name (see `segany models`; default segany_tiny, shipped with segany)")
     p.add_argument("--checkpoint", default=None,
-                   help="weights file; default: the model's cached official weights if present, else random weights")
+                   help="weights file; default: the project's current model (after `segany engine retrain`), else the "
+                        "model's weights shipped with segany (segany_tiny) or downloaded, else random weights")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-model", action="store_true", help="serve the store only (no embeddings or decoding)")
     p.add_argument("--cache-size", type=_positive_int, default=16, help="image embeddings kept in memory (>= 1)")
