@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from annotation_fixtures import project, token  # noqa: F401  (fixtures)
+from annotation_fixtures import label_app, project, token  # noqa: F401  (fixtures)
 from fastapi.testclient import TestClient
 
 from segany.server.app import _uncompressed_rle, create_app
@@ -49,10 +49,9 @@ def test_empty_masks_and_undeclared_labels_are_refused(client: TestClient, token
                                                                               label="nolabel")), "'nolabel'")
     assert "person, thing" in detail
     assert store.count_annotations() == 0
-    # An accepted text-prompt proposal keeps the model's class label: that comes from a vocabulary, not a typo.
-    proposal = {**_body(im["height"], im["width"], label="dog"), "source": "semi"}
-    assert client.post(url, headers=auth(token), json=proposal).status_code == 201
-    store.delete_annotation(store.list_annotations()[0]["id"])
+    # Calling a save a proposal does not skip the check: only labels this server's text prompts proposed do.
+    claimed = {**_body(im["height"], im["width"], label="persn"), "source": "semi"}
+    _one_line_422(client.post(url, headers=auth(token), json=claimed), "'persn'")
     ok = client.post(url, headers=auth(token), json=_body(im["height"], im["width"]))
     assert ok.status_code == 201
     a = ok.json()
@@ -77,3 +76,20 @@ def test_refusal_on_an_imported_mask_does_not_suggest_rejecting(client: TestClie
                            json={} if method == "POST" else None)
         assert r.status_code == 403, r.text
         assert "nobody owns" in r.json()["detail"] and "reject it instead" not in r.json()["detail"]
+
+
+def test_a_text_proposal_keeps_the_models_label(label_app: Any, token: str, project: Any) -> None:
+    """An accepted text-prompt proposal keeps the label the model proposed ("dog", which this project does not
+    declare): it comes from the model's vocabulary, not from a typo."""
+    client = TestClient(label_app)
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    got = client.post(f"/api/images/{im['id']}/text", headers=auth(token), json={"text": "dog"}).json()
+    assert got["label"] == "dog" and got["proposals"], got
+    proposal = {"uuid": str(uuid.uuid4()), "segmentation": got["proposals"][0]["segmentation"], "label": "dog",
+                "source": "semi"}
+    r = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=proposal)
+    assert r.status_code == 201, r.text
+    other = client.get("/api/images", headers=auth(token)).json()[1]
+    elsewhere = {**_body(other["height"], other["width"], label="dog"), "source": "semi"}
+    r = client.post(f"/api/images/{other['id']}/annotations", headers=auth(token), json=elsewhere)
+    _one_line_422(r, "'dog' is not one of this project's labels")  # proposed for the first image only

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid as uuid_lib
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -98,6 +99,27 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
 
 
+class _ProposedLabels:
+    """The (image, label) pairs this server's text prompts proposed, newest kept: saving a proposal keeps the
+    model's label even when the project does not declare it, and nothing else may skip the declared-label check."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def add(self, image_id: int, label: str) -> None:
+        with self._lock:
+            self._seen[(image_id, label)] = None
+            self._seen.move_to_end((image_id, label))
+            while len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+
+    def was_proposed(self, image_id: int, label: str | None) -> bool:
+        with self._lock:
+            return label is not None and (image_id, label) in self._seen
+
+
 def create_app(store: Store, model: ModelService | None = None, settings: ServerSettings | None = None) -> FastAPI:
     """Build the app. ``model`` may be None for a store-only server (embedding routes then answer 503)."""
     settings = settings or ServerSettings()
@@ -107,6 +129,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     tokens = _TokenCache(settings.auth_cache_seconds)
     state: dict[str, Any] = {"model_version_id": None}
     mv_lock = threading.Lock()
+    proposed_labels = _ProposedLabels()
     app.state.store = store
     app.state.model = model
     app.state.project_id = project_id
@@ -303,6 +326,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
             bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
             out.append({"segmentation": rle, "score": p.score, "label": p.label, "area": int(p.mask.sum()),
                         "bbox": bbox})
+        if out:
+            proposed_labels.add(image_id, label)
         return {"text": body.text.strip(), "label": label, "proposals": out,
                 "compute_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
@@ -314,8 +339,11 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.post("/api/images/{image_id}/annotations")
     def save_annotation(image_id: int, body: AnnotationIn, who: Who) -> JSONResponse:
-        if body.source == "manual":  # a typed label: 422 naming the project's labels. A proposal's label comes
-            store.check_label(project_id, body.label)  # from the model's class vocabulary, not a typo
+        # A typed label must be one of the project's (422 naming them). A text proposal's label comes from the
+        # model (its class vocabulary or the phrase) and is accepted as proposed; the client's word "semi"
+        # alone is not enough, or any label could be saved by claiming to be a proposal.
+        if not proposed_labels.was_proposed(image_id, body.label):
+            store.check_label(project_id, body.label)
         ann, created = store.save_annotation(
             image_id, rle=body.segmentation.model_dump(), uuid=body.uuid, label=body.label, source=body.source,
             review_state="accepted", model_version_id=model_version_id(), prompts=body.prompts,
