@@ -9,6 +9,7 @@ import pytest
 from engine_fixtures import make_images, make_project, save_tiny_checkpoint
 
 from segany.engine.retrain import RetrainSettings
+from segany.errors import InputError
 
 
 def test_promotion_needs_margin_and_enough_objects() -> None:
@@ -43,5 +44,25 @@ def test_two_step_retrain_explains_and_leaves_no_checkpoints_in_run(tmp_path: Pa
         assert not list((tmp_path / "run").rglob("*.pt"))[1:]  # only model.pt, no optimizer state
         assert [p.name for p in (tmp_path / "run").rglob("*.pt")] == ["model.pt"]
         assert (tmp_path / "run" / "run" / "log.jsonl").is_file()
+        weights = (tmp_path / "run" / "model.pt").read_bytes()
+        with pytest.raises(InputError, match="already holds a retrained model.pt"):  # its row names that file
+            retrain(store, None, settings, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "run"))
+        assert (tmp_path / "run" / "model.pt").read_bytes() == weights
     finally:
         store.close()
+
+
+def test_default_retrain_folders_never_reuse_a_registered_model(tmp_path: Path) -> None:
+    """Two retrains from the same dataset version and parent used to share a folder, the second overwriting the
+    first's model.pt under the first's model-version row."""
+    from segany.engine.retrain import _run_folder
+
+    default = tmp_path / "v1-abc-from-1"
+    assert _run_folder(None, default) == default
+    default.mkdir()
+    (default / "model.pt").write_bytes(b"w")
+    second = _run_folder(None, default)
+    assert second == tmp_path / "v1-abc-from-1-2"
+    second.mkdir()
+    (second / "model.pt").write_bytes(b"w")
+    assert _run_folder(None, default) == tmp_path / "v1-abc-from-1-3"

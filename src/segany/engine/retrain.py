@@ -137,6 +137,22 @@ def _split(images: dict[int, str], held_out: float) -> tuple[list[int], list[int
     return train, held
 
 
+def _run_folder(given: Path | None, default: Path) -> Path:
+    """Where this retrain writes: a registered model version names its ``model.pt``, so a folder that already
+    holds one is never written again (a second run from the same version and parent used to overwrite the
+    first's weights under its row). The default gets the next free ``-2``, ``-3``...; a given one is refused."""
+    if given is not None:
+        if (given / "model.pt").exists():
+            raise InputError(f"--out {str(given)!r} already holds a retrained model.pt, which a model version may "
+                             "name; pass an empty or new folder")
+        return given
+    base, k = default, 1
+    while (base / "model.pt").exists():
+        k += 1
+        base = default.with_name(f"{default.name}-{k}")
+    return base
+
+
 def _dv_dict(dv: Any) -> dict[str, Any]:
     m = dv.meta or {}
     return {"id": dv.id, "name": dv.name, "content_hash": m.get("content_hash"), "annotations": m.get("annotations"),
@@ -274,8 +290,8 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
     if not eval_records:
         raise InputError("no held-out images to evaluate on; raise --held-out or pass --eval-data")
 
-    base = Path(out_dir) if out_dir else (
-        (store.project_dir or Path.cwd()) / ".segany" / "retrain" / f"{dv['name']}-from-{parent_id}")
+    base = _run_folder(Path(out_dir) if out_dir else None,
+                       (store.project_dir or Path.cwd()) / ".segany" / "retrain" / f"{dv['name']}-from-{parent_id}")
     cfg = TrainConfig.from_dict({
         "model": {"name": spec.model},
         "data": {"max_masks": 8, "num_workers": 0, "scale_min": 0.8, "scale_max": 1.2, "min_mask_area": 16},
