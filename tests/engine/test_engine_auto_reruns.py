@@ -106,19 +106,23 @@ def test_interrupted_redo_is_finished_by_the_next_run(project: tuple) -> None:
 
 
 def test_unreadable_images_are_skipped_and_listed(base: dict, tmp_path: Path) -> None:
+    from PIL import Image, ImageOps
+
     from segany.engine.auto import pending_tasks
 
-    images = make_images(tmp_path / "images", 3)
+    images = make_images(tmp_path / "images", 4)
     store, proj = make_project(tmp_path / "proj", images)
     spec = ModelSpec("vit_b", str(base["ckpt"]), "cpu", precision="fp32")
     try:
         images[0].unlink()  # missing
         images[1].write_bytes(b"not an image any more")  # changed since it was registered
+        with Image.open(images[3]) as im:  # another picture of the same size: its masks would fit, and be wrong
+            ImageOps.mirror(im.convert("RGB")).save(images[3], format="PNG" if images[3].suffix == ".png" else "JPEG")
         summary = run_auto(store, None, spec, auto_settings())
-        assert (summary.images_written, summary.images_failed) == (1, 2)
+        assert (summary.images_written, summary.images_failed) == (1, 3)
         reasons = sorted(f["reason"] for f in summary.failures)
-        assert reasons[0].startswith("changed:") and "sha256 differs" in reasons[0]
-        assert reasons[1].startswith("missing:") and "no longer exists" in reasons[1]
+        assert all(r.startswith("changed:") and "sha256 differs" in r for r in reasons[:2]), reasons
+        assert reasons[2].startswith("missing:") and "no longer exists" in reasons[2]
         assert not any("JPEG" in r for r in reasons)
         # Ray's path: the driver ships bytes; a file it cannot read reaches the worker without them.
         tasks, _ = pending_tasks(store, proj["id"], ship_bytes=True)

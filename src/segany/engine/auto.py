@@ -206,14 +206,24 @@ class AutoWorker:
         return ImageResult(task.image_id, task.sha256, masks, time.perf_counter() - t0, self.name)
 
 
+class ImageChangedError(Exception):
+    """The file's bytes are not those registered: masks of other pixels must not be stored against the image."""
+
+
 def _read_task_image(task: ImageTask) -> Any:
-    """The task's image as RGB uint8, from its shipped bytes or its path."""
+    """The task's image as RGB uint8, from its shipped bytes or its path, checked against the registered sha256
+    (a file replaced by another of the same size would otherwise get the new picture's masks)."""
     from segany.data.images import load_image
 
-    if task.data is None:
-        return load_image(task.path)
+    data = task.data
+    if data is None:
+        if not Path(task.path).is_file():
+            return load_image(task.path)  # raises the missing-file error describe_unreadable words
+        data = Path(task.path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != task.sha256:
+        raise ImageChangedError(task.path)
     with tempfile.NamedTemporaryFile(suffix=Path(task.path).suffix or ".img") as f:
-        f.write(task.data)
+        f.write(data)
         f.flush()
         return load_image(f.name)
 
@@ -228,7 +238,7 @@ def describe_unreadable(task: ImageTask, exc: BaseException) -> str:
     if task.data is None and not p.exists():
         return f"missing: {task.path} no longer exists; restore it or remove the image from the project"
     try:
-        changed = task.data is None and file_digest_sha256(p) != task.sha256
+        changed = isinstance(exc, ImageChangedError) or (task.data is None and file_digest_sha256(p) != task.sha256)
     except OSError:
         changed = False
     if changed:
