@@ -76,7 +76,8 @@ def test_rerun_with_other_settings_refuses_and_points_to_redo(project: tuple) ->
     store, proj, spec = project
     a, b = auto_settings(), dataclasses.replace(auto_settings(), max_masks=2)
     run_auto(store, None, spec, a)
-    with pytest.raises(SettingsMismatchError, match="2 images were done with other settings.*--redo"):
+    with pytest.raises(SettingsMismatchError, match=r"2 images were done with other settings \(max_masks "
+                       rf"{a.max_masks!r} -> 2\).*--redo"):  # names the change, not two hashes
         run_auto(store, None, spec, b)  # was: "2 already done", rc 0, nothing changed
     assert run_auto(store, None, spec, a).images_skipped == 2  # the same settings still resume
     done = run_auto(store, None, spec, b, redo=True)

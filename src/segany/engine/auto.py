@@ -37,6 +37,10 @@ AUTO_KIND = "auto"
 # Project setting holding an unfinished ``--redo`` ({settings_hash, model_version_id, started}): a rerun
 # finishes it instead of starting over or leaving two settings' masks mixed.
 REDO_KEY = "auto_redo"
+# Project setting mapping a settings hash to those settings (the last KEEP_SETTINGS runs' ones), so a refusal
+# names the values that changed instead of two hashes.
+SETTINGS_KEY = "auto_settings"
+KEEP_SETTINGS = 16
 # Annotation uuids of stage 3 are uuid5(namespace, "<image id>:<generation>:<index>"): the image id makes them
 # unique per project (two projects may hold the same file), the generation (how many times stage 3 wrote the
 # image, kept on its done marker) keeps a redo off the ids of masks people kept, and a rewrite of the same
@@ -434,22 +438,44 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
             "with --redo to redo every image with these settings, or with the settings and model it used")
     others = done_with_other_settings(store, project["id"], digest)
     if others:
+        n = sum(others.values())
+        used = max(others, key=lambda h: others[h])
         raise SettingsMismatchError(
-            f"{others} images were done with other settings (settings hash differs from {digest[:12]}); "
-            "pass --redo to redo them with these settings, or rerun with the settings used before")
+            f"{n} images were done with other settings ({_settings_change(project, used, settings)}); pass "
+            "--redo to redo them with these settings, or rerun with the settings used before")
     return AutoPlan(None)
 
 
-def done_with_other_settings(store: Any, project_id: int, digest: str) -> int:
-    """How many of the project's done markers record a settings hash other than ``digest``."""
+def remember_settings(store: Any, project: dict[str, Any], settings: AutoSettings) -> None:
+    """Keep this run's settings under their hash in the project, so a later refusal can say what changed."""
+    known = dict((project["settings"] or {}).get(SETTINGS_KEY) or {})
+    known[settings.digest()] = dataclasses.asdict(settings)
+    store.update_project(project["id"], settings={SETTINGS_KEY: dict(list(known.items())[-KEEP_SETTINGS:])})
+
+
+def _settings_change(project: dict[str, Any], used_hash: str, now: AutoSettings) -> str:
+    """``points_per_side 32 -> 8, ...`` from the settings remembered under ``used_hash``; the hashes when a run
+    older than that record made them."""
+    before = ((project["settings"] or {}).get(SETTINGS_KEY) or {}).get(used_hash)
+    if not before:
+        return f"settings hash {used_hash[:12]} then, {now.digest()[:12]} now"
+    after = json.loads(json.dumps(dataclasses.asdict(now)))
+    diffs = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in after.items() if before.get(k) != v]
+    return ", ".join(diffs) or "same values, other settings version"
+
+
+def done_with_other_settings(store: Any, project_id: int, digest: str) -> dict[str, int]:
+    """Per settings hash other than ``digest``, how many of the project's done markers record it."""
     from sqlalchemy import func, select
 
     from segany.engine.db import Image, ImageRun
 
     with store.transaction() as s:
-        return int(s.scalar(select(func.count()).select_from(ImageRun).join(Image, Image.id == ImageRun.image_id)
-                            .where(Image.project_id == project_id, ImageRun.kind == AUTO_KIND,
-                                   ImageRun.settings_hash.is_not(None), ImageRun.settings_hash != digest)) or 0)
+        rows = s.execute(select(ImageRun.settings_hash, func.count()).join(Image, Image.id == ImageRun.image_id)
+                         .where(Image.project_id == project_id, ImageRun.kind == AUTO_KIND,
+                                ImageRun.settings_hash.is_not(None), ImageRun.settings_hash != digest)
+                         .group_by(ImageRun.settings_hash))
+        return {str(h): int(n) for h, n in rows}
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -506,6 +532,7 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
     try:
         mv = register_model(store, spec, meta={"device": spec.device})
         plan = plan_run(store, proj, settings, mv, redo=redo)
+        remember_settings(store, proj, settings)
         tasks, skipped = pending_tasks(store, proj["id"], ship_bytes=backend == "ray", redo_after=plan.redo_after)
         summary = AutoSummary(images_total=len(tasks) + skipped, images_skipped=skipped, model_version_id=mv,
                               backend=backend, workers=workers, resumed_redo=plan.resumed_redo)
