@@ -121,7 +121,7 @@ def test_sa1b_yolo_png(filled, tmp_path: Path) -> None:  # type: ignore[no-untyp
     assert {"segmentation", "bbox", "area", "predicted_iou", "point_coords", "crop_box"} <= set(rec["annotations"][0])
     yolo = exports.export_yolo(store, p["id"], tmp_path / "yolo")
     lines = (yolo / "labels" / "coco_000000000025.txt").read_text().splitlines()
-    assert len(lines) == 3  # ring + two pieces of the blob
+    assert len(lines) == 2  # ring, and the two-piece blob as ONE instance (its parts joined)
     vals = [float(v) for v in lines[0].split()[1:]]
     assert all(0 <= v <= 1 for v in vals) and len(vals) % 2 == 0
     png = exports.export_png(store, p["id"], tmp_path / "png")

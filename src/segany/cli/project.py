@@ -110,8 +110,13 @@ def run(args: argparse.Namespace) -> int:
             return 0
         proj = store.get_project(args.project)
         if cmd == "add-images":
+            from segany.engine.store import collect_image_files
+
+            found = len(collect_image_files(args.paths))
             added, bad = store.add_images_report(proj["id"], args.paths, skip_invalid=args.skip_invalid)
+            present = found - len(added) - len(bad)  # the store skips content it holds (or was given twice)
             print(f"added {len(added)} images to {proj['name']!r}"
+                  + (f", {present} already registered (same content)" if present else "")
                   + (f", skipped {len(bad)} unreadable: " + "; ".join(f"{f} ({why})" for f, why in bad) if bad else ""))
         elif cmd == "export":
             print(exports.export_summary(store, proj["id"], args.format, args.out, force=args.force).describe())
@@ -148,13 +153,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _import_line(r: Any) -> str:
     """One line of counts for an import: what it did with each annotation of the file."""
-    parts = [f"imported {r.created} annotations", f"updated {r.updated}", f"unchanged {r.unchanged}"]
+    created = f"imported {r.created} annotations"
+    if r.reimport and r.created:
+        created += " (new in the file, or deleted in the project since the last import: a re-import restores those)"
+    parts = [created, f"updated {r.updated}", f"unchanged {r.unchanged}"]
     skipped = [f"{n} {what}" for n, what in ((r.empty, "empty masks"), (r.crowd, "crowd regions (--include-crowd "
                                              "imports them)"), (r.skipped, "on missing images")) if n]
     line = ", ".join(parts) + f", skipped {r.empty + r.crowd + r.skipped}" + (f" ({', '.join(skipped)})" if skipped
                                                                              else "")
     if r.unknown_category:
         line += f"; {r.unknown_category} with a category_id not in the file's categories were labelled 'object'"
+    if r.no_longer_in_file:
+        line += (f"; {r.no_longer_in_file} annotations an earlier import of this file created are no longer in it "
+                 "(kept; delete them in the app if they should go)")
+    if r.labels_added:
+        line += f"; added labels {', '.join(r.labels_added)}"
     return line + (f"; added {r.images_added} images" if r.images_added else "")
 
 

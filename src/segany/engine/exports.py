@@ -13,9 +13,11 @@ rasterise, so the hole comes back.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid as uuid_lib
@@ -28,8 +30,11 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image as PILImage
+from sqlalchemy import select
 
 from segany.atomic import atomic_write, atomic_write_json, atomic_write_text
+from segany.engine.db import Annotation as AnnotationModel
+from segany.engine.db import Image as ImageModel
 from segany.engine.masks import decode_rle, normalize_rle, rle_area_bbox
 from segany.engine.store import ImageRow, Store, bad_images_message, read_image_files
 from segany.errors import InputError
@@ -48,25 +53,190 @@ def _stems(images: Sequence[dict[str, Any]]) -> dict[int, str]:
     return {i: (stem if count[stem] == 1 else f"{stem}-{i}") for i, stem in stems.items()}
 
 
-def _check_file_target(path: Path, what: str) -> None:
+# ------------------------------------------------------------------------------------- targets
+# Marks a folder as a segany export, so the next export may replace it. JSON inside, but no .json suffix:
+# SA-1B readers take every *.json of the folder as an image's annotations. It lists the files the export wrote,
+# so a re-export can tell them from files the user added since (notes, training runs, caches).
+EXPORT_MARKER = ".segany-export"
+
+# What exports written before the marker listed its files hold, per format (relative paths, one glob per part).
+_LEGACY_LAYOUT = {"sa1b": ("*.json",), "yolo": ("data.yaml", "images/*", "labels/*.txt"),
+                  "png": ("index.json", "*/*.png")}
+_COCO_HEAD = re.compile(r'\A\s*\{\s*"info"\s*:\s*\{\s*"description"\s*:\s*"exported by segany"')
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; restore at once
+    os.umask(mask)
+    return mask
+
+
+def _store_files(store: Store) -> list[Path]:
+    """The SQLite database file and its journal files (none for a server database)."""
+    url = store.engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return []
+    db = Path(url.database).resolve()
+    return [db] + [db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal")]
+
+
+def _image_paths(store: Store) -> list[str]:
+    """Every registered image's path, in all projects of the store (an export must not delete any of them)."""
+    with store.transaction() as s:
+        return list(s.scalars(select(ImageModel.path)))
+
+
+def _image_dirs(store: Store) -> dict[Path, str]:
+    """The folders holding the store's registered images (resolved), each with one image's path for messages."""
+    dirs: dict[str, str] = {}
+    for path in _image_paths(store):
+        dirs.setdefault(os.path.dirname(path), path)
+    return {Path(d).resolve(): example for d, example in dirs.items()}
+
+
+def _media_dirs(store: Store) -> list[Path]:
+    return [Path(p["media_dir"]).resolve() for p in store.list_projects() if p.get("media_dir")]
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _refuse_project_data_folder(store: Store, target: Path, shown: Path) -> None:
+    """Refuse (even with --force) a folder target whose replacement would delete the store, its media folder or
+    registered images, or the folder this process runs in (which cannot be renamed)."""
+    fix = "pass a folder outside the project's data, such as"
+    for f in _store_files(store):
+        if _within(f, target):
+            raise InputError(f"{shown} holds the project's database {f}; replacing it would delete the project "
+                             f"(--force does not override this); {fix} {target.parent / 'export'}")
+    for media in _media_dirs(store):
+        if _within(target, media) or _within(media, target):
+            raise InputError(f"{shown} is, holds or is inside the project's media folder {media}; replacing it "
+                             f"would delete the project's images (--force does not override this); {fix} "
+                             f"{media.parent.parent / 'export'}")
+    for folder, example in _image_dirs(store).items():
+        if _within(folder, target):
+            raise InputError(f"{shown} holds images registered in the project (e.g. {example}); replacing it "
+                             f"would delete them (--force does not override this); {fix} {target / 'export'}")
+    if _within(Path.cwd().resolve(), target):
+        raise InputError(f"{shown} is the current folder or holds it, which the export cannot replace; pass a new "
+                         f"subfolder such as {shown / 'export'}")
+
+
+def _refuse_project_data_file(store: Store, target: Path, shown: Path) -> None:
+    """Refuse (even with --force) a file target that is the store's database or a registered image."""
+    if target in _store_files(store):
+        raise InputError(f"{shown} is the project's database; writing the export there would destroy the project "
+                         "(--force does not override this); pass another file name such as annotations.json")
+    if any(Path(p).name == target.name and Path(p).parent.resolve() == target.parent for p in _image_paths(store)):
+        raise InputError(f"{shown} is an image registered in the project; writing the export there would destroy "
+                         "it (--force does not override this); pass another file name such as annotations.json")
+
+
+def _imported_from(store: Store, project_id: int) -> set[str]:
+    """The files the project's annotations were imported from, as recorded by :func:`import_coco_summary`."""
+    with store.transaction() as s:
+        rows = s.scalars(select(AnnotationModel.prompts).join(ImageModel, ImageModel.id == AnnotationModel.image_id)
+                         .where(ImageModel.project_id == project_id))
+        return {str(p["imported_from"]) for p in rows if isinstance(p, dict) and p.get("imported_from")}
+
+
+def _same_file(a: Path, b: str) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return False
+
+
+def _is_segany_coco(path: Path) -> bool:
+    """Whether ``path`` is a COCO file segany wrote: it starts with segany's ``info`` block (read from the head
+    only, so a large file is not parsed just to be replaced)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(_COCO_HEAD.match(head))
+
+
+def _check_file_target(store: Store, project_id: int, path: Path, what: str, force: bool = False) -> None:
+    """Refuse a folder; the database, a registered image, or a file the project imported annotations from,
+    always (that file is the source data: what the project did not import from it would be lost, so the export
+    goes beside it); any other existing file that is not an earlier segany export unless ``force``."""
     if path.is_dir():
         raise InputError(f"{path} is a folder; the {what} export writes one file: pass a file name such as "
                          f"{path / 'annotations.json'}")
+    if not path.exists():
+        return
+    target = path.resolve()
+    _refuse_project_data_file(store, target, path)
+    if any(_same_file(target, src) for src in _imported_from(store, project_id)):
+        raise InputError(f"{path} is the file this project imported annotations from; the export would replace "
+                         "the source data (--force does not override this); pass another file name")
+    if not force and not _is_segany_coco(target):
+        raise InputError(f"{path} exists and is not a segany COCO export; pass a new file name, or --force to "
+                         "replace it")
 
 
-def _check_folder_target(path: Path, what: str, force: bool = False) -> None:
-    """Refuse a file, or a non-empty folder that is not an earlier segany export (its files would be mixed with
-    the export's, or deleted by the swap) unless ``force``."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path} is a file; the {what} export writes a folder: pass a folder name")
-    if path.is_dir() and not force and not (path / EXPORT_MARKER).is_file() and any(path.iterdir()):
-        raise InputError(f"{path} is a folder with files that are not a segany export; pass a new or empty "
-                         "folder, or --force to replace its contents")
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The export marker's content, ``{}`` for an unreadable marker, None where there is none."""
+    marker = folder / EXPORT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-# Marks a folder as a segany export, so the next export may replace it. JSON inside, but no .json suffix:
-# SA-1B readers take every *.json of the folder as an image's annotations.
-EXPORT_MARKER = ".segany-export"
+def _files_under(folder: Path) -> list[str]:
+    """Every file (and link) under ``folder``, as sorted relative POSIX paths; folders themselves are not listed."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out += [(rel / n).as_posix() for n in files]
+        out += [(rel / n).as_posix() for n in dirs if os.path.islink(os.path.join(root, n))]
+    return sorted(out)
+
+
+def _matches_layout(rel: str, patterns: Sequence[str]) -> bool:
+    parts = rel.split("/")
+    return any(len(parts) == len(p.split("/")) and all(fnmatch.fnmatchcase(a, b) for a, b in
+                                                       zip(parts, p.split("/"), strict=True)) for p in patterns)
+
+
+def _foreign_files(folder: Path, marker: dict[str, Any]) -> list[str]:
+    """Files in an earlier export folder that the export did not write (per its marker's file list, or for an
+    export older than that list, the files outside its format's layout)."""
+    on_disk = [f for f in _files_under(folder) if f != EXPORT_MARKER]
+    listed = marker.get("files")
+    if isinstance(listed, list):
+        own = {str(f) for f in listed}
+        return [f for f in on_disk if f not in own]
+    layout = _LEGACY_LAYOUT.get(str(marker.get("format")), ())
+    return [f for f in on_disk if not _matches_layout(f, layout)]
+
+
+def _check_folder_target(store: Store, target: Path, shown: Path, what: str, force: bool = False) -> None:
+    """Refuse a file; the project's data (always); a non-empty folder that is not an earlier segany export, or an
+    earlier export the user added files to (the swap would delete them), unless ``force``."""
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{shown} is a file; the {what} export writes a folder: pass a folder name")
+    _refuse_project_data_folder(store, target, shown)
+    if not target.is_dir() or force:
+        return
+    marker = _read_marker(target)
+    if marker is None:
+        if any(target.iterdir()):
+            raise InputError(f"{shown} is a folder with files that are not a segany export; pass a new or empty "
+                             "folder, or --force to replace its contents")
+        return
+    foreign = _foreign_files(target, marker)
+    if foreign:
+        names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise InputError(f"{shown} is an earlier segany export but also holds {len(foreign)} files it did not write "
+                         f"({names}); move them out, or pass --force to delete them with the old export")
 
 
 @dataclass
@@ -83,23 +253,50 @@ class ExportResult:
         return f"wrote {self.annotations} annotations on {self.images} images to {self.path}{skipped}"
 
 
-@contextlib.contextmanager
-def _folder_swap(out: Path, what: str, force: bool) -> Iterator[Path]:
-    """A fresh temporary folder beside ``out`` to write the export into; on success it replaces ``out`` (files
-    of an earlier export included, so nothing stale stays), on failure it is removed and ``out`` is untouched."""
-    _check_folder_target(out, what, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+def _rename(src: Path, dest: Path) -> None:
     try:
+        os.replace(src, dest)
+    except OSError as exc:
+        raise InputError(f"could not move {src} to {dest} ({exc.strerror}); pass an export folder that may be "
+                         "replaced (not a mount point, nor one another program holds open)") from exc
+
+
+def _swap_in(work: Path, target: Path) -> None:
+    """Replace ``target`` with ``work``; if that fails, the earlier ``target`` is put back and no temp folder
+    stays."""
+    if not target.exists():
+        _rename(work, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        _rename(target, old / "x")
+    except InputError:
+        old.rmdir()
+        raise
+    try:
+        _rename(work, target)
+    except InputError:
+        os.replace(old / "x", target)  # roll back; should even this fail, ``old`` keeps the earlier export
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _folder_swap(store: Store, out: Path, what: str, force: bool) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out`` to write the export into; on success it replaces ``out`` (files
+    of an earlier export included, so nothing stale stays), on failure it is removed and ``out`` is untouched.
+    The path is resolved first, so ``.`` or a path through a link names the real folder."""
+    target = out.resolve()
+    _check_folder_target(store, target, out, what, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it 0700; an export is as readable as any other output
         yield work
-        atomic_write_json(work / EXPORT_MARKER, {"format": what, "written_by": "segany"})
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-        os.replace(work, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic_write_json(work / EXPORT_MARKER, {"format": what, "written_by": "segany",
+                                                 "files": _files_under(work)})
+        _swap_in(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -157,6 +354,19 @@ def mask_to_polygons(mask: np.ndarray, *, min_area: float = 0.0) -> list[list[fl
     return polys
 
 
+def join_polygons(polys: Sequence[Sequence[float]]) -> list[float]:
+    """COCO polygons of one object → ONE polygon ``[x0, y0, x1, y1, ...]``, for formats with one polygon per
+    instance (YOLO-seg): each part is joined to the polygon built so far through their closest vertices, going
+    there and back along the same segment, as holes are. Filled with the even-odd rule (cv2.fillPoly,
+    pycocotools) the result is the union of the parts up to zero-width seams."""
+    if not polys:
+        return []
+    joined = np.asarray(polys[0], dtype=np.float64).reshape(-1, 2)
+    for part in polys[1:]:
+        joined = _splice(joined, np.asarray(part, dtype=np.float64).reshape(-1, 2))
+    return joined.reshape(-1).tolist()
+
+
 # ------------------------------------------------------------------------------------- gathering
 def _collect(store: Store, project_id: int, states: Sequence[str]) -> tuple[list[dict[str, Any]], dict[int, list]]:
     images = store.list_images(project_id)
@@ -167,15 +377,17 @@ def _collect(store: Store, project_id: int, states: Sequence[str]) -> tuple[list
 
 
 def export_coco(store: Store, project_id: int, out_path: str | os.PathLike[str], *, polygons: bool = False,
-                states: Sequence[str] = ("accepted",)) -> Path:
-    """One COCO instances JSON; ``polygons`` writes polygon segmentations instead of compressed RLE."""
-    return export_coco_summary(store, project_id, out_path, polygons=polygons, states=states).path
+                states: Sequence[str] = ("accepted",), force: bool = False) -> Path:
+    """One COCO instances JSON; ``polygons`` writes polygon segmentations instead of compressed RLE. An existing
+    file is replaced only when it is an earlier segany COCO export, or with ``force`` (never the database, an
+    image or the file the project imported from)."""
+    return export_coco_summary(store, project_id, out_path, polygons=polygons, states=states, force=force).path
 
 
 def export_coco_summary(store: Store, project_id: int, out_path: str | os.PathLike[str], *, polygons: bool = False,
-                        states: Sequence[str] = ("accepted",)) -> ExportResult:
+                        states: Sequence[str] = ("accepted",), force: bool = False) -> ExportResult:
     """:func:`export_coco`, returning the counts."""
-    _check_file_target(Path(out_path), "coco")
+    _check_file_target(store, project_id, Path(out_path), "coco", force)
     images, anns = _collect(store, project_id, states)
     result = ExportResult(Path(out_path), images=len(images))
     anns = {i: _nonempty(group, result) for i, group in anns.items()}
@@ -200,7 +412,9 @@ def export_coco_summary(store: Store, project_id: int, out_path: str | os.PathLi
                            "annotator_id": a["annotator_id"], "reviewer_id": a["reviewer_id"],
                            "reviewed_at": a["reviewed_at"]},
             })
-    data = {"info": {"description": "exported by segany"}, "images": out_images, "annotations": out_anns,
+    # "info" first and its description fixed: a later export recognises the file by its head (_is_segany_coco).
+    info = {"description": "exported by segany", "segany": {"format": "coco-polygons" if polygons else "coco"}}
+    data = {"info": info, "images": out_images, "annotations": out_anns,
             "categories": [{"id": i, "name": n, "supercategory": "object"} for n, i in cat_id.items()]}
     result.annotations = len(out_anns)
     _write_json(Path(out_path), data)
@@ -241,7 +455,7 @@ def export_sa1b_summary(store: Store, project_id: int, out_dir: str | os.PathLik
     images, anns = _collect(store, project_id, states)
     result = ExportResult(out, images=len(images))
     stems = _stems(images)
-    with _folder_swap(out, "sa1b", force) as work:
+    with _folder_swap(store, out, "sa1b", force) as work:
         for im in images:
             records = []
             for a in _nonempty(anns.get(im["id"], []), result):
@@ -289,7 +503,7 @@ def export_yolo_summary(store: Store, project_id: int, out_dir: str | os.PathLik
     labels = _project_labels(store, project_id, anns)
     cls = {n: i for i, n in enumerate(labels)}
     stems = _stems(images)
-    with _folder_swap(out, "yolo", force) as work:
+    with _folder_swap(store, out, "yolo", force) as work:
         (work / "labels").mkdir()
         (work / "images").mkdir()
         for im in images:
@@ -297,11 +511,13 @@ def export_yolo_summary(store: Store, project_id: int, out_dir: str | os.PathLik
             _place_image(im["path"], work / "images" / f"{stem}{Path(im['file_name']).suffix.lower()}")
             lines = []
             for a in anns.get(im["id"], []):
-                polys = mask_to_polygons(decode_rle(a["segmentation"]))
-                result.annotations += bool(polys)
-                for poly in polys:
-                    xy = np.clip(np.asarray(poly).reshape(-1, 2) / [im["width"], im["height"]], 0, 1)
-                    lines.append(f"{cls[a['label']]} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
+                # One line per instance: a line per part would turn one object into several for the trainer.
+                poly = join_polygons(mask_to_polygons(decode_rle(a["segmentation"])))
+                if not poly:
+                    continue
+                result.annotations += 1
+                xy = np.clip(np.asarray(poly).reshape(-1, 2) / [im["width"], im["height"]], 0, 1)
+                lines.append(f"{cls[a['label']]} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
             atomic_write_text(work / "labels" / f"{stem}.txt", "\n".join(lines) + ("\n" if lines else ""))
         # No ``path:`` key: YOLO trainers then resolve ``images`` against this file's folder, wherever it moves.
         yaml_lines = ["# exported by segany; paths are relative to this file's folder", "train: images",
@@ -325,7 +541,7 @@ def export_png_summary(store: Store, project_id: int, out_dir: str | os.PathLike
     result = ExportResult(out, images=len(images))
     stems = _stems(images)
     index = []
-    with _folder_swap(out, "png", force) as work:
+    with _folder_swap(store, out, "png", force) as work:
         for im in images:
             stem = stems[im["id"]]
             for a in _nonempty(anns.get(im["id"], []), result):
@@ -343,7 +559,7 @@ def export_summary(store: Store, project_id: int, fmt: str, out: str | os.PathLi
                    force: bool = False) -> ExportResult:
     """Export accepted annotations in ``fmt`` (one of ``coco``, ``coco-polygons``, ``sa1b``, ``yolo``, ``png``)."""
     if fmt in ("coco", "coco-polygons"):
-        return export_coco_summary(store, project_id, out, polygons=fmt == "coco-polygons")
+        return export_coco_summary(store, project_id, out, polygons=fmt == "coco-polygons", force=force)
     fns = {"sa1b": export_sa1b_summary, "yolo": export_yolo_summary, "png": export_png_summary}
     if fmt not in fns:
         raise InputError(f"unknown export format {fmt!r}; choose one of coco, coco-polygons, {', '.join(fns)}")
@@ -386,6 +602,12 @@ class ImportSummary:
     missing_images: list[str] = field(default_factory=list)  # their file names
     images_added: int = 0
     looked_in: list[str] = field(default_factory=list)  # where images were searched (project, images_dir)
+    labels_added: list[str] = field(default_factory=list)  # labels the project did not declare before
+    # Annotations an earlier import of this file created that the file no longer has: kept, only counted.
+    no_longer_in_file: int = 0
+    # The file was imported before: ``created`` then also counts annotations deleted in the project since (the
+    # store keeps no record of deletions, so a re-import brings them back).
+    reimport: bool = False
 
     @property
     def already_present(self) -> int:
@@ -489,10 +711,38 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
         rec["key"] = import_key(project_id, sha_of[name], a.get("id"), rec["rle"], rec["label"])
         rec["legacy_key"] = str(uuid_lib.uuid5(legacy_ns, str(a.get("id"))))
         records.append(rec)
-    used_labels = [n for n in cats.values()] + (["object"] if out.unknown_category else [])
+    # Only the labels imported annotations use: the file's categories list may name classes it never uses.
+    used_labels = list(dict.fromkeys(r["label"] for r in records))
+    declared = next((list(p["labels"]) for p in store.list_projects() if p["id"] == project_id), [])
+    out.labels_added = [n for n in used_labels if n not in declared]
+    keys_in_file = {r["key"] for r in records} | {r["legacy_key"] for r in records} | {
+        import_key(project_id, sha_of[names[a["image_id"]]], a["id"], {}, "") for a in usable if a.get("id") is not None}
+    earlier = _earlier_imports(store, project_id, Path(coco_json).resolve())
+    out.reimport = bool(earlier)
+    out.no_longer_in_file = sum(1 for u in earlier if u not in keys_in_file)
     counts = store.import_annotations(project_id, new_images=new_rows, labels=used_labels, records=records)
     out.images_added = counts["images_added"]
     out.created, out.updated, out.unchanged = counts["created"], counts["updated"], counts["unchanged"]
+    return out
+
+
+def _earlier_imports(store: Store, project_id: int, coco_path: Path) -> list[str]:
+    """The uuids of the project's annotations imported from the file at ``coco_path`` (recorded in their
+    ``prompts.imported_from``; older imports recorded the path as given, resolved here from the current folder)."""
+    with store.transaction() as s:
+        rows = list(s.execute(select(AnnotationModel.uuid, AnnotationModel.prompts)
+                              .join(ImageModel, ImageModel.id == AnnotationModel.image_id)
+                              .where(ImageModel.project_id == project_id)))
+    same: dict[str, bool] = {}
+    out = []
+    for uuid, prompts in rows:
+        src = prompts.get("imported_from") if isinstance(prompts, dict) else None
+        if not src:
+            continue
+        if src not in same:
+            same[src] = str(Path(src).resolve()) == str(coco_path) or _same_file(coco_path, src)
+        if same[src]:
+            out.append(uuid)
     return out
 
 
@@ -534,7 +784,8 @@ def _import_record(coco_json: str | os.PathLike[str], a: dict[str, Any], cats: d
     src = extra.get("source", source)
     return {"rle": rle, "label": label.strip()[:200] or "object",
             "source": src if src in ("manual", "semi", "auto") else source,
-            "prompts": {"imported_from": str(coco_json), "import_digest": digest},
+            # The resolved path: an export refuses to overwrite it, and a re-import finds its earlier rows.
+            "prompts": {"imported_from": str(Path(coco_json).resolve()), "import_digest": digest},
             "seconds_spent": extra.get("seconds_spent"), "predicted_iou": extra.get("predicted_iou")}
 
 
