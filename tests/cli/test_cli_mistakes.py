@@ -121,3 +121,16 @@ def test_python_dash_m_segany() -> None:
     r = subprocess.run([sys.executable, "-m", "segany", "--help"], capture_output=True, text=True, cwd=REPO,
                        timeout=60)
     assert r.returncode == 0 and "usage: segany" in r.stdout
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`segany ... | head` closes the pipe early: exit 141 with nothing on stderr (it printed "error: Broken pipe;
+    check the path and its permissions")."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "segany", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # the reader is gone before the first line is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err

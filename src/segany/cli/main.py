@@ -8,7 +8,9 @@ Subcommand modules are found, not listed: every public module of :mod:`segany.cl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import pkgutil
 import re
 import sys
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segany: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`segany ... --json | head`): stop quietly, as Unix tools do
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, what a tool killed by the signal reports
     except OSError as exc:  # the file system refused (a file where a folder goes, permissions, disk full)
         if debug:
             traceback.print_exc()

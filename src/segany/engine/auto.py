@@ -573,7 +573,7 @@ def _run_tasks(store: Any, project_id: int, owner: str, tasks: list[ImageTask], 
                 except InputError as exc:  # the file changed under the run: this image fails, not the run
                     result.error = f"changed: {paths.get(result.image_id)} ({exc})"
             if result.error is not None:
-                log.warning("image %d skipped: %s", result.image_id, result.error)
+                log.info("image %d skipped: %s", result.image_id, result.error)
                 summary.images_failed += 1
                 summary.failures.append({"image_id": result.image_id, "path": paths.get(result.image_id),
                                          "reason": result.error})
