@@ -53,8 +53,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("out", help="output file (coco) or folder")
     e.add_argument("--project", default=None)
     e.add_argument("--force", action="store_true",
-                   help="replace a non-empty output folder that is not an earlier segany export (its files are "
-                        "deleted); an earlier export is always replaced")
+                   help="replace an output that is not an earlier segany export (a folder's files are deleted), "
+                        "or an earlier export folder holding files it did not write; an earlier export is "
+                        "replaced without it. Never replaced, even with --force: the project's database, media "
+                        "folder or registered images, the current folder, and the COCO file the project "
+                        "imported from")
     i = sub.add_parser("import-coco", help="import COCO instance annotations")
     i.add_argument("target", metavar="DIR_OR_DB_URL")
     i.add_argument("coco_json")
