@@ -32,6 +32,13 @@ def test_export_writes_both_graphs(tmp_path, tiny_checkpoint, capsys):
     assert args.func(args) == 0
     assert (out / "encoder.onnx").exists() and (out / "decoder.onnx").exists()
     assert "decoder:" in capsys.readouterr().out
+    import json
+
+    from segany.hashing import file_digest
+
+    meta = json.loads((out / "segany_onnx.json").read_text())  # where the weights came from, by content
+    assert meta["weights"] == {"checkpoint": str(tiny_checkpoint.resolve()),
+                               "sha256": file_digest(tiny_checkpoint, "sha256")}
 
 
 @pytest.mark.parametrize("argv, exc, fragment", [

@@ -52,7 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file; pass a folder for encoder.onnx and decoder.onnx")
     model = build_sam(args.model, checkpoint=checkpoint)
-    paths = export_onnx(model, out, quantize_int8=args.quantize, multimask=args.multimask, model_name=args.model)
+    from segany.hashing import file_digest
+
+    weights = ({"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_digest(Path(checkpoint), "sha256")}
+               if checkpoint is not None else {"checkpoint": None, "random_weights": True})
+    paths = export_onnx(model, out, quantize_int8=args.quantize, multimask=args.multimask, model_name=args.model,
+                        weights=weights)
     for role, path in paths.items():
         print(f"{role}: {path}", file=sys.stdout)
     return 0

@@ -197,8 +197,13 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
 
 
 def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: bool = False,
-                multimask: bool = False, model_name: str | None = None) -> dict[str, Path]:
-    """Export encoder and decoder into ``out_dir``; returns the written paths by role."""
+                multimask: bool = False, model_name: str | None = None,
+                weights: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Export encoder and decoder into ``out_dir``; returns the written paths by role.
+
+    ``weights`` (e.g. ``{"checkpoint": path, "sha256": ...}`` or ``{"random_weights": True}``) goes into the
+    meta file, so graphs of random weights cannot pass for trained ones.
+    """
     model = _check_model(model)
     out = _check_out_dir(out_dir)
     model = model.cpu().float().eval()
@@ -214,7 +219,7 @@ def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: b
     if registered is not None and registered != model.cfg:
         model_name = None  # the weights file's own config won (e.g. --model vit_b with a TinyViT file): no false name
     meta = {"format": "segany-onnx-v1", "model": model_name, "config": model.cfg.to_dict(), "opset": OPSET,
-            "multimask": multimask, "files": {k: v.name for k, v in paths.items()}}
+            "multimask": multimask, "files": {k: v.name for k, v in paths.items()}, "weights": weights}
     paths["meta"] = atomic_write_json(out / META_FILE, meta, indent=2)
     return paths
 
