@@ -78,6 +78,12 @@ def test_versions_cli_lists_and_exports(annotated: dict, tmp_path: Path, capsys:
     assert dv["name"] in capsys.readouterr().out
     assert main(["versions", target, "--export-coco", dv["name"], str(tmp_path / "out.json")]) == 0
     assert len(json.loads((tmp_path / "out.json").read_text())["annotations"]) == 12
+    assert main(["versions", target, "--export-coco", dv["name"], str(tmp_path / "out.json")]) == 0  # its own: replaced
+    theirs = tmp_path / "gt.json"
+    theirs.write_text('{"images": [], "annotations": []}')
+    with pytest.raises(InputError, match="exists and is not a segany dataset-version export"):
+        main(["versions", target, "--export-coco", dv["name"], str(theirs)])
+    assert theirs.read_text() == '{"images": [], "annotations": []}'  # a user's file is never overwritten
     with pytest.raises(InputError, match="no dataset version 'v9'.*pass one of"):
         main(["versions", target, "--export-coco", "v9", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()

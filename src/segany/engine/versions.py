@@ -123,6 +123,25 @@ def list_versions(store: Any, project: str | None) -> list[dict[str, Any]]:
     return out
 
 
+VERSION_EXPORT_FORMAT = "segany-dataset-version-coco"
+
+
+def _is_version_export(path: Path) -> bool:
+    """Whether ``path`` is a file this function wrote (it may be replaced; anything else is the user's)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)  # the info block comes first
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        info = json.loads(head).get("info", {})
+    except ValueError:
+        return VERSION_EXPORT_FORMAT in head
+    return (info.get("segany") or {}).get("format") == VERSION_EXPORT_FORMAT
+
+
 def export_version_coco(store: Any, project: str | None, version: str | int, out_path: str | os.PathLike[str]
                         ) -> dict[str, Any]:
     """Write a dataset version's snapshot as a COCO instances file (RLE segmentations); returns counts."""
@@ -133,6 +152,8 @@ def export_version_coco(store: Any, project: str | None, version: str | int, out
         raise InputError(f"cannot write {out}: folder {out.parent} does not exist; create it or pick another path")
     if out.is_dir():
         raise InputError(f"{out} is a folder; pass a file path such as {out / 'coco.json'}")
+    if out.exists() and not _is_version_export(out):  # e.g. the COCO file the project was imported from
+        raise InputError(f"{out} exists and is not a segany dataset-version export; pass a new file name")
     proj = store.get_project(project)
     with store.transaction() as s:
         dv = _find_version(s, proj["id"], version)
@@ -150,7 +171,8 @@ def export_version_coco(store: Any, project: str | None, version: str | int, out
                             "segmentation": {"size": [it["height"], it["width"]], "counts": it["rle_counts"]},
                             "area": it["area"], "bbox": it["bbox_xywh"], "iscrowd": 0,
                             "segany_uuid": it["annotation_uuid"], "segany_source": it["source"]})
-    coco = {"info": {"description": f"segany dataset version {dv_name} of {proj['name']}"},
+    coco = {"info": {"description": f"segany dataset version {dv_name} of {proj['name']}",
+                     "segany": {"format": VERSION_EXPORT_FORMAT}},
             "images": list(images.values()), "annotations": annotations,
             "categories": [{"id": i, "name": n} for n, i in cat.items()]}
     atomic_write_json(out_path, coco)
