@@ -63,7 +63,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(folder: Path, checkpoint: P
     masks = manifest["counts"]["masks"]
     assert manifest["counts"] == {"images": 6, "done": 6, "failed": 0, "masks": masks, "not_images": 0}
     assert {k: v for k, v in manifest["this_run"].items() if k != "seconds"} == {
-        "processed": 6, "skipped_existing": 0, "overlays_added": 0, "failed": 0, "masks": masks}
+        "processed": 6, "skipped_existing": 0, "redone_changed": 0, "overlays_added": 0, "failed": 0, "masks": masks}
     assert masks > 0 and manifest["options"]["points_per_side"] == 4
     assert {"segany", "torch", "pycocotools"} <= set(manifest["versions"])
 
@@ -103,8 +103,11 @@ def test_sa1b_png_coco_and_overlay_outputs(checkpoint: Path, tmp_path: Path) -> 
 
     r = _run(img, "--out", tmp_path / "p", "--checkpoint", checkpoint, *FAST, "--format", "png", "--quiet")
     assert r.returncode == 0, r.stderr
-    meta = json.loads((tmp_path / "p" / "photo" / "masks.json").read_text())
-    assert len(meta) == len(sa1b.annotations)
+    masks_json = json.loads((tmp_path / "p" / "photo" / "masks.json").read_text())
+    meta = masks_json["annotations"]
+    assert len(meta) == len(sa1b.annotations) and masks_json["image"]["file_name"] == "photo.jpg"
+    assert [m["id"] for m in meta] == [a["id"] for a in json.loads((tmp_path / "a" / "photo.json").read_text())[
+        "annotations"]]  # the same ids as sa1b
     from PIL import Image
 
     m0 = np.asarray(Image.open(tmp_path / "p" / "photo" / meta[0]["file"])) > 0
@@ -216,9 +219,9 @@ def test_outputs_of_images_sharing_a_name_do_not_overwrite_each_other(tmp_path: 
         (d / name).write_bytes(b"")
     keys = dict((p.relative_to(d).as_posix(), k) for p, k in collect_images(str(d)))
     assert keys == {"a/x.jpg": "a/x", "x.jpg": "x.jpg", "x.png": "x.png", "y.jpg": "y"}
-    listing = d / "list.txt"  # one name in two folders, and a real x_1 that the renaming must not reuse
+    listing = d / "list.txt"  # one name in two folders: keyed by the path, as a folder input is
     listing.write_text("x.jpg\na/x.jpg\nx_1.jpg\n")
-    assert [k for _, k in collect_images(str(listing))] == ["x", "x_1", "x_1_1"]
+    assert [k for _, k in collect_images(str(listing))] == ["x", "a/x", "x_1"]
 
 
 @pytest.mark.parametrize(("flags", "fragment"), [

@@ -56,7 +56,7 @@ def test_image_names_never_overwrite_bookkeeping_files(fmt: str, checkpoint: Pat
         assert (out / f"{name}{suffix}").exists(), name
     assert (out / f"x{suffix}").exists()  # ordinary names stay where they always were
     if fmt == "coco":
-        assert sorted(im["file_name"] for im in _json(out / "coco_images.json")) == sorted(names)
+        assert sorted(im["file_name"] for im in _json(out / "coco_images.json")["images"]) == sorted(names)
     listing = tmp_path / "list.txt"  # a list input is held to the same rule
     listing.write_text("in/run.jpg\nin/x.jpg\n")
     assert _auto(checkpoint, listing, "--out", tmp_path / "l", "--format", fmt) == 0
@@ -67,8 +67,8 @@ def test_names_a_next_run_would_clean_up_are_kept_apart(tmp_path: Path) -> None:
     from segany.cli.auto import collect_images
 
     listing = tmp_path / "list.txt"  # a png output folder ".x.tmp" would look like a killed run's temp file
-    listing.write_text(".x.tmp.jpg\nrun.jpg\nRUN.png\nrun.jpg\n")
-    assert [k for _, k in collect_images(str(listing))] == [".x.tmp.jpg", "run.jpg", "RUN.png", "run.jpg_1"]
+    listing.write_text(".x.tmp.jpg\nrun.jpg\nRUN.png\nrun.jpg\n")  # run.jpg twice: segmented once
+    assert [k for _, k in collect_images(str(listing))] == [".x.tmp.jpg", "run.jpg", "RUN.png"]
 
 
 def test_image_ids_stay_stable_across_resumes_and_folder_changes(checkpoint: Path, tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_image_ids_stay_stable_across_resumes_and_folder_changes(checkpoint: Pat
     assert _auto(checkpoint, d, "--out", out, "--format", "coco") == 0
     _images(d, "a.jpg", first=2)  # sorts first, so a listing position would give it id 1
     assert _auto(checkpoint, d, "--out", out, "--format", "coco", "--resume") == 0
-    ids = {im["file_name"]: im["id"] for im in _json(out / "coco_images.json")}
+    ids = {im["file_name"]: im["id"] for im in _json(out / "coco_images.json")["images"]}
     assert ids == {"b.jpg": 1, "d.jpg": 2, "a.jpg": 3}
     per_image = {im: _json(out / f"{Path(im).stem}.json")["results"] for im in ids}
     merged = _json(out / "coco_results.json")
@@ -86,7 +86,7 @@ def test_image_ids_stay_stable_across_resumes_and_folder_changes(checkpoint: Pat
     (d / "d.jpg").unlink()
     _images(d, "e.jpg", first=3)
     assert _auto(checkpoint, d, "--out", out, "--format", "coco", "--resume") == 0
-    assert {im["file_name"]: im["id"] for im in _json(out / "coco_images.json")} == {"a.jpg": 3, "b.jpg": 1,
+    assert {im["file_name"]: im["id"] for im in _json(out / "coco_images.json")["images"]} == {"a.jpg": 3, "b.jpg": 1,
                                                                                       "e.jpg": 4}
 
 

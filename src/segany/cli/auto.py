@@ -5,8 +5,11 @@ killed at any moment (even with SIGKILL) and restarted with ``--resume`` loses, 
 half-writes nothing. Unreadable images are reported, skipped and listed; the exit status is 1
 if any failed. ``manifest.json`` records the model, options and versions, the counts of the whole
 output and those of this run; ``run.json`` the settings that ``--resume`` checks and
-``image_ids.json`` each image's stable id (:mod:`segany.cli.auto_resume`). No image name can produce
-a bookkeeping file's name, and an ``--out`` inside a folder input is not read back as input.
+``image_ids.json`` each image's stable id and the file behind it (:mod:`segany.cli.auto_resume`), so a
+resume redoes an image whose file changed. Output names follow the image's path, never its place in a list.
+A run without ``--resume`` first removes what the recorded run wrote (and nothing else), so the folder never
+mixes two runs. No image name can produce a bookkeeping file's name, and an ``--out`` inside a folder input
+is not read back as input. Ctrl-C writes the manifest and says to rerun with ``--resume``.
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ from segany.cli.auto_resume import (
     MANIFEST_FILE,
     RUN_FILE,
     check_resume,
-    image_ids,
     is_current,
     is_reserved_key,
+    plan_images,
+    previous_outputs,
     record_run,
     run_settings,
+    write_images,
 )
 from segany.errors import ImageLoadError, InputError
 
@@ -98,10 +103,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ inputs
 @dataclass(frozen=True)
 class Listing:
-    """The images to segment, as (path, output key) pairs, and what a folder held that is not an image."""
+    """The images to segment, as (path, output key) pairs, and what was left out.
+
+    ``root`` is the folder image names are given relative to (``file_name`` in the outputs): the input folder,
+    or for a list the deepest folder holding every listed image.
+    """
 
     images: list[tuple[Path, str]]
     other_files: Counter[str] = field(default_factory=Counter)  # suffix -> count
+    root: Path | None = None
+    duplicates: int = 0  # list entries naming an image listed before
+    earlier_outputs: list[Path] = field(default_factory=list)  # folders of earlier runs inside a folder input
+
+    def file_name(self, path: Path) -> str:
+        """``path`` relative to :attr:`root` with POSIX separators, as COCO tools join it to an image root."""
+        try:
+            return Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)).as_posix()  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return path.name
 
 
 def collect_images(source: str, out: Path | None = None) -> list[tuple[Path, str]]:
@@ -112,12 +131,14 @@ def collect_images(source: str, out: Path | None = None) -> list[tuple[Path, str
 def scan_input(source: str, out: Path | None = None) -> Listing:
     """The images of ``source`` (an image, a folder, or a .txt list) and their output keys.
 
-    Keys are unique, so no image's outputs overwrite another's: in a folder the key is the path relative to
-    it without the extension, or with it where two files differ only by extension (``x.jpg`` and ``x.png``
-    write ``x.jpg.json`` and ``x.png.json``); in a list, repeated names get ``_1``, ``_2``, ... A name that
-    would land on a bookkeeping file (``run.jpg`` -> run.json) keeps its extension too (``run.jpg.json``).
-    ``out``, when inside a folder input, is left out: its PNGs are this command's outputs, not images; so is
-    any other subfolder that holds an earlier run's run.json.
+    A key is the image's path relative to the listing's root without the extension (``sub/x.jpg`` -> ``sub/x``),
+    so it is tied to the image, never to its position in a list: a rewritten list maps each image to the same
+    key. The root is the input folder, or for a list (and a single image) the deepest folder holding every
+    listed image. The extension is kept where two files differ only by it (``x.jpg`` and ``x.png`` write
+    ``x.jpg.json`` and ``x.png.json``), and where the name would land on a bookkeeping file (``run.jpg`` ->
+    ``run.jpg.json``). A list naming one image twice segments it once. ``out``, when inside a folder input, is
+    left out: its PNGs are this command's outputs, not images; so is any other subfolder that holds an earlier
+    run's run.json.
     """
     src = Path(source).expanduser()
     if not src.exists():
@@ -125,8 +146,8 @@ def scan_input(source: str, out: Path | None = None) -> Listing:
     if src.is_dir():
         return _scan_folder(src, out)
     if src.suffix.lower() == ".txt":
-        return Listing(_list_keys(_read_list(src)))
-    return Listing(_list_keys([src]))
+        return _scan_list(_read_list(src))
+    return _scan_list([src])
 
 
 def _scan_folder(src: Path, out: Path | None) -> Listing:
@@ -134,9 +155,9 @@ def _scan_folder(src: Path, out: Path | None) -> Listing:
     same = inner == ()  # --out is the input folder itself: its JSON outputs are no news to the user
     found = [p for p in sorted(src.rglob("*")) if not any(part.startswith(".") for part in p.relative_to(src).parts)]
     # This run's --out, and any earlier run's output folder (it holds that run's run.json): masks, not input.
-    skip = [inner] if inner else []
-    skip += [p.parent.relative_to(src).parts for p in found
-             if p.name == RUN_FILE and p.parent != src and _is_run_record(p)]
+    earlier = [p.parent for p in found if p.name == RUN_FILE and p.parent != src and _is_run_record(p)
+               and p.parent.relative_to(src).parts != inner]
+    skip = ([inner] if inner else []) + [p.relative_to(src).parts for p in earlier]
     files: list[Path] = []
     other: Counter[str] = Counter()
     for p in found:
@@ -150,11 +171,34 @@ def _scan_folder(src: Path, out: Path | None) -> Listing:
             other[suffix or "(no extension)"] += 1
     if not files:
         raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {str(src)!r}")
-    stems = [f.relative_to(src).with_suffix("").as_posix() for f in files]
-    count = Counter(stems)
-    wanted = [stem if count[stem] == 1 and not is_reserved_key(stem) else f.relative_to(src).as_posix()
-              for f, stem in zip(files, stems, strict=True)]
-    return Listing(_unique(files, wanted), other)
+    return Listing(_keys(files, src), other, root=src, earlier_outputs=earlier)
+
+
+def _scan_list(paths: list[Path]) -> Listing:
+    """A list's images, each once, keyed by its path relative to the deepest folder holding them all."""
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    seen: set[Path] = set()
+    unique = []
+    for p in absolute:
+        real = p.resolve()  # ./x.jpg, x.jpg and a link to it are one image
+        if real not in seen:
+            seen.add(real)
+            unique.append(p)
+    try:
+        root = Path(os.path.commonpath([str(p.parent) for p in unique]))
+    except ValueError:  # images on two Windows drives: no common folder, so keys keep the whole path
+        root = Path(unique[0].anchor)
+    return Listing(_keys(unique, root), root=root, duplicates=len(absolute) - len(unique))
+
+
+def _keys(files: list[Path], root: Path) -> list[tuple[Path, str]]:
+    """Each file's key: its path below ``root`` without the extension, unless that is ambiguous or reserved."""
+    rel = [Path(os.path.relpath(f, root)) if f.anchor == root.anchor else Path(*f.parts[1:]) for f in files]
+    stems = [r.with_suffix("").as_posix() for r in rel]
+    count = Counter(s.casefold() for s in stems)  # x.jpg and X.png are one output on macOS and Windows
+    wanted = [stem if count[stem.casefold()] == 1 and not is_reserved_key(stem) else r.as_posix()
+              for r, stem in zip(rel, stems, strict=True)]
+    return _unique(files, wanted)
 
 
 def _is_run_record(path: Path) -> bool:
@@ -187,10 +231,6 @@ def _read_list(src: Path) -> list[Path]:
     return [p if p.is_absolute() else src.parent / p for p in paths]  # relative to the list's folder
 
 
-def _list_keys(paths: list[Path]) -> list[tuple[Path, str]]:
-    return _unique(paths, [p.name if is_reserved_key(p.stem) else p.stem for p in paths])
-
-
 def _unique(paths: list[Path], wanted: list[str]) -> list[tuple[Path, str]]:
     """Pair each path with its wanted key, or ``KEY_1``, ``KEY_2``, ... where that is taken or reserved."""
     used: set[str] = set()
@@ -206,11 +246,21 @@ def _unique(paths: list[Path], wanted: list[str]) -> list[tuple[Path, str]]:
     return out
 
 
-def _say_other_files(other: Counter[str]) -> None:
+def _say_skipped(listing: Listing) -> None:
+    """One line per kind of input left out, so no image goes missing silently."""
+    other = listing.other_files
     if other:
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(other.items()))
         print(f"segany auto: skipped {sum(other.values())} files that are not images ({kinds}); images are "
               f"{', '.join(sorted(IMAGE_SUFFIXES))}", file=sys.stderr)
+    if listing.earlier_outputs:
+        n = len(listing.earlier_outputs)
+        print(f"segany auto: skipped {n} folder{'s' if n > 1 else ''} holding an earlier segany auto output: "
+              + ", ".join(str(f) for f in listing.earlier_outputs), file=sys.stderr)
+    if listing.duplicates:
+        n = listing.duplicates
+        print(f"segany auto: the list names {n} image{'s' if n > 1 else ''} more than once; each is segmented "
+              "once", file=sys.stderr)
 
 
 def check_out_not_input(source: str, out: Path, fmt: str, overlay: bool) -> None:
@@ -259,7 +309,9 @@ def overlay_path(out: Path, key: str) -> Path:
     return out / f"{key}.overlay.png"
 
 
-def _write_png_dir(target: Path, records: list[dict[str, Any]]) -> None:
+def _write_png_dir(target: Path, records: list[dict[str, Any]], image: dict[str, Any]) -> None:
+    """The png format: one PNG per mask and ``masks.json`` with the image (id, file name, size) and, per mask,
+    its file, id (the SA-1B one) and scores."""
     from PIL import Image
 
     from segany.data.rle import coco_to_mask
@@ -273,8 +325,9 @@ def _write_png_dir(target: Path, records: list[dict[str, Any]]) -> None:
             m = m if not isinstance(m, dict) else coco_to_mask(m)
             name = f"mask_{i:04d}.png"
             Image.fromarray(m.astype("uint8") * 255).save(tmp / name, format="PNG")
-            meta.append({"file": name, **{k: v for k, v in r.items() if k != "segmentation"}})
-        (tmp / "masks.json").write_bytes(_json_bytes(meta))
+            meta.append({"id": image["image_id"] * ANN_ID_STRIDE + i, "file": name,
+                         **{k: v for k, v in r.items() if k != "segmentation"}})
+        (tmp / "masks.json").write_bytes(_json_bytes({"image": image, "annotations": meta}))
         if target.exists():  # a rerun without --resume replaces the old result
             shutil.rmtree(target)
         os.replace(tmp, target)  # renaming a folder is atomic: the image is done exactly when this lands
@@ -314,52 +367,80 @@ def _versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------- run
-def run(args: argparse.Namespace) -> int:
-    from segany.amg.config import AmgConfig
-
-    out = check_out_dir(args.out, "--out")
-    check_out_not_input(args.input, out, args.format, args.overlay)
-    listing = scan_input(args.input, out)
-    images = listing.images
+def _generator_options(args: argparse.Namespace, model_name: str | None) -> dict[str, Any]:
+    """The generator options: the user's, else ``model_name``'s tuned defaults (SAM's for None)."""
     from segany.amg.model_defaults import generator_defaults
 
-    defaults = generator_defaults(args.model)  # what the user left unset, on the model's own scale
+    defaults = generator_defaults(model_name)  # what the user left unset, on the model's own scale
     options = {name: getattr(args, name) if getattr(args, name) is not None else defaults[name]
                for name in _GEN_OPTIONS}
     options["output_mode"] = "binary_mask" if args.format == "png" else "coco_rle"
-    config = AmgConfig(**options)  # bad option values fail here, before the model loads
+    return options
+
+
+def _check_options(options: dict[str, Any]) -> Any:
+    """Validate generator options before anything is written; returns their AmgConfig."""
+    from segany.amg.config import AmgConfig
+
+    config = AmgConfig(**options)
     for name in ("pred_iou_thresh", "stability_score_thresh"):  # the Python generator, like SAM's, takes any
         if not 0.0 <= options[name] <= 1.0:  # float; a typed value outside [0, 1] keeps all or no masks
             flag = "--" + name.replace("_", "-")
             raise InputError(f"{flag} must be in [0, 1], got {options[name]:g}")
     check_prompt_budget(options)
+    return config
+
+
+def loaded_model_name(config: Any, asked: str, checkpoint: Path | None) -> str:
+    """The registered model whose architecture ``config`` is (``asked`` first), else ``custom (FILE)``.
+
+    A checkpoint embeds its own config, so ``--model segany_tiny --checkpoint last.pt`` may load another
+    architecture; the outputs must name what ran, and only that model's tuned thresholds fit it.
+    """
+    from segany.registry import get_config, list_models
+
+    for name in [asked, *list_models()]:
+        try:
+            if get_config(name) == config:
+                return name
+        except Exception:  # noqa: BLE001 - an unknown --model only means "not this one"
+            continue
+    return f"custom ({checkpoint.name if checkpoint else 'random init'})"
+
+
+def run(args: argparse.Namespace) -> int:
+    out = check_out_dir(args.out, "--out")
+    check_out_not_input(args.input, out, args.format, args.overlay)
+    listing = scan_input(args.input, out)
+    images = listing.images
+    _check_options(_generator_options(args, args.model))  # bad option values fail before the model loads
     labels = comma_list(args.labels) if args.labels is not None else None
     if labels == []:
         raise InputError(f"--labels {args.labels!r} names no labels; pass comma-separated names such as person,car")
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
     fast_options = predictor_options(args, device)
-    settings = run_settings(args.model, checkpoint, args.format, config.to_dict(), labels)
-    predictor_settings = changes_results(args)
-    if predictor_settings:  # runs with the defaults keep the settings record they always had
-        settings["predictor"] = predictor_settings
-    keep = check_resume(out, settings, args.resume,  # other settings: refused before the model loads
-                        lambda: any(output_path(out, k, args.format).exists() for _, k in images))
-
-    from tqdm import tqdm
 
     from segany.amg.generator import SamAutomaticMaskGenerator
     from segany.checkpoints import build_sam
-    from segany.data.images import load_image
     from segany.predictor import SamPredictor
 
     start = time.perf_counter()
     model = build_sam(args.model, checkpoint=checkpoint, device=device)
+    model_name = loaded_model_name(model.cfg, args.model, checkpoint)
+    options = _generator_options(args, None if model_name.startswith("custom") else model_name)
+    config = _check_options(options)
+    settings = run_settings(model_name, checkpoint, args.format, config.to_dict(), labels)
+    predictor_settings = changes_results(args)
+    if predictor_settings:  # runs with the defaults keep the settings record they always had
+        settings["predictor"] = predictor_settings
+    keep = check_resume(out, settings, args.resume,  # other settings: refused before anything is written
+                        lambda: any(output_path(out, k, args.format).exists() for _, k in images))
     generator = SamAutomaticMaskGenerator.from_config(model, config)
     generator.predictor = SamPredictor(model, **fast_options)
     if labels is not None:
         if model.class_head is None:  # fail now, not silently on the first image that has masks
-            raise InputError(f"--labels needs a model with a class head and {args.model!r} has none; use "
+            raise InputError(f"--labels needs a model with a class head and {model_name!r} has none; use "
                              "--model segany_tiny_labels (segany_tiny + a class head, shipped with segany)")
         from segany.text.prompting import check_text_for_model
 
@@ -367,60 +448,149 @@ def run(args: argparse.Namespace) -> int:
     # The output folder appears only once every check has passed: a refused run leaves nothing behind.
     out.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out)
+    if not keep:
+        _remove_previous_run(out, images, args)
+    record = plan_images(out, images, keep)
+    redone = _remove_changed(out, record.changed, args.format)
+    write_images(out, record)
     since = record_run(out, settings, keep)
-    ids = image_ids(out, [k for _, k in images], keep)
-    _say_other_files(listing.other_files)
+    _say_skipped(listing)
     todo, overlay_only = _plan(out, images, args, since)
+    state = _Progress()
+    try:
+        _process(out, listing, todo, overlay_only, generator, record.ids, args, state)
+    except KeyboardInterrupt:
+        _finish(out, listing, args, model_name, checkpoint, device, config, state, todo, redone, start, since)
+        print(f"segany auto: interrupted after {state.done} images; finished ones are kept, rerun the same "
+              f"command with --resume to do the rest (outputs in {out})", file=sys.stderr)
+        raise
+    return _finish(out, listing, args, model_name, checkpoint, device, config, state, todo, redone, start, since)
+
+
+@dataclass
+class _Progress:
+    """What this run has done so far; an interrupted run still reports it."""
+
+    done: int = 0
+    overlays: int = 0
+    n_masks: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def _process(out: Path, listing: Listing, todo: list[tuple[Path, str]], overlay_only: list[tuple[Path, str]],
+             generator: Any, ids: dict[str, int], args: argparse.Namespace, state: _Progress) -> None:
+    """Segment ``todo`` and draw the overlays of ``overlay_only``, one atomic output per image."""
+    from tqdm import tqdm
+
+    from segany.data.images import load_image
+
     overlay_keys = {key for _, key in overlay_only}
-    failures: list[dict[str, str]] = []
-    n_masks = done = overlays = 0
-    bar = tqdm(total=len(todo) + len(overlay_only), unit="img", file=sys.stderr, disable=args.quiet,
-               dynamic_ncols=True, desc="segany auto")
-    for path, key in [*todo, *overlay_only]:
-        bar.update(1)
-        try:
-            image = load_image(path)
-        except ImageLoadError as exc:
-            failures.append({"image": str(path), "error": str(exc)})
-            bar.write(f"segany: skipping {path}: {exc}", file=sys.stderr)
-            continue
-        target = output_path(out, key, args.format)
-        if key in overlay_keys:  # done by the recorded run without --overlay: draw its saved masks
-            _write_overlay(out, key, image, _saved_records(target, args.format))
-            overlays += 1
-            continue
-        records = generator.generate(image)
-        n_masks += len(records)
-        if args.overlay:  # before the output, which marks the image done
-            _write_overlay(out, key, image, records)
-        _write_output(target, args.format, records, image_id=ids[key], file_name=path.name, size_hw=image.shape[:2])
-        done += 1
-        bar.set_postfix(masks=len(records))
-    bar.close()
+    # leave=False: an interrupted run's bar is cleared, so no progress line follows the closing message
+    with tqdm(total=len(todo) + len(overlay_only), unit="img", file=sys.stderr, disable=args.quiet,
+              dynamic_ncols=True, desc="segany auto", leave=False) as bar:
+        for path, key in [*todo, *overlay_only]:
+            bar.update(1)
+            try:
+                image = load_image(path)
+            except ImageLoadError as exc:
+                state.failures.append({"image": str(path), "error": str(exc)})
+                bar.write(f"segany: skipping {path}: {exc}", file=sys.stderr)
+                continue
+            target = output_path(out, key, args.format)
+            if key in overlay_keys:  # done by the recorded run without --overlay: draw its saved masks
+                _write_overlay(out, key, image, _saved_records(target, args.format))
+                state.overlays += 1
+                continue
+            records = generator.generate(image)
+            state.n_masks += len(records)
+            if args.overlay:  # before the output, which marks the image done
+                _write_overlay(out, key, image, records)
+            _write_output(target, args.format, records, image_id=ids[key], file_name=listing.file_name(path),
+                          size_hw=image.shape[:2])
+            state.done += 1
+            bar.set_postfix(masks=len(records))
+
+
+def _finish(out: Path, listing: Listing, args: argparse.Namespace, model_name: str, checkpoint: Path | None,
+            device: str, config: Any, state: _Progress, todo: list[tuple[Path, str]], redone: int,
+            start: float, since: int) -> int:
+    """Write the manifest (and coco's merged files), print the summary; the exit status."""
+    images, failures, done = listing.images, state.failures, state.done
     elapsed = time.perf_counter() - start
-    whole = _summarize(out, images, args.format, since)
+    whole = _summarize(out, [k for _, k in images], args.format, since)
     counts = {"images": len(images), "done": whole["done"], "failed": len(failures), "masks": whole["masks"],
               "not_images": sum(listing.other_files.values())}
-    this_run = {"processed": done, "skipped_existing": len(images) - len(todo), "overlays_added": overlays,
-                "failed": len(failures), "masks": n_masks, "seconds": round(elapsed, 3)}
+    this_run = {"processed": done, "skipped_existing": len(images) - len(todo), "redone_changed": redone,
+                "overlays_added": state.overlays, "failed": len(failures), "masks": state.n_masks,
+                "seconds": round(elapsed, 3)}
     manifest = {
         "command": "auto", "input": str(args.input), "format": args.format, "overlay": args.overlay,
-        "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "device": device,
+        "model": model_name, "checkpoint": str(checkpoint) if checkpoint else None, "device": device,
         "options": config.to_dict(), "versions": _versions(), "counts": counts, "this_run": this_run,
         "failures": failures, "seconds": round(elapsed, 3),
     }
     atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
     rate = done / elapsed if elapsed > 0 else 0.0
     print(f"segany auto: {done} processed, {this_run['skipped_existing']} already done"
-          + (f" ({overlays} overlays added)" if overlays else "")
-          + f", {len(failures)} failed, {n_masks} masks, {rate:.2f} images/s; the output holds {whole['done']} of "
-          f"{len(images)} images, {whole['masks']} masks; outputs in {out}", file=sys.stderr)
+          + (f", {redone} redone because their image changed" if redone else "")
+          + (f" ({state.overlays} overlays added)" if state.overlays else "")
+          + f", {len(failures)} failed, {state.n_masks} masks, {rate:.2f} images/s; the output holds "
+          f"{whole['done']} of {len(images)} images, {whole['masks']} masks; outputs in {out}", file=sys.stderr)
     if failures:
         print("failed images:", file=sys.stderr)
         for f in failures:
             print(f"  {f['image']}: {f['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _remove(path: Path) -> bool:
+    """Remove an output file or png folder; whether there was one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+        return True
+    if path.exists() or path.is_symlink():
+        path.unlink()
+        return True
+    return False
+
+
+def _inside(out: Path, path: Path) -> bool:
+    return _parts_inside(path, out) not in (None, ())
+
+
+def _remove_previous_run(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace) -> None:
+    """A run without --resume owns its folder: remove every output the recorded run wrote (found through its
+    run.json and image_ids.json, so no other file is touched) and say how many this run will not rewrite."""
+    fmt, keys = previous_outputs(out)
+    if fmt not in FORMATS:
+        return
+    rewritten = {output_path(out, k, args.format) for _, k in images}
+    if args.overlay:
+        rewritten |= {overlay_path(out, k) for _, k in images}
+    stale = [output_path(out, k, fmt) for k in keys] + [overlay_path(out, k) for k in keys]
+    if fmt == "coco":
+        stale += [out / COCO_RESULTS_FILE, out / COCO_IMAGES_FILE]
+    if args.format == "coco":
+        rewritten |= {out / COCO_RESULTS_FILE, out / COCO_IMAGES_FILE}
+    left = 0
+    for path in stale:
+        if _inside(out, path) and _remove(path) and path not in rewritten:
+            left += 1
+    if left:
+        print(f"segany auto: removed {left} outputs of the earlier run in {out} that this run does not rewrite "
+              "(images no longer listed, another --format, or no --overlay); --resume keeps finished images",
+              file=sys.stderr)
+
+
+def _remove_changed(out: Path, keys: list[str], fmt: str) -> int:
+    """Remove the outputs of images whose file changed since they were made; how many there were."""
+    n = 0
+    for key in keys:
+        if _remove(output_path(out, key, fmt)):
+            n += 1
+        _remove(overlay_path(out, key))
+    return n
 
 
 def _plan(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace, since: int
@@ -465,7 +635,7 @@ def _write_output(target: Path, fmt: str, records: list[dict[str, Any]], *, imag
                                                           "height": h},
                                                 "results": _coco_results(records, image_id)}))
     else:
-        _write_png_dir(target, records)
+        _write_png_dir(target, records, {"image_id": image_id, "file_name": file_name, "width": w, "height": h})
 
 
 def _read_output(target: Path, fmt: str) -> Any:
@@ -483,14 +653,19 @@ def _saved_records(target: Path, fmt: str) -> list[dict[str, Any]]:
     import numpy as np
     from PIL import Image
 
-    return [{**m, "segmentation": np.asarray(Image.open(target / m["file"])) > 0} for m in data]
+    return [{**m, "segmentation": np.asarray(Image.open(target / m["file"])) > 0} for m in _png_masks(data)]
 
 
-def _summarize(out: Path, images: list[tuple[Path, str]], fmt: str, since: int) -> dict[str, int]:
+def _png_masks(data: Any) -> list[dict[str, Any]]:
+    """The mask entries of a png output's masks.json (a bare list before image ids were added)."""
+    return data if isinstance(data, list) else data["annotations"]
+
+
+def _summarize(out: Path, keys: list[str], fmt: str, since: int) -> dict[str, int]:
     """Images done and masks in the whole output (this run's and earlier ones'); writes coco's merged files."""
     done = masks = 0
     merged_images, merged = [], []
-    for _, key in images:
+    for key in keys:
         p = output_path(out, key, fmt)
         if not is_current(p, since):  # not done, or a replaced run's output for an image that failed this time
             continue
@@ -499,8 +674,23 @@ def _summarize(out: Path, images: list[tuple[Path, str]], fmt: str, since: int) 
         if fmt == "coco":
             merged_images.append(data["image"])
             merged.extend(data["results"])
-        masks += len(data["annotations"] if fmt == "sa1b" else data["results"] if fmt == "coco" else data)
+        masks += len(data["annotations"] if fmt == "sa1b" else data["results"] if fmt == "coco" else
+                     _png_masks(data))
     if fmt == "coco":
         atomic_write_bytes(out / COCO_RESULTS_FILE, _json_bytes(merged))
-        atomic_write_bytes(out / COCO_IMAGES_FILE, _json_bytes(merged_images))
+        atomic_write_bytes(out / COCO_IMAGES_FILE, _json_bytes(_coco_dataset(merged_images, merged)))
     return {"done": done, "masks": masks}
+
+
+def _coco_dataset(images: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """coco_images.json: a COCO dataset without annotations, so ``COCO('coco_images.json')`` loads it and
+    ``.loadRes('coco_results.json')`` attaches the results. Categories are those the results use: 1 "object"
+    for class-agnostic masks, and the label names with --labels."""
+    names: dict[int, str] = {1: "object"}
+    for r in results:
+        if "category_name" in r:
+            names[r["category_id"]] = r["category_name"]
+    used = {r["category_id"] for r in results} or {1}
+    categories = [{"id": i, "name": names.get(i, str(i)), "supercategory": "object"} for i in sorted(used)]
+    return {"info": {"description": "segany auto outputs"}, "images": images, "annotations": [],
+            "categories": categories}

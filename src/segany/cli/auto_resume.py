@@ -8,9 +8,10 @@ its modification time is the moment outputs with these settings began to be writ
 replaced run (one killed before it reached them) and a later ``--resume`` redoes them too. A resume with
 the same settings leaves run.json as it is.
 
-``image_ids.json`` maps each image's output key to its image id. Ids are handed out once, in listing order,
-before any image is processed, and a resume keeps them, so an image keeps its id when others are added or
-removed, and a killed-and-resumed run writes the same files as an uninterrupted one.
+``image_ids.json`` maps each image's output key to its image id and to the image file behind it (path, size,
+mtime). Ids are handed out once, in listing order, before any image is processed, and a resume keeps them, so
+an image keeps its id when others are added or removed, and a killed-and-resumed run writes the same files as
+an uninterrupted one. A resume redoes an image whose file changed, or whose key now names another file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,35 +124,91 @@ def is_current(output: Path, since: int) -> bool:
         return False
 
 
-def image_ids(out: Path, keys: list[str], keep: bool) -> dict[str, int]:
-    """Each key's image id: the recorded one when resuming, otherwise the next free id, in listing order.
+def source_stamp(path: Path) -> dict[str, Any] | None:
+    """The image file an output was made from: absolute path, size and modification time (None when it
+    cannot be read). Cheap for any number of images, and a file replaced in place changes its mtime."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
-    Keys recorded for images no longer listed keep their ids, so a removed image's id is never reused. A
-    fresh run (``keep`` false) starts from 1, as its outputs replace the folder's. Written atomically before
-    any image is processed, so a killed run resumes with the same ids.
+
+@dataclass
+class ImageRecord:
+    """``image_ids.json``: each output key's image id and the image file (:func:`source_stamp`) behind it.
+
+    ``changed`` lists the keys whose recorded file is not the one listed now (another path, or the same path
+    with another size or mtime): their outputs belong to another image and must be redone.
+    """
+
+    ids: dict[str, int]
+    sources: dict[str, dict[str, Any] | None]
+    next_id: int
+    changed: list[str] = field(default_factory=list)
+
+
+def plan_images(out: Path, images: list[tuple[Path, str]], keep: bool) -> ImageRecord:
+    """Each listed image's id and source, keeping the recorded ones when resuming; reads only.
+
+    Ids are handed out once, in listing order. A key now naming another file gets a fresh id (the old image
+    is gone; its id is never reused); the same file changed in place keeps its id. A key recorded without a
+    source (an older segany) counts as changed, since which image made its output is unknown.
 
     Raises:
         InputError: ``image_ids.json`` exists but cannot be read while resuming.
     """
     path = out / IDS_FILE
-    known = _read_ids(path) if keep and path.exists() else {}
-    before = dict(known)
-    next_id = max(known.values(), default=0) + 1
-    for key in keys:
-        if key not in known:
-            known[key] = next_id
+    ids, sources, next_id = _read_ids(path) if keep and path.exists() else ({}, {}, 1)
+    ids, sources = dict(ids), dict(sources)
+    changed = []
+    for image, key in images:
+        stamp = source_stamp(image)
+        if key in ids and sources.get(key) != stamp:
+            changed.append(key)
+            old = sources.get(key)
+            if old is None or old.get("path") != (stamp or {}).get("path", os.path.abspath(image)):
+                del ids[key]  # another image under this name: a new id
+        if key not in ids:
+            ids[key] = next_id
             next_id += 1
-    if known != before or not path.exists():
-        atomic_write_bytes(path, json.dumps({"ids": known}, indent=1).encode("utf-8"))
-    return known
+        sources[key] = stamp
+    return ImageRecord(ids, sources, next_id, changed)
 
 
-def _read_ids(path: Path) -> dict[str, int]:
+def write_images(out: Path, record: ImageRecord) -> None:
+    """Write ``image_ids.json`` atomically, before any image is processed, so a killed run resumes with the
+    same ids; call it only once the outputs of ``record.changed`` are removed, so a stale output is never
+    recorded as its new image's."""
+    data = {"ids": record.ids, "sources": record.sources, "next_id": record.next_id}
+    atomic_write_bytes(out / IDS_FILE, json.dumps(data, indent=1).encode("utf-8"))
+
+
+def previous_outputs(out: Path) -> tuple[str | None, list[str]]:
+    """The format and output keys of the run recorded in ``out`` (None and [] when there is none), so a fresh
+    run removes exactly what that run wrote and never a file it did not."""
+    fmt = None
     try:
-        ids = json.loads(path.read_text(encoding="utf-8"))["ids"]
+        fmt = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["settings"]["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        keys = list(_read_ids(out / IDS_FILE)[0]) if (out / IDS_FILE).exists() else []
+    except InputError:
+        keys = []
+    return (fmt if isinstance(fmt, str) else None), keys
+
+
+def _read_ids(path: Path) -> tuple[dict[str, int], dict[str, Any], int]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ids, sources = data["ids"], data.get("sources", {})
         if not all(isinstance(k, str) and type(v) is int and v > 0 for k, v in ids.items()):
             raise ValueError("ids must map output names to positive integers")
+        if not isinstance(sources, dict):
+            raise ValueError("sources must map output names to image files")
+        next_id = max([int(data.get("next_id", 1)), *(v + 1 for v in ids.values())])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume to replace "
                          "the outputs, or pick a new --out") from exc
-    return dict(ids)
+    return dict(ids), dict(sources), next_id
