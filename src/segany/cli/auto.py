@@ -485,9 +485,9 @@ def _process(out: Path, listing: Listing, todo: list[tuple[Path, str]], overlay_
     from segany.data.images import load_image
 
     overlay_keys = {key for _, key in overlay_only}
-    # leave=False: an interrupted run's bar is cleared, so no progress line follows the closing message
+    # A context manager: an interrupted run's bar is closed here, before the closing lines, not after them
     with tqdm(total=len(todo) + len(overlay_only), unit="img", file=sys.stderr, disable=args.quiet,
-              dynamic_ncols=True, desc="segany auto", leave=False) as bar:
+              dynamic_ncols=True, desc="segany auto") as bar:
         for path, key in [*todo, *overlay_only]:
             bar.update(1)
             try:
