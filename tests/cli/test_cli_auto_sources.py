@@ -4,7 +4,6 @@ interrupted run's closing lines. In-process runs on small images keep each test 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,16 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, randomize_, tiny_config
+from conftest import randomize_, tiny_config
 from PIL import Image
+from test_cli_auto_outputs import SAMPLES, _auto, _json
 
 from segany.checkpoints import save_checkpoint
-from segany.cli.main import main
 from segany.modeling.sam import Sam
-
-SAMPLES = sorted((REPO / "src" / "segany" / "assets" / "samples").glob("*.jpg"))
-FAST = ["--points-per-side", "3", "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--device", "cpu",
-        "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +34,6 @@ def _image(path: Path, sample: int) -> Path:
     with Image.open(SAMPLES[sample % len(SAMPLES)]) as im:
         im.convert("RGB").resize((96, 64)).save(path)
     return path
-
-
-def _auto(checkpoint: Path, *args: str | Path) -> int:
-    return main(["auto", *map(str, args), "--checkpoint", str(checkpoint), *FAST])
-
-
-def _json(path: Path) -> object:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _masks(path: Path) -> list[object]:
