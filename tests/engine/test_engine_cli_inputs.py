@@ -198,3 +198,41 @@ def test_annotator_roles_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     _fails(["project", "set-role", str(root), "zed", "admin"], capsys, "no annotator named 'zed'")
     _fails(["project", "set-role", str(root), "al", "boss"], capsys, "invalid choice: 'boss'", code=2)
     _fails(["project", "add-annotator", str(root), "x", "--role", "root"], capsys, "invalid choice: 'root'", code=2)
+
+
+def test_remove_images_unregisters_them_with_their_annotations(tmp_path) -> None:
+    """`segany project remove-images` (which `engine auto`'s "missing"/"changed" messages point to): by id, path
+    or file name; annotations and done markers go, frozen versions keep their snapshots, the files stay; a name
+    matching nothing removes nothing."""
+    import numpy as np
+    from engine_fixtures import make_images, make_project
+
+    from segany.cli.main import main
+    from segany.engine.retrain import freeze_dataset_version
+    from segany.engine.versions import snapshot_items
+
+    images = make_images(tmp_path / "images", 3)
+    store, proj = make_project(tmp_path / "proj", images)
+    try:
+        ims = store.list_images(proj["id"])
+        for im in ims:
+            m = np.zeros((im["height"], im["width"]), bool)
+            m[5:40, 5:40] = True
+            store.save_annotation(im["id"], mask=m, label="thing")
+        dv = freeze_dataset_version(store, None, held_out=0.0)
+    finally:
+        store.close()
+    target = str(tmp_path / "proj")
+    assert main(["project", "remove-images", target, "nope.jpg", str(ims[0]["id"])]) == 1  # nothing removed
+    assert main(["project", "remove-images", target, str(ims[0]["id"]), ims[1]["path"]]) == 0
+    from segany.engine.store import open_store
+
+    store = open_store(target)
+    try:
+        left = store.list_images(proj["id"])
+        assert [im["id"] for im in left] == [ims[2]["id"]]
+        assert [a["image_id"] for a in store.list_annotations(project_id=proj["id"])] == [ims[2]["id"]]
+        assert len(snapshot_items(store, dv["id"])) == 3  # the frozen version still describes its data
+    finally:
+        store.close()
+    assert all(p.exists() for p in images)

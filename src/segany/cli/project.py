@@ -35,6 +35,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--project", default=None)
     a.add_argument("--skip-invalid", action="store_true",
                    help="add the readable images and list the unreadable ones (default: add nothing, list them)")
+    rm = sub.add_parser("remove-images", help="unregister images (by id, path or file name) and their annotations; "
+                        "the files stay")
+    rm.add_argument("target", metavar="DIR_OR_DB_URL")
+    rm.add_argument("images", nargs="+", metavar="IMAGE")
+    rm.add_argument("--project", default=None)
     t = sub.add_parser("add-annotator", help="create an annotator and print their token")
     t.add_argument("target", metavar="DIR_OR_DB_URL")
     t.add_argument("name")
@@ -121,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"added {len(added)} images to {proj['name']!r}"
                   + (f", {present} already registered (same content)" if present else "")
                   + (f", skipped {len(bad)} unreadable: " + "; ".join(f"{f} ({why})" for f, why in bad) if bad else ""))
+        elif cmd == "remove-images":
+            gone = store.remove_images(proj["id"], args.images)
+            print(f"removed {len(gone)} image{'s' if len(gone) != 1 else ''} from {proj['name']!r} with their "
+                  "annotations (the files stay): " + ", ".join(im["file_name"] for im in gone))
         elif cmd == "export":
             print(exports.export_summary(store, proj["id"], args.format, args.out, force=args.force).describe())
         elif cmd == "import-coco":

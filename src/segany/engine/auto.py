@@ -240,14 +240,16 @@ def describe_unreadable(task: ImageTask, exc: BaseException) -> str:
     """
     p = Path(task.path)
     if task.data is None and not p.exists():
-        return f"missing: {task.path} no longer exists; restore it or remove the image from the project"
+        return (f"missing: {task.path} no longer exists; restore it, or remove the image from the project "
+                f"(segany project remove-images PROJECT {task.image_id})")
     try:
         changed = isinstance(exc, ImageChangedError) or (task.data is None and file_digest_sha256(p) != task.sha256)
     except OSError:
         changed = False
     if changed:
         return (f"changed: {task.path} is not the file that was registered (its sha256 differs); restore the "
-                "original or remove and re-add the image")
+                f"original, or remove the image (segany project remove-images PROJECT {task.image_id}) and add the "
+                "new file")
     return f"unreadable: {task.path} ({type(exc).__name__}: {exc})"
 
 

@@ -489,7 +489,7 @@ def _place_image(src: str, dest: Path) -> None:
             shutil.copy2(src, dest)
         except OSError as exc:
             raise InputError(f"could not copy image {src!r} into the export ({exc.strerror}); restore the file or "
-                             "remove it from the project") from exc
+                             "remove it from the project (segany project remove-images)") from exc
 
 
 def export_yolo_summary(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,

@@ -291,6 +291,28 @@ class Store:
             out.append(image_dict(im))
         return out
 
+    def remove_images(self, project_id: int, which: Sequence[str]) -> list[dict[str, Any]]:
+        """Unregister images named by id, registered path or file name, with their annotations; returns them.
+
+        The files stay where they are. Frozen dataset versions keep their snapshots of these masks (a model's
+        training data stays described). Every name must match exactly one image, checked before anything is
+        deleted, so a typo removes nothing.
+        """
+        with self.transaction() as s:
+            images = list(s.scalars(select(Image).where(Image.project_id == project_id)))
+            chosen: dict[int, Image] = {}
+            for w in which:
+                as_path = str(Path(w).expanduser().resolve())
+                hits = [im for im in images if str(im.id) == w or im.path == as_path or im.file_name == w]
+                if len(hits) != 1:
+                    why = "matches no image" if not hits else f"matches {len(hits)} images (pass the id or path)"
+                    raise InputError(f"{w!r} {why} in this project; `segany project stats` or the app lists them")
+                chosen[hits[0].id] = hits[0]
+            out = [image_dict(im) for im in chosen.values()]
+            for im in chosen.values():
+                s.delete(im)  # annotations go with it (ORM cascade); done markers by the foreign key
+            return out
+
     def list_images(self, project_id: int) -> list[dict[str, Any]]:
         """Images in id order, each with counts of accepted and pending annotations."""
         with self.transaction() as s:
