@@ -175,3 +175,25 @@ def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+def test_claim_heartbeat_runs_while_an_image_is_slow(project: tuple) -> None:
+    """The claim is refreshed by a heartbeat, not only when a result arrives: an image taking longer than the
+    stale limit must not let a driver on another host take over a live run. Released at the end."""
+    import time
+
+    from segany.engine.db import JobLock
+    from segany.engine.locks import held_claim
+
+    store, proj, _ = project
+
+    def beat_at() -> object:
+        with store.transaction() as s:
+            lock = s.query(JobLock).filter_by(project_id=proj["id"], kind="auto").one_or_none()
+            return None if lock is None else lock.heartbeat_at
+
+    with held_claim(store, proj, "auto", every=0.05):
+        first = beat_at()
+        time.sleep(0.4)  # one slow image, no results
+        assert beat_at() > first
+    assert beat_at() is None

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from segany.amg.config import AmgConfig
-from segany.engine.locks import claim_project, release_project, touch_claim
+from segany.engine.locks import held_claim, touch_claim
 from segany.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -530,8 +530,7 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
 
     jobs.check_workers(backend, workers)
     proj = store.get_project(project)
-    owner = claim_project(store, proj, AUTO_KIND)
-    try:
+    with held_claim(store, proj, AUTO_KIND) as owner:  # a heartbeat keeps it while a slow image runs
         mv = register_model(store, spec, meta={"device": spec.device})
         plan = plan_run(store, proj, settings, mv, redo=redo)
         remember_settings(store, proj, settings)
@@ -548,8 +547,6 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
             store.update_project(proj["id"], settings={REDO_KEY: None})  # the redo is complete
         summary.seconds = time.perf_counter() - t0
         return summary
-    finally:
-        release_project(store, proj["id"], AUTO_KIND, owner)
 
 
 def _run_tasks(store: Any, project_id: int, owner: str, tasks: list[ImageTask], summary: AutoSummary,

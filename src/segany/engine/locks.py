@@ -1,14 +1,18 @@
 """Claims on a project for long engine jobs (``job_locks``), so two runs do not each compute every image.
 
-A claim names its owner (``host:pid``) and is refreshed as results arrive. A second run is refused while the
-owner lives; a claim whose process is gone on this host is taken over at once, and one from another host
-after :data:`LOCK_STALE_SECONDS` without a result (its run is presumed dead: no process table to ask).
+A claim names its owner (``host:pid``) and is refreshed by a heartbeat while its run lives (:func:`held_claim`),
+also while one slow image is being processed. A second run is refused while the owner lives; a claim whose
+process is gone on this host is taken over at once, and one from another host after :data:`LOCK_STALE_SECONDS`
+without a heartbeat (its run is presumed dead: no process table to ask).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from segany.errors import InputError
@@ -92,3 +96,32 @@ def release_project(store: Any, project_id: int, kind: str, owner: str) -> None:
     with store.transaction() as s:
         s.execute(delete(JobLock).where(JobLock.project_id == project_id, JobLock.kind == kind,
                                         JobLock.owner == owner))
+
+
+HEARTBEAT_SECONDS = 60.0
+
+
+@contextmanager
+def held_claim(store: Any, project: dict[str, Any], kind: str, *,
+               every: float = HEARTBEAT_SECONDS) -> Iterator[str]:
+    """Claim ``project`` for the ``with`` block, refreshing the claim every ``every`` seconds from a daemon
+    thread, and release it at the end. Refreshing only as results arrive let a driver on another host take
+    over a live run whose current image took longer than :data:`LOCK_STALE_SECONDS`."""
+    owner = claim_project(store, project, kind)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                touch_claim(store, project["id"], kind, owner)
+            except Exception:  # noqa: BLE001 - a failed beat must not kill the run; the next one retries
+                continue
+
+    thread = threading.Thread(target=beat, name=f"segany-claim-{project['id']}", daemon=True)
+    thread.start()
+    try:
+        yield owner
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        release_project(store, project["id"], kind, owner)
