@@ -62,7 +62,7 @@ EXPORT_MARKER = ".segany-export"
 # What exports written before the marker listed its files hold, per format (relative paths, one glob per part).
 _LEGACY_LAYOUT = {"sa1b": ("*.json",), "yolo": ("data.yaml", "images/*", "labels/*.txt"),
                   "png": ("index.json", "*/*.png")}
-_COCO_HEAD = re.compile(r'\A\s*\{\s*"info"\s*:\s*\{\s*"description"\s*:\s*"exported by segany"')
+COCO_EXPORT_DESCRIPTION = "exported by segany"
 
 
 def _umask() -> int:
@@ -148,15 +148,15 @@ def _same_file(a: Path, b: str) -> bool:
     return False
 
 
-def _is_segany_coco(path: Path) -> bool:
-    """Whether ``path`` is a COCO file segany wrote: it starts with segany's ``info`` block (read from the head
-    only, so a large file is not parsed just to be replaced)."""
+def is_segany_coco(path: Path, description: str = COCO_EXPORT_DESCRIPTION) -> bool:
+    """Whether ``path`` is a COCO file segany wrote: it starts with an ``info`` block whose description begins
+    with ``description`` (read from the head only, so a large file is not parsed just to be replaced)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096).decode("utf-8", errors="replace")
     except OSError:
         return False
-    return bool(_COCO_HEAD.match(head))
+    return re.match(r'\A\s*\{\s*"info"\s*:\s*\{\s*"description"\s*:\s*"' + re.escape(description), head) is not None
 
 
 def _check_file_target(store: Store, project_id: int, path: Path, what: str, force: bool = False) -> None:
@@ -173,7 +173,7 @@ def _check_file_target(store: Store, project_id: int, path: Path, what: str, for
     if any(_same_file(target, src) for src in _imported_from(store, project_id)):
         raise InputError(f"{path} is the file this project imported annotations from; the export would replace "
                          "the source data (--force does not override this); pass another file name")
-    if not force and not _is_segany_coco(target):
+    if not force and not is_segany_coco(target):
         raise InputError(f"{path} exists and is not a segany COCO export; pass a new file name, or --force to "
                          "replace it")
 
@@ -412,8 +412,8 @@ def export_coco_summary(store: Store, project_id: int, out_path: str | os.PathLi
                            "annotator_id": a["annotator_id"], "reviewer_id": a["reviewer_id"],
                            "reviewed_at": a["reviewed_at"]},
             })
-    # "info" first and its description fixed: a later export recognises the file by its head (_is_segany_coco).
-    info = {"description": "exported by segany", "segany": {"format": "coco-polygons" if polygons else "coco"}}
+    # "info" first and its description fixed: a later export recognises the file by its head (is_segany_coco).
+    info = {"description": COCO_EXPORT_DESCRIPTION, "segany": {"format": "coco-polygons" if polygons else "coco"}}
     data = {"info": info, "images": out_images, "annotations": out_anns,
             "categories": [{"id": i, "name": n, "supercategory": "object"} for n, i in cat_id.items()]}
     result.annotations = len(out_anns)

@@ -124,22 +124,8 @@ def list_versions(store: Any, project: str | None) -> list[dict[str, Any]]:
 
 
 VERSION_EXPORT_FORMAT = "segany-dataset-version-coco"
-
-
-def _is_version_export(path: Path) -> bool:
-    """Whether ``path`` is a file this function wrote (it may be replaced; anything else is the user's)."""
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096)  # the info block comes first
-    except (OSError, UnicodeDecodeError):
-        return False
-    try:
-        info = json.loads(head).get("info", {})
-    except ValueError:
-        return VERSION_EXPORT_FORMAT in head
-    return (info.get("segany") or {}).get("format") == VERSION_EXPORT_FORMAT
+# The info description's fixed start: a later export recognises its own earlier file by the head alone.
+VERSION_EXPORT_DESCRIPTION = "segany dataset version "
 
 
 def export_version_coco(store: Any, project: str | None, version: str | int, out_path: str | os.PathLike[str]
@@ -152,7 +138,9 @@ def export_version_coco(store: Any, project: str | None, version: str | int, out
         raise InputError(f"cannot write {out}: folder {out.parent} does not exist; create it or pick another path")
     if out.is_dir():
         raise InputError(f"{out} is a folder; pass a file path such as {out / 'coco.json'}")
-    if out.exists() and not _is_version_export(out):  # e.g. the COCO file the project was imported from
+    from segany.engine.exports import is_segany_coco
+
+    if out.exists() and not is_segany_coco(out, VERSION_EXPORT_DESCRIPTION):  # e.g. a file the project imported
         raise InputError(f"{out} exists and is not a segany dataset-version export; pass a new file name")
     proj = store.get_project(project)
     with store.transaction() as s:
@@ -171,7 +159,7 @@ def export_version_coco(store: Any, project: str | None, version: str | int, out
                             "segmentation": {"size": [it["height"], it["width"]], "counts": it["rle_counts"]},
                             "area": it["area"], "bbox": it["bbox_xywh"], "iscrowd": 0,
                             "segany_uuid": it["annotation_uuid"], "segany_source": it["source"]})
-    coco = {"info": {"description": f"segany dataset version {dv_name} of {proj['name']}",
+    coco = {"info": {"description": f"{VERSION_EXPORT_DESCRIPTION}{dv_name} of {proj['name']}",
                      "segany": {"format": VERSION_EXPORT_FORMAT}},
             "images": list(images.values()), "annotations": annotations,
             "categories": [{"id": i, "name": n} for n, i in cat.items()]}
