@@ -242,21 +242,11 @@ def describe_unreadable(task: ImageTask, exc: BaseException) -> str:
     if task.data is None and not p.exists():
         return (f"missing: {task.path} no longer exists; restore it, or remove the image from the project "
                 f"(segany project remove-images PROJECT {task.image_id})")
-    try:
-        changed = isinstance(exc, ImageChangedError) or (task.data is None and file_digest_sha256(p) != task.sha256)
-    except OSError:
-        changed = False
-    if changed:
+    if isinstance(exc, ImageChangedError):  # _read_task_image compared the bytes with the registered sha256
         return (f"changed: {task.path} is not the file that was registered (its sha256 differs); restore the "
                 f"original, or remove the image (segany project remove-images PROJECT {task.image_id}) and add the "
                 "new file")
     return f"unreadable: {task.path} ({type(exc).__name__}: {exc})"
-
-
-def file_digest_sha256(path: Path) -> str:
-    from segany.engine.store import file_sha256
-
-    return str(file_sha256(path))
 
 
 def worker_precision(spec: ModelSpec) -> str:
