@@ -6,9 +6,10 @@ import hashlib
 import os
 
 
-def file_digest(path: str | os.PathLike[str], algo: str = "sha256") -> str:
-    """Hex digest of a file's bytes with ``hashlib`` algorithm ``algo``."""
-    h = hashlib.new(algo)
+def file_digest(path: str | os.PathLike[str], algo: str = "sha256", **params: int) -> str:
+    """Hex digest of a file's bytes with ``hashlib`` algorithm ``algo`` (``params`` such as blake2b's
+    ``digest_size`` go to ``hashlib.new``)."""
+    h = hashlib.new(algo, **params)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

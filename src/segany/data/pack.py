@@ -65,11 +65,9 @@ def source_digest(path: str | os.PathLike[str]) -> str:
     The content, not the image id or path, is the key: a rerun whose ids now name other images (a
     re-exported COCO file, renamed files) must not keep the old JPEGs under those ids.
     """
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from segany.hashing import file_digest
+
+    return file_digest(path, "blake2b", digest_size=16)
 
 
 def _packed_source(path: Path) -> tuple[str | None, tuple[int, int] | None, str]:
