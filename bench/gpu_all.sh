@@ -15,11 +15,19 @@ LOG="$OUT/bench_log.txt"
 # STEPS: which steps to run (space-separated names; default all). All of them take ~15 minutes, more than
 # one 10-minute device call, so split them, e.g. STEPS="speed_vit_b speed_vit_h amg_vit_h" then the rest.
 STEPS=${STEPS:-all}
+# Steps run in the order STEPS names them (so the most valuable go first when a call may be cut short);
+# with STEPS=all, in the order they are defined below. Each is kept as a quoted command line until then.
+declare -A STEP_CMD=()
+ORDER=()
 step() {  # step SECONDS NAME CMD...
   local t=$1 name=$2; shift 2
-  if [ "$STEPS" != all ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
+  STEP_CMD[$name]="timeout $t $(printf '%q ' "$@")"
+  ORDER+=("$name")
+}
+run_step() {  # run_step NAME
+  local name=$1
   echo "== $name ($(date -u +%T))" | tee -a "$LOG"
-  timeout "$t" "$@" 2>&1 | tail -n 40 | tee -a "$LOG"
+  eval "${STEP_CMD[$name]}" 2>&1 | tail -n 40 | tee -a "$LOG"
   echo "== $name rc ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
@@ -70,4 +78,16 @@ step ${T_H_QUANT_AT:-330} speed_h_quant_autotune python3 bench/speed.py --device
   --skip-reference --attentions "" --compile --compile-mode max-autotune --compile-attentions fused --no-compile-mask \
   --encoder-quant int8,fp8 --skip-eager --json "$OUT/speed_h_quant_autotune.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
+if [ "$STEPS" = all ]; then
+  selected=("${ORDER[@]}")
+else
+  read -r -a selected <<<"$STEPS"
+fi
+for name in "${selected[@]}"; do
+  if [ -z "${STEP_CMD[$name]+x}" ]; then
+    echo "gpu_all.sh: unknown step '$name'; known: ${ORDER[*]}" | tee -a "$LOG"
+    continue
+  fi
+  run_step "$name"
+done
 ls -la "$OUT"
