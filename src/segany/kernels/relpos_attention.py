@@ -80,6 +80,9 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         in_m, in_n, in_d = offs_m < L, offs_n < W, offs_d < D
         log2e = 1.4426950408889634  # scores in log2 units, so the exponentials are exp2
+        # Inductor types a Python float argument as fp64 (Triton's own launcher as fp32): cast, or the
+        # scores and the loop-carried softmax state turn fp64 under torch.compile and the kernel won't build.
+        qk_scale2 = tl.cast(qk_scale, tl.float32) * log2e
 
         q = tl.load(Q + b * sq_b + n * sq_n + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
                     mask=in_m[:, None] & in_d[None, :], other=0.0)
@@ -109,7 +112,7 @@ if triton is not None:
             if SPLIT_D:
                 k2 = tl.load(k2_base + keys[None, :] * sk_l, mask=in_e[:, None] & in_n[None, :], other=0.0)
                 s += tl.dot(q2, k2)
-            s = s * (qk_scale * log2e)
+            s = s * qk_scale2
             bh = tl.load(bh_base + r * sbh_h, mask=in_m, other=0.0).to(tl.float32) * log2e
             s = s + bh[:, None] + bw
             m_new = tl.maximum(m_i, tl.max(s, 1))

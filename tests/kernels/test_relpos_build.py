@@ -1,0 +1,52 @@
+"""The fused rel-pos kernel builds for a Hopper GPU with the argument types torch.compile gives it.
+
+CI has no GPU, but Triton compiles a kernel to a cubin without one. This matters because the interpreter
+tests (test_relpos_attention.py) never see the real compiler's typing: on an H200 (2026-11-26) every
+compiled encoder with ``attention="fused"`` failed, because Inductor types a Python float argument as fp64
+(``torch/_inductor/codegen/triton_utils.py``, ``signature_of``) where Triton's own launcher uses fp32, and
+the fp64 scale turned the loop-carried softmax state fp64. Both typings are built here, for each head
+layout the encoders use (one 64-channel tile; ViT-H's 80 channels as 64 + 16) and both half types.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from segany.kernels import relpos_attention as relpos  # noqa: E402
+
+POINTERS = ("Q", "K", "V", "BH", "BW", "Out")
+CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "SPLIT_D", "BLOCK_D2")
+
+
+def _build(scale_type: str, head_dim: int, half: str, block_m: int = 64) -> object:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = relpos._relpos_attention_kernel.fn  # the JITFunction under the autotuner
+    names = list(fn.arg_names)
+    assert {"qk_scale", *POINTERS, *CONSTEXPRS} <= set(names), names
+    signature = {n: (f"*{half}" if n in POINTERS else scale_type if n == "qk_scale"
+                     else "constexpr" if n in CONSTEXPRS else "i32") for n in names}
+    block_d, block_d2 = relpos.head_blocks(head_dim)
+    values = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": block_d, "SPLIT_D": block_d2 > 0,
+              "BLOCK_D2": max(block_d2, 16)}
+    constexprs = {(names.index(n),): v for n, v in values.items()}
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+
+
+def _nvidia_backend() -> bool:
+    from triton.backends import backends
+
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("scale_type", ["fp64", "fp32"])  # torch.compile's typing, Triton's launcher's
+@pytest.mark.parametrize(("head_dim", "half"), [(64, "bf16"), (80, "bf16"), (64, "fp16")])
+def test_kernel_builds_for_sm90(scale_type, head_dim, half):
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend here")
+    kernel = _build(scale_type, head_dim, half)
+    assert kernel.asm.get("cubin"), "no cubin was produced"
