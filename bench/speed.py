@@ -194,14 +194,14 @@ def bench_model(name: str, args: argparse.Namespace, out: dict[str, Any]) -> dic
             run_variant(enc, "reference_bf16", ref_bf16, device)
     variants: list[tuple[str, dict[str, Any]]] = [] if args.skip_eager else [("segany_fp32", {"precision": "fp32"})]
     if (device == "cuda" or "bf16" in args.cpu_variants) and not args.skip_eager:
-        variants.append(("segany_bf16", {"precision": "bf16"}))
+        variants.append(("segany_bf16", {"precision": "bf16", "attention": "mask"}))
     if device == "cuda":
         for att in args.attentions:  # "mask" is segany_bf16 itself
             variants.append((f"segany_bf16_{att}", {"precision": "bf16", "attention": att}))
     if args.compile:
         mode = args.compile_mode if device == "cuda" else True
         if not args.no_compile_mask:
-            variants.append(("segany_bf16_compiled", {"precision": "bf16", "compile": mode}))
+            variants.append(("segany_bf16_compiled", {"precision": "bf16", "attention": "mask", "compile": mode}))
         for att in args.compile_attentions:
             variants.append((f"segany_bf16_{att}_compiled", {"precision": "bf16", "attention": att, "compile": mode}))
     for fmt in args.encoder_quant if device == "cuda" else []:  # 8-bit block GEMMs (opt-in, cost accuracy)
@@ -308,14 +308,18 @@ def accuracy_rows(out: dict[str, Any], model: torch.nn.Module, exact: SamPredict
         if device == "cuda" or "bf16" in args.cpu_variants:
             run_variant(out["bf16_accuracy"], "segany_bf16",
                         lambda: accuracy(model, exact, image, "bf16", device), device)
+        for att in args.attentions if device == "cuda" else []:  # each eager attention mode's own error
+            run_variant(out["bf16_accuracy"], f"segany_bf16_{att}",
+                        lambda att=att: accuracy(model, exact, image, "bf16", device, attention=att), device)
         for fmt in args.encoder_quant:  # runs on CPU too (slowly): the accuracy needs no GPU
             run_variant(out["bf16_accuracy"], f"segany_{fmt}",
                         lambda fmt=fmt: accuracy(model, exact, image, "bf16", device, quantize=fmt), device)
 
 
 def accuracy(model: torch.nn.Module, exact: SamPredictor, image: np.ndarray, precision: str,
-             device: str, quantize: str | None = None) -> dict[str, Any]:
-    quick = SamPredictor(model, precision=precision, quantize=quantize)
+             device: str, quantize: str | None = None, attention: str = "auto") -> dict[str, Any]:
+    quick = SamPredictor(model, fast_path=FastPath(model, precision=precision, quantize=quantize,
+                                                   attention=attention))
     quick.set_image(image)
     emb_err = (quick.features - exact.features).abs().max().item()
     emb_scale = exact.features.abs().max().item()
@@ -334,7 +338,7 @@ def accuracy(model: torch.nn.Module, exact: SamPredictor, image: np.ndarray, pre
     return {"embedding_max_abs_err": round(emb_err, 5), "embedding_max_abs": round(emb_scale, 4),
             "mask_logit_max_abs_err": round(max(logit_errs), 5), "mask_logit_max_abs": round(max(logit_scale), 4),
             "mask_iou_mean": round(float(np.mean(ious)), 5), "mask_iou_min": round(float(np.min(ious)), 5),
-            "n_masks": len(ious)}
+            "n_masks": len(ious), "attention": quick.fast.attention if quick.fast is not None else None}
 
 
 _ONNX_DIRS: dict[tuple[int, bool], Path] = {}

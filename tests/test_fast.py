@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from segany.errors import InputError
 from segany.fast import (
@@ -28,8 +29,14 @@ from segany.predictor import SamPredictor
 BF16_REL_TOL = 0.05  # max |logit error| / max |logit|
 
 
+def _as_f64(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):  # CUDA tensors too (np.asarray refuses them)
+        return x.detach().double().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
 def _rel_err(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = _as_f64(a), _as_f64(b)
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
 
 
@@ -248,15 +255,38 @@ def test_cuda_graphs_for_box_and_mask_prompts(tiny_sam, image):
     assert len(p.fast._graphs.entries) == 3 and p.fast._graphs.enabled
 
 
+class _NoHostTraffic(TorchDispatchMode):
+    """Records the ops a CUDA graph cannot capture: a tensor made from host data (``torch.tensor``: a copy
+    from pageable memory, refused during capture), and a value read back or a data-dependent size (a sync)."""
+
+    FORBIDDEN = ("aten.lift_fresh", "aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(self.FORBIDDEN) or (name.startswith("aten.index.Tensor") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
+            self.bad.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 class _CallThroughGraphs:
-    """Stands in for the CUDA-graph cache on CPU: runs the function it would capture, records the keys."""
+    """Stands in for the CUDA-graph cache on CPU: runs the function it would capture, records the keys, and
+    fails on any op the capture would refuse (the GPU found one, 2026-11-26: ``torch.tensor`` of the frame
+    size in the prompt encoder, which silently turned graphs off for every click)."""
 
     def __init__(self) -> None:
         self.keys: list = []
 
     def __call__(self, key, fn, inputs):
         self.keys.append((key, tuple((tuple(t.shape), t.dtype) for t in inputs)))
-        return fn(*inputs)
+        with _NoHostTraffic() as mode:
+            out = fn(*inputs)
+        assert not mode.bad, f"not capturable in a CUDA graph: {mode.bad}"
+        return out
 
 
 @pytest.mark.parametrize("prompt", ["points", "box", "points+box", "points+mask"])
@@ -361,3 +391,36 @@ def test_fast_prompt_path_iou_vs_exact_vit_b(orig, input_size):
     logits = f32.predict(point, label, return_logits=True)
     for x, y in zip(logits_ref, logits, strict=True):
         np.testing.assert_allclose(y, x, atol=1e-5)
+
+
+def test_auto_attention_picks_the_measured_fastest_mode(tiny_sam, monkeypatch):
+    """``attention="auto"``: the Triton kernel eagerly on Ampere+ GPUs (the fastest eager mode on an H200),
+    ``mixed`` when compiled, ``mask`` on the CPU and on GPUs the kernel cannot serve."""
+    from segany import fast as fast_mod
+    from segany.fast import resolve_attention
+
+    assert resolve_attention("auto", "cpu") == "mask" and resolve_attention("auto", "cpu", "max-autotune") == "mask"
+    for mode in ("mask", "fold", "mixed", "fused", "flex"):
+        assert resolve_attention(mode, "cuda") == mode  # explicit choices are kept, also on CUDA
+    with pytest.raises(InputError, match="attention must be one of"):
+        resolve_attention("fast", "cpu")
+    with pytest.raises(InputError, match="attention must be one of"):
+        FastViTAttention(tiny_sam.image_encoder.blocks[0].attn, "auto")  # a module needs a concrete mode
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(fast_mod.relpos_kernel, "available", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    assert resolve_attention("auto", "cuda") == "fused"
+    assert resolve_attention("auto", "cuda:0", compile=True) == "mixed"
+    assert resolve_attention("auto", "cuda", compile="max-autotune") == "mixed"
+    capability[0] = (7, 5)  # Turing: no bf16 tensor-core dots for the kernel
+    assert resolve_attention("auto", "cuda") == "mask"
+    capability[0] = (8, 0)
+    monkeypatch.setattr(fast_mod.relpos_kernel, "available", lambda device: False)  # no Triton
+    assert resolve_attention("auto", "cuda") == "mask"
+
+    fp = FastPath(tiny_sam, precision="bf16")
+    assert fp.attention == "mask"
+    assert {b.attn.mode for b in fp.encoder.modules() if isinstance(b, vit.Block)} == {"mask"}
+    assert {b.attn.mode for b in make_fast_encoder(tiny_sam.image_encoder, torch.float32).modules()
+            if isinstance(b, vit.Block)} == {"mask"}

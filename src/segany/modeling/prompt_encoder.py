@@ -43,8 +43,10 @@ class RandomFourierEncoding(nn.Module):
     def forward_with_coords(self, points_xy: torch.Tensor, image_size_hw: tuple[int, int]) -> torch.Tensor:
         """Encode pixel coordinates (..., 2) given the frame size (H, W)."""
         h, w = image_size_hw
-        size_xy = torch.tensor([w, h], device=points_xy.device, dtype=torch.float32)
-        return self._encode(points_xy.float() / size_xy)
+        # Divide by Python scalars, not a tensor made from them: torch.tensor copies from host memory, which a
+        # CUDA-graph capture of the prompt encoder refuses. The fp32 quotients are the same.
+        xy = points_xy.float()
+        return self._encode(torch.stack((xy[..., 0] / w, xy[..., 1] / h), dim=-1))
 
 
 # Kept under the reference's name so code that pokes at the encoder still finds it.
