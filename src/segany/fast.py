@@ -21,7 +21,7 @@ bias to ``scaled_dot_product_attention`` in a layout its fused kernels accept:
 * ``attention="fused"``: :mod:`segany.kernels.relpos_attention`, a Triton kernel that adds the bias tile by
   tile from the two small tables, in the global blocks (``fold`` in the windowed ones); on devices
   without Triton it falls back to ``mask``. On an H200 the kernel ran 3.3–4.4× faster than SDPA with the
-  bias mask at the global blocks' shapes, with a third of its error against fp32 (``bench/relpos_kernel.py``).
+  bias mask at the global blocks' shapes, with a quarter of its error against fp32 (``bench/relpos_kernel.py``).
 * ``attention="flex"``: PyTorch's ``flex_attention`` with the bias added by a ``score_mod`` that reads
   the two small (L, H) and (L, W) tables, so neither an (L, L) bias nor a wider head exists. It is
   compiled to a fused Triton kernel on CUDA; on CPU it runs uncompiled, which is exact but slow (a
@@ -212,19 +212,18 @@ class FastViTAttention(nn.Module):
             rel_w = vit.relative_position_table(W, W, self.rel_pos_w).to(q.dtype)  # (W, W, hd)
             qg = q.reshape(B, nh, H, W, hd)
             bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rel_w).reshape(B, nh, L, W)
+            bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rel_h).reshape(B, nh, L, H)
             if self.mode == "fused" and relpos_kernel.available(q.device) and relpos_kernel.supports((H, W), hd):
-                # The kernel reads one key row's bias for a block of queries per step: with the queries
-                # contiguous (a transposed view, same values) that read is one coalesced load, not a gather.
-                bias_h = torch.einsum("bnhwc,hkc->bnkhw", qg, rel_h).reshape(B, nh, H, L).transpose(-1, -2)
+                # bias_h stays (L, H) row-major although the kernel reads it one key row at a time: on the
+                # H200 a transposed copy (queries contiguous) made the kernel 1-13% slower, not faster
+                # (bench/results/gpu_2026-11-26b/relpos_kernel.json, "fused" against "fused_bias_h_rows").
                 out = relpos_kernel.relpos_attention(q, k, v, bias_h, bias_w, (H, W))
+            elif self.mode == "fold":
+                out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
+            elif self.mode == "flex":
+                out = _flex_attention(q, k, v, bias_h, bias_w, W)
             else:
-                bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rel_h).reshape(B, nh, L, H)
-                if self.mode == "fold":
-                    out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
-                elif self.mode == "flex":
-                    out = _flex_attention(q, k, v, bias_h, bias_w, W)
-                else:
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
         return out.transpose(1, 2).reshape(B, H, W, C)
 
 

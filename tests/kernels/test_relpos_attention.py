@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent(
         bw = torch.randn(B, nh, L, W, generator=g).to(dt)
         got = relpos.relpos_attention(q, k, v, bh, bw, (H, W))
         ref = reference(q, k, v, bh, bw)
-        # The encoder hands bias_h over transposed (queries contiguous): same values, other strides.
+        # bias_h transposed (queries contiguous): same values, other strides; the kernel takes any strides.
         bh_t = bh.transpose(-1, -2).contiguous().transpose(-1, -2)
         got_t = relpos.relpos_attention(q, k, v, bh_t, bw, (H, W))
         out["cases"].append({"shape": [B, nh, H, W, D], "dtype": str(dt), "out_shape": list(got.shape),
