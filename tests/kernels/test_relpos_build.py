@@ -1,4 +1,4 @@
-"""The fused rel-pos kernel builds for a Hopper GPU with the argument types torch.compile gives it.
+"""The fused rel-pos kernel builds for the GPUs it is chosen on, with the argument types torch.compile gives it.
 
 CI has no GPU, but Triton compiles a kernel to a cubin without one. This matters because the interpreter
 tests (test_relpos_attention.py) never see the real compiler's typing: on an H200 (2026-11-26) every
@@ -20,7 +20,7 @@ POINTERS = ("Q", "K", "V", "BH", "BW", "Out")
 CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "SPLIT_D", "BLOCK_D2")
 
 
-def _build(scale_type: str, head_dim: int, half: str, block_m: int = 64) -> object:
+def _build(scale_type: str, head_dim: int, half: str, block_m: int = 64, arch: int = 90) -> object:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -33,7 +33,7 @@ def _build(scale_type: str, head_dim: int, half: str, block_m: int = 64) -> obje
     values = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": block_d, "SPLIT_D": block_d2 > 0,
               "BLOCK_D2": max(block_d2, 16)}
     constexprs = {(names.index(n),): v for n, v in values.items()}
-    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))
 
 
 def _nvidia_backend() -> bool:
@@ -50,3 +50,14 @@ def test_kernel_builds_for_sm90(scale_type, head_dim, half):
         pytest.skip("Triton has no NVIDIA backend here")
     kernel = _build(scale_type, head_dim, half)
     assert kernel.asm.get("cubin"), "no cubin was produced"
+
+
+@pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_kernel_builds_for_sm80_and_sm89(head_dim):
+    """``attention="auto"`` picks the kernel on every GPU of compute capability 8.0+ (A100, L4/L40/4090),
+    with the larger of its tile configurations too."""
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend here")
+    for arch in (80, 89):
+        assert _build("fp32", head_dim, "bf16", block_m=128, arch=arch).asm.get("cubin")
