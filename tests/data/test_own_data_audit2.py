@@ -285,3 +285,22 @@ def test_each_pack_warning_is_printed_once(tmp_path, capsys, caplog) -> None:
     printed = [ln for ln in capsys.readouterr().err.splitlines() if "have no mask folder" in ln]
     assert len(printed) == 1 and printed[0].startswith("segany: warning:")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "have no mask folder" in r.message]
+
+
+@pytest.mark.parametrize("orientation", [6, 3])  # a quarter turn (sizes swap) and a half turn (sizes equal)
+def test_yolo_labels_of_an_exif_rotated_photo_are_on_the_shown_picture(tmp_path, orientation) -> None:
+    """Ultralytics reads images with their EXIF rotation applied, so YOLO polygons are fractions of the
+    picture as shown; packed, the mask must land on the part of the image it was drawn on."""
+    root = tmp_path / "yolo"
+    _save(root / "images" / "train" / "rot.jpg", _two_colour(40, 64), orientation=orientation)
+    with Image.open(root / "images" / "train" / "rot.jpg") as im:
+        shown = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    sh, sw = shown.shape[:2]
+    ys, xs = np.nonzero(shown[..., 0] > 128)  # red, as a viewer (and Ultralytics) shows it
+    x0, y0, x1, y1 = (xs.min() + 2) / sw, (ys.min() + 2) / sh, (xs.max() - 2) / sw, (ys.max() - 2) / sh
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "labels" / "train" / "rot.txt").write_text(f"0 {x0} {y0} {x1} {y0} {x1} {y1} {x0} {y1}\n")
+    assert main(["data", "pack", "--yolo", str(root), "--split", "train", "--out", str(tmp_path / "p"),
+                 "--val-fraction", "0"]) == 0
+    [colour] = _colour_under_masks(tmp_path / "p")
+    assert np.allclose(colour, RED, atol=25), colour

@@ -364,7 +364,9 @@ def _readable(recs: list[InstanceRecord], report: ReadReport) -> list[InstanceRe
     Header reads only, so every bad file (a size mismatch included) is found and listed before any image
     is written. An image with an EXIF rotation is matched in both frames: annotations of its stored pixels
     (what most labelers draw on, and the rule when both fit: a square image) pack it unrotated; annotations
-    of the rotated picture pack it rotated. Either way masks and pixels agree. Sets ``extra["exif_frame"]``.
+    of the rotated picture pack it rotated. Either way masks and pixels agree. Sets ``extra["exif_frame"]``,
+    unless the reader already knew the frame (YOLO labels are always on the shown picture): then only that
+    frame's size is accepted.
     """
     from segany.data.formats.common import image_frames_hw
 
@@ -376,6 +378,15 @@ def _readable(recs: list[InstanceRecord], report: ReadReport) -> list[InstanceRe
             continue
         stored, shown, orientation = frames
         size_hw = tuple(r.size_hw)
+        known = r.extra.get("exif_frame")
+        if known in ("stored", "shown") and orientation != 1:
+            expected = stored if known == "stored" else shown
+            if size_hw != expected:
+                report.bad.append(f"{r.image_path}: image is {expected[0]}x{expected[1]} as {known} but its "
+                                  f"annotations say {r.size_hw[0]}x{r.size_hw[1]}")
+                continue
+            good.append(r)
+            continue
         if size_hw not in (stored, shown):
             turned = f" ({shown[0]}x{shown[1]} as its EXIF rotation shows it)" if shown != stored else ""
             report.bad.append(f"{r.image_path}: image is {stored[0]}x{stored[1]}{turned} but its annotations say "

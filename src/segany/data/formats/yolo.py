@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from segany.data.formats.coco import polygons_to_mask
-from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_size_hw
+from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw
 from segany.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -91,13 +91,18 @@ def read_yolo_seg(root: str | os.PathLike[str], split: str | None = "train2017",
                 raise InputError(f"{img_path} and {seen[img_path.stem]} share the name {img_path.stem!r}; image "
                                  "names must be unique across splits: rename one, or pack one split (--split)")
             seen[img_path.stem] = img_path
-            size_hw = image_size_hw(img_path, report)
-            if size_hw is None:
+            frames = image_frames_hw(img_path, report)
+            if frames is None:
                 continue
+            # YOLO labels are fractions of the picture as shown: Ultralytics reads images with their EXIF
+            # orientation applied (OpenCV's imread does, and its label checks use the rotated size). So a
+            # phone photo's polygons are drawn on the shown frame, and the pack rotates its pixels to match.
+            _, size_hw, orientation = frames
+            extra = {"yolo_split": sp, **({"exif_frame": "shown"} if orientation != 1 else {})}
             masks, classes = _label_masks(lbl_dir / (img_path.stem + ".txt"), size_hw, names, wanted, min_area)
             records.append(InstanceRecord(image_path=str(img_path), size_hw=size_hw, masks=masks,
                                           class_names=classes, image_id=img_path.stem, dataset=dataset,
-                                          extra={"yolo_split": sp}))
+                                          extra=extra))
             if limit is not None and len(records) >= limit:
                 return records
     return records
