@@ -283,7 +283,19 @@ def test_bundled_checkpoint_and_registry_kind_check(tmp_path: Path) -> None:
     save_checkpoint(shipped, tiny)
     with pytest.raises(CheckpointError, match=r"holds a TinyViT model, not 'vit_b'.*sam_model_registry\['segany_tiny'\]"):
         sam_model_registry["vit_b"](checkpoint=tiny)
+    # Same kind, other build: segany_tiny's 512 px TinyViT is not MobileSAM's vit_t (the reference's strict
+    # load refuses those weights too), and the message names what differs.
+    with pytest.raises(CheckpointError, match=r"TinyViT encoder built unlike 'vit_t''s: img_size 512 \(not 1024\).*"
+                                              r"sam_model_registry\['segany_tiny'\]"):
+        sam_model_registry["vit_t"](checkpoint=tiny)
     assert sam_model_registry["segany_tiny"](checkpoint=tiny).cfg == shipped.cfg
+    # Weights of the named model itself, trained further, still load under its name.
+    from segany.modeling.sam import Sam
+    from segany.registry import get_config
+
+    vit_t = tmp_path / "vit_t.pt"
+    save_checkpoint(Sam(get_config("vit_t")), vit_t)
+    assert sam_model_registry["vit_t"](checkpoint=vit_t).cfg.encoder == get_config("vit_t").encoder
 
 
 def test_run_folder_as_checkpoint_names_the_file_to_pass(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from conftest import tiny_config
 import segany
 from segany import registry
 from segany.checkpoints import save_checkpoint
-from segany.compat import build_sam_vit_b, build_sam_vit_h, sam_model_registry
-from segany.errors import SeganyError, UnknownModelError
+from segany.compat import build_sam_vit_b, build_sam_vit_h, build_sam_vit_t, sam_model_registry
+from segany.errors import CheckpointError, SeganyError, UnknownModelError
 from segany.modeling.config import SamConfig
 from segany.modeling.sam import Sam
 from segany.registry import (
@@ -69,13 +69,18 @@ def test_sam_model_registry_drop_in(tmp_path: Path) -> None:
     assert sam_model_registry["default"].__name__ == "build_sam_vit_h" == build_sam_vit_h.__name__
     with pytest.raises(KeyError, match="did you mean vit_b"):
         sam_model_registry["vit_bx"]
-    # Same call shape as segment_anything: registry[name](checkpoint=path).
-    model = Sam(tiny_config())
-    path = save_checkpoint(model, tmp_path / "tiny.pt")
-    for build in (sam_model_registry["vit_b"], build_sam_vit_b, segany.sam_model_registry["vit_b"]):
+    # Same call shape as segment_anything: registry[name](checkpoint=path), here with MobileSAM's vit_t (small).
+    model = Sam(get_config("vit_t"))
+    path = save_checkpoint(model, tmp_path / "vit_t.pt")
+    for build in (sam_model_registry["vit_t"], build_sam_vit_t, segany.sam_model_registry["vit_t"]):
         loaded = build(checkpoint=str(path))
         assert isinstance(loaded, Sam) and not loaded.training
         assert torch.equal(loaded.mask_decoder.iou_token.weight, model.mask_decoder.iou_token.weight)
+    # As the reference's strict load would, vit_b refuses a ViT built otherwise, naming what differs.
+    tiny = save_checkpoint(Sam(tiny_config()), tmp_path / "tiny.pt")
+    with pytest.raises(CheckpointError, match=r"ViT encoder built unlike 'vit_b''s: img_size 256 \(not 1024\), "
+                                              r"embed_dim 96 \(not 768\)"):
+        build_sam_vit_b(checkpoint=str(tiny))
 
 
 def test_package_exports_drop_in_names() -> None:

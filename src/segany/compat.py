@@ -30,16 +30,26 @@ def _builder(name: str) -> Builder:
 
 
 def _check_kind(model: Sam, name: str, checkpoint: str | os.PathLike[str] | None) -> None:
-    """``sam_model_registry["vit_b"](checkpoint=f)`` must give a ViT-B-kind model, as the reference's strict
-    load ensures. A segany file carries its own config, which ``build_sam`` follows (the CLI relies on that);
-    here the name was asked for explicitly, so an encoder of another kind (TinyViT for ViT) is refused."""
-    wanted = type(get_config(name).encoder)
-    got = type(model.cfg.encoder)
+    """``sam_model_registry["vit_b"](checkpoint=f)`` must give a ViT-B model, as the reference's strict load
+    ensures. A segany file carries its own config, which ``build_sam`` follows (the CLI relies on that); here
+    the name was asked for explicitly, so an encoder of another architecture is refused: another kind
+    (TinyViT for ViT), or the same kind built otherwise (segany_tiny's 512 px TinyViT for ``vit_t``, whose
+    weights the reference could not load strictly either). Fine-tuned weights of the named model pass."""
+    wanted_cfg = get_config(name).encoder
+    got_cfg = model.cfg.encoder
+    if got_cfg == wanted_cfg:
+        return
+    wanted, got = type(wanted_cfg), type(got_cfg)
+    same = [m for m in list_models() if get_config(m).encoder == got_cfg]
+    hint = f"sam_model_registry[{same[0]!r}]" if same else "segany.build_sam(path)"
     if got is not wanted:
-        same = [m for m in list_models() if get_config(m) == model.cfg]
-        hint = f"sam_model_registry[{same[0]!r}]" if same else "segany.build_sam(path)"
-        raise CheckpointError(f"checkpoint {str(checkpoint)!r} holds a {got.__name__.removesuffix('Config')} model, not {name!r} "
-                              f"({wanted.__name__.removesuffix('Config')}): use {hint}, which reads the variant from the file")
+        what = f"a {got.__name__.removesuffix('Config')} model, not {name!r} ({wanted.__name__.removesuffix('Config')})"
+    else:
+        diff = [f"{f} {getattr(got_cfg, f)!r} (not {getattr(wanted_cfg, f)!r})" for f in got.__dataclass_fields__
+                if getattr(got_cfg, f) != getattr(wanted_cfg, f)]
+        what = f"a {got.__name__.removesuffix('Config')} encoder built unlike {name!r}'s: {', '.join(diff)}"
+    raise CheckpointError(f"checkpoint {str(checkpoint)!r} holds {what}: use {hint}, which reads the variant "
+                          "from the file")
 
 
 class _Registry(MutableMapping[str, Builder]):
