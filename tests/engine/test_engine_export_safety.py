@@ -229,8 +229,8 @@ def test_import_declares_only_the_labels_it_uses(proj: tuple[Path, Path], tmp_pa
         store.close()
 
 
-def test_reimport_reports_restored_and_vanished_annotations(proj: tuple[Path, Path], tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_reimport_reports_deleted_and_vanished_annotations(proj: tuple[Path, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     root, imgs = proj
     images = sorted(imgs.iterdir())
     src = _coco_file(tmp_path / "gt.json", images, [1, 2, 3])
@@ -245,7 +245,8 @@ def test_reimport_reports_restored_and_vanished_annotations(proj: tuple[Path, Pa
     capsys.readouterr()
     assert main(["project", "import-coco", str(root), str(src)]) == 0
     out = capsys.readouterr().out
-    assert "imported 1 annotations (new in the file, or deleted in the project since" in out
+    assert "imported 0 annotations" in out  # the deleted one stays deleted
+    assert "1 annotations deleted in the project since an earlier import were left deleted" in out
     assert "1 annotations an earlier import of this file created are no longer in it (kept" in out
     assert main(["project", "add-images", str(root), str(imgs)]) == 0
     assert "added 0 images to 'P', 3 already registered" in capsys.readouterr().out

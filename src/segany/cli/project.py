@@ -70,6 +70,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--project", default=None)
     i.add_argument("--include-crowd", action="store_true",
                    help="also import iscrowd=1 regions as ordinary masks (default: skip and count them)")
+    i.add_argument("--restore-deleted", action="store_true",
+                   help="also bring back annotations of the file deleted in the project since an earlier import "
+                        "(default: they stay deleted, and are counted)")
     s = sub.add_parser("stats", help="images, annotations and seconds per mask")
     s.add_argument("target", metavar="DIR_OR_DB_URL")
     s.add_argument("--project", default=None)
@@ -134,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             print(exports.export_summary(store, proj["id"], args.format, args.out, force=args.force).describe())
         elif cmd == "import-coco":
             r = exports.import_coco_summary(store, proj["id"], args.coco_json, images_dir=args.images_dir,
-                                            include_crowd=args.include_crowd)
+                                            include_crowd=args.include_crowd,
+                                            restore_deleted=args.restore_deleted)
             print(_import_line(r))
             if r.skipped:
                 shown = ", ".join(repr(n) for n in r.missing_images[:3]) + (", ..." if len(r.missing_images) > 3
@@ -165,10 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _import_line(r: Any) -> str:
     """One line of counts for an import: what it did with each annotation of the file."""
-    created = f"imported {r.created} annotations"
-    if r.reimport and r.created:
-        created += " (new in the file, or deleted in the project since the last import: a re-import restores those)"
-    parts = [created, f"updated {r.updated}", f"unchanged {r.unchanged}"]
+    parts = [f"imported {r.created} annotations", f"updated {r.updated}", f"unchanged {r.unchanged}"]
     skipped = [f"{n} {what}" for n, what in ((r.empty, "empty masks"), (r.crowd, "crowd regions (--include-crowd "
                                              "imports them)"), (r.skipped, "on missing images")) if n]
     line = ", ".join(parts) + f", skipped {r.empty + r.crowd + r.skipped}" + (f" ({', '.join(skipped)})" if skipped
@@ -178,6 +179,9 @@ def _import_line(r: Any) -> str:
     if r.no_longer_in_file:
         line += (f"; {r.no_longer_in_file} annotations an earlier import of this file created are no longer in it "
                  "(kept; delete them in the app if they should go)")
+    if r.kept_deleted:
+        line += (f"; {r.kept_deleted} annotations deleted in the project since an earlier import were left deleted "
+                 "(--restore-deleted brings them back)")
     if r.labels_added:
         line += f"; added labels {', '.join(r.labels_added)}"
     return line + (f"; added {r.images_added} images" if r.images_added else "")

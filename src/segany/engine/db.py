@@ -1,9 +1,9 @@
 """Schema of the data-engine store (SAM §4 "Segment Anything Data Engine").
 
-Tables: projects, images, annotations, annotators, model versions and dataset versions. The
+Tables: projects, images, annotations, annotators, model versions, dataset versions and deleted imports. The
 schema is created and evolved only through the packaged Alembic migrations
 (``segany/engine/migrations``); these classes describe it for the ORM and must match the latest
-migration (``tests/engine/test_store.py`` checks that they do).
+migration (``tests/engine/test_engine_store.py`` checks that they do).
 
 Design notes for the stages that build on this store:
 
@@ -25,6 +25,9 @@ Design notes for the stages that build on this store:
   they vouched for it); ``reviewer_id``/``reviewed_at`` are the last person who accepted or rejected it, or
   changed someone else's annotation, and when (migration 0004; NULL for rows reviewed before it). A review
   never changes ``annotator_id``, so per-annotator figures and provenance credit whoever drew the mask.
+* ``DeletedAnnotation`` records the uuid of each imported annotation (``prompts.imported_from``) deleted in the
+  project (migration 0006), so a re-import of its file leaves it deleted. Other uuids are random or per run and
+  never come back, so only imported ones are recorded.
 """
 
 from __future__ import annotations
@@ -221,6 +224,24 @@ class JobLock(Base):
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("project_id", "kind", name="uq_job_locks_project_kind"),)
+
+
+class DeletedAnnotation(Base):
+    """An imported annotation that was deleted in the project (migration 0006), by its uuid.
+
+    An import keys its annotations by uuids derived from the project, the image and the file's ids, so a
+    re-import of the same file would otherwise recreate what someone deleted; the import skips a record whose
+    uuid is here unless asked to restore it, which removes the row.
+    """
+
+    __tablename__ = "deleted_annotations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    uuid: Mapped[str] = mapped_column(String(36))
+    deleted_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("project_id", "uuid", name="uq_deleted_annotations_project_uuid"),)
 
 
 class Annotation(Base):

@@ -589,7 +589,8 @@ class ImportSummary:
 
     A re-import is idempotent wherever the file lives: annotations are keyed by the project, the image's
     content (sha256) and the annotation's id in the file, so the same annotation is ``unchanged``, an edited
-    one ``updated``, and a copy of the file under another name adds nothing.
+    one ``updated``, and a copy of the file under another name adds nothing. One deleted in the project since
+    an earlier import stays deleted (``kept_deleted``) unless the import is asked to restore it.
     """
 
     created: int = 0
@@ -605,8 +606,11 @@ class ImportSummary:
     labels_added: list[str] = field(default_factory=list)  # labels the project did not declare before
     # Annotations an earlier import of this file created that the file no longer has: kept, only counted.
     no_longer_in_file: int = 0
-    # The file was imported before: ``created`` then also counts annotations deleted in the project since (the
-    # store keeps no record of deletions, so a re-import brings them back).
+    # Annotations of the file deleted in the project since an earlier import: left deleted (the store records
+    # the deletion of an imported annotation), or created again and counted in ``created`` with restore_deleted.
+    kept_deleted: int = 0
+    # The project holds annotations an earlier import of this file created. ``created`` counts only annotations
+    # new in the file (or restored with restore_deleted): deleted ones are counted in ``kept_deleted``.
     reimport: bool = False
 
     @property
@@ -627,12 +631,15 @@ def import_key(project_id: int, image_sha256: str, coco_id: Any, rle: dict[str, 
 
 
 def import_coco(store: Store, project_id: int, coco_json: str | os.PathLike[str], *,
-                images_dir: str | os.PathLike[str] | None = None, source: str = "manual") -> int:
+                images_dir: str | os.PathLike[str] | None = None, source: str = "manual",
+                restore_deleted: bool = False) -> int:
     """Import COCO instance annotations; images are matched by file name (added from ``images_dir`` if missing).
 
-    Returns the number of annotations created (:func:`import_coco_summary` says what else happened).
+    Returns the number of annotations created (:func:`import_coco_summary` says what else happened, and what
+    ``restore_deleted`` does).
     """
-    return import_coco_summary(store, project_id, coco_json, images_dir=images_dir, source=source).created
+    return import_coco_summary(store, project_id, coco_json, images_dir=images_dir, source=source,
+                               restore_deleted=restore_deleted).created
 
 
 def _read_coco(coco_json: str | os.PathLike[str]) -> dict[str, Any]:
@@ -665,13 +672,15 @@ def _read_coco(coco_json: str | os.PathLike[str]) -> dict[str, Any]:
 
 def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathLike[str], *,
                         images_dir: str | os.PathLike[str] | None = None, source: str = "manual",
-                        include_crowd: bool = False) -> ImportSummary:
+                        include_crowd: bool = False, restore_deleted: bool = False) -> ImportSummary:
     """:func:`import_coco`, returning what was created, updated, unchanged and skipped and why.
 
     Everything is checked and converted before anything is written, and the images, labels and annotations
     are then written in one transaction: a malformed file, an unreadable image, or a file not one of whose
     annotations has its image in the project or ``images_dir`` raises :class:`InputError` and changes nothing.
-    ``iscrowd`` regions are skipped (counted) unless ``include_crowd``.
+    ``iscrowd`` regions are skipped (counted) unless ``include_crowd``. An annotation of the file that was
+    deleted in the project since an earlier import stays deleted (``kept_deleted``) unless ``restore_deleted``,
+    which creates it again and forgets the deletion.
     """
     data = _read_coco(coco_json)
     out = ImportSummary(looked_in=["the project's images"])
@@ -720,9 +729,11 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     earlier = _earlier_imports(store, project_id, Path(coco_json).resolve())
     out.reimport = bool(earlier)
     out.no_longer_in_file = sum(1 for u in earlier if u not in keys_in_file)
-    counts = store.import_annotations(project_id, new_images=new_rows, labels=used_labels, records=records)
+    counts = store.import_annotations(project_id, new_images=new_rows, labels=used_labels, records=records,
+                                      restore_deleted=restore_deleted)
     out.images_added = counts["images_added"]
     out.created, out.updated, out.unchanged = counts["created"], counts["updated"], counts["unchanged"]
+    out.kept_deleted = counts["kept_deleted"]
     return out
 
 

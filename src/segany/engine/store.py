@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import Engine, create_engine, delete, event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +36,7 @@ from segany.engine.db import (
     Annotator,
     DatasetVersion,
     DatasetVersionItem,
+    DeletedAnnotation,
     Image,
     ModelVersion,
     Project,
@@ -489,7 +490,7 @@ class Store:
         return annotation_dict(existing)
 
     def import_annotations(self, project_id: int, *, new_images: Sequence[ImageRow], labels: Sequence[str],
-                           records: Sequence[dict[str, Any]]) -> dict[str, int]:
+                           records: Sequence[dict[str, Any]], restore_deleted: bool = False) -> dict[str, int]:
         """Add images, labels and annotations from a file in ONE transaction: a failure leaves nothing behind.
 
         Each record has ``image_sha256`` (the image, by content), ``key`` (a uuid derived by the caller from the
@@ -497,27 +498,35 @@ class Store:
         ``source``, ``prompts``, ``seconds_spent`` and ``predicted_iou`` (and optionally ``legacy_key``, the key an
         older import gave it, looked up on the same image when ``key`` is not found). A record is *unchanged* when its key,
         or an annotation with the same mask and label on that image, is already stored as it is; *updated* when
-        its key is stored with another mask or label (the file was edited); else *created*.
+        its key is stored with another mask or label (the file was edited); *kept_deleted* when it is not stored
+        and its ``key`` or ``legacy_key`` names an annotation deleted in the project since an earlier import (see
+        :meth:`delete_annotation`): it stays deleted, unless ``restore_deleted``, which imports it as if it were
+        new and forgets the deletion; else *created*.
 
-        Returns counts: ``images_added``, ``created``, ``updated``, ``unchanged``.
+        Returns counts: ``images_added``, ``created``, ``updated``, ``unchanged``, ``kept_deleted``.
         """
-        counts = {"images_added": 0, "created": 0, "updated": 0, "unchanged": 0}
+        counts = {"images_added": 0, "created": 0, "updated": 0, "unchanged": 0, "kept_deleted": 0}
         with self.transaction() as s:
             counts["images_added"] = len(self._insert_images(s, project_id, new_images))
             p = s.get(Project, project_id)
             if p is not None and any(n not in (p.labels or []) for n in labels):
                 p.labels = list(dict.fromkeys([*(p.labels or []), *labels]))
             by_sha = {im.sha256: im for im in s.scalars(select(Image).where(Image.project_id == project_id))}
+            deleted = {u: i for i, u in s.execute(select(DeletedAnnotation.id, DeletedAnnotation.uuid)
+                                                  .where(DeletedAnnotation.project_id == project_id))}
             for r in records:
                 im = by_sha.get(r["image_sha256"])
                 if im is None:  # the caller maps every record to an image it holds or adds
                     raise StoreError(f"image with sha256 {r['image_sha256'][:12]}... is not in the project")
-                counts[self._import_one(s, im, r)] += 1
+                counts[self._import_one(s, im, r, deleted, restore_deleted)] += 1
         return counts
 
     @staticmethod
-    def _import_one(s: Session, im: Image, r: dict[str, Any]) -> str:
-        """Create, update or leave one imported annotation; returns which of the three it was."""
+    def _import_one(s: Session, im: Image, r: dict[str, Any], deleted: dict[str, int],
+                    restore_deleted: bool) -> str:
+        """Create, update, leave or keep deleted one imported annotation; returns which it was.
+
+        ``deleted`` maps the project's recorded deletions (uuid → row id); a restored one is removed from it."""
         rle = r["rle"]
         if tuple(rle["size"]) != (im.height, im.width):
             raise InputError(f"a mask of size {rle['size']} does not match image {im.file_name!r} "
@@ -529,6 +538,11 @@ class Store:
         if existing is not None and existing.image_id != im.id:
             raise ConflictError(f"import key {r['key']} already names an annotation on another image; report this")
         if existing is None:
+            gone = [u for u in (r["key"], r.get("legacy_key")) if u and u in deleted]
+            if gone and not restore_deleted:
+                return "kept_deleted"
+            for u in gone:  # restoring: the deletion is forgotten, so a later plain re-import keeps the row
+                s.execute(delete(DeletedAnnotation).where(DeletedAnnotation.id == deleted.pop(u)))
             same = s.scalar(select(Annotation.id).where(Annotation.image_id == im.id,
                                                         Annotation.rle_counts == rle["counts"],
                                                         Annotation.label == r["label"]).limit(1))
@@ -671,12 +685,20 @@ class Store:
                           expected_uuid: str | None = None,
                           check: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Delete one annotation; with ``expected_uuid``, only if the id still names that annotation; ``check``
-        as in :meth:`update_annotation`."""
+        as in :meth:`update_annotation`.
+
+        An imported annotation (``prompts.imported_from``) leaves its uuid in ``deleted_annotations``, in the same
+        transaction, so a re-import of its file does not bring it back (:meth:`import_annotations`)."""
         with self.transaction() as s:
             a = self._get_ann(s, annotation_id, project_id)
             self._check_uuid(a, annotation_id, expected_uuid)
             if check is not None:
                 check(annotation_dict(a))
+            if isinstance(a.prompts, dict) and a.prompts.get("imported_from"):
+                owner = a.image.project_id
+                if s.scalar(select(DeletedAnnotation.id).where(DeletedAnnotation.project_id == owner,
+                                                               DeletedAnnotation.uuid == a.uuid)) is None:
+                    s.add(DeletedAnnotation(project_id=owner, uuid=a.uuid, deleted_at=db.utcnow()))
             s.delete(a)
 
     def list_annotations(self, *, project_id: int | None = None, image_id: int | None = None,
