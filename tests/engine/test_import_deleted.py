@@ -184,3 +184,31 @@ def test_upgrade_from_0005_and_downgrade(tmp_path: Path) -> None:
         assert _tombstones(store) == [] and [a["uuid"] for a in store.list_annotations()] == ["u2"]
     finally:
         store.close()
+
+
+def test_an_edit_with_new_prompts_keeps_the_import_markers(project: tuple[Path, Path],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A client that PATCHes prompts must not strip what ties the row to its file: without the markers a
+    re-import would overwrite a reviewer's fix and a deletion would not be remembered."""
+    import numpy as np
+
+    root, src = project
+    _import(root, src, capsys)
+    store = open_store(root)
+    try:
+        first = store.list_annotations()[0]
+        fixed = np.zeros(tuple(first["segmentation"]["size"]), dtype=bool)
+        fixed[:5, :5] = True
+        store.update_annotation(first["id"], mask=fixed, prompts={"points": [[1, 2]], "imported_from": "x"})
+        prompts = store.list_annotations()[0]["prompts"]
+        assert prompts["points"] == [[1, 2]] and prompts["imported_from"] == first["prompts"]["imported_from"]
+        assert prompts["import_digest"] == first["prompts"]["import_digest"]
+    finally:
+        store.close()
+    assert "updated 0, unchanged 3" in _import(root, src, capsys)  # the reviewer's fix stays
+    store = open_store(root)
+    try:
+        store.delete_annotation(store.list_annotations()[0]["id"])
+        assert _tombstones(store) == [first["uuid"]]
+    finally:
+        store.close()

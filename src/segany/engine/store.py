@@ -182,6 +182,10 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
     return value
 
 
+# Keys an import writes into an annotation's prompts (segany.engine.exports); edits never drop them.
+_IMPORT_MARKERS = ("imported_from", "import_digest")
+
+
 class Store:
     """Transactions over the data-engine tables. Thread-safe: each call uses its own session."""
 
@@ -675,7 +679,10 @@ class Store:
             if seconds_spent is not None and (by is None or a.annotator_id == by):
                 a.seconds_spent = (a.seconds_spent or 0.0) + float(seconds_spent)
             if prompts is not None:
-                a.prompts = dict(prompts)
+                # The import markers stay whatever a client sends: they are how a re-import of the file finds
+                # this row (keeping a reviewer's edit) and how a deletion is remembered (delete_annotation).
+                kept = {k: v for k, v in (a.prompts or {}).items() if k in _IMPORT_MARKERS}
+                a.prompts = {**dict(prompts), **kept}
             a.revision += 1
             a.updated_at = now
             s.flush()
