@@ -180,3 +180,30 @@ def test_single_bad_image_gets_no_flag_hint(tmp_path: Path, capsys: pytest.Captu
     bad.write_text("not an image")
     line = cli_fails(["project", "add-images", str(root), str(bad)], capsys, "x.jpg")
     assert "--skip-invalid" not in line and "JPEG, PNG" in line
+
+
+def test_coco_names_find_images_uploaded_in_the_app(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The app stores an upload as <sha12>-<name>; a COCO file made elsewhere says <name>. It matches, unless
+    two uploads were sent under that name (then the file names neither, and nothing is imported)."""
+    import hashlib
+
+    images = make_images(tmp_path / "imgs", 3)
+    up = tmp_path / "uploads"
+    up.mkdir()
+    for p in images[:2]:
+        shutil.copy(p, up / f"{hashlib.sha256(p.read_bytes()).hexdigest()[:12]}-{p.name}")
+    root = tmp_path / "proj"
+    assert main(["project", "create", str(root)]) == 0
+    assert main(["project", "add-images", str(root), str(up)]) == 0
+    src = _coco(tmp_path / "gt.json", images)
+    assert "imported 3 annotations" in _import(root, src, capsys)
+    assert len(_anns(root)) == 3
+
+    # Two different uploads sent as the first image's name: the name is ambiguous, so it matches neither.
+    other = images[2]
+    twin = up / f"{hashlib.sha256(other.read_bytes()).hexdigest()[:12]}-{images[0].name}"
+    shutil.copy(other, twin)
+    assert main(["project", "add-images", str(root), str(twin)]) == 0
+    capsys.readouterr()
+    out = _import(root, src, capsys)
+    assert "unchanged 1" in out and "skipped 2" in out  # the second image's one; the first's two are unmatched

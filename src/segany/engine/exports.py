@@ -691,7 +691,7 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
         out.looked_in.append(str(Path(images_dir).resolve()))
     cats = {c["id"]: c["name"] for c in data.get("categories", []) if isinstance(c, dict) and "id" in c
             and "name" in c}
-    known = {im["file_name"]: im for im in store.list_images(project_id)}
+    known = _images_by_name(store.list_images(project_id))
     missing = [im["file_name"] for im in data["images"] if im["file_name"] not in known]
     found = [name for name in missing if images_dir is not None and (Path(images_dir) / name).is_file()]
     names = {im["id"]: im["file_name"] for im in data["images"]}
@@ -735,6 +735,25 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     out.created, out.updated, out.unchanged = counts["created"], counts["updated"], counts["unchanged"]
     out.kept_deleted = counts["kept_deleted"]
     return out
+
+
+def _images_by_name(images: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The project's images by file name, uploads also by the name they were uploaded under.
+
+    The app stores an upload as ``<first 12 hex of its sha256>-<name>`` (two uploads may share a name), while a
+    COCO file made elsewhere names ``<name>``. An upload answers to ``<name>`` too when no other image has that
+    name and no other upload was sent under it.
+    """
+    known = {im["file_name"]: im for im in images}
+    uploaded: dict[str, list[dict[str, Any]]] = {}
+    for im in images:
+        prefix, sep, rest = im["file_name"].partition("-")
+        if sep and rest and prefix == str(im.get("sha256", ""))[:12]:
+            uploaded.setdefault(rest, []).append(im)
+    for name, ims in uploaded.items():
+        if name not in known and len(ims) == 1:
+            known[name] = ims[0]
+    return known
 
 
 def _earlier_imports(store: Store, project_id: int, coco_path: Path) -> list[str]:
