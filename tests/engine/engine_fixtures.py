@@ -72,3 +72,29 @@ def make_project(root: Path, images: list[Path], name: str = "p") -> tuple[objec
     proj = store.create_project(name)
     store.add_images(proj["id"], images)
     return store, proj
+
+
+def seed_store_at(folder: Path, revision: str, annotations: dict[str, str]) -> None:
+    """A store in ``folder`` migrated only to ``revision`` (an older schema), holding project 1 ('demo'), image 1
+    (4×4, sha256 'abc') and one annotation per ``uuid -> prompts JSON`` on it, written in plain SQL as a store
+    of that age would have; migration tests then open it (upgrading to head) and check what survived."""
+    from sqlalchemy import text
+
+    from segany.engine.store import make_engine, migrate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(f"sqlite:///{folder / 'segany.db'}")
+    try:
+        migrate(engine, revision)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (name, stage, labels, settings, created_at) "
+                              "VALUES ('demo', 'manual', '[]', '{}', '2025-01-01')"))
+            conn.execute(text("INSERT INTO images (project_id, path, file_name, width, height, sha256, created_at) "
+                              "VALUES (1, 'x.jpg', 'x.jpg', 4, 4, 'abc', '2025-01-01')"))
+            for uid, prompts in annotations.items():
+                conn.execute(text("INSERT INTO annotations (uuid, image_id, label, rle_counts, height, width, area, "
+                                  "bbox_xywh, source, review_state, prompts, revision, created_at, updated_at) "
+                                  "VALUES (:u, 1, 'cat', '4', 4, 4, 0, '[0, 0, 0, 0]', 'manual', 'accepted', :p, 1, "
+                                  "'2025-01-01', '2025-01-01')"), {"u": uid, "p": prompts})
+    finally:
+        engine.dispose()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fixtures import make_images, make_project, save_tiny_checkpoint
+from engine_fixtures import make_images, make_project, save_tiny_checkpoint, seed_store_at
 
 
 def _mask(h: int, w: int, k: int) -> np.ndarray:
@@ -93,22 +93,13 @@ def test_upgrade_snapshots_versions_frozen_before(tmp_path: Path) -> None:
     """A store at 0004 with a dataset version: the upgrade copies what its links point at."""
     from sqlalchemy import text
 
-    from segany.engine.store import make_engine, migrate, open_store
+    from segany.engine.store import make_engine, open_store
     from segany.engine.versions import snapshot_items
 
-    (tmp_path / "p").mkdir()
+    seed_store_at(tmp_path / "p", "0004", {"u1": "{}"})
     engine = make_engine(f"sqlite:///{tmp_path / 'p' / 'segany.db'}")
     try:
-        migrate(engine, "0004")
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO projects (name, stage, labels, settings, created_at) "
-                              "VALUES ('demo', 'manual', '[]', '{}', '2025-01-01')"))
-            conn.execute(text("INSERT INTO images (project_id, path, file_name, width, height, sha256, created_at) "
-                              "VALUES (1, 'x.jpg', 'x.jpg', 4, 4, 'abc', '2025-01-01')"))
-            conn.execute(text("INSERT INTO annotations (uuid, image_id, label, rle_counts, height, width, area, "
-                              "bbox_xywh, source, review_state, prompts, revision, created_at, updated_at) "
-                              "VALUES ('u1', 1, 'cat', '4', 4, 4, 0, '[0, 0, 0, 0]', 'manual', 'accepted', '{}', 1, "
-                              "'2025-01-01', '2025-01-01')"))
             conn.execute(text("INSERT INTO dataset_versions (project_id, name, meta, created_at) "
                               "VALUES (1, 'v1', '{}', '2025-01-01')"))
             conn.execute(text("INSERT INTO dataset_version_annotations VALUES (1, 1)"))

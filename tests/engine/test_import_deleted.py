@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_fixtures import make_images
+from engine_fixtures import make_images, seed_store_at
 from sqlalchemy import select, text
 from test_engine_import_content import _anns, _coco, _import
 
 from segany.cli.main import main
 from segany.engine import exports
 from segany.engine.db import DeletedAnnotation
-from segany.engine.store import Store, make_engine, migrate, open_store
+from segany.engine.store import Store, open_store
 from segany.errors import InputError
 
 LEFT_DELETED = "annotations deleted in the project since an earlier import were left deleted " \
@@ -152,23 +152,8 @@ def _alembic(engine: Any, action: str, revision: str) -> None:
 def test_upgrade_from_0005_and_downgrade(tmp_path: Path) -> None:
     """A store at 0005 with an imported annotation upgrades to 0006 (its rows stay; deleting records the uuid),
     and downgrades to 0005 again (the table goes, the annotations stay)."""
-    (tmp_path / "p").mkdir()
-    engine = make_engine(f"sqlite:///{tmp_path / 'p' / 'segany.db'}")
-    try:
-        migrate(engine, "0005")
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO projects (name, stage, labels, settings, created_at) "
-                              "VALUES ('demo', 'manual', '[]', '{}', '2025-01-01')"))
-            conn.execute(text("INSERT INTO images (project_id, path, file_name, width, height, sha256, created_at) "
-                              "VALUES (1, 'x.jpg', 'x.jpg', 4, 4, 'abc', '2025-01-01')"))
-            for uid in ("u1", "u2"):
-                conn.execute(text("INSERT INTO annotations (uuid, image_id, label, rle_counts, height, width, area, "
-                                  "bbox_xywh, source, review_state, prompts, revision, created_at, updated_at) "
-                                  "VALUES (:u, 1, 'cat', '4', 4, 4, 0, '[0, 0, 0, 0]', 'manual', 'accepted', "
-                                  "'{\"imported_from\": \"/data/gt.json\"}', 1, '2025-01-01', '2025-01-01')"),
-                             {"u": uid})
-    finally:
-        engine.dispose()
+    imported = '{"imported_from": "/data/gt.json"}'
+    seed_store_at(tmp_path / "p", "0005", {"u1": imported, "u2": imported})
     store = open_store(tmp_path / "p")
     try:
         with store.transaction() as s:
