@@ -163,8 +163,11 @@ def test_sigint_writes_the_manifest_and_says_how_to_resume(checkpoint: Path, tmp
     cmd = [sys.executable, "-m", "segany.cli.main", "auto", str(d), "--out", str(out), "--checkpoint",
            str(checkpoint), "--points-per-side", "8", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
            "--device", "cpu"]  # with the progress bar
+    # The child gets SIGINT's default action even where the test runner was started in the background, which
+    # leaves SIGINT ignored and so inherited (a Ctrl-C reaches the command in a terminal).
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(out.glob("img_*.json")) and proc.poll() is None:
         time.sleep(0.02)
