@@ -86,7 +86,7 @@ def test_eval_rejects_bad_options_before_any_work(tmp_path: Path, capsys: pytest
     assert "coco128, pennfudan, kvasir, bsds" in err
     _fails(capsys, [*base, "--split", "bogus"], "choose from train, val")
     _fails(capsys, [*base, "--max-clicks", "0"], "--max-clicks must be at least 1")
-    _fails(capsys, [*base, "--max-objects-per-image", "0"], "--max-objects-per-image")
+    _fails(capsys, [*base, "--max-objects-per-image", "-1"], "--max-objects-per-image must be 0 (every object)")
     _fails(capsys, [*base, "--limit-images", "0"], "--limit-images")
 
 

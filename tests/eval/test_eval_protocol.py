@@ -47,6 +47,31 @@ def test_next_click_picks_largest_error_region_and_sign() -> None:
     assert next_click(gt, gt) is None
 
 
+def test_next_click_follows_ritm_distance_rule_and_never_repeats() -> None:
+    """RITM's rule: the error pixel deepest inside its region wins, not the region of largest area; an exact
+    tie clicks negative; a pixel already clicked is not chosen again."""
+    from segany.eval.clicks import mark_clicked
+
+    gt = rect(80, 80, 10, 70, 10, 70)
+    pred = gt.copy()
+    pred[10:70, 10:12] = False  # a 60x2 missed sliver: area 120, depth 1
+    pred |= rect(80, 80, 72, 80, 0, 8)  # an 8x8 false-positive block at the border: area 64, depth 4
+    c = next_click(gt, pred)
+    assert c is not None and not c.positive and c.y >= 72 and c.x < 8  # by area the sliver would have won
+    clicked = np.zeros_like(gt)
+    mark_clicked(clicked, c)
+    again = next_click(gt, pred, clicked)
+    assert again is not None and (again.x, again.y) != (c.x, c.y) and not again.positive
+    tie_gt = rect(40, 40, 0, 20, 0, 40)  # top half is the object
+    tie_pred = rect(40, 40, 0, 20, 0, 40)
+    tie_pred[4:8, 4:8] = False  # a 4x4 hole (false negative, depth 2)
+    tie_pred[30:34, 30:34] = True  # a 4x4 extra blob (false positive, depth 2)
+    tie = next_click(tie_gt, tie_pred)
+    assert tie is not None and not tie.positive
+    with pytest.raises(InputError, match="clicked map"):
+        next_click(gt, pred, np.zeros((3, 3), bool))
+
+
 def test_noc_and_miou_on_hand_made_case() -> None:
     a = [0.5, 0.86, 0.91] + [0.95] * 17
     b = [0.2] * 20
@@ -166,3 +191,31 @@ def test_table_names_the_click_count_it_shows() -> None:
     assert "3-click" in table.splitlines()[0] and "5-click" not in table
     s5 = {**summarize_clicks([[0.1] * 6], max_clicks=6), "box_miou": 0.6}
     assert "5-click" in format_table({"model": {"all": s5}}).splitlines()[0]
+    # NoC under a cap of 3 is not the usual NoC (capped at 20): the header names the cap.
+    assert "NoC3@85" in table.splitlines()[0] and "NoC@85" not in table
+
+
+def test_nof_counts_objects_that_never_reach_the_threshold() -> None:
+    from segany.eval.metrics import summarize_clicks
+    from segany.eval.run import format_table
+
+    s = summarize_clicks([[0.5, 0.86, 0.91] + [0.95] * 17, [0.2] * 20, [0.87] * 20])
+    assert (s["nof85"], s["nof90"], s["max_clicks"]) == (1, 2, 20)
+    head, _, row = format_table({"model": {"all": {**s, "box_miou": 0.5}}}).splitlines()
+    assert "NoC@85" in head and "NoF@85" in head and row.split()[6:8] == ["1", "2"]
+
+
+def test_every_object_and_thin_objects_are_evaluated() -> None:
+    """``max_objects_per_image=None`` keeps every object (the RITM/SAM protocol); a one-pixel-wide object gets
+    a box the predictor accepts instead of stopping the evaluation."""
+    from segany.data.formats.common import InstanceRecord, encode_mask
+    from segany.eval.interactive import box_of, eval_objects
+
+    masks = [rect(50, 50, 0, 40, 0, 2), rect(50, 50, 10, 20, 10, 20), rect(50, 50, 30, 40, 30, 40)]
+    rec = InstanceRecord(image_path="x.jpg", size_hw=(50, 50), masks=[encode_mask(m) for m in masks],
+                         image_id="x", dataset="d")
+    assert [len(ms) for _, ms in eval_objects([rec], 2, min_area=1)] == [2]
+    assert [len(ms) for _, ms in eval_objects([rec], None, min_area=1)] == [3]
+    line = rect(50, 50, 5, 45, 7, 8)  # one pixel wide
+    x0, y0, x1, y1 = box_of(line)
+    assert (x0, x1) == (7, 8) and (y0, y1) == (5, 44)

@@ -36,7 +36,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", help="split to evaluate (default val, the held-out images)")
     p.add_argument("--datasets", default=None, help="comma-separated subset, e.g. pennfudan,kvasir")
     p.add_argument("--max-clicks", type=int, default=20)
-    p.add_argument("--max-objects-per-image", type=int, default=8)
+    p.add_argument("--max-objects-per-image", type=int, default=8,
+                   help="evaluate the N largest objects of each image (default 8; 0: every object, as the "
+                        "RITM/SAM protocols do)")
     p.add_argument("--limit-images", type=int, default=None, help="at most this many images per dataset")
     p.add_argument("--grabcut", action="store_true", help="also run the GrabCut-from-box baseline")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -54,10 +56,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
     """Options that cannot give a result fail here, before the model loads or anything is written."""
     from segany.cli._checks import check_out_dir
 
-    for flag, value in (("--max-clicks", args.max_clicks), ("--max-objects-per-image", args.max_objects_per_image),
-                        ("--limit-images", args.limit_images), ("--workers", args.workers)):
+    for flag, value in (("--max-clicks", args.max_clicks), ("--limit-images", args.limit_images),
+                        ("--workers", args.workers)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be at least 1, got {value}")
+    if args.max_objects_per_image < 0:
+        raise InputError(f"--max-objects-per-image must be 0 (every object) or more, got {args.max_objects_per_image}")
     check_out_dir(args.out, "--out")
 
 
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.amg:
         return _run_amg(args, model, records, meta, options)
     result = run_evaluation(model, records, max_clicks=args.max_clicks,
-                            max_objects_per_image=args.max_objects_per_image, grabcut=args.grabcut,
+                            max_objects_per_image=args.max_objects_per_image or None, grabcut=args.grabcut,
                             grabcut_workers=args.workers, out_dir=args.out, progress=_bar(args.quiet),
                             meta=meta, predictor_options=options)
     print(format_table(result))

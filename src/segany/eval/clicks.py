@@ -1,9 +1,13 @@
-"""The click simulator of the interactive-segmentation protocol (as in RITM and SAM §7.1).
+"""The click simulator of the interactive-segmentation protocol (RITM's rule, used by SAM §7.1).
 
 First click: the point of the object farthest from its boundary (maximum of the distance transform).
-Next clicks: the centre (distance-transform maximum) of the largest error region, positive when that
-region is a false negative (missed object), negative when it is a false positive. The image border
-counts as boundary, so clicks never land on the frame edge.
+Next clicks: the error pixel farthest from the boundary of its error region, over the false negatives
+(missed object) and the false positives together; positive when it is a false negative, negative when it
+is a false positive, and negative on an exact tie. Pixels already clicked are never chosen again. The
+image border counts as boundary, so clicks never land on the frame edge.
+
+Until 2026-11-26 the next click went to the centre of the largest error region by *area* and could repeat
+an earlier click (26% of corrective clicks did); that favoured segany by about 0.014 mIoU at 5 clicks.
 """
 
 from __future__ import annotations
@@ -45,30 +49,32 @@ def first_click(gt: np.ndarray) -> Click:
     return Click(x, y, True)
 
 
-def largest_component(region: np.ndarray) -> np.ndarray:
-    import cv2
-
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
-    if n <= 1:
-        return np.zeros_like(region, dtype=bool)
-    i = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return labels == i
-
-
-def next_click(gt: np.ndarray, pred: np.ndarray) -> Click | None:
+def next_click(gt: np.ndarray, pred: np.ndarray, clicked: np.ndarray | None = None) -> Click | None:
     """The corrective click for prediction ``pred`` of object ``gt`` (both (H, W) bool); None if perfect.
 
-    The largest connected error region wins; on a tie in area the false-negative region is chosen.
+    ``clicked``: a (H, W) bool map of the pixels clicked so far, which are not chosen again (the caller
+    keeps it; :func:`mark_clicked`). Without it, any error pixel may be chosen.
     """
     gt = np.asarray(gt, dtype=bool)
     pred = np.asarray(pred, dtype=bool)
     if gt.shape != pred.shape:
         raise InputError(f"gt {gt.shape} and prediction {pred.shape} must have the same shape")
-    fn = largest_component(gt & ~pred)
-    fp = largest_component(pred & ~gt)
-    a_fn, a_fp = int(fn.sum()), int(fp.sum())
-    if a_fn == 0 and a_fp == 0:
+    if clicked is not None and clicked.shape != gt.shape:
+        raise InputError(f"clicked map {clicked.shape} and gt {gt.shape} must have the same shape")
+    dist_fn = _distance(gt & ~pred)
+    dist_fp = _distance(pred & ~gt)
+    if clicked is not None:
+        dist_fn[clicked] = 0.0
+        dist_fp[clicked] = 0.0
+    far_fn, far_fp = float(dist_fn.max()), float(dist_fp.max())
+    if far_fn == 0.0 and far_fp == 0.0:
         return None
-    positive = a_fn >= a_fp
-    x, y = _centre(fn if positive else fp)
-    return Click(x, y, positive)
+    positive = far_fn > far_fp
+    dist = dist_fn if positive else dist_fp
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first maximum in row-major order
+    return Click(int(x), int(y), positive)
+
+
+def mark_clicked(clicked: np.ndarray, click: Click) -> None:
+    """Record ``click`` in the caller's clicked map (see :func:`next_click`)."""
+    clicked[click.y, click.x] = True

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from segany.data.formats.common import InstanceRecord, decode_rle
-from segany.eval.clicks import first_click, next_click
+from segany.eval.clicks import first_click, mark_clicked, next_click
 from segany.eval.metrics import iou, summarize_clicks
 
 T = TypeVar("T")
@@ -32,8 +32,8 @@ class ObjectResult:
 
 def eval_objects(records: Sequence[InstanceRecord], max_objects_per_image: int | None = 8,
                  min_area: int = 64) -> list[tuple[InstanceRecord, list[np.ndarray]]]:
-    """The objects evaluated per image: the largest ``max_objects_per_image`` masks (first annotator only
-    where records carry groups), so every method sees exactly the same objects."""
+    """The objects evaluated per image: the largest ``max_objects_per_image`` masks (every object when it is
+    None; first annotator only where records carry groups), so every method sees exactly the same objects."""
     out = []
     for rec in records:
         idx = list(range(len(rec.masks)))
@@ -51,8 +51,14 @@ def eval_objects(records: Sequence[InstanceRecord], max_objects_per_image: int |
 
 
 def box_of(mask: np.ndarray) -> np.ndarray:
+    """The tight box (x0, y0, x1, y1) with inclusive corners, as training draws it (``mask_boxes_xyxy``).
+
+    An object one pixel wide or tall gets one pixel more on that side: the predictor refuses a box of zero
+    width, which would otherwise stop the whole evaluation.
+    """
     ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return np.array([x0, y0, max(int(xs.max()), x0 + 1), max(int(ys.max()), y0 + 1)], dtype=np.float32)
 
 
 def evaluate_model(model: Any, objects: Sequence[tuple[InstanceRecord, list[np.ndarray]]], *, max_clicks: int = 20,
@@ -74,6 +80,8 @@ def evaluate_model(model: Any, objects: Sequence[tuple[InstanceRecord, list[np.n
             m, _, _ = predictor.predict(box=box_of(gt), multimask_output=False)
             res = ObjectResult(rec.dataset, rec.image_id, iou(m[0], gt), index=index)
             clicks = [first_click(gt)]
+            clicked = np.zeros(gt.shape, dtype=bool)
+            mark_clicked(clicked, clicks[0])
             prev = None
             for k in range(max_clicks):
                 coords = np.array([[c.x, c.y] for c in clicks], dtype=np.float32)
@@ -86,11 +94,12 @@ def evaluate_model(model: Any, objects: Sequence[tuple[InstanceRecord, list[np.n
                 pred = masks_k[j]
                 prev = low[j : j + 1]
                 res.click_ious.append(iou(pred, gt))
-                click = next_click(gt, pred)
+                click = next_click(gt, pred, clicked)
                 if click is None:
                     res.click_ious.extend([res.click_ious[-1]] * (max_clicks - k - 1))
                     break
                 clicks.append(click)
+                mark_clicked(clicked, click)
             results.append(res)
             if progress:
                 progress(1)

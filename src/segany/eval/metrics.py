@@ -30,7 +30,11 @@ def noc(ious: Sequence[float], threshold: float, max_clicks: int = 20) -> int:
 
 
 def summarize_clicks(per_object: Sequence[Sequence[float]], max_clicks: int = 20) -> dict[str, Any]:
-    """mIoU after 1..N clicks and mean NoC@85/90 over objects (each a list of IoUs per click)."""
+    """mIoU after 1..N clicks, mean NoC@85/90 and NoF@85/90 over objects (each a list of IoUs per click).
+
+    NoF (number of failures, as RITM reports it) counts the objects that never reach the threshold within
+    ``max_clicks``: each adds ``max_clicks`` to NoC, so without it a NoC near the cap cannot be read.
+    """
     if not per_object:
         return {"objects": 0}
     arr = np.asarray([list(o)[:max_clicks] for o in per_object], dtype=np.float64)
@@ -42,6 +46,9 @@ def summarize_clicks(per_object: Sequence[Sequence[float]], max_clicks: int = 20
         "miou_5": round(float(curve[min(4, len(curve) - 1)]), 4),
         "noc85": round(float(np.mean([noc(o, 0.85, max_clicks) for o in arr])), 3),
         "noc90": round(float(np.mean([noc(o, 0.90, max_clicks) for o in arr])), 3),
+        "nof85": int(sum(not (o >= 0.85).any() for o in arr)),
+        "nof90": int(sum(not (o >= 0.90).any() for o in arr)),
+        "max_clicks": int(arr.shape[1]),
     }
 
 

@@ -58,7 +58,7 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
     return recs
 
 
-def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int = 20, max_objects_per_image: int = 8,
+def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int = 20, max_objects_per_image: int | None = 8,
                    grabcut: bool = False, grabcut_workers: int = 1, out_dir: str | os.PathLike[str] | None = None,
                    progress: Callable[[str, int], Callable[[int], None]] | None = None,
                    meta: dict[str, Any] | None = None,
@@ -133,13 +133,16 @@ def format_table(result: dict[str, Any]) -> str:
     gc = result.get("grabcut")  # its column only when GrabCut ran (--grabcut)
     curves = [len(v.get("miou_by_clicks", [])) for v in result["model"].values()]
     later = f"{min(5, max(curves, default=5)) or 5}-click"  # miou_5 is the last click's when fewer ran
-    head = f"{'dataset':10s} {'objects':>7s} {'1-click':>8s} {later:>8s} {'NoC@85':>7s} {'NoC@90':>7s} " \
-           f"{'box':>7s}" + (f" {'GrabCut':>8s}" if gc is not None else "")
+    cap = max(curves, default=20)
+    noc = "NoC" if cap == 20 else f"NoC{cap}"  # the cap shows when it is not the usual 20 clicks
+    head = f"{'dataset':10s} {'objects':>7s} {'1-click':>8s} {later:>8s} {noc + '@85':>7s} {noc + '@90':>7s} " \
+           f"{'NoF@85':>7s} {'NoF@90':>7s} {'box':>7s}" + (f" {'GrabCut':>8s}" if gc is not None else "")
     lines = [head, "-" * len(head)]
     for name, s in result["model"].items():
         line = (f"{name:10s} {s['objects']:7d} {s.get('miou_1', float('nan')):8.3f} "
                 f"{s.get('miou_5', float('nan')):8.3f} {s.get('noc85', float('nan')):7.2f} "
-                f"{s.get('noc90', float('nan')):7.2f} {s['box_miou']:7.3f}")
+                f"{s.get('noc90', float('nan')):7.2f} {s.get('nof85', -1):7d} {s.get('nof90', -1):7d} "
+                f"{s['box_miou']:7.3f}")
         if gc is not None:
             g = gc.get(name, {}).get("box_miou")
             line += f" {g if g is not None else float('nan'):8.3f}"
