@@ -61,9 +61,9 @@ fi
 $PY -c "from segany.bundled import split_file; import sys; print([p.name for p in split_file(sys.argv[1], sys.argv[2])])" \
   "$RUN/segany_tiny.pt" "$OUT" 2>&1 | tee -a "$LOG"
 
-# 3) evaluate on the held-out split, GrabCut from the same boxes beside it
+# 3) evaluate on the held-out split (every object, as docs/segany_tiny_eval_all_objects.json), GrabCut from the same boxes beside it
 timeout "$EVAL_TIMEOUT" $PY -m segany.cli.eval --model segany_tiny --checkpoint "$RUN/segany_tiny.pt" \
-  --data "$PACK" $([ "${GRABCUT:-1}" = 1 ] && echo --grabcut) --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --max-objects-per-image 4 \
+  --data "$PACK" $([ "${GRABCUT:-1}" = 1 ] && echo --grabcut) --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --max-objects-per-image 0 \
   --device "$DEVICE" --out "$RUN/eval" --quiet "${eval_extra[@]}" 2>&1 | tee -a "$LOG"
 echo "eval rc ${PIPESTATUS[0]}" | tee -a "$LOG"
 cp "$RUN/eval/miou_vs_clicks.png" "$OUT/" 2>/dev/null
