@@ -34,9 +34,9 @@ def _distance(region: np.ndarray) -> np.ndarray:
     return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
 
 
-def _centre(region: np.ndarray) -> tuple[int, int]:
-    dist = _distance(region)
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first maximum in row-major order
+def _deepest(dist: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the first maximum of a distance map, in row-major order."""
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return int(x), int(y)
 
 
@@ -45,7 +45,7 @@ def first_click(gt: np.ndarray) -> Click:
     gt = np.asarray(gt, dtype=bool)
     if gt.ndim != 2 or not gt.any():
         raise InputError(f"first_click needs a non-empty (H, W) mask, got shape {gt.shape} with {int(gt.sum())} px")
-    x, y = _centre(gt)
+    x, y = _deepest(_distance(gt))
     return Click(x, y, True)
 
 
@@ -70,9 +70,8 @@ def next_click(gt: np.ndarray, pred: np.ndarray, clicked: np.ndarray | None = No
     if far_fn == 0.0 and far_fp == 0.0:
         return None
     positive = far_fn > far_fp
-    dist = dist_fn if positive else dist_fp
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first maximum in row-major order
-    return Click(int(x), int(y), positive)
+    x, y = _deepest(dist_fn if positive else dist_fp)
+    return Click(x, y, positive)
 
 
 def mark_clicked(clicked: np.ndarray, click: Click) -> None:
