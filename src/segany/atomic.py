@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (to give files made 0600/0700 by mkstemp/mkdtemp the usual permissions)."""
     mask = os.umask(0)  # the only portable way to read it is to set it; restore at once
     os.umask(mask)
     return mask
@@ -44,7 +45,7 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove

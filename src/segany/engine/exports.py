@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from segany.atomic import atomic_write, atomic_write_json, atomic_write_text
+from segany.atomic import atomic_write, atomic_write_json, atomic_write_text, current_umask
 from segany.engine.db import Annotation as AnnotationModel
 from segany.engine.db import Image as ImageModel
 from segany.engine.masks import decode_rle, normalize_rle, rle_area_bbox
@@ -63,12 +63,6 @@ EXPORT_MARKER = ".segany-export"
 _LEGACY_LAYOUT = {"sa1b": ("*.json",), "yolo": ("data.yaml", "images/*", "labels/*.txt"),
                   "png": ("index.json", "*/*.png")}
 COCO_EXPORT_DESCRIPTION = "exported by segany"
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it; restore at once
-    os.umask(mask)
-    return mask
 
 
 def _store_files(store: Store) -> list[Path]:
@@ -134,14 +128,6 @@ def _refuse_project_data_file(store: Store, target: Path, shown: Path) -> None:
                          "it (--force does not override this); pass another file name such as annotations.json")
 
 
-def _imported_from(store: Store, project_id: int) -> set[str]:
-    """The files the project's annotations were imported from, as recorded by :func:`import_coco_summary`."""
-    with store.transaction() as s:
-        rows = s.scalars(select(AnnotationModel.prompts).join(ImageModel, ImageModel.id == AnnotationModel.image_id)
-                         .where(ImageModel.project_id == project_id))
-        return {str(p["imported_from"]) for p in rows if isinstance(p, dict) and p.get("imported_from")}
-
-
 def _same_file(a: Path, b: str) -> bool:
     with contextlib.suppress(OSError):
         return os.path.samefile(a, b)
@@ -170,7 +156,7 @@ def _check_file_target(store: Store, project_id: int, path: Path, what: str, for
         return
     target = path.resolve()
     _refuse_project_data_file(store, target, path)
-    if any(_same_file(target, src) for src in _imported_from(store, project_id)):
+    if _earlier_imports(store, project_id, target):  # annotations were imported from this very file
         raise InputError(f"{path} is the file this project imported annotations from; the export would replace "
                          "the source data (--force does not override this); pass another file name")
     if not force and not is_segany_coco(target):
@@ -292,7 +278,7 @@ def _folder_swap(store: Store, out: Path, what: str, force: bool) -> Iterator[Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it 0700; an export is as readable as any other output
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes it 0700; an export is as readable as any other output
         yield work
         atomic_write_json(work / EXPORT_MARKER, {"format": what, "written_by": "segany",
                                                  "files": _files_under(work)})
@@ -722,7 +708,7 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
         records.append(rec)
     # Only the labels imported annotations use: the file's categories list may name classes it never uses.
     used_labels = list(dict.fromkeys(r["label"] for r in records))
-    declared = next((list(p["labels"]) for p in store.list_projects() if p["id"] == project_id), [])
+    declared = _project_labels(store, project_id, {})
     out.labels_added = [n for n in used_labels if n not in declared]
     keys_in_file = {r["key"] for r in records} | {r["legacy_key"] for r in records} | {
         import_key(project_id, sha_of[names[a["image_id"]]], a["id"], {}, "") for a in usable if a.get("id") is not None}
