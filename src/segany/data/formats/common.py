@@ -196,8 +196,9 @@ def note(report: ReadReport | None, line: str) -> None:
         logging.getLogger(__name__).warning(line)
 
 
-def image_size_hw(path: Path, report: ReadReport | None) -> tuple[int, int] | None:
-    """(H, W) from the image file's header (cheap: no decode), or None (reported) when it cannot be read."""
+def _header(path: Path, report: ReadReport | None, orientation: bool) -> tuple[tuple[int, int], int] | None:
+    """((H, W), EXIF orientation or 1) from one open of the file's header (no decode); None (reported) when it
+    cannot be read. The tag is read only when ``orientation`` is asked for."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
@@ -206,23 +207,27 @@ def image_size_hw(path: Path, report: ReadReport | None) -> tuple[int, int] | No
     try:
         with Image.open(path) as im:
             w, h = im.size
+            tag = _orientation(im) if orientation else 1
     except (OSError, UnidentifiedImageError) as exc:
         bad_image(report, f"{path}: not a readable image ({exc.__class__.__name__})")
         return None
-    return int(h), int(w)
+    return (int(h), int(w)), tag
+
+
+def image_size_hw(path: Path, report: ReadReport | None) -> tuple[int, int] | None:
+    """(H, W) from the image file's header (cheap: no decode), or None (reported) when it cannot be read."""
+    header = _header(path, report, orientation=False)
+    return None if header is None else header[0]
 
 
 # EXIF orientations 5 to 8 turn the picture a quarter: the shown image is the stored one with H and W swapped.
 _QUARTER_TURNS = (5, 6, 7, 8)
 
 
-def exif_orientation(path: Path) -> int:
-    """The EXIF orientation tag (1 to 8) of an image file, 1 when it has none or it cannot be read."""
-    from PIL import Image
-
+def _orientation(im: Any) -> int:
+    """The EXIF orientation tag (1 to 8) of an open PIL image, 1 when it has none or it cannot be read."""
     try:
-        with Image.open(path) as im:
-            value = im.getexif().get(0x0112, 1)
+        value = im.getexif().get(0x0112, 1)
     except (OSError, ValueError, SyntaxError):
         return 1
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
@@ -232,11 +237,12 @@ def image_frames_hw(path: Path, report: ReadReport | None) -> tuple[tuple[int, i
     """(stored (H, W), shown (H, W), EXIF orientation) from the header; None (reported) when unreadable.
 
     The stored frame is the pixels as written in the file; the shown frame is what a viewer displays after
-    applying the EXIF orientation. Annotations may be in either, so packing compares with both.
+    applying the EXIF orientation. Annotations may be in either, so packing compares with both. One open of
+    the file reads both the size and the tag.
     """
-    stored = image_size_hw(path, report)
-    if stored is None:
+    header = _header(path, report, orientation=True)
+    if header is None:
         return None
-    orientation = exif_orientation(path)
+    stored, orientation = header
     shown = (stored[1], stored[0]) if orientation in _QUARTER_TURNS else stored
     return stored, shown, orientation
