@@ -123,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
         if cmd == "add-images":
             from segany.engine.store import collect_image_files
 
-            found = len(collect_image_files(args.paths))
-            added, bad = store.add_images_report(proj["id"], args.paths, skip_invalid=args.skip_invalid)
-            present = found - len(added) - len(bad)  # the store skips content it holds (or was given twice)
+            files = collect_image_files(args.paths)  # walked once; the store takes the files as they are
+            added, bad = store.add_images_report(proj["id"], files, skip_invalid=args.skip_invalid)
+            present = len(files) - len(added) - len(bad)  # the store skips content it holds (or was given twice)
             print(f"added {len(added)} images to {proj['name']!r}"
                   + (f", {present} already registered (same content)" if present else "")
                   + (f", skipped {len(bad)} unreadable: " + "; ".join(f"{f} ({why})" for f, why in bad) if bad else ""))
