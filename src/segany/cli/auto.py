@@ -48,6 +48,7 @@ from segany.cli.auto_resume import (
     plan_images,
     previous_outputs,
     record_run,
+    recorded_settings,
     run_settings,
     write_images,
 )
@@ -202,12 +203,8 @@ def _keys(files: list[Path], root: Path) -> list[tuple[Path, str]]:
 
 
 def _is_run_record(path: Path) -> bool:
-    """Whether ``path`` is the run.json of a ``segany auto`` output folder."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("settings"), dict) and "format" in data["settings"]
+    """Whether ``path`` (a run.json) is the record of a ``segany auto`` output folder."""
+    return "format" in (recorded_settings(path.parent) or {})
 
 
 def _parts_inside(out: Path, src: Path) -> tuple[str, ...] | None:

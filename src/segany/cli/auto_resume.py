@@ -184,14 +184,20 @@ def write_images(out: Path, record: ImageRecord) -> None:
     atomic_write_bytes(out / IDS_FILE, json.dumps(data, indent=1).encode("utf-8"))
 
 
+def recorded_settings(out: Path) -> dict[str, Any] | None:
+    """The settings of the run recorded in ``out``'s run.json, or None when there is no readable record."""
+    try:
+        data = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    settings = data.get("settings") if isinstance(data, dict) else None
+    return settings if isinstance(settings, dict) else None
+
+
 def previous_outputs(out: Path) -> tuple[str | None, list[str]]:
     """The format and output keys of the run recorded in ``out`` (None and [] when there is none), so a fresh
     run removes exactly what that run wrote and never a file it did not."""
-    fmt = None
-    try:
-        fmt = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["settings"]["format"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    fmt = (recorded_settings(out) or {}).get("format")
     try:
         keys = list(_read_ids(out / IDS_FILE)[0]) if (out / IDS_FILE).exists() else []
     except InputError:
