@@ -55,11 +55,16 @@ def train_records(data: DataSection) -> list[InstanceRecord]:
     return _select(load_pack(data.pack, split="train"), data.datasets, data.pack, "train")
 
 
-def val_records(data: DataSection) -> list[InstanceRecord]:
-    """The held-out records of ``data.datasets``; InputError when there are none (validation was asked for)."""
+def _pack_val(data: DataSection) -> list[InstanceRecord]:
+    """The pack's held-out records of ``data.datasets`` (possibly none)."""
     from segany.data.pack import load_pack
 
-    records = [r for r in load_pack(data.pack, split="val") if r.dataset in set(data.datasets)]
+    return [r for r in load_pack(data.pack, split="val") if r.dataset in set(data.datasets)]
+
+
+def val_records(data: DataSection) -> list[InstanceRecord]:
+    """The held-out records of ``data.datasets``; InputError when there are none (validation was asked for)."""
+    records = _pack_val(data)
     if not records:
         raise InputError(f"run.val_every is set but pack {data.pack!r} has no held-out (val) images of "
                          f"{', '.join(data.datasets)}; pack a val split or set run.val_every=0")
@@ -100,12 +105,10 @@ def data_fingerprint(data: DataSection, train: Sequence[InstanceRecord] | None =
     images, another split) would otherwise be continued silently, validating on images already trained on.
     ``train``: the records the run was given (else the pack's); the val part is the pack's held-out split of
     ``data.datasets`` when ``data.pack`` is a pack (the engine's runs train on records of their own)."""
-    from segany.data.pack import load_pack
-
     rec = list(train) if train is not None else train_records(data)
     out: dict[str, object] = {"train": records_fingerprint(rec), "train_images": len(rec)}
     if (Path(data.pack) / MANIFEST).is_file():
-        val = [r for r in load_pack(data.pack, split="val") if r.dataset in set(data.datasets)]
+        val = _pack_val(data)
         out.update(val=records_fingerprint(val), val_images=len(val))
     return out
 
