@@ -394,8 +394,8 @@ def test_fast_prompt_path_iou_vs_exact_vit_b(orig, input_size):
 
 
 def test_auto_attention_picks_the_measured_fastest_mode(tiny_sam, monkeypatch):
-    """``attention="auto"``: the Triton kernel eagerly on Ampere+ GPUs (the fastest eager mode on an H200),
-    ``mixed`` when compiled, ``mask`` on the CPU and on GPUs the kernel cannot serve."""
+    """``attention="auto"``: the Triton kernel on Ampere+ GPUs (the fastest mode on an H200, eager and
+    compiled); elsewhere ``mixed`` when compiled and ``mask`` eagerly, and ``mask`` on the CPU."""
     from segany import fast as fast_mod
     from segany.fast import resolve_attention
 
@@ -411,13 +411,15 @@ def test_auto_attention_picks_the_measured_fastest_mode(tiny_sam, monkeypatch):
     monkeypatch.setattr(fast_mod.relpos_kernel, "available", lambda device: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     assert resolve_attention("auto", "cuda") == "fused"
-    assert resolve_attention("auto", "cuda:0", compile=True) == "mixed"
-    assert resolve_attention("auto", "cuda", compile="max-autotune") == "mixed"
+    assert resolve_attention("auto", "cuda:0", compile=True) == "fused"
+    assert resolve_attention("auto", "cuda", compile="max-autotune") == "fused"
     capability[0] = (7, 5)  # Turing: no bf16 tensor-core dots for the kernel
     assert resolve_attention("auto", "cuda") == "mask"
+    assert resolve_attention("auto", "cuda", compile=True) == "mixed"
     capability[0] = (8, 0)
     monkeypatch.setattr(fast_mod.relpos_kernel, "available", lambda device: False)  # no Triton
     assert resolve_attention("auto", "cuda") == "mask"
+    assert resolve_attention("auto", "cuda", compile="default") == "mixed"
 
     fp = FastPath(tiny_sam, precision="bf16")
     assert fp.attention == "mask"
