@@ -77,6 +77,17 @@ step ${T_L_FUSED:-200} speed_l_fused python3 bench/speed.py --device cuda --mode
 step ${T_H_QUANT_AT:-330} speed_h_quant_autotune python3 bench/speed.py --device cuda --models vit_h --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode max-autotune --compile-attentions fused --no-compile-mask \
   --encoder-quant int8,fp8 --skip-eager --json "$OUT/speed_h_quant_autotune.json"
+# After the window kernel (2026-11-26 evening): ViT-H compiled with `fused` (now both kernels) and fp8, with
+# segment-anything-fast's method; the same in max-autotune (GELU and norms fused into GEMM epilogues);
+# and ViT-H's profile with the window kernel.
+step ${T_H_FUSED:-240} speed_h_fused python3 bench/speed.py --device cuda --models vit_h --parts encoder \
+  --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
+  --encoder-quant fp8 --skip-eager --json "$OUT/speed_h_fused.json"
+step ${T_H_AUTOTUNE:-400} speed_h_autotune python3 bench/speed.py --device cuda --models vit_h --parts encoder \
+  --skip-reference --attentions "" --compile --compile-mode max-autotune --compile-attentions fused --no-compile-mask \
+  --skip-eager --json "$OUT/speed_h_autotune.json"
+step ${T_PROFILE_HF:-90} profile_vit_h_fused python3 bench/profile_encoder.py --device cuda --model vit_h \
+  --attention fused --compile-mode default --json "$OUT/profile_vit_h_fused.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 if [ "$STEPS" = all ]; then
   selected=("${ORDER[@]}")

@@ -1,12 +1,20 @@
-"""The fused rel-pos attention kernel alone, at the ViT global blocks' shapes, against SDPA.
+"""The fused rel-pos attention kernels alone, at the ViT blocks' shapes, against SDPA.
 
-Times, per global-attention call at encoder batch 8 (median of ``triton.testing.do_bench``):
+Global blocks, per attention call at encoder batch 8 (median of ``triton.testing.do_bench``):
 
 * ``sdpa_mask``: what ``attention="mask"`` does: build the padded (L, L) bias, then SDPA with it;
 * ``fused``: :func:`segany.kernels.relpos_attention.relpos_attention`;
 * ``sdpa_no_bias``: SDPA without any bias, a flash-kernel floor no rel-pos method can beat;
 
-and the fused kernel's error against fp32 maths. One line per shape, plus JSON.
+Windowed blocks (14-token windows), from the ``qkv`` projection to the tokens ``proj`` takes:
+
+* ``fold``: what the windowed blocks did before the window kernel: pad and partition, add the qkv bias,
+  the rel-pos einsums, SDPA on the folded heads, merge and crop;
+* ``fused``: :func:`segany.kernels.window_attention.window_attention`;
+* ``sdpa_no_bias_windows``: SDPA on already-partitioned windows without bias (a floor for the attention
+  itself; the other two also move the tokens in and out of windows);
+
+and each kernel's error against fp32 maths. One line per shape, plus JSON.
 
 Usage::
 
@@ -16,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -30,8 +39,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from segany.cli._util import atomic_write_bytes  # noqa: E402
-from segany.fast import _padded_bias  # noqa: E402
+from segany.fast import FastViTAttention, _padded_bias  # noqa: E402
+from segany.kernels import window_attention as wk  # noqa: E402
 from segany.kernels.relpos_attention import relpos_attention  # noqa: E402
+from segany.modeling import image_encoder as vit  # noqa: E402
+from segany.modeling.config import ViTConfig  # noqa: E402
 
 # (name, heads, head size) of the global blocks of ViT-B, -L and -H at 1024 px (a 64 × 64 token grid).
 SHAPES = (("vit_b", 12, 64), ("vit_l", 16, 64), ("vit_h", 16, 80))
@@ -49,6 +61,18 @@ def timed_ms(fn: Any, device: str) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
+
+
+def time_variants(fns: dict[str, Any], flops: int, device: str) -> dict[str, Any]:
+    """Each variant's median ms and TFLOP/s; a variant that fails is recorded with its error, not raised."""
+    res: dict[str, Any] = {}
+    for label, fn in fns.items():
+        try:
+            ms = timed_ms(fn, device)
+            res[label] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+        except Exception as exc:  # noqa: BLE001 - a failing variant is data
+            res[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return res
 
 
 def bench_shape(name: str, nh: int, D: int, batch: int, grid: int, device: str = "cuda") -> dict[str, Any]:
@@ -69,12 +93,7 @@ def bench_shape(name: str, nh: int, D: int, batch: int, grid: int, device: str =
         "fused_bias_h_t": lambda: relpos_attention(q, k, v, bias_h_t, bias_w, (H, W)),  # measured 1-13% slower
         "sdpa_no_bias": lambda: F.scaled_dot_product_attention(q, k, v),
     }
-    for label, fn in fns.items():
-        try:
-            ms = timed_ms(fn, device)
-            res[label] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
-        except Exception as exc:  # noqa: BLE001 - a failing variant is data
-            res[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    res.update(time_variants(fns, flops, device))
     if "ms" in res["fused"] and "ms" in res["sdpa_mask"]:
         res["speedup_vs_mask"] = round(res["sdpa_mask"]["ms"] / res["fused"]["ms"], 2)
         n = min(batch, 2)  # the fp32 check on part of the batch keeps memory modest
@@ -87,11 +106,62 @@ def bench_shape(name: str, nh: int, D: int, batch: int, grid: int, device: str =
     return res
 
 
+def _fold_windows(attn: FastViTAttention, qkv_nobias: torch.Tensor, window: int) -> torch.Tensor:
+    """The windowed block's attention before the window kernel (FastWindowBlock's fold path)."""
+    H, W = qkv_nobias.shape[1:3]
+    windows, padded = vit.window_partition(qkv_nobias, window)
+    return vit.window_unpartition(attn.attend(windows + attn.qkv.bias), window, padded, (H, W))
+
+
+def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int = 14,
+                 device: str = "cuda") -> dict[str, Any]:
+    dt = torch.bfloat16 if device == "cuda" else torch.float16
+    C = nh * D
+    torch.manual_seed(0)
+    block = vit.Block(ViTConfig(embed_dim=C, num_heads=nh), window=window)
+    with torch.no_grad():
+        for prm in block.parameters():
+            prm.normal_(0, 0.05)
+    block = block.to(device).eval()
+    attn32 = FastViTAttention.from_attention(block.attn, "fold")
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv32 = torch.randn(batch, grid, grid, 3 * C, device=device, generator=g)
+    qkv32_nobias = qkv32 - block.attn.qkv.bias.detach()
+    half = copy.deepcopy(block).to(dt)
+    attn = FastViTAttention.from_attention(half.attn, "fold")
+    qkv, qkv_nobias = qkv32.to(dt), qkv32_nobias.to(dt)
+    table_h = wk.offset_table(vit.relative_position_table(window, window, half.attn.rel_pos_h))
+    table_w = wk.offset_table(vit.relative_position_table(window, window, half.attn.rel_pos_w))
+    nw = (-(-grid // window)) ** 2
+    wins, _ = vit.window_partition(qkv, window)
+    wq, wk_, wv = wins.reshape(-1, window * window, 3, nh, D).permute(2, 0, 3, 1, 4).unbind(0)
+    flops = 4 * batch * nw * nh * (window * window) ** 2 * D
+    res: dict[str, Any] = {"model": name, "block": "windowed", "batch": batch, "heads": nh, "head_dim": D,
+                           "window": window, "grid": grid}
+    fns = {
+        "fold": lambda: _fold_windows(attn, qkv_nobias, window),
+        "fused": lambda: wk.window_attention(qkv, half.attn.qkv.bias, table_h, table_w, window, nh),
+        "sdpa_no_bias_windows": lambda: F.scaled_dot_product_attention(wq, wk_, wv),
+    }
+    with torch.no_grad():
+        res.update(time_variants(fns, flops, device))
+        if "ms" in res["fused"] and "ms" in res["fold"]:
+            res["speedup_vs_fold"] = round(res["fold"]["ms"] / res["fused"]["ms"], 2)
+            n = min(batch, 2)
+            ref = _fold_windows(attn32, qkv32_nobias[:n], window)
+            got = wk.window_attention(qkv[:n], half.attn.qkv.bias, table_h, table_w, window, nh).float()
+            res["max_abs_err_fused"] = round(float((got - ref).abs().max()), 5)
+            res["max_abs_err_fold"] = round(float((_fold_windows(attn, qkv_nobias[:n], window).float() - ref)
+                                                  .abs().max()), 5)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--grid", type=int, default=64, help="token grid side (64 for 1024 px inputs)")
     p.add_argument("--models", default="vit_b,vit_l,vit_h")
+    p.add_argument("--blocks", choices=["both", "global", "windowed"], default="both")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a smoke run of this script under TRITON_INTERPRET=1 (timings meaningless)")
     p.add_argument("--json", help="write the results here")
@@ -104,10 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     out = {"gpu": gpu, "torch": torch.__version__, "results": []}
     for name, nh, D in SHAPES:
-        if name in wanted:
-            r = bench_shape(name, nh, D, args.batch, args.grid, args.device)
+        if name not in wanted:
+            continue
+        for bench in ((bench_shape, bench_window) if args.blocks == "both" else
+                      (bench_shape,) if args.blocks == "global" else (bench_window,)):
+            r = bench(name, nh, D, args.batch, args.grid, device=args.device)
             out["results"].append(r)
             print(json.dumps(r), flush=True)
+            if args.json:  # after each shape, so a run cut short keeps what it measured
+                atomic_write_bytes(Path(args.json), json.dumps(out, indent=1).encode())
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     if args.json:

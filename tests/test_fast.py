@@ -16,6 +16,7 @@ from segany.errors import InputError
 from segany.fast import (
     FastPath,
     FastViTAttention,
+    FastWindowBlock,
     configure_cpu_threads,
     encode_images,
     make_fast_encoder,
@@ -54,6 +55,8 @@ def test_fast_attention_fp32_matches_reference(tiny_sam, mode):
         assert modes == {(True, "fold"), (False, "mask" if mode == "mixed" else "fused")}
     else:
         assert modes == {(True, mode), (False, mode)}
+    # "fused" windows run their own kernel where Triton can (CUDA); here, without it, they fold.
+    assert {b.fused for b in fast.modules() if isinstance(b, FastWindowBlock)} == {mode == "fused"}
     assert not any(isinstance(m, FastViTAttention) for m in tiny_sam.image_encoder.modules()), "original touched"
     with torch.no_grad():
         torch.testing.assert_close(fast(x), tiny_sam.image_encoder(x), atol=1e-5, rtol=1e-5)
@@ -77,8 +80,6 @@ def test_window_block_without_padding_rows_is_exact(mode, qkv_bias):
     """Windows of 6 on a 16×16 grid pad to 18×18: FastWindowBlock projects only the real tokens and must
     still give the padded keys/values the reference gives them (the qkv bias), or the outputs drift."""
     from conftest import randomize_
-
-    from segany.fast import FastWindowBlock
 
     cfg = SamConfig(encoder=ViTConfig(img_size=256, depth=2, embed_dim=96, num_heads=3, global_attn_indexes=(1,),
                                       window_size=6, qkv_bias=qkv_bias))
@@ -213,6 +214,8 @@ def test_cuda_fused_attention_bf16(tiny_sam, compiled):
     x = torch.randn(2, 3, 256, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     fast = FastPath(model, precision="bf16", attention="fused", compile="default" if compiled else False)
     assert {b.attn.mode for b in fast.encoder.modules() if isinstance(b, vit.Block) and b.window == 0} == {"fused"}
+    windowed = [b for b in fast.encoder.modules() if isinstance(b, FastWindowBlock)]
+    assert windowed and all(b._kernel_applies(x) for b in windowed)  # the window kernel, not the fold
     with torch.no_grad():
         ref = model.image_encoder(x)
     assert _rel_err(ref, fast.encode(x)) < BF16_REL_TOL

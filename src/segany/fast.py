@@ -5,10 +5,10 @@ The fp32 modules in :mod:`segany.modeling` are the numerical reference and stay 
 ViT's attention swapped for :class:`FastViTAttention`, which gives the decomposed relative-position
 bias to ``scaled_dot_product_attention`` in a layout its fused kernels accept:
 
-* ``attention="auto"`` (default): ``fused`` on a CUDA GPU of compute capability 8.0+ with Triton when the
-  encoder runs eagerly (on an H200 the fastest eager encoder: ViT-B 206 img/s against 161 for ``mask``
-  and 183 for ``fold``), ``mixed`` when it is compiled (the fastest compiled mode measured so far), and
-  ``mask`` elsewhere (:func:`resolve_attention`).
+* ``attention="auto"`` (default): ``fused`` on a CUDA GPU of compute capability 8.0+ with Triton, eager
+  or compiled (on an H200 the fastest mode either way: ViT-B 209 img/s eagerly against 183 for ``fold``,
+  360 compiled against 287 for ``mixed``), and otherwise ``mixed`` when compiled and ``mask`` eagerly
+  (:func:`resolve_attention`).
 * ``attention="mask"``: the bias is written into a buffer whose last dimension is padded to
   a multiple of 8 and passed as an additive mask; the memory-efficient (and cuDNN) kernels need that
   alignment, otherwise SDPA pads (copies) the bias on every call or falls back to the math kernel.
@@ -18,10 +18,12 @@ bias to ``scaled_dot_product_attention`` in a layout its fused kernels accept:
   with ``bench/speed.py``.
 * ``attention="mixed"``: ``fold`` in the windowed blocks (14 + 14 extra columns on a 64-wide head) and
   ``mask`` in the few global blocks, where folding would triple the head.
-* ``attention="fused"``: :mod:`segany.kernels.relpos_attention`, a Triton kernel that adds the bias tile by
-  tile from the two small tables, in the global blocks (``fold`` in the windowed ones); on devices
-  without Triton it falls back to ``mask``. On an H200 the kernel ran 3.3–4.4× faster than SDPA with the
-  bias mask at the global blocks' shapes, with a quarter of its error against fp32 (``bench/relpos_kernel.py``).
+* ``attention="fused"``: segany's Triton kernels. In the global blocks :mod:`segany.kernels.relpos_attention`
+  adds the bias tile by tile from the two small tables (on an H200 3.8–4.4× faster than SDPA with the
+  bias mask, with a quarter of its error against fp32; ``bench/relpos_kernel.py``). In the windowed
+  blocks :mod:`segany.kernels.window_attention` goes from the ``qkv`` projection straight to token order
+  (see :class:`FastWindowBlock`). On devices without Triton the global blocks fall back to ``mask`` and
+  the windowed ones to ``fold``.
 * ``attention="flex"``: PyTorch's ``flex_attention`` with the bias added by a ``score_mod`` that reads
   the two small (L, H) and (L, W) tables, so neither an (L, L) bias nor a wider head exists. It is
   compiled to a fused Triton kernel on CUDA; on CPU it runs uncompiled, which is exact but slow (a
@@ -55,6 +57,7 @@ from torch import nn
 from segany.errors import InputError
 from segany.kernels import quant_linear
 from segany.kernels import relpos_attention as relpos_kernel
+from segany.kernels import window_attention as window_kernel
 from segany.modeling import image_encoder as vit
 from segany.modeling.layers import LayerNorm2d
 from segany.modeling.sam import Sam
@@ -233,19 +236,38 @@ class FastWindowBlock(vit.Block):
     filled with what ``qkv`` gives a zero token, its bias, so the keys and values the windows see are the
     reference's; ``proj`` runs after the padding is cropped away, since those rows are discarded anyway.
     Same maths, 16% fewer rows in two of the block's four GEMMs.
+
+    With ``fused=True`` (``attention="fused"``) and the kernel available on the tensors' device, the
+    window attention is :mod:`segany.kernels.window_attention` instead: it reads the projection where it
+    lies, so no padded or partitioned copy, no bias tensors and no merge are made; elsewhere the block
+    folds the bias as ``attention="fold"`` does.
     """
 
     attn: FastViTAttention
+    fused: bool
 
     @classmethod
-    def from_block(cls, src: vit.Block, attn: FastViTAttention) -> FastWindowBlock:
+    def from_block(cls, src: vit.Block, attn: FastViTAttention, fused: bool = False) -> FastWindowBlock:
         block = cls.__new__(cls)
         nn.Module.__init__(block)
         block.norm1, block.attn, block.norm2, block.mlp, block.window = src.norm1, attn, src.norm2, src.mlp, src.window
+        block.fused = fused
         return block
+
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        return (self.fused and self.attn.use_rel_pos and window_kernel.available(x.device)
+                and window_kernel.supports(self.window, self.attn.head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[1:3]
+        if self._kernel_applies(x):
+            attn = self.attn
+            table_h = window_kernel.offset_table(vit.relative_position_table(self.window, self.window, attn.rel_pos_h))
+            table_w = window_kernel.offset_table(vit.relative_position_table(self.window, self.window, attn.rel_pos_w))
+            out = window_kernel.window_attention(attn.qkv(self.norm1(x)), attn.qkv.bias, table_h, table_w,
+                                                 self.window, attn.num_heads)
+            x = x + attn.proj(out)
+            return x + self.mlp(self.norm2(x))
         qkv_layer = self.attn.qkv  # bias added after padding, see class docstring
         if isinstance(qkv_layer, quant_linear.QuantLinear):
             qkv = qkv_layer.matmul(self.norm1(x))
@@ -381,11 +403,11 @@ def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str 
     def swap(m: nn.Module) -> nn.Module | None:
         if isinstance(m, vit.Block):
             mode = attention
-            if attention in ("mixed", "fused"):  # fold in windows; mask or the kernel in global blocks
+            if attention in ("mixed", "fused"):  # fold in windows (or their kernel); mask or the kernel globally
                 mode = "fold" if m.window > 0 else ("mask" if attention == "mixed" else "fused")
             attn = FastViTAttention.from_attention(m.attn, mode)
             if m.window > 0:
-                return FastWindowBlock.from_block(m, attn)
+                return FastWindowBlock.from_block(m, attn, fused=attention == "fused")
             m.attn = attn
             return m
         if isinstance(m, vit.PatchEmbed):

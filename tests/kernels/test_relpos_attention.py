@@ -8,14 +8,11 @@ tests/test_fast.py and the kernel is checked here in fp32 (to rounding) and fp16
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreter_run import run_interpreted
 
 from segany.kernels import relpos_attention as relpos
 
@@ -79,19 +76,9 @@ SCRIPT = textwrap.dedent(
     # torch.compile must keep the kernel in one graph (fullgraph=True fails on any graph break); the eager
     # backend then runs the captured graph, so the registered op is what executes.
     relpos.relpos_attention = real
-    import torch._dynamo
-    torch._dynamo.reset()
-    graphs = []
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    compiled = torch.compile(fast, backend=backend, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        c = compiled(x)
-    ops = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
-    out["compiled_graphs"] = len(graphs)
-    out["compiled_op_calls"] = sum("relpos_attention" in t for t in ops)
-    out["compiled_err"] = float((c - b).abs().max() / b.abs().max())
+    from interpreter_run import compiled_graph_report
+    report = compiled_graph_report(fast, x, b, "relpos_attention")
+    out["compiled_graphs"], out["compiled_op_calls"], out["compiled_err"] = report["graphs"], report["op_calls"], report["err"]
     print(json.dumps(out))
     """
 )
@@ -99,10 +86,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(SCRIPT)
 
 
 def test_kernel_matches_sdpa_with_full_bias(interpreted):

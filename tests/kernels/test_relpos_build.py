@@ -1,4 +1,5 @@
-"""The fused rel-pos kernel builds for the GPUs it is chosen on, with the argument types torch.compile gives it.
+"""The fused rel-pos kernels (global and windowed) build for the GPUs they are chosen on, with the argument
+types torch.compile gives them.
 
 CI has no GPU, but Triton compiles a kernel to a cubin without one. This matters because the interpreter
 tests (test_relpos_attention.py) never see the real compiler's typing: on an H200 (2026-11-26) every
@@ -61,3 +62,49 @@ def test_kernel_builds_for_sm80_and_sm89(head_dim):
         pytest.skip("Triton has no NVIDIA backend here")
     for arch in (80, 89):
         assert _build("fp32", head_dim, "bf16", block_m=128, arch=arch).asm.get("cubin")
+
+
+WINDOW_POINTERS = ("QKV", "BQKV", "TH", "TW", "Out")
+WINDOW_CONSTEXPRS = ("HAS_BIAS", "BLOCK_M", "KR", "BLOCK_W", "BLOCK_T", "BLOCK_D", "SPLIT_D", "BLOCK_D2")
+
+
+def _build_window(scale_type: str, head_dim: int, half: str, block_m: int = 64, rows: int = 2,
+                  num_warps: int = 4, arch: int = 90) -> object:
+    """The window kernel (segany.kernels.window_attention) at SAM's 14-token windows."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from segany.kernels import window_attention as wk
+
+    fn = wk._window_attention_kernel.fn
+    names = list(fn.arg_names)
+    assert {"qk_scale", *WINDOW_POINTERS, *WINDOW_CONSTEXPRS} <= set(names), names
+    signature = {n: (f"*{half}" if n in WINDOW_POINTERS else scale_type if n == "qk_scale"
+                     else "constexpr" if n in WINDOW_CONSTEXPRS else "i32") for n in names}
+    block_d, block_d2 = relpos.head_blocks(head_dim)
+    values = {"HAS_BIAS": True, "BLOCK_M": block_m, "KR": rows, "BLOCK_W": 16, "BLOCK_T": 32, "BLOCK_D": block_d,
+              "SPLIT_D": block_d2 > 0, "BLOCK_D2": max(block_d2, 16)}
+    constexprs = {(names.index(n),): v for n, v in values.items()}
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": 2})
+
+
+@pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("scale_type", ["fp64", "fp32"])
+@pytest.mark.parametrize(("head_dim", "half"), [(64, "bf16"), (80, "bf16"), (64, "fp16")])
+def test_window_kernel_builds_for_sm90(scale_type, head_dim, half):
+    """Hopper tensor-core dots (wgmma) for the 64-query tiles the autotuner is likeliest to pick."""
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend here")
+    kernel = _build_window(scale_type, head_dim, half)
+    assert kernel.asm.get("cubin") and "wgmma" in kernel.asm["ptx"]
+
+
+@pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
+@pytest.mark.parametrize(("block_m", "rows", "num_warps"), [(64, 1, 4), (128, 2, 8), (64, 4, 8)])
+def test_window_kernel_builds_every_tile_for_sm80_and_sm89(block_m, rows, num_warps):
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend here")
+    for arch in (80, 89):
+        kernel = _build_window("fp32", 80, "bf16", block_m=block_m, rows=rows, num_warps=num_warps, arch=arch)
+        assert kernel.asm.get("cubin")
