@@ -805,6 +805,12 @@ class FastPath:
         self.dtype = _DTYPES[self.precision]
         dec_precision = resolve_precision(decoder_precision or self.precision, self.device)
         self.decoder_dtype = _DTYPES[dec_precision]
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            # Measured 2026-11-26 on a 2-core AMD EPYC without AVX512-BF16: MobileSAM's (vit_t) set_image
+            # took 56 s in bf16 against 1.7 s in fp32 (bf16 is converted in software there).
+            log.warning("precision='bf16' on a CPU without native bf16 (no AMX-BF16 or AVX512-BF16 flag) is "
+                        "emulated and can be many times slower than fp32; use precision='auto' or 'fp32' here "
+                        "(or set SEGANY_CPU_BF16=1 if this CPU does have it and its flags are misread)")
         is_cuda = self.device.type == "cuda"
         is_tiny = model.cfg.encoder.kind == "tiny_vit"
         if channels_last is None:
