@@ -39,8 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from segany.cli._util import atomic_write_bytes  # noqa: E402
-from segany.fast import FastViTAttention, _padded_bias  # noqa: E402
-from segany.kernels import window_attention as wk  # noqa: E402
+from segany.fast import FastViTAttention, FastWindowBlock, _padded_bias  # noqa: E402
 from segany.kernels.relpos_attention import relpos_attention  # noqa: E402
 from segany.modeling import image_encoder as vit  # noqa: E402
 from segany.modeling.config import ViTConfig  # noqa: E402
@@ -106,13 +105,6 @@ def bench_shape(name: str, nh: int, D: int, batch: int, grid: int, device: str =
     return res
 
 
-def _fold_windows(attn: FastViTAttention, qkv_nobias: torch.Tensor, window: int) -> torch.Tensor:
-    """The windowed block's attention before the window kernel (FastWindowBlock's fold path)."""
-    H, W = qkv_nobias.shape[1:3]
-    windows, padded = vit.window_partition(qkv_nobias, window)
-    return vit.window_unpartition(attn.attend(windows + attn.qkv.bias), window, padded, (H, W))
-
-
 def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int = 14,
                  device: str = "cuda") -> dict[str, Any]:
     dt = torch.bfloat16 if device == "cuda" else torch.float16
@@ -123,36 +115,33 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
         for prm in block.parameters():
             prm.normal_(0, 0.05)
     block = block.to(device).eval()
-    attn32 = FastViTAttention.from_attention(block.attn, "fold")
+    exact = FastWindowBlock.from_block(block, FastViTAttention.from_attention(block.attn, "fold"))
     g = torch.Generator(device=device).manual_seed(0)
     qkv32 = torch.randn(batch, grid, grid, 3 * C, device=device, generator=g)
     qkv32_nobias = qkv32 - block.attn.qkv.bias.detach()
-    half = copy.deepcopy(block).to(dt)
-    attn = FastViTAttention.from_attention(half.attn, "fold")
+    half_src = copy.deepcopy(block).to(dt)
+    half = FastWindowBlock.from_block(half_src, FastViTAttention.from_attention(half_src.attn, "fold"), fused=True)
     qkv, qkv_nobias = qkv32.to(dt), qkv32_nobias.to(dt)
-    table_h = wk.offset_table(vit.relative_position_table(window, window, half.attn.rel_pos_h))
-    table_w = wk.offset_table(vit.relative_position_table(window, window, half.attn.rel_pos_w))
     nw = (-(-grid // window)) ** 2
     wins, _ = vit.window_partition(qkv, window)
-    wq, wk_, wv = wins.reshape(-1, window * window, 3, nh, D).permute(2, 0, 3, 1, 4).unbind(0)
+    wq, wk, wv = wins.reshape(-1, window * window, 3, nh, D).permute(2, 0, 3, 1, 4).unbind(0)
     flops = 4 * batch * nw * nh * (window * window) ** 2 * D
     res: dict[str, Any] = {"model": name, "block": "windowed", "batch": batch, "heads": nh, "head_dim": D,
                            "window": window, "grid": grid}
     fns = {
-        "fold": lambda: _fold_windows(attn, qkv_nobias, window),
-        "fused": lambda: wk.window_attention(qkv, half.attn.qkv.bias, table_h, table_w, window, nh),
-        "sdpa_no_bias_windows": lambda: F.scaled_dot_product_attention(wq, wk_, wv),
+        "fold": lambda: half.folded_windows(qkv_nobias),
+        "fused": lambda: half.fused_windows(qkv),
+        "sdpa_no_bias_windows": lambda: F.scaled_dot_product_attention(wq, wk, wv),
     }
     with torch.no_grad():
         res.update(time_variants(fns, flops, device))
         if "ms" in res["fused"] and "ms" in res["fold"]:
             res["speedup_vs_fold"] = round(res["fold"]["ms"] / res["fused"]["ms"], 2)
             n = min(batch, 2)
-            ref = _fold_windows(attn32, qkv32_nobias[:n], window)
-            got = wk.window_attention(qkv[:n], half.attn.qkv.bias, table_h, table_w, window, nh).float()
+            ref = exact.folded_windows(qkv32_nobias[:n])
+            got = half.fused_windows(qkv[:n]).float()
             res["max_abs_err_fused"] = round(float((got - ref).abs().max()), 5)
-            res["max_abs_err_fold"] = round(float((_fold_windows(attn, qkv_nobias[:n], window).float() - ref)
-                                                  .abs().max()), 5)
+            res["max_abs_err_fold"] = round(float((half.folded_windows(qkv_nobias[:n]).float() - ref).abs().max()), 5)
     return res
 
 

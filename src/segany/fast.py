@@ -258,25 +258,35 @@ class FastWindowBlock(vit.Block):
         return (self.fused and self.attn.use_rel_pos and window_kernel.available(x.device)
                 and window_kernel.supports(self.window, self.attn.head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[1:3]
-        if self._kernel_applies(x):
-            attn = self.attn
-            table_h = window_kernel.offset_table(vit.relative_position_table(self.window, self.window, attn.rel_pos_h))
-            table_w = window_kernel.offset_table(vit.relative_position_table(self.window, self.window, attn.rel_pos_w))
-            out = window_kernel.window_attention(attn.qkv(self.norm1(x)), attn.qkv.bias, table_h, table_w,
-                                                 self.window, attn.num_heads)
-            x = x + attn.proj(out)
-            return x + self.mlp(self.norm2(x))
-        qkv_layer = self.attn.qkv  # bias added after padding, see class docstring
-        if isinstance(qkv_layer, quant_linear.QuantLinear):
-            qkv = qkv_layer.matmul(self.norm1(x))
-        else:
-            qkv = F.linear(self.norm1(x), qkv_layer.weight)
-        windows, padded = vit.window_partition(qkv, self.window)
+    def offset_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (2·window − 1, D) rel-pos tables the window kernel reads (resampled as the reference does)."""
+        w, attn = self.window, self.attn
+        return (window_kernel.offset_table(vit.relative_position_table(w, w, attn.rel_pos_h)),
+                window_kernel.offset_table(vit.relative_position_table(w, w, attn.rel_pos_w)))
+
+    def fused_windows(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Window attention by the kernel, from the projection *with* its bias to (B, H, W, C) before ``proj``."""
+        table_h, table_w = self.offset_tables()
+        return window_kernel.window_attention(qkv, self.attn.qkv.bias, table_h, table_w, self.window,
+                                              self.attn.num_heads)
+
+    def folded_windows(self, qkv_nobias: torch.Tensor) -> torch.Tensor:
+        """Window attention without the kernel, from the projection *without* its bias (added after padding,
+        see the class docstring) to (B, H, W, C) before ``proj``."""
+        windows, padded = vit.window_partition(qkv_nobias, self.window)
         if self.attn.qkv.bias is not None:
             windows = windows + self.attn.qkv.bias
-        out = vit.window_unpartition(self.attn.attend(windows), self.window, padded, (H, W))
+        return vit.window_unpartition(self.attn.attend(windows), self.window, padded, qkv_nobias.shape[1:3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        qkv_layer = self.attn.qkv
+        if self._kernel_applies(x):
+            out = self.fused_windows(qkv_layer(h))
+        elif isinstance(qkv_layer, quant_linear.QuantLinear):
+            out = self.folded_windows(qkv_layer.matmul(h))
+        else:
+            out = self.folded_windows(F.linear(h, qkv_layer.weight))
         x = x + self.attn.proj(out)
         return x + self.mlp(self.norm2(x))
 
