@@ -19,6 +19,9 @@ Usage::
 
     python bench/speed.py --device cpu --models vit_b,vit_t --json bench/speed_cpu.json
     python bench/speed.py --device cuda --models vit_b,vit_l,vit_h --json bench/speed_cuda.json
+
+``--img-size 256 --skip-reference`` builds the models at a smaller input to check every row quickly (the
+tests do); its figures are not the models' own.
 """
 
 from __future__ import annotations
@@ -154,12 +157,24 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def sized_model(name: str, img_size: int) -> torch.nn.Module:
+    """A registered architecture at another input size (random weights), for quick runs of every row: the
+    windowed blocks, padding and post-processing are the same code at 256 px as at 1024, at 1/20 the cost."""
+    from dataclasses import replace
+
+    from segany.modeling.sam import Sam
+    from segany.registry import get_config
+
+    cfg = get_config(name)
+    return Sam(replace(cfg, encoder=replace(cfg.encoder, img_size=img_size)))
+
+
 # ----------------------------------------------------------------------------------------- benches
 def bench_model(name: str, args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
     """Fill ``out`` (already in the report, so partial saves include it) with every variant's figures."""
     device = args.device
     torch.manual_seed(0)
-    model = build_sam(name).to(device).eval()
+    model = (build_sam(name) if args.img_size is None else sized_model(name, args.img_size)).to(device).eval()
     s = model.img_size
     batch = args.batch
     x = (torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(1))).to(device)
@@ -434,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-quant", default="",
                    help="8-bit block GEMMs to add (comma-separated: int8, fp8; quantize= of FastPath): "
                         "timed on CUDA, accuracy against fp32 on any device")
+    p.add_argument("--img-size", type=int,
+                   help="build the models at this input size instead of their own (a multiple of 64; with "
+                        "--skip-reference, since the reference builds 1024 px only): quick checks, not figures")
     p.add_argument("--json", help="write all results here")
     p.set_defaults(compile=None)
     args = p.parse_args(argv)
@@ -454,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in args.encoder_quant:
         if f not in ("int8", "fp8"):
             p.error(f"unknown --encoder-quant format {f!r}; known: int8, fp8")
+    if args.img_size is not None and (args.img_size < 64 or args.img_size % 64):
+        p.error(f"--img-size must be a positive multiple of 64, got {args.img_size}")
+    if args.img_size is not None and not args.skip_reference:
+        p.error("--img-size needs --skip-reference: the reference package builds its models at 1024 px only")
     unknown_parts = set(args.parts.split(",")) - {"encoder", "prompt", "accuracy"}
     if unknown_parts:
         p.error(f"unknown --parts {', '.join(sorted(unknown_parts))}; known: encoder, prompt, accuracy")

@@ -446,3 +446,15 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(tiny_sam, monkeypatch, caplog):
         FastPath(tiny_sam, precision="bf16")
         FastPath(tiny_sam, precision="fp32")
     assert not [r for r in caplog.records if "native bf16" in r.getMessage()]
+
+
+def test_importing_the_fast_path_leaves_inductor_unloaded():
+    """The Triton ops are registered when a fused encoder is built, not at import: registering one imports
+    Inductor, 1.5 s that every `segany predict` on a CPU paid at start for kernels it never runs."""
+    import subprocess
+    import sys
+
+    probe = "import sys\nimport segany.predictor, segany.fast\nprint('torch._inductor' in sys.modules)\n"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"], r.stdout

@@ -192,6 +192,8 @@ class FastViTAttention(nn.Module):
             self.rel_pos_h = src.rel_pos_h
             self.rel_pos_w = src.rel_pos_w
         self.mode = mode
+        if mode == "fused":  # before torch.compile traces a forward (the op is registered lazily)
+            relpos_kernel.register_op()
 
     @classmethod
     def from_attention(cls, src: vit.Attention, mode: str = "mask") -> FastViTAttention:
@@ -252,6 +254,8 @@ class FastWindowBlock(vit.Block):
         nn.Module.__init__(block)
         block.norm1, block.attn, block.norm2, block.mlp, block.window = src.norm1, attn, src.norm2, src.mlp, src.window
         block.fused = fused
+        if fused:
+            window_kernel.register_op()
         return block
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:

@@ -1,16 +1,20 @@
 """bench/speed.py on the CPU: the script a scarce GPU session runs must not be first run there.
 
 The CUDA-only variants cannot run here; this covers argument handling, the accuracy rows (8-bit encoder
-against the exact fp32 modules on ViT-B) and the JSON it writes.
+against the exact fp32 modules on ViT-B, built at 256 px: at 1024 the row took 210 s on a CPU without
+native bf16, a fifth of the suite) and the JSON it writes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,24 +25,43 @@ def _speed(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, cwd=REPO, timeout=600)
 
 
+def _speed_module() -> object:
+    spec = importlib.util.spec_from_file_location("bench_speed", REPO / "bench" / "speed.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_accuracy_rows_for_the_int8_encoder(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
     r = _speed("--device", "cpu", "--models", "vit_b", "--parts", "accuracy", "--cpu-variants", "none",
-               "--encoder-quant", "int8", "--skip-reference", "--json", str(out))
+               "--encoder-quant", "int8", "--skip-reference", "--img-size", "256", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["args"]["encoder_quant"] == ["int8"] and report["machine"]
     (result,) = report["results"]
+    assert result["img_size"] == 256 and result["model"] == "vit_b"
     row = result["bf16_accuracy"]["segany_int8"]
     assert "error" not in row, row
     assert row["n_masks"] == 32 and 0.97 < row["mask_iou_mean"] <= 1.0
     assert 0 < row["embedding_max_abs_err"] < 0.1 * row["embedding_max_abs"]
 
 
-def test_bad_options_are_refused_before_any_model_loads(tmp_path: Path) -> None:
-    for args, says in ((["--encoder-quant", "int4"], "unknown --encoder-quant format 'int4'"),
-                       (["--parts", "encoder,latency"], "unknown --parts latency"),
-                       (["--attentions", "flash9"], "unknown attention mode 'flash9'")):
-        r = _speed("--device", "cpu", "--models", "vit_b", *args, "--json", str(tmp_path / "x.json"))
-        assert r.returncode == 2 and says in r.stderr, r.stderr[-1000:]
-        assert not (tmp_path / "x.json").exists()
+@pytest.mark.parametrize(("args", "says"), [
+    (["--encoder-quant", "int4"], "unknown --encoder-quant format 'int4'"),
+    (["--parts", "encoder,latency"], "unknown --parts latency"),
+    (["--attentions", "flash9"], "unknown attention mode 'flash9'"),
+    (["--img-size", "100", "--skip-reference"], "--img-size must be a positive multiple of 64, got 100"),
+    (["--img-size", "256"], "--img-size needs --skip-reference"),
+])
+def test_bad_options_are_refused_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                         says: str) -> None:
+    speed = _speed_module()  # in-process: argparse exits before anything is built or written
+    monkeypatch.setattr(speed, "build_sam", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as exit_info:
+        speed.main(["--device", "cpu", "--models", "vit_b", *args, "--json", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

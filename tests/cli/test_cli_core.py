@@ -153,6 +153,16 @@ def test_entry_point_and_help(home: Path) -> None:
         assert name in r.stdout
 
 
+def test_help_and_usage_errors_do_not_load_torch() -> None:
+    """Building the parser imports no torch, torchvision or cv2, so `segany --help` and a mistyped option
+    answer in a fraction of a second; importing the generator for its defaults once made them take 5 s."""
+    probe = ("import sys\nfrom segany.cli.main import build_parser\nbuild_parser()\n"
+             "print(sorted(m for m in ('torch', 'torchvision', 'cv2') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["predict", "img.jpg"])

@@ -108,3 +108,17 @@ def test_window_kernel_builds_every_tile_for_sm80_and_sm89(block_m, rows, num_wa
     for arch in (80, 89):
         kernel = _build_window("fp32", 80, "bf16", block_m=block_m, rows=rows, num_warps=num_warps, arch=arch)
         assert kernel.asm.get("cubin")
+
+
+@pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
+def test_batch_offsets_are_64_bit():
+    """Each tensor's batch offset (b · batch stride) is added to its pointer in 64 bits: in 32 it wraps from
+    2³¹ elements, 137 ViT-H images in one windowed call, and the kernel would read another image's memory."""
+    import re
+
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend here")
+    for ttir, pointers in ((_build("fp32", 80, "bf16").asm["ttir"], ("Q", "K", "V", "BH", "BW", "Out")),
+                           (_build_window("fp32", 80, "bf16").asm["ttir"], ("QKV", "Out"))):
+        for name in pointers:
+            assert re.search(rf"tt\.addptr %{name}, %\S+ : !tt\.ptr<bf16>, i64", ttir), (name, ttir[:2000])

@@ -77,6 +77,12 @@ def _bar(quiet: bool, unit: str = "obj") -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.amg:  # checked before torch loads (seconds): a wrong option fails at once
+        if args.points_per_side < 1:
+            raise InputError(f"--points-per-side must be at least 1, got {args.points_per_side}")
+        if args.grabcut:
+            raise InputError("--grabcut is the baseline for box prompts and does not apply to --amg; drop one of them")
+
     import torch
 
     from segany.bundled import resolve_parts
@@ -89,11 +95,6 @@ def run(args: argparse.Namespace) -> int:
     # A combination that cannot run fails before anything loads.
     options = predictor_options(args, device, cpu_bf16_auto=False)
     _check_arguments(args)
-    if args.amg:
-        if args.points_per_side < 1:
-            raise InputError(f"--points-per-side must be at least 1, got {args.points_per_side}")
-        if args.grabcut:
-            raise InputError("--grabcut is the baseline for box prompts and does not apply to --amg; drop one of them")
     ckpt = resolve_parts(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
         info = weights_for_model(args.model)

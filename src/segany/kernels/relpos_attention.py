@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +31,7 @@ except ImportError:  # pragma: no cover - CPU-only torch builds without triton
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-__all__ = ["available", "relpos_attention", "supports"]
+__all__ = ["available", "register_op", "relpos_attention", "supports"]
 
 _MAX_BLOCK_N = 128  # one key-grid row per tile; wider rows would need several tiles per row
 
@@ -74,7 +75,9 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     ):
-        pid_m, n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pid_m, n = tl.program_id(0), tl.program_id(1)
+        # 64-bit from the batch index on: b·stride passes 2³¹ elements at 410 ViT-H images a call.
+        b = tl.program_id(2).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -174,26 +177,43 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(B, L, nh, D).permute(0, 2, 1, 3)
 
 
-_relpos_op = None
-if triton is not None and not _INTERPRET and hasattr(torch.library, "triton_op"):
-    # A registered Triton op: torch.compile keeps the launch inside its graph (no graph break per block)
-    # and derives the output's shape by tracing this body.
-    @torch.library.triton_op("segany::relpos_attention", mutates_args=())
-    def _relpos_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
-                   W: int, scale: float) -> torch.Tensor:
-        return _launch(torch.library.wrap_triton(_relpos_attention_kernel), q, k, v, bias_h, bias_w, W, scale)
-elif triton is not None and hasattr(torch.library, "custom_op"):
-    # Under Triton's interpreter the kernel cannot be traced, so it is an opaque op with a stated output
-    # shape: the CPU tests still see torch.compile capture the fused attention as one node.
-    @torch.library.custom_op("segany::relpos_attention", mutates_args=())
-    def _relpos_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
-                   W: int, scale: float) -> torch.Tensor:
-        return _launch(_relpos_attention_kernel, q, k, v, bias_h, bias_w, W, scale)
+_relpos_op: Callable[..., torch.Tensor] | None = None
 
-    @_relpos_op.register_fake
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
-          W: int, scale: float) -> torch.Tensor:
-        return _empty_out(q)
+
+def register_op() -> Callable[..., torch.Tensor] | None:
+    """Register the kernel as the torch op ``segany::relpos_attention`` (once) and return it; None without
+    Triton or on torch < 2.6.
+
+    Not done at import: registering a Triton op makes torch scan its body, which imports Inductor, 1.5 s
+    that every process importing the fast path paid at start on CPU too. :class:`segany.fast.FastViTAttention`
+    calls this when it is built for ``"fused"``, so it has run before torch.compile traces a forward.
+    """
+    global _relpos_op
+    if _relpos_op is not None or triton is None:
+        return _relpos_op
+    if not _INTERPRET and hasattr(torch.library, "triton_op"):
+        # A registered Triton op: torch.compile keeps the launch inside its graph (no graph break per block)
+        # and derives the output's shape by tracing this body.
+        @torch.library.triton_op("segany::relpos_attention", mutates_args=())
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
+               W: int, scale: float) -> torch.Tensor:
+            return _launch(torch.library.wrap_triton(_relpos_attention_kernel), q, k, v, bias_h, bias_w, W, scale)
+    elif hasattr(torch.library, "custom_op"):
+        # Under Triton's interpreter the kernel cannot be traced, so it is an opaque op with a stated output
+        # shape: the CPU tests still see torch.compile capture the fused attention as one node.
+        @torch.library.custom_op("segany::relpos_attention", mutates_args=())
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
+               W: int, scale: float) -> torch.Tensor:
+            return _launch(_relpos_attention_kernel, q, k, v, bias_h, bias_w, W, scale)
+
+        @op.register_fake
+        def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
+              W: int, scale: float) -> torch.Tensor:
+            return _empty_out(q)
+    else:  # pragma: no cover - torch < 2.6
+        return None
+    _relpos_op = op
+    return op
 
 
 def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
@@ -212,6 +232,7 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: 
     scale = D ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"relpos_attention: scale must be finite, got {scale}")
-    if _relpos_op is None:  # pragma: no cover - torch < 2.6
+    op = _relpos_op if _relpos_op is not None else register_op()
+    if op is None:  # pragma: no cover - torch < 2.6
         return _launch(_relpos_attention_kernel, q, k, v, bias_h, bias_w, W, scale)
-    return _relpos_op(q, k, v, bias_h, bias_w, W, scale)
+    return op(q, k, v, bias_h, bias_w, W, scale)

@@ -23,6 +23,7 @@ GPU runs fp32 dots in TF32. ``TRITON_INTERPRET=1`` runs it on CPU tensors for te
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +31,7 @@ from segany.kernels import relpos_attention as _relpos
 
 triton, tl = _relpos.triton, _relpos.tl
 
-__all__ = ["available", "offset_table", "supports", "window_attention"]
+__all__ = ["available", "offset_table", "register_op", "supports", "window_attention"]
 
 _MAX_WINDOW = 32  # one window row per key tile, and 2·window − 1 offsets in one tile of at most 64
 
@@ -78,7 +79,9 @@ if triton is not None:
     ):
         BLOCK_N: tl.constexpr = KR * BLOCK_W
         pid_m, n, wid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b = wid // (NWY * NWX)
+        # 64-bit from the batch index on: b·stride of the (B, H, W, 3C) projection passes 2³¹ elements
+        # at 137 ViT-H images a call, and would wrap in 32 bits.
+        b = (wid // (NWY * NWX)).to(tl.int64)
         wy = (wid % (NWY * NWX)) // NWX
         wx = wid % NWX
         log2e = 1.4426950408889634  # scores in log2 units, so the exponentials are exp2
@@ -206,25 +209,38 @@ def _launch(kernel: object, qkv: torch.Tensor, bias: torch.Tensor | None, table_
     return out
 
 
-_window_op = None
-if triton is not None and not _relpos._INTERPRET and hasattr(torch.library, "triton_op"):
-    # Registered so torch.compile keeps the launch inside its graph; see relpos_attention for the pattern.
-    @torch.library.triton_op("segany::window_attention", mutates_args=())
-    def _window_op(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
-                   window: int, num_heads: int, scale: float) -> torch.Tensor:
-        return _launch(torch.library.wrap_triton(_window_attention_kernel), qkv, bias, table_h, table_w,
-                       window, num_heads, scale)
-elif triton is not None and hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("segany::window_attention", mutates_args=())
-    def _window_op(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
-                   window: int, num_heads: int, scale: float) -> torch.Tensor:
-        return _launch(_window_attention_kernel, qkv, bias, table_h, table_w, window, num_heads, scale)
+_window_op: Callable[..., torch.Tensor] | None = None
 
-    @_window_op.register_fake
-    def _(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
-          window: int, num_heads: int, scale: float) -> torch.Tensor:
-        B, H, W, C3 = qkv.shape
-        return qkv.new_empty(B, H, W, C3 // 3)
+
+def register_op() -> Callable[..., torch.Tensor] | None:
+    """Register the kernel as the torch op ``segany::window_attention`` (once) and return it; None without
+    Triton or on torch < 2.6. Deferred from import for the reason given in
+    :func:`segany.kernels.relpos_attention.register_op`; ``FastWindowBlock`` calls it when built fused."""
+    global _window_op
+    if _window_op is not None or triton is None:
+        return _window_op
+    if not _relpos._INTERPRET and hasattr(torch.library, "triton_op"):
+        # Registered so torch.compile keeps the launch inside its graph; see relpos_attention for the pattern.
+        @torch.library.triton_op("segany::window_attention", mutates_args=())
+        def op(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
+               window: int, num_heads: int, scale: float) -> torch.Tensor:
+            return _launch(torch.library.wrap_triton(_window_attention_kernel), qkv, bias, table_h, table_w,
+                           window, num_heads, scale)
+    elif hasattr(torch.library, "custom_op"):
+        @torch.library.custom_op("segany::window_attention", mutates_args=())
+        def op(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
+               window: int, num_heads: int, scale: float) -> torch.Tensor:
+            return _launch(_window_attention_kernel, qkv, bias, table_h, table_w, window, num_heads, scale)
+
+        @op.register_fake
+        def _(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
+              window: int, num_heads: int, scale: float) -> torch.Tensor:
+            B, H, W, C3 = qkv.shape
+            return qkv.new_empty(B, H, W, C3 // 3)
+    else:  # pragma: no cover - torch < 2.6
+        return None
+    _window_op = op
+    return op
 
 
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
@@ -254,6 +270,7 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torc
         raise ValueError(f"window_attention: scale must be finite, got {scale}")
     table_h, table_w = table_h.to(qkv.dtype), table_w.to(qkv.dtype)
     bias = None if bias is None else bias.to(qkv.dtype)
-    if _window_op is None:  # pragma: no cover - torch < 2.6
+    op = _window_op if _window_op is not None else register_op()
+    if op is None:  # pragma: no cover - torch < 2.6
         return _launch(_window_attention_kernel, qkv, bias, table_h, table_w, window, num_heads, scale)
-    return _window_op(qkv, bias, table_h, table_w, window, num_heads, scale)
+    return op(qkv, bias, table_h, table_w, window, num_heads, scale)

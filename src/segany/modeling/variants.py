@@ -1,7 +1,7 @@
 """Named architectures. Each variant is a function returning a :class:`SamConfig`, registered by name.
 
-Sizes follow the SAM paper (ViT-B/L/H) and MobileSAM (vit_t). ``vit_tiny_test`` is a small config
-used by tests and quick experiments; ``segany_tiny`` is the light model segany trains itself.
+Sizes follow the SAM paper (ViT-B/L/H) and MobileSAM (vit_t); ``segany_tiny`` is the light model
+segany trains itself. Tests build their own small config (``tiny_config`` in tests/conftest.py).
 """
 
 from __future__ import annotations
