@@ -11,6 +11,8 @@ import sys
 import types
 from typing import Any
 
+from segany._lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -34,13 +36,8 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy so `import segany` stays cheap (the CLI starts fast) and free of side effects.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'segany' has no attribute {name!r}")
+# Lazy so `import segany` stays cheap (the CLI starts fast) and free of side effects.
+__getattr__ = lazy_getattr("segany", _LAZY)
 
 
 class _Package(types.ModuleType):

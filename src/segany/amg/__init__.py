@@ -6,7 +6,7 @@ CPU), and the command line reads only :mod:`segany.amg.model_defaults` to build 
 
 from __future__ import annotations
 
-from typing import Any
+from segany._lazy import lazy_getattr
 
 _LAZY = {
     "AmgConfig": "segany.amg.config",
@@ -15,11 +15,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'segany.amg' has no attribute {name!r}")
+__getattr__ = lazy_getattr("segany.amg", _LAZY)
