@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from segany.errors import InputError
 from segany.fast import (
+    FastMaskDecoder,
     FastPath,
     FastViTAttention,
     FastWindowBlock,
@@ -147,6 +148,24 @@ def test_fp32_fast_path_is_exact(tiny_sam, image):
     kwargs = dict(point_coords=np.array([[120, 80], [30, 40]]), point_labels=np.array([1, 0]), return_logits=True)
     for a, b in zip(exact.predict(**kwargs), fp32.predict(**kwargs), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_predictor_fast_decoder_option_keeps_the_exact_encoder_and_agrees(tiny_sam, image):
+    """``SamPredictor(fast_decoder=True)`` in fp32 on CPU (what the command line's auto picks on CPUs without
+    native bf16): the reference encoder itself, FastMaskDecoder, logits equal to rounding."""
+    exact, quick = SamPredictor(tiny_sam), SamPredictor(tiny_sam, precision="fp32", fast_decoder=True)
+    assert exact.fast is None and quick.fast is not None
+    assert quick.fast.encoder is tiny_sam.image_encoder and isinstance(quick.fast.decoder, FastMaskDecoder)
+    exact.set_image(image)
+    quick.set_image(image)
+    for multimask in (True, False):
+        kwargs = dict(point_coords=np.array([[120, 80], [30, 40]]), point_labels=np.array([1, 0]),
+                      multimask_output=multimask, return_logits=True)
+        a, b = exact.predict(**kwargs), quick.predict(**kwargs)
+        scale = np.abs(a[0]).max()
+        assert a[0].shape == b[0].shape and np.abs(a[0] - b[0]).max() < 1e-4 * scale
+        np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+        np.testing.assert_allclose(a[2], b[2], atol=1e-4 * np.abs(a[2]).max())
 
 
 def test_encode_images_batches(tiny_sam, image):

@@ -169,7 +169,7 @@ def test_kill9_then_resume_leaves_one_set_per_image(setup: dict, tmp_path: Path)
 
 def test_workers_run_bf16_on_cpus_that_have_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--precision auto`` is decided on each worker's machine: bf16 where the CPU multiplies bf16 in hardware,
-    the exact fp32 modules elsewhere; ``fp32`` keeps a run exact everywhere."""
+    fp32 with the folded decoder elsewhere; ``fp32`` keeps a run exact everywhere."""
     import torch
 
     from segany.amg.generator import SamAutomaticMaskGenerator
@@ -183,9 +183,10 @@ def test_workers_run_bf16_on_cpus_that_have_it(tmp_path: Path, monkeypatch: pyte
         worker = AutoWorker(ModelSpec(checkpoint=ckpt, model="segany_tiny", precision=precision), settings)
         assert isinstance(worker.generator, SamAutomaticMaskGenerator)
         fast = worker.generator.predictor.fast
-        seen[(flag, precision)] = (worker.precision, None if fast is None else fast.dtype)
-    assert seen == {("1", "auto"): ("bf16", torch.bfloat16), ("0", "auto"): ("fp32", None),
-                    ("1", "fp32"): ("fp32", None)}
+        seen[(flag, precision)] = (worker.precision, None if fast is None else fast.dtype,
+                                   None if fast is None else type(fast.decoder).__name__)
+    assert seen == {("1", "auto"): ("bf16", torch.bfloat16, "FastMaskDecoder"),
+                    ("0", "auto"): ("fp32", torch.float32, "FastMaskDecoder"), ("1", "fp32"): ("fp32", None, None)}
     from segany.errors import InputError
 
     with pytest.raises(InputError, match="precision must be auto, fp32, bf16 or fp16"):

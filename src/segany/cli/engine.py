@@ -65,7 +65,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--generator", default="segany.amg:SamAutomaticMaskGenerator", help=argparse.SUPPRESS)
     a.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto (default): bf16 on CUDA and on CPUs that multiply bf16 in hardware (AMX, "
-                        "AVX512-BF16), exact fp32 on other CPUs; decided on each worker's machine")
+                        "AVX512-BF16), fp32 with the folded mask decoder on other CPUs; decided on each worker's "
+                        "machine")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
 
