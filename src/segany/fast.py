@@ -131,6 +131,19 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
+def machine_auto(precision: str, device: torch.device | str) -> tuple[str, bool]:
+    """What the command line's ``--precision auto`` runs on ``device``: ``(precision, fast_decoder)``.
+
+    On a CPU with native bf16 it is bf16; on other CPUs it stays ``"auto"`` (fp32) with the folded decoder,
+    equal to the exact one to rounding and about twice as fast per click there (docs/benchmarks.md). Other
+    values and devices pass through with ``fast_decoder`` False. One rule for ``predict``/``auto``/``serve``
+    and the ``engine auto`` workers, each deciding on the machine it runs on.
+    """
+    if precision != "auto" or torch.device(device).type != "cpu":
+        return precision, False
+    return ("bf16", False) if cpu_has_native_bf16() else ("auto", True)
+
+
 def configure_cpu_threads(num_threads: int | None = None) -> int:
     """Set torch's intra-op threads to the physical cores we may use (or ``num_threads``); returns the count.
 

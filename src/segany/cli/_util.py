@@ -140,17 +140,12 @@ def add_speed_arguments(p: argparse.ArgumentParser, *, cpu_bf16_auto: bool = Tru
 def predictor_options(args: argparse.Namespace, device: str, *, cpu_bf16_auto: bool = True) -> dict[str, Any]:
     """``SamPredictor`` keyword arguments from :func:`add_speed_arguments`'s options, checked before any
     model loads (a combination that cannot run raises :class:`InputError` naming what to pass)."""
-    from segany.fast import check_quantize, cpu_has_native_bf16, resolve_precision
+    from segany.fast import check_quantize, machine_auto, resolve_precision
 
-    precision = args.precision
-    options: dict[str, Any] = {}
-    if precision == "auto" and cpu_bf16_auto and str(device).split(":")[0] == "cpu":
-        if cpu_has_native_bf16():
-            precision = "bf16"  # as on CUDA: no measurable accuracy cost, 1.4-4x faster (docs/benchmarks.md)
-        else:  # fp32, with the folded decoder: equal to rounding, about half the time per click
-            options["fast_decoder"] = True
+    precision, fast_decoder = machine_auto(args.precision, device) if cpu_bf16_auto else (args.precision, False)
     check_quantize(args.quantize, resolve_precision(precision, device), device)
-    return {"precision": precision, "quantize": args.quantize, "compile": bool(args.compile), **options}
+    options = {"precision": precision, "quantize": args.quantize, "compile": bool(args.compile)}
+    return {**options, "fast_decoder": True} if fast_decoder else options
 
 
 def changes_results(args: argparse.Namespace) -> dict[str, Any]:

@@ -168,11 +168,8 @@ class AutoWorker:
         self.settings = settings
         self.sam = spec.build()
         self.generator = make_generator(self.sam, settings)
-        self.precision = worker_precision(spec)
+        self.precision, fast_decoder = worker_precision(spec)
         cuda = spec.device.startswith("cuda")
-        # auto on a CPU without native bf16: fp32 with the folded decoder (equal to rounding, 1.6x per image
-        # for segany_tiny's generator on an AVX2 EPYC), as on the command line; an explicit fp32 stays exact.
-        fast_decoder = spec.precision == "auto" and not cuda and self.precision == "fp32"
         if hasattr(self.generator, "predictor") and (self.precision != ("bf16" if cuda else "fp32") or fast_decoder):
             from segany.predictor import SamPredictor
 
@@ -253,13 +250,13 @@ def describe_unreadable(task: ImageTask, exc: BaseException) -> str:
     return f"unreadable: {task.path} ({type(exc).__name__}: {exc})"
 
 
-def worker_precision(spec: ModelSpec) -> str:
-    """The precision a worker runs: ``spec.precision``, with ``auto`` resolved on this machine."""
-    from segany.fast import cpu_has_native_bf16, resolve_precision
+def worker_precision(spec: ModelSpec) -> tuple[str, bool]:
+    """The precision a worker runs and whether it takes the folded decoder: ``spec.precision`` with ``auto``
+    decided on this machine, as on the command line (:func:`segany.fast.machine_auto`)."""
+    from segany.fast import machine_auto, resolve_precision
 
-    if spec.precision == "auto" and not spec.device.startswith("cuda") and cpu_has_native_bf16():
-        return "bf16"
-    return resolve_precision(spec.precision, spec.device)
+    precision, fast_decoder = machine_auto(spec.precision, spec.device)
+    return resolve_precision(precision, spec.device), fast_decoder
 
 
 def make_generator(sam: Any, settings: AutoSettings) -> Any:
