@@ -306,3 +306,40 @@ def test_run_folder_as_checkpoint_names_the_file_to_pass(tmp_path: Path) -> None
     (tmp_path / "last.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match=r"a `segany train` run: pass '.*model_fp16\.pt'"):
         read_checkpoint(tmp_path)
+
+
+def test_loading_weights_leaves_dynamo_unloaded() -> None:
+    """The meta-device shell that checks a checkpoint, and every registered model's shell, build without
+    torch's Python decompositions: on meta tensors ``normal_`` and out-of-place scalar ops import
+    torch._dynamo, which cost every ``segany predict`` 1.4 s."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch\n"
+             "from segany.checkpoints import build_sam\n"
+             "from segany.modeling.sam import Sam\n"
+             "from segany.registry import get_config, list_models\n"
+             "build_sam('segany_tiny', checkpoint='bundled')\n"
+             "for name in list_models():\n"
+             "    with torch.device('meta'):\n"
+             "        Sam(get_config(name))\n"
+             "print('torch._dynamo' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"], r.stdout
+
+
+def test_seeded_init_is_unchanged_by_the_meta_safe_constructors() -> None:
+    """``layers.embedding`` and the in-place prompt-encoder scale draw the same numbers as ``nn.Embedding`` and
+    ``scale * randn``, so a seeded model from scratch is the one it always was."""
+    from segany.modeling.layers import embedding
+
+    torch.manual_seed(5)
+    a = torch.nn.Embedding(4, 16).weight.detach().clone()
+    after_a = torch.rand(3)
+    torch.manual_seed(5)
+    b = embedding(4, 16).weight.detach()
+    after_b = torch.rand(3)
+    assert torch.equal(a, b) and torch.equal(after_a, after_b)
+    with torch.device("meta"):
+        assert embedding(2, 8).weight.device.type == "meta"

@@ -71,7 +71,12 @@ def test_head_refuses_other_base_weights_and_names_the_retrain_command(tmp_path:
         build_sam("segany_tiny", checkpoint=head)
 
 
-def test_head_only_training_changes_the_head_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_head_only_training_changes_the_head_alone(tmp_path: Path, seed: int) -> None:
+    # Seeded: the model's random init came from whatever the tests before this one left in torch's RNG, and
+    # one such state (after tests/parity and tests/train) made 20 head-only steps end above their first loss;
+    # seeds 0–15 all pass.
+    torch.manual_seed(seed)
     rng = np.random.default_rng(0)
     records = []
     for i in range(2):

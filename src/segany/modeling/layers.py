@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)`` with its N(0, 1) init drawn by ``torch.randn`` (the same numbers for the same seed).
+
+    Why: checkpoints are checked against a meta-device shell of the model, and on the meta device
+    ``Tensor.normal_`` (what ``nn.Embedding`` initialises with) runs through torch's Python decompositions,
+    which import ``torch._dynamo``: 1.4 s of every ``segany predict``. ``torch.randn`` does not.
+    """
+    return nn.Embedding(num, dim, _weight=torch.randn(num, dim))
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a (B, C, H, W) tensor, as used in SAM's necks and upscalers."""
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segany.modeling.config import MaskDecoderConfig
-from segany.modeling.layers import MLP, LayerNorm2d
+from segany.modeling.layers import MLP, LayerNorm2d, embedding
 from segany.modeling.transformer import TwoWayTransformer
 
 
@@ -25,8 +25,8 @@ class MaskDecoder(nn.Module):
         )
         self.num_multimask_outputs = cfg.num_multimask_outputs
         self.num_mask_tokens = cfg.num_multimask_outputs + 1
-        self.iou_token = nn.Embedding(1, d)
-        self.mask_tokens = nn.Embedding(self.num_mask_tokens, d)
+        self.iou_token = embedding(1, d)
+        self.mask_tokens = embedding(self.num_mask_tokens, d)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(d, d // 4, kernel_size=2, stride=2),
             LayerNorm2d(d // 4),

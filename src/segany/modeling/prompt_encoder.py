@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from segany.modeling.layers import LayerNorm2d
+from segany.modeling.layers import LayerNorm2d, embedding
 
 
 class RandomFourierEncoding(nn.Module):
@@ -23,7 +23,8 @@ class RandomFourierEncoding(nn.Module):
 
     def __init__(self, num_pos_feats: int = 128, scale: float = 1.0) -> None:
         super().__init__()
-        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn(2, num_pos_feats))
+        # In place: an out-of-place scalar op on the meta device imports torch._dynamo (see layers.embedding).
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats).mul_(scale))
 
     def _encode(self, coords01: torch.Tensor) -> torch.Tensor:
         """(..., 2) coordinates in [0, 1] → (..., 2·num_pos_feats)."""
@@ -63,8 +64,8 @@ class PromptEncoder(nn.Module):
         self.pe_layer = RandomFourierEncoding(embed_dim // 2)
         # 0: background point, 1: foreground point, 2: box top-left, 3: box bottom-right.
         self.num_point_embeddings = 4
-        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(self.num_point_embeddings))
-        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.point_embeddings = nn.ModuleList(embedding(1, embed_dim) for _ in range(self.num_point_embeddings))
+        self.not_a_point_embed = embedding(1, embed_dim)
         self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
         c = mask_in_chans
         self.mask_downscaling = nn.Sequential(
@@ -76,12 +77,12 @@ class PromptEncoder(nn.Module):
             nn.GELU(),
             nn.Conv2d(c, embed_dim, kernel_size=1),
         )
-        self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self.no_mask_embed = embedding(1, embed_dim)
         # Optional CLIP prompt token (SAM §7.5): only built when asked, so SAM checkpoints load strictly.
         self.text_dim = text_dim
         if text_dim > 0:
             self.text_proj = nn.Linear(text_dim, embed_dim)
-            self.text_type_embed = nn.Embedding(1, embed_dim)
+            self.text_type_embed = embedding(1, embed_dim)
 
     def embed_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D) CLIP embeddings (text or image, L2-normalized) → (B, 1, C) prompt tokens."""
