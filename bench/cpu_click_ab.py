@@ -86,13 +86,15 @@ def post_ab(model_name: str, clicks: int) -> dict[str, Any]:
             "clicks_each": clicks}
 
 
-def alloc_ab(model_name: str, clicks: int, pairs: int) -> dict[str, Any]:
+def alloc_ab(model_name: str, clicks: int, pairs: int, threads: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
     for i in range(pairs):
         for setting in (("off", "on") if i % 2 == 0 else ("on", "off")):
             env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
             env["SEGANY_MALLOC_TUNING"] = "1" if setting == "on" else "0"
-            out = subprocess.run([sys.executable, __file__, "--child", "--model", model_name, "--clicks", str(clicks)],
+            env["OMP_NUM_THREADS"] = str(threads)
+            out = subprocess.run([sys.executable, __file__, "--child", "--model", model_name, "--clicks", str(clicks),
+                                  "--threads", str(threads)],
                                  env=env, capture_output=True, text=True, check=True).stdout
             runs[setting].append(json.loads(out.strip().splitlines()[-1]))
             print(f"  alloc {setting}: {runs[setting][-1]['ms']:.1f} ms", flush=True)
@@ -123,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the children
     if args.child:
         child(args.model, args.clicks)
         return 0
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         out["post"] = post_ab(args.model, args.clicks)
         print("post-processing:", out["post"], flush=True)
     if "alloc" in parts:
-        out["alloc"] = alloc_ab(args.model, args.clicks, args.pairs)
+        out["alloc"] = alloc_ab(args.model, args.clicks, args.pairs, args.threads)
         print("allocator:", out["alloc"], flush=True)
     if args.json:
         from segany.atomic import atomic_write_text

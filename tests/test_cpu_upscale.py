@@ -22,7 +22,7 @@ CASES = [
     # (img_size, low-res side, input_hw, original_hw)
     (1024, 256, (768, 1024), (768, 1024)),  # landscape, no final resize
     (1024, 256, (1024, 683), (1200, 800)),  # portrait, upscaled to the original
-    (1024, 256, (1024, 1024), (3000, 3000)),
+    (1024, 256, (1024, 1024), (1500, 1500)),  # a square image larger than the frame
     (1024, 256, (576, 1024), (360, 640)),  # downscaled to the original
     (1024, 256, (1, 1024), (1, 1024)),
     (1023, 256, (767, 1023), (600, 800)),  # not an integer scale: the full frame is upsampled

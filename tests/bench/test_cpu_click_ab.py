@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,9 +21,19 @@ def _ab(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_both_comparisons_report(tmp_path: Path) -> None:
+    """In-process (the allocator pair still runs as two child processes, as it must)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cpu_click_ab", REPO / "bench" / "cpu_click_ab.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     out = tmp_path / "ab.json"
-    r = _ab("--model", "segany_tiny", "--clicks", "3", "--pairs", "1", "--json", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--model", "segany_tiny", "--clicks", "3", "--pairs", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     report = json.loads(out.read_text())
     assert report["model"] == "segany_tiny" and report["machine"]["cpu"]
     post, alloc = report["post"], report["alloc"]
