@@ -24,7 +24,12 @@ _MAX_SIDE = 32767
 def applies(low_res: torch.Tensor, original_hw: tuple[int, int]) -> bool:
     """Whether :func:`upscale_logits` can serve this call: fp32 on the CPU, sizes OpenCV takes, eager."""
     return (low_res.device.type == "cpu" and low_res.dtype == torch.float32 and low_res.ndim == 4
-            and max(original_hw) <= _MAX_SIDE and not torch.compiler.is_compiling())
+            and max(original_hw) <= _MAX_SIDE and not _compiling())
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def _resize(src: np.ndarray, size_hw: tuple[int, int], dst: np.ndarray) -> np.ndarray:

@@ -103,7 +103,7 @@ def offset_index(window: int) -> torch.Tensor:
     r = torch.arange(window, device="cpu")
     yx = torch.stack(torch.meshgrid(r, r, indexing="ij")).flatten(1)  # (2, n), cells in row-major order
     d = (yx[:, :, None] - yx[:, None, :]).abs_()  # (2, n, n)
-    return d[0].mul_(window).add_(d[1]).to(torch.get_default_device())
+    return d[0].mul_(window).add_(d[1]).to(torch.empty(0).device)  # the default device (torch < 2.3 has no getter)
 
 
 class WindowAttention(nn.Module):
