@@ -44,6 +44,23 @@ def _nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, iou_thresh: float) -> t
     return batched_nms(boxes_xyxy.float(), scores, torch.zeros_like(boxes_xyxy[:, 0]), iou_threshold=iou_thresh)
 
 
+# Full-size logits of one CPU batch: kept under glibc's largest mmap threshold (32 MiB, which segany.cpu_alloc
+# sets), so their buffers are reused between batches instead of being mapped and faulted in afresh.
+CPU_LOGITS_BUDGET_BYTES = 28 << 20
+CPU_MIN_BATCH = 8  # below this, the decoder's batched GEMMs lose more than the page faults cost
+
+
+def cpu_batch_size(points_per_batch: int, crop_hw: tuple[int, int], masks_per_prompt: int = 3) -> int:
+    """Prompts per decoder call on the CPU fast path: ``points_per_batch``, split so a batch's logits fit the budget.
+
+    Why: each batch's (prompts, 3, H, W) fp32 logits are allocated, thresholded and freed. At SAM's 64 prompts
+    on a 640×425 image that is 209 MB a batch: 1.1 million page faults and 3 s of system time per image on a
+    2-core EPYC, against 17 thousand at 8 prompts (docs/benchmarks.md). Masks do not depend on the batch size.
+    """
+    per_prompt = masks_per_prompt * crop_hw[0] * crop_hw[1] * 4
+    return max(1, min(points_per_batch, max(CPU_MIN_BATCH, CPU_LOGITS_BUDGET_BYTES // per_prompt)))
+
+
 class SamAutomaticMaskGenerator:
     # Label list for masks (closed vocabulary, or open with CLIP); None: the model's class names, if any.
     labels: list[str] | None = None
@@ -148,6 +165,8 @@ class SamAutomaticMaskGenerator:
         points_t = torch.as_tensor(points, device=dev)
         parts: list[MaskRecords] = []
         bs = self.config.points_per_batch
+        if dev.type == "cpu" and getattr(self.predictor, "fast", None) is not None:
+            bs = cpu_batch_size(bs, crop_hw)
         for i in range(0, len(points), bs):
             part = self._process_batch(points_t[i:i + bs], points_model[i:i + bs], crop_box, crop_hw, size_hw)
             if part is not None:
