@@ -27,21 +27,20 @@ import time
 from typing import Any
 
 FRAME_HW = (768, 1024)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/speed.py's helpers
 
 
 def _predictor(model_name: str) -> Any:
     import torch
+    from speed import set_embedding
 
     from segany import SamPredictor, sam_model_registry
 
     torch.manual_seed(0)
     sam = sam_model_registry[model_name]()
     pred = SamPredictor(sam, precision="fp32", fast_decoder=True)
-    pred.reset_image()
-    pred.original_size = FRAME_HW
-    pred.input_size = tuple(pred.transform.get_preprocess_shape(*FRAME_HW, sam.img_size))
-    pred.features = torch.randn(1, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
-    pred.is_image_set = True
+    features = torch.randn(1, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
+    set_embedding(pred, features, pred.transform.get_preprocess_shape(*FRAME_HW, sam.img_size), FRAME_HW)
     return pred
 
 
@@ -128,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.model, args.clicks)
         return 0
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from speed import machine  # the same machine record as bench/speed.py
 
     out: dict[str, Any] = {"model": args.model, "machine": machine("cpu")}

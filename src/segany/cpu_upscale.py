@@ -4,8 +4,10 @@ Why not ``F.interpolate``: on a 2-core AVX2 CPU, torch's bilinear upsampling of 
 (193, 256) logit planes to (772, 1024) takes 3.5–7.5 ms and the ``> threshold`` pass another 1.3 ms,
 a fifth of a ViT-B click with the folded decoder. ``cv2.resize`` does the same planes in 0.4 ms and
 the threshold writes straight into the returned boolean array. Both use the same half-pixel sampling
-(source = (dest + 0.5) / scale − 0.5, clamped at the edges) with float weights, so the logits agree to
-rounding (~1e-6), like the folded decoder they follow; sign flips need a logit within that of zero.
+(source = (dest + 0.5) / scale − 0.5, clamped at the edges) with float weights. At the integer ×4 step
+they agree to ~1e-6; at a non-integer resize to the original size OpenCV, which forms source coordinates
+in double, is within 2e-5 of an exact (float64) resize, while torch's fp32 coordinates put ``interpolate``
+up to 1e-3 off on ±30 logits. Sign flips need a logit within that of zero.
 
 Only the fast path's eager CPU decode uses this. The exact fp32 path keeps the reference's
 ``interpolate`` calls, and compiled or CUDA paths keep torch ops, which trace and run on the GPU.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+
+from segany.transforms import cropped_upsample_extent
 
 # cv2.resize indexes with int and keeps per-row offsets in short tables; stay well inside that.
 _MAX_SIDE = 32767
@@ -52,18 +56,18 @@ def upscale_logits(low_res: torch.Tensor, img_size: int, input_hw: tuple[int, in
     B, C, side, _ = low_res.shape
     ih, iw = input_hw
     oh, ow = original_hw
-    k = img_size // side
-    if k * side == img_size:
-        rows, cols = min(side, -(-ih // k) + 1), min(side, -(-iw // k) + 1)
+    extent = cropped_upsample_extent(side, img_size, input_hw)
+    if extent is not None:
+        rows, cols, k = extent
+        up_hw = (rows * k, cols * k)
     else:  # not an integer scale: upsample the whole frame, as the reference does
-        rows, cols, k = side, side, img_size / side
-    up_hw = (round(rows * k), round(cols * k))
+        rows, cols, up_hw = side, side, (img_size, img_size)
     src = low_res.detach().contiguous().numpy()
     out = torch.empty((B, C, oh, ow), dtype=torch.float32 if threshold is None else torch.bool)
     dst = out.numpy()
     up = np.empty(up_hw, np.float32)
-    resized = np.empty((oh, ow), np.float32) if threshold is not None else None
     same = (ih, iw) == (oh, ow)  # then the final resize would be the identity
+    resized = np.empty((oh, ow), np.float32) if threshold is not None and not same else None
     for b in range(B):
         for c in range(C):
             _resize(src[b, c, :rows, :cols], up_hw, up)
@@ -74,6 +78,6 @@ def upscale_logits(low_res: torch.Tensor, img_size: int, input_hw: tuple[int, in
                 else:
                     _resize(crop, (oh, ow), dst[b, c])
             else:
-                plane = crop if same else _resize(crop, (oh, ow), resized)
+                plane = crop if resized is None else _resize(crop, (oh, ow), resized)
                 np.greater(plane, threshold, out=dst[b, c])
     return out

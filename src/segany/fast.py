@@ -62,6 +62,7 @@ from segany.kernels import window_attention as window_kernel
 from segany.modeling import image_encoder as vit
 from segany.modeling.layers import LayerNorm2d
 from segany.modeling.sam import Sam
+from segany.transforms import cropped_upsample_extent
 
 log = logging.getLogger(__name__)
 
@@ -723,19 +724,13 @@ def upscaler_gemms(decoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def upscale_cropped(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int]) -> torch.Tensor:
-    """``interpolate(low_res, (S, S))[..., :h, :w]`` without computing the rows and columns cropped away.
-
-    Bilinear (align_corners=False) output pixel y reads input rows floor(y/k + 0.5/k − 0.5) and the next
-    one, k = S / low-res side; keeping one input row/column beyond the crop and asking for exactly k
-    times as many output pixels keeps the scale, so the kept pixels are computed identically.
-    """
-    side = low_res.shape[-1]
-    k = img_size // side
-    if k * side != img_size:  # not an integer scale: fall back to the plain two-step form
+    """``interpolate(low_res, (S, S))[..., :h, :w]`` without computing the rows and columns cropped away
+    (:func:`segany.transforms.cropped_upsample_extent` says which are kept, and why they come out identical)."""
+    extent = cropped_upsample_extent(low_res.shape[-1], img_size, input_size)
+    if extent is None:  # not an integer scale: fall back to the plain two-step form
         return F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)[
             ..., : input_size[0], : input_size[1]]
-    rows = min(side, -(-input_size[0] // k) + 1)
-    cols = min(side, -(-input_size[1] // k) + 1)
+    rows, cols, k = extent
     up = F.interpolate(low_res[..., :rows, :cols], (rows * k, cols * k), mode="bilinear", align_corners=False)
     return up[..., : input_size[0], : input_size[1]]
 

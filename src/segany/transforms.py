@@ -20,6 +20,20 @@ def preprocess_shape(h: int, w: int, target_length: int) -> tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
+def cropped_upsample_extent(side: int, img_size: int, input_hw: tuple[int, int]) -> tuple[int, int, int] | None:
+    """The part of (side, side) low-res logits that survives "upsample to (img_size, img_size), crop to input_hw".
+
+    Returns ``(rows, cols, k)``: upsampling just the first ``rows`` × ``cols`` low-res pixels by the integer
+    scale ``k = img_size / side`` samples every kept pixel as the full upsampling does. Bilinear
+    (align_corners=False) output pixel y reads input rows floor(y/k + 0.5/k − 0.5) and the next one, so one
+    row/column beyond the crop is kept. None when ``img_size`` is not a whole multiple of ``side``.
+    """
+    k = img_size // side
+    if k * side != img_size:
+        return None
+    return min(side, -(-input_hw[0] // k) + 1), min(side, -(-input_hw[1] // k) + 1), k
+
+
 class ResizeLongestSide:
     def __init__(self, target_length: int) -> None:
         self.target_length = target_length

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
+from segany import cpu_alloc
 from segany.amg.config import AmgConfig
 from segany.amg.filters import box_area, masks_to_boxes_xyxy, near_crop_edge, paste_crop, stability_scores
 from segany.amg.grid import crop_boxes, layer_point_grids
@@ -45,8 +46,9 @@ def _nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, iou_thresh: float) -> t
 
 
 # Full-size logits of one CPU batch: kept under glibc's largest mmap threshold (32 MiB, which segany.cpu_alloc
-# sets), so their buffers are reused between batches instead of being mapped and faulted in afresh.
-CPU_LOGITS_BUDGET_BYTES = 28 << 20
+# sets), with an eighth to spare, so their buffers are reused between batches instead of being mapped and
+# faulted in afresh.
+CPU_LOGITS_BUDGET_BYTES = cpu_alloc.MMAP_THRESHOLD_BYTES * 7 // 8  # 28 MiB
 CPU_MIN_BATCH = 8  # below this, the decoder's batched GEMMs lose more than the page faults cost
 
 
