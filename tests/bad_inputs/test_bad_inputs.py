@@ -179,6 +179,25 @@ def test_palette_and_arrays(tmp_path: Path) -> None:
     assert to_rgb_uint8(np.full((2, 2, 1), 0.5))[0, 0].tolist() == [128, 128, 128]
 
 
+def test_image_bytes_decode_as_the_file_does(tmp_path: Path) -> None:
+    """load_image_bytes (the data engine decodes the bytes whose sha256 it checked) equals load_image,
+    EXIF rotation included, and its errors name the file the bytes came from."""
+    from segany.data.images import load_image_bytes
+
+    arr = np.random.default_rng(2).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: a 6x10 stored frame is shown 10x6
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(arr).save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    from_bytes = load_image_bytes(path.read_bytes(), str(path))
+    assert from_bytes.shape == (10, 6, 3)
+    np.testing.assert_array_equal(from_bytes, load_image(path))
+    np.testing.assert_array_equal(load_image_bytes(path.read_bytes(), "x", apply_exif=False),
+                                  load_image(path, apply_exif=False))
+    with pytest.raises(ImageLoadError, match="'/data/a.jpg'.*as an image"):
+        load_image_bytes(b"not an image", "/data/a.jpg")
+
+
 def test_bgr_input_matches_rgb(predictor: SamPredictor, fresh: SamPredictor) -> None:
     rgb = load_image(SAMPLE_IMAGE)
     fresh.set_image(np.ascontiguousarray(rgb[..., ::-1]), image_format="BGR")

@@ -6,6 +6,7 @@ scaled to 8 bits, and EXIF orientation is applied so masks line up with what a v
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -91,26 +92,39 @@ def load_image(path: str | os.PathLike[str], *, apply_exif: bool = True) -> np.n
         raise ImageLoadError(f"image {str(p)!r} does not exist")
     if p.is_dir():
         raise ImageLoadError(f"{str(p)!r} is a folder, not an image file")
+    return _decode(p, str(p), apply_exif)
+
+
+def load_image_bytes(data: bytes, name: str, *, apply_exif: bool = True) -> np.ndarray:
+    """:func:`load_image` for an image file's bytes already in memory (``name`` is what messages call it).
+
+    Why: the data engine checks a file's sha256 on the bytes it read, and must decode those same bytes rather
+    than reopen a path whose file may have changed in between, or write them to a temporary file first.
+    """
+    return _decode(io.BytesIO(data), name, apply_exif)
+
+
+def _decode(source: Path | io.BytesIO, name: str, apply_exif: bool) -> np.ndarray:
     limit = _max_pixels()
     try:
-        with _pixel_limit(limit), Image.open(p) as im:
+        with _pixel_limit(limit), Image.open(source) as im:
             if apply_exif:
                 im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
                 if arr.dtype == np.uint32:
                     arr = np.clip(arr, 0, 65535).astype(np.uint16)
-                return to_rgb_uint8(arr, str(p))
+                return to_rgb_uint8(arr, name)
             if im.mode in ("RGBA", "LA", "P", "PA"):
                 im = im.convert("RGBA").convert("RGB")
             elif im.mode != "RGB":
                 im = im.convert("RGB")
             arr = np.asarray(im)
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{str(p)!r} has more pixels than the {limit:,} segany opens (a guard against "
+        raise ImageLoadError(f"{name!r} has more pixels than the {limit:,} segany opens (a guard against "
                              "decompression bombs); downscale it, or raise the limit with "
                              "SEGANY_MAX_IMAGE_PIXELS=<pixels> if you trust the file") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"could not read {str(p)!r} as an image ({exc}); pass a JPEG, PNG, TIFF, BMP or WebP file"
+        raise ImageLoadError(f"could not read {name!r} as an image ({exc}); pass a JPEG, PNG, TIFF, BMP or WebP file"
                              ) from exc
-    return to_rgb_uint8(arr, str(p))
+    return to_rgb_uint8(arr, name)

@@ -218,7 +218,7 @@ class ImageChangedError(Exception):
 def _read_task_image(task: ImageTask) -> Any:
     """The task's image as RGB uint8, from its shipped bytes or its path, checked against the registered sha256
     (a file replaced by another of the same size would otherwise get the new picture's masks)."""
-    from segany.data.images import load_image
+    from segany.data.images import load_image, load_image_bytes
 
     data = task.data
     if data is None:
@@ -227,10 +227,7 @@ def _read_task_image(task: ImageTask) -> Any:
         data = Path(task.path).read_bytes()
     if hashlib.sha256(data).hexdigest() != task.sha256:
         raise ImageChangedError(task.path)
-    with tempfile.NamedTemporaryFile(suffix=Path(task.path).suffix or ".img") as f:
-        f.write(data)
-        f.flush()
-        return load_image(f.name)
+    return load_image_bytes(data, task.path)  # the very bytes checked, not a second read of the path
 
 
 def describe_unreadable(task: ImageTask, exc: BaseException) -> str:
