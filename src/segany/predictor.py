@@ -286,7 +286,8 @@ class SamPredictor:
 
         Args:
             point_coords: (B, N, 2) XY; point_labels: (B, N).
-            boxes: (B, 4) XYXY. mask_input: (B, 1, 256, 256) logits.
+            boxes: (B, 4) or (B, 1, 4) XYXY. mask_input: (B, 1, 256, 256) logits, or (1, 1, 256, 256)
+                shared by the B prompts.
 
         Returns:
             masks (B, C, H, W), iou predictions (B, C), low-res logits (B, C, 256, 256).
@@ -303,14 +304,21 @@ class SamPredictor:
                                   f"{tuple(point_coords.shape)} and {tuple(point_labels.shape)}")
             points = (point_coords.to(self.device), point_labels.to(self.device))
         if boxes is not None:
+            if boxes.ndim == 3 and boxes.shape[1] == 1:  # (B, 1, 4): the shape the reference's predict() passes
+                boxes = boxes[:, 0]
             if boxes.ndim != 2 or boxes.shape[-1] != 4:
-                raise PromptError(f"boxes must be (B, 4) XYXY, got {tuple(boxes.shape)}")
+                raise PromptError(f"boxes must be (B, 4) or (B, 1, 4) XYXY, got {tuple(boxes.shape)}")
             boxes = boxes.to(self.device)
-        batch = {t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None}
-        if len(batch) > 1:
-            raise PromptError(f"points, boxes and mask_input must share the batch size, got sizes {sorted(batch)}")
+        prompt_batch = {t.shape[0] for t in (point_coords, boxes) if t is not None}
+        if len(prompt_batch) > 1:
+            raise PromptError(f"point_coords and boxes must share the batch size, got sizes {sorted(prompt_batch)}")
         if mask_input is not None:
             mask_input = mask_input.to(self.device)
+            if prompt_batch and mask_input.shape[0] == 1:  # one mask for every prompt, as the reference allows
+                mask_input = mask_input.expand(prompt_batch.pop(), *mask_input.shape[1:])
+            elif prompt_batch and mask_input.shape[0] not in prompt_batch:
+                raise PromptError(f"mask_input must have batch size 1 or that of the prompts ({prompt_batch.pop()}), "
+                                  f"got {mask_input.shape[0]}")
         if self.fast is not None:
             return self.fast.decode(self.features, points, boxes, mask_input, multimask_output, self.input_size,
                                     self.original_size, return_logits)

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from segany.data.images import float_to_uint8
+from segany.errors import InputError
+
 
 def preprocess_shape(h: int, w: int, target_length: int) -> tuple[int, int]:
     """(h, w) after scaling the longer side to ``target_length`` (rounded half up)."""
@@ -45,10 +48,25 @@ class ResizeLongestSide:
         return preprocess_shape(oldh, oldw, long_side_length)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 → (h, w, 3) uint8."""
-        h, w = preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        """(H, W, 3) uint8 → (h, w, 3) uint8, resized so the long side is ``target_length``.
+
+        Other inputs follow the reference's transform: float images in [0, 1] become uint8 by truncating
+        ``x·255``, and (H, W, 1) or (H, W) come back as (h, w).
+        """
+        arr = np.asarray(image)
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = float_to_uint8(arr)
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim not in (2, 3):
+            raise InputError(f"apply_image expects an (H, W, C) image array, got shape {arr.shape}")
+        h, w = preprocess_shape(arr.shape[0], arr.shape[1], self.target_length)
+        if h < 1 or w < 1:
+            raise InputError(f"a {arr.shape[0]}x{arr.shape[1]} image is too thin for this model: scaled so its long "
+                             f"side is {self.target_length} px, its short side rounds to 0 px; pad or crop it to a "
+                             "less extreme aspect ratio")
         # np.array, not asarray: PIL's buffer is read-only and torch.as_tensor warns on it.
-        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        return np.array(Image.fromarray(arr).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
         """Scale (..., 2) XY pixel coordinates from ``original_size`` (H, W) to the model frame."""

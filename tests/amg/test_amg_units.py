@@ -124,6 +124,8 @@ def test_sa1b_reader_rejects_bad_files(tmp_path) -> None:
     ({"points_per_side": 0}, "points_per_side must be >= 1"),
     ({"box_nms_thresh": 1.5}, "box_nms_thresh must be in"),
     ({"points_per_side": None, "point_grids": [np.zeros((4, 2))], "crop_n_layers": 1}, "one grid per crop layer"),
+    ({"points_per_side": 3, "crop_n_layers": 2, "crop_n_points_downscale_factor": 2},
+     "crop layer 2 would get no points: points_per_side=3 divided by crop_n_points_downscale_factor\\*\\*2=4"),
 ])
 def test_config_errors(kwargs: dict, fragment: str) -> None:
     with pytest.raises(InputError, match=fragment):

@@ -243,6 +243,63 @@ def test_get_preprocess_shape(h: int, w: int, side: int) -> None:
     assert ResizeLongestSide(side).get_preprocess_shape(h, w, side) == ours  # on an instance too
 
 
+def test_apply_image_takes_what_the_reference_takes() -> None:
+    """Float images in [0, 1] and one-channel images resize as the reference's transform resizes them, and
+    ``to_rgb_uint8`` (what ``set_image`` converts with) gives a float image the reference's pixels."""
+    ref_t = require_oracle("segment_anything.utils.transforms", "segment-anything==1.0")
+    from segany.data.images import to_rgb_uint8
+    from segany.utils.transforms import ResizeLongestSide
+
+    rng = np.random.default_rng(0)
+    images = {"float32 rgb": rng.random((50, 75, 3), dtype=np.float32), "float64 rgb": rng.random((40, 30, 3)),
+              "uint8 (H, W, 1)": rng.integers(0, 256, (50, 75, 1), dtype=np.uint8),
+              "uint8 (H, W)": rng.integers(0, 256, (50, 75), dtype=np.uint8)}
+    for what, image in images.items():
+        ours, ref = ResizeLongestSide(64).apply_image(image), ref_t.ResizeLongestSide(64).apply_image(image)
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape, what
+        np.testing.assert_array_equal(ours, ref, err_msg=what)
+    rgb = images["float32 rgb"]
+    np.testing.assert_array_equal(ResizeLongestSide(75).apply_image(to_rgb_uint8(rgb)),
+                                  ref_t.ResizeLongestSide(75).apply_image(rgb))
+
+
+def test_thin_image_is_refused_with_the_reason() -> None:
+    from segany.errors import InputError
+    from segany.utils.transforms import ResizeLongestSide
+
+    with pytest.raises(InputError, match="1x600 image is too thin.*short side rounds to 0 px"):
+        ResizeLongestSide(256).apply_image(np.zeros((1, 600, 3), np.uint8))
+    assert ResizeLongestSide(256).apply_image(np.zeros((2, 600, 3), np.uint8)).shape == (1, 256, 3)
+
+
+def test_modeling_helpers_under_the_reference_names() -> None:
+    """``modeling.common`` and the image encoder's module-level helpers, by the reference's names and keywords."""
+    require_oracle("segment_anything.modeling.common", "segment-anything==1.0")
+    ref_e = require_oracle("segment_anything.modeling.image_encoder", "segment-anything==1.0")
+    import segany.modeling.common as ours_c
+    import segany.modeling.image_encoder as ours_e
+    from segany.modeling.layers import LayerNorm2d, MLPBlock
+
+    assert ours_c.LayerNorm2d is LayerNorm2d and ours_c.MLPBlock is MLPBlock
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, 13, 8, generator=g)
+    windows, pad = ours_e.window_partition(x, window_size=4)
+    ref_windows, ref_pad = ref_e.window_partition(x, window_size=4)
+    assert pad == ref_pad and torch.equal(windows, ref_windows)
+    assert torch.equal(ours_e.window_unpartition(windows, window_size=4, pad_hw=pad, hw=(10, 13)),
+                       ref_e.window_unpartition(ref_windows, window_size=4, pad_hw=ref_pad, hw=(10, 13)))
+    table = torch.randn(9, 8, generator=g)  # trained for 5 positions, resampled for other sizes
+    for q, k in ((5, 5), (3, 7), (7, 3)):
+        assert torch.equal(ours_e.get_rel_pos(q, k, table), ref_e.get_rel_pos(q, k, table)), (q, k)
+    q_size, k_size = (3, 4), (6, 2)
+    attn = torch.randn(2, 12, 12, generator=g)
+    q = torch.randn(2, 12, 8, generator=g)
+    rel_h, rel_w = torch.randn(11, 8, generator=g), torch.randn(7, 8, generator=g)
+    expected = ref_e.add_decomposed_rel_pos(attn.clone(), q, rel_h, rel_w, q_size, k_size)
+    torch.testing.assert_close(ours_e.add_decomposed_rel_pos(attn, q, rel_h, rel_w, q_size, k_size), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_num_point_embeddings() -> None:
     from conftest import tiny_config
     from sam_oracle import reference_sam

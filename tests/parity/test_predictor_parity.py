@@ -25,6 +25,7 @@ from sam_oracle import (
     reference_sam,
 )
 
+from segany.errors import PromptError
 from segany.modeling.config import SamConfig
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
@@ -193,3 +194,22 @@ def test_predict_torch_batched_points(pair: Pair) -> None:
     ref = pair.ref.predict_torch(coords, labels, multimask_output=True, return_logits=True)
     for what, a, b in zip(("logits", "IoU predictions", "low-res logits"), ours, ref, strict=True):
         assert_close(a, b, f"batched points {what}")
+
+
+def test_predict_torch_reference_shapes(pairs: Pairs) -> None:
+    """Shapes the reference accepts in ``predict_torch``: boxes (B, 1, 4), as its own ``predict`` passes them,
+    and one (1, 1, 256, 256) ``mask_input`` shared by B prompts (broadcast, as if repeated B times)."""
+    pair = pairs["tiny"]
+    h, w = pair.size_hw
+    boxes = pair.ref.transform.apply_boxes_torch(torch.as_tensor(_boxes(h, w, 3), dtype=torch.float32), (h, w))
+    side = 4 * pair.ours.model.prompt_encoder.image_embedding_size[0]
+    mask = torch.randn(1, 1, side, side, generator=torch.Generator().manual_seed(0))
+    for kwargs in ({"boxes": boxes[:, None]}, {"boxes": boxes, "mask_input": mask}):
+        ours = pair.ours.predict_torch(None, None, return_logits=True, **kwargs)
+        ref = pair.ref.predict_torch(None, None, return_logits=True, **kwargs)
+        for what, a, b in zip(("logits", "IoU predictions", "low-res logits"), ours, ref, strict=True):
+            assert_close(a, b, f"{sorted(kwargs)} {what}")
+    with pytest.raises(PromptError, match="mask_input must have batch size 1 or that of the prompts"):
+        pair.ours.predict_torch(None, None, boxes=boxes, mask_input=mask.expand(2, -1, -1, -1))
+    with pytest.raises(PromptError, match="share the batch size"):
+        pair.ours.predict_torch(boxes[:2, None, :2], torch.ones(2, 1), boxes=boxes)

@@ -65,6 +65,13 @@ class AmgConfig:
             raise InputError(f"crop_n_layers must be >= 0, got {self.crop_n_layers}")
         if int(self.crop_n_points_downscale_factor) < 1:
             raise InputError(f"crop_n_points_downscale_factor must be >= 1, got {self.crop_n_points_downscale_factor}")
+        if self.points_per_side is not None:
+            factor, layers = int(self.crop_n_points_downscale_factor), int(self.crop_n_layers)
+            if int(int(self.points_per_side) / factor ** layers) < 1:
+                raise InputError(
+                    f"crop layer {layers} would get no points: points_per_side={self.points_per_side} divided by "
+                    f"crop_n_points_downscale_factor**{layers}={factor ** layers} is below 1; raise points_per_side "
+                    "to at least that, or lower crop_n_layers or crop_n_points_downscale_factor")
         if not 0.0 <= float(self.crop_overlap_ratio) < 1.0:
             raise InputError(f"crop_overlap_ratio must be in [0, 1), got {self.crop_overlap_ratio}")
         for name in ("box_nms_thresh", "crop_nms_thresh"):

@@ -19,10 +19,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from segany.errors import ImageLoadError, InputError
 
 
+def float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] as uint8, truncating ``x·255`` as the reference's ``set_image`` does (through
+    torchvision's ``to_pil_image``), so float input gives the reference's pixels; values outside are clipped."""
+    return np.clip(np.asarray(arr, dtype=np.float64) * 255.0, 0, 255).astype(np.uint8)
+
+
 def to_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
     """Normalize an array image to (H, W, 3) uint8.
 
-    Accepts (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) of uint8, uint16 or float in [0, 1].
+    Accepts (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) of uint8, uint16 or float in [0, 1] (floats above 1 are
+    taken as 0–255), bool.
     """
     arr = np.asarray(image)
     if arr.ndim == 2:
@@ -42,7 +49,7 @@ def to_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
         if not np.isfinite(arr).all():
             raise InputError(f"{what} contains NaN or infinite values")
         hi = float(arr.max()) if arr.size else 0.0
-        arr = np.clip(arr * (255.0 if hi <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+        arr = float_to_uint8(arr if hi <= 1.0 else arr / 255.0)
     else:
         raise InputError(f"{what} has dtype {arr.dtype}; expected uint8, uint16 or float")
     if arr.shape[2] == 1:

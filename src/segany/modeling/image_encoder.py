@@ -18,8 +18,12 @@ from segany.modeling.config import ViTConfig
 from segany.modeling.layers import LayerNorm2d, MLPBlock
 
 
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Split (B, H, W, C) into non-overlapping windows (B·nW, window, window, C), zero-padding H and W up."""
+def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Split (B, H, W, C) into non-overlapping windows (B·nW, window, window, C), zero-padding H and W up.
+
+    Returns the windows and the padded (Hp, Wp); the argument names are the reference's.
+    """
+    window = window_size
     B, H, W, C = x.shape
     pad_h, pad_w = (-H) % window, (-W) % window
     if pad_h or pad_w:
@@ -29,9 +33,11 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, C), (Hp, Wp)
 
 
-def window_unpartition(windows: torch.Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+def window_unpartition(windows: torch.Tensor, window_size: int, pad_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> torch.Tensor:
     """Inverse of :func:`window_partition`, dropping the padding."""
-    Hp, Wp = padded_hw
+    window = window_size
+    Hp, Wp = pad_hw
     H, W = hw
     B = windows.shape[0] // ((Hp // window) * (Wp // window))
     x = windows.view(B, Hp // window, Wp // window, window, window, -1)
@@ -68,6 +74,28 @@ def relative_position_bias(
     bias_w = torch.einsum("bhwc,wkc->bhwk", q, rel_w)  # (B, H, W, W)
     bias = bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]  # (B, H, W, H, W)
     return bias.reshape(B, H * W, H * W)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """The reference's name for :func:`relative_position_table`, kept for code that imports it."""
+    return relative_position_table(q_size, k_size, rel_pos)
+
+
+def add_decomposed_rel_pos(attn: torch.Tensor, q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                           q_size: tuple[int, int], k_size: tuple[int, int]) -> torch.Tensor:
+    """``attn`` (B, qh·qw, kh·kw) plus the decomposed rel-pos bias of queries ``q`` (B, qh·qw, C).
+
+    The reference's function, for code that imports it; unlike :func:`relative_position_bias` the query and
+    key grids may differ in size. Returns a new tensor.
+    """
+    qh, qw = q_size
+    kh, kw = k_size
+    B, _, C = q.shape
+    qg = q.reshape(B, qh, qw, C)
+    bias_h = torch.einsum("bhwc,hkc->bhwk", qg, relative_position_table(qh, kh, rel_pos_h))  # (B, qh, qw, kh)
+    bias_w = torch.einsum("bhwc,wkc->bhwk", qg, relative_position_table(qw, kw, rel_pos_w))  # (B, qh, qw, kw)
+    out = attn.view(B, qh, qw, kh, kw) + bias_h[..., :, None] + bias_w[..., None, :]
+    return out.view(B, qh * qw, kh * kw)
 
 
 class Attention(nn.Module):
