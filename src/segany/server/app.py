@@ -1,17 +1,21 @@
 """FastAPI app factory for the annotation server (data-engine stages 1 and 2).
 
 ``create_app(store, model_service)`` returns an app that serves the browser tool from
-``segany/server/static`` and a JSON API under ``/api``. Every ``/api`` route except
+``segany/server/static`` and a JSON API under ``/api``. Every ``/api`` path except
 ``/api/health`` needs ``Authorization: Bearer <token>`` of an active annotator
-(``segany project add-annotator``), and what they may change depends on their role
-(``segany.server.permissions``: annotator, reviewer, admin; refusals are 403). Images are only ever
-served by their id in the store, so no request can name a file on disk.
+(``segany project add-annotator``), the OpenAPI schema at ``/api/openapi.json`` included (there are
+no interactive docs pages: a browser page cannot send the token). The token is checked before the
+request body is read, and a body larger than ``--max-upload-mb`` is refused with 413 as soon as it
+passes the limit, whether or not it declared a Content-Length. What a user may change depends on
+their role (``segany.server.permissions``: annotator, reviewer, admin; refusals are 403). Images are
+only ever served by their id in the store, so no request can name a file on disk.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (and the local `Who` alias) at runtime.
 
 import io
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -19,15 +23,21 @@ import time
 import uuid as uuid_lib
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from segany.engine.masks import encode_mask
 from segany.engine.store import (
@@ -48,6 +58,16 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
 PREFILL_NAMESPACE = uuid_lib.UUID("5e6a0000-0000-4000-8000-000000000002")
 EXPORT_FORMATS = ("coco", "coco-polygons", "sa1b", "yolo", "png")
+
+
+# Row ids are SQL BIGINTs: a larger number names no row, and the database driver would fail on it (500)
+# instead of answering that nothing is there.
+MAX_ROW_ID = 2**63 - 1
+ImageId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID, description="an image's id in this project")]
+AnnotationId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID, description="an annotation's id")]
+# Uploads are stored as "<12 hex digits of sha256>-<name>", and file systems allow 255 bytes per name.
+UPLOAD_PREFIX_BYTES = 13
+MAX_UPLOAD_NAME_BYTES = 255 - UPLOAD_PREFIX_BYTES
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,129 @@ class _TokenCache:
     def put(self, key: str, value: dict[str, Any]) -> None:
         with self._lock:
             self._items[key] = (time.monotonic(), value)
+
+
+# ----------------------------------------------------------------------------------- ASGI guards
+# Pure ASGI middleware rather than FastAPI's @app.middleware("http"): the guards must act on the raw
+# ``receive`` channel (FastAPI reads and parses the whole body before any dependency such as the token
+# check runs), and must answer before the app has read anything.
+
+
+async def _answer(scope: Scope, send: Send, status: int, detail: str,
+                  headers: dict[str, str] | None = None) -> None:
+    """Send a JSON ``{"detail": ...}`` response straight to the ASGI server."""
+    await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a body passes the limit. An HTTPException, so FastAPI's body reading
+    (JSON and multipart alike) passes it on unchanged and the app answers 413 with its detail."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes; send less, or start the server "
+                              "with a larger --max-upload-mb")
+
+
+class _LimitBody:
+    """413 for a body over ``max_bytes``: at once when Content-Length declares it, and otherwise (chunked
+    transfer) as soon as the bytes received pass the limit, before more are buffered or spooled to disk."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _answer(scope, send, 400, f"invalid Content-Length header {length[:40]!r}; send the body's "
+                                                "size in bytes, or no Content-Length with chunked transfer")
+                return
+            if declared > self.max_bytes:
+                await _answer(scope, send, 413, _BodyTooLarge(self.max_bytes).detail)
+                return
+        received = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _BodyTooLarge as exc:  # read outside FastAPI's body parsing (none today): answer it here
+            if started:
+                raise
+            await _answer(scope, send, 413, str(exc.detail))
+
+
+class _RequireToken:
+    """401 for an ``/api`` request (other than ``open_paths``) without a valid token, before its body is
+    read: a stranger must not make the server buffer or spool anything. The user found is left in
+    ``scope["state"]["who"]`` for the routes' ``annotator`` dependency, so a request costs one lookup."""
+
+    def __init__(self, app: ASGIApp, authenticate: Callable[[str], dict[str, Any]],
+                 cached: Callable[[str], dict[str, Any] | None], open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.authenticate = authenticate
+        self.cached = cached
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not (path == "/api" or path.startswith("/api/")) or path in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization", "")
+        who = self.cached(header)
+        if who is None:
+            try:  # a database read: off the event loop
+                who = await run_in_threadpool(self.authenticate, header)
+            except HTTPException as exc:
+                await _answer(scope, send, exc.status_code, str(exc.detail), dict(exc.headers or {}))
+                return
+        scope.setdefault("state", {})["who"] = who
+        await self.app(scope, receive, send)
+
+
+class _IsolationHeaders:
+    """Cross-origin isolation lets onnxruntime-web use threads (SharedArrayBuffer); everything is same-origin."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["Cross-Origin-Opener-Policy"] = "same-origin"
+                headers["Cross-Origin-Embedder-Policy"] = "require-corp"
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def _unpack_uncompressed_rle(counts: list[int], h: int, w: int) -> np.ndarray:
@@ -123,7 +266,10 @@ class _ProposedLabels:
 def create_app(store: Store, model: ModelService | None = None, settings: ServerSettings | None = None) -> FastAPI:
     """Build the app. ``model`` may be None for a store-only server (embedding routes then answer 503)."""
     settings = settings or ServerSettings()
-    app = FastAPI(title="segany annotation server", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    # No Swagger/ReDoc pages: they load the schema without the token every other /api path needs. The schema
+    # itself stays, behind the token (`curl -H "Authorization: Bearer ..." .../api/openapi.json`).
+    app = FastAPI(title="segany annotation server", version="1", docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")
     project = store.get_project(settings.project)
     project_id = int(project["id"])
     tokens = _TokenCache(settings.auth_cache_seconds)
@@ -135,23 +281,43 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     app.state.project_id = project_id
 
     # ----------------------------------------------------------------------------------- plumbing
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > settings.max_upload_bytes
-            except ValueError:
-                return JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)
-            if too_big:
-                return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
-                                               f"{settings.max_upload_bytes} bytes (--max-upload-mb)"},
-                                    status_code=413)
-        response = await call_next(request)
-        # Cross-origin isolation lets onnxruntime-web use threads (SharedArrayBuffer); everything is same-origin.
-        response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
-        response.headers["Cross-Origin-Embedder-Policy"] = "require-corp"
-        return response
+    def bearer(header: str) -> str:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>' (create one with "
+                                     "`segany project add-annotator`)", headers={"WWW-Authenticate": "Bearer"})
+        return token.strip()
+
+    def cached_user(header: str) -> dict[str, Any] | None:
+        """The user of a token seen in the last few seconds (no database read), else None."""
+        scheme, _, token = header.partition(" ")
+        return tokens.get(hash_token(token.strip())) if scheme.lower() == "bearer" and token.strip() else None
+
+    def authenticate(header: str) -> dict[str, Any]:
+        """The active user an ``Authorization`` header names; 401 naming the fix otherwise."""
+        token = bearer(header)
+        key = hash_token(token)
+        who = tokens.get(key)
+        if who is None:
+            who = store.authenticate(token)
+            if who is None:
+                raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+            tokens.put(key, who)
+        return who
+
+    # Added innermost first: the token is checked before the body limit counts a byte, and every answer,
+    # refusals included, carries the isolation headers.
+    app.add_middleware(_LimitBody, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(_RequireToken, authenticate=authenticate, cached=cached_user,
+                       open_paths=frozenset({"/api/health"}))
+    app.add_middleware(_IsolationHeaders)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes each refused value back: a NaN cannot be written as JSON (the refusal
+        # became a 500) and a large value would repeat megabytes. Where and why is what the client needs.
+        errors = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
@@ -174,19 +340,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         return JSONResponse({"detail": str(exc)}, status_code=400 if isinstance(exc, InputError) else 500)
 
     def annotator(request: Request) -> dict[str, Any]:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>' (create one with "
-                                     "`segany project add-annotator`)", headers={"WWW-Authenticate": "Bearer"})
-        key = hash_token(token.strip())
-        who = tokens.get(key)
-        if who is None:
-            who = store.authenticate(token.strip())
-            if who is None:
-                raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
-            tokens.put(key, who)
-        return who
+        who = request.scope.get("state", {}).get("who")  # set by _RequireToken for every /api path
+        return who if who is not None else authenticate(request.headers.get("authorization", ""))
 
     Who = Annotated[dict[str, Any], Depends(annotator)]
 
@@ -254,13 +409,13 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         return [{k: v for k, v in im.items() if k != "path"} for im in store.list_images(project_id)]
 
     @app.get("/api/images/{image_id}")
-    def get_image(image_id: int, who: Who) -> dict[str, Any]:
+    def get_image(image_id: ImageId, who: Who) -> dict[str, Any]:
         im = store.get_image(project_id, image_id)
         im.pop("path")
         return im
 
     @app.get("/api/images/{image_id}/file")
-    def image_file(image_id: int, who: Who) -> FileResponse:
+    def image_file(image_id: ImageId, who: Who) -> FileResponse:
         im = store.get_image(project_id, image_id)  # only registered images: ids, never paths
         path = Path(im["path"])
         if not path.is_file():
@@ -268,7 +423,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         return FileResponse(path)
 
     @app.get("/api/images/{image_id}/embedding")
-    def embedding(image_id: int, who: Who) -> Response:
+    def embedding(image_id: ImageId, who: Who) -> Response:
         svc = need_model()
         im = store.get_image(project_id, image_id)
         nxt = neighbour(image_id, +1)
@@ -284,7 +439,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         })
 
     @app.post("/api/images/{image_id}/decode")
-    def decode(image_id: int, body: DecodeIn, who: Who) -> dict[str, Any]:
+    def decode(image_id: ImageId, body: DecodeIn, who: Who) -> dict[str, Any]:
         """Three candidate masks for points/box, refined from ``previous`` (an earlier decode's candidate)
         when given, as the browser's decoder refines from the chosen mask. The answer's ``decode_id`` names
         this decode for the next click; a ``previous`` the server no longer keeps answers 410, and the
@@ -308,7 +463,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                 "decode_id": svc.remember_decode(image_id, low_res)}
 
     @app.post("/api/images/{image_id}/text")
-    def text_prompt(image_id: int, body: TextIn, who: Who) -> dict[str, Any]:
+    def text_prompt(image_id: ImageId, body: TextIn, who: Who) -> dict[str, Any]:
         """Masks proposed for a phrase ("dog"), best first, for the annotator to accept or reject.
 
         Nothing is stored: an accepted proposal is saved like any annotation (the app sends source "semi" and
@@ -332,28 +487,45 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                 "compute_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
     @app.get("/api/images/{image_id}/annotations")
-    def list_annotations(image_id: int, who: Who, state: str | None = None) -> list[dict[str, Any]]:
+    def list_annotations(image_id: ImageId, who: Who, state: str | None = None) -> list[dict[str, Any]]:
         store.get_image(project_id, image_id)
         states = state.split(",") if state else None
         return store.list_annotations(project_id=project_id, image_id=image_id, states=states)
 
     @app.post("/api/images/{image_id}/annotations")
-    def save_annotation(image_id: int, body: AnnotationIn, who: Who) -> JSONResponse:
+    def save_annotation(image_id: ImageId, body: AnnotationIn, who: Who) -> JSONResponse:
         # A typed label must be one of the project's (422 naming them). A text proposal's label comes from the
         # model (its class vocabulary or the phrase) and is accepted as proposed; the client's word "semi"
         # alone is not enough, or any label could be saved by claiming to be a proposal.
+        #
+        # The image must be this project's before anything else: the store answers a known uuid (the
+        # idempotency replay) before it looks at the image, and machine uuids are predictable (uuid5 of image,
+        # generation, index), so replaying them through another project's server would read its masks.
+        store.get_image(project_id, image_id)
         if not proposed_labels.was_proposed(image_id, body.label):
             store.check_label(project_id, body.label)
-        ann, created = store.save_annotation(
-            image_id, rle=body.segmentation.model_dump(), uuid=body.uuid, label=body.label, source=body.source,
-            review_state="accepted", model_version_id=model_version_id(), prompts=body.prompts,
-            annotator_id=who["id"], seconds_spent=body.seconds_spent, predicted_iou=body.predicted_iou,
-            project_id=project_id,
-        )
+
+        def reused() -> ConflictError:
+            return ConflictError(f"annotation uuid {body.uuid} already names another annotation; generate a new "
+                                 "uuid for each new annotation and send the same one only to retry that save")
+
+        try:
+            ann, created = store.save_annotation(
+                image_id, rle=body.segmentation.model_dump(), uuid=body.uuid, label=body.label, source=body.source,
+                review_state="accepted", model_version_id=model_version_id(), prompts=body.prompts,
+                annotator_id=who["id"], seconds_spent=body.seconds_spent, predicted_iou=body.predicted_iou,
+                project_id=project_id,
+            )
+        except ConflictError:
+            raise reused() from None  # the store's message names the other image, which may be another project's
+        # A replay answers only the caller's own retry; someone else's annotation (a machine proposal, a
+        # colleague's mask) under that uuid is a reused key, not this save.
+        if not created and ann["annotator_id"] != who["id"]:
+            raise reused()
         return JSONResponse(ann, status_code=201 if created else 200)
 
     @app.patch("/api/annotations/{annotation_id}")
-    def patch_annotation(annotation_id: int, body: AnnotationPatch, who: Who) -> dict[str, Any]:
+    def patch_annotation(annotation_id: AnnotationId, body: AnnotationPatch, who: Who) -> dict[str, Any]:
         # ``by``, not ``annotator_id``: the store keeps who drew the mask and records others as its reviewer.
         return store.update_annotation(
             annotation_id, project_id=project_id, rle=body.segmentation.model_dump() if body.segmentation else None,
@@ -362,27 +534,27 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
             expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "editing"), declared_label=True)
 
     @app.delete("/api/annotations/{annotation_id}", status_code=204)
-    def delete_annotation(annotation_id: int, who: Who, uuid: str | None = None) -> Response:
+    def delete_annotation(annotation_id: AnnotationId, who: Who, uuid: str | None = None) -> Response:
         """``?uuid=``: answer 409 instead if the id now names another annotation (ids are reused after a delete)."""
         store.delete_annotation(annotation_id, project_id, expected_uuid=uuid,
                                 check=lambda ann: require_delete(who, ann))
         return Response(status_code=204)
 
     @app.post("/api/annotations/{annotation_id}/accept")
-    def accept(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
+    def accept(annotation_id: AnnotationId, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="accepted",
                                        by=who["id"], seconds_spent=body.seconds_spent, label=body.label,
                                        expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "accepting"),
                                        declared_label=True)
 
     @app.post("/api/annotations/{annotation_id}/reject")
-    def reject(annotation_id: int, body: ReviewIn, who: Who) -> dict[str, Any]:
+    def reject(annotation_id: AnnotationId, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="rejected",
                                        by=who["id"], seconds_spent=body.seconds_spent,
                                        expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "rejecting"))
 
     @app.post("/api/images/{image_id}/prefill")
-    def prefill(image_id: int, who: Who) -> list[dict[str, Any]]:
+    def prefill(image_id: ImageId, who: Who) -> list[dict[str, Any]]:
         """Stage 2: confident automatic masks, stored as source=semi, review_state=pending, labelled with the
         generator's class label when the model has a class head (else "object").
 
@@ -425,18 +597,18 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         name = file.filename or ""
         if not name or "/" in name or "\\" in name or name.startswith(".") or ".." in name or "\x00" in name:
             raise HTTPException(400, f"invalid file name {name!r}: send a plain file name without folders")
+        if len(os.fsencode(name)) > MAX_UPLOAD_NAME_BYTES:
+            raise HTTPException(400, f"file name of {len(os.fsencode(name))} bytes is too long: uploads are stored as "
+                                     f"'<hash>-<name>' and the name may have at most {MAX_UPLOAD_NAME_BYTES} bytes "
+                                     "(255 per file name on disk); rename the file")
         if Path(name).suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"):
             raise HTTPException(400, f"{name!r} is not a supported image type (jpg, png, bmp, tif, webp)")
         media_dir = Path(media)
         media_dir.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.NamedTemporaryFile(dir=media_dir, prefix=".upload-", delete=False)
-        size = 0
         try:
-            with tmp:
+            with tmp:  # the whole body, this file included, is within --max-upload-mb (_LimitBody)
                 while chunk := await file.read(1 << 20):
-                    size += len(chunk)
-                    if size > settings.max_upload_bytes:  # bodies sent without Content-Length
-                        raise HTTPException(413, f"upload exceeds {settings.max_upload_bytes} bytes")
                     tmp.write(chunk)
             digest = file_sha256(Path(tmp.name))
             dest = media_dir / f"{digest[:12]}-{name}"

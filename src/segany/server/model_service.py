@@ -14,7 +14,7 @@ import collections
 import hashlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from segany.errors import InputError, SeganyError
+from segany.server.schemas import MAX_DECODE_POINTS
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +264,15 @@ class ModelService:
         pred.is_image_set = True
         return pred
 
-    def decode(self, emb: Embedding, *, points_xy: list[list[float]] | None = None,
-               labels: list[int] | None = None, box_xyxy: list[float] | None = None,
+    def decode(self, emb: Embedding, *, points_xy: Sequence[Sequence[float]] | None = None,
+               labels: Sequence[int] | None = None, box_xyxy: Sequence[float] | None = None,
                mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Three candidate masks (3, H, W) bool, their predicted IoU (3,) and low-res logits (3, 4g, 4g)."""
-        pc = np.asarray(points_xy, dtype=np.float64) if points_xy else None
-        pl = np.asarray(labels, dtype=np.int64) if points_xy else None
+        """Three candidate masks (3, H, W) bool, their predicted IoU (3,) and low-res logits (3, 4g, 4g).
+
+        ``points_xy``: at most ``MAX_DECODE_POINTS`` [x, y] original-image pixels with one label each;
+        anything else raises :class:`InputError` (the predictor checks values, this the shape numpy needs).
+        """
+        pc, pl = _click_arrays(points_xy, labels)
         box = np.asarray(box_xyxy, dtype=np.float64) if box_xyxy is not None else None
         with self._exclusive():
             return self._predictor(emb).predict(pc, pl, box, mask_input, multimask_output=True)
@@ -407,6 +411,30 @@ class ModelService:
                 return self._prefill(image)
             with self._exclusive():
                 return default_prefill(self.sam, image, self.prefill_settings, predictor=self._new_predictor())
+
+
+def _click_arrays(points_xy: Sequence[Sequence[float]] | None, labels: Sequence[int] | None
+                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(N, 2) float64 points and (N,) labels for the predictor, or (None, None) without points.
+
+    The count is capped because the decoder's work grows with it (the HTTP schema refuses more too, this
+    guards other callers), and the conversion is checked because numpy raises a bare ValueError on a ragged
+    list ([[1, 2], [5]]), which would surface as a server error instead of the caller's mistake.
+    """
+    if not points_xy:
+        return None, None
+    if len(points_xy) > MAX_DECODE_POINTS:
+        raise InputError(f"a decode takes at most {MAX_DECODE_POINTS} points (the clicks on one object), got "
+                         f"{len(points_xy)}; send the clicks of one object")
+    try:
+        pc = np.asarray(points_xy, dtype=np.float64)
+        pl = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError(f"points must be [[x, y], ...] with two numbers each and labels one integer (1, 0 or -1) "
+                         f"per point; could not read them ({exc})") from exc
+    if pc.ndim != 2 or pc.shape[1] != 2:
+        raise InputError(f"points must be [[x, y], ...] (shape (N, 2)), got shape {pc.shape}")
+    return pc, pl
 
 
 def default_prefill(sam: Any, image: np.ndarray, s: PrefillSettings, predictor: Any = None) -> list[dict[str, Any]]:

@@ -1,10 +1,54 @@
-"""Typed request bodies of the annotation API (responses are the store's plain dicts)."""
+"""Typed request bodies of the annotation API (responses are the store's plain dicts).
+
+Every body model derives from :class:`Body`, which refuses NaN and Infinity anywhere in the body, free-form
+``prompts`` included: Python's JSON reader accepts them although JSON has no such numbers, SQLite then
+fails after the row is written and PostgreSQL stores them, to come out again as bare ``NaN`` in exports
+that no JSON reader accepts. Refusing them here, before any route runs, keeps them out of the store.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+# A SAM-style interactive decode uses a handful of clicks (the paper's interactive evaluation stops at 11;
+# people rarely go past 20). The decoder's cost grows with the points, and 100,000 of them held a core for
+# minutes and 8 GB, so the server takes at most this many per decode.
+MAX_DECODE_POINTS = 64
+
+
+def first_non_finite(value: Any) -> str | None:
+    """Where the first NaN or infinite float in a parsed JSON value is (``prompts.x[2]``), or None.
+
+    Iterative, so a deeply nested body cannot exhaust the interpreter's recursion limit here.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where or "the body"
+        if isinstance(item, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in reversed(list(item.items())))
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+    return None
+
+
+class Body(BaseModel):
+    """Base of every request body: unknown fields and non-finite numbers are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        where = first_non_finite(data)
+        if where is not None:
+            raise ValueError(f"{where} is not a finite number (NaN and Infinity are not JSON); send a number, "
+                             "or null where the field allows it")
+        return data
 
 
 class RLE(BaseModel):
@@ -14,9 +58,7 @@ class RLE(BaseModel):
     counts: str | list[int]
 
 
-class AnnotationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AnnotationIn(Body):
     uuid: str = Field(description="client-generated UUID: the idempotency key of this save")
     segmentation: RLE
     label: str = "object"
@@ -26,9 +68,7 @@ class AnnotationIn(BaseModel):
     predicted_iou: float | None = None
 
 
-class AnnotationPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AnnotationPatch(Body):
     segmentation: RLE | None = None
     label: str | None = None
     review_state: Literal["accepted", "pending", "rejected"] | None = None
@@ -49,35 +89,56 @@ class PreviousDecode(BaseModel):
     index: int = Field(ge=0, description="which of its candidates (0-based): the one the user has chosen")
 
 
-class DecodeIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    points: list[list[float]] = Field(default_factory=list, description="[[x, y], ...] original-image pixels")
-    labels: list[int] = Field(default_factory=list, description="1 foreground, 0 background")
-    box: list[float] | None = Field(default=None, description="[x0, y0, x1, y1] original-image pixels")
+class DecodeIn(Body):
+    points: list[tuple[float, float]] = Field(
+        default_factory=list, max_length=MAX_DECODE_POINTS,
+        description=f"[[x, y], ...] original-image pixels, at most {MAX_DECODE_POINTS}")
+    labels: list[Literal[-1, 0, 1]] = Field(
+        default_factory=list, max_length=MAX_DECODE_POINTS,
+        description="one per point: 1 foreground, 0 background, -1 ignore")
+    box: tuple[float, float, float, float] | None = Field(
+        default=None, description="[x0, y0, x1, y1] original-image pixels")
     previous: PreviousDecode | None = Field(default=None, description="refine from this earlier decode's mask")
 
+    @field_validator("points", "labels", mode="before")
+    @classmethod
+    def _few_clicks(cls, value: Any, info: ValidationInfo) -> Any:
+        # Before parsing, so an oversized list is refused with the reason rather than parsed item by item,
+        # and a ragged point is named here instead of failing later in the model's numpy code.
+        if not isinstance(value, list):
+            return value  # the type check says what is wrong
+        if len(value) > MAX_DECODE_POINTS:
+            raise ValueError(f"a decode takes at most {MAX_DECODE_POINTS} {info.field_name} (the clicks on one "
+                             f"object), got {len(value)}; send the clicks of one object, or use prefill for a "
+                             "whole image")
+        if info.field_name == "points":
+            for i, p in enumerate(value):
+                if not isinstance(p, list) or len(p) != 2:
+                    raise ValueError(f"points[{i}] must be [x, y] (two numbers), got {repr(p)[:80]}; send [[x, y], ...]")
+        return value
 
-class ReviewIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    @field_validator("box", mode="before")
+    @classmethod
+    def _four_numbers(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) != 4:
+            raise ValueError(f"box must be [x0, y0, x1, y1] (four numbers), got {len(value)} values")
+        return value
 
+
+class ReviewIn(Body):
     seconds_spent: float | None = Field(default=None, ge=0, lt=1e6)
     label: str | None = None
     uuid: str | None = Field(default=None, description="fail with 409 unless the id still names this annotation "
                                                        "(ids are reused after a delete)")
 
 
-class ProjectPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ProjectPatch(Body):
     labels: list[str] | None = None
     stage: Literal["manual", "semi", "auto"] | None = None
 
 
-class TextIn(BaseModel):
+class TextIn(Body):
     """A phrase to find in the image (models with a class head or a CLIP text token, issue 10)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     text: str = Field(max_length=200, description="what to segment, e.g. 'dog' or 'a red car'")
     max_masks: int = Field(default=20, ge=1, le=100, description="at most this many proposals, best first")
