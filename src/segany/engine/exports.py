@@ -16,6 +16,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,14 @@ from segany.atomic import atomic_write, atomic_write_json, atomic_write_text, cu
 from segany.engine.db import Annotation as AnnotationModel
 from segany.engine.db import Image as ImageModel
 from segany.engine.masks import decode_rle, normalize_rle, rle_area_bbox
-from segany.engine.store import ImageRow, Store, bad_images_message, read_image_files
+from segany.engine.store import (
+    ImageRow,
+    Store,
+    bad_images_message,
+    check_finite,
+    check_seconds,
+    read_image_files,
+)
 from segany.errors import InputError
 
 
@@ -553,19 +561,55 @@ def export_summary(store: Store, project_id: int, fmt: str, out: str | os.PathLi
 
 
 # --------------------------------------------------------------------------------------- import
+def check_polygons(seg: list[Any], height: int, width: int) -> None:
+    """Refuse COCO polygons pycocotools would misread or crash on, with the reason.
+
+    pycocotools checks nothing: a polygon of 4 numbers is taken for a box, an odd count drops the last
+    number, a string raises a bare ValueError, and a coordinate of about 4e8 or more overflows its fixed-point
+    rasteriser (from 3e9 the process dies with a segmentation fault). A polygon must be a list of at least 3
+    x, y pairs of finite numbers within one image size beyond each edge (pixel coordinates of this image;
+    polygons are often a little outside, never by more than the image).
+    """
+    if not seg:
+        raise InputError("the polygon list is empty")
+    for i, poly in enumerate(seg):
+        if not isinstance(poly, list):
+            raise InputError(f"polygon {i} is a {type(poly).__name__}, not a list of numbers; COCO polygons are a "
+                             "list of lists [[x0, y0, x1, y1, ...], ...]")
+        for j, v in enumerate(poly):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InputError(f"polygon {i} holds {v!r} at position {j}, not a number")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"polygon {i} holds {v!r} at position {j}, not a finite number")
+        if len(poly) % 2 or len(poly) < 6:
+            raise InputError(f"polygon {i} has {len(poly)} numbers; a polygon is x, y pairs, at least 3 points "
+                             "(6 numbers)")
+        xs, ys = poly[0::2], poly[1::2]
+        for axis, vals, extent in (("x", xs, width), ("y", ys, height)):
+            lo, hi = min(vals), max(vals)
+            if lo < -extent or hi > 2 * extent:
+                bad = lo if lo < -extent else hi
+                raise InputError(f"polygon {i} has {axis} = {bad!r}, outside [{-extent}, {2 * extent}] for an image "
+                                 f"{width} wide and {height} high; coordinates are pixels of this image")
+
+
 def coco_segmentation_to_rle(seg: Any, height: int, width: int) -> dict[str, Any]:
-    """COCO polygons / uncompressed RLE / compressed RLE → compressed RLE (str counts)."""
+    """COCO polygons / uncompressed RLE / compressed RLE → compressed RLE (str counts) of a ``height`` x
+    ``width`` image; :class:`InputError` naming what is wrong with a malformed one."""
     from pycocotools import mask as mask_utils
 
     if isinstance(seg, list):
-        if not seg:
-            raise InputError("empty polygon list")
-        rles = mask_utils.frPyObjects(seg, height, width)
+        check_polygons(seg, height, width)
+        rles = mask_utils.frPyObjects([[float(v) for v in poly] for poly in seg], height, width)
         merged = mask_utils.merge(rles)
         c = merged["counts"]
         return {"size": [height, width], "counts": c.decode("ascii") if isinstance(c, bytes) else c}
     if isinstance(seg, dict):
-        return normalize_rle(seg)
+        rle = normalize_rle(seg)
+        if tuple(rle["size"]) != (height, width):
+            raise InputError(f"the RLE's size {rle['size']} does not match image [height, width] = "
+                             f"[{height}, {width}]")
+        return rle
     raise InputError(f"unsupported COCO segmentation of type {type(seg).__name__}")
 
 
@@ -697,15 +741,22 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     # Imports before 0.x keyed on the file's path: find those rows too, so editing such a file updates them.
     legacy_ns = uuid_lib.uuid5(uuid_lib.NAMESPACE_URL, str(Path(coco_json).resolve()))
     records = []
+    bad: list[tuple[Any, str]] = []  # (annotation id, why): every malformed annotation, named at once
     for a in usable:
         name = names[a["image_id"]]
-        rec = _import_record(coco_json, a, cats, sizes[name], source, include_crowd, out)
+        try:
+            rec = _import_record(a, cats, sizes[name], source, include_crowd, out, coco_json)
+        except InputError as exc:
+            bad.append((a.get("id"), str(exc)))
+            continue
         if rec is None:
             continue
         rec["image_sha256"] = sha_of[name]
         rec["key"] = import_key(project_id, sha_of[name], a.get("id"), rec["rle"], rec["label"])
         rec["legacy_key"] = str(uuid_lib.uuid5(legacy_ns, str(a.get("id"))))
         records.append(rec)
+    if bad:
+        raise InputError(_bad_annotations_message(coco_json, bad))
     # Only the labels imported annotations use: the file's categories list may name classes it never uses.
     used_labels = list(dict.fromkeys(r["label"] for r in records))
     declared = _project_labels(store, project_id, {})
@@ -772,22 +823,27 @@ def _read_new_images(images_dir: str | os.PathLike[str] | None, found: Sequence[
     return rows
 
 
-def _import_record(coco_json: str | os.PathLike[str], a: dict[str, Any], cats: dict[Any, str],
-                   size_hw: tuple[int, int], source: str, include_crowd: bool,
-                   out: ImportSummary) -> dict[str, Any] | None:
+def _bad_annotations_message(coco_json: str | os.PathLike[str], bad: Sequence[tuple[Any, str]]) -> str:
+    """One line naming every malformed annotation (the first 10) by its id in the file, with the reason."""
+    shown = "; ".join(f"annotation {ann_id!r}: {why}" for ann_id, why in bad[:10])
+    more = f"; ... {len(bad) - 10} more" if len(bad) > 10 else ""
+    return (f"{str(coco_json)!r}: {len(bad)} annotation{'s are' if len(bad) != 1 else ' is'} malformed, so nothing "
+            f"was imported: {shown}{more}; fix the file")
+
+
+def _import_record(a: dict[str, Any], cats: dict[Any, str], size_hw: tuple[int, int], source: str,
+                   include_crowd: bool, out: ImportSummary, coco_json: str | os.PathLike[str]
+                   ) -> dict[str, Any] | None:
     """One COCO annotation as an import record for :meth:`Store.import_annotations`, or None (counted in
-    ``out``) for a crowd region or an empty mask."""
+    ``out``) for a crowd region or an empty mask; :class:`InputError` with the reason for a malformed one."""
     seg = a["segmentation"]
     if not (isinstance(seg, dict) or (isinstance(seg, list) and seg)):
-        raise InputError(f"{str(coco_json)!r}: annotation {a.get('id')!r} has a segmentation of type "
-                         f"{type(seg).__name__}; COCO uses polygons (a list) or RLE (a dict)")
+        what = "an empty list" if isinstance(seg, list) else f"of type {type(seg).__name__}"
+        raise InputError(f"the segmentation is {what}; COCO uses polygons (a list of lists) or RLE (a dict)")
     if a.get("iscrowd") and not include_crowd:
         out.crowd += 1
         return None
-    try:
-        rle = coco_segmentation_to_rle(seg, *size_hw)
-    except InputError as exc:
-        raise InputError(f"{str(coco_json)!r}: annotation {a.get('id')!r}: {exc}; fix the file") from exc
+    rle = coco_segmentation_to_rle(seg, *size_hw)
     if rle_area_bbox(rle)[0] == 0:
         out.empty += 1
         return None
@@ -796,6 +852,9 @@ def _import_record(coco_json: str | os.PathLike[str], a: dict[str, Any], cats: d
         out.unknown_category += 1
         label = "object"
     extra = a.get("segany") if isinstance(a.get("segany"), dict) else {}
+    # The store refuses these too, but by record key: checked here, the error names the annotation's id.
+    check_seconds(extra.get("seconds_spent"), "segany.seconds_spent")
+    check_finite("segany.predicted_iou", extra.get("predicted_iou"))
     digest = hashlib.sha256(f"{label}\n{rle['counts']}".encode()).hexdigest()[:16]
     src = extra.get("source", source)
     return {"rle": rle, "label": label.strip()[:200] or "object",

@@ -6,7 +6,8 @@ packaged Alembic migrations up to head, and returns a :class:`Store`.
 
 Every public write is one transaction. SQLite runs in WAL mode with a busy timeout and takes the
 write lock at ``BEGIN`` (``BEGIN IMMEDIATE``), so concurrent writers queue instead of failing
-half-way; PostgreSQL uses its own row locking. Annotation saves carry a client-made UUID: a save
+half-way; on PostgreSQL an edit or delete reads its annotation ``FOR UPDATE``, so a revision or role check
+cannot pass for two requests at once. Annotation saves carry a client-made UUID: a save
 retried after a lost response finds the row it already wrote instead of writing a second one.
 
 Methods return plain dicts (JSON-ready) so nothing outside a transaction touches a live ORM row.
@@ -17,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import secrets
 import uuid as uuid_lib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,11 @@ EMPTY_MASK_MESSAGE = ("the mask is empty (no pixel set), so it annotates nothing
 def resolve_target(target: str | os.PathLike[str]) -> tuple[str, Path | None]:
     """Map a CLI target to (SQLAlchemy URL, project folder or None)."""
     t = str(target)
+    if not t.strip():
+        # Path("") is the current folder: an empty argument (an unset shell variable) would silently make or
+        # open a project wherever the command happens to run.
+        raise StoreError("the project target is empty; pass a project folder, a .db file or a database URL "
+                         "(postgresql://USER@HOST[:PORT]/DB)")
     if "://" in t:
         if t.startswith("postgresql://"):  # default to the psycopg 3 driver we depend on
             t = "postgresql+psycopg://" + t[len("postgresql://"):]
@@ -452,8 +460,10 @@ class Store:
             raise InputError("give exactly one of mask (H, W) array or rle")
         enc = encode_mask(mask) if mask is not None else normalize_rle(rle)  # type: ignore[arg-type]
         area, bbox = rle_area_bbox(enc)
-        if seconds_spent is not None and not (0 <= seconds_spent < 1e6):
-            raise InputError(f"seconds_spent must be between 0 and 1e6, got {seconds_spent}")
+        seconds_spent = check_seconds(seconds_spent)
+        predicted_iou = check_finite("predicted_iou", predicted_iou)
+        stability_score = check_finite("stability_score", stability_score)
+        check_finite_json("prompts", prompts)
         label = (label or "object").strip()[:200] or "object"
         try:
             with self.transaction() as s:
@@ -510,6 +520,13 @@ class Store:
         Returns counts: ``images_added``, ``created``, ``updated``, ``unchanged``, ``kept_deleted``.
         """
         counts = {"images_added": 0, "created": 0, "updated": 0, "unchanged": 0, "kept_deleted": 0}
+        for r in records:  # before the transaction: a bad record writes nothing
+            try:
+                check_finite("predicted_iou", r.get("predicted_iou"))
+                check_seconds(r.get("seconds_spent"))
+                check_finite_json("prompts", r.get("prompts"))
+            except InputError as exc:
+                raise InputError(f"import record {r.get('key')}: {exc}") from exc
         with self.transaction() as s:
             counts["images_added"] = len(self._insert_images(s, project_id, new_images))
             p = s.get(Project, project_id)
@@ -535,10 +552,11 @@ class Store:
         if tuple(rle["size"]) != (im.height, im.width):
             raise InputError(f"a mask of size {rle['size']} does not match image {im.file_name!r} "
                              f"[height, width] = [{im.height}, {im.width}]; fix the file")
-        existing = s.scalar(select(Annotation).where(Annotation.uuid == r["key"]))
+        # Locked (PostgreSQL): an edit in the app between this read and the update below would be lost.
+        existing = s.scalar(select(Annotation).where(Annotation.uuid == r["key"]).with_for_update())
         if existing is None and r.get("legacy_key"):  # an earlier import of this file under its old key
             existing = s.scalar(select(Annotation).where(Annotation.uuid == r["legacy_key"],
-                                                         Annotation.image_id == im.id))
+                                                         Annotation.image_id == im.id).with_for_update())
         if existing is not None and existing.image_id != im.id:
             raise ConflictError(f"import key {r['key']} already names an annotation on another image; report this")
         if existing is None:
@@ -600,8 +618,15 @@ class Store:
             return annotation_dict(self._get_ann(s, annotation_id, project_id))
 
     @staticmethod
-    def _get_ann(s: Session, annotation_id: int, project_id: int | None) -> Annotation:
-        a = s.get(Annotation, annotation_id)
+    def _get_ann(s: Session, annotation_id: int, project_id: int | None, *, lock: bool = False) -> Annotation:
+        """The annotation ``annotation_id`` (in ``project_id`` if given); ``lock`` for a read-check-write.
+
+        ``lock`` reads the row ``FOR UPDATE``: on PostgreSQL two transactions that both read revision 1 (or an
+        open proposal) would otherwise both pass the revision and role checks and the later write would undo
+        the earlier one. The second now waits for the first to commit and then sees its write. SQLite has no
+        row locks and needs none: ``BEGIN IMMEDIATE`` already runs writers one at a time.
+        """
+        a = s.get(Annotation, annotation_id, with_for_update=lock)
         if a is None or (project_id is not None and a.image.project_id != project_id):
             raise NotFoundError(f"no annotation with id {annotation_id} in this project")
         return a
@@ -645,8 +670,10 @@ class Store:
             raise InputError("give at most one of mask and rle")
         if review_state is not None:
             _check_choice("review_state", review_state, db.REVIEW_STATES)
+        seconds_spent = check_seconds(seconds_spent)
+        check_finite_json("prompts", prompts)
         with self.transaction() as s:
-            a = self._get_ann(s, annotation_id, project_id)
+            a = self._get_ann(s, annotation_id, project_id, lock=True)
             self._check_uuid(a, annotation_id, expected_uuid)
             if check is not None:
                 check(annotation_dict(a))
@@ -697,7 +724,7 @@ class Store:
         An imported annotation (``prompts.imported_from``) leaves its uuid in ``deleted_annotations``, in the same
         transaction, so a re-import of its file does not bring it back (:meth:`import_annotations`)."""
         with self.transaction() as s:
-            a = self._get_ann(s, annotation_id, project_id)
+            a = self._get_ann(s, annotation_id, project_id, lock=True)
             self._check_uuid(a, annotation_id, expected_uuid)
             if check is not None:
                 check(annotation_dict(a))
@@ -735,9 +762,12 @@ class Store:
                                meta: dict[str, Any] | None = None) -> int:
         """Freeze the project's annotations in ``states`` under ``name`` (for training or export)."""
         with self.transaction() as s:
+            # In (image, uuid) order: the snapshot's row order is the order its export numbers images and masks
+            # in (segany.engine.versions.snapshot_items), whatever later happens to the images.
             rows = list(s.execute(select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
                                   .where(Image.project_id == project_id, Annotation.review_state.in_(list(states)),
-                                         Annotation.area > 0)))
+                                         Annotation.area > 0)
+                                  .order_by(Image.id, Annotation.uuid)))
             dv = DatasetVersion(project_id=project_id, name=name, meta={**(meta or {}), "states": list(states)})
             dv.annotations = [a for a, _ in rows]
             dv.items = [DatasetVersionItem.copy_of(a, im) for a, im in rows]  # frozen: later edits cannot reach it
@@ -799,6 +829,44 @@ def bad_images_message(bad: Sequence[tuple[Path, str]], fix: str) -> str:
     """One line naming every unreadable file (the first 20) and ``fix``."""
     shown = "; ".join(f"{f} ({why})" for f, why in bad[:20]) + (f"; ... {len(bad) - 20} more" if len(bad) > 20 else "")
     return f"{len(bad)} file(s) are not readable images, so nothing was added: {shown}; {fix}"
+
+
+def check_seconds(seconds_spent: Any, name: str = "seconds_spent") -> float | None:
+    """``seconds_spent`` as a float in [0, 1e6), or None; :class:`InputError` for anything else (NaN included)."""
+    value = check_finite(name, seconds_spent)
+    if value is not None and not (0 <= value < 1e6):
+        raise InputError(f"{name} must be between 0 and 1e6, got {seconds_spent}")
+    return value
+
+
+def check_finite(name: str, value: Any) -> float | None:
+    """``value`` as a float, or None; :class:`InputError` for NaN, ±Infinity or a non-number.
+
+    SQLite would store NaN as text the JSON and float readers choke on, and PostgreSQL's JSON refuses it with
+    a database error, so a non-finite score or prompt is refused before it reaches either.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InputError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    f = float(value)
+    if not math.isfinite(f):
+        raise InputError(f"{name} must be a finite number, got {value!r}; send a real value or leave it out")
+    return f
+
+
+def check_finite_json(name: str, value: Any) -> None:
+    """Refuse NaN or ±Infinity anywhere inside a JSON-like value (dicts, lists, numbers), naming where."""
+    stack: list[tuple[str, Any]] = [(name, value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((f"{where}.{k}", x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+        elif isinstance(v, Real) and not isinstance(v, (bool, int)) and not math.isfinite(float(v)):
+            raise InputError(f"{where} is {v!r}, not a finite number; JSON has no NaN or Infinity, so send a "
+                             "real value or leave it out")
 
 
 def _check_uuid(value: str) -> str:

@@ -63,10 +63,16 @@ def _find_version(s: Any, project_id: int, version: str | int) -> Any:
 
 
 def snapshot_items(store: Any, dataset_version_id: int) -> list[dict[str, Any]]:
-    """The masks frozen in a dataset version, ordered by image id then annotation uuid.
+    """The masks frozen in a dataset version, grouped by image, images in the order the snapshot holds them,
+    each image's masks by annotation uuid.
 
-    A version made without a snapshot (``Store.create_dataset_version``) falls back to its links to live
-    annotations, which is all it has.
+    The order comes only from what the snapshot stores (its row ids, the images' sha256, the uuids), so an
+    export of the version numbers its images and masks the same way after images are removed from the
+    project: the snapshot's ``image_id`` becomes NULL then, and ordering by it moved those images first.
+    Freezing writes the rows in image-id order, so a version exports in the image-id order it was frozen
+    with (a version frozen before that, with its rows in uuid order, numbers its images in that order). A
+    version made without a snapshot falls back to its links to live annotations (image id order), which is
+    all it has.
     """
     from sqlalchemy import select
 
@@ -84,16 +90,19 @@ def snapshot_items(store: Any, dataset_version_id: int) -> list[dict[str, Any]]:
         items = list(s.scalars(select(DatasetVersionItem)
                                .where(DatasetVersionItem.dataset_version_id == dataset_version_id)))
         if items:
-            out = [_item_dict(it) for it in items]
-        else:
-            q = (select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
-                 .join(dataset_version_annotations, dataset_version_annotations.c.annotation_id == Annotation.id)
-                 .where(dataset_version_annotations.c.dataset_version_id == dataset_version_id))
-            out = [{"annotation_uuid": a.uuid, "image_id": im.id, "image_sha256": im.sha256, "image_path": im.path,
-                    "file_name": im.file_name, "label": a.label, "source": a.source, "rle_counts": a.rle_counts,
-                    "height": a.height, "width": a.width, "area": a.area, "bbox_xywh": list(a.bbox_xywh or [])}
-                   for a, im in s.execute(q)]
-    return sorted(out, key=lambda d: (d["image_id"] if d["image_id"] is not None else -1, d["annotation_uuid"]))
+            first_row: dict[str, int] = {}  # image sha256 -> the snapshot's first row of that image
+            for it in sorted(items, key=lambda it: it.id):
+                first_row.setdefault(it.image_sha256, it.id)
+            return [_item_dict(it) for it in sorted(items, key=lambda it: (first_row[it.image_sha256],
+                                                                              it.annotation_uuid))]
+        q = (select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
+             .join(dataset_version_annotations, dataset_version_annotations.c.annotation_id == Annotation.id)
+             .where(dataset_version_annotations.c.dataset_version_id == dataset_version_id))
+        out = [{"annotation_uuid": a.uuid, "image_id": im.id, "image_sha256": im.sha256, "image_path": im.path,
+                "file_name": im.file_name, "label": a.label, "source": a.source, "rle_counts": a.rle_counts,
+                "height": a.height, "width": a.width, "area": a.area, "bbox_xywh": list(a.bbox_xywh or [])}
+               for a, im in s.execute(q)]
+    return sorted(out, key=lambda d: (d["image_id"], d["annotation_uuid"]))
 
 
 def _item_dict(it: Any) -> dict[str, Any]:
