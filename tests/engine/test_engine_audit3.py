@@ -268,3 +268,32 @@ def test_store_refuses_non_finite_numbers(one_image: Any, field: dict[str, Any])
         with pytest.raises(InputError, match="finite"):
             store.import_annotations(proj["id"], new_images=[], labels=[], records=[rec])
         assert store.count_annotations(proj["id"]) == 1
+
+
+def test_a_replayed_uuid_never_answers_across_projects(tmp_path: Path) -> None:
+    """The store checks the image's project before answering a repeated uuid, and a conflict with another
+    project's annotation does not name that project's image (the server's check, held by the store too)."""
+    from segany.engine.store import NotFoundError
+
+    images = make_images(tmp_path / "images", 2)
+    store, a = make_project(tmp_path / "proj", images[:1], name="a")
+    try:
+        b = store.create_project("b")
+        store.add_images(b["id"], images[1:])
+        im_a, im_b = store.list_images(a["id"])[0], store.list_images(b["id"])[0]
+        key = str(uuid.uuid4())
+        saved, created = store.save_annotation(im_a["id"], mask=_mask(im_a["height"], im_a["width"]), uuid=key,
+                                               project_id=a["id"])
+        assert created
+        with pytest.raises(NotFoundError):  # project b asks about project a's image: no row comes back
+            store.save_annotation(im_a["id"], mask=_mask(im_a["height"], im_a["width"]), uuid=key,
+                                  project_id=b["id"])
+        with pytest.raises(ConflictError, match="already used on another image;") as err:
+            store.save_annotation(im_b["id"], mask=_mask(im_b["height"], im_b["width"]), uuid=key,
+                                  project_id=b["id"])
+        assert f"image {im_a['id']}" not in str(err.value)
+        replay, created = store.save_annotation(im_a["id"], mask=_mask(im_a["height"], im_a["width"]), uuid=key,
+                                                project_id=a["id"])
+        assert not created and replay["id"] == saved["id"]  # the caller's own retry still gets its row
+    finally:
+        store.close()

@@ -330,6 +330,7 @@ def write_result(store: Any, result: ImageResult, *, model_version_id: int | Non
 
     from segany.engine.db import Annotation, Image, ImageRun, utcnow
     from segany.engine.masks import rle_area_bbox
+    from segany.engine.store import check_finite  # a broken model's NaN score never reaches the database
 
     with store.transaction() as s:
         run = s.scalar(select(ImageRun).where(ImageRun.image_id == result.image_id, ImageRun.kind == AUTO_KIND))
@@ -356,7 +357,8 @@ def write_result(store: Any, result: ImageResult, *, model_version_id: int | Non
                 height=im.height, width=im.width, area=area, bbox_xywh=bbox, source="auto",
                 review_state=settings.review_state, model_version_id=model_version_id,
                 prompts={"point_coords": m.point_coords, "crop_box": m.crop_box}, annotator_id=None,
-                seconds_spent=None, predicted_iou=m.predicted_iou, stability_score=m.stability_score, revision=1))
+                seconds_spent=None, predicted_iou=check_finite("predicted_iou", m.predicted_iou),
+                stability_score=check_finite("stability_score", m.stability_score), revision=1))
         if run is None:
             run = ImageRun(image_id=im.id, kind=AUTO_KIND)
             s.add(run)

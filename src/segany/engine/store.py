@@ -467,12 +467,13 @@ class Store:
         label = (label or "object").strip()[:200] or "object"
         try:
             with self.transaction() as s:
-                existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
-                if existing is not None:
-                    return self._replay(existing, image_id), False
+                # The image first: a replayed uuid must not answer for an image outside the caller's project.
                 im = s.get(Image, image_id)
                 if im is None or (project_id is not None and im.project_id != project_id):
                     raise NotFoundError(f"no image with id {image_id} in this project")
+                existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
+                if existing is not None:
+                    return self._replay(s, existing, im), False
                 if tuple(enc["size"]) != (im.height, im.width):
                     raise InputError(f"mask size {enc['size']} does not match image {image_id}'s "
                                      f"[height, width] = [{im.height}, {im.width}]")
@@ -492,14 +493,20 @@ class Store:
             # Another request with the same key committed between our read and our insert.
             with self.transaction() as s:
                 existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
-                if existing is None:
+                im = s.get(Image, image_id)
+                if existing is None or im is None:
                     raise
-                return self._replay(existing, image_id), False
+                return self._replay(s, existing, im), False
 
     @staticmethod
-    def _replay(existing: Annotation, image_id: int) -> dict[str, Any]:
-        if existing.image_id != image_id:
-            raise ConflictError(f"annotation uuid {existing.uuid} was already used on image {existing.image_id}; "
+    def _replay(s: Session, existing: Annotation, image: Image) -> dict[str, Any]:
+        """The stored row for a repeated uuid, if it is on ``image``; a uuid used on another image is a conflict,
+        whose message names that image only when it is in the same project (ids elsewhere are not the caller's)."""
+        if existing.image_id != image.id:
+            other = s.get(Image, existing.image_id)
+            where = (f"image {existing.image_id}" if other is not None and other.project_id == image.project_id
+                     else "another image")
+            raise ConflictError(f"annotation uuid {existing.uuid} was already used on {where}; "
                                 "generate a new uuid for each new annotation")
         return annotation_dict(existing)
 
