@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from segany.atomic import atomic_path
@@ -82,15 +83,43 @@ def resolve_parts(path: str | os.PathLike[str]) -> Path:
     if sha_file.exists():
         # Keyed by content: a checkout with other weights never reuses a stale join, whatever the mtimes.
         # The joined file only appears (atomically) after its sha256 matched, so it can be trusted as is.
-        dest = weights_home() / "joined" / f"{sha_file.read_text().split()[0][:16]}-{base.name}"
-        if not dest.exists():
-            join_parts(base, dest)
-        return dest
-    digest = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:12]
-    dest = weights_home() / "joined" / f"{digest}-{base.name}"
-    if not dest.exists() or dest.stat().st_mtime < parts_of(base)[-1].stat().st_mtime:
+        name, by_mtime = f"{sha_file.read_text().split()[0][:16]}-{base.name}", False
+    else:
+        name, by_mtime = f"{hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:12]}-{base.name}", True
+    try:
+        return _joined(base, weights_home() / "joined" / name, by_mtime)
+    except OSError as exc:
+        # A read-only or foreign cache (a container, another user's SEGANY_HOME) must not stop the weights
+        # that ship with segany from loading: join them into this user's own temp folder instead.
+        try:
+            return _joined(base, _private_temp() / name, by_mtime)
+        except OSError:
+            raise CheckpointError(f"cannot join {base.name} in the cache {str(weights_home() / 'joined')!r} "
+                                  f"({exc.strerror or exc}) nor in a temp folder; point SEGANY_HOME at a folder "
+                                  "you can write to") from exc
+
+
+def _joined(base: Path, dest: Path, by_mtime: bool) -> Path:
+    """``dest``, joined from ``base``'s parts unless already there (and, ``by_mtime``, newer than them)."""
+    if not dest.exists() or (by_mtime and dest.stat().st_mtime < parts_of(base)[-1].stat().st_mtime):
         join_parts(base, dest)
     return dest
+
+
+def _private_temp() -> Path:
+    """``$TMPDIR/segany-<uid>/joined``, made 0700 and refused unless it is this user's own real folder,
+    so nobody else can plant a file there that would be loaded as the bundled weights."""
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    root = Path(tempfile.gettempdir()) / f"segany-{uid}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != uid) or st.st_mode & 0o022:
+        raise PermissionError(f"{root} is not a private folder of this user")
+    folder = root / "joined"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def bundled_path(filename: str) -> Path | None:

@@ -20,6 +20,9 @@ def check_out_dir(path: str | os.PathLike[str], option: str) -> Path:
 
     ``option`` names where the path came from (``--out``, ``run.out_dir``) so the message points at it.
     """
+    if not str(path).strip():  # Path("") is ".": the outputs would land in the current folder unasked
+        raise InputError(f"{option} is empty; pass a folder path (it is created if missing), e.g. {option} out, "
+                         "or . for the current folder")
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise InputError(f"{option} {str(p)!r} is an existing file, not a folder; pass a folder path "
@@ -35,6 +38,8 @@ def check_out_dir(path: str | os.PathLike[str], option: str) -> Path:
 
 def check_out_file(path: str | os.PathLike[str], option: str) -> Path:
     """Make sure ``path`` can be written as a file (its folder may be created); creates nothing."""
+    if not str(path).strip():
+        raise InputError(f"{option} is empty; pass a file path, e.g. {option} model.pt")
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{option} {str(p)!r} is a folder; pass a file path, e.g. {str(p / 'model.pt')!r}")

@@ -2,8 +2,10 @@
 
 Each image's result is written atomically and is the marker that the image is done, so a run
 killed at any moment (even with SIGKILL) and restarted with ``--resume`` loses, duplicates and
-half-writes nothing. Unreadable images are reported, skipped and listed; the exit status is 1
-if any failed. ``manifest.json`` records the model, options and versions, the counts of the whole
+half-writes nothing. Unreadable images, and images the model cannot take (too thin to resize), are
+reported, skipped, listed in the manifest with their reason, and the run goes on; the exit status is 1
+if any failed. A run in which every image failed still writes its manifest (the record of what failed),
+says so in its last line, and exits 1. ``manifest.json`` records the model, options and versions, the counts of the whole
 output and those of this run; ``run.json`` the settings that ``--resume`` checks and
 ``image_ids.json`` each image's stable id and the file behind it (:mod:`segany.cli.auto_resume`), so a
 resume redoes an image whose file changed. Output names follow the image's path, never its place in a list.
@@ -498,7 +500,12 @@ def _process(out: Path, listing: Listing, todo: list[tuple[Path, str]], overlay_
                 _write_overlay(out, key, image, _saved_records(target, args.format))
                 state.overlays += 1
                 continue
-            records = generator.generate(image)
+            try:
+                records = generator.generate(image)
+            except InputError as exc:  # an image this model cannot take (too thin to resize): fail it, go on
+                state.failures.append({"image": str(path), "error": str(exc)})
+                bar.write(f"segany: skipping {path}: {exc}", file=sys.stderr)
+                continue
             state.n_masks += len(records)
             if args.overlay:  # before the output, which marks the image done
                 _write_overlay(out, key, image, records)
@@ -537,6 +544,9 @@ def _finish(out: Path, listing: Listing, args: argparse.Namespace, model_name: s
         print("failed images:", file=sys.stderr)
         for f in failures:
             print(f"  {f['image']}: {f['error']}", file=sys.stderr)
+        if not whole["done"]:
+            print(f"segany auto: no image could be segmented ({len(failures)} failed, listed above and in "
+                  f"{out / MANIFEST_FILE}); fix or remove them and rerun", file=sys.stderr)
         return 1
     return 0
 
@@ -572,12 +582,27 @@ def _remove_previous_run(out: Path, images: list[tuple[Path, str]], args: argpar
         rewritten |= {out / COCO_RESULTS_FILE, out / COCO_IMAGES_FILE}
     left = 0
     for path in stale:
-        if _inside(out, path) and _remove(path) and path not in rewritten:
-            left += 1
+        if _inside(out, path) and _remove(path):
+            _remove_empty_parents(out, path)
+            if path not in rewritten:
+                left += 1
     if left:
         print(f"segany auto: removed {left} outputs of the earlier run in {out} that this run does not rewrite "
               "(images no longer listed, another --format, or no --overlay); --resume keeps finished images",
               file=sys.stderr)
+
+
+def _remove_empty_parents(out: Path, path: Path) -> None:
+    """Remove the folders between ``out`` and ``path`` that removing ``path`` left empty (``sub/`` of
+    ``sub/x.json``), so a rerun's folder shows only what it wrote; ``out`` itself and any folder still
+    holding a file stay."""
+    parent = path.parent
+    while parent != out and _inside(out, parent):
+        try:
+            parent.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        parent = parent.parent
 
 
 def _remove_changed(out: Path, keys: list[str], fmt: str) -> int:

@@ -43,7 +43,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grabcut", action="store_true", help="also run the GrabCut-from-box baseline")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="processes for GrabCut")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when there is a GPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--amg", action="store_true",
                    help="evaluate automatic masks as proposals (AR@10/100/1000) instead of clicks and boxes")
     p.add_argument("--points-per-side", type=int, default=16, help="--amg: the generator's point grid (default 16)")
@@ -83,15 +83,13 @@ def run(args: argparse.Namespace) -> int:
         if args.grabcut:
             raise InputError("--grabcut is the baseline for box prompts and does not apply to --amg; drop one of them")
 
-    import torch
-
     from segany.bundled import resolve_parts
     from segany.checkpoints import build_sam, find_weights
+    from segany.cli._util import resolve_device
     from segany.eval.run import format_table, load_eval_records, run_evaluation
     from segany.registry import weights_for_model
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)  # a wrong name or a missing GPU is one line, as in predict/auto/train
     # A combination that cannot run fails before anything loads.
     options = predictor_options(args, device, cpu_bf16_auto=False)
     _check_arguments(args)

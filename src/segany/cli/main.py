@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(args_list)
+        _refuse_empty_paths(args)
         return int(args.func(args) or 0)
     except SeganyError as exc:
         if debug:
@@ -116,6 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segany: unexpected error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
               "traceback)", file=sys.stderr)
         return 1
+
+
+# Output options of every subcommand. An empty value is Path("") == ".", which silently writes into the
+# current folder: refused here once, for commands present and future, before any of them runs.
+_OUTPUT_OPTIONS = ("out", "out_dir", "output", "export")
+
+
+def _refuse_empty_paths(args: argparse.Namespace) -> None:
+    from segany.errors import InputError
+
+    for dest in _OUTPUT_OPTIONS:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            flag = "--" + dest.replace("_", "-")
+            raise InputError(f"{flag} is empty; pass a path (e.g. {flag} out), or . for the current folder")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -61,7 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="write SAM's 3 candidate masks (default for a single click, which is ambiguous)")
     mm.add_argument("--single", dest="multimask", action="store_false",
                     help="write one mask (default for boxes and several clicks)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps or auto")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda when there is a GPU, else cpu), cpu, cuda, cuda:1 or mps")
     add_speed_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=run)
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     masks, scores = masks[order], scores[order]
 
     stem = Path(args.image).stem
+    _remove_previous(out, stem)
     records = []
     for i, (mask, score) in enumerate(zip(masks, scores, strict=True)):
         name = f"{stem}_mask{i}.png"
@@ -165,6 +167,28 @@ def run(args: argparse.Namespace) -> int:
                   f"(best score {float(scores[0]):.3f})")
     print(out / f"{stem}.json", file=sys.stdout)
     return 0
+
+
+def _remove_previous(out: Path, stem: str) -> None:
+    """Remove this image's earlier result in ``out``: its JSON first, then the mask files it lists.
+
+    A rerun with fewer masks (``--single`` after ``--multimask``) would otherwise leave ``<stem>_mask1.png``
+    and ``_mask2.png`` beside a JSON that lists one mask. Only files the earlier JSON names (in ``out``,
+    as ``<stem>_mask<i>.png``) are touched, so other files in the folder are safe; with the JSON gone
+    first, an interrupted rerun never leaves a JSON naming masks of two runs.
+    """
+    import re
+
+    previous = out / f"{stem}.json"
+    try:
+        listed = [m.get("file") for m in json.loads(previous.read_text()).get("masks", [])]
+    except (OSError, ValueError, AttributeError):
+        return  # no earlier result (or not one of ours): nothing to clean
+    own = re.compile(re.escape(stem) + r"_mask\d+\.png")
+    previous.unlink(missing_ok=True)
+    for name in listed:
+        if isinstance(name, str) and own.fullmatch(name):
+            (out / name).unlink(missing_ok=True)
 
 
 def _png(array: np.ndarray) -> bytes:

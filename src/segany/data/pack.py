@@ -5,6 +5,9 @@ Layout::
     <out>/manifest.json.gz     gzipped JSON {"format": "segany-pack-v1", "max_side": 512, "records": [...], "splits": {...}}
     <out>/images/<dataset>/<image_id>.jpg
 
+A dataset whose re-pack was interrupted after it began overwriting JPEGs has no records and is listed
+under ``"unfinished"``; every JPEG carries the hash of its source, which readers check against the record's.
+
 Images are resized so their long side is at most ``max_side`` (JPEG, quality ``quality``); masks are
 resized to the same grid and stored as COCO RLE in the manifest. Each record carries its split
 ("train" or "val"), so evaluation uses exactly the held-out images. Reading a pack needs neither
@@ -35,6 +38,8 @@ from segany.transforms import preprocess_shape
 log = logging.getLogger(__name__)
 
 PACK_FORMAT = "segany-pack-v1"
+# Manifest key: datasets whose re-pack started overwriting their JPEGs and did not finish (see _withdraw).
+UNFINISHED = "unfinished"
 
 
 def _resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -170,6 +175,8 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
     packed: list[dict[str, Any]] = []
     reused = dropped = 0
     bad: list[str] = []
+    names = sorted({rec.dataset for _, rec in records})
+    invalidated = False
     for split, rec in records:
         h, w = rec.size_hw
         side = (max_side_by_dataset or {}).get(rec.dataset, max_side)
@@ -180,6 +187,9 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
             if resume and _packed_source(out / rel) == (digest, (nh, nw), _exif_frame(rec)):
                 reused += 1
             else:
+                if not invalidated:  # before the first JPEG an old record may name is overwritten
+                    _withdraw(out, names)
+                    invalidated = True
                 _write_image(rec, out / rel, (nh, nw), quality, digest)
         except (OSError, ImageLoadError) as exc:
             if on_bad is None:
@@ -202,8 +212,7 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
         raise InputError(f"none of the {len(records)} images could be packed; the first: {bad[0]}")
     manifest = _merged(_existing_manifest(out), packed, {"format": PACK_FORMAT, "max_side": max_side,
                                                          **(manifest_extra or {})})
-    with atomic_path(out / "manifest.json.gz") as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
-        json.dump(manifest, f, separators=(",", ":"))  # RLE strings gzip to about a third
+    _write_manifest(out, manifest)
     _remove_orphans(out, packed)
     return {**manifest, "reused": reused, "dropped_small": dropped}
 
@@ -225,16 +234,49 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
 def _merged(old: dict[str, Any] | None, packed: list[dict[str, Any]], head: dict[str, Any]) -> dict[str, Any]:
     """The new manifest: the datasets just packed replace their own records; every other dataset already in
     the pack stays, with its split and split rule, so packing your data beside the shared data (or a second
-    dataset beside a first) adds to the pack instead of silently replacing it."""
+    dataset beside a first) adds to the pack instead of silently replacing it. Datasets another interrupted
+    pack left unfinished stay marked so."""
     names = {r["dataset"] for r in packed}
     kept = [r for r in (old or {}).get("records", []) if r.get("dataset") not in names]
     rules = {k: v for k, v in (old or {}).get("split_rule", {}).items() if k not in names}
     rules.update(head.get("split_rule", {}))
+    unfinished = sorted(set((old or {}).get(UNFINISHED, [])) - names)
     records = kept + packed
     manifest = {**head, "records": records, "splits": _split_summary(records)}
     if rules:
         manifest["split_rule"] = rules
+    if unfinished:
+        manifest[UNFINISHED] = unfinished
     return manifest
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    with atomic_path(out / "manifest.json.gz") as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
+        json.dump(manifest, f, separators=(",", ":"))  # RLE strings gzip to about a third
+
+
+def _withdraw(out: Path, names: list[str]) -> None:
+    """Take the records of datasets ``names`` out of the pack's manifest (atomically) and mark them unfinished.
+
+    Runs before the first packed JPEG is overwritten: image ids become file names, so a re-pack whose ids
+    now name other images writes new pixels under the names the old records point at. Were the pack killed
+    midway, the old manifest would pair old masks with new images. Withdrawn first, an interrupted pack
+    leaves those datasets out of the pack (readers name the rerun that finishes them) instead.
+    """
+    old = _existing_manifest(out)
+    if old is None:
+        return
+    wanted = set(names)
+    if not any(r.get("dataset") in wanted for r in old.get("records", [])) and wanted <= set(old.get(UNFINISHED, [])):
+        return
+    records = [r for r in old.get("records", []) if r.get("dataset") not in wanted]
+    rules = {k: v for k, v in old.get("split_rule", {}).items() if k not in wanted}
+    manifest = {**old, "records": records, "splits": _split_summary(records),
+                UNFINISHED: sorted(set(old.get(UNFINISHED, [])) | wanted)}
+    manifest.pop("split_rule", None)
+    if rules:
+        manifest["split_rule"] = rules
+    _write_manifest(out, manifest)
 
 
 def _remove_orphans(out: Path, packed: list[dict[str, Any]]) -> None:
@@ -290,6 +332,16 @@ def read_own(*, coco: str | None = None, yolo: str | None = None, masks: str | N
         looked = f"images in {images} with a mask folder {masks}/<image stem>/*.png"
     if not any(r.masks for r in recs):
         what = f" of categories {', '.join(categories)}" if categories else ""
+        skipped = report.skipped if report is not None else {}
+        if skipped:  # the annotations were found: say why none of them is an object, not to check the paths
+            from segany.data.formats.coco import SKIP_REASONS
+
+            why = "; ".join(f"{n} {SKIP_REASONS.get(k, k)}" for k, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+            fixes = (["export the annotations with segmentation polygons or RLE"] if set(skipped) - {"crowd"} else [])
+            if "crowd" in skipped:
+                fixes.append("crowd regions are never packed: outline each object on its own (iscrowd 0)")
+            raise InputError(f"found no objects{what} to pack in {coco or yolo or masks}: of its annotations, {why}; "
+                             f"{' and '.join(fixes)}")
         raise InputError(f"found no objects{what}: looked for {looked} and read {len(recs)} image(s) with masks; "
                          "check the paths (see `segany data pack --help` for each layout)")
     return recs
@@ -485,6 +537,13 @@ def load_pack(pack_dir: str | os.PathLike[str], split: str | None = None, datase
         raise InputError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {PACK_FORMAT!r}")
     wanted = set(datasets) if datasets is not None else None
     have = sorted({str(d.get("dataset", "")) for d in manifest["records"]})
+    # Asked for by name, or the whole pack when that is all it held: an interrupted re-pack, not a typo.
+    unfinished = set(manifest.get(UNFINISHED, []))
+    unfinished = sorted(unfinished & wanted if wanted is not None else set() if have else unfinished)
+    if unfinished:
+        raise InputError(f"dataset(s) {', '.join(unfinished)} of the pack {str(root)!r} were being packed again "
+                         "when that stopped (interrupted), so the pack holds no records of them; rerun the same "
+                         "`segany data pack` command to finish it")
     if wanted is not None and not wanted & set(have):
         raise InputError(f"unknown dataset(s) {', '.join(map(repr, sorted(wanted)))} for the pack {str(root)!r}, "
                          f"which holds {', '.join(have) or 'nothing'}; ask for those (training: "
@@ -496,4 +555,25 @@ def load_pack(pack_dir: str | os.PathLike[str], split: str | None = None, datase
         if wanted is not None and d["dataset"] not in wanted:
             continue
         out.append(InstanceRecord.from_dict(d, root))
+        _check_packed_image(d, root)
     return out
+
+
+def _check_packed_image(d: dict[str, Any], root: Path) -> None:
+    """Refuse a record whose JPEG was written from another source image than its masks were.
+
+    Each packed JPEG carries the hash of its source in its header and each record the hash it was packed
+    from; they differ when the JPEG was overwritten after the record was written (a pack of other data into
+    this folder that was interrupted, or files copied over by hand). Masks on such an image would train or
+    score the wrong object. A header read only: well under a millisecond per image.
+    """
+    want = (d.get("source") or {}).get("blake2b")
+    if not want:  # records written before packs kept their source hash
+        return
+    path = root / str(d["image_path"])
+    got, size_hw, _ = _packed_source(path)
+    if got != want or (size_hw is not None and list(size_hw) != list(d["size_hw"])):
+        why = "is missing" if not path.exists() else "was written from another image than its masks"
+        raise InputError(f"{path} {why} (dataset {d.get('dataset')!r}, image {d.get('image_id')!r}): the pack is "
+                         "stale or was edited; rerun the `segany data pack` command that made it, or pack into a "
+                         "new --out folder")

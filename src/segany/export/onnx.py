@@ -206,6 +206,10 @@ def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: b
     """
     model = _check_model(model)
     out = _check_out_dir(out_dir)
+    # The meta file is what makes a folder an export (OnnxPredictor refuses one without it), and it is
+    # written last: removed before the first graph is replaced, an export interrupted midway leaves a folder
+    # that is refused, never new graphs beside an old decoder listed by the old meta.
+    (out / META_FILE).unlink(missing_ok=True)
     model = model.cpu().float().eval()
     paths = {"encoder": export_encoder(model, out / ENCODER_FILE),
              "decoder": export_decoder(model, out / DECODER_FILE, multimask=multimask)}
@@ -257,8 +261,8 @@ class OnnxPredictor:
         folder = Path(onnx_dir)
         meta_path = folder / META_FILE
         if not meta_path.exists():
-            raise InputError(f"{str(folder)!r} has no {META_FILE}; export first: segany export onnx --model M "
-                             f"--checkpoint C --out {folder}")
+            raise InputError(f"{str(folder)!r} has no {META_FILE} (no export, or one that did not finish); export "
+                             f"first: segany export onnx --model M --checkpoint C --out {folder}")
         meta = json.loads(meta_path.read_text())
         self.config = SamConfig.from_dict(meta["config"])
         # Only the files this export wrote (its meta lists them): graphs left by an earlier export are not used.

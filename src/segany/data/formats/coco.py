@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,12 @@ def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.Path
     ``report.bad`` (or raise without a report); annotations of unlisted images are counted in ``report.notes``.
     """
     path = Path(annotation_json)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.json"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise InputError(f"COCO annotation file {str(path)!r} is a folder{hint}; --coco takes the instances JSON "
+                         f"file itself, e.g. --coco {str(path / (found[0] if found else 'instances.json'))!r}, "
+                         "and --images the image folder")
     if not path.is_file():
         raise InputError(f"COCO annotation file {str(path)!r} does not exist; pass the instances_*.json path")
     try:
@@ -140,36 +146,61 @@ def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.Path
     if orphans:
         note(report, f"{path}: {orphans} annotation(s) name an image_id that is not in 'images'; left out")
     records = []
+    skipped: Counter[str] = Counter()
     for img in data["images"]:
         file = root / str(img.get("file_name", ""))
         size_hw = _image_size(img, file, report)
         if size_hw is None:
             continue
         masks, classes = _image_masks(by_image.get(img.get("id"), []), size_hw, path, names, wanted,
-                                      min_area=min_area, include_crowd=include_crowd)
+                                      min_area=min_area, include_crowd=include_crowd, skipped=skipped)
         records.append(InstanceRecord(image_path=str(file), size_hw=size_hw, masks=masks,
                                       class_names=classes, image_id=str(img["id"]), dataset=dataset))
         if limit is not None and len(records) >= limit:
             break
+    for reason, count in sorted(skipped.items()):
+        note(report, f"{path}: {count} annotation(s) {SKIP_REASONS[reason]}; left out")
+    if report is not None:
+        report.skipped.update(skipped)
     return records
 
 
+# Why an annotation of a listed image is not packed (counted per reason in a warning, never dropped quietly).
+SKIP_REASONS = {
+    "crowd": "are crowd regions (iscrowd=1: one outline around many objects, which SAM does not learn from)",
+    "no_segmentation": "have no segmentation (a bbox-only annotation; segany needs polygons or an RLE)",
+    "empty_segmentation": "have an empty segmentation ([] or polygons of fewer than 3 points)",
+    "empty_mask": "have a mask of no pixels inside the image",
+}
+
+
 def _image_masks(anns: list[dict[str, Any]], size_hw: tuple[int, int], path: Path, names: dict[Any, str],
-                 wanted: set[str] | None, *, min_area: int, include_crowd: bool) -> tuple[list[RLE], list[str]]:
+                 wanted: set[str] | None, *, min_area: int, include_crowd: bool, skipped: Counter[str]
+                 ) -> tuple[list[RLE], list[str]]:
+    """The masks (RLE) and class names of one image's annotations; ``skipped`` counts those left out by
+    reason (annotations of unwanted ``categories`` are not counted: leaving them out was asked for)."""
     masks, classes = [], []
     for ann in anns:
         name = names.get(ann.get("category_id"), "")
-        if (ann.get("iscrowd", 0) and not include_crowd) or (wanted is not None and name not in wanted):
+        if wanted is not None and name not in wanted:
+            continue
+        if ann.get("iscrowd", 0) and not include_crowd:
+            skipped["crowd"] += 1
             continue
         seg = ann.get("segmentation")
         if isinstance(seg, list):
             _check_polygons(seg, path, ann)
+            if not any(len(poly) >= 6 for poly in seg):
+                skipped["empty_segmentation"] += 1
+                continue
             rle = encode_mask(polygons_to_mask(seg, size_hw))
         elif isinstance(seg, dict) and "counts" in seg:
             rle = _checked_rle(seg, size_hw, path, ann)
         else:
+            skipped["no_segmentation"] += 1
             continue
-        if rle_area(rle) < min_area:
+        if rle_area(rle) < max(min_area, 1):
+            skipped["empty_mask"] += 1
             continue
         masks.append(rle)
         classes.append(name)

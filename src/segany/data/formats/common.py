@@ -8,6 +8,7 @@ pycocotools is used for speed when present.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,11 +166,14 @@ class ReadReport:
     """What a reader skipped, so a person packing their own data hears about it instead of losing it quietly.
 
     ``bad`` holds unusable images (``"path: reason"``); a caller that passes no report gets an error at
-    the first one instead. ``notes`` are counted warnings about annotations that were left out.
+    the first one instead. ``notes`` are counted warnings about annotations that were left out, and
+    ``skipped`` their counts by reason (``crowd``, ``no_segmentation``, ...), so an input left with no
+    object can be told why instead of being told to check its paths.
     """
 
     bad: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
 
 
 def bad_image(report: ReadReport | None, line: str) -> None:

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from segany.data.formats.coco import polygons_to_mask
-from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw
+from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw, note
 from segany.errors import InputError
 
+# Rounding in exporters writes 1.0000001; only a vertex farther off the image is a labeling problem.
+_SLACK = 1e-4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -48,6 +50,11 @@ def parse_label_line(line: str, where: str) -> tuple[int, np.ndarray]:
     except ValueError as exc:
         raise InputError(f"{where}: not a number ({exc}); each line is `class x1 y1 x2 y2 ...` with a whole "
                          "class index and normalized coordinates") from exc
+    if not np.isfinite(xy).all():  # float() takes "nan" and "inf"; filled, they make a garbage polygon
+        raise InputError(f"{where}: a coordinate is {parts[1 + int(np.flatnonzero(~np.isfinite(xy.ravel()))[0])]!r}; "
+                         "each coordinate is a number from 0 to 1: fix or remove the line")
+    if cls < 0:
+        raise InputError(f"{where}: class index {cls} is negative; classes count from 0 (the order of data.yaml's names)")
     return cls, xy
 
 
@@ -84,6 +91,7 @@ def read_yolo_seg(root: str | os.PathLike[str], split: str | None = "train2017",
                              f"{str(base / 'data.yaml')!r}; it has {', '.join(sorted(known))}")
     records: list[InstanceRecord] = []
     seen: dict[str, Path] = {}
+    clipped: list[str] = []  # file:line of polygons with vertices off the image
     for sp in _split_dirs(base, split):
         img_dir, lbl_dir = base / "images" / sp, base / "labels" / sp
         for img_path in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -99,17 +107,28 @@ def read_yolo_seg(root: str | os.PathLike[str], split: str | None = "train2017",
             # phone photo's polygons are drawn on the shown frame, and the pack rotates its pixels to match.
             _, size_hw, orientation = frames
             extra = {"yolo_split": sp, **({"exif_frame": "shown"} if orientation != 1 else {})}
-            masks, classes = _label_masks(lbl_dir / (img_path.stem + ".txt"), size_hw, names, wanted, min_area)
+            masks, classes = _label_masks(lbl_dir / (img_path.stem + ".txt"), size_hw, names, wanted, min_area,
+                                          clipped)
             records.append(InstanceRecord(image_path=str(img_path), size_hw=size_hw, masks=masks,
                                           class_names=classes, image_id=img_path.stem, dataset=dataset,
                                           extra=extra))
             if limit is not None and len(records) >= limit:
-                return records
+                break
+        if limit is not None and len(records) >= limit:
+            break
+    if clipped:
+        note(report, f"{len(clipped)} YOLO label line(s) have coordinates outside 0-1 (e.g. {clipped[0]}); their "
+                     "polygons were clipped to the image: check those labels")
     return records
 
 
 def _label_masks(lbl: Path, size_hw: tuple[int, int], names: dict[int, str], wanted: set[str] | None,
-                 min_area: int) -> tuple[list[dict], list[str]]:
+                 min_area: int, clipped: list[str]) -> tuple[list[dict], list[str]]:
+    """Masks and class names of one label file; appends ``file:line`` of off-image polygons to ``clipped``.
+
+    A class index that ``data.yaml`` does not name is refused: packed as a bare number it would become a
+    class of its own, and it is most often a labeling slip (or labels of another dataset).
+    """
     h, w = size_hw
     masks, classes = [], []
     if not lbl.exists():
@@ -117,7 +136,15 @@ def _label_masks(lbl: Path, size_hw: tuple[int, int], names: dict[int, str], wan
     for lineno, line in enumerate(lbl.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        cls, xy = parse_label_line(line, f"{lbl}:{lineno}")
+        where = f"{lbl}:{lineno}"
+        cls, xy = parse_label_line(line, where)
+        if names and cls not in names:
+            known = ", ".join(f"{k}: {v}" for k, v in sorted(names.items())[:10])
+            more = ", ..." if len(names) > 10 else ""
+            raise InputError(f"{where}: class {cls} is not in data.yaml's names ({known}{more}); fix the label, "
+                             "or add the class to data.yaml")
+        if (xy < -_SLACK).any() or (xy > 1 + _SLACK).any():
+            clipped.append(where)
         name = names.get(cls, str(cls))
         if wanted is not None and name not in wanted:
             continue
