@@ -98,3 +98,10 @@ def seed_store_at(folder: Path, revision: str, annotations: dict[str, str]) -> N
                                   "'2025-01-01', '2025-01-01')"), {"u": uid, "p": prompts})
     finally:
         engine.dispose()
+
+
+def box_mask(h: int, w: int, k: int = 0) -> np.ndarray:
+    """An (h, w) mask holding one rectangle, shifted by ``k``: distinct, overlapping masks for the same image."""
+    m = np.zeros((h, w), dtype=bool)
+    m[4 + 3 * k: 30 + 3 * k, 5 + 4 * k: 40 + 4 * k] = True
+    return m

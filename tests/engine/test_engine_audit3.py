@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import cli_fails
-from engine_fixtures import make_images, make_project
+from engine_fixtures import box_mask, make_images, make_project
 from pycocotools import mask as mask_utils
 
 from segany.engine.masks import decode_rle, encode_mask, normalize_rle
@@ -27,12 +27,6 @@ from segany.errors import InputError
 # The throw-away PostgreSQL server of the server tests (one fixture for the whole suite, started on first use).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from annotation_fixtures import postgres_url  # noqa: E402, F401
-
-
-def _mask(h: int, w: int, k: int = 0) -> np.ndarray:
-    m = np.zeros((h, w), dtype=bool)
-    m[4 + 3 * k: 30 + 3 * k, 5 + 4 * k: 40 + 4 * k] = True
-    return m
 
 
 @pytest.fixture
@@ -66,7 +60,7 @@ def test_rle_forms_store_one_canonical_string(one_image: Any) -> None:
     stored as the string pycocotools' encoder writes, so equal masks have equal counts."""
     store, _, im = one_image
     h, w = im["height"], im["width"]
-    m = _mask(h, w)
+    m = box_mask(h, w)
     enc = encode_mask(m)
     assert normalize_rle(enc) == enc
     flat = m.T.ravel()  # column-major, as COCO RLE runs
@@ -117,13 +111,13 @@ def _race(store: Store, threads: int) -> None:
     def slow_check(row: dict[str, Any]) -> None:
         time.sleep(0.3)
 
-    a, _ = store.save_annotation(im["id"], mask=_mask(im["height"], im["width"]), annotator_id=ids[0])
+    a, _ = store.save_annotation(im["id"], mask=box_mask(im["height"], im["width"]), annotator_id=ids[0])
     edits = [lambda i=i: store.update_annotation(a["id"], label=f"edit{i}", expected_revision=1, check=slow_check)
              for i in range(threads)]
     assert run_all(edits) == ["ConflictError"] * (threads - 1) + ["ok"]
     assert store.get_annotation(a["id"])["revision"] == 2
 
-    p, _ = store.save_annotation(im["id"], mask=_mask(im["height"], im["width"], 1), source="auto")
+    p, _ = store.save_annotation(im["id"], mask=box_mask(im["height"], im["width"], 1), source="auto")
 
     def open_proposal(row: dict[str, Any]) -> None:  # the server's check: an annotator may take an open one
         time.sleep(0.3)
@@ -228,7 +222,7 @@ def test_frozen_version_export_keeps_ids_after_image_removal(tmp_path: Path, fre
         ims = store.list_images(proj["id"])
         for im in ims:
             for k in range(2):
-                store.save_annotation(im["id"], mask=_mask(im["height"], im["width"], k), label=f"l{k}")
+                store.save_annotation(im["id"], mask=box_mask(im["height"], im["width"], k), label=f"l{k}")
         if freeze == "retrain":
             name = freeze_dataset_version(store, None)["name"]
         else:
@@ -253,7 +247,7 @@ def test_frozen_version_export_keeps_ids_after_image_removal(tmp_path: Path, fre
                                    {"prompts": {"point_coords": [[1.0, -math.inf]]}}])
 def test_store_refuses_non_finite_numbers(one_image: Any, field: dict[str, Any]) -> None:
     store, proj, im = one_image
-    m = _mask(im["height"], im["width"])
+    m = box_mask(im["height"], im["width"])
     with pytest.raises(InputError, match="finite|between"):
         store.save_annotation(im["id"], mask=m, **field)
     assert store.count_annotations(proj["id"]) == 0
@@ -263,7 +257,7 @@ def test_store_refuses_non_finite_numbers(one_image: Any, field: dict[str, Any])
             store.update_annotation(a["id"], **field)
         assert store.get_annotation(a["id"])["revision"] == 1
     if "prompts" in field or "predicted_iou" in field:
-        rec = {"image_sha256": im["sha256"], "key": str(uuid.uuid4()), "rle": encode_mask(_mask(im["height"],
+        rec = {"image_sha256": im["sha256"], "key": str(uuid.uuid4()), "rle": encode_mask(box_mask(im["height"],
                im["width"], 2)), "label": "x", "source": "manual", "prompts": {}, **field}
         with pytest.raises(InputError, match="finite"):
             store.import_annotations(proj["id"], new_images=[], labels=[], records=[rec])
@@ -282,17 +276,17 @@ def test_a_replayed_uuid_never_answers_across_projects(tmp_path: Path) -> None:
         store.add_images(b["id"], images[1:])
         im_a, im_b = store.list_images(a["id"])[0], store.list_images(b["id"])[0]
         key = str(uuid.uuid4())
-        saved, created = store.save_annotation(im_a["id"], mask=_mask(im_a["height"], im_a["width"]), uuid=key,
+        saved, created = store.save_annotation(im_a["id"], mask=box_mask(im_a["height"], im_a["width"]), uuid=key,
                                                project_id=a["id"])
         assert created
         with pytest.raises(NotFoundError):  # project b asks about project a's image: no row comes back
-            store.save_annotation(im_a["id"], mask=_mask(im_a["height"], im_a["width"]), uuid=key,
+            store.save_annotation(im_a["id"], mask=box_mask(im_a["height"], im_a["width"]), uuid=key,
                                   project_id=b["id"])
         with pytest.raises(ConflictError, match="already used on another image;") as err:
-            store.save_annotation(im_b["id"], mask=_mask(im_b["height"], im_b["width"]), uuid=key,
+            store.save_annotation(im_b["id"], mask=box_mask(im_b["height"], im_b["width"]), uuid=key,
                                   project_id=b["id"])
         assert f"image {im_a['id']}" not in str(err.value)
-        replay, created = store.save_annotation(im_a["id"], mask=_mask(im_a["height"], im_a["width"]), uuid=key,
+        replay, created = store.save_annotation(im_a["id"], mask=box_mask(im_a["height"], im_a["width"]), uuid=key,
                                                 project_id=a["id"])
         assert not created and replay["id"] == saved["id"]  # the caller's own retry still gets its row
     finally:

@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from engine_fixtures import make_images, make_project, save_tiny_checkpoint, seed_store_at
-
-
-def _mask(h: int, w: int, k: int) -> np.ndarray:
-    m = np.zeros((h, w), dtype=bool)
-    m[4 + 3 * k: 30 + 3 * k, 5 + 4 * k: 40 + 4 * k] = True
-    return m
+from engine_fixtures import box_mask, make_images, make_project, save_tiny_checkpoint, seed_store_at
 
 
 @pytest.fixture
@@ -24,7 +17,7 @@ def annotated(tmp_path: Path) -> dict:
     alice = store.list_annotators()[0]["id"]
     for im in store.list_images(proj["id"]):
         for k in range(4):
-            store.save_annotation(im["id"], mask=_mask(im["height"], im["width"], k), source="manual",
+            store.save_annotation(im["id"], mask=box_mask(im["height"], im["width"], k), source="manual",
                                   annotator_id=alice, label="person" if k % 2 else "car")
     yield {"store": store, "proj": proj, "root": tmp_path}
     store.close()
