@@ -86,7 +86,9 @@ class SegmentationDataset(Dataset):
         scale = rng.uniform(aug.scale_min, aug.scale_max) if aug is not None else 1.0
         h, w = preprocess_shape(h0, w0, max(1, round(S * scale)))
         image = cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_LINEAR)
-        masks = np.stack([cv2.resize(np.ascontiguousarray(m), (w, h), interpolation=cv2.INTER_NEAREST)
+        # NEAREST_EXACT samples pixel centres as INTER_LINEAR does for the image; plain INTER_NEAREST put
+        # every mask half a pixel right and down of its object.
+        masks = np.stack([cv2.resize(np.ascontiguousarray(m), (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
                           for m in masks])
         y0 = int(rng.integers(0, h - S + 1)) if h > S else 0
         x0 = int(rng.integers(0, w - S + 1)) if w > S else 0

@@ -36,7 +36,9 @@ def _decode(rec: InstanceRecord, size: int) -> tuple[np.ndarray, np.ndarray]:
     check_frames(rec, image.shape[:2], full[0].shape)  # a stale pack: never stretch masks onto another image
     h, w = preprocess_shape(image.shape[0], image.shape[1], size)
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    masks = np.stack([cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for m in full])
+    # NEAREST_EXACT samples pixel centres as INTER_LINEAR does for the image; plain INTER_NEAREST put
+    # every mask half a pixel right and down of its object.
+    masks = np.stack([cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT) for m in full])
     return image, masks
 
 

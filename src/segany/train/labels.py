@@ -161,7 +161,7 @@ class LabeledDataset(torch.utils.data.Dataset):
             name = rec.class_names[j] if rec.class_names else None
             if name not in self.index:
                 continue
-            m = cv2.resize(decode_rle(rec.masks[j]).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+            m = cv2.resize(decode_rle(rec.masks[j]).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
             if m.sum() < self.min_area:
                 continue
             masks.append(m[:, ::-1] if flip else m)
