@@ -263,6 +263,67 @@ class _ProposedLabels:
             return label is not None and (image_id, label) in self._seen
 
 
+# Formats browsers decode themselves (Chromium, Firefox, Safari). Anything else the store accepts (TIFF) is sent
+# as PNG made from the pixels the model sees. JPEG's EXIF orientation is applied by browsers as by load_image; an
+# orientation tag on another format is rare and browsers differ on it, so such files are converted too.
+BROWSER_FORMATS = frozenset({"JPEG", "PNG", "BMP", "WEBP", "GIF"})
+EXIF_ORIENTATION = 0x0112
+
+
+class _BrowserImages:
+    """PNG copies of the images a browser cannot show as stored, newest kept up to ``max_bytes``.
+
+    The copy is ``load_image``'s array (EXIF orientation applied, converted to RGB uint8), so the page's pixel
+    frame is the one the model embeds and masks are saved in. Keyed by path, modification time and size: a
+    replaced file is converted again."""
+
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self._items: OrderedDict[tuple[str, int, int], bytes | None] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def png_if_needed(self, path: Path) -> bytes | None:
+        """None when the file itself can go to the browser; else PNG bytes of the model's view of it."""
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        png = None if self._browser_decodes(path) else self._to_png(path)
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = png
+                self._bytes += len(png or b"")
+            while self._bytes > self._max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old or b"")
+        return png
+
+    @staticmethod
+    def _browser_decodes(path: Path) -> bool:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                fmt = im.format
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1) if fmt != "JPEG" else 1
+        except Exception:  # not opened here (e.g. over the pixel limit): load_image in _to_png says why
+            return False
+        return fmt in BROWSER_FORMATS and orientation in (0, 1)
+
+    @staticmethod
+    def _to_png(path: Path) -> bytes:
+        from PIL import Image
+
+        from segany.data.images import load_image
+
+        buf = io.BytesIO()
+        Image.fromarray(load_image(path)).save(buf, format="PNG", compress_level=1)  # fast: a local copy
+        return buf.getvalue()
+
+
 def create_app(store: Store, model: ModelService | None = None, settings: ServerSettings | None = None) -> FastAPI:
     """Build the app. ``model`` may be None for a store-only server (embedding routes then answer 503)."""
     settings = settings or ServerSettings()
@@ -276,6 +337,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     state: dict[str, Any] = {"model_version_id": None}
     mv_lock = threading.Lock()
     proposed_labels = _ProposedLabels()
+    browser_images = _BrowserImages()
     app.state.store = store
     app.state.model = model
     app.state.project_id = project_id
@@ -415,12 +477,16 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         return im
 
     @app.get("/api/images/{image_id}/file")
-    def image_file(image_id: ImageId, who: Who) -> FileResponse:
+    def image_file(image_id: ImageId, who: Who) -> Response:
+        """The image as stored when browsers can show it, else (TIFF) a PNG of the pixels the model sees."""
         im = store.get_image(project_id, image_id)  # only registered images: ids, never paths
         path = Path(im["path"])
         if not path.is_file():
             raise HTTPException(410, f"image {image_id} is registered but its file {im['file_name']} is gone")
-        return FileResponse(path)
+        png = browser_images.png_if_needed(path)
+        if png is None:
+            return FileResponse(path)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
 
     @app.get("/api/images/{image_id}/embedding")
     def embedding(image_id: ImageId, who: Who) -> Response:

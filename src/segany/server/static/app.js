@@ -22,6 +22,13 @@ const S = {
   history: [], future: [], saved: [], pending: [], selected: null, selectedPending: null, brush: 8, t0: null,
   decodeMs: [], timings: {}, embTensor: null, imgSession: null, imageSide: null, ortReady: null, zeroMask: null, maskCanvas: null, spm: [], busy: false, overlay: null, imageToken: 0,
   axes: null, proposalSeq: 0, textPrompt: null, me: null,
+  // loadedToken: the navigation counter (imageToken) of the image whose picture, embedding and lists are all in;
+  // clicks and edits wait for it. loadFailed: the counter of a load that failed (R / Retry opens it again).
+  loadedToken: 0, loadFailed: null,
+  // editSeq counts edits of the unsaved mask (click, box, brush stroke, choice, undo/redo, clear, save): a decode
+  // or save answer is applied only if no edit came after its request. saves: the saves in flight; saveKey: the
+  // uuid of the mask as it is now (a repeated save of the same mask sends it again: the server never duplicates).
+  editSeq: 0, saves: [], saveKey: null, reviewing: new Set(),
 };
 window.segany = S; // for debugging and the browser tests
 
@@ -272,9 +279,11 @@ async function serverDecode(ref) {
 
 async function decode() {
   if (!S.points.length && !S.box) { S.candidates = []; S.mask = null; draw(); return; }
-  const token = S.imageToken; const t0 = performance.now(); S.timings = {};
+  const token = S.imageToken; const seq = S.editSeq; const t0 = performance.now(); S.timings = {};
   const cands = S.session && S.emb ? await decodeInBrowser() : await decodeOnServer();
   if (stale(token)) return; // the user moved to another image meanwhile
+  // A later edit (another click, Esc, undo, a save) owns the mask now: this answer is for a state that is gone.
+  if (seq !== S.editSeq) { S.staleDrops = (S.staleDrops || 0) + 1; return; }
   S.candidates = cands;
   // With one point the three masks are genuine alternatives; keep the user's choice, else the best score.
   let best = 0; cands.forEach((c, k) => { if (c.score > cands[best].score) best = k; });
@@ -414,7 +423,14 @@ function setStatus(text, ready) {
   const s = $("status"); const line = String(text).replace(/\s+/g, " ").trim();
   s.textContent = line.length > STATUS_MAX ? `${line.slice(0, STATUS_MAX - 1)}…` : line;
   s.title = line.length > STATUS_MAX || line !== text ? String(text) : "";
-  if (ready !== undefined) s.dataset.ready = ready ? "1" : "0";
+  // "ready" (clicks allowed) only once the open image has loaded, whatever else reports in meanwhile
+  if (ready !== undefined) s.dataset.ready = ready && imageLoaded() ? "1" : "0";
+}
+
+// A failure of something the user left behind (a save or review on another image): the status bar belongs to the
+// open image, so it goes into a notice that stays until clicked.
+function notify(text) {
+  const n = $("notice"); n.textContent = `${text} (click to close)`; n.hidden = false;
 }
 
 // A model without a text path (no class head, no CLIP token) cannot take a phrase: the text box is disabled.
@@ -435,11 +451,12 @@ function editState() {
 }
 
 function snapshot() {
-  S.history.push(editState()); S.future = [];
+  S.editSeq++; S.history.push(editState()); S.future = [];
   if (S.history.length > 100) S.history.shift();
 }
 
 function restore(h) {
+  S.editSeq++;
   Object.assign(S, { points: h.points, box: h.box, mask: h.mask, candidates: h.candidates, chosen: h.chosen, lowres: h.lowres });
   renderChoices(); draw();
 }
@@ -449,6 +466,7 @@ function undo() { const h = S.history.pop(); if (!h) return; S.future.push(editS
 function redo() { const f = S.future.pop(); if (!f) return; S.history.push(editState()); restore(f); }
 
 function clearPrompts() {
+  S.editSeq++;
   Object.assign(S, { points: [], box: null, mask: null, candidates: [], lowres: null, history: [], future: [], t0: null, chosen: 0 });
   renderChoices(); draw();
 }
@@ -476,30 +494,43 @@ function paint(x, y, erase) {
       if ((xx - x) ** 2 + (yy - y) ** 2 <= r * r) S.mask[yy * S.W + xx] = v;
 }
 
+// One save per mask: Enter Enter (or a held key) sends it once; a repeat after a failure sends the same uuid.
+function savingHere() { return S.saves.some((x) => x.token === S.imageToken); }
+
 async function accept() {
+  if (!imageLoaded() || savingHere()) return; // nothing of this image to save yet / this mask is being saved
   if (!S.mask || !S.mask.some((v) => v)) { setStatus("nothing to save: click on an object first", true); return; }
   const seconds = S.t0 === null ? null : (performance.now() - S.t0) / 1000;
+  if (!S.saveKey || S.saveKey.seq !== S.editSeq) S.saveKey = { seq: S.editSeq, uuid: uuid4() };
   const body = {
-    uuid: uuid4(), segmentation: maskToRle(S.mask, S.H, S.W), label: $("label").value.trim() || "object",
+    uuid: S.saveKey.uuid, segmentation: maskToRle(S.mask, S.H, S.W), label: $("label").value.trim() || "object",
     source: "manual", seconds_spent: seconds,
     prompts: { points: S.points.map((p) => [p.x, p.y]), labels: S.points.map((p) => p.label), box: S.box,
       brush: S.mode === "brush" || undefined, chosen: S.chosen },
     predicted_iou: S.candidates[S.chosen] ? S.candidates[S.chosen].score : null,
   };
-  let saved = null; const im = current(); const token = S.imageToken;
-  for (let attempt = 0; attempt < 4 && !saved; attempt++) { // same uuid on retry: the server never duplicates
-    try { saved = await (await api(`/api/images/${im.id}/annotations`, { method: "POST", json: body })).json(); }
-    catch (e) { // only network errors and 5xx are worth repeating; a 4xx says what to fix, at once
-      if (attempt === 3 || (e.status !== undefined && e.status < 500)) { if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true); return;
+  let saved = null; const im = current(); const token = S.imageToken; const mask = S.mask;
+  const job = { token, seq: S.editSeq }; S.saves.push(job);
+  setStatus("saving…", false);
+  try {
+    for (let attempt = 0; attempt < 4 && !saved; attempt++) { // same uuid on retry: the server never duplicates
+      try { saved = await (await api(`/api/images/${im.id}/annotations`, { method: "POST", json: body })).json(); }
+      catch (e) { // only network errors and 5xx are worth repeating; a 4xx says what to fix, at once
+        if (attempt === 3 || (e.status !== undefined && e.status < 500)) {
+          if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true);
+          else notify(`the mask on ${im.file_name} was not saved: ${e.message}`);
+          return;
+        }
+        await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
       }
-      await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
     }
-  }
+  } finally { S.saves = S.saves.filter((x) => x !== job); }
   if (stale(token)) return; // saved, but the user is on another image now: leave that one alone
   if (seconds !== null) { S.spm.push(seconds); $("spm").textContent = (S.spm.reduce((a, b) => a + b, 0) / S.spm.length).toFixed(1); }
-  saved._mask = S.mask;
+  saved._mask = mask;
   S.saved.push(saved); addLabel(saved.label);
-  clearPrompts(); rebuildOverlay(); renderLists(); draw();
+  if (job.seq === S.editSeq) clearPrompts(); // an edit made meanwhile (undo, Esc) is the user's newer state: kept
+  rebuildOverlay(); renderLists(); draw();
   setStatus(`saved annotation ${saved.id}`, true);
 }
 
@@ -523,11 +554,11 @@ function deleteKey(backspace) {
 // The uuid goes with the id: ids are reused after a delete, so a stale page must not delete another annotation
 // (the server answers 409). An annotation that is gone or replaced leaves the list with the server's message.
 async function deleteAnnotation(id) {
-  const token = S.imageToken; const a = S.saved.find((x) => x.id === id);
+  const token = S.imageToken; const a = S.saved.find((x) => x.id === id); const im = current();
   let msg = `deleted annotation ${id}`;
   try { await api(`/api/annotations/${id}?uuid=${encodeURIComponent(a ? a.uuid : "")}`, { method: "DELETE" }); }
   catch (e) {
-    if (stale(token)) return;
+    if (stale(token)) { notify(`annotation ${id} on ${im.file_name} was not deleted: ${e.message}`); return; }
     if (REFUSED.has(e.status)) { setStatus(`not deleted: ${e.message}`, true); await refreshAnnotations(token); return; }
     setStatus(`delete failed: ${e.message}`, true); return;
   }
@@ -536,7 +567,20 @@ async function deleteAnnotation(id) {
   rebuildOverlay(); renderLists(); draw(); setStatus(msg, true);
 }
 
+// Y / X take the selected pending mask, else the first one; one being accepted or rejected already is skipped,
+// so Y Y reviews two masks.
+function nextPendingId() {
+  if (S.selectedPending != null && !S.reviewing.has(S.selectedPending)) return S.selectedPending;
+  const a = S.pending.find((x) => !S.reviewing.has(x.id)); return a ? a.id : null;
+}
+
 async function review(id, action) {
+  if (!imageLoaded() || S.reviewing.has(id)) return; // a second press for a mask already on its way is dropped
+  S.reviewing.add(id);
+  try { await reviewOne(id, action); } finally { S.reviewing.delete(id); }
+}
+
+async function reviewOne(id, action) {
   const prop = S.pending.find((x) => x.id === id && x._proposal);
   if (prop) { await reviewProposal(prop, action); return; }
   const t0 = S.pendingShownAt || performance.now();
@@ -548,7 +592,10 @@ async function review(id, action) {
   const a = await postReview(id, action, body);
   if (!a) return;
   const p = S.pending.find((x) => x.id === id); S.pending = S.pending.filter((x) => x.id !== id);
-  if (action === "accept" && a) { a._mask = p._mask; S.saved.push(a); }
+  if (action === "accept") { // (p is gone if the list was fetched again meanwhile: the answer's own mask then)
+    a._mask = p ? p._mask : a.segmentation && rleToMask(a.segmentation);
+    if (a._mask && !S.saved.some((x) => x.id === a.id)) S.saved.push(a);
+  }
   if (S.selectedPending === id) S.selectedPending = null;
   rebuildOverlay(); renderLists(); draw();
 }
@@ -556,12 +603,12 @@ async function review(id, action) {
 // POST an accept/reject; null when it failed (the message is shown and a stale list fetched again) or when the
 // user left the image meanwhile.
 async function postReview(id, action, body) {
-  const token = S.imageToken;
+  const token = S.imageToken; const im = current();
   try {
     const out = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json();
     return stale(token) ? null : out;
   } catch (e) {
-    if (stale(token)) return null;
+    if (stale(token)) { notify(`${action} of annotation ${id} on ${im.file_name} failed: ${e.message}`); return null; }
     setStatus(`${action} failed: ${e.message}`, true);
     if (REFUSED.has(e.status)) await refreshAnnotations(token); // the list was stale: show what is there now
     return null;
@@ -602,15 +649,21 @@ function prefillButton(busy) {
 }
 async function prefill() {
   const token = S.imageToken; const im = current();
+  if (!im || !imageLoaded()) return; // opening the image pre-fills it in the semi stage; F waits for it to load
   if (S.prefillToken === token) return; // this image's pre-fill is still running
   S.prefillToken = token; prefillButton(true);
   setStatus("pre-filling…");
   try {
     const list = await (await api(`/api/images/${im.id}/prefill`, { method: "POST", json: {} })).json();
     if (stale(token)) return; // pre-filled an image the user has left: its masks stay pending in the store
-    S.pending = list.map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
+    // Merged into the list: other pending masks (the engine's, page-only text proposals) stay, and the ones
+    // already shown keep their place (and selection).
+    const got = new Map(list.map((a) => [a.id, Object.assign(a, { _mask: rleToMask(a.segmentation) })]));
+    S.pending = S.pending.map((a) => (got.has(a.id) ? got.get(a.id) : a));
+    const shown = new Set(S.pending.map((a) => a.id));
+    S.pending.push(...list.filter((a) => !shown.has(a.id)));
     S.pendingShownAt = performance.now();
-    rebuildOverlay(); renderLists(); draw(); setStatus(`${S.pending.length} pre-filled masks to review`, true);
+    rebuildOverlay(); renderLists(); draw(); setStatus(`${list.length} pre-filled masks to review`, true);
   } catch (e) { if (!stale(token)) setStatus(`pre-fill failed: ${e.message}`, true); }
   finally { if (S.prefillToken === token) { S.prefillToken = null; prefillButton(false); } }
 }
@@ -622,6 +675,7 @@ async function proposeText(ev) {
   const text = $("text-prompt").value.trim();
   if (!text) { setStatus("type what to segment, e.g. 'dog'", true); return; }
   const im = current(); const token = S.imageToken;
+  if (!im || !imageLoaded()) return;
   setStatus(`looking for “${text}”…`, false);
   try {
     const res = await (await api(`/api/images/${im.id}/text`, { method: "POST", json: { text } })).json();
@@ -651,7 +705,10 @@ async function reviewProposal(p, action) {
       if (stale(token)) return;
       saved._mask = p._mask; S.saved.push(saved); addLabel(saved.label);
       setStatus(`saved “${p.prompts.text}” as annotation ${saved.id}`, true);
-    } catch (e) { if (stale(token)) return; S.pending.push(p); setStatus(`save failed: ${e.message}`, true); }
+    } catch (e) {
+      if (stale(token)) { notify(`“${p.prompts.text}” on ${im.file_name} was not saved: ${e.message}`); return; }
+      S.pending.push(p); setStatus(`save failed: ${e.message}`, true);
+    }
   }
   rebuildOverlay(); renderLists(); draw();
 }
@@ -683,8 +740,16 @@ function stale(token) {
   S.staleDrops = (S.staleDrops || 0) + 1; return true;
 }
 
-// The mask being drawn is only in the page: say so before leaving it (another image, or the page itself).
-function hasUnsaved() { return Boolean(S.points.length || S.box || (S.mask && S.mask.some((v) => v))); }
+// The mask being drawn is only in the page: say so before leaving it (another image, or the page itself). A mask
+// whose save is on its way is not unsaved (a failure is still reported, see notify).
+function hasUnsaved() {
+  if (S.saves.some((x) => x.token === S.imageToken && x.seq === S.editSeq)) return false;
+  return Boolean(S.points.length || S.box || (S.mask && S.mask.some((v) => v)));
+}
+
+// The open image is usable (picture, embedding, lists all in): only then do clicks, saves and reviews go through,
+// so nothing drawn on the previous picture can be saved to the next image.
+function imageLoaded() { return S.loadedToken === S.imageToken; }
 
 function navigate(step) {
   const idx = S.idx + step;
@@ -698,37 +763,68 @@ async function openImage(idx) {
   S.idx = idx; S.imageToken++; const token = S.imageToken; const im = current();
   if (S.prefillToken != null) { S.prefillToken = null; prefillButton(false); } // the previous image's pre-fill: its answer is dropped
   clearPrompts(); S.saved = []; S.pending = []; S.selected = null; S.selectedPending = null; S.emb = null; S.embTensor = null; S.imageSide = null; S.overlay = null;
+  S.saveKey = null; S.drag = null; $("retry").hidden = true; // (a drag begun on the last image ends with it)
   setStatus(`loading ${im.file_name}…`, false);
   $("image-name").textContent = im.file_name;
   localStorage.setItem("segany.idx", String(idx));
-  const [blob, embRes, anns] = await Promise.all([
-    api(`/api/images/${im.id}/file`).then((r) => r.blob()),
-    S.model ? api(`/api/images/${im.id}/embedding`) : Promise.resolve(null),
-    api(`/api/images/${im.id}/annotations?state=accepted,pending`).then((r) => r.json()),
-  ]);
-  const bitmap = await createImageBitmap(blob);
-  if (token !== S.imageToken) return;
-  S.img = bitmap; S.W = bitmap.width; S.H = bitmap.height;
-  const cv = $("view"); cv.width = S.W; cv.height = S.H;
-  S.saved = anns.filter((a) => a.review_state === "accepted").map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
-  S.pending = anns.filter((a) => a.review_state === "pending").map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
-  S.pendingShownAt = performance.now();
-  rebuildOverlay(); renderLists(); draw();
-  if (embRes) {
-    S.embShape = embRes.headers.get("X-Embedding-Shape").split(",").map(Number);
-    const buf = await embRes.arrayBuffer();
+  // Each part names itself when it fails, so the status can say what did not load.
+  const part = (what, p) => p.catch((e) => { e.part = what; throw e; });
+  try {
+    const [blob, embRes, anns] = await Promise.all([
+      part("image file", api(`/api/images/${im.id}/file`).then((r) => r.blob())),
+      S.model ? part("embedding", api(`/api/images/${im.id}/embedding`)) : Promise.resolve(null),
+      part("annotations", api(`/api/images/${im.id}/annotations?state=accepted,pending`).then((r) => r.json())),
+    ]);
     if (token !== S.imageToken) return;
-    S.emb = new Float32Array(buf);
-    if (S.ortReady) { // the decoder's image-only part, before the first click
-      await S.ortReady;
+    const bitmap = await part("picture", pictureOf(blob, im));
+    if (token !== S.imageToken) { bitmap.close(); return; }
+    const old = S.img; S.img = bitmap; S.W = bitmap.width; S.H = bitmap.height;
+    if (old) old.close(); // (the GPU/decoded memory of the last picture, at once rather than at GC)
+    const cv = $("view"); cv.width = S.W; cv.height = S.H;
+    S.saved = anns.filter((a) => a.review_state === "accepted").map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
+    S.pending = anns.filter((a) => a.review_state === "pending").map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
+    S.pendingShownAt = performance.now();
+    rebuildOverlay(); renderLists(); draw();
+    if (embRes) {
+      S.embShape = embRes.headers.get("X-Embedding-Shape").split(",").map(Number);
+      const buf = await part("embedding", embRes.arrayBuffer());
       if (token !== S.imageToken) return;
-      try { await prepareImageSide(); } catch (e) { console.warn("image-side decoder failed, using the server", e); S.session = null; }
-      if (token !== S.imageToken) return;
+      S.emb = new Float32Array(buf);
+      if (S.ortReady) { // the decoder's image-only part, before the first click
+        await S.ortReady;
+        if (token !== S.imageToken) return;
+        try { await prepareImageSide(); } catch (e) { console.warn("image-side decoder failed, using the server", e); S.session = null; }
+        if (token !== S.imageToken) return;
+      }
     }
+  } catch (e) {
+    if (token !== S.imageToken) return; // another image was opened meanwhile: its own load reports
+    console.warn(`loading ${im.file_name} failed`, e);
+    S.loadFailed = token; $("retry").hidden = false;
+    const again = e.status === 401 ? "sign in again and it reloads" : "R or Retry loads it again, N/P moves on";
+    setStatus(`could not load ${im.file_name} (${e.part || "image"}): ${e.message}; ${again}`, false);
+    return;
   }
+  S.loadedToken = token; S.loadFailed = null;
   setStatus(`${im.file_name} ready`, true);
   if (S.project.stage === "semi" && !S.pending.length) prefill();
 }
+
+// The image file → a bitmap in the frame the server's model sees (its width and height in the image list).
+async function pictureOf(blob, im) {
+  let bitmap;
+  try { bitmap = await createImageBitmap(blob); } catch (e) {
+    throw new Error(`this browser cannot decode the file (${blob.type || "unknown type"}, ${blob.size} bytes)`);
+  }
+  if (im.width && im.height && (bitmap.width !== im.width || bitmap.height !== im.height)) {
+    const got = `${bitmap.width}x${bitmap.height}`; bitmap.close();
+    throw new Error(`the browser shows it as ${got} pixels but the server's model sees ${im.width}x${im.height} `
+      + "(EXIF orientation?): masks would not line up, so it is not opened");
+  }
+  return bitmap;
+}
+
+function retryImage() { if (S.loadFailed === S.imageToken && S.images.length) openImage(S.idx); }
 
 // ------------------------------------------------------------------------------------- pointer
 function toImage(ev) {
@@ -740,7 +836,7 @@ function bindCanvas() {
   const cv = $("view");
   cv.addEventListener("contextmenu", (e) => e.preventDefault());
   cv.addEventListener("mousedown", (e) => {
-    if (!S.img || $("status").dataset.ready !== "1") return;
+    if (!S.img || !imageLoaded() || savingHere()) return; // (the picture may still be the last image's)
     const p = toImage(e); const erase = e.button === 2 || e.shiftKey;
     if (S.mode === "brush") { startTimer(); snapshot(); paint(p.x, p.y, erase); S.drag = { brush: true, erase }; draw(); return; }
     S.drag = { x0: p.x, y0: p.y, moved: false, button: e.button, shift: e.shiftKey, box: null };
@@ -753,7 +849,7 @@ function bindCanvas() {
     if (S.drag.moved) { S.drag.box = [Math.min(S.drag.x0, p.x), Math.min(S.drag.y0, p.y), Math.max(S.drag.x0, p.x), Math.max(S.drag.y0, p.y)]; draw(); }
   });
   window.addEventListener("mouseup", async (e) => {
-    const d = S.drag; S.drag = null; if (!d || d.brush) return;
+    const d = S.drag; S.drag = null; if (!d || d.brush || !imageLoaded()) return;
     const clamp = (v, hi) => Math.min(Math.max(v, 0), hi);
     try {
       if (d.moved && d.box) await addPrompt({ box: [clamp(d.box[0], S.W), clamp(d.box[1], S.H), clamp(d.box[2], S.W), clamp(d.box[3], S.H)] });
@@ -774,12 +870,15 @@ function bindKeys() {
       if (e.key === "Escape" || (e.key === "Enter" && !e.target.form)) e.target.blur();
       return;
     }
-    if (tag === "BUTTON" && (e.key === "Enter" || e.key === " ")) return; // the focused button's own action only
+    // the focused control's own action only (a button, the Keyboard box's summary, a link)
+    if ((tag === "BUTTON" || tag === "SUMMARY" || tag === "A") && (e.key === "Enter" || e.key === " ")) return;
     if (!$("login").hidden) return; // no shortcuts behind the sign-in box
     const k = e.key.toLowerCase();
     if ((e.ctrlKey || e.metaKey) && ((k === "z" && e.shiftKey) || k === "y")) { e.preventDefault(); redo(); return; }
     if ((e.ctrlKey || e.metaKey) && k === "z") { e.preventDefault(); undo(); return; }
     if (e.ctrlKey || e.metaKey || e.altKey) return;
+    const once = ["enter", "a", "y", "x", "f", "delete", "r"].includes(k);
+    if (e.repeat && once) { e.preventDefault(); return; } // a held key saves, reviews or asks once
     const actions = {
       enter: accept, a: accept, u: undo, escape: clearPrompts, b: () => setMode(S.mode === "brush" ? "prompt" : "brush"),
       "[": () => { S.brush = Math.max(1, S.brush - 2); $("brush-size").textContent = `r=${S.brush}`; },
@@ -789,8 +888,9 @@ function bindKeys() {
       l: () => { $("label").focus(); $("label").select(); },
       t: () => { if ($("text-prompt").disabled) { setStatus($("text-form").title, true); return; } $("text-prompt").focus(); $("text-prompt").select(); },
       delete: () => deleteKey(false), backspace: () => deleteKey(true),
-      y: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "accept"); },
-      x: () => { const id = S.selectedPending || (S.pending[0] && S.pending[0].id); if (id) review(id, "reject"); },
+      y: () => { const id = nextPendingId(); if (id != null) review(id, "accept"); },
+      x: () => { const id = nextPendingId(); if (id != null) review(id, "reject"); },
+      r: retryImage,
     };
     if (actions[k]) { e.preventDefault(); actions[k](); }
   });
@@ -843,7 +943,10 @@ async function uploadImages(files) {
     }
   } finally { input.disabled = false; input.value = ""; }
   const wasEmpty = !S.images.length;
-  S.images = await (await api("/api/images")).json();
+  try { S.images = await (await api("/api/images")).json(); } catch (err) {
+    setStatus(`added ${added} image${added === 1 ? "" : "s"}, but the image list could not be fetched again: ${err.message}; reload the page`, true);
+    return;
+  }
   const parts = [`added ${added} image${added === 1 ? "" : "s"}`];
   if (skipped) parts.push(`${skipped} already in the project`);
   if (refused.length) parts.push(`refused: ${refused.join("; ")}`);
@@ -863,14 +966,16 @@ async function start() {
   S.token = localStorage.getItem("segany.token");
   if (!S.token) { showLogin(); return; }
   let me;
-  try { me = await (await api("/api/me")).json(); } catch (e) { return; }
+  try { me = await (await api("/api/me")).json(); } catch (e) { startFailed("could not sign in", e); return; }
   $("login").hidden = true;
   S.project = me.project; $("project-name").textContent = me.project.name; setMe(me.annotator);
   setLabels(me.project.labels);
   if (me.project.labels && me.project.labels.length) $("label").value = me.project.labels[0];
-  try { S.model = await (await api("/api/model")).json(); } catch (e) { S.model = null; setStatus("no model on the server"); }
+  try { S.model = await (await api("/api/model")).json(); } catch (e) {
+    S.model = null; setStatus(e.status === 503 ? "no model on the server" : `no model: ${e.message}`);
+  }
   setTextPrompts(Boolean(S.model && S.model.text));
-  S.images = await (await api("/api/images")).json();
+  try { S.images = await (await api("/api/images")).json(); } catch (e) { startFailed("could not list the project's images", e); return; }
   if (!S.images.length) {
     setStatus(hasRole("admin") ? "this project has no images: add some with Add images (Project box) or `segany project add-images`"
       : "this project has no images yet: an admin adds them (`segany project add-images`)", true);
@@ -881,6 +986,15 @@ async function start() {
   await openImageAndDecoder(want);
 }
 
+// A start that failed other than by a rejected token (then the sign-in box says so): the server is down, or
+// answered an error. Said in the status bar and, when it is open, the sign-in box; reloading the page retries.
+function startFailed(what, e) {
+  if (e.status === 401) return;
+  const msg = `${what}: ${e.status ? e.message : `the server did not answer (${e.message})`}; reload the page to try again`;
+  setStatus(msg, false);
+  if (!$("login").hidden) $("login-error").textContent = msg;
+}
+
 // Signing in again after the token was rejected (expired, revoked) keeps the page as it is: the unsaved mask,
 // the image and its lists stay, and the failed action can simply be repeated. Only a first sign-in loads all.
 async function signIn(e) {
@@ -889,16 +1003,24 @@ async function signIn(e) {
   if (!S.project) { start(); return; }
   S.token = tok;
   let me;
-  try { me = await (await api("/api/me")).json(); } catch (err) { return; } // still rejected: the sign-in box stays, with its message
+  try { me = await (await api("/api/me")).json(); } catch (err) { // a 401: the sign-in box stays, with its message
+    if (err.status !== 401) $("login-error").textContent = `sign-in failed: ${err.status ? err.message : `the server did not answer (${err.message})`}`;
+    return;
+  }
   $("login").hidden = true; $("token").value = "";
   setMe(me.annotator); renderLists(); // another person may have signed in: their role decides the controls
   setStatus(hasUnsaved() ? "signed in again: your unsaved mask is still here (Enter saves it)" : "signed in again", true);
+  // An image that was opening when the token was rejected did not load (its picture may still be the last
+  // image's): it is opened again, and clicks wait for it.
+  if (!imageLoaded() && S.images.length) openImage(S.idx);
 }
 $("login-form").addEventListener("submit", signIn);
 $("project-form").addEventListener("submit", (e) => { saveProject(e); document.activeElement.blur(); });
 $("project-upload").addEventListener("change", (e) => { if (e.target.files.length) uploadImages(e.target.files); });
 $("prev").onclick = () => navigate(-1); $("next").onclick = () => navigate(1);
-window.addEventListener("beforeunload", (e) => { if (hasUnsaved()) { e.preventDefault(); e.returnValue = ""; } });
+// (a save on its way would be cut off by leaving the page too)
+window.addEventListener("beforeunload", (e) => { if (hasUnsaved() || S.saves.length) { e.preventDefault(); e.returnValue = ""; } });
+$("retry").onclick = retryImage; $("notice").onclick = () => { $("notice").hidden = true; };
 $("accept").onclick = accept; $("undo").onclick = undo; $("redo").onclick = redo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
 $("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = () => setMode("brush");
 $("text-form").addEventListener("submit", (e) => { proposeText(e); $("text-prompt").blur(); });
