@@ -282,3 +282,13 @@ def test_auto_rerun_removes_subfolders_it_emptied(tmp_path: Path, tiny_ckpt: Pat
     (src / "sub").rmdir()
     assert main(["auto", str(src), *args]) == 0
     assert not (out / "sub").exists()
+
+
+def test_text_grid_over_its_limit_is_refused_before_loading(tmp_path: Path, capsys) -> None:
+    """`predict --text` keeps 3 candidates per grid point: --points-per-side 100000 ran out of memory (74.5 GiB)."""
+    image = _image(tmp_path / "small.png", 24, 32)
+    out = tmp_path / "t"
+    for pps in ("65", "100000", "0"):
+        cli_fails(["predict", str(image), "--text", "person", "--model", "segany_tiny_labels", "--points-per-side", pps,
+                   "--out", str(out)], capsys, "--points-per-side must be between 1 and 64")
+    assert not out.exists()

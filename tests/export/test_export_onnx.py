@@ -54,6 +54,13 @@ def test_files_and_metadata(exported):
     assert not list(out.glob("*.tmp")), "no temp files left behind"
 
 
+def test_export_leaves_the_model_in_eval_mode(exported):
+    """torch.onnx.export restores the exported module's mode; a wrapper built in train mode used to switch the
+    caller's model to training, so BatchNorm encoders (segany_tiny) gave other masks afterwards."""
+    model, _, _ = exported
+    assert [name for name, m in model.named_modules() if m.training] == []
+
+
 def test_decoder_contract(exported):
     import onnxruntime as ort
 

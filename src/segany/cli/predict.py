@@ -30,6 +30,11 @@ from segany.cli._util import (
 )
 from segany.errors import InputError
 
+# --text alone keeps 3 low-res candidates per grid point until ranking: 64² points are 12,288 candidates, about
+# 0.8 GB for segany_tiny's 128² logits and 3.2 GB for SAM's 256².
+MAX_TEXT_POINTS_PER_SIDE = 64
+
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -51,7 +56,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, default=0.1,
                    help="--text alone: keep instances whose predicted IoU x P(class) is at least this (default 0.1)")
     p.add_argument("--points-per-side", type=int, default=16,
-                   help="--text alone: side of the point grid searched for instances (default 16)")
+                   help="--text alone: side of the point grid searched for instances (default 16, at most "
+                        f"{MAX_TEXT_POINTS_PER_SIDE})")
     p.add_argument("--model", default="segany_tiny",
                    help="registered model name (see `segany models`; default segany_tiny, whose weights ship with segany)")
     p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
@@ -79,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("no prompt given: pass at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or --text")
     if not 0.0 <= args.min_score <= 1.0:
         raise InputError(f"--min-score must be in [0, 1], got {args.min_score:g}")
-    if args.points_per_side < 1:
-        raise InputError(f"--points-per-side must be >= 1, got {args.points_per_side}")
+    if not 1 <= args.points_per_side <= MAX_TEXT_POINTS_PER_SIDE:
+        raise InputError(f"--points-per-side must be between 1 and {MAX_TEXT_POINTS_PER_SIDE}, got "
+                         f"{args.points_per_side}: every grid point keeps 3 low-res candidate masks until they are "
+                         "ranked, so the memory grows with its square; the default 16 finds objects of 1/16 of the "
+                         "image side, and `segany auto --labels` covers denser searches")
     if args.text is not None:  # the same check the model path makes, before seconds of loading
         from segany.text.vocab import check_text
 

@@ -9,17 +9,18 @@ per prompt, which is what makes a browser or a laptop CPU interactive):
     output ``image_embeddings`` float32 (B, 256, S/16, S/16).
 
 ``decoder.onnx`` (the input/output contract of SAM's published ONNX decoder, so web clients work as-is)
-    inputs ``image_embeddings`` (1, 256, 64, 64); ``point_coords`` float32 (1, N, 2) XY in the resized
+    inputs ``image_embeddings`` (1, 256, g, g) with g = S/16 (64 for SAM's 1024 px, 32 for segany_tiny's
+    512 px); ``point_coords`` float32 (1, N, 2) XY in the resized
     model frame (``ResizeLongestSide.apply_coords``); ``point_labels`` float32 (1, N): 1 foreground,
     0 background, 2/3 box top-left/bottom-right, -1 padding (add one (0, 0)/-1 point when there is no
-    box); ``mask_input`` (1, 1, 256, 256) low-res logits; ``has_mask_input`` (1,) 1 or 0;
+    box); ``mask_input`` (1, 1, 4g, 4g) low-res logits (256×256 for SAM); ``has_mask_input`` (1,) 1 or 0;
     ``orig_im_size`` float32 (2,) as (H, W). N is dynamic.
     outputs ``masks`` float32 (1, K, H, W) logits at the original size (threshold at 0),
-    ``iou_predictions`` (1, K), ``low_res_masks`` (1, K, 256, 256); K is 1 by default: for a prompt
+    ``iou_predictions`` (1, K), ``low_res_masks`` (1, K, 4g, 4g); K is 1 by default: for a prompt
     with a single real point (ambiguous) the best of the three multimask outputs by predicted IoU,
     otherwise the single-mask output. With ``multimask=True`` K is 3 (the three multimask outputs).
     Two extra outputs carry all four decoder masks for :class:`OnnxPredictor`:
-    ``all_low_res_masks`` (1, 4, 256, 256) and ``all_iou_predictions`` (1, 4).
+    ``all_low_res_masks`` (1, 4, 4g, 4g) and ``all_iou_predictions`` (1, 4).
 
 ``--quantize`` additionally writes ``encoder.int8.onnx`` and ``decoder.int8.onnx`` with dynamic int8
 weights (ONNX Runtime's ``quantize_dynamic``): smaller and faster on CPUs, slightly less accurate.
@@ -152,7 +153,7 @@ def export_encoder(model: Sam, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     example = torch.randint(0, 256, (1, 3, s, s * 3 // 4), dtype=torch.float32)
     with torch.no_grad():
-        _legacy_export(EncoderGraph(model.float().eval()), (example,), out, ["image"], ["image_embeddings"],
+        _legacy_export(EncoderGraph(model.float().eval()).eval(), (example,), out, ["image"], ["image_embeddings"],
                        {"image": {0: "batch", 2: "height", 3: "width"}, "image_embeddings": {0: "batch"}})
     return out
 
@@ -172,7 +173,7 @@ def export_decoder(model: Sam, path: str | os.PathLike[str], multimask: bool = F
         torch.tensor([float(model.img_size) * 0.75, float(model.img_size)]),
     )
     with torch.no_grad():
-        _legacy_export(DecoderGraph(model.float().eval(), multimask), example, out, list(DECODER_INPUTS),
+        _legacy_export(DecoderGraph(model.float().eval(), multimask).eval(), example, out, list(DECODER_INPUTS),
                        list(DECODER_OUTPUTS),
                        {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
                         "masks": {2: "height", 3: "width"}})
