@@ -311,7 +311,8 @@ def test_run_folder_as_checkpoint_names_the_file_to_pass(tmp_path: Path) -> None
 def test_loading_weights_leaves_dynamo_unloaded() -> None:
     """The meta-device shell that checks a checkpoint, and every registered model's shell, build without
     torch's Python decompositions: on meta tensors ``normal_`` and out-of-place scalar ops import
-    torch._dynamo, which cost every ``segany predict`` 1.4 s."""
+    torch._dynamo, which cost every ``segany predict`` 1.4 s. The mask generator's NMS runs without importing
+    torchvision, whose package imports torch._dynamo too (2.5 s for every ``segany auto``)."""
     import subprocess
     import sys
 
@@ -323,10 +324,15 @@ def test_loading_weights_leaves_dynamo_unloaded() -> None:
              "for name in list_models():\n"
              "    with torch.device('meta'):\n"
              "        Sam(get_config(name))\n"
-             "print('torch._dynamo' in sys.modules)\n")
+             "import segany.amg.generator\n"
+             "from segany.amg.nms import single_class_nms\n"
+             "keep = single_class_nms(torch.tensor([[0., 0, 4, 4], [0, 0, 4, 5], [9, 9, 12, 12]]),\n"
+             "                        torch.tensor([0.9, 0.8, 0.7]), 0.5)\n"
+             "assert keep.tolist() == [0, 2], keep\n"
+             "print('torch._dynamo' in sys.modules, 'torchvision' in sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["False"], r.stdout
+    assert r.stdout.split() == ["False", "False"], r.stdout
 
 
 def test_seeded_init_is_unchanged_by_the_meta_safe_constructors() -> None:

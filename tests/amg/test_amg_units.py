@@ -130,3 +130,22 @@ def test_sa1b_reader_rejects_bad_files(tmp_path) -> None:
 def test_config_errors(kwargs: dict, fragment: str) -> None:
     with pytest.raises(InputError, match=fragment):
         AmgConfig(**kwargs)
+
+
+@pytest.mark.parametrize("n", [40, 1500])  # below and above batched_nms's switch to its per-category loop (CPU)
+def test_single_class_nms_is_batched_nms_with_one_category(n: int) -> None:
+    """The generator's NMS (torchvision's kernel, loaded without the package) keeps the boxes, in the order,
+    that the reference's ``batched_nms(boxes, scores, zeros, thr)`` keeps, tied scores included."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    from segany.amg.nms import single_class_nms
+
+    g = torch.Generator().manual_seed(n)
+    xy = torch.rand(n, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 60], dim=1)
+    scores = (torch.rand(n, generator=g) * 8).round() / 8  # few distinct values: many ties
+    for thr in (0.3, 0.7):
+        expected = batched_nms(boxes, scores, torch.zeros(n), thr)
+        assert torch.equal(single_class_nms(boxes, scores, thr), expected), thr
+    assert single_class_nms(boxes[:0], scores[:0], 0.7).tolist() == []

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms
 
 from segany import cpu_alloc
 from segany.amg.config import AmgConfig
 from segany.amg.filters import box_area, masks_to_boxes_xyxy, near_crop_edge, paste_crop, stability_scores
 from segany.amg.grid import crop_boxes, layer_point_grids
+from segany.amg.nms import single_class_nms
 from segany.amg.records import MaskRecords
 from segany.data.images import to_rgb_uint8
 from segany.data.rle import (
@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 
 def _nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, iou_thresh: float) -> torch.Tensor:
-    # One category for all masks; batched_nms exactly as the reference calls it, so ties break alike.
-    return batched_nms(boxes_xyxy.float(), scores, torch.zeros_like(boxes_xyxy[:, 0]), iou_threshold=iou_thresh)
+    # One category for all masks: what the reference's batched_nms call gives, ties broken alike.
+    return single_class_nms(boxes_xyxy.float(), scores, iou_thresh)
 
 
 # Full-size logits of one CPU batch: kept under glibc's largest mmap threshold (32 MiB, which segany.cpu_alloc

@@ -352,15 +352,17 @@ def _clean_stale_temps(out: Path) -> None:
 
 
 def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import cv2
     import numpy
     import pycocotools
     import torch
-    import torchvision
 
     import segany
 
-    return {"segany": segany.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    # torchvision by its metadata: importing it costs seconds (segany.amg.nms says why) for one string.
+    return {"segany": segany.__version__, "torch": torch.__version__, "torchvision": version("torchvision"),
             "numpy": numpy.__version__, "opencv": cv2.__version__,
             "pycocotools": getattr(pycocotools, "__version__", "unknown"), "python": sys.version.split()[0]}
 

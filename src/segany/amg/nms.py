@@ -1,0 +1,76 @@
+"""Box NMS with torchvision's kernel, loaded without importing the torchvision package.
+
+Why: ``import torchvision`` imports its model zoo and ``torchvision.ops.roi_align``, which imports
+``torch._dynamo``: 2.5 s before the first mask, paid by every ``segany auto``, ``serve`` and ``engine auto``
+process (and by every test that starts one). The NMS kernel itself lives in torchvision's compiled extension,
+which ``torch.ops.load_library`` loads on its own; where that fails (a torchvision with another layout), the
+package is imported as usual and registers the same kernel.
+
+:func:`single_class_nms` gives exactly what ``torchvision.ops.batched_nms`` gives for one category (the call the
+reference generator makes), the order of tied scores included, so the masks kept stay the reference's.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# torchvision.ops.batched_nms switches to its per-category loop above these box-tensor sizes; its output is then
+# re-sorted by score, which can order tied scores differently, so the same switch is made here.
+_VANILLA_ABOVE = {"cpu": 4000}
+_VANILLA_ABOVE_OTHER = 20000
+
+
+def _extension_paths() -> list[Path]:
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    suffixes = [*importlib.machinery.EXTENSION_SUFFIXES, ".so"]
+    return [folder / f"{name}{suffix}" for name in ("_C_stable", "_C") for suffix in suffixes
+            if (folder / f"{name}{suffix}").is_file()]
+
+
+def _registered() -> Callable[..., torch.Tensor] | None:
+    try:
+        return torch.ops.torchvision.nms
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def nms_op() -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    """``torch.ops.torchvision.nms``, loading torchvision's extension alone if nobody has yet."""
+    op = _registered()
+    for path in _extension_paths() if op is None else []:
+        try:
+            torch.ops.load_library(str(path))
+        except OSError:
+            continue
+        op = _registered()
+        if op is not None:
+            break
+    if op is None:  # another layout: the package loads (and checks) its extension itself
+        import torchvision  # noqa: F401
+
+        op = torch.ops.torchvision.nms
+    return op
+
+
+def single_class_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Indices of ``boxes`` (N, 4) XYXY kept by NMS, by decreasing score: ``batched_nms`` with one category."""
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    keep = nms_op()(boxes, scores, float(iou_threshold))
+    if boxes.numel() <= _VANILLA_ABOVE.get(boxes.device.type, _VANILLA_ABOVE_OTHER):
+        return keep
+    # batched_nms's per-category path: a mask of the kept boxes, read in index order, then sorted by score.
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept[keep] = True
+    idx = torch.where(kept)[0]
+    return idx[scores[idx].sort(descending=True)[1]]
