@@ -862,18 +862,32 @@ def check_finite(name: str, value: Any) -> float | None:
     return f
 
 
-def check_finite_json(name: str, value: Any) -> None:
-    """Refuse NaN or ±Infinity anywhere inside a JSON-like value (dicts, lists, numbers), naming where."""
-    stack: list[tuple[str, Any]] = [(name, value)]
+def first_non_finite(value: Any, root: str = "") -> tuple[str, Any] | None:
+    """The first NaN or infinite number inside a JSON-like value (dicts, lists, numbers), in document order:
+    ``(where, number)`` with ``where`` like ``prompts.x[2]`` (``root`` names the value itself), or None.
+
+    Iterative, so a deeply nested value cannot exhaust the interpreter's recursion limit. Shared by the store
+    and the server's request bodies (:class:`segany.server.schemas.Body`).
+    """
+    stack: list[tuple[str, Any]] = [(root, value)]
     while stack:
         where, v = stack.pop()
         if isinstance(v, dict):
-            stack.extend((f"{where}.{k}", x) for k, x in v.items())
+            stack.extend((f"{where}.{k}" if where else str(k), x) for k, x in reversed(list(v.items())))
         elif isinstance(v, (list, tuple)):
-            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+            stack.extend((f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v))))
         elif isinstance(v, Real) and not isinstance(v, (bool, int)) and not math.isfinite(float(v)):
-            raise InputError(f"{where} is {v!r}, not a finite number; JSON has no NaN or Infinity, so send a "
-                             "real value or leave it out")
+            return where, v
+    return None
+
+
+def check_finite_json(name: str, value: Any) -> None:
+    """Refuse NaN or ±Infinity anywhere inside a JSON-like value, naming where."""
+    found = first_non_finite(value, name)
+    if found is not None:
+        where, v = found
+        raise InputError(f"{where} is {v!r}, not a finite number; JSON has no NaN or Infinity, so send a "
+                         "real value or leave it out")
 
 
 def _check_uuid(value: str) -> str:

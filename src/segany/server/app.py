@@ -352,8 +352,10 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     def cached_user(header: str) -> dict[str, Any] | None:
         """The user of a token seen in the last few seconds (no database read), else None."""
-        scheme, _, token = header.partition(" ")
-        return tokens.get(hash_token(token.strip())) if scheme.lower() == "bearer" and token.strip() else None
+        try:
+            return tokens.get(hash_token(bearer(header)))
+        except HTTPException:  # no bearer token: authenticate() gives the 401
+            return None
 
     def authenticate(header: str) -> dict[str, Any]:
         """The active user an ``Authorization`` header names; 401 naming the fix otherwise."""
@@ -564,9 +566,9 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         # model (its class vocabulary or the phrase) and is accepted as proposed; the client's word "semi"
         # alone is not enough, or any label could be saved by claiming to be a proposal.
         #
-        # The image must be this project's before anything else: the store answers a known uuid (the
-        # idempotency replay) before it looks at the image, and machine uuids are predictable (uuid5 of image,
-        # generation, index), so replaying them through another project's server would read its masks.
+        # The image must be this project's before anything else, so another project's image is a 404 before any
+        # label check (the store checks it again before answering a replayed uuid: machine uuids are predictable,
+        # uuid5 of image, generation and index, and replaying them must never read another project's masks).
         store.get_image(project_id, image_id)
         if not proposed_labels.was_proposed(image_id, body.label):
             store.check_label(project_id, body.label)
@@ -583,7 +585,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                 project_id=project_id,
             )
         except ConflictError:
-            raise reused() from None  # the store's message names the other image, which may be another project's
+            raise reused() from None  # one wording for every reused uuid, whichever image already holds it
         # A replay answers only the caller's own retry; someone else's annotation (a machine proposal, a
         # colleague's mask) under that uuid is a reused key, not this save.
         if not created and ann["annotator_id"] != who["id"]:

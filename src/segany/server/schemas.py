@@ -8,32 +8,16 @@ that no JSON reader accepts. Refusing them here, before any route runs, keeps th
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from segany.engine.store import first_non_finite
 
 # A SAM-style interactive decode uses a handful of clicks (the paper's interactive evaluation stops at 11;
 # people rarely go past 20). The decoder's cost grows with the points, and 100,000 of them held a core for
 # minutes and 8 GB, so the server takes at most this many per decode.
 MAX_DECODE_POINTS = 64
-
-
-def first_non_finite(value: Any) -> str | None:
-    """Where the first NaN or infinite float in a parsed JSON value is (``prompts.x[2]``), or None.
-
-    Iterative, so a deeply nested body cannot exhaust the interpreter's recursion limit here.
-    """
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:
-        where, item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return where or "the body"
-        if isinstance(item, dict):
-            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in reversed(list(item.items())))
-        elif isinstance(item, list | tuple):
-            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(item))))
-    return None
 
 
 class Body(BaseModel):
@@ -44,10 +28,10 @@ class Body(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _finite_numbers(cls, data: Any) -> Any:
-        where = first_non_finite(data)
-        if where is not None:
-            raise ValueError(f"{where} is not a finite number (NaN and Infinity are not JSON); send a number, "
-                             "or null where the field allows it")
+        found = first_non_finite(data)
+        if found is not None:
+            raise ValueError(f"{found[0] or 'the body'} is not a finite number (NaN and Infinity are not JSON); "
+                             "send a number, or null where the field allows it")
         return data
 
 
