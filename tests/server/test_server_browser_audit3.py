@@ -119,22 +119,27 @@ class _Hold:
             self.held.pop(0).continue_()
 
 
+def _fail_first(status: int, detail: str) -> Any:
+    """A page.route handler that answers the first request it matches with ``status`` and lets the rest through."""
+    seen = {"n": 0}
+
+    def handler(route: Any) -> None:
+        seen["n"] += 1
+        if seen["n"] == 1:
+            route.fulfill(status=status, content_type="application/json", body=json.dumps({"detail": detail}))
+        else:
+            route.continue_()
+
+    return handler
+
+
 def test_token_rejected_while_opening_an_image_blocks_clicks_until_it_reloads(browser: Any,  # noqa: F811
                                                                               env: dict[str, Any]) -> None:
     """Bug 1: image B's file is refused (401) while B opens; after signing in again the canvas still shows A until
     B has loaded: a click or Enter then must not add a point, unlock clicks, or save anything to B."""
     a, b = env["images"][0], env["images"][1]
     page = _page(browser, env, a["id"])
-    files = {"n": 0}
-
-    def reject_once(route: Any) -> None:
-        files["n"] += 1
-        if files["n"] == 1:
-            route.fulfill(status=401, content_type="application/json", body='{"detail": "invalid or revoked token"}')
-        else:
-            route.continue_()
-
-    page.route(f"**/api/images/{b['id']}/file", reject_once)
+    page.route(f"**/api/images/{b['id']}/file", _fail_first(401, "invalid or revoked token"))
     embedding = _Hold(which={2})  # the reload's embedding waits: B is still loading after the sign-in
     page.route(f"**/api/images/{b['id']}/embedding", embedding)
     page.keyboard.press("n")
@@ -252,16 +257,7 @@ def test_failed_image_load_is_said_and_retried(browser: Any, env: dict[str, Any]
     The previous picture's bitmap is released when the next one replaces it."""
     a, b = env["images"][0], env["images"][1]
     page = _page(browser, env, a["id"])
-    fails = {"n": 0}
-
-    def fail_once(route: Any) -> None:
-        fails["n"] += 1
-        if fails["n"] == 1:
-            route.fulfill(status=500, content_type="application/json", body='{"detail": "model crashed"}')
-        else:
-            route.continue_()
-
-    page.route(f"**/api/images/{b['id']}/embedding", fail_once)
+    page.route(f"**/api/images/{b['id']}/embedding", _fail_first(500, "model crashed"))
     page.evaluate("window.oldPicture = window.segany.img")
     page.keyboard.press("n")
     page.wait_for_function(f"{STATUS}.startsWith('could not load')")
