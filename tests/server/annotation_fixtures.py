@@ -202,3 +202,19 @@ def postgres_url() -> Iterator[str]:
         subprocess.run(prefix + [_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                        capture_output=True, env=env)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def auth(tok: str) -> dict[str, str]:
+    """The request headers of a signed-in annotator."""
+    return {"Authorization": f"Bearer {tok}"}
+
+
+def mask_body(h: int, w: int, **kw: Any) -> dict[str, Any]:
+    """A save request for one rectangle on an (h, w) image, with a fresh uuid; ``kw`` adds or replaces fields."""
+    import uuid
+
+    from segany.server.app import _uncompressed_rle
+
+    m = np.zeros((h, w), bool)
+    m[20:60, 30:90] = True
+    return {"uuid": str(uuid.uuid4()), "segmentation": _uncompressed_rle(m), "label": "person", **kw}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from annotation_fixtures import label_app, project, token  # noqa: F401  (fixtures)
+from annotation_fixtures import auth, label_app, project, token  # noqa: F401  (fixtures)
 from fastapi.testclient import TestClient
 
 from segany.server.app import _uncompressed_rle, create_app
@@ -19,10 +19,6 @@ from segany.server.app import _uncompressed_rle, create_app
 @pytest.fixture
 def client(project: Any) -> TestClient:
     return TestClient(create_app(project[0], None))  # store only: these routes need no model
-
-
-def auth(tok: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tok}"}
 
 
 def _body(h: int, w: int, *, empty: bool = False, label: str = "person") -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,9 @@ from annotation_fixtures import (  # noqa: F401  (fixtures)
     SAMPLE_FILES,
     admin_token,
     app,
+    auth,
     label_app,
+    mask_body,
     model_service,
     project,
     tiny_checkpoint,
@@ -32,16 +33,6 @@ from segany.server.app import _uncompressed_rle, unpack_rle_for_tests
 @pytest.fixture
 def client(app: Any) -> TestClient:
     return TestClient(app)
-
-
-def auth(tok: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tok}"}
-
-
-def _ann_body(h: int, w: int, **kw: Any) -> dict[str, Any]:
-    m = np.zeros((h, w), bool)
-    m[20:60, 30:90] = True
-    return {"uuid": str(uuid.uuid4()), "segmentation": _uncompressed_rle(m), "label": "person", **kw}
 
 
 # ----------------------------------------------------------------------------------------- security
@@ -250,7 +241,7 @@ def test_save_is_idempotent_and_editable(client: TestClient, token: str, project
     store, _ = project
     images = client.get("/api/images", headers=auth(token)).json()
     im = images[0]
-    body = _ann_body(im["height"], im["width"], seconds_spent=4.5, prompts={"points": [[40, 30]], "labels": [1]})
+    body = mask_body(im["height"], im["width"], seconds_spent=4.5, prompts={"points": [[40, 30]], "labels": [1]})
     r1 = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=body)
     r2 = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=body)
     assert (r1.status_code, r2.status_code) == (201, 200)
@@ -269,7 +260,7 @@ def test_save_is_idempotent_and_editable(client: TestClient, token: str, project
     assert p.status_code == 200 and p.json()["revision"] == 2 and p.json()["label"] == "thing"
     stale = client.patch(f"/api/annotations/{a['id']}", headers=auth(token), json={"label": "x", "revision": 1})
     assert stale.status_code == 409
-    wrong_size = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=_ann_body(10, 10))
+    wrong_size = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=mask_body(10, 10))
     assert wrong_size.status_code == 400
     assert client.delete(f"/api/annotations/{a['id']}", headers=auth(token)).status_code == 204
     assert store.count_annotations() == 0
@@ -282,9 +273,9 @@ def test_stale_id_refused_by_uuid(client: TestClient, token: str, project: Any) 
     store, _ = project
     im = client.get("/api/images", headers=auth(token)).json()[0]
     url = f"/api/images/{im['id']}/annotations"
-    old = client.post(url, headers=auth(token), json=_ann_body(im["height"], im["width"])).json()
+    old = client.post(url, headers=auth(token), json=mask_body(im["height"], im["width"])).json()
     assert client.delete(f"/api/annotations/{old['id']}?uuid={old['uuid']}", headers=auth(token)).status_code == 204
-    new = client.post(url, headers=auth(token), json=_ann_body(im["height"], im["width"])).json()
+    new = client.post(url, headers=auth(token), json=mask_body(im["height"], im["width"])).json()
     assert new["id"] == old["id"] and new["uuid"] != old["uuid"]  # the id is reused
     gone = client.delete(f"/api/annotations/{old['id']}?uuid={old['uuid']}", headers=auth(token))
     assert gone.status_code == 409 and "deleted or replaced" in gone.json()["detail"]
@@ -325,7 +316,7 @@ def test_zip_exports(client: TestClient, token: str, fmt: str) -> None:
     import zipfile
 
     im = client.get("/api/images", headers=auth(token)).json()[0]
-    client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=_ann_body(im["height"], im["width"]))
+    client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=mask_body(im["height"], im["width"]))
     r = client.get(f"/api/export/{fmt}", headers=auth(token))
     assert r.status_code == 200
     names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
@@ -344,7 +335,7 @@ def test_exports_leave_no_temporary_files(client: TestClient, token: str, tmp_pa
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     im = client.get("/api/images", headers=auth(token)).json()[0]
-    client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=_ann_body(im["height"], im["width"]))
+    client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=mask_body(im["height"], im["width"]))
     for fmt in ("coco", "yolo"):
         assert client.get(f"/api/export/{fmt}", headers=auth(token)).status_code == 200
         assert list(scratch.iterdir()) == [], fmt

@@ -20,6 +20,8 @@ from annotation_fixtures import (  # noqa: F401  (fixtures)
     SAMPLE_FILES,
     admin_token,
     app,
+    auth,
+    mask_body,
     model_service,
     project,
     tiny_checkpoint,
@@ -31,7 +33,7 @@ from pydantic import BaseModel
 
 from segany.engine.auto import machine_uuid
 from segany.errors import InputError
-from segany.server.app import MAX_UPLOAD_NAME_BYTES, _uncompressed_rle
+from segany.server.app import MAX_UPLOAD_NAME_BYTES
 from segany.server.schemas import MAX_DECODE_POINTS, Body
 
 LIMIT = 2 * 1024 * 1024  # the fixtures' ServerSettings(max_upload_bytes=...)
@@ -42,16 +44,6 @@ CHUNKS = 40  # 10 MiB offered in all: five times the limit
 @pytest.fixture
 def client(app: Any) -> TestClient:
     return TestClient(app, raise_server_exceptions=False)
-
-
-def auth(tok: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tok}"}
-
-
-def _mask_body(h: int, w: int, **kw: Any) -> dict[str, Any]:
-    m = np.zeros((h, w), bool)
-    m[20:60, 30:90] = True
-    return {"uuid": str(uuid.uuid4()), "segmentation": _uncompressed_rle(m), "label": "person", **kw}
 
 
 def chunked_post(app: Any, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, str, int]:
@@ -183,7 +175,7 @@ def test_replay_of_another_projects_uuid_reveals_nothing(client: TestClient, tok
     assert r.status_code == 404, r.text
     ours = client.get("/api/images", headers=auth(token)).json()[0]
     r = client.post(f"/api/images/{ours['id']}/annotations", headers=auth(token),
-                    json={**_mask_body(ours["height"], ours["width"]), "uuid": key})
+                    json={**mask_body(ours["height"], ours["width"]), "uuid": key})
     assert r.status_code == 409, r.text
     assert "segmentation" not in r.text and str(secret["segmentation"]["counts"]) not in r.text
     assert f"image {their['id']}" not in r.text  # not even which image of the other project holds it
@@ -194,7 +186,7 @@ def test_replay_answers_only_the_callers_own_save(client: TestClient, token: str
     store, _ = project
     bob = store.add_annotator("bob")
     im = client.get("/api/images", headers=auth(token)).json()[0]
-    body = _mask_body(im["height"], im["width"])
+    body = mask_body(im["height"], im["width"])
     url = f"/api/images/{im['id']}/annotations"
     assert client.post(url, headers=auth(token), json=body).status_code == 201
     assert client.post(url, headers=auth(token), json=body).status_code == 200  # alice's retry
@@ -216,7 +208,7 @@ def test_replay_answers_only_the_callers_own_save(client: TestClient, token: str
 def test_non_finite_numbers_are_422_and_nothing_is_stored(client: TestClient, token: str, project: Any,
                                                            extra: str, where: str) -> None:
     im = client.get("/api/images", headers=auth(token)).json()[0]
-    body = json.dumps(_mask_body(im["height"], im["width"]))[:-1] + ", " + extra + "}"
+    body = json.dumps(mask_body(im["height"], im["width"]))[:-1] + ", " + extra + "}"
     r = client.post(f"/api/images/{im['id']}/annotations", content=body,
                     headers={**auth(token), "Content-Type": "application/json"})
     assert r.status_code == 422, r.text
@@ -227,7 +219,7 @@ def test_non_finite_numbers_are_422_and_nothing_is_stored(client: TestClient, to
 def test_non_finite_numbers_in_an_edit_or_decode_are_422(client: TestClient, token: str, project: Any) -> None:
     im = client.get("/api/images", headers=auth(token)).json()[0]
     saved = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token),
-                        json=_mask_body(im["height"], im["width"])).json()
+                        json=mask_body(im["height"], im["width"])).json()
     json_h = {**auth(token), "Content-Type": "application/json"}
     r = client.patch(f"/api/annotations/{saved['id']}", headers=json_h, content='{"prompts": {"x": NaN}}')
     assert r.status_code == 422, r.text

@@ -12,6 +12,7 @@ import pytest
 from annotation_fixtures import (  # noqa: F401  (fixtures)
     admin_token,
     app,
+    auth,
     model_service,
     project,
     reviewer_token,
@@ -32,10 +33,6 @@ def client(app: Any) -> TestClient:
 def bob(project: Any) -> str:
     """A second annotator."""
     return project[0].add_annotator("bob")
-
-
-def auth(tok: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tok}"}
 
 
 def _save(client: TestClient, tok: str) -> dict[str, Any]:
