@@ -33,6 +33,7 @@ Design notes for the stages that build on this store:
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import (
@@ -186,6 +187,15 @@ class DatasetVersionItem(Base):
         return cls(annotation_uuid=a.uuid, image_id=im.id, image_sha256=im.sha256, image_path=im.path,
                    file_name=im.file_name, label=a.label, source=a.source, rle_counts=a.rle_counts, height=a.height,
                    width=a.width, area=a.area, bbox_xywh=list(a.bbox_xywh or []))
+
+    @classmethod
+    def snapshot(cls, rows: Iterable[tuple[Annotation, Image]]) -> list[DatasetVersionItem]:
+        """Copies of the (annotation, image) ``rows`` of a version being frozen, in (image id, uuid) order.
+
+        The snapshot's row order is the order its export numbers images and masks in
+        (:func:`segany.engine.versions.snapshot_items`), and it stays so when images are removed later.
+        """
+        return [cls.copy_of(a, im) for a, im in sorted(rows, key=lambda r: (r[1].id, r[0].uuid))]
 
 
 class ImageRun(Base):

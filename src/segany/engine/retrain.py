@@ -113,9 +113,7 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
             "held_out": held_out, "train_image_ids": train, "held_out_image_ids": held,
             "annotation_uuids_sha256": hashlib.sha256("\n".join(a.uuid for a, _ in rows).encode()).hexdigest()})
         dv.annotations = [a for a, _ in rows]
-        # Written in (image, uuid) order: the snapshot's row order is the order its export numbers images and
-        # masks in (segany.engine.versions.snapshot_items), and stays so when images are removed later.
-        dv.items = [DatasetVersionItem.copy_of(a, im) for a, im in sorted(rows, key=lambda r: (r[1].id, r[0].uuid))]
+        dv.items = DatasetVersionItem.snapshot(rows)
         s.add(dv)
         s.flush()
         return _dv_dict(dv)

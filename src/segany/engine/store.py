@@ -769,15 +769,12 @@ class Store:
                                meta: dict[str, Any] | None = None) -> int:
         """Freeze the project's annotations in ``states`` under ``name`` (for training or export)."""
         with self.transaction() as s:
-            # In (image, uuid) order: the snapshot's row order is the order its export numbers images and masks
-            # in (segany.engine.versions.snapshot_items), whatever later happens to the images.
             rows = list(s.execute(select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
                                   .where(Image.project_id == project_id, Annotation.review_state.in_(list(states)),
-                                         Annotation.area > 0)
-                                  .order_by(Image.id, Annotation.uuid)))
+                                         Annotation.area > 0)))
             dv = DatasetVersion(project_id=project_id, name=name, meta={**(meta or {}), "states": list(states)})
             dv.annotations = [a for a, _ in rows]
-            dv.items = [DatasetVersionItem.copy_of(a, im) for a, im in rows]  # frozen: later edits cannot reach it
+            dv.items = DatasetVersionItem.snapshot(rows)  # frozen: later edits cannot reach it
             s.add(dv)
             s.flush()
             return dv.id
