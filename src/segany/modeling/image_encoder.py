@@ -62,18 +62,21 @@ def relative_position_table(q_len: int, k_len: int, table: torch.Tensor) -> torc
 
 
 def relative_position_bias(
-    q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, hw: tuple[int, int]
+    q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, hw: tuple[int, int],
+    k_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Decomposed relative-position bias (MViTv2) for queries ``q`` (B, H·W, C): returns (B, H·W, H·W)."""
+    """Decomposed relative-position bias (MViTv2) for queries ``q`` (B, H·W, C) on an (H, W) grid against keys
+    on a ``k_hw`` grid (default the same): returns (B, H·W, kH·kW)."""
     H, W = hw
-    rel_h = relative_position_table(H, H, table_h)  # (H, H, C)
-    rel_w = relative_position_table(W, W, table_w)  # (W, W, C)
+    kH, kW = k_hw if k_hw is not None else hw
+    rel_h = relative_position_table(H, kH, table_h)  # (H, kH, C)
+    rel_w = relative_position_table(W, kW, table_w)  # (W, kW, C)
     B, _, C = q.shape
     q = q.reshape(B, H, W, C)
-    bias_h = torch.einsum("bhwc,hkc->bhwk", q, rel_h)  # (B, H, W, H)
-    bias_w = torch.einsum("bhwc,wkc->bhwk", q, rel_w)  # (B, H, W, W)
-    bias = bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]  # (B, H, W, H, W)
-    return bias.reshape(B, H * W, H * W)
+    bias_h = torch.einsum("bhwc,hkc->bhwk", q, rel_h)  # (B, H, W, kH)
+    bias_w = torch.einsum("bhwc,wkc->bhwk", q, rel_w)  # (B, H, W, kW)
+    bias = bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]  # (B, H, W, kH, kW)
+    return bias.reshape(B, H * W, kH * kW)
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -83,19 +86,11 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
 
 def add_decomposed_rel_pos(attn: torch.Tensor, q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
                            q_size: tuple[int, int], k_size: tuple[int, int]) -> torch.Tensor:
-    """``attn`` (B, qh·qw, kh·kw) plus the decomposed rel-pos bias of queries ``q`` (B, qh·qw, C).
+    """``attn`` (B, qh·qw, kh·kw) plus :func:`relative_position_bias` of queries ``q`` (B, qh·qw, C).
 
-    The reference's function, for code that imports it; unlike :func:`relative_position_bias` the query and
-    key grids may differ in size. Returns a new tensor.
+    The reference's function, for code that imports it. Returns a new tensor.
     """
-    qh, qw = q_size
-    kh, kw = k_size
-    B, _, C = q.shape
-    qg = q.reshape(B, qh, qw, C)
-    bias_h = torch.einsum("bhwc,hkc->bhwk", qg, relative_position_table(qh, kh, rel_pos_h))  # (B, qh, qw, kh)
-    bias_w = torch.einsum("bhwc,wkc->bhwk", qg, relative_position_table(qw, kw, rel_pos_w))  # (B, qh, qw, kw)
-    out = attn.view(B, qh, qw, kh, kw) + bias_h[..., :, None] + bias_w[..., None, :]
-    return out.view(B, qh * qw, kh * kw)
+    return attn + relative_position_bias(q, rel_pos_h, rel_pos_w, q_size, k_size)
 
 
 class Attention(nn.Module):
