@@ -22,8 +22,7 @@ import torch
 
 # torchvision.ops.batched_nms switches to its per-category loop above these box-tensor sizes; its output is then
 # re-sorted by score, which can order tied scores differently, so the same switch is made here.
-_VANILLA_ABOVE = {"cpu": 4000}
-_VANILLA_ABOVE_OTHER = 20000
+_VANILLA_ABOVE_CPU, _VANILLA_ABOVE_OTHER = 4000, 20000
 
 
 def _extension_paths() -> list[Path]:
@@ -31,7 +30,7 @@ def _extension_paths() -> list[Path]:
     if spec is None or not spec.submodule_search_locations:
         return []
     folder = Path(next(iter(spec.submodule_search_locations)))
-    suffixes = [*importlib.machinery.EXTENSION_SUFFIXES, ".so"]
+    suffixes = dict.fromkeys([*importlib.machinery.EXTENSION_SUFFIXES, ".so"])  # ".so" is often listed already
     return [folder / f"{name}{suffix}" for name in ("_C_stable", "_C") for suffix in suffixes
             if (folder / f"{name}{suffix}").is_file()]
 
@@ -67,7 +66,7 @@ def single_class_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: f
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     keep = nms_op()(boxes, scores, float(iou_threshold))
-    if boxes.numel() <= _VANILLA_ABOVE.get(boxes.device.type, _VANILLA_ABOVE_OTHER):
+    if boxes.numel() <= (_VANILLA_ABOVE_CPU if boxes.device.type == "cpu" else _VANILLA_ABOVE_OTHER):
         return keep
     # batched_nms's per-category path: a mask of the kept boxes, read in index order, then sorted by score.
     kept = torch.zeros_like(scores, dtype=torch.bool)
