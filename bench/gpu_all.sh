@@ -88,6 +88,12 @@ step ${T_H_AUTOTUNE:-400} speed_h_autotune python3 bench/speed.py --device cuda 
   --skip-eager --json "$OUT/speed_h_autotune.json"
 step ${T_PROFILE_HF:-90} profile_vit_h_fused python3 bench/profile_encoder.py --device cuda --model vit_h \
   --attention fused --compile-mode default --json "$OUT/profile_vit_h_fused.json"
+# The one-pass window kernel (2026-11-27; off by default): its check against the flash kernel and fp32 on the
+# GPU, then ViT-H compiled with it. Switch it on (window_attention._ONEPASS_MAX_WINDOW) only if both pass.
+step ${T_ONEPASS_TEST:-90} onepass_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_window_attention.py
+step ${T_H_ONEPASS:-150} speed_h_onepass python3 bench/speed.py --device cuda --models vit_h --parts encoder \
+  --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
+  --skip-eager --skip-sam-fast --window-kernel onepass --json "$OUT/speed_h_onepass.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 if [ "$STEPS" = all ]; then
   selected=("${ORDER[@]}")

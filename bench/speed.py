@@ -229,7 +229,8 @@ def bench_model(name: str, args: argparse.Namespace, out: dict[str, Any]) -> dic
             fp = FastPath(model, **kw)
             return enc_variant(fp._encode_fn, fp.dtype)()
         run_variant(enc, label, seg, device)
-    if "encoder" in parts and args.compile and (device == "cuda" or "bf16" in args.cpu_variants):
+    if ("encoder" in parts and args.compile and not args.skip_sam_fast
+            and (device == "cuda" or "bf16" in args.cpu_variants)):
         run_variant(enc, "sam_fast_method", lambda: enc_variant(
             sam_fast_method_encoder(model, device, args.compile_mode), torch.bfloat16)(), device)
     if "encoder" in parts and device == "cpu" and "onnx" in args.cpu_variants:
@@ -442,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", action="store_true", help="CPU: also time int8 ONNX graphs")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--window-kernel", choices=["default", "flash", "onepass"], default="default",
+                   help="attention='fused': which kernel of segany.kernels.window_attention the windowed blocks run")
+    p.add_argument("--skip-sam-fast", action="store_true",
+                   help="with --compile: leave out segment-anything-fast's method (a minute of compiling)")
     p.add_argument("--skip-eager", action="store_true",
                    help="leave out the eager segany fp32/bf16 encoder rows (compile-only steps: ViT-H fp32 costs ~20 s)")
     p.add_argument("--parts", default="encoder,prompt",
@@ -479,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown_parts = set(args.parts.split(",")) - {"encoder", "prompt", "accuracy"}
     if unknown_parts:
         p.error(f"unknown --parts {', '.join(sorted(unknown_parts))}; known: encoder, prompt, accuracy")
+    if args.window_kernel != "default":
+        from segany.kernels import window_attention
+
+        window_attention._ONEPASS_MAX_WINDOW = window_attention.ONEPASS_WINDOWS if args.window_kernel == "onepass" else 0
     if not gpu:
         args.threads = configure_cpu_threads(args.threads)
     if gpu:

@@ -15,6 +15,12 @@ query and key inside the kernel, so neither the (window², window) bias tensors 
 output goes to (B, H, W, C) token order, ready for ``proj``. The softmax is the online (flash) one in
 fp32 over one key row of the window per step, as in :mod:`segany.kernels.relpos_attention`.
 
+A second, one-pass kernel takes every key of a window (up to 16 a side) in one (BLOCK_M, 256) tile: one
+q·kᵀ, one plain softmax, one p·v, with the rel-pos terms added by two small dots into the scores. Its
+first H200 build (2026-11-27, with ``tl.gather``) ran ViT-H's windows in 0.58 ms against the flash
+kernel's 0.83, but gave wrong sums on 80-channel heads in its wgmma tiles; it is off until its present
+build is checked on a GPU (``bench/relpos_kernel.py``, ``tests/test_fast.py``).
+
 The maths is the reference block's (pad, partition, ``softmax(q·kᵀ·scale + rel_h + rel_w)·v``, merge,
 crop); only summation order and where the rel-pos terms are rounded differ (fp32 here). For bf16/fp16; a
 GPU runs fp32 dots in TF32. ``TRITON_INTERPRET=1`` runs it on CPU tensors for tests.
@@ -34,6 +40,10 @@ triton, tl = _relpos.triton, _relpos.tl
 __all__ = ["available", "offset_table", "register_op", "supports", "window_attention"]
 
 _MAX_WINDOW = 32  # one window row per key tile, and 2·window − 1 offsets in one tile of at most 64
+# The one-pass kernel takes windows up to this size (every key of a window in one tile of at most 256);
+# 0 keeps it off until a GPU session has checked and timed its select-and-sum build (docs/dev/GPU_RUNBOOK.md).
+_ONEPASS_MAX_WINDOW = 0
+ONEPASS_WINDOWS = 16
 
 available = _relpos.available
 
@@ -54,6 +64,46 @@ def offset_table(rel: torch.Tensor) -> torch.Tensor:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D, offs_c, in_c,
+                     offs_t, in_t):
+        """One channel tile of the queries, and its dots with both offset tables: q · table[offset] for
+        every offset, of which the reference's rel_h / rel_w are entries."""
+        q = tl.load(base + yq[:, None] * s_y + xq[:, None] * s_x + (n * D + offs_c[None, :]) * s_c,
+                    mask=q_in[:, None] & in_c[None, :], other=0.0)
+        th = tl.load(TH + offs_t[None, :] * st_h + offs_c[:, None] * st_hd, mask=in_c[:, None] & in_t[None, :],
+                     other=0.0)
+        tw = tl.load(TW + offs_t[None, :] * st_w + offs_c[:, None] * st_wd, mask=in_c[:, None] & in_t[None, :],
+                     other=0.0)
+        return q, tl.dot(q, th), tl.dot(q, tw)
+
+    @triton.jit
+    def _qkv_bias(BQKV, start, offs_c, in_c, HAS_BIAS: tl.constexpr):
+        """One channel tile of the qkv bias from ``start`` (zeros without one; then never read)."""
+        bias = tl.zeros(offs_c.shape, dtype=BQKV.dtype.element_ty)
+        if HAS_BIAS:
+            bias = tl.load(BQKV + start + offs_c, mask=in_c, other=0.0)
+        return bias
+
+    @triton.jit
+    def _keys(base, kv_off, k_in, bias, start, s_c, offs_c, in_c, HAS_BIAS: tl.constexpr):
+        """(channels, keys) tile of k from channel ``start``; a key on the window padding is the bias alone
+        (a zero token's qkv)."""
+        k = tl.load(base + kv_off[None, :] + (start + offs_c[:, None]) * s_c, mask=in_c[:, None] & k_in[None, :],
+                    other=0.0)
+        if HAS_BIAS:
+            k += tl.where(k_in[None, :], 0.0, bias[:, None]).to(k.dtype)
+        return k
+
+    @triton.jit
+    def _values(base, kv_off, k_in, bias, start, s_c, offs_c, in_c, HAS_BIAS: tl.constexpr):
+        """(keys, channels) tile of v from channel ``start``, padding keys as in :func:`_keys`."""
+        v = tl.load(base + kv_off[:, None] + (start + offs_c[None, :]) * s_c, mask=k_in[:, None] & in_c[None, :],
+                    other=0.0)
+        if HAS_BIAS:
+            v += tl.where(k_in[:, None], 0.0, bias[None, :]).to(v.dtype)
+        return v
 
     def _configs() -> list[triton.Config]:
         if _relpos._INTERPRET:  # the interpreter is slow: one small config; two key rows a step, so odd
@@ -98,32 +148,19 @@ if triton is not None:
         in_d = offs_d < D
         base = QKV + b * s_b
 
-        q = tl.load(base + yq[:, None] * s_y + xq[:, None] * s_x + (n * D + offs_d[None, :]) * s_c,
-                    mask=q_in[:, None] & in_d[None, :], other=0.0)
-        th = tl.load(TH + offs_t[None, :] * st_h + offs_d[:, None] * st_hd, mask=in_d[:, None] & in_t[None, :],
-                     other=0.0)
-        tw = tl.load(TW + offs_t[None, :] * st_w + offs_d[:, None] * st_wd, mask=in_d[:, None] & in_t[None, :],
-                     other=0.0)
-        # q · table[offset] for every offset: rel_h / rel_w of the reference are entries of these.
-        rh = tl.dot(q, th)
-        rw = tl.dot(q, tw)
-        if HAS_BIAS:
-            bk = tl.load(BQKV + C + n * D + offs_d, mask=in_d, other=0.0)
-            bv = tl.load(BQKV + 2 * C + n * D + offs_d, mask=in_d, other=0.0)
+        q, rh, rw = _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D,
+                                 offs_d, in_d, offs_t, in_t)
+        bk = _qkv_bias(BQKV, C + n * D, offs_d, in_d, HAS_BIAS)
+        bv = _qkv_bias(BQKV, 2 * C + n * D, offs_d, in_d, HAS_BIAS)
         if SPLIT_D:  # channels BLOCK_D… of a head that is not a power of two (ViT-H: 80 = 64 + 16)
             offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)
             in_e = offs_e < D
-            q2 = tl.load(base + yq[:, None] * s_y + xq[:, None] * s_x + (n * D + offs_e[None, :]) * s_c,
-                         mask=q_in[:, None] & in_e[None, :], other=0.0)
-            th2 = tl.load(TH + offs_t[None, :] * st_h + offs_e[:, None] * st_hd,
-                          mask=in_e[:, None] & in_t[None, :], other=0.0)
-            tw2 = tl.load(TW + offs_t[None, :] * st_w + offs_e[:, None] * st_wd,
-                          mask=in_e[:, None] & in_t[None, :], other=0.0)
-            rh += tl.dot(q2, th2)
-            rw += tl.dot(q2, tw2)
-            if HAS_BIAS:
-                bk2 = tl.load(BQKV + C + n * D + offs_e, mask=in_e, other=0.0)
-                bv2 = tl.load(BQKV + 2 * C + n * D + offs_e, mask=in_e, other=0.0)
+            q2, rh2, rw2 = _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D,
+                                        offs_e, in_e, offs_t, in_t)
+            rh += rh2
+            rw += rw2
+            bk2 = _qkv_bias(BQKV, C + n * D, offs_e, in_e, HAS_BIAS)
+            bv2 = _qkv_bias(BQKV, 2 * C + n * D, offs_e, in_e, HAS_BIAS)
             acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
 
         # A key tile is KR rows of the window, each in BLOCK_W slots (BLOCK_W ≥ WIN, a power of two).
@@ -145,22 +182,12 @@ if triton is not None:
             xk = wx * WIN + kc
             k_in = is_key & (xk < WS) & (yk < HS)  # keys on the padding are the bias (a zero token's qkv)
             kv_off = yk * s_y + xk * s_x
-            k = tl.load(base + kv_off[None, :] + (C + n * D + offs_d[:, None]) * s_c,
-                        mask=in_d[:, None] & k_in[None, :], other=0.0)
-            v = tl.load(base + kv_off[:, None] + (2 * C + n * D + offs_d[None, :]) * s_c,
-                        mask=k_in[:, None] & in_d[None, :], other=0.0)
-            if HAS_BIAS:
-                k += tl.where(k_in[None, :], 0.0, bk[:, None]).to(k.dtype)
-                v += tl.where(k_in[:, None], 0.0, bv[None, :]).to(v.dtype)
+            k = _keys(base, kv_off, k_in, bk, C + n * D, s_c, offs_d, in_d, HAS_BIAS)
+            v = _values(base, kv_off, k_in, bv, 2 * C + n * D, s_c, offs_d, in_d, HAS_BIAS)
             s = tl.dot(q, k)
             if SPLIT_D:
-                k2 = tl.load(base + kv_off[None, :] + (C + n * D + offs_e[:, None]) * s_c,
-                             mask=in_e[:, None] & k_in[None, :], other=0.0)
-                v2 = tl.load(base + kv_off[:, None] + (2 * C + n * D + offs_e[None, :]) * s_c,
-                             mask=k_in[:, None] & in_e[None, :], other=0.0)
-                if HAS_BIAS:
-                    k2 += tl.where(k_in[None, :], 0.0, bk2[:, None]).to(k2.dtype)
-                    v2 += tl.where(k_in[:, None], 0.0, bv2[None, :]).to(v2.dtype)
+                k2 = _keys(base, kv_off, k_in, bk2, C + n * D, s_c, offs_e, in_e, HAS_BIAS)
+                v2 = _values(base, kv_off, k_in, bv2, 2 * C + n * D, s_c, offs_e, in_e, HAS_BIAS)
                 s += tl.dot(q2, k2)
             bh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # rel_h[q, key row] = rh[q, qr − row + WIN − 1]
             for j in tl.static_range(KR):
@@ -186,27 +213,136 @@ if triton is not None:
                      mask=q_in[:, None] & in_e[None, :])
 
 
-def _launch(kernel: object, qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor,
-            table_w: torch.Tensor, window: int, num_heads: int, scale: float) -> torch.Tensor:
-    """Allocate the (B, H, W, C) output and launch ``kernel`` (the Triton kernel, or it wrapped for compile)."""
+    def _onepass_configs() -> list[triton.Config]:
+        if _relpos._INTERPRET:
+            return [triton.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1)]
+        # 196 queries in 7 × 32, 4 × 64 or 2 × 128 (the last tile mostly padding); the (BLOCK_M, 256) fp32
+        # scores live in registers. (64, 8 warps) is left out: on an H200 it made illegal accesses.
+        return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+                for bm, w in ((32, 4), (64, 4), (128, 8))]
+
+    @triton.autotune(configs=_onepass_configs(), key=["HS", "WS", "WIN", "D"])
+    @triton.jit
+    def _window_onepass_kernel(
+        QKV, BQKV, TH, TW, Out,
+        s_b, s_y, s_x, s_c,
+        st_h, st_hd, st_w, st_wd,
+        so_b, so_y, so_x, so_c,
+        HS, WS, NWY, NWX, C, D, WIN, qk_scale,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    ):
+        pid_m, n, wid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b = (wid // (NWY * NWX)).to(tl.int64)  # 64-bit: see _window_attention_kernel
+        wy = (wid % (NWY * NWX)) // NWX
+        wx = wid % NWX
+        log2e = 1.4426950408889634
+        qk_scale2 = tl.cast(qk_scale, tl.float32) * log2e
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        qr, qc = offs_m // WIN, offs_m % WIN
+        yq, xq = wy * WIN + qr, wx * WIN + qc
+        q_in = (offs_m < WIN * WIN) & (yq < HS) & (xq < WS)
+        offs_t = tl.arange(0, BLOCK_T)
+        in_t = offs_t < 2 * WIN - 1
+        offs_d = tl.arange(0, BLOCK_D)
+        in_d = offs_d < D
+        base = QKV + b * s_b
+        # Every key of the window in one tile: key j is window row j // WIN, column j % WIN.
+        offs_n = tl.arange(0, BLOCK_N)
+        kr, kc = offs_n // WIN, offs_n % WIN
+        is_key = offs_n < WIN * WIN
+        yk, xk = wy * WIN + kr, wx * WIN + kc
+        k_in = is_key & (yk < HS) & (xk < WS)  # keys on the padding are the bias (a zero token's qkv)
+        kv_off = yk * s_y + xk * s_x
+
+        q, rh, rw = _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D,
+                                 offs_d, in_d, offs_t, in_t)
+        k = _keys(base, kv_off, k_in, _qkv_bias(BQKV, C + n * D, offs_d, in_d, HAS_BIAS), C + n * D, s_c, offs_d,
+                  in_d, HAS_BIAS)
+        s = tl.dot(q, k)
+        if SPLIT_D:  # channels BLOCK_D… of a head that is not a power of two (ViT-H: 80 = 64 + 16)
+            offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)
+            in_e = offs_e < D
+            q2, rh2, rw2 = _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D,
+                                        offs_e, in_e, offs_t, in_t)
+            rh += rh2
+            rw += rw2
+            k2 = _keys(base, kv_off, k_in, _qkv_bias(BQKV, C + n * D, offs_e, in_e, HAS_BIAS), C + n * D, s_c,
+                       offs_e, in_e, HAS_BIAS)
+            s += tl.dot(q2, k2)
+        # The bias toward key row (column) r is rh (rw) at offset qr − r + WIN − 1: picked once into
+        # (BLOCK_M, BLOCK_R), then added to every key of that row by a dot with the 0/1 matrix "key j is in
+        # row r", accumulated into the scores in place. (Picked by select-and-sum, as the flash kernel does:
+        # with tl.gather the wgmma builds on an H200 gave wrong scores or illegal accesses, 2026-11-27.)
+        offs_r = tl.arange(0, BLOCK_R)
+        bh = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        bw = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for r in range(0, WIN):
+            vh = tl.sum(tl.where(offs_t[None, :] == (qr - r + WIN - 1)[:, None], rh, 0.0), 1)
+            vw = tl.sum(tl.where(offs_t[None, :] == (qc - r + WIN - 1)[:, None], rw, 0.0), 1)
+            bh = tl.where(offs_r[None, :] == r, vh[:, None], bh)
+            bw = tl.where(offs_r[None, :] == r, vw[:, None], bw)
+        bh = bh * log2e
+        bw = bw * log2e
+        s = tl.dot(bh, (kr[None, :] == offs_r[:, None]).to(tl.float32), s * qk_scale2)
+        s = tl.dot(bw, (kc[None, :] == offs_r[:, None]).to(tl.float32), s)
+        s = tl.where(is_key[None, :], s, float("-inf"))
+        m = tl.max(s, 1)
+        p = tl.math.exp2(s - m[:, None])
+        inv_l = 1.0 / tl.sum(p, 1)
+        p = p.to(QKV.dtype.element_ty)
+        v = _values(base, kv_off, k_in, _qkv_bias(BQKV, 2 * C + n * D, offs_d, in_d, HAS_BIAS), 2 * C + n * D, s_c,
+                    offs_d, in_d, HAS_BIAS)
+        acc = tl.dot(p, v) * inv_l[:, None]
+        out_row = Out + b * so_b + yq[:, None] * so_y + xq[:, None] * so_x
+        tl.store(out_row + (n * D + offs_d[None, :]) * so_c, acc.to(Out.dtype.element_ty),
+                 mask=q_in[:, None] & in_d[None, :])
+        if SPLIT_D:
+            v2 = _values(base, kv_off, k_in, _qkv_bias(BQKV, 2 * C + n * D, offs_e, in_e, HAS_BIAS), 2 * C + n * D,
+                         s_c, offs_e, in_e, HAS_BIAS)
+            acc2 = tl.dot(p, v2) * inv_l[:, None]
+            tl.store(out_row + (n * D + offs_e[None, :]) * so_c, acc2.to(Out.dtype.element_ty),
+                     mask=q_in[:, None] & in_e[None, :])
+
+
+def _launch(wrap: Callable[[object], object], qkv: torch.Tensor, bias: torch.Tensor | None,
+            table_h: torch.Tensor, table_w: torch.Tensor, window: int, num_heads: int, scale: float,
+            onepass: bool | None = None) -> torch.Tensor:
+    """Allocate the (B, H, W, C) output and launch a kernel (``wrap`` is identity, or ``wrap_triton`` for
+    compile): the one-pass kernel for windows up to ``_ONEPASS_MAX_WINDOW``, else the flash one
+    (``onepass`` forces a choice, for benchmarks and tests)."""
     B, H, W, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
     out = qkv.new_empty(B, H, W, C)
     nwy, nwx = -(-H // window), -(-W // window)
     block_d, block_d2 = _relpos.head_blocks(D)
+    if onepass is None:
+        onepass = window <= _ONEPASS_MAX_WINDOW
+    if onepass and window > ONEPASS_WINDOWS:
+        raise ValueError(f"window_attention: the one-pass kernel takes windows of at most {ONEPASS_WINDOWS}")
 
     def grid(meta: dict[str, int]) -> tuple[int, int, int]:
         return (triton.cdiv(window * window, meta["BLOCK_M"]), num_heads, B * nwy * nwx)
 
-    kernel[grid](  # type: ignore[index]
+    common = dict(HAS_BIAS=bias is not None, BLOCK_T=_relpos._pow2(2 * window - 1), BLOCK_D=block_d,
+                  SPLIT_D=block_d2 > 0, BLOCK_D2=max(block_d2, 16))
+    if onepass:
+        kernel, extra = _window_onepass_kernel, dict(BLOCK_N=_relpos._pow2(window * window),
+                                                     BLOCK_R=_relpos._pow2(window))
+    else:
+        kernel, extra = _window_attention_kernel, dict(BLOCK_W=_relpos._pow2(window))
+    wrap(kernel)[grid](  # type: ignore[index]
         qkv, qkv if bias is None else bias, table_h, table_w, out,
         *qkv.stride(), *table_h.stride(), *table_w.stride(), *out.stride(),
-        H, W, nwy, nwx, C, D, window, scale,
-        HAS_BIAS=bias is not None, BLOCK_W=_relpos._pow2(window), BLOCK_T=_relpos._pow2(2 * window - 1),
-        BLOCK_D=block_d, SPLIT_D=block_d2 > 0, BLOCK_D2=max(block_d2, 16),
+        H, W, nwy, nwx, C, D, window, scale, **common, **extra,
     )
     return out
+
+
+def _identity(kernel: object) -> object:
+    return kernel
 
 
 _window_op: Callable[..., torch.Tensor] | None = None
@@ -224,13 +360,13 @@ def register_op() -> Callable[..., torch.Tensor] | None:
         @torch.library.triton_op("segany::window_attention", mutates_args=())
         def op(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
                window: int, num_heads: int, scale: float) -> torch.Tensor:
-            return _launch(torch.library.wrap_triton(_window_attention_kernel), qkv, bias, table_h, table_w,
+            return _launch(torch.library.wrap_triton, qkv, bias, table_h, table_w,
                            window, num_heads, scale)
     elif hasattr(torch.library, "custom_op"):
         @torch.library.custom_op("segany::window_attention", mutates_args=())
         def op(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
                window: int, num_heads: int, scale: float) -> torch.Tensor:
-            return _launch(_window_attention_kernel, qkv, bias, table_h, table_w, window, num_heads, scale)
+            return _launch(_identity, qkv, bias, table_h, table_w, window, num_heads, scale)
 
         @op.register_fake
         def _(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torch.Tensor, table_w: torch.Tensor,
@@ -272,5 +408,5 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torc
     bias = None if bias is None else bias.to(qkv.dtype)
     op = _window_op if _window_op is not None else register_op()
     if op is None:  # pragma: no cover - torch < 2.6
-        return _launch(_window_attention_kernel, qkv, bias, table_h, table_w, window, num_heads, scale)
+        return _launch(_identity, qkv, bias, table_h, table_w, window, num_heads, scale)
     return op(qkv, bias, table_h, table_w, window, num_heads, scale)
