@@ -19,7 +19,7 @@ A second, one-pass kernel takes every key of a window (up to 16 a side) in one (
 q·kᵀ, one plain softmax, one p·v, with the rel-pos terms added by two small dots into the scores. Its
 first H200 build (2026-11-27, with ``tl.gather``) ran ViT-H's windows in 0.58 ms against the flash
 kernel's 0.83, but gave wrong sums on 80-channel heads in its wgmma tiles; it is off until its present
-build is checked on a GPU (``bench/relpos_kernel.py``, ``tests/test_fast.py``).
+build is checked on a GPU (``bench/relpos_kernel.py``, ``tests/kernels/test_window_attention.py``).
 
 The maths is the reference block's (pad, partition, ``softmax(q·kᵀ·scale + rel_h + rel_w)·v``, merge,
 crop); only summation order and where the rel-pos terms are rounded differ (fp32 here). For bf16/fp16; a
