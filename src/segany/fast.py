@@ -78,7 +78,8 @@ def resolve_attention(attention: str, device: torch.device | str, compile: bool 
 
     The fused kernel needs Triton and bf16 tensor-core dots (compute capability 8.0+). It is the fastest
     mode measured on an H200 both eagerly (ViT-B 209 img/s against 183 for ``fold``) and compiled (ViT-B
-    360 / ViT-L 130 / ViT-H 68 img/s against ``mixed``'s 287 / 113 / 62), docs/benchmarks.md, 2026-11-26.
+    360 / ViT-L 130 / ViT-H 68 img/s against ``mixed``'s 273 / 113 / 62), docs/benchmarks.md, 2026-11-26; with
+    the window kernel, 380 / 140 / 74 on 2026-11-27.
     """
     if attention not in ATTENTIONS:
         raise InputError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
