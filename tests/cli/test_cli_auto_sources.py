@@ -130,7 +130,7 @@ def test_a_fresh_run_removes_what_the_earlier_run_wrote_and_nothing_else(
 
 
 def test_the_loaded_architecture_is_recorded_and_picks_the_defaults(checkpoint: Path, tmp_path: Path) -> None:
-    from segany.cli.auto import loaded_model_name
+    from segany.cli._util import loaded_model_name
     from segany.registry import get_config
 
     d, out = tmp_path / "in", tmp_path / "out"

@@ -54,6 +54,8 @@ def test_predict_writes_masks_overlay_and_json(tmp_path: Path, tiny_ckpt: Path, 
     assert files == ["sample.json", "sample_mask0.png", "sample_mask1.png", "sample_mask2.png", "sample_overlay.png"]
     result = json.loads((out / "sample.json").read_text())
     assert result["size_hw"] == [425, 640] and result["multimask"] is True
+    # The checkpoint's own architecture ran, and the JSON names it as `segany auto` does, not --model.
+    assert result["model"] == "custom (tiny.pt)" and "holds custom (tiny.pt), not vit_t" in r.stderr
     assert result["prompts"] == {"points_xy": [[320.0, 212.0], [40.0, 40.0]], "labels": [1, 0],
                                  "box_xyxy": [100.0, 60.0, 560.0, 400.0]}
     assert set(result["timings_s"]) == {"load_s", "embed_s", "decode_s"}

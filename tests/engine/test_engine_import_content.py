@@ -207,3 +207,27 @@ def test_coco_names_find_images_uploaded_in_the_app(tmp_path: Path, capsys: pyte
     capsys.readouterr()
     out = _import(root, src, capsys)
     assert "unchanged 1" in out and "skipped 2" in out  # the second image's one; the first's two are unmatched
+
+
+def test_a_mask_held_twice_is_added_once_and_counted_as_a_duplicate(
+        setup: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two annotations of the file (ids 1 and 4) with the same mask and label on one image: one row, and the
+    output says why the other was not added (it used to be counted "unchanged" on a first import)."""
+    root, images = setup
+    first = json.loads(_coco(tmp_path / "gt.json", images).read_text())["annotations"][0]
+    src = _coco(tmp_path / "gt.json", images, extra=[{**first, "id": 4}])
+    out = _import(root, src, capsys)
+    assert out.startswith("imported 3 annotations, updated 0, unchanged 0, skipped 0")
+    assert "; 1 not added: the same mask and label are already on their image" in out
+    assert len(_anns(root)) == 3
+    out = _import(root, src, capsys)  # again: the three keys are stored, the copy is still a duplicate
+    assert out.startswith("imported 0 annotations, updated 0, unchanged 3, skipped 0") and "; 1 not added" in out
+
+    from segany.engine import exports
+
+    store = open_store(root)
+    try:
+        r = exports.import_coco_summary(store, store.get_project(None)["id"], src)
+    finally:
+        store.close()
+    assert (r.created, r.unchanged, r.duplicate, r.already_present) == (0, 3, 1, 4)

@@ -123,7 +123,8 @@ def test_store_keeps_legacy_keys_deleted_and_restores_in_one_transaction(project
         assert _tombstones(store) == [legacy]
         rec = _record(im, _coco_rle(src, 0), key, legacy)
         counts = store.import_annotations(pid, new_images=[], labels=[], records=[rec])
-        assert counts == {"images_added": 0, "created": 0, "updated": 0, "unchanged": 0, "kept_deleted": 1}
+        assert counts == {"images_added": 0, "created": 0, "updated": 0, "unchanged": 0, "duplicate": 0,
+                          "kept_deleted": 1}
         bad = _record(im, {"size": [1, 1], "counts": "01"}, str(uuid.uuid4()))  # wrong size: fails the import
         with pytest.raises(InputError, match="does not match image"):
             store.import_annotations(pid, new_images=[], labels=[], records=[rec, bad], restore_deleted=True)

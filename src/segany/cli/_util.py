@@ -154,3 +154,20 @@ def changes_results(args: argparse.Namespace) -> dict[str, Any]:
     resumed on another machine keeps its record."""
     given = {"precision": args.precision, "quantize": args.quantize}
     return {k: v for k, v in given.items() if v not in ("auto", None)}
+
+
+def loaded_model_name(config: Any, asked: str, checkpoint: Path | None) -> str:
+    """The registered model whose architecture ``config`` is (``asked`` first), else ``custom (FILE)``.
+
+    A checkpoint embeds its own config, so ``--model segany_tiny --checkpoint last.pt`` may load another
+    architecture; the outputs must name what ran, and only that model's tuned thresholds fit it.
+    """
+    from segany.registry import get_config, list_models
+
+    for name in [asked, *list_models()]:
+        try:
+            if get_config(name) == config:
+                return name
+        except Exception:  # noqa: BLE001 - an unknown --model only means "not this one"
+            continue
+    return f"custom ({checkpoint.name if checkpoint else 'random init'})"

@@ -34,6 +34,7 @@ from segany.cli._util import (
     atomic_write_bytes,
     changes_results,
     comma_list,
+    loaded_model_name,
     predictor_options,
     resolve_checkpoint,
     resolve_device,
@@ -390,23 +391,6 @@ def _check_options(options: dict[str, Any]) -> Any:
             raise InputError(f"{flag} must be in [0, 1], got {options[name]:g}")
     check_prompt_budget(options)
     return config
-
-
-def loaded_model_name(config: Any, asked: str, checkpoint: Path | None) -> str:
-    """The registered model whose architecture ``config`` is (``asked`` first), else ``custom (FILE)``.
-
-    A checkpoint embeds its own config, so ``--model segany_tiny --checkpoint last.pt`` may load another
-    architecture; the outputs must name what ran, and only that model's tuned thresholds fit it.
-    """
-    from segany.registry import get_config, list_models
-
-    for name in [asked, *list_models()]:
-        try:
-            if get_config(name) == config:
-                return name
-        except Exception:  # noqa: BLE001 - an unknown --model only means "not this one"
-            continue
-    return f"custom ({checkpoint.name if checkpoint else 'random init'})"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from segany.cli._util import (
     add_speed_arguments,
     atomic_write,
     atomic_write_bytes,
+    loaded_model_name,
     parse_box,
     parse_point,
     predictor_options,
@@ -53,9 +54,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     # segany_tiny's IoU head is under-confident (its predicted IoUs stay below ~0.6, see scripts/demo.sh), so
     # the every-instance score IoU × P(class) of segany_tiny_labels stays below ~0.2: a default of 0.1 lets
     # its confident instances through; raise it for models with SAM-scale IoU predictions.
-    p.add_argument("--min-score", type=float, default=0.1,
+    p.add_argument("--min-score", type=float, default=None,
                    help="--text alone: keep instances whose predicted IoU x P(class) is at least this (default 0.1)")
-    p.add_argument("--points-per-side", type=int, default=16,
+    p.add_argument("--points-per-side", type=int, default=None,
                    help="--text alone: side of the point grid searched for instances (default 16, at most "
                         f"{MAX_TEXT_POINTS_PER_SIDE})")
     p.add_argument("--model", default="segany_tiny",
@@ -83,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
     box = parse_box(args.box[0]) if args.box else None
     if not points and box is None and args.text is None:
         raise InputError("no prompt given: pass at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or --text")
+    text_alone = args.text is not None and not points and box is None
+    given = [flag for flag, v in (("--min-score", args.min_score), ("--points-per-side", args.points_per_side))
+             if v is not None]
+    if given and not text_alone:  # they would be ignored silently
+        raise InputError(f"{' and '.join(given)} only apply to --text given alone (no --point or --box), which "
+                         "searches the whole image; drop them")
+    args.min_score = 0.1 if args.min_score is None else args.min_score
+    args.points_per_side = 16 if args.points_per_side is None else args.points_per_side
     if not 0.0 <= args.min_score <= 1.0:
         raise InputError(f"--min-score must be in [0, 1], got {args.min_score:g}")
     if not 1 <= args.points_per_side <= MAX_TEXT_POINTS_PER_SIDE:
@@ -123,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
 
     with progress.step("load_s", f"loading {args.model} from {checkpoint} on {device} ({precision})"):
         model = build_sam(args.model, checkpoint=checkpoint, device=device)
+    # A checkpoint embeds its architecture: the outputs name what was loaded, as `segany auto`'s do.
+    model_name = loaded_model_name(model.cfg, args.model, checkpoint)
+    if model_name != args.model:
+        progress.note(f"{checkpoint} holds {model_name}, not {args.model}: that is what runs")
     if args.text is not None:  # a phrase the model cannot take fails now, not after the image is embedded
         from segany.text.prompting import check_text_for_model
 
@@ -162,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     overlay = f"{stem}_overlay.png"
     atomic_write_bytes(out / overlay, _png(_overlay(image, masks[0], points, box)))
     result = {
-        "image": str(Path(args.image)), "size_hw": [h, w], "model": args.model, "checkpoint": str(checkpoint),
+        "image": str(Path(args.image)), "size_hw": [h, w], "model": model_name, "checkpoint": str(checkpoint),
         "device": device, "precision": precision, **({"quantize": args.quantize} if args.quantize else {}),
         "multimask": multimask,
         "prompts": {"points_xy": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points],

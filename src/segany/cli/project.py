@@ -174,6 +174,9 @@ def _import_line(r: Any) -> str:
                                              "imports them)"), (r.skipped, "on missing images")) if n]
     line = ", ".join(parts) + f", skipped {r.empty + r.crowd + r.skipped}" + (f" ({', '.join(skipped)})" if skipped
                                                                              else "")
+    if r.duplicate:
+        line += (f"; {r.duplicate} not added: the same mask and label are already on their image (a mask the file "
+                 "holds twice, or annotations exported from a project and imported back)")
     if r.unknown_category:
         line += f"; {r.unknown_category} with a category_id not in the file's categories were labelled 'object'"
     if r.no_longer_in_file:

@@ -626,6 +626,9 @@ class ImportSummary:
     created: int = 0
     unchanged: int = 0
     updated: int = 0
+    # Not added: the same mask and label are already on the image under another key (a project's own export
+    # imported back, or a mask the file holds twice).
+    duplicate: int = 0
     empty: int = 0  # masks of zero area, skipped
     crowd: int = 0  # iscrowd=1 regions, skipped unless include_crowd
     unknown_category: int = 0  # category_id not in the file's categories: imported as "object"
@@ -645,8 +648,8 @@ class ImportSummary:
 
     @property
     def already_present(self) -> int:
-        """Older name of :attr:`unchanged`."""
-        return self.unchanged
+        """Older name of :attr:`unchanged` and :attr:`duplicate` together (one count until 2026-11-27)."""
+        return self.unchanged + self.duplicate
 
 
 IMPORT_NAMESPACE = uuid_lib.UUID("5e6a0000-0000-4000-8000-000000000003")
@@ -770,7 +773,7 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
                                       restore_deleted=restore_deleted)
     out.images_added = counts["images_added"]
     out.created, out.updated, out.unchanged = counts["created"], counts["updated"], counts["unchanged"]
-    out.kept_deleted = counts["kept_deleted"]
+    out.kept_deleted, out.duplicate = counts["kept_deleted"], counts["duplicate"]
     return out
 
 

@@ -517,16 +517,18 @@ class Store:
         Each record has ``image_sha256`` (the image, by content), ``key`` (a uuid derived by the caller from the
         project, the image's content and the record's id in its file), ``rle`` (compressed), ``label``,
         ``source``, ``prompts``, ``seconds_spent`` and ``predicted_iou`` (and optionally ``legacy_key``, the key an
-        older import gave it, looked up on the same image when ``key`` is not found). A record is *unchanged* when its key,
-        or an annotation with the same mask and label on that image, is already stored as it is; *updated* when
+        older import gave it, looked up on the same image when ``key`` is not found). A record is *unchanged* when its key
+        is already stored as it is; a *duplicate* when its key is not stored but an annotation with the same mask and
+        label is on that image (a file exported from a project and imported back, or a file holding one mask
+        twice): it is not added again; *updated* when
         its key is stored with another mask or label (the file was edited); *kept_deleted* when it is not stored
         and its ``key`` or ``legacy_key`` names an annotation deleted in the project since an earlier import (see
         :meth:`delete_annotation`): it stays deleted, unless ``restore_deleted``, which imports it as if it were
         new and forgets the deletion; else *created*.
 
-        Returns counts: ``images_added``, ``created``, ``updated``, ``unchanged``, ``kept_deleted``.
+        Returns counts: ``images_added``, ``created``, ``updated``, ``unchanged``, ``duplicate``, ``kept_deleted``.
         """
-        counts = {"images_added": 0, "created": 0, "updated": 0, "unchanged": 0, "kept_deleted": 0}
+        counts = {"images_added": 0, "created": 0, "updated": 0, "unchanged": 0, "duplicate": 0, "kept_deleted": 0}
         for r in records:  # before the transaction: a bad record writes nothing
             try:
                 check_finite("predicted_iou", r.get("predicted_iou"))
@@ -576,7 +578,7 @@ class Store:
                                                         Annotation.rle_counts == rle["counts"],
                                                         Annotation.label == r["label"]).limit(1))
             if same is not None:
-                return "unchanged"
+                return "duplicate"
             area, bbox = rle_area_bbox(rle)
             s.add(Annotation(uuid=r["key"], image_id=im.id, label=r["label"], rle_counts=rle["counts"],
                              height=im.height, width=im.width, area=area, bbox_xywh=bbox, source=r["source"],
