@@ -66,6 +66,31 @@ def offset_table(rel: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _window_queries(pid_m, wid, NWY, NWX, HS, WS, WIN, BLOCK_M: tl.constexpr):
+        """This program's image, window and query tile: (b, wy, wx, qr, qc, yq, xq, q_in), queries by row and
+        column inside the window and on the token grid; ``q_in`` is False for queries on the padding (computed,
+        never stored). ``b`` is 64-bit: b·stride of the (B, H, W, 3C) projection passes 2³¹ elements at 137
+        ViT-H images a call, and would wrap in 32 bits."""
+        b = (wid // (NWY * NWX)).to(tl.int64)
+        wy = (wid % (NWY * NWX)) // NWX
+        wx = wid % NWX
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        qr, qc = offs_m // WIN, offs_m % WIN
+        yq, xq = wy * WIN + qr, wx * WIN + qc
+        q_in = (offs_m < WIN * WIN) & (yq < HS) & (xq < WS)
+        return b, wy, wx, qr, qc, yq, xq, q_in
+
+    @triton.jit
+    def _pick_terms(rt, qpos, offs_t, slots, WIN, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+        """(BLOCK_M, BLOCK_S) rel-pos terms: slot j holds ``rt[q, qpos − slots[j] + WIN − 1]``, the term toward
+        window row (or column) ``slots[j]``, picked by select-and-sum; slots ≥ WIN stay 0."""
+        out = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+        for c in range(0, WIN):
+            val = tl.sum(tl.where(offs_t[None, :] == (qpos - c + WIN - 1)[:, None], rt, 0.0), 1)
+            out = tl.where(slots[None, :] == c, val[:, None], out)
+        return out
+
+    @triton.jit
     def _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D, offs_c, in_c,
                      offs_t, in_t):
         """One channel tile of the queries, and its dots with both offset tables: q · table[offset] for
@@ -128,19 +153,11 @@ if triton is not None:
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     ):
         BLOCK_N: tl.constexpr = KR * BLOCK_W
-        pid_m, n, wid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        # 64-bit from the batch index on: b·stride of the (B, H, W, 3C) projection passes 2³¹ elements
-        # at 137 ViT-H images a call, and would wrap in 32 bits.
-        b = (wid // (NWY * NWX)).to(tl.int64)
-        wy = (wid % (NWY * NWX)) // NWX
-        wx = wid % NWX
+        pid_m, n = tl.program_id(0), tl.program_id(1)
+        b, wy, wx, qr, qc, yq, xq, q_in = _window_queries(pid_m, tl.program_id(2), NWY, NWX, HS, WS, WIN, BLOCK_M)
         log2e = 1.4426950408889634  # scores in log2 units, so the exponentials are exp2
         qk_scale2 = tl.cast(qk_scale, tl.float32) * log2e  # torch.compile passes a Python float as fp64
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        qr, qc = offs_m // WIN, offs_m % WIN  # the query's row and column inside its window
-        yq, xq = wy * WIN + qr, wx * WIN + qc
-        q_in = (offs_m < WIN * WIN) & (yq < HS) & (xq < WS)  # queries on padding are computed, never stored
         offs_n = tl.arange(0, BLOCK_N)
         offs_t = tl.arange(0, BLOCK_T)
         in_t = offs_t < 2 * WIN - 1
@@ -166,11 +183,7 @@ if triton is not None:
         # A key tile is KR rows of the window, each in BLOCK_W slots (BLOCK_W ≥ WIN, a power of two).
         row_in_tile, kc = offs_n // BLOCK_W, offs_n % BLOCK_W
         # rel_w[q, key column c] = rw[q, qc − c + WIN − 1]: the same for every key row, so built once.
-        bw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c in range(0, WIN):
-            val = tl.sum(tl.where(offs_t[None, :] == (qc - c + WIN - 1)[:, None], rw, 0.0), 1)
-            bw = tl.where(kc[None, :] == c, val[:, None], bw)
-        bw = bw * log2e
+        bw = _pick_terms(rw, qc, offs_t, kc, WIN, BLOCK_M, BLOCK_N) * log2e
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -232,17 +245,11 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     ):
-        pid_m, n, wid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b = (wid // (NWY * NWX)).to(tl.int64)  # 64-bit: see _window_attention_kernel
-        wy = (wid % (NWY * NWX)) // NWX
-        wx = wid % NWX
+        pid_m, n = tl.program_id(0), tl.program_id(1)
+        b, wy, wx, qr, qc, yq, xq, q_in = _window_queries(pid_m, tl.program_id(2), NWY, NWX, HS, WS, WIN, BLOCK_M)
         log2e = 1.4426950408889634
         qk_scale2 = tl.cast(qk_scale, tl.float32) * log2e
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        qr, qc = offs_m // WIN, offs_m % WIN
-        yq, xq = wy * WIN + qr, wx * WIN + qc
-        q_in = (offs_m < WIN * WIN) & (yq < HS) & (xq < WS)
         offs_t = tl.arange(0, BLOCK_T)
         in_t = offs_t < 2 * WIN - 1
         offs_d = tl.arange(0, BLOCK_D)
@@ -276,15 +283,8 @@ if triton is not None:
         # row r", accumulated into the scores in place. (Picked by select-and-sum, as the flash kernel does:
         # with tl.gather the wgmma builds on an H200 gave wrong scores or illegal accesses, 2026-11-27.)
         offs_r = tl.arange(0, BLOCK_R)
-        bh = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        bw = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for r in range(0, WIN):
-            vh = tl.sum(tl.where(offs_t[None, :] == (qr - r + WIN - 1)[:, None], rh, 0.0), 1)
-            vw = tl.sum(tl.where(offs_t[None, :] == (qc - r + WIN - 1)[:, None], rw, 0.0), 1)
-            bh = tl.where(offs_r[None, :] == r, vh[:, None], bh)
-            bw = tl.where(offs_r[None, :] == r, vw[:, None], bw)
-        bh = bh * log2e
-        bw = bw * log2e
+        bh = _pick_terms(rh, qr, offs_t, offs_r, WIN, BLOCK_M, BLOCK_R) * log2e
+        bw = _pick_terms(rw, qc, offs_t, offs_r, WIN, BLOCK_M, BLOCK_R) * log2e
         s = tl.dot(bh, (kr[None, :] == offs_r[:, None]).to(tl.float32), s * qk_scale2)
         s = tl.dot(bw, (kc[None, :] == offs_r[:, None]).to(tl.float32), s)
         s = tl.where(is_key[None, :], s, float("-inf"))
