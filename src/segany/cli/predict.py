@@ -34,7 +34,9 @@ from segany.errors import InputError
 # --text alone keeps 3 low-res candidates per grid point until ranking: 64² points are 12,288 candidates, about
 # 0.8 GB for segany_tiny's 128² logits and 3.2 GB for SAM's 256².
 MAX_TEXT_POINTS_PER_SIDE = 64
-
+# --text alone: its search grid and score floor when not given (help texts and run() read these).
+TEXT_POINTS_PER_SIDE = 16
+TEXT_MIN_SCORE = 0.1
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,9 +57,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     # the every-instance score IoU × P(class) of segany_tiny_labels stays below ~0.2: a default of 0.1 lets
     # its confident instances through; raise it for models with SAM-scale IoU predictions.
     p.add_argument("--min-score", type=float, default=None,
-                   help="--text alone: keep instances whose predicted IoU x P(class) is at least this (default 0.1)")
+                   help="--text alone: keep instances whose predicted IoU x P(class) is at least this "
+                        f"(default {TEXT_MIN_SCORE:g})")
     p.add_argument("--points-per-side", type=int, default=None,
-                   help="--text alone: side of the point grid searched for instances (default 16, at most "
+                   help="--text alone: side of the point grid searched for instances "
+                        f"(default {TEXT_POINTS_PER_SIDE}, at most "
                         f"{MAX_TEXT_POINTS_PER_SIDE})")
     p.add_argument("--model", default="segany_tiny",
                    help="registered model name (see `segany models`; default segany_tiny, whose weights ship with segany)")
@@ -90,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if given and not text_alone:  # they would be ignored silently
         raise InputError(f"{' and '.join(given)} only apply to --text given alone (no --point or --box), which "
                          "searches the whole image; drop them")
-    args.min_score = 0.1 if args.min_score is None else args.min_score
-    args.points_per_side = 16 if args.points_per_side is None else args.points_per_side
+    args.min_score = TEXT_MIN_SCORE if args.min_score is None else args.min_score
+    args.points_per_side = TEXT_POINTS_PER_SIDE if args.points_per_side is None else args.points_per_side
     if not 0.0 <= args.min_score <= 1.0:
         raise InputError(f"--min-score must be in [0, 1], got {args.min_score:g}")
     if not 1 <= args.points_per_side <= MAX_TEXT_POINTS_PER_SIDE:

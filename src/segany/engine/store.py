@@ -517,11 +517,11 @@ class Store:
         Each record has ``image_sha256`` (the image, by content), ``key`` (a uuid derived by the caller from the
         project, the image's content and the record's id in its file), ``rle`` (compressed), ``label``,
         ``source``, ``prompts``, ``seconds_spent`` and ``predicted_iou`` (and optionally ``legacy_key``, the key an
-        older import gave it, looked up on the same image when ``key`` is not found). A record is *unchanged* when its key
-        is already stored as it is; a *duplicate* when its key is not stored but an annotation with the same mask and
-        label is on that image (a file exported from a project and imported back, or a file holding one mask
-        twice): it is not added again; *updated* when
-        its key is stored with another mask or label (the file was edited); *kept_deleted* when it is not stored
+        older import gave it, looked up on the same image when ``key`` is not found). A record is *unchanged* when its
+        key is already stored as it is; a *duplicate* when its key is not stored but an annotation with the same mask
+        and label is on that image (a file exported from a project and imported back, or a file holding one mask
+        twice): it is not added again; *updated* when its key is stored with another mask or label (the file was
+        edited); *kept_deleted* when it is not stored
         and its ``key`` or ``legacy_key`` names an annotation deleted in the project since an earlier import (see
         :meth:`delete_annotation`): it stays deleted, unless ``restore_deleted``, which imports it as if it were
         new and forgets the deletion; else *created*.
