@@ -91,9 +91,16 @@ step ${T_PROFILE_HF:-90} profile_vit_h_fused python3 bench/profile_encoder.py --
 # The one-pass window kernel (2026-11-27; off by default): its check against the flash kernel and fp32 on the
 # GPU, then ViT-H compiled with it. Switch it on (window_attention._ONEPASS_MAX_WINDOW) only if both pass.
 step ${T_ONEPASS_TEST:-90} onepass_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_window_attention.py
-step ${T_H_ONEPASS:-150} speed_h_onepass python3 bench/speed.py --device cuda --models vit_h --parts encoder \
+step ${T_H_ONEPASS:-170} speed_h_onepass python3 bench/speed.py --device cuda --models vit_h --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
-  --skip-eager --skip-sam-fast --window-kernel onepass --json "$OUT/speed_h_onepass.json"
+  --skip-eager --skip-sam-fast --window-kernel onepass --gelu-epilogue both --json "$OUT/speed_h_onepass.json"
+# The MLP's GELU in cuBLASLt's GEMM epilogue (2026-11-27; off by default, segany.kernels.gelu_epilogue): its
+# accuracy on the GPU (tanh form), then ViT-H compiled with the flash window kernel, with and without it,
+# beside segment-anything-fast's method, and its bf16 accuracy row. Switch it on (DEFAULT_ON_CUDA) if both hold.
+step ${T_EPILOGUE_TEST:-90} epilogue_tests python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_gelu_epilogue.py
+step ${T_H_EPILOGUE:-260} speed_h_epilogue python3 bench/speed.py --device cuda --models vit_h --parts encoder,accuracy \
+  --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
+  --skip-eager --gelu-epilogue both --json "$OUT/speed_h_epilogue.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 if [ "$STEPS" = all ]; then
   selected=("${ORDER[@]}")

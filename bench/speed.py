@@ -176,6 +176,23 @@ def sized_model(name: str, img_size: int) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------------------- benches
+def with_gelu_epilogue(variants: list[tuple[str, dict[str, Any]]], choice: str) -> list[tuple[str, dict[str, Any]]]:
+    """``--gelu-epilogue``: leave each reduced-precision, unquantized variant at FastPath's default, force the
+    MLP's GELU epilogue off or on, or time both (the ``_gelu_epilogue`` twin right after its plain one)."""
+    if choice == "default":
+        return variants
+    out: list[tuple[str, dict[str, Any]]] = []
+    for label, kw in variants:
+        if kw.get("precision") == "fp32" or kw.get("quantize"):  # the option needs bf16 GEMMs of its own
+            out.append((label, kw))
+            continue
+        if choice in ("off", "both"):
+            out.append((label, {**kw, "gelu_epilogue": False}))
+        if choice in ("on", "both"):
+            out.append((f"{label}_gelu_epilogue", {**kw, "gelu_epilogue": True}))
+    return out
+
+
 def bench_model(name: str, args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
     """Fill ``out`` (already in the report, so partial saves include it) with every variant's figures."""
     device = args.device
@@ -230,6 +247,7 @@ def bench_model(name: str, args: argparse.Namespace, out: dict[str, Any]) -> dic
             kw = {"precision": "bf16", "attention": att, "quantize": fmt}
             variants.append((f"segany_{fmt}_{att}_compiled", {**kw, "compile": mode}) if args.compile
                             else (f"segany_{fmt}_{att}", kw))
+    variants = with_gelu_epilogue(variants, args.gelu_epilogue)
     for label, kw in variants if "encoder" in parts else []:
         def seg(kw: dict[str, Any] = kw) -> dict[str, Any]:
             fp = FastPath(model, **kw)
@@ -336,12 +354,16 @@ def accuracy_rows(out: dict[str, Any], model: torch.nn.Module, exact: SamPredict
         for fmt in args.encoder_quant:  # runs on CPU too (slowly): the accuracy needs no GPU
             run_variant(out["bf16_accuracy"], f"segany_{fmt}",
                         lambda fmt=fmt: accuracy(model, exact, image, "bf16", device, quantize=fmt), device)
+        if device == "cuda" and args.gelu_epilogue in ("on", "both"):  # the CPU computes the exact GELU anyway
+            run_variant(out["bf16_accuracy"], "segany_bf16_gelu_epilogue",
+                        lambda: accuracy(model, exact, image, "bf16", device, gelu_epilogue=True), device)
 
 
 def accuracy(model: torch.nn.Module, exact: SamPredictor, image: np.ndarray, precision: str,
-             device: str, quantize: str | None = None, attention: str = "auto") -> dict[str, Any]:
+             device: str, quantize: str | None = None, attention: str = "auto",
+             gelu_epilogue: bool | None = None) -> dict[str, Any]:
     quick = SamPredictor(model, fast_path=FastPath(model, precision=precision, quantize=quantize,
-                                                   attention=attention))
+                                                   attention=attention, gelu_epilogue=gelu_epilogue))
     quick.set_image(image)
     emb_err = (quick.features - exact.features).abs().max().item()
     emb_scale = exact.features.abs().max().item()
@@ -451,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--window-kernel", choices=["default", "flash", "onepass"], default="default",
                    help="attention='fused': which kernel of segany.kernels.window_attention the windowed blocks run")
+    p.add_argument("--gelu-epilogue", choices=["default", "off", "on", "both"], default="default",
+                   help="the ViT MLP's GELU in the first GEMM's cuBLASLt epilogue (FastPath(gelu_epilogue=)): "
+                        "leave each bf16 variant at its default, force it off or on, or time both; on CUDA "
+                        "'on'/'both' also add its accuracy row")
     p.add_argument("--skip-sam-fast", action="store_true",
                    help="with --compile: leave out segment-anything-fast's method (a minute of compiling)")
     p.add_argument("--skip-eager", action="store_true",

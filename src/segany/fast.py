@@ -56,6 +56,7 @@ from torch import nn
 
 from segany import cpu_alloc, cpu_upscale
 from segany.errors import InputError
+from segany.kernels import gelu_epilogue as gelu_kernel
 from segany.kernels import quant_linear
 from segany.kernels import relpos_attention as relpos_kernel
 from segany.kernels import window_attention as window_kernel
@@ -416,16 +417,22 @@ def _swap_modules(root: nn.Module, fn: Callable[[nn.Module], nn.Module | None]) 
 
 
 def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str = "mask",
-                      channels_last: bool = False, quantize: str | None = None) -> nn.Module:
+                      channels_last: bool = False, quantize: str | None = None,
+                      gelu_epilogue: bool = False) -> nn.Module:
     """A copy of ``encoder`` cast to ``dtype`` with fused-kernel attention; the original is not touched.
 
     ``quantize="int8"`` or ``"fp8"`` also runs the transformer blocks' linear layers as 8-bit GEMMs
     (:mod:`segany.kernels.quant_linear`); the patch embedding and the neck stay in ``dtype``, since they
     are a few percent of the work and sit at the input and output where errors are not averaged away
     (TinyViT: every linear layer, all in its attention blocks; its convolutions stay in ``dtype``).
+    ``gelu_epilogue=True`` computes the ViT blocks' MLP GELU inside the first GEMM
+    (:mod:`segany.kernels.gelu_epilogue`; tanh form on CUDA).
     """
     if quantize not in QUANTIZE:
         raise InputError(f"quantize must be one of None, 'int8', 'fp8', got {quantize!r}")
+    if gelu_epilogue and quantize is not None:
+        raise InputError(f"gelu_epilogue=True and quantize={quantize!r} cannot be combined: the 8-bit GEMMs "
+                         "have no GELU epilogue; drop one of them")
     param = next(encoder.parameters(), None)
     attention = resolve_attention(attention, param.device if param is not None else "cpu")
     enc = copy.deepcopy(encoder)
@@ -447,10 +454,14 @@ def make_fast_encoder(encoder: nn.Module, dtype: torch.dtype, *, attention: str 
         return None
 
     _swap_modules(enc, swap)
+    blocks = [m for m in enc.modules() if isinstance(m, vit.Block)]
+    if gelu_epilogue and sum(gelu_kernel.convert_mlps(b) for b in blocks) == 0:
+        raise InputError(f"gelu_epilogue=True: {type(encoder).__name__} has no ViT block MLP with an exact GELU "
+                         "to fuse; leave gelu_epilogue unset for this model")
     enc = enc.to(dtype)
     if quantize is not None:  # after the cast: .to(dtype) would turn fp8 buffers back into dtype
         # ViT: the blocks' linears. TinyViT has linear layers only in its attention blocks, so all of them.
-        targets = [m for m in enc.modules() if isinstance(m, vit.Block)] or [enc]
+        targets = blocks or [enc]
         if sum(quant_linear.convert_linears(t, quantize, dtype) for t in targets) == 0:
             raise InputError(f"quantize={quantize!r}: {type(encoder).__name__} has no linear layer the 8-bit "
                              "kernels take; leave quantize unset for this model")
@@ -814,12 +825,16 @@ class FastPath:
             unless the precision is fp32, where the reference decoder keeps results bit-exact.
         channels_last: channels-last memory for the encoder copy (default: on CUDA for TinyViT, whose
             convolutions profit; the ViT is linear layers on channels-last tokens already).
+        gelu_epilogue: compute the ViT blocks' MLP GELU in the first GEMM's cuBLASLt epilogue
+            (:mod:`segany.kernels.gelu_epilogue`: one pass over the MLP's widest tensor fewer, GELU's tanh
+            form on CUDA). ``None`` (default) follows ``gelu_epilogue.DEFAULT_ON_CUDA`` for bf16/fp16 ViTs
+            on CUDA without ``quantize``; ``True`` needs a reduced precision and a ViT encoder.
     """
 
     def __init__(self, model: Sam, *, precision: str = "auto", compile: bool | str = False,
                  cuda_graphs: bool | None = None, attention: str = "auto", decoder_precision: str | None = None,
                  channels_last: bool | None = None, fast_decoder: bool | None = None,
-                 quantize: str | None = None) -> None:
+                 quantize: str | None = None, gelu_epilogue: bool | None = None) -> None:
         self.model = model
         self.device = model.device
         self.attention = attention = resolve_attention(attention, self.device, compile)
@@ -842,11 +857,19 @@ class FastPath:
         if channels_last is None:
             channels_last = is_cuda and is_tiny
         self.channels_last = channels_last
+        if gelu_epilogue and self.dtype == torch.float32:
+            raise InputError("gelu_epilogue=True needs precision 'bf16' or 'fp16': on CUDA it computes GELU's "
+                             "tanh form, which the exact fp32 path must not")
+        if gelu_epilogue is None:
+            gelu_epilogue = (gelu_kernel.DEFAULT_ON_CUDA and is_cuda and not is_tiny and quantize is None
+                             and self.dtype != torch.float32)
+        self.gelu_epilogue = gelu_epilogue
         if self.dtype == torch.float32 and not channels_last:
             self.encoder = model.image_encoder  # fp32: the reference modules themselves, no copy
         else:
             self.encoder = make_fast_encoder(model.image_encoder, self.dtype, attention=attention,
-                                             channels_last=channels_last, quantize=quantize)
+                                             channels_last=channels_last, quantize=quantize,
+                                             gelu_epilogue=gelu_epilogue)
         decoder = (model.mask_decoder if self.decoder_dtype == torch.float32
                    else make_fast_decoder(model.mask_decoder, self.decoder_dtype))
         with torch.no_grad():

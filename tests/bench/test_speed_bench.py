@@ -65,3 +65,26 @@ def test_bad_options_are_refused_before_any_model_loads(tmp_path: Path, capsys: 
     assert exit_info.value.code == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_gelu_epilogue_both_times_each_bf16_variant_with_and_without(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    r = _speed("--device", "cpu", "--models", "vit_b", "--parts", "encoder", "--cpu-variants", "bf16",
+               "--gelu-epilogue", "both", "--skip-reference", "--img-size", "256", "--iters", "1",
+               "--warmup", "0", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    enc = json.loads(out.read_text())["results"][0]["encoder_img_per_s"]
+    assert set(enc) == {"segany_fp32", "segany_bf16", "segany_bf16_gelu_epilogue"}  # fp32 has no twin
+    assert all("error" not in row and row["img_per_s"] > 0 for row in enc.values()), enc
+
+
+def test_gelu_epilogue_choice_leaves_fp32_and_8_bit_variants_alone() -> None:
+    speed = _speed_module()
+    variants = [("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"}),
+                ("int8", {"precision": "bf16", "quantize": "int8"})]
+    assert speed.with_gelu_epilogue(variants, "default") == variants
+    assert speed.with_gelu_epilogue(variants, "on") == [
+        variants[0], ("bf16_gelu_epilogue", {"precision": "bf16", "gelu_epilogue": True}), variants[2]]
+    assert [label for label, _ in speed.with_gelu_epilogue(variants, "both")] == [
+        "fp32", "bf16", "bf16_gelu_epilogue", "int8"]
+    assert speed.with_gelu_epilogue(variants, "off")[1] == ("bf16", {"precision": "bf16", "gelu_epilogue": False})
