@@ -106,7 +106,7 @@ def test_models_lists_weights_and_presence(home: Path, monkeypatch: pytest.Monke
     by_name = {m["model"]: m for m in listing["models"]}
     assert {"vit_b", "vit_l", "vit_h", "vit_t"} <= set(by_name)
     assert by_name["vit_b"]["weights"] == "sam_vit_b" and by_name["vit_b"]["present"] is False
-    assert listing["cache"] == str(home)
+    assert listing["cache"] == str(home / "weights")  # the folder the table's last line names too
 
     # Put a file where the cache expects sam_vit_b: `models` must report it present.
     (home / "weights").mkdir(parents=True)
@@ -116,6 +116,7 @@ def test_models_lists_weights_and_presence(home: Path, monkeypatch: pytest.Monke
     row = next(line for line in table.splitlines() if line.startswith("vit_b "))
     assert row.split()[:3] == ["vit_b", "sam_vit_b", "yes"]
     assert table.splitlines()[0].split() == ["MODEL", "WEIGHTS", "PRESENT", "DESCRIPTION"]
+    assert table.splitlines()[-1].startswith(f"cache: {home / 'weights'}  ")
 
 
 def test_download_command_with_file_url(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch,

@@ -98,15 +98,15 @@ def test_unknown_label_lists_the_known_ones(argv: tuple[str, ...], tmp_path: Pat
 
 
 @pytest.mark.parametrize(("argv", "named"), [
-    (("--text", "person", "--point", "100,100", "--points-per-side", "8"), "--points-per-side"),
-    (("--point", "100,100", "--min-score", "0.5"), "--min-score"),
+    (("--text", "person", "--point", "100,100", "--points-per-side", "8"), "--points-per-side only applies"),
+    (("--point", "100,100", "--min-score", "0.5"), "--min-score only applies"),
     (("--text", "person", "--box", "10,10,200,200", "--min-score", "0.5", "--points-per-side", "4"),
-     "--min-score and --points-per-side"),
+     "--min-score and --points-per-side only apply"),
 ])
 def test_text_search_options_are_refused_where_they_would_do_nothing(argv: tuple[str, ...], named: str,
                                                                       tmp_path: Path, home: Path) -> None:
     """They set the whole-image search of --text alone; with a click or a box they used to be ignored silently."""
     r = segany("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", *argv, "--out", str(tmp_path / "out"),
                home=home)
-    assert r.returncode == 1 and f"{named} only apply to --text given alone" in r.stderr, r.stderr
+    assert r.returncode == 1 and f"{named} to --text given alone" in r.stderr, r.stderr
     assert "loading" not in r.stderr and not (tmp_path / "out").exists()

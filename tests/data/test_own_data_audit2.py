@@ -157,10 +157,11 @@ def test_packing_a_second_dataset_keeps_the_first_and_replacing_one_removes_its_
     imgs_b, masks_b = _mask_data(tmp_path, ["b0", "b1"], "b")
     assert main(["data", "pack", "--masks", str(masks_a), "--images", str(imgs_a), "--name", "one", "--out",
                  str(out), "--seed", "4"]) == 0
+    assert f"the pack {out} now holds one\n" in capsys.readouterr().out  # a new pack: nothing replaced
     assert main(["data", "pack", "--masks", str(masks_b), "--images", str(imgs_b), "--name", "two", "--out",
                  str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "now holds one, two" in printed and "data.datasets=[one,two]" in printed
+    assert "now holds one, two (one kept unchanged)\n" in printed and "data.datasets=[one,two]" in printed
     m = _manifest(out)
     assert sorted(m["splits"]) == ["one", "two"] and sorted(m["split_rule"]) == ["one", "two"]
     assert m["split_rule"]["one"]["seed"] == 4
@@ -169,6 +170,7 @@ def test_packing_a_second_dataset_keeps_the_first_and_replacing_one_removes_its_
     (imgs_a / "a2.jpg").unlink()
     assert main(["data", "pack", "--masks", str(masks_a), "--images", str(imgs_a), "--name", "one", "--out",
                  str(out)]) == 0
+    assert "now holds two, one (one replaced; two kept unchanged)\n" in capsys.readouterr().out
     assert sorted(r.image_id for r in load_pack(out)) == ["a0", "a1", "b0", "b1"]
     assert sorted(p.name for p in (out / "images" / "one").iterdir()) == ["a0.jpg", "a1.jpg"]
     assert all(Path(r.image_path).is_file() for r in load_pack(out))

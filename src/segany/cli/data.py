@@ -131,6 +131,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_note(manifest: dict[str, Any]) -> str:
+    """What packing did to a pack that was already there: nothing to say for a new one."""
+    parts = [f"{', '.join(manifest[key])} {verb}" for key, verb in (("replaced", "replaced"),
+                                                                    ("kept", "kept unchanged"))
+             if manifest.get(key)]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _print_summary(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
     report = manifest.get("report")
     if report is not None:
@@ -143,8 +151,7 @@ def _print_summary(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
               f"{args.max_side} were left out", file=sys.stderr)
     for name, sp in manifest["splits"].items():
         print(f"{name:10s} train {len(sp['train']):4d}  val {len(sp['val']):4d}")
-    print(f"the pack {args.out} now holds {', '.join(manifest['splits'])} (packing a dataset into an existing "
-          "pack replaces that dataset and keeps the others)")
+    print(f"the pack {args.out} now holds {', '.join(manifest['splits'])}{_merge_note(manifest)}")
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     reused = f" ({manifest['reused']} kept from an earlier run)" if manifest.get("reused") else ""
     skipped = f", {len(report.bad)} skipped" if report is not None and report.bad else ""

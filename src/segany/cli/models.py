@@ -40,13 +40,14 @@ def run(args: argparse.Namespace) -> int:
     from segany.checkpoints import weights_home
 
     table = rows()
+    cache = weights_home() / "weights"  # where `segany download` puts weights: the same folder in both forms
     if args.json:
-        print(json.dumps({"cache": str(weights_home()), "models": table}, indent=2))
+        print(json.dumps({"cache": str(cache), "models": table}, indent=2))
         return 0
     header = ("MODEL", "WEIGHTS", "PRESENT", "DESCRIPTION")
     lines = [(r["model"], r["weights"] or "-", "yes" if r["present"] else "no", r["description"]) for r in table]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
     for line in (header, *lines):
         print("  ".join(str(x).ljust(wd) for x, wd in zip(line, widths, strict=True)).rstrip())
-    print(f"\ncache: {weights_home() / 'weights'}  (get weights: segany download WEIGHTS)")
+    print(f"\ncache: {cache}  (get weights: segany download WEIGHTS)")
     return 0

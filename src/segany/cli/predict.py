@@ -92,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
     given = [flag for flag, v in (("--min-score", args.min_score), ("--points-per-side", args.points_per_side))
              if v is not None]
     if given and not text_alone:  # they would be ignored silently
-        raise InputError(f"{' and '.join(given)} only apply to --text given alone (no --point or --box), which "
-                         "searches the whole image; drop them")
+        verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        raise InputError(f"{' and '.join(given)} only {verb} to --text given alone (no --point or --box), which "
+                         f"searches the whole image; drop {them}")
     args.min_score = TEXT_MIN_SCORE if args.min_score is None else args.min_score
     args.points_per_side = TEXT_POINTS_PER_SIDE if args.points_per_side is None else args.points_per_side
     if not 0.0 <= args.min_score <= 1.0:

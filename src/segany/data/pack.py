@@ -153,7 +153,8 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
     ``manifest_extra`` is merged into the manifest (the split rule of own data). A pack already in
     ``out_dir`` is merged with: the datasets of ``records`` replace their old records (their JPEGs no
     record names any more are deleted), every other dataset stays with its split and split rule. The
-    returned dict also says how many images were ``reused`` (that key is not in the manifest file).
+    returned dict also says how many images were ``reused`` and which datasets the pack already held
+    (``replaced``: packed again now; ``kept``: untouched); those keys are not in the manifest file.
     """
     _check_settings(max_side, quality, max_side_by_dataset)
     out = Path(out_dir)
@@ -176,6 +177,8 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
     reused = dropped = 0
     bad: list[str] = []
     names = sorted({rec.dataset for _, rec in records})
+    earlier = _existing_manifest(out) or {}  # read before _withdraw below edits it
+    held = {r.get("dataset") for r in earlier.get("records", [])} | set(earlier.get(UNFINISHED, []))
     invalidated = False
     for split, rec in records:
         h, w = rec.size_hw
@@ -214,7 +217,8 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
                                                          **(manifest_extra or {})})
     _write_manifest(out, manifest)
     _remove_orphans(out, packed)
-    return {**manifest, "reused": reused, "dropped_small": dropped}
+    return {**manifest, "reused": reused, "dropped_small": dropped, "replaced": sorted(held & set(names)),
+            "kept": sorted(held - set(names) - {None})}
 
 
 def _existing_manifest(out: Path) -> dict[str, Any] | None:
