@@ -6,7 +6,8 @@ the best one takes the loss. Each later round adds a click drawn uniformly from 
 previous prediction and feeds back its low-res logits as the mask prompt; the last rounds feed the mask
 only. Loss: 20·focal + dice per mask, plus MSE between the IoU head and the true IoU, averaged over rounds.
 
-Runs on CPU, one GPU, or many through torchrun (DDP when WORLD_SIZE > 1). Checkpoints hold model,
+Runs on CPU, one GPU, or many through torchrun (DDP when WORLD_SIZE > 1; the processes agree on the clock
+and on Ctrl-C before every step, and tests run two CPU processes over gloo). Checkpoints hold model,
 optimizer, schedule, RNG states and step, and are written atomically; prompts are drawn from a generator
 seeded by (seed, step, rank), and batches are a function of the step, so a resumed run continues exactly.
 """
@@ -348,16 +349,19 @@ class Trainer:
         run = self.cfg.run
         last_t, last_step = time.time(), self.step
         stats: dict[str, float] = {}
-        while self.step < run.max_steps and time.time() - t0 < budget:
-            if interrupt.requested:
+        while self.step < run.max_steps:
+            elapsed, interrupted = self._agree(time.time() - t0, interrupt.requested)
+            if interrupted:
                 self._save_on_interrupt()
+            if elapsed >= budget:
+                break
             try:
                 batch = next_batch()
             except Exception:
                 if interrupt.requested:  # loader workers took the same Ctrl-C and exited
                     self._save_on_interrupt()
                 raise
-            stats = self.train_step(batch, elapsed=time.time() - t0)
+            stats = self.train_step(batch, elapsed=elapsed)
             self.first_loss = stats["loss"] if self.first_loss is None else self.first_loss
             self.elapsed = time.time() - t0
             if self.step % run.log_every == 0 or self.step == 1:
@@ -374,6 +378,23 @@ class Trainer:
         if interrupt.requested:
             self._save_on_interrupt()
         return stats
+
+    def _agree(self, elapsed: float, interrupted: bool) -> tuple[float, bool]:
+        """Every process's latest clock reading and whether any of them was interrupted, the same on all.
+
+        Why: under DDP each process must take the same number of steps with the same learning rate. With its
+        own clock, one process could end a ``run.max_minutes`` budget a step before another, which then waits
+        forever in its gradient all-reduce; and the schedule's progress (hence the learning rate) would differ
+        by a few milliseconds between processes, so their weights would drift apart. A Ctrl-C seen by one
+        process stops all of them after the same step.
+        """
+        if self.world == 1:
+            return elapsed, interrupted
+        import torch.distributed as dist
+
+        both = torch.tensor([elapsed, float(interrupted)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        return float(both[0]), bool(both[1] > 0)
 
     def _log_step(self, stats: dict[str, float], since_t: float, since_step: int, log_path: Path,
                   on_log: Callable[[dict[str, Any]], None] | None) -> None:

@@ -1,0 +1,85 @@
+"""One process of a 2-process CPU (gloo) training run under torchrun, for test_ddp.py.
+
+Usage: ``python -m torch.distributed.run --nproc-per-node 2 ddp_worker.py OUT MODE`` with MODE ``clock`` (rank 1's
+clock runs 200× fast, so on its own it would end a ``run.max_minutes`` budget after one step) or ``interrupt``
+(rank 1 alone gets a Ctrl-C after step 2). Each rank writes ``OUT/rank{R}.json``: its step, whether it stopped on
+an interrupt, and a checksum of its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segany.data.formats.common import InstanceRecord, encode_mask
+from segany.modeling.config import SamConfig, ViTConfig
+from segany.modeling.sam import Sam
+from segany.train import trainer as trainer_module
+from segany.train.config import load_config
+from segany.train.trainer import Trainer
+
+
+def records(folder: Path) -> list[InstanceRecord]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(4):
+        img = (rng.random((96, 120, 3)) * 255).astype(np.uint8)
+        m = np.zeros((96, 120), bool)
+        m[10 + 5 * i: 60, 20: 90 - 7 * i] = True
+        img[m] = [200, 40, 40]
+        path = folder / f"im{i}.png"
+        Image.fromarray(img).save(path)
+        out.append(InstanceRecord(str(path), (96, 120), [encode_mask(m), encode_mask(~m)], image_id=str(i),
+                                  dataset="synthetic"))
+    return out
+
+
+def main() -> None:
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(1)
+    budget = ["run.max_minutes=0.5"] if mode == "clock" else []
+    cfg = load_config(None, [f"run.out_dir={out / 'run'}", "run.batch_size=1", "data.max_masks=2",
+                             "data.num_workers=0", "recipe.point_rounds=1", "recipe.mask_only_rounds=0",
+                             "recipe.loss_size=0", "optim.warmup_steps=0", "optim.lr=1e-3", "run.max_steps=4",
+                             "run.log_every=1", "run.ckpt_every=0", *budget])
+    torch.manual_seed(0)  # the same initial weights on both ranks, as from a checkpoint
+    sam = Sam(SamConfig(encoder=ViTConfig(img_size=128, depth=2, embed_dim=96, num_heads=3,
+                                          global_attn_indexes=(1,), window_size=8)))
+    data = out / f"data{rank}"  # the same images, written by each rank for itself
+    data.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, sam=sam, train_records=records(data))
+    if mode == "clock" and rank == 1:
+        start, real = time.time(), time.time
+        trainer_module.time.time = lambda: start + (real() - start) * 200.0  # type: ignore[attr-defined]
+
+    def on_log(entry: dict) -> None:  # rank 0 only logs; it sends rank 1 its Ctrl-C
+        if mode == "interrupt" and entry.get("step") == 2:
+            os.kill(int(os.environ["PEER_PID"]), signal.SIGINT)
+
+    if mode == "interrupt":
+        pid_file = out / f"pid{rank}"
+        pid_file.write_text(str(os.getpid()))
+        torch.distributed.barrier()
+        os.environ["PEER_PID"] = (out / "pid1").read_text()
+    interrupted = False
+    try:
+        trainer.fit(on_log=on_log)
+    except KeyboardInterrupt:
+        interrupted = True
+    checksum = sum(float(p.detach().double().sum()) for p in trainer.sam.parameters())
+    (out / f"rank{rank}.json").write_text(json.dumps({"step": trainer.step, "interrupted": interrupted,
+                                                      "checksum": checksum}))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
