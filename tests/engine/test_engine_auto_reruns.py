@@ -147,6 +147,10 @@ def test_cli_auto_exit_status_and_wording(base: dict, tmp_path: Path, capsys: py
     assert main([*cmd, "--workers", "0"]) == 1
     err = capsys.readouterr().err
     assert "--workers must be >= 1" in err and "stage 3 with" not in err
+    ray_cmd = [a if a != "cpu" else "cuda:1" for a in cmd]  # --device cuda:1
+    assert main([*ray_cmd, "--ray", "local"]) == 1  # refused before Ray starts or the model loads
+    err = capsys.readouterr().err
+    assert "--device cuda:1 with --ray: Ray gives each actor a whole GPU" in err and "stage 3 with" not in err
     assert main(cmd) == 1
     out, err = capsys.readouterr()
     assert "1 image written" in out and "1 could not be read" in out and "1 worker)" in out
@@ -197,3 +201,17 @@ def test_claim_heartbeat_runs_while_an_image_is_slow(project: tuple) -> None:
         time.sleep(0.4)  # one slow image, no results
         assert beat_at() > first
     assert beat_at() is None
+
+
+def test_ray_actors_take_the_clusters_gpus_whatever_the_driver_has() -> None:
+    """`--device auto` is decided by the cluster's resources, not by the machine that starts the run: a driver
+    without CUDA used to send CPU actors to a cluster full of GPUs, and refuse --device cuda outright."""
+    from segany.engine.jobs import ray_device
+    from segany.errors import InputError
+
+    assert ray_device("auto", cluster_gpus=4) == "cuda" and ray_device("cuda", cluster_gpus=4) == "cuda"
+    assert ray_device("auto", cluster_gpus=0) == "cpu" and ray_device("cpu", cluster_gpus=4) == "cpu"
+    with pytest.raises(InputError, match="the Ray cluster has no GPU; pass --device cpu or auto"):
+        ray_device("cuda", cluster_gpus=0)
+    with pytest.raises(InputError, match="--device mps with --ray"):
+        ray_device("mps", cluster_gpus=2)

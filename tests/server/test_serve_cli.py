@@ -103,3 +103,27 @@ def test_create_leaves_nothing_when_refused(tmp_path: Path, capsys: pytest.Captu
     _fails(["serve", str(target), "--create", "--checkpoint", str(bad), "--device", "cpu"], capsys,
            "not a readable PyTorch checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+
+def test_model_names_what_is_served_over_the_projects_current_model(proj_dir: str, tiny_checkpoint: Path) -> None:
+    """Without --model the project's promoted model is served; --model picks another, as in `segany engine`
+    (it used to be ignored whenever the project had a current model)."""
+    from segany.engine.retrain import set_current_model
+
+    store = open_store(proj_dir)
+    try:
+        mv = store.register_model_version("promoted", "vit_b", str(tiny_checkpoint))
+        set_current_model(store, None, mv)
+    finally:
+        store.close()
+    p = argparse.ArgumentParser()
+    serve._add_arguments(p)
+    served = {}
+    for extra in ([], ["--model", "segany_tiny"]):
+        app = serve.build_app(p.parse_args([proj_dir, "--device", "cpu", *extra]))
+        try:
+            served[bool(extra)] = (app.state.model.model_type, app.state.model.checkpoint)
+        finally:
+            app.state.store.close()
+    assert served[False] == ("vit_b", str(tiny_checkpoint))
+    assert served[True][0] == "segany_tiny" and served[True][1] != str(tiny_checkpoint)

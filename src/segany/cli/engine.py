@@ -1,4 +1,5 @@
-"""`segany engine auto|retrain|report PROJECT`: data-engine stage 3, the retraining loop, maintenance reports.
+"""`segany engine auto|retrain|versions|report PROJECT`: data-engine stage 3, the retraining loop, dataset
+versions, maintenance reports.
 
     segany engine auto PROJECT [--workers 4] [--ray local|ADDRESS]   automatic masks for images not done yet
     segany engine retrain PROJECT --steps 200                         freeze data, fine-tune, evaluate, register
@@ -36,7 +37,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="registered model (default: the project's current model, else segany_tiny)")
     p.add_argument("--checkpoint", default=None,
                    help="weights file (default: the project's current model, else the model's cached weights)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or auto (default; with --ray, the cluster's GPUs decide, not this machine's)")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +90,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 0.01)")
     r.add_argument("--min-eval-objects", type=int, default=20,
                    help="promote only if at least this many held-out objects were evaluated (default 20)")
-    r.add_argument("--out", default=None, help="run folder (default PROJECT/.segany/retrain/<dataset version>)")
+    r.add_argument("--out", default=None, help="run folder (default PROJECT/.segany/retrain/<dataset version>-from-<model id>, "
+                        "-2, -3... when taken; under the current folder for a database URL)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
 
     v = sub.add_parser("versions", help="list the project's frozen dataset versions; export one as COCO")
@@ -125,12 +128,13 @@ def run(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _spec(store: Any, args: argparse.Namespace) -> Any:
+def _spec(store: Any, args: argparse.Namespace, *, on_ray: bool = False) -> Any:
+    """The model to run; on Ray the device stays as asked (cpu, cuda or auto): the cluster's GPUs decide it."""
     from segany.cli._util import resolve_device
     from segany.engine.retrain import model_spec_for
 
-    return model_spec_for(store, args.project, model=args.model, checkpoint=args.checkpoint,
-                          device=resolve_device(args.device))
+    device = args.device if on_ray else resolve_device(args.device)
+    return model_spec_for(store, args.project, model=args.model, checkpoint=args.checkpoint, device=device)
 
 
 def _auto(store: Any, args: argparse.Namespace) -> int:
@@ -143,7 +147,11 @@ def _auto(store: Any, args: argparse.Namespace) -> int:
     backend = "ray" if args.ray else "local"
     workers = args.workers if args.workers is not None else (0 if backend == "ray" else 1)
     check_workers(backend, workers)  # before the model, the banner and the bar
-    spec = dataclasses.replace(_spec(store, args), precision=args.precision)
+    if backend == "ray":
+        from segany.engine.jobs import ray_device
+
+        ray_device(args.device, cluster_gpus=1)  # a device name Ray cannot place fails before the model loads
+    spec = dataclasses.replace(_spec(store, args, on_ray=backend == "ray"), precision=args.precision)
     d = generator_defaults(spec.model)  # for the options left unset: the model's own scale
 
     def pick(value: Any, name: str) -> Any:

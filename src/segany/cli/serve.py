@@ -27,11 +27,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument("--project", default=None, help="project name in the store (default: the first one)")
-    p.add_argument("--model", default="segany_tiny",
-                   help="registered model name (see `segany models`; default segany_tiny, shipped with segany)")
+    p.add_argument("--model", default=None,
+                   help="registered model name (see `segany models`; default: the project's current model, after "
+                        "`segany engine retrain`, else segany_tiny, shipped with segany)")
     p.add_argument("--checkpoint", default=None,
-                   help="weights file; default: the project's current model (after `segany engine retrain`), else the "
-                        "model's weights shipped with segany (segany_tiny) or downloaded, else random weights")
+                   help="weights file; default: with --model, that model's weights shipped with segany (segany_tiny) "
+                        "or downloaded; without, the project's current model; else random weights")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-model", action="store_true", help="serve the store only (no embeddings or decoding)")
     p.add_argument("--cache-size", type=_positive_int, default=16, help="image embeddings kept in memory (>= 1)")
@@ -94,6 +95,7 @@ def _model_service(args: argparse.Namespace, model_name: str, ckpt: str | None, 
 
 def build_app(args: argparse.Namespace) -> Any:
     """The app for ``args``; every option, the device and the weights are checked before anything is created."""
+    from segany.engine.retrain import DEFAULT_MODEL
     from segany.engine.store import paths_open_would_create, remove_paths
     from segany.server.app import ServerSettings, create_app
 
@@ -106,9 +108,10 @@ def build_app(args: argparse.Namespace) -> Any:
         device = resolve_device(args.device)  # refused now, not at the first request
         options = predictor_options(args, device)
         if args.checkpoint is not None:  # read and checked now, before a project is created
-            ckpt = str(resolve_checkpoint(args.model, args.checkpoint))  # the same check as every command's
-            model = _model_service(args, args.model, ckpt, device, options, None)
-        else:
+            name = args.model or DEFAULT_MODEL
+            ckpt = str(resolve_checkpoint(name, args.checkpoint))  # the same check as every command's
+            model = _model_service(args, name, ckpt, device, options, None)
+        elif args.model is not None:
             from segany.registry import get_model_info
 
             get_model_info(args.model)  # unknown names raise with suggestions
@@ -120,16 +123,17 @@ def build_app(args: argparse.Namespace) -> Any:
         if model is not None:
             model.cache_dir = cache_dir
         elif not args.no_model:
-            # the project's current model (promoted by `segany engine retrain`) comes first
+            # --model names what to serve, as in `segany engine`; without it the project's current model
+            # (promoted by `segany engine retrain`) comes first
             from segany.engine.retrain import current_model
 
-            model_name, ckpt = args.model, None
-            cur = current_model(store, args.project)
+            model_name, ckpt = args.model or DEFAULT_MODEL, None
+            cur = current_model(store, args.project) if args.model is None else None
             if cur is not None and cur["checkpoint_path"]:
                 model_name, ckpt = cur["model_type"], cur["checkpoint_path"]
             ckpt = ckpt or _default_checkpoint(model_name)
             if ckpt is None:
-                print(f"[segany] no weights for {args.model} found: serving RANDOM weights (masks are meaningless); "
+                print(f"[segany] no weights for {model_name} found: serving RANDOM weights (masks are meaningless); "
                       "pass --checkpoint FILE or run `segany download`", file=sys.stderr)
             model = _model_service(args, model_name, ckpt, device, options, cache_dir)
         settings = ServerSettings(project=args.project, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))

@@ -90,6 +90,20 @@ class _RayWorkerImpl:
         return self.worker.process(task)
 
 
+def ray_device(requested: str, cluster_gpus: int) -> str:
+    """The device of every Ray actor: ``cuda`` (one GPU each) or ``cpu``, from the cluster's resources.
+
+    Why here and not on the driver: the machine that starts ``engine auto --ray ADDRESS`` may have no GPU
+    while the cluster has many; ``auto`` resolved there would leave them idle, and ``cuda`` would be refused.
+    """
+    if requested not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device {requested} with --ray: Ray gives each actor a whole GPU of its own; pass "
+                         "--device cuda, cpu or auto")
+    if requested == "cuda" and cluster_gpus == 0:
+        raise InputError("--device cuda, but the Ray cluster has no GPU; pass --device cpu or auto")
+    return "cuda" if cluster_gpus > 0 and requested != "cpu" else "cpu"
+
+
 class RayRunner:
     def __init__(self, spec: ModelSpec, settings: AutoSettings, *, workers: int = 0, address: str | None = None,
                  max_attempts: int = 3, inflight_per_worker: int = 2) -> None:
@@ -110,11 +124,9 @@ class RayRunner:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         cpus = int(resources.get("CPU", 1))
-        use_gpu = gpus > 0 and spec.device != "cpu"
+        device = ray_device(spec.device, gpus)
+        use_gpu = device == "cuda"
         self.workers = workers or (gpus if use_gpu else max(1, cpus))
-        if use_gpu and spec.device == "cpu":
-            raise InputError("--device cpu with GPUs in the cluster: pass --device cuda to use them")
-        device = "cuda" if use_gpu else "cpu"
         if spec.checkpoint and spec.checkpoint_bytes is None:  # ship weights, not a path the actor may lack
             with open(spec.checkpoint, "rb") as f:
                 spec = dataclasses.replace(spec, device=device, checkpoint_bytes=f.read())

@@ -318,7 +318,8 @@ class OnnxPredictor:
     def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
                 box: np.ndarray | None = None, mask_input: np.ndarray | None = None, multimask_output: bool = True,
                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Same contract as ``SamPredictor.predict``: masks (C, H, W), scores (C,), low-res logits (C, 256, 256)."""
+        """Same contract as ``SamPredictor.predict``: masks (C, H, W), scores (C,), low-res logits (C, 4g, 4g) with
+        g = img_size / 16 (256 × 256 for SAM's 1024-pixel models, 128 × 128 for segany_tiny)."""
         from segany.predictor import check_box, check_points
 
         if not self.is_image_set or self.features is None:
