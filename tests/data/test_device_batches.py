@@ -71,6 +71,19 @@ def test_flip_moves_masks_with_image(records):
     assert any(torch.equal(m[:h, :w], first) for m in out["masks"][0])
 
 
+def test_size_hw_is_the_image_part_of_each_augmented_input(records):
+    """The trainer draws corrective clicks inside ``size_hw`` only: it must cover the image and no more than
+    the one row and column of padding that bilinear upscaling blends into."""
+    b = make(records, AugmentConfig(hflip=0.5, scale_min=0.5, scale_max=1.6, min_mask_area=1))
+    for step in range(6):
+        out = b.batch(step)
+        assert len(out["size_hw"]) == 2
+        for img, (h, w) in zip(out["image"], out["size_hw"], strict=True):
+            assert 1 <= h <= 64 and 1 <= w <= 64
+            assert (img[:, :h, :w] != 0).all()  # normalized random pixels are never exactly 0
+            assert img[:, h + 1:].abs().sum() == 0 and img[:, :, w + 1:].abs().sum() == 0
+
+
 def test_cropped_away_masks_are_dropped_and_valid_first(records):
     b = make(records, AugmentConfig(hflip=0.0, scale_min=1.0, scale_max=1.0, min_mask_area=10_000), K=2)
     out = b.batch(0)

@@ -44,5 +44,8 @@ def test_refuses_mismatched_architectures_and_bad_weights(tmp_path: Path) -> Non
         average_checkpoints([a, b])
     with pytest.raises(InputError, match="at least 2"):
         average_checkpoints([a])
-    with pytest.raises(InputError, match="one non-negative weight per checkpoint"):
+    with pytest.raises(InputError, match="one finite, non-negative weight per checkpoint"):
         average_checkpoints([a, a], [1.0])
+    for bad in ([float("nan"), 1.0], [float("inf"), 1.0]):  # they gave NaN weights, or [nan, 0.0]
+        with pytest.raises(InputError, match="finite, non-negative"):
+            average_checkpoints([a, a], bad)

@@ -172,7 +172,12 @@ def test_repeat_config_checks_names_and_values() -> None:
     ("run.max_steps=0", "run.max_steps must be >= 1"), ("run.batch_size=0", "run.batch_size must be >= 1"),
     ("run.log_every=0", "run.log_every"), ("run.ckpt_every=-1", "run.ckpt_every"), ("run.seed=-1", "run.seed"),
     ("run.device=gpu", "run.device must be"), ("run.max_steps=null", "run.max_steps needs a value"),
-    ("optim.lr=0", "optim.lr must be > 0"), ("optim.lr=.nan", "optim.lr must be > 0"),
+    ("optim.lr=0", "optim.lr must be > 0"), ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"), ("data.scale_max=.inf", "data.scale_max must be a finite"),
+    ("data.repeat={bsds: .inf}", "data.repeat must be a finite"), ("optim.betas=[0.9, .nan]", "optim.betas must be a fi"),
+    ("recipe.focal_weight=.inf", "recipe.focal_weight must be a finite"),
+    ("run.seed=100000000000000", r"run.seed must be in \[0, 2\*\*32\)"),
+    ("data.min_mask_area=0", "data.min_mask_area must be >= 1 pixel"),
     ("optim.warmup_steps=-5", "optim.warmup_steps"), ("optim.betas=[0.9, 1.5]", "optim.betas"),
     ("optim.betas=0.9", "optim.betas must be tuple"), ("optim.decay_at=[0, 2]", "optim.decay_at"),
     ("optim.grad_clip=-1", "optim.grad_clip"), ("optim.weight_decay=-0.1", "optim.weight_decay"),
@@ -181,7 +186,7 @@ def test_repeat_config_checks_names_and_values() -> None:
     ("data.datasets=[]", "data.datasets is empty"), ("optim.lr=[", "not valid YAML"),
 ])
 def test_config_rejects_bad_budgets_and_ranges(override: str, fragment: str) -> None:
-    with pytest.raises(InputError, match=fragment.replace("[", r"\[")):
+    with pytest.raises(InputError, match=fragment if "\\" in fragment else fragment.replace("[", r"\[")):
         load_config(None, [override])
 
 
@@ -237,3 +242,90 @@ def test_ctrl_c_saves_last_and_resume_keeps_one_log_history(tmp_path) -> None:
     b.fit()
     assert _steps(log_path) == [1, 2, 3, 4]
     assert not list((tmp_path / "run").glob(".*tmp"))
+
+
+def test_a_batch_the_crops_emptied_changes_nothing_and_does_not_crash(tmp_path) -> None:
+    """Crops can cut every mask of a batch away (about 1 sample in 40 for coco128 at 256 px); that step used to
+    crash on an assert. In one process it makes no update; under DDP its zero loss still reaches every trained
+    parameter, so that process joins the others' gradient all-reduce."""
+    tr = Trainer(_cfg(tmp_path), sam=_model())
+    batch = _batch()
+    batch["masks"][:] = False
+    batch["num_masks"] = torch.tensor([0])
+    before = {k: v.clone() for k, v in tr.sam.state_dict().items()}
+    stats = tr.train_step(batch)
+    assert tr.step == 1 and stats["masks"] == 0 and stats["loss"] == 0.0
+    assert all(torch.equal(v, tr.sam.state_dict()[k]) for k, v in before.items())
+    loss, _ = tr.net(batch["image"], torch.zeros(0, S, S, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
+                     tr.generator())
+    loss.backward()
+    trained = [p for p in tr.net.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and not p.grad.any() for p in trained)
+
+
+def test_corrective_clicks_fall_on_the_image_not_its_padding(tmp_path, monkeypatch) -> None:
+    """A user clicks on the picture; a prediction spilling into the zero padding must not draw clicks there."""
+    import segany.train.trainer as trainer_module
+
+    clicks = []
+    real = trainer_module.error_points
+
+    def spy(pred, gt, gen):
+        xy, lab = real(pred, gt, gen)
+        clicks.append((xy, lab))
+        return xy, lab
+
+    monkeypatch.setattr(trainer_module, "error_points", spy)
+    tr = Trainer(_cfg(tmp_path, "recipe.point_rounds=4", "recipe.loss_size=0", "recipe.box_prob=0"), sam=_model())
+    batch = _batch()
+    h, w = 60, 44  # the image part of the 128 x 128 input; the rest is padding
+    batch["image"][:, :, h:], batch["image"][:, :, :, w:] = 0, 0
+    batch["masks"][:, :, h:], batch["masks"][:, :, :, w:] = False, False
+    batch["size_hw"] = [(h, w)]
+    with torch.no_grad():
+        tr.compute_loss(batch)
+    xy = torch.cat([c[0] for c in clicks])
+    lab = torch.cat([c[1] for c in clicks])
+    assert (lab == 0).sum() >= 3  # background clicks were drawn (the untrained model's masks spill widely)
+    on_image = (xy[:, 0] < w) & (xy[:, 1] < h)
+    assert on_image[lab >= 0].all(), xy[lab >= 0][~on_image[lab >= 0]]
+
+
+def test_the_next_round_starts_from_the_mask_the_model_ranks_first(tmp_path) -> None:
+    """SAM's recipe (and every click at inference) carries on from the mask with the highest predicted IoU;
+    choosing the one closest to the ground truth gave later rounds a start inference never has."""
+    tr = Trainer(_cfg(tmp_path, "recipe.box_prob=0"), sam=_model())
+    head = tr.sam.mask_decoder.iou_prediction_head.layers[-1]
+    with torch.no_grad():  # output 3 always predicts the highest IoU
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    outputs, fed_back = [], []
+    dec = tr.sam.mask_decoder
+    real = dec.predict_masks
+
+    def record(*args, **kwargs):
+        out = real(*args, **kwargs)
+        outputs.append(out[0].detach())
+        return out
+
+    dec.predict_masks = record
+    tr.sam.prompt_encoder.mask_downscaling.register_forward_pre_hook(lambda m, inp: fed_back.append(inp[0].detach()))
+    with torch.no_grad():
+        tr.compute_loss(_batch())
+    assert len(outputs) == 2 and len(fed_back) == 1  # round 0, then round 1 with the mask fed back
+    torch.testing.assert_close(fed_back[0], outputs[0][:, 3:4])
+
+
+def test_resuming_on_another_kind_of_device_says_it_is_not_an_exact_continuation(tmp_path) -> None:
+    recs = _records(tmp_path)
+    a = Trainer(_cfg(tmp_path / "a", "run.max_steps=1"), sam=_model(), train_records=recs)
+    a.fit()
+    state = torch.load(a.save(), weights_only=True)
+    assert state["device_type"] == "cpu"
+    b = Trainer(_cfg(tmp_path / "a", "run.max_steps=2"), sam=_model(), train_records=recs)
+    b.load(tmp_path / "a" / "last.pt")
+    assert b.resume_notes == []  # the same kind of device: nothing to say
+    state["device_type"] = "cuda"  # as if the run had started on a GPU
+    torch.save(state, tmp_path / "a" / "last.pt")
+    b.load(tmp_path / "a" / "last.pt")
+    assert len(b.resume_notes) == 1 and "trained on cuda and continues on cpu" in b.resume_notes[0]

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if last is not None:
         trainer.load(last)
         _say(trainer, f"resumed from {last} at step {trainer.step}")
+        for note in trainer.resume_notes:
+            _say(trainer, note)
     else:
         _say(trainer, f"initial weights: {_init_source(cfg, trainer)}")
     n_params = sum(p.numel() for p in trainer.sam.parameters())

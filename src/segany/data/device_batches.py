@@ -152,4 +152,6 @@ class DeviceBatcher:
         masks = torch.gather(masks, 1, order[:, :, None, None].expand(-1, -1, S, S))
         num = ok.sum(1).clamp(max=K)
         masks &= (torch.arange(K, device=dev)[None] < num[:, None])[:, :, None, None]
-        return {"image": images, "masks": masks, "num_masks": num, "size_hw": None}
+        # The image part of each output: pixels whose source lies inside the scaled image (the rest is padding).
+        size_hw = [(int(min(S, h - y)), int(min(S, w - x))) for h, w, y, x in zip(new_h, new_w, y0, x0, strict=True)]
+        return {"image": images, "masks": masks, "num_masks": num, "size_hw": size_hw}

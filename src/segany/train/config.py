@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ class DataSection:
         _require(bool(self.datasets), "data.datasets is empty; name at least one, e.g. [coco128, pennfudan]")
         _require(self.max_masks >= 1, f"data.max_masks must be >= 1, got {self.max_masks}")
         _require(0 <= self.hflip <= 1, f"data.hflip is a probability in [0, 1], got {self.hflip}")
-        _require(self.min_mask_area >= 0, f"data.min_mask_area must be >= 0 pixels, got {self.min_mask_area}")
+        # 0 would keep masks the crop emptied: a foreground click at (0, 0) with an all-background target.
+        _require(self.min_mask_area >= 1, f"data.min_mask_area must be >= 1 pixel, got {self.min_mask_area}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0 (0 loads in the main process), "
                                         f"got {self.num_workers}")
         if not 0 < self.scale_min <= self.scale_max:
@@ -161,7 +163,7 @@ class RunSection:
                  f"run.max_minutes (--max-minutes) must be > 0, got {self.max_minutes}; "
                  "leave it unset (null) for no time limit")
         _require(self.batch_size >= 1, f"run.batch_size must be >= 1 image per process, got {self.batch_size}")
-        _require(self.seed >= 0, f"run.seed must be >= 0, got {self.seed}")
+        _require(0 <= self.seed < 2**32, f"run.seed must be in [0, 2**32), got {self.seed}")  # prompt seeds are int64
         _require(self.log_every >= 1, f"run.log_every must be >= 1 step, got {self.log_every}")
         _require(self.ckpt_every >= 0, f"run.ckpt_every must be >= 0 (0 saves only at the end), got {self.ckpt_every}")
         _require(self.val_every >= 0, f"run.val_every must be >= 0 steps (0 turns validation off), got {self.val_every}")
@@ -200,6 +202,13 @@ class TrainConfig:
         return cls(**kwargs)
 
 
+def _finite(key: str, x: float) -> float:
+    """``x`` unless it is inf or NaN, which no setting can use (they crashed or poisoned the run later)."""
+    if not math.isfinite(x):
+        raise InputError(f"config {key} must be a finite number, got {x}")
+    return x
+
+
 def _coerce(key: str, annotation: Any, value: Any) -> Any:
     """Convert YAML values to the field's type (YAML reads ``1e-4`` as a string, lists as lists)."""
     ann = str(annotation)
@@ -217,14 +226,16 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         if ann.startswith("dict[str, float]"):
             if not isinstance(value, dict):
                 raise ValueError(value)
-            return {str(k): float(v) for k, v in value.items()}
+            return {str(k): _finite(key, float(v)) for k, v in value.items()}
         if isinstance(value, (list, tuple, dict)) and not ann.startswith(("tuple", "dict")):
             raise ValueError(value)  # data.pack=[a,b]: one value, not a list (it crashed later in a path call)
         if isinstance(value, (list, tuple)):
-            item = float if "tuple[float" in ann else int if "tuple[int" in ann else str
+            if "tuple[float" in ann:
+                return tuple(_finite(key, float(v)) for v in value)
+            item = int if "tuple[int" in ann else str
             return tuple(item(v) for v in value)
         if ann.startswith("float"):
-            return float(value)
+            return _finite(key, float(value))
         if ann.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
@@ -237,6 +248,8 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
             return bool(value)
         if ann.startswith("str"):
             return str(value)
+    except InputError:  # _finite's own message (InputError is a ValueError)
+        raise
     except (TypeError, ValueError) as exc:
         hint = ("a number, not true/false" if isinstance(value, bool) else
                 "one value, not a list or mapping" if isinstance(value, (list, tuple, dict)) else f"a value of type {ann}")

@@ -16,7 +16,9 @@ from segany.train.config import TrainConfig
 
 # Keys a resume may change. Budgets (max_steps, max_minutes) extend the run (the lr schedule follows them,
 # as it would have had they been set from the start); the rest change where or how often things are written,
-# or the device, not the updates. out_dir may be spelled differently (relative vs absolute).
+# not the updates. The device is the exception: moving a run between CPU and GPU changes its prompt random
+# stream and bf16 autocast, so the trainer says so when it happens (Trainer.load); it is allowed because a
+# GPU lease can end mid-run. out_dir may be spelled differently (relative vs absolute).
 RESUMABLE_KEYS = frozenset({
     "run.max_steps", "run.max_minutes", "run.log_every", "run.ckpt_every", "run.val_every", "run.val_objects",
     "run.out_dir", "run.device", "data.num_workers",

@@ -8,6 +8,7 @@ here, tested, makes the shipped weights reproducible from the commands in docs/b
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +25,8 @@ def normalized_weights(n: int, weights: Sequence[float] | None = None) -> list[f
     if n < 2:
         raise InputError(f"averaging needs at least 2 checkpoints, got {n}")
     w = [1.0] * n if weights is None else [float(x) for x in weights]
-    if len(w) != n or any(x < 0 for x in w) or sum(w) <= 0:
-        raise InputError(f"need one non-negative weight per checkpoint ({n}), not all zero; got {w}")
+    if len(w) != n or not all(0 <= x < math.inf for x in w) or sum(w) <= 0:  # NaN fails 0 <= x too
+        raise InputError(f"need one finite, non-negative weight per checkpoint ({n}), not all zero; got {w}")
     return [x / sum(w) for x in w]
 
 

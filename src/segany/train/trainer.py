@@ -3,8 +3,10 @@
 Per image, up to K instance masks. Round 0 prompts each mask with a foreground point or a jittered
 box (equal chance); for single-point prompts the decoder's three ambiguity masks are scored and only
 the best one takes the loss. Each later round adds a click drawn uniformly from the error region of the
-previous prediction and feeds back its low-res logits as the mask prompt; the last rounds feed the mask
-only. Loss: 20·focal + dice per mask, plus MSE between the IoU head and the true IoU, averaged over rounds.
+previous prediction, on the image part of the input (not its padding), and feeds back its low-res logits
+as the mask prompt; of three ambiguity masks, the one passed on is the one with the highest predicted IoU,
+as at inference. The last rounds feed the mask only. Loss: 20·focal + dice per mask, plus MSE between the
+IoU head and the true IoU, averaged over rounds. A batch whose crops left no mask makes no update.
 
 Runs on CPU, one GPU, or many through torchrun (DDP when WORLD_SIZE > 1; the processes agree on the clock
 and on Ctrl-C before every step, and tests run two CPU processes over gloo). Checkpoints hold model,
@@ -72,8 +74,8 @@ class InteractiveRecipe(nn.Module):
         assert out is not None
         return out
 
-    def forward(self, images: torch.Tensor, gt: torch.Tensor, img_idx: torch.Tensor, gen: torch.Generator
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, images: torch.Tensor, gt: torch.Tensor, img_idx: torch.Tensor, gen: torch.Generator,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss for M masks.
 
         Args:
@@ -81,17 +83,27 @@ class InteractiveRecipe(nn.Module):
             gt: (M, S, S) bool instance masks.
             img_idx: (M,) image of each mask.
             gen: generator for prompt sampling (on the masks' device).
+            valid: (B, S, S) bool, the image (not padding) part of each input; corrective clicks are drawn
+                there only, as a user can only click on the picture. None: the whole frame.
         """
         r = self.recipe
         sam = self.sam
         S = images.shape[-1]
         L = r.loss_size if 0 < r.loss_size < S else S
         M = gt.shape[0]
+        if M == 0:  # the crops left no mask in this batch: a zero loss that still reaches every parameter,
+            # so a DDP process with nothing to learn joins the others' gradient all-reduce
+            params = [p for p in self.parameters() if p.requires_grad]
+            return sum((p.sum() for p in params), images.new_zeros(())) * 0.0, {}
         emb = sam.image_encoder(images)[img_idx]  # (M, C, g, g)
         dense_pe = sam.prompt_encoder.get_dense_pe()
         # Targets at the loss grid: area-averaged soft masks (exact when L == S).
         target = gt.float() if L == S else F.interpolate(gt[:, None].float(), (L, L), mode="area")[:, 0]
         gt_l = target > 0.5
+        on_image: torch.Tensor | None = None
+        if valid is not None:
+            v = valid[img_idx].float()
+            on_image = (v if L == S else F.interpolate(v[:, None], (L, L), mode="area")[:, 0]) > 0.5
         to_model = S / L  # loss-grid pixel -> model-frame pixel centre
         use_box = torch.rand(M, generator=gen, device=gt.device) < r.box_prob
         boxes = jitter_boxes(mask_boxes_xyxy(gt), S, gen, r.box_noise, r.box_noise_max)
@@ -109,7 +121,8 @@ class InteractiveRecipe(nn.Module):
         for rnd in range(rounds):
             if 1 <= rnd <= r.point_rounds:
                 assert pred is not None
-                xy, lab = error_points(pred, gt_l, gen)
+                # A prediction spilling into the padding is not an error a user could click on.
+                xy, lab = error_points(pred if on_image is None else pred & on_image, gt_l, gen)
                 pts[:, n_pts], labels[:, n_pts] = (xy + 0.5) * to_model - 0.5, lab
                 n_pts += 1
             sparse = self._sparse(pts, labels, n_pts, use_box, boxes)
@@ -134,12 +147,27 @@ class InteractiveRecipe(nn.Module):
             mask_loss = per[rows, best].mean()
             iou_loss = F.mse_loss(cand_iou.float(), true_iou)
             total = total + mask_loss + r.iou_weight * iou_loss
-            prev_low = cand[rows, best][:, None].detach()
-            pred = up.detach()[rows, best] > 0
+            # The next round starts from the mask the model itself ranks first (highest predicted IoU), as
+            # SAM's recipe and every click at inference do; the loss above trains the closest one.
+            chosen = cand_iou.detach().argmax(1)
+            prev_low = cand[rows, chosen][:, None].detach()
+            pred = up.detach()[rows, chosen] > 0
             if rnd == 0:
                 stats["iou_first"] = float(true_iou[rows, best].mean())
         stats["iou_last"] = float(true_iou[rows, best].mean())
         return total / rounds, stats
+
+
+def _on_image(batch: dict[str, Any], images: torch.Tensor) -> torch.Tensor | None:
+    """(B, S, S) bool: the top-left (h, w) of each input that holds its image, from ``batch["size_hw"]``."""
+    sizes = batch.get("size_hw")
+    if sizes is None:
+        return None
+    B, S = images.shape[0], images.shape[-1]
+    out = torch.zeros(B, S, S, dtype=torch.bool, device=images.device)
+    for b, (h, w) in enumerate(sizes):
+        out[b, :h, :w] = True
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -306,6 +334,7 @@ class Trainer:
         self._data_fp: dict[str, Any] | None = None
         self.out_dir = Path(cfg.run.out_dir)
         self.amp = cfg.run.amp and dev.type == "cuda"
+        self.resume_notes: list[str] = []  # what ``load`` wants the user told (printed by `segany train`)
 
     def frozen_parameters(self) -> list[nn.Parameter]:
         """Parameters of the parts ``optim.freeze_*`` keeps fixed."""
@@ -362,7 +391,8 @@ class Trainer:
                     self._save_on_interrupt()
                 raise
             stats = self.train_step(batch, elapsed=elapsed)
-            self.first_loss = stats["loss"] if self.first_loss is None else self.first_loss
+            if self.first_loss is None and stats.get("masks"):  # not a batch the crops emptied
+                self.first_loss = stats["loss"]
             self.elapsed = time.time() - t0
             if self.step % run.log_every == 0 or self.step == 1:
                 self._log_step(stats, last_t, last_step, log_path, on_log)
@@ -431,7 +461,7 @@ class Trainer:
         img_idx = valid.nonzero()[:, 0]
         gt = masks[valid]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss, stats = self.ddp(images, gt, img_idx, self.generator())
+            loss, stats = self.ddp(images, gt, img_idx, self.generator(), _on_image(batch, images))
         stats["masks"] = float(gt.shape[0])
         return loss, stats
 
@@ -440,6 +470,10 @@ class Trainer:
         lr = set_lr(self.optimizer, self.cfg.optim.lr, lr_factor(self.step, self.progress, self.cfg.optim))
         self.set_train_mode()
         loss, stats = self.compute_loss(batch)
+        if stats["masks"] == 0 and self.world == 1:  # nothing to learn: no update (AdamW would still move
+            self.step += 1  # the weights by momentum and decay); under DDP the zero loss joins the all-reduce
+            stats.update(loss=0.0, lr=lr)
+            return stats
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -455,7 +489,8 @@ class Trainer:
         return {"format": STATE_FORMAT, "step": self.step, "elapsed": self.elapsed, "progress": self.progress,
                 "model": self.sam.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
                 "config": self.cfg.to_dict(), "model_config": self.sam.cfg.to_dict(),
-                "first_loss": self.first_loss, "best_val": self.best_val, "data": self.data_fingerprint()}
+                "first_loss": self.first_loss, "best_val": self.best_val, "data": self.data_fingerprint(),
+                "device_type": self.device.type}
 
     def data_fingerprint(self) -> dict[str, Any]:
         """What this run trains and validates on (computed once), kept in ``last.pt`` for ``--resume``."""
@@ -498,6 +533,12 @@ class Trainer:
         self.first_loss = state.get("first_loss")
         self.best_val = state.get("best_val")
         _set_rng_state(state["rng"])
+        was = state.get("device_type")
+        if was is not None and was != self.device.type:  # allowed (a GPU lease ends), but not the same maths
+            self.resume_notes.append(
+                f"note: this run trained on {was} and continues on {self.device.type}: from here on the prompts "
+                "come from that device's random stream and bf16 autocast is "
+                f"{'on' if self.amp else 'off'}, so it is not the exact continuation a resume on {was} would be")
 
     def export(self, path: str | os.PathLike[str], half: bool = True, meta: dict[str, Any] | None = None) -> Path:
         """Write inference weights (a self-describing segany checkpoint; fp16 by default)."""
