@@ -376,14 +376,9 @@ class ModelService:
             if not path.exists():
                 log.info("exporting the browser decoder to %s", path)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                try:  # the project-wide exporter (`segany export onnx`), same graph contract
-                    from segany.export.onnx import export_decoder
-                except ImportError:
-                    from segany.server.onnx_decoder import export_decoder_onnx
+                from segany.export.onnx import export_decoder  # the `segany export onnx` graph
 
-                    export_decoder_onnx(self.sam, path)
-                else:
-                    export_decoder(self.sam, path, multimask=True)
+                export_decoder(self.sam, path, multimask=True)
         return path
 
     def onnx_split_decoder_path(self, part: str) -> Path:
