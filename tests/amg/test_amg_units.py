@@ -77,6 +77,11 @@ def test_windowed_cleanup_equals_whole_image(seed: int) -> None:
     thin = np.zeros((h, w), dtype=bool)  # outside strips thinner than min_area: they count as holes
     thin[:, 1:] = True
     cases.append(thin)
+    for dy in (0, 1):  # two equal small islands, the window starting on an odd or even row: OpenCV labels
+        tie = np.zeros((h, w), dtype=bool)  # in 2 x 2 blocks, so a window could keep the other island
+        tie[12 + dy:15 + dy, 40:43] = True
+        tie[13:16, 5:8] = True
+        cases.append(tie)
     for m in cases:
         for min_area in (3, 20, int(rng.integers(40, 400))):
             full, changed = clean_mask_full(m.copy(), min_area)

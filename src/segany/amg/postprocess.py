@@ -39,6 +39,15 @@ def _drop_islands(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, bool]:
     return np.isin(labels, keep), True
 
 
+def _small_islands_tie(mask: np.ndarray, min_area: int) -> bool:
+    """Every island is small and several share the largest size: :func:`_drop_islands` then keeps the one
+    OpenCV labels first, and OpenCV scans in 2 x 2 blocks, so a window starting on an odd row or column can
+    label them in another order than the whole image does. Those masks take the whole-image path."""
+    _, _, sizes = _components(mask)
+    fg = sizes[1:]
+    return fg.size > 1 and bool((fg < min_area).all()) and int((fg == fg.max()).sum()) > 1
+
+
 def clean_mask_full(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, bool]:
     """Fill small holes, then drop small islands, on the whole (H, W) mask."""
     mask, filled = _fill_holes(mask, min_area)
@@ -101,6 +110,8 @@ def clean_mask_windowed(counts: np.ndarray, box_xyxy: np.ndarray, size_hw: tuple
     win = np.ascontiguousarray(mask[y0:y1, x0:x1])
     # An empty mask has no box to window on: it takes the whole-image path (as rare as it is cheap).
     res = _window_holes(win, ring, size_hw, (x0, y0, x1, y1), min_area) if mask.any() else None
+    if res is not None and _small_islands_tie(res[0], min_area):
+        res = None  # which tied island survives follows OpenCV's label order, which depends on the window
     if res is None:  # rare: a thin band outside the box is a "hole"; do it exactly on the whole image
         full, changed = clean_mask_full(np.ascontiguousarray(mask), min_area)
         if not changed:
