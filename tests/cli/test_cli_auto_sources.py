@@ -4,6 +4,7 @@ interrupted run's closing lines. In-process runs on small images keep each test 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -59,13 +60,18 @@ def test_list_keys_follow_the_image_not_its_position(checkpoint: Path, tmp_path:
     assert _auto(checkpoint, listing, "--out", out, "--resume") == 0
     assert "0 processed, 2 already done" in capsys.readouterr().err
     assert _masks(out / "sub" / "x.json") == sub and _masks(out / "x.json") == top
-    # Only cs/sub/x.jpg now: its key is "x", which holds cs/x.jpg's masks, so it is redone, not reused.
+    # Only cs/sub/x.jpg now: the list's root moves to cs/sub, but the image keeps its name sub/x.
     listing.write_text("cs/sub/x.jpg\n")
     assert _auto(checkpoint, listing, "--out", out, "--resume") == 0
+    assert "0 processed, 1 already done" in capsys.readouterr().err
+    # A new image whose key is "x", which holds cs/x.jpg's masks: it is redone, not reused.
+    _image(cs / "new" / "x.jpg", 2)
+    listing.write_text("cs/new/x.jpg\n")
+    assert _auto(checkpoint, listing, "--out", out, "--resume") == 0
     assert "1 processed, 0 already done" in capsys.readouterr().err
-    assert _masks(out / "x.json") == sub
+    assert _masks(out / "x.json") != top
     record = _json(out / "image_ids.json")
-    assert record["sources"]["x"]["path"] == str(cs / "sub" / "x.jpg")
+    assert record["sources"]["x"]["path"] == str(cs / "new" / "x.jpg")
     assert record["ids"]["x"] not in (1, 2)  # another image: a new id, never the old one's
 
 
@@ -180,3 +186,63 @@ def test_sigint_writes_the_manifest_and_says_how_to_resume(checkpoint: Path, tmp
     done = len(list(out.glob("img_*.json")))
     assert 0 < done < 12 and _json(out / "manifest.json")["counts"]["done"] == done
     shutil.rmtree(out)
+
+
+def test_png_output_of_x_beside_a_folder_x_keeps_both(checkpoint: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Key x would be the folder of x/y's png outputs, and rewriting x deleted them: x keeps its extension."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _image(src / "x.png", 0), _image(src / "x" / "y.png", 1)
+    assert _auto(checkpoint, src, "--out", out, "--format", "png") == 0
+    assert (out / "x.png" / "masks.json").is_file() and (out / "x" / "y" / "masks.json").is_file()
+    assert "the output holds 2 of 2 images" in capsys.readouterr().err
+    assert _auto(checkpoint, src, "--out", out, "--format", "png", "--resume") == 0
+    assert "0 processed, 2 already done" in capsys.readouterr().err
+
+
+def test_an_output_left_empty_by_a_crash_is_redone_on_resume(checkpoint: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    _image(src / "a.jpg", 0), _image(src / "b.jpg", 1)
+    assert _auto(checkpoint, src, "--out", out) == 0
+    good = (out / "a.json").read_bytes()
+    (out / "a.json").write_bytes(b"")  # what a power cut after the rename and before the data can leave
+    capsys.readouterr()
+    assert _auto(checkpoint, src, "--out", out, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "1 earlier output(s) cannot be read" in err and "1 processed, 1 already done" in err, err
+    assert (out / "a.json").read_bytes() == good
+
+
+def test_outputs_hold_no_empty_mask_and_no_nan(checkpoint: Path, tmp_path: Path) -> None:
+    """With --stability-score-thresh 0 an empty mask survives with stability 0/0; SA-1B has no empty masks
+    and NaN is not JSON."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i, size in enumerate([(3, 3), (1, 40), (96, 64)]):  # tiny images give empty masks with random weights
+        src.mkdir(parents=True, exist_ok=True)
+        with Image.open(SAMPLES[i % len(SAMPLES)]) as im:
+            im.convert("RGB").resize(size).save(src / f"i{i}.png")
+    assert _auto(checkpoint, src, "--out", out, "--points-per-side", "4") == 0
+
+    def no_constants(name: str) -> object:
+        raise AssertionError(f"{name} in an output")
+
+    for path in sorted(out.glob("i[0-9].json")):
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
+        assert all(a["area"] > 0 for a in data["annotations"]), path
+
+
+def test_a_list_that_gains_an_image_from_elsewhere_keeps_the_earlier_names(checkpoint: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    _image(tmp_path / "imgs" / "a.jpg", 0), _image(tmp_path / "other" / "b.jpg", 1)
+    listing, out = tmp_path / "list.txt", tmp_path / "out"
+    listing.write_text("imgs/a.jpg\n")
+    assert _auto(checkpoint, listing, "--out", out) == 0
+    assert (out / "a.json").is_file()
+    listing.write_text("imgs/a.jpg\nother/b.jpg\n")  # the deepest common folder is now tmp_path, not imgs/
+    capsys.readouterr()
+    assert _auto(checkpoint, listing, "--out", out, "--resume") == 0
+    assert "1 processed, 1 already done" in capsys.readouterr().err
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json")
+                   if p.name not in ("run.json", "manifest.json", "image_ids.json"))
+    assert names == ["a.json", "other/b.json"]

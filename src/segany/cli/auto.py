@@ -17,6 +17,7 @@ is not read back as input. Ctrl-C writes the manifest and says to rerun with ``-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -51,6 +52,7 @@ from segany.cli.auto_resume import (
     plan_images,
     previous_outputs,
     record_run,
+    recorded_keys,
     recorded_settings,
     run_settings,
     write_images,
@@ -136,11 +138,12 @@ def scan_input(source: str, out: Path | None = None) -> Listing:
     """The images of ``source`` (an image, a folder, or a .txt list) and their output keys.
 
     A key is the image's path relative to the listing's root without the extension (``sub/x.jpg`` -> ``sub/x``),
-    so it is tied to the image, never to its position in a list: a rewritten list maps each image to the same
-    key. The root is the input folder, or for a list (and a single image) the deepest folder holding every
-    listed image. The extension is kept where two files differ only by it (``x.jpg`` and ``x.png`` write
-    ``x.jpg.json`` and ``x.png.json``), and where the name would land on a bookkeeping file (``run.jpg`` ->
-    ``run.jpg.json``). A list naming one image twice segments it once. ``out``, when inside a folder input, is
+    so it is tied to the image, never to its position in a list. The root is the input folder, or for a list
+    (and a single image) the deepest folder holding every listed image; on ``--resume`` an image keeps the key
+    the recorded run gave it even when that root moved (:func:`_keep_recorded_keys`). The extension is kept
+    where two files differ only by it (``x.jpg`` and ``x.png`` write ``x.jpg.json`` and ``x.png.json``), where
+    a folder has the same name (``x.png`` beside ``x/y.png``), and where the name would land on a bookkeeping
+    file (``run.jpg`` -> ``run.jpg.json``). A list naming one image twice segments it once. ``out``, when inside a folder input, is
     left out: its PNGs are this command's outputs, not images; so is any other subfolder that holds an earlier
     run's run.json.
     """
@@ -200,9 +203,27 @@ def _keys(files: list[Path], root: Path) -> list[tuple[Path, str]]:
     rel = [Path(os.path.relpath(f, root)) if f.anchor == root.anchor else Path(*f.parts[1:]) for f in files]
     stems = [r.with_suffix("").as_posix() for r in rel]
     count = Counter(s.casefold() for s in stems)  # x.jpg and X.png are one output on macOS and Windows
-    wanted = [stem if count[stem.casefold()] == 1 and not is_reserved_key(stem) else r.as_posix()
-              for r, stem in zip(rel, stems, strict=True)]
+    # x.png beside a folder x/ holding y.png: key x would be the folder of x/y's outputs in the png format
+    # (and rewriting x would delete them), so x keeps its extension, as two x.* files do.
+    folders = {"/".join(parts[:i]).casefold() for s in stems for parts in [s.split("/")] for i in range(1, len(parts))}
+    wanted = [stem if count[stem.casefold()] == 1 and stem.casefold() not in folders and not is_reserved_key(stem)
+              else r.as_posix() for r, stem in zip(rel, stems, strict=True)]
     return _unique(files, wanted)
+
+
+def _keep_recorded_keys(out: Path, images: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """On --resume, each image the recorded run already named keeps that name. A list's keys are relative to
+    the deepest folder holding all its images, so adding an image from elsewhere to the list would otherwise
+    rename every output (and a resume would redo them all, leaving the old files beside the new)."""
+    recorded = recorded_keys(out)
+    if not recorded:
+        return images
+    kept = {i: recorded[os.path.abspath(p)] for i, (p, _) in enumerate(images) if os.path.abspath(p) in recorded}
+    if all(kept.get(i, key) == key for i, (_, key) in enumerate(images)):
+        return images
+    taken = {k.casefold() for k in kept.values()}
+    wanted = [kept.get(i, key if key.casefold() not in taken else f"{key}_new") for i, (_, key) in enumerate(images)]
+    return _unique([p for p, _ in images], wanted)
 
 
 def _is_run_record(path: Path) -> bool:
@@ -298,7 +319,8 @@ def check_prompt_budget(options: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------- outputs
 def _json_bytes(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+    # allow_nan=False: NaN and Infinity are not JSON, and no reader of these files would take them.
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def output_path(out: Path, key: str, fmt: str) -> Path:
@@ -327,7 +349,10 @@ def _write_png_dir(target: Path, records: list[dict[str, Any]], image: dict[str,
             Image.fromarray(m.astype("uint8") * 255).save(tmp / name, format="PNG")
             meta.append({"id": image["image_id"] * ANN_ID_STRIDE + i, "file": name,
                          **{k: v for k, v in r.items() if k != "segmentation"}})
-        (tmp / "masks.json").write_bytes(_json_bytes({"image": image, "annotations": meta}))
+        with open(tmp / "masks.json", "wb") as f:  # on disk before the folder lands (it marks the image done)
+            f.write(_json_bytes({"image": image, "annotations": meta}))
+            f.flush()
+            os.fsync(f.fileno())
         if target.exists():  # a rerun without --resume replaces the old result
             shutil.rmtree(target)
         os.replace(tmp, target)  # renaming a folder is atomic: the image is done exactly when this lands
@@ -421,6 +446,9 @@ def run(args: argparse.Namespace) -> int:
         settings["predictor"] = predictor_settings
     keep = check_resume(out, settings, args.resume,  # other settings: refused before anything is written
                         lambda: any(output_path(out, k, args.format).exists() for _, k in images))
+    if keep:
+        listing = dataclasses.replace(listing, images=_keep_recorded_keys(out, images))
+        images = listing.images
     generator = SamAutomaticMaskGenerator.from_config(model, config)
     generator.predictor = SamPredictor(model, **fast_options)
     if labels is not None:
@@ -492,6 +520,9 @@ def _process(out: Path, listing: Listing, todo: list[tuple[Path, str]], overlay_
                 state.failures.append({"image": str(path), "error": str(exc)})
                 bar.write(f"segany: skipping {path}: {exc}", file=sys.stderr)
                 continue
+            # An empty mask (possible with --stability-score-thresh 0; its stability is 0/0, NaN) is no SA-1B
+            # record; the Python API keeps them, as the reference does.
+            records = [r for r in records if r["area"] > 0]
             state.n_masks += len(records)
             if args.overlay:  # before the output, which marks the image done
                 _write_overlay(out, key, image, records)
@@ -606,13 +637,28 @@ def _plan(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace, s
     """(images to segment, images done whose overlay is missing). Without --resume every image is redone."""
     if not args.resume:
         return list(images), []
-    todo, overlay_only = [], []
+    todo, overlay_only, unreadable = [], [], []
     for path, key in images:
-        if not is_current(output_path(out, key, args.format), since):
+        target = output_path(out, key, args.format)
+        if not is_current(target, since):
+            todo.append((path, key))
+        elif not _readable(target, args.format):  # cut short or emptied after it was written: redo it
+            unreadable.append(target)
             todo.append((path, key))
         elif args.overlay and not is_current(overlay_path(out, key), since):
             overlay_only.append((path, key))
+    if unreadable:
+        print(f"segany auto: {len(unreadable)} earlier output(s) cannot be read (empty or cut short, e.g. "
+              f"{unreadable[0]}); those images are done again", file=sys.stderr)
     return todo, overlay_only
+
+
+def _readable(target: Path, fmt: str) -> bool:
+    try:
+        _read_output(target, fmt)
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return False
+    return True
 
 
 def _write_overlay(out: Path, key: str, image: Any, records: list[dict[str, Any]]) -> None:
@@ -637,11 +683,11 @@ def _write_output(target: Path, fmt: str, records: list[dict[str, Any]], *, imag
         data = to_sa1b(records, image_id=image_id, file_name=file_name, size_hw=(h, w))
         for i, ann in enumerate(data["annotations"]):  # unique over the output, as SA-1B's are
             ann["id"] = image_id * ANN_ID_STRIDE + i
-        atomic_write_bytes(target, _json_bytes(data))
+        atomic_write_bytes(target, _json_bytes(data), fsync=True)  # a crash must not leave a "done" empty file
     elif fmt == "coco":
         atomic_write_bytes(target, _json_bytes({"image": {"id": image_id, "file_name": file_name, "width": w,
                                                           "height": h},
-                                                "results": _coco_results(records, image_id)}))
+                                                "results": _coco_results(records, image_id)}), fsync=True)
     else:
         _write_png_dir(target, records, {"image_id": image_id, "file_name": file_name, "width": w, "height": h})
 

@@ -176,6 +176,16 @@ def plan_images(out: Path, images: list[tuple[Path, str]], keep: bool) -> ImageR
     return ImageRecord(ids, sources, next_id, changed)
 
 
+def recorded_keys(out: Path) -> dict[str, str]:
+    """Absolute image path -> the output key the recorded run gave it ({} when there is no readable record)."""
+    path = out / IDS_FILE
+    try:
+        _, sources, _ = _read_ids(path) if path.exists() else ({}, {}, 1)
+    except InputError:
+        return {}
+    return {src["path"]: key for key, src in sources.items() if isinstance(src, dict) and "path" in src}
+
+
 def write_images(out: Path, record: ImageRecord) -> None:
     """Write ``image_ids.json`` atomically, before any image is processed, so a killed run resumes with the
     same ids; call it only once the outputs of ``record.changed`` are removed, so a stale output is never
