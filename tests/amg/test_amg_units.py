@@ -154,3 +154,28 @@ def test_single_class_nms_is_batched_nms_with_one_category(n: int) -> None:
         expected = batched_nms(boxes, scores, torch.zeros(n), thr)
         assert torch.equal(single_class_nms(boxes, scores, thr), expected), thr
     assert single_class_nms(boxes[:0], scores[:0], 0.7).tolist() == []
+
+
+def test_nms_switches_paths_where_the_installed_torchvision_does() -> None:
+    """On a GPU the switch was 20000 box values while torchvision 0.29 switches at 100_000: between the two,
+    tied scores could keep other duplicates than the reference. The sizes now come from torchvision's source."""
+    import inspect
+    import re
+
+    from torchvision.ops import boxes
+
+    from segany.amg.nms import switch_sizes
+
+    src = inspect.getsource(boxes.batched_nms)
+    cpu, other = re.search(r"\((\d[\d_]*) if boxes\.device\.type == \"cpu\" else (\d[\d_]*)\)", src).groups()
+    assert switch_sizes() == (int(cpu), int(other))
+
+
+def test_an_image_too_small_for_its_crop_layers_is_named_with_the_fix(tiny_sam) -> None:
+    from segany import SamAutomaticMaskGenerator
+
+    gen = SamAutomaticMaskGenerator(tiny_sam, points_per_side=2, crop_n_layers=1)
+    with pytest.raises(InputError, match=r"image 50x1 is too small for crop_n_layers=1: crops of layer 1 would "
+                                         r"hold no pixel; lower crop_n_layers"):
+        gen.generate(np.zeros((1, 50, 3), np.uint8))
+

@@ -100,3 +100,24 @@ def test_generator_matches_reference(models: tuple[Sam, torch.nn.Module], sample
     assert_same_masks(ref, ours)
     assert set(ours[0]) == set(ref[0])
     assert ours[0]["segmentation"].shape == sample_image.shape[:2] and ours[0]["segmentation"].dtype == bool
+
+
+def test_attributes_set_after_construction_change_the_output_as_in_the_reference(
+        models: tuple[Sam, torch.nn.Module], sample_image: np.ndarray) -> None:
+    """The reference's generate reads its attributes; setting them afterwards was silently ignored here."""
+    ref_amg = require_oracle("segment_anything", "segment-anything==1.0").SamAutomaticMaskGenerator
+    from segany import SamAutomaticMaskGenerator
+
+    ours_model, ref_model = models
+    ref, ours = ref_amg(ref_model, points_per_side=8), SamAutomaticMaskGenerator(ours_model, points_per_side=8)
+    before = len(ours.generate(sample_image))
+    for gen in (ref, ours):
+        gen.pred_iou_thresh, gen.stability_score_thresh = KEEP_ALL.values()
+    assert ours.config.pred_iou_thresh == 0.0 and ours.stability_score_thresh == 0.0
+    got, want = ours.generate(sample_image), ref.generate(sample_image)
+    assert len(got) > before
+    assert_same_masks(want, got)
+    from segany.errors import InputError
+
+    with pytest.raises(InputError):  # checked as the constructor checks it
+        ours.output_mode = "png"

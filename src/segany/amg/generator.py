@@ -12,6 +12,7 @@ turns the surviving run-length encodings into the requested output format at the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -63,7 +64,35 @@ def cpu_batch_size(points_per_batch: int, crop_hw: tuple[int, int], masks_per_pr
     return max(1, min(points_per_batch, max(CPU_MIN_BATCH, CPU_LOGITS_BUDGET_BYTES // per_prompt)))
 
 
+class _ConfigField:
+    """A reference attribute name (``gen.pred_iou_thresh``) that reads and writes the generator's
+    :class:`AmgConfig`: the reference's ``generate`` reads its attributes, so code that sets one after
+    construction must change what ``generate`` does here too (it was silently ignored). A new value is
+    checked as the constructor checks it. As in the reference, ``point_grids`` are made once, at construction."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.config, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.config = dataclasses.replace(obj.config, **{self.name: value})
+
+
 class SamAutomaticMaskGenerator:
+    points_per_side = _ConfigField()
+    points_per_batch = _ConfigField()
+    pred_iou_thresh = _ConfigField()
+    stability_score_thresh = _ConfigField()
+    stability_score_offset = _ConfigField()
+    box_nms_thresh = _ConfigField()
+    crop_n_layers = _ConfigField()
+    crop_nms_thresh = _ConfigField()
+    crop_overlap_ratio = _ConfigField()
+    crop_n_points_downscale_factor = _ConfigField()
+    min_mask_region_area = _ConfigField()
+    output_mode = _ConfigField()
     # Label list for masks (closed vocabulary, or open with CLIP); None: the model's class names, if any.
     labels: list[str] | None = None
 
@@ -99,10 +128,6 @@ class SamAutomaticMaskGenerator:
             else layer_point_grids(int(c.points_per_side or 0), c.crop_n_layers, c.crop_n_points_downscale_factor)
         )
         self.predictor = SamPredictor(model)
-        # Reference attribute names, for code that reads them off the generator.
-        for name, value in c.to_dict().items():
-            if name != "point_grids":
-                setattr(self, name, value)
 
     @classmethod
     def from_config(cls, model: Sam, config: AmgConfig) -> SamAutomaticMaskGenerator:
@@ -143,6 +168,11 @@ class SamAutomaticMaskGenerator:
         size_hw = (int(image.shape[0]), int(image.shape[1]))
         c = self.config
         boxes, layers = crop_boxes(size_hw, c.crop_n_layers, c.crop_overlap_ratio)
+        empty = [layer for (x0, y0, x1, y1), layer in zip(boxes, layers, strict=True) if x1 <= x0 or y1 <= y0]
+        if empty:  # the reference fails inside resizing, with "image is empty"
+            raise InputError(f"image {size_hw[1]}x{size_hw[0]} is too small for crop_n_layers={c.crop_n_layers}: "
+                             f"crops of layer {min(empty)} would hold no pixel; lower crop_n_layers "
+                             "(--crop-n-layers) or use a larger image")
         parts = [self._process_crop(image, box, layer, size_hw) for box, layer in zip(boxes, layers, strict=True)]
         records = MaskRecords.cat(parts)
         if len(boxes) > 1 and len(records):

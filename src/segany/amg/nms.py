@@ -15,14 +15,33 @@ from __future__ import annotations
 import functools
 import importlib.machinery
 import importlib.util
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-# torchvision.ops.batched_nms switches to its per-category loop above these box-tensor sizes; its output is then
-# re-sorted by score, which can order tied scores differently, so the same switch is made here.
-_VANILLA_ABOVE_CPU, _VANILLA_ABOVE_OTHER = 4000, 20000
+# torchvision.ops.batched_nms switches to its per-category loop above a box-tensor size (one on CPU, another on
+# other devices); its output is then re-sorted by score, which can order tied scores differently, so the same
+# switch is made here. The sizes are read from the installed torchvision's source (they changed between
+# releases: 20000 on GPUs before, 100_000 in 0.29); these are its 0.29 values, used if that cannot be read.
+_VANILLA_ABOVE_CPU, _VANILLA_ABOVE_OTHER = 4000, 100_000
+_SWITCH = re.compile(r"numel\(\) > \((\d[\d_]*) if boxes\.device\.type == [\"']cpu[\"'] else (\d[\d_]*)\)")
+
+
+@functools.cache
+def switch_sizes() -> tuple[int, int]:
+    """(CPU, other devices) box-tensor sizes above which ``batched_nms`` loops per category, read from the
+    installed torchvision's ``ops/boxes.py`` without importing it."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return _VANILLA_ABOVE_CPU, _VANILLA_ABOVE_OTHER
+    try:
+        text = (Path(next(iter(spec.submodule_search_locations))) / "ops" / "boxes.py").read_text(encoding="utf-8")
+    except OSError:
+        return _VANILLA_ABOVE_CPU, _VANILLA_ABOVE_OTHER
+    found = _SWITCH.search(text)
+    return (int(found[1]), int(found[2])) if found else (_VANILLA_ABOVE_CPU, _VANILLA_ABOVE_OTHER)
 
 
 def _extension_paths() -> list[Path]:
@@ -66,7 +85,8 @@ def single_class_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: f
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     keep = nms_op()(boxes, scores, float(iou_threshold))
-    if boxes.numel() <= (_VANILLA_ABOVE_CPU if boxes.device.type == "cpu" else _VANILLA_ABOVE_OTHER):
+    cpu_limit, other_limit = switch_sizes()
+    if boxes.numel() <= (cpu_limit if boxes.device.type == "cpu" else other_limit):
         return keep
     # batched_nms's per-category path: a mask of the kept boxes, read in index order, then sorted by score.
     kept = torch.zeros_like(scores, dtype=torch.bool)
