@@ -70,7 +70,7 @@ class _ConfigField:
     construction must change what ``generate`` does here too (it was silently ignored). A new value is
     checked as the constructor checks it. As in the reference, ``point_grids`` are made once, at construction."""
 
-    def __set_name__(self, owner: type, name: str) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
@@ -81,18 +81,6 @@ class _ConfigField:
 
 
 class SamAutomaticMaskGenerator:
-    points_per_side = _ConfigField()
-    points_per_batch = _ConfigField()
-    pred_iou_thresh = _ConfigField()
-    stability_score_thresh = _ConfigField()
-    stability_score_offset = _ConfigField()
-    box_nms_thresh = _ConfigField()
-    crop_n_layers = _ConfigField()
-    crop_nms_thresh = _ConfigField()
-    crop_overlap_ratio = _ConfigField()
-    crop_n_points_downscale_factor = _ConfigField()
-    min_mask_region_area = _ConfigField()
-    output_mode = _ConfigField()
     # Label list for masks (closed vocabulary, or open with CLIP); None: the model's class names, if any.
     labels: list[str] | None = None
 
@@ -324,3 +312,9 @@ class SamAutomaticMaskGenerator:
              "point_coords": [points[i]], "stability_score": stab[i], "crop_box": crop_xywh[i]}
             for i in range(n)
         ]
+
+
+for _name in AmgConfig.__dataclass_fields__:  # the reference's attribute names (point_grids is the generator's own)
+    if _name != "point_grids":
+        setattr(SamAutomaticMaskGenerator, _name, _ConfigField(_name))
+
