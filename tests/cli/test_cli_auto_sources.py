@@ -115,6 +115,10 @@ def test_coco_images_json_loads_in_pycocotools_with_the_results(checkpoint: Path
     assert sorted(im["file_name"] for im in gt.loadImgs(gt.getImgIds())) == ["a.jpg", "sub/b.jpg"]
     assert len(dt.getAnnIds()) == len(_json(tmp_path / "o" / "coco_results.json")) > 0
     assert gt.loadCats(gt.getCatIds()) == [{"id": 1, "name": "object", "supercategory": "object"}]
+    from pycocotools import mask as mask_utils
+
+    for r in _json(tmp_path / "o" / "coco_results.json"):  # COCO's box, which its box evaluation reads
+        assert r["bbox"] == mask_utils.toBbox(r["segmentation"]).tolist()
 
 
 @pytest.mark.parametrize("fmt", ["coco", "png"])

@@ -362,8 +362,12 @@ def _write_png_dir(target: Path, records: list[dict[str, Any]], image: dict[str,
 
 
 def _coco_results(records: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
+    """COCO detection results. Their ``bbox`` follows COCO (``pycocotools.mask.toBbox``: width = columns
+    covered), not the reference's 1 px shorter box that SA-1B files keep: these are read by COCO's evaluation,
+    whose box AP would otherwise compare every box 1 px short."""
     return [{"image_id": image_id, "category_id": r.get("category_id", 1), "segmentation": r["segmentation"],
-             "bbox": r["bbox"], "score": r["predicted_iou"], "area": r["area"],
+             "bbox": [*r["bbox"][:2], r["bbox"][2] + 1, r["bbox"][3] + 1], "score": r["predicted_iou"],
+             "area": r["area"],
              **({"category_name": r["label"], "label_score": r["label_score"]} if "label" in r else {})}
             for r in records]
 
