@@ -48,6 +48,14 @@ def _run(*args: str | Path, **extra_env: str) -> subprocess.CompletedProcess[str
     return subprocess.run(_cmd(*args), capture_output=True, text=True, timeout=300, env=env)
 
 
+def _main(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    """``segany auto ARGS`` in this process (no interpreter start per run): exit status and stderr."""
+    from segany.cli.main import main
+
+    code = main(["auto", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
 def _outputs(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.json"))
             if p.name not in ("manifest.json", "run.json")}
@@ -92,17 +100,18 @@ def test_kill_9_then_resume_equals_uninterrupted_run(folder: Path, checkpoint: P
     assert "img/s" in r.stderr or "s/img" in r.stderr  # the progress bar
 
 
-def test_sa1b_png_coco_and_overlay_outputs(checkpoint: Path, tmp_path: Path) -> None:
+def test_sa1b_png_coco_and_overlay_outputs(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
     img = tmp_path / "photo.jpg"
     shutil.copy(SAMPLE_IMAGE, img)
-    r = _run(img, "--out", tmp_path / "a", "--checkpoint", checkpoint, *FAST, "--overlay", "--quiet")
-    assert r.returncode == 0, r.stderr
+    code, err = _main(capsys, img, "--out", tmp_path / "a", "--checkpoint", checkpoint, *FAST, "--overlay", "--quiet")
+    assert code == 0, err
     sa1b = read_sa1b(tmp_path / "a" / "photo.json")
     assert sa1b.annotations and (sa1b.width, sa1b.height, sa1b.file_name) == (640, 425, "photo.jpg")
     assert (tmp_path / "a" / "photo.overlay.png").stat().st_size > 0
 
-    r = _run(img, "--out", tmp_path / "p", "--checkpoint", checkpoint, *FAST, "--format", "png", "--quiet")
-    assert r.returncode == 0, r.stderr
+    code, err = _main(capsys, img, "--out", tmp_path / "p", "--checkpoint", checkpoint, *FAST, "--format", "png", "--quiet")
+    assert code == 0, err
     masks_json = json.loads((tmp_path / "p" / "photo" / "masks.json").read_text())
     meta = masks_json["annotations"]
     assert len(meta) == len(sa1b.annotations) and masks_json["image"]["file_name"] == "photo.jpg"
@@ -113,8 +122,8 @@ def test_sa1b_png_coco_and_overlay_outputs(checkpoint: Path, tmp_path: Path) -> 
     m0 = np.asarray(Image.open(tmp_path / "p" / "photo" / meta[0]["file"])) > 0
     assert np.array_equal(m0, sa1b.masks()[0])
 
-    r = _run(img, "--out", tmp_path / "c", "--checkpoint", checkpoint, *FAST, "--format", "coco", "--quiet")
-    assert r.returncode == 0, r.stderr
+    code, err = _main(capsys, img, "--out", tmp_path / "c", "--checkpoint", checkpoint, *FAST, "--format", "coco", "--quiet")
+    assert code == 0, err
     results = json.loads((tmp_path / "c" / "coco_results.json").read_text())
     assert len(results) == len(sa1b.annotations) and {"image_id", "segmentation", "score", "bbox"} <= set(results[0])
 
@@ -161,53 +170,56 @@ def _three(tmp_path: Path) -> Path:
     return d
 
 
-def test_resume_refuses_a_folder_made_with_other_settings(checkpoint: Path, tmp_path: Path) -> None:
+def test_resume_refuses_a_folder_made_with_other_settings(checkpoint: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     images, out = _three(tmp_path), tmp_path / "out"
-    r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--quiet")
-    assert r.returncode == 0, r.stderr
+    code, err = _main(capsys, images, "--out", out, "--checkpoint", checkpoint, *FAST, "--quiet")
+    assert code == 0, err
     before = _outputs(out)
     other = tmp_path / "other.pt"
     shutil.copy(checkpoint, other)
     for extra, says in ((["--checkpoint", checkpoint, "--points-per-side", "3"], "points_per_side 4 → 3"),
                         (["--checkpoint", other, "--points-per-side", "4"], f"checkpoint '{checkpoint.resolve()}' → '{other.resolve()}'")):
-        r = _run(images, "--out", out, *extra, *FAST[2:], "--resume", "--quiet")
-        assert r.returncode == 1 and says in r.stderr and "rerun without --resume" in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr and _outputs(out) == before
+        code, err = _main(capsys, images, "--out", out, *extra, *FAST[2:], "--resume", "--quiet")
+        assert code == 1 and says in err and "rerun without --resume" in err, err
+        assert "Traceback" not in err and _outputs(out) == before
     # Outputs with no record of what made them (another tool, an older segany) are not silently kept either.
     (out / "run.json").unlink()
-    r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
-    assert r.returncode == 1 and "no run.json" in r.stderr
+    code, err = _main(capsys, images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
+    assert code == 1 and "no run.json" in err
 
 
-def test_resume_redoes_what_a_replaced_run_left_behind(checkpoint: Path, tmp_path: Path) -> None:
+def test_resume_redoes_what_a_replaced_run_left_behind(checkpoint: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     images, out, clean = _three(tmp_path), tmp_path / "out", tmp_path / "clean"
     three = ["--points-per-side", "3", *FAST[2:]]
-    assert _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--quiet").returncode == 0
+    assert _main(capsys, images, "--out", out, "--checkpoint", checkpoint, *FAST, "--quiet")[0] == 0
     # A run with other settings and no --resume replaces every image; this one "dies" after the first,
     # leaving two outputs of the old settings in the folder.
     first = tmp_path / "first.txt"
     first.write_text(f"{images / 'img_0.jpg'}\n")
-    assert _run(first, "--out", out, "--checkpoint", checkpoint, *three, "--quiet").returncode == 0
-    r = _run(images, "--out", out, "--checkpoint", checkpoint, *three, "--resume", "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert _main(capsys, first, "--out", out, "--checkpoint", checkpoint, *three, "--quiet")[0] == 0
+    code, err = _main(capsys, images, "--out", out, "--checkpoint", checkpoint, *three, "--resume", "--quiet")
+    assert code == 0, err
     counts = json.loads((out / "manifest.json").read_text())["this_run"]
     assert counts["skipped_existing"] == 1 and counts["processed"] == 2
-    assert _run(images, "--out", clean, "--checkpoint", checkpoint, *three, "--quiet").returncode == 0
+    assert _main(capsys, images, "--out", clean, "--checkpoint", checkpoint, *three, "--quiet")[0] == 0
     assert _outputs(out) == _outputs(clean)
 
 
-def test_quantized_run_is_recorded_and_not_mixed_on_resume(checkpoint: Path, tmp_path: Path) -> None:
+def test_quantized_run_is_recorded_and_not_mixed_on_resume(checkpoint: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """An 8-bit encoder changes masks beyond rounding, so run.json records it and --resume with other
     options is refused; default runs keep the record they always had (no "predictor" key)."""
     images, out = _three(tmp_path), tmp_path / "out"
-    r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--precision", "bf16", "--quantize", "int8",
-             "--quiet")
-    assert r.returncode == 0, r.stderr
+    code, err = _main(capsys, images, "--out", out, "--checkpoint", checkpoint, *FAST, "--precision", "bf16",
+                      "--quantize", "int8", "--quiet")
+    assert code == 0, err
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["predictor"] == {"precision": "bf16", "quantize": "int8"}
     assert len(_outputs(out)) == 4  # and image_ids.json
-    r = _run(images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
-    assert r.returncode == 1 and "predictor" in r.stderr and "rerun without --resume" in r.stderr, r.stderr
+    code, err = _main(capsys, images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
+    assert code == 1 and "predictor" in err and "rerun without --resume" in err, err
 
 
 def test_outputs_of_images_sharing_a_name_do_not_overwrite_each_other(tmp_path: Path) -> None:

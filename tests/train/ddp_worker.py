@@ -1,9 +1,9 @@
 """One process of a 2-process CPU (gloo) training run under torchrun, for test_ddp.py.
 
-Usage: ``python -m torch.distributed.run --nproc-per-node 2 ddp_worker.py OUT MODE`` with MODE ``clock`` (rank 1's
-clock runs 200× fast, so on its own it would end a ``run.max_minutes`` budget after one step) or ``interrupt``
-(rank 1 alone gets a Ctrl-C after step 2). Each rank writes ``OUT/rank{R}.json``: its step, whether it stopped on
-an interrupt, and a checksum of its weights.
+Usage: ``python -m torch.distributed.run --nproc-per-node 2 ddp_worker.py OUT MODES`` with MODES a comma-separated
+list of ``clock`` (rank 1's clock runs 200× fast, so on its own it would end a ``run.max_minutes`` budget after one
+step) and ``interrupt`` (rank 1 alone gets a Ctrl-C after step 2). Each rank writes ``OUT/MODE/rank{R}.json``: its
+step, whether it stopped on an interrupt, and a checksum of its weights.
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ def records(folder: Path) -> list[InstanceRecord]:
     return out
 
 
-def main() -> None:
-    out, mode = Path(sys.argv[1]), sys.argv[2]
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(1)
+def scenario(out: Path, mode: str, rank: int) -> None:
+    """One training run of ``mode``; writes ``out/rank{R}.json``."""
     budget = ["run.max_minutes=0.5"] if mode == "clock" else []
     cfg = load_config(None, [f"run.out_dir={out / 'run'}", "run.batch_size=1", "data.max_masks=2",
                              "data.num_workers=0", "recipe.point_rounds=1", "recipe.mask_only_rounds=0",
@@ -57,8 +55,9 @@ def main() -> None:
     data = out / f"data{rank}"  # the same images, written by each rank for itself
     data.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, sam=sam, train_records=records(data))
+    real = time.time
     if mode == "clock" and rank == 1:
-        start, real = time.time(), time.time
+        start = real()
         trainer_module.time.time = lambda: start + (real() - start) * 200.0  # type: ignore[attr-defined]
 
     def on_log(entry: dict) -> None:  # rank 0 only logs; it sends rank 1 its Ctrl-C
@@ -66,8 +65,7 @@ def main() -> None:
             os.kill(int(os.environ["PEER_PID"]), signal.SIGINT)
 
     if mode == "interrupt":
-        pid_file = out / f"pid{rank}"
-        pid_file.write_text(str(os.getpid()))
+        (out / f"pid{rank}").write_text(str(os.getpid()))
         torch.distributed.barrier()
         os.environ["PEER_PID"] = (out / "pid1").read_text()
     interrupted = False
@@ -75,9 +73,21 @@ def main() -> None:
         trainer.fit(on_log=on_log)
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        trainer_module.time.time = real  # type: ignore[attr-defined]
     checksum = sum(float(p.detach().double().sum()) for p in trainer.sam.parameters())
     (out / f"rank{rank}.json").write_text(json.dumps({"step": trainer.step, "interrupted": interrupted,
                                                       "checksum": checksum}))
+    torch.distributed.barrier()  # both ranks done before the next scenario starts
+
+
+def main() -> None:
+    out, modes = Path(sys.argv[1]), sys.argv[2].split(",")
+    rank = int(os.environ["RANK"])
+    (out / f"worker{rank}.pid").write_text(str(os.getpid()))  # torchrun starts workers in sessions of their own
+    torch.set_num_threads(1)
+    for mode in modes:  # one launch for all: starting torchrun and two interpreters is most of the time
+        scenario(out / mode, mode, rank)
     torch.distributed.destroy_process_group()
 
 
