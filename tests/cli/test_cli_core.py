@@ -175,22 +175,26 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     ]
 
 
-def test_predict_fast_path_options(tmp_path: Path, tiny_ckpt: Path, home: Path) -> None:
+def test_predict_fast_path_options(tmp_path: Path, tiny_ckpt: Path, home: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
     """--precision/--quantize reach the predictor (same prompt, nearly the same mask as the exact path), and a
-    combination that cannot run is one line naming the fix, with no output folder left behind."""
+    combination that cannot run is one line naming the fix, with no output folder left behind. In-process:
+    the subprocess path of predict is covered above."""
+    from conftest import cli_fails
+
+    monkeypatch.setenv("SEGANY_HOME", str(home))
     args = [str(SAMPLE_IMAGE), "--point", "320,212", "--checkpoint", str(tiny_ckpt), "--single"]
     exact, quick = tmp_path / "exact", tmp_path / "int8"
-    assert segany("predict", *args, "--out", str(exact), home=home).returncode == 0
-    r = segany("predict", *args, "--out", str(quick), "--precision", "bf16", "--quantize", "int8", home=home)
-    assert r.returncode == 0, r.stderr
+    assert main(["predict", *args, "--out", str(exact)]) == 0
+    assert main(["predict", *args, "--out", str(quick), "--precision", "bf16", "--quantize", "int8"]) == 0
+    capsys.readouterr()
     record = json.loads((quick / "sample.json").read_text())
     assert record["precision"] == "bf16" and record["quantize"] == "int8"  # the JSON says what ran
     a = np.asarray(Image.open(exact / "sample_mask0.png")) > 0
     b = np.asarray(Image.open(quick / "sample_mask0.png")) > 0
     assert a.any() and (a & b).sum() / (a | b).sum() > 0.95
     bad = tmp_path / "bad"
-    r = segany("predict", *args, "--out", str(bad), "--quantize", "fp8", home=home)  # CPU auto precision: fp32
-    assert r.returncode == 1 and "--precision bf16" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    cli_fails(["predict", *args, "--out", str(bad), "--quantize", "fp8"], capsys, "--precision bf16")  # CPU auto: fp32
     assert not bad.exists()
 
 
