@@ -15,31 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from synthetic_records import synthetic_records  # beside this script, so on sys.path
 
-from segany.data.formats.common import InstanceRecord, encode_mask
 from segany.modeling.config import SamConfig, ViTConfig
 from segany.modeling.sam import Sam
 from segany.train import trainer as trainer_module
 from segany.train.config import load_config
 from segany.train.trainer import Trainer
-
-
-def records(folder: Path) -> list[InstanceRecord]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(4):
-        img = (rng.random((96, 120, 3)) * 255).astype(np.uint8)
-        m = np.zeros((96, 120), bool)
-        m[10 + 5 * i: 60, 20: 90 - 7 * i] = True
-        img[m] = [200, 40, 40]
-        path = folder / f"im{i}.png"
-        Image.fromarray(img).save(path)
-        out.append(InstanceRecord(str(path), (96, 120), [encode_mask(m), encode_mask(~m)], image_id=str(i),
-                                  dataset="synthetic"))
-    return out
 
 
 def scenario(out: Path, mode: str, rank: int) -> None:
@@ -54,7 +37,7 @@ def scenario(out: Path, mode: str, rank: int) -> None:
                                           global_attn_indexes=(1,), window_size=8)))
     data = out / f"data{rank}"  # the same images, written by each rank for itself
     data.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, sam=sam, train_records=records(data))
+    trainer = Trainer(cfg, sam=sam, train_records=synthetic_records(data, n=4))
     real = time.time
     if mode == "clock" and rank == 1:
         start = real()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from synthetic_records import synthetic_records
 
 from segany.data.datasets import collate
-from segany.data.formats.common import InstanceRecord, encode_mask
+from segany.data.formats.common import InstanceRecord
 from segany.errors import InputError
 from segany.modeling.sam import Sam
 from segany.train.config import load_config
@@ -41,20 +41,7 @@ def _batch() -> dict:
 
 
 def _records(tmp_path) -> list[InstanceRecord]:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    recs = []
-    for i in range(3):
-        img = (rng.random((96, 120, 3)) * 255).astype(np.uint8)
-        m = np.zeros((96, 120), bool)
-        m[10 + 5 * i : 60, 20:90 - 7 * i] = True
-        img[m] = [200, 40, 40]
-        path = tmp_path / f"im{i}.png"
-        Image.fromarray(img).save(path)
-        recs.append(InstanceRecord(str(path), (96, 120), [encode_mask(m), encode_mask(~m)], image_id=str(i),
-                                   dataset="synthetic"))
-    return recs
+    return synthetic_records(tmp_path)
 
 
 def test_one_step_lowers_loss_on_fixed_batch(tmp_path) -> None:
