@@ -57,7 +57,8 @@ def test_predict_text_with_the_label_model_writes_every_person(tmp_path: Path, h
 
 def test_auto_labels_records_carry_label_and_score(tmp_path: Path, home: Path) -> None:
     out = tmp_path / "out"
-    r = segany("auto", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--labels", "person,umbrella,car",
+    # Spelled as a user might: each label comes out as the class's own name, once (as predict and the server say it)
+    r = segany("auto", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--labels", " Person ,umbrellas,CAR,person",
                "--points-per-side", "6", *LOOSE, "--device", "cpu", "--quiet", "--out", str(out), home=home)
     assert r.returncode == 0, r.stderr
     anns = json.loads((out / f"{PERSON_IMAGE.stem}.json").read_text())["annotations"]

@@ -109,6 +109,17 @@ def test_closed_vocabulary_and_bad_input(sample_image: np.ndarray) -> None:
         p.predict(text="zebra")
     with pytest.raises(PromptError, match="text is empty"):
         p.predict(text="  ")
+    with pytest.raises(PromptError, match=r"unknown label 'zzzz+\.\.\.': "):  # a long phrase is not echoed whole
+        p.predict(text="z" * 10_000)
+    from segany.text.prompting import check_text_for_model
+    from segany.text.vocab import resolve_label
+
+    # Full-width letters and a zero-width space are the same word; every entry point gets the class's own name.
+    assert resolve_label("ｐｅｒｓｏｎ", NAMES) == resolve_label("do\u200bg", NAMES) - 1 == 0
+    assert check_text_for_model(model, " The Dogs ") == "dog"
+    for box in (np.array([5, 5, 9, 9]), np.array([300, 200, 306, 203]), np.array([0, 0, 640, 425])):
+        _, scores, _ = p.predict(box=box, text="dog")  # IoU x probability: never below 0
+        assert (scores >= 0).all() and (scores <= 1).all(), scores
     plain = _predictor(randomize_(Sam(tiny_config())).eval(), sample_image)
     # The fix names a model that exists and ships with segany.
     with pytest.raises(PromptError, match=r"use the label model segany_tiny_labels .*--model segany_tiny_labels"):
@@ -205,3 +216,18 @@ def test_automatic_masks_carry_labels(sample_image: np.ndarray) -> None:
     assert sa1b["annotations"][0]["label"] in NAMES
     gen.labels = ["car"]
     assert {a["label"] for a in gen.generate(sample_image)} == {"car"}
+
+
+def test_one_text_score_floor_for_predict_the_api_and_the_server() -> None:
+    """The server and SamPredictor.predict(text=...) kept 0.25 while `segany predict --text` used 0.1: the same
+    query gave 2 masks in the app and 25 on the command line with segany_tiny_labels."""
+    import inspect
+
+    import segany.cli.predict as predict_cli
+    from segany.server.model_service import ModelService
+    from segany.text.prompting import segment_every
+    from segany.text.vocab import TEXT_MIN_SCORE
+
+    assert inspect.signature(segment_every).parameters["min_score"].default == TEXT_MIN_SCORE
+    assert ModelService("vit_b", device="cpu").text_min_score == TEXT_MIN_SCORE
+    assert predict_cli.TEXT_MIN_SCORE is TEXT_MIN_SCORE

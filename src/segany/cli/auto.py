@@ -461,7 +461,8 @@ def run(args: argparse.Namespace) -> int:
                              "--model segany_tiny_labels (segany_tiny + a class head, shipped with segany)")
         from segany.text.prompting import check_text_for_model
 
-        generator.labels = [check_text_for_model(model, t) for t in labels]  # unknown closed-vocabulary names
+        # Unknown closed-vocabulary names fail here; known ones become the class names, each once.
+        generator.labels = list(dict.fromkeys(check_text_for_model(model, t) for t in labels))
     # The output folder appears only once every check has passed: a refused run leaves nothing behind.
     out.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out)

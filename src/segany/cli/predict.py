@@ -30,13 +30,14 @@ from segany.cli._util import (
     resolve_device,
 )
 from segany.errors import InputError
+from segany.text.vocab import TEXT_MIN_SCORE
 
 # --text alone keeps 3 low-res candidates per grid point until ranking: 64² points are 12,288 candidates, about
 # 0.8 GB for segany_tiny's 128² logits and 3.2 GB for SAM's 256².
 MAX_TEXT_POINTS_PER_SIDE = 64
-# --text alone: its search grid and score floor when not given (help texts and run() read these).
+# --text alone: its search grid when not given (help texts and run() read it; the score floor, TEXT_MIN_SCORE, is
+# segany.text.vocab's, shared with the server and the API).
 TEXT_POINTS_PER_SIDE = 16
-TEXT_MIN_SCORE = 0.1
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ import torch
 
 from segany.errors import InputError, SeganyError
 from segany.server.schemas import MAX_DECODE_POINTS
+from segany.text.vocab import TEXT_MIN_SCORE
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ModelService:
     def __init__(self, model_type: str = "vit_b", checkpoint: str | None = None, *, device: str | None = None,
                  cache_size: int = 16, cache_dir: Path | None = None, sam: Any = None,
                  prefill: PrefillFn | None = None, prefill_settings: PrefillSettings | None = None,
-                 text_min_score: float = 0.25, predictor_options: dict[str, Any] | None = None,
+                 text_min_score: float = TEXT_MIN_SCORE, predictor_options: dict[str, Any] | None = None,
                  decode_cache_size: int = 32) -> None:
         """
         Args:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from segany.errors import PromptError
-from segany.text.vocab import check_text, normalize_phrase, resolve_label
+from segany.text.vocab import TEXT_MIN_SCORE, check_text, normalize_phrase, resolve_label
 
 if TYPE_CHECKING:
     from segany.modeling.sam import Sam
@@ -139,7 +139,9 @@ def check_text_for_model(model: Sam, text: object) -> str:
     if model.cfg.text is None and model.class_head is None:
         raise PromptError("text prompts: this " + NO_TEXT_PATH)
     if model.class_head is not None and _closed_vocabulary(model):
-        resolve_label(text, model.class_head.class_names)  # unknown names fail listing the known ones
+        # Unknown names fail listing the known ones; known ones come back as the class's own name, so
+        # "Persons" is labelled "person" by every entry point (predict, auto, the server).
+        return model.class_head.class_names[resolve_label(text, model.class_head.class_names)]
     return text
 
 
@@ -168,7 +170,7 @@ def predict_text(predictor: SamPredictor, text: str, coords: torch.Tensor | None
     pv = _phrase_vocab(model, text, predictor)
     if pv is not None:  # how much each candidate is the named thing decides among the ambiguity masks
         vocab, idx = pv
-        iou = iou * label_probs(model, tokens, vocab)[..., idx]
+        iou = iou.float().clamp(0, 1) * label_probs(model, tokens, vocab)[..., idx]  # a raw IoU can be < 0
     masks = model.postprocess_masks(low, predictor.input_size, predictor.original_size)
     if not return_logits:
         masks = masks > model.mask_threshold
@@ -228,7 +230,8 @@ def select(low_res: torch.Tensor, scores: torch.Tensor, *, min_score: float, nms
 
 
 @torch.no_grad()
-def segment_every(predictor: SamPredictor, text: str, *, points_per_side: int = 16, min_score: float = 0.25,
+def segment_every(predictor: SamPredictor, text: str, *, points_per_side: int = 16,
+                  min_score: float = TEXT_MIN_SCORE,
                   nms_iou: float = 0.7, max_instances: int = 50, return_logits: bool = False
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every instance of ``text``: masks (N, H, W), scores (N,), low-res logits (N, h, w), best first."""
@@ -257,8 +260,8 @@ def segment_every(predictor: SamPredictor, text: str, *, points_per_side: int = 
 @torch.no_grad()
 def label_masks(predictor: SamPredictor, masks: np.ndarray | torch.Tensor, labels: list[str] | None = None
                 ) -> tuple[list[str], np.ndarray]:
-    """Label masks from any source (e.g. the automatic generator): each is re-prompted by its box and
-    centre point, and the class head reads the resulting mask token.
+    """Label masks from any source (e.g. the automatic generator): each is re-prompted by its box, and the
+    class head reads the resulting mask token.
 
     Args:
         masks: (N, H, W) bool in original-image pixels.

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 
 from segany.errors import PromptError
 
 _ARTICLES = re.compile(r"^(a|an|the|every|all)\s+", re.IGNORECASE)
+# The score floor of "every <text>" results (predicted IoU × label probability), one for every entry point
+# (predict --text, SamPredictor.predict(text=...), the server's text proposals): segany_tiny_labels' scores
+# stay below about 0.2, so the 0.25 the server and the API had kept 2 of the 25 people on the sample photo.
+# Here, not in prompting.py, so the command line's parser can read it without importing torch.
+TEXT_MIN_SCORE = 0.1
 
 
 def normalize_phrase(text: str) -> str:
-    """'  The Dogs ' → 'dogs'; 'a traffic light' → 'traffic light' (articles and case do not matter)."""
-    t = " ".join(str(text).strip().lower().replace("_", " ").split())
+    """'  The Dogs ' → 'dogs'; 'a traffic light' → 'traffic light' (articles and case do not matter, nor
+    full-width letters or invisible format characters such as a zero-width space)."""
+    t = "".join(ch for ch in unicodedata.normalize("NFKC", str(text)) if unicodedata.category(ch) != "Cf")
+    t = " ".join(t.strip().lower().replace("_", " ").split())
     while True:
         stripped = _ARTICLES.sub("", t)
         if stripped == t:
@@ -41,8 +49,9 @@ def resolve_label(text: str, class_names: tuple[str, ...] | list[str]) -> int:
             return names.index(cand)
     close = difflib.get_close_matches(want, names, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(class_names[names.index(c)]) for c in close)}?" if close else ""
+    shown = text if len(text) <= 60 else text[:57] + "..."
     raise PromptError(
-        f"unknown label {text!r}: this model has a closed vocabulary of {len(class_names)} classes "
-        f"and no CLIP text path.{hint} Known: {', '.join(class_names)}. For free-form text use a model "
-        "with a text token (TextConfig) and CLIP weights (pip install 'segany[text]')"
+        f"unknown label {shown!r}: this model has a closed vocabulary of {len(class_names)} classes "
+        f"and no CLIP text path.{hint} Known: {', '.join(class_names)}; pass one of them (free-form text needs "
+        "a model with a text token and CLIP weights, which segany does not ship)"
     )
