@@ -473,8 +473,8 @@ def run(args: argparse.Namespace) -> int:
     write_images(out, record)
     since = record_run(out, settings, keep)
     _say_skipped(listing)
-    todo, overlay_only = _plan(out, images, args, since)
     state = _Progress()
+    todo, overlay_only = _plan(out, images, args, since, state.earlier_masks)
     try:
         _process(out, listing, todo, overlay_only, generator, record.ids, args, state)
     except KeyboardInterrupt:
@@ -493,6 +493,9 @@ class _Progress:
     overlays: int = 0
     n_masks: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
+    # Masks per output key that --resume found done (and read while checking it), so the summary need not
+    # parse those outputs a second time.
+    earlier_masks: dict[str, int] = field(default_factory=dict)
 
 
 def _process(out: Path, listing: Listing, todo: list[tuple[Path, str]], overlay_only: list[tuple[Path, str]],
@@ -543,7 +546,7 @@ def _finish(out: Path, listing: Listing, args: argparse.Namespace, model_name: s
     """Write the manifest (and coco's merged files), print the summary; the exit status."""
     images, failures, done = listing.images, state.failures, state.done
     elapsed = time.perf_counter() - start
-    whole = _summarize(out, [k for _, k in images], args.format, since)
+    whole = _summarize(out, [k for _, k in images], args.format, since, state.earlier_masks)
     counts = {"images": len(images), "done": whole["done"], "failed": len(failures), "masks": whole["masks"],
               "not_images": sum(listing.other_files.values())}
     this_run = {"processed": done, "skipped_existing": len(images) - len(todo), "redone_changed": redone,
@@ -637,20 +640,24 @@ def _remove_changed(out: Path, keys: list[str], fmt: str) -> int:
     return n
 
 
-def _plan(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace, since: int
-          ) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """(images to segment, images done whose overlay is missing). Without --resume every image is redone."""
+def _plan(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace, since: int,
+          earlier_masks: dict[str, int]) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(images to segment, images done whose overlay is missing). Without --resume every image is redone.
+    The mask count of each output found done goes into ``earlier_masks``."""
     if not args.resume:
         return list(images), []
     todo, overlay_only, unreadable = [], [], []
     for path, key in images:
         target = output_path(out, key, args.format)
-        if not is_current(target, since):
+        current = is_current(target, since)
+        n = _output_masks(target, args.format) if current else None
+        if n is None:
+            if current:  # cut short or emptied after it was written: redo it
+                unreadable.append(target)
             todo.append((path, key))
-        elif not _readable(target, args.format):  # cut short or emptied after it was written: redo it
-            unreadable.append(target)
-            todo.append((path, key))
-        elif args.overlay and not is_current(overlay_path(out, key), since):
+            continue
+        earlier_masks[key] = n
+        if args.overlay and not is_current(overlay_path(out, key), since):
             overlay_only.append((path, key))
     if unreadable:
         print(f"segany auto: {len(unreadable)} earlier output(s) cannot be read (empty or cut short, e.g. "
@@ -658,12 +665,16 @@ def _plan(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace, s
     return todo, overlay_only
 
 
-def _readable(target: Path, fmt: str) -> bool:
+def _output_masks(target: Path, fmt: str) -> int | None:
+    """How many masks a finished output holds, or None when it cannot be read."""
     try:
-        _read_output(target, fmt)
+        return _mask_count(_read_output(target, fmt), fmt)
     except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return False
-    return True
+        return None
+
+
+def _mask_count(data: Any, fmt: str) -> int:
+    return len(data["annotations"] if fmt == "sa1b" else data["results"] if fmt == "coco" else _png_masks(data))
 
 
 def _write_overlay(out: Path, key: str, image: Any, records: list[dict[str, Any]]) -> None:
@@ -720,21 +731,25 @@ def _png_masks(data: Any) -> list[dict[str, Any]]:
     return data if isinstance(data, list) else data["annotations"]
 
 
-def _summarize(out: Path, keys: list[str], fmt: str, since: int) -> dict[str, int]:
-    """Images done and masks in the whole output (this run's and earlier ones'); writes coco's merged files."""
+def _summarize(out: Path, keys: list[str], fmt: str, since: int, earlier_masks: dict[str, int]
+               ) -> dict[str, int]:
+    """Images done and masks in the whole output (this run's and earlier ones'); writes coco's merged files.
+    ``earlier_masks`` holds the counts of outputs --resume already read and left alone; coco needs their data."""
     done = masks = 0
     merged_images, merged = [], []
     for key in keys:
         p = output_path(out, key, fmt)
         if not is_current(p, since):  # not done, or a replaced run's output for an image that failed this time
             continue
-        data = _read_output(p, fmt)
         done += 1
+        if key in earlier_masks and fmt != "coco":
+            masks += earlier_masks[key]
+            continue
+        data = _read_output(p, fmt)
         if fmt == "coco":
             merged_images.append(data["image"])
             merged.extend(data["results"])
-        masks += len(data["annotations"] if fmt == "sa1b" else data["results"] if fmt == "coco" else
-                     _png_masks(data))
+        masks += _mask_count(data, fmt)
     if fmt == "coco":
         atomic_write_bytes(out / COCO_RESULTS_FILE, _json_bytes(merged))
         atomic_write_bytes(out / COCO_IMAGES_FILE, _json_bytes(_coco_dataset(merged_images, merged)))
