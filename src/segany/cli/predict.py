@@ -30,14 +30,11 @@ from segany.cli._util import (
     resolve_device,
 )
 from segany.errors import InputError
-from segany.text.vocab import TEXT_MIN_SCORE
+from segany.text.vocab import TEXT_MIN_SCORE, TEXT_POINTS_PER_SIDE
 
 # --text alone keeps 3 low-res candidates per grid point until ranking: 64² points are 12,288 candidates, about
 # 0.8 GB for segany_tiny's 128² logits and 3.2 GB for SAM's 256².
 MAX_TEXT_POINTS_PER_SIDE = 64
-# --text alone: its search grid when not given (help texts and run() read it; the score floor, TEXT_MIN_SCORE, is
-# segany.text.vocab's, shared with the server and the API).
-TEXT_POINTS_PER_SIDE = 16
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -54,9 +51,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a box in image pixels (top-left, bottom-right); one per run")
     p.add_argument("--text", help="a phrase, e.g. 'a dog' (models with a text token or class head); alone it "
                                   "segments every instance, with clicks/box it picks the named object")
-    # segany_tiny's IoU head is under-confident (its predicted IoUs stay below ~0.6, see scripts/demo.sh), so
-    # the every-instance score IoU × P(class) of segany_tiny_labels stays below ~0.2: a default of 0.1 lets
-    # its confident instances through; raise it for models with SAM-scale IoU predictions.
+    # --text alone: the search's defaults are segany.text.vocab's, shared with the API and the server (why 0.1:
+    # see TEXT_MIN_SCORE); raise --min-score for models with SAM-scale IoU predictions.
     p.add_argument("--min-score", type=float, default=None,
                    help="--text alone: keep instances whose predicted IoU x P(class) is at least this "
                         f"(default {TEXT_MIN_SCORE:g})")

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from segany.errors import PromptError
-from segany.text.vocab import TEXT_MIN_SCORE, check_text, normalize_phrase, resolve_label
+from segany.text.vocab import (
+    TEXT_MIN_SCORE,
+    TEXT_POINTS_PER_SIDE,
+    check_text,
+    normalize_phrase,
+    resolve_label,
+)
 
 if TYPE_CHECKING:
     from segany.modeling.sam import Sam
@@ -187,8 +193,8 @@ def grid_points(size_hw: tuple[int, int], per_side: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def propose(predictor: SamPredictor, *, text: str | None = None, points_per_side: int = 16, batch: int = 64
-            ) -> dict[str, torch.Tensor]:
+def propose(predictor: SamPredictor, *, text: str | None = None, points_per_side: int = TEXT_POINTS_PER_SIDE,
+            batch: int = 64) -> dict[str, torch.Tensor]:
     """Decode a point grid (each point with the phrase's text token when the model has one).
 
     Returns all candidates, 3 per point: ``low_res`` (P, h, w) logits, ``iou`` (P,) and ``tokens`` (P, C).
@@ -230,7 +236,7 @@ def select(low_res: torch.Tensor, scores: torch.Tensor, *, min_score: float, nms
 
 
 @torch.no_grad()
-def segment_every(predictor: SamPredictor, text: str, *, points_per_side: int = 16,
+def segment_every(predictor: SamPredictor, text: str, *, points_per_side: int = TEXT_POINTS_PER_SIDE,
                   min_score: float = TEXT_MIN_SCORE,
                   nms_iou: float = 0.7, max_instances: int = 50, return_logits: bool = False
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

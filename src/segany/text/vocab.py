@@ -12,8 +12,10 @@ _ARTICLES = re.compile(r"^(a|an|the|every|all)\s+", re.IGNORECASE)
 # The score floor of "every <text>" results (predicted IoU × label probability), one for every entry point
 # (predict --text, SamPredictor.predict(text=...), the server's text proposals): segany_tiny_labels' scores
 # stay below about 0.2, so the 0.25 the server and the API had kept 2 of the 25 people on the sample photo.
-# Here, not in prompting.py, so the command line's parser can read it without importing torch.
+# TEXT_POINTS_PER_SIDE is the side of the point grid that search covers. Both live here, not in prompting.py,
+# so the command line's parser can read them without importing torch.
 TEXT_MIN_SCORE = 0.1
+TEXT_POINTS_PER_SIDE = 16
 
 
 def normalize_phrase(text: str) -> str:
