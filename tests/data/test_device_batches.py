@@ -156,3 +156,22 @@ def test_resized_masks_stay_on_their_object(tmp_path, path: str) -> None:
     # what must not happen is the same shift in every sample.
     assert np.abs(arr[:, :2].mean(axis=0)).max() < 0.15, arr[:, :2]
     assert arr[:, 2].min() > 0.98
+
+
+@pytest.mark.parametrize("path", ["dataset", "device"])
+def test_a_mask_of_another_size_than_its_image_is_refused(records, path: str) -> None:
+    """Every mask's frame is checked, not only the first one's: an edited pack with one mask of another size
+    had it stretched onto the image by the device batcher and crashed np.stack in the dataset."""
+    from segany.data.datasets import SegmentationDataset
+    from segany.errors import InputError
+
+    rec = records[0]
+    h, w = rec.size_hw
+    rec.masks[2] = encode_mask(np.ones((w, h), dtype=bool))  # transposed: same pixel count, other frame
+    with pytest.raises(InputError, match="stale or edited") as exc:
+        if path == "device":
+            make(records, AugmentConfig(hflip=0.0))
+        else:
+            ds = SegmentationDataset([rec], img_size=64, max_masks=3, augment=None)
+            ds[0]
+    assert rec.image_path in str(exc.value) and f"{w}x{h}" in str(exc.value)

@@ -98,7 +98,34 @@ def test_polygon_of_mask_with_hole_keeps_hole() -> None:
     polys = exports.mask_to_polygons(m)
     assert len(polys) == 1
     back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, 60, 60))).astype(bool)
-    assert not back[30, 30] and back[15, 15] and _iou(back, m) > 0.9
+    assert np.array_equal(back, m)
+
+
+def test_polygons_fill_back_to_exactly_the_mask() -> None:
+    """Vertices on pixel corners: pycocotools fills each export back to the very mask (holes, diagonal
+    neighbours, single pixels, image edges), both as COCO's polygon list and as YOLO's one joined polygon.
+    Through pixel centres a 20x35 box came back 19x34."""
+    import cv2
+    from pycocotools import mask as mask_utils
+
+    def fill(polys: list[list[float]], h: int, w: int) -> np.ndarray:
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w))).astype(bool)
+
+    rng = np.random.default_rng(0)
+    for k in range(150):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        m = rng.random((h, w)) < rng.uniform(0.1, 0.9)
+        if k % 2:  # blobs with holes rather than noise
+            m = cv2.morphologyEx(m.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+        polys = exports.mask_to_polygons(m)
+        if not m.any():
+            assert polys == []
+            continue
+        assert np.array_equal(fill(polys, h, w), m)
+        assert np.array_equal(fill([exports.join_polygons(polys)], h, w), m)
+    box = np.zeros((60, 80), bool)
+    box[10:30, 5:40] = True
+    assert exports.mask_to_polygons(box) == [[5.0, 10.0, 5.0, 30.0, 40.0, 30.0, 40.0, 10.0]]
 
 
 def test_coco_import_roundtrip(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -173,3 +200,27 @@ def test_export_targets_of_the_wrong_kind_are_refused_before_writing(filled, tmp
         with pytest.raises(InputError, match="is a file; the .* export writes a folder"):
             export(store, p["id"], afile)
     assert afile.read_text() == "{}"
+
+
+def test_yolo_polygons_fill_back_the_way_ultralytics_fills_them() -> None:
+    """Ultralytics scales a label's coordinates, truncates them to int32 and fills with cv2.fillPoly (edges
+    included), so YOLO polygons go through boundary-pixel centres: with COCO's corner vertices an 8x9 box
+    came back with 90 px for 72."""
+    import cv2
+
+    def ultralytics_fill(poly: list[float], h: int, w: int) -> np.ndarray:
+        xy = np.round(np.asarray(poly).reshape(-1, 2) / [w, h], 6) * [w, h]  # the label file's 6 decimals
+        out = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(out, [xy.astype(np.int32)], 1)
+        return out.astype(bool)
+
+    box = np.zeros((40, 50), bool)
+    box[2:10, 3:12] = True
+    ring = np.zeros((40, 50), bool)
+    ring[15:35, 20:45] = True
+    ring[20:28, 26:36] = False  # a hole, joined by a zero-width seam
+    for m in (box, ring):
+        poly = exports.join_polygons(exports.mask_to_polygons(m, convention="yolo"))
+        assert np.array_equal(ultralytics_fill(poly, 40, 50), m)
+    corners = exports.join_polygons(exports.mask_to_polygons(box))
+    assert ultralytics_fill(corners, 40, 50).sum() >= 90  # 72 px grown by a row and a column

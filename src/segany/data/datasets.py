@@ -10,7 +10,7 @@ a resumed run sees exactly the batches it would have seen, whatever the number o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +78,9 @@ class SegmentationDataset(Dataset):
         aug = self.augment
         # Oversample candidates: a crop can cut some masks away.
         chosen = self._choose_masks(rec, rng, self.max_masks * (2 if aug else 1))
-        masks = np.stack([decode_rle(rec.masks[i]) for i in chosen]).astype(np.uint8)  # (n, H, W)
-        check_frames(rec, image.shape[:2], masks.shape[1:])
+        decoded = [decode_rle(rec.masks[i]) for i in chosen]
+        check_frames(rec, image.shape[:2], [m.shape for m in decoded])
+        masks = np.stack(decoded).astype(np.uint8)  # (n, H, W)
         h0, w0 = image.shape[:2]
         if aug is not None and rng.random() < aug.hflip:
             image, masks = image[:, ::-1], masks[:, :, ::-1]
@@ -106,17 +107,19 @@ class SegmentationDataset(Dataset):
                 "num_masks": len(keep), "size_hw": (vh, vw)}
 
 
-def check_frames(rec: InstanceRecord, image_hw: tuple[int, ...], masks_hw: tuple[int, ...]) -> None:
-    """Refuse an image whose size is not its masks' size.
+def check_frames(rec: InstanceRecord, image_hw: tuple[int, ...], mask_shapes: Iterable[tuple[int, ...]]) -> None:
+    """Refuse an image whose size is not the size of each of its masks.
 
     Stretching the masks onto it would train on objects in the wrong place without a word: the pack
-    is stale (an old image kept under a reused id) or edited, and only repacking repairs it.
+    is stale (an old image kept under a reused id) or edited, and only repacking repairs it. Every mask
+    is checked, not just the first: one edited mask is enough to misplace an object.
     """
     want = tuple(rec.size_hw)
-    if tuple(image_hw) != want or tuple(masks_hw) != want:
-        raise InputError(f"{rec.image_path} is {image_hw[0]}x{image_hw[1]} but its masks in the pack are "
-                         f"{masks_hw[0]}x{masks_hw[1]} (record says {want[0]}x{want[1]}); the pack is stale or "
-                         "edited: pack the data again (segany data pack) into a new --out folder")
+    for masks_hw in [tuple(image_hw), *(tuple(m) for m in mask_shapes)]:
+        if tuple(image_hw) != want or masks_hw != want:
+            raise InputError(f"{rec.image_path} is {image_hw[0]}x{image_hw[1]} but a mask of it in the pack is "
+                             f"{masks_hw[0]}x{masks_hw[1]} (record says {want[0]}x{want[1]}); the pack is stale "
+                             "or edited: pack the data again (segany data pack) into a new --out folder")
 
 
 def repeat_records(records: Sequence[InstanceRecord], factors: Mapping[str, float] | None, seed: int = 0

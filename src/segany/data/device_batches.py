@@ -33,7 +33,7 @@ def _decode(rec: InstanceRecord, size: int) -> tuple[np.ndarray, np.ndarray]:
 
     image = load_image(rec.image_path)
     full = [decode_rle(r) for r in rec.masks]
-    check_frames(rec, image.shape[:2], full[0].shape)  # a stale pack: never stretch masks onto another image
+    check_frames(rec, image.shape[:2], [m.shape for m in full])  # a stale pack: never stretch masks onto another image
     h, w = preprocess_shape(image.shape[0], image.shape[1], size)
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     # NEAREST_EXACT samples pixel centres as INTER_LINEAR does for the image; plain INTER_NEAREST put

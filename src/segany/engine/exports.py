@@ -312,16 +312,47 @@ def _splice(outer: np.ndarray, hole: np.ndarray) -> np.ndarray:
     return np.concatenate([outer[: i + 1], hole_loop, outer[i:]])
 
 
-def mask_to_polygons(mask: np.ndarray, *, min_area: float = 0.0) -> list[list[float]]:
-    """(H, W) mask → COCO polygons ``[[x0, y0, x1, y1, ...], ...]``, one per connected piece, holes kept.
+def _outline(contour: np.ndarray) -> np.ndarray:
+    """A contour traced on the 2x-upsampled mask → the pixel-corner outline it stands for, (N, 2) int.
 
-    Vertices are the boundary pixels' centres (contour + 0.5), which rasterises back within about one pixel.
+    On the 2x grid a pixel (x, y) is the block 2x..2x+1, and its boundary subpixel u maps to the pixel corner
+    ceil(u / 2): an even u is the pixel's left (top) edge, an odd u its right (bottom) edge. Repeated corners
+    and the middle points of straight runs are dropped.
+    """
+    corners = (contour.reshape(-1, 2) + 1) // 2
+    step = np.diff(corners, axis=0, append=corners[:1])
+    corners = corners[(step != 0).any(1)]  # a repeat of the next corner
+    prev = np.roll(corners, 1, axis=0)
+    nxt = np.roll(corners, -1, axis=0)
+    d_in, d_out = corners - prev, nxt - corners
+    straight = (d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] == 0) & ((d_in * d_out).sum(1) > 0)
+    return (corners[~straight] if len(corners) > 3 else corners).astype(np.float64)
+
+
+def mask_to_polygons(mask: np.ndarray, *, min_area: float = 0.0, convention: str = "coco") -> list[list[float]]:
+    """(H, W) mask → polygons ``[[x0, y0, x1, y1, ...], ...]``, one per connected piece, holes kept.
+
+    Each format's polygons are written for the rasteriser its readers use, so they fill back to the mask:
+
+    - ``"coco"``: vertices on pixel corners along the mask's outer edges, as pycocotools rasterises (pixel x
+      spans [x, x+1]). Through pixel centres a 20x35 box came back 19x34.
+    - ``"yolo"``: vertices on the boundary pixels' centres plus 0.5, for Ultralytics, which truncates the
+      scaled coordinates to int and fills with cv2.fillPoly (edges included); the 0.5 keeps the truncation
+      on the centre through the rounding of normalised coordinates. Corner vertices grew a 72-pixel box to 90.
+
+    ``min_area`` (pixels) drops smaller pieces.
     """
     m = np.ascontiguousarray(np.asarray(mask, dtype=np.uint8))
     if m.ndim != 2:
         raise InputError(f"mask must be 2-D (H, W), got shape {m.shape}")
+    if convention not in ("coco", "yolo"):
+        raise ValueError(f"convention must be 'coco' or 'yolo', got {convention!r}")
+    corners = convention == "coco"
+    if corners:  # traced on a 2x grid, where every pixel is a 2x2 block with its edges to map back to
+        m = np.kron(m.astype(bool), np.ones((2, 2), dtype=np.uint8)).astype(np.uint8)
     # RETR_CCOMP: a two-level hierarchy, outer boundaries and the holes directly inside them.
-    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP,
+                                           cv2.CHAIN_APPROX_NONE if corners else cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []
     hier = hierarchy[0]
@@ -329,23 +360,32 @@ def mask_to_polygons(mask: np.ndarray, *, min_area: float = 0.0) -> list[list[fl
     for idx, cnt in enumerate(contours):
         if hier[idx][3] != -1:  # a hole: handled with its parent
             continue
-        outer = cnt.reshape(-1, 2)
-        if len(outer) < 3 or cv2.contourArea(cnt) < min_area:
-            # Tiny or degenerate pieces (single pixels, lines) cannot make a polygon; pad to a box.
-            if len(outer) < 3:
-                x, y = outer.min(0)
-                x1, y1 = outer.max(0) + 1
-                polys.append([float(x), float(y), float(x1), float(y), float(x1), float(y1), float(x), float(y1)])
+        poly = _outline(cnt) if corners else _centres(cnt)
+        if min_area and _shoelace(poly) < min_area:
             continue
-        poly = outer
         child = hier[idx][2]
         while child != -1:
-            hole = contours[child].reshape(-1, 2)
+            hole = _outline(contours[child]) if corners else _centres(contours[child])
             if len(hole) >= 3:
                 poly = _splice(poly, hole)
             child = hier[child][0]
-        polys.append((poly.astype(np.float64) + 0.5).reshape(-1).tolist())
+        polys.append(poly.reshape(-1).tolist())
     return polys
+
+
+def _centres(contour: np.ndarray) -> np.ndarray:
+    """A contour's boundary-pixel centres (+0.5) as float (N, 2); a piece too thin to enclose any area (one
+    pixel, a line) is given as its box instead, which cv2.fillPoly fills to the same pixels."""
+    pts = contour.reshape(-1, 2).astype(np.float64)
+    if len(pts) < 3:
+        (x, y), (x1, y1) = pts.min(0), pts.max(0) + 1
+        return np.array([[x, y], [x1, y], [x1, y1], [x, y1]], dtype=np.float64)
+    return pts + 0.5
+
+
+def _shoelace(poly: np.ndarray) -> float:
+    x, y = poly[:, 0].astype(np.float64), poly[:, 1].astype(np.float64)
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
 def join_polygons(polys: Sequence[Sequence[float]]) -> list[float]:
@@ -506,7 +546,7 @@ def export_yolo_summary(store: Store, project_id: int, out_dir: str | os.PathLik
             lines = []
             for a in anns.get(im["id"], []):
                 # One line per instance: a line per part would turn one object into several for the trainer.
-                poly = join_polygons(mask_to_polygons(decode_rle(a["segmentation"])))
+                poly = join_polygons(mask_to_polygons(decode_rle(a["segmentation"]), convention="yolo"))
                 if not poly:
                     continue
                 result.annotations += 1

@@ -9,6 +9,7 @@ nothing is stretched or dropped without a word.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Collection
@@ -32,19 +33,28 @@ from segany.errors import InputError
 
 
 def polygons_to_mask(polygons: list[list[float]], size_hw: tuple[int, int]) -> np.ndarray:
-    """Fill COCO-style polygons ``[[x0, y0, x1, y1, ...], ...]`` (pixels) into an (H, W) bool mask."""
-    import cv2
+    """Fill COCO-style polygons ``[[x0, y0, x1, y1, ...], ...]`` (pixels) into an (H, W) bool mask.
+
+    Filled by pycocotools, since its rasteriser defines what a COCO polygon covers (pixel x spans [x, x+1];
+    the parts of one annotation are united). A hand fill differs: cv2.fillPoly on rounded vertices grows a
+    mask by about half a pixel on every side and leaves the overlap of two parts empty.
+    """
+    from pycocotools import mask as mask_utils
 
     h, w = size_hw
-    canvas = np.zeros((h, w), dtype=np.uint8)
-    pts = [np.round(np.asarray(p, dtype=np.float64).reshape(-1, 2)).astype(np.int32) for p in polygons if len(p) >= 6]
-    if pts:
-        cv2.fillPoly(canvas, pts, 1)
-    return canvas.astype(bool)
+    parts = [[float(v) for v in p] for p in polygons if len(p) >= 6]
+    if not parts:
+        return np.zeros((h, w), dtype=bool)
+    rle = mask_utils.merge(mask_utils.frPyObjects(parts, h, w))
+    return mask_utils.decode(rle).astype(bool)
 
 
 def _where(path: Path, ann: dict[str, Any]) -> str:
     return f"{path}: annotation {ann.get('id', '?')} (image_id {ann.get('image_id', '?')})"
+
+
+# Beyond this a coordinate is no pixel position (pycocotools' int32 raster would overflow on it).
+_MAX_COORD = 1e6
 
 
 def _check_polygons(seg: list[Any], path: Path, ann: dict[str, Any]) -> None:
@@ -55,23 +65,41 @@ def _check_polygons(seg: list[Any], path: Path, ann: dict[str, Any]) -> None:
         if len(poly) % 2:
             raise InputError(f"{_where(path, ann)} has a polygon with {len(poly)} coordinates, an odd count; "
                              "COCO polygons are x, y pairs: fix or remove it")
+        bad = [v for v in poly if not math.isfinite(v) or abs(v) > _MAX_COORD]
+        if bad:
+            raise InputError(f"{_where(path, ann)} has a polygon coordinate {bad[0]!r}, which is not a pixel "
+                             "position; COCO polygons are x, y pixel coordinates: fix or remove it")
 
 
 def _checked_rle(seg: dict[str, Any], size_hw: tuple[int, int], path: Path, ann: dict[str, Any]) -> RLE:
     """The annotation's RLE with str counts, refused when it was made for another image size."""
     h, w = size_hw
-    rle_size = [int(v) for v in seg.get("size", [])]
+    size = seg.get("size", [])
+    try:
+        rle_size = [int(v) for v in size] if isinstance(size, list) else []
+    except (TypeError, ValueError):
+        rle_size = []
     if rle_size != [h, w]:
         got = "x".join(map(str, rle_size)) or "no size"
         raise InputError(f"{_where(path, ann)} has an RLE of size {got} but its image is {h}x{w}; "
                          "re-export the mask at the image's size, or fix the image's height/width")
     counts = seg["counts"]
     if isinstance(counts, list):
-        total = int(np.sum(counts))
-    else:
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise InputError(f"{_where(path, ann)} has RLE counts that are not all whole numbers >= 0; "
+                             "the annotation is corrupt: re-export it")
+        total = sum(counts)
+    elif isinstance(counts, (str, bytes)):
         if isinstance(counts, bytes):
-            counts = counts.decode("ascii")
-        total = int(np.sum(_string_to_counts(counts)))
+            counts = counts.decode("ascii", errors="replace")
+        try:
+            total = sum(_string_to_counts(counts))
+        except ValueError as exc:
+            raise InputError(f"{_where(path, ann)} has a compressed RLE that cannot be read: {exc}; the "
+                             "annotation is corrupt: re-export it") from exc
+    else:
+        raise InputError(f"{_where(path, ann)} has RLE counts of type {type(counts).__name__}; COCO counts are "
+                         "a string (compressed) or a list of run lengths: re-export the annotation")
     if total != h * w:
         raise InputError(f"{_where(path, ann)}: RLE counts cover {total} pixels but its size {h}x{w} has {h * w}; "
                          "the annotation is corrupt: re-export it")
@@ -80,12 +108,33 @@ def _checked_rle(seg: dict[str, Any], size_hw: tuple[int, int], path: Path, ann:
     return {"size": [h, w], "counts": counts}
 
 
-def _image_size(img: dict[str, Any], file: Path, report: ReadReport | None) -> tuple[int, int] | None:
+def _image_size(img: dict[str, Any], file: Path, report: ReadReport | None, path: Path) -> tuple[int, int] | None:
     """(H, W) from the entry, or from the image file when the entry lacks it (common in hand-made files)."""
     try:
-        return int(img["height"]), int(img["width"])
+        h, w = int(img["height"]), int(img["width"])
     except (KeyError, TypeError, ValueError):
         return image_size_hw(file, report)
+    if h <= 0 or w <= 0:
+        raise InputError(f"{path}: image {img.get('id')!r} ({str(img.get('file_name', '?'))!r}) has height {h} and "
+                         f"width {w}; an image needs both >= 1: fix them, or remove both keys so segany reads the "
+                         "size from the image file")
+    return h, w
+
+
+def _check_entries(data: dict[str, Any], path: Path) -> None:
+    """Refuse the shapes that would otherwise fail deep inside the reader with a bare KeyError or TypeError:
+    'images'/'annotations'/'categories' that are not lists of objects, and images or categories without an id."""
+    for key in ("images", "annotations", "categories"):
+        entries = data.get(key, [])
+        if not isinstance(entries, list):
+            raise InputError(f"{path}: '{key}' is a {type(entries).__name__}, not a list; a COCO instances file "
+                             f"has '{key}': [{{...}}, ...]: fix the file")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise InputError(f"{path}: '{key}'[{i}] is {entry!r:.40}, not an object; fix or remove it")
+            if key != "annotations" and "id" not in entry:
+                raise InputError(f"{path}: '{key}'[{i}] ({str(entry.get('file_name', entry.get('name', '?')))!r}) "
+                                 "has no 'id'; give it one (annotations refer to it by id)")
 
 
 def _category_names(data: dict[str, Any], path: Path, categories: Collection[str] | None) -> dict[Any, str]:
@@ -134,6 +183,7 @@ def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.Path
         raise InputError(f"{str(path)!r} is not valid JSON ({exc}); pass a COCO instances file") from exc
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise InputError(f"{str(path)!r} is not a COCO instance file (needs 'images' and 'annotations' lists)")
+    _check_entries(data, path)
     root = Path(image_root) if image_root is not None else path.parent
     names = _category_names(data, path, categories)
     wanted = set(categories) if categories else None
@@ -149,7 +199,7 @@ def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.Path
     skipped: Counter[str] = Counter()
     for img in data["images"]:
         file = root / str(img.get("file_name", ""))
-        size_hw = _image_size(img, file, report)
+        size_hw = _image_size(img, file, report, path)
         if size_hw is None:
             continue
         masks, classes = _image_masks(by_image.get(img.get("id"), []), size_hw, path, names, wanted,

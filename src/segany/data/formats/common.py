@@ -92,8 +92,13 @@ def _counts_to_string(counts: list[int]) -> str:
 
 
 def _string_to_counts(s: str | bytes) -> list[int]:
+    """COCO's compressed counts string → run lengths; ValueError for a string pycocotools would refuse.
+
+    The checks matter: a cut-off or hand-edited string otherwise decodes to garbage runs (or an IndexError)
+    that only fail much later, when a pack or a training batch decodes the mask.
+    """
     if isinstance(s, bytes):
-        s = s.decode("ascii")
+        s = s.decode("ascii", errors="replace")
     counts: list[int] = []
     p = 0
     n = len(s)
@@ -102,7 +107,12 @@ def _string_to_counts(s: str | bytes) -> list[int]:
         k = 0
         more = True
         while more:
+            if p >= n:
+                raise ValueError("the RLE counts string is cut off in the middle of a run length")
             ch = ord(s[p]) - 48
+            if not 0 <= ch < 64:
+                raise ValueError(f"the RLE counts string has {s[p]!r} at position {p}; COCO counts use only "
+                                 "the characters '0' to 'o'")
             x |= (ch & 0x1F) << (5 * k)
             more = bool(ch & 0x20)
             p += 1
@@ -111,6 +121,8 @@ def _string_to_counts(s: str | bytes) -> list[int]:
                 x |= -1 << (5 * k)
         if len(counts) > 2:
             x += counts[-2]
+        if x < 0:
+            raise ValueError(f"the RLE counts string gives run {len(counts)} a negative length ({x})")
         counts.append(x)
     return counts
 
