@@ -1,7 +1,9 @@
 """Robust image loading: every supported input becomes (H, W, 3) uint8 RGB, or a clear error.
 
 Grayscale is replicated to 3 channels, alpha is composited away (dropped), 16-bit images are
-scaled to 8 bits, and EXIF orientation is applied so masks line up with what a viewer shows.
+scaled to 8 bits, 32-bit float images (TIFF mode "F") are read as 0-1 when their maximum is at most 1
+and as 0-255 otherwise (as :func:`to_rgb_uint8` reads float arrays), and EXIF orientation is applied so
+masks line up with what a viewer shows.
 """
 
 from __future__ import annotations
@@ -117,16 +119,18 @@ def _decode(source: Path | io.BytesIO, name: str, apply_exif: bool) -> np.ndarra
         with _pixel_limit(limit), Image.open(source) as im:
             if apply_exif:
                 im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16)
-                if arr.dtype == np.uint32:
+            if im.mode == "F":  # convert("RGB") would clip the floats to 0-255: a 0-1 image came out black
+                arr = np.asarray(im, dtype=np.float32)
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                arr = np.asarray(im, dtype=np.int64 if im.mode == "I" else np.uint16)
+                if arr.dtype == np.int64:  # mode I is signed 32-bit: read as 16-bit, out-of-range values clipped
                     arr = np.clip(arr, 0, 65535).astype(np.uint16)
-                return to_rgb_uint8(arr, name)
-            if im.mode in ("RGBA", "LA", "P", "PA"):
-                im = im.convert("RGBA").convert("RGB")
-            elif im.mode != "RGB":
-                im = im.convert("RGB")
-            arr = np.asarray(im)
+            else:
+                if im.mode in ("RGBA", "LA", "P", "PA"):
+                    im = im.convert("RGBA").convert("RGB")
+                elif im.mode != "RGB":
+                    im = im.convert("RGB")
+                arr = np.asarray(im)
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"{name!r} has more pixels than the {limit:,} segany opens (a guard against "
                              "decompression bombs); downscale it, or raise the limit with "
@@ -134,4 +138,9 @@ def _decode(source: Path | io.BytesIO, name: str, apply_exif: bool) -> np.ndarra
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"could not read {name!r} as an image ({exc}); pass a JPEG, PNG, TIFF, BMP or WebP file"
                              ) from exc
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ImageLoadError(f"{name!r} is a floating-point image with NaN or infinite pixels; replace them "
+                             "(e.g. numpy.nan_to_num) and save it again, or convert it to 8 or 16 bits")
+    # Float pixels follow to_rgb_uint8's rule, so a file and the same array passed in give one picture: an
+    # image whose maximum is at most 1 is 0-1, any other is 0-255; values outside are clipped.
     return to_rgb_uint8(arr, name)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from segany.errors import InputError
+
 UncompressedRLE = dict[str, Any]  # {"size": [h, w], "counts": [int, ...]}
 CocoRLE = dict[str, Any]  # {"size": [h, w], "counts": str} (pycocotools' compressed string)
 
@@ -157,15 +159,27 @@ def decode_masks_torch(rle: RleBatch, index: torch.Tensor | None = None) -> torc
 
 
 def counts_to_mask(counts: Sequence[int] | np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
-    """Decode uncompressed COCO ``counts`` to an (H, W) bool mask (a Fortran-ordered view)."""
+    """Decode uncompressed COCO ``counts`` to an (H, W) bool mask (a Fortran-ordered view).
+
+    Raises :class:`InputError` (a ``ValueError``) when the counts do not describe an HxW mask: they often
+    come from a user's file (an SA-1B or AMG output), so the message says what is wrong rather than numpy.
+    """
     h, w = int(size_hw[0]), int(size_hw[1])
-    counts = np.asarray(counts, dtype=np.int64)
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or not (np.issubdtype(counts.dtype, np.integer) or counts.size == 0):
+        raise InputError(f"RLE counts must be a flat list of whole numbers, got {counts.dtype} of shape "
+                         f"{counts.shape}; the annotation is corrupt: re-export it")
+    counts = counts.astype(np.int64)
+    if (counts < 0).any():
+        raise InputError(f"RLE counts hold a negative run ({int(counts.min())}); the annotation is corrupt: "
+                         "re-export it")
+    total = int(counts.sum())
+    if total != h * w:
+        raise InputError(f"RLE counts sum to {total} pixels but size {h}x{w} has {h * w}; the annotation is "
+                         "corrupt or made for another image size: re-export it")
     values = np.zeros(len(counts), dtype=bool)
     values[1::2] = True
-    flat = np.repeat(values, counts)
-    if flat.shape[0] != h * w:
-        raise ValueError(f"RLE counts sum to {flat.shape[0]} pixels but size {h}x{w} has {h * w}")
-    return flat.reshape(w, h).T
+    return np.repeat(values, counts).reshape(w, h).T
 
 
 def mask_to_counts(mask: np.ndarray) -> np.ndarray:

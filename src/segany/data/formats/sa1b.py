@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from segany.atomic import atomic_write_text
+from segany.data.formats.common import _string_to_counts
 from segany.data.rle import coco_to_mask, mask_to_coco
 from segany.errors import InputError
 
@@ -65,9 +66,47 @@ def write_sa1b(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
     return atomic_write_text(path, text, fsync=True)  # resumed runs trust a present file as complete
 
 
+def _counts_total(counts: Any) -> int:
+    """Pixels the RLE ``counts`` (a COCO counts str, or a list of run lengths) cover; ValueError when malformed."""
+    if isinstance(counts, (str, bytes)):
+        return sum(_string_to_counts(counts))
+    if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        if any(c < 0 for c in counts):
+            raise ValueError("a run length is negative")
+        return sum(counts)
+    raise ValueError(f"counts is a {type(counts).__name__}, not a COCO counts string")
+
+
+def _check_segmentation(a: dict[str, Any], where: str, size_hw: list[int]) -> None:
+    """Refuse a damaged mask when the file is read: decoded later (``masks()``, a pack, an eval), it would fail
+    far from the file it came from, or (counts that are too short) decode to a wrong mask without a word."""
+    seg = a["segmentation"]
+    h, w = size_hw
+    if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+        got = "a polygon list" if isinstance(seg, list) else f"a {type(seg).__name__}"
+        raise InputError(f"{where}: segmentation is {got}; SA-1B masks are RLEs, {{\"size\": [h, w], \"counts\": "
+                         "str}: convert it (pycocotools.mask.encode) or re-export the file")
+    size = seg["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)) or size != [h, w]:
+        raise InputError(f"{where}: segmentation size is {size!r} but the image is {h}x{w}; each mask must be "
+                         "the image's size [height, width]: re-export the mask or fix the image's height/width")
+    try:
+        total = _counts_total(seg["counts"])
+    except ValueError as exc:
+        raise InputError(f"{where}: segmentation counts are corrupt ({exc}); the file may be cut off or "
+                         "hand-edited: regenerate it") from exc
+    if total != h * w:
+        raise InputError(f"{where}: segmentation counts cover {total} pixels but its size {h}x{w} has {h * w}; "
+                         "the mask is corrupt: regenerate the file")
+
+
 def read_sa1b(path: str | os.PathLike[str]) -> Sa1bImage:
-    """Read and check one SA-1B JSON file."""
+    """Read and check one SA-1B JSON file, masks included (damaged ones are refused with the annotation's id)."""
     p = Path(path)
+    if p.is_dir():
+        found = sorted(q.name for q in p.glob("*.json"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise InputError(f"SA-1B file {str(p)!r} is a folder{hint}; pass one per-image .json file")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -76,16 +115,25 @@ def read_sa1b(path: str | os.PathLike[str]) -> Sa1bImage:
         raise InputError(f"{str(p)!r} is not valid JSON ({exc}); the file may be truncated: regenerate it") from exc
     if not isinstance(data, dict) or "image" not in data or "annotations" not in data:
         raise InputError(f"{str(p)!r} is not an SA-1B file: expected keys 'image' and 'annotations'")
-    im = data["image"]
+    im, anns = data["image"], data["annotations"]
+    if not isinstance(im, dict) or not isinstance(anns, list):
+        raise InputError(f"{str(p)!r} is not an SA-1B file: 'image' must be an object and 'annotations' a list")
     missing = [k for k in ("image_id", "width", "height", "file_name") if k not in im]
     if missing:
         raise InputError(f"{str(p)!r}: 'image' lacks {', '.join(missing)}")
-    for j, a in enumerate(data["annotations"]):
+    if not all(isinstance(im[k], int) and im[k] > 0 for k in ("width", "height")):
+        raise InputError(f"{str(p)!r}: image width/height are {im['width']!r}/{im['height']!r}; they must be "
+                         "positive whole numbers of pixels")
+    for j, a in enumerate(anns):
+        if not isinstance(a, dict):
+            raise InputError(f"{str(p)!r}: annotation {j} is a {type(a).__name__}, not an object")
+        where = f"{str(p)!r}: annotation {j}" + (f" (id {a['id']!r})" if "id" in a else "")
         lacks = [k for k in _ANN_KEYS if k not in a]
         if lacks:
-            raise InputError(f"{str(p)!r}: annotation {j} lacks {', '.join(lacks)}")
-        if list(a["segmentation"]["size"]) != [im["height"], im["width"]]:
-            raise InputError(f"{str(p)!r}: annotation {j} has size {a['segmentation']['size']} but the image is "
-                             f"{im['height']}x{im['width']}")
-    return Sa1bImage(int(im["image_id"]), int(im["width"]), int(im["height"]), str(im["file_name"]),
-                     list(data["annotations"]))
+            raise InputError(f"{where} lacks {', '.join(lacks)}")
+        _check_segmentation(a, where, [im["height"], im["width"]])
+    try:
+        image_id = int(im["image_id"])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{str(p)!r}: image_id is {im['image_id']!r}; SA-1B image ids are whole numbers") from exc
+    return Sa1bImage(image_id, int(im["width"]), int(im["height"]), str(im["file_name"]), list(anns))

@@ -23,16 +23,54 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _class_names(root: Path) -> dict[int, str]:
+    """data.yaml's ``names`` as {class index: name}; {} when there is no data.yaml or it names no classes.
+
+    Accepts both Ultralytics forms, a list (``names: [person, car]``) and a mapping (``names: {0: person}``);
+    anything else is refused, since a misread class table would give every polygon the wrong class.
+    """
     yaml_path = root / "data.yaml"
     if not yaml_path.exists():
         return {}
     import yaml
 
-    data = yaml.safe_load(yaml_path.read_text()) or {}
-    names = data.get("names", {})
+    fix = "names: [person, car] or names: {0: person, 1: car}"
+    try:
+        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{yaml_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise InputError(f"{yaml_path}: cannot be read ({exc.__class__.__name__}: {exc}); data.yaml must be a "
+                         "readable file") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise InputError(f"{yaml_path}: not valid YAML ({problem}{at}); fix the syntax, e.g. {fix}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{yaml_path}: holds a {type(data).__name__}, not a mapping; data.yaml is keys and values, "
+                         f"e.g. {fix}")
+    names = data.get("names")
+    if names is None:
+        return {}
     if isinstance(names, list):
-        return dict(enumerate(names))
-    return {int(k): str(v) for k, v in names.items()}
+        return {i: str(v) for i, v in enumerate(names)}
+    if not isinstance(names, dict):
+        raise InputError(f"{yaml_path}: names is a {type(names).__name__} ({names!r}); it must list the classes "
+                         f"in index order: {fix}")
+    out: dict[int, str] = {}
+    for k, v in names.items():
+        try:
+            index = int(k)
+        except (TypeError, ValueError):
+            swap = f" (it maps {k!r} to {v!r}: swap them, {v!r}: {k!r})" if isinstance(v, int) else ""
+            raise InputError(f"{yaml_path}: names has the key {k!r}, not a class index{swap}; names maps each "
+                             f"class index to its name: {fix}") from None
+        if index < 0 or isinstance(k, bool):
+            raise InputError(f"{yaml_path}: names has the key {k!r}, not a class index; indices count from 0: {fix}")
+        out[index] = str(v)
+    return out
 
 
 def parse_label_line(line: str, where: str) -> tuple[int, np.ndarray]:
@@ -133,7 +171,14 @@ def _label_masks(lbl: Path, size_hw: tuple[int, int], names: dict[int, str], wan
     masks, classes = [], []
     if not lbl.exists():
         return masks, classes
-    for lineno, line in enumerate(lbl.read_text().splitlines(), start=1):
+    raw = lbl.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a label file saved by Windows Notepad may start with a BOM
+    except UnicodeDecodeError as exc:
+        line_at = raw[:exc.start].count(b"\n") + 1
+        raise InputError(f"{lbl}:{line_at}: not UTF-8 text (byte {raw[exc.start]:#04x}); YOLO label files hold "
+                         "only numbers: save the file as UTF-8 (or ASCII) and check that line") from exc
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{lbl}:{lineno}"
