@@ -185,6 +185,36 @@ def test_images_sharing_a_stem_get_their_own_files(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_renamed_stem_never_takes_another_images_name(tmp_path: Path) -> None:
+    """a-3.png (id 1), a.jpg (id 2) and a.png (id 3): the clash renamed a.png to a-3, which a-3.png already was,
+    so the YOLO export wrote a.png through a-3.png's hard link into the user's own a-3.png, and the SA-1B export
+    held two images' annotations under one file. Names are compared case-folded too (A.jpg beside a.png)."""
+    import hashlib
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = [src / n for n in ("a-3.png", "a.jpg", "a.png", "B.png", "b.jpg")]
+    for k, f in enumerate(files):
+        Image.open(SAMPLE).rotate(30 * k).save(f)
+    digest = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    store = open_store(tmp_path / "p", create=True)
+    try:
+        p = store.create_project("demo", labels=["blob"])
+        ims = store.add_images(p["id"], files)
+        assert [im["id"] for im in ims] == [1, 2, 3, 4, 5]
+        for im in ims:
+            store.save_annotation(im["id"], mask=_blob(im["height"], im["width"]), label="blob")
+        yolo = exports.export_yolo(store, p["id"], tmp_path / "yolo")
+        sa1b = exports.export_sa1b(store, p["id"], tmp_path / "sa1b")
+        assert {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files} == digest  # sources untouched
+        stems = {f.stem.casefold() for f in (yolo / "images").iterdir()}
+        assert len(stems) == 5 and {f.stem.casefold() for f in (yolo / "labels").iterdir()} == stems
+        by_name = {json.loads(f.read_text())["image"]["file_name"] for f in sa1b.glob("*.json")}
+        assert by_name == {f.name for f in files}
+    finally:
+        store.close()
+
+
 def test_export_targets_of_the_wrong_kind_are_refused_before_writing(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from segany.errors import InputError
 

@@ -62,3 +62,51 @@ def test_report_flags_without_changing_data_unless_demote(tmp_path: Path, capsys
     assert "2 sent to the review queue" in capsys.readouterr().out
     states = _states(root)
     assert (states[ids["first"]], states[ids["dup"]], states[ids["empty"]]) == ("accepted", "pending", "pending")
+
+
+def test_of_two_duplicates_the_lower_predicted_iou_is_flagged_even_at_zero() -> None:
+    """A predicted IoU of 0.0 counted as 1.0 (``or 1.0``), so the better duplicate was flagged (and, with
+    --demote, taken out of exports); a hand-drawn mask (None) still counts as sure."""
+    from segany.engine.masks import encode_mask as enc
+    from segany.engine.report import duplicate_masks
+
+    m = np.zeros((20, 20), bool)
+    m[2:9, 3:12] = True
+    seg = enc(m)
+    ann = [{"id": 1, "image_id": 1, "segmentation": seg, "predicted_iou": 0.0},
+           {"id": 2, "image_id": 1, "segmentation": seg, "predicted_iou": 0.5},
+           {"id": 3, "image_id": 2, "segmentation": seg, "predicted_iou": 0.9},
+           {"id": 4, "image_id": 2, "segmentation": seg, "predicted_iou": None}]
+    assert [(a, b) for a, b, _ in duplicate_masks(ann, 0.9)] == [(2, 1), (4, 3)]
+
+
+def test_a_versions_section_describes_its_snapshot_not_the_live_masks(tmp_path: Path) -> None:
+    """Masks edited, deleted and rejected and an image removed after the freeze changed the version's section
+    (10 masks on 5 images became 7); it also counted every image of the project, not the version's."""
+    from segany.engine.report import ReportSettings, build_report
+    from segany.engine.retrain import freeze_dataset_version
+
+    store = open_store(tmp_path / "proj", create=True)
+    try:
+        p = store.create_project("p")
+        ims = store.add_images(p["id"], make_images(tmp_path / "imgs", 6))
+        ids = []
+        for im in ims[:5]:
+            for k in range(2):
+                m = np.zeros((im["height"], im["width"]), bool)
+                m[10 + 20 * k:30 + 20 * k, 10:40 + 10 * k] = True
+                ids.append(store.save_annotation(im["id"], mask=m, predicted_iou=0.5 + 0.1 * k)[0]["id"])
+        freeze_dataset_version(store, None, held_out=0.2)
+        bigger = np.zeros((ims[0]["height"], ims[0]["width"]), bool)
+        bigger[:100, :100] = True
+        store.update_annotation(ids[0], project_id=p["id"], mask=bigger)
+        store.delete_annotation(ids[3], project_id=p["id"])
+        store.update_annotation(ids[5], project_id=p["id"], review_state="rejected")
+        store.remove_images(p["id"], [ims[4]["file_name"]])
+        report = build_report(store, None, tmp_path / "report", ReportSettings())["report"]
+    finally:
+        store.close()
+    (version,) = [v for v in report["versions"] if v["key"] != "live"]
+    assert (version["images"], version["masks"]) == (5, 10)
+    assert version["masks_per_image"]["mean"] == 2.0 and version["by_source"] == {"manual": 10}
+    assert version["relative_area"]["p90"] < 0.1  # the 100x100 edit is not in it

@@ -148,3 +148,23 @@ def test_store_made_version_is_frozen_too(annotated: dict) -> None:
     store.delete_annotation(anns[0]["id"])
     store.update_annotation(anns[1]["id"], label="bicycle", by=1)
     assert _frozen(store, dv_id) == before
+
+
+def test_version_exports_keep_each_labels_category_id(annotated: dict, tmp_path: Path) -> None:
+    """Ids numbered only the labels present, in sorted order: a later version with one 'apple' mask moved 'car'
+    from 1 to 2. The ids are now frozen with each version, and a later version keeps the earlier ones."""
+    from segany.engine.retrain import freeze_dataset_version
+    from segany.engine.versions import export_version_coco
+
+    store, proj = annotated["store"], annotated["proj"]
+    v1 = freeze_dataset_version(store, None, held_out=0.0)
+    im = store.list_images(proj["id"])[0]
+    store.save_annotation(im["id"], mask=box_mask(im["height"], im["width"], 5), source="manual", label="apple")
+    v2 = freeze_dataset_version(store, None, held_out=0.0)
+    ids = []
+    for v in (v1, v2):
+        export_version_coco(store, None, v["name"], tmp_path / f"{v['name']}.json")
+        coco = json.loads((tmp_path / f"{v['name']}.json").read_text())
+        ids.append({c["name"]: c["id"] for c in coco["categories"]})
+    assert ids[0]["car"] == ids[1]["car"] and ids[0]["person"] == ids[1]["person"]
+    assert "apple" in ids[1] and ids[1]["apple"] not in (ids[1]["car"], ids[1]["person"])

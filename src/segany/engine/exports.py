@@ -55,10 +55,26 @@ def _write_json(path: Path, data: Any) -> Path:
 def _stems(images: Sequence[dict[str, Any]]) -> dict[int, str]:
     """Per image, the name its per-image files get: the file's stem, or ``<stem>-<image id>`` where two
     images share a stem (``x.jpg`` and ``x.png``, or ``a/x.jpg`` and ``b/x.jpg``), so neither overwrites
-    the other's file."""
-    stems = {im["id"]: Path(im["file_name"]).stem for im in images}
-    count = Counter(stems.values())
-    return {i: (stem if count[stem] == 1 else f"{stem}-{i}") for i, stem in stems.items()}
+    the other's file.
+
+    Names are compared case-folded (``X.jpg`` and ``x.png`` clash on macOS and Windows), and a renamed stem
+    must be free too: ``a-3.png`` beside ``a.jpg`` and ``a.png`` (id 3) would otherwise both become ``a-3``,
+    and the second image was written through the first one's hard link, into the user's own file.
+    """
+    stems = {im["id"]: Path(im["file_name"]).stem for im in sorted(images, key=lambda im: im["id"])}
+    count = Counter(stem.casefold() for stem in stems.values())
+    names = {i: stem for i, stem in stems.items() if count[stem.casefold()] == 1}
+    taken = {stem.casefold() for stem in names.values()}
+    for i, stem in stems.items():
+        if i in names:
+            continue
+        name, k = f"{stem}-{i}", 1
+        while name.casefold() in taken:
+            k += 1
+            name = f"{stem}-{i}-{k}"
+        names[i] = name
+        taken.add(name.casefold())
+    return names
 
 
 # ------------------------------------------------------------------------------------- targets
@@ -516,6 +532,8 @@ def export_yolo(store: Store, project_id: int, out_dir: str | os.PathLike[str], 
 def _place_image(src: str, dest: Path) -> None:
     """Put the image at ``dest``: a hard link when the file system allows (no copy of a large dataset), else a
     copy."""
+    if os.path.lexists(dest):  # never: names are unique. A copy onto an earlier link would write into its source.
+        raise RuntimeError(f"export file {dest} already exists; two images were given one name")
     try:
         os.link(src, dest)
     except OSError:

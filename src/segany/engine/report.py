@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,12 @@ def near_duplicate_images(hashes: dict[int, int], max_bits: int) -> list[tuple[i
     return out
 
 
+def _quality(ann: dict[str, Any]) -> float:
+    """The predicted IoU, with a hand-drawn mask (None) as sure as can be. Not ``or 1.0``: that also made a
+    predicted 0.0 the best, so the worse of two duplicates was kept and the better one flagged."""
+    return 1.0 if ann["predicted_iou"] is None else float(ann["predicted_iou"])
+
+
 def duplicate_masks(anns: list[dict[str, Any]], thresh: float) -> list[tuple[int, int, float]]:
     """(annotation a, annotation b, IoU) for pairs in one image above ``thresh``; b is the one to review
     (lower predicted IoU, or the later one)."""
@@ -98,7 +104,7 @@ def duplicate_masks(anns: list[dict[str, Any]], thresh: float) -> list[tuple[int
             for j in range(i + 1, len(items)):
                 if ious[i, j] > thresh:
                     a, b = items[i], items[j]
-                    keep_a = (a["predicted_iou"] or 1.0, -a["id"]) >= (b["predicted_iou"] or 1.0, -b["id"])
+                    keep_a = (_quality(a), -a["id"]) >= (_quality(b), -b["id"])
                     first, second = (a, b) if keep_a else (b, a)
                     out.append((first["id"], second["id"], float(ious[i, j])))
     return out
@@ -140,8 +146,8 @@ def throughput(anns: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for d, v in sorted(days.items())]
 
 
-def describe(anns: list[dict[str, Any]], images: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Counts and distributions of one set of annotations."""
+def describe(anns: list[dict[str, Any]], images: Mapping[Any, Any]) -> dict[str, Any]:
+    """Counts and distributions of one set of annotations on ``images`` (keyed as the annotations' image_id)."""
     per_image = defaultdict(int)
     for a in anns:
         per_image[a["image_id"]] += 1
@@ -222,6 +228,28 @@ def _throughput_plot(rows: list[dict[str, Any]], out: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ report
+def _version_annotations(store: Any, version_id: int, live_by_id: dict[int, dict[str, Any]]
+                         ) -> tuple[list[dict[str, Any]], dict[str, None]]:
+    """A dataset version's masks as :func:`describe` reads them, and its images (keyed by sha256), from the
+    snapshot frozen with it: the live rows a version links to are edited, deleted and rejected afterwards, and
+    a version's section must describe what the models were trained on. Predicted IoU and stability are not
+    frozen; they are taken from the live mask where it is still the frozen one (same uuid and pixels)."""
+    from segany.engine.versions import snapshot_items
+
+    live = {a["uuid"]: a for a in live_by_id.values()}
+    out: list[dict[str, Any]] = []
+    frozen_images: dict[str, None] = {}
+    for it in snapshot_items(store, version_id):
+        frozen_images[it["image_sha256"]] = None
+        now = live.get(it["annotation_uuid"])
+        same = now is not None and now["segmentation"]["counts"] == it["rle_counts"]
+        out.append({"image_id": it["image_sha256"], "area": it["area"], "source": it["source"],
+                    "segmentation": {"size": [it["height"], it["width"]], "counts": it["rle_counts"]},
+                    "predicted_iou": now["predicted_iou"] if same and now else None,
+                    "stability_score": now["stability_score"] if same and now else None})
+    return out, frozen_images
+
+
 def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str], settings: ReportSettings,
                  *, spec: Any = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Write ``index.html``, plots, ``report.json`` and ``flags.json`` to ``out_dir``; with ``settings.demote``
@@ -248,7 +276,7 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
     with store.transaction() as s:
         from sqlalchemy import select
 
-        versions = [(dv.id, dv.name, dict(dv.meta or {}), sorted(a.id for a in dv.annotations))
+        versions = [(dv.id, dv.name, dict(dv.meta or {}))
                     for dv in s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == pid)
                                         .order_by(DatasetVersion.id))]
     all_by_id = {a["id"]: a for a in store.list_annotations(project_id=pid)}
@@ -301,11 +329,13 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
                               "model": model_name, "versions": [], "flags": flags, "image_flags": image_flags,
                               "flagged_masks": len({f["annotation_id"] for f in flags}),
                               "flagged_to_review": flagged}
-    sets = [("live", "current annotations (accepted + pending)", live, None)]
-    sets += [(f"dv{vid}", f"dataset version {name}", [all_by_id[i] for i in ids if i in all_by_id], meta)
-             for vid, name, meta, ids in versions]
-    for key, title, anns, meta in sets:
-        d = describe(anns, images)
+    sets: list[tuple[str, str, list[dict[str, Any]], Any, Mapping[Any, Any]]] = [
+        ("live", "current annotations (accepted + pending)", live, None, images)]
+    for vid, name, meta in versions:
+        frozen, frozen_images = _version_annotations(store, vid, all_by_id)
+        sets.append((f"dv{vid}", f"dataset version {name}", frozen, meta, frozen_images))
+    for key, title, anns, meta, of_images in sets:
+        d = describe(anns, of_images)
         extra = {}
         if key == "live" and disagree:
             extra["model vs annotation IoU"] = list(disagree.values())

@@ -107,16 +107,37 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
         for dv in s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])):
             if (dv.meta or {}).get("content_hash") == digest and (dv.meta or {}).get("held_out") == held_out:
                 return _dv_dict(dv)
-        n = len(list(s.scalars(select(DatasetVersion.id).where(DatasetVersion.project_id == proj["id"])))) + 1
+        earlier = list(s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])
+                                 .order_by(DatasetVersion.id)))
+        n = len(earlier) + 1
         dv = DatasetVersion(project_id=proj["id"], name=f"v{n}-{digest[:8]}", meta={
             "content_hash": digest, "states": list(states), "annotations": len(rows), "images": len(images),
             "held_out": held_out, "train_image_ids": train, "held_out_image_ids": held,
+            "category_ids": category_ids(earlier, proj.get("labels") or [], {a.label for a, _ in rows}),
             "annotation_uuids_sha256": hashlib.sha256("\n".join(a.uuid for a, _ in rows).encode()).hexdigest()})
         dv.annotations = [a for a, _ in rows]
         dv.items = DatasetVersionItem.snapshot(rows)
         s.add(dv)
         s.flush()
         return _dv_dict(dv)
+
+
+def category_ids(earlier: list[Any], project_labels: list[str], labels: set[str]) -> dict[str, int]:
+    """A version's label → COCO category id: the ids the project's latest earlier version gave, then new ids
+    for the project's labels and this version's other labels (sorted) that have none yet.
+
+    Kept with the version so ids never move: numbering only the labels present shifted them between versions
+    (a new 'ant' moved 'bird' from 1 to 2), and a model trained elsewhere on v1 and v2 read one id as two classes.
+    """
+    ids: dict[str, int] = {}
+    for dv in reversed(earlier):
+        if (dv.meta or {}).get("category_ids"):
+            ids = {str(k): int(v) for k, v in dv.meta["category_ids"].items()}
+            break
+    for name in [*project_labels, *sorted(labels - set(project_labels))]:
+        if name not in ids:
+            ids[name] = max(ids.values(), default=0) + 1
+    return ids
 
 
 def _content_hash(rows: Any) -> str:

@@ -154,10 +154,12 @@ def export_version_coco(store: Any, project: str | None, version: str | int, out
     proj = store.get_project(project)
     with store.transaction() as s:
         dv = _find_version(s, proj["id"], version)
-        dv_id, dv_name = dv.id, dv.name
+        dv_id, dv_name, cat = dv.id, dv.name, dict((dv.meta or {}).get("category_ids") or {})
     items = snapshot_items(store, dv_id)
-    labels = sorted({it["label"] for it in items})
-    cat = {name: i + 1 for i, name in enumerate(labels)}
+    # The ids frozen with the version (see retrain.category_ids); a version frozen before they were kept
+    # numbers its own labels in sorted order, as its exports always did.
+    for name in sorted({it["label"] for it in items} - set(cat)):
+        cat[name] = max(cat.values(), default=0) + 1
     images: dict[str, dict[str, Any]] = {}
     annotations = []
     for it in items:
