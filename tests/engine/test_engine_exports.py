@@ -215,6 +215,31 @@ def test_a_renamed_stem_never_takes_another_images_name(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_yolo_export_reads_back_to_its_masks(tmp_path: Path) -> None:
+    """segany's YOLO reader fills as Ultralytics does, the fill the export writes for: one-piece masks with
+    holes come back exactly (read with pycocotools' fill, a ring lost a row and a column of its pixels)."""
+    from segany.data.formats import read_yolo_seg
+    from segany.data.formats.common import decode_rle
+
+    store = open_store(tmp_path / "p", create=True)
+    try:
+        p = store.create_project("demo", labels=["ring", "box"])
+        im = store.add_images(p["id"], [SAMPLE])[0]
+        h, w = im["height"], im["width"]
+        box = np.zeros((h, w), bool)
+        box[5:17, 30:61] = True
+        masks = {"ring": _ring(h, w), "box": box}
+        for label, m in masks.items():
+            store.save_annotation(im["id"], mask=m, label=label)
+        out = exports.export_yolo(store, p["id"], tmp_path / "yolo")
+    finally:
+        store.close()
+    (rec,) = read_yolo_seg(out, split=None, dataset="own")
+    assert sorted(rec.class_names) == ["box", "ring"]
+    for label, rle in zip(rec.class_names, rec.masks, strict=True):
+        assert np.array_equal(decode_rle(rle), masks[label])
+
+
 def test_export_targets_of_the_wrong_kind_are_refused_before_writing(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from segany.errors import InputError
 

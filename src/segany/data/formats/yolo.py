@@ -13,9 +13,24 @@ from pathlib import Path
 
 import numpy as np
 
-from segany.data.formats.coco import polygons_to_mask
 from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw, note
 from segany.errors import InputError
+
+
+def polygon_to_mask(xy: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Fill one YOLO polygon, (N, 2) in pixels, the way Ultralytics (the format's trainer) does: coordinates
+    truncated to int, then cv2.fillPoly with the edges included.
+
+    Not pycocotools' fill, which COCO polygons mean: a YOLO file is made for this fill, and segany's YOLO
+    export writes its vertices for it, so an exported project reads back to exactly its masks.
+    """
+    import cv2
+
+    canvas = np.zeros(size_hw, dtype=np.uint8)
+    if len(xy) >= 3:
+        cv2.fillPoly(canvas, [np.asarray(xy, dtype=np.float64).astype(np.int32)], 1)
+    return canvas.astype(bool)
+
 
 # Rounding in exporters writes 1.0000001; only a vertex farther off the image is a labeling problem.
 _SLACK = 1e-4
@@ -193,7 +208,7 @@ def _label_masks(lbl: Path, size_hw: tuple[int, int], names: dict[int, str], wan
         name = names.get(cls, str(cls))
         if wanted is not None and name not in wanted:
             continue
-        m = polygons_to_mask([(xy * [w, h]).ravel().tolist()], (h, w))
+        m = polygon_to_mask(xy * [w, h], (h, w))
         if m.sum() < min_area:
             continue
         masks.append(encode_mask(m))
