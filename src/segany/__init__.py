@@ -36,8 +36,20 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
+# Submodules the reference package imports itself, so `segment_anything.utils.transforms` works after a
+# bare `import segment_anything`; here they load on first use (`build_sam` stays the function, see below).
+_SUBMODULES = ("modeling", "utils", "predictor", "automatic_mask_generator")
+
 # Lazy so `import segany` stays cheap (the CLI starts fast) and free of side effects.
-__getattr__ = lazy_getattr("segany", _LAZY)
+_names = lazy_getattr("segany", _LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"segany.{name}")
+    return _names(name)
 
 
 class _Package(types.ModuleType):

@@ -161,17 +161,19 @@ class SamPredictor:
         """Compute the embedding of an (H, W, C) image.
 
         Args:
-            image: uint8 RGB or BGR (grayscale, RGBA, 16-bit and float in [0, 1] are converted).
-            image_format: ``"RGB"`` or ``"BGR"`` (OpenCV order).
+            image: uint8 RGB or BGR (grayscale, RGBA, 16-bit and float images are converted; see
+                :func:`segany.data.images.to_rgb_uint8` for how floats are read).
+            image_format: ``"RGB"`` or ``"BGR"`` (OpenCV order). The channels are reversed when it is not the
+                model's ``image_format`` (RGB for every shipped and official model), as in the reference.
         """
         if image_format not in ("RGB", "BGR"):
             raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         if not isinstance(image, np.ndarray):
             raise InputError(f"set_image expects a numpy array (H, W, 3), got {type(image).__name__}; "
                              "load files with segany.data.images.load_image")
-        was_bgr = image_format == "BGR" and image.ndim == 3 and image.shape[2] in (3, 4)
+        flip = image_format != getattr(self.model, "image_format", "RGB") and image.ndim == 3 and image.shape[2] in (3, 4)
         image = to_rgb_uint8(image)
-        if was_bgr:
+        if flip:
             image = np.ascontiguousarray(image[..., ::-1])
         resized = self.transform.apply_image(image)
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]

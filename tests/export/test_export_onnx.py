@@ -181,3 +181,18 @@ def test_reexport_without_int8_leaves_no_stale_int8(exported, tmp_path, image, c
     with caplog.at_level("WARNING"):
         export_onnx(other, tmp_path / "q", quantize_int8=True, model_name="tiny")
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``model.float().eval()`` in place turned a bf16 model in training into fp32 in eval mode."""
+    from conftest import randomize_, tiny_config
+
+    from segany.export.onnx import export_decoder, export_encoder
+    from segany.modeling.sam import Sam
+
+    model = randomize_(Sam(tiny_config())).to(torch.bfloat16).train()
+    export_decoder(model, tmp_path / "decoder.onnx")
+    export_encoder(model, tmp_path / "encoder.onnx")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(m.training for m in model.modules())
+    assert (tmp_path / "decoder.onnx").stat().st_size > 0 and (tmp_path / "encoder.onnx").stat().st_size > 0

@@ -387,3 +387,57 @@ def test_build_sam_with_a_checkpoint_path_first(tmp_path: Path) -> None:
     loaded = build_sam(str(path))
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+# ----------------------------------------------------------------- audit 4 (drop-in API)
+def test_bare_import_reaches_the_reference_submodules() -> None:
+    """After a bare ``import segment_anything``, ``.utils.transforms``, ``.modeling`` and the rest are there;
+    ``segany.utils`` raised AttributeError."""
+    code = textwrap.dedent("""
+        import segany
+        assert segany.utils.transforms.ResizeLongestSide is segany.ResizeLongestSide
+        assert segany.utils.amg.build_all_layer_point_grids and segany.utils.onnx.SamOnnxModel
+        assert segany.modeling.Sam is segany.Sam and segany.predictor.SamPredictor is segany.SamPredictor
+        assert segany.automatic_mask_generator.SamAutomaticMaskGenerator is segany.SamAutomaticMaskGenerator
+        assert callable(segany.build_sam)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_float_image_a_little_above_one_is_still_read_as_0_to_1() -> None:
+    """A 0-1 image with one pixel at 1.0001 (a bicubic resize's overshoot) was read as 0-255: almost black.
+    The reference clips the overshooting pixels only."""
+    from segany.data.images import to_rgb_uint8
+
+    rng = np.random.default_rng(0)
+    im = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    f = im.astype(np.float32) / 255
+    f[0, 0, 0] = 1.0001
+    f[1, 1, 1] = -0.001
+    got = to_rgb_uint8(f)
+    want = np.clip(f.astype(np.float64) * 255, 0, 255).astype(np.uint8)  # the reference's to_pil_image reading
+    assert np.array_equal(got, want) and abs(int(got.astype(int).sum()) - int(im.astype(int).sum())) < im.size
+    assert to_rgb_uint8(f * 255).mean() > 100  # a 0-255 float image is still read as 0-255
+
+
+def test_set_image_follows_the_models_image_format() -> None:
+    """The reference reverses the channels when ``image_format`` is not ``model.image_format``; segany looked
+    only at the argument."""
+    from conftest import randomize_, tiny_config
+    from sam_oracle import reference_predictor, reference_sam
+
+    from segany.modeling.sam import Sam
+    from segany.predictor import SamPredictor
+
+    ref_model = randomize_(reference_sam(tiny_config())).eval()
+    ours_model = Sam(tiny_config()).eval()
+    ours_model.load_state_dict(ref_model.state_dict())
+    ref_model.image_format = ours_model.image_format = "BGR"
+    ours, ref = SamPredictor(ours_model), reference_predictor(ref_model)
+    image = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    for fmt in ("RGB", "BGR"):
+        ours.set_image(image, fmt)
+        ref.set_image(image, fmt)
+        torch.testing.assert_close(ours.features, ref.features, atol=1e-4, rtol=1e-4)

@@ -1,7 +1,7 @@
 """Robust image loading: every supported input becomes (H, W, 3) uint8 RGB, or a clear error.
 
 Grayscale is replicated to 3 channels, alpha is composited away (dropped), 16-bit images are
-scaled to 8 bits, 32-bit float images (TIFF mode "F") are read as 0-1 when their maximum is at most 1
+scaled to 8 bits, 32-bit float images (TIFF mode "F") are read as 0-1 when their maximum is at most 2
 and as 0-255 otherwise (as :func:`to_rgb_uint8` reads float arrays), and EXIF orientation is applied so
 masks line up with what a viewer shows.
 """
@@ -27,11 +27,18 @@ def float_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(arr, dtype=np.float64) * 255.0, 0, 255).astype(np.uint8)
 
 
+# A float image whose maximum is at most this is read as 0–1 (see to_rgb_uint8). A 0–255 image with no value
+# above 2 is black to the eye (2/255), so the margin costs nothing real.
+FLOAT_01_MAX = 2.0
+
+
 def to_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
     """Normalize an array image to (H, W, 3) uint8.
 
-    Accepts (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) of uint8, uint16 or float in [0, 1] (floats above 1 are
-    taken as 0–255), bool.
+    Accepts (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) of uint8, uint16, bool or float. A float image whose
+    largest value is at most :data:`FLOAT_01_MAX` is taken as 0–1 (values outside clipped), a larger one as
+    0–255. The margin above 1 is for 0–1 images that a bicubic or Lanczos resize left a little above 1.0:
+    with the line at 1.0, one pixel at 1.0001 made the whole image be read as 0–255, almost black.
     """
     arr = np.asarray(image)
     if arr.ndim == 2:
@@ -51,7 +58,7 @@ def to_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
         if not np.isfinite(arr).all():
             raise InputError(f"{what} contains NaN or infinite values")
         hi = float(arr.max()) if arr.size else 0.0
-        arr = float_to_uint8(arr if hi <= 1.0 else arr / 255.0)
+        arr = float_to_uint8(arr if hi <= FLOAT_01_MAX else arr / 255.0)
     else:
         raise InputError(f"{what} has dtype {arr.dtype}; expected uint8, uint16 or float")
     if arr.shape[2] == 1:

@@ -28,6 +28,7 @@ weights (ONNX Runtime's ``quantize_dynamic``): smaller and faster on CPUs, sligh
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -118,11 +119,18 @@ class DecoderGraph(nn.Module):
         return F.interpolate(up, size=(size[0], size[1]), mode="bilinear", align_corners=False)
 
 
-def _check_model(model: Any) -> Sam:
+def model_for_export(model: Any) -> Sam:
+    """The model to trace: ``model`` itself when it is already float32, on the CPU and in eval mode, else a
+    copy made so. Exporting must not touch the caller's model: ``model.float().eval()`` in place turned a
+    bf16 model in training into an fp32 one in eval mode (and moved a served CUDA model to the CPU)."""
     if not isinstance(model, Sam):
         raise InputError(f"export needs a segany Sam model, got {type(model).__name__}; build one with "
                          "segany.build_sam(name, checkpoint)")
-    return model
+    tensors = [*model.parameters(), *model.buffers()]
+    ready = all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors)
+    if ready and not any(m.training for m in model.modules()):
+        return model
+    return copy.deepcopy(model).cpu().float().eval()
 
 
 def _check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -147,19 +155,19 @@ def _legacy_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path
 
 
 def export_encoder(model: Sam, path: str | os.PathLike[str]) -> Path:
-    model = _check_model(model)
+    model = model_for_export(model)
     require("onnx", "onnx")
     s = model.img_size
     out = Path(path)
     example = torch.randint(0, 256, (1, 3, s, s * 3 // 4), dtype=torch.float32)
     with torch.no_grad():
-        _legacy_export(EncoderGraph(model.float().eval()).eval(), (example,), out, ["image"], ["image_embeddings"],
+        _legacy_export(EncoderGraph(model).eval(), (example,), out, ["image"], ["image_embeddings"],
                        {"image": {0: "batch", 2: "height", 3: "width"}, "image_embeddings": {0: "batch"}})
     return out
 
 
 def export_decoder(model: Sam, path: str | os.PathLike[str], multimask: bool = False) -> Path:
-    model = _check_model(model)
+    model = model_for_export(model)
     require("onnx", "onnx")
     g = model.cfg.embed_size
     c = model.cfg.prompt.embed_dim
@@ -173,7 +181,7 @@ def export_decoder(model: Sam, path: str | os.PathLike[str], multimask: bool = F
         torch.tensor([float(model.img_size) * 0.75, float(model.img_size)]),
     )
     with torch.no_grad():
-        _legacy_export(DecoderGraph(model.float().eval(), multimask).eval(), example, out, list(DECODER_INPUTS),
+        _legacy_export(DecoderGraph(model, multimask).eval(), example, out, list(DECODER_INPUTS),
                        list(DECODER_OUTPUTS),
                        {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
                         "masks": {2: "height", 3: "width"}})
@@ -205,13 +213,12 @@ def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: b
     ``weights`` (e.g. ``{"checkpoint": path, "sha256": ...}`` or ``{"random_weights": True}``) goes into the
     meta file, so graphs of random weights cannot pass for trained ones.
     """
-    model = _check_model(model)
+    model = model_for_export(model)
     out = _check_out_dir(out_dir)
     # The meta file is what makes a folder an export (OnnxPredictor refuses one without it), and it is
     # written last: removed before the first graph is replaced, an export interrupted midway leaves a folder
     # that is refused, never new graphs beside an old decoder listed by the old meta.
     (out / META_FILE).unlink(missing_ok=True)
-    model = model.cpu().float().eval()
     paths = {"encoder": export_encoder(model, out / ENCODER_FILE),
              "decoder": export_decoder(model, out / DECODER_FILE, multimask=multimask)}
     if quantize_int8:

@@ -35,7 +35,6 @@ fp32 outputs agree with :class:`segany.modeling.mask_decoder.MaskDecoder` to rou
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 from segany.errors import require
+from segany.export.onnx import model_for_export
 from segany.fast import layer0_image_projection, run_two_way, upscaler_gemms
 from segany.modeling.sam import Sam
 
@@ -237,10 +237,7 @@ def export_split_decoder(model: Sam, out_dir: str | os.PathLike[str]) -> dict[st
     require("onnx", "onnx")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    p0 = next(model.parameters())
-    if p0.device.type != "cpu" or p0.dtype != torch.float32:  # leave a served model where it is
-        model = copy.deepcopy(model).cpu().float()
-    model = model.eval()
+    model = model_for_export(model)  # a copy unless already fp32, CPU, eval: a served model stays as it is
     g = model.cfg.embed_size
     c = model.cfg.prompt.embed_dim
     image = ImageSideGraph(model).eval()

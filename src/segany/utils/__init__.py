@@ -9,3 +9,17 @@ here except where segany had no equivalent:
 
 See docs/compat.md for what maps where and the known differences.
 """
+
+from typing import Any
+
+_SUBMODULES = ("amg", "onnx", "transforms")
+
+
+def __getattr__(name: str) -> Any:
+    """``segany.utils.transforms`` and the others load on first use, as after ``import segment_anything``
+    (whose predictor imports them) they are simply there."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"segany.utils.{name}")
+    raise AttributeError(f"module 'segany.utils' has no attribute {name!r}")
