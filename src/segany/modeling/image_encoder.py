@@ -107,6 +107,11 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid[1] - 1, self.head_dim))
 
+    @property
+    def scale(self) -> float:
+        """The reference's attribute: the q·k scale, head_dim ** -0.5 (SDPA applies it itself)."""
+        return self.head_dim**-0.5
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         nh, L = self.num_heads, H * W
@@ -134,6 +139,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
         self.window = window
+
+    @property
+    def window_size(self) -> int:
+        """The reference's name for ``window`` (0 for a global-attention block)."""
+        return self.window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def reference_keywords(**ours_by_reference: str) -> Callable[[_Fn], _Fn]:
+    """Let a method also take the reference package's keyword names for its arguments.
+
+    ``@reference_keywords(size="size_hw")`` makes ``f(size=x)`` call ``f(size_hw=x)``: code written against
+    ``segment_anything`` runs unchanged, while segany's own names, positions and types stay as they are. A call
+    without keywords pays one ``if`` (no per-element work); passing both spellings raises ``TypeError``.
+    """
+
+    def wrap(fn: _Fn) -> _Fn:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if kwargs:
+                for ref_name, our_name in ours_by_reference.items():
+                    if ref_name in kwargs:
+                        if our_name in kwargs:
+                            raise TypeError(f"{fn.__qualname__}() got {ref_name!r} and {our_name!r}, which are "
+                                            f"the same argument; pass one")
+                        kwargs[our_name] = kwargs.pop(ref_name)
+            return fn(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:
@@ -57,6 +88,11 @@ class MLP(nn.Module):
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out, strict=True))
         self.sigmoid_output = sigmoid_output
+
+    @property
+    def num_layers(self) -> int:
+        """The reference's attribute: how many linear layers (``len(self.layers)``)."""
+        return len(self.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segany.modeling.config import MaskDecoderConfig
-from segany.modeling.layers import MLP, LayerNorm2d, embedding
+from segany.modeling.layers import MLP, LayerNorm2d, embedding, reference_keywords
 from segany.modeling.transformer import TwoWayTransformer
 
 
@@ -62,11 +62,13 @@ class MaskDecoder(nn.Module):
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou[:, sel]
 
+    @reference_keywords(sparse_prompt_embeddings="sparse", dense_prompt_embeddings="dense")
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                       dense: torch.Tensor, return_tokens: bool = False) -> tuple[torch.Tensor, ...]:
         """All 4 masks and IoU predictions, before choosing single or multimask output.
 
-        With ``return_tokens`` also the (B, 4, C) output mask tokens (what a class head reads).
+        With ``return_tokens`` also the (B, 4, C) output mask tokens (what a class head reads). The reference's
+        keywords ``sparse_prompt_embeddings`` and ``dense_prompt_embeddings`` also work.
         """
         B = sparse.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0).to(sparse.dtype)

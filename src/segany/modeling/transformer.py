@@ -18,6 +18,7 @@ class Attention(nn.Module):
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
+        self.embedding_dim = embedding_dim
         self.internal_dim = embedding_dim // downsample_rate
         self.num_heads = num_heads
         if self.internal_dim % num_heads:
@@ -31,6 +32,17 @@ class Attention(nn.Module):
         B, N, C = x.shape
         return x.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, N, c)
 
+    # The reference's head helpers, for code that calls them; forward does not.
+    def _separate_heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """(B, N, C) → (B, num_heads, N, C / num_heads)."""
+        B, N, C = x.shape
+        return x.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
+
+    def _recombine_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, nh, N, c) → (B, N, nh·c)."""
+        B, nh, N, c = x.shape
+        return x.transpose(1, 2).reshape(B, N, nh * c)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = F.scaled_dot_product_attention(
             self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
@@ -41,13 +53,13 @@ class Attention(nn.Module):
 
 class TwoWayAttentionBlock(nn.Module):
     def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int, attention_downsample_rate: int,
-                 skip_first_layer_pe: bool) -> None:
+                 skip_first_layer_pe: bool, *, activation: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
         self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim, nn.ReLU)
+        self.mlp = MLPBlock(embedding_dim, mlp_dim, activation)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
@@ -71,10 +83,16 @@ class TwoWayAttentionBlock(nn.Module):
 
 class TwoWayTransformer(nn.Module):
     def __init__(self, *, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
-                 attention_downsample_rate: int = 2) -> None:
+                 activation: type[nn.Module] = nn.ReLU, attention_downsample_rate: int = 2) -> None:
         super().__init__()
+        # The reference's attributes, read by code that inspects the decoder.
+        self.depth = depth
+        self.embedding_dim = embedding_dim
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate, i == 0)
+            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate, i == 0,
+                                 activation=activation)
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
