@@ -66,3 +66,49 @@ def test_default_retrain_folders_never_reuse_a_registered_model(tmp_path: Path) 
     second.mkdir()
     (second / "model.pt").write_bytes(b"w")
     assert _run_folder(None, default) == tmp_path / "v1-abc-from-1-3"
+
+
+def test_a_retrain_waits_for_no_other_retrain_of_the_project(tmp_path: Path) -> None:
+    """Two retrains at once wrote one run folder: model version 2's checkpoint came to hold version 3's weights.
+    A retrain now claims its project, so a second one is refused before it registers, freezes or writes."""
+    import os
+    import socket
+
+    from segany.engine.db import JobLock, utcnow
+    from segany.engine.locks import ProjectBusyError
+    from segany.engine.retrain import retrain
+
+    store, proj = make_project(tmp_path / "proj", make_images(tmp_path / "images", 2))
+    try:
+        for im in store.list_images(proj["id"]):
+            m = np.zeros((im["height"], im["width"]), dtype=bool)
+            m[20:90, 30:120] = True
+            store.save_annotation(im["id"], mask=m, source="manual", label="thing")
+        ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+        with store.transaction() as s:  # a live retrain elsewhere on this host (our parent process) holds it
+            s.add(JobLock(project_id=proj["id"], kind="retrain", owner=f"{socket.gethostname()}:{os.getppid()}",
+                          heartbeat_at=utcnow()))
+        settings = RetrainSettings(steps=1, batch_size=1, held_out=0.5, max_objects=1, device="cpu")
+        with pytest.raises(ProjectBusyError, match="another `engine retrain` run"):
+            retrain(store, None, settings, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "run"))
+        from segany.engine.versions import list_versions
+
+        assert store.list_model_versions() == [] and list_versions(store, None) == []
+        assert not (tmp_path / "run").exists()
+    finally:
+        store.close()
+
+
+def test_a_trained_on_image_never_moves_to_the_held_out_side() -> None:
+    """A tiny project's fallback held out the image of smallest hash: after that image was removed, the next
+    smallest, trained on in v1, was held out in v2, and the parent model was judged on its own training image."""
+    from segany.engine.retrain import _split
+
+    v1 = {1: "9" * 64, 2: "a" * 64}  # neither under 0.2 of the hash range
+    train1, held1 = _split(v1, 0.2)
+    assert (train1, held1) == ([2], [1])
+    sides = {**{i: False for i in train1}, **{i: True for i in held1}}
+    assert _split({2: "a" * 64, 3: "b" * 64}, 0.2, sides) == ([2], [3])  # image 1 removed, 3 added: 2 stays
+    assert _split({1: "9" * 64, 2: "a" * 64, 3: "b" * 64}, 0.2, sides) == ([2, 3], [1])  # 1 stays held out
+    assert _split({2: "a" * 64}, 0.2, sides) == ([2], [])
+    assert _split({2: "a" * 64, 4: "c" * 64}, 0.2, {2: False, 4: False}) == ([2, 4], [])  # all trained on

@@ -103,12 +103,12 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
                              "annotate or accept some first")
         digest = _content_hash((a, im.sha256) for a, im in rows)
         images = {a.image_id: im.sha256 for a, im in rows}
-        train, held = _split(images, held_out)
-        for dv in s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])):
-            if (dv.meta or {}).get("content_hash") == digest and (dv.meta or {}).get("held_out") == held_out:
-                return _dv_dict(dv)
         earlier = list(s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])
                                  .order_by(DatasetVersion.id)))
+        for dv in earlier:
+            if (dv.meta or {}).get("content_hash") == digest and (dv.meta or {}).get("held_out") == held_out:
+                return _dv_dict(dv)
+        train, held = _split(images, held_out, _earlier_sides(earlier, held_out))
         n = len(earlier) + 1
         dv = DatasetVersion(project_id=proj["id"], name=f"v{n}-{digest[:8]}", meta={
             "content_hash": digest, "states": list(states), "annotations": len(rows), "images": len(images),
@@ -148,13 +148,34 @@ def _content_hash(rows: Any) -> str:
     return h.hexdigest()
 
 
-def _split(images: dict[int, str], held_out: float) -> tuple[list[int], list[int]]:
-    """(train, held-out) image ids, split by content so an image stays on its side in every version."""
-    held = sorted(i for i, sha in images.items() if held_out_image(sha, held_out))
-    train = sorted(i for i in images if i not in set(held))
+def _earlier_sides(earlier: list[Any], held_out: float) -> dict[int, bool]:
+    """Image id → held out (True) or trained on (False) in the project's earlier versions of the same
+    ``held_out`` fraction, the latest version deciding."""
+    sides: dict[int, bool] = {}
+    for dv in earlier:
+        meta = dv.meta or {}
+        if meta.get("held_out") != held_out:
+            continue
+        sides.update({int(i): False for i in meta.get("train_image_ids", [])})
+        sides.update({int(i): True for i in meta.get("held_out_image_ids", [])})
+    return sides
+
+
+def _split(images: dict[int, str], held_out: float, earlier: dict[int, bool] | None = None
+           ) -> tuple[list[int], list[int]]:
+    """(train, held-out) image ids, split by content so an image stays on its side in every version.
+
+    A tiny project where no image falls under the fraction still holds one out. That image is chosen among
+    those no earlier version put on a side, and an image held out before stays held out: picking the smallest
+    hash each time moved a trained-on image to the held-out side when another image was removed, so the parent
+    model was judged on an image it had trained on. When every image has been trained on, none is held out.
+    """
+    earlier = earlier or {}
+    held = sorted(i for i, sha in images.items() if held_out_image(sha, held_out) or earlier.get(i) is True)
     if held_out > 0 and not held and len(images) >= 2:  # tiny projects: hold out one image anyway
-        held = [min(images, key=lambda i: images[i])]
-        train = [i for i in train if i not in held]
+        fresh = [i for i in images if i not in earlier]
+        held = [min(fresh, key=lambda i: images[i])] if fresh else []
+    train = sorted(i for i in images if i not in set(held))
     return train, held
 
 
@@ -266,6 +287,9 @@ def evaluate(sam: Any, records: list[Any], *, max_objects: int, max_clicks: int)
         sam.train(was_training)
 
 
+RETRAIN_KIND = "retrain"  # the claim kind (see segany.engine.locks) a retrain holds on its project
+
+
 def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model: str | None = None,
             checkpoint: str | None = None, out_dir: str | None = None,
             log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
@@ -275,14 +299,8 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
     ``metrics_old``/``metrics_new`` (per dataset and ``all``: ``miou_1``, ``miou_5``, ``box_miou``, ...),
     ``promoted`` and ``train`` (the trainer's summary).
     """
-    import torch
-
-    from segany.atomic import atomic_write_json
-    from segany.checkpoints import build_sam, save_checkpoint
-    from segany.engine.auto import register_model
-    from segany.engine.store import file_sha256
-    from segany.train.config import TrainConfig
-    from segany.train.trainer import Trainer
+    from segany.checkpoints import build_sam
+    from segany.engine.locks import held_claim
 
     proj = store.get_project(project)
     spec = model_spec_for(store, project, model=model, checkpoint=checkpoint, device=settings.device)
@@ -292,6 +310,24 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
         check_out_dir(Path(out_dir))
     # Built (its checkpoint read and checked) before anything is registered, frozen or written.
     old = build_sam(spec.model, spec.checkpoint, device=settings.device)
+    # One retrain of a project at a time: two at once wrote one run folder, so model version 2's checkpoint
+    # came to hold version 3's weights. Held with a heartbeat, as `engine auto` holds its claim.
+    with held_claim(store, proj, RETRAIN_KIND):
+        return _retrain_claimed(store, project, proj, spec, old, settings, out_dir, log)
+
+
+def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec: ModelSpec, old: Any,
+                     settings: RetrainSettings, out_dir: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`retrain` from registering the parent on, while the project's retrain claim is held."""
+    import torch
+
+    from segany.atomic import atomic_write_json
+    from segany.checkpoints import save_checkpoint
+    from segany.engine.auto import register_model
+    from segany.engine.store import file_sha256
+    from segany.train.config import TrainConfig
+    from segany.train.trainer import Trainer
+
     parent_id = register_model(store, spec)
     dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out)
     log(f"dataset version {dv['name']}: {dv['annotations']} masks on {dv['images']} images "
