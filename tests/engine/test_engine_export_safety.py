@@ -250,3 +250,23 @@ def test_reimport_reports_deleted_and_vanished_annotations(proj: tuple[Path, Pat
     assert "1 annotations an earlier import of this file created are no longer in it (kept" in out
     assert main(["project", "add-images", str(root), str(imgs)]) == 0
     assert "added 0 images to 'P', 3 already registered" in capsys.readouterr().out
+
+
+def test_a_damaged_stored_mask_is_named_and_nothing_is_written(proj: tuple[Path, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A stored RLE damaged in the database failed polygon, YOLO and PNG exports with only the decoder's line."""
+    from segany.engine.db import Annotation
+
+    root, _ = proj
+    store = open_store(root)
+    try:
+        with store.transaction() as s:
+            ann = s.query(Annotation).order_by(Annotation.id).first()
+            ann.rle_counts = "0" + ann.rle_counts  # one more run: the counts no longer cover the image
+            aid, image_id = ann.id, ann.image_id
+    finally:
+        store.close()
+    for fmt, out in (("coco-polygons", tmp_path / "c.json"), ("yolo", tmp_path / "y"), ("png", tmp_path / "p")):
+        cli_fails(["project", "export", str(root), fmt, str(out)], capsys,
+                  f"annotation {aid} (image {image_id}) has a damaged stored mask")
+        assert not out.exists() and not _leftovers(tmp_path)

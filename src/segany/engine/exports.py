@@ -311,6 +311,16 @@ def _folder_swap(store: Store, out: Path, what: str, force: bool) -> Iterator[Pa
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _stored_mask(ann: dict[str, Any]) -> np.ndarray:
+    """An annotation's mask, or an error naming it: a damaged stored RLE failed the export with only the
+    decoder's "counts sum to N pixels" line."""
+    try:
+        return decode_rle(ann["segmentation"])
+    except ValueError as exc:
+        raise InputError(f"annotation {ann['id']} (image {ann['image_id']}) has a damaged stored mask ({exc}); "
+                         "delete it or draw it again in the app, then export again") from exc
+
+
 def _nonempty(anns: Sequence[dict[str, Any]], result: ExportResult) -> list[dict[str, Any]]:
     """The annotations with at least one pixel; the empty ones (stored before the store refused them) are
     counted in ``result`` instead: an area-0 mask with a [0, 0, 0, 0] box breaks training and evaluation."""
@@ -450,7 +460,7 @@ def export_coco_summary(store: Store, project_id: int, out_path: str | os.PathLi
         for a in anns.get(im["id"], []):
             seg: Any = a["segmentation"]
             if polygons:
-                seg = mask_to_polygons(decode_rle(seg))
+                seg = mask_to_polygons(_stored_mask(a))
                 if not seg:
                     continue
             out_anns.append({
@@ -564,7 +574,7 @@ def export_yolo_summary(store: Store, project_id: int, out_dir: str | os.PathLik
             lines = []
             for a in anns.get(im["id"], []):
                 # One line per instance: a line per part would turn one object into several for the trainer.
-                poly = join_polygons(mask_to_polygons(decode_rle(a["segmentation"]), convention="yolo"))
+                poly = join_polygons(mask_to_polygons(_stored_mask(a), convention="yolo"))
                 if not poly:
                     continue
                 result.annotations += 1
@@ -598,7 +608,7 @@ def export_png_summary(store: Store, project_id: int, out_dir: str | os.PathLike
             stem = stems[im["id"]]
             for a in _nonempty(anns.get(im["id"], []), result):
                 rel = f"{stem}/{a['id']}.png"
-                png = PILImage.fromarray(decode_rle(a["segmentation"]).astype(np.uint8) * 255)
+                png = PILImage.fromarray(_stored_mask(a).astype(np.uint8) * 255)
                 atomic_write(work / rel, lambda f, png=png: png.save(f, format="PNG"))
                 index.append({"file": rel, "image": im["file_name"], "label": a["label"], "uuid": a["uuid"],
                               "source": a["source"]})
