@@ -288,3 +288,15 @@ def test_int32_image_negative_pixels_are_black(tmp_path) -> None:
     path = tmp_path / "i.tif"
     Image.fromarray(arr, "I").save(path)
     np.testing.assert_array_equal(load_image(path)[..., 0], [[0, 0, 255, 255]])
+
+
+@pytest.mark.parametrize(("reader", "suffix"), [(read_instance_pngs, "_mask.png"), (read_binary_masks, ".png")])
+def test_png_readers_refuse_a_mask_of_another_size_than_its_image(tmp_path, reader, suffix) -> None:
+    """The record's size came from the mask file alone, so a 20x20 mask of a 30x20 image packed a cut picture."""
+    idir, mdir = _pair(tmp_path, Image.fromarray(_square(255), "L"), suffix=suffix)
+    Image.new("RGB", (20, 30), (80, 80, 80)).save(idir / "a.png")
+    with pytest.raises(InputError, match="is 20x20 but its image .* is 30x20"):
+        reader(idir, mdir)
+    (idir / "a.png").write_bytes(b"not an image")
+    report = ReadReport()
+    assert reader(idir, mdir, report=report) == [] and len(report.bad) == 1

@@ -43,6 +43,21 @@ def _instance_ids(path: Path) -> np.ndarray:
     return ids
 
 
+def _mask_fits_image(shape: tuple[int, ...], mpath: Path, img_path: Path, report: ReadReport | None) -> bool:
+    """False for an image that cannot be read (it goes to ``report.bad``, or raises without a report); an
+    error when the mask is not the image's size, stored or as its EXIF rotation shows it. The record's size
+    came from the mask file alone, so a mask of another size trained on a stretched or cut picture."""
+    frames = image_frames_hw(img_path, report)
+    if frames is None:
+        return False
+    stored, shown = frames[0], frames[1]
+    if tuple(shape[:2]) not in (stored, shown):
+        turned = f" (or {shown[0]}x{shown[1]} as its EXIF rotation shows it)" if shown != stored else ""
+        raise InputError(f"{mpath} is {shape[0]}x{shape[1]} but its image {img_path} is {stored[0]}x{stored[1]}"
+                         f"{turned}; a mask must be its image's size: fix the pairing or re-save the mask")
+    return True
+
+
 def read_instance_pngs(image_dir: str | os.PathLike[str], mask_dir: str | os.PathLike[str], *,
                        mask_suffix: str = "_mask.png", dataset: str = "pennfudan", min_area: int = 1,
                        limit: int | None = None, report: ReadReport | None = None) -> list[InstanceRecord]:
@@ -61,6 +76,8 @@ def read_instance_pngs(image_dir: str | os.PathLike[str], mask_dir: str | os.Pat
             unmasked.append(img_path.name)
             continue
         ids = _instance_ids(mpath)
+        if not _mask_fits_image(ids.shape, mpath, img_path, report):
+            continue
         masks = []
         for value in np.unique(ids):
             if value == 0:
@@ -114,6 +131,8 @@ def read_binary_masks(image_dir: str | os.PathLike[str], mask_dir: str | os.Path
             binary = _object_mask(masks_by_stem[stem], threshold)
         except (OSError, SyntaxError, ValueError) as exc:
             raise _open_error(masks_by_stem[stem], exc) from exc
+        if not _mask_fits_image(binary.shape, masks_by_stem[stem], img_path, report):
+            continue
         masks = [encode_mask(m) for m in split_components(binary, min_area)]
         records.append(InstanceRecord(image_path=str(img_path), size_hw=(binary.shape[0], binary.shape[1]),
                                       masks=masks, image_id=stem, dataset=dataset))
