@@ -37,6 +37,10 @@ def cropped_upsample_extent(side: int, img_size: int, input_hw: tuple[int, int])
     return min(side, -(-input_hw[0] // k) + 1), min(side, -(-input_hw[1] // k) + 1), k
 
 
+class ImageDtypeError(InputError, TypeError):
+    """An image of a dtype the resize cannot take; a TypeError too, as the reference's (PIL's) error is."""
+
+
 class ResizeLongestSide:
     def __init__(self, target_length: int) -> None:
         self.target_length = target_length
@@ -56,6 +60,9 @@ class ResizeLongestSide:
         arr = np.asarray(image)
         if np.issubdtype(arr.dtype, np.floating):
             arr = float_to_uint8(arr)
+        if arr.dtype != np.uint8:  # PIL's "Cannot handle this data type" named neither the dtype nor a fix
+            raise ImageDtypeError(f"apply_image takes a uint8 image (or a float one in [0, 1]), got {arr.dtype}; "
+                                  "convert it first with segany.data.images.to_rgb_uint8(image)")
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
         if arr.ndim not in (2, 3):

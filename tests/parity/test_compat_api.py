@@ -441,3 +441,15 @@ def test_set_image_follows_the_models_image_format() -> None:
         ours.set_image(image, fmt)
         ref.set_image(image, fmt)
         torch.testing.assert_close(ours.features, ref.features, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int64, bool])
+def test_apply_image_names_a_dtype_it_cannot_take(dtype) -> None:  # type: ignore[no-untyped-def]
+    """PIL's bare "Cannot handle this data type" named neither the dtype nor a fix. Still a TypeError, as the
+    reference's is, so code catching that keeps working."""
+    from segany.errors import InputError
+    from segany.utils.transforms import ResizeLongestSide
+
+    with pytest.raises(TypeError, match=f"got {np.dtype(dtype)}; convert it first with") as exc:
+        ResizeLongestSide(64).apply_image(np.zeros((10, 12, 3), dtype))
+    assert isinstance(exc.value, InputError)
