@@ -317,6 +317,9 @@ def read_own(*, coco: str | None = None, yolo: str | None = None, masks: str | N
     if not _NAME_RE.fullmatch(name):
         raise InputError(f"--name {name!r} names a folder of the pack; use letters, digits, '_', '-' or '.', "
                          "e.g. --name parts")
+    if name == "all":  # segany eval's row for every dataset together
+        raise InputError("--name 'all' is the name of segany eval's row for every dataset together, so this data "
+                         "would have no row of its own; pick another name, e.g. --name mine")
     if categories is not None and masks is not None:
         raise InputError("--categories filters class names, which --masks data has none of; leave it out")
     if split is not None and yolo is None:

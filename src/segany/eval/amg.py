@@ -56,7 +56,11 @@ def evaluate_amg(model: Any, records: Sequence[InstanceRecord], settings: AmgEva
         gen.predictor = SamPredictor(model, **predictor_options)
     rows = []
     t0 = time.time()
-    for rec, masks in eval_objects(records, max_objects_per_image=None, min_area=min_area):
+    from segany.eval.run import check_objects
+
+    objects = eval_objects(records, max_objects_per_image=None, min_area=min_area)
+    check_objects(sum(len(m) for _, m in objects), len(records), min_area)
+    for rec, masks in objects:
         anns = gen.generate(load_image(rec.image_path))
         rows.append({"dataset": rec.dataset, "size_hw": tuple(rec.size_hw),
                      "gt": [encode_mask(m) for m in masks],

@@ -31,7 +31,10 @@ def _distance(region: np.ndarray) -> np.ndarray:
     import cv2
 
     padded = np.pad(region.astype(np.uint8), 1)
-    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    # Rounded: on exact ties OpenCV's values differ in the last float32 bit from call to call, so the argmax,
+    # and with it the click, changed between runs on the same mask (runs are compared object by object).
+    return np.round(dist, 4)
 
 
 def _deepest(dist: np.ndarray) -> tuple[int, int]:
@@ -50,7 +53,8 @@ def first_click(gt: np.ndarray) -> Click:
 
 
 def next_click(gt: np.ndarray, pred: np.ndarray, clicked: np.ndarray | None = None) -> Click | None:
-    """The corrective click for prediction ``pred`` of object ``gt`` (both (H, W) bool); None if perfect.
+    """The corrective click for prediction ``pred`` of object ``gt`` (both (H, W) bool); None when the
+    prediction is perfect or every error pixel has been clicked already (the caller then stops clicking).
 
     ``clicked``: a (H, W) bool map of the pixels clicked so far, which are not chosen again (the caller
     keeps it; :func:`mark_clicked`). Without it, any error pixel may be chosen.

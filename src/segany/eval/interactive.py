@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from segany.data.formats.common import InstanceRecord, decode_rle
+from segany.errors import InputError
 from segany.eval.clicks import first_click, mark_clicked, next_click
 from segany.eval.metrics import iou, summarize_clicks
 
 T = TypeVar("T")
+ALL = "all"  # the tables' row for every dataset together
 
 
 @dataclass
@@ -107,11 +109,19 @@ def evaluate_model(model: Any, objects: Sequence[tuple[InstanceRecord, list[np.n
 
 
 def by_dataset(items: Sequence[T], dataset: Callable[[T], str]) -> dict[str, list[T]]:
-    """``items`` per dataset, in first-seen order, then all of them under ``"all"`` (the tables' rows)."""
+    """``items`` per dataset, in first-seen order, then all of them under ``"all"`` (the tables' rows).
+
+    The "all" row pools the objects (or, for AR, the images): each dataset weighs by its size. A dataset
+    itself named "all" is refused, since the aggregate row would silently replace its own.
+    """
     groups: dict[str, list[T]] = {}
     for it in items:
-        groups.setdefault(dataset(it), []).append(it)
-    groups["all"] = list(items)
+        name = dataset(it)
+        if name == ALL:
+            raise InputError(f"a dataset is named {ALL!r}, the name of the tables' row for every dataset together; "
+                             "pack it again under another name (segany data pack ... --name NAME)")
+        groups.setdefault(name, []).append(it)
+    groups[ALL] = list(items)
     return groups
 
 

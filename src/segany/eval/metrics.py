@@ -32,8 +32,10 @@ def noc(ious: Sequence[float], threshold: float, max_clicks: int = 20) -> int:
 def summarize_clicks(per_object: Sequence[Sequence[float]], max_clicks: int = 20) -> dict[str, Any]:
     """mIoU after 1..N clicks, mean NoC@85/90 and NoF@85/90 over objects (each a list of IoUs per click).
 
-    NoF (number of failures, as RITM reports it) counts the objects that never reach the threshold within
-    ``max_clicks``: each adds ``max_clicks`` to NoC, so without it a NoC near the cap cannot be read.
+    NoF (number of failures) counts the objects that never reach the threshold within ``max_clicks``: each
+    adds ``max_clicks`` to NoC, so without it a NoC near the cap cannot be read. RITM's count (``over_max``)
+    also takes in objects that reach it exactly at the last click; this one does not.
+    ``miou_5`` is the last click's mIoU when fewer than 5 clicks ran.
     """
     if not per_object:
         return {"objects": 0}

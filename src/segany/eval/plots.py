@@ -45,6 +45,9 @@ def plot_miou_vs_clicks(summary: dict[str, Any], path: str | os.PathLike[str], t
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out)
+    from segany.atomic import atomic_path
+
+    with atomic_path(out) as tmp:  # the temp name has no suffix: say the format
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
     return out

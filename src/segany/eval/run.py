@@ -71,6 +71,7 @@ def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int
 
     objects = eval_objects(records, max_objects_per_image)
     n_obj = sum(len(m) for _, m in objects)
+    check_objects(n_obj, len(records))
     t0 = time.time()
     res = evaluate_model(model, objects, max_clicks=max_clicks,
                          progress=progress("model", n_obj) if progress else None,
@@ -102,6 +103,14 @@ def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int
         plot_miou_vs_clicks(result["model"], out / "miou_vs_clicks.png", baseline=result.get("grabcut"),
                             title=f"{(meta or {}).get('model', 'model')}: mIoU vs clicks (★ box prompt; dashed: GrabCut box)")
     return result
+
+
+def check_objects(n_objects: int, n_images: int, min_area: int = 64) -> None:
+    """Refuse, before anything is evaluated or written, data that leaves no object to evaluate: the tables
+    and the plot had nothing to show and the run failed after writing a results.json of 0 objects."""
+    if n_objects == 0:
+        raise InputError(f"the {n_images} image(s) to evaluate have no object of at least {min_area} px, so there is "
+                         "nothing to evaluate; pass data with larger objects, or another --split or --datasets")
 
 
 def _object_row(r: Any) -> dict[str, Any]:
