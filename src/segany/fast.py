@@ -511,23 +511,30 @@ class FastMaskDecoder(nn.Module):
         super().__init__()
         self.dec = decoder
         self._tok = (token_decoder if token_decoder is not None else decoder,)
-        t = decoder.transformer
-        pe = image_pe.flatten(2).transpose(1, 2)[0]  # (HW, C)
-        self.register_buffer("key_pe", pe.contiguous(), persistent=False)
         self.grid = tuple(image_pe.shape[-2:])
-        with torch.no_grad():
-            w, add = layer0_image_projection(t, pe)
-            self.register_buffer("w_0", w, persistent=False)
-            self.register_buffer("add_0", add, persistent=False)
-            up1_w, up1_b, up2_w, up2_b = upscaler_gemms(decoder)
-            # F.linear takes (out, in): rows ordered (sub-row, sub-col, channel).
-            self.register_buffer("up1_w", up1_w.T.contiguous(), persistent=False)
-            self.register_buffer("up1_b", up1_b, persistent=False)
-            self.register_buffer("up2_w", up2_w.T.contiguous(), persistent=False)
-            self.register_buffer("up2_b", up2_b, persistent=False)
+        for name, value in self._derived(image_pe).items():
+            self.register_buffer(name, value, persistent=False)
         # (embedding tensor, its version, keys, projection); holding the tensor keeps its memory from being
         # reused by another image, so an identity check cannot be fooled.
         self._cache: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def _derived(self, image_pe: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors computed once from the decoder's weights and the positional encoding."""
+        pe = image_pe.flatten(2).transpose(1, 2)[0]  # (HW, C)
+        w, add = layer0_image_projection(self.dec.transformer, pe)
+        up1_w, up1_b, up2_w, up2_b = upscaler_gemms(self.dec)
+        # F.linear takes (out, in): rows ordered (sub-row, sub-col, channel).
+        return {"key_pe": pe.contiguous(), "w_0": w, "add_0": add, "up1_w": up1_w.T.contiguous(), "up1_b": up1_b,
+                "up2_w": up2_w.T.contiguous(), "up2_b": up2_b}
+
+    @torch.no_grad()
+    def refresh(self, image_pe: torch.Tensor) -> None:
+        """Recompute the derived tensors after the decoder's weights changed, in place (compiled code and CUDA
+        graphs keep reading the same storage), and drop the per-image cache."""
+        for name, value in self._derived(image_pe).items():
+            getattr(self, name).copy_(value)
+        self._cache = None
 
     @staticmethod
     def _image_proj(keys: torch.Tensor, w: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
@@ -707,6 +714,21 @@ def run_two_way(tok: nn.Module, img: nn.Module, tokens: torch.Tensor, keys: torc
     return tok.norm_final_attn(queries + update), keys
 
 
+def _decoder_sources(model: Sam) -> list[torch.Tensor]:
+    """The tensors FastPath derives values from once: the positional encoding's matrix, the first block's
+    image-side projections and the upscaler."""
+    layer = model.mask_decoder.transformer.layers[0]
+    mods = [layer.cross_attn_token_to_image.k_proj, layer.cross_attn_token_to_image.v_proj,
+            layer.cross_attn_image_to_token.q_proj, *model.mask_decoder.output_upscaling]
+    return [model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+            *(t for m in mods for t in m.parameters(recurse=False))]
+
+
+def _versions(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """In-place changes bump ``_version``; a replaced ``.data`` changes the storage pointer."""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
+
+
 def layer0_image_projection(transformer: nn.Module, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The first block's image-side projections as one affine map of the image tokens ``x`` (HW, C).
 
@@ -874,6 +896,11 @@ class FastPath:
                    else make_fast_decoder(model.mask_decoder, self.decoder_dtype))
         with torch.no_grad():
             self._image_pe = model.prompt_encoder.get_dense_pe().to(self.decoder_dtype)
+        # An fp32 decoder shares the model's parameters, so a weight change (load_state_dict, a training step)
+        # must reach what was computed from them here; a low-precision decoder is a cast copy, a snapshot by
+        # design (docs/speed.md). The versions of the few source tensors are compared before each click.
+        self._sources = _decoder_sources(model) if self.decoder_dtype == torch.float32 else []
+        self._source_versions = _versions(self._sources)
         if fast_decoder is None:
             fast_decoder = self.precision != "fp32"
         # On CPU the few-token side runs on the fp32 reference modules: tiny bf16 GEMMs are slower there.
@@ -942,6 +969,8 @@ class FastPath:
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt encoder (fp32) → decoder + post-processing (fast dtype); all three in one CUDA graph when graphs
         are on, else the encoder eagerly and the rest eager or compiled."""
+        if self._sources and _versions(self._sources) != self._source_versions:
+            self._refresh_derived()
         feats = self._features_for_decoder(features)
         kwargs = dict(multimask=multimask_output, input_size=tuple(input_size), original_size=tuple(original_size),
                       return_logits=return_logits, threshold=float(self.model.mask_threshold))
@@ -960,6 +989,13 @@ class FastPath:
             masks, iou, low_res = self._decode_fn(feats, sparse, dense, **kwargs)
             return masks.clone(), iou.clone(), low_res.clone()
         return self._decode_fn(feats, sparse, dense, **kwargs)
+
+    @torch.no_grad()
+    def _refresh_derived(self) -> None:
+        self._image_pe.copy_(self.model.prompt_encoder.get_dense_pe().to(self.decoder_dtype))
+        if isinstance(self.decoder, FastMaskDecoder):
+            self.decoder.refresh(self._image_pe)
+        self._source_versions = _versions(self._sources)
 
     def _decode_graphed(self, feats: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None,
                         boxes: torch.Tensor | None, mask_input: torch.Tensor | None, kwargs: dict[str, Any]
