@@ -502,3 +502,34 @@ def test_importing_the_fast_path_leaves_inductor_unloaded():
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False"], r.stdout
+
+
+def test_building_a_predictor_leaves_the_environment_alone():
+    """OpenCV's import prepends its folder (and an empty entry: the current directory) to LD_LIBRARY_PATH,
+    which child processes inherit; building even the exact fp32 predictor imported it through the fast path."""
+    import subprocess
+    import sys
+
+    probe = ("import os, sys\nfrom segany.modeling.config import SamConfig, ViTConfig\nfrom segany.modeling.sam import Sam\n"
+             "from segany.predictor import SamPredictor\n"
+             "SamPredictor(Sam(SamConfig(encoder=ViTConfig(img_size=64, depth=1, embed_dim=32, num_heads=2, "
+             "global_attn_indexes=(0,), window_size=0))))\n"
+             "print(repr(os.environ.get('LD_LIBRARY_PATH')), 'cv2' in sys.modules)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LD_LIBRARY_PATH"}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["None", "False"], r.stdout
+
+
+def test_int8_scaling_fusion_is_on_only_around_the_compiled_encoder(tiny_sam):
+    """FastPath(quantize="int8", compile=...) set Inductor's force_fuse_int_mm_with_mul for the whole process,
+    so every later torch.compile of the user's own code ran with it."""
+    import torch._inductor.config as inductor_config
+
+    from segany.fast import FastPath, _with_int8_scaling_fused
+
+    assert inductor_config.force_fuse_int_mm_with_mul is False
+    fast = FastPath(tiny_sam, precision="bf16", quantize="int8", compile=True)
+    assert inductor_config.force_fuse_int_mm_with_mul is False and fast.quantize == "int8"
+    seen = _with_int8_scaling_fused(lambda x: inductor_config.force_fuse_int_mm_with_mul)(torch.zeros(1))
+    assert seen is True and inductor_config.force_fuse_int_mm_with_mul is False

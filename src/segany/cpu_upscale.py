@@ -15,7 +15,6 @@ Only the fast path's eager CPU decode uses this. The exact fp32 path keeps the r
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 
@@ -37,7 +36,13 @@ def _compiling() -> bool:
 
 
 def _resize(src: np.ndarray, size_hw: tuple[int, int], dst: np.ndarray) -> np.ndarray:
-    """``cv2.resize`` into ``dst`` (which it may decline to use if it does not fit; then the result is copied)."""
+    """``cv2.resize`` into ``dst`` (which it may decline to use if it does not fit; then the result is copied).
+
+    OpenCV is imported here, not with the module: its import prepends to the process's LD_LIBRARY_PATH, which
+    every child process inherits, and building any SamPredictor imports this module.
+    """
+    import cv2
+
     out = cv2.resize(src, (size_hw[1], size_hw[0]), dst=dst, interpolation=cv2.INTER_LINEAR)
     if out is not dst:
         dst[...] = out

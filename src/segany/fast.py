@@ -233,7 +233,7 @@ class FastViTAttention(nn.Module):
             qg = q.reshape(B, nh, H, W, hd)
             bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rel_w).reshape(B, nh, L, W)
             bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rel_h).reshape(B, nh, L, H)
-            if self.mode == "fused" and relpos_kernel.available(q.device) and relpos_kernel.supports((H, W), hd):
+            if self.mode == "fused" and relpos_kernel.available(q.device, q.dtype) and relpos_kernel.supports((H, W), hd):
                 # bias_h stays (L, H) row-major although the kernel reads it one key row at a time: on the
                 # H200 a transposed copy (queries contiguous) made the kernel 1-13% slower, not faster
                 # (bench/results/gpu_2026-11-26b/relpos_kernel.json, "fused" against "fused_bias_h_rows").
@@ -276,7 +276,7 @@ class FastWindowBlock(vit.Block):
         return block
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        return (self.fused and self.attn.use_rel_pos and window_kernel.available(x.device)
+        return (self.fused and self.attn.use_rel_pos and window_kernel.available(x.device, x.dtype)
                 and window_kernel.supports(self.window, self.attn.head_dim))
 
     def offset_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -914,10 +914,10 @@ class FastPath:
         self._decode_fn: Callable[..., tuple[torch.Tensor, ...]] = self._decode_core
         if compile:
             compile_cache_dir()
-            if quantize == "int8":
-                _fuse_int8_scaling()
             mode = compile if isinstance(compile, str) else None
             self._encode_fn = torch.compile(self.encoder, mode=mode, dynamic=False)
+            if quantize == "int8":
+                self._encode_fn = _with_int8_scaling_fused(self._encode_fn)
             self._decode_fn = torch.compile(self._decode_core, mode="reduce-overhead" if is_cuda else None,
                                             dynamic=False)
         use_graphs = (is_cuda and not compile) if cuda_graphs is None else (cuda_graphs and is_cuda)
@@ -1019,16 +1019,23 @@ class FastPath:
         return masks, iou, low_res
 
 
-def _fuse_int8_scaling() -> None:
-    """Ask Inductor to fold the per-token scale into the int8 GEMM (``_int_mm(a, b) * scale``) in default
-    mode too. A process-wide setting. It only matches what int8 layers make, and Inductors since about 2.14
-    ignore it: the fusion then needs ``compile="max-autotune"``."""
+def _with_int8_scaling_fused(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (a compiled int8 encoder) run with Inductor's ``force_fuse_int_mm_with_mul`` on, which folds the
+    per-token scale into the int8 GEMM (``_int_mm(a, b) * scale``, CUDA) in default mode too (torch 2.14 still
+    applies it in its post-grad passes). Set only around the call, where compiling happens: it was set for the
+    whole process, so every later ``torch.compile`` of the user's own code ran with it."""
     try:
         import torch._inductor.config as inductor_config
+    except ImportError:  # pragma: no cover - torch without Inductor
+        return fn
+    if not hasattr(inductor_config, "force_fuse_int_mm_with_mul"):  # pragma: no cover - an Inductor without it
+        return fn
 
-        inductor_config.force_fuse_int_mm_with_mul = True
-    except (ImportError, AttributeError):  # pragma: no cover - older torch
-        pass
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with inductor_config.patch(force_fuse_int_mm_with_mul=True):
+            return fn(x)
+
+    return run
 
 
 def check_quantize(quantize: str | None, precision: str, device: torch.device | str) -> None:

@@ -15,9 +15,9 @@ only in its own row. The two formats differ in where they lose it:
   2.1% (relative L2) against 1.1% for bf16 alone. ``torch._int_mm`` gives int32 sums, and the scales and
   bias are applied after. So the GEMM writes 4 bytes per output instead of 2, unless Inductor generates
   the GEMM itself and fuses the scaling into it. It does that with ``mode="max-autotune"``'s Triton
-  templates; older Inductors also had a default-mode pattern behind ``force_fuse_int_mm_with_mul``, which
-  :class:`segany.fast.FastPath` sets but which torch 2.14 no longer has. In default mode the scaling at
-  least fuses with the op that reads the output (GELU, the residual add).
+  templates; Inductor also has a default-mode pattern behind ``force_fuse_int_mm_with_mul`` (still in torch
+  2.14, for a 2-D CUDA scale), which :class:`segany.fast.FastPath` turns on around its compiled int8 encoder
+  only. Otherwise the scaling at least fuses with the op that reads the output (GELU, the residual add).
 * ``fp8`` (e4m3): 3 mantissa bits, so every value is off by up to 1/16 of itself: 7.5% on the same
   test. ``torch._scaled_mm`` applies both scales and the bias inside the GEMM and writes bf16, so it
   needs no compile to avoid an extra pass; it needs compute capability 8.9+.

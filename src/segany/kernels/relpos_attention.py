@@ -41,11 +41,15 @@ _MAX_BLOCK_N = 128  # one key-grid row per tile; wider rows would need several t
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def available(device: torch.device | str) -> bool:
-    """Whether the kernel can run for tensors on ``device`` (CUDA with Triton, or Triton's interpreter)."""
+def available(device: torch.device | str, dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernel can run for ``dtype`` tensors on ``device`` (CUDA with Triton, or Triton's
+    interpreter). Not bf16 under the interpreter: it computes bf16 ``tl.dot`` wrongly (Triton 3.8: errors of
+    1e8 and more), so an interpreted bf16 encoder returned garbage; the caller falls back to its own attention."""
     if triton is None:
         return False
-    return torch.device(device).type == "cuda" or _INTERPRET
+    if torch.device(device).type == "cuda":
+        return True
+    return _INTERPRET and dtype != torch.bfloat16
 
 
 def supports(grid_hw: tuple[int, int], head_dim: int) -> bool:
