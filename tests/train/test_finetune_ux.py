@@ -257,3 +257,23 @@ def test_resume_refuses_a_pack_rebuilt_under_the_run(tmp_path: Path, capsys: pyt
     _pack(tmp_path)  # rebuilt as it was: the resume goes on
     code, err = _train(capsys, TINY_CPU, "--resume", *_opts(own, out, "run.max_steps=2"))
     assert code == 0, err
+
+
+def test_the_torchrun_entry_prints_one_line_per_error(tmp_path: Path) -> None:
+    """``python -m segany.cli.train`` (docs/cli.md's torchrun command) printed a traceback per process."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "segany.cli.train", TINY_CPU, "-o", f"data.pack={tmp_path / 'nope'}",
+                        "-o", f"run.out_dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("segany: error: data.pack")
+
+
+def test_a_pack_without_a_train_split_names_a_fix_that_works(pack: Path, tmp_path: Path) -> None:
+    """It said "pass -o data.datasets=[]", which is refused itself."""
+    from segany.train.data import _select
+
+    with pytest.raises(InputError, match="its train split is empty: pack the data again with a smaller "
+                                         "--val-fraction"):
+        _select([], ["mine"], str(pack), "train")

@@ -316,3 +316,46 @@ def test_resuming_on_another_kind_of_device_says_it_is_not_an_exact_continuation
     torch.save(state, tmp_path / "a" / "last.pt")
     b.load(tmp_path / "a" / "last.pt")
     assert len(b.resume_notes) == 1 and "trained on cuda and continues on cpu" in b.resume_notes[0]
+
+
+def test_initial_weights_of_another_architecture_are_refused(tmp_path) -> None:
+    """build_sam takes a file's own config over model.name's, so a tiny ViT file trained as "segany_tiny" (a
+    TinyViT): banner, config.json and every later eval named the wrong model."""
+    from segany.checkpoints import find_weights, save_checkpoint
+    from segany.train.trainer import check_init_architecture
+
+    vit = save_checkpoint(_model(), tmp_path / "vit.pt")
+    with pytest.raises(InputError, match=r"holds a ViT model \(128 px, depth 2, width 96\), but model.name "
+                                         r"'segany_tiny' is a tiny_vit model"):
+        Trainer(load_config(None, ["model.name=segany_tiny", f"model.checkpoint={vit}", f"run.out_dir={tmp_path}"]))
+    check_init_architecture("segany_tiny", find_weights("segany_tiny"))  # its own weights: fine
+
+
+def test_the_log_keeps_small_learning_rates(tmp_path) -> None:
+    """Stats were rounded to 5 decimals: warm-up learning rates of 2e-6 and 4e-6 were logged as 0.0."""
+    import json
+
+    cfg = _cfg(tmp_path, "optim.lr=2e-5", "optim.warmup_steps=10", "run.max_steps=2")
+    Trainer(cfg, sam=_model(), train_records=_records(tmp_path)).fit()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([2e-6, 4e-6], rel=1e-5)
+
+
+def test_resume_with_another_process_count_is_refused_and_a_finished_run_keeps_its_loss(tmp_path) -> None:
+    """Resuming a 2-process run in one process was accepted silently (global batch halved, data order moved,
+    images_seen wrong); resuming a finished run wrote last_loss null into its summary."""
+    from segany.errors import CheckpointError
+
+    recs = _records(tmp_path)
+    a = Trainer(_cfg(tmp_path / "a", "run.max_steps=1"), sam=_model(), train_records=recs)
+    done = a.fit()
+    state = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert state["world_size"] == 1 and done["last_loss"] is not None
+    again = Trainer(_cfg(tmp_path / "a", "run.max_steps=1"), sam=_model(), train_records=recs)
+    again.load(tmp_path / "a" / "last.pt")
+    assert again.fit()["last_loss"] == done["last_loss"]  # no step to run: the run's own last loss
+    state["world_size"] = 2
+    torch.save(state, tmp_path / "a" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"trained by 2 process\(es\) and this resume runs 1.*"
+                                              "torchrun --nproc-per-node 2"):
+        again.load(tmp_path / "a" / "last.pt")

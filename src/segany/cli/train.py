@@ -145,14 +145,11 @@ def _say(trainer: Any, msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m segany.cli.train``), for torchrun and machines without the CLI."""
-    import logging
+    """Standalone entry (``python -m segany.cli.train``, the torchrun command docs/cli.md gives): ``segany train``
+    itself, so a bad option is one ``segany: error:`` line per process, not a traceback each."""
+    from segany.cli.main import main as cli_main
 
-    logging.basicConfig(level=logging.WARNING)
-    p = argparse.ArgumentParser(prog="segany train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _arguments(p)
-    return run(p.parse_args(argv))
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

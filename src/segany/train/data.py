@@ -41,8 +41,13 @@ def _select(records: Sequence[InstanceRecord], datasets: Sequence[str], pack: st
     if missing:
         what = (f"none of data.datasets ({', '.join(datasets)}) is" if len(missing) == len(datasets) else
                 f"data.datasets {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not")
+        if present:
+            fix = f"pass -o data.datasets=[{', '.join(present)}]"
+        else:  # -o data.datasets=[] is refused: say what would give this split some data
+            fix = (f"its {split} split is empty: pack the data again with a smaller --val-fraction"
+                   if split == "train" else "pack the data again with a --val-fraction above 0")
         raise InputError(f"{what} in the {split} split of pack {pack!r}, which holds "
-                         f"{', '.join(present) or 'no datasets'}; pass -o data.datasets=[{', '.join(present)}]")
+                         f"{', '.join(present) or 'no datasets'}; {fix}")
     wanted = set(datasets)
     return [r for r in records if r.dataset in wanted]
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.atomic import atomic_path, atomic_write_json, atomic_write_text
+from segany.errors import InputError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.train.config import RecipeSection, TrainConfig
 from segany.train.init_weights import resolve_init_checkpoint
@@ -275,6 +276,35 @@ class _DeferredInterrupt:
             self._previous = None
 
 
+def _describe(config: Any) -> str:
+    enc = config.encoder
+    if enc.kind == "vit":
+        return f"a ViT model ({enc.img_size} px, depth {enc.depth}, width {enc.embed_dim})"
+    return f"a {enc.kind} model ({enc.img_size} px)"
+
+
+def check_init_architecture(name: str, checkpoint: str | os.PathLike[str]) -> None:
+    """Refuse initial weights of another architecture than ``model.name``'s.
+
+    ``build_sam`` takes a file's embedded config over the name's (right for inference, where the file says what
+    it is), so training silently went on with the file's model while the banner, config.json and every later
+    ``segany eval`` named ``model.name``'s: a 5 M parameter ViT trained as "segany_tiny" (9.8 M, TinyViT).
+    """
+    from segany.checkpoints import read_checkpoint
+    from segany.registry import get_config
+
+    _, embedded, _ = read_checkpoint(checkpoint)
+    try:
+        want = get_config(name)
+    except UnknownModelError:
+        return
+    if embedded is not None and embedded != want:
+        raise InputError(f"model.checkpoint {str(checkpoint)!r} holds {_describe(embedded)}, but model.name "
+                         f"{name!r} is {_describe(want)}; set model.arch to the file's architecture (its run's "
+                         "config.json has it) or model.name to the model it was trained as, or pick another "
+                         "model.checkpoint")
+
+
 class Trainer:
     """Owns the model, optimizer and schedule; ``fit`` runs the loop, ``save``/``load`` checkpoint it."""
 
@@ -303,6 +333,8 @@ class Trainer:
 
                 load_weights(sam, self.init_checkpoint, cfg.model.name)
         if sam is None:
+            if self.init_checkpoint is not None:
+                check_init_architecture(cfg.model.name, self.init_checkpoint)
             sam = build_sam(cfg.model.name, checkpoint=self.init_checkpoint)
         self.sam = sam.to(dev)
         if cfg.run.grad_checkpointing:
@@ -327,6 +359,7 @@ class Trainer:
         self.elapsed = 0.0  # training seconds before this process (resumed runs)
         self.progress = 0.0
         self.first_loss: float | None = None  # the run's first loss, kept across resumes for summary.json
+        self.last_loss: float | None = None  # and its latest: a resume of a finished run trains no step
         self.best_val: float | None = None  # best validation score so far (best.pt holds those weights)
         self._val_objects: list | None = None
         self._last_val_step = -1
@@ -361,7 +394,8 @@ class Trainer:
 
     def _step_entry(self, stats: dict[str, float], since_t: float, since_step: int) -> dict[str, Any]:
         imgs = (self.step - since_step) * self.cfg.run.batch_size * self.world
-        entry = {"step": self.step, "time_s": round(self.elapsed, 1), **{k: round(v, 5) for k, v in stats.items()},
+        # Six significant digits, not five decimals: a warm-up learning rate of 2e-6 was logged as 0.0.
+        entry = {"step": self.step, "time_s": round(self.elapsed, 1), **{k: float(f"{v:.6g}") for k, v in stats.items()},
                  "images_per_s": round(imgs / max(time.time() - since_t, 1e-9), 2)}
         if self.device.type == "cuda":
             entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
@@ -393,6 +427,7 @@ class Trainer:
             stats = self.train_step(batch, elapsed=elapsed)
             if self.first_loss is None and stats.get("masks"):  # not a batch the crops emptied
                 self.first_loss = stats["loss"]
+            self.last_loss = stats["loss"]
             self.elapsed = time.time() - t0
             if self.step % run.log_every == 0 or self.step == 1:
                 self._log_step(stats, last_t, last_step, log_path, on_log)
@@ -489,8 +524,8 @@ class Trainer:
         return {"format": STATE_FORMAT, "step": self.step, "elapsed": self.elapsed, "progress": self.progress,
                 "model": self.sam.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
                 "config": self.cfg.to_dict(), "model_config": self.sam.cfg.to_dict(),
-                "first_loss": self.first_loss, "best_val": self.best_val, "data": self.data_fingerprint(),
-                "device_type": self.device.type}
+                "first_loss": self.first_loss, "last_loss": self.last_loss, "best_val": self.best_val,
+                "data": self.data_fingerprint(), "device_type": self.device.type, "world_size": self.world}
 
     def data_fingerprint(self) -> dict[str, Any]:
         """What this run trains and validates on (computed once), kept in ``last.pt`` for ``--resume``."""
@@ -525,12 +560,20 @@ class Trainer:
         from segany.train.data import check_same_data
 
         check_same_data(state.get("data"), self.data_fingerprint(), str(p.parent))
+        world = state.get("world_size")
+        if world is not None and int(world) != self.world:
+            raise CheckpointError(
+                f"{str(p)!r} was trained by {world} process(es) and this resume runs {self.world}: the global batch "
+                "and the data order depend on that count, so it would not be this run continued. Resume with "
+                f"{world} ({'segany train' if int(world) == 1 else f'torchrun --nproc-per-node {world}'} ... "
+                f"--resume), or start a new run from its weights with -o model.checkpoint={p}")
         self.sam.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.progress = float(state.get("progress", 0.0))
         self.first_loss = state.get("first_loss")
+        self.last_loss = state.get("last_loss")
         self.best_val = state.get("best_val")
         _set_rng_state(state["rng"])
         was = state.get("device_type")
@@ -675,7 +718,7 @@ class Trainer:
             stats = self._loop(next_batch, interrupt, t0, budget, log_path, on_log)
         self.save()
         summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "first_loss": self.first_loss,
-                   "last_loss": stats.get("loss"), "world_size": self.world, "batch_size": run.batch_size,
+                   "last_loss": stats.get("loss", self.last_loss), "world_size": self.world, "batch_size": run.batch_size,
                    "images_seen": self.step * run.batch_size * self.world,
                    "images_per_s": round(self.step * run.batch_size * self.world / max(self.elapsed, 1e-9), 2),
                    "device": str(self.device), "train_images": getattr(self, "num_train_images", None)}
