@@ -52,7 +52,8 @@ SCRIPT = textwrap.dedent(
                 p.normal_(0, 0.1, generator=g)
         blk.eval()
         fast = FastWindowBlock.from_block(blk, FastViTAttention.from_attention(blk.attn, "fold"), fused=True)
-        x = torch.randn(2, H, W, dim, generator=g)
+        # Batch 2 in the first case only: windows of the batch are one axis to the kernel, so 1 covers the rest.
+        x = torch.randn(2 if (dim, H, W) == (32, 8, 8) else 1, H, W, dim, generator=g)
         before = len(calls)
         with torch.no_grad():
             ref = blk.double()(x.double())
@@ -72,7 +73,7 @@ SCRIPT = textwrap.dedent(
         for p in sam.image_encoder.parameters():
             p.normal_(0, 0.05, generator=g)
     fast = make_fast_encoder(sam.image_encoder, torch.float32, attention="fused")
-    x = torch.randn(2, 3, 160, 160, generator=g)  # a 10×10 grid: windows of 4 pad it to 12×12
+    x = torch.randn(1, 3, 160, 160, generator=g)  # a 10×10 grid: windows of 4 pad it to 12×12
     before = len(calls)
     with torch.no_grad():
         a, b = fast(x), sam.image_encoder(x)
@@ -99,7 +100,7 @@ def test_window_kernel_matches_the_reference_block(interpreted):
     assert len(cases) == 11 and sum(c["onepass"] for c in cases) == 4
     for case in cases:
         dim, nh, win, H, W = case["shape"]
-        assert case["ran"] == 1 and case["out_shape"] == [2, H, W, dim] and case["finite"], case
+        assert case["ran"] == 1 and case["out_shape"][1:] == [H, W, dim] and case["finite"], case
         tol = 1e-5 if case["dtype"] == "torch.float32" else 5e-3  # fp16 rounds p before p·v
         assert case["err"] < tol, case
 
