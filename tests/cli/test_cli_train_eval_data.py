@@ -97,3 +97,24 @@ def test_train_on_cuda_without_a_gpu_says_so(tmp_path: Path, capsys: pytest.Capt
         pytest.skip("this machine has a GPU")  # the message is for machines without one
     _fails(capsys, ["train", TINY, "-o", f"run.out_dir={tmp_path / 'r'}", "-o", "run.device=cuda"], "no usable CUDA")
     assert not (tmp_path / "r").exists()
+
+
+def test_eval_names_the_architecture_it_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model segany_tiny with a checkpoint of another architecture wrote "model": "segany_tiny" into
+    results.json without a note, although the file's own model was evaluated."""
+    from conftest import SHARED_DATA
+
+    import segany.eval.run
+    from segany.cli.main import main
+    from segany.errors import InputError
+
+    def record(*a: object, meta: dict, **k: object) -> None:
+        raise InputError(f"evaluated as {meta['model']!r}")
+
+    monkeypatch.setattr(segany.eval.run, "run_evaluation", record)
+    assert main(["eval", "--model", "segany_tiny", "--checkpoint", str(tiny_ckpt), "--data", str(SHARED_DATA),
+                 "--datasets", "pennfudan", "--limit-images", "1", "--quiet", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tiny_ckpt} holds custom" in err and "not segany_tiny: that is what is evaluated" in err
+    assert "evaluated as 'custom (tiny.pt)'" in err

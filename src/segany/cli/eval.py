@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from segany.cli._util import add_speed_arguments, comma_list, predictor_options
+from segany.cli._util import add_speed_arguments, comma_list, loaded_model_name, predictor_options
 from segany.errors import InputError
 
 
@@ -105,7 +105,12 @@ def run(args: argparse.Namespace) -> int:
     datasets = comma_list(args.datasets) if args.datasets else None
     records = load_eval_records(args.data, args.split, datasets, args.limit_images)
     model = build_sam(args.model, checkpoint=ckpt, device=device).float()
-    meta = {"model": args.model, "checkpoint": str(ckpt), "data": str(args.data), "split": args.split,
+    # A checkpoint embeds its architecture: the results name what was evaluated, as predict's and auto's do.
+    model_name = loaded_model_name(model.cfg, args.model, ckpt)
+    if model_name != args.model:
+        print(f"segany: note: {ckpt} holds {model_name}, not {args.model}: that is what is evaluated",
+              file=sys.stderr)
+    meta = {"model": model_name, "checkpoint": str(ckpt), "data": str(args.data), "split": args.split,
             "device": device}
     if args.amg:
         return _run_amg(args, model, records, meta, options)
