@@ -13,6 +13,7 @@ only ever served by their id in the store, so no request can name a file on disk
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (and the local `Who` alias) at runtime.
 
+import hashlib
 import io
 import logging
 import os
@@ -423,6 +424,31 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                     model.version_name, model.model_type, model.checkpoint, meta={"device": str(model.device)})
             return state["model_version_id"]
 
+    verified: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> (its stat, the sha256 it was checked at)
+
+    def image_for_model(image_id: int) -> dict[str, Any]:
+        """The registered image, refused when its file is gone (410) or is not the file registered (409).
+
+        The model sees the file on disk, so a file replaced since it was registered (or an id reused after a
+        removal) gave clicks the other picture's masks; `engine auto` refuses such files too. The file is
+        hashed again only when its size, mtime or inode changed, so a click costs one stat.
+        """
+        im = store.get_image(project_id, image_id)
+        path = Path(im["path"])
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise HTTPException(410, f"image {image_id} is registered but its file {im['file_name']} is gone; "
+                                     "put it back, or remove the image from the project") from exc
+        ident = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if verified.get(str(path)) != (ident, im["sha256"]):
+            if file_sha256(path) != im["sha256"]:
+                raise HTTPException(409, f"image {image_id}'s file {im['file_name']} changed since it was "
+                                         "registered; put the original back, or register the new file "
+                                         "(segany project add-images) and remove this image")
+            verified[str(path)] = (ident, im["sha256"])
+        return im
+
     def neighbour(image_id: int, step: int) -> dict[str, Any] | None:
         ids = [im for im in store.list_images(project_id)]
         for i, im in enumerate(ids):
@@ -491,9 +517,15 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
 
     @app.get("/api/images/{image_id}/embedding")
-    def embedding(image_id: ImageId, who: Who) -> Response:
+    def embedding(image_id: ImageId, who: Who, request: Request) -> Response:
         svc = need_model()
-        im = store.get_image(project_id, image_id)
+        im = image_for_model(image_id)
+        # Revalidated on every use, by the model's version and the image's content: with max-age=3600 and a URL
+        # naming neither, a browser kept decoding a previous model's embedding for an hour after a restart.
+        etag = '"' + hashlib.sha256(f"{svc.version_name}\0{im['sha256']}".encode()).hexdigest()[:32] + '"'
+        cache = {"Cache-Control": "private, no-cache", "ETag": etag}
+        if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+            return Response(status_code=304, headers=cache)
         nxt = neighbour(image_id, +1)
         t0 = time.perf_counter()
         emb = svc.embedding(image_id, im["path"], prefetch=(nxt["id"], nxt["path"]) if nxt else None)
@@ -502,8 +534,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
             "X-Embedding-Shape": ",".join(map(str, arr.shape)),
             "X-Original-Size": f"{emb.original_size[0]},{emb.original_size[1]}",
             "X-Input-Size": f"{emb.input_size[0]},{emb.input_size[1]}",
-            "X-Compute-Ms": f"{(time.perf_counter() - t0) * 1000:.1f}",
-            "Cache-Control": "private, max-age=3600",
+            "X-Compute-Ms": f"{(time.perf_counter() - t0) * 1000:.1f}", **cache,
         })
 
     @app.post("/api/images/{image_id}/decode")
@@ -513,7 +544,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         this decode for the next click; a ``previous`` the server no longer keeps answers 410, and the
         client decodes the clicks again (see ``ModelService.remember_decode``)."""
         svc = need_model()
-        im = store.get_image(project_id, image_id)
+        im = image_for_model(image_id)
         if not body.points and body.box is None:
             raise InputError("decode needs points or a box")
         if len(body.points) != len(body.labels):
@@ -538,7 +569,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         the phrase in ``prompts``). A model without a text path answers 400 with the model to use instead.
         """
         svc = need_model()
-        im = store.get_image(project_id, image_id)
+        im = image_for_model(image_id)
         emb = svc.embedding(image_id, im["path"])
         t0 = time.perf_counter()
         label, proposals = svc.text_proposals(emb, body.text, max_masks=body.max_masks, min_score=body.min_score)
@@ -629,7 +660,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         Runs once per image and model version; calling again returns what is still pending.
         """
         svc = need_model()
-        im = store.get_image(project_id, image_id)
+        im = image_for_model(image_id)
         mv = model_version_id()
         done = [a for a in store.list_annotations(project_id=project_id, image_id=image_id, sources=["semi"])
                 if a["model_version_id"] == mv]

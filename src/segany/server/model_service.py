@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,6 +96,7 @@ class ModelService:
         self.cache_size = max(1, cache_size)
         self.cache_dir = cache_dir
         self._sam = sam
+        self._version: str | None = None  # see version_name
         self._prefill = prefill
         if prefill_settings is None:  # strict on the model's own scale (SAM's thresholds suit SAM's heads)
             from segany.amg.model_defaults import prefill_defaults
@@ -124,31 +126,46 @@ class ModelService:
     # ------------------------------------------------------------------------------------ identity
     @property
     def version_name(self) -> str:
-        """Stable name of this model for the store's ``model_versions`` table."""
+        """Stable name of the weights this service runs, for the store's ``model_versions`` table and the keys of
+        its caches (decoder exports, the browser's embeddings); worked out once, when the model is built.
+
+        Not per call: the checkpoint file was hashed again on every call, so a file replaced while serving (a
+        ``best.pt`` a running training rewrites) filed the old model's decoder graphs under the new weights'
+        name. An in-memory or random model is named by a hash of its whole state dict (the first 4 KiB of 8
+        tensors, all encoder BatchNorm entries for segany_tiny, missed a changed decoder).
+        """
+        self.sam  # noqa: B018 - builds the model, which names it
+        assert self._version is not None
+        return self._version
+
+    def _name_weights(self, sam: Any) -> str:
         if self.checkpoint:
             # By content, with the engine's own function: the weights `engine retrain` registered (with their
             # parent and dataset version) are found by name, not registered again without lineage.
             from segany.engine.versions import model_version_name
 
             return model_version_name(self.model_type, self.checkpoint)
-        if self._sam is not None:
-            digest = hashlib.sha256()
-            for k, v in sorted(self._sam.state_dict().items())[:8]:
-                digest.update(k.encode())
-                digest.update(v.detach().float().cpu().numpy().tobytes()[:4096])
-            return f"{self.model_type}:inmemory-{digest.hexdigest()[:12]}"
-        return f"{self.model_type}:random-init"
+        digest = hashlib.sha256()
+        for k, v in sorted(sam.state_dict().items()):
+            digest.update(k.encode())
+            digest.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return f"{self.model_type}:inmemory-{digest.hexdigest()[:12]}"
 
     @property
     def sam(self) -> Any:
-        if self._sam is None:
+        if self._sam is None or self._version is None:
             with self._build_lock:
                 if self._sam is None:
                     from segany.checkpoints import build_sam
 
                     log.info("building %s from %s on %s", self.model_type, self.checkpoint or "random init",
                              self.device)
+                    # Named first: a file replaced between the two would otherwise name other weights.
+                    version = self._name_weights(None) if self.checkpoint else None
                     self._sam = build_sam(self.model_type, self.checkpoint, device=self.device)
+                    self._version = version
+                if self._version is None:
+                    self._version = self._name_weights(self._sam)
         return self._sam
 
     def check_weights(self) -> None:
@@ -236,23 +253,35 @@ class ModelService:
         fut.add_done_callback(done)
         return fut
 
+    @staticmethod
+    def _key(image_id: int, path: str) -> tuple[Any, ...]:
+        """The cache key of an image's embedding: its id and its file as it is now. The id alone served a file
+        replaced on disk (or an id the database reused after a removal) with the old picture's embedding."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return (image_id, path)  # computing it raises the image's own error
+        return (image_id, path, st.st_mtime_ns, st.st_size, st.st_ino)
+
     def embedding(self, image_id: int, path: str, *, prefetch: tuple[int, str] | None = None) -> Embedding:
         """Embedding of one image (cached); ``prefetch`` = (id, path) of the image likely needed next."""
+        key = self._key(image_id, path)
         with self._cache_lock:
-            hit = image_id in self._cache
+            hit = key in self._cache
             self.stats["hits" if hit else "misses"] += 1
-        fut = self._submit(image_id, path)
+        fut = self._submit(key, path)
         if prefetch is not None:
+            next_key = self._key(*prefetch)
             with self._cache_lock:
-                queued = prefetch[0] in self._cache or prefetch[0] in self._inflight
+                queued = next_key in self._cache or next_key in self._inflight
             if not queued:
                 self.stats["prefetches"] += 1
-                self._submit(prefetch[0], prefetch[1])
+                self._submit(next_key, prefetch[1])
         return fut.result()
 
     def cached_ids(self) -> list[int]:
         with self._cache_lock:
-            return list(self._cache)
+            return [key[0] for key in self._cache]
 
     # ----------------------------------------------------------------------------- server decoding
     def _predictor(self, emb: Embedding) -> Any:

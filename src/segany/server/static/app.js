@@ -154,11 +154,19 @@ async function warmUp() {
   S.timings.warmUp = performance.now() - t0;
 }
 
+// Image pixel (x, y) → the model's input frame. Each axis by its own rounded side, as
+// ResizeLongestSide.apply_coords (and the embedding's resize) does: one factor for both was up to half a model
+// pixel off on the short side, so the browser's masks differed from the server's.
+function modelFrame(x, y) {
+  const s = S.model.img_size; const scale = s / Math.max(S.W, S.H);
+  return [x * Math.floor(S.W * scale + 0.5) / S.W, y * Math.floor(S.H * scale + 0.5) / S.H];
+}
+S.modelFrame = modelFrame; // for the browser tests
+
 async function decodeInBrowser() {
   await prepareImageSide();
-  const scale = S.model.img_size / Math.max(S.W, S.H);
-  const pts = S.points.map((p) => [p.x * scale, p.y * scale]); const labels = S.points.map((p) => p.label);
-  if (S.box) { pts.push([S.box[0] * scale, S.box[1] * scale], [S.box[2] * scale, S.box[3] * scale]); labels.push(2, 3); }
+  const pts = S.points.map((p) => modelFrame(p.x, p.y)); const labels = S.points.map((p) => p.label);
+  if (S.box) { pts.push(modelFrame(S.box[0], S.box[1]), modelFrame(S.box[2], S.box[3])); labels.push(2, 3); }
   else { pts.push([0, 0]); labels.push(-1); }
   const lowSide = 4 * S.embShape[2];
   // From the second click on, SAM refines from the chosen candidate's logits (decodeOnServer: the same rule).
