@@ -207,7 +207,7 @@ def test_download_rejects_bad_checksum(home: Path, vit_t_file: Path, monkeypatch
     fields = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     fields[bad] = "0" * 64 if bad == "sha256" else len(data) + 1
     info = _register(monkeypatch, url=vit_t_file.as_uri(), **fields)
-    with pytest.raises(DownloadError, match="sha256 check" if bad == "sha256" else "truncated or another file"):
+    with pytest.raises(DownloadError, match="sha256 check" if bad == "sha256" else "transfer was cut off or the file"):
         download(info.name)
     cache = home / "weights"
     assert not cache.exists() or list(cache.iterdir()) == [], "nothing may be left in the cache"
@@ -349,3 +349,98 @@ def test_seeded_init_is_unchanged_by_the_meta_safe_constructors() -> None:
     assert torch.equal(a, b) and torch.equal(after_a, after_b)
     with torch.device("meta"):
         assert embedding(2, 8).weight.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- audit 4: weights
+@pytest.mark.parametrize("body", [b"<html>rate limited</html>", "half"])
+def test_an_unhashed_download_must_be_a_torch_file_and_a_damaged_cache_is_fetched_again(
+        home: Path, vit_t_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, body: object) -> None:
+    """MobileSAM's entry has no size or hash: an error page or a cut-off file was cached as its weights, and
+    `segany download` then kept it (no hash to check it against)."""
+    data = vit_t_file.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: len(data) // 2] if body == "half" else body)  # type: ignore[arg-type]
+    info = _register(monkeypatch, url=bad.as_uri())
+    with pytest.raises(DownloadError, match=f"the download of {info.name} from .* is not a PyTorch checkpoint"):
+        download(info.name)
+    assert not (home / "weights").exists() or list((home / "weights").iterdir()) == []
+    cached = cached_path(info)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(bad.read_bytes())  # as an older segany left it
+    monkeypatch.setitem(registry._WEIGHTS, info.name, WeightsInfo(**{**info.__dict__, "url": vit_t_file.as_uri()}))
+    assert download(info.name) == cached and cached.read_bytes() == data  # fetched again, not kept
+
+
+def test_a_transfer_shorter_than_its_content_length_is_refused(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+    import threading
+
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", "4096")
+            self.end_headers()
+            self.wfile.write(b"PK" + b"\0" * 998)  # then the connection closes
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    info = _register(monkeypatch, url=f"http://127.0.0.1:{server.server_port}/w.pt")
+    try:
+        with pytest.raises(DownloadError, match=r"stopped after 1000 of 4096 bytes; run `segany download"):
+            download(info.name, timeout=10)
+    finally:
+        server.server_close()
+    assert not (home / "weights").exists() or list((home / "weights").iterdir()) == []
+
+
+def test_a_killed_downloads_temporary_file_is_swept_up(home: Path, vit_t_file: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import time
+
+    info = _register(monkeypatch, url=vit_t_file.as_uri())
+    folder = home / "weights"
+    folder.mkdir(parents=True)
+    stale, live = folder / ".test_weights.pt.k1ll3d.tmp", folder / ".test_weights.pt.4ct1v3.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    download(info.name)
+    assert not stale.exists() and live.exists()  # a download idle for an hour was killed; one just written lives
+
+
+def test_an_empty_segany_home_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGANY_HOME", "")
+    assert weights_home() == Path.home() / ".cache" / "segany"
+
+
+def test_build_sam_of_a_missing_path_is_a_file_not_found_error(tmp_path: Path) -> None:
+    """It said "unknown model '/…/sam_vit_b_01ec64.pth'" (a KeyError); the reference raises FileNotFoundError."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_sam(str(tmp_path / "sam_vit_b_01ec64.pth"))
+    with pytest.raises(FileNotFoundError):
+        build_sam("weights/sam.pth")
+
+
+def test_a_sharded_folder_loads_every_shard(tmp_path: Path, tiny_sam: Sam) -> None:
+    """Only the first shard was read: a fraction of the keys, and an error about missing keys."""
+    import json
+
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in tiny_sam.state_dict().items()}
+    keys = sorted(sd)
+    parts = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in parts.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, ks in parts.items() for k in ks}}))
+    got, _, _ = read_checkpoint(tmp_path)
+    assert sorted(got) == keys and all(torch.equal(got[k], sd[k]) for k in keys)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="sharded checkpoint but lacks model-00002-of-00002.safetensors"):
+        read_checkpoint(tmp_path)

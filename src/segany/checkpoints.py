@@ -40,8 +40,9 @@ TRAIN_STATE_FORMAT = "segany-train-state-v1"  # segany.train.trainer.STATE_FORMA
 
 
 def weights_home() -> Path:
-    """Cache folder for downloaded weights: ``$SEGANY_HOME`` or ``~/.cache/segany``."""
-    home = Path(os.environ.get("SEGANY_HOME", Path.home() / ".cache" / "segany")).expanduser()
+    """Cache folder for downloaded weights: ``$SEGANY_HOME`` or ``~/.cache/segany``. An empty SEGANY_HOME counts
+    as unset (it made the cache a relative ``weights`` folder of wherever segany ran)."""
+    home = Path(os.environ.get("SEGANY_HOME", "").strip() or Path.home() / ".cache" / "segany").expanduser()
     if home.exists() and not home.is_dir():
         where = "SEGANY_HOME" if "SEGANY_HOME" in os.environ else "segany's cache folder"
         raise InputError(f"{where} {str(home)!r} is a file; point SEGANY_HOME at a folder (created if missing)")
@@ -50,6 +51,28 @@ def weights_home() -> Path:
 
 def cached_path(info: WeightsInfo) -> Path:
     return weights_home() / "weights" / info.filename
+
+
+def _shards(folder: Path) -> list[Path] | None:
+    """The shard files a ``*.index.json`` of ``folder`` lists (Hugging Face's sharded layout), else None.
+
+    Reading only the first file of a sharded folder found a fraction of the keys and named the wrong problem.
+    """
+    import json
+
+    for index in sorted(folder.glob("*.index.json")):
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{str(index)!r} is not a readable shard index ({exc}); download the folder "
+                                  "again") from exc
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{str(folder)!r} is a sharded checkpoint but lacks {', '.join(missing[:3])}"
+                                  f"{' ...' if len(missing) > 3 else ''} (listed in {index.name}); download the "
+                                  "missing shards")
+        return [folder / n for n in names]
+    return None
 
 
 def _read_raw(path: Path) -> Any:
@@ -63,6 +86,12 @@ def _read_raw(path: Path) -> Any:
             hint = f" (a `segany train` run: pass {str(path / run[0])!r})" if run else ""
             raise CheckpointError(f"{str(path)!r} is a folder without .safetensors/.bin weights; pass the file "
                                   f"itself{hint}")
+        shards = _shards(path)
+        if shards is not None:  # a sharded save_pretrained folder: every file its index lists
+            merged: dict[str, Any] = {}
+            for shard in shards:
+                merged.update(_read_raw(shard))
+            return merged
         path = candidates[0]
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -175,6 +204,15 @@ def load_weights(model: Sam, path: str | os.PathLike[str], model_name: str = "mo
     return meta
 
 
+def _looks_like_path(name: str) -> bool:
+    """Whether ``build_sam(name)`` names a checkpoint rather than a model: an existing file or folder, or a
+    string shaped like a path. A missing file then fails as the reference's does (FileNotFoundError), not with
+    "unknown model"."""
+    p = Path(name)
+    return p.exists() or os.sep in name or "/" in name or p.suffix in (".pth", ".pt", ".bin", ".safetensors",
+                                                                          ".ckpt")
+
+
 def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = None,
               device: str | torch.device = "cpu") -> Sam:
     """Build a registered model, optionally loading weights, in eval mode.
@@ -192,7 +230,7 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     """
     if checkpoint == BUNDLED:
         checkpoint = bundled_weights(name)
-    path_first = checkpoint is None and _config_or_none(name) is None and Path(name).is_file()
+    path_first = checkpoint is None and _config_or_none(name) is None and _looks_like_path(name)
     if path_first:
         checkpoint = name
     elif checkpoint is None:
@@ -288,17 +326,41 @@ def save_checkpoint(model: Sam, path: str | os.PathLike[str], meta: dict[str, An
     return out
 
 
-def verify_file(path: Path, info: WeightsInfo) -> None:
-    """Check size and every published hash of ``info``; raise :class:`DownloadError` on mismatch."""
+def verify_file(path: Path, info: WeightsInfo, *, fetched_from: str | None = None) -> None:
+    """Check size and every published hash of ``info``; raise :class:`DownloadError` on mismatch.
+
+    An entry without any (MobileSAM's publisher gives none) must at least be a PyTorch file: a cut-off
+    transfer or an HTML error page was cached as the weights and then never fetched again.
+    ``fetched_from``: the URL just downloaded (the message then says so, not to delete a temporary file).
+    """
+    what = f"the download of {info.name} from {fetched_from}" if fetched_from else str(path)
+    fix = (f"run `segany download {info.name}` again" if fetched_from
+           else f"download it again: `segany download {info.name} --force`")
     size = path.stat().st_size
     if info.size is not None and size != info.size:
-        raise DownloadError(f"{path} has {size} bytes but {info.name} should have {info.size}: the file is "
-                            "truncated or another file; delete it and download again")
+        raise DownloadError(f"{what} has {size} bytes but {info.name} should have {info.size}: the transfer was "
+                            f"cut off or the file is another one; {fix}")
     for algo in ("sha256", "md5"):
         want = getattr(info, algo)
         if want and file_digest(path, algo) != want.lower():
-            raise DownloadError(f"{path} fails its {algo} check for {info.name} (expected {want}); delete it and "
-                                "download again")
+            raise DownloadError(f"{what} fails its {algo} check for {info.name} (expected {want}); {fix}")
+    if info.size is None and not info.sha256 and not info.md5 and not _is_torch_file(path):
+        raise DownloadError(f"{what} is not a PyTorch checkpoint ({size} bytes; a cut-off transfer or an error "
+                            f"page); {fix}")
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A torch.save file: a zip with its central directory (the end a cut-off file lacks), or the legacy pickle."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x80\x02"  # protocol-2 pickle, torch's format before 1.6
+
+
+# A temporary download file untouched this long belongs to a download that was killed, not to one in progress.
+STALE_DOWNLOAD_SECONDS = 600
 
 
 def download(name: str, *, force: bool = False, timeout: float = 30.0,
@@ -316,8 +378,12 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
         raise DownloadError(f"weights {name!r} have no download URL; put the file at {dest} "
                             "(or pass its path with --checkpoint)")
     if dest.exists() and not force:
-        verify_file(dest, info)
-        return dest
+        try:
+            verify_file(dest, info)
+            return dest
+        except DownloadError as exc:  # a damaged cached file: fetched again, not kept
+            log.warning("%s; downloading it again", exc)
+    _sweep_stale_downloads(dest)
 
     def fetch(tmp: str) -> None:
         try:
@@ -331,16 +397,32 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
                     done += len(chunk)
                     if progress:
                         progress(done, total)
+            if total is not None and done != total:
+                raise DownloadError(f"the download of {info.name} from {info.url} stopped after {done} of {total} "
+                                    f"bytes; run `segany download {info.name}` again")
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             raise DownloadError(
                 f"could not download {info.name} from {info.url} ({getattr(exc, 'reason', exc)}). "
                 f"If this machine is offline, fetch the file elsewhere and put it at {dest} "
                 f"(or pass its path with --checkpoint)"
             ) from exc
-        verify_file(Path(tmp), info)
+        verify_file(Path(tmp), info, fetched_from=info.url)
 
     _atomic_write(dest, fetch)
     return dest
+
+
+def _sweep_stale_downloads(dest: Path) -> None:
+    """Remove the temporary files of downloads of ``dest`` that were killed (up to 2.5 GB each for ViT-H);
+    a download in progress writes its file every second, so only ones idle for long go."""
+    import time
+
+    for tmp in dest.parent.glob(f".{dest.name}.*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_DOWNLOAD_SECONDS:
+                tmp.unlink()
+        except OSError:
+            continue
 
 
 def find_weights(name: str) -> Path | None:
