@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,16 +28,21 @@ def test_promotion_needs_margin_and_enough_objects() -> None:
         RetrainSettings(min_gain=-0.1)
 
 
+def _annotated(tmp_path: Path, n: int) -> tuple[Any, dict, Path]:
+    """A project of ``n`` images with one accepted box mask each, and a tiny checkpoint to retrain."""
+    store, proj = make_project(tmp_path / "proj", make_images(tmp_path / "images", n))
+    for im in store.list_images(proj["id"]):
+        m = np.zeros((im["height"], im["width"]), dtype=bool)
+        m[20:90, 30:120] = True
+        store.save_annotation(im["id"], mask=m, source="manual", label="thing")
+    return store, proj, save_tiny_checkpoint(tmp_path / "tiny.pt")
+
+
 def test_two_step_retrain_explains_and_leaves_no_checkpoints_in_run(tmp_path: Path) -> None:
     from segany.engine.retrain import current_model, retrain
 
-    store, proj = make_project(tmp_path / "proj", make_images(tmp_path / "images", 3))
+    store, proj, ckpt = _annotated(tmp_path, 3)
     try:
-        for im in store.list_images(proj["id"]):
-            m = np.zeros((im["height"], im["width"]), dtype=bool)
-            m[20:90, 30:120] = True
-            store.save_annotation(im["id"], mask=m, source="manual", label="thing")
-        ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
         settings = RetrainSettings(steps=2, batch_size=1, held_out=0.34, max_objects=2, device="cpu")
         result = retrain(store, None, settings, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "run"))
         assert result["promoted"] is False and "held-out objects were evaluated" in result["promotion_reason"]
@@ -78,13 +84,8 @@ def test_a_retrain_waits_for_no_other_retrain_of_the_project(tmp_path: Path) -> 
     from segany.engine.locks import ProjectBusyError
     from segany.engine.retrain import retrain
 
-    store, proj = make_project(tmp_path / "proj", make_images(tmp_path / "images", 2))
+    store, proj, ckpt = _annotated(tmp_path, 2)
     try:
-        for im in store.list_images(proj["id"]):
-            m = np.zeros((im["height"], im["width"]), dtype=bool)
-            m[20:90, 30:120] = True
-            store.save_annotation(im["id"], mask=m, source="manual", label="thing")
-        ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
         with store.transaction() as s:  # a live retrain elsewhere on this host (our parent process) holds it
             s.add(JobLock(project_id=proj["id"], kind="retrain", owner=f"{socket.gethostname()}:{os.getppid()}",
                           heartbeat_at=utcnow()))

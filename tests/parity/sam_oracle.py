@@ -129,6 +129,16 @@ def randomize_realistic_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
 TOL = 1e-4
 
 
+def seeded_pair(cfg: SamConfig, seed: int) -> tuple[Any, torch.nn.Module]:
+    """(segany model, reference model), both in eval mode, holding one set of seeded realistic weights."""
+    from segany.modeling.sam import Sam
+
+    ref = randomize_realistic_(reference_sam(cfg), seed=seed).eval()
+    ours = Sam(cfg)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours.eval(), ref
+
+
 def max_abs_diff(a: Any, b: Any) -> float:
     ta, tb = torch.as_tensor(a).float(), torch.as_tensor(b).float()
     assert ta.shape == tb.shape, f"shapes differ: {tuple(ta.shape)} vs {tuple(tb.shape)}"

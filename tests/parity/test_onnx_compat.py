@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from sam_oracle import assert_close, randomize_realistic_, reference_sam, require_oracle
+from sam_oracle import assert_close, require_oracle, seeded_pair
 
 from segany.modeling.sam import Sam
 from segany.utils.onnx import SamOnnxModel
@@ -30,11 +30,7 @@ ORIG_HW = (150, 226)  # not square, so unpadding matters; small, so the test sta
 
 @pytest.fixture(scope="module")
 def models() -> tuple[Sam, Any]:
-    cfg = tiny_config()
-    ref = randomize_realistic_(reference_sam(cfg), seed=5).eval()
-    ours = Sam(cfg)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours.eval(), ref
+    return seeded_pair(tiny_config(), seed=5)
 
 
 def _prompts(model: Sam) -> dict[str, dict[str, torch.Tensor]]:

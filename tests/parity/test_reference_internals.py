@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import tiny_config
-from sam_oracle import assert_close, randomize_realistic_, reference_sam, require_oracle
+from sam_oracle import assert_close, randomize_realistic_, require_oracle, seeded_pair
 
 from segany.modeling.sam import Sam
 
@@ -26,11 +26,7 @@ ref_onnx = require_oracle("segment_anything.utils.onnx", "segment-anything==1.0"
 
 @pytest.fixture(scope="module")
 def models() -> tuple[Sam, Any]:
-    cfg = tiny_config()
-    ref = randomize_realistic_(reference_sam(cfg), seed=11).eval()
-    ours = Sam(cfg)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours.eval(), ref
+    return seeded_pair(tiny_config(), seed=11)
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segany.errors import InputError
+from segany.yaml_errors import yaml_problem
 
 
 def _require(ok: bool, message: str) -> None:
@@ -302,9 +303,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             raise InputError(f"cannot read config {str(p)!r}: {exc.strerror}; check the path and its "
                              "permissions") from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            problem, where = yaml_problem(exc)
             raise InputError(f"config {str(p)!r} is not valid YAML{where}: {problem}; fix the file "
                              "(see configs/ for examples)") from None
         if not isinstance(data, dict):

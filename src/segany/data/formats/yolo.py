@@ -15,6 +15,7 @@ import numpy as np
 
 from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw, note
 from segany.errors import InputError
+from segany.yaml_errors import yaml_problem
 
 
 def polygon_to_mask(xy: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -57,9 +58,7 @@ def _class_names(root: Path) -> dict[int, str]:
         raise InputError(f"{yaml_path}: cannot be read ({exc.__class__.__name__}: {exc}); data.yaml must be a "
                          "readable file") from exc
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        problem, at = yaml_problem(exc)
         raise InputError(f"{yaml_path}: not valid YAML ({problem}{at}); fix the syntax, e.g. {fix}") from exc
     if data is None:
         return {}
