@@ -533,3 +533,35 @@ def test_browser_clicks_reach_the_model_where_the_predictor_puts_them(browser: A
             want = ResizeLongestSide(side).apply_coords(pts, (h, w))
             np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-9, err_msg=f"{h}x{w}")
         page.close()
+
+
+def test_a_proposal_accepted_again_after_a_lost_answer_is_stored_once(browser: Any, label_app: Any, project: Any,
+                                                                      token: str) -> None:
+    """Web app audit 4: each accept of a text proposal made a new uuid, so a save whose answer was lost (stored,
+    but the page saw a network error), accepted again, was stored twice."""
+    store, proj = project
+    with running_server(label_app) as base:
+        page = _open(browser, base, token)
+        page.locator("#text-prompt").fill("dogs")
+        page.locator("#text-submit").click()
+        page.wait_for_selector("#pending li.proposal", timeout=60_000)
+        n = page.locator("#pending li.proposal").count()
+        lost = {"n": 0}
+
+        def lose_first_answer(route: Any) -> None:
+            if route.request.method == "POST" and not lost["n"]:
+                lost["n"] += 1
+                route.fetch()  # the server stores it...
+                route.abort()  # ...and the page never hears back
+            else:
+                route.continue_()
+
+        page.route("**/api/images/*/annotations", lose_first_answer)
+        page.locator("#pending li.proposal .accept-pending").first.click()
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('save failed')")
+        assert len(store.list_annotations(project_id=proj["id"])) == 1
+        page.wait_for_function(f"document.querySelectorAll('#pending li.proposal').length === {n}")
+        page.locator("#pending li.proposal .accept-pending").last.click()  # the proposal is back, last in the list
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('saved')")
+        assert len(store.list_annotations(project_id=proj["id"])) == 1
+        page.close()

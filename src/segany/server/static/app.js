@@ -29,6 +29,7 @@ const S = {
   // or save answer is applied only if no edit came after its request. saves: the saves in flight; saveKey: the
   // uuid of the mask as it is now (a repeated save of the same mask sends it again: the server never duplicates).
   editSeq: 0, saves: [], saveKey: null, reviewing: new Set(),
+  decoding: 0, // decodes in flight: until the last answers, the shown mask is not the prompts' mask
 };
 window.segany = S; // for debugging and the browser tests
 
@@ -288,7 +289,15 @@ async function serverDecode(ref) {
 async function decode() {
   if (!S.points.length && !S.box) { S.candidates = []; S.mask = null; draw(); return; }
   const token = S.imageToken; const seq = S.editSeq; const t0 = performance.now(); S.timings = {};
-  const cands = S.session && S.emb ? await decodeInBrowser() : await decodeOnServer();
+  let cands;
+  S.decoding++;
+  try { cands = S.session && S.emb ? await decodeInBrowser() : await decodeOnServer(); }
+  catch (err) {
+    // The prompt that asked for this mask is taken back: left drawn, it was saved in the prompts of a mask it
+    // had no part in.
+    if (!stale(token) && seq === S.editSeq && S.history.length) restore(S.history.pop());
+    throw err;
+  } finally { S.decoding--; }
   if (stale(token)) return; // the user moved to another image meanwhile
   // A later edit (another click, Esc, undo, a save) owns the mask now: this answer is for a state that is gone.
   if (seq !== S.editSeq) { S.staleDrops = (S.staleDrops || 0) + 1; return; }
@@ -301,6 +310,7 @@ async function decode() {
   const ms = performance.now() - t0; S.timings.total = ms;
   S.decodeMs.push(ms); $("latency").textContent = ms.toFixed(1);
   renderChoices();
+  if (S.waited && S.decoding === 0) { S.waited = false; setStatus("the mask is ready: press Enter to save it", true); }
 }
 
 // ------------------------------------------------------------------------------------- drawing
@@ -479,8 +489,26 @@ function clearPrompts() {
   renderChoices(); draw();
 }
 
+// Esc and the Clear button: like clearPrompts, but one Ctrl+Z brings the mask back (it wiped the history, so a
+// stray Esc lost the whole mask). A new image and a save still start from nothing (clearPrompts).
+function clearUndoably() {
+  if (!S.points.length && !S.box && !S.mask) return;
+  snapshot();
+  Object.assign(S, { points: [], box: null, mask: null, candidates: [], lowres: null, chosen: 0 });
+  renderChoices(); draw();
+}
+
+// While a decode runs, the mask shown is the one before the last prompt: saving it, or choosing among its
+// candidates, stored a mask whose prompts list a click it never saw.
+function computing() {
+  if (S.decoding > 0) {
+    S.waited = true; setStatus("the mask is still being computed: try again when it shows", true); return true;
+  }
+  return false;
+}
+
 function choose(k) {
-  if (!S.candidates[k]) return;
+  if (!S.candidates[k] || computing()) return;
   snapshot(); S.chosen = k; S.mask = copyMask(maskOf(S.candidates[k])); S.lowres = S.candidates[k].lowres;
   renderChoices(); draw();
 }
@@ -507,6 +535,7 @@ function savingHere() { return S.saves.some((x) => x.token === S.imageToken); }
 
 async function accept() {
   if (!imageLoaded() || savingHere()) return; // nothing of this image to save yet / this mask is being saved
+  if (computing()) return;
   if (!S.mask || !S.mask.some((v) => v)) { setStatus("nothing to save: click on an object first", true); return; }
   const seconds = S.t0 === null ? null : (performance.now() - S.t0) / 1000;
   if (!S.saveKey || S.saveKey.seq !== S.editSeq) S.saveKey = { seq: S.editSeq, uuid: uuid4() };
@@ -703,8 +732,10 @@ async function reviewProposal(p, action) {
   S.pending = S.pending.filter((x) => x.id !== p.id);
   if (S.selectedPending === p.id) S.selectedPending = null;
   if (action === "accept") {
+    // One uuid per proposal, kept across retries: a save whose answer was lost, accepted again, was stored twice.
+    if (!p.saveUuid) p.saveUuid = uuid4();
     const body = {
-      uuid: uuid4(), segmentation: p.segmentation, label: p.label, source: "semi", predicted_iou: p.score,
+      uuid: p.saveUuid, segmentation: p.segmentation, label: p.label, source: "semi", predicted_iou: p.score,
       seconds_spent: (performance.now() - (S.pendingShownAt || performance.now())) / 1000,
       prompts: { text: p.prompts.text, label_score: p.score },
     };
@@ -888,7 +919,7 @@ function bindKeys() {
     const once = ["enter", "a", "y", "x", "f", "delete", "r"].includes(k);
     if (e.repeat && once) { e.preventDefault(); return; } // a held key saves, reviews or asks once
     const actions = {
-      enter: accept, a: accept, u: undo, escape: clearPrompts, b: () => setMode(S.mode === "brush" ? "prompt" : "brush"),
+      enter: accept, a: accept, u: undo, escape: clearUndoably, b: () => setMode(S.mode === "brush" ? "prompt" : "brush"),
       "[": () => { S.brush = Math.max(1, S.brush - 2); $("brush-size").textContent = `r=${S.brush}`; },
       "]": () => { S.brush = Math.min(200, S.brush + 2); $("brush-size").textContent = `r=${S.brush}`; },
       n: () => navigate(1), arrowright: () => navigate(1), p: () => navigate(-1), arrowleft: () => navigate(-1),
@@ -1029,7 +1060,7 @@ $("prev").onclick = () => navigate(-1); $("next").onclick = () => navigate(1);
 // (a save on its way would be cut off by leaving the page too)
 window.addEventListener("beforeunload", (e) => { if (hasUnsaved() || S.saves.length) { e.preventDefault(); e.returnValue = ""; } });
 $("retry").onclick = retryImage; $("notice").onclick = () => { $("notice").hidden = true; };
-$("accept").onclick = accept; $("undo").onclick = undo; $("redo").onclick = redo; $("clear").onclick = clearPrompts; $("prefill").onclick = prefill;
+$("accept").onclick = accept; $("undo").onclick = undo; $("redo").onclick = redo; $("clear").onclick = clearUndoably; $("prefill").onclick = prefill;
 $("mode-prompt").onclick = () => setMode("prompt"); $("mode-brush").onclick = () => setMode("brush");
 $("text-form").addEventListener("submit", (e) => { proposeText(e); $("text-prompt").blur(); });
 $("label").addEventListener("input", () => { if (S.pending.length) renderLists(); }); // rows show the label Y applies
