@@ -395,3 +395,25 @@ def test_start_failure_other_than_401_is_said(browser: Any, env: dict[str, Any])
         page.wait_for_function(f"{STATUS}.startsWith({what!r})")
         assert "database down" in page.locator("#status").inner_text()
         page.close()
+
+
+def test_validation_and_network_errors_read_as_sentences(browser: Any, env: dict[str, Any]) -> None:  # noqa: F811
+    """Web app audit 4: a 422 showed FastAPI's raw JSON list, a lost connection fetch's bare "Failed to fetch",
+    and the text box took phrases longer than the server accepts."""
+    im = env["images"][0]
+    page = _page(browser, env, im["id"])
+    detail = [{"type": "too_long", "loc": ["body", "points"], "msg": "List should have at most 64 items"}]
+    page.route(f"**/api/images/{im['id']}/decode", lambda route: route.fulfill(
+        status=422, content_type="application/json", body=json.dumps({"detail": detail})))
+    _click(page)
+    page.wait_for_function(f"{STATUS}.startsWith('decode failed')")
+    assert page.evaluate(STATUS) == "decode failed: 422: points: List should have at most 64 items"
+    page.unroute(f"**/api/images/{im['id']}/decode")
+    _click(page)
+    page.wait_for_function("window.segany.mask !== null")
+    page.route(f"**/api/images/{im['id']}/annotations", lambda route: route.abort())
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"{STATUS}.startsWith('save failed')", timeout=20_000)
+    assert "the server did not answer" in page.evaluate(STATUS)
+    assert page.evaluate("document.getElementById('text-prompt').maxLength") == 200
+    page.close()

@@ -34,10 +34,24 @@ const S = {
 window.segany = S; // for debugging and the browser tests
 
 // ------------------------------------------------------------------------------------------ API
+// FastAPI's 422 detail is a list of {loc, msg}: shown as "text: String should have at most 200 characters", not
+// as the raw JSON.
+function validationText(detail) {
+  if (!Array.isArray(detail)) return JSON.stringify(detail);
+  return detail.map((d) => {
+    const where = (d.loc || []).filter((x) => x !== "body").join(".");
+    return where ? `${where}: ${d.msg}` : String(d.msg);
+  }).join("; ");
+}
+
 async function api(path, opts = {}) {
   const headers = Object.assign({}, opts.headers || {}, { Authorization: `Bearer ${S.token}` });
   if (opts.json !== undefined) { headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(opts.json); }
-  const res = await fetch(path, Object.assign({}, opts, { headers }));
+  let res;
+  try { res = await fetch(path, Object.assign({}, opts, { headers })); }
+  catch (e) { // fetch's own "Failed to fetch" names neither the cause nor what to do
+    throw new Error("the server did not answer (network down, or the server stopped): check it runs, then retry");
+  }
   if (res.status === 401) {
     showLogin("token rejected: sign in again");
     const err = new Error("unauthorized: sign in again, then retry (your unsaved mask is kept)"); err.status = 401; throw err;
@@ -45,7 +59,7 @@ async function api(path, opts = {}) {
   if (!res.ok) {
     let detail = res.statusText;
     try { detail = (await res.json()).detail; } catch (e) { /* not JSON */ }
-    const err = new Error(`${res.status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    const err = new Error(`${res.status}: ${typeof detail === "string" ? detail : validationText(detail)}`);
     err.status = res.status; throw err;
   }
   return res;
