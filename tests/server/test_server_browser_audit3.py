@@ -417,3 +417,30 @@ def test_validation_and_network_errors_read_as_sentences(browser: Any, env: dict
     assert "the server did not answer" in page.evaluate(STATUS)
     assert page.evaluate("document.getElementById('text-prompt').maxLength") == 200
     page.close()
+
+
+def test_a_save_that_lands_after_coming_back_to_its_image_is_shown(browser: Any, env: dict[str, Any]  # noqa: F811
+                                                                     ) -> None:
+    """Web app audit 4: click, Enter (save held), N, P back, then the save lands: stored, but the list had been
+    fetched before it, so the page showed no mask and the annotator would draw the object again."""
+    im = env["images"][0]
+    page = _page(browser, env, im["id"])
+    _click(page)
+    page.wait_for_function("window.segany.mask !== null")
+    hold = _Hold(method="POST")
+    page.route(f"**/api/images/{im['id']}/annotations", hold)
+    before = len(_anns(env, im["id"]))
+    page.keyboard.press("Enter")
+    _until(page, lambda: hold.held, "the save request")
+    page.keyboard.press("n")
+    page.wait_for_function(f"window.segany.images[window.segany.idx].id !== {im['id']}")
+    page.wait_for_function(READY, timeout=60_000)
+    page.keyboard.press("p")
+    page.wait_for_function(f"window.segany.images[window.segany.idx].id === {im['id']}")
+    page.wait_for_function(READY, timeout=60_000)
+    shown = page.evaluate("window.segany.saved.length")
+    with page.expect_response(f"**/api/images/{im['id']}/annotations?state=accepted,pending"):
+        hold.release()
+    page.wait_for_function(f"window.segany.saved.length === {shown + 1}", timeout=10_000)
+    assert len(_anns(env, im["id"])) == before + 1 and not page.errors
+    page.close()

@@ -576,7 +576,12 @@ async function accept() {
       }
     }
   } finally { S.saves = S.saves.filter((x) => x !== job); }
-  if (stale(token)) return; // saved, but the user is on another image now: leave that one alone
+  if (stale(token)) {
+    // Saved, but the user is on another image now: leave that one alone. Unless they came back to this image
+    // meanwhile: its list was fetched before the save landed, so the new mask was invisible (and drawn twice).
+    if (saved && current() && current().id === im.id && imageLoaded()) await refreshAnnotations(S.imageToken);
+    return;
+  }
   if (seconds !== null) { S.spm.push(seconds); $("spm").textContent = (S.spm.reduce((a, b) => a + b, 0) / S.spm.length).toFixed(1); }
   saved._mask = mask;
   S.saved.push(saved); addLabel(saved.label);
