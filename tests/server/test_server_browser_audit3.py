@@ -444,3 +444,25 @@ def test_a_save_that_lands_after_coming_back_to_its_image_is_shown(browser: Any,
     page.wait_for_function(f"window.segany.saved.length === {shown + 1}", timeout=10_000)
     assert len(_anns(env, im["id"])) == before + 1 and not page.errors
     page.close()
+
+
+def test_a_review_of_a_mask_someone_else_reviewed_meanwhile_is_refused(browser: Any, env: dict[str, Any]  # noqa: F811
+                                                                        ) -> None:
+    """Web app audit 4: a reviewer's page still listed a pre-fill that an annotator had accepted since; X then
+    rejected it without a word. The page now sends the revision it read, and the 409 refreshes its list."""
+    store, im = env["store"], env["images"][2]
+    m = np.zeros((im["height"], im["width"]), bool)
+    m[10:60, 20:90] = True
+    ann = store.save_annotation(im["id"], mask=m, source="semi")[0]
+    page = _page(browser, env, im["id"])
+    page.wait_for_function(f"window.segany.pending.some((a) => a.id === {ann['id']})")
+    store.update_annotation(ann["id"], project_id=env["project"]["id"], review_state="accepted", by=1)  # elsewhere
+    page.evaluate(f"window.segany.selectedPending = {ann['id']}")
+    with page.expect_request(f"**/api/annotations/{ann['id']}/reject") as req:
+        page.keyboard.press("x")
+    assert json.loads(req.value.post_data)["revision"] == ann["revision"]
+    page.wait_for_function(f"{STATUS}.startsWith('reject failed: 409')")
+    assert store.get_annotation(ann["id"])["review_state"] == "accepted"
+    page.wait_for_function(f"!window.segany.pending.some((a) => a.id === {ann['id']})")  # the list was fetched again
+    assert not page.errors
+    page.close()

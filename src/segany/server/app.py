@@ -643,14 +643,15 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     def accept(annotation_id: AnnotationId, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="accepted",
                                        by=who["id"], seconds_spent=body.seconds_spent, label=body.label,
-                                       expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "accepting"),
-                                       declared_label=True)
+                                       expected_uuid=body.uuid, expected_revision=body.revision,
+                                       check=lambda ann: require_review(who, ann, "accepting"), declared_label=True)
 
     @app.post("/api/annotations/{annotation_id}/reject")
     def reject(annotation_id: AnnotationId, body: ReviewIn, who: Who) -> dict[str, Any]:
         return store.update_annotation(annotation_id, project_id=project_id, review_state="rejected",
                                        by=who["id"], seconds_spent=body.seconds_spent,
-                                       expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "rejecting"))
+                                       expected_uuid=body.uuid, expected_revision=body.revision,
+                                       check=lambda ann: require_review(who, ann, "rejecting"))
 
     @app.post("/api/images/{image_id}/prefill")
     def prefill(image_id: ImageId, who: Who) -> list[dict[str, Any]]:

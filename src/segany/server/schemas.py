@@ -114,6 +114,9 @@ class ReviewIn(Body):
     label: str | None = None
     uuid: str | None = Field(default=None, description="fail with 409 unless the id still names this annotation "
                                                        "(ids are reused after a delete)")
+    revision: int | None = Field(default=None, ge=1, lt=2**62,
+                                 description="fail with 409 unless the annotation is still at this revision: another "
+                                             "reviewer's accept or reject (or an edit) since the page read it")
 
 
 class ProjectPatch(Body):

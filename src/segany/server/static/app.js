@@ -643,7 +643,9 @@ async function reviewOne(id, action) {
   const body = { seconds_spent: (performance.now() - t0) / 1000 / Math.max(1, S.pending.length) };
   const pre = S.pending.find((x) => x.id === id);
   const why = pre && reviewRefusal(pre); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
-  if (pre) body.uuid = pre.uuid; // refused (409) if the id now names another annotation
+  if (pre) { // refused (409) if the id now names another annotation, or another reviewer got there first
+    body.uuid = pre.uuid; if (pre.revision) body.revision = pre.revision;
+  }
   if (action === "accept") body.label = pendingLabel(pre || {});
   const a = await postReview(id, action, body);
   if (!a) return;
@@ -692,7 +694,7 @@ async function refreshAnnotations(token) {
 // pending rows; the row stays, showing its new review state, until the image is opened again.
 async function reviewSaved(a, action) {
   const why = reviewRefusal(a); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
-  const out = await postReview(a.id, action, { uuid: a.uuid });
+  const out = await postReview(a.id, action, { uuid: a.uuid, revision: a.revision });
   if (!out) return;
   Object.assign(a, out, { _mask: a._mask });
   renderLists(); setStatus(`${action}ed annotation ${a.id}`, true);
