@@ -113,3 +113,19 @@ def test_a_trained_on_image_never_moves_to_the_held_out_side() -> None:
     assert _split({1: "9" * 64, 2: "a" * 64, 3: "b" * 64}, 0.2, sides) == ([2, 3], [1])  # 1 stays held out
     assert _split({2: "a" * 64}, 0.2, sides) == ([2], [])
     assert _split({2: "a" * 64, 4: "c" * 64}, 0.2, {2: False, 4: False}) == ([2, 4], [])  # all trained on
+
+
+def test_a_model_without_weights_is_refused_not_run_on_random_ones(tmp_path: Path, monkeypatch: Any) -> None:
+    """Docs audit: `engine auto --model vit_t` without weights ran on random weights and stored its meaningless
+    masks as accepted (and marked the images done, so a later run skipped them)."""
+    from segany.engine.retrain import model_spec_for
+
+    monkeypatch.setenv("SEGANY_HOME", str(tmp_path / "empty"))
+    store, _ = make_project(tmp_path / "proj", make_images(tmp_path / "images", 1))
+    try:
+        with pytest.raises(InputError, match=r"no weights for vit_t were found: run `segany download mobile_sam` "
+                                             "or pass --checkpoint FILE"):
+            model_spec_for(store, None, model="vit_t")
+        assert model_spec_for(store, None).checkpoint  # segany_tiny's shipped weights
+    finally:
+        store.close()

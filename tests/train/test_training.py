@@ -359,3 +359,16 @@ def test_resume_with_another_process_count_is_refused_and_a_finished_run_keeps_i
     with pytest.raises(CheckpointError, match=r"trained by 2 process\(es\) and this resume runs 1.*"
                                               "torchrun --nproc-per-node 2"):
         again.load(tmp_path / "a" / "last.pt")
+
+
+def test_a_config_without_pyyaml_names_the_extra_to_install(tmp_path, monkeypatch) -> None:
+    """Docs audit: `segany train` without pyyaml failed with 'unexpected error: ModuleNotFoundError'."""
+    import sys
+
+    from segany.errors import MissingDependencyError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run:\n  max_steps: 1\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if pyyaml were not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'segany\[train\]'"):
+        load_config(str(cfg), [])

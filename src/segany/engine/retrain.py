@@ -49,7 +49,7 @@ def set_current_model(store: Any, project: str | None, model_version_id: int) ->
 def model_spec_for(store: Any, project: str | None, *, model: str | None = None, checkpoint: str | None = None,
                    device: str = "cpu") -> ModelSpec:
     """What to run: explicit ``model``/``checkpoint``, else the project's current model, else ``segany_tiny``
-    with its packaged or cached weights (random weights with a warning when there are none)."""
+    with its packaged or cached weights; refused when there are none."""
     if checkpoint is None and model is None:
         cur = current_model(store, project)
         if cur is not None and cur["checkpoint_path"]:
@@ -64,9 +64,10 @@ def model_spec_for(store: Any, project: str | None, *, model: str | None = None,
 
         info = get_model_info(name)
         found = find_weights(info.weights) if info.weights else None
-        if found is None:
-            log.warning("no weights for %s: using RANDOM weights (pass --checkpoint)", name)
-        checkpoint = str(found) if found else None
+        if found is None:  # refused: random weights would store meaningless masks, as accepted ones
+            fetch = f"run `segany download {info.weights}` or " if info.weights else ""
+            raise InputError(f"no weights for {name} were found: {fetch}pass --checkpoint FILE")
+        checkpoint = str(found)
     elif not Path(checkpoint).is_file():
         raise InputError(f"--checkpoint {checkpoint!r} does not exist; check the path")
     return ModelSpec(name, checkpoint, device)

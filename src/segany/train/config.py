@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segany.errors import InputError
+from segany.errors import InputError, require
 from segany.yaml_errors import yaml_problem
 
 
@@ -259,7 +259,7 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
 
 
 def _parse_value(key: str, text: str) -> Any:
-    import yaml
+    yaml: Any = require("yaml", "train")  # pyyaml: one install hint, not a bare ModuleNotFoundError
 
     try:
         return yaml.safe_load(text)
@@ -292,7 +292,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             raise InputError(f"config {str(p)!r} is a folder; pass a YAML file inside it, e.g. configs/tiny_cpu.yaml")
         if not p.is_file():
             raise InputError(f"config file {str(p)!r} does not exist; see configs/ for examples")
-        import yaml
+        yaml: Any = require("yaml", "train")  # pyyaml: one install hint, not a bare ModuleNotFoundError
 
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}

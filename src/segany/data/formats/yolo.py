@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw, note
-from segany.errors import InputError
+from segany.errors import InputError, require
 from segany.yaml_errors import yaml_problem
 
 
@@ -47,7 +48,7 @@ def _class_names(root: Path) -> dict[int, str]:
     yaml_path = root / "data.yaml"
     if not yaml_path.exists():
         return {}
-    import yaml
+    yaml: Any = require("yaml", "train")  # pyyaml: one install hint, not a bare ModuleNotFoundError
 
     fix = "names: [person, car] or names: {0: person, 1: car}"
     try:
