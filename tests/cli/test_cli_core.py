@@ -190,6 +190,10 @@ def test_predict_fast_path_options(tmp_path: Path, tiny_ckpt: Path, home: Path, 
     capsys.readouterr()
     record = json.loads((quick / "sample.json").read_text())
     assert record["precision"] == "bf16" and record["quantize"] == "int8"  # the JSON says what ran
+    assert main(["predict", *args, "--out", str(tmp_path / "fp32"), "--precision", "fp32"]) == 0
+    record = json.loads((tmp_path / "fp32" / "sample.json").read_text())
+    assert (record["precision"], record["decoder"]) == ("fp32", "exact")  # the reference modules, not the folded ones
+    capsys.readouterr()
     a = np.asarray(Image.open(exact / "sample_mask0.png")) > 0
     b = np.asarray(Image.open(quick / "sample_mask0.png")) > 0
     assert a.any() and (a & b).sum() / (a | b).sum() > 0.95
@@ -209,7 +213,8 @@ def test_predict_auto_precision_is_bf16_on_a_native_bf16_cpu(tmp_path: Path, tin
         out = tmp_path / expected
         r = segany("predict", *args, "--out", str(out), home=home)
         assert r.returncode == 0, r.stderr
-        assert json.loads((out / "sample.json").read_text())["precision"] == expected
+        record = json.loads((out / "sample.json").read_text())
+        assert record["precision"] == expected and record["decoder"] == "folded"  # auto folds the decoder on CPU
         assert f"on cpu ({expected})" in r.stderr
         masks[expected] = np.asarray(Image.open(out / "sample_mask0.png")) > 0
     a, b = masks["fp32"], masks["bf16"]

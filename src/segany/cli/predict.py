@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from segany.fast import resolve_precision
+    from segany.fast import FastMaskDecoder, resolve_precision
 
     precision = resolve_precision(options["precision"], device)  # what "auto" became on this machine
 
@@ -179,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "image": str(Path(args.image)), "size_hw": [h, w], "model": model_name, "checkpoint": str(checkpoint),
         "device": device, "precision": precision, **({"quantize": args.quantize} if args.quantize else {}),
+        # fp32 names two decoders on CPU: the folded one (auto) and the reference modules (--precision fp32)
+        "decoder": "folded" if predictor.fast is not None and isinstance(predictor.fast.decoder, FastMaskDecoder)
+        else "exact",
         "multimask": multimask,
         "prompts": {"points_xy": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points],
                     "box_xyxy": list(box) if box else None, **({"text": args.text} if args.text else {}),
