@@ -321,14 +321,15 @@ def test_resuming_on_another_kind_of_device_says_it_is_not_an_exact_continuation
 def test_initial_weights_of_another_architecture_are_refused(tmp_path) -> None:
     """build_sam takes a file's own config over model.name's, so a tiny ViT file trained as "segany_tiny" (a
     TinyViT): banner, config.json and every later eval named the wrong model."""
-    from segany.checkpoints import find_weights, save_checkpoint
+    from segany.checkpoints import build_sam, find_weights, save_checkpoint
     from segany.train.trainer import check_init_architecture
 
     vit = save_checkpoint(_model(), tmp_path / "vit.pt")
     with pytest.raises(InputError, match=r"holds a ViT model \(128 px, depth 2, width 96\), but model.name "
                                          r"'segany_tiny' is a tiny_vit model"):
         Trainer(load_config(None, ["model.name=segany_tiny", f"model.checkpoint={vit}", f"run.out_dir={tmp_path}"]))
-    check_init_architecture("segany_tiny", find_weights("segany_tiny"))  # its own weights: fine
+    shipped = find_weights("segany_tiny")
+    check_init_architecture("segany_tiny", shipped, build_sam("segany_tiny", shipped).cfg)  # its own weights: fine
 
 
 def test_the_log_keeps_small_learning_rates(tmp_path) -> None:

@@ -228,7 +228,7 @@ def _throughput_plot(rows: list[dict[str, Any]], out: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def _version_annotations(store: Any, version_id: int, live_by_id: dict[int, dict[str, Any]]
+def _version_annotations(store: Any, version_id: int, live: dict[str, dict[str, Any]]
                          ) -> tuple[list[dict[str, Any]], dict[str, None]]:
     """A dataset version's masks as :func:`describe` reads them, and its images (keyed by sha256), from the
     snapshot frozen with it: the live rows a version links to are edited, deleted and rejected afterwards, and
@@ -236,7 +236,6 @@ def _version_annotations(store: Any, version_id: int, live_by_id: dict[int, dict
     frozen; they are taken from the live mask where it is still the frozen one (same uuid and pixels)."""
     from segany.engine.versions import snapshot_items
 
-    live = {a["uuid"]: a for a in live_by_id.values()}
     out: list[dict[str, Any]] = []
     frozen_images: dict[str, None] = {}
     for it in snapshot_items(store, version_id):
@@ -331,8 +330,9 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
                               "flagged_to_review": flagged}
     sets: list[tuple[str, str, list[dict[str, Any]], Any, Mapping[Any, Any]]] = [
         ("live", "current annotations (accepted + pending)", live, None, images)]
+    live_by_uuid = {a["uuid"]: a for a in all_by_id.values()}  # once, not per version
     for vid, name, meta in versions:
-        frozen, frozen_images = _version_annotations(store, vid, all_by_id)
+        frozen, frozen_images = _version_annotations(store, vid, live_by_uuid)
         sets.append((f"dv{vid}", f"dataset version {name}", frozen, meta, frozen_images))
     for key, title, anns, meta, of_images in sets:
         d = describe(anns, of_images)

@@ -283,23 +283,22 @@ def _describe(config: Any) -> str:
     return f"a {enc.kind} model ({enc.img_size} px)"
 
 
-def check_init_architecture(name: str, checkpoint: str | os.PathLike[str]) -> None:
+def check_init_architecture(name: str, checkpoint: str | os.PathLike[str], loaded: Any) -> None:
     """Refuse initial weights of another architecture than ``model.name``'s.
 
     ``build_sam`` takes a file's embedded config over the name's (right for inference, where the file says what
     it is), so training silently went on with the file's model while the banner, config.json and every later
     ``segany eval`` named ``model.name``'s: a 5 M parameter ViT trained as "segany_tiny" (9.8 M, TinyViT).
+    ``loaded`` is the config of the model built from the file, so the file is read once.
     """
-    from segany.checkpoints import read_checkpoint
     from segany.registry import get_config
 
-    _, embedded, _ = read_checkpoint(checkpoint)
     try:
         want = get_config(name)
     except UnknownModelError:
         return
-    if embedded is not None and embedded != want:
-        raise InputError(f"model.checkpoint {str(checkpoint)!r} holds {_describe(embedded)}, but model.name "
+    if loaded != want:
+        raise InputError(f"model.checkpoint {str(checkpoint)!r} holds {_describe(loaded)}, but model.name "
                          f"{name!r} is {_describe(want)}; set model.arch to the file's architecture (its run's "
                          "config.json has it) or model.name to the model it was trained as, or pick another "
                          "model.checkpoint")
@@ -333,9 +332,9 @@ class Trainer:
 
                 load_weights(sam, self.init_checkpoint, cfg.model.name)
         if sam is None:
-            if self.init_checkpoint is not None:
-                check_init_architecture(cfg.model.name, self.init_checkpoint)
             sam = build_sam(cfg.model.name, checkpoint=self.init_checkpoint)
+            if self.init_checkpoint is not None:
+                check_init_architecture(cfg.model.name, self.init_checkpoint, sam.cfg)
         self.sam = sam.to(dev)
         if cfg.run.grad_checkpointing:
             for m in self.sam.image_encoder.modules():
