@@ -63,17 +63,60 @@ def test_official_vit_t_file_loads_strictly(vit_t_file: Path) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
 
 
-@pytest.mark.parametrize("wrap", ["module_prefix", "state_dict_key", "model_key"])
-def test_wrapped_state_dicts(tmp_path: Path, tiny_sam: Sam, tiny_name: str, wrap: str) -> None:
+def _prefixed(sd: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("wrap", ["module_prefix", "state_dict_key", "model_key", "lightning", "lightning_ddp",
+                                  "compiled", "ddp_hf"])
+def test_wrapped_state_dicts(tmp_path: Path, tiny_sam: Sam, tiny_name: str, wrap: str,
+                             caplog: pytest.LogCaptureFixture) -> None:
+    from segany.hf_layout import to_hf
+
     sd = tiny_sam.state_dict()
     blob: dict = {
-        "module_prefix": {f"module.{k}": v for k, v in sd.items()},  # saved from a DDP-wrapped model
+        "module_prefix": _prefixed(sd, "module."),  # saved from a DDP-wrapped model
         "state_dict_key": {"state_dict": sd, "epoch": 3},
         "model_key": {"model": sd},
+        # A Lightning module holding SAM as self.model, with a loss buffer beside it (which is not the model's)
+        "lightning": {"state_dict": {**_prefixed(sd, "model."), "loss_fn.pos_weight": torch.ones(1)}, "epoch": 3,
+                      "global_step": 70, "pytorch-lightning_version": "2.4.0"},
+        "lightning_ddp": {"state_dict": _prefixed(sd, "model.module.")},
+        "compiled": _prefixed(sd, "_orig_mod."),  # torch.compile(model).state_dict()
+        "ddp_hf": _prefixed(to_hf(sd), "module."),  # was not recognised as Hugging Face's layout under the prefix
     }[wrap]
     path = tmp_path / "wrapped.pth"
     torch.save(blob, path)
-    _assert_same_weights(build_sam(tiny_name, checkpoint=path), tiny_sam)
+    with caplog.at_level("INFO", logger="segany.checkpoints"):
+        _assert_same_weights(build_sam(tiny_name, checkpoint=path), tiny_sam)
+    if wrap == "lightning":  # what was stripped and left out is said, not silent
+        assert "keys under 'model.'" in caplog.text and "leaving out 1 other entries (first: loss_fn.pos_weight)" \
+            in caplog.text
+
+
+@pytest.mark.parametrize(("layout", "fragments"), [
+    ("unknown_prefix", ["the model's keys sit under 'sam.'", "strips by itself only when it is made of module., "
+                        "model., _orig_mod.", "sd = {k.removeprefix('sam.'): v for k, v in sd.items() if "
+                        "k.startswith('sam.')}"]),
+    ("model_and_ema", ["under several prefixes ('model.' and 'ema_model.'", "which one to load is unclear",
+                       "k.removeprefix('model.')"]),
+    ("model_and_copy", ["besides the model's own keys the file holds model weights under 'ema.'",
+                        "sd = {k: v for k, v in sd.items() if not k.startswith('ema.')}"]),
+])
+def test_ambiguous_or_unknown_prefixes_are_named_with_the_fix(tmp_path: Path, tiny_sam: Sam, tiny_name: str,
+                                                              layout: str, fragments: list[str]) -> None:
+    """Only a chain of known wrappers holding one model is stripped; otherwise the error names the prefixes
+    found and how to strip them (it gave no hint, and "may be truncated" for one of them)."""
+    sd = tiny_sam.state_dict()
+    blob = {"unknown_prefix": _prefixed(sd, "sam."),
+            "model_and_ema": {"state_dict": {**_prefixed(sd, "model."), **_prefixed(sd, "ema_model.")}},
+            "model_and_copy": {**sd, **_prefixed(sd, "ema.")}}[layout]
+    path = tmp_path / "wrapped.pth"
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError) as info:
+        build_sam(tiny_name, checkpoint=path)
+    for fragment in fragments:
+        assert fragment in str(info.value) and fragment in info.value.cli_message(), str(info.value)
 
 
 def test_segany_checkpoint_describes_itself(tmp_path: Path, tiny_sam: Sam) -> None:
@@ -96,14 +139,25 @@ def test_half_checkpoint_loads_into_fp32(tmp_path: Path, tiny_sam: Sam) -> None:
 
 
 def test_wrong_checkpoint_names_probable_variant(vit_t_file: Path) -> None:
+    """The fix fits the caller: a Python call for the API (it has no --model), the flag on the command line."""
+    from segany import sam_model_registry
+    from segany.cli.main import _one_line
+
     with pytest.raises(CheckpointError) as info:
         build_sam("vit_b", checkpoint=vit_t_file)
     msg = str(info.value)
     assert "does not fit model 'vit_b'" in msg
     assert "missing keys (first: image_encoder.pos_embed" in msg
     assert "unexpected keys" in msg
-    assert "looks like a 'vit_t' checkpoint: use --model vit_t" in msg
-    assert "\n" not in msg
+    assert f"looks like a 'vit_t' checkpoint: build that model, e.g. build_sam('vit_t', checkpoint={str(vit_t_file)!r})" \
+        in msg and "sam_model_registry['vit_t']" in msg
+    assert "--model" not in msg and "\n" not in msg  # was "use --model vit_t" for Python callers too
+    assert info.value.looks_like == "vit_t"  # structured, for callers that word the fix their own way
+    assert info.value.cli_message().endswith("looks like a 'vit_t' checkpoint: use --model vit_t")
+    with pytest.raises(CheckpointError, match=r"build_sam\('vit_t'"):
+        sam_model_registry["vit_b"](checkpoint=vit_t_file)
+    line = _one_line(info.value)  # what `segany: error:` prints (tests/bad_inputs runs the whole command)
+    assert "use --model vit_t" in line and "build_sam" not in line, line
 
 
 def test_missing_keys_say_truncated(tmp_path: Path, tiny_sam: Sam, tiny_name: str) -> None:
@@ -221,7 +275,8 @@ def test_download_offline_says_where_to_put_the_file(home: Path, monkeypatch: py
     msg = str(exc.value)
     assert "If this machine is offline" in msg
     assert str(home / "weights" / "test_weights.pt") in msg
-    assert "--checkpoint" in msg
+    assert "checkpoint=PATH" in msg and "--checkpoint" not in msg  # the Python caller's fix, not the flag
+    assert exc.value.cli_message().endswith("(or pass its path with --checkpoint)")
     assert not (home / "weights").exists() or list((home / "weights").iterdir()) == []
 
 

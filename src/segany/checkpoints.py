@@ -8,6 +8,7 @@ naming the first missing/unexpected keys and the variant the file looks like.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import urllib.error
@@ -150,19 +151,88 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{str(path)!r} is not a model state dict (entry {bad[0]!r} is not a tensor)")
+    sd = _unwrap(sd, str(path))
     if hf_layout.is_hf(sd):
         sd = hf_layout.from_hf(sd)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped saves
     return sd, config, meta
+
+
+# The first names of a model's keys: segany/official SAM ones, then Hugging Face SamModel's own.
+_MODEL_PARTS = frozenset({"image_encoder", "prompt_encoder", "mask_decoder", "class_head", "vision_encoder",
+                          "shared_image_embedding"})
+# Attributes that wrap a model whole when it is saved: DDP/DataParallel's ``module``, ``model`` (a Lightning
+# module's or a training loop's ``self.model``) and torch.compile's ``_orig_mod``. A file whose model keys all
+# sit under a chain of these (``model.module.``) holds one model, and stripping them is all it needs.
+WRAPPER_NAMES = ("module", "model", "_orig_mod")
+
+
+def model_prefixes(state_dict: dict[str, Any]) -> dict[str, int]:
+    """How many keys each prefix holds a model part under (``""``: the model's own keys), most first.
+
+    ``model.image_encoder.x`` is under ``"model."``; a key naming no model part (``epoch``, a loss's buffer)
+    counts nowhere.
+    """
+    counts: dict[str, int] = {}
+    for key in state_dict:
+        parts = key.split(".")
+        i = next((i for i, part in enumerate(parts[:-1]) if part in _MODEL_PARTS), None)
+        if i is not None:
+            prefix = "".join(part + "." for part in parts[:i])
+            counts[prefix] = counts.get(prefix, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _unwrap(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The state dict without a wrapper's prefix, when that is unambiguous: every model key sits under one
+    chain of :data:`WRAPPER_NAMES`. Entries outside it (a loss's buffer, a step counter) are left out, which
+    is logged. Any other layout (an unknown prefix, two copies of the model such as ``model.`` beside
+    ``ema_model.``) is returned as it is, and :func:`check_state_dict` names the prefixes found."""
+    prefixes = model_prefixes(sd)
+    if len(prefixes) != 1:
+        return sd
+    (prefix,) = prefixes
+    if not prefix or any(part not in WRAPPER_NAMES for part in prefix[:-1].split(".")):
+        return sd
+    inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    left = [k for k in sd if not k.startswith(prefix)]
+    log.info("%s holds a wrapped model (keys under %r); loaded with the prefix stripped%s", source, prefix,
+             f", leaving out {len(left)} other entries (first: {', '.join(left[:3])})" if left else "")
+    return inner
+
+
+def _prefix_hint(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """What to do about model keys under a prefix that :func:`_unwrap` did not strip, or None."""
+    counts = model_prefixes(state_dict)
+    prefixes = [p for p in counts if p]
+    if not prefixes:
+        return None
+    found = " and ".join(repr(p) for p in prefixes[:3]) + (" ..." if len(prefixes) > 3 else "")
+    if "" in counts:  # the model itself plus copies under a prefix (EMA, a teacher)
+        drop = prefixes[0] if len(prefixes) == 1 else tuple(prefixes)
+        return (f"besides the model's own keys the file holds model weights under {found}; keep only the model's "
+                f"and save them again: sd = {{k: v for k, v in sd.items() if not k.startswith({drop!r})}}")
+    p = prefixes[0]
+    strip = f"sd = {{k.removeprefix({p!r}): v for k, v in sd.items() if k.startswith({p!r})}}"
+    if len(prefixes) == 1:
+        return (f"the model's keys sit under {p!r}, a wrapper segany strips by itself only when it is made of "
+                f"{', '.join(n + '.' for n in WRAPPER_NAMES)}; strip it and save the weights again: {strip}")
+    return (f"the file holds model weights under several prefixes ({found}, e.g. a model and its EMA copy), so "
+            f"which one to load is unclear; keep one and save it again, e.g. {strip}")
+
+
+@functools.lru_cache(maxsize=32)
+def _shapes(config: SamConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a model of ``config`` (building even a meta-device ViT-H takes ~0.3 s)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Sam(config).state_dict().items()}
 
 
 def guess_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
     """Name the registered model whose parameter names and shapes match ``state_dict`` best."""
     best, best_score = None, -1.0
     for name in list_models():
-        with torch.device("meta"):
-            ref = Sam(get_config(name)).state_dict()
-        same = sum(1 for k, v in ref.items() if k in state_dict and tuple(state_dict[k].shape) == tuple(v.shape))
+        ref = _shapes(get_config(name))
+        same = sum(1 for k, v in ref.items() if k in state_dict and tuple(state_dict[k].shape) == v)
         score = same / max(len(ref), len(state_dict))
         if score > best_score:
             best, best_score = name, score
@@ -188,12 +258,22 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
-    guess = guess_variant(state_dict)
+    head = f"checkpoint {source!r} does not fit model {model_name!r}: " + "; ".join(parts)
+    wrapped = _prefix_hint(state_dict)
+    guess = None if wrapped else guess_variant(state_dict)
+    if wrapped:
+        raise CheckpointError(f"{head}; {wrapped}")
     if guess and guess != model_name:
-        parts.append(f"the file looks like a {guess!r} checkpoint: use --model {guess}")
-    elif missing and not unexpected:
-        parts.append("the file may be truncated or partial: download it again")
-    raise CheckpointError(f"checkpoint {source!r} does not fit model {model_name!r}: " + "; ".join(parts))
+        # The fix is the model to build: a Python call for API callers, --model on the command line.
+        what = f"; the file looks like a {guess!r} checkpoint: "
+        error = CheckpointError(f"{head}{what}build that model, e.g. build_sam({guess!r}, checkpoint={source!r}) "
+                                f"or sam_model_registry[{guess!r}](checkpoint={source!r})",
+                                cli=f"{head}{what}use --model {guess}")
+        error.looks_like = guess
+        raise error
+    if missing and not unexpected:
+        head += "; the file may be truncated or partial: download it again"
+    raise CheckpointError(head)
 
 
 def load_weights(model: Sam, path: str | os.PathLike[str], model_name: str = "model") -> dict[str, Any]:
@@ -375,8 +455,8 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
         found = find_weights(name)
         if found is not None:
             return found
-        raise DownloadError(f"weights {name!r} have no download URL; put the file at {dest} "
-                            "(or pass its path with --checkpoint)")
+        what = f"weights {name!r} have no download URL; put the file at {dest} (or pass its path "
+        raise DownloadError(what + "as build_sam(..., checkpoint=PATH))", cli=what + "with --checkpoint)")
     if dest.exists() and not force:
         try:
             verify_file(dest, info)
@@ -401,11 +481,10 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
                 raise DownloadError(f"the download of {info.name} from {info.url} stopped after {done} of {total} "
                                     f"bytes; run `segany download {info.name}` again")
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise DownloadError(
-                f"could not download {info.name} from {info.url} ({getattr(exc, 'reason', exc)}). "
-                f"If this machine is offline, fetch the file elsewhere and put it at {dest} "
-                f"(or pass its path with --checkpoint)"
-            ) from exc
+            what = (f"could not download {info.name} from {info.url} ({getattr(exc, 'reason', exc)}). If this "
+                    f"machine is offline, fetch the file elsewhere and put it at {dest} (or pass its path ")
+            raise DownloadError(what + "as build_sam(..., checkpoint=PATH))",
+                                cli=what + "with --checkpoint)") from exc
         verify_file(Path(tmp), info, fetched_from=info.url)
 
     _atomic_write(dest, fetch)

@@ -8,7 +8,21 @@ from __future__ import annotations
 
 
 class SeganyError(Exception):
-    """Base class of all errors segany raises on purpose."""
+    """Base class of all errors segany raises on purpose.
+
+    Where the fix reads differently in Python than on the command line (``build_sam('vit_t', ...)`` against
+    ``--model vit_t``), the message carries the Python one and ``cli`` the whole message as the command
+    line words it; the CLI prints :meth:`cli_message`. So each caller is told the fix it can make, and no
+    code has to guess its caller from the stack.
+    """
+
+    def __init__(self, *args: object, cli: str | None = None) -> None:
+        super().__init__(*args)
+        self.cli = cli
+
+    def cli_message(self) -> str:
+        """The message as the command line prints it (the Python one where both read the same)."""
+        return self.cli if self.cli is not None else str(self)
 
 
 class InputError(SeganyError, ValueError):
@@ -36,6 +50,8 @@ class UnknownModelError(SeganyError, KeyError):
 
 class CheckpointError(SeganyError):
     """A checkpoint file is missing, corrupt, truncated or made for another model."""
+
+    looks_like: str | None = None  # the registered model a file made for another model looks like, if any
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

@@ -135,7 +135,8 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = exc.cli_message() if isinstance(exc, SeganyError) else str(exc)  # the command line's fix, not Python's
+    return " ".join(text.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":
