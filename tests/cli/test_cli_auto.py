@@ -210,16 +210,46 @@ def test_resume_redoes_what_a_replaced_run_left_behind(checkpoint: Path, tmp_pat
 def test_quantized_run_is_recorded_and_not_mixed_on_resume(checkpoint: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """An 8-bit encoder changes masks beyond rounding, so run.json records it and --resume with other
-    options is refused; default runs keep the record they always had (no "predictor" key)."""
+    options is refused."""
     images, out = _three(tmp_path), tmp_path / "out"
     code, err = _main(capsys, images, "--out", out, "--checkpoint", checkpoint, *FAST, "--precision", "bf16",
                       "--quantize", "int8", "--quiet")
     assert code == 0, err
     run = json.loads((out / "run.json").read_text())
-    assert run["settings"]["predictor"] == {"precision": "bf16", "quantize": "int8"}
+    assert (run["settings"]["precision"], run["settings"]["quantize"]) == ("bf16", "int8")
     assert len(_outputs(out)) == 4  # and image_ids.json
     code, err = _main(capsys, images, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
-    assert code == 1 and "predictor" in err and "rerun without --resume" in err, err
+    assert code == 1 and "quantize 'int8' → None" in err and "rerun without --resume" in err, err
+
+
+def test_precision_auto_is_recorded_as_what_ran_and_a_resume_running_another_is_refused(
+        checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision auto is fp32 on one machine and bf16 on another (here: SEGANY_CPU_BF16), whose masks differ
+    beyond rounding. A resume on the other machine went on silently and mixed the two in one output."""
+    image, out = tmp_path / "one.jpg", tmp_path / "out"
+    shutil.copy(SAMPLES[0], image)
+    assert _main(capsys, image, "--out", out, "--checkpoint", checkpoint, *FAST, "--quiet")[0] == 0  # fp32 here
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["precision"] == "fp32" and run["requested"] == {"precision": "auto", "quantize": None}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == {"requested": "auto", "resolved": "fp32", "quantize": None, "decoder": "folded"}
+    monkeypatch.setenv("SEGANY_CPU_BF16", "1")  # "another machine": auto now resolves to bf16
+    code, err = _main(capsys, image, "--out", out, "--checkpoint", checkpoint, *FAST, "--resume", "--quiet")
+    assert code == 1 and "precision 'fp32' → 'bf16'" in err, err
+    assert "; resume with --precision fp32, which made them (--precision auto runs bf16 on this machine), or rerun " \
+        "without --resume" in err
+    # The fix it names works: what runs is what the record says (auto then, fp32 now: same masks to rounding).
+    code, err = _main(capsys, image, "--out", out, "--checkpoint", checkpoint, *FAST, "--precision", "fp32",
+                      "--resume", "--quiet")
+    assert code == 0 and "0 processed, 1 already done" in err, err
+    # A record written before precision was recorded (no "precision" key) still resumes, as it did then.
+    run["settings"] = {k: v for k, v in run["settings"].items() if k not in ("precision", "quantize")}
+    mtime = (out / "run.json").stat().st_mtime_ns
+    (out / "run.json").write_text(json.dumps({"settings": run["settings"]}))
+    os.utime(out / "run.json", ns=(mtime, mtime))  # its mtime dates the outputs
+    code, err = _main(capsys, image, "--out", out, "--checkpoint", checkpoint, *FAST, "--precision", "fp32",
+                      "--resume", "--quiet")
+    assert code == 0 and "0 processed, 1 already done" in err, err
 
 
 def test_outputs_of_images_sharing_a_name_do_not_overwrite_each_other(tmp_path: Path) -> None:

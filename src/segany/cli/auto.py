@@ -33,7 +33,6 @@ from segany.cli._checks import check_out_dir
 from segany.cli._util import (
     add_speed_arguments,
     atomic_write_bytes,
-    changes_results,
     comma_list,
     loaded_model_name,
     predictor_options,
@@ -422,6 +421,24 @@ def _check_options(options: dict[str, Any]) -> Any:
     return config
 
 
+def _precision_record(args: argparse.Namespace, fast_options: dict[str, Any], device: str) -> dict[str, Any]:
+    """What ``--precision``/``--quantize`` asked for and what runs on this machine (``auto`` is bf16 or fp32
+    depending on it); the manifest adds the mask decoder that ran (:func:`_decoder_name`)."""
+    from segany.fast import resolve_precision
+
+    return {"requested": args.precision, "resolved": resolve_precision(fast_options["precision"], device),
+            "quantize": args.quantize}
+
+
+def _decoder_name(predictor: Any) -> str:
+    """``folded`` or ``exact``, as ``segany predict`` records it: fp32 names two decoders on CPU, equal to
+    rounding (the folded one with ``--precision auto``, the reference modules with ``--precision fp32``)."""
+    from segany.fast import FastMaskDecoder
+
+    fast = getattr(predictor, "fast", None)
+    return "folded" if fast is not None and isinstance(fast.decoder, FastMaskDecoder) else "exact"
+
+
 def run(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out, "--out")
     check_out_not_input(args.input, out, args.format, args.overlay)
@@ -444,17 +461,18 @@ def run(args: argparse.Namespace) -> int:
     model_name = loaded_model_name(model.cfg, args.model, checkpoint)
     options = _generator_options(args, None if model_name.startswith("custom") else model_name)
     config = _check_options(options)
-    settings = run_settings(model_name, checkpoint, args.format, config.to_dict(), labels)
-    predictor_settings = changes_results(args)
-    if predictor_settings:  # runs with the defaults keep the settings record they always had
-        settings["predictor"] = predictor_settings
+    precision = _precision_record(args, fast_options, device)
+    settings = run_settings(model_name, checkpoint, args.format, config.to_dict(), labels,
+                            precision=precision["resolved"], quantize=args.quantize)
     keep = check_resume(out, settings, args.resume,  # other settings: refused before anything is written
-                        lambda: any(output_path(out, k, args.format).exists() for _, k in images))
+                        lambda: any(output_path(out, k, args.format).exists() for _, k in images),
+                        requested_precision=args.precision)
     if keep:
         listing = dataclasses.replace(listing, images=_keep_recorded_keys(out, images))
         images = listing.images
     generator = SamAutomaticMaskGenerator.from_config(model, config)
     generator.predictor = SamPredictor(model, **fast_options)
+    precision["decoder"] = _decoder_name(generator.predictor)
     if labels is not None:
         if model.class_head is None:  # fail now, not silently on the first image that has masks
             raise InputError(f"--labels needs a model with a class head and {model_name!r} has none; use "
@@ -471,18 +489,20 @@ def run(args: argparse.Namespace) -> int:
     record = plan_images(out, images, keep)
     redone = _remove_changed(out, record.changed, args.format)
     write_images(out, record)
-    since = record_run(out, settings, keep)
+    since = record_run(out, settings, keep, requested={"precision": args.precision, "quantize": args.quantize})
     _say_skipped(listing)
     state = _Progress()
     todo, overlay_only = _plan(out, images, args, since, state.earlier_masks)
     try:
         _process(out, listing, todo, overlay_only, generator, record.ids, args, state)
     except KeyboardInterrupt:
-        _finish(out, listing, args, model_name, checkpoint, device, config, state, todo, redone, start, since)
+        _finish(out, listing, args, model_name, checkpoint, device, config, precision, state, todo, redone, start,
+                since)
         print(f"segany auto: interrupted after {state.done} images; finished ones are kept, rerun the same "
               f"command with --resume to do the rest (outputs in {out})", file=sys.stderr)
         raise
-    return _finish(out, listing, args, model_name, checkpoint, device, config, state, todo, redone, start, since)
+    return _finish(out, listing, args, model_name, checkpoint, device, config, precision, state, todo, redone, start,
+                   since)
 
 
 @dataclass
@@ -541,8 +561,8 @@ def _process(out: Path, listing: Listing, todo: list[tuple[Path, str]], overlay_
 
 
 def _finish(out: Path, listing: Listing, args: argparse.Namespace, model_name: str, checkpoint: Path | None,
-            device: str, config: Any, state: _Progress, todo: list[tuple[Path, str]], redone: int,
-            start: float, since: int) -> int:
+            device: str, config: Any, precision: dict[str, Any], state: _Progress, todo: list[tuple[Path, str]],
+            redone: int, start: float, since: int) -> int:
     """Write the manifest (and coco's merged files), print the summary; the exit status."""
     images, failures, done = listing.images, state.failures, state.done
     elapsed = time.perf_counter() - start
@@ -555,7 +575,7 @@ def _finish(out: Path, listing: Listing, args: argparse.Namespace, model_name: s
     manifest = {
         "command": "auto", "input": str(args.input), "format": args.format, "overlay": args.overlay,
         "model": model_name, "checkpoint": str(checkpoint) if checkpoint else None, "device": device,
-        "options": config.to_dict(), "versions": _versions(), "counts": counts, "this_run": this_run,
+        "precision": precision, "options": config.to_dict(), "versions": _versions(), "counts": counts, "this_run": this_run,
         "failures": failures, "seconds": round(elapsed, 3),
     }
     atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))

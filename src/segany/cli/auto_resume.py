@@ -1,12 +1,13 @@
 """Which outputs of an earlier ``segany auto`` run ``--resume`` may keep.
 
 An output is only kept when the settings that made it (model, weights file, generator options, format,
-labels) equal this run's: resuming a folder with another model would otherwise leave the old model's masks
-in place under a manifest that names the new one. ``run.json`` in the output folder records the settings;
-its modification time is the moment outputs with these settings began to be written. A run without
-``--resume`` redoes every image, so it rewrites run.json at its start; outputs older than that belong to a
-replaced run (one killed before it reached them) and a later ``--resume`` redoes them too. A resume with
-the same settings leaves run.json as it is.
+labels, the precision that ran and quantization) equal this run's: resuming a folder with another model would
+otherwise leave the old model's masks in place under a manifest that names the new one, and ``--precision auto``
+resumed on another machine would mix bf16 and fp32 masks. ``run.json`` in the output folder records the settings
+(and ``requested``, the precision options as given); its modification time is the moment outputs with these
+settings began to be written. A run without ``--resume`` redoes every image, so it rewrites run.json at its
+start; outputs older than that belong to a replaced run (one killed before it reached them) and a later
+``--resume`` redoes them too. A resume with the same settings leaves run.json as it is.
 
 ``image_ids.json`` maps each image's output key to its image id and to the image file behind it (path, size,
 mtime). Ids are handed out once, in listing order, before any image is processed, and a resume keeps them, so
@@ -59,17 +60,35 @@ def checkpoint_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] |
 
 
 def run_settings(model: str, checkpoint: str | os.PathLike[str] | None, fmt: str, options: dict[str, Any],
-                 labels: list[str] | None) -> dict[str, Any]:
-    """Everything that changes what an output holds (the device does not: same masks up to rounding)."""
+                 labels: list[str] | None, *, precision: str = "fp32", quantize: str | None = None
+                 ) -> dict[str, Any]:
+    """Everything that changes what an output holds. ``precision`` is the one that runs (``--precision auto``
+    resolved on this machine: bf16 and fp32 masks differ beyond rounding); the device does not count, nor does
+    the folded fp32 decoder, equal to the exact one to rounding."""
     return {"model": model, "checkpoint": checkpoint_identity(checkpoint), "format": fmt,
-            "options": options, "labels": labels}
+            "options": options, "labels": labels, "precision": precision, "quantize": quantize}
 
 
-def check_resume(out: Path, settings: dict[str, Any], resume: bool, has_outputs: Callable[[], bool]) -> bool:
+def _upgrade(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """Settings an older segany recorded, in this one's terms. It kept ``predictor`` (the precision and quantize
+    the user set) only when they were not the defaults, and never what ``--precision auto`` resolved to: that is
+    unknown, so it counts as this run's, as it did then."""
+    if "precision" in before:
+        return before
+    upgraded = dict(before)
+    asked = upgraded.pop("predictor", None) or {}
+    upgraded["precision"] = asked.get("precision", now.get("precision"))
+    upgraded["quantize"] = asked.get("quantize")
+    return upgraded
+
+
+def check_resume(out: Path, settings: dict[str, Any], resume: bool, has_outputs: Callable[[], bool], *,
+                 requested_precision: str | None = None) -> bool:
     """Whether this run keeps the outputs of the recorded one (``--resume`` with the same settings).
 
     Reads only, so it can run before the model loads; ``has_outputs`` is asked only when resuming into a
-    folder without run.json.
+    folder without run.json. ``requested_precision`` (``--precision``) words the fix when the precision that
+    runs differs from the recorded one.
 
     Raises:
         InputError: ``--resume`` into a folder made with other settings, or whose outputs have no record.
@@ -88,10 +107,17 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, has_outputs:
         raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume to replace "
                          "the outputs, or pick a new --out") from exc
     now = json.loads(json.dumps(settings))  # compare as JSON round-trips them (tuples, floats)
+    if isinstance(before, dict):
+        before = _upgrade(before, now)
     if before != now:
         changed = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
         detail = ", ".join(_describe(k, before.get(k), now.get(k)) for k in changed)
-        raise InputError(f"--resume: {str(out)!r} was made with other settings ({detail}); rerun without "
+        fix = ""
+        if "precision" in changed:  # the one setting a machine can change by itself (--precision auto)
+            why = (f" (--precision auto runs {now['precision']} on this machine)" if requested_precision == "auto"
+                   else "")
+            fix = f"resume with --precision {before['precision']}, which made them{why}, or "
+        raise InputError(f"--resume: {str(out)!r} was made with other settings ({detail}); {fix}rerun without "
                          "--resume to replace its outputs, or pick a new --out")
     return True
 
@@ -107,12 +133,15 @@ def _describe(key: str, old: Any, new: Any) -> str:
     return f"{key} {old!r} → {new!r}"
 
 
-def record_run(out: Path, settings: dict[str, Any], keep: bool) -> int:
+def record_run(out: Path, settings: dict[str, Any], keep: bool, requested: dict[str, Any] | None = None) -> int:
     """The time (ns) from which outputs count as made with ``settings``: run.json's mtime, on the same clock
-    as the outputs' mtimes that :func:`is_current` compares with it. A fresh start rewrites run.json first."""
+    as the outputs' mtimes that :func:`is_current` compares with it. A fresh start rewrites run.json first.
+    ``requested``: the options as the user gave them (``--precision auto``), kept beside the settings they
+    resolved to for the reader; a resume compares only the settings."""
     path = out / RUN_FILE
     if not keep:
-        atomic_write_bytes(path, json.dumps({"settings": settings}, indent=2).encode("utf-8"))
+        record = {"settings": settings, **({"requested": requested} if requested is not None else {})}
+        atomic_write_bytes(path, json.dumps(record, indent=2).encode("utf-8"))
     return path.stat().st_mtime_ns
 
 
