@@ -84,6 +84,35 @@ def test_rerun_with_other_settings_refuses_and_points_to_redo(project: tuple) ->
     assert done.images_written == 2 and _hashes(store, proj["id"]) == {b.digest()}
 
 
+def test_rerun_with_other_weights_refuses_and_points_to_redo(project: tuple, tmp_path: Path) -> None:
+    """The model is a setting: a plain rerun with other weights skipped the images done and wrote the new ones
+    with another model, so one project held two models' masks that nothing told apart."""
+    import shutil
+
+    from conftest import randomize_, tiny_config
+
+    from segany.checkpoints import save_checkpoint
+    from segany.engine.auto import SettingsMismatchError
+    from segany.engine.versions import model_version_name
+    from segany.modeling.sam import Sam
+
+    store, proj, spec = project
+    run_auto(store, None, spec, auto_settings())
+    other = save_checkpoint(randomize_(Sam(tiny_config()), seed=5).eval(), tmp_path / "retrained.pt")
+    new = dataclasses.replace(spec, checkpoint=str(other))
+    with pytest.raises(SettingsMismatchError) as info:
+        run_auto(store, None, new, auto_settings())
+    assert str(info.value) == (
+        f"2 images were done with another model ({model_version_name('vit_b', spec.checkpoint)} from "
+        f"{spec.checkpoint}; this run: {model_version_name('vit_b', str(other))} from {other}); pass --redo to "
+        f"redo them with this model, or rerun with the model used before (--model vit_b --checkpoint "
+        f"{spec.checkpoint})")
+    # The same weights are the same model, whatever file or model name they are loaded under.
+    same = shutil.copy(spec.checkpoint, tmp_path / "copy.pt")
+    summary = run_auto(store, None, ModelSpec("segany_tiny", str(same), "cpu", precision="fp32"), auto_settings())
+    assert (summary.images_skipped, summary.images_written) == (2, 0)
+
+
 def test_interrupted_redo_is_finished_by_the_next_run(project: tuple) -> None:
     from segany.engine.auto import SettingsMismatchError
 
@@ -155,6 +184,26 @@ def test_cli_auto_exit_status_and_wording(base: dict, tmp_path: Path, capsys: py
     out, err = capsys.readouterr()
     assert "1 image written" in out and "1 could not be read" in out and "1 worker)" in out
     assert f"skipped: missing: {images[0]}" in err
+
+
+@pytest.mark.timeout(120)
+def test_weights_that_do_not_fit_fail_before_worker_processes_start(project: tuple, tmp_path: Path) -> None:
+    """A worker process that fails to build its model is restarted by its pool, forever: a wrong file made
+    `engine auto --workers 2` hang. The driver checks the weights first and fails with the reason."""
+    import torch
+    from conftest import tiny_config
+
+    from segany.errors import CheckpointError
+    from segany.modeling.sam import Sam
+
+    store, proj, spec = project
+    bare = tmp_path / "tiny_official_layout.pth"  # no embedded config: it needs the matching model name
+    torch.save(Sam(tiny_config()).state_dict(), bare)
+    with pytest.raises(CheckpointError, match="does not fit model 'vit_b'"):
+        run_auto(store, None, dataclasses.replace(spec, checkpoint=str(bare)), auto_settings(), workers=2,
+                 redo=True)
+    assert all(m is None for _, m in count_sets(store, proj["id"]).values())
+    assert store.list_model_versions() == [] and not (store.get_project(None)["settings"] or {}).get("auto_redo")
 
 
 def test_second_run_on_a_busy_project_refuses(project: tuple) -> None:

@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 import uuid as uuid_lib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +257,17 @@ def worker_precision(spec: ModelSpec) -> tuple[str, bool]:
     return resolve_precision(precision, spec.device), fast_decoder
 
 
+def check_weights(spec: ModelSpec) -> None:
+    """Raise :class:`segany.errors.CheckpointError` here, on the driver, when ``spec``'s weights do not fit its
+    model. A worker process or actor that fails to build its model is started again by its pool, so a wrong
+    file made ``--workers 2`` hang instead of failing with the reason (one worker builds in-process and
+    raises by itself)."""
+    if spec.checkpoint is not None and spec.checkpoint_bytes is None:
+        from segany.checkpoints import read_checked
+
+        read_checked(spec.model, spec.checkpoint)
+
+
 def make_generator(sam: Any, settings: AutoSettings) -> Any:
     """The automatic mask generator (``segany.amg`` unless settings name another) configured for stage 3."""
     import importlib
@@ -408,10 +420,11 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
     * An unfinished ``--redo`` with the same settings and model is finished (by ``--redo`` or a plain rerun):
       only images it had not rewritten yet are done.
     * ``--redo`` otherwise starts a new redo of every image.
-    * A plain run refuses when an unfinished redo used other settings, or when images were done with other
-      settings, and says to pass ``--redo`` (or to rerun with the settings used): silently skipping them would
-      report "already done" for masks of other settings, and silently redoing them would replace masks the
-      user did not ask to replace.
+    * A plain run refuses when an unfinished redo used other settings or another model, or when images were
+      done with other settings or another model (weights of other content: :func:`done_differently`), and
+      says to pass ``--redo`` (or to rerun with the settings and model used): silently skipping them would
+      report "already done" for masks of other settings, leaving a project whose masks come from two models
+      that nothing tells apart, and silently redoing them would replace masks the user did not ask to replace.
     """
     digest = settings.digest()
     open_redo = (project["settings"] or {}).get(REDO_KEY)
@@ -425,17 +438,63 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
             "settings_hash": digest, "model_version_id": model_version_id, "started": started}})
         return AutoPlan(started)
     if open_redo:
+        other_model = open_redo.get("model_version_id") != model_version_id
         raise SettingsMismatchError(
-            "an interrupted `engine auto --redo` with other settings or another model is unfinished; rerun "
-            "with --redo to redo every image with these settings, or with the settings and model it used")
-    others = done_with_other_settings(store, project["id"], digest)
-    if others:
-        n = sum(others.values())
-        used = max(others, key=lambda h: others[h])
+            "an interrupted `engine auto --redo` with other settings or another model is unfinished"
+            + (f" (it ran {_describe_model(store, open_redo.get('model_version_id'))})" if other_model else "")
+            + "; rerun with --redo to redo every image with these settings and this model, or with the settings "
+            "and model it used")
+    groups = done_differently(store, project["id"], digest, model_version_id)
+    if groups:
+        settings_used: Counter[str] = Counter()
+        models_used: Counter[int] = Counter()
+        for (h, mv), count in groups.items():
+            settings_used.update({h: count} if h != digest else {})
+            models_used.update({mv: count} if mv != model_version_id else {})
+        what, redo_with, flags = [], [], ""
+        if settings_used:
+            used_hash = settings_used.most_common(1)[0][0]
+            what.append(f"other settings ({_settings_change(project, used_hash, settings)})")
+            redo_with.append("settings")
+        if models_used:
+            used_model = models_used.most_common(1)[0][0]
+            what.append(f"another model ({_describe_model(store, used_model)}; this run: "
+                        f"{_describe_model(store, model_version_id)})")
+            redo_with.append("model")
+            flags = f" ({_model_flags(store, used_model)})"
+        these = " and ".join({"settings": "these settings", "model": "this model"}[w] for w in redo_with)
         raise SettingsMismatchError(
-            f"{n} images were done with other settings ({_settings_change(project, used, settings)}); pass "
-            "--redo to redo them with these settings, or rerun with the settings used before")
+            f"{sum(groups.values())} images were done with {' and '.join(what)}; pass --redo to redo them with "
+            f"{these}, or rerun with the {' and '.join(redo_with)} used before{flags}")
     return AutoPlan(None)
+
+
+def _model_version(store: Any, model_version_id: int | None) -> Any:
+    from segany.engine.db import ModelVersion
+
+    if model_version_id is None:
+        return None
+    with store.transaction() as s:
+        mv = s.get(ModelVersion, model_version_id)
+        if mv is not None:
+            s.expunge(mv)
+        return mv
+
+
+def _describe_model(store: Any, model_version_id: int | None) -> str:
+    """``vit_b:1a2b... (weights /x/y.pt)``: a model version's name and its file, for refusals."""
+    mv = _model_version(store, model_version_id)
+    if mv is None:
+        return f"model version {model_version_id} (no longer registered)"
+    return mv.name + (f" from {mv.checkpoint_path}" if mv.checkpoint_path else "")
+
+
+def _model_flags(store: Any, model_version_id: int | None) -> str:
+    """The ``--model``/``--checkpoint`` that run a model version again."""
+    mv = _model_version(store, model_version_id)
+    if mv is None:
+        return "its weights are no longer registered"
+    return f"--model {mv.model_type}" + (f" --checkpoint {mv.checkpoint_path}" if mv.checkpoint_path else "")
 
 
 def remember_settings(store: Any, project: dict[str, Any], settings: AutoSettings) -> None:
@@ -456,18 +515,37 @@ def _settings_change(project: dict[str, Any], used_hash: str, now: AutoSettings)
     return ", ".join(diffs) or "same values, other settings version"
 
 
-def done_with_other_settings(store: Any, project_id: int, digest: str) -> dict[str, int]:
-    """Per settings hash other than ``digest``, how many of the project's done markers record it."""
+def done_differently(store: Any, project_id: int, digest: str, model_version_id: int
+                     ) -> dict[tuple[str, int], int]:
+    """How many of the project's done markers record other settings than ``digest`` or another model than
+    ``model_version_id``, per (settings hash, model version id); the ones that match are left out.
+
+    The model is its weights' content: a version registered under another model name with the same
+    checkpoint sha256 (a segany file loaded as ``--model segany_tiny`` or ``vit_b`` builds the architecture it
+    embeds) is the same model. A marker without a hash or model (an older segany, a deleted model version)
+    counts as matching in that respect, since what made it is unknown.
+    """
     from sqlalchemy import func, select
 
-    from segany.engine.db import Image, ImageRun
+    from segany.engine.db import Image, ImageRun, ModelVersion
 
     with store.transaction() as s:
-        rows = s.execute(select(ImageRun.settings_hash, func.count()).join(Image, Image.id == ImageRun.image_id)
-                         .where(Image.project_id == project_id, ImageRun.kind == AUTO_KIND,
-                                ImageRun.settings_hash.is_not(None), ImageRun.settings_hash != digest)
-                         .group_by(ImageRun.settings_hash))
-        return {str(h): int(n) for h, n in rows}
+        me = s.get(ModelVersion, model_version_id)
+        sha = me.checkpoint_sha256 if me is not None else None
+        rows = s.execute(select(ImageRun.settings_hash, ImageRun.model_version_id, ModelVersion.checkpoint_sha256,
+                                func.count())
+                         .join(Image, Image.id == ImageRun.image_id)
+                         .outerjoin(ModelVersion, ModelVersion.id == ImageRun.model_version_id)
+                         .where(Image.project_id == project_id, ImageRun.kind == AUTO_KIND)
+                         .group_by(ImageRun.settings_hash, ImageRun.model_version_id, ModelVersion.checkpoint_sha256))
+        out: dict[tuple[str, int], int] = {}
+        for h, mv, mv_sha, n in rows:
+            other_settings = h is not None and h != digest
+            other_model = mv is not None and mv != model_version_id and not (sha and mv_sha == sha)
+            if other_settings or other_model:
+                key = (str(h) if other_settings else digest, int(mv) if other_model else model_version_id)
+                out[key] = out.get(key, 0) + int(n)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -519,6 +597,8 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
     from segany.engine import jobs
 
     jobs.check_workers(backend, workers)
+    if backend != "local" or workers != 1:  # before anything is recorded (a --redo, the model version)
+        check_weights(spec)
     proj = store.get_project(project)
     with held_claim(store, proj, AUTO_KIND) as owner:  # a heartbeat keeps it while a slow image runs
         mv = register_model(store, spec, meta={"device": spec.device})
