@@ -84,33 +84,34 @@ def test_rerun_with_other_settings_refuses_and_points_to_redo(project: tuple) ->
     assert done.images_written == 2 and _hashes(store, proj["id"]) == {b.digest()}
 
 
-def test_rerun_with_other_weights_refuses_and_points_to_redo(project: tuple, tmp_path: Path) -> None:
-    """The model is a setting: a plain rerun with other weights skipped the images done and wrote the new ones
-    with another model, so one project held two models' masks that nothing told apart."""
+def test_rerun_with_other_weights_keeps_done_images_and_says_so(project: tuple, tmp_path: Path) -> None:
+    """A model `retrain` promoted gets only the images not done yet (the data engine's loop), and the run says
+    how many images keep the earlier model's masks and that --redo redoes them; each mask records its model.
+    The same weights under another file or model name are the same model and are not mentioned."""
     import shutil
 
     from conftest import randomize_, tiny_config
 
     from segany.checkpoints import save_checkpoint
-    from segany.engine.auto import SettingsMismatchError
     from segany.engine.versions import model_version_name
     from segany.modeling.sam import Sam
 
     store, proj, spec = project
-    run_auto(store, None, spec, auto_settings())
+    first = run_auto(store, None, spec, auto_settings())
+    assert first.kept_other_model == 0 and first.other_model is None
     other = save_checkpoint(randomize_(Sam(tiny_config()), seed=5).eval(), tmp_path / "retrained.pt")
-    new = dataclasses.replace(spec, checkpoint=str(other))
-    with pytest.raises(SettingsMismatchError) as info:
-        run_auto(store, None, new, auto_settings())
-    assert str(info.value) == (
-        f"2 images were done with another model ({model_version_name('vit_b', spec.checkpoint)} from "
-        f"{spec.checkpoint}; this run: {model_version_name('vit_b', str(other))} from {other}); pass --redo to "
-        f"redo them with this model, or rerun with the model used before (--model vit_b --checkpoint "
-        f"{spec.checkpoint})")
-    # The same weights are the same model, whatever file or model name they are loaded under.
+    summary = run_auto(store, None, dataclasses.replace(spec, checkpoint=str(other)), auto_settings())
+    assert (summary.images_skipped, summary.images_written, summary.kept_other_model) == (2, 0, 2)
+    assert summary.other_model == f"{model_version_name('vit_b', spec.checkpoint)} from {spec.checkpoint}"
+    assert summary.model_version_id != first.model_version_id
+    from segany.cli.engine import _kept_other_model_line
+
+    assert _kept_other_model_line(summary) == (
+        f"  2 images already done keep the masks of {summary.other_model}; pass --redo to redo them with this model")
     same = shutil.copy(spec.checkpoint, tmp_path / "copy.pt")
-    summary = run_auto(store, None, ModelSpec("segany_tiny", str(same), "cpu", precision="fp32"), auto_settings())
-    assert (summary.images_skipped, summary.images_written) == (2, 0)
+    again = run_auto(store, None, ModelSpec("segany_tiny", str(same), "cpu", precision="fp32"), auto_settings())
+    assert (again.images_skipped, again.images_written, again.kept_other_model) == (2, 0, 0)
+
 
 
 def test_interrupted_redo_is_finished_by_the_next_run(project: tuple) -> None:

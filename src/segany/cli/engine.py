@@ -188,7 +188,15 @@ def _auto(store: Any, args: argparse.Namespace) -> int:
         print(_auto_summary_line(summary, backend))
         for f in summary.failures:
             print(f"  image {f['image_id']} skipped: {f['reason']}", file=sys.stderr)
+        if summary.kept_other_model:
+            print(_kept_other_model_line(summary), file=sys.stderr)
     return 1 if summary.images_failed else 0
+
+
+def _kept_other_model_line(summary: Any) -> str:
+    n = summary.kept_other_model
+    return (f"  {_plural(n, 'image')} already done {'keeps' if n == 1 else 'keep'} the masks of "
+            f"{summary.other_model}; pass --redo to redo {'it' if n == 1 else 'them'} with this model")
 
 
 def _plural(n: int, word: str) -> str:

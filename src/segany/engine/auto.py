@@ -407,10 +407,14 @@ class SettingsMismatchError(InputError):
 
 @dataclass(frozen=True)
 class AutoPlan:
-    """What a run does: ``redo_after`` is None for a plain run, else the start of the redo it belongs to."""
+    """What a run does: ``redo_after`` is None for a plain run, else the start of the redo it belongs to.
+    ``kept_other_model`` counts done images whose masks another model made and that this plain run leaves as
+    they are; ``other_model`` names that model (the most common one when several)."""
 
     redo_after: float | None
     resumed_redo: bool = False
+    kept_other_model: int = 0
+    other_model: str | None = None
 
 
 def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_version_id: int, *,
@@ -421,10 +425,13 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
       only images it had not rewritten yet are done.
     * ``--redo`` otherwise starts a new redo of every image.
     * A plain run refuses when an unfinished redo used other settings or another model, or when images were
-      done with other settings or another model (weights of other content: :func:`done_differently`), and
-      says to pass ``--redo`` (or to rerun with the settings and model used): silently skipping them would
-      report "already done" for masks of other settings, leaving a project whose masks come from two models
-      that nothing tells apart, and silently redoing them would replace masks the user did not ask to replace.
+      done with other settings (:func:`done_differently`), and says to pass ``--redo`` (or to rerun with the
+      settings used): silently skipping them would report "already done" for masks of other settings, and
+      silently redoing them would replace masks the user did not ask to replace.
+    * Images done with another model (weights of other content) are not a reason to refuse: that is the data
+      engine's loop, where ``retrain`` promotes a model and the next plain run gives it only the new images.
+      Every mask records its model version, so the two models' masks stay told apart; the plan counts the
+      images kept so the run's summary can say so and name ``--redo``.
     """
     digest = settings.digest()
     open_redo = (project["settings"] or {}).get(REDO_KEY)
@@ -445,27 +452,20 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
             + "; rerun with --redo to redo every image with these settings and this model, or with the settings "
             "and model it used")
     groups = done_differently(store, project["id"], digest, model_version_id)
-    if groups:
-        settings_used: Counter[str] = Counter()
-        models_used: Counter[int] = Counter()
-        for (h, mv), count in groups.items():
-            settings_used.update({h: count} if h != digest else {})
-            models_used.update({mv: count} if mv != model_version_id else {})
-        what, redo_with, flags = [], [], ""
-        if settings_used:
-            used_hash = settings_used.most_common(1)[0][0]
-            what.append(f"other settings ({_settings_change(project, used_hash, settings)})")
-            redo_with.append("settings")
-        if models_used:
-            used_model = models_used.most_common(1)[0][0]
-            what.append(f"another model ({_describe_model(store, used_model)}; this run: "
-                        f"{_describe_model(store, model_version_id)})")
-            redo_with.append("model")
-            flags = f" ({_model_flags(store, used_model)})"
-        these = " and ".join({"settings": "these settings", "model": "this model"}[w] for w in redo_with)
+    settings_used: Counter[str] = Counter()
+    models_used: Counter[int] = Counter()
+    for (h, mv), count in groups.items():
+        settings_used.update({h: count} if h != digest else {})
+        models_used.update({mv: count} if mv != model_version_id else {})
+    if settings_used:
+        used_hash = settings_used.most_common(1)[0][0]
         raise SettingsMismatchError(
-            f"{sum(groups.values())} images were done with {' and '.join(what)}; pass --redo to redo them with "
-            f"{these}, or rerun with the {' and '.join(redo_with)} used before{flags}")
+            f"{sum(settings_used.values())} images were done with other settings "
+            f"({_settings_change(project, used_hash, settings)}); pass --redo to redo them with these settings, "
+            "or rerun with the settings used before")
+    if models_used:
+        return AutoPlan(None, kept_other_model=sum(models_used.values()),
+                        other_model=_describe_model(store, models_used.most_common(1)[0][0]))
     return AutoPlan(None)
 
 
@@ -487,14 +487,6 @@ def _describe_model(store: Any, model_version_id: int | None) -> str:
     if mv is None:
         return f"model version {model_version_id} (no longer registered)"
     return mv.name + (f" from {mv.checkpoint_path}" if mv.checkpoint_path else "")
-
-
-def _model_flags(store: Any, model_version_id: int | None) -> str:
-    """The ``--model``/``--checkpoint`` that run a model version again."""
-    mv = _model_version(store, model_version_id)
-    if mv is None:
-        return "its weights are no longer registered"
-    return f"--model {mv.model_type}" + (f" --checkpoint {mv.checkpoint_path}" if mv.checkpoint_path else "")
 
 
 def remember_settings(store: Any, project: dict[str, Any], settings: AutoSettings) -> None:
@@ -563,6 +555,8 @@ class AutoSummary:
     workers: int = 1
     worker_seconds: float = 0.0
     resumed_redo: bool = False  # this run finished an interrupted --redo
+    kept_other_model: int = 0  # of images_skipped: done before by another model, whose masks stay
+    other_model: str | None = None  # that model (the most common one), for the summary line
     failures: list[dict[str, Any]] = field(default_factory=list)  # {image_id, path, reason}
 
     @property
@@ -606,7 +600,8 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
         remember_settings(store, proj, settings)
         tasks, skipped = pending_tasks(store, proj["id"], ship_bytes=backend == "ray", redo_after=plan.redo_after)
         summary = AutoSummary(images_total=len(tasks) + skipped, images_skipped=skipped, model_version_id=mv,
-                              backend=backend, workers=workers, resumed_redo=plan.resumed_redo)
+                              backend=backend, workers=workers, resumed_redo=plan.resumed_redo,
+                              kept_other_model=plan.kept_other_model, other_model=plan.other_model)
         if on_start:
             on_start(len(tasks), skipped)
         t0 = time.perf_counter()
