@@ -158,7 +158,7 @@ def test_upgrade_from_0005_and_downgrade(tmp_path: Path) -> None:
     store = open_store(tmp_path / "p")
     try:
         with store.transaction() as s:
-            assert s.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"
+            assert s.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0007"  # head
         store.delete_annotation(1)
         assert _tombstones(store) == ["u1"] and [a["uuid"] for a in store.list_annotations()] == ["u2"]
         _alembic(store.engine, "downgrade", "0005")

@@ -25,6 +25,7 @@ Design notes for the stages that build on this store:
   they vouched for it); ``reviewer_id``/``reviewed_at`` are the last person who accepted or rejected it, or
   changed someone else's annotation, and when (migration 0004; NULL for rows reviewed before it). A review
   never changes ``annotator_id``, so per-annotator figures and provenance credit whoever drew the mask.
+* ``Annotation.area`` and ``DatasetVersionItem.area`` are 64-bit (migration 0007; :data:`AREA`).
 * ``DeletedAnnotation`` records the uuid of each imported annotation (``prompts.imported_from``) deleted in the
   project (migration 0006), so a re-import of its file leaves it deleted. Other uuids are random or per run and
   never come back, so only imported ones are recorded.
@@ -38,6 +39,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -59,6 +61,12 @@ STAGES = ("manual", "semi", "auto")
 # Who may do what on the annotation server (segany.server.permissions): an annotator makes and edits their own
 # masks and reviews machine proposals; a reviewer also reviews and deletes anyone's; an admin also runs the project.
 ROLES = ("annotator", "reviewer", "admin")
+
+
+# A mask's pixel count: 64-bit (migration 0007), as a gigapixel image's mask can exceed 2**31 - 1 pixels (a
+# 60,000 x 60,000 sky is 3.6e9). SQLite's INTEGER already holds 64 bits, so its tables keep that type; only
+# PostgreSQL's int4 columns were altered.
+AREA = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def utcnow() -> dt.datetime:
@@ -175,7 +183,7 @@ class DatasetVersionItem(Base):
     rle_counts: Mapped[str] = mapped_column(Text)
     height: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)
-    area: Mapped[int] = mapped_column(Integer)
+    area: Mapped[int] = mapped_column(AREA)
     bbox_xywh: Mapped[list[Any]] = mapped_column(JSON)
 
     __table_args__ = (UniqueConstraint("dataset_version_id", "annotation_uuid",
@@ -265,7 +273,7 @@ class Annotation(Base):
     rle_counts: Mapped[str] = mapped_column(Text)
     height: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)
-    area: Mapped[int] = mapped_column(Integer)
+    area: Mapped[int] = mapped_column(AREA)
     bbox_xywh: Mapped[list[Any]] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(16), default="manual")
     review_state: Mapped[str] = mapped_column(String(16), default="accepted")

@@ -4,11 +4,21 @@
 ``.db`` file, or any SQLAlchemy URL (``postgresql+psycopg://user@host:port/db``), applies the
 packaged Alembic migrations up to head, and returns a :class:`Store`.
 
-Every public write is one transaction. SQLite runs in WAL mode with a busy timeout and takes the
-write lock at ``BEGIN`` (``BEGIN IMMEDIATE``), so concurrent writers queue instead of failing
-half-way; on PostgreSQL an edit or delete reads its annotation ``FOR UPDATE``, so a revision or role check
-cannot pass for two requests at once. Annotation saves carry a client-made UUID: a save
-retried after a lost response finds the row it already wrote instead of writing a second one.
+Every public call is one transaction, marked as a read or a write (:meth:`Store.transaction`). SQLite runs
+in WAL mode with a busy timeout; a write takes the write lock at ``BEGIN`` (``BEGIN IMMEDIATE``), so
+concurrent writers queue instead of failing half-way, while a read starts deferred and reads its snapshot
+without waiting for a writer. A read transaction cannot write (SQLite ``query_only``, PostgreSQL ``READ
+ONLY``, and a check before the ORM flushes), so no read can turn into a write that deadlocks on SQLite's lock
+upgrade. On PostgreSQL an edit or delete reads its annotation ``FOR UPDATE`` and a merge of a project's labels
+or settings reads the project row ``FOR NO KEY UPDATE``, so a revision or role check cannot pass for two
+requests at once and no merge overwrites another. Inserts that may race on a unique key (an image's content,
+a project's or annotator's name) skip or report the row another client committed first instead of failing
+with a database error. Annotation saves carry a client-made UUID: a save retried after a lost response finds
+the row it already wrote instead of writing a second one.
+
+Each process keeps a pool of at most ``SEGANY_DB_POOL_SIZE`` (default 5) PostgreSQL connections plus
+``SEGANY_DB_MAX_OVERFLOW`` (default 5) opened under load and closed again, so a server, a few engine jobs and
+the CLI stay well below the server's ``max_connections`` (100 by default).
 
 Methods return plain dicts (JSON-ready) so nothing outside a transaction touches a live ORM row.
 """
@@ -20,6 +30,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import secrets
 import uuid as uuid_lib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,7 +42,7 @@ import numpy as np
 from sqlalchemy import Engine, create_engine, delete, event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction, sessionmaker
 
 from segany.engine import db
 from segany.engine.db import (
@@ -54,6 +65,7 @@ DB_FILENAME = "segany.db"
 MEDIA_DIRNAME = "images"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _PG_MIGRATION_LOCK = 0x5E6A_0001
+_PG_IMAGES_LOCK = 0x5E6A_0002  # with a project id: that project's image inserts (Store._insert_images)
 
 
 class StoreError(SeganyError):
@@ -69,6 +81,11 @@ class ConflictError(StoreError):
     """A write conflicts with what is stored (e.g. an idempotency key reused for another image)."""
 
 
+class ReadOnlyTransactionError(StoreError):
+    """Something tried to write inside a transaction opened with ``write=False`` (a bug in the caller: open it
+    with :meth:`Store.transaction` as a write)."""
+
+
 class InvalidAnnotationError(InputError):
     """An annotation a dataset must not hold: an empty mask, or a label the project does not declare (the
     server answers 422)."""
@@ -76,6 +93,32 @@ class InvalidAnnotationError(InputError):
 
 EMPTY_MASK_MESSAGE = ("the mask is empty (no pixel set), so it annotates nothing; send a mask with at least one "
                       "pixel, or delete the annotation instead")
+
+
+# C0 and C1 control characters (NUL, tab, newline, escape, DEL, ...) and lone UTF-16 surrogates (JSON's "\ud800").
+# PostgreSQL's text cannot hold NUL and no encoder writes a lone surrogate, so either made the database call fail
+# (a 500 in the server) after SQLite had taken it; the others would break the one-name-per-line files exports
+# write (YOLO's names, a CSV) or show as nothing in the app.
+_NOT_PLAIN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def plain_text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a label or a name (a control character or a lone surrogate, named), or None."""
+    m = _NOT_PLAIN_TEXT.search(value)
+    if m is None:
+        return None
+    ch = m.group()
+    kind = "a lone UTF-16 surrogate" if "\ud800" <= ch <= "\udfff" else "the control character"
+    return (f"contains {kind} U+{ord(ch):04X} at position {m.start()}; labels and names are plain text on one "
+            "line: remove it (no NUL, tab, newline or other control characters)")
+
+
+def check_plain_text(what: str, value: str) -> str:
+    """``value`` if it is plain text, else :class:`InputError` naming ``what``, the character and the fix."""
+    problem = plain_text_problem(value)
+    if problem is not None:
+        raise InputError(f"{what} {value[:80]!r} {problem}")
+    return value
 
 
 def resolve_target(target: str | os.PathLike[str]) -> tuple[str, Path | None]:
@@ -87,13 +130,19 @@ def resolve_target(target: str | os.PathLike[str]) -> tuple[str, Path | None]:
         raise StoreError("the project target is empty; pass a project folder, a .db file or a database URL "
                          "(postgresql://USER@HOST[:PORT]/DB)")
     if "://" in t:
-        if t.startswith("postgresql://"):  # default to the psycopg 3 driver we depend on
-            t = "postgresql+psycopg://" + t[len("postgresql://"):]
+        # postgres:// is what Heroku, Render and many .env files write; SQLAlchemy knows only postgresql://.
+        for scheme in ("postgresql://", "postgres://"):
+            if t.startswith(scheme):  # default to the psycopg 3 driver we depend on
+                t = "postgresql+psycopg://" + t[len(scheme):]
         return t, None
     p = Path(t).expanduser().resolve()
     if p.suffix in (".db", ".sqlite", ".sqlite3"):
         return f"sqlite:///{p}", p.parent
     return f"sqlite:///{p / DB_FILENAME}", p
+
+
+# Marks the connections of read-only transactions (Store.transaction(write=False)).
+_READ_ONLY = "segany_read_only"
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -111,16 +160,44 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn: Any) -> None:
         # A deferred transaction that reads then writes can fail with SQLITE_BUSY without waiting when
         # another writer got in between; taking the write lock up front makes writers queue on busy_timeout.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only transaction needs no lock: under WAL it reads its snapshot while a writer works, and
+        # query_only makes any write in it fail at once instead of upgrading its lock (the SQLITE_BUSY case).
+        read_only = bool(conn.get_execution_options().get(_READ_ONLY))
+        if conn.info.get(_READ_ONLY, False) != read_only:  # conn.info lives as long as the pooled connection
+            conn.exec_driver_sql(f"PRAGMA query_only={int(read_only)}")
+            conn.info[_READ_ONLY] = read_only
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
+DEFAULT_POOL_SIZE = 5
+DEFAULT_MAX_OVERFLOW = 5
+
+
+def _env_count(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise StoreError(f"{name} must be a whole number of connections (0 or more), got {raw!r}; "
+                         f"unset it for the default of {default}")
+    return int(raw)
+
+
+def make_engine(url: str, *, pool_size: int | None = None, max_overflow: int | None = None) -> Engine:
+    """An engine for ``url``. PostgreSQL connections are pooled per process: ``pool_size`` kept open
+    (default ``SEGANY_DB_POOL_SIZE`` or 5) plus ``max_overflow`` more under load (``SEGANY_DB_MAX_OVERFLOW`` or
+    5); a request that finds all in use waits up to 60 s for one."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         _configure_sqlite(engine)
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, pool_timeout=60)
+        size = _env_count("SEGANY_DB_POOL_SIZE", DEFAULT_POOL_SIZE) if pool_size is None else pool_size
+        overflow = (_env_count("SEGANY_DB_MAX_OVERFLOW", DEFAULT_MAX_OVERFLOW) if max_overflow is None
+                    else max_overflow)
+        if size + overflow < 1:
+            raise StoreError("SEGANY_DB_POOL_SIZE + SEGANY_DB_MAX_OVERFLOW must allow at least one connection")
+        return create_engine(url, pool_size=size, max_overflow=overflow, pool_pre_ping=True, pool_timeout=60)
     return create_engine(url)
 
 
@@ -190,6 +267,49 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def _refuse_flush(session: Session, _flush: UOWTransaction, _instances: object) -> None:
+    if session.new or session.deleted or any(session.is_modified(o) for o in session.dirty):
+        raise ReadOnlyTransactionError("an ORM change was flushed inside a read-only transaction; open it with "
+                                       "store.transaction() (a write) instead of transaction(write=False)")
+
+
+def _refuse_dml(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        raise ReadOnlyTransactionError("an insert, update or delete ran inside a read-only transaction; open it "
+                                       "with store.transaction() (a write) instead of transaction(write=False)")
+
+
+def check_labels(labels: Iterable[str]) -> list[str]:
+    """``labels`` as a list, each checked by :func:`check_plain_text`."""
+    out = list(labels)
+    for label in out:
+        if not isinstance(label, str):
+            raise InputError(f"labels must be strings, got {type(label).__name__} {label!r}")
+        check_plain_text("label", label)
+    return out
+
+
+# FOR NO KEY UPDATE on PostgreSQL (nothing on SQLite, whose writers already run one at a time): it excludes other
+# read-modify-writes of the project row but not the FOR KEY SHARE lock that inserting an image (a foreign key to
+# the project) takes, so a long import that holds it does not stop uploads to the project.
+_LOCK_PROJECT = {"key_share": True}
+
+# Records an import decides per round of queries: its IN lists stay under old SQLite's 999 parameters.
+_IMPORT_BATCH = 400
+_ROWS_PER_INSERT = 100  # rows per multi-row INSERT: 700 parameters, under old SQLite's limit of 999
+
+
+def _insert_skipping_conflicts(s: Session, table: Any, keys: Sequence[str]) -> Any:
+    """``INSERT INTO table ... ON CONFLICT (keys) DO NOTHING`` in the session's dialect (SQLite or PostgreSQL)."""
+    if s.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=list(keys))
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=list(keys))
+
+
 # Keys an import writes into an annotation's prompts (segany.engine.exports); edits never drop them.
 _IMPORT_MARKERS = ("imported_from", "import_digest")
 
@@ -201,6 +321,12 @@ class Store:
         self.engine = engine
         self.project_dir = project_dir
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        read_only: dict[str, Any] = {_READ_ONLY: True}
+        if engine.dialect.name == "postgresql":
+            read_only["postgresql_readonly"] = True  # BEGIN READ ONLY; reset when the connection is returned
+        self._read_sessions = sessionmaker(engine.execution_options(**read_only), expire_on_commit=False)
+        event.listen(self._read_sessions, "before_flush", _refuse_flush)
+        event.listen(self._read_sessions, "do_orm_execute", _refuse_dml)
 
     @property
     def url(self) -> str:
@@ -210,9 +336,16 @@ class Store:
         self.engine.dispose()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any exception."""
-        with self._sessions() as session, session.begin():
+    def transaction(self, *, write: bool = True) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any exception.
+
+        ``write=False`` opens a read-only one. On SQLite it starts deferred, so it reads while a long write
+        (an import, a removal) runs instead of queueing behind it; a write transaction (the default) takes
+        the write lock at ``BEGIN``. Anything that writes inside a read-only transaction raises
+        :class:`ReadOnlyTransactionError` (ORM changes and insert/update/delete statements) or the database's
+        read-only error (raw SQL), so pass ``write=False`` only where nothing is written.
+        """
+        with (self._sessions if write else self._read_sessions)() as session, session.begin():
             yield session
 
     # ------------------------------------------------------------------------------------ projects
@@ -221,28 +354,40 @@ class Store:
         _check_choice("stage", stage, db.STAGES)
         if not name or len(name) > 200:
             raise InputError(f"project name must be 1-200 characters, got {name!r}")
-        with self.transaction() as s:
-            if s.scalar(select(Project).where(Project.name == name)) is not None:
-                raise ConflictError(f"project {name!r} already exists; pick another --name")
-            p = Project(name=name, media_dir=str(media_dir) if media_dir else None, labels=list(labels),
-                        stage=stage, settings={})
-            s.add(p)
-            s.flush()
-            return project_dict(p)
+        check_plain_text("project name", name)
+        labels = check_labels(labels)
+        taken = ConflictError(f"project {name!r} already exists; pick another --name")
+        try:
+            with self.transaction() as s:
+                if s.scalar(select(Project.id).where(Project.name == name)) is not None:
+                    raise taken
+                p = Project(name=name, media_dir=str(media_dir) if media_dir else None, labels=labels,
+                            stage=stage, settings={})
+                s.add(p)
+                s.flush()
+                return project_dict(p)
+        except IntegrityError as exc:  # another client created it between our check and our insert
+            if self._exists(select(Project.id).where(Project.name == name)):
+                raise taken from exc
+            raise
+
+    def _exists(self, query: Any) -> bool:
+        with self.transaction(write=False) as s:
+            return s.scalar(query.limit(1)) is not None
 
     def list_projects(self) -> list[dict[str, Any]]:
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             return [project_dict(p) for p in s.scalars(select(Project).order_by(Project.id))]
 
     def get_project(self, name: str | None = None) -> dict[str, Any]:
         """The project called ``name``; without a name, the only (or first) project."""
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             if name is None:
                 p = s.scalar(select(Project).order_by(Project.id).limit(1))
                 if p is None:
                     raise NotFoundError("the store has no project yet; run `segany project create DIR` first")
             else:
-                p = s.scalar(select(Project).where(Project.name == name))
+                p = s.scalar(select(Project).where(Project.name == check_plain_text("project name", name)))
                 if p is None:
                     known = ", ".join(s.scalars(select(Project.name))) or "none"
                     raise NotFoundError(f"no project named {name!r} (known: {known})")
@@ -250,8 +395,12 @@ class Store:
 
     def update_project(self, project_id: int, *, labels: Sequence[str] | None = None, stage: str | None = None,
                        settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        if labels is not None:
+            labels = check_labels(labels)
         with self.transaction() as s:
-            p = s.get(Project, project_id)
+            # Locked (PostgreSQL) before the merge reads settings: two merges at once (retrain's current_model,
+            # auto's redo marker) would each write back the settings they read, losing the other's key.
+            p = s.get(Project, project_id, with_for_update=_LOCK_PROJECT)
             if p is None:
                 raise NotFoundError(f"no project with id {project_id}")
             if labels is not None:
@@ -288,20 +437,41 @@ class Store:
 
     @staticmethod
     def _insert_images(s: Session, project_id: int, rows: Sequence[ImageRow]) -> list[dict[str, Any]]:
-        """Add ``rows`` to the project inside the caller's transaction, skipping content it already holds."""
+        """Add ``rows`` to the project inside the caller's transaction, skipping content it already holds.
+
+        Content another client adds at the same moment (two uploads of one file, the CLI and the server) is
+        skipped too: the insert is ``ON CONFLICT DO NOTHING`` on (project, sha256), so the later transaction
+        adds nothing for it instead of failing on the unique key. On PostgreSQL the project's image inserts also
+        take turns (a transaction-scoped advisory lock): two transactions adding overlapping sets in different
+        orders would otherwise each wait for a row the other inserted, a deadlock. Ids follow ``rows``' order.
+        """
         if s.get(Project, project_id) is None:
             raise NotFoundError(f"no project with id {project_id}")
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:k, :p)"), {"k": _PG_IMAGES_LOCK, "p": project_id})
         seen = set(s.scalars(select(Image.sha256).where(Image.project_id == project_id)))
-        out = []
+        fresh: list[ImageRow] = []
         for f, h, w, digest in rows:
             if digest in seen:
                 log.info("skipping %s: same content already in the project", f)
                 continue
             seen.add(digest)
-            im = Image(project_id=project_id, path=str(f), file_name=f.name, width=w, height=h, sha256=digest)
-            s.add(im)
-            s.flush()
-            out.append(image_dict(im))
+            fresh.append((f, h, w, digest))
+        now = db.utcnow()
+        ids: dict[str, int] = {}
+        for start in range(0, len(fresh), _ROWS_PER_INSERT):
+            values = [{"project_id": project_id, "path": str(f), "file_name": f.name, "width": w, "height": h,
+                       "sha256": digest, "created_at": now}
+                      for f, h, w, digest in fresh[start:start + _ROWS_PER_INSERT]]
+            stmt = _insert_skipping_conflicts(s, Image.__table__, ("project_id", "sha256"))
+            ids.update((sha, i) for i, sha in s.execute(stmt.values(values).returning(Image.id, Image.sha256)))
+        out = []
+        for f, h, w, digest in fresh:
+            if digest not in ids:
+                log.info("skipping %s: another client added the same content just now", f)
+                continue
+            out.append(image_dict(Image(id=ids[digest], project_id=project_id, path=str(f), file_name=f.name,
+                                        width=w, height=h, sha256=digest)))
         return out
 
     def remove_images(self, project_id: int, which: Sequence[str]) -> list[dict[str, Any]]:
@@ -328,7 +498,7 @@ class Store:
 
     def list_images(self, project_id: int) -> list[dict[str, Any]]:
         """Images in id order, each with counts of accepted and pending annotations."""
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             counts: dict[tuple[int, str], int] = {}
             q = (select(Annotation.image_id, Annotation.review_state, func.count())
                  .join(Image, Image.id == Annotation.image_id)
@@ -345,7 +515,7 @@ class Store:
             return out
 
     def get_image(self, project_id: int, image_id: int) -> dict[str, Any]:
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             im = s.get(Image, image_id)
             if im is None or im.project_id != project_id:
                 raise NotFoundError(f"no image with id {image_id} in this project")
@@ -357,12 +527,19 @@ class Store:
         (shown once; only its hash is stored)."""
         if not name or len(name) > 200:
             raise InputError(f"annotator name must be 1-200 characters, got {name!r}")
+        check_plain_text("annotator name", name)
         check_role(role)
         token = secrets.token_urlsafe(32)
-        with self.transaction() as s:
-            if s.scalar(select(Annotator).where(Annotator.name == name)) is not None:
-                raise ConflictError(f"annotator {name!r} already exists; use another name or `--rotate`")
-            s.add(Annotator(name=name, token_hash=hash_token(token), active=True, role=role))
+        taken = ConflictError(f"annotator {name!r} already exists; use another name or `--rotate`")
+        try:
+            with self.transaction() as s:
+                if s.scalar(select(Annotator.id).where(Annotator.name == name)) is not None:
+                    raise taken
+                s.add(Annotator(name=name, token_hash=hash_token(token), active=True, role=role))
+        except IntegrityError as exc:  # another client added the name between our check and our insert
+            if self._exists(select(Annotator.id).where(Annotator.name == name)):
+                raise taken from exc
+            raise
         return token
 
     def rotate_token(self, name: str) -> str:
@@ -382,7 +559,7 @@ class Store:
 
     @staticmethod
     def _annotator_named(s: Session, name: str) -> Annotator:
-        a = s.scalar(select(Annotator).where(Annotator.name == name))
+        a = s.scalar(select(Annotator).where(Annotator.name == check_plain_text("annotator name", name)))
         if a is None:
             known = ", ".join(s.scalars(select(Annotator.name).order_by(Annotator.id))) or "none"
             raise NotFoundError(f"no annotator named {name!r} (known: {known}); create one with "
@@ -393,12 +570,12 @@ class Store:
         """The active annotator owning ``token`` (id, name, role), or None."""
         if not token:
             return None
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             a = s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token), Annotator.active))
             return None if a is None else {"id": a.id, "name": a.name, "role": a.role}
 
     def list_annotators(self) -> list[dict[str, Any]]:
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             return [_annotator_dict(a) for a in s.scalars(select(Annotator).order_by(Annotator.id))]
 
     # ------------------------------------------------------------------------------ model versions
@@ -422,7 +599,7 @@ class Store:
         raise StoreError(f"could not register model version {name!r}")
 
     def list_model_versions(self) -> list[dict[str, Any]]:
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             return [{"id": m.id, "name": m.name, "model_type": m.model_type, "checkpoint_path": m.checkpoint_path,
                      "parent_id": m.parent_id, "trained_on_id": m.trained_on_id, "meta": m.meta}
                     for m in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
@@ -464,7 +641,7 @@ class Store:
         predicted_iou = check_finite("predicted_iou", predicted_iou)
         stability_score = check_finite("stability_score", stability_score)
         check_finite_json("prompts", prompts)
-        label = (label or "object").strip()[:200] or "object"
+        label = check_plain_text("label", (label or "object").strip()[:200] or "object")
         try:
             with self.transaction() as s:
                 # The image first: a replayed uuid must not answer for an image outside the caller's project.
@@ -534,77 +711,122 @@ class Store:
                 check_finite("predicted_iou", r.get("predicted_iou"))
                 check_seconds(r.get("seconds_spent"))
                 check_finite_json("prompts", r.get("prompts"))
+                check_plain_text("label", r["label"])
             except InputError as exc:
                 raise InputError(f"import record {r.get('key')}: {exc}") from exc
+        labels = check_labels(labels)
         with self.transaction() as s:
+            # Locked (PostgreSQL) before its labels are read: two imports adding labels at once would each write
+            # back the list they read. It also runs one import of a project at a time.
+            p = s.get(Project, project_id, with_for_update=_LOCK_PROJECT)
+            if p is None:
+                raise NotFoundError(f"no project with id {project_id}")
             counts["images_added"] = len(self._insert_images(s, project_id, new_images))
-            p = s.get(Project, project_id)
-            if p is not None and any(n not in (p.labels or []) for n in labels):
+            if any(n not in (p.labels or []) for n in labels):
                 p.labels = list(dict.fromkeys([*(p.labels or []), *labels]))
             by_sha = {im.sha256: im for im in s.scalars(select(Image).where(Image.project_id == project_id))}
             deleted = {u: i for i, u in s.execute(select(DeletedAnnotation.id, DeletedAnnotation.uuid)
                                                   .where(DeletedAnnotation.project_id == project_id))}
-            for r in records:
-                im = by_sha.get(r["image_sha256"])
-                if im is None:  # the caller maps every record to an image it holds or adds
-                    raise StoreError(f"image with sha256 {r['image_sha256'][:12]}... is not in the project")
-                counts[self._import_one(s, im, r, deleted, restore_deleted)] += 1
+            for start in range(0, len(records), _IMPORT_BATCH):
+                batch = records[start:start + _IMPORT_BATCH]
+                for kind in self._import_batch(s, by_sha, batch, deleted, restore_deleted):
+                    counts[kind] += 1
         return counts
 
     @staticmethod
-    def _import_one(s: Session, im: Image, r: dict[str, Any], deleted: dict[str, int],
-                    restore_deleted: bool) -> str:
-        """Create, update, leave or keep deleted one imported annotation; returns which it was.
+    def _import_batch(s: Session, by_sha: dict[str, Image], batch: Sequence[dict[str, Any]],
+                      deleted: dict[str, int], restore_deleted: bool) -> list[str]:
+        """Create, update, leave or keep deleted each imported annotation of ``batch``; returns which, in order.
+
+        Three queries for the whole batch (stored rows by key, rows holding the same masks, restored deletions)
+        and one flush, instead of three statements per record: on a PostgreSQL server each is a round trip.
+        Records are still decided one after another, as if each were written before the next is read: a key
+        or a mask repeated inside the file finds the row made for its first occurrence.
 
         ``deleted`` maps the project's recorded deletions (uuid → row id); a restored one is removed from it."""
-        rle = r["rle"]
-        if tuple(rle["size"]) != (im.height, im.width):
-            raise InputError(f"a mask of size {rle['size']} does not match image {im.file_name!r} "
-                             f"[height, width] = [{im.height}, {im.width}]; fix the file")
+        images = []
+        for r in batch:
+            im = by_sha.get(r["image_sha256"])
+            if im is None:  # the caller maps every record to an image it holds or adds
+                raise StoreError(f"image with sha256 {r['image_sha256'][:12]}... is not in the project")
+            rle = r["rle"]
+            if tuple(rle["size"]) != (im.height, im.width):
+                raise InputError(f"a mask of size {rle['size']} does not match image {im.file_name!r} "
+                                 f"[height, width] = [{im.height}, {im.width}]; fix the file")
+            images.append(im)
+        keys = {r["key"] for r in batch} | {r["legacy_key"] for r in batch if r.get("legacy_key")}
         # Locked (PostgreSQL): an edit in the app between this read and the update below would be lost.
-        existing = s.scalar(select(Annotation).where(Annotation.uuid == r["key"]).with_for_update())
-        if existing is None and r.get("legacy_key"):  # an earlier import of this file under its old key
-            existing = s.scalar(select(Annotation).where(Annotation.uuid == r["legacy_key"],
-                                                         Annotation.image_id == im.id).with_for_update())
-        if existing is not None and existing.image_id != im.id:
-            raise ConflictError(f"import key {r['key']} already names an annotation on another image; report this")
-        if existing is None:
-            gone = [u for u in (r["key"], r.get("legacy_key")) if u and u in deleted]
-            if gone and not restore_deleted:
-                return "kept_deleted"
-            for u in gone:  # restoring: the deletion is forgotten, so a later plain re-import keeps the row
-                s.execute(delete(DeletedAnnotation).where(DeletedAnnotation.id == deleted.pop(u)))
-            same = s.scalar(select(Annotation.id).where(Annotation.image_id == im.id,
-                                                        Annotation.rle_counts == rle["counts"],
-                                                        Annotation.label == r["label"]).limit(1))
-            if same is not None:
-                return "duplicate"
-            area, bbox = rle_area_bbox(rle)
-            s.add(Annotation(uuid=r["key"], image_id=im.id, label=r["label"], rle_counts=rle["counts"],
-                             height=im.height, width=im.width, area=area, bbox_xywh=bbox, source=r["source"],
-                             review_state="accepted", prompts=dict(r.get("prompts") or {}),
-                             seconds_spent=r.get("seconds_spent"), predicted_iou=r.get("predicted_iou"),
-                             revision=1))
-            s.flush()
-            return "created"
-        digest = (r.get("prompts") or {}).get("import_digest")
-        # The file says what it said at the last import: keep the stored row, which may have been edited in the
-        # app since (a re-import must not undo a reviewer's fix).
-        if (digest is not None and (existing.prompts or {}).get("import_digest") == digest) or \
-                (existing.rle_counts == rle["counts"] and existing.label == r["label"]):
-            return "unchanged"
-        existing.prompts = {**(existing.prompts or {}), **(r.get("prompts") or {})}
-        existing.rle_counts = rle["counts"]
-        existing.area, existing.bbox_xywh = rle_area_bbox(rle)
-        existing.label = r["label"]
-        existing.revision += 1
-        existing.updated_at = db.utcnow()
-        return "updated"
+        by_uuid = {a.uuid: a for a in s.scalars(select(Annotation).where(Annotation.uuid.in_(keys))
+                                                 .order_by(Annotation.id).with_for_update())}
+        # Who holds each (image, mask, label) now: the stored rows that share a mask with the batch, kept up to
+        # date below as records create and update rows (an id, or the key of a row not flushed yet).
+        holders: dict[tuple[int, str, str], set[int | str]] = {}
+        wanted = {(im.id, r["rle"]["counts"]) for r, im in zip(batch, images, strict=True)}
+        q = (select(Annotation.id, Annotation.image_id, Annotation.rle_counts, Annotation.label)
+             .where(Annotation.image_id.in_({iid for iid, _ in wanted}),
+                    Annotation.rle_counts.in_({c for _, c in wanted})))
+        for aid, iid, counts_, label in s.execute(q):
+            if (iid, counts_) in wanted:
+                holders.setdefault((iid, counts_, label), set()).add(aid)
+        restored: list[int] = []
+        kinds: list[str] = []
+        for r, im in zip(batch, images, strict=True):
+            rle = r["rle"]
+            existing = by_uuid.get(r["key"])
+            if existing is None and r.get("legacy_key"):  # an earlier import of this file under its old key
+                old = by_uuid.get(r["legacy_key"])
+                existing = old if old is not None and old.image_id == im.id else None
+            if existing is not None and existing.image_id != im.id:
+                raise ConflictError(f"import key {r['key']} already names an annotation on another image; "
+                                    "report this")
+            if existing is None:
+                gone = [u for u in (r["key"], r.get("legacy_key")) if u and u in deleted]
+                if gone and not restore_deleted:
+                    kinds.append("kept_deleted")
+                    continue
+                restored.extend(deleted.pop(u) for u in gone)  # the deletion is forgotten: a later re-import keeps it
+                content = (im.id, rle["counts"], r["label"])
+                if holders.get(content):
+                    kinds.append("duplicate")
+                    continue
+                area, bbox = rle_area_bbox(rle)
+                made = Annotation(uuid=r["key"], image_id=im.id, label=r["label"], rle_counts=rle["counts"],
+                                  height=im.height, width=im.width, area=area, bbox_xywh=bbox,
+                                  source=r["source"], review_state="accepted", prompts=dict(r.get("prompts") or {}),
+                                  seconds_spent=r.get("seconds_spent"), predicted_iou=r.get("predicted_iou"),
+                                  revision=1)
+                s.add(made)
+                by_uuid[made.uuid] = made
+                holders.setdefault(content, set()).add(made.uuid)
+                kinds.append("created")
+                continue
+            digest = (r.get("prompts") or {}).get("import_digest")
+            # The file says what it said at the last import: keep the stored row, which may have been edited in
+            # the app since (a re-import must not undo a reviewer's fix).
+            if (digest is not None and (existing.prompts or {}).get("import_digest") == digest) or \
+                    (existing.rle_counts == rle["counts"] and existing.label == r["label"]):
+                kinds.append("unchanged")
+                continue
+            me = existing.id if existing.id is not None else existing.uuid
+            holders.get((existing.image_id, existing.rle_counts, existing.label), set()).discard(me)
+            existing.prompts = {**(existing.prompts or {}), **(r.get("prompts") or {})}
+            existing.rle_counts = rle["counts"]
+            existing.area, existing.bbox_xywh = rle_area_bbox(rle)
+            existing.label = r["label"]
+            existing.revision += 1
+            existing.updated_at = db.utcnow()
+            holders.setdefault((im.id, rle["counts"], r["label"]), set()).add(me)
+            kinds.append("updated")
+        if restored:
+            s.execute(delete(DeletedAnnotation).where(DeletedAnnotation.id.in_(restored)))
+        s.flush()
+        return kinds
 
     def check_label(self, project_id: int, label: str | None) -> None:
         """Refuse ``label`` when the project declares labels and it is not one of them, so a typo does not become
         a new class in every export; a project without declared labels takes any label."""
         if label is not None:
+            check_plain_text("label", label.strip())
             self._refuse_undeclared(self._project_labels(project_id), label)
 
     @staticmethod
@@ -616,14 +838,14 @@ class Store:
                                          "project's labels")
 
     def _project_labels(self, project_id: int) -> list[str]:
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             p = s.get(Project, project_id)
             if p is None:
                 raise NotFoundError(f"no project with id {project_id}")
             return list(p.labels or [])
 
     def get_annotation(self, annotation_id: int, project_id: int | None = None) -> dict[str, Any]:
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             return annotation_dict(self._get_ann(s, annotation_id, project_id))
 
     @staticmethod
@@ -679,6 +901,8 @@ class Store:
             raise InputError("give at most one of mask and rle")
         if review_state is not None:
             _check_choice("review_state", review_state, db.REVIEW_STATES)
+        if label is not None:
+            check_plain_text("label", label.strip())
         seconds_spent = check_seconds(seconds_spent)
         check_finite_json("prompts", prompts)
         with self.transaction() as s:
@@ -756,14 +980,14 @@ class Store:
             q = q.where(Annotation.review_state.in_(list(states)))
         if sources:
             q = q.where(Annotation.source.in_(list(sources)))
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             return [annotation_dict(a) for a in s.scalars(q)]
 
     def count_annotations(self, project_id: int | None = None) -> int:
         q = select(func.count(Annotation.id))
         if project_id is not None:
             q = q.join(Image, Image.id == Annotation.image_id).where(Image.project_id == project_id)
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             return int(s.scalar(q) or 0)
 
     # ---------------------------------------------------------------------------- dataset versions
@@ -782,7 +1006,7 @@ class Store:
             return dv.id
 
     def dataset_version_annotation_ids(self, dataset_version_id: int) -> list[int]:
-        with self.transaction() as s:
+        with self.transaction(write=False) as s:
             dv = s.get(DatasetVersion, dataset_version_id)
             if dv is None:
                 raise NotFoundError(f"no dataset version with id {dataset_version_id}")
@@ -896,12 +1120,16 @@ def _check_uuid(value: str) -> str:
         raise InputError(f"uuid must be a UUID string like {uuid_lib.uuid4()}, got {value!r}") from exc
 
 
-def open_store(target: str | os.PathLike[str], *, create: bool = False) -> Store:
+def open_store(target: str | os.PathLike[str], *, create: bool = False, pool_size: int | None = None,
+               max_overflow: int | None = None) -> Store:
     """Open (and migrate to head) the store at a project folder, a ``.db`` file or a database URL.
 
     Args:
-        target: project folder, SQLite file, or SQLAlchemy URL (``postgresql://…`` uses psycopg 3).
+        target: project folder, SQLite file, or SQLAlchemy URL (``postgresql://…`` or ``postgres://…`` use
+            psycopg 3).
         create: make the project folder if it does not exist; otherwise a missing folder is an error.
+        pool_size, max_overflow: PostgreSQL connections this process keeps open and may open on top under
+            load (default: ``SEGANY_DB_POOL_SIZE`` and ``SEGANY_DB_MAX_OVERFLOW``, else 5 and 5).
     """
     url, project_dir = resolve_target(target)
     if project_dir is not None:
@@ -914,7 +1142,7 @@ def open_store(target: str | os.PathLike[str], *, create: bool = False) -> Store
     else:
         _check_url(url)
     try:
-        engine = make_engine(url)
+        engine = make_engine(url, pool_size=pool_size, max_overflow=max_overflow)
     except (ImportError, NoSuchModuleError) as exc:  # the URL names a DBAPI driver that is not installed
         raise StoreError(f"the database driver for {_safe_url(url)} is not installed ({exc}); use "
                          "postgresql://... (psycopg 3, installed with segany) or pip install the driver") from exc
@@ -943,6 +1171,13 @@ def _check_url(url: str) -> None:
     except ArgumentError as exc:
         raise StoreError("the target is not a valid database URL; write it as "
                          "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB or pass a project folder") from exc
+    if "@" in (parsed.host or ""):
+        # The password ends at its first '@', so the rest of it became the host name. Nothing of the URL is
+        # repeated here: any part of it may be part of the password.
+        raise StoreError("the database URL has more than one '@' before its host, so its user or password holds "
+                         "an unencoded '@'; percent-encode special characters in the password (@ -> %40), "
+                         "and likewise : -> %3A, / -> %2F, # -> %23, % -> %25 (urllib.parse.quote(PASSWORD, "
+                         "safe='') in Python prints it encoded)")
     if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
         raise StoreError(f"database URL scheme {parsed.drivername!r} is not supported; use a project folder, "
                          "a .db file, sqlite:///PATH or postgresql://USER@HOST[:PORT]/DB")
@@ -967,8 +1202,29 @@ def _unreachable(target: str, url: str, project_dir: Path | None, exc: DBAPIErro
     if project_dir is not None:
         return StoreError(f"{url.removeprefix('sqlite:///')!r} could not be opened as a SQLite database "
                           f"({detail}); is it a segany store? Pass a project folder made by `segany project create`")
+    missing = _missing_database(exc)
+    if missing is not None:
+        u = make_url(url)
+        flags = " ".join(f for f in (f"-h {u.host}" if u.host else "", f"-p {u.port}" if u.port else "",
+                                     f"-U {u.username}" if u.username else "") if f)
+        return StoreError(f"the database {missing!r} does not exist on the server at {_safe_url(url)}; create it "
+                          f"with `createdb {flags + ' ' if flags else ''}{missing}` (or CREATE DATABASE in psql, as a "
+                          "user allowed to create databases), then run the command again")
     return StoreError(f"could not reach the database at {_safe_url(url)} ({detail}); check the host, port, user "
                       "and password, and that the server is running")
+
+
+def _missing_database(exc: DBAPIError) -> str | None:
+    """The database name when ``exc`` says it does not exist (SQLSTATE 3D000), else None.
+
+    A failed connection carries no SQLSTATE in psycopg (the server's FATAL ends the handshake), so the server's
+    message is read too; it is English unless the server was set up with another lc_messages."""
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig or exc)
+    m = re.search(r'database "(.+?)" does not exist', text_)
+    if getattr(orig, "sqlstate", None) == "3D000" or m:
+        return m.group(1) if m else "named in the URL"
+    return None
 
 
 def paths_open_would_create(target: str | os.PathLike[str]) -> list[Path]:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from segany.engine.store import first_non_finite
+from segany.engine.store import first_non_finite, plain_text_problem
 
 # A SAM-style interactive decode uses a handful of clicks (the paper's interactive evaluation stops at 11;
 # people rarely go past 20). The decoder's cost grows with the points, and 100,000 of them held a core for
@@ -35,6 +35,17 @@ class Body(BaseModel):
         return data
 
 
+def _plain_label(value: Any) -> Any:
+    """A label that is text on one line: NUL (which PostgreSQL cannot store), newlines and other control
+    characters, and lone surrogates are refused here (422) with the character named."""
+    if isinstance(value, str):
+        label = value.strip()  # the store strips it, so a trailing newline is harmless
+        problem = plain_text_problem(label)
+        if problem is not None:
+            raise ValueError(f"label {label[:80]!r} {problem}")
+    return value
+
+
 class RLE(BaseModel):
     """COCO RLE: ``counts`` a compressed string or an uncompressed, column-major list of run lengths."""
 
@@ -51,6 +62,8 @@ class AnnotationIn(Body):
     seconds_spent: float | None = Field(default=None, ge=0, lt=1e6)
     predicted_iou: float | None = None
 
+    _label = field_validator("label")(_plain_label)
+
 
 class AnnotationPatch(Body):
     segmentation: RLE | None = None
@@ -60,6 +73,8 @@ class AnnotationPatch(Body):
     prompts: dict[str, Any] | None = None
     revision: int | None = Field(default=None, description="fail with 409 unless the stored revision is this")
     uuid: str | None = Field(default=None, description="fail with 409 unless the id still names this annotation")
+
+    _label = field_validator("label")(_plain_label)
 
 
 class PreviousDecode(BaseModel):
@@ -118,10 +133,21 @@ class ReviewIn(Body):
                                  description="fail with 409 unless the annotation is still at this revision: another "
                                              "reviewer's accept or reject (or an edit) since the page read it")
 
+    _label = field_validator("label")(_plain_label)
+
 
 class ProjectPatch(Body):
     labels: list[str] | None = None
     stage: Literal["manual", "semi", "auto"] | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _plain_labels(cls, value: list[str] | None) -> list[str] | None:
+        for i, label in enumerate(value or []):
+            problem = plain_text_problem(label)
+            if problem is not None:
+                raise ValueError(f"labels[{i}] {label[:80]!r} {problem}")
+        return value
 
 
 class TextIn(Body):
