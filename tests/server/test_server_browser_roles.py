@@ -51,8 +51,9 @@ def test_review_controls_follow_the_role(browser: Any, app: Any, project: Any, t
         page = _open(browser, base, bob_token)
         assert page.locator("#who").text_content() == "bob (annotator)"
         rows = dict(page.evaluate(BUTTONS))
-        (off, why), = rows[str(alices["id"])]
+        (edit_off, edit_why), (off, why) = rows[str(alices["id"])]  # ✎ and ✕
         assert off and "deleting it needs the reviewer or admin role (you are annotator)" in why
+        assert edit_off and "editing it needs the reviewer or admin role (you are annotator)" in edit_why
         assert all(off and "reviewing it needs the reviewer or admin role" in why for off, why in rows[str(taken["id"])])
         assert not any(off for off, _ in rows[str(proposal["id"])])  # a machine proposal: open to annotators
         page.locator(f"#annotations li[data-id='{alices['id']}']").click()

@@ -35,6 +35,8 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
@@ -55,6 +57,13 @@ from segany.server.permissions import PermissionDeniedError, require_delete, req
 from segany.server.schemas import AnnotationIn, AnnotationPatch, DecodeIn, ProjectPatch, ReviewIn, TextIn
 
 log = logging.getLogger(__name__)
+
+# The database is down, restarting or failing over (or every pooled connection stayed busy for the pool's
+# timeout): the client should retry, so 503 and a line saying so instead of a bare 500. The request's transaction
+# rolled back, and saves carry a uuid, so a retry never writes twice.
+DB_UNAVAILABLE = ("database unavailable; nothing was saved; retry in a few seconds (the server reconnects by "
+                  "itself when the database is back)")
+_DB_DOWN = (OperationalError, PoolTimeoutError)
 
 STATIC_DIR = Path(__file__).with_name("static")
 PREFILL_NAMESPACE = uuid_lib.UUID("5e6a0000-0000-4000-8000-000000000002")
@@ -195,6 +204,10 @@ class _RequireToken:
                 who = await run_in_threadpool(self.authenticate, header)
             except HTTPException as exc:
                 await _answer(scope, send, exc.status_code, str(exc.detail), dict(exc.headers or {}))
+                return
+            except _DB_DOWN as exc:  # outside the app's exception handlers: answer as _database_down does
+                log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+                await _answer(scope, send, 503, DB_UNAVAILABLE, {"Retry-After": "5"})
                 return
         scope.setdefault("state", {})["who"] = who
         await self.app(scope, receive, send)
@@ -399,6 +412,12 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     @app.exception_handler(PermissionDeniedError)
     async def _forbidden(_: Request, exc: PermissionDeniedError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeoutError)
+    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+        return JSONResponse({"detail": DB_UNAVAILABLE}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(SeganyError)
     async def _bad(_: Request, exc: SeganyError) -> JSONResponse:

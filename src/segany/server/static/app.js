@@ -30,6 +30,15 @@ const S = {
   // uuid of the mask as it is now (a repeated save of the same mask sends it again: the server never duplicates).
   editSeq: 0, saves: [], saveKey: null, reviewing: new Set(),
   decoding: 0, // decodes in flight: until the last answers, the shown mask is not the prompts' mask
+  // The view: `zoom` screen (CSS) pixels per image pixel and the image origin's place in #stage; `fit` follows the
+  // stage's size (each image opens fitted). viewRect: the part of the stage the canvas covers (the visible image).
+  view: { zoom: 1, x: 0, y: 0, fit: true }, viewRect: null, pan: null, spaceDown: false, hover: null,
+  // Editing a saved annotation (E, its row's ✎, or a double-click on its row): `editing` names it and the revision
+  // the edit started from; editBase: the mask before the current clicks (runs, see maskRuns), which the clicks'
+  // object is added to, or cut out of (editCut: the first click was a background click).
+  editing: null, editBase: null, editCut: false,
+  historyMaxBytes: 64 * 1024 * 1024, // undo steps are dropped, oldest first, past this much memory
+  maskShown: null, maskDrawn: null, maskDirty: null, // what S.maskCanvas shows (see renderMask)
 };
 window.segany = S; // for debugging and the browser tests
 
@@ -103,10 +112,18 @@ function rleToMask(rle) {
   const [H, W] = rle.size;
   const counts = typeof rle.counts === "string" ? countsFromString(rle.counts) : rle.counts;
   const m = new Uint8Array(H * W); let pos = 0, v = 0;
+  let x0 = W, y0 = H, x1 = -1, y1 = -1; // the box of its pixels (m.box, as upscaleMask gives)
   for (const c of counts) {
-    if (v) for (let i = pos; i < pos + c; i++) { const x = (i / H) | 0, y = i - x * H; m[y * W + x] = 1; }
+    if (v && c > 0) {
+      for (let i = pos; i < pos + c; i++) { const x = (i / H) | 0, y = i - x * H; m[y * W + x] = 1; }
+      const xa = (pos / H) | 0, xb = ((pos + c - 1) / H) | 0;
+      x0 = Math.min(x0, xa); x1 = Math.max(x1, xb);
+      if (xa === xb) { y0 = Math.min(y0, pos - xa * H); y1 = Math.max(y1, pos + c - 1 - xa * H); }
+      else { y0 = 0; y1 = H - 1; } // the run goes over a column's end
+    }
     pos += c; v ^= 1;
   }
+  m.box = x1 < 0 ? [0, 0, 0, 0] : [x0, y0, x1, y1];
   return m;
 }
 
@@ -178,9 +195,13 @@ function modelFrame(x, y) {
 }
 S.modelFrame = modelFrame; // for the browser tests
 
+// The clicks' labels as the decoder gets them. An edit's cut (its first click a background click) decodes the
+// object to cut out: that click is the object's, so every label is flipped.
+function promptLabels() { return S.points.map((p) => (S.editCut ? 1 - p.label : p.label)); }
+
 async function decodeInBrowser() {
   await prepareImageSide();
-  const pts = S.points.map((p) => modelFrame(p.x, p.y)); const labels = S.points.map((p) => p.label);
+  const pts = S.points.map((p) => modelFrame(p.x, p.y)); const labels = promptLabels();
   if (S.box) { pts.push(modelFrame(S.box[0], S.box[1]), modelFrame(S.box[2], S.box[3])); labels.push(2, 3); }
   else { pts.push([0, 0]); labels.push(-1); }
   const lowSide = 4 * S.embShape[2];
@@ -266,22 +287,35 @@ function upscaleMask(low) {
   return m;
 }
 
-function copyMask(m) { const c = m.slice(); c.box = m.box; return c; } // the shown mask is edited by the brush
+function copyMask(m) { const c = m.slice(); c.box = m.box && m.box.slice(); return c; } // the brush edits the shown mask
 
+// A candidate's full-size mask is made when it is shown (from its low-res logits, or the server's RLE) and kept
+// only while its decode's candidates are the shown ones (setCandidates): the undo history holds the candidates
+// of every click, and 3 full masks each would be most of its memory.
 function maskOf(c) {
-  if (!c.mask) { const t0 = performance.now(); c.mask = upscaleMask(c.lowres); S.timings.upscale = performance.now() - t0; }
+  if (!c.mask) {
+    const t0 = performance.now();
+    c.mask = c.lowres instanceof Float32Array ? upscaleMask(c.lowres) : rleToMask(c.rle);
+    S.timings.upscale = performance.now() - t0;
+  }
   return c.mask;
+}
+
+function setCandidates(cands) {
+  if (cands === S.candidates) return;
+  for (const c of S.candidates) if (c.lowres instanceof Float32Array || c.rle) c.mask = null;
+  S.candidates = cands;
 }
 
 // Server decoding refines from the chosen candidate exactly as decodeInBrowser does, but its logits stay on the
 // server: a candidate's `lowres` is a reference { ref, index }, where ref = { imageId, body, prev, decode_id } is
 // the request that made it (prev: the reference it refined from), so it can be made again.
 async function decodeOnServer() {
-  const body = { points: S.points.map((p) => [p.x, p.y]), labels: S.points.map((p) => p.label), box: S.box };
+  const body = { points: S.points.map((p) => [p.x, p.y]), labels: promptLabels(), box: S.box };
   const prev = S.lowres && S.lowres.ref && S.points.length > 1 ? S.lowres : null;
   const ref = { imageId: current().id, body, prev, decode_id: null };
   const res = await serverDecode(ref);
-  return res.masks.map((rle, k) => ({ mask: rleToMask(rle), score: res.scores[k], lowres: { ref, index: k } }));
+  return res.masks.map((rle, k) => ({ mask: null, rle, score: res.scores[k], lowres: { ref, index: k } }));
 }
 
 // POST one decode naming its previous one. The server keeps only its last few decodes: a previous it no longer
@@ -301,7 +335,7 @@ async function serverDecode(ref) {
 }
 
 async function decode() {
-  if (!S.points.length && !S.box) { S.candidates = []; S.mask = null; draw(); return; }
+  if (!S.points.length && !S.box) { setCandidates([]); if (!S.editing) setMask(null); draw(); return; }
   const token = S.imageToken; const seq = S.editSeq; const t0 = performance.now(); S.timings = {};
   let cands;
   S.decoding++;
@@ -309,17 +343,18 @@ async function decode() {
   catch (err) {
     // The prompt that asked for this mask is taken back: left drawn, it was saved in the prompts of a mask it
     // had no part in.
-    if (!stale(token) && seq === S.editSeq && S.history.length) restore(S.history.pop());
+    if (!stale(token) && seq === S.editSeq && S.history.length) applyState(S.history.pop());
     throw err;
   } finally { S.decoding--; }
   if (stale(token)) return; // the user moved to another image meanwhile
   // A later edit (another click, Esc, undo, a save) owns the mask now: this answer is for a state that is gone.
   if (seq !== S.editSeq) { S.staleDrops = (S.staleDrops || 0) + 1; return; }
-  S.candidates = cands;
+  setCandidates(cands);
   // With one point the three masks are genuine alternatives; keep the user's choice, else the best score.
   let best = 0; cands.forEach((c, k) => { if (c.score > cands[best].score) best = k; });
   S.chosen = S.points.length + (S.box ? 1 : 0) > 1 ? S.chosen : best;
-  S.mask = copyMask(maskOf(cands[S.chosen])); S.lowres = cands[S.chosen].lowres;
+  setMask(shownMask(cands[S.chosen])); S.lowres = cands[S.chosen].lowres;
+  trimHistory();
   const t1 = performance.now(); draw(); S.timings.draw = performance.now() - t1;
   const ms = performance.now() - t0; S.timings.total = ms;
   S.decodeMs.push(ms); $("latency").textContent = ms.toFixed(1);
@@ -337,40 +372,127 @@ function rebuildOverlay() {
   c.width = S.W; c.height = S.H;
   const ctx = c.getContext("2d"); const im = ctx.createImageData(S.W, S.H); const d = im.data;
   const paint = (m, rgb, a) => { for (let i = 0; i < m.length; i++) if (m[i]) { const o = 4 * i; d[o] = rgb[0]; d[o + 1] = rgb[1]; d[o + 2] = rgb[2]; d[o + 3] = a; } };
-  S.saved.forEach((a, i) => paint(a._mask, colorFor(i), a.id === S.selected ? 170 : 110));
+  // The annotation being edited is the blue mask meanwhile (its saved version is shown again if the edit is stale).
+  const hidden = S.editing && !S.editing.stale ? S.editing.id : null;
+  S.saved.forEach((a, i) => { if (a.id !== hidden) paint(a._mask, colorFor(i), a.id === S.selected ? 170 : 110); });
   S.pending.forEach((a, i) => paint(a._mask, pendingColor(i), a.id === S.selectedPending ? 170 : 90));
   ctx.putImageData(im, 0, 0);
 }
 
+// Brings S.maskCanvas (the shown mask as RGBA, at image size) up to S.mask, rewriting only what may have changed:
+// for a new mask, its box (m.box: its pixels lie inside; none: anywhere) and what was drawn before; for the same
+// mask edited in place (the brush) or rebuilt from it (undo), the rectangle the edit marked (S.maskDirty).
+function renderMask() {
+  const m = S.mask; const W = S.W, H = S.H;
+  const mc = S.maskCanvas || (S.maskCanvas = document.createElement("canvas"));
+  if (mc.width !== W || mc.height !== H) {
+    mc.width = W; mc.height = H; S.maskImage = null; S.maskShown = null; S.maskDrawn = null; S.maskDirty = null;
+  }
+  const mctx = mc.getContext("2d");
+  if (!S.maskImage) S.maskImage = mctx.createImageData(W, H);
+  let rect = S.maskDirty;
+  if (m !== S.maskShown) { rect = unionBox(rect, unionBox(S.maskDrawn, extent(m))); S.maskDrawn = extent(m); }
+  else if (rect) S.maskDrawn = unionBox(S.maskDrawn, rect);
+  S.maskShown = m; S.maskDirty = null;
+  if (!rect) return;
+  const x0 = Math.max(0, rect[0]), y0 = Math.max(0, rect[1]), x1 = Math.min(W - 1, rect[2]), y1 = Math.min(H - 1, rect[3]);
+  if (x1 < x0 || y1 < y0) return;
+  // No getImageData readback (slow): the mask as RGBA words, composited by drawImage.
+  const px = new Uint32Array(S.maskImage.data.buffer);
+  const on = 0x99ff901e; // ABGR little-endian: rgba(30, 144, 255, 0.6)
+  for (let y = y0; y <= y1; y++) for (let i = y * W + x0, e = y * W + x1; i <= e; i++) px[i] = m && m[i] ? on : 0;
+  mctx.putImageData(S.maskImage, 0, 0, x0, y0, x1 - x0 + 1, y1 - y0 + 1);
+}
+function markDirty(rect) { S.maskDirty = unionBox(S.maskDirty, rect); }
+
+// The canvas covers the visible part of the image and is as many device pixels as it shows, so prompts are drawn
+// sharp at any zoom; the image, saved masks and the current mask are drawn through the view's transform, with
+// nearest-neighbour sampling once an image pixel is two screen pixels or more (its pixels are seen as they are).
 function draw() {
-  const cv = $("view"); const ctx = cv.getContext("2d");
-  if (!S.img) return;
+  const cv = $("view"); const ctx = cv.getContext("2d"); const vr = S.viewRect;
+  if (!S.img || !vr) return;
+  const v = S.view; const ox = v.x - vr.left, oy = v.y - vr.top; // image origin in canvas CSS pixels
+  ctx.setTransform(1, 0, 0, 1, 0, 0); ctx.clearRect(0, 0, cv.width, cv.height);
+  ctx.setTransform(v.zoom * vr.kx, 0, 0, v.zoom * vr.ky, ox * vr.kx, oy * vr.ky);
+  ctx.imageSmoothingEnabled = v.zoom < 2;
   ctx.drawImage(S.img, 0, 0);
   if (S.overlay) ctx.drawImage(S.overlay, 0, 0);
-  if (S.mask) {
-    // No getImageData readback (slow): write the mask as RGBA words into an offscreen canvas and composite.
-    const mc = S.maskCanvas || (S.maskCanvas = document.createElement("canvas"));
-    if (mc.width !== S.W || mc.height !== S.H) { mc.width = S.W; mc.height = S.H; S.maskImage = null; }
-    const mctx = mc.getContext("2d");
-    if (!S.maskImage) { S.maskImage = mctx.createImageData(S.W, S.H); S.maskDrawn = null; }
-    const px = new Uint32Array(S.maskImage.data.buffer); const m = S.mask;
-    const on = 0x99ff901e; // ABGR little-endian: rgba(30, 144, 255, 0.6)
-    // Rewrite only the mask's box (m.box, from upscaleMask; none after brush edits: all) and what was drawn before.
-    const box = m.box || [0, 0, S.W - 1, S.H - 1]; const old = S.maskDrawn || box;
-    const x0 = Math.min(box[0], old[0]), y0 = Math.min(box[1], old[1]);
-    const x1 = Math.max(box[2], old[2]), y1 = Math.max(box[3], old[3]);
-    for (let y = y0; y <= y1; y++) for (let i = y * S.W + x0, e = y * S.W + x1; i <= e; i++) px[i] = m[i] ? on : 0;
-    mctx.putImageData(S.maskImage, 0, 0, x0, y0, x1 - x0 + 1, y1 - y0 + 1);
-    S.maskDrawn = box;
-    ctx.drawImage(mc, 0, 0);
-  }
-  const r = Math.max(3, Math.round(Math.max(S.W, S.H) / 160));
+  if (S.mask) { renderMask(); ctx.drawImage(S.maskCanvas, 0, 0); }
+  ctx.setTransform(vr.kx, 0, 0, vr.ky, 0, 0); // prompts in CSS pixels of the canvas
+  const sx = (x) => ox + x * v.zoom, sy = (y) => oy + y * v.zoom;
   for (const p of S.points) {
-    ctx.beginPath(); ctx.arc(p.x, p.y, r, 0, 2 * Math.PI);
+    ctx.beginPath(); ctx.arc(sx(p.x), sy(p.y), 5, 0, 2 * Math.PI);
     ctx.fillStyle = p.label === 1 ? "#22c55e" : "#ef4444"; ctx.fill(); ctx.lineWidth = 1.5; ctx.strokeStyle = "#fff"; ctx.stroke();
   }
   const b = S.drag && S.drag.moved ? S.drag.box : S.box;
-  if (b) { ctx.lineWidth = 2; ctx.strokeStyle = "#facc15"; ctx.strokeRect(b[0], b[1], b[2] - b[0], b[3] - b[1]); }
+  if (b) { ctx.lineWidth = 2; ctx.strokeStyle = "#facc15"; ctx.strokeRect(sx(b[0]), sy(b[1]), (b[2] - b[0]) * v.zoom, (b[3] - b[1]) * v.zoom); }
+  if (S.mode === "brush" && S.hover) { // the brush's reach, at the pointer
+    ctx.beginPath(); ctx.arc(sx(S.hover.x), sy(S.hover.y), Math.max(1, S.brush * v.zoom), 0, 2 * Math.PI);
+    ctx.lineWidth = 1; ctx.strokeStyle = "#fff"; ctx.stroke(); ctx.setLineDash([3, 3]); ctx.strokeStyle = "#000"; ctx.stroke(); ctx.setLineDash([]);
+  }
+}
+
+// Pointer moves (brush strokes, box drags, panning) redraw once per frame, however many events come.
+function scheduleDraw() {
+  if (S.drawQueued) return;
+  S.drawQueued = true; requestAnimationFrame(() => { S.drawQueued = false; draw(); });
+}
+
+// ------------------------------------------------------------------------------------------ view
+// Zoom (wheel, + and -, the stage's buttons) keeps the image point under the pointer (or the stage's centre)
+// where it is; pan by dragging with the middle button or with Space held; 0 or Fit fits the image again. A small
+// image is fitted too, so a 40x30 picture fills the stage in crisp pixels rather than a 40x30 speck.
+function stageSize() { const st = $("stage"); return [st.clientWidth, st.clientHeight]; }
+function fitZoom() { const [w, h] = stageSize(); return Math.max(1e-3, Math.min(w / S.W, h / S.H)); }
+function zoomLimits() { const f = fitZoom(); return [Math.min(f, 1) / 2, Math.max(32, 8 * f)]; }
+
+function fitView() {
+  if (!S.W) return;
+  const [w, h] = stageSize(); const z = fitZoom();
+  S.view = { zoom: z, x: (w - S.W * z) / 2, y: (h - S.H * z) / 2, fit: true };
+  layoutView();
+}
+
+function zoomAt(factor, sx, sy) { // (sx, sy): the stage point that stays put, in CSS pixels
+  if (!S.W) return;
+  const v = S.view; const [lo, hi] = zoomLimits(); const z = Math.min(hi, Math.max(lo, v.zoom * factor));
+  S.view = { zoom: z, x: sx - (sx - v.x) * z / v.zoom, y: sy - (sy - v.y) * z / v.zoom, fit: false };
+  clampPan(); layoutView(); draw();
+}
+function zoomKey(factor) { const [w, h] = stageSize(); zoomAt(factor, w / 2, h / 2); }
+
+function panBy(dx, dy) { S.view.x += dx; S.view.y += dy; S.view.fit = false; clampPan(); layoutView(); scheduleDraw(); }
+
+// Some of the image always stays in view (a fling of the pan cannot lose it).
+function clampPan() {
+  const [w, h] = stageSize(); const v = S.view; const iw = S.W * v.zoom, ih = S.H * v.zoom;
+  const kx = Math.min(64, iw), ky = Math.min(64, ih);
+  v.x = Math.min(w - kx, Math.max(kx - iw, v.x)); v.y = Math.min(h - ky, Math.max(ky - ih, v.y));
+}
+
+// Places and sizes the canvas over the visible part of the image (fitted: the whole image, centred).
+function layoutView() {
+  const [w, h] = stageSize(); const v = S.view; const cv = $("view");
+  const left = Math.max(0, v.x), top = Math.max(0, v.y);
+  const cw = Math.max(1, Math.min(w, v.x + S.W * v.zoom) - left), ch = Math.max(1, Math.min(h, v.y + S.H * v.zoom) - top);
+  const dpr = window.devicePixelRatio || 1;
+  const bw = Math.max(1, Math.round(cw * dpr)), bh = Math.max(1, Math.round(ch * dpr));
+  Object.assign(cv.style, { left: `${left}px`, top: `${top}px`, width: `${cw}px`, height: `${ch}px` });
+  if (cv.width !== bw) cv.width = bw;
+  if (cv.height !== bh) cv.height = bh;
+  S.viewRect = { left, top, width: cw, height: ch, kx: bw / cw, ky: bh / ch };
+  $("zoom-level").textContent = `${Math.round(v.zoom * 100)}%`;
+}
+
+// Stage coordinates (CSS pixels) of a pointer event, and the image point under it (continuous: pixel (i, j)
+// spans [i, i + 1) x [j, j + 1)).
+function stagePoint(ev) {
+  const st = $("stage"); const r = st.getBoundingClientRect();
+  return [ev.clientX - r.left - st.clientLeft, ev.clientY - r.top - st.clientTop];
+}
+function toImage(ev) {
+  const [sx, sy] = stagePoint(ev); const v = S.view;
+  return { x: (sx - v.x) / v.zoom, y: (sy - v.y) / v.zoom };
 }
 
 function renderChoices() {
@@ -386,13 +508,17 @@ function renderLists() {
   const ul = $("annotations"); ul.innerHTML = "";
   S.saved.forEach((a, i) => {
     const li = document.createElement("li"); li.dataset.id = a.id; li.className = a.id === S.selected ? "selected" : "";
+    if (S.editing && S.editing.id === a.id) li.classList.add("editing");
     const [r, g, b] = colorFor(i);
     // A reviewer or admin reviews saved annotations here too (an annotator's own: the API, to keep rows short).
     const reviews = hasRole("reviewer") ? `<button class="accept-saved" title="accept">✓</button><button class="reject-saved" title="reject">⊘</button>` : "";
-    li.innerHTML = `<span class="swatch" style="background:rgb(${r},${g},${b})"></span><span class="name"></span><span class="state"></span>${reviews}<button class="delete" title="delete">✕</button>`;
+    li.innerHTML = `<span class="swatch" style="background:rgb(${r},${g},${b})"></span><span class="name"></span><span class="state"></span>${reviews}<button class="edit" title="edit its mask and label (E)">✎</button><button class="delete" title="delete">✕</button>`;
     li.querySelector(".name").textContent = `${a.label} · ${a.source}${a.seconds_spent != null ? ` · ${a.seconds_spent.toFixed(1)}s` : ""}`;
     const st = li.querySelector(".state"); st.textContent = a.review_state || ""; st.dataset.state = a.review_state || "";
     li.onclick = () => { S.selected = S.selected === a.id ? null : a.id; rebuildOverlay(); renderLists(); draw(); };
+    li.ondblclick = () => startEdit(a);
+    li.querySelector(".edit").onclick = (e) => { e.stopPropagation(); startEdit(a); };
+    allowIf(li.querySelector(".edit"), editRefusal(a));
     li.querySelector(".delete").onclick = (e) => { e.stopPropagation(); confirmDelete(a); };
     allowIf(li.querySelector(".delete"), deleteRefusal(a));
     if (reviews) {
@@ -477,38 +603,156 @@ function setTextPrompts(on) {
 
 // ------------------------------------------------------------------------------------ editing
 // Undo/redo: S.history holds the states before each edit, S.future the states undone since (a new edit drops them).
-function editState() {
-  return { points: S.points.slice(), box: S.box && S.box.slice(), mask: S.mask && S.mask.slice(),
-    candidates: S.candidates, chosen: S.chosen, lowres: S.lowres };
+// A state keeps its prompts, candidates and edit as they are, but not a copy of its mask: each entry holds the
+// pixels where its mask differs from the next state's, as runs [start, end) of row-major pixel indices (a brush
+// stroke: the pixels it changed, recorded as it paints; a decode or a choice: old XOR new, over their boxes).
+// XOR is its own inverse, so the same runs take the mask back (undo) and forward again (redo). A full copy per step
+// kept 40 strokes on a 6000x4000 image at 960 MB; a stroke's runs are a few kB. The history is capped at
+// S.historyMaxBytes as well as at 100 steps (oldest dropped first).
+class Runs {
+  constructor(a) { this.a = a || new Int32Array(16); this.n = a ? a.length : 0; }
+  push(start, end) { // (a run that continues the last one extends it)
+    if (this.n && this.a[this.n - 1] === start) { this.a[this.n - 1] = end; return; }
+    if (this.n + 2 > this.a.length) { const b = new Int32Array(Math.max(16, 2 * this.a.length)); b.set(this.a); this.a = b; }
+    this.a[this.n++] = start; this.a[this.n++] = end;
+  }
+  // Sorted, without slack: a pixel is flipped iff an odd number of boundaries lie at or before it, so equal
+  // boundaries cancel in pairs (two dabs' touching runs become one; a pixel flipped twice is left alone).
+  compact() {
+    const b = this.a.slice(0, this.n).sort(); let k = 0;
+    for (let i = 0; i < b.length; i++) { if (k && b[k - 1] === b[i]) k--; else b[k++] = b[i]; }
+    this.a = b.slice(0, k); this.n = k; return this;
+  }
+}
+
+const fullBox = () => [0, 0, S.W - 1, S.H - 1];
+function extent(m) { return m ? m.box || fullBox() : null; } // where a mask's pixels may be (null: no mask)
+function unionBox(a, b) {
+  if (!a) return b; if (!b) return a;
+  return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[2], b[2]), Math.max(a[3], b[3])];
+}
+
+// The runs of pixels where masks a and b differ (null: no mask, all 0) within rect, appended to `runs`.
+function diffRuns(runs, a, b, rect) {
+  const W = S.W; const x0 = Math.max(0, rect[0]), x1 = Math.min(W - 1, rect[2]);
+  for (let y = Math.max(0, rect[1]), y1 = Math.min(S.H - 1, rect[3]); y <= y1; y++) {
+    let start = -1; const e = y * W + x1;
+    for (let i = y * W + x0; i <= e; i++) {
+      if ((a ? a[i] : 0) !== (b ? b[i] : 0)) { if (start < 0) start = i; }
+      else if (start >= 0) { runs.push(start, i); start = -1; }
+    }
+    if (start >= 0) runs.push(start, e + 1);
+  }
+  return runs;
+}
+
+// Flips the pixels of runs in m; returns the box they cover (for redrawing), null if none.
+function flipRuns(m, a, n) {
+  const W = S.W; let box = null;
+  for (let k = 0; k < n; k += 2) {
+    const s = a[k], e = a[k + 1];
+    for (let i = s; i < e; i++) m[i] ^= 1;
+    const ya = (s / W) | 0, yb = ((e - 1) / W) | 0;
+    box = unionBox(box, ya === yb ? [s - ya * W, ya, e - 1 - ya * W, ya] : [0, ya, W - 1, yb]);
+  }
+  return box;
+}
+
+// A mask as runs of its pixels, with its box: an edit's base (S.editBase), small and never changed.
+function maskRuns(m) {
+  return { runs: m ? diffRuns(new Runs(), null, m, extent(m)).compact().a : new Int32Array(0), box: m ? extent(m).slice() : [0, 0, 0, 0] };
+}
+
+function emptyMask() { const m = new Uint8Array(S.W * S.H); m.box = [0, 0, 0, 0]; return m; }
+
+// Every change of S.mask other than the brush's (which records as it paints) and undo/redo goes through here:
+// what changed is added to the newest history entry, so undo can take it back.
+function setMask(m) {
+  const old = S.mask; if (old === m) return;
+  const top = S.history[S.history.length - 1];
+  if (top && (old || m)) diffRuns(top.diff, old, m, unionBox(extent(old), extent(m)));
+  S.mask = m;
+}
+
+function stateOf(diff) {
+  return { points: S.points.slice(), box: S.box && S.box.slice(), candidates: S.candidates, chosen: S.chosen,
+    lowres: S.lowres, editing: S.editing, editBase: S.editBase, editCut: S.editCut,
+    noMask: !S.mask, maskBox: S.mask && S.mask.box ? S.mask.box.slice() : null, diff: diff || new Runs() };
 }
 
 function snapshot() {
-  S.editSeq++; S.history.push(editState()); S.future = [];
+  S.editSeq++;
+  const top = S.history[S.history.length - 1]; if (top) top.diff.compact(); // done: only the newest one grows
+  S.history.push(stateOf()); S.future = [];
   if (S.history.length > 100) S.history.shift();
+  trimHistory();
 }
 
-function restore(h) {
+// Takes the state of entry h (its mask: the current one with h's runs flipped, in a new array: a save on its way
+// holds the old one).
+function applyState(h) {
   S.editSeq++;
-  Object.assign(S, { points: h.points, box: h.box, mask: h.mask, candidates: h.candidates, chosen: h.chosen, lowres: h.lowres });
+  let m = null;
+  if (!h.noMask) {
+    m = S.mask ? S.mask.slice() : new Uint8Array(S.W * S.H);
+    const changed = flipRuns(m, h.diff.a, h.diff.n); m.box = h.maskBox;
+    if (S.mask && S.maskShown === S.mask) { S.maskShown = m; markDirty(changed); } // only the flipped pixels are redrawn
+  }
+  const was = S.editing;
+  setCandidates(h.candidates);
+  Object.assign(S, { points: h.points, box: h.box, mask: m, chosen: h.chosen, lowres: h.lowres, editing: h.editing,
+    editBase: h.editBase, editCut: h.editCut });
+  if (was !== S.editing) editingChanged(was);
   renderChoices(); draw();
 }
 
-function undo() { const h = S.history.pop(); if (!h) return; S.future.push(editState()); restore(h); }
+// (a stroke or box drag in progress ends: its next moves would edit the state undo left)
+function undo() {
+  const h = S.history.pop(); if (!h) return; S.drag = null; h.diff.compact(); S.future.push(stateOf(h.diff)); applyState(h);
+}
 
-function redo() { const f = S.future.pop(); if (!f) return; S.history.push(editState()); restore(f); }
+function redo() { const f = S.future.pop(); if (!f) return; S.drag = null; S.history.push(stateOf(f.diff)); applyState(f); }
+
+// The memory the history holds: each step's runs, and (once each) the edit bases and decodes it refers to.
+function historyBytes() {
+  const seen = new Set(); let n = 0;
+  const once = (x, size) => { if (x && !seen.has(x)) { seen.add(x); n += size(x); } };
+  const candBytes = (cands) => cands.reduce((t, c) => t + (c.lowres instanceof Float32Array ? c.lowres.byteLength : 0)
+    + (c.rle ? 8 * c.rle.counts.length : 0) + (c.mask ? c.mask.byteLength : 0), 0);
+  for (const h of S.history.concat(S.future)) {
+    n += h.diff.a.byteLength; once(h.editBase, (b) => b.runs.byteLength); once(h.candidates, candBytes);
+  }
+  return n;
+}
+S.historyBytes = historyBytes; // for the browser tests
+
+// Over the cap, the oldest steps go (then the farthest redo steps); the newest entry, which may still be
+// recording (a stroke, a decode on its way), always stays.
+function trimHistory() {
+  while (S.history.length + S.future.length > 1 && historyBytes() > S.historyMaxBytes) {
+    if (S.history.length > 1) S.history.shift(); else S.future.shift();
+  }
+}
 
 function clearPrompts() {
   S.editSeq++;
-  Object.assign(S, { points: [], box: null, mask: null, candidates: [], lowres: null, history: [], future: [], t0: null, chosen: 0 });
+  const was = S.editing; setCandidates([]);
+  Object.assign(S, { points: [], box: null, mask: null, lowres: null, history: [], future: [], t0: null, chosen: 0,
+    editing: null, editBase: null, editCut: false });
+  if (was) editingChanged(was);
   renderChoices(); draw();
 }
 
 // Esc and the Clear button: like clearPrompts, but one Ctrl+Z brings the mask back (it wiped the history, so a
-// stray Esc lost the whole mask). A new image and a save still start from nothing (clearPrompts).
+// stray Esc lost the whole mask). A new image and a save still start from nothing (clearPrompts). During an edit
+// they cancel it (the saved annotation stays as it was; Ctrl+Z goes back into the edit).
 function clearUndoably() {
-  if (!S.points.length && !S.box && !S.mask) return;
+  if (!S.points.length && !S.box && !S.mask && !S.editing) return;
   snapshot();
-  Object.assign(S, { points: [], box: null, mask: null, candidates: [], lowres: null, chosen: 0 });
+  const was = S.editing; setCandidates([]);
+  Object.assign(S, { points: [], box: null, lowres: null, chosen: 0, editing: null, editBase: null, editCut: false });
+  setMask(null);
+  if (was) { editingChanged(was); setStatus(`edit of annotation ${was.id} cancelled (Ctrl+Z goes back to it)`, true); }
   renderChoices(); draw();
 }
 
@@ -521,9 +765,22 @@ function computing() {
   return false;
 }
 
+// The mask shown for candidate c: its own, or during an edit with clicks, the mask before the clicks with c's
+// object added (or cut out).
+function shownMask(c) {
+  const d = maskOf(c);
+  if (!S.editing || !S.editBase) return copyMask(d);
+  const m = new Uint8Array(S.W * S.H); const base = S.editBase; const W = S.W;
+  for (let k = 0; k < base.runs.length; k += 2) m.fill(1, base.runs[k], base.runs[k + 1]);
+  const [x0, y0, x1, y1] = extent(d); const v = S.editCut ? 0 : 1;
+  for (let y = y0; y <= y1; y++) for (let i = y * W + x0, e = y * W + x1; i <= e; i++) if (d[i]) m[i] = v;
+  m.box = S.editCut ? base.box.slice() : unionBox(base.box, extent(d)).slice();
+  return m;
+}
+
 function choose(k) {
   if (!S.candidates[k] || computing()) return;
-  snapshot(); S.chosen = k; S.mask = copyMask(maskOf(S.candidates[k])); S.lowres = S.candidates[k].lowres;
+  snapshot(); S.chosen = k; setMask(shownMask(S.candidates[k])); S.lowres = S.candidates[k].lowres;
   renderChoices(); draw();
 }
 
@@ -531,17 +788,168 @@ function startTimer() { if (S.t0 === null) S.t0 = performance.now(); }
 
 async function addPrompt(p) {
   startTimer(); snapshot();
+  if (S.editing && !S.points.length && !S.box) { // an edit's first click: the mask as it is now is the base
+    S.editBase = maskRuns(S.mask); S.editCut = !p.box && p.label === 0;
+  }
   if (p.box) S.box = p.box; else S.points.push(p);
   await decode();
 }
 
+// A brush stroke begins (one undo step). During an edit, the clicks' object becomes part of the mask: the brush
+// edits it, and the next click starts a new object.
+function strokeStart() {
+  startTimer(); snapshot();
+  if (S.editing && (S.points.length || S.box)) {
+    setCandidates([]); Object.assign(S, { points: [], box: null, lowres: null, chosen: 0, editBase: null, editCut: false });
+    renderChoices();
+  }
+}
+
+function strokeEnd() {
+  const top = S.history[S.history.length - 1]; if (top) top.diff.compact();
+  trimHistory();
+}
+
+// One dab of the brush: the pixels whose centres lie within S.brush image pixels of (x, y). The pixels it changes
+// are recorded in the newest history entry (each changes at most once per stroke, so they are the stroke's runs).
 function paint(x, y, erase) {
-  if (!S.mask) S.mask = new Uint8Array(S.W * S.H);
-  S.mask.box = null; // the brush may paint anywhere: draw() rewrites the whole mask
-  const r = S.brush; const v = erase ? 0 : 1;
-  for (let yy = Math.max(0, Math.floor(y - r)); yy <= Math.min(S.H - 1, Math.ceil(y + r)); yy++)
-    for (let xx = Math.max(0, Math.floor(x - r)); xx <= Math.min(S.W - 1, Math.ceil(x + r)); xx++)
-      if ((xx - x) ** 2 + (yy - y) ** 2 <= r * r) S.mask[yy * S.W + xx] = v;
+  if (!S.mask) setMask(emptyMask());
+  const m = S.mask; const r = S.brush; const v = erase ? 0 : 1; const W = S.W;
+  const top = S.history[S.history.length - 1]; const runs = top ? top.diff : null;
+  const ya = Math.max(0, Math.ceil(y - r - 0.5)), yb = Math.min(S.H - 1, Math.floor(y + r - 0.5));
+  let x0 = W, x1 = -1;
+  for (let yy = ya; yy <= yb; yy++) {
+    const dy = yy + 0.5 - y; const half = Math.sqrt(Math.max(0, r * r - dy * dy));
+    const xa = Math.max(0, Math.ceil(x - half - 0.5)), xb = Math.min(W - 1, Math.floor(x + half - 0.5));
+    if (xb < xa) continue;
+    x0 = Math.min(x0, xa); x1 = Math.max(x1, xb);
+    let start = -1; const e = yy * W + xb;
+    for (let i = yy * W + xa; i <= e; i++) {
+      if (m[i] !== v) { m[i] = v; if (start < 0) start = i; }
+      else if (start >= 0) { if (runs) runs.push(start, i); start = -1; }
+    }
+    if (start >= 0 && runs) runs.push(start, e + 1);
+  }
+  if (x1 < 0) return;
+  const rect = [x0, ya, x1, yb]; markDirty(rect);
+  if (!erase && m.box) m.box = unionBox(m.box, rect); // (erasing leaves the box as it was: it may be loose)
+}
+
+// The brush between two pointer positions, at steps of half its radius: a fast stroke is a line, not dots.
+function strokeTo(p) {
+  const d = S.drag; const dx = p.x - d.last.x, dy = p.y - d.last.y;
+  const n = Math.max(1, Math.ceil(Math.hypot(dx, dy) / Math.max(0.5, S.brush / 2)));
+  for (let k = 1; k <= n; k++) paint(d.last.x + dx * k / n, d.last.y + dy * k / n, d.erase);
+  d.last = p;
+}
+
+// ------------------------------------------------------------------------- editing a saved annotation
+// E (the selected annotation), its row's ✎ or a double-click on its row loads a saved mask as the current one,
+// with its label in the label box. The brush and eraser change it; a click (or box) adds the object it finds, a
+// first click on the background cuts the object there out instead; Enter saves it in place (PATCH, with the
+// revision the edit began from: if someone changed it meanwhile the server answers 409, which is said, and the
+// list is fetched again). Esc cancels; undo goes back step by step, past the start of the edit too.
+function editRefusal(a) {
+  if (ownsOrReviews(a)) return null;
+  return `${whose(a)}: editing it needs the reviewer or admin role (you are ${S.me ? S.me.role : "signed out"})`;
+}
+
+function startEdit(a) {
+  if (!a || !imageLoaded() || savingHere()) return;
+  if (S.editing && S.editing.id === a.id && !S.editing.stale) return;
+  const why = editRefusal(a); if (why) { setStatus(`not editable: ${why}`, true); return; }
+  if (computing()) return;
+  snapshot(); // Ctrl+Z goes back to what was there (an unsaved mask too)
+  const was = S.editing;
+  S.editing = { id: a.id, uuid: a.uuid, revision: a.revision, label: a.label, original: a._mask, t0: performance.now(),
+    prevLabel: was ? was.prevLabel : $("label").value };
+  setCandidates([]);
+  Object.assign(S, { points: [], box: null, lowres: null, chosen: 0, editBase: null, editCut: false, selected: a.id });
+  setMask(copyMask(a._mask));
+  editingChanged(was); renderChoices(); draw();
+  setStatus(`editing annotation ${a.id}: brush, erase or click to change it, or type its label; Enter saves, Esc cancels`, true);
+}
+
+// The page follows S.editing (started, ended, or undone/redone into): the label box holds the edit's label (what
+// was typed in it comes back with it), the buttons say what they do, and the overlay hides the mask being edited.
+function editingChanged(was) {
+  const e = S.editing;
+  if (was) was.typed = $("label").value;
+  if (e) $("label").value = e.typed !== undefined ? e.typed : e.label;
+  else if (was) $("label").value = was.prevLabel;
+  $("accept").textContent = e ? "Save edit" : "Accept";
+  $("clear").textContent = e ? "Cancel edit" : "Clear";
+  document.body.dataset.editing = e ? String(e.id) : "";
+  rebuildOverlay(); renderLists();
+}
+
+function sameMask(a, b) {
+  if (!a || !b || a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+function editLabel() { return $("label").value.trim() || "object"; }
+
+function editChanged() {
+  const e = S.editing;
+  return Boolean(S.points.length || S.box || editLabel() !== e.label || !sameMask(S.mask, e.original));
+}
+
+async function saveEdit() {
+  const e = S.editing; const a = S.saved.find((x) => x.id === e.id);
+  if (e.stale || !a) {
+    setStatus(`annotation ${e.id} was changed or deleted since this edit began: Esc drops the edit, then E opens its current version`, true);
+    return;
+  }
+  if (!S.mask || !S.mask.some((v) => v)) { setStatus("an annotation cannot be empty: Del deletes it, Esc cancels the edit", true); return; }
+  const label = editLabel(); const maskChanged = !sameMask(S.mask, e.original);
+  if (!maskChanged && label === a.label) { // (clicks that changed nothing included)
+    clearPrompts(); setStatus(`annotation ${a.id} unchanged`, true); return;
+  }
+  const body = { uuid: e.uuid, revision: e.revision, seconds_spent: (performance.now() - e.t0) / 1000 };
+  if (maskChanged) body.segmentation = maskToRle(S.mask, S.H, S.W);
+  if (label !== a.label) body.label = label;
+  const token = S.imageToken; const im = current(); const mask = S.mask; const job = { token, seq: S.editSeq };
+  S.saves.push(job); setStatus("saving the edit…", false);
+  let out;
+  try { out = await (await api(`/api/annotations/${e.id}`, { method: "PATCH", json: body })).json(); }
+  catch (err) { // not repeated: a PATCH whose answer was lost already moved the revision
+    if (stale(token)) { notify(`the edit of annotation ${e.id} on ${im.file_name} was not saved: ${err.message}`); return; }
+    if (err.status === 409 || err.status === 404) {
+      e.stale = true;
+      setStatus(`not saved: someone else changed or deleted annotation ${e.id} since your edit began; the list shows it as it is now. `
+        + `Esc drops your edit, E opens the current version (${err.message})`, true);
+      await refreshAnnotations(token); rebuildOverlay(); draw();
+      return;
+    }
+    setStatus(`edit not saved: ${err.message}`, true);
+    if (err.status === 403) await refreshAnnotations(token);
+    return;
+  } finally { S.saves = S.saves.filter((x) => x !== job); }
+  if (stale(token)) return;
+  Object.assign(a, out, { _mask: mask }); addLabel(a.label);
+  Object.assign(e, { revision: a.revision, label: a.label, original: mask, t0: performance.now() });
+  if (job.seq === S.editSeq) clearPrompts(); // an edit made meanwhile (undo) goes on, from the saved revision
+  rebuildOverlay(); renderLists(); draw();
+  setStatus(`saved the edit of annotation ${a.id}`, true);
+}
+
+// Alt (or Ctrl/⌘) + click on the image selects the saved annotation under the pointer (the topmost), as its row does.
+function selectAt(p) {
+  const x = Math.floor(p.x), y = Math.floor(p.y);
+  if (x < 0 || y < 0 || x >= S.W || y >= S.H) return;
+  const hit = [...S.saved].reverse().find((a) => a._mask[y * S.W + x]);
+  S.selected = hit ? hit.id : null;
+  rebuildOverlay(); renderLists(); draw();
+  if (hit) setStatus(`selected annotation ${hit.id} (${hit.label}): E edits it, Del deletes it`, true);
+}
+
+function editKey() {
+  const a = S.selected != null && S.saved.find((x) => x.id === S.selected);
+  if (a) { startEdit(a); return; }
+  setStatus(S.saved.length ? "select an annotation first (its row, or Alt+click it on the image), then E edits it"
+    : "no saved annotation on this image to edit", true);
 }
 
 // One save per mask: Enter Enter (or a held key) sends it once; a repeat after a failure sends the same uuid.
@@ -550,6 +958,7 @@ function savingHere() { return S.saves.some((x) => x.token === S.imageToken); }
 async function accept() {
   if (!imageLoaded() || savingHere()) return; // nothing of this image to save yet / this mask is being saved
   if (computing()) return;
+  if (S.editing) { await saveEdit(); return; }
   if (!S.mask || !S.mask.some((v) => v)) { setStatus("nothing to save: click on an object first", true); return; }
   const seconds = S.t0 === null ? null : (performance.now() - S.t0) / 1000;
   if (!S.saveKey || S.saveKey.seq !== S.editSeq) S.saveKey = { seq: S.editSeq, uuid: uuid4() };
@@ -601,6 +1010,7 @@ function confirmDelete(a) {
 // Delete/Backspace: the selected saved annotation (confirmed); with none selected, Backspace takes back the
 // last click of the unsaved mask, as in a text field, and Delete says how to pick one.
 function deleteKey(backspace) {
+  if (backspace && S.editing) { undo(); return; } // (Del deletes the annotation being edited, after asking)
   const a = S.selected !== null && S.saved.find((x) => x.id === S.selected);
   if (a) { confirmDelete(a); return; }
   if (backspace && (S.points.length || S.box || S.mask)) { undo(); return; }
@@ -620,6 +1030,7 @@ async function deleteAnnotation(id) {
   }
   if (stale(token)) return;
   S.saved = S.saved.filter((x) => x.id !== id); if (S.selected === id) S.selected = null;
+  if (S.editing && S.editing.id === id) clearPrompts(); // the edit of it ends with it (its undo steps too)
   rebuildOverlay(); renderLists(); draw(); setStatus(msg, true);
 }
 
@@ -687,6 +1098,8 @@ async function refreshAnnotations(token) {
   S.pending = anns.filter((a) => a.review_state === "pending").map(withMask).concat(S.pending.filter((a) => a._proposal));
   if (!S.saved.some((a) => a.id === S.selected)) S.selected = null;
   if (!S.pending.some((a) => a.id === S.selectedPending)) S.selectedPending = null;
+  const e = S.editing; // an edit of a version that is gone (edited or deleted elsewhere) cannot be saved
+  if (e && !S.saved.some((a) => a.id === e.id && a.uuid === e.uuid && a.revision === e.revision)) e.stale = true;
   rebuildOverlay(); renderLists(); draw();
 }
 
@@ -697,6 +1110,7 @@ async function reviewSaved(a, action) {
   const out = await postReview(a.id, action, { uuid: a.uuid, revision: a.revision });
   if (!out) return;
   Object.assign(a, out, { _mask: a._mask });
+  if (S.editing && S.editing.id === a.id) S.editing.revision = a.revision; // (this page's own review)
   renderLists(); setStatus(`${action}ed annotation ${a.id}`, true);
 }
 
@@ -804,6 +1218,7 @@ function stale(token) {
 // whose save is on its way is not unsaved (a failure is still reported, see notify).
 function hasUnsaved() {
   if (S.saves.some((x) => x.token === S.imageToken && x.seq === S.editSeq)) return false;
+  if (S.editing) return editChanged();
   return Boolean(S.points.length || S.box || (S.mask && S.mask.some((v) => v)));
 }
 
@@ -840,7 +1255,7 @@ async function openImage(idx) {
     if (token !== S.imageToken) { bitmap.close(); return; }
     const old = S.img; S.img = bitmap; S.W = bitmap.width; S.H = bitmap.height;
     if (old) old.close(); // (the GPU/decoded memory of the last picture, at once rather than at GC)
-    const cv = $("view"); cv.width = S.W; cv.height = S.H;
+    fitView(); // each image opens fitted to the stage
     S.saved = anns.filter((a) => a.review_state === "accepted").map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
     S.pending = anns.filter((a) => a.review_state === "pending").map((a) => Object.assign(a, { _mask: rleToMask(a.segmentation) }));
     S.pendingShownAt = performance.now();
@@ -887,39 +1302,59 @@ async function pictureOf(blob, im) {
 function retryImage() { if (S.loadFailed === S.imageToken && S.images.length) openImage(S.idx); }
 
 // ------------------------------------------------------------------------------------- pointer
-function toImage(ev) {
-  const r = $("view").getBoundingClientRect();
-  return { x: (ev.clientX - r.left) * S.W / r.width, y: (ev.clientY - r.top) * S.H / r.height };
-}
-
 function bindCanvas() {
-  const cv = $("view");
-  cv.addEventListener("contextmenu", (e) => e.preventDefault());
-  cv.addEventListener("mousedown", (e) => {
-    if (!S.img || !imageLoaded() || savingHere()) return; // (the picture may still be the last image's)
-    const p = toImage(e); const erase = e.button === 2 || e.shiftKey;
-    if (S.mode === "brush") { startTimer(); snapshot(); paint(p.x, p.y, erase); S.drag = { brush: true, erase }; draw(); return; }
+  const cv = $("view"); const st = $("stage");
+  st.addEventListener("contextmenu", (e) => e.preventDefault());
+  st.addEventListener("mousedown", (e) => {
+    if (!S.img) return;
+    if (e.button === 1 || (e.button === 0 && S.spaceDown)) { // pan: middle button, or Space held
+      e.preventDefault(); S.pan = { x: e.clientX, y: e.clientY }; st.classList.add("panning"); return;
+    }
+    if (e.target !== cv || !imageLoaded() || savingHere()) return; // (the picture may still be the last image's)
+    const p = toImage(e);
+    if (e.button === 0 && (e.altKey || e.ctrlKey || e.metaKey)) { selectAt(p); return; }
+    const erase = e.button === 2 || e.shiftKey;
+    if (S.mode === "brush") { strokeStart(); paint(p.x, p.y, erase); S.drag = { brush: true, erase, last: p }; draw(); return; }
     S.drag = { x0: p.x, y0: p.y, moved: false, button: e.button, shift: e.shiftKey, box: null };
   });
-  cv.addEventListener("mousemove", (e) => {
+  window.addEventListener("mousemove", (e) => {
+    if (S.pan) { panBy(e.clientX - S.pan.x, e.clientY - S.pan.y); S.pan = { x: e.clientX, y: e.clientY }; return; }
+    if (S.mode === "brush" && S.img) { // the brush's outline follows the pointer over the image
+      const over = e.target === cv; const p = over ? toImage(e) : null;
+      if (over || S.hover) { S.hover = p; if (!S.drag) scheduleDraw(); }
+    }
     if (!S.drag) return; const p = toImage(e);
-    if (S.drag.brush) { paint(p.x, p.y, S.drag.erase); draw(); return; }
-    const tol = Math.max(4, Math.max(S.W, S.H) / 150);
+    if (S.drag.brush) { strokeTo(p); scheduleDraw(); return; }
+    const tol = 5 / S.view.zoom; // a drag is a box once it moved 5 screen pixels, at any zoom
     if (Math.abs(p.x - S.drag.x0) > tol || Math.abs(p.y - S.drag.y0) > tol) S.drag.moved = true;
-    if (S.drag.moved) { S.drag.box = [Math.min(S.drag.x0, p.x), Math.min(S.drag.y0, p.y), Math.max(S.drag.x0, p.x), Math.max(S.drag.y0, p.y)]; draw(); }
+    if (S.drag.moved) { S.drag.box = [Math.min(S.drag.x0, p.x), Math.min(S.drag.y0, p.y), Math.max(S.drag.x0, p.x), Math.max(S.drag.y0, p.y)]; scheduleDraw(); }
   });
   window.addEventListener("mouseup", async (e) => {
-    const d = S.drag; S.drag = null; if (!d || d.brush || !imageLoaded()) return;
+    if (S.pan) { S.pan = null; st.classList.remove("panning"); return; }
+    const d = S.drag; S.drag = null; if (!d) return;
+    if (d.brush) { strokeEnd(); draw(); return; }
+    if (!imageLoaded()) return;
     const clamp = (v, hi) => Math.min(Math.max(v, 0), hi);
     try {
       if (d.moved && d.box) await addPrompt({ box: [clamp(d.box[0], S.W), clamp(d.box[1], S.H), clamp(d.box[2], S.W), clamp(d.box[3], S.H)] });
       else await addPrompt({ x: clamp(d.x0, S.W - 1), y: clamp(d.y0, S.H - 1), label: d.button === 2 || d.shift ? 0 : 1 });
     } catch (err) { setStatus(`decode failed: ${err.message}`, true); }
   });
+  st.addEventListener("wheel", (e) => { // zoom about the pointer (a trackpad's pinch comes as Ctrl+wheel: the same)
+    if (!S.img) return;
+    e.preventDefault();
+    const dy = e.deltaMode === 1 ? 33 * e.deltaY : e.deltaMode === 2 ? 800 * e.deltaY : e.deltaY;
+    const [sx, sy] = stagePoint(e); zoomAt(Math.pow(1.2, -dy / 100), sx, sy);
+  }, { passive: false });
+  // The stage changes size with the window (and the narrow layout): a fitted image is fitted again.
+  new ResizeObserver(() => { if (!S.W) return; if (S.view.fit) fitView(); else { clampPan(); layoutView(); } draw(); }).observe(st);
+  $("zoom-in").onclick = () => zoomKey(1.25); $("zoom-out").onclick = () => zoomKey(0.8);
+  $("zoom-fit").onclick = () => { fitView(); draw(); };
 }
 
 function setMode(m) {
   S.mode = m; $("mode-prompt").classList.toggle("active", m === "prompt"); $("mode-brush").classList.toggle("active", m === "brush");
+  if (S.img) scheduleDraw(); // (the brush's outline)
 }
 
 function bindKeys() {
@@ -933,16 +1368,22 @@ function bindKeys() {
     // the focused control's own action only (a button, the Keyboard box's summary, a link)
     if ((tag === "BUTTON" || tag === "SUMMARY" || tag === "A") && (e.key === "Enter" || e.key === " ")) return;
     if (!$("login").hidden) return; // no shortcuts behind the sign-in box
+    if (e.key === " ") { // held: the left button pans
+      e.preventDefault(); if (!S.spaceDown) { S.spaceDown = true; $("stage").classList.add("space"); } return;
+    }
     const k = e.key.toLowerCase();
     if ((e.ctrlKey || e.metaKey) && ((k === "z" && e.shiftKey) || k === "y")) { e.preventDefault(); redo(); return; }
     if ((e.ctrlKey || e.metaKey) && k === "z") { e.preventDefault(); undo(); return; }
     if (e.ctrlKey || e.metaKey || e.altKey) return;
-    const once = ["enter", "a", "y", "x", "f", "delete", "r"].includes(k);
+    const once = ["enter", "a", "y", "x", "f", "delete", "r", "e"].includes(k);
     if (e.repeat && once) { e.preventDefault(); return; } // a held key saves, reviews or asks once
     const actions = {
       enter: accept, a: accept, u: undo, escape: clearUndoably, b: () => setMode(S.mode === "brush" ? "prompt" : "brush"),
-      "[": () => { S.brush = Math.max(1, S.brush - 2); $("brush-size").textContent = `r=${S.brush}`; },
-      "]": () => { S.brush = Math.min(200, S.brush + 2); $("brush-size").textContent = `r=${S.brush}`; },
+      // radius in image pixels, down to 0.5 (one pixel: for small images, zoomed in)
+      "[": () => setBrush(S.brush > 2 ? S.brush - 2 : S.brush > 1 ? 1 : 0.5),
+      "]": () => setBrush(S.brush < 1 ? 1 : S.brush < 2 ? 2 : Math.min(200, S.brush + 2)),
+      "+": () => zoomKey(1.25), "=": () => zoomKey(1.25), "-": () => zoomKey(0.8), 0: () => { fitView(); draw(); },
+      e: editKey,
       n: () => navigate(1), arrowright: () => navigate(1), p: () => navigate(-1), arrowleft: () => navigate(-1),
       1: () => choose(0), 2: () => choose(1), 3: () => choose(2), f: prefill,
       l: () => { $("label").focus(); $("label").select(); },
@@ -954,7 +1395,12 @@ function bindKeys() {
     };
     if (actions[k]) { e.preventDefault(); actions[k](); }
   });
+  const spaceUp = () => { S.spaceDown = false; $("stage").classList.remove("space"); };
+  document.addEventListener("keyup", (e) => { if (e.key === " ") spaceUp(); });
+  window.addEventListener("blur", spaceUp);
 }
+
+function setBrush(r) { S.brush = r; $("brush-size").textContent = `r=${r}`; if (S.mode === "brush") scheduleDraw(); }
 
 // ---------------------------------------------------------------------------------------- start
 function showLogin(msg) { $("login").hidden = false; $("login-error").textContent = msg || ""; $("token").focus(); }

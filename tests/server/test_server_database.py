@@ -1,0 +1,56 @@
+# ruff: noqa: F811  (pytest fixtures are imported from annotation_fixtures and used as arguments)
+"""The server when its database is away (a restart, a failover: 503 and a line saying to retry, not a bare 500)
+and labels PostgreSQL cannot store (NUL: 422 naming the character, not a 500 from the database)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from annotation_fixtures import admin_token, auth, project  # noqa: F401  (fixtures)
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
+
+from segany.server.app import _uncompressed_rle, create_app
+
+
+@pytest.fixture
+def client(project: Any) -> TestClient:
+    return TestClient(create_app(project[0], None), raise_server_exceptions=False)  # no model needed here
+
+
+def _down(*_args: Any, **_kwargs: Any) -> Any:
+    raise OperationalError("SELECT 1", {}, Exception("connection to server at 127.0.0.1 failed: Connection refused"))
+
+
+def test_database_outage_answers_503(client: TestClient, admin_token: str, project: Any,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    store = project[0]
+    images = client.get("/api/images", headers=auth(admin_token))
+    assert images.status_code == 200
+    monkeypatch.setattr(store, "list_images", _down)
+    r = client.get("/api/images", headers=auth(admin_token))
+    assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+    assert r.json()["detail"].startswith("database unavailable; nothing was saved; retry")
+    # A token not seen yet is checked against the database before any route runs (in the token middleware).
+    monkeypatch.setattr(store, "authenticate", _down)
+    r = client.get("/api/images", headers=auth("not-a-cached-token"))
+    assert r.status_code == 503 and "database unavailable" in r.json()["detail"], r.text
+
+
+def test_labels_with_control_characters_are_refused(client: TestClient, admin_token: str, project: Any) -> None:
+    store, proj = project
+    r = client.patch("/api/project", json={"labels": ["person", "new\nline"]}, headers=auth(admin_token))
+    assert r.status_code == 422 and "U+000A" in r.text, r.text
+    assert store.get_project(proj["name"])["labels"] == ["person", "thing"]
+    # A project without declared labels takes any label, so nothing but this check stood before the database.
+    assert client.patch("/api/project", json={"labels": []}, headers=auth(admin_token)).status_code == 200
+    im = client.get("/api/images", headers=auth(admin_token)).json()[0]
+    mask = np.zeros((im["height"], im["width"]), bool)
+    mask[20:60, 30:90] = True
+    body = {"uuid": str(uuid.uuid4()), "segmentation": _uncompressed_rle(mask), "label": "per\u0000son"}
+    r = client.post(f"/api/images/{im['id']}/annotations", json=body, headers=auth(admin_token))
+    assert r.status_code == 422 and "control character U+0000" in r.text and "remove it" in r.text, r.text
+    assert store.list_annotations() == []
