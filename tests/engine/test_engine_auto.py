@@ -115,6 +115,40 @@ def test_ray_matches_local_and_survives_actor_kill(setup: dict, ray_cluster, tmp
     assert again.images_written == 0 and again.images_skipped == N_IMAGES
 
 
+@pytest.mark.timeout(180)
+def test_pool_survives_a_killed_worker_process(setup: dict, tmp_path: Path) -> None:
+    """`--workers 2` on a process pool: a worker killed mid-run (the kernel's OOM killer) lost its task and
+    multiprocessing.Pool waited for it forever. Its images are now retried on a new pool, each written once."""
+    store, proj = make_project(tmp_path / "pool_kill", setup["images"])
+    runners, killed = [], []
+
+    def on_result(result, written) -> None:
+        if not killed:  # the worker that sent the first result still has images in flight or queued
+            pid = int(result.worker.removeprefix("pid"))
+            assert pid in runners[0].worker_pids(), f"result from {result.worker}, not a pool process"
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    s = run_auto(store, None, setup["spec"], auto_settings(), workers=2, runner_hook=runners.append,
+                 on_result=on_result)
+    assert killed and runners[0].restarts >= 1, "the worker kill was not noticed"
+    assert s.images_written == N_IMAGES
+    assert_one_set_each(store, proj["id"], N_IMAGES)
+    assert_same_masks(setup["local"], masks_by_file(store, proj["id"]))
+
+
+@pytest.mark.timeout(120)
+def test_pool_worker_that_cannot_start_reports_why(setup: dict, tmp_path: Path) -> None:
+    """A worker whose model or generator fails to build was restarted by multiprocessing.Pool forever (the
+    run hung); the reason now reaches the driver."""
+    from segany.engine.jobs import JobError
+
+    store, proj = make_project(tmp_path / "pool_init", setup["images"][:2])
+    bad = dataclasses.replace(auto_settings(), generator="no_such_generator_module:Gen")
+    with pytest.raises(JobError, match="could not load the model .*no_such_generator_module.* cannot be imported"):
+        run_auto(store, None, setup["spec"], bad, workers=2)
+
+
 def test_write_result_is_idempotent(setup: dict, tmp_path: Path) -> None:
     from segany.engine.auto import AutoWorker, ImageTask, pending_tasks, write_result
 

@@ -45,36 +45,98 @@ class InlineRunner:
         pass
 
 
-# One replica per pool process, built by the initializer.
+# One replica per pool process, built by the initializer; or why it could not be built.
 _POOL_WORKER: AutoWorker | None = None
+_POOL_INIT_ERROR: str | None = None
 
 
 def _pool_init(spec: ModelSpec, settings: AutoSettings, threads: int) -> None:
-    global _POOL_WORKER
-    _POOL_WORKER = AutoWorker(spec, settings, threads=threads)
+    """Build this process's replica. A failure is kept, not raised: a pool whose initializer raises is
+    broken (or, for ``multiprocessing.Pool``, restarted forever), and the driver would learn only that a
+    process died. The first task reports it instead, with the reason."""
+    global _POOL_WORKER, _POOL_INIT_ERROR
+    try:
+        _POOL_WORKER = AutoWorker(spec, settings, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - reported, with its type, by the first task
+        _POOL_INIT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 def _pool_process(task: ImageTask) -> ImageResult:
-    assert _POOL_WORKER is not None, "pool initializer did not run"
+    if _POOL_WORKER is None:
+        raise JobError(f"a worker process could not load the model ({_POOL_INIT_ERROR or 'no initializer ran'})")
     return _POOL_WORKER.process(task)
 
 
 class PoolRunner:
-    """A ``spawn`` process pool (fork would copy the parent's torch thread pools and can deadlock)."""
+    """A ``spawn`` process pool (fork would copy the parent's torch thread pools and can deadlock).
 
-    def __init__(self, spec: ModelSpec, settings: AutoSettings, workers: int) -> None:
-        import multiprocessing as mp
+    ``concurrent.futures`` rather than ``multiprocessing.Pool``: when a worker dies (killed for memory, a
+    crash in native code) the latter silently loses its task and ``imap`` waits forever, while an executor
+    reports the pool broken. The tasks then unfinished are given to a fresh pool, each at most
+    ``max_attempts`` times in all, as the Ray runner does with a dead actor.
+    """
 
+    def __init__(self, spec: ModelSpec, settings: AutoSettings, workers: int, *, max_attempts: int = 3) -> None:
         self.workers = workers
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        self.pool = mp.get_context("spawn").Pool(workers, initializer=_pool_init, initargs=(spec, settings, threads))
+        self.max_attempts = max_attempts
+        self.restarts = 0
+        self._args = (spec, settings, max(1, (os.cpu_count() or 1) // workers))
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> Any:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_pool_init,
+                                   initargs=self._args)
+
+    def worker_pids(self) -> list[int]:
+        """The live worker processes (tests kill one); empty before the pool has started any."""
+        return [p.pid for p in (getattr(self.pool, "_processes", None) or {}).values() if p.is_alive()]
 
     def run(self, tasks: Sequence[ImageTask]) -> Iterator[ImageResult]:
-        yield from self.pool.imap_unordered(_pool_process, tasks, chunksize=1)
+        from concurrent.futures import FIRST_COMPLETED, Future, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        # At most two tasks per worker are handed over at once: a dead worker then fails (and costs an
+        # attempt to) only those, not every task queued behind them.
+        queue: collections.deque[tuple[ImageTask, int]] = collections.deque((t, 1) for t in tasks)
+        inflight: dict[Future[ImageResult], tuple[ImageTask, int]] = {}
+        while queue or inflight:
+            while queue and len(inflight) < 2 * self.workers:
+                task, attempt = queue.popleft()
+                inflight[self.pool.submit(_pool_process, task)] = (task, attempt)
+            done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in done:
+                task, attempt = inflight.pop(fut)
+                try:
+                    result = fut.result()
+                except BrokenProcessPool as exc:
+                    if attempt >= self.max_attempts:
+                        raise JobError(f"image {task.image_id} failed {attempt} times because its worker process "
+                                       "died; check the machine's memory (dmesg) and run with fewer --workers") \
+                            from exc
+                    queue.appendleft((task, attempt + 1))
+                    broken = True
+                    continue
+                yield result
+            if broken:  # every task still in flight fails with the pool: give them all to a new one
+                for task, attempt in inflight.values():
+                    queue.appendleft((task, attempt + 1))
+                inflight.clear()
+                log.warning("a worker process died; retrying its images on a new pool")
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = self._new_pool()
+                self.restarts += 1
 
     def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        for pid in self.worker_pids():  # do not wait for a long image: the driver is stopping
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _RayWorkerImpl:
