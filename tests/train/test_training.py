@@ -332,6 +332,22 @@ def test_initial_weights_of_another_architecture_are_refused(tmp_path) -> None:
     check_init_architecture("segany_tiny", shipped, build_sam("segany_tiny", shipped).cfg)  # its own weights: fine
 
 
+def test_initial_weights_of_another_model_name_the_train_option(tmp_path) -> None:
+    """An official-layout file of another model: the command-line fix said `use --model segany_tiny`, a flag
+    `segany train` does not have; it names `-o model.name=...` now, and Python callers keep the Python call."""
+    from segany.checkpoints import build_sam, find_weights
+    from segany.errors import CheckpointError
+
+    plain = tmp_path / "plain.pth"  # no embedded config: the name decides the architecture
+    torch.save(build_sam("segany_tiny", find_weights("segany_tiny")).state_dict(), plain)
+    with pytest.raises(CheckpointError) as info:
+        Trainer(load_config(None, ["model.name=vit_b", f"model.checkpoint={plain}", f"run.out_dir={tmp_path}"]))
+    guess = info.value.looks_like
+    assert guess in ("segany_tiny", "vit_t")
+    assert info.value.cli_message().endswith(f"train that model: -o model.name={guess}")
+    assert "--model" not in info.value.cli_message() and f"build_sam({guess!r}" in str(info.value)
+
+
 def test_the_log_keeps_small_learning_rates(tmp_path) -> None:
     """Stats were rounded to 5 decimals: warm-up learning rates of 2e-6 and 4e-6 were logged as 0.0."""
     import json

@@ -16,6 +16,7 @@ seeded by (seed, step, rank), and batches are a function of the step, so a resum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,21 @@ def check_init_architecture(name: str, checkpoint: str | os.PathLike[str], loade
                          "model.checkpoint")
 
 
+@contextlib.contextmanager
+def _train_wording() -> Iterator[None]:
+    """Word a checkpoint error's command-line fix for ``segany train``, which names its model by
+    ``-o model.name=...``: the generic wording says ``--model``, a flag train does not have."""
+    from segany.errors import CheckpointError
+
+    try:
+        yield
+    except CheckpointError as exc:
+        if exc.looks_like and exc.cli:
+            exc.cli = exc.cli.replace(f"use --model {exc.looks_like}",
+                                      f"train that model: -o model.name={exc.looks_like}")
+        raise
+
+
 class Trainer:
     """Owns the model, optimizer and schedule; ``fit`` runs the loop, ``save``/``load`` checkpoint it."""
 
@@ -330,9 +346,11 @@ class Trainer:
             if self.init_checkpoint is not None:
                 from segany.checkpoints import load_weights
 
-                load_weights(sam, self.init_checkpoint, cfg.model.name)
+                with _train_wording():
+                    load_weights(sam, self.init_checkpoint, cfg.model.name)
         if sam is None:
-            sam = build_sam(cfg.model.name, checkpoint=self.init_checkpoint)
+            with _train_wording():
+                sam = build_sam(cfg.model.name, checkpoint=self.init_checkpoint)
             if self.init_checkpoint is not None:
                 check_init_architecture(cfg.model.name, self.init_checkpoint, sam.cfg)
         self.sam = sam.to(dev)
