@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from segany.amg.config import AmgConfig
-from segany.engine.locks import held_claim, touch_claim
+from segany.engine.locks import ClaimLostError, check_claim, held_claim, touch_claim
 from segany.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ def pending_tasks(store: Any, project_id: int, *, redo: bool = False, ship_bytes
     from segany.engine.db import Image, ImageRun
 
     cutoff = _naive_utc(redo_after) if redo_after is not None else None
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         images = list(s.execute(select(Image.id, Image.path, Image.sha256)
                                 .where(Image.project_id == project_id).order_by(Image.id)))
         done = dict(s.execute(select(ImageRun.image_id, ImageRun.finished_at).join(Image, Image.id == ImageRun.image_id)
@@ -327,60 +327,100 @@ def machine_uuid(image_id: int, generation: int, index: int) -> str:
 
 
 def write_result(store: Any, result: ImageResult, *, model_version_id: int | None, settings: AutoSettings,
-                 redo_after: float | None = None) -> bool:
-    """Write one image's masks and its done marker in one transaction; False if it was already done.
+                 redo_after: float | None = None, owner: str | None = None) -> bool:
+    """Write one image's masks and its done marker in one transaction; False if it was already done or the image
+    is gone (removed from the project while the job ran).
 
     The image's unreviewed automatic masks (``source=auto``, ``pending``, or ``accepted`` by nobody) are
     replaced, so writing an image again never adds a second set. Masks people accepted or rejected stay,
     and the new masks get the next generation's uuids, so they never collide with them. ``redo_after`` (a
     ``time.time()``): a marker older than that is replaced instead of treated as done (``--redo``).
 
+    The image row is locked first (``FOR NO KEY UPDATE`` on PostgreSQL; SQLite's writers run one at a time
+    anyway), so the marker is read and written by one writer of the image at a time: a second driver writing the
+    same image (a run that took over a claim) waits, then finds the first one's marker, and a removal of the
+    image either waits for the write or has finished (the image is gone). Without it, both drivers passed the
+    marker check and the second failed on the marker's unique key, and masks written for an image being
+    removed failed on its foreign key; either error ended the whole run.
+
+    ``owner``: the run's claim on the project (:func:`segany.engine.locks.check_claim`), checked and held in
+    this transaction, so a run whose claim was taken over writes nothing more.
+
     Raises:
         InputError: a mask's size differs from the image's (the file changed after it was registered).
+        ClaimLostError: ``owner`` no longer holds the project's ``auto`` claim; nothing was written.
     """
     from sqlalchemy import delete, select
+    from sqlalchemy.exc import IntegrityError
 
     from segany.engine.db import Annotation, Image, ImageRun, utcnow
     from segany.engine.masks import rle_area_bbox
     from segany.engine.store import check_finite  # a broken model's NaN score never reaches the database
 
-    with store.transaction() as s:
-        run = s.scalar(select(ImageRun).where(ImageRun.image_id == result.image_id, ImageRun.kind == AUTO_KIND))
-        if run is not None and (redo_after is None or run.finished_at >= _naive_utc(redo_after)):
-            return False
-        im = s.get(Image, result.image_id)
-        if im is None:  # deleted while the job ran
-            return False
-        # Only masks no person has touched: a rejected one keeps no annotator but has a reviewer, and stays
-        # for retraining.
-        s.execute(delete(Annotation).where(Annotation.image_id == im.id, Annotation.source == "auto",
-                                           Annotation.annotator_id.is_(None), Annotation.reviewer_id.is_(None))
-                  .execution_options(synchronize_session=False))
-        kept = set(s.scalars(select(Annotation.uuid).where(Annotation.image_id == im.id)))
-        generation = _free_generation(im.id, (run.generation or 1) + 1 if run is not None else 1,
-                                      len(result.masks), kept)
-        for i, m in enumerate(result.masks):
-            if tuple(m.rle["size"]) != (im.height, im.width):
-                raise InputError(f"mask size {m.rle['size']} does not match image {im.id} "
-                                 f"[{im.height}, {im.width}]; the image file changed after it was registered")
-            area, bbox = rle_area_bbox(m.rle)
-            s.add(Annotation(
-                uuid=machine_uuid(im.id, generation, i), image_id=im.id, label="object", rle_counts=m.rle["counts"],
-                height=im.height, width=im.width, area=area, bbox_xywh=bbox, source="auto",
-                review_state=settings.review_state, model_version_id=model_version_id,
-                prompts={"point_coords": m.point_coords, "crop_box": m.crop_box}, annotator_id=None,
-                seconds_spent=None, predicted_iou=check_finite("predicted_iou", m.predicted_iou),
-                stability_score=check_finite("stability_score", m.stability_score), revision=1))
-        if run is None:
-            run = ImageRun(image_id=im.id, kind=AUTO_KIND)
-            s.add(run)
-        run.model_version_id = model_version_id
-        run.num_masks = len(result.masks)
-        run.settings_hash = settings.digest()
-        run.seconds = result.seconds
-        run.finished_at = utcnow()
-        run.generation = generation
+    try:
+        with store.transaction() as s:
+            im = _lock_image(s, result.image_id)
+            if im is None:  # removed while the job ran
+                return False
+            if owner is not None:
+                check_claim(s, im.project_id, AUTO_KIND, owner)
+            run = s.scalar(select(ImageRun).where(ImageRun.image_id == im.id, ImageRun.kind == AUTO_KIND))
+            if _done(run, redo_after):
+                return False
+            # Only masks no person has touched: a rejected one keeps no annotator but has a reviewer, and stays
+            # for retraining.
+            s.execute(delete(Annotation).where(Annotation.image_id == im.id, Annotation.source == "auto",
+                                               Annotation.annotator_id.is_(None), Annotation.reviewer_id.is_(None))
+                      .execution_options(synchronize_session=False))
+            kept = set(s.scalars(select(Annotation.uuid).where(Annotation.image_id == im.id)))
+            generation = _free_generation(im.id, (run.generation or 1) + 1 if run is not None else 1,
+                                          len(result.masks), kept)
+            for i, m in enumerate(result.masks):
+                if tuple(m.rle["size"]) != (im.height, im.width):
+                    raise InputError(f"mask size {m.rle['size']} does not match image {im.id} "
+                                     f"[{im.height}, {im.width}]; the image file changed after it was registered")
+                area, bbox = rle_area_bbox(m.rle)
+                s.add(Annotation(
+                    uuid=machine_uuid(im.id, generation, i), image_id=im.id, label="object",
+                    rle_counts=m.rle["counts"], height=im.height, width=im.width, area=area, bbox_xywh=bbox,
+                    source="auto", review_state=settings.review_state, model_version_id=model_version_id,
+                    prompts={"point_coords": m.point_coords, "crop_box": m.crop_box}, annotator_id=None,
+                    seconds_spent=None, predicted_iou=check_finite("predicted_iou", m.predicted_iou),
+                    stability_score=check_finite("stability_score", m.stability_score), revision=1))
+            if run is None:
+                run = ImageRun(image_id=im.id, kind=AUTO_KIND)
+                s.add(run)
+            run.model_version_id = model_version_id
+            run.num_masks = len(result.masks)
+            run.settings_hash = settings.digest()
+            run.seconds = result.seconds
+            run.finished_at = utcnow()
+            run.generation = generation
+    except IntegrityError:
+        # The lock above keeps these from happening; a database that ignores it still must not end the run over
+        # an image that another writer finished or that was removed meanwhile.
+        with store.transaction(write=False) as s:
+            gone = s.get(Image, result.image_id) is None
+            run = s.scalar(select(ImageRun).where(ImageRun.image_id == result.image_id, ImageRun.kind == AUTO_KIND))
+            if gone or _done(run, redo_after):
+                log.info("image %d: %s meanwhile; result dropped", result.image_id,
+                         "removed" if gone else "written by another run")
+                return False
+        raise
     return True
+
+
+def _lock_image(s: Any, image_id: int) -> Any:
+    """The image row, locked for this transaction against removal and against another writer of its result
+    (``FOR NO KEY UPDATE``: saves of annotations on it, whose foreign key takes ``FOR KEY SHARE``, go on)."""
+    from segany.engine.db import Image
+
+    return s.get(Image, image_id, with_for_update={"key_share": True})
+
+
+def _done(run: Any, redo_after: float | None) -> bool:
+    """Whether a done marker (or None) counts as done: any marker, or with a redo one from after its start."""
+    return run is not None and (redo_after is None or run.finished_at >= _naive_utc(redo_after))
 
 
 def _free_generation(image_id: int, start: int, n: int, taken: set[str]) -> int:
@@ -474,7 +514,7 @@ def _model_version(store: Any, model_version_id: int | None) -> Any:
 
     if model_version_id is None:
         return None
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         mv = s.get(ModelVersion, model_version_id)
         if mv is not None:
             s.expunge(mv)
@@ -521,7 +561,7 @@ def done_differently(store: Any, project_id: int, digest: str, model_version_id:
 
     from segany.engine.db import Image, ImageRun, ModelVersion
 
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         me = s.get(ModelVersion, model_version_id)
         sha = me.checkpoint_sha256 if me is not None else None
         rows = s.execute(select(ImageRun.settings_hash, ImageRun.model_version_id, ModelVersion.checkpoint_sha256,
@@ -633,7 +673,9 @@ def _run_tasks(store: Any, project_id: int, owner: str, tasks: list[ImageTask], 
             if result.error is None:
                 try:
                     written = write_result(store, result, model_version_id=summary.model_version_id,
-                                           settings=settings, redo_after=plan.redo_after)
+                                           settings=settings, redo_after=plan.redo_after, owner=owner)
+                except ClaimLostError:  # another run holds the project now: stop (it is an InputError too)
+                    raise
                 except InputError as exc:  # the file changed under the run: this image fails, not the run
                     result.error = f"changed: {paths.get(result.image_id)} ({exc})"
             if result.error is not None:
@@ -659,7 +701,7 @@ def count_sets(store: Any, project_id: int) -> dict[int, tuple[int, int | None]]
 
     from segany.engine.db import Annotation, Image, ImageRun
 
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         ids = list(s.scalars(select(Image.id).where(Image.project_id == project_id)))
         n = dict(s.execute(select(Annotation.image_id, func.count()).where(Annotation.source == "auto",
                                                                            Annotation.image_id.in_(ids))

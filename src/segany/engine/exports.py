@@ -100,7 +100,7 @@ def _store_files(store: Store) -> list[Path]:
 
 def _image_paths(store: Store) -> list[str]:
     """Every registered image's path, in all projects of the store (an export must not delete any of them)."""
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         return list(s.scalars(select(ImageModel.path)))
 
 
@@ -867,7 +867,7 @@ def _images_by_name(images: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any
 def _earlier_imports(store: Store, project_id: int, coco_path: Path) -> list[str]:
     """The uuids of the project's annotations imported from the file at ``coco_path`` (recorded in their
     ``prompts.imported_from``; older imports recorded the path as given, resolved here from the current folder)."""
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         rows = list(s.execute(select(AnnotationModel.uuid, AnnotationModel.prompts)
                               .join(ImageModel, ImageModel.id == AnnotationModel.image_id)
                               .where(ImageModel.project_id == project_id)))

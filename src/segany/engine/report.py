@@ -272,7 +272,7 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
     pid = proj["id"]
     images = {im["id"]: im for im in store.list_images(pid)}
     live = store.list_annotations(project_id=pid, states=["accepted", "pending"])
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         from sqlalchemy import select
 
         versions = [(dv.id, dv.name, dict(dv.meta or {}))

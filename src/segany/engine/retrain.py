@@ -301,7 +301,7 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
     ``promoted`` and ``train`` (the trainer's summary).
     """
     from segany.checkpoints import build_sam
-    from segany.engine.locks import held_claim
+    from segany.engine.locks import held_claim, touch_claim
 
     proj = store.get_project(project)
     spec = model_spec_for(store, project, model=model, checkpoint=checkpoint, device=settings.device)
@@ -313,13 +313,24 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
     old = build_sam(spec.model, spec.checkpoint, device=settings.device)
     # One retrain of a project at a time: two at once wrote one run folder, so model version 2's checkpoint
     # came to hold version 3's weights. Held with a heartbeat, as `engine auto` holds its claim.
-    with held_claim(store, proj, RETRAIN_KIND):
-        return _retrain_claimed(store, project, proj, spec, old, settings, out_dir, log)
+    with held_claim(store, proj, RETRAIN_KIND) as owner:
+        def still_ours(_entry: Any = None) -> None:
+            touch_claim(store, proj["id"], RETRAIN_KIND, owner)
+
+        return _retrain_claimed(store, project, proj, spec, old, settings, out_dir, log, still_ours)
 
 
 def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec: ModelSpec, old: Any,
-                     settings: RetrainSettings, out_dir: str | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """:func:`retrain` from registering the parent on, while the project's retrain claim is held."""
+                     settings: RetrainSettings, out_dir: str | None, log: Callable[[str], None],
+                     still_ours: Callable[..., None]) -> dict[str, Any]:
+    """:func:`retrain` from registering the parent on, while the project's retrain claim is held.
+
+    ``still_ours`` raises :class:`segany.engine.locks.ClaimLostError` once another retrain has taken the project
+    over (this one's heartbeats stopped for the stale limit). It is asked at each log step of the fine-tuning and
+    before the model is written, registered and promoted, so a run that lost its claim stops without writing a
+    model beside the run that now holds the project (the heartbeat thread alone only noticed, and the run went on
+    to register and promote).
+    """
     import torch
 
     from segany.atomic import atomic_write_json
@@ -369,10 +380,11 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     log(f"fine-tuning for {settings.steps} steps on {len(train_records)} images")
     torch.manual_seed(settings.seed)
     trainer = Trainer(cfg, sam=old, train_records=train_records)  # fine-tunes ``old`` in place
-    summary = trainer.fit()
+    summary = trainer.fit(on_log=still_ours)
     new = trainer.sam.eval()
     metrics_new = evaluate(new, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
     _prune_run_dir(base / "run")
+    still_ours()  # the model is written, registered and maybe promoted only by the claim's holder
     s_old, s_new = score(metrics_old), score(metrics_new)
     better = s_new > s_old
     promote, why = promotion_decision(s_old, s_new, int(metrics_new["all"].get("objects", 0)), settings)
@@ -388,6 +400,7 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
                                              checkpoint_sha256=file_sha256(ckpt), parent_id=parent_id,
                                              trained_on_id=dv["id"], meta=meta))
     if promote:
+        still_ours()
         set_current_model(store, project, mv_id)
     result = {"project": proj["name"], "dataset_version": {k: dv[k] for k in ("id", "name", "content_hash",
                                                                               "annotations", "images")},

@@ -293,6 +293,9 @@ def check_labels(labels: Iterable[str]) -> list[str]:
 # read-modify-writes of the project row but not the FOR KEY SHARE lock that inserting an image (a foreign key to
 # the project) takes, so a long import that holds it does not stop uploads to the project.
 _LOCK_PROJECT = {"key_share": True}
+# FOR KEY SHARE on PostgreSQL: what a foreign key to the row takes, read up front so that a concurrent delete of the
+# row finishes first (the row is then gone) or waits for this transaction, instead of failing its insert.
+_KEEP_ROW = {"read": True, "key_share": True}
 
 # Records an import decides per round of queries: its IN lists stay under old SQLite's 999 parameters.
 _IMPORT_BATCH = 400
@@ -645,7 +648,9 @@ class Store:
         try:
             with self.transaction() as s:
                 # The image first: a replayed uuid must not answer for an image outside the caller's project.
-                im = s.get(Image, image_id)
+                # Read FOR KEY SHARE (PostgreSQL), so a removal of the image either waits for this save or has
+                # finished (no image: 404); the insert below then cannot fail on its foreign key (it was a 500).
+                im = s.get(Image, image_id, with_for_update=_KEEP_ROW)
                 if im is None or (project_id is not None and im.project_id != project_id):
                     raise NotFoundError(f"no image with id {image_id} in this project")
                 existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
@@ -667,11 +672,14 @@ class Store:
                 s.flush()
                 return annotation_dict(a), True
         except IntegrityError:
-            # Another request with the same key committed between our read and our insert.
-            with self.transaction() as s:
+            # Another request with the same key committed between our read and our insert (or the image was
+            # removed meanwhile, where the lock above is not taken).
+            with self.transaction(write=False) as s:
                 existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
                 im = s.get(Image, image_id)
-                if existing is None or im is None:
+                if im is None:
+                    raise NotFoundError(f"no image with id {image_id} in this project") from None
+                if existing is None:
                     raise
                 return self._replay(s, existing, im), False
 

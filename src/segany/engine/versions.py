@@ -84,7 +84,7 @@ def snapshot_items(store: Any, dataset_version_id: int) -> list[dict[str, Any]]:
         dataset_version_annotations,
     )
 
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         if s.get(DatasetVersion, dataset_version_id) is None:
             raise InputError(f"no dataset version with id {dataset_version_id}")
         items = list(s.scalars(select(DatasetVersionItem)
@@ -119,7 +119,7 @@ def list_versions(store: Any, project: str | None) -> list[dict[str, Any]]:
     from segany.engine.db import DatasetVersion, DatasetVersionItem, ModelVersion
 
     proj = store.get_project(project)
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         out = []
         for dv in s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])
                             .order_by(DatasetVersion.id)):
@@ -152,7 +152,7 @@ def export_version_coco(store: Any, project: str | None, version: str | int, out
     if out.exists() and not is_segany_coco(out, VERSION_EXPORT_DESCRIPTION):  # e.g. a file the project imported
         raise InputError(f"{out} exists and is not a segany dataset-version export; pass a new file name")
     proj = store.get_project(project)
-    with store.transaction() as s:
+    with store.transaction(write=False) as s:
         dv = _find_version(s, proj["id"], version)
         dv_id, dv_name, cat = dv.id, dv.name, dict((dv.meta or {}).get("category_ids") or {})
     items = snapshot_items(store, dv_id)
