@@ -149,11 +149,22 @@ def machine_auto(precision: str, device: torch.device | str) -> tuple[str, bool]
 
 
 def configure_cpu_threads(num_threads: int | None = None) -> int:
-    """Set torch's intra-op threads to the physical cores we may use (or ``num_threads``); returns the count.
+    """Set torch's intra-op threads to ``num_threads``, or to the physical cores we may use; returns the count.
 
-    Hyper-threads slow GEMM-bound inference down, and a process limited by ``taskset``/cgroups should not
-    start more threads than it owns, so we count the usable CPUs and halve them when SMT is on.
+    The command line's ``--threads N`` (``predict``, ``auto``, ``eval``, ``serve``) calls it with N; without
+    the option torch keeps its own choice (``OMP_NUM_THREADS`` where set). With ``None``: hyper-threads slow
+    GEMM-bound inference down, and a process limited by ``taskset``/cgroups should not start more threads
+    than it owns, so we count the usable CPUs and halve them when SMT is on.
+
+    Raises:
+        InputError: ``num_threads`` below 1.
     """
+    if num_threads is not None and (isinstance(num_threads, bool) or int(num_threads) != num_threads
+                                    or num_threads < 1):
+        raise InputError(f"threads must be a whole number of at least 1, got {num_threads!r}; pass e.g. 1 to "
+                         "leave the other cores free, or the number of physical cores for the fastest run",
+                         cli=f"--threads must be at least 1, got {num_threads!r}; pass e.g. --threads 1 to leave "
+                             "the other cores free, or leave it out for torch's own choice")
     if num_threads is None:
         try:
             usable = len(os.sched_getaffinity(0))

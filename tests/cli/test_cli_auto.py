@@ -71,7 +71,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(folder: Path, checkpoint: P
     masks = manifest["counts"]["masks"]
     assert manifest["counts"] == {"images": 6, "done": 6, "failed": 0, "masks": masks, "not_images": 0}
     assert {k: v for k, v in manifest["this_run"].items() if k != "seconds"} == {
-        "processed": 6, "skipped_existing": 0, "redone_changed": 0, "overlays_added": 0, "failed": 0, "masks": masks}
+        "processed": 6, "skipped_existing": 0, "redone_changed": 0, "overlays_added": 0, "failed": 0, "masks": masks,
+        "dropped_nonfinite_masks": 0}
     assert masks > 0 and manifest["options"]["points_per_side"] == 4
     assert {"segany", "torch", "pycocotools"} <= set(manifest["versions"])
 

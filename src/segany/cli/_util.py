@@ -135,12 +135,19 @@ def add_speed_arguments(p: argparse.ArgumentParser, *, cpu_bf16_auto: bool = Tru
                    help="8-bit encoder GEMMs, with --precision bf16: faster on recent GPUs, costs some accuracy")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile encoder and decoder: slow first image, faster after (cached on disk)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the model (default: torch's own, about one per core, or "
+                        "OMP_NUM_THREADS); e.g. --threads 1 keeps a core free on a 2-core laptop")
 
 
 def predictor_options(args: argparse.Namespace, device: str, *, cpu_bf16_auto: bool = True) -> dict[str, Any]:
     """``SamPredictor`` keyword arguments from :func:`add_speed_arguments`'s options, checked before any
-    model loads (a combination that cannot run raises :class:`InputError` naming what to pass)."""
-    from segany.fast import check_quantize, machine_auto, resolve_precision
+    model loads (a combination that cannot run raises :class:`InputError` naming what to pass). Sets torch's
+    CPU threads where ``--threads`` was given (:func:`segany.fast.configure_cpu_threads`)."""
+    from segany.fast import check_quantize, configure_cpu_threads, machine_auto, resolve_precision
+
+    if getattr(args, "threads", None) is not None:
+        configure_cpu_threads(args.threads)
 
     precision, fast_decoder = machine_auto(args.precision, device) if cpu_bf16_auto else (args.precision, False)
     check_quantize(args.quantize, resolve_precision(precision, device), device)

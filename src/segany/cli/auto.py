@@ -2,29 +2,39 @@
 
 Each image's result is written atomically and is the marker that the image is done, so a run
 killed at any moment (even with SIGKILL) and restarted with ``--resume`` loses, duplicates and
-half-writes nothing. Unreadable images, and images the model cannot take (too thin to resize), are
-reported, skipped, listed in the manifest with their reason, and the run goes on; the exit status is 1
-if any failed. A run in which every image failed still writes its manifest (the record of what failed),
-says so in its last line, and exits 1. ``manifest.json`` records the model, options and versions, the counts of the whole
-output and those of this run; ``run.json`` the settings that ``--resume`` checks and
-``image_ids.json`` each image's stable id and the file behind it (:mod:`segany.cli.auto_resume`), so a
-resume redoes an image whose file changed. Output names follow the image's path, never its place in a list.
-A run without ``--resume`` first removes what the recorded run wrote (and nothing else), so the folder never
-mixes two runs. No image name can produce a bookkeeping file's name, and an ``--out`` inside a folder input
-is not read back as input. Ctrl-C writes the manifest and says to rerun with ``--resume``.
+half-writes nothing. Unreadable images, images the model cannot take (too thin to resize), and images
+whose processing raised an unexpected error (a bug: its traceback goes to the manifest) are reported,
+skipped, listed in the manifest with their reason, and the run goes on; the exit status is 1 if any failed.
+A run in which every image failed still writes its manifest (the record of what failed), says so in its last
+line, and exits 1. A mask whose score is not a finite number (NaN stability of an empty mask that hole
+filling made non-empty) is dropped and counted: NaN is not JSON. ``manifest.json`` records the model,
+options and versions, the counts of the whole output and those of this run; ``run.json`` the settings that
+``--resume`` checks and ``image_ids.json`` each image's stable id and the file behind it
+(:mod:`segany.cli.auto_resume`), so a resume redoes an image whose file changed. Output names follow the
+image's path, never its place in a list. A run without ``--resume`` first removes what the recorded run
+wrote (and nothing else), so the folder never mixes two runs; it refuses to replace any other file at a name
+it would write (the user's own ``x.json`` beside ``x.jpg``) unless ``--overwrite`` is given. No image name
+can produce a bookkeeping file's name, and an ``--out`` inside a folder input is not read back as input.
+The manifest is written however the run ends: Ctrl-C, or a write the file system refused (disk full), which
+stops the run naming the file and saying to rerun with ``--resume``; finished outputs are kept whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +53,7 @@ from segany.cli.auto_resume import (
     ANN_ID_STRIDE,
     COCO_IMAGES_FILE,
     COCO_RESULTS_FILE,
+    IDS_FILE,
     MANIFEST_FILE,
     RUN_FILE,
     check_resume,
@@ -56,7 +67,7 @@ from segany.cli.auto_resume import (
     run_settings,
     write_images,
 )
-from segany.errors import ImageLoadError, InputError
+from segany.errors import InputError, SeganyError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 FORMATS = ("sa1b", "coco", "png")
@@ -64,6 +75,7 @@ FORMATS = ("sa1b", "coco", "png")
 # stays below ANN_ID_STRIDE. Larger grids ran out of memory in the point grid (100000 per side) or ran
 # for days (3000 per side: 9 million prompts per image).
 MAX_PROMPTS_PER_IMAGE = 65_536
+_TRACEBACKS_KEPT = 10  # in the manifest, for the first images failed by an unexpected error
 _GEN_OPTIONS = {  # CLI flag → (generator keyword, type)
     "points_per_side": int, "points_per_batch": int, "pred_iou_thresh": float, "stability_score_thresh": float,
     "stability_score_offset": float, "box_nms_thresh": float, "crop_n_layers": int, "crop_nms_thresh": float,
@@ -91,6 +103,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "for images done without it, drawn from their saved masks)")
     p.add_argument("--resume", action="store_true",
                    help="skip images already done with the same model, weights and options (others are refused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out at the names this run writes that no recorded segany auto run "
+                        "wrote there (refused without it); the recorded run's outputs are replaced anyway")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     add_speed_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -381,19 +396,24 @@ def _clean_stale_temps(out: Path) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
+    """The versions of what made the masks, from each distribution's metadata: pycocotools has no
+    ``__version__``, and importing torchvision costs seconds (segany.amg.nms says why) for one string."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import cv2
-    import numpy
-    import pycocotools
     import torch
 
     import segany
 
-    # torchvision by its metadata: importing it costs seconds (segany.amg.nms says why) for one string.
-    return {"segany": segany.__version__, "torch": torch.__version__, "torchvision": version("torchvision"),
-            "numpy": numpy.__version__, "opencv": cv2.__version__,
-            "pycocotools": getattr(pycocotools, "__version__", "unknown"), "python": sys.version.split()[0]}
+    def dist(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"segany": segany.__version__, "torch": torch.__version__, "torchvision": dist("torchvision"),
+            "numpy": dist("numpy"), "opencv": cv2.__version__, "pycocotools": dist("pycocotools"),
+            "python": sys.version.split()[0]}
 
 
 # --------------------------------------------------------------------- run
@@ -451,6 +471,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.model, args.checkpoint)
     device = resolve_device(args.device)
     fast_options = predictor_options(args, device)
+    if not args.resume:  # refused before the model loads; a --resume into an unrecorded folder is checked below
+        _check_foreign(out, images, args)
 
     from segany.amg.generator import SamAutomaticMaskGenerator
     from segany.checkpoints import build_sam
@@ -470,8 +492,11 @@ def run(args: argparse.Namespace) -> int:
     if keep:
         listing = dataclasses.replace(listing, images=_keep_recorded_keys(out, images))
         images = listing.images
+    elif args.resume:  # --resume into a folder without a record: a fresh run
+        _check_foreign(out, images, args)
     generator = SamAutomaticMaskGenerator.from_config(model, config)
-    generator.predictor = SamPredictor(model, **fast_options)
+    within = _WithinImage()
+    generator.predictor = _reporting_predictor(SamPredictor, model, fast_options, within)
     precision["decoder"] = _decoder_name(generator.predictor)
     if labels is not None:
         if model.class_head is None:  # fail now, not silently on the first image that has masks
@@ -488,21 +513,31 @@ def run(args: argparse.Namespace) -> int:
         _remove_previous_run(out, images, args)
     record = plan_images(out, images, keep)
     redone = _remove_changed(out, record.changed, args.format)
-    write_images(out, record)
-    since = record_run(out, settings, keep, requested={"precision": args.precision, "quantize": args.quantize})
+    with _writing(out / IDS_FILE, done=0):
+        write_images(out, record)
+    with _writing(out / RUN_FILE, done=0):
+        since = record_run(out, settings, keep, requested={"precision": args.precision, "quantize": args.quantize})
     _say_skipped(listing)
     state = _Progress()
     todo, overlay_only = _plan(out, images, args, since, state.earlier_masks)
+    finished = False
     try:
-        _process(out, listing, todo, overlay_only, generator, record.ids, args, state)
-    except KeyboardInterrupt:
-        _finish(out, listing, args, model_name, checkpoint, device, config, precision, state, todo, redone, start,
-                since)
-        print(f"segany auto: interrupted after {state.done} images; finished ones are kept, rerun the same "
-              f"command with --resume to do the rest (outputs in {out})", file=sys.stderr)
-        raise
-    return _finish(out, listing, args, model_name, checkpoint, device, config, precision, state, todo, redone, start,
-                   since)
+        _process(out, listing, todo, overlay_only, generator, record.ids, args, state, within)
+        finished = True
+    finally:  # however the run ends, the manifest records what it did
+        stopped = None if finished else sys.exc_info()[1]
+        try:
+            code = _finish(out, listing, args, model_name, checkpoint, device, config, precision, state, todo,
+                           redone, start, since, stopped)
+        except Exception as exc:
+            if stopped is None:
+                raise
+            # the error that stopped the run is the one the command ends with; this one gets a line
+            print(f"segany auto: the manifest could not be written: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(stopped, KeyboardInterrupt):
+            print(f"segany auto: interrupted after {state.done} images; finished ones are kept, rerun the same "
+                  f"command with --resume to do the rest (outputs in {out})", file=sys.stderr)
+    return code
 
 
 @dataclass
@@ -513,87 +548,294 @@ class _Progress:
     overlays: int = 0
     n_masks: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
+    nonfinite: int = 0  # masks dropped because a score was NaN or infinite
+    unexpected: int = 0  # images failed by an unexpected error (a bug)
     # Masks per output key that --resume found done (and read while checking it), so the summary need not
     # parse those outputs a second time.
     earlier_masks: dict[str, int] = field(default_factory=dict)
 
 
-def _process(out: Path, listing: Listing, todo: list[tuple[Path, str]], overlay_only: list[tuple[Path, str]],
-             generator: Any, ids: dict[str, int], args: argparse.Namespace, state: _Progress) -> None:
-    """Segment ``todo`` and draw the overlays of ``overlay_only``, one atomic output per image."""
-    from tqdm import tqdm
+class OutputWriteError(SeganyError):
+    """The file system refused an output (disk full, read-only, permissions): the run stops, since every
+    later image would fail the same way, and says which file and how to go on."""
 
-    from segany.data.images import load_image
+    def __init__(self, message: str, *, path: Path, reason: str) -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+@contextmanager
+def _writing(path: Path, *, done: int) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` into an :class:`OutputWriteError` naming it and the fix.
+    ``done``: the images finished so far, which a ``--resume`` keeps. The atomic writers leave no temp file
+    and the previous version of ``path`` (if any) whole."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise OutputWriteError(_write_failure(exc, reason, path, done), path=path, reason=reason) from exc
+
+
+def _write_failure(exc: OSError, reason: str, path: Path, done: int) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make that folder writable"
+    else:
+        fix = "fix that"
+    kept = ("the image this run finished is" if done == 1 else f"the {done} images this run finished are" if done
+            else "finished images are")
+    return (f"{reason} while writing {path}; {fix} and rerun the same command with --resume to do the rest "
+            f"({kept} kept, whole)")
+
+
+def _finite_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The masks an output can hold, and how many were dropped for a score that is not a finite number.
+
+    An empty mask (possible with --stability-score-thresh 0; its stability is 0/0, NaN) is no SA-1B record,
+    and ``--min-mask-region-area`` can fill one into a full mask that keeps the NaN; NaN is not JSON. The
+    Python API keeps both, as the reference does."""
+    kept, dropped = [], 0
+    for r in records:
+        if r["area"] <= 0:
+            continue
+        if all(math.isfinite(float(r[k])) for k in ("predicted_iou", "stability_score", "label_score") if k in r):
+            kept.append(r)
+        else:
+            dropped += 1
+    return kept, dropped
+
+
+class _WithinImage:
+    """Progress inside one image on the bar's postfix: the prompts decoded of the image's total (and the crop,
+    with crop layers), so a large image (minutes on a CPU) does not look stuck. Shown only once an image has
+    run :data:`SLOW_IMAGE_S`, and redrawn at most every :data:`REFRESH_S`: a small image costs one clock read
+    per decoder batch."""
+
+    SLOW_IMAGE_S = 2.0
+    REFRESH_S = 0.5
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.name = ""
+        self.prompts = self.total_prompts = self.crop = self.total_crops = 0
+        self.started = self.shown = 0.0
+
+    def start(self, bar: Any, name: str, prompts_per_crop: list[int]) -> None:
+        self.bar, self.name = bar, name
+        self.total_prompts, self.total_crops = sum(prompts_per_crop), len(prompts_per_crop)
+        self.prompts = self.crop = 0
+        self.started = self.shown = time.monotonic()
+
+    def stop(self) -> None:
+        self.bar = None
+
+    def on_crop(self) -> None:
+        self.crop = min(self.crop + 1, self.total_crops)
+
+    def on_batch(self, prompts: int) -> None:
+        """Called as a decoder batch of ``prompts`` starts: the batches before it are done."""
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if now - self.started >= self.SLOW_IMAGE_S and now - self.shown >= self.REFRESH_S:
+            self.shown = now
+            crop = f", crop {self.crop}/{self.total_crops}" if self.total_crops > 1 else ""
+            self.bar.set_postfix_str(f"{self.name}: {min(self.prompts, self.total_prompts)}/{self.total_prompts} "
+                                     f"prompts{crop}")
+        self.prompts += prompts
+
+
+def _reporting_predictor(base: type, model: Any, options: dict[str, Any], within: _WithinImage) -> Any:
+    """A ``SamPredictor`` (``base``) that tells ``within`` of each crop embedded and each decoder batch; the
+    generator drives it as any predictor. Built here so that importing the CLI does not import torch."""
+
+    class ReportingPredictor(base):  # type: ignore[misc, valid-type]
+        def set_image(self, *args: Any, **kwargs: Any) -> None:
+            within.on_crop()
+            super().set_image(*args, **kwargs)
+
+        def predict_torch(self, point_coords: Any, *args: Any, **kwargs: Any) -> Any:
+            within.on_batch(0 if point_coords is None else int(point_coords.shape[0]))
+            return super().predict_torch(point_coords, *args, **kwargs)
+
+    return ReportingPredictor(model, **options)
+
+
+def _process(out: Path, listing: Listing, todo: list[tuple[Path, str]], overlay_only: list[tuple[Path, str]],
+             generator: Any, ids: dict[str, int], args: argparse.Namespace, state: _Progress,
+             within: _WithinImage | None = None) -> None:
+    """Segment ``todo`` and draw the overlays of ``overlay_only``, one atomic output per image.
+
+    An image that cannot be read or segmented, or whose processing raised anything else (a bug), is listed
+    in ``state.failures`` and the run goes on; an :class:`OutputWriteError` stops it (the caller writes the
+    manifest)."""
+    from tqdm import tqdm
 
     overlay_keys = {key for _, key in overlay_only}
     # A context manager: an interrupted run's bar is closed here, before the closing lines, not after them
     with tqdm(total=len(todo) + len(overlay_only), unit="img", file=sys.stderr, disable=args.quiet,
               dynamic_ncols=True, desc="segany auto") as bar:
         for path, key in [*todo, *overlay_only]:
-            bar.update(1)
             try:
-                image = load_image(path)
-            except ImageLoadError as exc:
+                _one_image(out, listing, path, key, key in overlay_keys, generator, ids[key], args, state, bar,
+                           within if not args.quiet else None)
+            except InputError as exc:  # unreadable, or an image this model cannot take (too thin to resize)
                 state.failures.append({"image": str(path), "error": str(exc)})
                 bar.write(f"segany: skipping {path}: {exc}", file=sys.stderr)
-                continue
-            target = output_path(out, key, args.format)
-            if key in overlay_keys:  # done by the recorded run without --overlay: draw its saved masks
-                _write_overlay(out, key, image, _saved_records(target, args.format))
-                state.overlays += 1
-                continue
-            try:
-                records = generator.generate(image)
-            except InputError as exc:  # an image this model cannot take (too thin to resize): fail it, go on
-                state.failures.append({"image": str(path), "error": str(exc)})
-                bar.write(f"segany: skipping {path}: {exc}", file=sys.stderr)
-                continue
-            # An empty mask (possible with --stability-score-thresh 0; its stability is 0/0, NaN) is no SA-1B
-            # record; the Python API keeps them, as the reference does.
-            records = [r for r in records if r["area"] > 0]
-            state.n_masks += len(records)
-            if args.overlay:  # before the output, which marks the image done
-                _write_overlay(out, key, image, records)
-            _write_output(target, args.format, records, image_id=ids[key], file_name=listing.file_name(path),
-                          size_hw=image.shape[:2])
-            state.done += 1
-            bar.set_postfix(masks=len(records))
+            except OutputWriteError:
+                raise
+            except Exception as exc:  # a bug: fail this image, keep the traceback for a report, go on
+                error = f"unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+                failure = {"image": str(path), "error": error}
+                state.unexpected += 1
+                if state.unexpected <= _TRACEBACKS_KEPT:  # a bug that fails every image needs a few, not all
+                    failure["traceback"] = traceback.format_exc()
+                state.failures.append(failure)
+                where = f" (traceback in {out / MANIFEST_FILE})" if "traceback" in failure else ""
+                bar.write(f"segany: skipping {path}: {error}{where}", file=sys.stderr)
+            bar.update(1)  # after the image, so the bar never shows as done one still running
+
+
+def _one_image(out: Path, listing: Listing, path: Path, key: str, overlay_only: bool, generator: Any,
+               image_id: int, args: argparse.Namespace, state: _Progress, bar: Any,
+               within: _WithinImage | None) -> None:
+    from segany.amg.grid import crop_boxes
+    from segany.data.images import load_image
+
+    image = load_image(path)
+    target = output_path(out, key, args.format)
+    if overlay_only:  # done by the recorded run without --overlay: draw its saved masks
+        with _writing(overlay_path(out, key), done=state.done):
+            _write_overlay(out, key, image, _saved_records(target, args.format))
+        state.overlays += 1
+        return
+    if within is not None:
+        c = generator.config
+        _, layers = crop_boxes(image.shape[:2], c.crop_n_layers, c.crop_overlap_ratio)
+        within.start(bar, key, [len(generator.point_grids[layer]) for layer in layers])
+    try:
+        records = generator.generate(image)
+    finally:
+        if within is not None:
+            within.stop()
+    records, dropped = _finite_records(records)
+    if args.overlay:  # before the output, which marks the image done
+        with _writing(overlay_path(out, key), done=state.done):
+            _write_overlay(out, key, image, records)
+    with _writing(target, done=state.done):
+        _write_output(target, args.format, records, image_id=image_id, file_name=listing.file_name(path),
+                      size_hw=image.shape[:2])
+    state.done += 1  # counted once written: a run stopped by a full disk reports what its output holds
+    state.n_masks += len(records)
+    state.nonfinite += dropped
+    bar.set_postfix(masks=len(records))
 
 
 def _finish(out: Path, listing: Listing, args: argparse.Namespace, model_name: str, checkpoint: Path | None,
             device: str, config: Any, precision: dict[str, Any], state: _Progress, todo: list[tuple[Path, str]],
-            redone: int, start: float, since: int) -> int:
-    """Write the manifest (and coco's merged files), print the summary; the exit status."""
+            redone: int, start: float, since: int, stopped: BaseException | None = None) -> int:
+    """Write the manifest (and coco's merged files), print the summary; the exit status.
+
+    ``stopped``: what ended the run early (Ctrl-C, an :class:`OutputWriteError`, a bug), recorded in the
+    manifest. The summary is printed even when the file system refuses the manifest; that refusal is then
+    raised, or, when something else stopped the run, reported in a line so that the command ends with the
+    error that stopped it."""
+    import torch
+
     images, failures, done = listing.images, state.failures, state.done
     elapsed = time.perf_counter() - start
-    whole = _summarize(out, [k for _, k in images], args.format, since, state.earlier_masks)
+    refused: list[OutputWriteError] = []  # a disk that is full stays full: the manifest may fail too
+    whole: dict[str, int | None]
+    try:
+        whole = dict(_summarize(out, [k for _, k in images], args.format, since, state.earlier_masks))
+    except OutputWriteError as exc:
+        refused.append(exc)
+        whole = {"done": None, "masks": None}  # unknown: the merged files could not be written
     counts = {"images": len(images), "done": whole["done"], "failed": len(failures), "masks": whole["masks"],
               "not_images": sum(listing.other_files.values())}
     this_run = {"processed": done, "skipped_existing": len(images) - len(todo), "redone_changed": redone,
                 "overlays_added": state.overlays, "failed": len(failures), "masks": state.n_masks,
-                "seconds": round(elapsed, 3)}
+                "dropped_nonfinite_masks": state.nonfinite, "seconds": round(elapsed, 3)}
     manifest = {
         "command": "auto", "input": str(args.input), "format": args.format, "overlay": args.overlay,
         "model": model_name, "checkpoint": str(checkpoint) if checkpoint else None, "device": device,
-        "precision": precision, "options": config.to_dict(), "versions": _versions(), "counts": counts, "this_run": this_run,
-        "failures": failures, "seconds": round(elapsed, 3),
+        "threads": torch.get_num_threads(), "precision": precision, "options": config.to_dict(),
+        "versions": _versions(), "counts": counts, "this_run": this_run, "failures": failures,
+        "stopped": None if stopped is None else _stop_reason(stopped), "seconds": round(elapsed, 3),
     }
-    atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
+    try:
+        with _writing(out / MANIFEST_FILE, done=done):
+            atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
+    except OutputWriteError as exc:
+        refused.append(exc)
     rate = done / elapsed if elapsed > 0 else 0.0
+    held = (f"the output holds {whole['done']} of {len(images)} images, {whole['masks']} masks"
+            if whole["done"] is not None else "the output's counts are unknown")
     print(f"segany auto: {done} processed, {this_run['skipped_existing']} already done"
           + (f", {redone} redone because their image changed" if redone else "")
           + (f" ({state.overlays} overlays added)" if state.overlays else "")
-          + f", {len(failures)} failed, {state.n_masks} masks, {rate:.2f} images/s; the output holds "
-          f"{whole['done']} of {len(images)} images, {whole['masks']} masks; outputs in {out}", file=sys.stderr)
+          + f", {len(failures)} failed, {state.n_masks} masks"
+          + (f" ({state.nonfinite} more dropped: a score was not a number)" if state.nonfinite else "")
+          + f", {rate:.2f} images/s; {held}; outputs in {out}", file=sys.stderr)
     if failures:
         print("failed images:", file=sys.stderr)
         for f in failures:
             print(f"  {f['image']}: {f['error']}", file=sys.stderr)
-        if not whole["done"]:
+        if not whole["done"] and stopped is None and not refused:
             print(f"segany auto: no image could be segmented ({len(failures)} failed, listed above and in "
                   f"{out / MANIFEST_FILE}); fix or remove them and rerun", file=sys.stderr)
-        return 1
-    return 0
+    if refused:
+        if stopped is None:
+            raise refused[0]
+        for exc in refused:
+            print(f"segany auto: {exc.path} not written either ({exc.reason})", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _stop_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); rerun the same command with --resume to do the rest"
+    if isinstance(exc, SeganyError):
+        return exc.cli_message()
+    return f"unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _check_foreign(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace) -> None:
+    """Refuse a run that would replace files in ``out`` the recorded run did not write (the user's own
+    ``x.json`` beside ``x.jpg``, or an unrecorded folder's outputs), unless ``--overwrite``; with it, name them.
+
+    What the recorded run wrote is known from its run.json (format) and image_ids.json (output names), the
+    same record :func:`_remove_previous_run` removes by, so no file outside that record is replaced silently.
+    """
+    foreign = _foreign_files(out, images, args)
+    if not foreign:
+        return
+    shown = ", ".join(str(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    if not args.overwrite:
+        raise InputError(f"--out {str(out)!r} holds {len(foreign)} file(s) this run would replace that no recorded "
+                         f"segany auto run wrote there: {shown}; move them away, pick another --out, or pass "
+                         "--overwrite to replace them")
+    print(f"segany auto: --overwrite: replacing {len(foreign)} file(s) no recorded run wrote: {shown}",
+          file=sys.stderr)
+
+
+def _foreign_files(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace) -> list[Path]:
+    """The files at names this run writes that exist and are outside the recorded run's outputs."""
+    if not out.is_dir():
+        return []
+    fmt, keys = previous_outputs(out)
+    ours: set[Path] = set()
+    if fmt in FORMATS:
+        ours = {output_path(out, k, fmt) for k in keys} | {overlay_path(out, k) for k in keys}
+        if fmt == "coco":
+            ours |= {out / COCO_RESULTS_FILE, out / COCO_IMAGES_FILE}
+    targets = [output_path(out, k, args.format) for _, k in images]
+    if args.overlay:
+        targets += [overlay_path(out, k) for _, k in images]
+    if args.format == "coco":
+        targets += [out / COCO_RESULTS_FILE, out / COCO_IMAGES_FILE]
+    return [t for t in targets if t not in ours and (t.exists() or t.is_symlink())]
 
 
 def _remove(path: Path) -> bool:
@@ -771,8 +1013,10 @@ def _summarize(out: Path, keys: list[str], fmt: str, since: int, earlier_masks: 
             merged.extend(data["results"])
         masks += _mask_count(data, fmt)
     if fmt == "coco":
-        atomic_write_bytes(out / COCO_RESULTS_FILE, _json_bytes(merged))
-        atomic_write_bytes(out / COCO_IMAGES_FILE, _json_bytes(_coco_dataset(merged_images, merged)))
+        with _writing(out / COCO_RESULTS_FILE, done=done):
+            atomic_write_bytes(out / COCO_RESULTS_FILE, _json_bytes(merged))
+        with _writing(out / COCO_IMAGES_FILE, done=done):
+            atomic_write_bytes(out / COCO_IMAGES_FILE, _json_bytes(_coco_dataset(merged_images, merged)))
     return {"done": done, "masks": masks}
 
 

@@ -99,13 +99,14 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, has_outputs:
     if not path.exists():
         if has_outputs():
             raise InputError(f"--resume: {str(out)!r} holds outputs but no {RUN_FILE}, so which model and settings "
-                             "made them is unknown; rerun without --resume to replace them, or pick a new --out")
+                             "made them is unknown; rerun without --resume and with --overwrite to replace them, or "
+                             "pick a new --out")
         return False
     try:
         before = json.loads(path.read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume to replace "
-                         "the outputs, or pick a new --out") from exc
+        raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume and with "
+                         "--overwrite to replace the outputs, or pick a new --out") from exc
     now = json.loads(json.dumps(settings))  # compare as JSON round-trips them (tuples, floats)
     if isinstance(before, dict):
         before = _upgrade(before, now)
@@ -254,6 +255,6 @@ def _read_ids(path: Path) -> tuple[dict[str, int], dict[str, Any], int]:
             raise ValueError("sources must map output names to image files")
         next_id = max([int(data.get("next_id", 1)), *(v + 1 for v in ids.values())])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume to replace "
-                         "the outputs, or pick a new --out") from exc
+        raise InputError(f"--resume: {str(path)!r} is unreadable ({exc}); rerun without --resume and with "
+                         "--overwrite to replace the outputs, or pick a new --out") from exc
     return dict(ids), dict(sources), next_id

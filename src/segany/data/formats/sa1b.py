@@ -8,6 +8,7 @@ RLE whose ``counts`` is a str and ``bbox``/``crop_box`` are XYWH pixels.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +62,50 @@ def to_sa1b(records: list[dict[str, Any]], *, image_id: int, file_name: str, siz
 
 
 def write_sa1b(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
-    """Write an SA-1B dict atomically (temp file in the same folder, then ``os.replace``)."""
-    text = json.dumps(data, separators=(",", ":"), allow_nan=True)
+    """Write an SA-1B dict atomically (temp file in the same folder, then ``os.replace``).
+
+    The file is strict JSON, as SA-1B's are: a NaN or infinite number anywhere is refused and nothing is
+    written. The generator gives an empty mask (kept with ``stability_score_thresh=0``) a NaN stability
+    (0/0, as the reference does); drop such masks first, as ``segany auto`` does.
+
+    Raises:
+        InputError: a number in ``data`` is NaN or infinite (the message names where).
+    """
+    try:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        where = _nonfinite_field(data)
+        if where is None:
+            raise
+        raise InputError(f"SA-1B file {str(path)!r} not written: {where} is not a finite number, and SA-1B files are "
+                         "strict JSON (no NaN or Infinity); drop the masks whose scores are not finite first, e.g. "
+                         "[a for a in anns if math.isfinite(a['stability_score'])] (an empty mask's stability is "
+                         "0/0)") from exc
     return atomic_write_text(path, text, fsync=True)  # resumed runs trust a present file as complete
+
+
+def _nonfinite_field(value: Any, where: str = "") -> str | None:
+    """Where the first NaN or infinite float in ``value`` is (``annotation 3 (id 7) stability_score = nan``)."""
+    if isinstance(value, float):
+        return f"{where} = {value}" if not math.isfinite(value) else None
+    if isinstance(value, dict):
+        if where == "" and isinstance(value.get("annotations"), list):  # name annotations by index and id
+            for i, ann in enumerate(value["annotations"]):
+                label = f"annotation {i}" + (f" (id {ann['id']!r})" if isinstance(ann, dict) and "id" in ann else "")
+                found = _nonfinite_field(ann, label + " ")
+                if found is not None:
+                    return found
+            value = {k: v for k, v in value.items() if k != "annotations"}
+        for k, v in value.items():
+            found = _nonfinite_field(v, f"{where}{k}" if where.endswith(" ") or not where else f"{where}.{k}")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _nonfinite_field(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _counts_total(counts: Any) -> int:
