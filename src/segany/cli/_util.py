@@ -96,6 +96,11 @@ def resolve_checkpoint(model: str, checkpoint: str | None) -> Path | None:
         raise CheckpointError(f"model {model!r} names weights {info.weights!r}, which are not registered yet; "
                               "pass --checkpoint PATH") from None
     found = find_weights(weights.name)
+    if found is None and not weights.url:  # shipped in the package: `segany download` has nothing to fetch
+        raise CheckpointError(
+            f"the weights of {model!r} ({weights.name}) are missing from this installation; they are not "
+            f"downloaded but {weights.description}: reinstall segany (pip install --force-reinstall segany), "
+            "or pass --checkpoint PATH")
     if found is None:
         raise CheckpointError(
             f"no weights for {model!r} in the cache ({cached_path(weights)}); run `segany download {weights.name}` "

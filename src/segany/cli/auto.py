@@ -484,6 +484,15 @@ def run(args: argparse.Namespace) -> int:
     options = _generator_options(args, None if model_name.startswith("custom") else model_name)
     config = _check_options(options)
     precision = _precision_record(args, fast_options, device)
+    if labels is not None:
+        if model.class_head is None:  # fail now, not silently on the first image that has masks
+            raise InputError(f"--labels needs a model with a class head and {model_name!r} has none; use "
+                             "--model segany_tiny_labels (segany_tiny + a class head, shipped with segany)")
+        from segany.text.prompting import check_text_for_model
+
+        # Unknown closed-vocabulary names fail here; known ones become the class names, each once, and those
+        # are what the run records: `Persons,person` and `person` label alike and resume each other.
+        labels = list(dict.fromkeys(check_text_for_model(model, t) for t in labels))
     settings = run_settings(model_name, checkpoint, args.format, config.to_dict(), labels,
                             precision=precision["resolved"], quantize=args.quantize)
     keep = check_resume(out, settings, args.resume,  # other settings: refused before anything is written
@@ -499,13 +508,7 @@ def run(args: argparse.Namespace) -> int:
     generator.predictor = _reporting_predictor(SamPredictor, model, fast_options, within)
     precision["decoder"] = _decoder_name(generator.predictor)
     if labels is not None:
-        if model.class_head is None:  # fail now, not silently on the first image that has masks
-            raise InputError(f"--labels needs a model with a class head and {model_name!r} has none; use "
-                             "--model segany_tiny_labels (segany_tiny + a class head, shipped with segany)")
-        from segany.text.prompting import check_text_for_model
-
-        # Unknown closed-vocabulary names fail here; known ones become the class names, each once.
-        generator.labels = list(dict.fromkeys(check_text_for_model(model, t) for t in labels))
+        generator.labels = labels
     # The output folder appears only once every check has passed: a refused run leaves nothing behind.
     out.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out)
