@@ -732,7 +732,11 @@ class Store:
             counts["images_added"] = len(self._insert_images(s, project_id, new_images))
             if any(n not in (p.labels or []) for n in labels):
                 p.labels = list(dict.fromkeys([*(p.labels or []), *labels]))
-            by_sha = {im.sha256: im for im in s.scalars(select(Image).where(Image.project_id == project_id))}
+            # FOR KEY SHARE (PostgreSQL): an image removed while this import runs either goes first (and is not
+            # found here: the record is refused by name) or waits for it; without the lock the annotation insert
+            # met the removal's committed delete as a raw foreign-key violation.
+            by_sha = {im.sha256: im for im in s.scalars(select(Image).where(Image.project_id == project_id)
+                                                        .with_for_update(read=True, key_share=True))}
             deleted = {u: i for i, u in s.execute(select(DeletedAnnotation.id, DeletedAnnotation.uuid)
                                                   .where(DeletedAnnotation.project_id == project_id))}
             for start in range(0, len(records), _IMPORT_BATCH):
@@ -756,7 +760,8 @@ class Store:
         for r in batch:
             im = by_sha.get(r["image_sha256"])
             if im is None:  # the caller maps every record to an image it holds or adds
-                raise StoreError(f"image with sha256 {r['image_sha256'][:12]}... is not in the project")
+                raise StoreError(f"image with sha256 {r['image_sha256'][:12]}... is not in the project (removed "
+                                 "while importing?); nothing was imported: rerun the import")
             rle = r["rle"]
             if tuple(rle["size"]) != (im.height, im.width):
                 raise InputError(f"a mask of size {rle['size']} does not match image {im.file_name!r} "
