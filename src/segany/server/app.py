@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from segany.engine.masks import encode_mask
+from segany.engine.masks import encode_mask, normalize_rle
 from segany.engine.store import (
     ConflictError,
     InvalidAnnotationError,
@@ -256,25 +256,45 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
 
 
-class _ProposedLabels:
-    """The (image, label) pairs this server's text prompts proposed, newest kept: saving a proposal keeps the
-    model's label even when the project does not declare it, and nothing else may skip the declared-label check."""
+class _ProposedMasks:
+    """The masks this server's text prompts proposed, as (image, label, mask digest), newest kept.
 
-    def __init__(self, size: int = 4096) -> None:
-        self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()
+    Saving one of them as proposed (source "semi", that mask, that label) keeps the model's label even when the
+    project does not declare it; any other mask with that label, drawn or edited by hand, goes through the
+    declared-label check. A digest of the canonical RLE (the same mask in any RLE form gives the same digest)
+    keeps the memory small: at most ``size`` entries of a few hundred bytes each."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self._seen: OrderedDict[tuple[int, str, bytes], None] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
 
-    def add(self, image_id: int, label: str) -> None:
+    @staticmethod
+    def _digest(rle: dict[str, Any]) -> bytes | None:
+        try:
+            canonical = normalize_rle(rle)
+        except InputError:  # not a mask at all: the store refuses it with the reason after the label check
+            return None
+        h, w = canonical["size"]
+        return hashlib.sha256(f"{h}x{w}:{canonical['counts']}".encode("ascii")).digest()
+
+    def add(self, image_id: int, label: str, rle: dict[str, Any]) -> None:
+        digest = self._digest(rle)
+        if digest is None:
+            return
+        key = (image_id, label.strip(), digest)
         with self._lock:
-            self._seen[(image_id, label)] = None
-            self._seen.move_to_end((image_id, label))
+            self._seen[key] = None
+            self._seen.move_to_end(key)
             while len(self._seen) > self._size:
                 self._seen.popitem(last=False)
 
-    def was_proposed(self, image_id: int, label: str | None) -> bool:
+    def was_proposed(self, image_id: int, label: str | None, rle: dict[str, Any]) -> bool:
+        if label is None:
+            return False
+        digest = self._digest(rle)
         with self._lock:
-            return label is not None and (image_id, label) in self._seen
+            return digest is not None and (image_id, label.strip(), digest) in self._seen
 
 
 # Formats browsers decode themselves (Chromium, Firefox, Safari). Anything else the store accepts (TIFF) is sent
@@ -350,7 +370,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     tokens = _TokenCache(settings.auth_cache_seconds)
     state: dict[str, Any] = {"model_version_id": None}
     mv_lock = threading.Lock()
-    proposed_labels = _ProposedLabels()
+    proposed_masks = _ProposedMasks()
     browser_images = _BrowserImages()
     app.state.store = store
     app.state.model = model
@@ -599,8 +619,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
             bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
             out.append({"segmentation": rle, "score": p.score, "label": p.label, "area": int(p.mask.sum()),
                         "bbox": bbox})
-        if out:
-            proposed_labels.add(image_id, label)
+            proposed_masks.add(image_id, p.label, rle)
         return {"text": body.text.strip(), "label": label, "proposals": out,
                 "compute_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
@@ -613,14 +632,17 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     @app.post("/api/images/{image_id}/annotations")
     def save_annotation(image_id: ImageId, body: AnnotationIn, who: Who) -> JSONResponse:
         # A typed label must be one of the project's (422 naming them). A text proposal's label comes from the
-        # model (its class vocabulary or the phrase) and is accepted as proposed; the client's word "semi"
-        # alone is not enough, or any label could be saved by claiming to be a proposal.
+        # model (its class vocabulary or the phrase) and is accepted as proposed: the app saves it with source
+        # "semi" and the segmentation the server sent. Only that exact mask skips the check: the word "semi" or
+        # an earlier proposal of the label on this image is not enough, or any mask could carry any label.
         #
         # The image must be this project's before anything else, so another project's image is a 404 before any
         # label check (the store checks it again before answering a replayed uuid: machine uuids are predictable,
         # uuid5 of image, generation and index, and replaying them must never read another project's masks).
         store.get_image(project_id, image_id)
-        if not proposed_labels.was_proposed(image_id, body.label):
+        as_proposed = body.source == "semi" and proposed_masks.was_proposed(
+            image_id, body.label, body.segmentation.model_dump())
+        if not as_proposed:
             store.check_label(project_id, body.label)
 
         def reused() -> ConflictError:
