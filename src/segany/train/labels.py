@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,23 @@ from segany.train.trainer import _atomic_torch_save, resolve_device
 
 log = logging.getLogger(__name__)
 
-COCO128_HELD_OUT = 16  # coco128 ships no validation split: these many images (seeded) are held out for labels
+# coco128 ships no validation split, so label training holds some of its images out. The split is frozen: the
+# shipped label head (segany_tiny_labels, docs/benchmarks.md) was trained on the 112 images of COCO128_LABEL_TRAIN
+# and evaluated on the 16 of COCO128_LABEL_VAL, the first 16 of the 128 sorted ids shuffled with the seed
+# "labels-10" (how the split was made until that shuffle was found to move images across it whenever the folder
+# gained or lost one). Any other coco128 id goes by its own seeded hash (_held_out_by_hash), so one image's side
+# never depends on the others. COCO ids as numbers; image ids are them zero-padded to 12 digits.
+COCO128_LABEL_VAL = (30, 36, 42, 71, 94, 241, 250, 260, 308, 332, 338, 359, 428, 472, 590, 612)
+COCO128_LABEL_TRAIN = (
+    9, 25, 34, 49, 61, 64, 72, 73, 74, 77, 78, 81, 86, 89, 92, 109, 110, 113, 127, 133, 136, 138, 142, 143, 144, 149,
+    151, 154, 164, 165, 192, 194, 196, 201, 208, 247, 257, 263, 283, 294, 307, 309, 312, 315, 321, 322, 326, 328, 349,
+    357, 360, 368, 370, 382, 384, 387, 389, 394, 395, 397, 400, 404, 415, 419, 431, 436, 438, 443, 446, 450, 459, 471,
+    474, 486, 488, 490, 491, 502, 508, 510, 514, 520, 529, 531, 532, 536, 540, 542, 544, 560, 562, 564, 569, 572, 575,
+    581, 584, 589, 595, 597, 599, 605, 620, 623, 625, 626, 629, 634, 636, 641, 643, 650,
+)
+_COCO128_VAL_IDS = frozenset(f"{i:012d}" for i in COCO128_LABEL_VAL)
+_COCO128_TRAIN_IDS = frozenset(f"{i:012d}" for i in COCO128_LABEL_TRAIN)
+COCO128_HELD_OUT_FRACTION = 16 / 128  # of coco128 ids outside the frozen lists, about this share is held out
 LABEL_SPLIT_SEED = 10
 
 
@@ -78,9 +93,25 @@ def with_labels(cfg: SamConfig, class_names: Sequence[str], clip_model: str | No
 
 
 # ------------------------------------------------------------------------------------------- data
+def _held_out_by_hash(dataset: str, image_id: str) -> bool:
+    """Whether an image outside the frozen lists is held out: fixed by (dataset, seed, id) alone."""
+    digest = hashlib.blake2b(f"labels-{LABEL_SPLIT_SEED}\0{dataset}\0{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < COCO128_HELD_OUT_FRACTION
+
+
+def coco128_held_out(image_id: str) -> bool:
+    """Whether the coco128 image ``image_id`` is held out from label training (the frozen split, else its hash)."""
+    if image_id in _COCO128_VAL_IDS:
+        return True
+    if image_id in _COCO128_TRAIN_IDS:
+        return False
+    return _held_out_by_hash("coco128", image_id)
+
+
 def label_split(records: list[InstanceRecord]) -> dict[str, list[InstanceRecord]]:
     """Train/held-out split for label training: PennFudan's held-out images (the project's split) stay
-    held out; coco128 loses ``COCO128_HELD_OUT`` seeded images to evaluation. PennFudan masks are 'person'."""
+    held out; coco128's are the frozen ``COCO128_LABEL_VAL`` (and about 1 in 8 of any image added since, by
+    :func:`coco128_held_out`). PennFudan masks are 'person'."""
     from segany.data.formats import held_out_ids
 
     out: dict[str, list[InstanceRecord]] = {"train": [], "val": []}
@@ -92,13 +123,10 @@ def label_split(records: list[InstanceRecord]) -> dict[str, list[InstanceRecord]
             continue  # no labels: nothing to teach the class head
         by_ds.setdefault(r.dataset, []).append(r)
     for ds, recs in by_ds.items():
-        ids = sorted(r.image_id for r in recs)
         if ds == "coco128":
-            pool = list(ids)
-            random.Random(f"labels-{LABEL_SPLIT_SEED}").shuffle(pool)
-            held = set(pool[:COCO128_HELD_OUT])
+            held = {r.image_id for r in recs if coco128_held_out(r.image_id)}
         else:
-            held = set(held_out_ids(ds, ids))
+            held = set(held_out_ids(ds, sorted(r.image_id for r in recs)))
         for r in recs:
             out["val" if r.image_id in held else "train"].append(r)
     return out
