@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from segany.errors import DownloadError, InputError, SeganyError, UnknownModelError, require
+from segany.errors import CheckpointError, DownloadError, InputError, SeganyError, UnknownModelError, require
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,22 @@ def _weights_path(spec: ClipSpec, checkpoint: str | os.PathLike[str] | None) -> 
         return p
     if spec.weights is None:
         return None
-    from segany.checkpoints import download
+    from segany.checkpoints import cached_path, download
+    from segany.registry import get_weights_info
 
     try:
         return download(spec.weights)
     except DownloadError as exc:
-        raise DownloadError(f"{exc}. Text prompts need the CLIP weights of {spec.name!r}: run "
-                            f"`segany download {spec.weights}` where there is network, or point "
-                            f"${CLIP_WEIGHTS_ENV} (or clip_checkpoint=) at the file") from exc
+        # The download's own advice names build_sam(checkpoint=), which loads SAM weights, not CLIP's: say what
+        # loads these instead.
+        info = get_weights_info(spec.weights)
+        cause = exc.__cause__
+        why = (f"could not download {info.name} from {info.url} ({getattr(cause, 'reason', cause)})" if cause
+               else str(exc))
+        raise DownloadError(f"{why}. Text prompts need the CLIP weights of {spec.name!r}: run `segany download "
+                            f"{spec.weights}` where there is network (or fetch the file elsewhere and put it at "
+                            f"{cached_path(info)}), or pass its path as load_clip({spec.name!r}, checkpoint=PATH) "
+                            f"or in ${CLIP_WEIGHTS_ENV}") from exc
 
 
 def _build(spec: ClipSpec, path: Path | None) -> torch.nn.Module:
@@ -135,6 +143,42 @@ def _build(spec: ClipSpec, path: Path | None) -> torch.nn.Module:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state), strict=True)
     return model
+
+
+def _embed_dims(model: torch.nn.Module) -> dict[str, int]:
+    """The joint-space widths a built CLIP produces: ``text`` (its text projection) and ``image`` (its visual
+    tower's output), each where the model exposes it."""
+    dims: dict[str, int] = {}
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        dims["text"] = proj.out_features
+    elif isinstance(proj, torch.Tensor) and proj.ndim == 2:
+        dims["text"] = int(proj.shape[1])
+    out = getattr(getattr(model, "visual", None), "output_dim", None)
+    if isinstance(out, int):
+        dims["image"] = out
+    return dims
+
+
+def _check_weights(spec: ClipSpec, path: Path, model: torch.nn.Module, from_env: bool) -> None:
+    """Refuse a weights file of another CLIP (e.g. ViT-B/32's for clip_vit_l14): an OpenAI archive builds
+    whatever architecture it holds, and would fail only later, at the first prompt, with a shape error."""
+    wrong = {k: v for k, v in _embed_dims(model).items() if v != spec.embed_dim}
+    if not wrong:
+        return
+    got = next(iter(wrong.values()))
+    alike = [s.name for s in _SPECS.values() if s.embed_dim == got and s.name != spec.name]
+    raise CheckpointError(
+        f"CLIP weights {str(path)!r} are a CLIP with {got}-dim embeddings"
+        + (f" (as {', '.join(alike)})" if alike else "")
+        + f", but {spec.name} has {spec.embed_dim}-dim ones; " + _weights_fix(spec, from_env))
+
+
+def _weights_fix(spec: ClipSpec, from_env: bool) -> str:
+    if from_env:
+        return (f"${CLIP_WEIGHTS_ENV} applies to every CLIP model: point it at {spec.name}'s file, or unset it "
+                f"and pass each file as load_clip({spec.name!r}, checkpoint=PATH)")
+    return f"pass {spec.name}'s file as checkpoint="
 
 
 class ClipEncoder:
@@ -168,8 +212,30 @@ class ClipEncoder:
         if not phrases or bad:
             raise InputError("text prompts must be non-empty phrases such as 'a dog'; got "
                              f"{phrases!r}")
-        tokens = self.tokenizer([p.strip() for p in phrases]).to(self.device)
+        phrases = [p.strip() for p in phrases]
+        self.check_length(phrases)
+        tokens = self.tokenizer(phrases).to(self.device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def check_length(self, phrases: list[str]) -> None:
+        """Raise :class:`InputError` for a phrase longer than CLIP reads: its tokenizer would cut it silently.
+
+        The limit is in BPE tokens, not characters: the context length less the start and end tokens (75 for
+        OpenAI's CLIP). A CJK character or an emoji can take several, so 200 characters can be too long.
+        """
+        context = getattr(self.tokenizer, "context_length", None)
+        encode = getattr(self.tokenizer, "encode", None)
+        if not isinstance(context, int) or not callable(encode):
+            return  # a tokenizer that does not say its limit (none of the registered ones)
+        limit = context - 2
+        for phrase in phrases:
+            n = len(encode(phrase))
+            if n > limit:
+                shown = phrase if len(phrase) <= 40 else phrase[:37] + "..."
+                raise InputError(f"text prompt {shown!r} is {n} CLIP tokens long, but {self.spec.name} reads "
+                                 f"at most {limit} ({context} less its start and end tokens) and would drop the "
+                                 "rest; shorten it to a few words such as 'a red car' (an emoji or a CJK "
+                                 "character can take several tokens)")
 
     @torch.no_grad()
     def encode_crops(self, image: torch.Tensor, boxes_xyxy: torch.Tensor, context: float = 0.1) -> torch.Tensor:
@@ -212,7 +278,17 @@ def load_clip(name: str, *, checkpoint: str | os.PathLike[str] | None = None,
     key = (name, str(path), str(torch.device(device)))
     if key not in _LOADED:
         open_clip: Any = require("open_clip", "text")
-        model = _build(spec, path)
+        from_env = checkpoint is None and bool(os.environ.get(CLIP_WEIGHTS_ENV))
+        try:
+            model = _build(spec, path)
+        except (RuntimeError, KeyError, ValueError) as exc:  # a file of another architecture, or not CLIP's
+            if path is None:
+                raise
+            reason = " ".join(str(exc).split())[:300]  # one line: a state-dict error lists every key on its own
+            raise CheckpointError(f"could not load CLIP weights {str(path)!r} as {spec.name} ({reason}); "
+                                  + _weights_fix(spec, from_env)) from exc
+        if path is not None:
+            _check_weights(spec, path, model, from_env)
         if spec.arch is not None:
             tokenizer = open_clip.get_tokenizer(spec.arch)
         else:
