@@ -9,6 +9,12 @@ import unicodedata
 from segany.errors import PromptError
 
 _ARTICLES = re.compile(r"^(a|an|the|every|all)\s+", re.IGNORECASE)
+# Punctuation that ends or wraps a typed phrase ("car.", "a car!", "'dog'"); hyphens become spaces instead.
+_PUNCTUATION = ".,;:!?…'\"“”‘’«»()[]{}¿¡"
+# Plurals of COCO class names that dropping 's'/'es' does not undo, by last word ("computer mice").
+_IRREGULAR = {"people": "person", "mice": "mouse", "knives": "knife", "busses": "bus", "scissor": "scissors"}
+# Several things in one phrase: "person and car", "dog,cat", "cups/bowls".
+_SEVERAL = re.compile(r"\s*(?:,|;|/|&|\+|\band\b|\bor\b)\s*")
 # The score floor of "every <text>" results (predicted IoU × label probability), one for every entry point
 # (predict --text, SamPredictor.predict(text=...), the server's text proposals): segany_tiny_labels' scores
 # stay below about 0.2, so the 0.25 the server and the API had kept 2 of the 25 people on the sample photo.
@@ -19,10 +25,12 @@ TEXT_POINTS_PER_SIDE = 16
 
 
 def normalize_phrase(text: str) -> str:
-    """'  The Dogs ' → 'dogs'; 'a traffic light' → 'traffic light' (articles and case do not matter, nor
-    full-width letters or invisible format characters such as a zero-width space)."""
+    """'  The Dogs ' → 'dogs'; 'a traffic-light.' → 'traffic light' (articles, case, hyphens and underscores,
+    punctuation around the phrase do not matter, nor full-width letters or invisible format characters such as
+    a zero-width space). Punctuation inside it stays: 'dog,cat' is two things, see :func:`resolve_label`."""
     t = "".join(ch for ch in unicodedata.normalize("NFKC", str(text)) if unicodedata.category(ch) != "Cf")
-    t = " ".join(t.strip().lower().replace("_", " ").split())
+    t = t.lower().replace("_", " ").replace("-", " ")
+    t = " ".join(t.strip(_PUNCTUATION + " \t\n\r\f\v").split())
     while True:
         stripped = _ARTICLES.sub("", t)
         if stripped == t:
@@ -38,20 +46,54 @@ def check_text(text: object) -> str:
     return text.strip()
 
 
-def resolve_label(text: str, class_names: tuple[str, ...] | list[str]) -> int:
-    """Index of ``text`` in a closed vocabulary (case, articles and a plural 's' are ignored).
+def _singulars(phrase: str) -> list[str]:
+    """``phrase`` and the singulars its last word may stand for: 'wine glasses' → [..., 'wine glass']."""
+    head, _, last = phrase.rpartition(" ")
+    words = [last]
+    if last in _IRREGULAR:
+        words.append(_IRREGULAR[last])
+    if last.endswith("ies") and len(last) > 3:
+        words.append(last[:-3] + "y")
+    if last.endswith("es") and len(last) > 2:
+        words.append(last[:-2])
+    if last.endswith("s") and len(last) > 1:
+        words.append(last[:-1])
+    return [f"{head} {w}" if head else w for w in words]
 
-    Raises :class:`PromptError` listing the known names (and close matches) when it is not there.
+
+def _find(want: str, names: list[str]) -> int | None:
+    for cand in _singulars(want):
+        if cand in names:
+            return names.index(cand)
+    return None
+
+
+def resolve_label(text: str, class_names: tuple[str, ...] | list[str]) -> int:
+    """Index of ``text`` in a closed vocabulary (case, articles, hyphens, surrounding punctuation and plurals,
+    irregular ones of COCO's classes included, are ignored).
+
+    Raises :class:`PromptError` listing the known names (and close matches) when it is not there, and saying
+    to prompt one class at a time when it names several ("person and car").
     """
     check_text(text)
     want = normalize_phrase(text)
     names = [normalize_phrase(n) for n in class_names]
-    for cand in (want, want[:-1] if want.endswith("s") else want, want[:-2] if want.endswith("es") else want):
-        if cand in names:
-            return names.index(cand)
+    found = _find(want, names)
+    if found is not None:
+        return found
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    parts = [normalize_phrase(p) for p in _SEVERAL.split(want)]
+    parts = [p for p in parts if p]
+    known = [class_names[i] for i in (_find(p, names) for p in parts) if i is not None]
+    if len(parts) > 1 and known:
+        unknown = [p for p in parts if _find(p, names) is None]
+        extra = f" ({', '.join(repr(u) for u in unknown)} not among its classes)" if unknown else ""
+        raise PromptError(
+            f"{shown!r} names {len(parts)} things ({', '.join(parts)}){extra}: one class per prompt; use "
+            f"`segany auto --labels {','.join(known)}` for several (in Python, prompt each class in turn or "
+            "label automatic masks with segany.text.prompting.label_masks)")
     close = difflib.get_close_matches(want, names, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(class_names[names.index(c)]) for c in close)}?" if close else ""
-    shown = text if len(text) <= 60 else text[:57] + "..."
     raise PromptError(
         f"unknown label {shown!r}: this model has a closed vocabulary of {len(class_names)} classes "
         f"and no CLIP text path.{hint} Known: {', '.join(class_names)}; pass one of them (free-form text needs "
