@@ -231,8 +231,10 @@ class SamPredictor:
         """Masks for one prompt set, in original-image pixels.
 
         ``text`` (models with a text token or class head, see :mod:`segany.text.prompting`): with
-        clicks/box it picks the candidate that is the named thing; alone, with a class head, it returns
-        every instance of it (N masks, best first; N may be 0), otherwise the text token's object.
+        clicks/box the candidates are scored by how much each is the named thing (predicted IoU × the
+        class head's probability of it) and come back best first, so ``masks[0]`` is the pick; alone, with a
+        class head, it returns every instance of it (N masks, best first; N may be 0), otherwise the text
+        token's object.
 
         Returns:
             masks (C, H, W) bool (float logits if ``return_logits``), scores (C,), low-res logits

@@ -42,6 +42,7 @@ def test_predict_text_with_the_label_model_writes_every_person(tmp_path: Path, h
     assert r.stdout.strip() == str(out / f"{stem}.json")
     result = json.loads((out / f"{stem}.json").read_text())
     assert result["model"] == "segany_tiny_labels"
+    assert result["decoder"] == "exact"  # what ran: the text path reads mask tokens from the reference decoder
     assert result["prompts"]["text"] == "person" and result["prompts"]["min_score"] == 0.1
     assert all(m["score"] >= 0.1 for m in result["masks"])
     assert result["checkpoint"].endswith("segany_tiny_labels_head.pt")

@@ -179,9 +179,10 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "image": str(Path(args.image)), "size_hw": [h, w], "model": model_name, "checkpoint": str(checkpoint),
         "device": device, "precision": precision, **({"quantize": args.quantize} if args.quantize else {}),
-        # fp32 names two decoders on CPU: the folded one (auto) and the reference modules (--precision fp32)
-        "decoder": "folded" if predictor.fast is not None and isinstance(predictor.fast.decoder, FastMaskDecoder)
-        else "exact",
+        # fp32 names two decoders on CPU: the folded one (auto) and the reference modules (--precision fp32).
+        # --text always runs the reference modules (segany.text.prompting.decode): it needs the mask tokens.
+        "decoder": "folded" if args.text is None and predictor.fast is not None
+        and isinstance(predictor.fast.decoder, FastMaskDecoder) else "exact",
         "multimask": multimask,
         "prompts": {"points_xy": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points],
                     "box_xyxy": list(box) if box else None, **({"text": args.text} if args.text else {}),

@@ -68,11 +68,20 @@ class Vocabulary:
 
 def make_vocabulary(model: Sam, labels: list[str], clip: ClipEncoder | None = None,
                     predictor: SamPredictor | None = None) -> Vocabulary:
-    """Closed when every label is a class name; otherwise open-vocabulary (needs CLIP), else an error."""
+    """Closed when every label is a class name; otherwise open-vocabulary (needs CLIP), else an error.
+
+    Labels that read the same (:func:`~segany.text.vocab.normalize_phrase`) are one entry, spelled as first given.
+    """
     head = model.class_head
     labels = [check_text(t) for t in labels]
     if not labels:
         raise PromptError("the label list is empty; pass names such as person,car")
+    # One entry per phrase: the same one twice ("zebra", "Zebra.") splits an open vocabulary's probability
+    # between identical text embeddings, halving both. The first spelling names it.
+    unique: dict[str, str] = {}
+    for t in labels:
+        unique.setdefault(normalize_phrase(t), t)
+    labels = list(unique.values())
     if head is None:
         raise PromptError("this model has no class head, so it cannot label masks; " + NO_TEXT_PATH)
     try:
@@ -177,6 +186,10 @@ def predict_text(predictor: SamPredictor, text: str, coords: torch.Tensor | None
     if pv is not None:  # how much each candidate is the named thing decides among the ambiguity masks
         vocab, idx = pv
         iou = iou.float().clamp(0, 1) * label_probs(model, tokens, vocab)[..., idx]  # a raw IoU can be < 0
+    # Best first, as text alone returns its instances: masks[0] is the named thing (np.argmax still finds it).
+    order = torch.argsort(iou.float(), dim=1, descending=True, stable=True)
+    iou = torch.gather(iou, 1, order)
+    low = low[:, order[0]]
     masks = model.postprocess_masks(low, predictor.input_size, predictor.original_size)
     if not return_logits:
         masks = masks > model.mask_threshold
@@ -271,14 +284,15 @@ def label_masks(predictor: SamPredictor, masks: np.ndarray | torch.Tensor, label
 
     Args:
         masks: (N, H, W) bool in original-image pixels.
-        labels: optional label list (closed or, with CLIP, open); default the model's class names.
+        labels: optional label list (closed or, with CLIP, open); default the model's class names. A label
+            given twice counts once.
 
     Returns:
         (label per mask, its probability (N,)). With ``labels`` given, each mask gets the best of them.
     """
     model = predictor.model
     vocab = make_vocabulary(model, labels, predictor=predictor) if labels else None
-    names = list(labels) if labels else list(model.class_head.class_names if model.class_head else [])
+    names = vocab.names if vocab else list(model.class_head.class_names if model.class_head else [])
     m = torch.as_tensor(np.asarray(masks), device=predictor.device).bool()
     if m.ndim != 3:
         raise PromptError(f"masks must be (N, H, W) bool, got shape {tuple(m.shape)}")
