@@ -17,7 +17,8 @@ _IRREGULAR = {"people": "person", "mice": "mouse", "knives": "knife", "busses": 
 _SEVERAL = re.compile(r"\s*(?:,|;|/|&|\+|\band\b|\bor\b)\s*")
 # The score floor of "every <text>" results (predicted IoU × label probability), one for every entry point
 # (predict --text, SamPredictor.predict(text=...), the server's text proposals): segany_tiny_labels' scores
-# stay below about 0.2, so the 0.25 the server and the API had kept 2 of the 25 people on the sample photo.
+# are mostly under 0.2 (the best few of an image about 0.3-0.35), so the 0.25 the server and the API had kept
+# 2 of the 25 people on the sample photo.
 # TEXT_POINTS_PER_SIDE is the side of the point grid that search covers. Both live here, not in prompting.py,
 # so the command line's parser can read them without importing torch.
 TEXT_MIN_SCORE = 0.1
