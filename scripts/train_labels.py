@@ -129,7 +129,7 @@ def main() -> int:
                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     data = {"source": args.pack or data_root, "train_images": len(splits["train"]), "val_images": len(splits["val"]),
-            "classes": len(names), "split": "coco128-seg: 16 seeded images held out (train/labels.py label_split); "
+            "classes": len(names), "split": "coco128-seg: the 16 frozen held-out images (train/labels.py COCO128_LABEL_VAL; 15 hold labels); "
                                             "PennFudan: the project's 20 held-out images"}
     train_meta = {"trained": "scripts/train_labels.py", "argv": sys.argv[1:], "data": data, "hardware": hardware,
                   "date_utc": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
