@@ -160,6 +160,25 @@ def running_server(app: Any) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextlib.contextmanager
+def served_demo_project(checkpoint: Path, tmp: Path, images: list[Path]) -> Iterator[dict[str, Any]]:
+    """Project "demo" (labels person, thing) holding ``images``, served by a real uvicorn server with the tiny
+    model decoding on the server and grid pre-fill; yields ``store``, ``project`` and ``base`` (the URL)."""
+    store = open_store(tmp / "proj", create=True)
+    proj = store.create_project("demo", media_dir=tmp / "proj" / "images", labels=["person", "thing"])
+    store.add_images(proj["id"], images)
+    ref: dict[str, ModelService] = {}
+    svc = ModelService("vit_b", str(checkpoint), device="cpu", cache_size=4, cache_dir=tmp / "onnx",
+                       prefill=grid_prefill(ref))
+    ref["svc"] = svc
+    app = create_app(store, svc, ServerSettings(max_upload_bytes=2 * 1024 * 1024))
+    try:
+        with running_server(app) as base:
+            yield {"store": store, "project": proj, "base": base}
+    finally:
+        store.close()
+
+
 def _pg_bin(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     if found:

@@ -18,12 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from annotation_fixtures import SAMPLE_FILES, grid_prefill, running_server, tiny_checkpoint  # noqa: F401
+from annotation_fixtures import SAMPLE_FILES, served_demo_project, tiny_checkpoint  # noqa: F401
 from test_server_browser import browser  # noqa: F401  (the module's Chromium fixture)
-
-from segany.engine.store import open_store
-from segany.server.app import ServerSettings, create_app
-from segany.server.model_service import ModelService
 
 pytestmark = pytest.mark.browser
 
@@ -47,19 +43,9 @@ def _rotated_tiff(path: Path) -> Path:
 def env(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # noqa: F811
     """A project with two JPEGs and a TIFF, an annotator's token, and the running server's base URL."""
     tmp = tmp_path_factory.mktemp("audit3")
-    store = open_store(tmp / "proj", create=True)
-    proj = store.create_project("demo", media_dir=tmp / "proj" / "images", labels=["person", "thing"])
-    store.add_images(proj["id"], [*SAMPLE_FILES[:2], _rotated_tiff(tmp / "rotated.tif")])
-    ref: dict[str, ModelService] = {}
-    svc = ModelService("vit_b", str(tiny_checkpoint), device="cpu", cache_size=4, cache_dir=tmp / "onnx",
-                       prefill=grid_prefill(ref))
-    ref["svc"] = svc
-    app = create_app(store, svc, ServerSettings(max_upload_bytes=2 * 1024 * 1024))
-    images = store.list_images(proj["id"])
-    with running_server(app) as base:
-        yield {"store": store, "project": proj, "base": base, "token": store.add_annotator("alice"),
-               "images": images}
-    store.close()
+    with served_demo_project(tiny_checkpoint, tmp, [*SAMPLE_FILES[:2], _rotated_tiff(tmp / "rotated.tif")]) as served:
+        store = served["store"]
+        yield {**served, "token": store.add_annotator("alice"), "images": store.list_images(served["project"]["id"])}
 
 
 def _page(browser: Any, env: dict[str, Any], image: int | None = None, wait: bool = True) -> Any:  # noqa: F811

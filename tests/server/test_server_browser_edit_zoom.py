@@ -24,12 +24,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from annotation_fixtures import SAMPLE_FILES, grid_prefill, running_server, tiny_checkpoint  # noqa: F401
+from annotation_fixtures import SAMPLE_FILES, served_demo_project, tiny_checkpoint  # noqa: F401
 from test_server_browser import browser  # noqa: F401  (the module's Chromium fixture)
-
-from segany.engine.store import open_store
-from segany.server.app import ServerSettings, create_app
-from segany.server.model_service import ModelService
 
 pytestmark = pytest.mark.browser
 
@@ -78,21 +74,13 @@ def _big_jpg(path: Path) -> Path:
 def env(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # noqa: F811
     """A project with a photo, a 40x30 PNG and a 1200x900 JPEG; an annotator's token; the running server."""
     tmp = tmp_path_factory.mktemp("audit5")
-    store = open_store(tmp / "proj", create=True)
-    proj = store.create_project("demo", media_dir=tmp / "proj" / "images", labels=["person", "thing"])
-    store.add_images(proj["id"], [SAMPLE_FILES[0], _tiny_png(tmp / "tiny.png"), _big_jpg(tmp / "big.jpg")])
-    ref: dict[str, ModelService] = {}
-    svc = ModelService("vit_b", str(tiny_checkpoint), device="cpu", cache_size=4, cache_dir=tmp / "onnx",
-                       prefill=grid_prefill(ref))
-    ref["svc"] = svc
-    app = create_app(store, svc, ServerSettings(max_upload_bytes=2 * 1024 * 1024))
-    by_name = {Path(im["file_name"]).stem: im for im in store.list_images(proj["id"])}
-    photo, tiny, big = by_name[SAMPLE_FILES[0].stem], by_name["tiny"], by_name["big"]
-    token = store.add_annotator("alice")
-    with running_server(app) as base:
-        yield {"store": store, "project": proj, "base": base, "token": token, "alice": store.authenticate(token)["id"],
-               "photo": photo, "tiny": tiny, "big": big}
-    store.close()
+    files = [SAMPLE_FILES[0], _tiny_png(tmp / "tiny.png"), _big_jpg(tmp / "big.jpg")]
+    with served_demo_project(tiny_checkpoint, tmp, files) as served:
+        store, proj = served["store"], served["project"]
+        by_name = {Path(im["file_name"]).stem: im for im in store.list_images(proj["id"])}
+        token = store.add_annotator("alice")
+        yield {**served, "token": token, "alice": store.authenticate(token)["id"],
+               "photo": by_name[SAMPLE_FILES[0].stem], "tiny": by_name["tiny"], "big": by_name["big"]}
 
 
 def _page(browser: Any, env: dict[str, Any], image: dict[str, Any]) -> Any:  # noqa: F811
