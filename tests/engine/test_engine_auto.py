@@ -19,6 +19,7 @@ from engine_fixtures import (
     save_tiny_checkpoint,
     use_test_generator_path,
 )
+from PIL import Image
 
 from segany.engine.auto import ModelSpec, count_sets, run_auto
 from segany.engine.masks import decode_rle
@@ -116,25 +117,34 @@ def test_ray_matches_local_and_survives_actor_kill(setup: dict, ray_cluster, tmp
 
 
 @pytest.mark.timeout(180)
-def test_pool_survives_a_killed_worker_process(setup: dict, tmp_path: Path) -> None:
-    """`--workers 2` on a process pool: a worker killed mid-run (the kernel's OOM killer) lost its task and
-    multiprocessing.Pool waited for it forever. Its images are now retried on a new pool, each written once."""
-    store, proj = make_project(tmp_path / "pool_kill", setup["images"])
-    runners, killed = [], []
+def test_pool_survives_a_dead_worker_and_blames_only_its_image(setup: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--workers 2` on a process pool, with one image that kills its worker (out of memory). A dead worker
+    lost its task and multiprocessing.Pool waited forever; then every image in flight with it was charged the
+    death, and the run ended blaming whichever came first. Now the images in flight run again one at a time:
+    the culprit is the one left to do, with the reason, and every other image is written once, as in the
+    single-process run."""
+    from grid_generator import POISON_HEIGHT
 
-    def on_result(result, written) -> None:
-        if not killed:  # the worker that sent the first result still has images in flight or queued
-            pid = int(result.worker.removeprefix("pid"))
-            assert pid in runners[0].worker_pids(), f"result from {result.worker}, not a pool process"
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+    from segany.engine import jobs
 
-    s = run_auto(store, None, setup["spec"], auto_settings(), workers=2, runner_hook=runners.append,
-                 on_result=on_result)
-    assert killed and runners[0].restarts >= 1, "the worker kill was not noticed"
-    assert s.images_written == N_IMAGES
-    assert_one_set_each(store, proj["id"], N_IMAGES)
-    assert_same_masks(setup["local"], masks_by_file(store, proj["id"]))
+    monkeypatch.setattr(jobs, "POOL_MAX_ATTEMPTS", 1)  # one death alone is enough to blame (3 by default)
+    poison = tmp_path / "poison.jpg"
+    Image.open(setup["images"][0]).convert("RGB").resize((90, POISON_HEIGHT)).save(poison)
+    good = setup["images"][:4]
+    store, proj = make_project(tmp_path / "pool_kill", [poison, *good])
+    runners: list = []
+    settings = dataclasses.replace(auto_settings(), generator="grid_generator:PoisonGenerator")
+    s = run_auto(store, None, setup["spec"], settings, workers=2, runner_hook=runners.append)
+    assert runners[0].restarts >= 2, "a death in company, then the culprit's death alone"
+    assert (s.images_written, s.images_failed) == (4, 1)
+    (failure,) = s.failures
+    assert failure["path"].endswith("poison.jpg") and "worker process died" in failure["reason"]
+    sets = count_sets(store, proj["id"])
+    assert sorted(m is not None for _, m in sets.values()) == [False, True, True, True, True]
+    written = masks_by_file(store, proj["id"])
+    assert_same_masks({k: v for k, v in setup["local"].items() if k in written and k != "poison.jpg"},
+                      {k: v for k, v in written.items() if k != "poison.jpg"})
 
 
 @pytest.mark.timeout(120)

@@ -67,18 +67,21 @@ def _pool_process(task: ImageTask) -> ImageResult:
     return _POOL_WORKER.process(task)
 
 
+POOL_MAX_ATTEMPTS = 3  # times an image may kill its worker alone before it is left to do
+
+
 class PoolRunner:
     """A ``spawn`` process pool (fork would copy the parent's torch thread pools and can deadlock).
 
     ``concurrent.futures`` rather than ``multiprocessing.Pool``: when a worker dies (killed for memory, a
     crash in native code) the latter silently loses its task and ``imap`` waits forever, while an executor
-    reports the pool broken. The tasks then unfinished are given to a fresh pool, each at most
-    ``max_attempts`` times in all, as the Ray runner does with a dead actor.
+    reports the pool broken. The tasks then unfinished go to a fresh pool (see :meth:`run`).
     """
 
-    def __init__(self, spec: ModelSpec, settings: AutoSettings, workers: int, *, max_attempts: int = 3) -> None:
+    def __init__(self, spec: ModelSpec, settings: AutoSettings, workers: int, *,
+                 max_attempts: int | None = None) -> None:
         self.workers = workers
-        self.max_attempts = max_attempts
+        self.max_attempts = POOL_MAX_ATTEMPTS if max_attempts is None else max_attempts
         self.restarts = 0
         self._args = (spec, settings, max(1, (os.cpu_count() or 1) // workers))
         self.pool = self._new_pool()
@@ -95,40 +98,54 @@ class PoolRunner:
         return [p.pid for p in (getattr(self.pool, "_processes", None) or {}).values() if p.is_alive()]
 
     def run(self, tasks: Sequence[ImageTask]) -> Iterator[ImageResult]:
+        """Yield every task's result. A dead worker breaks the whole pool and fails every task in flight with
+        it, without saying whose task killed it; those tasks become suspects and run again one at a time on a
+        new pool, where a death names its image. Such an image is tried ``max_attempts`` times alone, then
+        comes back as a failed result (it stays to do, like an unreadable image) while the run goes on."""
         from concurrent.futures import FIRST_COMPLETED, Future, wait
         from concurrent.futures.process import BrokenProcessPool
 
-        # At most two tasks per worker are handed over at once: a dead worker then fails (and costs an
-        # attempt to) only those, not every task queued behind them.
-        queue: collections.deque[tuple[ImageTask, int]] = collections.deque((t, 1) for t in tasks)
+        queue: collections.deque[ImageTask] = collections.deque(tasks)
+        suspects: collections.deque[tuple[ImageTask, int]] = collections.deque()  # (task, deaths alone)
         inflight: dict[Future[ImageResult], tuple[ImageTask, int]] = {}
-        while queue or inflight:
-            while queue and len(inflight) < 2 * self.workers:
-                task, attempt = queue.popleft()
-                inflight[self.pool.submit(_pool_process, task)] = (task, attempt)
+        while queue or suspects or inflight:
+            if suspects:  # alone, so that a death is its own
+                if not inflight:
+                    task, deaths = suspects.popleft()
+                    inflight[self.pool.submit(_pool_process, task)] = (task, deaths)
+            else:  # at most two per worker: a death fails only these, not everything queued behind them
+                while queue and len(inflight) < 2 * self.workers:
+                    task = queue.popleft()
+                    inflight[self.pool.submit(_pool_process, task)] = (task, 0)
             done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
-            broken = False
+            lost: list[tuple[ImageTask, int]] = []
             for fut in done:
-                task, attempt = inflight.pop(fut)
+                task, deaths = inflight.pop(fut)
                 try:
                     result = fut.result()
-                except BrokenProcessPool as exc:
-                    if attempt >= self.max_attempts:
-                        raise JobError(f"image {task.image_id} failed {attempt} times because its worker process "
-                                       "died; check the machine's memory (dmesg) and run with fewer --workers") \
-                            from exc
-                    queue.appendleft((task, attempt + 1))
-                    broken = True
+                except BrokenProcessPool:
+                    lost.append((task, deaths))
                     continue
-                yield result
-            if broken:  # every task still in flight fails with the pool: give them all to a new one
-                for task, attempt in inflight.values():
-                    queue.appendleft((task, attempt + 1))
-                inflight.clear()
-                log.warning("a worker process died; retrying its images on a new pool")
-                self.pool.shutdown(wait=True, cancel_futures=True)
-                self.pool = self._new_pool()
-                self.restarts += 1
+                yield result  # results that finished before the death still count
+            if not lost:
+                continue
+            lost += list(inflight.values())  # the pool is broken: the rest fail with it
+            inflight.clear()
+            alone = len(lost) == 1
+            for task, deaths in lost:
+                deaths += alone
+                if deaths >= self.max_attempts:
+                    log.warning("image %d killed its worker process %d times; left to do", task.image_id, deaths)
+                    yield ImageResult(task.image_id, task.sha256, [], 0.0, error=(
+                        f"its worker process died each of {deaths} times it ran alone (out of memory? see "
+                        "dmesg); it stays to do: rerun with fewer --workers, or remove the image"))
+                else:
+                    suspects.append((task, deaths))
+            log.warning("a worker process died; running %d suspect images one at a time on a new pool",
+                        len(suspects))
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = self._new_pool()
+            self.restarts += 1
 
     def close(self) -> None:
         for pid in self.worker_pids():  # do not wait for a long image: the driver is stopping
