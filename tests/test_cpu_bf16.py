@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from segany.cli._util import add_speed_arguments, changes_results, predictor_options
+from segany.cli._util import add_speed_arguments, predictor_options
 from segany.errors import InputError
 from segany.fast import cpu_has_native_bf16
 
@@ -67,13 +67,3 @@ def test_auto_on_a_cpu_without_native_bf16_takes_the_folded_decoder(monkeypatch:
     assert "fast_decoder" not in predictor_options(_args(), "cuda")
     monkeypatch.setenv("SEGANY_CPU_BF16", "1")
     assert "fast_decoder" not in predictor_options(_args(), "cpu")
-
-
-def test_run_records_keep_auto_out_whatever_it_became(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run resumed on another machine keeps its record: auto is bf16 or fp32 by machine (rounding noise);
-    what the user set explicitly is recorded."""
-    monkeypatch.setenv("SEGANY_CPU_BF16", "1")
-    assert changes_results(_args()) == {}
-    assert changes_results(_args("--precision", "bf16", "--quantize", "int8")) == {"precision": "bf16",
-                                                                                "quantize": "int8"}
-    assert changes_results(_args("--precision", "fp32")) == {"precision": "fp32"}

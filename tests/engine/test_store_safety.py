@@ -158,3 +158,32 @@ def test_import_queries_per_batch_not_per_record(store: Store, tmp_path: Path) -
     selects.clear()
     again = store.import_annotations(p["id"], new_images=[], labels=["obj"], records=records)
     assert (again["unchanged"], again["duplicate"]) == (150, 1) and len(selects) <= 10
+
+
+def test_a_missing_database_in_another_language_is_named_from_the_url() -> None:
+    """A server with non-English messages still says SQLSTATE 3D000: the createdb line named the database
+    "named in the URL" (a command that would fail); it takes the name from the URL now."""
+    from sqlalchemy.exc import OperationalError
+
+    from segany.engine.store import _unreachable
+
+    class Localized(Exception):
+        sqlstate = "3D000"
+
+    exc = OperationalError("connect", {}, Localized('FATAL:  la base de données « annot » n\'existe pas'))
+    message = str(_unreachable("postgresql://u@h:5432/annot", "postgresql+psycopg://u@h:5432/annot", None, exc))
+    assert "`createdb -h h -p 5432 -U u annot`" in message, message
+
+
+def test_sqlite_without_returning_is_refused_by_name(tmp_path, monkeypatch) -> None:
+    """Adding images needs SQLite 3.35 (INSERT ... RETURNING): an older system SQLite failed at the first image
+    with a SQL compile error; the store now refuses to open, naming the version and the way out."""
+    import sqlite3
+
+    from segany.engine.store import StoreError, open_store
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(StoreError, match=r"SQLite 3\.35 or newer.*has 3\.31\.1.*PostgreSQL"):
+        open_store(tmp_path / "p", create=True)
+    assert not (tmp_path / "p").exists()

@@ -40,6 +40,19 @@ def test_database_outage_answers_503(client: TestClient, admin_token: str, proje
     assert r.status_code == 503 and "database unavailable" in r.json()["detail"], r.text
 
 
+def test_a_full_disk_is_not_answered_as_retry(client: TestClient, admin_token: str, project: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's full disk is an OperationalError too: it was answered 503 "retry in a few seconds", which only
+    loses more work; it is 507 now, saying an administrator must free space (and no Retry-After)."""
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(project[0], "list_images", full)
+    r = client.get("/api/images", headers=auth(admin_token))
+    assert r.status_code == 507 and "retry-after" not in r.headers, r.text
+    assert r.json()["detail"].startswith("the database's disk is full")
+
+
 def test_labels_with_control_characters_are_refused(client: TestClient, admin_token: str, project: Any) -> None:
     store, proj = project
     r = client.patch("/api/project", json={"labels": ["person", "new\nline"]}, headers=auth(admin_token))

@@ -160,14 +160,6 @@ def predictor_options(args: argparse.Namespace, device: str, *, cpu_bf16_auto: b
     return {**options, "fast_decoder": True} if fast_decoder else options
 
 
-def changes_results(args: argparse.Namespace) -> dict[str, Any]:
-    """The options the user set that change masks beyond rounding noise (for run records): not compile, not
-    the defaults. ``auto`` is bf16 or fp32 depending on the machine, which is rounding noise, so a run
-    resumed on another machine keeps its record."""
-    given = {"precision": args.precision, "quantize": args.quantize}
-    return {k: v for k, v in given.items() if v not in ("auto", None)}
-
-
 def loaded_model_name(config: Any, asked: str, checkpoint: Path | None) -> str:
     """The registered model whose architecture ``config`` is (``asked`` first), else ``custom (FILE)``.
 

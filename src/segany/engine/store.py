@@ -495,6 +495,9 @@ class Store:
                     raise InputError(f"{w!r} {why} in this project; `segany project stats` or the app lists them")
                 chosen[hits[0].id] = hits[0]
             out = [image_dict(im) for im in chosen.values()]
+            # The images are locked first, in id order, before the cascade locks their annotations: an import
+            # or a stage-3 write locks images before annotations in that order too, so no two wait on each other.
+            s.execute(select(Image.id).where(Image.id.in_(list(chosen))).order_by(Image.id).with_for_update())
             for im in chosen.values():
                 s.delete(im)  # annotations go with it (ORM cascade); done markers by the foreign key
             return out
@@ -735,7 +738,9 @@ class Store:
             # FOR KEY SHARE (PostgreSQL): an image removed while this import runs either goes first (and is not
             # found here: the record is refused by name) or waits for it; without the lock the annotation insert
             # met the removal's committed delete as a raw foreign-key violation.
+            # In id order, as a removal deletes, so the two cannot lock in crossed orders (a deadlock).
             by_sha = {im.sha256: im for im in s.scalars(select(Image).where(Image.project_id == project_id)
+                                                        .order_by(Image.id)
                                                         .with_for_update(read=True, key_share=True))}
             deleted = {u: i for i, u in s.execute(select(DeletedAnnotation.id, DeletedAnnotation.uuid)
                                                   .where(DeletedAnnotation.project_id == project_id))}
@@ -1145,6 +1150,8 @@ def open_store(target: str | os.PathLike[str], *, create: bool = False, pool_siz
             load (default: ``SEGANY_DB_POOL_SIZE`` and ``SEGANY_DB_MAX_OVERFLOW``, else 5 and 5).
     """
     url, project_dir = resolve_target(target)
+    if url.startswith("sqlite"):
+        _check_sqlite_version()
     if project_dir is not None:
         db_file = Path(url.removeprefix("sqlite:///"))
         _check_sqlite_target(str(target), db_file, create)
@@ -1210,12 +1217,26 @@ def _check_sqlite_target(target: str, db_file: Path, create: bool) -> None:
                          "that holds it or another .db path")
 
 
+SQLITE_MIN = (3, 35)  # INSERT ... RETURNING (adding images); Python 3.10+ builds mostly ship newer
+
+
+def _check_sqlite_version() -> None:
+    """Refuse, before anything is made, a SQLite too old for the store: the first image added would fail with a
+    SQL compile error otherwise (an old distribution's Python, such as Ubuntu 20.04's SQLite 3.31)."""
+    import sqlite3
+
+    if tuple(sqlite3.sqlite_version_info[:2]) < SQLITE_MIN:
+        raise StoreError(f"the project store needs SQLite {SQLITE_MIN[0]}.{SQLITE_MIN[1]} or newer and this Python "
+                         f"has {sqlite3.sqlite_version}; use a Python built with a newer SQLite (python.org, conda, "
+                         "a newer distribution) or keep the store on PostgreSQL (postgresql://USER@HOST/DB)")
+
+
 def _unreachable(target: str, url: str, project_dir: Path | None, exc: DBAPIError) -> StoreError:
     detail = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     if project_dir is not None:
         return StoreError(f"{url.removeprefix('sqlite:///')!r} could not be opened as a SQLite database "
                           f"({detail}); is it a segany store? Pass a project folder made by `segany project create`")
-    missing = _missing_database(exc)
+    missing = _missing_database(exc, make_url(url).database)
     if missing is not None:
         u = make_url(url)
         flags = " ".join(f for f in (f"-h {u.host}" if u.host else "", f"-p {u.port}" if u.port else "",
@@ -1227,16 +1248,17 @@ def _unreachable(target: str, url: str, project_dir: Path | None, exc: DBAPIErro
                       "and password, and that the server is running")
 
 
-def _missing_database(exc: DBAPIError) -> str | None:
+def _missing_database(exc: DBAPIError, url_database: str | None) -> str | None:
     """The database name when ``exc`` says it does not exist (SQLSTATE 3D000), else None.
 
     A failed connection carries no SQLSTATE in psycopg (the server's FATAL ends the handshake), so the server's
-    message is read too; it is English unless the server was set up with another lc_messages."""
+    message is read too; it is English unless the server was set up with another lc_messages, and then the
+    name is the URL's (``url_database``)."""
     orig = getattr(exc, "orig", None)
     text_ = str(orig or exc)
     m = re.search(r'database "(.+?)" does not exist', text_)
     if getattr(orig, "sqlstate", None) == "3D000" or m:
-        return m.group(1) if m else "named in the URL"
+        return m.group(1) if m else (url_database or "named in the URL")
     return None
 
 

@@ -64,6 +64,18 @@ log = logging.getLogger(__name__)
 DB_UNAVAILABLE = ("database unavailable; nothing was saved; retry in a few seconds (the server reconnects by "
                   "itself when the database is back)")
 _DB_DOWN = (OperationalError, PoolTimeoutError)
+DB_DISK_FULL = ("the database's disk is full (or failing); nothing was saved; retrying will not help until an "
+                "administrator frees space on the server")
+
+
+def _db_failure(exc: Exception) -> tuple[int, str, dict[str, str]]:
+    """Status, detail and headers for a database error that is not the request's fault. Mostly the database
+    is away (503, retry: the server reconnects), but SQLite's full disk or I/O error is an OperationalError too,
+    and telling the annotator to retry it would only lose more work (507, no Retry-After)."""
+    text = str(exc).lower()
+    if "database or disk is full" in text or "disk i/o error" in text:
+        return 507, DB_DISK_FULL, {}
+    return 503, DB_UNAVAILABLE, {"Retry-After": "5"}
 
 STATIC_DIR = Path(__file__).with_name("static")
 PREFILL_NAMESPACE = uuid_lib.UUID("5e6a0000-0000-4000-8000-000000000002")
@@ -207,7 +219,7 @@ class _RequireToken:
                 return
             except _DB_DOWN as exc:  # outside the app's exception handlers: answer as _database_down does
                 log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
-                await _answer(scope, send, 503, DB_UNAVAILABLE, {"Retry-After": "5"})
+                await _answer(scope, send, *_db_failure(exc))
                 return
         scope.setdefault("state", {})["who"] = who
         await self.app(scope, receive, send)
@@ -437,7 +449,8 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     @app.exception_handler(PoolTimeoutError)
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
-        return JSONResponse({"detail": DB_UNAVAILABLE}, status_code=503, headers={"Retry-After": "5"})
+        status, detail, headers = _db_failure(exc)
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(SeganyError)
     async def _bad(_: Request, exc: SeganyError) -> JSONResponse:

@@ -189,7 +189,7 @@ def predict_text(predictor: SamPredictor, text: str, coords: torch.Tensor | None
     # Best first, as text alone returns its instances: masks[0] is the named thing (np.argmax still finds it).
     order = torch.argsort(iou.float(), dim=1, descending=True, stable=True)
     iou = torch.gather(iou, 1, order)
-    low = low[:, order[0]]
+    low = torch.gather(low, 1, order[:, :, None, None].expand_as(low))  # each prompt row by its own order
     masks = model.postprocess_masks(low, predictor.input_size, predictor.original_size)
     if not return_logits:
         masks = masks > model.mask_threshold
