@@ -32,6 +32,20 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+def segany_here(*args: str, home: Path, capsys: pytest.CaptureFixture[str],
+                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """``segany ARGS`` in this process (the same ``main`` as the console script): the refusals below fail before
+    any image work, so a subprocess would mostly time torch's import. Returns (exit code, stderr)."""
+    from segany.cli.main import main
+
+    monkeypatch.setenv("SEGANY_HOME", str(home))
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code  # type: ignore[assignment]
+    return int(code or 0), capsys.readouterr().err
+
+
 def test_predict_text_with_the_label_model_writes_every_person(tmp_path: Path, home: Path) -> None:
     out = tmp_path / "out"
     # An 8×8 search grid keeps the test fast (the default 16×16 decodes 4× the prompts).
@@ -72,17 +86,22 @@ def test_auto_labels_records_carry_label_and_score(tmp_path: Path, home: Path) -
     ("auto", str(PERSON_IMAGE), "--labels", "person", "--device", "cpu", "--quiet"),
 ])
 def test_text_with_a_model_without_labels_names_the_label_model(argv: tuple[str, ...], tmp_path: Path,
-                                                                home: Path) -> None:
-    r = segany(*argv, "--out", str(tmp_path / "out"), home=home)
-    assert r.returncode == 1, r.stderr
-    assert "segany_tiny_labels" in r.stderr and "Traceback" not in r.stderr
-    assert "embedding" not in r.stderr and not (tmp_path / "out").exists()
+                                                                home: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = segany_here(*argv, "--out", str(tmp_path / "out"), home=home, capsys=capsys,
+                            monkeypatch=monkeypatch)
+    assert code == 1, err
+    assert "segany_tiny_labels" in err and "Traceback" not in err
+    assert "embedding" not in err and not (tmp_path / "out").exists()
 
 
-def test_nothing_above_min_score_says_how_to_see_weaker_matches(tmp_path: Path, home: Path) -> None:
-    r = segany("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "person",
-               "--points-per-side", "2", "--min-score", "1", "--out", str(tmp_path / "out"), home=home)
-    assert r.returncode == 1 and "nothing matched --text 'person'" in r.stderr and "--min-score 1" in r.stderr
+def test_nothing_above_min_score_says_how_to_see_weaker_matches(tmp_path: Path, home: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = segany_here("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "person",
+                            "--points-per-side", "2", "--min-score", "1", "--out", str(tmp_path / "out"), home=home,
+                            capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 1 and "nothing matched --text 'person'" in err and "--min-score 1" in err
 
 
 @pytest.mark.parametrize("argv", [
@@ -90,12 +109,13 @@ def test_nothing_above_min_score_says_how_to_see_weaker_matches(tmp_path: Path, 
     ("auto", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--labels", "person,zebra crossing",
      "--device", "cpu"),
 ])
-def test_unknown_label_lists_the_known_ones(argv: tuple[str, ...], tmp_path: Path, home: Path) -> None:
-    r = segany(*argv, "--out", str(tmp_path / "out"), home=home)
-    assert r.returncode == 1
-    assert "unknown label 'zebra crossing'" in r.stderr and "Known: " in r.stderr and "person" in r.stderr
+def test_unknown_label_lists_the_known_ones(argv: tuple[str, ...], tmp_path: Path, home: Path,
+                                            capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = segany_here(*argv, "--out", str(tmp_path / "out"), home=home, capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 1
+    assert "unknown label 'zebra crossing'" in err and "Known: " in err and "person" in err
     # The vocabulary is checked once the model is loaded, before any image work; nothing is written.
-    assert "embedding" not in r.stderr and "Traceback" not in r.stderr
+    assert "embedding" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -106,9 +126,11 @@ def test_unknown_label_lists_the_known_ones(argv: tuple[str, ...], tmp_path: Pat
      "--min-score and --points-per-side only apply"),
 ])
 def test_text_search_options_are_refused_where_they_would_do_nothing(argv: tuple[str, ...], named: str,
-                                                                      tmp_path: Path, home: Path) -> None:
+                                                                      tmp_path: Path, home: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """They set the whole-image search of --text alone; with a click or a box they used to be ignored silently."""
-    r = segany("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", *argv, "--out", str(tmp_path / "out"),
-               home=home)
-    assert r.returncode == 1 and f"{named} to --text given alone" in r.stderr, r.stderr
-    assert "loading" not in r.stderr and not (tmp_path / "out").exists()
+    code, err = segany_here("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", *argv, "--out",
+                            str(tmp_path / "out"), home=home, capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 1 and f"{named} to --text given alone" in err, err
+    assert "loading" not in err and not (tmp_path / "out").exists()
