@@ -491,12 +491,7 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
             + (f" (it ran {_describe_model(store, open_redo.get('model_version_id'))})" if other_model else "")
             + "; rerun with --redo to redo every image with these settings and this model, or with the settings "
             "and model it used")
-    groups = done_differently(store, project["id"], digest, model_version_id)
-    settings_used: Counter[str] = Counter()
-    models_used: Counter[int] = Counter()
-    for (h, mv), count in groups.items():
-        settings_used.update({h: count} if h != digest else {})
-        models_used.update({mv: count} if mv != model_version_id else {})
+    settings_used, models_used = done_differently(store, project["id"], digest, model_version_id)
     if settings_used:
         used_hash = settings_used.most_common(1)[0][0]
         raise SettingsMismatchError(
@@ -548,9 +543,9 @@ def _settings_change(project: dict[str, Any], used_hash: str, now: AutoSettings)
 
 
 def done_differently(store: Any, project_id: int, digest: str, model_version_id: int
-                     ) -> dict[tuple[str, int], int]:
-    """How many of the project's done markers record other settings than ``digest`` or another model than
-    ``model_version_id``, per (settings hash, model version id); the ones that match are left out.
+                     ) -> tuple[Counter[str], Counter[int]]:
+    """The project's done markers that record other settings than ``digest``, counted per settings hash, and
+    those that record another model than ``model_version_id``, counted per model version id.
 
     The model is its weights' content: a version registered under another model name with the same
     checkpoint sha256 (a segany file loaded as ``--model segany_tiny`` or ``vit_b`` builds the architecture it
@@ -570,14 +565,14 @@ def done_differently(store: Any, project_id: int, digest: str, model_version_id:
                          .outerjoin(ModelVersion, ModelVersion.id == ImageRun.model_version_id)
                          .where(Image.project_id == project_id, ImageRun.kind == AUTO_KIND)
                          .group_by(ImageRun.settings_hash, ImageRun.model_version_id, ModelVersion.checkpoint_sha256))
-        out: dict[tuple[str, int], int] = {}
+        settings_used: Counter[str] = Counter()
+        models_used: Counter[int] = Counter()
         for h, mv, mv_sha, n in rows:
-            other_settings = h is not None and h != digest
-            other_model = mv is not None and mv != model_version_id and not (sha and mv_sha == sha)
-            if other_settings or other_model:
-                key = (str(h) if other_settings else digest, int(mv) if other_model else model_version_id)
-                out[key] = out.get(key, 0) + int(n)
-        return out
+            if h is not None and h != digest:
+                settings_used[str(h)] += int(n)
+            if mv is not None and mv != model_version_id and not (sha and mv_sha == sha):
+                models_used[int(mv)] += int(n)
+        return settings_used, models_used
 
 
 # ------------------------------------------------------------------------------------------------ run
