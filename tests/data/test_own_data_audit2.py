@@ -188,13 +188,38 @@ def test_adding_images_never_moves_an_old_image_across_the_split() -> None:
     assert len(held_out_ids("mine", ["a", "b"], fraction=0.01)) == 1  # at least one held out when F > 0
 
 
-def test_shared_dataset_splits_are_unchanged() -> None:
-    """The shipped model's evaluation depends on these: a seeded shuffle of the sorted ids, fixed counts."""
-    ids = [f"{k:05d}" for k in range(200)]
+def test_shared_dataset_splits_are_frozen_and_were_the_seeded_shuffle() -> None:
+    """The shipped model's training and evaluation depend on these splits: the frozen lists are what the seeded
+    shuffle of each dataset's ids on disk gave (20 and 80 held out), and they no longer depend on what else is read."""
+    from conftest import SHARED_DATA
+
+    from segany.data.formats import SHARED_DIRS, frozen_split
+
+    on_disk = {"pennfudan": [p.stem for p in (SHARED_DATA / SHARED_DIRS["pennfudan"] / "PNGImages").glob("*.png")],
+               "kvasir": (SHARED_DATA / SHARED_DIRS["kvasir"] / "train.txt").read_text().split()}
     for name, n in HELD_OUT.items():
-        pool = sorted(ids)
+        val, train = frozen_split(name)
+        pool = sorted(on_disk[name])
         random.Random(f"{name}-5").shuffle(pool)
-        assert held_out_ids(name, ids[::-1]) == sorted(pool[:n])
+        assert sorted(val) == sorted(pool[:n]) and len(val) == n
+        assert val | train == set(on_disk[name]) and not val & train
+        assert held_out_ids(name, on_disk[name][::-1]) == sorted(val)
+
+
+def test_a_changed_copy_of_a_shared_dataset_keeps_every_image_on_its_side() -> None:
+    """A copy of PennFudan that lost one image and gained others: every known image keeps its side (the
+    whole-list shuffle moved several), and the new ones split by their own hash, about the frozen share."""
+    from segany.data.formats import frozen_split
+
+    val, train = frozen_split("pennfudan")
+    known = sorted(val | train)
+    new = [f"MyPed{k:05d}" for k in range(400)]
+    for ids in (known[1:], known + new, known[:40]):
+        held = set(held_out_ids("pennfudan", ids))
+        assert held & set(known) == val & set(ids)
+    held_new = set(held_out_ids("pennfudan", known + new)) - val
+    assert 0.08 < len(held_new) / len(new) < 0.24  # the frozen share is 20/130
+    assert held_new == set(held_out_ids("pennfudan", new))
 
 
 # ------------------------------------------------------------------ 7: coloured and alpha masks

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
-import random
 from pathlib import Path
 
 from segany.data.formats.bsds import read_bsds
@@ -27,6 +28,11 @@ SHARED_DIRS = {"coco128": "coco128-seg", "pennfudan": "PennFudanPed", "kvasir": 
 # Held-out sizes for the datasets that ship without a validation split (README "Suggested use").
 HELD_OUT = {"pennfudan": 20, "kvasir": 80}
 SPLIT_SEED = 5  # fixed forever: changing it would silently leak training images into evaluation
+# Their splits are frozen, id by id, in shared_splits.json: the shipped model trained on those "train" ids and
+# every published figure (docs/benchmarks.md) is on those "val" ids. They were made by a seeded shuffle of each
+# dataset's whole id list, which moves images across the split whenever a copy of the folder gains or loses
+# one; so the shuffle is no longer run, and an id outside both lists goes by its own seeded hash instead.
+_FROZEN_SPLITS = Path(__file__).with_name("shared_splits.json")
 
 
 def _unit_hash(dataset: str, seed: int, image_id: str) -> float:
@@ -39,8 +45,9 @@ def held_out_ids(dataset: str, ids: list[str], *, fraction: float | None = None,
                  ) -> list[str]:
     """The deterministic held-out ids of ``dataset`` among ``ids`` (order-independent).
 
-    The shared datasets have fixed held-out counts (a seeded shuffle that must never change: the shipped
-    model's evaluation depends on it). Any other dataset needs ``fraction`` (0 to < 1): an id is held out
+    PennFudan and Kvasir (``fraction`` None) have frozen splits (:func:`frozen_split`; the shipped model's
+    training and evaluation depend on them); an id in neither list is held out when its seeded hash falls
+    under the frozen held-out share. Any other dataset needs ``fraction`` (0 to < 1): an id is held out
     when its own seeded hash falls under ``fraction``, so adding images never moves an existing image
     across the split (a shuffle of the whole list would leak old val images into train). About
     ``fraction`` of the ids are held out; with two ids or more and fraction > 0, at least one on each side
@@ -50,9 +57,10 @@ def held_out_ids(dataset: str, ids: list[str], *, fraction: float | None = None,
         if dataset not in HELD_OUT:
             raise InputError(f"dataset {dataset!r} has no fixed held-out split (only {', '.join(HELD_OUT)} do); "
                              "pass a held-out fraction, e.g. fraction=0.1 (segany data pack --val-fraction 0.1)")
-        pool = sorted(ids)
-        random.Random(f"{dataset}-{seed}").shuffle(pool)
-        return sorted(pool[:HELD_OUT[dataset]])
+        val, train = frozen_split(dataset)
+        share = len(val) / (len(val) + len(train))
+        return sorted(i for i in set(ids)
+                      if i in val or (i not in train and _unit_hash(dataset, SPLIT_SEED, i) < share))
     if not 0 <= fraction < 1:
         raise InputError(f"held-out fraction (--val-fraction) must be in [0, 1), got {fraction}; e.g. 0.1")
     unique = set(ids)
@@ -65,6 +73,13 @@ def held_out_ids(dataset: str, ids: list[str], *, fraction: float | None = None,
     elif len(held) == len(scored):
         held = held[:-1]
     return sorted(held)
+
+
+@functools.cache
+def frozen_split(dataset: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The frozen (held-out, train) ids of a shared dataset without its own validation split."""
+    lists = json.loads(_FROZEN_SPLITS.read_text())[dataset]
+    return frozenset(lists["val"]), frozenset(lists["train"])
 
 
 def read_shared(name: str, data_root: str | os.PathLike[str], *, limit: int | None = None
