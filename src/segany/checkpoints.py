@@ -265,11 +265,11 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         raise CheckpointError(f"{head}; {wrapped}")
     if guess and guess != model_name:
         # The fix is the model to build: a Python call for API callers, --model on the command line.
-        what = f"; the file looks like a {guess!r} checkpoint: "
-        error = CheckpointError(f"{head}{what}build that model, e.g. build_sam({guess!r}, checkpoint={source!r}) "
-                                f"or sam_model_registry[{guess!r}](checkpoint={source!r})",
-                                cli=f"{head}{what}use --model {guess}")
-        error.looks_like = guess
+        diagnosis = f"{head}; the file looks like a {guess!r} checkpoint: "
+        error = CheckpointError(f"{diagnosis}build that model, e.g. build_sam({guess!r}, checkpoint={source!r}) "
+                                f"or sam_model_registry[{guess!r}](checkpoint={source!r})")
+        error.looks_like, error.diagnosis = guess, diagnosis
+        error.with_cli_fix(f"use --model {guess}")
         raise error
     if missing and not unexpected:
         head += "; the file may be truncated or partial: download it again"

@@ -52,6 +52,14 @@ class CheckpointError(SeganyError):
     """A checkpoint file is missing, corrupt, truncated or made for another model."""
 
     looks_like: str | None = None  # the registered model a file made for another model looks like, if any
+    # With ``looks_like``: what is wrong, without the fix, so a caller that names its model some other way
+    # (``segany train``'s ``-o model.name=``) words its own fix after it (:meth:`with_cli_fix`).
+    diagnosis: str | None = None
+
+    def with_cli_fix(self, fix: str) -> None:
+        """Set the command-line message to the diagnosis followed by ``fix``, a flag of the calling command."""
+        if self.diagnosis is not None:
+            self.cli = f"{self.diagnosis}{fix}"
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

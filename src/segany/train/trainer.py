@@ -314,9 +314,8 @@ def _train_wording() -> Iterator[None]:
     try:
         yield
     except CheckpointError as exc:
-        if exc.looks_like and exc.cli:
-            exc.cli = exc.cli.replace(f"use --model {exc.looks_like}",
-                                      f"train that model: -o model.name={exc.looks_like}")
+        if exc.looks_like:
+            exc.with_cli_fix(f"train that model: -o model.name={exc.looks_like}")
         raise
 
 
