@@ -168,3 +168,56 @@ def test_version_exports_keep_each_labels_category_id(annotated: dict, tmp_path:
         ids.append({c["name"]: c["id"] for c in coco["categories"]})
     assert ids[0]["car"] == ids[1]["car"] and ids[0]["person"] == ids[1]["person"]
     assert "apple" in ids[1] and ids[1]["apple"] not in (ids[1]["car"], ids[1]["person"])
+
+
+def _split_before_near_duplicates(images: dict[int, str], fraction: float, earlier: dict[int, bool]
+                                  ) -> tuple[list[int], list[int]]:
+    """retrain._split as it was before near-duplicates were grouped: each image by its own sha256, an image held
+    out before stays held out, and a tiny project holds out its fresh image of smallest hash."""
+    from segany.engine.retrain import held_out_image
+
+    held = sorted(i for i, sha in images.items() if held_out_image(sha, fraction) or earlier.get(i) is True)
+    if fraction > 0 and not held and len(images) >= 2:
+        fresh = [i for i in images if i not in earlier]
+        held = [min(fresh, key=lambda i: images[i])] if fresh else []
+    return sorted(i for i in images if i not in held), held
+
+
+def test_a_project_without_near_duplicates_splits_as_before(tmp_path: Path) -> None:
+    """Grouping near-duplicates moves no image of a project that has none: versions after versions (images
+    added, masks rejected) split exactly as each image's own hash did, on real images and on random hashes."""
+    import hashlib
+    import random
+
+    from segany.engine.retrain import _split, freeze_dataset_version
+
+    rng = random.Random(0)
+    for _ in range(200):  # histories of 3 versions of up to 6 images, tiny projects' fallback included
+        fraction, sides = rng.choice([0.0, 0.2, 0.5]), {}
+        pool = {i: hashlib.sha256(f"{i}-{rng.random()}".encode()).hexdigest() for i in range(8)}
+        for _version in range(3):
+            images = {i: pool[i] for i in rng.sample(sorted(pool), rng.randint(1, 6))}
+            train, held = _split(images, fraction, sides)
+            assert (train, held) == _split_before_near_duplicates(images, fraction, sides)
+            sides.update({**{i: False for i in train}, **{i: True for i in held}})
+
+    store, proj = make_project(tmp_path / "proj", make_images(tmp_path / "images", 6))
+    try:
+        for im in store.list_images(proj["id"]):
+            store.save_annotation(im["id"], mask=box_mask(im["height"], im["width"]), source="manual")
+        sides = {}
+        for step in range(2):
+            dv = freeze_dataset_version(store, None, held_out=0.5)
+            images = {im["id"]: im["sha256"] for im in store.list_images(proj["id"])
+                      if store.list_annotations(image_id=im["id"], states=["accepted"])}
+            assert (dv["train_image_ids"], dv["held_out_image_ids"]) == \
+                _split_before_near_duplicates(images, 0.5, sides)
+            assert dv.get("near_duplicate_groups", 0) == 0 and dv["held_out_image_ids"]
+            sides.update({**{i: False for i in dv["train_image_ids"]}, **{i: True for i in dv["held_out_image_ids"]}})
+            if step == 0:  # two more distinct images (mirrored samples); one image's mask rejected
+                for im in store.add_images(proj["id"], make_images(tmp_path / "more", 6)[4:]):
+                    store.save_annotation(im["id"], mask=box_mask(im["height"], im["width"]), source="manual")
+                ann = store.list_annotations(project_id=proj["id"])[0]
+                store.update_annotation(ann["id"], project_id=proj["id"], review_state="rejected")
+    finally:
+        store.close()

@@ -6,7 +6,8 @@ dataset version of a project plus the live set of annotations:
 * masks per image, mask size (fraction of the image), predicted IoU and stability of automatic masks;
 * disagreement: the current model's mask from each accepted annotation's box, compared with the
   annotation. Low IoU marks a mask for review (either the annotation or the model is wrong);
-* near-duplicate masks (pairs above an IoU in one image) and near-duplicate images (64-bit dHash);
+* near-duplicate masks (pairs above an IoU in one image) and near-duplicate images (64-bit dHash,
+  :mod:`segany.engine.near_dupes`; dataset versions keep each group of them on one side of their split);
 * annotator throughput: seconds per mask over time (SA-1B went from 34 s to 14 s per mask).
 
 * empty masks (area 0, stored before the store refused them): nothing to train on.
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from segany.atomic import atomic_write_text
+from segany.engine.near_dupes import DEFAULT_MAX_BITS, DHASH_META_KEY
 from segany.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ class ReportSettings:
     disagreement_iou: float = 0.5
     max_disagreement: int = 500
     dup_iou: float = 0.9
-    dup_hash_bits: int = 6
+    dup_hash_bits: int = DEFAULT_MAX_BITS  # the dataset versions' split keeps such images on one side
     demote: bool = False  # move flagged accepted masks to pending: opt-in, since it changes the released data
 
     def __post_init__(self) -> None:
@@ -57,28 +59,6 @@ class ReportSettings:
 
 
 # ---------------------------------------------------------------------------------------- measures
-def dhash(path: str, size: int = 8) -> int:
-    """64-bit difference hash: grayscale (size+1)×size thumbnail, one bit per horizontal gradient sign."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        g = np.asarray(im.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.int16)
-    bits = (g[:, 1:] > g[:, :-1]).ravel()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
-def near_duplicate_images(hashes: dict[int, int], max_bits: int) -> list[tuple[int, int, int]]:
-    """(image a, image b, differing bits) for every pair within ``max_bits``."""
-    ids = sorted(hashes)
-    out = []
-    for i, a in enumerate(ids):
-        for b in ids[i + 1:]:
-            d = bin(hashes[a] ^ hashes[b]).count("1")
-            if d <= max_bits:
-                out.append((a, b, d))
-    return out
-
-
 def _quality(ann: dict[str, Any]) -> float:
     """The predicted IoU, with a hand-drawn mask (None) as sure as can be. Not ``or 1.0``: that also made a
     predicted 0.0 the best, so the worse of two duplicates was kept and the better one flagged."""
@@ -261,6 +241,7 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
         ``{"html": path, "flagged": masks flagged, "demoted": masks moved to pending, "report": the report dict}``.
     """
     from segany.engine.db import DatasetVersion
+    from segany.engine.near_dupes import cache_from_metas, dhashes_for, near_duplicate_pairs
 
     out = Path(out_dir)
     check_out_dir(out)
@@ -282,13 +263,12 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
 
     # Checks on the live set (what the next dataset version will freeze).
     log(f"checking {len(live)} masks on {len(images)} images")
-    hashes = {}
-    for i, im in images.items():
-        try:
-            hashes[i] = dhash(im["path"])
-        except OSError:
-            log(f"image {i} ({im['file_name']}) cannot be read; skipped in the near-duplicate check")
-    dup_images = near_duplicate_images(hashes, settings.dup_hash_bits)
+    # dHashes that dataset versions cached (by image sha256) are not computed again.
+    hashes, _, unreadable = dhashes_for({i: (im["sha256"], im["path"]) for i, im in images.items()},
+                                        cache_from_metas(meta for _, _, meta in versions))
+    for i in unreadable:
+        log(f"image {i} ({images[i]['file_name']}) cannot be read; skipped in the near-duplicate check")
+    dup_images = near_duplicate_pairs(hashes, settings.dup_hash_bits)
     empty = [a for a in live if a["area"] == 0]
     live_nonempty = [a for a in live if a["area"] > 0]  # an empty mask has no box to prompt and no IoU
     dup_masks = duplicate_masks(live_nonempty, settings.dup_iou)
@@ -341,7 +321,8 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
             extra["model vs annotation IoU"] = list(disagree.values())
         pngs = _plots(key, d, out, extra)
         public = {k: v for k, v in d.items() if not k.startswith("_")}
-        report["versions"].append({"key": key, "title": title, "meta": meta or {}, **public})
+        meta = {k: v for k, v in (meta or {}).items() if k != DHASH_META_KEY}  # a cache, not a description
+        report["versions"].append({"key": key, "title": title, "meta": meta, **public})
         sections.append((title, public, pngs, meta))
     thr = throughput(store.list_annotations(project_id=pid))
     report["throughput"] = thr

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segany.engine import near_dupes
 from segany.engine.auto import ModelSpec
+from segany.engine.near_dupes import DEFAULT_MAX_BITS
 from segany.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -80,47 +82,148 @@ def held_out_image(sha256: str, fraction: float) -> bool:
 
 
 def freeze_dataset_version(store: Any, project: str | None, *, held_out: float = 0.2,
-                           states: tuple[str, ...] = ("accepted",)) -> dict[str, Any]:
+                           states: tuple[str, ...] = ("accepted",), near_dup_bits: int = DEFAULT_MAX_BITS,
+                           say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Freeze the project's annotations in ``states`` as a dataset version; reuse one with the same content.
 
     Freezing copies each mask (image id/sha256/path, RLE, label, source, annotation uuid) into the version's
     immutable snapshot (``dataset_version_items``): a model's ``trained_on_id`` must keep describing what it
     saw after reviewers relabel or delete the live annotations. The content hash covers, in annotation-uuid
     order, each annotation's uuid, image sha256, label and RLE, so it changes exactly when the data changes.
-    Returns ``{id, name, content_hash, annotations, images, train_image_ids, held_out_image_ids}``.
+    Images are split as :func:`split_images` says, near-duplicates (dHash within ``near_dup_bits`` bits) kept on
+    one side. The dHashes are read from the project's earlier versions (their meta caches them by image sha256)
+    or computed, outside the write transaction, for the images no version hashed yet.
+
+    Args:
+        say: where the notes for a person go (images that could not be hashed, near-duplicate groups that
+            earlier versions put on both sides); the module's logger (warnings) by default.
+
+    Returns:
+        ``{id, name, content_hash, annotations, images, train_image_ids, held_out_image_ids,
+        near_duplicate_groups, near_duplicate_groups_split, near_duplicate_unreadable}``.
     """
     from sqlalchemy import select
 
     from segany.engine.db import Annotation, DatasetVersion, DatasetVersionItem, Image
 
+    say = say or log.warning
     proj = store.get_project(project)
+    nothing = InputError(f"project {proj['name']!r} has no {'/'.join(states)} annotations to train on; "
+                         "annotate or accept some first")
+    # A read-only pass first: a freeze of unchanged data returns the version it already has, and the images no
+    # version hashed yet are hashed here, without the write lock (a SQLite write transaction would hold the app's
+    # saves while thousands of files are read).
+    with store.transaction(write=False) as s:
+        rows = s.execute(select(Annotation.uuid, Annotation.label, Annotation.height, Annotation.width,
+                                Annotation.rle_counts, Image.id, Image.sha256, Image.path)
+                         .join(Image, Image.id == Annotation.image_id)
+                         .where(*_frozen_where(proj["id"], states)).order_by(Annotation.uuid)).all()
+        earlier = list(s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])
+                                 .order_by(DatasetVersion.id)))
+        if not rows:
+            raise nothing
+        reused = _same_version(earlier, _content_hash((r, r.sha256) for r in rows), held_out)
+        if reused is not None:
+            return reused
+        cache = near_dupes.cache_from_metas(dv.meta for dv in earlier)
+        files = _files_to_group(s, proj["id"], {r.id: (r.sha256, r.path) for r in rows}, earlier, held_out)
+    hashes, new, unreadable = near_dupes.dhashes_for(files, cache)
+
     with store.transaction() as s:
         rows = list(s.execute(
             select(Annotation, Image).join(Image, Image.id == Annotation.image_id)
-            .where(Image.project_id == proj["id"], Annotation.review_state.in_(list(states)), Annotation.area > 0)
-            .order_by(Annotation.uuid)))  # an empty mask (stored before saves refused them) teaches nothing
-        if not rows:
-            raise InputError(f"project {proj['name']!r} has no {'/'.join(states)} annotations to train on; "
-                             "annotate or accept some first")
+            .where(*_frozen_where(proj["id"], states)).order_by(Annotation.uuid)))
+        if not rows:  # all rejected or deleted since the read
+            raise nothing
         digest = _content_hash((a, im.sha256) for a, im in rows)
         images = {a.image_id: im.sha256 for a, im in rows}
         earlier = list(s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])
                                  .order_by(DatasetVersion.id)))
-        for dv in earlier:
-            if (dv.meta or {}).get("content_hash") == digest and (dv.meta or {}).get("held_out") == held_out:
-                return _dv_dict(dv)
-        train, held = _split(images, held_out, _earlier_sides(earlier, held_out))
+        reused = _same_version(earlier, digest, held_out)
+        if reused is not None:
+            return reused
+        sides = _earlier_sides(earlier, held_out)
+        files = _files_to_group(s, proj["id"], {a.image_id: (im.sha256, im.path) for a, im in rows}, earlier,
+                                held_out)
+        late = {k: f for k, f in files.items() if k not in hashes and k not in unreadable}  # added since the read
+        if late:
+            more, more_new, more_unreadable = near_dupes.dhashes_for(late, {**cache, **new})
+            hashes, new, unreadable = {**hashes, **more}, {**new, **more_new}, {**unreadable, **more_unreadable}
+        groups = near_dupes.near_duplicate_groups({k: hashes[k] for k in files if k in hashes}, near_dup_bits)
+        split = split_images(images, held_out, sides, groups)
+        not_read = sorted(k for k in files if k in unreadable)
+        _say_unreadable(say, {k: (files[k][1], unreadable[k]) for k in not_read})
         n = len(earlier) + 1
         dv = DatasetVersion(project_id=proj["id"], name=f"v{n}-{digest[:8]}", meta={
             "content_hash": digest, "states": list(states), "annotations": len(rows), "images": len(images),
-            "held_out": held_out, "train_image_ids": train, "held_out_image_ids": held,
+            "held_out": held_out, "train_image_ids": split.train, "held_out_image_ids": split.held,
             "category_ids": category_ids(earlier, proj.get("labels") or [], {a.label for a, _ in rows}),
-            "annotation_uuids_sha256": hashlib.sha256("\n".join(a.uuid for a, _ in rows).encode()).hexdigest()})
+            "annotation_uuids_sha256": hashlib.sha256("\n".join(a.uuid for a, _ in rows).encode()).hexdigest(),
+            **({"near_duplicate_bits": near_dup_bits, "near_duplicate_groups": split.groups,
+                "near_duplicate_groups_split": split.groups_split, "near_duplicate_unreadable": not_read,
+                near_dupes.DHASH_META_KEY: near_dupes.to_meta({sha: h for sha, h in new.items()
+                                                               if sha not in cache})}
+               if held_out > 0 else {})})
         dv.annotations = [a for a, _ in rows]
         dv.items = DatasetVersionItem.snapshot(rows)
         s.add(dv)
         s.flush()
-        return _dv_dict(dv)
+        out = _dv_dict(dv)
+    if out["near_duplicate_groups_split"]:
+        say(near_duplicate_note(out["near_duplicate_groups_split"]))
+    return out
+
+
+def near_duplicate_note(groups_split: int) -> str:
+    """The line freeze and retrain print when earlier versions put near-duplicate groups on both sides."""
+    are = "group is" if groups_split == 1 else "groups are"
+    return (f"{groups_split} near-duplicate image {are} on both sides of the split: earlier dataset versions put "
+            "them there and an image never changes sides, so held-out scores on them may be optimistic; "
+            "`segany engine report` lists the near-duplicate images")
+
+
+def _say_unreadable(say: Callable[[str], None], failed: dict[int, tuple[str, str]]) -> None:
+    if not failed:
+        return
+    shown = "; ".join(f"image {k} ({path}): {why}" for k, (path, why) in list(failed.items())[:5])
+    more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+    say(f"{len(failed)} image(s) could not be read for the near-duplicate check, so each keeps a group of its "
+        f"own (the freeze goes on): {shown}{more}")
+
+
+def _frozen_where(project_id: int, states: tuple[str, ...]) -> tuple[Any, ...]:
+    """What a version freezes: the project's annotations in ``states`` with pixels (an empty mask, stored
+    before saves refused them, teaches nothing)."""
+    from segany.engine.db import Annotation, Image
+
+    return Image.project_id == project_id, Annotation.review_state.in_(list(states)), Annotation.area > 0
+
+
+def _same_version(earlier: list[Any], digest: str, held_out: float) -> dict[str, Any] | None:
+    for dv in earlier:
+        if (dv.meta or {}).get("content_hash") == digest and (dv.meta or {}).get("held_out") == held_out:
+            return _dv_dict(dv)
+    return None
+
+
+def _files_to_group(s: Any, project_id: int, images: dict[int, tuple[str, str]], earlier: list[Any],
+                    held_out: float) -> dict[int, tuple[str, str]]:
+    """image id -> (sha256, path) of the images the split groups: this version's, and those an earlier version
+    (of this fraction) put on a side that are still in the project but not in this version (a near-copy of an
+    image a model trained on must not be held out because that image has no accepted masks now). Nothing when
+    ``held_out`` is 0: every image trains, and nothing needs hashing."""
+    if held_out <= 0:
+        return {}
+    from sqlalchemy import select
+
+    from segany.engine.db import Image
+
+    others = sorted(set(_earlier_sides(earlier, held_out)) - set(images))
+    out = dict(images)
+    for chunk in (others[k:k + 500] for k in range(0, len(others), 500)):  # bound the IN list
+        out.update({i: (sha, path) for i, sha, path in s.execute(
+            select(Image.id, Image.sha256, Image.path).where(Image.project_id == project_id, Image.id.in_(chunk)))})
+    return out
 
 
 def category_ids(earlier: list[Any], project_labels: list[str], labels: set[str]) -> dict[str, int]:
@@ -162,22 +265,88 @@ def _earlier_sides(earlier: list[Any], held_out: float) -> dict[int, bool]:
     return sides
 
 
-def _split(images: dict[int, str], held_out: float, earlier: dict[int, bool] | None = None
-           ) -> tuple[list[int], list[int]]:
-    """(train, held-out) image ids, split by content so an image stays on its side in every version.
+@dataclass(frozen=True)
+class Split:
+    """A dataset version's images by side, and counts of its near-duplicate groups."""
 
-    A tiny project where no image falls under the fraction still holds one out. That image is chosen among
-    those no earlier version put on a side, and an image held out before stays held out: picking the smallest
-    hash each time moved a trained-on image to the held-out side when another image was removed, so the parent
-    model was judged on an image it had trained on. When every image has been trained on, none is held out.
+    train: list[int]
+    held: list[int]
+    groups: int = 0  # groups of 2 or more near-duplicates with an image in this version, earlier ones counted
+    groups_split: int = 0  # those of them that earlier versions put on both sides (kept there)
+
+
+def split_images(images: dict[int, str], held_out: float, earlier: dict[int, bool] | None = None,
+                 groups: list[list[int]] | None = None) -> Split:
+    """Train and held-out image ids, split by content so an image keeps its side in every version and
+    near-duplicates share one.
+
+    Args:
+        images: image id -> sha256, the images of the version.
+        held_out: the fraction to hold out.
+        earlier: image id -> held out (True) or trained on (False) in earlier versions (:func:`_earlier_sides`).
+        groups: near-duplicate groups of image ids (:func:`segany.engine.near_dupes.near_duplicate_groups`),
+            which may hold images of earlier versions that are not in this one; an image in none is alone.
+
+    The rule, per group:
+
+    * an image an earlier version put on a side stays there: a trained-on image never moves to held-out (its
+      model would be judged on it), a held-out image never moves to train;
+    * a group no earlier version put any image of on a side is held out whole when the hash of its smallest
+      sha256 falls under the fraction (:func:`held_out_image`), so the split stays by content and independent
+      of order; an image alone goes by its own hash, as before near-duplicates were grouped;
+    * a new image of a group that earlier versions did put on a side trains if any image of the group was
+      trained on, and is held out only when all of them were. So the held-out side never gains a near-copy of
+      an image a model trained on. Where earlier versions put a group on both sides (frozen before groups were
+      kept together, or two groups that a new image joins), those images stay and the newcomer trains: its held-out
+      near-copies were already judged on a trained-on near-copy, while holding it out would add one more such
+      image. Such groups are counted in ``groups_split``.
+
+    A tiny project where nothing falls under the fraction still holds out one group: among the groups no
+    earlier version put on a side, the one of smallest sha256 that leaves an image to train on (picking the
+    smallest hash each time moved a trained-on image to the held-out side once another image was removed). When
+    every image has been trained on, or all are near-copies of each other, none is held out.
     """
     earlier = earlier or {}
-    held = sorted(i for i, sha in images.items() if held_out_image(sha, held_out) or earlier.get(i) is True)
-    if held_out > 0 and not held and len(images) >= 2:  # tiny projects: hold out one image anyway
-        fresh = [i for i in images if i not in earlier]
-        held = [min(fresh, key=lambda i: images[i])] if fresh else []
-    train = sorted(i for i in images if i not in set(held))
-    return train, held
+    grouped = {i for g in groups or [] for i in g}
+    all_groups = [list(g) for g in groups or []] + [[i] for i in sorted(images) if i not in grouped]
+    held_set: set[int] = set()
+    fresh: list[list[int]] = []
+    n_groups = n_split = 0
+    for g in all_groups:
+        here = [i for i in g if i in images]
+        if not here:
+            continue
+        n_groups += len(g) > 1
+        known = {earlier[i] for i in g if i in earlier}
+        if not known:
+            fresh.append(here)
+            if held_out_image(min(images[i] for i in here), held_out):
+                held_set.update(here)
+            continue
+        n_split += len(known) == 2
+        newcomer_held = known == {True}
+        held_set.update(i for i in here if earlier.get(i, newcomer_held))
+    if held_out > 0 and not held_set and len(images) >= 2:  # tiny projects: hold out one group anyway
+        fits = [g for g in fresh if len(g) < len(images)]
+        if fits:
+            held_set.update(min(fits, key=lambda g: min(images[i] for i in g)))
+    return Split(train=sorted(i for i in images if i not in held_set), held=sorted(held_set), groups=n_groups,
+                 groups_split=n_split)
+
+
+def _split(images: dict[int, str], held_out: float, earlier: dict[int, bool] | None = None,
+           groups: list[list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """(train, held-out) image ids of :func:`split_images`."""
+    split = split_images(images, held_out, earlier, groups)
+    return split.train, split.held
+
+
+def _near_copies_hint(near_duplicate_groups: int) -> str:
+    if not near_duplicate_groups:
+        return ""
+    """What to add to a split's refusal where near-duplicates were kept together (they may be why it is empty)."""
+    return (f" (near-duplicate images share a side, and this version has {near_duplicate_groups} groups of them: "
+            "data made mostly of near-copies of a few images cannot be split; pass --eval-data)")
 
 
 def _run_folder(given: Path | None, default: Path) -> Path:
@@ -200,7 +369,10 @@ def _dv_dict(dv: Any) -> dict[str, Any]:
     m = dv.meta or {}
     return {"id": dv.id, "name": dv.name, "content_hash": m.get("content_hash"), "annotations": m.get("annotations"),
             "images": m.get("images"), "train_image_ids": list(m.get("train_image_ids", [])),
-            "held_out_image_ids": list(m.get("held_out_image_ids", []))}
+            "held_out_image_ids": list(m.get("held_out_image_ids", [])),
+            "near_duplicate_groups": int(m.get("near_duplicate_groups", 0)),
+            "near_duplicate_groups_split": int(m.get("near_duplicate_groups_split", 0)),
+            "near_duplicate_unreadable": list(m.get("near_duplicate_unreadable", []))}
 
 
 def dataset_records(store: Any, dataset_version_id: int, image_ids: list[int], dataset: str = "project"
@@ -341,12 +513,16 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     from segany.train.trainer import Trainer
 
     parent_id = register_model(store, spec)
-    dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out)
+    dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out, say=log)
+    n_groups, n_split = dv["near_duplicate_groups"], dv["near_duplicate_groups_split"]
+    groups = (f"; near-duplicate image groups: {n_groups - n_split} kept on one side"
+              + (f", {n_split} on both sides" if n_split else "") if n_groups else "")
     log(f"dataset version {dv['name']}: {dv['annotations']} masks on {dv['images']} images "
-        f"({len(dv['train_image_ids'])} train, {len(dv['held_out_image_ids'])} held out)")
+        f"({len(dv['train_image_ids'])} train, {len(dv['held_out_image_ids'])} held out{groups})")
     train_records = dataset_records(store, dv["id"], dv["train_image_ids"])
     if not train_records:
-        raise InputError("no training images left after the held-out split; lower --held-out or add images")
+        raise InputError("no training images left after the held-out split; lower --held-out or add images"
+                         + _near_copies_hint(n_groups))
     if settings.eval_data:
         from segany.eval.run import load_eval_records
 
@@ -357,7 +533,8 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
         if settings.eval_images is not None:
             eval_records = eval_records[: settings.eval_images]
     if not eval_records:
-        raise InputError("no held-out images to evaluate on; raise --held-out or pass --eval-data")
+        raise InputError("no held-out images to evaluate on; raise --held-out or pass --eval-data"
+                         + _near_copies_hint(n_groups))
 
     base = _run_folder(Path(out_dir) if out_dir else None,
                        (store.project_dir or Path.cwd()) / ".segany" / "retrain" / f"{dv['name']}-from-{parent_id}")
@@ -402,8 +579,9 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     if promote:
         still_ours()
         set_current_model(store, project, mv_id)
-    result = {"project": proj["name"], "dataset_version": {k: dv[k] for k in ("id", "name", "content_hash",
-                                                                              "annotations", "images")},
+    result = {"project": proj["name"],
+              "dataset_version": {k: dv[k] for k in ("id", "name", "content_hash", "annotations", "images",
+                                                     "near_duplicate_groups", "near_duplicate_groups_split")},
               "model_version": {"id": mv_id, "name": new_spec.version_name(), "checkpoint": str(ckpt),
                                 "parent_id": parent_id},
               "metrics_old": metrics_old, "metrics_new": metrics_new, "score_old": round(s_old, 4),

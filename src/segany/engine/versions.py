@@ -113,7 +113,12 @@ def _item_dict(it: Any) -> dict[str, Any]:
 
 
 def list_versions(store: Any, project: str | None) -> list[dict[str, Any]]:
-    """The project's dataset versions, oldest first, with the model versions trained on each."""
+    """The project's dataset versions, oldest first, with the model versions trained on each.
+
+    ``near_duplicate_groups`` counts the groups of near-duplicate images the version's split kept together,
+    ``near_duplicate_groups_split`` those of them that earlier versions had put on both sides (see
+    :func:`segany.engine.retrain.split_images`); both are 0 for a version frozen before groups were kept.
+    """
     from sqlalchemy import func, select
 
     from segany.engine.db import DatasetVersion, DatasetVersionItem, ModelVersion
@@ -128,7 +133,9 @@ def list_versions(store: Any, project: str | None) -> list[dict[str, Any]]:
             m = dv.meta or {}
             out.append({"id": dv.id, "name": dv.name, "created_at": dv.created_at.isoformat(timespec="seconds"),
                         "masks": int(n or 0), "images": m.get("images"), "content_hash": m.get("content_hash"),
-                        "held_out_images": len(m.get("held_out_image_ids", [])), "models": models})
+                        "held_out_images": len(m.get("held_out_image_ids", [])),
+                        "near_duplicate_groups": int(m.get("near_duplicate_groups", 0)),
+                        "near_duplicate_groups_split": int(m.get("near_duplicate_groups_split", 0)), "models": models})
     return out
 
 
