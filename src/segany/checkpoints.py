@@ -13,6 +13,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def _shards(folder: Path) -> list[Path] | None:
     return None
 
 
-def _read_raw(path: Path) -> Any:
+def _read_raw(path: Path, *, mmap: bool = False) -> Any:
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path or run "
                                       "`segany download NAME`")
@@ -91,7 +92,7 @@ def _read_raw(path: Path) -> Any:
         if shards is not None:  # a sharded save_pretrained folder: every file its index lists
             merged: dict[str, Any] = {}
             for shard in shards:
-                merged.update(_read_raw(shard))
+                merged.update(_read_raw(shard, mmap=mmap))
             return merged
         path = candidates[0]
     if path.suffix == ".safetensors":
@@ -104,7 +105,8 @@ def _read_raw(path: Path) -> Any:
             raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc}); the file may be "
                                   "truncated: download it again") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch maps only zip-format files (a legacy torch.save one is read whole, not refused)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - pickle raises nearly anything (KeyError('h') for a text file)
         text = str(exc)
         if "Unsupported global" in text:  # objects besides tensors; never repeat torch's hint to unpickle them
@@ -121,9 +123,13 @@ def _read_raw(path: Path) -> Any:
         ) from exc
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], SamConfig | None, dict[str, Any]]:
-    """Read a checkpoint file into (state dict in segany names, embedded config or None, metadata)."""
-    raw = _read_raw(Path(path))
+def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], SamConfig | None, dict[str, Any]]:
+    """Read a checkpoint file into (state dict in segany names, embedded config or None, metadata).
+
+    ``mmap``: the tensors stay in the file (memory-mapped) until read, so checking names and shapes of a
+    2.5 GB file costs megabytes (safetensors files are mapped either way)."""
+    raw = _read_raw(Path(path), mmap=mmap)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(raw).__name__}, not a state dict")
     config: SamConfig | None = None
@@ -324,16 +330,17 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     return model.to(device).eval()
 
 
-def read_checked(name: str, checkpoint: str | os.PathLike[str], *, guess_name: bool = False
+def read_checked(name: str, checkpoint: str | os.PathLike[str], *, guess_name: bool = False, mmap: bool = False
                  ) -> tuple[dict[str, torch.Tensor], SamConfig]:
     """Read ``checkpoint`` and check its keys and shapes against the model it describes; returns the state dict
     and that model's config, or raises :class:`CheckpointError` naming what does not fit.
 
     The config is the one the file embeds, else ``name``'s (with ``guess_name``, the variant its shapes look
     like). The check runs on a meta-device shell, so a wrong file fails before a full-size model is built;
-    a server uses this alone to refuse bad weights at startup.
+    a server uses this alone to refuse bad weights at startup. ``mmap``: see :func:`read_checkpoint` (for a
+    check alone, whose state dict is dropped).
     """
-    sd, embedded, _ = read_checkpoint(checkpoint)
+    sd, embedded, _ = read_checkpoint(checkpoint, mmap=mmap)
     if guess_name:
         name = guess_variant(sd) or "vit_h"
     config = embedded or get_config(name)
