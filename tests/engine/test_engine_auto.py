@@ -214,8 +214,9 @@ def test_kill9_then_resume_leaves_one_set_per_image(setup: dict, tmp_path: Path)
 
 
 def test_workers_run_bf16_on_cpus_that_have_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--precision auto`` is decided on each worker's machine: bf16 where the CPU multiplies bf16 in hardware,
-    fp32 with the folded decoder elsewhere; ``fp32`` keeps a run exact everywhere."""
+    """An AutoWorker given ``precision="auto"`` decides it on its machine: bf16 where the CPU multiplies bf16 in
+    hardware, fp32 with the folded decoder elsewhere; ``fp32`` keeps a run exact everywhere. (run_auto decides
+    it once, on the driver, and gives every worker the result: test_engine_auto_settings.py.)"""
     import torch
 
     from segany.amg.generator import SamAutomaticMaskGenerator

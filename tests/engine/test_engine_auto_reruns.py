@@ -36,6 +36,11 @@ def project(base: dict, tmp_path: Path) -> tuple:
     store.close()
 
 
+def _ran(settings):
+    """``settings`` as run_auto records them with the fixture's fp32 model (the precision that ran is a setting)."""
+    return dataclasses.replace(settings, precision="fp32")
+
+
 def _hashes(store, project_id: int) -> set[str | None]:
     from sqlalchemy import select
 
@@ -77,11 +82,12 @@ def test_rerun_with_other_settings_refuses_and_points_to_redo(project: tuple) ->
     a, b = auto_settings(), dataclasses.replace(auto_settings(), max_masks=2)
     run_auto(store, None, spec, a)
     with pytest.raises(SettingsMismatchError, match=r"2 images were done with other settings \(max_masks "
-                       rf"{a.max_masks!r} -> 2\).*--redo"):  # names the change, not two hashes
+                       rf"{a.max_masks!r} -> 2\); pass redo=True") as refused:  # names the change, not two hashes
         run_auto(store, None, spec, b)  # was: "2 already done", rc 0, nothing changed
+    assert "--redo" not in str(refused.value) and "; pass --redo to redo them" in refused.value.cli_message()
     assert run_auto(store, None, spec, a).images_skipped == 2  # the same settings still resume
     done = run_auto(store, None, spec, b, redo=True)
-    assert done.images_written == 2 and _hashes(store, proj["id"]) == {b.digest()}
+    assert done.images_written == 2 and _hashes(store, proj["id"]) == {_ran(b).digest()}
 
 
 def test_rerun_with_other_weights_keeps_done_images_and_says_so(project: tuple, tmp_path: Path) -> None:
@@ -126,12 +132,13 @@ def test_interrupted_redo_is_finished_by_the_next_run(project: tuple) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         run_auto(store, None, spec, b, redo=True, on_result=stop_after_first)
-    assert _hashes(store, proj["id"]) == {a.digest(), b.digest()}  # mixed for now
-    with pytest.raises(SettingsMismatchError, match="interrupted .*--redo"):
+    assert _hashes(store, proj["id"]) == {_ran(a).digest(), _ran(b).digest()}  # mixed for now
+    with pytest.raises(SettingsMismatchError, match=r"interrupted .*; rerun with redo=True") as refused:
         run_auto(store, None, spec, a)  # the old settings must not silently skip or mix
+    assert "rerun with --redo" in refused.value.cli_message()
     finish = run_auto(store, None, spec, b)  # a plain rerun with the redo's settings finishes it
     assert (finish.images_written, finish.images_skipped, finish.resumed_redo) == (1, 1, True)
-    assert _hashes(store, proj["id"]) == {b.digest()}
+    assert _hashes(store, proj["id"]) == {_ran(b).digest()}
     assert all(n == m for n, m in count_sets(store, proj["id"]).values())
     assert run_auto(store, None, spec, b).images_skipped == 2  # and it is closed: nothing left to do
 
@@ -261,7 +268,9 @@ def test_ray_actors_take_the_clusters_gpus_whatever_the_driver_has() -> None:
 
     assert ray_device("auto", cluster_gpus=4) == "cuda" and ray_device("cuda", cluster_gpus=4) == "cuda"
     assert ray_device("auto", cluster_gpus=0) == "cpu" and ray_device("cpu", cluster_gpus=4) == "cpu"
-    with pytest.raises(InputError, match="the Ray cluster has no GPU; pass --device cpu or auto"):
+    with pytest.raises(InputError, match="the Ray cluster has no GPU; pass device='cpu' or 'auto'") as refused:
         ray_device("cuda", cluster_gpus=0)
-    with pytest.raises(InputError, match="--device mps with --ray"):
+    assert refused.value.cli_message().endswith("the Ray cluster has no GPU; pass --device cpu or auto")
+    with pytest.raises(InputError, match="device='mps' with backend='ray'") as refused:
         ray_device("mps", cluster_gpus=2)
+    assert refused.value.cli_message().startswith("--device mps with --ray")

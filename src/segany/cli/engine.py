@@ -67,8 +67,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--generator", default="segany.amg:SamAutomaticMaskGenerator", help=argparse.SUPPRESS)
     a.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto (default): bf16 on CUDA and on CPUs that multiply bf16 in hardware (AMX, "
-                        "AVX512-BF16), fp32 with the folded mask decoder on other CPUs; decided on each worker's "
-                        "machine")
+                        "AVX512-BF16), fp32 with the folded mask decoder on other CPUs; decided once, by the "
+                        "machine that starts the run (with --ray: the cluster's GPUs, else this CPU), for every "
+                        "worker. The precision that ran is a setting: a plain rerun where it differs is refused")
+    a.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of each worker process or actor, and of this process (default: torch's "
+                        "own here; the cores shared out between local workers); not a setting: masks do not "
+                        "depend on it")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -179,7 +184,7 @@ def _auto(store: Any, args: argparse.Namespace) -> int:
         bar["t"].set_postfix(masks=len(result.masks))
 
     summary = run_auto(store, args.project, spec, settings, backend=backend, workers=workers, ray_address=args.ray,
-                       redo=args.redo, on_start=on_start, on_result=on_result)
+                       redo=args.redo, threads=args.threads, on_start=on_start, on_result=on_result)
     if "t" in bar:
         bar["t"].close()
     if args.json:

@@ -72,10 +72,18 @@ class AutoSettings:
     # ``module:Class`` of the generator: anything built as Class(sam, output_mode=..., **generator_kwargs())
     # with a ``generate(image) -> list[record]`` method in SamAutomaticMaskGenerator's record format.
     generator: str = "segany.amg:SamAutomaticMaskGenerator"
+    # The precision the model ran at (fp32, bf16, fp16): bf16 and fp32 masks differ beyond rounding, so it is a
+    # setting like the thresholds. :func:`run_auto` fills it in from the ModelSpec once ``auto`` is decided; leave
+    # it None. None is also what older segany versions recorded (their hash lacks it): which precision made those
+    # masks is unknown, and they count as made with this run's.
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.generator:
             raise InputError(f"generator must be 'module:Class', got {self.generator!r}")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise InputError(f"precision must be the one that ran (fp32, bf16 or fp16) or None, got "
+                             f"{self.precision!r}; leave it None and pass ModelSpec(precision=...)")
         if self.review_state not in ("accepted", "pending"):
             raise InputError(f"review_state must be 'accepted' or 'pending', got {self.review_state!r}")
         if self.max_masks is not None and self.max_masks < 1:
@@ -87,11 +95,16 @@ class AutoSettings:
                 raise InputError(f"{name} must be in [0, 1], got {v}")
 
     def generator_kwargs(self) -> dict[str, Any]:
-        own = ("max_masks", "review_state", "generator")
+        own = ("max_masks", "review_state", "generator", "precision")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in own}
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+        """The hash recorded on each done marker. Without a precision it is the hash older segany versions
+        recorded for the same values (they had no precision field)."""
+        values = dataclasses.asdict(self)
+        if values["precision"] is None:
+            del values["precision"]
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -103,9 +116,13 @@ class ModelSpec:
     device: str = "cpu"
     # Checkpoint content, for workers on other machines that cannot read ``checkpoint`` (Ray ships it).
     checkpoint_bytes: bytes | None = field(default=None, repr=False)
-    # "auto": bf16 on CUDA and on CPUs that multiply bf16 in hardware, resolved on each worker's own machine
-    # (segany.fast.cpu_has_native_bf16); "fp32" keeps a run exact everywhere.
+    # "auto": bf16 on CUDA and on CPUs that multiply bf16 in hardware (segany.fast.cpu_has_native_bf16), else
+    # fp32 with the folded decoder; "fp32" keeps a run exact everywhere. run_auto decides "auto" once, on the
+    # driver (:func:`decide_precision`), and sends the workers what it decided: workers deciding on their own
+    # machines could run two precisions in one project, and the one recorded would not be the one that ran.
     precision: str = "auto"
+    # The folded fp32 mask decoder (equal to the exact one to rounding): what "auto" runs on CPUs without bf16.
+    fast_decoder: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):  # fail on the driver, not in every worker
@@ -161,10 +178,10 @@ class AutoWorker:
     """One model replica and its automatic mask generator; ``process`` maps an image to its masks."""
 
     def __init__(self, spec: ModelSpec, settings: AutoSettings, *, threads: int | None = None) -> None:
-        import torch
+        if threads is not None:  # None: torch's own choice (OMP_NUM_THREADS where set)
+            from segany.fast import configure_cpu_threads
 
-        if threads is not None:
-            torch.set_num_threads(max(1, threads))
+            configure_cpu_threads(threads)
         self.spec = spec
         self.settings = settings
         self.sam = spec.build()
@@ -250,22 +267,38 @@ def describe_unreadable(task: ImageTask, exc: BaseException) -> str:
 
 def worker_precision(spec: ModelSpec) -> tuple[str, bool]:
     """The precision a worker runs and whether it takes the folded decoder: ``spec.precision`` with ``auto``
-    decided on this machine, as on the command line (:func:`segany.fast.machine_auto`)."""
+    decided on this machine, as on the command line (:func:`segany.fast.machine_auto`; run_auto's workers get
+    it decided already)."""
     from segany.fast import machine_auto, resolve_precision
 
     precision, fast_decoder = machine_auto(spec.precision, spec.device)
-    return resolve_precision(precision, spec.device), fast_decoder
+    return resolve_precision(precision, spec.device), fast_decoder or spec.fast_decoder
+
+
+def decide_precision(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with the precision it runs at (fp32, bf16 or fp16, plus the folded decoder where ``auto`` takes
+    it), decided here, on the driver, by the rule ``segany auto`` uses (:func:`segany.fast.machine_auto`).
+
+    Every worker then runs that precision whatever its own CPU, and it is recorded with the settings: a later
+    run where ``auto`` decides otherwise is refused as a change of settings instead of mixing two precisions'
+    masks unrecorded. ``spec.device`` must be the workers' device (cpu or cuda), not ``auto``.
+    """
+    precision, fast_decoder = worker_precision(spec)
+    return dataclasses.replace(spec, precision=precision, fast_decoder=fast_decoder)
 
 
 def check_weights(spec: ModelSpec) -> None:
     """Raise :class:`segany.errors.CheckpointError` here, on the driver, when ``spec``'s weights do not fit its
     model. A worker process or actor that fails to build its model is started again by its pool, so a wrong
     file made ``--workers 2`` hang instead of failing with the reason (one worker builds in-process and
-    raises by itself)."""
+    raises by itself).
+
+    Only names and shapes are checked, on a memory-mapped read: the tensors stay in the file, so a 2.5 GB
+    ViT-H checkpoint is not read whole here before every worker reads it again."""
     if spec.checkpoint is not None and spec.checkpoint_bytes is None:
         from segany.checkpoints import read_checked
 
-        read_checked(spec.model, spec.checkpoint)
+        read_checked(spec.model, spec.checkpoint, mmap=True)
 
 
 def make_generator(sam: Any, settings: AutoSettings) -> Any:
@@ -276,8 +309,9 @@ def make_generator(sam: Any, settings: AutoSettings) -> Any:
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise InputError(f"stage 3 needs the mask generator {settings.generator!r}, which cannot be imported "
-                         f"({exc}); update segany or pass another --generator module:Class") from exc
+        why = f"stage 3 needs the mask generator {settings.generator!r}, which cannot be imported ({exc}); "
+        raise InputError(f"{why}update segany or pass another AutoSettings(generator='module:Class')",
+                         cli=f"{why}update segany or pass another --generator module:Class") from exc
     return cls(sam, output_mode="binary_mask", **settings.generator_kwargs())
 
 
@@ -458,24 +492,31 @@ class AutoPlan:
 
 
 def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_version_id: int, *,
-             redo: bool) -> AutoPlan:
+             redo: bool, requested_precision: str | None = None) -> AutoPlan:
     """Decide how this run relates to earlier ones; refuse one that would mix settings.
 
-    * An unfinished ``--redo`` with the same settings and model is finished (by ``--redo`` or a plain rerun):
-      only images it had not rewritten yet are done.
-    * ``--redo`` otherwise starts a new redo of every image.
+    * An unfinished redo (``redo=True``, ``--redo``) with the same settings and model is finished (by a redo or
+      a plain rerun): only images it had not rewritten yet are done.
+    * A redo otherwise starts a new redo of every image.
     * A plain run refuses when an unfinished redo used other settings or another model, or when images were
-      done with other settings (:func:`done_differently`), and says to pass ``--redo`` (or to rerun with the
-      settings used): silently skipping them would report "already done" for masks of other settings, and
-      silently redoing them would replace masks the user did not ask to replace.
+      done with other settings (:func:`done_differently`; the precision that ran is one of them), and says to
+      pass ``redo=True`` / ``--redo`` (or to rerun with the settings used): silently skipping them would report
+      "already done" for masks of other settings, and silently redoing them would replace masks the user did
+      not ask to replace. ``requested_precision`` (ModelSpec's, before ``auto`` was decided) words the fix
+      when the precision is what changed.
     * Images done with another model (weights of other content) are not a reason to refuse: that is the data
       engine's loop, where ``retrain`` promotes a model and the next plain run gives it only the new images.
       Every mask records its model version, so the two models' masks stay told apart; the plan counts the
       images kept so the run's summary can say so and name ``--redo``.
+
+    Raises:
+        SettingsMismatchError: its message words the fix for Python callers, its ``cli_message()`` for the
+            command line.
     """
     digest = settings.digest()
+    unknown_precision = dataclasses.replace(settings, precision=None).digest()  # as older segany recorded it
     open_redo = (project["settings"] or {}).get(REDO_KEY)
-    same = bool(open_redo) and open_redo.get("settings_hash") == digest and \
+    same = bool(open_redo) and open_redo.get("settings_hash") in (digest, unknown_precision) and \
         open_redo.get("model_version_id") == model_version_id
     if same:
         return AutoPlan(float(open_redo["started"]), resumed_redo=True)
@@ -486,18 +527,32 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
         return AutoPlan(started)
     if open_redo:
         other_model = open_redo.get("model_version_id") != model_version_id
+        ran = f" (it ran {_describe_model(store, open_redo.get('model_version_id'))})" if other_model else ""
+        fix = "to redo every image with these settings and this model, or with the settings and model it used"
         raise SettingsMismatchError(
-            "an interrupted `engine auto --redo` with other settings or another model is unfinished"
-            + (f" (it ran {_describe_model(store, open_redo.get('model_version_id'))})" if other_model else "")
-            + "; rerun with --redo to redo every image with these settings and this model, or with the settings "
-            "and model it used")
-    settings_used, models_used = done_differently(store, project["id"], digest, model_version_id)
+            f"an interrupted run_auto(..., redo=True) with other settings or another model is unfinished{ran}; "
+            f"rerun with redo=True {fix}",
+            cli=f"an interrupted `engine auto --redo` with other settings or another model is unfinished{ran}; "
+                f"rerun with --redo {fix}")
+    settings_used, models_used = done_differently(store, project["id"], digest, model_version_id,
+                                                  unknown_precision=unknown_precision)
     if settings_used:
         used_hash = settings_used.most_common(1)[0][0]
+        n = sum(settings_used.values())
+        change = _settings_change(project, used_hash, settings)
+        was = _recorded_settings(project, used_hash).get("precision")
+        py = cli = ("", "")  # (why the precision changed, the precision to rerun with)
+        if was is not None and was != settings.precision:
+            now = settings.precision
+            py = (f"; precision='auto' runs {now} on this machine" if requested_precision == "auto" else "",
+                  f" (ModelSpec(precision={was!r}))")
+            cli = (f"; --precision auto runs {now} on this machine" if requested_precision == "auto" else "",
+                   f" (--precision {was})")
         raise SettingsMismatchError(
-            f"{sum(settings_used.values())} images were done with other settings "
-            f"({_settings_change(project, used_hash, settings)}); pass --redo to redo them with these settings, "
-            "or rerun with the settings used before")
+            f"{n} images were done with other settings ({change}{py[0]}); pass redo=True to redo them with these "
+            f"settings, or rerun with the settings used before{py[1]}",
+            cli=f"{n} images were done with other settings ({change}{cli[0]}); pass --redo to redo them with "
+                f"these settings, or rerun with the settings used before{cli[1]}")
     if models_used:
         return AutoPlan(None, kept_other_model=sum(models_used.values()),
                         other_model=_describe_model(store, models_used.most_common(1)[0][0]))
@@ -531,21 +586,31 @@ def remember_settings(store: Any, project: dict[str, Any], settings: AutoSetting
     store.update_project(project["id"], settings={SETTINGS_KEY: dict(list(known.items())[-KEEP_SETTINGS:])})
 
 
+def _recorded_settings(project: dict[str, Any], settings_hash: str) -> dict[str, Any]:
+    """The settings remembered under ``settings_hash`` (:func:`remember_settings`); empty when unknown."""
+    return dict(((project["settings"] or {}).get(SETTINGS_KEY) or {}).get(settings_hash) or {})
+
+
 def _settings_change(project: dict[str, Any], used_hash: str, now: AutoSettings) -> str:
     """``points_per_side 32 -> 8, ...`` from the settings remembered under ``used_hash``; the hashes when a run
-    older than that record made them."""
-    before = ((project["settings"] or {}).get(SETTINGS_KEY) or {}).get(used_hash)
+    older than that record made them. A record without a precision (an older segany) does not know it, so the
+    precision is not named as a change."""
+    before = _recorded_settings(project, used_hash)
     if not before:
         return f"settings hash {used_hash[:12]} then, {now.digest()[:12]} now"
     after = json.loads(json.dumps(dataclasses.asdict(now)))
-    diffs = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in after.items() if before.get(k) != v]
+    diffs = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in after.items()
+             if before.get(k) != v and (k in before or k != "precision")]
     return ", ".join(diffs) or "same values, other settings version"
 
 
-def done_differently(store: Any, project_id: int, digest: str, model_version_id: int
-                     ) -> tuple[Counter[str], Counter[int]]:
+def done_differently(store: Any, project_id: int, digest: str, model_version_id: int, *,
+                     unknown_precision: str | None = None) -> tuple[Counter[str], Counter[int]]:
     """The project's done markers that record other settings than ``digest``, counted per settings hash, and
     those that record another model than ``model_version_id``, counted per model version id.
+
+    ``unknown_precision``: the hash of the same settings without their precision, which an older segany recorded
+    (it had no precision field); such markers count as matching, since the precision that made them is unknown.
 
     The model is its weights' content: a version registered under another model name with the same
     checkpoint sha256 (a segany file loaded as ``--model segany_tiny`` or ``vit_b`` builds the architecture it
@@ -568,7 +633,7 @@ def done_differently(store: Any, project_id: int, digest: str, model_version_id:
         settings_used: Counter[str] = Counter()
         models_used: Counter[int] = Counter()
         for h, mv, mv_sha, n in rows:
-            if h is not None and h != digest:
+            if h is not None and h not in (digest, unknown_precision):
                 settings_used[str(h)] += int(n)
             if mv is not None and mv != model_version_id and not (sha and mv_sha == sha):
                 models_used[int(mv)] += int(n)
@@ -588,6 +653,7 @@ class AutoSummary:
     model_version_id: int | None = None
     backend: str = "local"
     workers: int = 1
+    precision: str | None = None  # the precision every worker ran (ModelSpec's, ``auto`` decided on the driver)
     worker_seconds: float = 0.0
     resumed_redo: bool = False  # this run finished an interrupted --redo
     kept_other_model: int = 0  # of images_skipped: done before by another model, whose masks stay
@@ -603,15 +669,16 @@ class AutoSummary:
 
 
 def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSettings, *, backend: str = "local",
-             workers: int = 1, ray_address: str | None = None, redo: bool = False,
+             workers: int = 1, ray_address: str | None = None, redo: bool = False, threads: int | None = None,
              on_start: Callable[[int, int], None] | None = None,
              on_result: Callable[[ImageResult, bool], None] | None = None,
              runner_hook: Callable[[Any], None] | None = None) -> AutoSummary:
     """Run stage 3 over the project's images that are not done yet.
 
     Images that cannot be read are skipped and listed in ``summary.failures`` (they stay to do); the others
-    are done. A plain run refuses images done with other settings (:func:`plan_run`); an interrupted
-    ``--redo`` is finished by the next run with the same settings. One run at a time holds the project.
+    are done. A plain run refuses images done with other settings (:func:`plan_run`), the precision that runs
+    among them (``spec.precision="auto"`` is decided once, here: :func:`decide_precision`); an interrupted
+    redo is finished by the next run with the same settings. One run at a time holds the project.
 
     Args:
         store: an open :class:`segany.engine.store.Store`.
@@ -619,6 +686,11 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
         backend: ``local`` (in-process for 1 worker, else a process pool) or ``ray``.
         workers: model replicas (processes or actors); for Ray, 0 = one per GPU, else one per CPU.
         ray_address: ``local`` starts a Ray cluster on this machine; otherwise the address to join.
+        redo: run every image again, replacing its automatic masks no person kept (needed to change settings
+            on a project already done).
+        threads: torch CPU threads of this process and of each worker process or actor (None: this process
+            keeps torch's choice, local workers split the cores, Ray CPU actors the cluster's CPUs). Masks do
+            not depend on it, so it is not a setting.
         on_start: called with (images to do, images already done) before work starts.
         on_result: called after each result with (result, written?) — progress bars.
         runner_hook: called with the runner once it has started (tests use it to kill a worker).
@@ -626,68 +698,85 @@ def run_auto(store: Any, project: str | None, spec: ModelSpec, settings: AutoSet
     from segany.engine import jobs
 
     jobs.check_workers(backend, workers)
+    if threads is not None:  # this process's own threads (the in-process worker's); refuses < 1 before anything
+        from segany.fast import configure_cpu_threads
+
+        configure_cpu_threads(threads)
     if backend != "local" or workers != 1:  # before anything is recorded (a --redo, the model version)
         check_weights(spec)
+    requested_precision = spec.precision
     proj = store.get_project(project)
     with held_claim(store, proj, AUTO_KIND) as owner:  # a heartbeat keeps it while a slow image runs
-        mv = register_model(store, spec, meta={"device": spec.device})
-        plan = plan_run(store, proj, settings, mv, redo=redo)
-        remember_settings(store, proj, settings)
-        tasks, skipped = pending_tasks(store, proj["id"], ship_bytes=backend == "ray", redo_after=plan.redo_after)
-        summary = AutoSummary(images_total=len(tasks) + skipped, images_skipped=skipped, model_version_id=mv,
-                              backend=backend, workers=workers, resumed_redo=plan.resumed_redo,
-                              kept_other_model=plan.kept_other_model, other_model=plan.other_model)
-        if on_start:
-            on_start(len(tasks), skipped)
-        t0 = time.perf_counter()
-        if tasks:
-            _run_tasks(store, proj["id"], owner, tasks, summary, spec, settings, plan, ray_address=ray_address,
-                       on_result=on_result, runner_hook=runner_hook)
+        # No model loads yet; Ray is joined, since its cluster decides the device and so what ``auto`` runs.
+        runner = jobs.make_runner(backend, spec, settings, workers=workers, address=ray_address, threads=threads)
+        try:
+            spec = runner.spec  # the device and precision every worker runs, decided once (decide_precision)
+            settings = _with_precision(settings, spec.precision)
+            mv = register_model(store, spec, meta={"device": spec.device})
+            plan = plan_run(store, proj, settings, mv, redo=redo, requested_precision=requested_precision)
+            remember_settings(store, proj, settings)
+            tasks, skipped = pending_tasks(store, proj["id"], ship_bytes=backend == "ray",
+                                           redo_after=plan.redo_after)
+            summary = AutoSummary(images_total=len(tasks) + skipped, images_skipped=skipped, model_version_id=mv,
+                                  backend=backend, workers=runner.workers, precision=spec.precision,
+                                  resumed_redo=plan.resumed_redo, kept_other_model=plan.kept_other_model,
+                                  other_model=plan.other_model)
+            if on_start:
+                on_start(len(tasks), skipped)
+            t0 = time.perf_counter()
+            if tasks:
+                _run_tasks(store, proj["id"], owner, runner, tasks, summary, settings, plan, on_result=on_result,
+                           runner_hook=runner_hook)
+        finally:
+            runner.close()
         if plan.redo_after is not None and not summary.failures:
             store.update_project(proj["id"], settings={REDO_KEY: None})  # the redo is complete
         summary.seconds = time.perf_counter() - t0
         return summary
 
 
-def _run_tasks(store: Any, project_id: int, owner: str, tasks: list[ImageTask], summary: AutoSummary,
-               spec: ModelSpec, settings: AutoSettings, plan: AutoPlan, *, ray_address: str | None,
+def _with_precision(settings: AutoSettings, precision: str) -> AutoSettings:
+    """``settings`` recording the precision that runs (a caller's own value must agree with it)."""
+    if settings.precision not in (None, precision):
+        raise InputError(f"AutoSettings.precision is the precision that runs, got {settings.precision!r} while "
+                         f"the model runs {precision}; leave it None and pass ModelSpec(precision=...)")
+    return dataclasses.replace(settings, precision=precision)
+
+
+def _run_tasks(store: Any, project_id: int, owner: str, runner: Any, tasks: list[ImageTask],
+               summary: AutoSummary, settings: AutoSettings, plan: AutoPlan, *,
                on_result: Callable[[ImageResult, bool], None] | None,
                runner_hook: Callable[[Any], None] | None) -> None:
-    """Run the tasks on a runner and write each result as it arrives (counting it into ``summary``)."""
-    from segany.engine import jobs
-
+    """Start the runner's workers, run the tasks and write each result as it arrives (counting it into
+    ``summary``)."""
     paths = {t.image_id: t.path for t in tasks}
-    runner = jobs.make_runner(summary.backend, spec, settings, workers=summary.workers, address=ray_address)
-    summary.workers = runner.workers
-    try:
-        if runner_hook:
-            runner_hook(runner)
-        for result in runner.run(tasks):
-            summary.worker_seconds += result.seconds
-            written = False
-            if result.error is None:
-                try:
-                    written = write_result(store, result, model_version_id=summary.model_version_id,
-                                           settings=settings, redo_after=plan.redo_after, owner=owner)
-                except ClaimLostError:  # another run holds the project now: stop (it is an InputError too)
-                    raise
-                except InputError as exc:  # the file changed under the run: this image fails, not the run
-                    result.error = f"changed: {paths.get(result.image_id)} ({exc})"
-            if result.error is not None:
-                log.info("image %d skipped: %s", result.image_id, result.error)
-                summary.images_failed += 1
-                summary.failures.append({"image_id": result.image_id, "path": paths.get(result.image_id),
-                                         "reason": result.error})
-            elif written:
-                summary.images_written += 1
-                summary.masks_written += len(result.masks)
-            else:
-                summary.duplicates_dropped += 1
-            touch_claim(store, project_id, AUTO_KIND, owner)  # still alive: keeps other runs from taking the project over
-            if on_result:
-                on_result(result, written)
-    finally:
-        runner.close()
+    runner.start()
+    if runner_hook:
+        runner_hook(runner)
+    for result in runner.run(tasks):
+        summary.worker_seconds += result.seconds
+        written = False
+        if result.error is None:
+            try:
+                written = write_result(store, result, model_version_id=summary.model_version_id,
+                                       settings=settings, redo_after=plan.redo_after, owner=owner)
+            except ClaimLostError:  # another run holds the project now: stop (it is an InputError too)
+                raise
+            except InputError as exc:  # the file changed under the run: this image fails, not the run
+                result.error = f"changed: {paths.get(result.image_id)} ({exc})"
+        if result.error is not None:
+            log.info("image %d skipped: %s", result.image_id, result.error)
+            summary.images_failed += 1
+            summary.failures.append({"image_id": result.image_id, "path": paths.get(result.image_id),
+                                     "reason": result.error})
+        elif written:
+            summary.images_written += 1
+            summary.masks_written += len(result.masks)
+        else:
+            summary.duplicates_dropped += 1
+        touch_claim(store, project_id, AUTO_KIND, owner)  # still alive: keeps other runs from taking the project over
+        if on_result:
+            on_result(result, written)
 
 
 def count_sets(store: Any, project_id: int) -> dict[int, tuple[int, int | None]]:

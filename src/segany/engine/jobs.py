@@ -5,6 +5,10 @@ A runner takes :class:`~segany.engine.auto.ImageTask` s and yields
 the driver writes each result idempotently, so a runner may deliver a result twice (a task retried
 after its worker died) without harm, and must never lose one.
 
+Making a runner loads no model: it decides where the workers run and so ``runner.spec``, the device and
+precision every worker gets (``auto`` decided once, on the driver: :func:`~segany.engine.auto.decide_precision`),
+which the driver records before any work starts. ``start()`` then builds the workers; ``close()`` ends them.
+
 * ``InlineRunner``: one model in the calling process (``--workers 1``).
 * ``PoolRunner``: N spawned processes, each holding one model replica and using cores/N threads.
 * ``RayRunner``: N Ray actors, one model replica each (one per GPU when the cluster has GPUs, else
@@ -22,7 +26,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from segany.engine.auto import AutoSettings, AutoWorker, ImageResult, ImageTask, ModelSpec
+from segany.engine.auto import AutoSettings, AutoWorker, ImageResult, ImageTask, ModelSpec, decide_precision
 from segany.errors import InputError, SeganyError
 
 log = logging.getLogger(__name__)
@@ -33,11 +37,19 @@ class JobError(SeganyError):
 
 
 class InlineRunner:
-    def __init__(self, spec: ModelSpec, settings: AutoSettings) -> None:
+    def __init__(self, spec: ModelSpec, settings: AutoSettings, *, threads: int | None = None) -> None:
         self.workers = 1
-        self.worker = AutoWorker(spec, settings)
+        self.spec = decide_precision(spec)
+        self._settings, self._threads = settings, threads
+        self.worker: AutoWorker | None = None
+
+    def start(self) -> None:
+        if self.worker is None:
+            self.worker = AutoWorker(self.spec, self._settings, threads=self._threads)
 
     def run(self, tasks: Sequence[ImageTask]) -> Iterator[ImageResult]:
+        self.start()
+        assert self.worker is not None  # for mypy: start() built it
         for t in tasks:
             yield self.worker.process(t)
 
@@ -51,9 +63,9 @@ _POOL_INIT_ERROR: str | None = None
 
 
 def _pool_init(spec: ModelSpec, settings: AutoSettings, threads: int) -> None:
-    """Build this process's replica. A failure is kept, not raised: a pool whose initializer raises is
-    broken (or, for ``multiprocessing.Pool``, restarted forever), and the driver would learn only that a
-    process died. The first task reports it instead, with the reason."""
+    """Build this process's replica, on ``threads`` torch threads. A failure is kept, not raised: a pool whose
+    initializer raises is broken (or, for ``multiprocessing.Pool``, restarted forever), and the driver would
+    learn only that a process died. The first task reports it instead, with the reason."""
     global _POOL_WORKER, _POOL_INIT_ERROR
     try:
         _POOL_WORKER = AutoWorker(spec, settings, threads=threads)
@@ -79,12 +91,19 @@ class PoolRunner:
     """
 
     def __init__(self, spec: ModelSpec, settings: AutoSettings, workers: int, *,
-                 max_attempts: int | None = None) -> None:
+                 max_attempts: int | None = None, threads: int | None = None) -> None:
         self.workers = workers
         self.max_attempts = POOL_MAX_ATTEMPTS if max_attempts is None else max_attempts
         self.restarts = 0
-        self._args = (spec, settings, max(1, (os.cpu_count() or 1) // workers))
-        self.pool = self._new_pool()
+        self.spec = decide_precision(spec)
+        # Each process's torch threads: ``threads`` as asked, else the cores shared out between the processes.
+        self._args = (self.spec, settings,
+                      threads if threads is not None else max(1, (os.cpu_count() or 1) // workers))
+        self.pool: Any = None
+
+    def start(self) -> None:
+        if self.pool is None:
+            self.pool = self._new_pool()
 
     def _new_pool(self) -> Any:
         import multiprocessing as mp
@@ -105,6 +124,7 @@ class PoolRunner:
         from concurrent.futures import FIRST_COMPLETED, Future, wait
         from concurrent.futures.process import BrokenProcessPool
 
+        self.start()
         queue: collections.deque[ImageTask] = collections.deque(tasks)
         suspects: collections.deque[tuple[ImageTask, int]] = collections.deque()  # (task, deaths alone)
         inflight: dict[Future[ImageResult], tuple[ImageTask, int]] = {}
@@ -148,6 +168,8 @@ class PoolRunner:
             self.restarts += 1
 
     def close(self) -> None:
+        if self.pool is None:  # never started
+            return
         for pid in self.worker_pids():  # do not wait for a long image: the driver is stopping
             try:
                 os.kill(pid, 9)
@@ -172,20 +194,23 @@ class _RayWorkerImpl:
 def ray_device(requested: str, cluster_gpus: int) -> str:
     """The device of every Ray actor: ``cuda`` (one GPU each) or ``cpu``, from the cluster's resources.
 
-    Why here and not on the driver: the machine that starts ``engine auto --ray ADDRESS`` may have no GPU
-    while the cluster has many; ``auto`` resolved there would leave them idle, and ``cuda`` would be refused.
+    Why from the cluster and not the driver's machine: the machine that starts ``engine auto --ray ADDRESS``
+    may have no GPU while the cluster has many; ``auto`` resolved there would leave them idle, and ``cuda``
+    would be refused.
     """
     if requested not in ("auto", "cpu", "cuda"):
-        raise InputError(f"--device {requested} with --ray: Ray gives each actor a whole GPU of its own; pass "
-                         "--device cuda, cpu or auto")
+        why = "Ray gives each actor a whole GPU of its own"
+        raise InputError(f"device={requested!r} with backend='ray': {why}; pass device='cuda', 'cpu' or 'auto'",
+                         cli=f"--device {requested} with --ray: {why}; pass --device cuda, cpu or auto")
     if requested == "cuda" and cluster_gpus == 0:
-        raise InputError("--device cuda, but the Ray cluster has no GPU; pass --device cpu or auto")
+        raise InputError("device='cuda', but the Ray cluster has no GPU; pass device='cpu' or 'auto'",
+                         cli="--device cuda, but the Ray cluster has no GPU; pass --device cpu or auto")
     return "cuda" if cluster_gpus > 0 and requested != "cpu" else "cpu"
 
 
 class RayRunner:
     def __init__(self, spec: ModelSpec, settings: AutoSettings, *, workers: int = 0, address: str | None = None,
-                 max_attempts: int = 3, inflight_per_worker: int = 2) -> None:
+                 max_attempts: int = 3, inflight_per_worker: int = 2, threads: int | None = None) -> None:
         from segany.errors import require
 
         require("ray", "scale")
@@ -193,6 +218,7 @@ class RayRunner:
 
         self.ray = ray
         self._started_ray = False
+        self.actors: list[Any] = []
         if not ray.is_initialized():
             if address in (None, "local"):
                 ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False,
@@ -203,24 +229,38 @@ class RayRunner:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         cpus = int(resources.get("CPU", 1))
-        device = ray_device(spec.device, gpus)
+        try:
+            device = ray_device(spec.device, gpus)
+            # CPU actors take ``auto`` as the driver's CPU decides it (one precision for the whole run).
+            self.spec = decide_precision(dataclasses.replace(spec, device=device))
+        except BaseException:  # refused (no GPU for --device cuda, fp16 on CPU): leave no Ray behind
+            self.close()
+            raise
         use_gpu = device == "cuda"
         self.workers = workers or (gpus if use_gpu else max(1, cpus))
-        if spec.checkpoint and spec.checkpoint_bytes is None:  # ship weights, not a path the actor may lack
-            with open(spec.checkpoint, "rb") as f:
-                spec = dataclasses.replace(spec, device=device, checkpoint_bytes=f.read())
-        else:
-            spec = dataclasses.replace(spec, device=device)
-        threads = None if use_gpu else max(1, cpus // self.workers)
+        if threads is None and not use_gpu:
+            threads = max(1, cpus // self.workers)
         self._actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
                                      max_restarts=0)(_RayWorkerImpl)
-        self._args = (ray.put(spec), settings, threads)
-        self.actors: list[Any] = [self._new_actor() for _ in range(self.workers)]
+        self._settings, self._threads = settings, threads
+        self._args: tuple[Any, ...] | None = None
         self.max_attempts = max_attempts
         self.inflight_per_worker = inflight_per_worker
         self.restarts = 0
 
+    def start(self) -> None:
+        """Put the weights in the object store (not a path the actors may lack) and start the actors."""
+        if self._args is not None:
+            return
+        spec = self.spec
+        if spec.checkpoint and spec.checkpoint_bytes is None:
+            with open(spec.checkpoint, "rb") as f:
+                spec = dataclasses.replace(spec, checkpoint_bytes=f.read())
+        self._args = (self.ray.put(spec), self._settings, self._threads)
+        self.actors = [self._new_actor() for _ in range(self.workers)]
+
     def _new_actor(self) -> Any:
+        assert self._args is not None  # for mypy: start() set them
         spec_ref, settings, threads = self._args
         return self._actor_cls.remote(spec_ref, settings, threads)
 
@@ -231,6 +271,7 @@ class RayRunner:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
         lost = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+        self.start()
         queue: collections.deque[tuple[ImageTask, int]] = collections.deque((t, 1) for t in tasks)
         inflight: dict[Any, tuple[int, Any, ImageTask, int]] = {}  # ref -> (slot, actor, task, attempt)
         load = [0] * len(self.actors)
@@ -275,14 +316,20 @@ def check_workers(backend: str, workers: int) -> None:
     if backend not in ("local", "ray"):
         raise InputError(f"backend must be 'local' or 'ray', got {backend!r}")
     if backend == "ray" and workers < 0:
-        raise InputError(f"--workers must be >= 0 with --ray (0: one actor per GPU, else per CPU), got {workers}")
+        why = f"(0: one actor per GPU, else per CPU), got {workers}"
+        raise InputError(f"workers must be >= 0 with backend='ray' {why}", cli=f"--workers must be >= 0 with --ray {why}")
     if backend == "local" and workers < 1:
-        raise InputError(f"--workers must be >= 1 on one machine, got {workers}")
+        raise InputError(f"workers must be >= 1 on one machine, got {workers}",
+                         cli=f"--workers must be >= 1 on one machine, got {workers}")
 
 
 def make_runner(backend: str, spec: ModelSpec, settings: AutoSettings, *, workers: int = 1,
-                address: str | None = None) -> Any:
+                address: str | None = None, threads: int | None = None) -> Any:
+    """The runner for ``backend`` (Ray is joined here; no model loads until its ``start()``). ``threads``: each
+    worker's torch threads (None: the runner's default)."""
     check_workers(backend, workers)
     if backend == "ray":
-        return RayRunner(spec, settings, workers=workers, address=address)
-    return InlineRunner(spec, settings) if workers == 1 else PoolRunner(spec, settings, workers)
+        return RayRunner(spec, settings, workers=workers, address=address, threads=threads)
+    if workers == 1:
+        return InlineRunner(spec, settings, threads=threads)
+    return PoolRunner(spec, settings, workers, threads=threads)
