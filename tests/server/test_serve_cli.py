@@ -127,3 +127,21 @@ def test_model_names_what_is_served_over_the_projects_current_model(proj_dir: st
             app.state.store.close()
     assert served[False] == ("vit_b", str(tiny_checkpoint))
     assert served[True][0] == "segany_tiny" and served[True][1] != str(tiny_checkpoint)
+
+
+def test_startup_weights_check_maps_the_file_instead_of_reading_it(tiny_checkpoint: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`segany serve` checks the weights at startup and builds the model on first use: the check maps the file
+    (a ViT-H's 2.5 GB were read whole, then read again to build the model)."""
+    from segany.server.model_service import ModelService
+
+    calls: list[dict[str, Any]] = []
+    real_load = torch.load
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    ModelService("tiny", checkpoint=tiny_checkpoint, device="cpu").check_weights()
+    assert calls and all(c.get("mmap") for c in calls), calls

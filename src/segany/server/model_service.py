@@ -11,6 +11,7 @@ compete with it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import os
@@ -66,6 +67,23 @@ class PrefillSettings:
     min_mask_region_area: int = 100
     max_masks: int = 50
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def proposal_label(text: str, class_names: Sequence[str], declared: Sequence[str]) -> str:
+    """The label of the masks proposed for ``text``: the model's class the phrase names, else the phrase itself
+    (hyphens kept: 't-shirt', not 't shirt'); then, when the project declares labels, the declared one it reads
+    as ('Dogs' for a project's 'dog', 'T-shirts' for its 'T-shirt'), so an accepted proposal never starts a
+    second spelling of a class the project already has."""
+    from segany.text.vocab import phrase_label, resolve_label
+
+    label = phrase_label(text)
+    if class_names:
+        with contextlib.suppress(InputError):
+            label = class_names[resolve_label(text, class_names)]
+    if declared:
+        with contextlib.suppress(InputError):
+            label = declared[resolve_label(label, declared)]
+    return label
 
 
 class ModelService:
@@ -171,14 +189,15 @@ class ModelService:
     def check_weights(self) -> None:
         """Raise :class:`CheckpointError` now if the checkpoint is missing, unreadable or does not fit the model.
 
-        The model itself is still built on first use; this reads the file once and checks keys and shapes
-        against a meta-device shell, so a bad file fails at startup instead of on every request.
+        The model itself is still built on first use; this maps the file (its tensors are not read: 2.5 GB for
+        ViT-H) and checks keys and shapes against a meta-device shell, so a bad file fails at startup instead of
+        on every request.
         """
         if self._sam is not None or self.checkpoint is None:
             return
         from segany.checkpoints import read_checked
 
-        read_checked(self.model_type, self.checkpoint)
+        read_checked(self.model_type, self.checkpoint, mmap=True)
 
     def _ensure_fast(self) -> Any:
         """The shared fast path, built on first use (None when the options need none, e.g. CPU fp32)."""
@@ -353,17 +372,18 @@ class ModelService:
         return logits[index][None]
 
     # ---------------------------------------------------------------------------------- text prompts
-    def text_proposals(self, emb: Embedding, text: str, *, max_masks: int = 20,
-                       min_score: float | None = None) -> tuple[str, list[TextProposal]]:
+    def text_proposals(self, emb: Embedding, text: str, *, max_masks: int = 20, min_score: float | None = None,
+                       labels: Sequence[str] = ()) -> tuple[str, list[TextProposal]]:
         """Masks of ``text`` in the image, best first: ``(label, proposals)``.
 
         With a class head, every instance of the class ("segment every <class>",
         :func:`segany.text.prompting.segment_every`); with only a CLIP text token, the token's one object
         (``SamPredictor.predict(text=...)``). A model with neither, an empty phrase or a label outside a
-        closed vocabulary raise :class:`segany.errors.PromptError` whose message says what to do.
+        closed vocabulary raise :class:`segany.errors.PromptError` whose message says what to do. The label is
+        :func:`proposal_label`'s: one of the project's ``labels`` when the phrase names one.
         """
         from segany.text.prompting import segment_every
-        from segany.text.vocab import check_text, normalize_phrase, resolve_label
+        from segany.text.vocab import check_text
 
         text = check_text(text)
         with self._exclusive():
@@ -374,16 +394,12 @@ class ModelService:
             threshold = self.text_min_score if min_score is None else min_score
             if model.class_head is not None:
                 masks, scores, _ = segment_every(pred, text, min_score=threshold, max_instances=max_masks)
-                names = model.class_head.class_names
-                try:  # the class the phrase named; an open-vocabulary phrase is its own label
-                    label = names[resolve_label(text, names)]
-                except InputError:
-                    label = normalize_phrase(text)
+                label = proposal_label(text, model.class_head.class_names, labels)
             else:  # text token only (or no text path at all: predict raises the error naming the model to use)
                 masks, scores, _ = pred.predict(text=text, multimask_output=False)
                 keep = [i for i in np.argsort(-scores) if scores[i] >= threshold and masks[i].any()][:max_masks]
                 masks, scores = masks[keep], scores[keep]
-                label = normalize_phrase(text)
+                label = proposal_label(text, (), labels)
             if getattr(pred, "clip", None) is not None:
                 self._clip = pred.clip  # keep the loaded CLIP for the next phrase
             # An empty mask is nothing to accept, whichever path proposed it.

@@ -29,9 +29,22 @@ def normalize_phrase(text: str) -> str:
     """'  The Dogs ' → 'dogs'; 'a traffic-light.' → 'traffic light' (articles, case, hyphens and underscores,
     punctuation around the phrase do not matter, nor full-width letters or invisible format characters such as
     a zero-width space). Punctuation inside it stays: 'dog,cat' is two things, see :func:`resolve_label`."""
-    t = "".join(ch for ch in unicodedata.normalize("NFKC", str(text)) if unicodedata.category(ch) != "Cf")
-    t = t.lower().replace("_", " ").replace("-", " ")
-    t = " ".join(t.strip(_PUNCTUATION + " \t\n\r\f\v").split())
+    return _clean(text, "_-")
+
+
+def phrase_label(text: str) -> str:
+    """The label an open-vocabulary phrase gives its masks: :func:`normalize_phrase` but with its inner hyphens,
+    'A T-Shirt.' → 't-shirt', since they are part of the word ('t shirt' would be a class of its own)."""
+    return _clean(text, "_", strip="-")
+
+
+def _clean(text: str, spaces: str, strip: str = "") -> str:
+    """Lower-cased NFKC ``text`` without format characters, ``spaces`` made spaces, runs of spaces made one, and
+    surrounding punctuation (and ``strip``) and leading articles removed."""
+    t = "".join(ch for ch in unicodedata.normalize("NFKC", str(text)) if unicodedata.category(ch) != "Cf").lower()
+    for ch in spaces:
+        t = t.replace(ch, " ")
+    t = " ".join(t.strip(_PUNCTUATION + strip + " \t\n\r\f\v").split())
     while True:
         stripped = _ARTICLES.sub("", t)
         if stripped == t:
