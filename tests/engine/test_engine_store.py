@@ -30,7 +30,7 @@ def test_orm_matches_migrations(store) -> None:  # type: ignore[no-untyped-def]
 
     with store.engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"  # head: 64-bit mask areas
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0008"  # head: edits keep their key
         fks = {row[3]: row for row in conn.exec_driver_sql("PRAGMA foreign_key_list(annotations)")}
     # 0004 adds reviewer_id's foreign key inline (ADD COLUMN ... REFERENCES), whose ON DELETE SQLAlchemy's SQLite
     # reflection does not read, so alembic sees it as a different key; check it from PRAGMA instead.

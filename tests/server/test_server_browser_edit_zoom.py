@@ -11,7 +11,11 @@ stays small.
 * Each brush stroke kept a full copy of the mask for undo: the history now holds what the strokes changed, is
   capped, and undo/redo still give every earlier mask back.
 
-One server and one browser serve the module; pages decode on the server (no onnxruntime-web), as in audit 3.
+* Edit mode with the decoder in the page (onnxruntime-web), whose save survives a lost answer: the page sends the
+  same edit again and the server stores it once (the PATCH's edit_uuid), instead of a false 409.
+
+One server and one browser serve the module; pages decode on the server (no onnxruntime-web), as in audit 3, except
+the in-browser decoder's test, which comes last.
 """
 
 from __future__ import annotations
@@ -72,25 +76,29 @@ def _big_jpg(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def env(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # noqa: F811
-    """A project with a photo, a 40x30 PNG and a 1200x900 JPEG; an annotator's token; the running server."""
+    """Two photos, a 40x30 PNG and a 1200x900 JPEG; an annotator's token; the running server."""
     tmp = tmp_path_factory.mktemp("audit5")
-    files = [SAMPLE_FILES[0], _tiny_png(tmp / "tiny.png"), _big_jpg(tmp / "big.jpg")]
+    files = [SAMPLE_FILES[0], _tiny_png(tmp / "tiny.png"), _big_jpg(tmp / "big.jpg"), SAMPLE_FILES[1]]
     with served_demo_project(tiny_checkpoint, tmp, files) as served:
         store, proj = served["store"], served["project"]
         by_name = {Path(im["file_name"]).stem: im for im in store.list_images(proj["id"])}
         token = store.add_annotator("alice")
         yield {**served, "token": token, "alice": store.authenticate(token)["id"],
-               "photo": by_name[SAMPLE_FILES[0].stem], "tiny": by_name["tiny"], "big": by_name["big"]}
+               "photo": by_name[SAMPLE_FILES[0].stem], "tiny": by_name["tiny"], "big": by_name["big"],
+               "photo2": by_name[SAMPLE_FILES[1].stem]}
 
 
-def _page(browser: Any, env: dict[str, Any], image: dict[str, Any]) -> Any:  # noqa: F811
+def _page(browser: Any, env: dict[str, Any], image: dict[str, Any], onnx: bool = False) -> Any:  # noqa: F811
+    """A page on ``image``, decoding on the server, or with ``onnx`` in the browser (onnxruntime-web)."""
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.errors = errors
-    page.route("**/api/model/decoder_*.onnx", lambda route: route.abort())
+    if not onnx:
+        page.route("**/api/model/decoder_*.onnx", lambda route: route.abort())
     page.goto(f"{env['base']}/?image={image['id']}#token={env['token']}")
     page.wait_for_function(READY, timeout=60_000)
+    assert page.evaluate("document.body.dataset.decoder") == ("onnx" if onnx else "server")
     return page
 
 
@@ -302,4 +310,82 @@ def test_brush_undo_history_is_compact_and_capped(browser: Any, env: dict[str, A
     assert 1 <= kept < 46
     undone = page.evaluate(KEYS, ["z", False, kept + 1])  # one more than kept: nothing older is there
     assert undone == hashes[-2:-2 - kept:-1] + [hashes[-1 - kept]] and not page.errors
+    page.close()
+
+
+def _edit(page: Any, ann: dict[str, Any]) -> None:
+    """Open the annotation for editing with its row's ✎."""
+    page.locator(f"#annotations li[data-id='{ann['id']}'] .edit").click()
+    page.wait_for_function(f"window.segany.editing && window.segany.editing.id === {ann['id']}", timeout=10_000)
+
+
+def test_an_edit_by_the_in_browser_decoder_is_saved_once_over_a_lost_answer(browser: Any, env: dict[str, Any]  # noqa: F811
+                                                                            ) -> None:
+    """Edit mode with the ONNX decoder in the page (the other tests decode on the server): a click adds the object
+    it finds to the saved mask, a second click refines it from the chosen candidate's logits, undo and redo step
+    through the decodes, and Enter saves the mask the page shows, although the server's answer is lost: the page
+    sends the same edit again (its edit_uuid) and the server answers with what it stored, once. (It was not sent
+    again, and Enter again met its own new revision: a false 'someone else changed it', 409.) The next edit starts
+    from the revision stored: a first background click cuts out the object it finds, a brush stroke keeps the cut, a
+    click after it starts a new object, and it saves."""
+    store, im = env["store"], env["photo2"]
+    h, w = im["height"], im["width"]
+    m = np.zeros((h, w), bool)
+    m[60:140, 80:220] = True
+    ann = store.save_annotation(im["id"], mask=m, label="person", annotator_id=env["alice"])[0]
+    page = _page(browser, env, im, onnx=True)
+    sent: list[dict[str, Any]] = []
+
+    def lose_first_answer(route: Any) -> None:
+        sent.append(json.loads(route.request.post_data))
+        if len(sent) == 1:
+            route.fetch()  # the server applies it...
+            route.abort()  # ...and the answer is lost
+        else:
+            route.continue_()
+
+    page.route(f"**/api/annotations/{ann['id']}", lose_first_answer)
+    inside = """(() => { const S = window.segany; let k = 0;
+      for (let y = 60; y < 140; y++) for (let x = 80; x < 220; x++) k += S.mask[y * S.W + x]; return k; })()"""
+    decoded = "(n) => window.segany.decodeMs.length === n && window.segany.decoding === 0"
+    _edit(page, ann)
+    hashes = []
+    for n, (x, y) in enumerate(((w * 0.6, h * 0.6), (w * 0.65, h * 0.55)), start=1):
+        page.mouse.click(*_at(page, im, x, y))
+        page.wait_for_function(decoded, arg=n)
+        assert page.evaluate("window.segany.candidates.length") == 3
+        assert page.evaluate("window.segany.lowres instanceof Float32Array")  # decoded in the page
+        assert page.evaluate(inside) == m.sum()  # the saved mask stays in
+        hashes.append(page.evaluate(MASK_HASH))
+    assert hashes[1][0] > m.sum()  # the object was added
+    page.keyboard.press("Control+z")
+    assert page.evaluate(MASK_HASH) == hashes[0] and page.evaluate("window.segany.points.length") == 1
+    page.keyboard.press("Control+y")
+    assert page.evaluate(MASK_HASH) == hashes[1]
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"{STATUS}.startsWith('saved the edit of annotation {ann['id']}')", timeout=10_000)
+    assert len(sent) == 2 and sent[0]["edit_uuid"] and sent[0] == sent[1]  # the same edit, sent again
+    got = store.get_annotation(ann["id"])
+    assert (got["area"], got["revision"]) == (hashes[1][0], ann["revision"] + 1)  # applied once
+    # a first background click inside the mask cuts out the object there
+    _edit(page, {**ann, **got})
+    page.mouse.click(*_at(page, im, 150, 100), button="right")
+    page.wait_for_function(decoded, arg=3)
+    cut = page.evaluate(MASK_HASH)
+    assert page.evaluate("window.segany.editCut") and cut[0] < hashes[1][0]
+    page.keyboard.press("b")
+    _stroke(page, im, 30, 400, 60, 410)
+    page.keyboard.press("b")
+    stroked = page.evaluate(MASK_HASH)
+    assert stroked[0] > cut[0] and page.evaluate("[window.segany.points.length, window.segany.editCut]") == [0, False]
+    page.mouse.click(*_at(page, im, w * 0.6, h * 0.6))
+    page.wait_for_function(decoded, arg=4)
+    assert page.evaluate(MASK_HASH)[0] >= stroked[0] and page.evaluate("window.segany.points.length") == 1
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"{STATUS}.startsWith('saved the edit of annotation {ann['id']}')", timeout=10_000)
+    now = store.get_annotation(ann["id"])
+    assert len(sent) == 3 and sent[2]["edit_uuid"] != sent[0]["edit_uuid"] and now["revision"] == got["revision"] + 1
+    assert now["area"] == page.evaluate(
+        f"window.segany.saved.find((a) => a.id === {ann['id']})._mask.reduce((a, b) => a + b, 0)")
+    assert not page.errors
     page.close()

@@ -19,6 +19,9 @@ Design notes for the stages that build on this store:
   image sha256/path, RLE, label, source, annotation uuid, copied when frozen); later edits or deletes of the
   live annotations leave it unchanged. ``dataset_version_annotations`` only links to live rows that still exist.
 * ``Annotation.uuid`` is the client's idempotency key: a retried save finds the row it already made.
+* ``Annotation.last_edit_uuid`` is the idempotency key of the edit (``PATCH``) that made the current revision
+  (migration 0008): a retried edit whose first answer was lost finds it and is answered as it was, not refused
+  as stale. Any later change replaces or clears it.
 * ``Annotator.role`` is ``annotator`` (the default), ``reviewer`` or ``admin`` (migration 0003 made every
   annotator that existed before roles an ``admin``, so an upgrade locks nobody out).
 * ``Annotation.annotator_id`` is who made the mask (or, for a machine proposal, the person who accepted it:
@@ -286,6 +289,8 @@ class Annotation(Base):
     predicted_iou: Mapped[float | None] = mapped_column(Float)
     stability_score: Mapped[float | None] = mapped_column(Float)
     revision: Mapped[int] = mapped_column(Integer, default=1)
+    # The client's key of the edit that made this revision (migration 0008; NULL: the last change carried none).
+    last_edit_uuid: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 

@@ -832,6 +832,7 @@ class Store:
             existing.area, existing.bbox_xywh = rle_area_bbox(rle)
             existing.label = r["label"]
             existing.revision += 1
+            existing.last_edit_uuid = None  # (a retried app edit of the version before this is stale now)
             existing.updated_at = db.utcnow()
             holders.setdefault((im.id, rle["counts"], r["label"]), set()).add(me)
             kinds.append("updated")
@@ -895,7 +896,7 @@ class Store:
                           prompts: dict[str, Any] | None = None, expected_revision: int | None = None,
                           expected_uuid: str | None = None, by: int | None = None,
                           check: Callable[[dict[str, Any]], None] | None = None,
-                          declared_label: bool = False) -> dict[str, Any]:
+                          declared_label: bool = False, edit_uuid: str | None = None) -> dict[str, Any]:
         """Edit a stored annotation; ``declared_label`` refuses a new label the project does not declare (as
         :meth:`check_label`, after the conflict checks so a stale edit still reads as a conflict); ``expected_revision`` makes the edit fail if someone else edited first,
         ``expected_uuid`` (:class:`ConflictError`) if the id now names another annotation. ``check`` gets the
@@ -914,7 +915,12 @@ class Store:
         * ``seconds_spent`` is the annotator's time on the mask, so it only grows when ``by`` is (now) the
           annotator; a reviewer's time on someone else's mask is not added to it.
 
-        ``annotator_id`` reassigns the annotation outright (before ``by`` is applied)."""
+        ``annotator_id`` reassigns the annotation outright (before ``by`` is applied).
+
+        ``edit_uuid`` is the client's idempotency key of this edit, kept with the revision it makes: the same key
+        again while that is still the annotation's last change (a retry after a lost answer) is answered with the
+        row as stored, after the uuid and ``check`` checks, and changes nothing. Any change stores its own key or
+        none, so once someone else has changed the annotation a retry is checked like any edit (409 if stale)."""
         if mask is not None and rle is not None:
             raise InputError("give at most one of mask and rle")
         if review_state is not None:
@@ -923,11 +929,14 @@ class Store:
             check_plain_text("label", label.strip())
         seconds_spent = check_seconds(seconds_spent)
         check_finite_json("prompts", prompts)
+        edit_key = _check_uuid(edit_uuid) if edit_uuid is not None else None
         with self.transaction() as s:
             a = self._get_ann(s, annotation_id, project_id, lock=True)
             self._check_uuid(a, annotation_id, expected_uuid)
             if check is not None:
                 check(annotation_dict(a))
+            if edit_key is not None and a.last_edit_uuid == edit_key:
+                return annotation_dict(a)  # this edit, applied already: answered again, not applied twice
             if expected_revision is not None and a.revision != expected_revision:
                 raise ConflictError(f"annotation {annotation_id} is at revision {a.revision}, not "
                                     f"{expected_revision}: someone edited it; reload and edit again")
@@ -962,6 +971,7 @@ class Store:
                 kept = {k: v for k, v in (a.prompts or {}).items() if k in _IMPORT_MARKERS}
                 a.prompts = {**dict(prompts), **kept}
             a.revision += 1
+            a.last_edit_uuid = edit_key
             a.updated_at = now
             s.flush()
             return annotation_dict(a)

@@ -679,12 +679,16 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.patch("/api/annotations/{annotation_id}")
     def patch_annotation(annotation_id: AnnotationId, body: AnnotationPatch, who: Who) -> dict[str, Any]:
+        """Edit in place. With ``revision`` an edit of a version someone else has changed since is refused (409);
+        with ``edit_uuid`` it is safe to send again: a retry of an edit already applied (its answer lost) is
+        answered with the row as that edit left it, as a save's uuid makes a retried save store one mask."""
         # ``by``, not ``annotator_id``: the store keeps who drew the mask and records others as its reviewer.
         return store.update_annotation(
             annotation_id, project_id=project_id, rle=body.segmentation.model_dump() if body.segmentation else None,
             label=body.label, review_state=body.review_state, by=who["id"],
             seconds_spent=body.seconds_spent, prompts=body.prompts, expected_revision=body.revision,
-            expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "editing"), declared_label=True)
+            expected_uuid=body.uuid, check=lambda ann: require_review(who, ann, "editing"), declared_label=True,
+            edit_uuid=body.edit_uuid)
 
     @app.delete("/api/annotations/{annotation_id}", status_code=204)
     def delete_annotation(annotation_id: AnnotationId, who: Who, uuid: str | None = None) -> Response:

@@ -73,6 +73,10 @@ class AnnotationPatch(Body):
     prompts: dict[str, Any] | None = None
     revision: int | None = Field(default=None, description="fail with 409 unless the stored revision is this")
     uuid: str | None = Field(default=None, description="fail with 409 unless the id still names this annotation")
+    edit_uuid: str | None = Field(
+        default=None, description="client-generated UUID of this edit: its idempotency key. Sent again (a retry after "
+                                  "a lost answer) while the edit is still the annotation's last change, the row is "
+                                  "answered as that edit left it instead of 409; send a new one for each new edit")
 
     _label = field_validator("label")(_plain_label)
 

@@ -74,6 +74,21 @@ async function api(path, opts = {}) {
   return res;
 }
 
+// A save (POST with the mask's uuid) or an edit (PATCH with its edit_uuid) is safe to send again: the server stores
+// it once and answers a repeat with what it stored. So a network failure or a 5xx (the answer may have been lost
+// after the server applied it) is sent again a few times, with growing pauses; a 4xx says what to fix, at once, and
+// 507 (the server's disk is full) is not helped by retrying. Returns the answer's JSON; throws the last error.
+const SAVE_TRIES = 4;
+async function sendSave(path, opts) {
+  for (let attempt = 0; ; attempt++) {
+    try { return await (await api(path, opts)).json(); }
+    catch (e) {
+      if (attempt === SAVE_TRIES - 1 || (e.status !== undefined && (e.status < 500 || e.status === 507))) throw e;
+      await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
+    }
+  }
+}
+
 function uuid4() {
   const b = crypto.getRandomValues(new Uint8Array(16));
   b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
@@ -848,7 +863,8 @@ function strokeTo(p) {
 // with its label in the label box. The brush and eraser change it; a click (or box) adds the object it finds, a
 // first click on the background cuts the object there out instead; Enter saves it in place (PATCH, with the
 // revision the edit began from: if someone changed it meanwhile the server answers 409, which is said, and the
-// list is fetched again). Esc cancels; undo goes back step by step, past the start of the edit too.
+// list is fetched again; and with the edit's own key, edit_uuid, so that it can be sent again, see sendSave).
+// Esc cancels; undo goes back step by step, past the start of the edit too.
 function editRefusal(a) {
   if (ownsOrReviews(a)) return null;
   return `${whose(a)}: editing it needs the reviewer or admin role (you are ${S.me ? S.me.role : "signed out"})`;
@@ -907,14 +923,20 @@ async function saveEdit() {
   if (!maskChanged && label === a.label) { // (clicks that changed nothing included)
     clearPrompts(); setStatus(`annotation ${a.id} unchanged`, true); return;
   }
-  const body = { uuid: e.uuid, revision: e.revision, seconds_spent: (performance.now() - e.t0) / 1000 };
+  // The edit's key: the same while the mask and label are as they were (Enter again after a failure sends it
+  // again, and if the failed one was stored after all, the server answers with it instead of a false 409).
+  if (!e.saveKey || e.saveKey.seq !== S.editSeq || e.saveKey.label !== label || e.saveKey.revision !== e.revision) {
+    e.saveKey = { seq: S.editSeq, label, revision: e.revision, uuid: uuid4() };
+  }
+  const body = { uuid: e.uuid, revision: e.revision, edit_uuid: e.saveKey.uuid,
+    seconds_spent: (performance.now() - e.t0) / 1000 };
   if (maskChanged) body.segmentation = maskToRle(S.mask, S.H, S.W);
   if (label !== a.label) body.label = label;
   const token = S.imageToken; const im = current(); const mask = S.mask; const job = { token, seq: S.editSeq };
   S.saves.push(job); setStatus("saving the edit…", false);
   let out;
-  try { out = await (await api(`/api/annotations/${e.id}`, { method: "PATCH", json: body })).json(); }
-  catch (err) { // not repeated: a PATCH whose answer was lost already moved the revision
+  try { out = await sendSave(`/api/annotations/${e.id}`, { method: "PATCH", json: body }); }
+  catch (err) {
     if (stale(token)) { notify(`the edit of annotation ${e.id} on ${im.file_name} was not saved: ${err.message}`); return; }
     if (err.status === 409 || err.status === 404) {
       e.stale = true;
@@ -972,18 +994,11 @@ async function accept() {
   let saved = null; const im = current(); const token = S.imageToken; const mask = S.mask;
   const job = { token, seq: S.editSeq }; S.saves.push(job);
   setStatus("saving…", false);
-  try {
-    for (let attempt = 0; attempt < 4 && !saved; attempt++) { // same uuid on retry: the server never duplicates
-      try { saved = await (await api(`/api/images/${im.id}/annotations`, { method: "POST", json: body })).json(); }
-      catch (e) { // only network errors and 5xx are worth repeating; a 4xx says what to fix, at once
-        if (attempt === 3 || (e.status !== undefined && e.status < 500)) {
-          if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true);
-          else notify(`the mask on ${im.file_name} was not saved: ${e.message}`);
-          return;
-        }
-        await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
-      }
-    }
+  try { saved = await sendSave(`/api/images/${im.id}/annotations`, { method: "POST", json: body }); }
+  catch (e) {
+    if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true);
+    else notify(`the mask on ${im.file_name} was not saved: ${e.message}`);
+    return;
   } finally { S.saves = S.saves.filter((x) => x !== job); }
   if (stale(token)) {
     // Saved, but the user is on another image now: leave that one alone. Unless they came back to this image
