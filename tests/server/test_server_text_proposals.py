@@ -56,3 +56,29 @@ def test_proposed_masks_are_bounded_and_keyed_by_image_label_and_mask() -> None:
     assert not seen.was_proposed(2, "dog", _uncompressed_rle(masks[2]))
     assert not seen.was_proposed(1, "cat", _uncompressed_rle(masks[2]))
     assert not seen.was_proposed(1, "dog", {"size": [8, 8], "counts": [1, 2]})  # not a mask: not proposed
+
+
+def test_a_proposal_takes_the_projects_spelling_of_its_label(label_app: Any, token: str,
+                                                              project: tuple[Any, dict[str, Any]]) -> None:
+    """A project that declares "Dog" gets "Dog" proposals for "dogs" (they were "dog": accepted as proposed,
+    they started a second class beside the project's "Dog" in every export)."""
+    store, proj = project
+    store.update_project(proj["id"], labels=["Dog", "person"])
+    client = TestClient(label_app)
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    got = client.post(f"/api/images/{im['id']}/text", headers=auth(token),
+                      json={"text": "the dogs", "min_score": 0.0, "max_masks": 1}).json()
+    assert got["label"] == "Dog" and [p["label"] for p in got["proposals"]] == ["Dog"], got
+    saved = _save(client, token, im["id"], got["proposals"][0]["segmentation"], "Dog", "semi")
+    assert saved.status_code == 201 and saved.json()["label"] == "Dog", saved.text
+
+
+def test_open_vocabulary_labels_keep_their_hyphens_and_match_declared_ones() -> None:
+    from segany.server.model_service import proposal_label
+
+    assert proposal_label("The T-Shirts.", (), ()) == "t-shirts"  # was "t shirts"
+    assert proposal_label("x-ray_film", (), ()) == "x-ray film"
+    assert proposal_label("T-shirts", (), ["person", "T-shirt"]) == "T-shirt"
+    assert proposal_label("t shirt", (), ["T-shirt"]) == "T-shirt"
+    assert proposal_label("persons", ("dog", "person"), ()) == "person"  # a closed vocabulary's class
+    assert proposal_label("a zebra", ("dog", "person"), ["Dog"]) == "zebra"  # an open-vocabulary phrase

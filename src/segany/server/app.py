@@ -624,7 +624,9 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         im = image_for_model(image_id)
         emb = svc.embedding(image_id, im["path"])
         t0 = time.perf_counter()
-        label, proposals = svc.text_proposals(emb, body.text, max_masks=body.max_masks, min_score=body.min_score)
+        declared = store.get_project(settings.project).get("labels") or []  # a phrase naming one takes its spelling
+        label, proposals = svc.text_proposals(emb, body.text, max_masks=body.max_masks, min_score=body.min_score,
+                                              labels=declared)
         out = []
         for p in proposals:
             rle = encode_mask(p.mask)
