@@ -67,3 +67,11 @@ def cli_fails(argv: list[str], capsys: pytest.CaptureFixture[str], fragment: str
     assert len(err) == 1, err
     assert err[0].startswith("segany: error: ") and fragment in err[0], err[0]
     return err[0]
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of exported browser decoders for the session. Exports are filed under a hash of the weights
+    (``ModelService.version_name``), so tests serving the same seeded model share them instead of each page
+    load exporting its decoder again (~3 s each on 2 cores)."""
+    return tmp_path_factory.mktemp("onnx-shared")

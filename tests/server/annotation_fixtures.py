@@ -86,10 +86,9 @@ def label_sam() -> Sam:
 
 
 @pytest.fixture
-def label_app(project: tuple[Store, dict[str, Any]], tmp_path: Path) -> Any:
+def label_app(project: tuple[Store, dict[str, Any]], onnx_cache: Path) -> Any:
     """The app over a model with a class head (text prompts work)."""
-    svc = ModelService("segany_tiny_labels", device="cpu", cache_size=4, cache_dir=tmp_path / "onnx-labels",
-                       sam=label_sam())
+    svc = ModelService("segany_tiny_labels", device="cpu", cache_size=4, cache_dir=onnx_cache, sam=label_sam())
     return create_app(project[0], svc, ServerSettings(max_upload_bytes=2 * 1024 * 1024))
 
 
@@ -119,9 +118,9 @@ def admin_token(project: tuple[Store, dict[str, Any]]) -> str:
 
 
 @pytest.fixture
-def model_service(tiny_checkpoint: Path, tmp_path: Path) -> ModelService:
+def model_service(tiny_checkpoint: Path, onnx_cache: Path) -> ModelService:
     ref: dict[str, ModelService] = {}
-    svc = ModelService("vit_b", str(tiny_checkpoint), device="cpu", cache_size=4, cache_dir=tmp_path / "onnx",
+    svc = ModelService("vit_b", str(tiny_checkpoint), device="cpu", cache_size=4, cache_dir=onnx_cache,
                        prefill=grid_prefill(ref))
     ref["svc"] = svc
     return svc
@@ -161,14 +160,16 @@ def running_server(app: Any) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def served_demo_project(checkpoint: Path, tmp: Path, images: list[Path]) -> Iterator[dict[str, Any]]:
+def served_demo_project(checkpoint: Path, tmp: Path, images: list[Path], onnx_cache: Path | None = None
+                        ) -> Iterator[dict[str, Any]]:
     """Project "demo" (labels person, thing) holding ``images``, served by a real uvicorn server with the tiny
-    model decoding on the server and grid pre-fill; yields ``store``, ``project`` and ``base`` (the URL)."""
+    model decoding on the server and grid pre-fill; yields ``store``, ``project`` and ``base`` (the URL).
+    ``onnx_cache``: the session's folder of exported browser decoders (the ``onnx_cache`` fixture)."""
     store = open_store(tmp / "proj", create=True)
     proj = store.create_project("demo", media_dir=tmp / "proj" / "images", labels=["person", "thing"])
     store.add_images(proj["id"], images)
     ref: dict[str, ModelService] = {}
-    svc = ModelService("vit_b", str(checkpoint), device="cpu", cache_size=4, cache_dir=tmp / "onnx",
+    svc = ModelService("vit_b", str(checkpoint), device="cpu", cache_size=4, cache_dir=onnx_cache or tmp / "onnx",
                        prefill=grid_prefill(ref))
     ref["svc"] = svc
     app = create_app(store, svc, ServerSettings(max_upload_bytes=2 * 1024 * 1024))

@@ -40,10 +40,12 @@ def _rotated_tiff(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # noqa: F811
+def env(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+        onnx_cache: Path) -> Iterator[dict[str, Any]]:
     """A project with two JPEGs and a TIFF, an annotator's token, and the running server's base URL."""
     tmp = tmp_path_factory.mktemp("audit3")
-    with served_demo_project(tiny_checkpoint, tmp, [*SAMPLE_FILES[:2], _rotated_tiff(tmp / "rotated.tif")]) as served:
+    files = [*SAMPLE_FILES[:2], _rotated_tiff(tmp / "rotated.tif")]
+    with served_demo_project(tiny_checkpoint, tmp, files, onnx_cache) as served:
         store = served["store"]
         yield {**served, "token": store.add_annotator("alice"), "images": store.list_images(served["project"]["id"])}
 

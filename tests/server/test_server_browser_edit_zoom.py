@@ -75,11 +75,12 @@ def _big_jpg(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # noqa: F811
+def env(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+        onnx_cache: Path) -> Iterator[dict[str, Any]]:
     """Two photos, a 40x30 PNG and a 1200x900 JPEG; an annotator's token; the running server."""
     tmp = tmp_path_factory.mktemp("audit5")
     files = [SAMPLE_FILES[0], _tiny_png(tmp / "tiny.png"), _big_jpg(tmp / "big.jpg"), SAMPLE_FILES[1]]
-    with served_demo_project(tiny_checkpoint, tmp, files) as served:
+    with served_demo_project(tiny_checkpoint, tmp, files, onnx_cache) as served:
         store, proj = served["store"], served["project"]
         by_name = {Path(im["file_name"]).stem: im for im in store.list_images(proj["id"])}
         token = store.add_annotator("alice")
