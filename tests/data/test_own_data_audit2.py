@@ -220,6 +220,8 @@ def test_a_changed_copy_of_a_shared_dataset_keeps_every_image_on_its_side() -> N
     held_new = set(held_out_ids("pennfudan", known + new)) - val
     assert 0.08 < len(held_new) / len(new) < 0.24  # the frozen share is 20/130
     assert held_new == set(held_out_ids("pennfudan", new))
+    with pytest.raises(InputError, match="frozen .* takes no seed"):  # a seed would be silently ignored
+        held_out_ids("pennfudan", known, seed=6)
 
 
 # ------------------------------------------------------------------ 7: coloured and alpha masks

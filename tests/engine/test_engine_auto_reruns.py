@@ -133,7 +133,8 @@ def test_interrupted_redo_is_finished_by_the_next_run(project: tuple) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_auto(store, None, spec, b, redo=True, on_result=stop_after_first)
     assert _hashes(store, proj["id"]) == {_ran(a).digest(), _ran(b).digest()}  # mixed for now
-    with pytest.raises(SettingsMismatchError, match=r"interrupted .*; rerun with redo=True") as refused:
+    with pytest.raises(SettingsMismatchError, match=r"interrupted .* other settings \(max_masks 2 -> 8\) is "
+                                                   r"unfinished; rerun with redo=True") as refused:
         run_auto(store, None, spec, a)  # the old settings must not silently skip or mix
     assert "rerun with --redo" in refused.value.cli_message()
     finish = run_auto(store, None, spec, b)  # a plain rerun with the redo's settings finishes it

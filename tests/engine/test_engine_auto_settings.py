@@ -183,6 +183,25 @@ def test_rerun_where_auto_decides_otherwise_is_refused(base: dict, project: Any,
     assert _hashes(store, proj["id"]) == {dataclasses.replace(settings, precision="bf16").digest()}
 
 
+def test_an_interrupted_redo_of_another_precision_names_it() -> None:
+    """An unfinished --redo that ran bf16, rerun plainly where `auto` decides fp32: the refusal names the precision
+    and the --precision to finish it with (it said only "other settings or another model")."""
+    from segany.engine.auto import REDO_KEY, SETTINGS_KEY, plan_run
+
+    bf16 = dataclasses.replace(auto_settings(), precision="bf16")
+    fp32 = dataclasses.replace(bf16, precision="fp32")
+    project = {"id": 1, "settings": {REDO_KEY: {"settings_hash": bf16.digest(), "model_version_id": 7, "started": 1.0},
+                                     SETTINGS_KEY: {bf16.digest(): dataclasses.asdict(bf16)}}}
+    with pytest.raises(SettingsMismatchError) as refused:
+        plan_run(None, project, fp32, 7, redo=False, requested_precision="auto")
+    assert str(refused.value) == (
+        "an interrupted run_auto(..., redo=True) with other settings (precision 'bf16' -> 'fp32'; precision='auto' "
+        "runs fp32 on this machine) is unfinished; rerun with redo=True to redo every image with these settings and "
+        "this model, or with the settings and model it used (ModelSpec(precision='bf16'))")
+    assert refused.value.cli_message().endswith("or with the settings and model it used (--precision bf16)")
+    assert "--precision auto runs fp32 on this machine" in refused.value.cli_message()
+
+
 # ------------------------------------------------------------------------------------- fixes worded per caller
 def test_refusals_word_the_fix_for_python_and_the_cli(project: Any) -> None:
     """Python callers are told the keyword (workers=, AutoSettings(generator=)), the command line the flag."""

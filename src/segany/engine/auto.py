@@ -527,27 +527,26 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
         return AutoPlan(started)
     if open_redo:
         other_model = open_redo.get("model_version_id") != model_version_id
-        ran = f" (it ran {_describe_model(store, open_redo.get('model_version_id'))})" if other_model else ""
+        used_hash = str(open_redo.get("settings_hash"))
+        if other_model:
+            what = f"another model (it ran {_describe_model(store, open_redo.get('model_version_id'))})"
+            py = cli = ("", "")
+        else:
+            py, cli = _precision_words(project, used_hash, settings, requested_precision)
+            what = f"other settings ({_settings_change(project, used_hash, settings)}"
         fix = "to redo every image with these settings and this model, or with the settings and model it used"
         raise SettingsMismatchError(
-            f"an interrupted run_auto(..., redo=True) with other settings or another model is unfinished{ran}; "
-            f"rerun with redo=True {fix}",
-            cli=f"an interrupted `engine auto --redo` with other settings or another model is unfinished{ran}; "
-                f"rerun with --redo {fix}")
+            f"an interrupted run_auto(..., redo=True) with {what}{py[0]}{')' * (not other_model)} is unfinished; "
+            f"rerun with redo=True {fix}{py[1]}",
+            cli=f"an interrupted `engine auto --redo` with {what}{cli[0]}{')' * (not other_model)} is unfinished; "
+                f"rerun with --redo {fix}{cli[1]}")
     settings_used, models_used = done_differently(store, project["id"], digest, model_version_id,
                                                   unknown_precision=unknown_precision)
     if settings_used:
         used_hash = settings_used.most_common(1)[0][0]
         n = sum(settings_used.values())
         change = _settings_change(project, used_hash, settings)
-        was = _recorded_settings(project, used_hash).get("precision")
-        py = cli = ("", "")  # (why the precision changed, the precision to rerun with)
-        if was is not None and was != settings.precision:
-            now = settings.precision
-            py = (f"; precision='auto' runs {now} on this machine" if requested_precision == "auto" else "",
-                  f" (ModelSpec(precision={was!r}))")
-            cli = (f"; --precision auto runs {now} on this machine" if requested_precision == "auto" else "",
-                   f" (--precision {was})")
+        py, cli = _precision_words(project, used_hash, settings, requested_precision)
         raise SettingsMismatchError(
             f"{n} images were done with other settings ({change}{py[0]}); pass redo=True to redo them with these "
             f"settings, or rerun with the settings used before{py[1]}",
@@ -589,6 +588,19 @@ def remember_settings(store: Any, project: dict[str, Any], settings: AutoSetting
 def _recorded_settings(project: dict[str, Any], settings_hash: str) -> dict[str, Any]:
     """The settings remembered under ``settings_hash`` (:func:`remember_settings`); empty when unknown."""
     return dict(((project["settings"] or {}).get(SETTINGS_KEY) or {}).get(settings_hash) or {})
+
+
+def _precision_words(project: dict[str, Any], used_hash: str, now: AutoSettings, requested_precision: str | None
+                     ) -> tuple[tuple[str, str], tuple[str, str]]:
+    """For a refusal whose settings differ in precision: (why it changed, the precision to rerun with), worded
+    for Python and for the command line; empty strings when the precision did not change or is not known."""
+    was = _recorded_settings(project, used_hash).get("precision")
+    if was is None or was == now.precision:
+        return ("", ""), ("", "")
+    auto = requested_precision == "auto"
+    return ((f"; precision='auto' runs {now.precision} on this machine" if auto else "",
+             f" (ModelSpec(precision={was!r}))"),
+            (f"; --precision auto runs {now.precision} on this machine" if auto else "", f" (--precision {was})"))
 
 
 def _settings_change(project: dict[str, Any], used_hash: str, now: AutoSettings) -> str:

@@ -57,6 +57,10 @@ def held_out_ids(dataset: str, ids: list[str], *, fraction: float | None = None,
         if dataset not in HELD_OUT:
             raise InputError(f"dataset {dataset!r} has no fixed held-out split (only {', '.join(HELD_OUT)} do); "
                              "pass a held-out fraction, e.g. fraction=0.1 (segany data pack --val-fraction 0.1)")
+        if seed != SPLIT_SEED:
+            raise InputError(f"{dataset}'s held-out split is frozen (the shipped model's figures are on it), so it "
+                             f"takes no seed (got {seed}); pass a fraction to split it by another seed, e.g. "
+                             "fraction=0.15")
         val, train = frozen_split(dataset)
         share = len(val) / (len(val) + len(train))
         return sorted(i for i in set(ids)
