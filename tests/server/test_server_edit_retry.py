@@ -4,7 +4,8 @@
 An edit carries the revision it began from, and a retry of an edit whose answer was lost (applied, but the page
 saw a network error) met the revision its own first try had made: a false 409 "someone edited it". With the
 edit's key (``edit_uuid``) the retry is answered with the row as that edit left it, applied once; an edit by
-someone else in between, or a new edit of an old revision, is still refused (409).
+someone else in between, or a new edit of an old revision, is still refused (409), and so is the key sent again
+with another edit (409 naming what differs, where it was answered with the first edit's row and dropped).
 """
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ from segany.engine.store import Store, open_store
 from segany.server.app import ServerSettings, _uncompressed_rle, create_app
 
 
-def _retried_edits(store: Store) -> None:
+def _one_annotation(store: Store) -> tuple[dict, dict, int, str, np.ndarray, TestClient]:
+    """A new project with one 'person' annotation of alice's: (project, annotation, alice, her token, its mask,
+    a client of the project's server)."""
     proj = store.create_project(f"retry-{uuid.uuid4().hex[:6]}", labels=["person", "thing"])
     im = store.add_images(proj["id"], SAMPLE_FILES[:1])[0]
     name = f"alice-{proj['id']}"
     token = store.add_annotator(name)
     alice = store.authenticate(token)["id"]
-    h, w = im["height"], im["width"]
-    m = np.zeros((h, w), bool)
+    m = np.zeros((im["height"], im["width"]), bool)
     m[10:40, 20:60] = True
     ann = store.save_annotation(im["id"], mask=m, label="person", annotator_id=alice, project_id=proj["id"])[0]
-    client = TestClient(create_app(store, None, ServerSettings(project=proj["name"])))
+    return proj, ann, alice, token, m, TestClient(create_app(store, None, ServerSettings(project=proj["name"])))
+
+
+def _retried_edits(store: Store) -> None:
+    proj, ann, alice, token, m, client = _one_annotation(store)
     url = f"/api/annotations/{ann['id']}"
     m[40:50, 20:60] = True
     edit = {"uuid": ann["uuid"], "revision": ann["revision"], "edit_uuid": str(uuid.uuid4()), "label": "thing",
@@ -59,7 +65,46 @@ def _retried_edits(store: Store) -> None:
     assert [r.status_code for r in done] == [200, 200] and done[0].json() == done[1].json()
     assert store.get_annotation(ann["id"])["revision"] == now["revision"] + 1
     bad = client.patch(url, headers=auth(token), json={**relabel, "edit_uuid": "not-a-uuid"})
-    assert bad.status_code in (400, 422) and "uuid must be a UUID" in bad.text
+    assert bad.status_code in (400, 422) and "edit_uuid must be a UUID" in bad.text  # the field, by its name
+
+
+def _reused_keys(store: Store) -> None:
+    """An edit_uuid sent again with a body that is not its edit's is refused, naming what differs; the row stays
+    as that edit left it. A true retry (only the time spent differs: the page sends the time until each try, and
+    the key in capitals) is still answered 200, applied once."""
+    _, ann, _, token, m, client = _one_annotation(store)
+    url = f"/api/annotations/{ann['id']}"
+    grown = m.copy()
+    grown[40:50, 20:60] = True
+    key = str(uuid.uuid4())
+    edit = {"uuid": ann["uuid"], "revision": ann["revision"], "edit_uuid": key, "label": "thing",
+            "segmentation": _uncompressed_rle(grown), "review_state": "pending", "prompts": {"points": [[30, 20]]},
+            "seconds_spent": 2.5}
+    first = client.patch(url, headers=auth(token), json=edit)
+    assert first.status_code == 200, first.text
+    others = {"label": {"label": "person"}, "segmentation": {"segmentation": _uncompressed_rle(m)},
+              "review_state": {"review_state": "rejected"}, "prompts": {"prompts": {"points": [[31, 20]]}},
+              "revision": {"revision": first.json()["revision"]}}  # (a new edit of the revision the first made)
+    for field, change in others.items():
+        r = client.patch(url, headers=auth(token), json={**edit, **change})
+        assert r.status_code == 409, (field, r.text)
+        detail = r.json()["detail"]
+        assert f"edit_uuid {key} was already used for another edit" in detail and field in detail, detail
+        assert "send a new edit_uuid" in detail, detail
+    assert store.get_annotation(ann["id"]) == first.json()  # none of them changed anything
+    again = client.patch(url, headers=auth(token), json={**edit, "edit_uuid": key.upper(), "seconds_spent": 4.0})
+    assert again.status_code == 200 and again.json() == first.json(), again.text
+    assert store.get_annotation(ann["id"])["seconds_spent"] == 2.5
+
+
+def test_an_edit_key_sent_with_another_edit_is_refused_sqlite(tmp_path: Path) -> None:
+    """The reviewer's case (label 'dog' sent with the key of a 'cat' edit was answered 200 with the 'cat' row, the
+    'dog' edit dropped without a word), for each field a PATCH sets."""
+    store = open_store(tmp_path / "p", create=True)
+    try:
+        _reused_keys(store)
+    finally:
+        store.close()
 
 
 def test_a_retried_edit_is_applied_once_sqlite(tmp_path: Path) -> None:
@@ -72,7 +117,8 @@ def test_a_retried_edit_is_applied_once_sqlite(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_a_retried_edit_is_applied_once_postgres(postgres_url: str) -> None:  # noqa: F811
-    """On PostgreSQL, in a database taken down to 0007 and up again (0008 drops and adds the column there too)."""
+    """On PostgreSQL, in a database taken down to 0007 and up again (0008 drops and adds the column there too),
+    dropped at the end, passed or failed (the server lives for the whole session)."""
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine, text
@@ -83,16 +129,21 @@ def test_a_retried_edit_is_applied_once_postgres(postgres_url: str) -> None:  # 
     name = f"edit_retry_{uuid.uuid4().hex[:8]}"  # a fresh database: the session's one is shared
     with admin.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
     url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(store_module.__file__).with_name("migrations")))
-    store = open_store(url)
     try:
-        for step in ("downgrade", "upgrade"):
-            with store.engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                getattr(command, step)(cfg, "0007" if step == "downgrade" else "head")
-        _retried_edits(store)
-    finally:
-        store.close()
+        store = open_store(url)
+        try:
+            for step in ("downgrade", "upgrade"):
+                with store.engine.begin() as conn:
+                    cfg.attributes["connection"] = conn
+                    getattr(command, step)(cfg, "0007" if step == "downgrade" else "head")
+            _retried_edits(store)
+            _reused_keys(store)
+        finally:
+            store.close()
+    finally:  # (FORCE: a connection a failure left open does not keep it)
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()

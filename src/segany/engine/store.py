@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -920,7 +921,10 @@ class Store:
         ``edit_uuid`` is the client's idempotency key of this edit, kept with the revision it makes: the same key
         again while that is still the annotation's last change (a retry after a lost answer) is answered with the
         row as stored, after the uuid and ``check`` checks, and changes nothing. Any change stores its own key or
-        none, so once someone else has changed the annotation a retry is checked like any edit (409 if stale)."""
+        none, so once someone else has changed the annotation a retry is checked like any edit (409 if stale).
+        The key sent with another edit (a field it sets is not as that edit left it, or another ``expected_revision``)
+        is a :class:`ConflictError` naming the fields, not answered with the first edit's row (that would drop this
+        one without a word); ``seconds_spent`` is not compared: a client sends the time until each try."""
         if mask is not None and rle is not None:
             raise InputError("give at most one of mask and rle")
         if review_state is not None:
@@ -929,13 +933,23 @@ class Store:
             check_plain_text("label", label.strip())
         seconds_spent = check_seconds(seconds_spent)
         check_finite_json("prompts", prompts)
-        edit_key = _check_uuid(edit_uuid) if edit_uuid is not None else None
+        edit_key = _check_uuid(edit_uuid, "edit_uuid") if edit_uuid is not None else None
         with self.transaction() as s:
             a = self._get_ann(s, annotation_id, project_id, lock=True)
             self._check_uuid(a, annotation_id, expected_uuid)
             if check is not None:
                 check(annotation_dict(a))
             if edit_key is not None and a.last_edit_uuid == edit_key:
+                # The row is what the keyed edit made (any later change replaces or clears the key), so a retry
+                # sets each field to what it holds; anything else is another edit under a reused key.
+                differs = _differs_from_edit(a, mask=mask, rle=rle, label=label, review_state=review_state,
+                                             annotator_id=annotator_id, prompts=prompts,
+                                             expected_revision=expected_revision)
+                if differs:
+                    raise ConflictError(
+                        f"edit_uuid {edit_key} was already used for another edit of annotation {annotation_id} "
+                        f"(this request differs from it in {', '.join(differs)}); send a new edit_uuid for each new "
+                        "edit, and the same one only to retry that edit unchanged")
                 return annotation_dict(a)  # this edit, applied already: answered again, not applied twice
             if expected_revision is not None and a.revision != expected_revision:
                 raise ConflictError(f"annotation {annotation_id} is at revision {a.revision}, not "
@@ -1141,11 +1155,37 @@ def check_finite_json(name: str, value: Any) -> None:
                          "real value or leave it out")
 
 
-def _check_uuid(value: str) -> str:
+def _differs_from_edit(a: Annotation, *, mask: np.ndarray | None, rle: dict[str, Any] | None, label: str | None,
+                       review_state: str | None, annotator_id: int | None, prompts: dict[str, Any] | None,
+                       expected_revision: int | None) -> list[str]:
+    """The fields an edit request sets otherwise than the edit that made ``a``'s revision left them (written as
+    :meth:`Store.update_annotation` writes them); empty for a true retry of that edit."""
+    differs: list[str] = []
+    if mask is not None or rle is not None:
+        enc = encode_mask(mask) if mask is not None else normalize_rle(rle)  # type: ignore[arg-type]
+        if list(enc["size"]) != [a.height, a.width] or enc["counts"] != a.rle_counts:
+            differs.append("segmentation")
+    if label is not None and (label.strip()[:200] or "object") != a.label:
+        differs.append("label")
+    if review_state is not None and review_state != a.review_state:
+        differs.append("review_state")
+    if annotator_id is not None and annotator_id != a.annotator_id:
+        differs.append("annotator_id")
+    if prompts is not None:
+        kept = {k: v for k, v in (a.prompts or {}).items() if k in _IMPORT_MARKERS}
+        # (through JSON, as stored: a tuple the caller passed is the list the row holds)
+        if json.loads(json.dumps({**dict(prompts), **kept})) != (a.prompts or {}):
+            differs.append("prompts")
+    if expected_revision is not None and expected_revision != a.revision - 1:  # (the edit made revision + 1)
+        differs.append("revision")
+    return differs
+
+
+def _check_uuid(value: str, field: str = "uuid") -> str:
     try:
         return str(uuid_lib.UUID(str(value)))
     except ValueError as exc:
-        raise InputError(f"uuid must be a UUID string like {uuid_lib.uuid4()}, got {value!r}") from exc
+        raise InputError(f"{field} must be a UUID string like {uuid_lib.uuid4()}, got {value!r}") from exc
 
 
 def open_store(target: str | os.PathLike[str], *, create: bool = False, pool_size: int | None = None,

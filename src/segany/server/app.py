@@ -683,7 +683,9 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
     def patch_annotation(annotation_id: AnnotationId, body: AnnotationPatch, who: Who) -> dict[str, Any]:
         """Edit in place. With ``revision`` an edit of a version someone else has changed since is refused (409);
         with ``edit_uuid`` it is safe to send again: a retry of an edit already applied (its answer lost) is
-        answered with the row as that edit left it, as a save's uuid makes a retried save store one mask."""
+        answered with the row as that edit left it, as a save's uuid makes a retried save store one mask. The key
+        sent with another edit (another label, mask, ...) is refused (409, naming what differs): answering it with
+        the first edit's row would drop this one without a word."""
         # ``by``, not ``annotator_id``: the store keeps who drew the mask and records others as its reviewer.
         return store.update_annotation(
             annotation_id, project_id=project_id, rle=body.segmentation.model_dump() if body.segmentation else None,

@@ -76,7 +76,8 @@ class AnnotationPatch(Body):
     edit_uuid: str | None = Field(
         default=None, description="client-generated UUID of this edit: its idempotency key. Sent again (a retry after "
                                   "a lost answer) while the edit is still the annotation's last change, the row is "
-                                  "answered as that edit left it instead of 409; send a new one for each new edit")
+                                  "answered as that edit left it instead of 409; send a new one for each new edit "
+                                  "(the same one with a different edit is refused, 409)")
 
     _label = field_validator("label")(_plain_label)
 

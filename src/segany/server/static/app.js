@@ -923,15 +923,17 @@ async function saveEdit() {
   if (!maskChanged && label === a.label) { // (clicks that changed nothing included)
     clearPrompts(); setStatus(`annotation ${a.id} unchanged`, true); return;
   }
-  // The edit's key: the same while the mask and label are as they were (Enter again after a failure sends it
-  // again, and if the failed one was stored after all, the server answers with it instead of a false 409).
-  if (!e.saveKey || e.saveKey.seq !== S.editSeq || e.saveKey.label !== label || e.saveKey.revision !== e.revision) {
-    e.saveKey = { seq: S.editSeq, label, revision: e.revision, uuid: uuid4() };
-  }
-  const body = { uuid: e.uuid, revision: e.revision, edit_uuid: e.saveKey.uuid,
-    seconds_spent: (performance.now() - e.t0) / 1000 };
+  const body = { uuid: e.uuid, revision: e.revision, seconds_spent: (performance.now() - e.t0) / 1000 };
   if (maskChanged) body.segmentation = maskToRle(S.mask, S.H, S.W);
   if (label !== a.label) body.label = label;
+  // The edit's key: the same while what it saves is (Enter again after a failure sends it again, and if the
+  // failed one was stored after all, the server answers with it instead of a false 409); anything else gets a
+  // new one, as the server refuses a key sent with another edit (409). Told by the runs themselves, not by
+  // editSeq: a brush stroke still drawn after Enter changes the mask in place without counting as an edit.
+  // (seconds_spent is the time until each try: the server does not compare it.)
+  const what = JSON.stringify([e.revision, label, body.segmentation ? body.segmentation.counts : null]);
+  if (!e.saveKey || e.saveKey.what !== what) e.saveKey = { what, uuid: uuid4() };
+  body.edit_uuid = e.saveKey.uuid;
   const token = S.imageToken; const im = current(); const mask = S.mask; const job = { token, seq: S.editSeq };
   S.saves.push(job); setStatus("saving the edit…", false);
   let out;
