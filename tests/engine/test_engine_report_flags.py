@@ -110,3 +110,37 @@ def test_a_versions_section_describes_its_snapshot_not_the_live_masks(tmp_path: 
     assert (version["images"], version["masks"]) == (5, 10)
     assert version["masks_per_image"]["mean"] == 2.0 and version["by_source"] == {"manual": 10}
     assert version["relative_area"]["p90"] < 0.1  # the 100x100 edit is not in it
+
+
+def test_near_duplicate_images_are_flagged_per_group_not_per_pair(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Near-duplicate images were flagged pair by pair: 300 frames of a still camera were 44,850 flags, and
+    20,000 would build 200 million tuples. Each group is one flag now: its images, its first pairs and how many
+    more it has."""
+    from segany.engine import near_dupes, report
+    from segany.engine.db import Image
+    from segany.engine.report import ReportSettings, build_report
+
+    store = open_store(tmp_path / "proj", create=True)
+    try:
+        p = store.create_project("p")
+        names = [f"frame{i}" for i in range(300)] + ["a", "b", "alone"]
+        with store.transaction() as s:  # rows only: the files are never read, their dHash is stubbed below
+            s.add_all([Image(project_id=p["id"], path=f"/nowhere/{name}.png", file_name=f"{name}.png", width=8,
+                             height=8, sha256=f"{k:064x}") for k, name in enumerate(names)])
+        hashes = {"a": 0xFF00, "b": 0xFF01, "alone": 0xFFFF_0000_0000}
+        monkeypatch.setattr(near_dupes, "dhash", lambda path: hashes.get(Path(path).stem, 0xF0F0))
+        monkeypatch.setattr(report, "_plots", lambda *a: [])
+        monkeypatch.setattr(report, "_throughput_plot", lambda *a: None)
+        flags = build_report(store, None, tmp_path / "r", ReportSettings())["report"]["image_flags"]
+    finally:
+        store.close()
+    assert len(flags) == 2
+    from segany.engine.report import MAX_PAIRS_PER_GROUP
+
+    frames, pair = flags
+    assert frames["image_ids"] == list(range(1, 301)) and len(frames["pairs"]) == MAX_PAIRS_PER_GROUP
+    assert frames["pairs"][0] == {"image_id": 1, "duplicate_of": 2, "hash_bits": 0}
+    assert frames["pairs_left_out"] == 300 * 299 // 2 - MAX_PAIRS_PER_GROUP
+    assert pair == {"reason": "near_duplicate_images", "image_ids": [301, 302], "pairs_left_out": 0,
+                    "pairs": [{"image_id": 301, "duplicate_of": 302, "hash_bits": 1}]}
+    assert "and 44830 more" in (tmp_path / "r" / "index.html").read_text()

@@ -1,15 +1,19 @@
 """Near-duplicate images by 64-bit difference hash (dHash), for the data engine's split and its report.
 
 A project's images often hold near-copies of each other: a re-encoded or resized copy, consecutive video frames,
-a dataset's near repeats (Kvasir-SEG has dozens). ``segany engine report`` lists such images, and dataset versions (:mod:`segany.engine.retrain`) keep each group of them on one side of the
-train / held-out split, so a model is never evaluated on a near-copy of an image it trained on.
+a dataset's near repeats (Kvasir-SEG has dozens). ``segany engine report`` lists such images by group, and
+dataset versions (:mod:`segany.engine.retrain`) keep each group of them on one side of the train / held-out
+split, so a model is not evaluated on a near-copy of an image it trained on.
 
 * :func:`dhash` hashes one image file; :func:`dhashes_for` hashes many through a cache keyed by content (sha256).
-* :func:`near_duplicate_pairs` lists pairs within a Hamming distance, :func:`near_duplicate_groups` joins them
-  into groups (connected components). Both compare all pairs with numpy (XOR and popcount over ``uint64``), a
-  block of rows at a time so memory stays bounded, and the groups come from a vectorised union-find: 20,000
-  images group in about a second on one core of a 2-core EPYC (``bench/near_dupes.py``), many near-copies, a
-  long chain of video frames or 20,000 equal hashes included.
+* :func:`near_duplicate_groups` joins keys into groups (connected components of the pairs within a Hamming
+  distance). It compares all pairs with numpy (XOR and popcount over ``uint64``), a block of rows at a time so
+  memory stays bounded, and joins them with a vectorised union-find: 20,000 images group in about a second on
+  one core of a 2-core EPYC (``bench/near_dupes.py``), many near-copies, a long chain of video frames or 20,000
+  equal hashes included.
+* :func:`pairs_within` counts the pairs of one group and lists the first few (the report's view of a group:
+  20,000 equal hashes are 200 million pairs, counted but never built); :func:`near_duplicate_pairs` builds every
+  pair, for small sets only; :func:`near_any` says which hashes have a near-copy in another set.
 """
 
 from __future__ import annotations
@@ -128,18 +132,56 @@ def _as_array(hashes: Mapping[K, int]) -> tuple[list[K], np.ndarray]:
     return keys, np.array([hashes[k] for k in keys], dtype=np.uint64)
 
 
-def near_duplicate_pairs(hashes: Mapping[K, int], max_bits: int = DEFAULT_MAX_BITS) -> list[tuple[K, K, int]]:
-    """(a, b, differing bits) for every pair of keys whose hashes differ in at most ``max_bits`` bits; a < b,
-    sorted by (a, b)."""
+def pairs_within(hashes: Mapping[K, int], max_bits: int = DEFAULT_MAX_BITS, limit: int | None = None
+                 ) -> tuple[list[tuple[K, K, int]], int]:
+    """Pairs of keys whose hashes differ in at most ``max_bits`` bits: the first ``limit`` of them and how many
+    there are in all.
+
+    Returns:
+        (pairs, total): ``pairs`` holds (a, b, differing bits) with a < b, sorted by (a, b), at most ``limit``
+        of them (all with None); ``total`` counts every such pair. Memory stays bounded by the block size and
+        ``limit``, whatever ``total`` is (n equal hashes are n(n-1)/2 pairs); the time grows with the square of
+        the number of keys, so call it per group, not on a whole project.
+    """
     keys, h = _as_array(hashes)
     out: list[tuple[K, K, int]] = []
+    total = 0
     for start, bits in _blocks(h):
         square = bits[:, : len(bits)]  # the block against itself: each pair once (i < j), no self-pairs
         square[np.tril(np.ones(square.shape, dtype=bool))] = 255
-        ii, jj = _flat_pairs(bits <= max_bits)
+        close = bits <= max_bits
+        total += int(np.count_nonzero(close))
+        room = None if limit is None else limit - len(out)
+        if room is not None and room <= 0:
+            continue
+        ii, jj = _flat_pairs(close)
+        ii, jj = ii[:room], jj[:room]
         out += [(keys[start + i], keys[start + j], d)
                 for i, j, d in zip(ii.tolist(), jj.tolist(), bits[ii, jj].tolist(), strict=True)]
-    return out
+    return out, total
+
+
+def near_duplicate_pairs(hashes: Mapping[K, int], max_bits: int = DEFAULT_MAX_BITS) -> list[tuple[K, K, int]]:
+    """(a, b, differing bits) for every pair of keys whose hashes differ in at most ``max_bits`` bits; a < b,
+    sorted by (a, b).
+
+    Every pair is built, so memory grows with their number: n equal hashes are n(n-1)/2 tuples. For a project's
+    images use :func:`near_duplicate_groups` and :func:`pairs_within` per group.
+    """
+    return pairs_within(hashes, max_bits)[0]
+
+
+def near_any(queries: Iterable[int], refs: Iterable[int], max_bits: int = DEFAULT_MAX_BITS) -> np.ndarray:
+    """(len(queries),) bool: whether each query hash is within ``max_bits`` bits of any of ``refs``."""
+    q = np.array(list(queries), dtype=np.uint64)
+    r = np.unique(np.array(list(refs), dtype=np.uint64))
+    found = np.zeros(len(q), dtype=bool)
+    if not len(q) or not len(r):
+        return found
+    rows = max(1, _BLOCK_CELLS // len(r))
+    for start in range(0, len(q), rows):
+        found[start:start + rows] = (_popcount(q[start:start + rows, None] ^ r[None, :]) <= max_bits).any(axis=1)
+    return found
 
 
 def _compress(parent: np.ndarray) -> None:

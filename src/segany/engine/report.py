@@ -7,7 +7,8 @@ dataset version of a project plus the live set of annotations:
 * disagreement: the current model's mask from each accepted annotation's box, compared with the
   annotation. Low IoU marks a mask for review (either the annotation or the model is wrong);
 * near-duplicate masks (pairs above an IoU in one image) and near-duplicate images (64-bit dHash,
-  :mod:`segany.engine.near_dupes`; dataset versions keep each group of them on one side of their split);
+  :mod:`segany.engine.near_dupes`), listed by group with their first pairs (20,000 frames of a still camera
+  are one group, not 200 million pairs); dataset versions keep each group on one side of their split;
 * annotator throughput: seconds per mask over time (SA-1B went from 34 s to 14 s per mask).
 
 * empty masks (area 0, stored before the store refused them): nothing to train on.
@@ -229,6 +230,32 @@ def _version_annotations(store: Any, version_id: int, live: dict[str, dict[str, 
     return out, frozen_images
 
 
+MAX_PAIRS_PER_GROUP = 20  # pairs a near-duplicate image group lists; the rest are counted
+
+
+def near_duplicate_image_flags(hashes: Mapping[int, int], max_bits: int, max_pairs: int = MAX_PAIRS_PER_GROUP
+                               ) -> list[dict[str, Any]]:
+    """One flag per group of 2 or more near-duplicate images (:func:`~segany.engine.near_dupes.near_duplicate_groups`):
+    ``{"reason": "near_duplicate_images", "image_ids": the group's ids (sorted),
+    "pairs": [{"image_id": a, "duplicate_of": b, "hash_bits": d}, ...] (its first ``max_pairs`` pairs within
+    ``max_bits`` bits, a < b), "pairs_left_out": how many more pairs it has}``, groups by their first image id.
+
+    Memory grows with the number of images, not pairs: 20,000 equal frames are one flag of 20,000 ids and 20
+    pairs (the 199,989,980 others counted). Counting is quadratic in a group's size, about a second for that one.
+    """
+    from segany.engine.near_dupes import near_duplicate_groups, pairs_within
+
+    out = []
+    for group in near_duplicate_groups(hashes, max_bits):
+        if len(group) < 2:
+            continue
+        pairs, total = pairs_within({i: hashes[i] for i in group}, max_bits, limit=max_pairs)
+        out.append({"reason": "near_duplicate_images", "image_ids": group,
+                    "pairs": [{"image_id": a, "duplicate_of": b, "hash_bits": d} for a, b, d in pairs],
+                    "pairs_left_out": total - len(pairs)})
+    return out
+
+
 def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str], settings: ReportSettings,
                  *, spec: Any = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Write ``index.html``, plots, ``report.json`` and ``flags.json`` to ``out_dir``; with ``settings.demote``
@@ -241,7 +268,7 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
         ``{"html": path, "flagged": masks flagged, "demoted": masks moved to pending, "report": the report dict}``.
     """
     from segany.engine.db import DatasetVersion
-    from segany.engine.near_dupes import cache_from_metas, dhashes_for, near_duplicate_pairs
+    from segany.engine.near_dupes import cache_from_metas, dhashes_for
 
     out = Path(out_dir)
     check_out_dir(out)
@@ -268,7 +295,7 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
                                         cache_from_metas(meta for _, _, meta in versions))
     for i in unreadable:
         log(f"image {i} ({images[i]['file_name']}) cannot be read; skipped in the near-duplicate check")
-    dup_images = near_duplicate_pairs(hashes, settings.dup_hash_bits)
+    image_flags = near_duplicate_image_flags(hashes, settings.dup_hash_bits)
     empty = [a for a in live if a["area"] == 0]
     live_nonempty = [a for a in live if a["area"] > 0]  # an empty mask has no box to prompt and no IoU
     dup_masks = duplicate_masks(live_nonempty, settings.dup_iou)
@@ -300,8 +327,6 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
             if all_by_id[aid]["review_state"] == "accepted":
                 store.update_annotation(aid, project_id=pid, review_state="pending")
                 flagged += 1
-    image_flags = [{"image_id": a, "duplicate_of": b, "hash_bits": d, "reason": "near_duplicate_image"}
-                   for a, b, d in dup_images]
 
     sections = []
     report: dict[str, Any] = {"project": proj["name"], "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -371,10 +396,16 @@ def _html(report: dict[str, Any], sections: list[Any], thr_png: str | None, sett
                  "<th>reason</th><th>IoU</th></tr>")
     parts += [f"<tr><td>{f['annotation_id']}</td><td>{f['image_id']}</td><td>{e(f['reason'])}</td>"
               f"<td>{format(f['iou'], '.3f') if 'iou' in f else '-'}</td></tr>" for f in report["flags"][:500]]
-    parts.append("</table><h2>Near-duplicate images</h2><table><tr><th>image</th><th>duplicate of</th>"
-                 "<th>dHash bits</th></tr>")
-    parts += [f"<tr><td>{f['image_id']}</td><td>{f['duplicate_of']}</td><td>{f['hash_bits']}</td></tr>"
-              for f in report["image_flags"]]
+    parts.append(f"</table><h2>Near-duplicate images</h2><p>groups of images whose dHash differ in at most "
+                 f"{settings.dup_hash_bits} bits, chains included; dataset versions keep each group on one side of "
+                 "their split.</p><table><tr><th>images</th><th>image ids</th><th>pairs (dHash bits)</th></tr>")
+    for f in report["image_flags"]:
+        ids = ", ".join(map(str, f["image_ids"][:20])) + (f" and {len(f['image_ids']) - 20} more"
+                                                           if len(f["image_ids"]) > 20 else "")
+        pairs = ", ".join(f"{p['image_id']}-{p['duplicate_of']} ({p['hash_bits']})" for p in f["pairs"])
+        if f["pairs_left_out"]:
+            pairs += f" and {f['pairs_left_out']} more"
+        parts.append(f"<tr><td>{len(f['image_ids'])}</td><td>{ids}</td><td>{pairs}</td></tr>")
     parts.append("</table><h2>Annotator throughput</h2><table><tr><th>day</th><th>masks</th><th>s/mask</th></tr>")
     parts += [f"<tr><td>{e(r['day'])}</td><td>{r['masks']}</td><td>{r['seconds_per_mask']}</td></tr>"
               for r in report["throughput"]]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,21 @@ def held_out_image(sha256: str, fraction: float) -> bool:
     return int(sha256[:8], 16) / 0xFFFFFFFF < fraction
 
 
+def held_out_group(shas: Iterable[str], fraction: float) -> bool:
+    """Whether a group of near-duplicate images no earlier version put on a side is held out, by content.
+
+    An image alone goes by its own hash (:func:`held_out_image`), as every image did before near-duplicates were
+    grouped, so such splits stay as they were. A group of 2 or more goes by a hash of ``group\\0`` and its smallest
+    sha256: the smallest sha256 of k images has the smallest prefix, so deciding on it held a group out with
+    probability 1 - (1 - f)^k (89% of 10-frame clips at f = 0.2); the re-hash is uniform again, so about
+    ``fraction`` of the images are held out whatever the groups' sizes.
+    """
+    ordered = sorted(shas)
+    if len(ordered) == 1:
+        return held_out_image(ordered[0], fraction)
+    return held_out_image(hashlib.sha256(b"group\0" + ordered[0].encode()).hexdigest(), fraction)
+
+
 def freeze_dataset_version(store: Any, project: str | None, *, held_out: float = 0.2,
                            states: tuple[str, ...] = ("accepted",), near_dup_bits: int = DEFAULT_MAX_BITS,
                            say: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -91,16 +106,22 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
     saw after reviewers relabel or delete the live annotations. The content hash covers, in annotation-uuid
     order, each annotation's uuid, image sha256, label and RLE, so it changes exactly when the data changes.
     Images are split as :func:`split_images` says, near-duplicates (dHash within ``near_dup_bits`` bits) kept on
-    one side. The dHashes are read from the project's earlier versions (their meta caches them by image sha256)
-    or computed, outside the write transaction, for the images no version hashed yet.
+    one side, with the images earlier versions put on a side (:func:`remembered_sides`: still in the project or
+    removed since) grouped beside this version's. The dHashes are read from the project's earlier versions
+    (their meta caches them by image sha256) or computed for the images no version hashed yet.
+
+    Hashing and grouping run in a read-only pass, outside the write transaction (on SQLite it holds the app's
+    saves: grouping 100,000 images takes seconds). The write pass groups again only when what it reads differs
+    from what the read pass saw: an image's masks accepted or removed meanwhile, or another version frozen.
 
     Args:
-        say: where the notes for a person go (images that could not be hashed, near-duplicate groups that
-            earlier versions put on both sides); the module's logger (warnings) by default.
+        say: where the notes for a person go (images that could not be hashed, near-duplicate groups with images
+            on both sides); the module's logger (warnings) when None.
 
     Returns:
         ``{id, name, content_hash, annotations, images, train_image_ids, held_out_image_ids,
-        near_duplicate_groups, near_duplicate_groups_split, near_duplicate_unreadable}``.
+        near_duplicate_groups, near_duplicate_groups_split, near_duplicate_left_out,
+        near_duplicate_held_out_near_trained, near_duplicate_unreadable}``.
     """
     from sqlalchemy import select
 
@@ -111,8 +132,7 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
     nothing = InputError(f"project {proj['name']!r} has no {'/'.join(states)} annotations to train on; "
                          "annotate or accept some first")
     # A read-only pass first: a freeze of unchanged data returns the version it already has, and the images no
-    # version hashed yet are hashed here, without the write lock (a SQLite write transaction would hold the app's
-    # saves while thousands of files are read).
+    # version hashed yet are hashed and grouped after it, without the write lock.
     with store.transaction(write=False) as s:
         rows = s.execute(select(Annotation.uuid, Annotation.label, Annotation.height, Annotation.width,
                                 Annotation.rle_counts, Image.id, Image.sha256, Image.path)
@@ -126,8 +146,9 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
         if reused is not None:
             return reused
         cache = near_dupes.cache_from_metas(dv.meta for dv in earlier)
-        files = _files_to_group(s, proj["id"], {r.id: (r.sha256, r.path) for r in rows}, earlier, held_out)
-    hashes, new, unreadable = near_dupes.dhashes_for(files, cache)
+        seen = ([dv.id for dv in earlier], {r.id: (r.sha256, r.path) for r in rows})
+        remembered = _remembered(s, earlier, held_out)
+    grouping = _group(seen[1], remembered, cache, held_out, near_dup_bits)
 
     with store.transaction() as s:
         rows = list(s.execute(
@@ -136,23 +157,23 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
         if not rows:  # all rejected or deleted since the read
             raise nothing
         digest = _content_hash((a, im.sha256) for a, im in rows)
-        images = {a.image_id: im.sha256 for a, im in rows}
         earlier = list(s.scalars(select(DatasetVersion).where(DatasetVersion.project_id == proj["id"])
                                  .order_by(DatasetVersion.id)))
         reused = _same_version(earlier, digest, held_out)
         if reused is not None:
             return reused
-        sides = _earlier_sides(earlier, held_out)
-        files = _files_to_group(s, proj["id"], {a.image_id: (im.sha256, im.path) for a, im in rows}, earlier,
-                                held_out)
-        late = {k: f for k, f in files.items() if k not in hashes and k not in unreadable}  # added since the read
-        if late:
-            more, more_new, more_unreadable = near_dupes.dhashes_for(late, {**cache, **new})
-            hashes, new, unreadable = {**hashes, **more}, {**new, **more_new}, {**unreadable, **more_unreadable}
-        groups = near_dupes.near_duplicate_groups({k: hashes[k] for k in files if k in hashes}, near_dup_bits)
-        split = split_images(images, held_out, sides, groups)
-        not_read = sorted(k for k in files if k in unreadable)
-        _say_unreadable(say, {k: (files[k][1], unreadable[k]) for k in not_read})
+        now = ([dv.id for dv in earlier], {a.image_id: (im.sha256, im.path) for a, im in rows})
+        if now != seen:  # changed since the read pass: group again, hashing only the images it did not see
+            if now[0] != seen[0]:
+                cache = near_dupes.cache_from_metas(dv.meta for dv in earlier)
+                remembered = _remembered(s, earlier, held_out)
+            grouping = _group(now[1], remembered, {**cache, **grouping.by_sha}, held_out, near_dup_bits,
+                              failed=grouping.failed)
+        images = {i: sha for i, (sha, _) in now[1].items()}
+        split = split_images(images, held_out, grouping.sides, grouping.groups)
+        near_trained = _held_out_near_trained(split, grouping, near_dup_bits)
+        not_read = sorted(i for i in grouping.unreadable if i in images)
+        _say_unreadable(say, {i: (now[1][i][1], grouping.unreadable[i]) for i in not_read})
         n = len(earlier) + 1
         dv = DatasetVersion(project_id=proj["id"], name=f"v{n}-{digest[:8]}", meta={
             "content_hash": digest, "states": list(states), "annotations": len(rows), "images": len(images),
@@ -160,8 +181,10 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
             "category_ids": category_ids(earlier, proj.get("labels") or [], {a.label for a, _ in rows}),
             "annotation_uuids_sha256": hashlib.sha256("\n".join(a.uuid for a, _ in rows).encode()).hexdigest(),
             **({"near_duplicate_bits": near_dup_bits, "near_duplicate_groups": split.groups,
-                "near_duplicate_groups_split": split.groups_split, "near_duplicate_unreadable": not_read,
-                near_dupes.DHASH_META_KEY: near_dupes.to_meta({sha: h for sha, h in new.items()
+                "near_duplicate_groups_split": split.groups_split,
+                "near_duplicate_left_out_image_ids": split.left_out,
+                "near_duplicate_held_out_near_trained": near_trained, "near_duplicate_unreadable": not_read,
+                near_dupes.DHASH_META_KEY: near_dupes.to_meta({sha: h for sha, h in grouping.by_sha.items()
                                                                if sha not in cache})}
                if held_out > 0 else {})})
         dv.annotations = [a for a, _ in rows]
@@ -170,16 +193,29 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
         s.flush()
         out = _dv_dict(dv)
     if out["near_duplicate_groups_split"]:
-        say(near_duplicate_note(out["near_duplicate_groups_split"]))
+        say(near_duplicate_note(out["near_duplicate_groups_split"], len(out["near_duplicate_left_out"]),
+                                out["near_duplicate_held_out_near_trained"]))
     return out
 
 
-def near_duplicate_note(groups_split: int) -> str:
-    """The line freeze and retrain print when earlier versions put near-duplicate groups on both sides."""
-    are = "group is" if groups_split == 1 else "groups are"
-    return (f"{groups_split} near-duplicate image {are} on both sides of the split: earlier dataset versions put "
-            "them there and an image never changes sides, so held-out scores on them may be optimistic; "
-            "`segany engine report` lists the near-duplicate images")
+def near_duplicate_note(groups_split: int, left_out: int = 0, held_out_near_trained: int = 0) -> str:
+    """The line freeze and retrain print when near-duplicate groups have images on both sides of the split."""
+    groups = "group has" if groups_split == 1 else "groups have"
+    images = "image is" if left_out == 1 else "images are"
+    line = (f"{groups_split} near-duplicate image {groups} images on both sides of the split: an image never "
+            "changes sides, and earlier dataset versions put these on their sides before groups were kept together "
+            "or while no near-copy linked them yet. ")
+    if left_out:
+        it = "it" if left_out == 1 else "them"
+        line += (f"{left_out} new {images} left out of both sides of this version (training on {it} would give a "
+                 f"held-out image a near-copy to learn from, holding {it} out would test on a near-copy of a "
+                 "trained-on image). ")
+    if held_out_near_trained:
+        one = held_out_near_trained == 1
+        line += (f"{held_out_near_trained} held-out image{'' if one else 's'} {'is' if one else 'are'} within "
+                 "the near-duplicate distance of a trained-on image, so held-out scores on "
+                 f"{'it' if one else 'them'} may be optimistic. ")
+    return line + "`segany engine report` lists the near-duplicate images"
 
 
 def _say_unreadable(say: Callable[[str], None], failed: dict[int, tuple[str, str]]) -> None:
@@ -206,24 +242,149 @@ def _same_version(earlier: list[Any], digest: str, held_out: float) -> dict[str,
     return None
 
 
-def _files_to_group(s: Any, project_id: int, images: dict[int, tuple[str, str]], earlier: list[Any],
-                    held_out: float) -> dict[int, tuple[str, str]]:
-    """image id -> (sha256, path) of the images the split groups: this version's, and those an earlier version
-    (of this fraction) put on a side that are still in the project but not in this version (a near-copy of an
-    image a model trained on must not be held out because that image has no accepted masks now). Nothing when
-    ``held_out`` is 0: every image trains, and nothing needs hashing."""
-    if held_out <= 0:
-        return {}
-    from sqlalchemy import select
+@dataclass(frozen=True)
+class Remembered:
+    """What the project's earlier dataset versions (of one held-out fraction) put on a side, by content.
 
-    from segany.engine.db import Image
+    ``in_project``: (image id, sha256 it was frozen with) -> held out (True) or trained on (False), for images a
+    version's snapshot still names (an image's removal sets its snapshot rows' image id to NULL); the sha256 is
+    None for a version frozen without a snapshot, whose sides go by id alone. ``removed``: sha256 of an image
+    since removed from the project -> held out; trained on wins where versions disagree. ``paths``: sha256 -> the
+    path it was frozen with, to hash an image no version cached the dHash of.
+    """
 
-    others = sorted(set(_earlier_sides(earlier, held_out)) - set(images))
-    out = dict(images)
-    for chunk in (others[k:k + 500] for k in range(0, len(others), 500)):  # bound the IN list
-        out.update({i: (sha, path) for i, sha, path in s.execute(
-            select(Image.id, Image.sha256, Image.path).where(Image.project_id == project_id, Image.id.in_(chunk)))})
+    in_project: dict[tuple[int, str | None], bool] = field(default_factory=dict)
+    removed: dict[str, bool] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def side(self, image_id: int, sha256: str) -> bool | None:
+        """The side an earlier version put this image on, if it is the same content; else None."""
+        side = self.in_project.get((image_id, sha256))
+        return self.in_project.get((image_id, None)) if side is None else side
+
+
+def remembered_sides(versions: Iterable[tuple[int, Mapping[str, Any]]],
+                     snapshot: Iterable[tuple[int, int | None, str, str, int]]) -> Remembered:
+    """Earlier sides keyed by content, from versions' metas and snapshots.
+
+    Args:
+        versions: (version id, meta) of the versions of one fraction, oldest first; the meta lists the image ids
+            of each side.
+        snapshot: (version id, image id or None once removed, sha256, path, first snapshot row id) per image of
+            those versions.
+
+    A side is remembered with the sha256 the version froze its image with: SQLite gives a removed image's id to
+    the next image added (no AUTOINCREMENT), and keyed by id alone that image inherited the removed one's side.
+    A removed image's side comes from its place in the snapshot, which holds images in image-id order (the k-th
+    image is the k-th smallest id of the version's sides). Where that order does not hold (versions frozen
+    before it, in annotation order), the removed images of a version count as trained on unless every image of
+    it that is gone was held out: a newcomer near them then trains, which leaks nothing.
+    """
+    out = Remembered()
+    rows: dict[int, list[tuple[int | None, str, str, int]]] = {}
+    for dv_id, image_id, sha, path, first in snapshot:
+        rows.setdefault(dv_id, []).append((image_id, sha, path, first))
+        out.paths.setdefault(sha, path)
+    for dv_id, meta in versions:
+        sides = {**{int(i): False for i in meta.get("train_image_ids", [])},
+                 **{int(i): True for i in meta.get("held_out_image_ids", [])}}
+        mine = sorted(rows.get(dv_id, []), key=lambda r: r[3])
+        if not mine:  # frozen before snapshots, and none of its masks survived to be copied: ids only
+            out.in_project.update({(i, None): held for i, held in sides.items()})
+            continue
+        for image_id, sha, _, _ in mine:
+            if image_id is not None and image_id in sides:
+                out.in_project[(image_id, sha)] = sides[image_id]
+        gone = [sha for image_id, sha, _, _ in mine if image_id is None]
+        if not gone:
+            continue
+        order = sorted(sides)
+        if len(order) == len(mine) and all(r[0] in (None, i) for r, i in zip(mine, order, strict=True)):
+            removed = {sha: sides[i] for (image_id, sha, _, _), i in zip(mine, order, strict=True)
+                       if image_id is None}
+        else:
+            missing = set(sides) - {r[0] for r in mine}
+            held = bool(missing) and all(sides[i] for i in missing)
+            removed = dict.fromkeys(gone, held)
+        for sha, held in removed.items():
+            out.removed[sha] = out.removed.get(sha, True) and held
     return out
+
+
+def _remembered(s: Any, earlier: list[Any], held_out: float) -> Remembered:
+    """:func:`remembered_sides` of the earlier versions of fraction ``held_out`` (nothing when it is 0: every
+    image trains)."""
+    if held_out <= 0:
+        return Remembered()
+    from sqlalchemy import func, select
+
+    from segany.engine.db import DatasetVersionItem as Item
+
+    versions = [(dv.id, dv.meta or {}) for dv in earlier if (dv.meta or {}).get("held_out") == held_out]
+    if not versions:
+        return Remembered()
+    snapshot: list[tuple[int, int | None, str, str, int]] = []
+    ids = [v for v, _ in versions]
+    for chunk in (ids[k:k + 500] for k in range(0, len(ids), 500)):  # bound the IN list
+        snapshot += [(dv_id, image_id, sha, path, first) for dv_id, image_id, sha, path, first in s.execute(
+            select(Item.dataset_version_id, Item.image_id, Item.image_sha256, func.min(Item.image_path),
+                   func.min(Item.id))
+            .where(Item.dataset_version_id.in_(chunk))
+            .group_by(Item.dataset_version_id, Item.image_id, Item.image_sha256))]
+    return remembered_sides(versions, snapshot)
+
+
+@dataclass(frozen=True)
+class _Grouping:
+    """Near-duplicate groups of a version's images (positive keys: image ids) and of the images earlier versions
+    put on a side that are not among them (negative keys), with what :func:`split_images` needs."""
+
+    groups: list[list[int]] = field(default_factory=list)
+    sides: dict[int, bool] = field(default_factory=dict)  # key -> held out, where an earlier version decided
+    hashes: dict[int, int] = field(default_factory=dict)  # key -> dHash
+    by_sha: dict[str, int] = field(default_factory=dict)  # sha256 -> dHash of every image hashed or cached here
+    unreadable: dict[int, str] = field(default_factory=dict)  # key -> why its file could not be hashed
+    failed: dict[str, str] = field(default_factory=dict)  # the same by sha256, not tried again in the write pass
+
+
+def _group(files: dict[int, tuple[str, str]], remembered: Remembered, cache: Mapping[str, int], held_out: float,
+           max_bits: int, failed: Mapping[str, str] | None = None) -> _Grouping:
+    """Hash (through ``cache``) and group this version's images (``files``: image id -> (sha256, path)) with
+    the images earlier versions put on a side: those still in the project but not in this version (one held
+    out may come back with new masks; a newcomer near one trained on must not be held out) and those removed
+    since that a version trained on (a near-copy imported later must not be held out). Removed held-out images
+    are left out: no version can evaluate on them again. Nothing is hashed when ``held_out`` is 0."""
+    if held_out <= 0:
+        return _Grouping()
+    failed = failed or {}
+    nodes = dict(files)
+    sides = {i: side for i, (sha, _) in files.items() if (side := remembered.side(i, sha)) is not None}
+    others = sorted({*((sha, i, held) for (i, sha), held in remembered.in_project.items()
+                       if sha is not None and files.get(i, ("",))[0] != sha),
+                     *((sha, -1, held) for sha, held in remembered.removed.items() if not held)})
+    for k, (sha, _, held) in enumerate(others):
+        nodes[-1 - k] = (sha, remembered.paths.get(sha, ""))
+        sides[-1 - k] = held
+    tried = {k: f for k, f in nodes.items() if f[0] not in failed}
+    hashes, new, unreadable = near_dupes.dhashes_for(tried, cache)
+    unreadable.update({k: failed[f[0]] for k, f in nodes.items() if f[0] in failed})
+    by_sha = {**{nodes[k][0]: h for k, h in hashes.items()}, **new}
+    return _Grouping(groups=near_dupes.near_duplicate_groups(hashes, max_bits), sides=sides, hashes=hashes,
+                     by_sha=by_sha, unreadable=unreadable,
+                     failed={**failed, **{nodes[k][0]: why for k, why in unreadable.items()}})
+
+
+def _held_out_near_trained(split: Split, grouping: _Grouping, max_bits: int) -> int:
+    """How many of the version's held-out images are within ``max_bits`` of an image a model trains or trained
+    on: only in groups with images on both sides, which earlier versions made."""
+    held, train = set(split.held), set(split.train)
+    n = 0
+    for g in grouping.groups:
+        h = [grouping.hashes[k] for k in g if k in held]
+        t = [grouping.hashes[k] for k in g if k in train or (k < 0 and grouping.sides.get(k) is False)]
+        if h and t:
+            n += int(near_dupes.near_any(h, t, max_bits).sum())
+    return n
 
 
 def category_ids(earlier: list[Any], project_labels: list[str], labels: set[str]) -> dict[str, int]:
@@ -252,19 +413,6 @@ def _content_hash(rows: Any) -> str:
     return h.hexdigest()
 
 
-def _earlier_sides(earlier: list[Any], held_out: float) -> dict[int, bool]:
-    """Image id → held out (True) or trained on (False) in the project's earlier versions of the same
-    ``held_out`` fraction, the latest version deciding."""
-    sides: dict[int, bool] = {}
-    for dv in earlier:
-        meta = dv.meta or {}
-        if meta.get("held_out") != held_out:
-            continue
-        sides.update({int(i): False for i in meta.get("train_image_ids", [])})
-        sides.update({int(i): True for i in meta.get("held_out_image_ids", [])})
-    return sides
-
-
 @dataclass(frozen=True)
 class Split:
     """A dataset version's images by side, and counts of its near-duplicate groups."""
@@ -272,10 +420,11 @@ class Split:
     train: list[int]
     held: list[int]
     groups: int = 0  # groups of 2 or more near-duplicates with an image in this version, earlier ones counted
-    groups_split: int = 0  # those of them that earlier versions put on both sides (kept there)
+    groups_split: int = 0  # those of them with images on both sides (earlier versions put them there; kept)
+    left_out: list[int] = field(default_factory=list)  # new images of those groups: on neither side
 
 
-def split_images(images: dict[int, str], held_out: float, earlier: dict[int, bool] | None = None,
+def split_images(images: dict[int, str], held_out: float, earlier: Mapping[int, bool] | None = None,
                  groups: list[list[int]] | None = None) -> Split:
     """Train and held-out image ids, split by content so an image keeps its side in every version and
     near-duplicates share one.
@@ -283,23 +432,30 @@ def split_images(images: dict[int, str], held_out: float, earlier: dict[int, boo
     Args:
         images: image id -> sha256, the images of the version.
         held_out: the fraction to hold out.
-        earlier: image id -> held out (True) or trained on (False) in earlier versions (:func:`_earlier_sides`).
-        groups: near-duplicate groups of image ids (:func:`segany.engine.near_dupes.near_duplicate_groups`),
-            which may hold images of earlier versions that are not in this one; an image in none is alone.
+        earlier: key -> held out (True) or trained on (False) in earlier versions, for this version's images
+            that are the content an earlier version put on a side (:meth:`Remembered.side`) and for the other
+            keys of ``groups``.
+        groups: near-duplicate groups of keys (:func:`segany.engine.near_dupes.near_duplicate_groups`): this
+            version's image ids, and keys of images earlier versions put on a side that are not in it (still in
+            the project, or removed since), each with its side in ``earlier``; an image in none is alone.
 
     The rule, per group:
 
     * an image an earlier version put on a side stays there: a trained-on image never moves to held-out (its
       model would be judged on it), a held-out image never moves to train;
-    * a group no earlier version put any image of on a side is held out whole when the hash of its smallest
-      sha256 falls under the fraction (:func:`held_out_image`), so the split stays by content and independent
-      of order; an image alone goes by its own hash, as before near-duplicates were grouped;
-    * a new image of a group that earlier versions did put on a side trains if any image of the group was
-      trained on, and is held out only when all of them were. So the held-out side never gains a near-copy of
-      an image a model trained on. Where earlier versions put a group on both sides (frozen before groups were
-      kept together, or two groups that a new image joins), those images stay and the newcomer trains: its held-out
-      near-copies were already judged on a trained-on near-copy, while holding it out would add one more such
-      image. Such groups are counted in ``groups_split``.
+    * a group no earlier version put an image of on a side goes to one side whole, by content
+      (:func:`held_out_group`): an image alone by its own hash, as before near-duplicates were grouped, a group
+      of 2 or more by a re-hash of its smallest sha256, so about ``held_out`` of the images are held out
+      whatever the groups' sizes;
+    * a new image of a group that earlier versions put on one side joins that side: it trains if the group's
+      images were trained on (a removed one included), else it is held out. So the held-out side never gains a
+      near-copy of an image a model trained on;
+    * a new image of a group with images on both sides (frozen before groups were kept together, or a new image
+      near a trained-on image and a held-out one that are not near each other) is left out of both sides
+      (``left_out``): training on it would give a held-out image a near-copy to learn from that it did not have,
+      and holding it out would test on a near-copy of a trained-on image; either makes held-out scores
+      optimistic. Its masks stay in the version's snapshot, and a later version places it once the group has
+      images on one side only (the others removed). Such groups are counted in ``groups_split``.
 
     A tiny project where nothing falls under the fraction still holds out one group: among the groups no
     earlier version put on a side, the one of smallest sha256 that leaves an image to train on (picking the
@@ -310,6 +466,7 @@ def split_images(images: dict[int, str], held_out: float, earlier: dict[int, boo
     grouped = {i for g in groups or [] for i in g}
     all_groups = [list(g) for g in groups or []] + [[i] for i in sorted(images) if i not in grouped]
     held_set: set[int] = set()
+    left_out: set[int] = set()
     fresh: list[list[int]] = []
     n_groups = n_split = 0
     for g in all_groups:
@@ -320,18 +477,22 @@ def split_images(images: dict[int, str], held_out: float, earlier: dict[int, boo
         known = {earlier[i] for i in g if i in earlier}
         if not known:
             fresh.append(here)
-            if held_out_image(min(images[i] for i in here), held_out):
+            if held_out_group((images[i] for i in here), held_out):
                 held_set.update(here)
             continue
-        n_split += len(known) == 2
-        newcomer_held = known == {True}
-        held_set.update(i for i in here if earlier.get(i, newcomer_held))
-    if held_out > 0 and not held_set and len(images) >= 2:  # tiny projects: hold out one group anyway
-        fits = [g for g in fresh if len(g) < len(images)]
+        held_set.update(i for i in here if earlier.get(i) is True)
+        if len(known) == 2:
+            n_split += 1
+            left_out.update(i for i in here if i not in earlier)
+        elif known == {True}:
+            held_set.update(here)
+    trainable = len(images) - len(left_out)
+    if held_out > 0 and not held_set and trainable >= 2:  # tiny projects: hold out one group anyway
+        fits = [g for g in fresh if len(g) < trainable]
         if fits:
             held_set.update(min(fits, key=lambda g: min(images[i] for i in g)))
-    return Split(train=sorted(i for i in images if i not in held_set), held=sorted(held_set), groups=n_groups,
-                 groups_split=n_split)
+    return Split(train=sorted(i for i in images if i not in held_set and i not in left_out), held=sorted(held_set),
+                 groups=n_groups, groups_split=n_split, left_out=sorted(left_out))
 
 
 def _split(images: dict[int, str], held_out: float, earlier: dict[int, bool] | None = None,
@@ -342,9 +503,9 @@ def _split(images: dict[int, str], held_out: float, earlier: dict[int, bool] | N
 
 
 def _near_copies_hint(near_duplicate_groups: int) -> str:
+    """What to add to a split's refusal where near-duplicates were kept together (they may be why it is empty)."""
     if not near_duplicate_groups:
         return ""
-    """What to add to a split's refusal where near-duplicates were kept together (they may be why it is empty)."""
     return (f" (near-duplicate images share a side, and this version has {near_duplicate_groups} groups of them: "
             "data made mostly of near-copies of a few images cannot be split; pass --eval-data)")
 
@@ -372,6 +533,8 @@ def _dv_dict(dv: Any) -> dict[str, Any]:
             "held_out_image_ids": list(m.get("held_out_image_ids", [])),
             "near_duplicate_groups": int(m.get("near_duplicate_groups", 0)),
             "near_duplicate_groups_split": int(m.get("near_duplicate_groups_split", 0)),
+            "near_duplicate_left_out": list(m.get("near_duplicate_left_out_image_ids", [])),
+            "near_duplicate_held_out_near_trained": int(m.get("near_duplicate_held_out_near_trained", 0)),
             "near_duplicate_unreadable": list(m.get("near_duplicate_unreadable", []))}
 
 
@@ -465,8 +628,13 @@ RETRAIN_KIND = "retrain"  # the claim kind (see segany.engine.locks) a retrain h
 
 def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model: str | None = None,
             checkpoint: str | None = None, out_dir: str | None = None,
-            log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One turn of the loop: freeze data, fine-tune, evaluate old vs new, register, maybe promote.
+
+    Args:
+        log: gets each progress line and note for a person (the CLI prints them). Without it, progress is not
+            shown, and the freeze's notes (images that could not be read for the near-duplicate check,
+            near-duplicate groups with images on both sides) go to this module's logger as warnings.
 
     Returns a JSON-ready dict: ``dataset_version``, ``model_version`` (id, name, checkpoint),
     ``metrics_old``/``metrics_new`` (per dataset and ``all``: ``miou_1``, ``miou_5``, ``box_miou``, ...),
@@ -489,13 +657,20 @@ def retrain(store: Any, project: str | None, settings: RetrainSettings, *, model
         def still_ours(_entry: Any = None) -> None:
             touch_claim(store, proj["id"], RETRAIN_KIND, owner)
 
-        return _retrain_claimed(store, project, proj, spec, old, settings, out_dir, log, still_ours)
+        return _retrain_claimed(store, project, proj, spec, old, settings, out_dir, log or _quiet, still_ours,
+                                say=log)
+
+
+def _quiet(message: str) -> None:
+    """Progress nobody asked to see."""
 
 
 def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec: ModelSpec, old: Any,
                      settings: RetrainSettings, out_dir: str | None, log: Callable[[str], None],
-                     still_ours: Callable[..., None]) -> dict[str, Any]:
+                     still_ours: Callable[..., None], say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """:func:`retrain` from registering the parent on, while the project's retrain claim is held.
+
+    ``say`` gets the freeze's notes (the module's logger when None); ``log`` the progress lines.
 
     ``still_ours`` raises :class:`segany.engine.locks.ClaimLostError` once another retrain has taken the project
     over (this one's heartbeats stopped for the stale limit). It is asked at each log step of the fine-tuning and
@@ -513,10 +688,12 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     from segany.train.trainer import Trainer
 
     parent_id = register_model(store, spec)
-    dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out, say=log)
+    dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out, say=say)
     n_groups, n_split = dv["near_duplicate_groups"], dv["near_duplicate_groups_split"]
+    n_left = len(dv["near_duplicate_left_out"])
     groups = (f"; near-duplicate image groups: {n_groups - n_split} kept on one side"
-              + (f", {n_split} on both sides" if n_split else "") if n_groups else "")
+              + (f", {n_split} with images on both sides" if n_split else "")
+              + (f", {n_left} new images of those left out" if n_left else "") if n_groups else "")
     log(f"dataset version {dv['name']}: {dv['annotations']} masks on {dv['images']} images "
         f"({len(dv['train_image_ids'])} train, {len(dv['held_out_image_ids'])} held out{groups})")
     train_records = dataset_records(store, dv["id"], dv["train_image_ids"])
@@ -581,7 +758,8 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
         set_current_model(store, project, mv_id)
     result = {"project": proj["name"],
               "dataset_version": {k: dv[k] for k in ("id", "name", "content_hash", "annotations", "images",
-                                                     "near_duplicate_groups", "near_duplicate_groups_split")},
+                                                     "near_duplicate_groups", "near_duplicate_groups_split",
+                                                     "near_duplicate_left_out")},
               "model_version": {"id": mv_id, "name": new_spec.version_name(), "checkpoint": str(ckpt),
                                 "parent_id": parent_id},
               "metrics_old": metrics_old, "metrics_new": metrics_new, "score_old": round(s_old, 4),

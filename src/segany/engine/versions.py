@@ -115,9 +115,11 @@ def _item_dict(it: Any) -> dict[str, Any]:
 def list_versions(store: Any, project: str | None) -> list[dict[str, Any]]:
     """The project's dataset versions, oldest first, with the model versions trained on each.
 
-    ``near_duplicate_groups`` counts the groups of near-duplicate images the version's split kept together,
-    ``near_duplicate_groups_split`` those of them that earlier versions had put on both sides (see
-    :func:`segany.engine.retrain.split_images`); both are 0 for a version frozen before groups were kept.
+    ``near_duplicate_groups`` counts the groups of near-duplicate images with an image in the version (see
+    :func:`segany.engine.retrain.split_images`), ``near_duplicate_groups_split`` those of them with images on
+    both sides (earlier versions put them there, before groups were kept together or before a new image linked
+    them) and ``near_duplicate_left_out`` the version's images of such groups that are on neither side; all are 0
+    for a version frozen before groups were kept.
     """
     from sqlalchemy import func, select
 
@@ -135,7 +137,9 @@ def list_versions(store: Any, project: str | None) -> list[dict[str, Any]]:
                         "masks": int(n or 0), "images": m.get("images"), "content_hash": m.get("content_hash"),
                         "held_out_images": len(m.get("held_out_image_ids", [])),
                         "near_duplicate_groups": int(m.get("near_duplicate_groups", 0)),
-                        "near_duplicate_groups_split": int(m.get("near_duplicate_groups_split", 0)), "models": models})
+                        "near_duplicate_groups_split": int(m.get("near_duplicate_groups_split", 0)),
+                        "near_duplicate_left_out": len(m.get("near_duplicate_left_out_image_ids", [])),
+                        "models": models})
     return out
 
 
