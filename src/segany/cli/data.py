@@ -1,7 +1,7 @@
 """``segany data pack``: pack datasets into a small folder that travels to a training machine.
 
 Two kinds of input: the shared datasets (``--data ../shared/data --datasets ...``), or your own data in
-one of three layouts (``--coco FILE``, ``--yolo DIR``, ``--masks DIR --images DIR``), split into train
+one of four layouts (``--coco FILE``, ``--yolo DIR``, ``--masks DIR --images DIR``, ``--sa1b DIR``), split into train
 and a seeded held-out "val" part (``--val-fraction``, ``--seed``) that ``segany eval`` uses.
 """
 
@@ -26,6 +26,9 @@ your own data (one of):
   --masks DIR --images DIR     one PNG per object: DIR/<image stem>/<any name>.png, the image's size
                                (any colour nonzero, or >= 128 for 0/255 masks, is the object; transparent
                                is background)
+  --sa1b DIR [--images DIR]    per-image SA-1B JSONs (SA-1B's sa_*.json, or what `segany auto` wrote),
+                               searched recursively; each image is DIR/file_name with --images DIR (for
+                               `segany auto` output: the folder it read), else the file beside its JSON
   Then: segany train CONFIG -o data.pack=OUT -o data.datasets=[NAME]; segany eval --data OUT ...
 
 An interrupted pack resumes: rerun the same command; images already written from the same source
@@ -51,7 +54,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     own.add_argument("--coco", default=None, metavar="FILE", help="a COCO instances JSON")
     own.add_argument("--yolo", default=None, metavar="DIR", help="a YOLO-seg dataset folder")
     own.add_argument("--masks", default=None, metavar="DIR", help="per-object PNGs, DIR/<image stem>/*.png")
-    own.add_argument("--images", default=None, metavar="DIR", help="the image folder (--coco, --masks)")
+    own.add_argument("--sa1b", default=None, metavar="DIR",
+                     help="a folder of per-image SA-1B JSONs (SA-1B, or the --out of `segany auto`)")
+    own.add_argument("--images", default=None, metavar="DIR", help="the image folder (--coco, --masks, --sa1b)")
     own.add_argument("--name", default="own", help="dataset name in the pack (default own)")
     own.add_argument("--split", default=None, help="--yolo: pack only images/<SPLIT>/ (default every split)")
     own.add_argument("--categories", default=None, help="--coco/--yolo: keep only these class names, a,b")
@@ -63,7 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _is_own(args: argparse.Namespace) -> bool:
-    return any(v is not None for v in (args.coco, args.yolo, args.masks))
+    return any(v is not None for v in (args.coco, args.yolo, args.masks, args.sa1b))
 
 
 def _check_modes(args: argparse.Namespace) -> None:
@@ -73,12 +78,13 @@ def _check_modes(args: argparse.Namespace) -> None:
                  if v is not None]
         if mixed:
             raise InputError(f"{', '.join(mixed)} pick(s) the shared datasets and do(es) not go with --coco/--yolo/"
-                             "--masks; leave them out (name your data with --name)")
+                             "--masks/--sa1b; leave them out (name your data with --name)")
         return
     own_only = [f for f, v in (("--images", args.images), ("--split", args.split),
                                ("--categories", args.categories)) if v is not None]
     if own_only:
-        raise InputError(f"{', '.join(own_only)} go(es) with your own data; add --coco FILE, --yolo DIR or --masks DIR")
+        raise InputError(f"{', '.join(own_only)} go(es) with your own data; add --coco FILE, --yolo DIR, --masks DIR "
+                         "or --sa1b DIR")
 
 
 def _progress_bar() -> tuple[Any, Any]:
@@ -103,7 +109,7 @@ def _pack(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     from segany.data.pack import pack_own, pack_shared
 
     if _is_own(args):
-        return pack_own(args.out, coco=args.coco, yolo=args.yolo, masks=args.masks, images=args.images,
+        return pack_own(args.out, coco=args.coco, yolo=args.yolo, masks=args.masks, sa1b=args.sa1b, images=args.images,
                         name=args.name, split=args.split,
                         categories=comma_list(args.categories) if args.categories is not None else None,
                         val_fraction=args.val_fraction, seed=args.seed, skip_bad=args.skip_bad,

@@ -296,42 +296,55 @@ def _remove_orphans(out: Path, packed: list[dict[str, Any]]) -> None:
                 f.unlink()
 
 
-OWN_FORMATS = ("coco", "yolo", "masks")
+OWN_FORMATS = ("coco", "yolo", "masks", "sa1b")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def read_own(*, coco: str | None = None, yolo: str | None = None, masks: str | None = None,
              images: str | None = None, name: str = "own", split: str | None = None,
-             categories: list[str] | None = None, report: ReadReport | None = None) -> list[InstanceRecord]:
-    """Records of a user's own dataset: a COCO instances JSON, a YOLO-seg folder or per-object PNG masks.
+             categories: list[str] | None = None, report: ReadReport | None = None,
+             sa1b: str | None = None) -> list[InstanceRecord]:
+    """Records of a user's own dataset: a COCO instances JSON, a YOLO-seg folder, per-object PNG masks or a
+    folder of per-image SA-1B JSONs (SA-1B's own, or ``segany auto``'s).
 
-    Exactly one of ``coco``, ``yolo``, ``masks`` is given; ``images`` is the image folder (COCO: defaults to
-    the JSON's folder; masks: required). Refuses an input that yields no object, saying what it looked for.
+    Exactly one of ``coco``, ``yolo``, ``masks``, ``sa1b`` is given; ``images`` is the image folder (COCO:
+    defaults to the JSON's folder; masks: required; SA-1B: default each image beside its JSON). Refuses an
+    input that yields no object, saying what it looked for and what it found there (empty masks, empty
+    label files, images without annotations).
     """
     from segany.data.formats import read_coco, read_object_masks, read_yolo_seg
+    from segany.data.formats.sa1b import read_sa1b_folder
 
-    given = [k for k, v in (("--coco", coco), ("--yolo", yolo), ("--masks", masks)) if v is not None]
+    given = [k for k, v in (("--coco", coco), ("--yolo", yolo), ("--masks", masks), ("--sa1b", sa1b))
+             if v is not None]
     if len(given) != 1:
-        raise InputError(f"give exactly one input, --coco FILE, --yolo DIR or --masks DIR (with --images DIR); "
-                         f"got {', '.join(given) or 'none'}")
+        raise InputError(f"give exactly one input, --coco FILE, --yolo DIR, --masks DIR (with --images DIR) or "
+                         f"--sa1b DIR; got {', '.join(given) or 'none'}")
     if not _NAME_RE.fullmatch(name):
         raise InputError(f"--name {name!r} names a folder of the pack; use letters, digits, '_', '-' or '.', "
                          "e.g. --name parts")
     if name == "all":  # segany eval's row for every dataset together
         raise InputError("--name 'all' is the name of segany eval's row for every dataset together, so this data "
                          "would have no row of its own; pick another name, e.g. --name mine")
-    if categories is not None and masks is not None:
-        raise InputError("--categories filters class names, which --masks data has none of; leave it out")
+    if categories is not None and (masks is not None or sa1b is not None):
+        raise InputError(f"--categories filters class names, which {given[0]} data has none of; leave it out")
     if split is not None and yolo is None:
         raise InputError("--split picks a YOLO split folder (images/<split>/); it only goes with --yolo")
     if coco is not None:
-        recs = read_coco(coco, images, dataset=name, categories=categories, report=report)
+        try:
+            recs = read_coco(coco, images, dataset=name, categories=categories, report=report)
+        except InputError as exc:
+            _refuse_sa1b_as_coco(coco, images, exc)
+            raise
         looked = f"images listed in {coco} (files under {images or Path(coco).parent})"
     elif yolo is not None:
         if images is not None:
             raise InputError("--images does not go with --yolo: a YOLO-seg folder holds its own images/ and labels/")
         recs = read_yolo_seg(yolo, split, dataset=name, categories=categories, report=report)
         looked = f"images under {Path(yolo) / 'images' / (split or '*')} with labels under {Path(yolo) / 'labels'}"
+    elif sa1b is not None:
+        recs = read_sa1b_folder(sa1b, images, dataset=name, report=report)
+        looked = f"the SA-1B files in {sa1b} and their images ({f'under {images}' if images else 'beside them'})"
     else:
         if images is None:
             raise InputError("--masks needs --images DIR, the folder of the images the masks belong to")
@@ -344,21 +357,38 @@ def read_own(*, coco: str | None = None, yolo: str | None = None, masks: str | N
             from segany.data.formats.coco import SKIP_REASONS
 
             why = "; ".join(f"{n} {SKIP_REASONS.get(k, k)}" for k, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
-            fixes = (["export the annotations with segmentation polygons or RLE"] if set(skipped) - {"crowd"} else [])
+            fixes = ([("regenerate the files (every mask empty)" if sa1b is not None
+                       else "export the annotations with segmentation polygons or RLE")]
+                     if set(skipped) - {"crowd"} else [])
             if "crowd" in skipped:
                 fixes.append("crowd regions are never packed: outline each object on its own (iscrowd 0)")
-            raise InputError(f"found no objects{what} to pack in {coco or yolo or masks}: of its annotations, {why}; "
-                             f"{' and '.join(fixes)}")
+            raise InputError(f"found no objects{what} to pack in {coco or yolo or masks or sa1b}: of its "
+                             f"annotations, {why}; {' and '.join(fixes)}")
         raise InputError(f"found no objects{what}: looked for {looked} and read {len(recs)} image(s) with masks; "
                          "check the paths (see `segany data pack --help` for each layout)")
     return recs
+
+
+def _refuse_sa1b_as_coco(coco: str, images: str | None, exc: InputError) -> None:
+    """Say to use --sa1b when a file (or folder) given to --coco holds SA-1B files, which read_coco refused.
+
+    Checked only once read_coco has failed, so a real COCO file is never read twice."""
+    from segany.data.formats.sa1b import looks_like_sa1b
+
+    if not looks_like_sa1b(coco):
+        return
+    folder = coco if Path(coco).is_dir() else str(Path(coco).parent)
+    with_images = f" --images {images}" if images is not None else ""
+    what = "a folder of SA-1B files" if Path(coco).is_dir() else "an SA-1B file (one image's 'image' and 'annotations')"
+    raise InputError(f"{coco} is {what}, as SA-1B and `segany auto` write, not a COCO instances file; pack SA-1B "
+                     f"files with --sa1b DIR, the folder of the .json files: --sa1b {folder}{with_images}") from exc
 
 
 def pack_own(out_dir: str | os.PathLike[str], *, coco: str | None = None, yolo: str | None = None,
              masks: str | None = None, images: str | None = None, name: str = "own", split: str | None = None,
              categories: list[str] | None = None, val_fraction: float = 0.1, seed: int = 0,
              skip_bad: bool = False, max_side: int = 512, quality: int = 80,
-             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int], None] | None = None, sa1b: str | None = None) -> dict[str, Any]:
     """Pack a user's own dataset with a seeded held-out split; returns the manifest plus its ``report``.
 
     About ``val_fraction`` of the images (at least one when there are two or more) become the "val" split
@@ -374,9 +404,13 @@ def pack_own(out_dir: str | os.PathLike[str], *, coco: str | None = None, yolo: 
         raise InputError(f"--val-fraction must be in [0, 1), got {val_fraction}; e.g. 0.1 holds out a tenth")
     report = ReadReport()
     recs = _readable(read_own(coco=coco, yolo=yolo, masks=masks, images=images, name=name, split=split,
-                              categories=categories, report=report), report)
+                              categories=categories, report=report, sa1b=sa1b), report)
     if not recs:
-        raise InputError(_bad_summary(report.bad) + "; nothing usable is left to pack")
+        hint = ""
+        if sa1b is not None and all(b.endswith(": file not found") for b in report.bad):
+            hint = ("; an SA-1B file's image is DIR/file_name with --images DIR (for `segany auto` output: the "
+                    "folder it read), else the file of that name beside the JSON: pass --images")
+        raise InputError(_bad_summary(report.bad) + "; nothing usable is left to pack" + hint)
     recs = _with_objects(recs, report, categories)
     if report.bad and not skip_bad:
         raise InputError(_bad_summary(report.bad) + "; fix or remove them, or pass --skip-bad to pack the rest")
@@ -502,7 +536,7 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
     root = Path(data_root)
     if root.is_file():
         raise InputError(f"--data {str(root)!r} is a file; --data is the shared data folder. To pack your own "
-                         "data pass --coco FILE (a COCO json, with --images DIR), --yolo DIR or --masks DIR")
+                         "data pass --coco FILE (a COCO json, with --images DIR), --yolo DIR, --masks DIR or --sa1b DIR")
     if not root.is_dir():
         raise InputError(f"data folder {str(root)!r} does not exist; pass the shared data folder (--data DIR) "
                          f"holding {', '.join(f'{d}/' for d in SHARED_DIRS.values())}")
@@ -511,7 +545,7 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
     for name in datasets:
         if name not in SHARED_DIRS:
             raise InputError(f"unknown dataset {name!r} (--datasets); choose from {', '.join(SHARED_DATASETS)}, "
-                             "or pack your own data with --coco FILE, --yolo DIR or --masks DIR")
+                             "or pack your own data with --coco FILE, --yolo DIR, --masks DIR or --sa1b DIR")
         if not (root / SHARED_DIRS[name]).is_dir():
             raise InputError(f"{name}: {str(root / SHARED_DIRS[name])!r} not found; pass the shared data folder "
                              f"(--data DIR) or leave {name} out of --datasets")

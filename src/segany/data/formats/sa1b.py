@@ -17,9 +17,18 @@ from typing import Any
 import numpy as np
 
 from segany.atomic import atomic_write_text
-from segany.data.formats.common import _string_to_counts
+from segany.data.formats.common import (
+    InstanceRecord,
+    ReadReport,
+    _string_to_counts,
+    decode_rle,
+    encode_mask,
+    image_frames_hw,
+    note,
+    rle_area,
+)
 from segany.data.rle import coco_to_mask, mask_to_coco
-from segany.errors import InputError
+from segany.errors import ImageLoadError, InputError
 
 _ANN_KEYS = ("id", "segmentation", "bbox", "area", "predicted_iou", "stability_score", "crop_box", "point_coords")
 
@@ -149,12 +158,20 @@ def read_sa1b(path: str | os.PathLike[str]) -> Sa1bImage:
         found = sorted(q.name for q in p.glob("*.json"))[:3]
         hint = f" (it holds {', '.join(found)})" if found else ""
         raise InputError(f"SA-1B file {str(p)!r} is a folder{hint}; pass one per-image .json file")
+    return _sa1b_image(_load_json(p), p)
+
+
+def _load_json(p: Path) -> Any:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise InputError(f"SA-1B file {str(p)!r} does not exist") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{str(p)!r} is not valid JSON ({exc}); the file may be truncated: regenerate it") from exc
+
+
+def _sa1b_image(data: Any, p: Path) -> Sa1bImage:
+    """The checked :class:`Sa1bImage` of one file's parsed JSON ``data`` (``p`` names it in messages)."""
     if not isinstance(data, dict) or "image" not in data or "annotations" not in data:
         raise InputError(f"{str(p)!r} is not an SA-1B file: expected keys 'image' and 'annotations'")
     im, anns = data["image"], data["annotations"]
@@ -179,3 +196,102 @@ def read_sa1b(path: str | os.PathLike[str]) -> Sa1bImage:
     except (TypeError, ValueError) as exc:
         raise InputError(f"{str(p)!r}: image_id is {im['image_id']!r}; SA-1B image ids are whole numbers") from exc
     return Sa1bImage(image_id, int(im["width"]), int(im["height"]), str(im["file_name"]), list(anns))
+
+
+# ----------------------------------------------------------------------------- a folder of them, for packing
+# The files `segany auto` keeps beside its SA-1B outputs (segany.cli.auto_resume.BOOKKEEPING, which
+# tests/data/test_pack_sa1b.py checks this against): its records, not an image's masks.
+AUTO_BOOKKEEPING = frozenset({"run.json", "image_ids.json", "manifest.json", "coco_results.json", "coco_images.json"})
+
+
+def is_sa1b_data(data: Any) -> bool:
+    """Whether parsed JSON has SA-1B's shape: one image's ``image`` object and its ``annotations`` list."""
+    return (isinstance(data, dict) and isinstance(data.get("image"), dict)
+            and isinstance(data.get("annotations"), list) and "images" not in data)
+
+
+def _is_coco_data(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)
+
+
+def sa1b_json_files(source: str | os.PathLike[str]) -> list[Path]:
+    """The per-image SA-1B files under ``source`` (a folder, searched recursively; or one .json file), sorted.
+
+    Hidden paths and the bookkeeping files of ``segany auto`` are left out.
+    """
+    src = Path(source)
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        raise InputError(f"--sa1b {str(src)!r} does not exist; pass the folder of SA-1B .json files (one per image, "
+                         "as SA-1B ships them and `segany auto IMAGES --out DIR` writes them)")
+    return [p for p in sorted(src.rglob("*.json"))
+            if p.name not in AUTO_BOOKKEEPING and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+
+
+def looks_like_sa1b(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an SA-1B file, or a folder whose first .json file is one (for refusing --coco on it)."""
+    p = Path(path)
+    try:
+        files = sa1b_json_files(p)
+        return bool(files) and is_sa1b_data(json.loads(files[0].read_text(encoding="utf-8")))
+    except (OSError, ValueError, InputError):
+        return False
+
+
+def read_sa1b_folder(source: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None, *,
+                     dataset: str = "sa1b", report: ReadReport | None = None) -> list[InstanceRecord]:
+    """Records of a folder of per-image SA-1B files (SA-1B itself, or what ``segany auto`` wrote).
+
+    Each file's image is ``image_root / file_name`` (``segany auto`` names it relative to the folder it read,
+    so pass that folder); without ``image_root`` it is the file of that name beside the JSON, as SA-1B ships
+    (``sa_1.jpg`` beside ``sa_1.json``). An image's id is its JSON's path under ``source`` without ``.json``,
+    unique by construction (SA-1B's numeric ids need not be, across two ``segany auto`` runs). Masks are on
+    the picture as shown, EXIF rotation applied, as ``segany auto`` and SAM's own scripts read images.
+    Images are not checked here (a missing one is still a record): packing lists every unusable image
+    at once, a missing file or a size that is not the file's (:func:`segany.data.pack.pack_own`). Masks of no
+    pixels are counted in ``report.skipped`` (``empty_mask``) and left out. A JSON file that is not an SA-1B file is
+    refused, naming it.
+    """
+    src = Path(source)
+    files = sa1b_json_files(src)
+    if not files:
+        raise InputError(f"no .json files in {str(src)!r}; --sa1b takes a folder of per-image SA-1B files (SA-1B's "
+                         "sa_*.json, or the --out folder of `segany auto`, whose default --format is sa1b)")
+    base = src if src.is_dir() else src.parent
+    records = []
+    empty = 0
+    for p in files:
+        data = _load_json(p)
+        if not is_sa1b_data(data):
+            if _is_coco_data(data):
+                raise InputError(f"{p} is a COCO instances file (an 'images' list), not a per-image SA-1B file; "
+                                 f"pack it with --coco {p} (and --images DIR), and keep it out of the --sa1b folder")
+            raise InputError(f"{p} is not an SA-1B file (expected 'image' and 'annotations', one image per file); "
+                             "every .json under --sa1b must be one: move it out of the folder")
+        im = _sa1b_image(data, p)
+        file = (Path(image_root) / im.file_name) if image_root is not None else p.parent / Path(im.file_name).name
+        try:
+            orientation = image_frames_hw(file, None)[2]  # type: ignore[index]  # None raises instead
+        except ImageLoadError:  # missing or unreadable: packing lists it with every other unusable image
+            orientation = 1
+        h, w = im.height, im.width
+        masks = []
+        for a in im.annotations:
+            seg = a["segmentation"]
+            rle = ({"size": [h, w], "counts": seg["counts"]} if isinstance(seg["counts"], str)
+                   else encode_mask(decode_rle(seg)))
+            if rle_area(rle) < 1:
+                empty += 1
+                continue
+            masks.append(rle)
+        extra = {"exif_frame": "shown"} if orientation != 1 else {}
+        records.append(InstanceRecord(image_path=str(file), size_hw=(h, w), masks=masks,
+                                      image_id=p.relative_to(base).with_suffix("").as_posix(), dataset=dataset,
+                                      extra=extra))
+    if empty:
+        note(report, f"{src}: {empty} annotation(s) have a mask of no pixels; left out")
+        if report is not None:
+            report.skipped["empty_mask"] += empty
+    return records

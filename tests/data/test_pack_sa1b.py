@@ -1,0 +1,142 @@
+"""Packing per-image SA-1B files (SA-1B's own layout, or what `segany auto` writes) for fine-tuning.
+
+Each dataset is real image files in a temp folder with SA-1B files written by segany's own writer, packed for
+real through the command line; what is checked is the pack a person gets and the one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from conftest import cli_fails
+from PIL import Image
+
+from segany.cli.main import main
+from segany.data.formats.common import decode_rle
+from segany.data.formats.sa1b import to_sa1b, write_sa1b
+from segany.data.pack import load_pack
+
+# Distinct sizes, so an image paired with another's masks shows in its size.
+SIZES_HW = {"img0": (40, 60), "img1": (64, 48), "img2": (50, 50)}
+
+
+def _mask(size_hw: tuple[int, int], k: int) -> np.ndarray:
+    h, w = size_hw
+    m = np.zeros((h, w), dtype=bool)
+    m[k * h // 2:(k + 1) * h // 2, w // 4:3 * w // 4] = True  # the top half's box, or the bottom half's
+    return m
+
+
+def _record(m: np.ndarray) -> dict:
+    ys, xs = np.nonzero(m)
+    h, w = m.shape
+    return {"segmentation": m, "bbox": [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()],
+            "area": int(m.sum()), "predicted_iou": 0.9, "stability_score": 0.95, "crop_box": [0, 0, w, h],
+            "point_coords": [[float(xs.mean()), float(ys.mean())]]}
+
+
+def _sa1b_dataset(images: Path, jsons: Path, *, subfolder: str = "") -> dict[str, Path]:
+    """Images under ``images`` (img2 in ``subfolder``) and their SA-1B files under ``jsons``, named and
+    keyed as `segany auto IMAGES --out JSONS` does: ``<key>.json`` with file_name relative to IMAGES."""
+    paths = {}
+    for i, (stem, size_hw) in enumerate(SIZES_HW.items()):
+        key = f"{subfolder}/{stem}" if subfolder and stem == "img2" else stem
+        path = images / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((*size_hw, 3), 60 * (i + 1), dtype=np.uint8)).save(path)
+        records = [_record(_mask(size_hw, k)) for k in range(2)]
+        out = jsons / f"{key}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_sa1b(out, to_sa1b(records, image_id=i + 1, file_name=f"{key}.png", size_hw=size_hw))
+        paths[key] = path
+    return paths
+
+
+def _pack(*argv: str) -> int:
+    return main(["data", "pack", *argv, "--max-side", "128"])
+
+
+def test_sa1b_folder_of_segany_auto_packs_every_mask(tmp_path: Path, capsys) -> None:
+    """--sa1b OUT --images IMAGES packs `segany auto`'s files (a subfolder included; its bookkeeping JSONs
+    are not images) with every mask on its own image; SA-1B's own layout (image beside its JSON) needs no
+    --images."""
+    from segany.data.formats.sa1b import AUTO_BOOKKEEPING
+
+    _sa1b_dataset(tmp_path / "imgs", tmp_path / "auto", subfolder="sub")
+    for name in AUTO_BOOKKEEPING:
+        (tmp_path / "auto" / name).write_text(json.dumps({"images": [], "annotations": []}))
+    assert _pack("--sa1b", str(tmp_path / "auto"), "--images", str(tmp_path / "imgs"),
+                 "--out", str(tmp_path / "pack"), "--name", "mine") == 0
+    recs = {r.image_id: r for r in load_pack(tmp_path / "pack")}
+    assert sorted(recs) == ["img0", "img1", "sub/img2"]
+    for key, rec in recs.items():
+        size_hw = SIZES_HW[key.split("/")[-1]]
+        assert rec.size_hw == size_hw and rec.dataset == "mine"
+        with Image.open(rec.image_path) as im:
+            assert (im.size[1], im.size[0]) == size_hw
+        assert [np.array_equal(decode_rle(m), _mask(size_hw, k)) for k, m in enumerate(rec.masks)] == [True, True]
+    assert "data.datasets=[mine]" in capsys.readouterr().out
+
+    sa1b = tmp_path / "sa1b"  # SA-1B as it ships: sa_N.jpg beside sa_N.json, file_name the bare name
+    _sa1b_dataset(sa1b, sa1b)
+    assert _pack("--sa1b", str(sa1b), "--out", str(tmp_path / "pack2")) == 0
+    assert sorted(r.image_id for r in load_pack(tmp_path / "pack2")) == ["img0", "img1", "img2"]
+
+
+def test_sa1b_missing_and_resized_images_are_listed_and_skippable(tmp_path: Path, capsys) -> None:
+    paths = _sa1b_dataset(tmp_path / "imgs", tmp_path / "auto")
+    paths["img0"].unlink()
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(paths["img1"])  # resized after segmenting
+    argv = ["--sa1b", str(tmp_path / "auto"), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "p")]
+    line = cli_fails(["data", "pack", *argv], capsys, "2 image(s) cannot be used")
+    assert "img0.png: file not found" in line and "img1.png: image is 20x30 but its annotations say 64x48" in line
+    assert "--skip-bad" in line and not (tmp_path / "p").exists()
+    assert _pack(*argv, "--skip-bad") == 0
+    assert [r.image_id for r in load_pack(tmp_path / "p")] == ["img2"]
+    capsys.readouterr()
+    # Without --images each image is looked for beside its JSON: the message says where they are looked for.
+    cli_fails(["data", "pack", "--sa1b", str(tmp_path / "auto"), "--out", str(tmp_path / "q")], capsys,
+              "pass --images")
+
+
+def test_coco_on_sa1b_files_says_to_use_sa1b(tmp_path: Path, capsys) -> None:
+    _sa1b_dataset(tmp_path / "d", tmp_path / "d")
+    line = cli_fails(["data", "pack", "--coco", str(tmp_path / "d" / "img0.json"), "--out", str(tmp_path / "p")],
+                     capsys, "is an SA-1B file")
+    assert f"--sa1b {tmp_path / 'd'}" in line
+    cli_fails(["data", "pack", "--coco", str(tmp_path / "d"), "--out", str(tmp_path / "p")], capsys,
+              f"is a folder of SA-1B files, as SA-1B and `segany auto` write, not a COCO instances file; pack SA-1B "
+              f"files with --sa1b DIR, the folder of the .json files: --sa1b {tmp_path / 'd'}")
+    # The other way round: a COCO file among SA-1B files is named, with the option that reads it.
+    (tmp_path / "d" / "instances.json").write_text(json.dumps({"images": [], "annotations": []}))
+    cli_fails(["data", "pack", "--sa1b", str(tmp_path / "d"), "--out", str(tmp_path / "p")], capsys,
+              "instances.json is a COCO instances file (an 'images' list), not a per-image SA-1B file; pack it "
+              "with --coco")
+
+
+def test_sa1b_bookkeeping_names_are_segany_autos() -> None:
+    from segany.cli.auto_resume import BOOKKEEPING
+    from segany.data.formats.sa1b import AUTO_BOOKKEEPING
+
+    assert set(BOOKKEEPING) <= AUTO_BOOKKEEPING
+
+
+def test_sa1b_masks_are_on_the_picture_as_shown(tmp_path: Path) -> None:
+    """`segany auto` (like SAM's own scripts) segments a photo with its EXIF rotation applied, so an upside-down
+    phone photo (orientation 3: same size both ways, which the size cannot tell) is packed turned, masks on it."""
+    h, w = 40, 60
+    stored = np.zeros((h, w, 3), dtype=np.uint8)
+    stored[: h // 2] = 250  # bright top half as stored: the bottom half as shown
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.fromarray(stored).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    shown_bright = _mask((h, w), 1) & (np.arange(h)[:, None] >= h // 2)
+    write_sa1b(tmp_path / "rot.json", to_sa1b([_record(shown_bright)], image_id=1, file_name="rot.jpg",
+                                              size_hw=(h, w)))
+    assert _pack("--sa1b", str(tmp_path / "rot.json"), "--out", str(tmp_path / "p"), "--val-fraction", "0") == 0
+    (rec,) = load_pack(tmp_path / "p")
+    with Image.open(rec.image_path) as im:
+        pixels = np.asarray(im.convert("L"))
+    assert pixels[decode_rle(rec.masks[0])].min() > 200
