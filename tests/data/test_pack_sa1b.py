@@ -1,4 +1,5 @@
-"""Packing per-image SA-1B files (SA-1B's own layout, or what `segany auto` writes) for fine-tuning.
+"""Packing per-image SA-1B files (SA-1B's own layout, or what `segany auto` writes) for fine-tuning, and what
+`segany data pack` says when the objects it looked for are all empty.
 
 Each dataset is real image files in a temp folder with SA-1B files written by segany's own writer, packed for
 real through the command line; what is checked is the pack a person gets and the one-line errors.
@@ -121,6 +122,47 @@ def test_sa1b_bookkeeping_names_are_segany_autos() -> None:
     from segany.data.formats.sa1b import AUTO_BOOKKEEPING
 
     assert set(BOOKKEEPING) <= AUTO_BOOKKEEPING
+
+
+def test_blank_masks_and_empty_labels_say_so_not_to_check_paths(tmp_path: Path, capsys) -> None:
+    """Every mask PNG black, or every YOLO label file empty: the paths are right, and the error says what was
+    found there instead of "read 3 image(s) with masks; check the paths"."""
+    imgs = tmp_path / "imgs"
+    _sa1b_dataset(imgs, tmp_path / "unused")
+    for stem, (h, w) in SIZES_HW.items():
+        (tmp_path / "masks" / stem).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.zeros((h, w), dtype=np.uint8)).save(tmp_path / "masks" / stem / f"{k}.png")
+    line = cli_fails(["data", "pack", "--masks", str(tmp_path / "masks"), "--images", str(imgs),
+                      "--out", str(tmp_path / "p")], capsys, "all 6 mask PNG(s) in them are empty")
+    assert "the masks are blank" in line and "check the paths" not in line
+
+    yolo = tmp_path / "yolo"
+    for split, stems in (("train", ["img0", "img1"]), ("val", ["img2"])):
+        (yolo / "images" / split).mkdir(parents=True)
+        (yolo / "labels" / split).mkdir(parents=True)
+        for stem in stems:
+            (yolo / "images" / split / f"{stem}.png").write_bytes((imgs / f"{stem}.png").read_bytes())
+            (yolo / "labels" / split / f"{stem}.txt").write_text("\n" if stem == "img1" else "")
+    line = cli_fails(["data", "pack", "--yolo", str(yolo), "--out", str(tmp_path / "p")], capsys,
+                     "of the 3 image(s) under")
+    assert "3 have an empty label file; label the objects" in line and "check the paths" not in line
+    (yolo / "labels" / "val" / "img2.txt").unlink()
+    cli_fails(["data", "pack", "--yolo", str(yolo), "--out", str(tmp_path / "p")], capsys,
+              "2 have an empty label file, 1 have no label file")
+
+    coco = tmp_path / "imgs" / "instances.json"  # images listed, none annotated
+    coco.write_text(json.dumps({"images": [{"id": i, "file_name": f"{stem}.png", "height": h, "width": w}
+                                           for i, (stem, (h, w)) in enumerate(SIZES_HW.items())],
+                                "annotations": [], "categories": []}))
+    line = cli_fails(["data", "pack", "--coco", str(coco), "--out", str(tmp_path / "p")], capsys,
+                     f"none of the 3 image(s) listed in {coco} has an annotation")
+    assert "check the paths" not in line
+    for stem, size_hw in SIZES_HW.items():  # segany auto found no mask in any image
+        write_sa1b(imgs / f"{stem}.json", to_sa1b([], image_id=1, file_name=f"{stem}.png", size_hw=size_hw))
+    coco.unlink()
+    cli_fails(["data", "pack", "--sa1b", str(imgs), "--out", str(tmp_path / "p")], capsys,
+              f"the 3 SA-1B file(s) in {imgs} have no annotations")
 
 
 def test_sa1b_masks_are_on_the_picture_as_shown(tmp_path: Path) -> None:

@@ -364,8 +364,11 @@ def read_own(*, coco: str | None = None, yolo: str | None = None, masks: str | N
                 fixes.append("crowd regions are never packed: outline each object on its own (iscrowd 0)")
             raise InputError(f"found no objects{what} to pack in {coco or yolo or masks or sa1b}: of its "
                              f"annotations, {why}; {' and '.join(fixes)}")
-        raise InputError(f"found no objects{what}: looked for {looked} and read {len(recs)} image(s) with masks; "
-                         "check the paths (see `segany data pack --help` for each layout)")
+        if not recs:
+            raise InputError(f"found no objects{what}: looked for {looked} and found no image; check the paths "
+                             "(see `segany data pack --help` for each layout)")
+        raise InputError(f"found no objects{what}: " + _why_no_objects(recs, coco=coco, yolo=yolo, masks=masks,
+                                                                       sa1b=sa1b, what=what))
     return recs
 
 
@@ -382,6 +385,43 @@ def _refuse_sa1b_as_coco(coco: str, images: str | None, exc: InputError) -> None
     what = "a folder of SA-1B files" if Path(coco).is_dir() else "an SA-1B file (one image's 'image' and 'annotations')"
     raise InputError(f"{coco} is {what}, as SA-1B and `segany auto` write, not a COCO instances file; pack SA-1B "
                      f"files with --sa1b DIR, the folder of the .json files: --sa1b {folder}{with_images}") from exc
+
+
+def _why_no_objects(recs: list[InstanceRecord], *, coco: str | None, yolo: str | None, masks: str | None,
+                    sa1b: str | None, what: str) -> str:
+    """What was found where objects were looked for, when the images were found but none has an object: the
+    paths are right, the annotations are empty (black mask PNGs, empty label files, no annotations)."""
+    n = len(recs)
+    if masks is not None:
+        pngs = sum(1 for r in recs for p in (Path(masks) / r.image_id).iterdir() if p.suffix.lower() == ".png")
+        if not pngs:
+            return (f"the mask folders of the {n} image(s) ({masks}/<image stem>/) hold no .png file; put one PNG "
+                    "per object there")
+        return (f"the {n} image(s) have mask folders, but all {pngs} mask PNG(s) in them are empty (black or "
+                f"transparent everywhere), so the paths are right and the masks are blank; draw each object in a "
+                "nonzero colour on black (e.g. white, or 1 for 0/1 masks), one PNG per object")
+    if yolo is not None:
+        missing = empty = other = 0
+        for r in recs:
+            lbl = Path(yolo) / "labels" / str(r.extra.get("yolo_split", "")) / f"{Path(r.image_path).stem}.txt"
+            if not lbl.is_file():
+                missing += 1
+            elif not lbl.read_text(encoding="utf-8", errors="replace").strip():
+                empty += 1
+            else:
+                other += 1
+        parts = [f"{k} {words}" for k, words in (
+            (empty, "have an empty label file"),
+            (missing, f"have no label file {Path(yolo) / 'labels'}/<split>/<image stem>.txt"),
+            (other, f"have labels but no polygon{what} with an area")) if k]
+        fix = ("check the paths: each image's labels are labels/<split>/<image stem>.txt beside images/<split>/"
+               if missing == n else "label the objects, one line `class x1 y1 x2 y2 ...` per object")
+        return f"of the {n} image(s) under {Path(yolo) / 'images'}, {', '.join(parts)}; {fix}"
+    if sa1b is not None:
+        return (f"the {n} SA-1B file(s) in {sa1b} have no annotations; segment the images first (`segany auto`) "
+                "or check that this is the folder you meant")
+    return (f"none of the {n} image(s) listed in {coco} has an annotation{what}; add annotations with "
+            "segmentation polygons or RLE, or check that this is the file you meant")
 
 
 def pack_own(out_dir: str | os.PathLike[str], *, coco: str | None = None, yolo: str | None = None,
