@@ -32,8 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from segany.checkpoints import build_sam, find_weights
+    from segany.cli._util import loaded_model_name
     from segany.export.onnx import export_onnx
-    from segany.registry import get_model_info, weights_for_model
+    from segany.registry import get_model_info, list_models, weights_for_model
 
     get_model_info(args.model)  # unknown names raise with suggestions before any slow work
     checkpoint = args.checkpoint
@@ -52,12 +53,18 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file; pass a folder for encoder.onnx and decoder.onnx")
     model = build_sam(args.model, checkpoint=checkpoint)
+    # A checkpoint embeds its architecture, so --model vit_t with a segany_tiny file builds segany_tiny: the
+    # meta file names what the graphs are (as predict's and auto's outputs do), null for an unregistered one.
+    model_name = loaded_model_name(model.cfg, args.model, Path(checkpoint) if checkpoint is not None else None)
+    if model_name != args.model:
+        print(f"[segany] {checkpoint} holds {model_name}, not {args.model}: that is what is exported",
+              file=sys.stderr, flush=True)
     from segany.hashing import file_digest
 
     weights = ({"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_digest(Path(checkpoint), "sha256")}
                if checkpoint is not None else {"checkpoint": None, "random_weights": True})
-    paths = export_onnx(model, out, quantize_int8=args.quantize, multimask=args.multimask, model_name=args.model,
-                        weights=weights)
+    paths = export_onnx(model, out, quantize_int8=args.quantize, multimask=args.multimask,
+                        model_name=model_name if model_name in list_models() else None, weights=weights)
     for role, path in paths.items():
         print(f"{role}: {path}", file=sys.stdout)
     return 0

@@ -211,7 +211,9 @@ def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: b
     """Export encoder and decoder into ``out_dir``; returns the written paths by role.
 
     ``weights`` (e.g. ``{"checkpoint": path, "sha256": ...}`` or ``{"random_weights": True}``) goes into the
-    meta file, so graphs of random weights cannot pass for trained ones.
+    meta file, so graphs of random weights cannot pass for trained ones. ``model_name`` is recorded only when
+    it is registered with ``model``'s own config (else null, never a false name): pass the name of what the
+    weights built, which ``segany export onnx`` finds from the checkpoint's embedded config.
     """
     model = model_for_export(model)
     out = _check_out_dir(out_dir)
