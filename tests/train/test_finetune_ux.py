@@ -122,7 +122,7 @@ def test_resume_refuses_changed_maths_and_keeps_the_runs_first_loss(pack: Path, 
     first = json.loads((out / "summary.json").read_text())
     files = {p: p.read_bytes() for p in (out / "model_fp16.pt", out / "config.json", out / "last.pt")}
 
-    line = cli_fails(["train", TINY_CPU, "--resume", *_opts(pack, out, "run.max_steps=3", "optim.lr=5")], capsys,
+    line = cli_fails(["train", TINY_CPU, "--resume", *_opts(pack, out, "run.max_steps=3", "optim.lr=0.5")], capsys,
                      "optim.lr")
     assert "run.out_dir=FOLDER" in line and "run.max_steps" not in line.split(";")[0]
     cli_fails(["train", TINY_CPU, "--resume", *_opts(pack, out, "model.name=vit_t")], capsys, "model.name")

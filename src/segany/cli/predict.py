@@ -163,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
     if len(masks) == 0:
         raise InputError(f"nothing matched --text {args.text!r} in {args.image}: no instance scored at least "
                          f"--min-score {args.min_score:g} (predicted IoU x P(class)); lower it to see weaker ones")
+    if not np.isfinite(scores).all():  # before any file is written: JSON has no NaN, and these masks are noise
+        from segany.errors import CheckpointError
+
+        raise CheckpointError(f"{checkpoint} predicted non-finite scores ({', '.join(f'{float(x):g}' for x in scores)}) "
+                              "for this image: its weights hold NaN or inf (a training run that diverged, or a "
+                              "damaged file); use other weights, e.g. an earlier checkpoint of that run")
     order = np.argsort(-scores, kind="stable")  # best first
     masks, scores = masks[order], scores[order]
 
@@ -190,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         "overlay": overlay, "masks": records,
         "timings_s": {k: round(v, 4) for k, v in progress.timings.items()},
     }
-    atomic_write(out / f"{stem}.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    atomic_write(out / f"{stem}.json", lambda f: f.write(json.dumps(result, indent=2, allow_nan=False).encode()))
     progress.note(f"wrote {len(records)} mask(s), overlay and {stem}.json to {out} "
                   f"(best score {float(scores[0]):.3f})")
     print(out / f"{stem}.json", file=sys.stdout)

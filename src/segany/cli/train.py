@@ -89,11 +89,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"segany: interrupted; {where}; rerun with --resume to continue", file=sys.stderr, flush=True)
         return 130
     if trainer.rank == 0:
+        from segany.train.trainer import json_safe
+
         export = Path(args.export) if args.export else Path(cfg.run.out_dir) / "model_fp16.pt"
+        summary = json_safe(summary)  # JSON has no NaN: a bare NaN made summary.json unreadable
         trainer.export(export, half=True, meta={"config": cfg.to_dict(), "summary": summary})
         summary["export"] = str(export)
-        atomic_write_json(Path(cfg.run.out_dir) / "summary.json", summary, indent=1)
-        print(json.dumps(summary, indent=1))
+        atomic_write_json(Path(cfg.run.out_dir) / "summary.json", summary, indent=1, allow_nan=False)
+        print(json.dumps(summary, indent=1, allow_nan=False))
     if trainer.world > 1:
         import torch.distributed as dist
 

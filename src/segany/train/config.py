@@ -29,6 +29,13 @@ def _require(ok: bool, message: str) -> None:
         raise InputError(message)
 
 
+# Upper bounds of settings that had none (an audit's 1e6 or 1e9 crashed or diverged the run after the model was
+# built); generous next to SAM's own values (lr 8e-4, 64 masks, 8 click rounds, scale jitter 0.1-2).
+MAX_LR = 1.0
+MAX_MASKS = 1024
+MAX_POINT_ROUNDS = 64
+MAX_SCALE = 10.0
+
 BUNDLED = "bundled"  # model.checkpoint value meaning "the weights shipped in the package for model.name"
 
 
@@ -73,7 +80,11 @@ class DataSection:
             if not factor >= 0:
                 raise InputError(f"data.repeat[{name!r}] must be >= 0, got {factor}")
         _require(bool(self.datasets), "data.datasets is empty; name at least one, e.g. [coco128, pennfudan]")
-        _require(self.max_masks >= 1, f"data.max_masks must be >= 1, got {self.max_masks}")
+        # Upper bounds: an out-of-range value crashed a loader worker (out of memory) or a crop seconds in,
+        # after the model was built, with a traceback that named no key.
+        _require(1 <= self.max_masks <= MAX_MASKS,
+                 f"data.max_masks must be in [1, {MAX_MASKS}] masks per image, got {self.max_masks}; "
+                 "e.g. data.max_masks=16 (SAM: 64)")
         _require(0 <= self.hflip <= 1, f"data.hflip is a probability in [0, 1], got {self.hflip}")
         # 0 would keep masks the crop emptied: a foreground click at (0, 0) with an all-background target.
         _require(self.min_mask_area >= 1, f"data.min_mask_area must be >= 1 pixel, got {self.min_mask_area}")
@@ -82,6 +93,9 @@ class DataSection:
         if not 0 < self.scale_min <= self.scale_max:
             raise InputError(f"data.scale_min/scale_max must satisfy 0 < min <= max, got {self.scale_min}, "
                              f"{self.scale_max}")
+        _require(self.scale_max <= MAX_SCALE,
+                 f"data.scale_max must be <= {MAX_SCALE:g} (the image is resized by at most this before the crop), "
+                 f"got {self.scale_max:g}; e.g. data.scale_max=1.5")
 
 
 @dataclass(frozen=True)
@@ -100,14 +114,17 @@ class OptimSection:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}; e.g. optim.lr=3e-4")
+        # Above 1 AdamW moves every weight by about lr per step: the loss goes NaN within a step or two.
+        _require(0 < self.lr <= MAX_LR, f"optim.lr must be > 0 and <= {MAX_LR:g}, got {self.lr:g}; e.g. optim.lr=3e-4")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}; e.g. [0.9, 0.999]")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(all(0 < f <= 1 for f in self.decay_at),
                  f"optim.decay_at holds fractions of the run in (0, 1], got {list(self.decay_at)}")
-        _require(self.decay_gamma > 0, f"optim.decay_gamma must be > 0, got {self.decay_gamma}")
+        _require(0 < self.decay_gamma <= 1, f"optim.decay_gamma is the factor lr is multiplied by at each "
+                                            f"optim.decay_at and must be in (0, 1], got {self.decay_gamma:g}; "
+                                            "e.g. optim.decay_gamma=0.1")
         _require(0 < self.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
         _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
 
@@ -130,6 +147,10 @@ class RecipeSection:
         for name in ("point_rounds", "mask_only_rounds", "loss_size"):
             value = getattr(self, name)
             _require(value >= 0, f"recipe.{name} must be >= 0, got {value}")
+        # Each round is a decoder pass kept for backward: 1e6 rounds ran out of memory after the model was built.
+        _require(self.point_rounds <= MAX_POINT_ROUNDS,
+                 f"recipe.point_rounds must be <= {MAX_POINT_ROUNDS} corrective-click rounds, got "
+                 f"{self.point_rounds}; e.g. recipe.point_rounds=4 (SAM: 8)")
         _require(0 <= self.box_prob <= 1, f"recipe.box_prob is a probability in [0, 1], got {self.box_prob}")
         for name in ("box_noise", "box_noise_max", "focal_weight", "dice_weight", "iou_weight"):
             value = getattr(self, name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.atomic import atomic_path, atomic_write_json, atomic_write_text
-from segany.errors import InputError, UnknownModelError
+from segany.errors import InputError, SeganyError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.train.config import RecipeSection, TrainConfig
 from segany.train.init_weights import resolve_init_checkpoint
@@ -45,6 +46,16 @@ from segany.train.prompts import error_points, jitter_boxes, mask_boxes_xyxy, sa
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "segany-train-state-v1"
+
+
+class TrainingError(SeganyError, RuntimeError):
+    """Training cannot go on (the loss or the weights went non-finite); the message says why and what to do."""
+
+
+def json_safe(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with NaN and inf floats (top level) as None: JSON has no NaN, and a bare ``NaN`` made
+    summary.json and log.jsonl unreadable to strict parsers."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
 
 
 class InteractiveRecipe(nn.Module):
@@ -377,6 +388,7 @@ class Trainer:
         self.first_loss: float | None = None  # the run's first loss, kept across resumes for summary.json
         self.last_loss: float | None = None  # and its latest: a resume of a finished run trains no step
         self.best_val: float | None = None  # best validation score so far (best.pt holds those weights)
+        self.saved_state: tuple[Path, int] | None = None  # (file, step) of the last state saved or loaded
         self._val_objects: list | None = None
         self._last_val_step = -1
         self.train_records = train_records
@@ -404,7 +416,7 @@ class Trainer:
                    ) -> None:
         if self.rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(json.dumps(json_safe(entry), allow_nan=False) + "\n")
             if on_log:
                 on_log(entry)
 
@@ -477,6 +489,41 @@ class Trainer:
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         return float(both[0]), bool(both[1] > 0)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (so all of them stop after the same step)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t[0] > 0)
+
+    def _diverged(self, step: int, what: str) -> TrainingError:
+        lr = self.cfg.optim.lr
+        if self.saved_state is not None:
+            good = (f"the last good state is {self.saved_state[0]} (step {self.saved_state[1]}): --resume continues "
+                    "from it, but with the same optim.lr (a resume cannot change it) it will likely diverge again")
+        else:
+            good = "no checkpoint was saved before it"
+        return TrainingError(
+            f"training diverged at step {step}: {what} is not finite, so the run stopped without saving or "
+            f"exporting those weights. The likely cause is a learning rate too high for this model and batch "
+            f"(optim.lr={lr:g}): lower it, e.g. -o optim.lr={lr / 10:g}, and start a new run with "
+            f"-o run.out_dir=NEW_FOLDER; {good}")
+
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the model's float tensors that hold NaN or inf."""
+        return [k for k, v in self.sam.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+
+    def _check_weights(self, path: Path) -> None:
+        """Refuse to write ``path`` from non-finite weights: a NaN model loaded everywhere and scored NaN."""
+        bad = self.nonfinite_weights()
+        if bad:
+            raise TrainingError(f"not writing {path}: {len(bad)} weight tensor(s) at step {self.step} hold NaN or "
+                                f"inf (first: {bad[0]}); training diverged: lower optim.lr (now "
+                                f"{self.cfg.optim.lr:g}) and start a new run with -o run.out_dir=NEW_FOLDER")
+
     def _log_step(self, stats: dict[str, float], since_t: float, since_step: int, log_path: Path,
                   on_log: Callable[[dict[str, Any]], None] | None) -> None:
         self._write_log(self._step_entry(stats, since_t, since_step), log_path, on_log)
@@ -530,9 +577,17 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.cfg.optim.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        loss_value = float(loss.detach())
+        # A NaN loss (or gradient) only spreads: stop before the update, on every process at the same step
+        # (DDP's all-reduce would otherwise wait for a process that stopped alone).
+        grad_norm = stats.get("grad_norm", 0.0)
+        what = (f"the loss ({loss_value:g})" if not math.isfinite(loss_value) else
+                f"the gradient norm ({grad_norm:g})" if not math.isfinite(grad_norm) else None)
+        if self._any_rank(what is not None):
+            raise self._diverged(self.step + 1, what or "another process's loss or gradient")
         self.optimizer.step()
         self.step += 1
-        stats.update(loss=float(loss.detach()), lr=lr)
+        stats.update(loss=loss_value, lr=lr)
         return stats
 
     # ------------------------------------------------------------------ checkpoints
@@ -555,7 +610,9 @@ class Trainer:
         """Write the full training state atomically (rank 0 only); returns its path."""
         p = Path(path) if path is not None else self.out_dir / "last.pt"
         if self.rank == 0:
+            self._check_weights(p)
             _atomic_torch_save(self.state_dict(), p)
+        self.saved_state = (p, self.step)
         return p
 
     def load(self, path: str | os.PathLike[str]) -> None:
@@ -591,6 +648,7 @@ class Trainer:
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
         self.best_val = state.get("best_val")
+        self.saved_state = (p, self.step)
         _set_rng_state(state["rng"])
         was = state.get("device_type")
         if was is not None and was != self.device.type:  # allowed (a GPU lease ends), but not the same maths
@@ -603,6 +661,7 @@ class Trainer:
         """Write inference weights (a self-describing segany checkpoint; fp16 by default)."""
         from segany.checkpoints import save_checkpoint
 
+        self._check_weights(Path(path))
         info = {"trained_steps": self.step, "train_seconds": round(self.elapsed, 1), **(meta or {})}
         return save_checkpoint(self.sam, path, meta=info, half=half)
 

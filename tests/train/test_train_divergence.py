@@ -1,0 +1,93 @@
+"""A fine-tune that goes wrong says so: a NaN loss stops the run and no NaN weights or JSON are written, out-of-range
+settings are refused up front, the starting weights must be beaten to write best.pt, and --resume without a
+checkpoint is refused. (Audit of fine-tuning on user data: lr=1e6 exported a NaN model with rc 0; a fine-tune
+whose every step scored below its start still "saved best.pt".)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SAMPLE_IMAGE, cli_fails, tiny_config
+from synthetic_records import synthetic_records
+
+from segany.errors import InputError, SeganyError
+from segany.modeling.sam import Sam
+from segany.train.config import load_config
+from segany.train.trainer import Trainer
+
+S = 128
+
+
+def _cfg(tmp_path, *extra: str):
+    return load_config(None, [f"run.out_dir={tmp_path}", "run.batch_size=1", "data.max_masks=1",
+                              "data.num_workers=0", "recipe.point_rounds=0", "recipe.mask_only_rounds=0",
+                              "recipe.loss_size=0", "optim.warmup_steps=0", "run.log_every=1", "run.ckpt_every=0",
+                              *extra])
+
+
+def _model(seed: int = 0) -> Sam:
+    torch.manual_seed(seed)
+    return Sam(tiny_config(img_size=S))
+
+
+def _log(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_nan_loss_stops_the_run_and_no_nan_weights_are_written(tmp_path) -> None:
+    out = tmp_path / "run"
+    tr = Trainer(_cfg(out, "run.max_steps=4", "run.ckpt_every=1"), sam=_model(),
+                 train_records=synthetic_records(tmp_path))
+    real = tr.compute_loss
+
+    def nan_from_step_2(batch):
+        loss, stats = real(batch)
+        return (loss * float("nan") if tr.step >= 1 else loss), stats
+
+    tr.compute_loss = nan_from_step_2  # type: ignore[method-assign]
+    with pytest.raises(SeganyError, match=r"diverged at step 2: the loss \(nan\) is not finite.*optim.lr=0.0001"
+                                            r".*last.pt \(step 1\): --resume") as info:
+        tr.fit()
+    assert type(info.value).__name__ == "TrainingError" and "lower it" in str(info.value)
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1  # the last good state, not overwritten
+    assert all(v.isfinite().all() for v in tr.sam.state_dict().values())  # stopped before the update
+    assert [e["step"] for e in _log(out / "log.jsonl")] == [1]
+    assert not (out / "model_fp16.pt").exists() and not (out / "summary.json").exists()
+
+    with torch.no_grad():  # weights that went non-finite anyway are never written
+        tr.sam.mask_decoder.iou_token.weight[0, 0] = float("inf")
+    for write in (tr.save, lambda: tr.export(out / "m.pt")):
+        with pytest.raises(SeganyError, match=r"not writing .*1 weight tensor\(s\) .* hold NaN or inf "
+                                                r"\(first: mask_decoder.iou_token.weight\)"):
+            write()
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1 and not (out / "m.pt").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lr=1e6", "optim.lr must be > 0 and <= 1, got 1e+06; e.g. optim.lr=3e-4"),
+    ("data.scale_max=1e6", "data.scale_max must be <= 10 (the image is resized by at most this before the crop), "
+                           "got 1e+06; e.g. data.scale_max=1.5"),
+    ("data.max_masks=1000000000", "data.max_masks must be in [1, 1024] masks per image, got 1000000000; e.g."),
+    ("recipe.point_rounds=1000000", "recipe.point_rounds must be <= 64 corrective-click rounds, got 1000000; e.g."),
+    ("optim.decay_gamma=10", "optim.decay_gamma is the factor lr is multiplied by at each optim.decay_at and must be "
+                             "in (0, 1], got 10; e.g. optim.decay_gamma=0.1"),
+])
+def test_out_of_range_settings_are_refused_naming_key_value_and_an_example(override: str, fragment: str) -> None:
+    with pytest.raises(InputError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_predict_refuses_to_write_a_nan_score(tmp_path, capsys) -> None:
+    from segany.checkpoints import save_checkpoint
+
+    sam = _model()
+    with torch.no_grad():
+        sam.mask_decoder.iou_prediction_head.layers[-1].bias.fill_(float("nan"))
+    ckpt = save_checkpoint(sam, tmp_path / "nan.pt")
+    out = tmp_path / "pred"
+    cli_fails(["predict", str(SAMPLE_IMAGE), "--point", "40,40", "--checkpoint", str(ckpt), "--out", str(out),
+               "--quiet"], capsys, "predicted non-finite scores (nan, nan, nan)")
+    assert not out.exists() or list(out.iterdir()) == []
