@@ -5,6 +5,7 @@ whose every step scored below its start still "saved best.pt".)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from synthetic_records import synthetic_records
 
 from segany.errors import InputError, SeganyError
 from segany.modeling.sam import Sam
-from segany.train.config import load_config
+from segany.train.config import ModelSection, load_config
 from segany.train.trainer import Trainer
 
 S = 128
@@ -78,6 +79,53 @@ def test_out_of_range_settings_are_refused_naming_key_value_and_an_example(overr
     with pytest.raises(InputError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
+
+
+def test_a_fine_tune_must_beat_its_starting_weights_to_write_best_and_a_resume_keeps_their_score(
+        tmp_path, monkeypatch) -> None:
+    """Validation is faked (scores by call) so the test runs two real steps and no evaluation."""
+    import segany.eval.interactive as interactive
+    from segany.checkpoints import save_checkpoint
+
+    scores = iter([0.9, 0.5, 0.95])  # the start, step 2, step 3 (after the resume)
+    calls = []
+
+    def fake_summarize(results, max_clicks=1):
+        s = next(scores)
+        calls.append(s)
+        return {"all": {"box_miou": s, "miou_1": s}}
+
+    monkeypatch.setattr(interactive, "evaluate_model", lambda *a, **k: [object()] * 3)
+    monkeypatch.setattr(interactive, "summarize", fake_summarize)
+    monkeypatch.setattr(Trainer, "validation_objects", lambda self: [(None, [1, 2, 3])])
+    start = save_checkpoint(_model(), tmp_path / "start.pt")
+    model = ModelSection(name="mine", checkpoint=str(start), arch=tiny_config(img_size=S).to_dict())
+    recs = synthetic_records(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def trainer(max_steps: int) -> Trainer:
+        cfg = _cfg(out, f"run.max_steps={max_steps}", "run.val_every=2")
+        return Trainer(dataclasses.replace(cfg, model=model), train_records=recs)
+
+    a = trainer(2)
+    summary = a.fit()
+    val = [e for e in _log(out / "log.jsonl") if "val_score" in e]
+    assert [(e["step"], e["val_score"], e.get("base"), e.get("best")) for e in val] == [
+        (0, 0.9, True, None), (2, 0.5, None, None)]
+    assert not (out / "best.pt").exists()  # no step beat the start
+    assert summary["base_val_score"] == 0.9 and summary["best_val_score"] == 0.5
+    assert summary["no_improvement"].startswith("no step beat the starting weights (val 0.9000 vs best 0.5000)")
+    assert "try a lower optim.lr or more data" in summary["no_improvement"]
+
+    b = trainer(3)
+    b.load(out / "last.pt")
+    summary = b.fit()
+    assert calls == [0.9, 0.5, 0.95]  # the start was not validated again
+    assert summary["base_val_score"] == 0.9 and "no_improvement" not in summary
+    assert torch.load(out / "best.pt", weights_only=True)["meta"]["best_step"] == 3
+    assert [e["step"] for e in _log(out / "log.jsonl") if "val_score" in e] == [0, 2, 3]
+    assert "only 3 object(s)" in (b.validation_note() or "")  # best.pt chosen on noise: `segany train` says so
 
 
 def test_predict_refuses_to_write_a_nan_score(tmp_path, capsys) -> None:

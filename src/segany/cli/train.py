@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
             _say(trainer, note)
     else:
         _say(trainer, f"initial weights: {_init_source(cfg, trainer)}")
+    if trainer.rank == 0:  # only rank 0 validates
+        val_note = trainer.validation_note()
+        if val_note:
+            _say(trainer, val_note)
     n_params = sum(p.numel() for p in trainer.sam.parameters())
     _say(trainer, f"model {cfg.model.name} ({n_params / 1e6:.2f} M parameters) on {trainer.device}, "
                   f"world size {trainer.world}, batch {cfg.run.batch_size}/process, "
@@ -74,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         if "val_score" in entry:
             print(f"step {entry['step']:6d}  val box mIoU {entry['val_box_miou']:.3f}  1-click mIoU "
                   f"{entry['val_miou_1']:.3f}  score {entry['val_score']:.4f}"
-                  f"{'  (best: saved best.pt)' if entry.get('best') else ''}", flush=True)
+                  f"{'  (best: saved best.pt)' if entry.get('best') else ''}"
+                  f"{'  (starting weights: a step must beat this to write best.pt)' if entry.get('base') else ''}",
+                  flush=True)
             return
         print(f"step {entry['step']:6d}  {entry['time_s']:7.1f}s  loss {entry['loss']:.4f}  "
               f"IoU first {entry.get('iou_first', 0):.3f} last {entry.get('iou_last', 0):.3f}  "
@@ -97,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         summary["export"] = str(export)
         atomic_write_json(Path(cfg.run.out_dir) / "summary.json", summary, indent=1, allow_nan=False)
         print(json.dumps(summary, indent=1, allow_nan=False))
+        if summary.get("no_improvement"):
+            _say(trainer, summary["no_improvement"])
     if trainer.world > 1:
         import torch.distributed as dist
 

@@ -46,6 +46,8 @@ from segany.train.prompts import error_points, jitter_boxes, mask_boxes_xyxy, sa
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "segany-train-state-v1"
+# Below this many validation objects a score moves by chance more than by training (one object is 1/n of it).
+MIN_VAL_OBJECTS = 10
 
 
 class TrainingError(SeganyError, RuntimeError):
@@ -387,7 +389,10 @@ class Trainer:
         self.progress = 0.0
         self.first_loss: float | None = None  # the run's first loss, kept across resumes for summary.json
         self.last_loss: float | None = None  # and its latest: a resume of a finished run trains no step
-        self.best_val: float | None = None  # best validation score so far (best.pt holds those weights)
+        self.best_val: float | None = None  # best validation score of a step so far
+        # Validation score of the starting weights (a fine-tune from model.checkpoint, taken at step 0): best.pt
+        # is only written by a step that beats it, as the starting weights are already a file.
+        self.base_val: float | None = None
         self.saved_state: tuple[Path, int] | None = None  # (file, step) of the last state saved or loaded
         self._val_objects: list | None = None
         self._last_val_step = -1
@@ -596,6 +601,7 @@ class Trainer:
                 "model": self.sam.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
                 "config": self.cfg.to_dict(), "model_config": self.sam.cfg.to_dict(),
                 "first_loss": self.first_loss, "last_loss": self.last_loss, "best_val": self.best_val,
+                "base_val": self.base_val,
                 "data": self.data_fingerprint(), "device_type": self.device.type, "world_size": self.world}
 
     def data_fingerprint(self) -> dict[str, Any]:
@@ -648,6 +654,7 @@ class Trainer:
         self.first_loss = state.get("first_loss")
         self.last_loss = state.get("last_loss")
         self.best_val = state.get("best_val")
+        self.base_val = state.get("base_val")  # taken once, at step 0 of the run: a resume does not redo it
         self.saved_state = (p, self.step)
         _set_rng_state(state["rng"])
         was = state.get("device_type")
@@ -702,11 +709,12 @@ class Trainer:
         return repeat_records(records, repeat, seed=self.cfg.run.seed)
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> dict[str, Any]:
+    def validate(self, base: bool = False) -> dict[str, Any]:
         """Box and 1-click mIoU on the held-out split (segany.eval's protocol); keeps best.pt on a new best.
 
         The score is the mean of the two. Runs on rank 0 only and in eval mode; prompts there are
-        deterministic, so validating does not change the training that follows.
+        deterministic, so validating does not change the training that follows. ``base``: this scores the
+        starting weights (step 0 of a fine-tune); a step must beat them to write best.pt.
         """
         from segany.eval.interactive import evaluate_model, summarize
 
@@ -723,13 +731,30 @@ class Trainer:
         score = round((s["box_miou"] + s["miou_1"]) / 2, 4)
         entry: dict[str, Any] = {"step": self.step, "val_box_miou": s["box_miou"], "val_miou_1": s["miou_1"],
                                  "val_score": score, "val_objects": len(results), "val_s": round(time.time() - t, 1)}
-        if self.best_val is None or score > self.best_val:
+        if base:
+            self.base_val = score
+            entry["base"] = True
+            return entry
+        new_best = self.best_val is None or score > self.best_val
+        if new_best:
             self.best_val = score
+        if new_best and (self.base_val is None or score > self.base_val):
             entry["best"] = True
             meta = {"best_step": self.step, "val_score": score, "config": self.cfg.to_dict()}
             self.export(self.out_dir / "best.pt", half=False, meta=meta)
             self.export(self.out_dir / "best_fp16.pt", half=True, meta=meta)
         return entry
+
+    def validation_note(self) -> str | None:
+        """A warning when validation is on but holds too few objects for best.pt to mean much, else None."""
+        if not self.cfg.run.val_every:
+            return None
+        n = sum(len(masks) for _, masks in self.validation_objects())
+        if n >= MIN_VAL_OBJECTS:
+            return None
+        return (f"warning: validation has only {n} object(s) (run.val_objects={self.cfg.run.val_objects}): a score "
+                "on so few moves by chance, so best.pt may be picked on noise; hold out more images in the pack's "
+                f"val split (at least {MIN_VAL_OBJECTS} objects)")
 
     def validation_objects(self) -> list:
         """``run.val_objects`` objects of the held-out images, taken from each dataset in turn so a small cap
@@ -787,6 +812,9 @@ class Trainer:
             atomic_write_json(self.out_dir / "config.json", self.cfg.to_dict(), indent=1)
             # One clean history: steps logged after the checkpoint we start from are about to be redone.
             trim_log(log_path, self.step)
+            if run.val_every and self.step == 0 and self.init_checkpoint is not None and self.base_val is None:
+                # A fine-tune must beat the weights it started from, or it only made them worse.
+                self._write_log(self.validate(base=True), log_path, on_log)
         budget = 60.0 * run.max_minutes if run.max_minutes else float("inf")
         self.interrupt_checkpoint: Path | None = None  # set when Ctrl-C stopped the run and its state was saved
         with _DeferredInterrupt() as interrupt:
@@ -802,4 +830,11 @@ class Trainer:
             summary["gpu"] = torch.cuda.get_device_name(self.device)
         if self.best_val is not None:
             summary["best_val_score"] = self.best_val
+        if self.base_val is not None:
+            summary["base_val_score"] = self.base_val
+            if self.best_val is None or self.best_val <= self.base_val:
+                best = "no step validated" if self.best_val is None else f"best {self.best_val:.4f}"
+                summary["no_improvement"] = (
+                    f"no step beat the starting weights (val {self.base_val:.4f} vs {best}), so no best.pt was "
+                    f"written: keep using them ({self.init_checkpoint}); try a lower optim.lr or more data")
         return summary
