@@ -81,6 +81,14 @@ def test_out_of_range_settings_are_refused_naming_key_value_and_an_example(overr
     assert fragment in str(info.value)
 
 
+def test_warmup_longer_than_the_run_is_warned() -> None:
+    from segany.train.config import config_warnings
+
+    notes = config_warnings(load_config(None, ["optim.warmup_steps=20", "run.max_steps=20"]))
+    assert len(notes) == 1 and "optim.warmup_steps=20 >= run.max_steps=20" in notes[0]
+    assert config_warnings(load_config(None, ["optim.warmup_steps=5", "run.max_steps=20"])) == []
+
+
 def test_a_fine_tune_must_beat_its_starting_weights_to_write_best_and_a_resume_keeps_their_score(
         tmp_path, monkeypatch) -> None:
     """Validation is faked (scores by call) so the test runs two real steps and no evaluation."""
@@ -103,6 +111,8 @@ def test_a_fine_tune_must_beat_its_starting_weights_to_write_best_and_a_resume_k
     recs = synthetic_records(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".last.pt.x1y2.tmp").write_bytes(b"torn")  # a kill during an earlier save left it
+    (out / ".notes.txt.k.tmp").write_bytes(b"not ours")
 
     def trainer(max_steps: int) -> Trainer:
         cfg = _cfg(out, f"run.max_steps={max_steps}", "run.val_every=2")
@@ -126,6 +136,16 @@ def test_a_fine_tune_must_beat_its_starting_weights_to_write_best_and_a_resume_k
     assert torch.load(out / "best.pt", weights_only=True)["meta"]["best_step"] == 3
     assert [e["step"] for e in _log(out / "log.jsonl") if "val_score" in e] == [0, 2, 3]
     assert "only 3 object(s)" in (b.validation_note() or "")  # best.pt chosen on noise: `segany train` says so
+    assert not (out / ".last.pt.x1y2.tmp").exists() and (out / ".notes.txt.k.tmp").exists()
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    cli_fails(["train", "-o", f"run.out_dir={out}", "--resume"], capsys,
+              f"no last.pt in {out}: nothing to resume; drop --resume to start a new run")
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"]
 
 
 def test_predict_refuses_to_write_a_nan_score(tmp_path, capsys) -> None:

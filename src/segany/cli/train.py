@@ -26,7 +26,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (see configs/); defaults apply when omitted")
     p.add_argument("--override", "-o", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set one config value, e.g. optim.lr=3e-4 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt if it exists")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its last.pt")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (sets run.max_minutes)")
     p.add_argument("--export", default=None, metavar="PATH",
                    help="write fp16 inference weights here at the end (default OUT_DIR/model_fp16.pt)")
@@ -35,7 +35,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segany.cli._checks import check_out_dir, check_out_file
-    from segany.train.config import load_config
+    from segany.train.config import config_warnings, load_config
 
     overrides = list(args.override)
     if args.max_minutes is not None:
@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
             _say(trainer, note)
     else:
         _say(trainer, f"initial weights: {_init_source(cfg, trainer)}")
+    for note in config_warnings(cfg):  # after every check passed: a refusal stays one line
+        _say(trainer, note)
     if trainer.rank == 0:  # only rank 0 validates
         val_note = trainer.validation_note()
         if val_note:
@@ -119,6 +121,8 @@ def _check_resume(cfg: Any, resume: bool) -> Path | None:
 
     last = Path(cfg.run.out_dir) / "last.pt"
     if not last.exists():
+        if resume:  # starting over here would overwrite the folder's config.json and log.jsonl
+            raise InputError(f"no last.pt in {cfg.run.out_dir}: nothing to resume; drop --resume to start a new run")
         return None
     if not resume:  # starting over would overwrite that run's checkpoint and log
         raise InputError(f"run.out_dir {cfg.run.out_dir!r} already holds a training run ({last.name}); pass "

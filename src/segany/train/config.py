@@ -224,6 +224,16 @@ class TrainConfig:
         return cls(**kwargs)
 
 
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that are valid but probably not meant, for the user to be told before the run starts."""
+    notes = []
+    if cfg.optim.warmup_steps >= cfg.run.max_steps:
+        notes.append(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} >= run.max_steps={cfg.run.max_steps}: "
+                     "the learning rate is still warming up when the run ends (it never reaches optim.lr); "
+                     f"e.g. optim.warmup_steps={max(0, cfg.run.max_steps // 10)}")
+    return notes
+
+
 def _finite(key: str, x: float) -> float:
     """``x`` unless it is inf or NaN, which no setting can use (they crashed or poisoned the run later)."""
     if not math.isfinite(x):

@@ -46,6 +46,8 @@ from segany.train.prompts import error_points, jitter_boxes, mask_boxes_xyxy, sa
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "segany-train-state-v1"
+# The files a run writes in run.out_dir (each through a ``.NAME.XXXX.tmp`` that a kill mid-write leaves behind).
+RUN_FILES = ("last.pt", "best.pt", "best_fp16.pt", "model_fp16.pt", "config.json", "log.jsonl", "summary.json")
 # Below this many validation objects a score moves by chance more than by training (one object is 1/n of it).
 MIN_VAL_OBJECTS = 10
 
@@ -756,6 +758,15 @@ class Trainer:
                 "on so few moves by chance, so best.pt may be picked on noise; hold out more images in the pack's "
                 f"val split (at least {MIN_VAL_OBJECTS} objects)")
 
+    def remove_stale_temps(self) -> list[Path]:
+        """Remove the temp files of this run's own outputs that a kill mid-write left in ``run.out_dir``."""
+        gone = []
+        for name in RUN_FILES:
+            for tmp in self.out_dir.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+                gone.append(tmp)
+        return gone
+
     def validation_objects(self) -> list:
         """``run.val_objects`` objects of the held-out images, taken from each dataset in turn so a small cap
         still covers them all; loaded once, the same every time."""
@@ -809,6 +820,8 @@ class Trainer:
         log_path = self.out_dir / "log.jsonl"
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            for tmp in self.remove_stale_temps():  # a kill during an earlier save left them (never read)
+                log.info("removed %s, left by an interrupted write", tmp)
             atomic_write_json(self.out_dir / "config.json", self.cfg.to_dict(), indent=1)
             # One clean history: steps logged after the checkpoint we start from are about to be redone.
             trim_log(log_path, self.step)
