@@ -159,3 +159,35 @@ def test_predict_refuses_to_write_a_nan_score(tmp_path, capsys) -> None:
     cli_fails(["predict", str(SAMPLE_IMAGE), "--point", "40,40", "--checkpoint", str(ckpt), "--out", str(out),
                "--quiet"], capsys, "predicted non-finite scores (nan, nan, nan)")
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_nan_gradient_stops_the_run_with_clipping_off(tmp_path) -> None:
+    """optim.grad_clip=0 (no clipping) computed no gradient norm, so a finite loss with a NaN gradient (an inf
+    in the backward pass) reached the weights; the norm is computed for the check all the same."""
+    tr = Trainer(_cfg(tmp_path / "run", "run.max_steps=2", "optim.grad_clip=0"), sam=_model(),
+                 train_records=synthetic_records(tmp_path))
+    tr.sam.mask_decoder.iou_token.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(SeganyError, match=r"diverged at step 1: the gradient norm \(nan\) is not finite"):
+        tr.fit()
+    assert all(v.isfinite().all() for v in tr.sam.state_dict().values())
+
+
+def test_a_fresh_start_drops_a_killed_runs_base_line(tmp_path) -> None:
+    """A run killed before its first checkpoint left its step-0 base score in log.jsonl; a fresh rerun (maybe
+    from other weights) kept it beside its own."""
+    from segany.train.trainer import trim_log
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 0, "val_score": 0.7, "base": true}\n{"step": 1, "loss": 2.0}\n')
+    tr = Trainer(_cfg(out, "run.max_steps=1"), sam=_model(), train_records=synthetic_records(tmp_path))
+    tr.fit()
+    assert [e["step"] for e in _log(out / "log.jsonl")] == [1] and "base" not in _log(out / "log.jsonl")[0]
+    assert trim_log(out / "log.jsonl", 5) == 0  # a resume keeps its own history
+
+
+def test_retrain_refuses_an_lr_above_the_trainers_bound_up_front() -> None:
+    from segany.engine.retrain import RetrainSettings
+
+    with pytest.raises(InputError, match=r"^--lr must be > 0 and <= 1 \(e.g. 1e-4\), got 2"):
+        RetrainSettings(lr=2.0)

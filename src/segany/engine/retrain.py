@@ -587,8 +587,10 @@ class RetrainSettings:
             raise InputError(f"--steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.lr < float("inf"):  # also refuses NaN
-            raise InputError(f"--lr must be a positive number such as 1e-4, got {self.lr}")
+        from segany.train.config import MAX_LR
+
+        if not 0.0 < self.lr <= MAX_LR:  # also refuses NaN; the trainer's own bound, checked before any work
+            raise InputError(f"--lr must be > 0 and <= {MAX_LR:g} (e.g. 1e-4), got {self.lr}")
         if self.max_objects < 1:
             raise InputError(f"--max-objects must be >= 1, got {self.max_objects}")
         if self.eval_images is not None and self.eval_images < 1:

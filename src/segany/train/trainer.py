@@ -584,10 +584,13 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.cfg.optim.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+            grad_norm = stats["grad_norm"]
+        else:  # no clipping: the norm is still what tells a NaN gradient before it reaches the weights
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         loss_value = float(loss.detach())
         # A NaN loss (or gradient) only spreads: stop before the update, on every process at the same step
         # (DDP's all-reduce would otherwise wait for a process that stopped alone).
-        grad_norm = stats.get("grad_norm", 0.0)
         what = (f"the loss ({loss_value:g})" if not math.isfinite(loss_value) else
                 f"the gradient norm ({grad_norm:g})" if not math.isfinite(grad_norm) else None)
         if self._any_rank(what is not None):
@@ -823,8 +826,9 @@ class Trainer:
             for tmp in self.remove_stale_temps():  # a kill during an earlier save left them (never read)
                 log.info("removed %s, left by an interrupted write", tmp)
             atomic_write_json(self.out_dir / "config.json", self.cfg.to_dict(), indent=1)
-            # One clean history: steps logged after the checkpoint we start from are about to be redone.
-            trim_log(log_path, self.step)
+            # One clean history: steps logged after the checkpoint we start from are about to be redone, and a
+            # fresh start (nothing trained, no base score kept) drops a killed run's step-0 base line as well.
+            trim_log(log_path, -1 if self.step == 0 and self.base_val is None else self.step)
             if run.val_every and self.step == 0 and self.init_checkpoint is not None and self.base_val is None:
                 # A fine-tune must beat the weights it started from, or it only made them worse.
                 self._write_log(self.validate(base=True), log_path, on_log)
