@@ -17,7 +17,14 @@ import torch
 pytest.importorskip("onnxruntime", reason="pip install 'segany[onnx]'")
 
 from segany.errors import InputError, PromptError, StateError  # noqa: E402
-from segany.export.onnx import DECODER_INPUTS, OnnxPredictor, export_onnx, postprocess_masks  # noqa: E402
+from segany.export.onnx import (  # noqa: E402
+    DECODER_INNER,
+    DECODER_INPUTS,
+    OnnxPredictor,
+    _with_inner_outputs,
+    export_onnx,
+    postprocess_masks,
+)
 from segany.predictor import SamPredictor  # noqa: E402
 
 DECODER_ATOL = 1e-4
@@ -67,7 +74,8 @@ def test_decoder_contract(exported):
     _, out, _ = exported
     sess = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
     assert tuple(i.name for i in sess.get_inputs()) == DECODER_INPUTS
-    assert [o.name for o in sess.get_outputs()][:3] == ["masks", "iou_predictions", "low_res_masks"]
+    # Exactly SAM's three: its ONNX example unpacks `masks, scores, low_res = run(None, ...)` (it had five)
+    assert [o.name for o in sess.get_outputs()] == ["masks", "iou_predictions", "low_res_masks"]
 
 
 def test_predictor_parity(exported, image):
@@ -104,6 +112,7 @@ def test_sam_onnx_masks_output_dynamic_size(exported, image):
     ref = SamPredictor(model)
     ref.set_image(image)
     sess = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    inner = ort.InferenceSession(_with_inner_outputs(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
     for h, w in ((200, 300), (480, 333)):
         coords = ref.transform.apply_coords(np.array([[50.0, 40.0], [0.0, 0.0]]), (h, w))
         feeds = {"image_embeddings": ref.features.numpy(),
@@ -112,7 +121,8 @@ def test_sam_onnx_masks_output_dynamic_size(exported, image):
                  "mask_input": np.zeros((1, 1, 64, 64), np.float32),
                  "has_mask_input": np.zeros(1, np.float32),
                  "orig_im_size": np.array([h, w], np.float32)}
-        masks, iou, low, low_all, iou_all = sess.run(None, feeds)
+        masks, iou, low = sess.run(None, feeds)
+        low_all, iou_all = inner.run(list(DECODER_INNER), feeds)
         assert masks.shape == (1, 1, h, w) and iou.shape == (1, 1) and low.shape == (1, 1, 64, 64)
         best = int(iou_all[0, 1:].argmax()) + 1
         np.testing.assert_allclose(low[0, 0], low_all[0, best], atol=0)

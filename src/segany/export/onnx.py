@@ -19,8 +19,9 @@ per prompt, which is what makes a browser or a laptop CPU interactive):
     ``iou_predictions`` (1, K), ``low_res_masks`` (1, K, 4g, 4g); K is 1 by default: for a prompt
     with a single real point (ambiguous) the best of the three multimask outputs by predicted IoU,
     otherwise the single-mask output. With ``multimask=True`` K is 3 (the three multimask outputs).
-    Two extra outputs carry all four decoder masks for :class:`OnnxPredictor`:
-    ``all_low_res_masks`` (1, 4, 4g, 4g) and ``all_iou_predictions`` (1, 4).
+    These three are the file's outputs, as in SAM's ONNX example (``masks, scores, low_res = run(None, ...)``).
+    Two tensors inside the graph, ``all_low_res_masks`` (1, 4, 4g, 4g) and ``all_iou_predictions`` (1, 4),
+    hold all four decoder masks; :class:`OnnxPredictor` makes them outputs when it loads the file.
 
 ``--quantize`` additionally writes ``encoder.int8.onnx`` and ``decoder.int8.onnx`` with dynamic int8
 weights (ONNX Runtime's ``quantize_dynamic``): smaller and faster on CPUs, slightly less accurate.
@@ -54,7 +55,10 @@ ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 META_FILE = "segany_onnx.json"
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
-DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks", "all_low_res_masks", "all_iou_predictions")
+DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
+# Named tensors inside decoder.onnx that OnnxPredictor reads (all four masks); not outputs of the file, which
+# keeps SAM's three, so code written for SAM's exported decoder unpacks its outputs unchanged.
+DECODER_INNER = ("all_low_res_masks", "all_iou_predictions")
 
 
 class EncoderGraph(nn.Module):
@@ -182,10 +186,39 @@ def export_decoder(model: Sam, path: str | os.PathLike[str], multimask: bool = F
     )
     with torch.no_grad():
         _legacy_export(DecoderGraph(model, multimask).eval(), example, out, list(DECODER_INPUTS),
-                       list(DECODER_OUTPUTS),
+                       list(DECODER_OUTPUTS + DECODER_INNER),
                        {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
                         "masks": {2: "height", 3: "width"}})
+    _set_outputs(out, DECODER_OUTPUTS)
     return out
+
+
+def _set_outputs(path: Path, names: tuple[str, ...]) -> None:
+    """Keep only ``names`` as the graph outputs of ``path`` (atomically); the other tensors stay inside it."""
+    import onnx
+
+    graph_model = onnx.load(str(path))
+    kept = [o for o in graph_model.graph.output if o.name in names]
+    del graph_model.graph.output[:]
+    graph_model.graph.output.extend(kept)
+    with atomic_path(path) as tmp:
+        onnx.save(graph_model, str(tmp))
+
+
+def _with_inner_outputs(path: Path) -> bytes:
+    """``path``'s graph with :data:`DECODER_INNER` as outputs too (serialized), for :class:`OnnxPredictor`."""
+    import onnx
+
+    graph_model = onnx.load(str(path))
+    have = {o.name for o in graph_model.graph.output}
+    made = {n for node in graph_model.graph.node for n in node.output}
+    missing = [n for n in DECODER_INNER if n not in made]
+    if missing:
+        raise InputError(f"{str(path)!r} has no {', '.join(missing)} inside (not a segany decoder export, or one "
+                         "of an older format); export again: segany export onnx --model M --checkpoint C --out DIR")
+    graph_model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in DECODER_INNER
+                                    if n not in have)
+    return graph_model.SerializeToString()
 
 
 def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
@@ -248,13 +281,14 @@ def _registered_config(name: str) -> SamConfig | None:
 
 
 # ----------------------------------------------------------------------------------- runtime
-def _session(path: Path, num_threads: int | None) -> Any:
+def _session(path: Path | bytes, num_threads: int | None) -> Any:
     ort = require("onnxruntime", "onnx")
     opts = ort.SessionOptions()  # type: ignore[attr-defined]
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # type: ignore[attr-defined]
     if num_threads:
         opts.intra_op_num_threads = num_threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
 
 
 class OnnxPredictor:
@@ -287,7 +321,7 @@ class OnnxPredictor:
             if not p.exists():
                 raise InputError(f"{str(p)!r} is missing (listed in {META_FILE}): export again into {str(folder)!r}")
         self.encoder = _session(enc, num_threads)
-        self.decoder = _session(dec, num_threads)
+        self.decoder = _session(_with_inner_outputs(dec), num_threads)
         self.img_size = self.config.img_size
         self.mask_threshold = self.config.mask_threshold
         self.transform = ResizeLongestSide(self.img_size)
