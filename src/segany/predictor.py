@@ -138,23 +138,32 @@ class SamPredictor:
     def device(self) -> torch.device:
         return self.model.device
 
-    # The reference's per-image size attribute names, as read-only views of original_size / input_size (None
-    # before set_image). The reference declares them but never fills them in; code reading them gets sizes here.
-    @property
-    def orig_h(self) -> int | None:
-        return None if self.original_size is None else self.original_size[0]
+    # The reference's per-image size attribute names, as views of original_size / input_size (None before
+    # set_image). The reference declares them and its reset_image sets them to None, so code written for it (a
+    # subclass's reset_image) assigns them: None is accepted (the sizes follow original_size / input_size), a
+    # number sets that side of the size it views.
+    def _size_part(self, which: str, i: int) -> int | None:
+        size = getattr(self, which)
+        return None if size is None else size[i]
 
-    @property
-    def orig_w(self) -> int | None:
-        return None if self.original_size is None else self.original_size[1]
+    def _set_size_part(self, which: str, i: int, value: int | None) -> None:
+        if value is None:
+            return
+        size = getattr(self, which)
+        if size is None:
+            raise StateError(f"cannot set one side of {which} before set_image; call set_image first")
+        parts = list(size)
+        parts[i] = int(value)
+        setattr(self, which, tuple(parts))
 
-    @property
-    def input_h(self) -> int | None:
-        return None if self.input_size is None else self.input_size[0]
-
-    @property
-    def input_w(self) -> int | None:
-        return None if self.input_size is None else self.input_size[1]
+    orig_h = property(lambda self: self._size_part("original_size", 0),
+                      lambda self, v: self._set_size_part("original_size", 0, v))
+    orig_w = property(lambda self: self._size_part("original_size", 1),
+                      lambda self, v: self._set_size_part("original_size", 1, v))
+    input_h = property(lambda self: self._size_part("input_size", 0),
+                       lambda self, v: self._set_size_part("input_size", 0, v))
+    input_w = property(lambda self: self._size_part("input_size", 1),
+                       lambda self, v: self._set_size_part("input_size", 1, v))
 
     # ------------------------------------------------------------------ image
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:

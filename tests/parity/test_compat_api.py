@@ -314,6 +314,7 @@ def test_predictor_size_attributes() -> None:
     from conftest import randomize_, tiny_config
     from sam_oracle import reference_predictor, reference_sam
 
+    from segany.errors import StateError
     from segany.modeling.sam import Sam
     from segany.predictor import SamPredictor
 
@@ -329,10 +330,18 @@ def test_predictor_size_attributes() -> None:
     # The reference only ever resets these (they stay None); segany fills them in, from original_size/input_size.
     assert [getattr(ref, n) for n in names] == [None] * 4
     assert [getattr(ours, n) for n in names] == [*ref.original_size, *ref.input_size] == [61, 90, 174, 256]
-    with pytest.raises(AttributeError):
-        ours.orig_h = 3  # type: ignore[misc]
+    # The reference's reset_image assigns None to them: code written for it (a subclass's reset_image) must run
+    # (it raised AttributeError); a number sets that side of the size viewed.
+    for n in names:
+        setattr(ours, n, None)
+    assert ours.original_size == (61, 90) and ours.input_size == (174, 256)
+    ours.orig_h = 60
+    assert ours.original_size == (60, 90)
     ours.reset_image()
     assert [getattr(ours, n) for n in names] == [None] * 4
+    ours.orig_w = None
+    with pytest.raises(StateError, match="before set_image"):
+        ours.input_w = 5
 
 
 # ----------------------------------------------------------------- user builders in sam_model_registry
@@ -453,3 +462,18 @@ def test_apply_image_names_a_dtype_it_cannot_take(dtype) -> None:  # type: ignor
     with pytest.raises(TypeError, match=f"got {np.dtype(dtype)}; convert it first with") as exc:
         ResizeLongestSide(64).apply_image(np.zeros((10, 12, 3), dtype))
     assert isinstance(exc.value, InputError)
+
+
+def test_modules_take_the_references_positional_arguments() -> None:
+    """PromptEncoder(256, (64, 64), (1024, 1024), 16) and TwoWayTransformer(2, 256, 8, 2048), as the reference's
+    builders and users' own code call them, raised TypeError (keyword-only); they build the reference's layout."""
+    from segment_anything.modeling import PromptEncoder as RefPromptEncoder
+    from segment_anything.modeling import TwoWayTransformer as RefTwoWayTransformer
+
+    from segany.modeling.prompt_encoder import PromptEncoder
+    from segany.modeling.transformer import TwoWayTransformer
+
+    pairs = ((PromptEncoder(256, (64, 64), (1024, 1024), 16), RefPromptEncoder(256, (64, 64), (1024, 1024), 16)),
+             (TwoWayTransformer(2, 256, 8, 2048), RefTwoWayTransformer(2, 256, 8, 2048)))
+    for ours, ref in pairs:
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}

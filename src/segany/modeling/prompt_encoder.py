@@ -66,7 +66,7 @@ PositionEmbeddingRandom = RandomFourierEncoding
 
 
 class PromptEncoder(nn.Module):
-    def __init__(self, *, embed_dim: int, image_embedding_size: tuple[int, int], input_image_size: tuple[int, int],
+    def __init__(self, embed_dim: int, image_embedding_size: tuple[int, int], input_image_size: tuple[int, int],
                  mask_in_chans: int = 16, activation: type[nn.Module] = nn.GELU, text_dim: int = 0) -> None:
         super().__init__()
         self.embed_dim = embed_dim

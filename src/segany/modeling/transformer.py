@@ -82,7 +82,7 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-    def __init__(self, *, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
+    def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
                  activation: type[nn.Module] = nn.ReLU, attention_downsample_rate: int = 2) -> None:
         super().__init__()
         # The reference's attributes, read by code that inspects the decoder.
