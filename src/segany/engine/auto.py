@@ -529,17 +529,16 @@ def plan_run(store: Any, project: dict[str, Any], settings: AutoSettings, model_
         other_model = open_redo.get("model_version_id") != model_version_id
         used_hash = str(open_redo.get("settings_hash"))
         if other_model:
-            what = f"another model (it ran {_describe_model(store, open_redo.get('model_version_id'))})"
+            what = what_cli = f"another model (it ran {_describe_model(store, open_redo.get('model_version_id'))})"
             py = cli = ("", "")
         else:
+            change = _settings_change(project, used_hash, settings)
             py, cli = _precision_words(project, used_hash, settings, requested_precision)
-            what = f"other settings ({_settings_change(project, used_hash, settings)}"
+            what, what_cli = f"other settings ({change}{py[0]})", f"other settings ({change}{cli[0]})"
         fix = "to redo every image with these settings and this model, or with the settings and model it used"
         raise SettingsMismatchError(
-            f"an interrupted run_auto(..., redo=True) with {what}{py[0]}{')' * (not other_model)} is unfinished; "
-            f"rerun with redo=True {fix}{py[1]}",
-            cli=f"an interrupted `engine auto --redo` with {what}{cli[0]}{')' * (not other_model)} is unfinished; "
-                f"rerun with --redo {fix}{cli[1]}")
+            f"an interrupted run_auto(..., redo=True) with {what} is unfinished; rerun with redo=True {fix}{py[1]}",
+            cli=f"an interrupted `engine auto --redo` with {what_cli} is unfinished; rerun with --redo {fix}{cli[1]}")
     settings_used, models_used = done_differently(store, project["id"], digest, model_version_id,
                                                   unknown_precision=unknown_precision)
     if settings_used:
