@@ -12,8 +12,6 @@ Windowed blocks (14-token windows), from the ``qkv`` projection to the tokens ``
   the rel-pos einsums, SDPA on the folded heads, merge and crop;
 * ``fused``: :func:`segany.kernels.window_attention.window_attention` as the encoder runs it (the flash
   kernel: a key row a step, online softmax);
-* ``fused_onepass``: the same module's one-pass kernel (every key of the window in one tile), off by default
-  until it is checked here: its error against fp32 is printed beside the others;
 * ``sdpa_no_bias_windows``: SDPA on already-partitioned windows without bias (a floor for the attention
   itself; the other two also move the tokens in and out of windows);
 
@@ -43,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from segany.cli._util import atomic_write_bytes  # noqa: E402
 from segany.fast import FastViTAttention, FastWindowBlock, _padded_bias  # noqa: E402
-from segany.kernels import window_attention as window_kernel  # noqa: E402
 from segany.kernels.relpos_attention import relpos_attention  # noqa: E402
 from segany.modeling import image_encoder as vit  # noqa: E402
 from segany.modeling.config import ViTConfig  # noqa: E402
@@ -132,12 +129,9 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
     flops = 4 * batch * nw * nh * (window * window) ** 2 * D
     res: dict[str, Any] = {"model": name, "block": "windowed", "batch": batch, "heads": nh, "head_dim": D,
                            "window": window, "grid": grid}
-    table_h, table_w = (t.to(dt) for t in half.offset_tables())
     fns = {
         "fold": lambda: half.folded_windows(qkv_nobias),
         "fused": lambda: half.fused_windows(qkv),  # what the encoder runs (the flash kernel by default)
-        "fused_onepass": lambda: window_kernel._launch(window_kernel._identity, qkv, half.attn.qkv.bias, table_h,
-                                                       table_w, window, nh, D ** -0.5, onepass=True),
         "sdpa_no_bias_windows": lambda: F.scaled_dot_product_attention(wq, wk, wv),
     }
     with torch.no_grad():
@@ -148,12 +142,6 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
             ref = exact.folded_windows(qkv32_nobias[:n])
             got = half.fused_windows(qkv[:n]).float()
             res["max_abs_err_fused"] = round(float((got - ref).abs().max()), 5)
-            try:
-                onepass = window_kernel._launch(window_kernel._identity, qkv[:n], half.attn.qkv.bias, table_h,
-                                                table_w, window, nh, D ** -0.5, onepass=True).float()
-                res["max_abs_err_fused_onepass"] = round(float((onepass - ref).abs().max()), 5)
-            except Exception as exc:  # noqa: BLE001 - a failing variant is data
-                res["max_abs_err_fused_onepass"] = f"{type(exc).__name__}: {exc}"[:300]
             res["max_abs_err_fold"] = round(float((half.folded_windows(qkv_nobias[:n]).float() - ref).abs().max()), 5)
     return res
 

@@ -471,8 +471,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", action="store_true", help="CPU: also time int8 ONNX graphs")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--window-kernel", choices=["default", "flash", "onepass"], default="default",
-                   help="attention='fused': which kernel of segany.kernels.window_attention the windowed blocks run")
     p.add_argument("--gelu-epilogue", choices=["default", "off", "on", "both"], default="default",
                    help="the ViT MLP's GELU in the first GEMM's cuBLASLt epilogue (FastPath(gelu_epilogue=)): "
                         "leave each bf16 variant at its default, force it off or on, or time both; on CUDA "
@@ -516,10 +514,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown_parts = set(args.parts.split(",")) - {"encoder", "prompt", "accuracy"}
     if unknown_parts:
         p.error(f"unknown --parts {', '.join(sorted(unknown_parts))}; known: encoder, prompt, accuracy")
-    if args.window_kernel != "default":
-        from segany.kernels import window_attention
-
-        window_attention._ONEPASS_MAX_WINDOW = window_attention.ONEPASS_WINDOWS if args.window_kernel == "onepass" else 0
     if not gpu:
         args.threads = configure_cpu_threads(args.threads)
     if gpu:

@@ -894,8 +894,8 @@ class FastPath:
             raise InputError("gelu_epilogue=True needs precision 'bf16' or 'fp16': on CUDA it computes GELU's "
                              "tanh form, which the exact fp32 path must not")
         if gelu_epilogue is None:
-            gelu_epilogue = (gelu_kernel.DEFAULT_ON_CUDA and is_cuda and not is_tiny and quantize is None
-                             and self.dtype != torch.float32)
+            gelu_epilogue = gelu_kernel.default_on(self.device, self.dtype, vit=not is_tiny,
+                                                   quantized=quantize is not None)
         self.gelu_epilogue = gelu_epilogue
         if self.dtype == torch.float32 and not channels_last:
             self.encoder = model.image_encoder  # fp32: the reference modules themselves, no copy

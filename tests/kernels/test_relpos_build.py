@@ -69,29 +69,27 @@ def test_kernel_builds_for_sm80_and_sm89(head_dim):
 WINDOW_POINTERS = ("QKV", "BQKV", "TH", "TW", "Out")
 WINDOW_CONSTEXPRS = ("HAS_BIAS", "BLOCK_M", "BLOCK_T", "BLOCK_D", "SPLIT_D", "BLOCK_D2")
 FLASH_CONSTEXPRS = ("KR", "BLOCK_W")
-ONEPASS_CONSTEXPRS = ("BLOCK_N", "BLOCK_R")
 
 
-@functools.cache  # the one-pass build is shared by two tests
+@functools.cache  # the default build is shared by two tests
 def _build_window(scale_type: str, head_dim: int, half: str, block_m: int = 64, rows: int = 2,
-                  num_warps: int = 4, arch: int = 90, onepass: bool = False) -> object:
-    """A window kernel of segany.kernels.window_attention (the flash one, or the one-pass one) at SAM's
-    14-token windows."""
+                  num_warps: int = 4, arch: int = 90) -> object:
+    """The kernel of segany.kernels.window_attention at SAM's 14-token windows."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from segany.kernels import window_attention as wk
 
-    fn = (wk._window_onepass_kernel if onepass else wk._window_attention_kernel).fn
+    fn = wk._window_attention_kernel.fn
     names = list(fn.arg_names)
-    own = ONEPASS_CONSTEXPRS if onepass else FLASH_CONSTEXPRS
+    own = FLASH_CONSTEXPRS
     assert {"qk_scale", *WINDOW_POINTERS, *WINDOW_CONSTEXPRS, *own} <= set(names), names
     signature = {n: (f"*{half}" if n in WINDOW_POINTERS else scale_type if n == "qk_scale"
                      else "constexpr" if n in WINDOW_CONSTEXPRS + own else "i32") for n in names}
     block_d, block_d2 = relpos.head_blocks(head_dim)
     values = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_T": 32, "BLOCK_D": block_d,
               "SPLIT_D": block_d2 > 0, "BLOCK_D2": max(block_d2, 16),
-              **({"BLOCK_N": 256, "BLOCK_R": 16} if onepass else {"KR": rows, "BLOCK_W": 16})}
+              "KR": rows, "BLOCK_W": 16}
     constexprs = {(names.index(n),): v for n, v in values.items()}
     return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": 2})
@@ -118,17 +116,6 @@ def test_window_kernel_builds_every_tile_for_sm80_and_sm89(block_m, rows, num_wa
 
 
 @pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
-def test_onepass_window_kernel_builds_for_sm90_and_sm80():
-    """The one-pass kernel's largest tile (wgmma on Hopper) with ViT-H's 64 + 16 channel split. One tile only:
-    each build takes 15-30 s on CI's cores."""
-    if not _nvidia_backend():
-        pytest.skip("Triton has no NVIDIA backend here")
-    hopper = _build_window("fp32", 80, "bf16", block_m=128, num_warps=8, onepass=True)
-    assert hopper.asm.get("cubin") and "wgmma" in hopper.asm["ptx"]
-    assert _build_window("fp32", 80, "bf16", block_m=128, num_warps=8, arch=80, onepass=True).asm["cubin"]
-
-
-@pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
 def test_batch_offsets_are_64_bit():
     """Each tensor's batch offset (b · batch stride) is added to its pointer in 64 bits: in 32 it wraps from
     2³¹ elements, 137 ViT-H images in one windowed call, and the kernel would read another image's memory."""
@@ -137,8 +124,6 @@ def test_batch_offsets_are_64_bit():
     if not _nvidia_backend():
         pytest.skip("Triton has no NVIDIA backend here")
     for ttir, pointers in ((_build("fp32", 80, "bf16").asm["ttir"], ("Q", "K", "V", "BH", "BW", "Out")),
-                           (_build_window("fp32", 80, "bf16").asm["ttir"], ("QKV", "Out")),
-                           (_build_window("fp32", 80, "bf16", block_m=128, num_warps=8, onepass=True).asm["ttir"],
-                            ("QKV", "Out"))):
+                           (_build_window("fp32", 80, "bf16").asm["ttir"], ("QKV", "Out"))):
         for name in pointers:
             assert re.search(rf"tt\.addptr %{name}, %\S+ : !tt\.ptr<bf16>, i64", ttir), (name, ttir[:2000])

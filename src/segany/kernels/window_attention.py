@@ -15,11 +15,9 @@ query and key inside the kernel, so neither the (window², window) bias tensors 
 output goes to (B, H, W, C) token order, ready for ``proj``. The softmax is the online (flash) one in
 fp32 over one key row of the window per step, as in :mod:`segany.kernels.relpos_attention`.
 
-A second, one-pass kernel takes every key of a window (up to 16 a side) in one (BLOCK_M, 256) tile: one
-q·kᵀ, one plain softmax, one p·v, with the rel-pos terms added by two small dots into the scores. Its
-first H200 build (2026-11-27, with ``tl.gather``) ran ViT-H's windows in 0.58 ms against the flash
-kernel's 0.83, but gave wrong sums on 80-channel heads in its wgmma tiles; it is off until its present
-build is checked on a GPU (``bench/relpos_kernel.py``, ``tests/kernels/test_window_attention.py``).
+A one-pass variant (every key of a window in one tile, one plain softmax) was tried and removed on
+2026-11-27: on an H200 its 80-channel Hopper tiles made illegal accesses or gave wrong sums, and where it
+was right it made compiled ViT-B, ViT-L and ViT-H no faster (docs/benchmarks.md).
 
 The maths is the reference block's (pad, partition, ``softmax(q·kᵀ·scale + rel_h + rel_w)·v``, merge,
 crop); only summation order and where the rel-pos terms are rounded differ (fp32 here). For bf16/fp16; a
@@ -40,10 +38,6 @@ triton, tl = _relpos.triton, _relpos.tl
 __all__ = ["available", "offset_table", "register_op", "supports", "window_attention"]
 
 _MAX_WINDOW = 32  # one window row per key tile, and 2·window − 1 offsets in one tile of at most 64
-# The one-pass kernel takes windows up to this size (every key of a window in one tile of at most 256);
-# 0 keeps it off until a GPU session has checked and timed its select-and-sum build (docs/dev/GPU_RUNBOOK.md).
-_ONEPASS_MAX_WINDOW = 0
-ONEPASS_WINDOWS = 16
 
 available = _relpos.available
 
@@ -226,117 +220,25 @@ if triton is not None:
                      mask=q_in[:, None] & in_e[None, :])
 
 
-    def _onepass_configs() -> list[triton.Config]:
-        if _relpos._INTERPRET:
-            return [triton.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1)]
-        # 196 queries in 7 × 32, 4 × 64 or 2 × 128 (the last tile mostly padding); the (BLOCK_M, 256) fp32
-        # scores live in registers. (64, 8 warps) is left out: on an H200 it made illegal accesses.
-        return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-                for bm, w in ((32, 4), (64, 4), (128, 8))]
-
-    @triton.autotune(configs=_onepass_configs(), key=["HS", "WS", "WIN", "D"])
-    @triton.jit
-    def _window_onepass_kernel(
-        QKV, BQKV, TH, TW, Out,
-        s_b, s_y, s_x, s_c,
-        st_h, st_hd, st_w, st_wd,
-        so_b, so_y, so_x, so_c,
-        HS, WS, NWY, NWX, C, D, WIN, qk_scale,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    ):
-        pid_m, n = tl.program_id(0), tl.program_id(1)
-        b, wy, wx, qr, qc, yq, xq, q_in = _window_queries(pid_m, tl.program_id(2), NWY, NWX, HS, WS, WIN, BLOCK_M)
-        log2e = 1.4426950408889634
-        qk_scale2 = tl.cast(qk_scale, tl.float32) * log2e
-
-        offs_t = tl.arange(0, BLOCK_T)
-        in_t = offs_t < 2 * WIN - 1
-        offs_d = tl.arange(0, BLOCK_D)
-        in_d = offs_d < D
-        base = QKV + b * s_b
-        # Every key of the window in one tile: key j is window row j // WIN, column j % WIN.
-        offs_n = tl.arange(0, BLOCK_N)
-        kr, kc = offs_n // WIN, offs_n % WIN
-        is_key = offs_n < WIN * WIN
-        yk, xk = wy * WIN + kr, wx * WIN + kc
-        k_in = is_key & (yk < HS) & (xk < WS)  # keys on the padding are the bias (a zero token's qkv)
-        kv_off = yk * s_y + xk * s_x
-
-        q, rh, rw = _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D,
-                                 offs_d, in_d, offs_t, in_t)
-        k = _keys(base, kv_off, k_in, _qkv_bias(BQKV, C + n * D, offs_d, in_d, HAS_BIAS), C + n * D, s_c, offs_d,
-                  in_d, HAS_BIAS)
-        s = tl.dot(q, k)
-        if SPLIT_D:  # channels BLOCK_D… of a head that is not a power of two (ViT-H: 80 = 64 + 16)
-            offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)
-            in_e = offs_e < D
-            q2, rh2, rw2 = _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D,
-                                        offs_e, in_e, offs_t, in_t)
-            rh += rh2
-            rw += rw2
-            k2 = _keys(base, kv_off, k_in, _qkv_bias(BQKV, C + n * D, offs_e, in_e, HAS_BIAS), C + n * D, s_c,
-                       offs_e, in_e, HAS_BIAS)
-            s += tl.dot(q2, k2)
-        # The bias toward key row (column) r is rh (rw) at offset qr − r + WIN − 1: picked once into
-        # (BLOCK_M, BLOCK_R), then added to every key of that row by a dot with the 0/1 matrix "key j is in
-        # row r", accumulated into the scores in place. (Picked by select-and-sum, as the flash kernel does:
-        # with tl.gather the wgmma builds on an H200 gave wrong scores or illegal accesses, 2026-11-27.)
-        offs_r = tl.arange(0, BLOCK_R)
-        bh = _pick_terms(rh, qr, offs_t, offs_r, WIN, BLOCK_M, BLOCK_R) * log2e
-        bw = _pick_terms(rw, qc, offs_t, offs_r, WIN, BLOCK_M, BLOCK_R) * log2e
-        s = tl.dot(bh, (kr[None, :] == offs_r[:, None]).to(tl.float32), s * qk_scale2)
-        s = tl.dot(bw, (kc[None, :] == offs_r[:, None]).to(tl.float32), s)
-        s = tl.where(is_key[None, :], s, float("-inf"))
-        m = tl.max(s, 1)
-        p = tl.math.exp2(s - m[:, None])
-        inv_l = 1.0 / tl.sum(p, 1)
-        p = p.to(QKV.dtype.element_ty)
-        v = _values(base, kv_off, k_in, _qkv_bias(BQKV, 2 * C + n * D, offs_d, in_d, HAS_BIAS), 2 * C + n * D, s_c,
-                    offs_d, in_d, HAS_BIAS)
-        acc = tl.dot(p, v) * inv_l[:, None]
-        out_row = Out + b * so_b + yq[:, None] * so_y + xq[:, None] * so_x
-        tl.store(out_row + (n * D + offs_d[None, :]) * so_c, acc.to(Out.dtype.element_ty),
-                 mask=q_in[:, None] & in_d[None, :])
-        if SPLIT_D:
-            v2 = _values(base, kv_off, k_in, _qkv_bias(BQKV, 2 * C + n * D, offs_e, in_e, HAS_BIAS), 2 * C + n * D,
-                         s_c, offs_e, in_e, HAS_BIAS)
-            acc2 = tl.dot(p, v2) * inv_l[:, None]
-            tl.store(out_row + (n * D + offs_e[None, :]) * so_c, acc2.to(Out.dtype.element_ty),
-                     mask=q_in[:, None] & in_e[None, :])
-
-
 def _launch(wrap: Callable[[object], object], qkv: torch.Tensor, bias: torch.Tensor | None,
-            table_h: torch.Tensor, table_w: torch.Tensor, window: int, num_heads: int, scale: float,
-            onepass: bool | None = None) -> torch.Tensor:
-    """Allocate the (B, H, W, C) output and launch a kernel (``wrap`` is identity, or ``wrap_triton`` for
-    compile): the one-pass kernel for windows up to ``_ONEPASS_MAX_WINDOW``, else the flash one
-    (``onepass`` forces a choice, for benchmarks and tests)."""
+            table_h: torch.Tensor, table_w: torch.Tensor, window: int, num_heads: int, scale: float) -> torch.Tensor:
+    """Allocate the (B, H, W, C) output and launch the kernel (``wrap`` is identity, or ``wrap_triton`` for
+    compile)."""
     B, H, W, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
     out = qkv.new_empty(B, H, W, C)
     nwy, nwx = -(-H // window), -(-W // window)
     block_d, block_d2 = _relpos.head_blocks(D)
-    if onepass is None:
-        onepass = window <= _ONEPASS_MAX_WINDOW
-    if onepass and window > ONEPASS_WINDOWS:
-        raise ValueError(f"window_attention: the one-pass kernel takes windows of at most {ONEPASS_WINDOWS}")
 
     def grid(meta: dict[str, int]) -> tuple[int, int, int]:
         return (triton.cdiv(window * window, meta["BLOCK_M"]), num_heads, B * nwy * nwx)
 
-    common = dict(HAS_BIAS=bias is not None, BLOCK_T=_relpos._pow2(2 * window - 1), BLOCK_D=block_d,
-                  SPLIT_D=block_d2 > 0, BLOCK_D2=max(block_d2, 16))
-    if onepass:
-        kernel, extra = _window_onepass_kernel, dict(BLOCK_N=_relpos._pow2(window * window),
-                                                     BLOCK_R=_relpos._pow2(window))
-    else:
-        kernel, extra = _window_attention_kernel, dict(BLOCK_W=_relpos._pow2(window))
-    wrap(kernel)[grid](  # type: ignore[index]
+    wrap(_window_attention_kernel)[grid](  # type: ignore[index]
         qkv, qkv if bias is None else bias, table_h, table_w, out,
         *qkv.stride(), *table_h.stride(), *table_w.stride(), *out.stride(),
-        H, W, nwy, nwx, C, D, window, scale, **common, **extra,
+        H, W, nwy, nwx, C, D, window, scale, HAS_BIAS=bias is not None, BLOCK_T=_relpos._pow2(2 * window - 1),
+        BLOCK_D=block_d, SPLIT_D=block_d2 > 0, BLOCK_D2=max(block_d2, 16), BLOCK_W=_relpos._pow2(window),
     )
     return out
 
