@@ -117,13 +117,6 @@ def test_coco_on_sa1b_files_says_to_use_sa1b(tmp_path: Path, capsys) -> None:
               "with --coco")
 
 
-def test_sa1b_bookkeeping_names_are_segany_autos() -> None:
-    from segany.cli.auto_resume import BOOKKEEPING
-    from segany.data.formats.sa1b import AUTO_BOOKKEEPING
-
-    assert set(BOOKKEEPING) <= AUTO_BOOKKEEPING
-
-
 def test_blank_masks_and_empty_labels_say_so_not_to_check_paths(tmp_path: Path, capsys) -> None:
     """Every mask PNG black, or every YOLO label file empty: the paths are right, and the error says what was
     found there instead of "read 3 image(s) with masks; check the paths"."""

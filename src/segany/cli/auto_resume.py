@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from segany.cli._util import atomic_write_bytes
+from segany.data.formats.auto_files import (  # noqa: F401 - re-exported: segany.cli.auto imports them from here
+    BOOKKEEPING,
+    COCO_IMAGES_FILE,
+    COCO_RESULTS_FILE,
+    IDS_FILE,
+    MANIFEST_FILE,
+    RUN_FILE,
+)
 from segany.errors import InputError
 
-RUN_FILE = "run.json"
-IDS_FILE = "image_ids.json"
-MANIFEST_FILE = "manifest.json"
-COCO_RESULTS_FILE = "coco_results.json"
-COCO_IMAGES_FILE = "coco_images.json"
-BOOKKEEPING = (RUN_FILE, IDS_FILE, MANIFEST_FILE, COCO_RESULTS_FILE, COCO_IMAGES_FILE)
 # SA-1B annotation ids are unique over the whole output: image_id * ANN_ID_STRIDE + the mask's index. The
 # prompt limit of ``segany auto`` (3 masks per prompt at most) keeps every index below the stride.
 ANN_ID_STRIDE = 1_000_000

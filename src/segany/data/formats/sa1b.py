@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from segany.atomic import atomic_write_text
+from segany.data.formats.auto_files import BOOKKEEPING
 from segany.data.formats.common import (
     InstanceRecord,
     ReadReport,
@@ -199,9 +200,8 @@ def _sa1b_image(data: Any, p: Path) -> Sa1bImage:
 
 
 # ----------------------------------------------------------------------------- a folder of them, for packing
-# The files `segany auto` keeps beside its SA-1B outputs (segany.cli.auto_resume.BOOKKEEPING, which
-# tests/data/test_pack_sa1b.py checks this against): its records, not an image's masks.
-AUTO_BOOKKEEPING = frozenset({"run.json", "image_ids.json", "manifest.json", "coco_results.json", "coco_images.json"})
+# The files `segany auto` keeps beside its SA-1B outputs: its records, not an image's masks.
+AUTO_BOOKKEEPING = frozenset(BOOKKEEPING)
 
 
 def is_sa1b_data(data: Any) -> bool:

@@ -1,0 +1,15 @@
+"""Names of the files ``segany auto`` keeps beside its SA-1B outputs: its records, not an image's masks.
+
+Why a module of its own: the CLI writes and resumes from them (:mod:`segany.cli.auto_resume`) and the data
+layer must skip them when it packs such a folder for training (:mod:`segany.data.formats.sa1b`); the data
+layer does not import the CLI, so both import the names from here.
+"""
+
+from __future__ import annotations
+
+RUN_FILE = "run.json"
+IDS_FILE = "image_ids.json"
+MANIFEST_FILE = "manifest.json"
+COCO_RESULTS_FILE = "coco_results.json"
+COCO_IMAGES_FILE = "coco_images.json"
+BOOKKEEPING = (RUN_FILE, IDS_FILE, MANIFEST_FILE, COCO_RESULTS_FILE, COCO_IMAGES_FILE)
