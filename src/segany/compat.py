@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
+from functools import cache
+from typing import Any
 
 import torch
 
@@ -19,6 +22,7 @@ def create_model(name: str, checkpoint: str | os.PathLike[str] | None = None, de
     return build_sam(name, checkpoint=checkpoint, device=device)
 
 
+@cache  # one function per name, so sam_model_registry["vit_b"] is build_sam_vit_b, as in the reference
 def _builder(name: str) -> Builder:
     def build(checkpoint: str | os.PathLike[str] | None = None) -> Sam:
         model = build_sam(name, checkpoint=checkpoint)
@@ -26,6 +30,7 @@ def _builder(name: str) -> Builder:
         return model
 
     build.__name__ = f"build_sam_{name}"
+    build.__qualname__ = build.__name__
     return build
 
 
@@ -52,49 +57,191 @@ def _check_kind(model: Sam, name: str, checkpoint: str | os.PathLike[str] | None
                           "from the file")
 
 
-class _Registry(MutableMapping[str, Builder]):
-    """Mapping of model names to builders, like ``segment_anything.sam_model_registry``.
+# The reference's keys, first and in its order; segany's other registered variants follow, sorted.
+_REFERENCE_KEYS = ("default", "vit_h", "vit_l", "vit_b")
+_MISSING: Any = object()
 
-    Reads of registered names go through the live registry, so variants registered later appear here
-    too. As with the reference's dict, users may add their own builders
-    (``sam_model_registry["mine"] = fn`` or ``.update(...)``); those take priority over a registered
-    name of the same spelling and are the only entries that can be deleted. To make a variant
-    known to the whole library (CLI, ``create_model``), register it with ``segany.registry`` instead.
+
+class _Registry(dict[str, Builder]):
+    """Model names to builders: a ``dict``, as ``segment_anything.sam_model_registry`` is.
+
+    Its entries are the reference's (``default``, ``vit_h``, ``vit_l``, ``vit_b``, in that order), then
+    segany's other registered variants. They follow the live registry: every read first brings the dict
+    up to date, so variants registered later appear too (the entries are filled on first use, which keeps
+    importing this module free of loading every variant). As with the reference's dict, users may add
+    their own builders (``sam_model_registry["mine"] = fn`` or ``.update(...)``); those take priority over
+    a registered name of the same spelling and are the only entries that can be deleted. To make a
+    variant known to the whole library (CLI, ``create_model``), register it with ``segany.registry``.
+
+    Why a ``dict`` subclass that overrides every method: code written for the reference checks
+    ``isinstance(..., dict)``, and ``dict``'s own C methods read the stored entries directly, so each
+    read path must sync them first and each write path must keep track of which entries are the user's.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._user: dict[str, Builder] = {}
+        self._synced: tuple[str, ...] | None = None  # list_models() when the entries were last rebuilt
 
+    # ------------------------------------------------------------- syncing with segany.registry
+    def _sync(self) -> None:
+        names = tuple(list_models())
+        if names == self._synced:
+            return
+        registered = [n for n in _REFERENCE_KEYS if n == "default" or n in names]
+        registered += [n for n in names if n not in registered]
+        entries = {n: self._user[n] if n in self._user else _builder("vit_h" if n == "default" else n)
+                   for n in registered}
+        entries.update((n, b) for n, b in self._user.items() if n not in entries)
+        dict.clear(self)
+        dict.update(self, entries)
+        self._synced = names
+
+    def _registered(self, name: str) -> bool:
+        return name == "default" or name in list_models()
+
+    # ------------------------------------------------------------------------------- reads
     def __getitem__(self, name: str) -> Builder:
-        if name in self._user:
-            return self._user[name]
+        self._sync()
+        try:
+            return dict.__getitem__(self, name)
+        except KeyError:
+            if not isinstance(name, str):
+                raise
         get_model_info(name)  # raises with suggestions for unknown names
-        return _builder("vit_h" if name == "default" else name)
+        return _builder(name)
 
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        self._sync()
+        return dict.get(self, name, default)
+
+    def __contains__(self, name: object) -> bool:
+        self._sync()
+        return dict.__contains__(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        self._sync()
+        return dict.__iter__(self)
+
+    def __reversed__(self) -> Iterator[str]:
+        self._sync()
+        return dict.__reversed__(self)
+
+    def __len__(self) -> int:
+        self._sync()
+        return dict.__len__(self)
+
+    def keys(self) -> KeysView[str]:  # type: ignore[override]
+        self._sync()
+        return dict.keys(self)
+
+    def values(self) -> ValuesView[Builder]:  # type: ignore[override]
+        self._sync()
+        return dict.values(self)
+
+    def items(self) -> ItemsView[str, Builder]:  # type: ignore[override]
+        self._sync()
+        return dict.items(self)
+
+    def copy(self) -> dict[str, Builder]:
+        """A plain ``dict`` snapshot of the entries (as ``copy()`` of the reference's dict gives)."""
+        self._sync()
+        return dict(dict.items(self))
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Builder]:
+        return copy.deepcopy(self.copy(), memo)
+
+    def __repr__(self) -> str:
+        self._sync()
+        return dict.__repr__(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._sync()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        self._sync()
+        return dict.__ne__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __or__(self, other: Any) -> Any:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**self.copy(), **other}
+
+    def __ror__(self, other: Any) -> Any:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**other, **self.copy()}
+
+    # ------------------------------------------------------------------------------ writes
     def __setitem__(self, name: str, builder: Builder) -> None:
         if not isinstance(name, str):
             raise InputError(f"sam_model_registry keys are model names (str), got {type(name).__name__}")
         if not callable(builder):
             raise InputError(f"sam_model_registry[{name!r}] must be a builder function (checkpoint=None) -> Sam, "
                             f"got {type(builder).__name__}")
+        self._sync()
         self._user[name] = builder
+        dict.__setitem__(self, name, builder)  # an existing key keeps its place, a new one goes last
 
     def __delitem__(self, name: str) -> None:
         if name not in self._user:
             raise UnknownModelError(f"{name!r} is not a builder added to sam_model_registry; registered models cannot "
                            "be removed, only builders assigned with sam_model_registry[name] = fn")
+        self._sync()
         del self._user[name]
+        if self._registered(name):  # the registered builder it shadowed comes back, in its place
+            dict.__setitem__(self, name, _builder("vit_h" if name == "default" else name))
+        else:
+            dict.__delitem__(self, name)
 
-    def __iter__(self) -> Iterator[str]:
-        names = ["default", *list_models()]
-        return iter(names + [n for n in self._user if n not in names])
+    def update(self, *args: Any, **kwargs: Builder) -> None:  # type: ignore[override]
+        if len(args) > 1:
+            raise TypeError(f"update expected at most 1 positional argument, got {len(args)}")
+        other: Any = args[0] if args else ()
+        pairs = other.items() if isinstance(other, Mapping) else (
+            ((k, other[k]) for k in other.keys()) if hasattr(other, "keys") else other)
+        for name, builder in pairs:
+            self[name] = builder
+        for name, builder in kwargs.items():
+            self[name] = builder
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+    def __ior__(self, other: Any) -> _Registry:
+        self.update(other)
+        return self
+
+    def setdefault(self, name: str, default: Builder | None = None) -> Builder:  # type: ignore[override]
+        if name in self:
+            return self[name]
+        self[name] = default  # type: ignore[assignment]  # __setitem__ refuses a non-callable, None included
+        return self[name]
+
+    def pop(self, name: str, default: Any = _MISSING) -> Any:  # type: ignore[override]
+        if name in self._user:
+            builder = self._user[name]
+            del self[name]
+            return builder
+        if default is not _MISSING and name not in self:
+            return default
+        del self[name]  # raises: a registered model, or an unknown name
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def popitem(self) -> tuple[str, Builder]:
+        """Remove and return the builder added last; registered models cannot be removed."""
+        if not self._user:
+            raise UnknownModelError("sam_model_registry has no added builders to remove; registered models cannot "
+                                    "be removed, only builders assigned with sam_model_registry[name] = fn")
+        name = next(reversed(self._user))
+        return name, self.pop(name)
 
     def clear(self) -> None:
         """Remove the user-added builders; registered models stay."""
         self._user.clear()
+        self._synced = None
 
 
 sam_model_registry = _Registry()

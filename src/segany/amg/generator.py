@@ -31,8 +31,10 @@ from segany.data.rle import (
     RleBatch,
     counts_area,
     counts_to_changes,
+    counts_to_mask,
     decode_masks_torch,
     encode_masks,
+    mask_to_counts,
 )
 from segany.errors import InputError
 from segany.modeling.sam import Sam
@@ -170,6 +172,44 @@ class SamAutomaticMaskGenerator:
         if c.min_mask_region_area > 0 and len(records):
             records = self._remove_small_regions(records)
         return records
+
+    @staticmethod
+    def postprocess_small_regions(mask_data: Any, min_area: int, nms_thresh: float) -> Any:
+        """Fill holes and drop islands under ``min_area`` pixels in each mask, then drop new duplicates by box NMS.
+
+        The reference generator's step, for code that calls it on its own record bag: ``mask_data`` is a
+        :class:`segany.utils.amg.MaskData` (or the reference's ``MaskData``) with ``rles`` (uncompressed
+        COCO RLEs) and ``boxes`` ((N, 4) XYXY, inclusive) among its columns. Boxes are measured again on
+        the cleaned masks; for NMS at ``nms_thresh`` a mask left unchanged scores 1 and a cleaned one 0, so
+        duplicates keep the mask that needed no clean-up. The cleaned masks that survive get new ``rles``
+        and ``boxes``; then every column keeps the survivors, in NMS order. Edits ``mask_data`` in place
+        and returns it. segany's own :meth:`generate` does the same step on its device records.
+        """
+        from segany.amg.postprocess import clean_mask_full
+
+        rles = mask_data["rles"]
+        if len(rles) == 0:
+            return mask_data
+        cleaned: dict[int, np.ndarray] = {}
+        boxes = torch.zeros(len(rles), 4, dtype=torch.int64)  # inclusive XYXY; zeros for an empty mask
+        for i, rle in enumerate(rles):
+            mask, changed = clean_mask_full(np.ascontiguousarray(counts_to_mask(rle["counts"], rle["size"])),
+                                            min_area)
+            if changed:
+                cleaned[i] = mask
+            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+            if rows.size:
+                boxes[i] = torch.tensor([cols[0], rows[0], cols[-1], rows[-1]])
+        scores = torch.ones(len(rles), dtype=torch.float32)
+        scores[list(cleaned)] = 0.0
+        keep = _nms(boxes, scores, nms_thresh)
+        for i in keep.tolist():
+            if i in cleaned:
+                h, w = cleaned[i].shape
+                mask_data["rles"][i] = {"size": [h, w], "counts": mask_to_counts(cleaned[i]).tolist()}
+                mask_data["boxes"][i] = boxes[i]
+        mask_data.filter(keep)
+        return mask_data
 
     # ------------------------------------------------------------ internals
     def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int, size_hw: tuple[int, int]

@@ -72,6 +72,17 @@ class EncoderGraph(nn.Module):
         return self.model.image_encoder(self.model.preprocess(image))
 
 
+def pick_mask(low_res: torch.Tensor, iou: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``idx[b]`` of each prompt: (B, K, h, w) and (B, K) → (B, 1, h, w) and (B, 1), traceable.
+
+    Indexed by (batch, mask) pairs rather than gathered along an expanded index: a traced ``gather`` leaves the
+    exported output's mask dimension symbolic, where indexing then adding the axis back gives ONNX a fixed 1,
+    as the reference's export declares for ``low_res_masks``.
+    """
+    rows = torch.arange(low_res.shape[0], device=low_res.device)
+    return low_res[rows, idx].unsqueeze(1), iou[rows, idx].unsqueeze(1)
+
+
 class DecoderGraph(nn.Module):
     """SAM-ONNX-style decoder: prompt embedding, mask decoding, mask choice and resizing in one graph."""
 
@@ -107,8 +118,7 @@ class DecoderGraph(nn.Module):
             real_points = (point_labels != -1).sum(dim=1)  # (B,)
             best_multi = iou[:, 1:].argmax(dim=1) + 1
             idx = torch.where(real_points <= 1, best_multi, torch.zeros_like(best_multi))  # (B,)
-            sel_iou = iou.gather(1, idx[:, None])
-            sel_low = low_res.gather(1, idx[:, None, None, None].expand(-1, 1, *low_res.shape[2:]))
+            sel_low, sel_iou = pick_mask(low_res, iou, idx)
         masks = self._upscale(sel_low, orig_im_size)
         return masks, sel_iou, sel_low, low_res, iou
 

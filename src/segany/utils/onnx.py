@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from segany.amg.filters import stability_scores
-from segany.export.onnx import DecoderGraph
+from segany.export.onnx import DecoderGraph, pick_mask
 from segany.modeling.sam import Sam
 
 __all__ = ["SamOnnxModel"]
@@ -57,19 +57,26 @@ class SamOnnxModel(DecoderGraph):
         """Low-res logits (B, K, 4g, 4g) → (B, K, H, W) at ``orig_im_size``: upsample, unpad, resize."""
         return self._upscale(masks, orig_im_size)
 
-    def select_masks(self, masks: torch.Tensor, scores: torch.Tensor, num_points: torch.Tensor | int
+    def select_masks(self, masks: torch.Tensor, iou_preds: torch.Tensor, num_points: torch.Tensor | int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """One mask per prompt: the single-mask output (index 0) for 3+ points, else the best of the others.
+
+        Args:
+            masks: (B, K, h, w) logits of all K mask tokens.
+            iou_preds: (B, K) their scores (predicted IoU, or stability scores).
+            num_points: prompt points per row, padding and box corners included (an int or a (B,) tensor).
+
+        Returns:
+            (B, 1, h, w) masks and (B, 1) scores.
 
         Branch-free so that it traces: output 0's score is shifted by ±1000·(num_points − 2.5), which puts
         it above every other score for 3+ points and below them for up to 2.
         """
-        shift = torch.tensor([1000.0] + [0.0] * (scores.shape[1] - 1), dtype=scores.dtype, device=scores.device)
-        n = torch.as_tensor(num_points, dtype=scores.dtype, device=scores.device).reshape(-1, 1)
-        best = (scores + (n - 2.5) * shift).argmax(dim=1)  # (B,)
-        chosen_scores = scores.gather(1, best[:, None])
-        chosen = masks.gather(1, best[:, None, None, None].expand(-1, 1, *masks.shape[2:]))
-        return chosen, chosen_scores
+        shift = torch.tensor([1000.0] + [0.0] * (iou_preds.shape[1] - 1), dtype=iou_preds.dtype,
+                             device=iou_preds.device)
+        n = torch.as_tensor(num_points, dtype=iou_preds.dtype, device=iou_preds.device).reshape(-1, 1)
+        best = (iou_preds + (n - 2.5) * shift).argmax(dim=1)  # (B,)
+        return pick_mask(masks, iou_preds, best)
 
     @torch.no_grad()
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
