@@ -110,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if model_name != args.model:
         print(f"segany: note: {ckpt} holds {model_name}, not {args.model}: that is what is evaluated",
               file=sys.stderr)
+    from segany.eval.run import provenance
+
     meta = {"model": model_name, "checkpoint": str(ckpt), "data": str(args.data), "split": args.split,
-            "device": device}
+            "device": device, "provenance": provenance(ckpt, records, args.split)}
     if args.amg:
         return _run_amg(args, model, records, meta, options)
     result = run_evaluation(model, records, max_clicks=args.max_clicks,
@@ -132,6 +134,7 @@ def _run_amg(args: argparse.Namespace, model: Any, records: Any, meta: dict[str,
     from segany.cli._util import atomic_write_bytes
     from segany.eval.amg import AmgEvalSettings, evaluate_amg, format_amg_table
     from segany.eval.interactive import eval_objects
+    from segany.eval.run import writing
 
     n_images = len(eval_objects(records, max_objects_per_image=None))
     bar = _bar(args.quiet, unit="img")("amg", n_images)
@@ -139,8 +142,10 @@ def _run_amg(args: argparse.Namespace, model: Any, records: Any, meta: dict[str,
                           predictor_options=options, progress=bar)
     result = {"meta": {**meta, "predictor": options}, **result}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "amg_results.json", json.dumps(result, indent=1).encode())
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    with writing(out / "amg_results.json"):
+        atomic_write_bytes(out / "amg_results.json", json.dumps(result, indent=1).encode())
     print(format_amg_table(result))
     print(f"results: {out / 'amg_results.json'}")
     return 0

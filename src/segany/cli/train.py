@@ -1,5 +1,8 @@
 """``segany train CONFIG [--override section.key=value ...] [--resume]``: the SAM training recipe.
 
+CONFIG is a YAML file or the name of a config shipped with segany (``segany_tiny_cpu_finetune``), also
+given as ``--config CONFIG``.
+
 Launch on several GPUs with ``torchrun --nproc-per-node N -m segany.cli.train CONFIG``.
 """
 
@@ -11,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from segany.atomic import atomic_write_json
+from segany.atomic import atomic_write_text
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -23,7 +26,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (see configs/); defaults apply when omitted")
+    from segany.train.config import bundled_configs
+
+    shipped = ", ".join(bundled_configs())
+    p.add_argument("config", nargs="?", help=f"YAML config file, or the name of one shipped with segany ({shipped}); "
+                                             "defaults apply when omitted")
+    p.add_argument("--config", dest="config_option", default=None, metavar="CONFIG",
+                   help="the same as the CONFIG argument (a YAML file or a shipped config's name)")
     p.add_argument("--override", "-o", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set one config value, e.g. optim.lr=3e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its last.pt")
@@ -35,8 +44,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segany.cli._checks import check_out_dir, check_out_file
+    from segany.errors import InputError
     from segany.train.config import config_warnings, load_config
 
+    if args.config_option is not None:
+        if args.config is not None and args.config != args.config_option:
+            raise InputError(f"two configs given ({args.config!r} and --config {args.config_option!r}); pass one")
+        args.config = args.config_option
     overrides = list(args.override)
     if args.max_minutes is not None:
         overrides.append(f"run.max_minutes={args.max_minutes}")
@@ -101,10 +115,14 @@ def run(args: argparse.Namespace) -> int:
 
         export = Path(args.export) if args.export else Path(cfg.run.out_dir) / "model_fp16.pt"
         summary = json_safe(summary)  # JSON has no NaN: a bare NaN made summary.json unreadable
-        trainer.export(export, half=True, meta={"config": cfg.to_dict(), "summary": summary})
+        trainer.export(export, half=True, meta={"config": cfg.to_dict(), "summary": summary},
+                       option="--export PATH" if args.export else "-o run.out_dir")
         summary["export"] = str(export)
-        atomic_write_json(Path(cfg.run.out_dir) / "summary.json", summary, indent=1, allow_nan=False)
-        print(json.dumps(summary, indent=1, allow_nan=False))
+        text = json.dumps(summary, indent=1, allow_nan=False)
+        summary_path = Path(cfg.run.out_dir) / "summary.json"
+        with trainer.writing(summary_path, len(text)):
+            atomic_write_text(summary_path, text)
+        print(text)
         if summary.get("no_improvement"):
             _say(trainer, summary["no_improvement"])
     if trainer.world > 1:
@@ -151,7 +169,11 @@ def _init_source(cfg: Any, trainer: Any) -> str:
     from segany.train.config import BUNDLED
     from segany.train.init_weights import describe_init
 
-    return describe_init(trainer.init_checkpoint, cfg.model.checkpoint == BUNDLED)
+    if trainer.init_checkpoint is None:
+        return describe_init(None, False)
+    # The digest the run records (trainer.provenance), so the file is hashed once, not again for this line.
+    sha = trainer.provenance()["init_sha256"]
+    return f"{'bundled ' if cfg.model.checkpoint == BUNDLED else ''}{trainer.init_checkpoint} (sha256 {sha[:12]})"
 
 
 def _say(trainer: Any, msg: str) -> None:

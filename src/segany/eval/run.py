@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from segany.atomic import atomic_write_json
 from segany.data.formats import SHARED_DATASETS, SHARED_DIRS, read_shared
 from segany.data.formats.common import InstanceRecord
-from segany.errors import InputError
+from segany.errors import InputError, SeganyError
 
 SPLITS = ("train", "val")
+NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], option: str = "--out") -> Iterator[None]:
+    """A full disk while writing ``path`` becomes one SeganyError naming the file and the fix (free space, or
+    another ``option``), not the temp file's name with "check the path and its permissions". The atomic
+    writers inside remove their temp file, so nothing partial is left."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise SeganyError(f"{NO_SPACE[exc.errno]}: could not write {path}; nothing partial was left. Free space "
+                          f"on that disk or pass another {option}, and run the evaluation again") from exc
+
+
+def provenance(checkpoint: str | os.PathLike[str] | None, records: Sequence[InstanceRecord],
+               split: str) -> dict[str, Any]:
+    """What an evaluation's results come from: the segany and torch versions, the weights' sha256 (None
+    without a file) and the data: ``{split: sha256 over the records, split + "_images": count}``, the digest
+    ``segany train`` records for its held-out data (``provenance.data.val`` of a run's config.json), so equal
+    values mean the same images and masks."""
+    import torch
+
+    import segany
+    from segany.hashing import file_digest
+    from segany.train.data import records_fingerprint
+
+    return {"segany_version": segany.__version__, "torch_version": str(torch.__version__),
+            "weights_sha256": None if checkpoint is None else file_digest(checkpoint),
+            "data": {split: records_fingerprint(records), f"{split}_images": len(records)}}
 
 
 def _check_datasets(datasets: list[str] | None, known: list[str], where: str) -> None:
@@ -98,10 +132,13 @@ def run_evaluation(model: Any, records: list[InstanceRecord], *, max_clicks: int
         from segany.eval.plots import plot_miou_vs_clicks
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "results.json", result, indent=1)
-        plot_miou_vs_clicks(result["model"], out / "miou_vs_clicks.png", baseline=result.get("grabcut"),
-                            title=f"{(meta or {}).get('model', 'model')}: mIoU vs clicks (★ box prompt; dashed: GrabCut box)")
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        with writing(out / "results.json"):
+            atomic_write_json(out / "results.json", result, indent=1)
+        with writing(out / "miou_vs_clicks.png"):
+            plot_miou_vs_clicks(result["model"], out / "miou_vs_clicks.png", baseline=result.get("grabcut"),
+                                title=f"{(meta or {}).get('model', 'model')}: mIoU vs clicks (★ box prompt; dashed: GrabCut box)")
     return result
 
 

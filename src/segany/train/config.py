@@ -35,8 +35,40 @@ MAX_LR = 1.0
 MAX_MASKS = 1024
 MAX_POINT_ROUNDS = 64
 MAX_SCALE = 10.0
+# recipe.loss_size: 0 means the model's img_size; a grid coarser than 16 px cannot hold a mask's shape, and any
+# side above the img_size is the img_size (a loss grid is never finer than the input), so 4096 covers every model.
+MIN_LOSS_SIZE = 16
+MAX_LOSS_SIZE = 4096
 
 BUNDLED = "bundled"  # model.checkpoint value meaning "the weights shipped in the package for model.name"
+PROVENANCE = "provenance"  # the key of config.json (and checkpoint metadata) recording a run's inputs and versions
+
+
+def bundled_configs() -> dict[str, Any]:
+    """The configs shipped inside the package (``segany/configs/NAME.yaml``, copies of the repo's ``configs/``),
+    by name; the values are importlib.resources traversables, readable from a wheel or a zip."""
+    from importlib.resources import files
+
+    folder = files("segany") / "configs"
+    if not folder.is_dir():
+        return {}
+    return {f.name[: -len(".yaml")]: f for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml")}
+
+
+def _is_bare_name(text: str) -> bool:
+    """``segany_tiny_cpu_finetune``: no folder, no suffix; what ``--config`` takes for a bundled config."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_\-]+", text))
+
+
+def _unknown_config(path: str) -> InputError:
+    import difflib
+
+    names = list(bundled_configs())
+    close = difflib.get_close_matches(path, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return InputError(f"config {path!r} is not a file nor a bundled config; {hint}bundled configs: "
+                      f"{', '.join(names) or 'none'}; pass one of those names or the path of a YAML file")
 
 
 @dataclass(frozen=True)
@@ -151,6 +183,9 @@ class RecipeSection:
         _require(self.point_rounds <= MAX_POINT_ROUNDS,
                  f"recipe.point_rounds must be <= {MAX_POINT_ROUNDS} corrective-click rounds, got "
                  f"{self.point_rounds}; e.g. recipe.point_rounds=4 (SAM: 8)")
+        _require(self.loss_size == 0 or MIN_LOSS_SIZE <= self.loss_size <= MAX_LOSS_SIZE,
+                 f"recipe.loss_size must be 0 (the model's img_size) or in [{MIN_LOSS_SIZE}, {MAX_LOSS_SIZE}] pixels, "
+                 f"got {self.loss_size}; e.g. recipe.loss_size=256")
         _require(0 <= self.box_prob <= 1, f"recipe.box_prob is a probability in [0, 1], got {self.box_prob}")
         for name in ("box_noise", "box_noise_max", "focal_weight", "dice_weight", "iou_weight"):
             value = getattr(self, name)
@@ -208,7 +243,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(sections)
+        # A run's config.json also records what the run started from (``provenance``): a record, not a setting,
+        # so that file still loads as a config (to train again with the same settings).
+        unknown = set(data) - set(sections) - {PROVENANCE}
         if unknown:
             raise InputError(f"unknown config sections {sorted(unknown)}; allowed: {sorted(sections)}")
         kwargs = {}
@@ -315,18 +352,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or start from defaults) and apply dotted overrides."""
+    """Read a YAML config (or start from defaults) and apply dotted overrides.
+
+    ``path`` is a YAML file, or the bare name of a config shipped with segany (``segany_tiny_cpu_finetune``:
+    no folder, no suffix; a file of that name, if one exists, wins), listed by :func:`bundled_configs`.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if p.is_dir():
+        bundled = None
+        if not p.exists() and _is_bare_name(str(path)):  # a bundled config by name, usable without a checkout
+            bundled = bundled_configs().get(str(path))
+            if bundled is None:
+                raise _unknown_config(str(path))
+        elif p.is_dir():
             raise InputError(f"config {str(p)!r} is a folder; pass a YAML file inside it, e.g. configs/tiny_cpu.yaml")
-        if not p.is_file():
-            raise InputError(f"config file {str(p)!r} does not exist; see configs/ for examples")
+        elif not p.is_file():
+            shipped = p.name[: -len(p.suffix)] if p.suffix in (".yaml", ".yml") else None
+            if shipped in bundled_configs():  # configs/X.yaml outside a checkout: the same file ships as X
+                raise InputError(f"config file {str(p)!r} does not exist; segany ships it: pass the bare name "
+                                 f"{shipped!r} (no folder, no .yaml)")
+            raise InputError(f"config file {str(p)!r} does not exist; pass a YAML file or a bundled config "
+                             f"({', '.join(bundled_configs())})")
         yaml: Any = require("yaml", "train")  # pyyaml: one install hint, not a bare ModuleNotFoundError
 
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            text = bundled.read_text(encoding="utf-8") if bundled is not None else p.read_text(encoding="utf-8")
+            data = yaml.safe_load(text) or {}
         except UnicodeDecodeError:
             raise InputError(f"config {str(p)!r} is not a text file (not UTF-8); pass a YAML config such as "
                              "configs/tiny_cpu.yaml") from None

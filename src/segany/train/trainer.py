@@ -17,11 +17,13 @@ seeded by (seed, step, rank), and batches are a function of the step, so a resum
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -34,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.atomic import atomic_path, atomic_write_json, atomic_write_text
+from segany.atomic import atomic_path, atomic_write_text
 from segany.errors import InputError, SeganyError, UnknownModelError
 from segany.modeling.sam import Sam
-from segany.train.config import RecipeSection, TrainConfig
+from segany.train.config import PROVENANCE, RecipeSection, TrainConfig
 from segany.train.init_weights import resolve_init_checkpoint
 from segany.train.losses import mask_iou, mask_losses
 from segany.train.optim import lr_factor, param_groups, set_lr
@@ -238,8 +240,89 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path, fsync=True) as tmp:  # a resumed run trusts last.pt as whole
-        torch.save(obj, tmp)
+    # Through a Python file, not a path: torch's own file writer reports a full disk as an opaque RuntimeError
+    # ("unexpected pos 704 vs 598"), Python's as OSError(ENOSPC), which ``writing`` turns into a clear message.
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:  # a resumed run trusts last.pt as whole
+        torch.save(obj, f)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (its nearest existing folder), None if unknown."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], needed: int | None, fix: str) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one :class:`TrainingError` naming the file, the space it
+    needs (``needed`` bytes, when known) and ``fix``; any other error passes unchanged.
+
+    The writers inside leave nothing partial (atomic writes remove their temp file; log appends are cut back),
+    so the message can say so. torch.save given a path reports a full disk as a RuntimeError without an errno;
+    that one counts as a full disk only when less than ``needed`` is free.
+    """
+    target = Path(path)
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise TrainingError(_no_space_message(target, needed, fix, NO_SPACE[exc.errno])) from exc
+    except RuntimeError as exc:
+        free = _free_bytes(target)
+        if isinstance(exc, SeganyError) or needed is None or free is None or free >= needed:
+            raise
+        raise TrainingError(_no_space_message(target, needed, fix, NO_SPACE[errno.ENOSPC])) from exc
+
+
+def _no_space_message(path: Path, needed: int | None, fix: str, what: str) -> str:
+    free = _free_bytes(path)
+    room = ""
+    if needed:
+        room = f" (it needs about {_size(needed)}" + (f", {_size(free)} free there)" if free is not None
+                                                      and free < needed else ")")
+    return f"{what}: could not write {path}{room}; nothing partial was left. {fix}"
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` whole or not at all: a failed write (a full disk) is cut back off, so ``log.jsonl``
+    never ends in a torn line."""
+    with open(path, "ab", buffering=0) as f:
+        start = f.tell()
+        try:
+            view = memoryview(data)
+            while view:
+                n = f.write(view)
+                if not n:
+                    raise OSError(errno.EIO, f"could not append to {path}")
+                view = view[n:]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise
 
 
 def trim_log(path: Path, step: int) -> int:
@@ -353,6 +436,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         # The file the initial weights came from (None: random init, or a model passed in).
         self.init_checkpoint = resolve_init_checkpoint(cfg.model) if sam is None else None
+        # Recorded in provenance(): a model passed in (the engine's fine-tunes) came from no file we know of.
+        self._init_kind = "model" if sam is not None else "random" if self.init_checkpoint is None else "checkpoint"
         if sam is None and cfg.model.arch is not None:
             from segany.modeling.config import SamConfig
 
@@ -400,6 +485,7 @@ class Trainer:
         self._last_val_step = -1
         self.train_records = train_records
         self._data_fp: dict[str, Any] | None = None
+        self._init_fp: dict[str, Any] | None = None
         self.out_dir = Path(cfg.run.out_dir)
         self.amp = cfg.run.amp and dev.type == "cuda"
         self.resume_notes: list[str] = []  # what ``load`` wants the user told (printed by `segany train`)
@@ -422,8 +508,9 @@ class Trainer:
     def _write_log(self, entry: dict[str, Any], log_path: Path, on_log: Callable[[dict[str, Any]], None] | None
                    ) -> None:
         if self.rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(json_safe(entry), allow_nan=False) + "\n")
+            line = (json.dumps(json_safe(entry), allow_nan=False) + "\n").encode()
+            with self.writing(log_path, len(line)):
+                _append(log_path, line)
             if on_log:
                 on_log(entry)
 
@@ -607,7 +694,46 @@ class Trainer:
                 "config": self.cfg.to_dict(), "model_config": self.sam.cfg.to_dict(),
                 "first_loss": self.first_loss, "last_loss": self.last_loss, "best_val": self.best_val,
                 "base_val": self.base_val,
-                "data": self.data_fingerprint(), "device_type": self.device.type, "world_size": self.world}
+                "data": self.data_fingerprint(), "device_type": self.device.type, "world_size": self.world,
+                PROVENANCE: self.provenance()}
+
+    def provenance(self) -> dict[str, Any]:
+        """What this run's outputs come from, recorded in config.json, last.pt and every exported checkpoint's
+        metadata (key ``provenance``): the segany and torch versions, the start weights (``init``: random,
+        checkpoint or model, the one passed in; the file and its sha256 for a checkpoint, else None) and the
+        data (:meth:`data_fingerprint`: sha256 over the train and val records, and their image counts; None for a
+        Trainer given no records and no pack).
+
+        The start weights are hashed once (a resumed run keeps its first start's, read from last.pt).
+        """
+        if self._init_fp is None:
+            from segany.hashing import file_digest
+
+            ckpt = self.init_checkpoint
+            self._init_fp = {"init": self._init_kind, "init_checkpoint": None if ckpt is None else str(ckpt),
+                             "init_sha256": None if ckpt is None else file_digest(ckpt)}
+        import segany
+
+        try:
+            data: dict[str, Any] | None = self.data_fingerprint()
+        except InputError:  # a Trainer driven from Python with batches of its own and no pack: no data to name
+            data = None
+        # str(): torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses to unpickle.
+        return {"segany_version": segany.__version__, "torch_version": str(torch.__version__), **self._init_fp,
+                "data": data}
+
+    def writing(self, path: str | os.PathLike[str], needed: int | None = None, *,
+                option: str = "-o run.out_dir") -> contextlib.AbstractContextManager[None]:
+        """A full disk while writing ``path`` becomes one TrainingError saying what to do: free space and
+        ``--resume`` from the last good last.pt, or pick another ``option`` (see :func:`writing`)."""
+        last = self.saved_state
+        if last is not None and last[0].name == "last.pt" and last[0].is_file():
+            fix = (f"Free space on that disk (or move {self.out_dir} to another disk and point -o run.out_dir at "
+                   f"it), then rerun with --resume: it continues from the last good {last[0]} (step {last[1]})")
+        else:
+            fix = (f"Free space on that disk or pick another {option}, then run again (no last.pt was saved yet: "
+                   "--resume has nothing to continue)")
+        return writing(path, needed, fix)
 
     def data_fingerprint(self) -> dict[str, Any]:
         """What this run trains and validates on (computed once), kept in ``last.pt`` for ``--resume``."""
@@ -622,7 +748,9 @@ class Trainer:
         p = Path(path) if path is not None else self.out_dir / "last.pt"
         if self.rank == 0:
             self._check_weights(p)
-            _atomic_torch_save(self.state_dict(), p)
+            state = self.state_dict()
+            with self.writing(p, tensor_bytes(state)):
+                _atomic_torch_save(state, p)
         self.saved_state = (p, self.step)
         return p
 
@@ -660,6 +788,9 @@ class Trainer:
         self.last_loss = state.get("last_loss")
         self.best_val = state.get("best_val")
         self.base_val = state.get("base_val")  # taken once, at step 0 of the run: a resume does not redo it
+        started = state.get(PROVENANCE) or {}
+        if "init_sha256" in started:  # the run's own start weights, not whatever that path holds now
+            self._init_fp = {k: started.get(k) for k in ("init", "init_checkpoint", "init_sha256")}
         self.saved_state = (p, self.step)
         _set_rng_state(state["rng"])
         was = state.get("device_type")
@@ -669,13 +800,19 @@ class Trainer:
                 "come from that device's random stream and bf16 autocast is "
                 f"{'on' if self.amp else 'off'}, so it is not the exact continuation a resume on {was} would be")
 
-    def export(self, path: str | os.PathLike[str], half: bool = True, meta: dict[str, Any] | None = None) -> Path:
-        """Write inference weights (a self-describing segany checkpoint; fp16 by default)."""
+    def export(self, path: str | os.PathLike[str], half: bool = True, meta: dict[str, Any] | None = None, *,
+               option: str = "-o run.out_dir") -> Path:
+        """Write inference weights (a self-describing segany checkpoint; fp16 by default). ``option``: what the
+        user sets to write elsewhere, named when the disk is full."""
         from segany.checkpoints import save_checkpoint
 
         self._check_weights(Path(path))
-        info = {"trained_steps": self.step, "train_seconds": round(self.elapsed, 1), **(meta or {})}
-        return save_checkpoint(self.sam, path, meta=info, half=half)
+        info = {"trained_steps": self.step, "train_seconds": round(self.elapsed, 1), **(meta or {}),
+                PROVENANCE: self.provenance()}
+        needed = sum(v.numel() * (2 if half and v.is_floating_point() else v.element_size())
+                     for v in self.sam.state_dict().values())
+        with self.writing(path, needed, option=option):
+            return save_checkpoint(self.sam, path, meta=info, half=half)
 
     # ------------------------------------------------------------------ loop
     def build_loader(self) -> torch.utils.data.DataLoader:
@@ -822,13 +959,18 @@ class Trainer:
         t0 = time.time() - self.elapsed
         log_path = self.out_dir / "log.jsonl"
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with self.writing(self.out_dir, None):
+                self.out_dir.mkdir(parents=True, exist_ok=True)
             for tmp in self.remove_stale_temps():  # a kill during an earlier save left them (never read)
                 log.info("removed %s, left by an interrupted write", tmp)
-            atomic_write_json(self.out_dir / "config.json", self.cfg.to_dict(), indent=1)
+            # The settings, and (``provenance``) the weights, data and versions the run starts from.
+            text = json.dumps({**self.cfg.to_dict(), PROVENANCE: self.provenance()}, indent=1)
+            with self.writing(self.out_dir / "config.json", len(text)):
+                atomic_write_text(self.out_dir / "config.json", text)
             # One clean history: steps logged after the checkpoint we start from are about to be redone, and a
             # fresh start (nothing trained, no base score kept) drops a killed run's step-0 base line as well.
-            trim_log(log_path, -1 if self.step == 0 and self.base_val is None else self.step)
+            with self.writing(log_path, None):
+                trim_log(log_path, -1 if self.step == 0 and self.base_val is None else self.step)
             if run.val_every and self.step == 0 and self.init_checkpoint is not None and self.base_val is None:
                 # A fine-tune must beat the weights it started from, or it only made them worse.
                 self._write_log(self.validate(base=True), log_path, on_log)

@@ -1,0 +1,136 @@
+"""A full disk during ``segany train`` or ``segany eval`` is one line naming the file, saying the disk is full
+and what to do (free space or another folder; ``--resume`` from the last good last.pt), exit 1, and no partial
+file left behind. The full disk is simulated where the bytes are written: torch.save, the log append and the
+atomic JSON writer write part of the file, then fail with ENOSPC as a real disk would."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO
+from test_finetune_ux import _opts, _pack
+
+import segany.atomic
+import segany.train.trainer
+from segany.cli.main import main
+
+TINY_CPU = str(REPO / "configs" / "tiny_cpu.yaml")
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pack(tmp_path_factory.mktemp("pack"))
+
+
+def _full_disk_for(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing a file called ``name`` (its temp file ``.name.XXXX.tmp`` included) runs out of space midway."""
+    def hit(target: Any) -> bool:
+        n = Path(getattr(target, "name", target)).name
+        return n == name or n.startswith(f".{name}.")
+
+    real_save = torch.save
+
+    def save(obj: Any, f: Any, *a: Any, **k: Any) -> None:
+        if not hit(f):
+            return real_save(obj, f, *a, **k)
+        if isinstance(f, (str, Path)):
+            Path(f).write_bytes(b"PK partial")
+        else:
+            f.write(b"PK partial")
+        raise _enospc()
+
+    class HalfWrite:  # a file whose write lands half its bytes, then finds the disk full
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def write(self, data: Any) -> int:
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise _enospc()
+
+        def __enter__(self) -> HalfWrite:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self.f, attr)
+
+    def fake_open(file: Any, *a: Any, **k: Any) -> Any:
+        f = open(file, *a, **k)
+        return HalfWrite(f) if hit(file) else f
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(segany.train.trainer, "open", fake_open, raising=False)
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    text = capsys.readouterr().err
+    err = [x for x in text.splitlines() if x.startswith("segany: error")]
+    assert len(err) == 1 and "Traceback" not in text, text
+    return err[0]
+
+
+@pytest.mark.parametrize("name", ["last.pt", "model_fp16.pt", "log.jsonl"])
+def test_train_on_a_full_disk_names_the_file_and_the_fix(name: str, pack: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    argv = ["train", TINY_CPU, *_opts(pack, out, "run.max_steps=1"), "--quiet"]
+    with monkeypatch.context() as m:
+        _full_disk_for(name, m)
+        assert main(argv) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"segany: error: the disk is full: could not write {out / name}"), line
+    assert "Free space on that disk" in line and "run.out_dir" in line, line
+    if name == "model_fp16.pt":  # last.pt was written first: --resume continues from it
+        assert f"rerun with --resume: it continues from the last good {out / 'last.pt'} (step 1)" in line, line
+        assert "MB" in line  # how much the file needs
+    else:
+        assert "no last.pt was saved yet" in line, line
+    # Nothing partial: no temp file, no torn file, no torn log line.
+    assert not list(out.glob(".*.tmp")), list(out.iterdir())
+    if name == "log.jsonl":
+        assert (out / name).read_bytes() == b""
+    else:
+        assert not (out / name).exists()
+    if name == "model_fp16.pt":  # the advice works: with space again, --resume writes what was missing
+        assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+        assert torch.load(out / name, map_location="cpu", weights_only=True)["meta"]["trained_steps"] == 1
+
+
+def test_eval_on_a_full_disk_names_the_file(pack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import randomize_, tiny_config
+
+    from segany.checkpoints import save_checkpoint
+    from segany.modeling.sam import Sam
+
+    ckpt = save_checkpoint(randomize_(Sam(tiny_config())), tmp_path / "tiny.pt")
+    real = segany.atomic.atomic_write
+
+    def atomic_write(path: Any, write: Any, *, fsync: bool = False) -> Path:
+        if Path(path).name != "results.json":
+            return real(path, write, fsync=fsync)
+        with segany.atomic.atomic_path(path) as tmp:
+            tmp.write_bytes(b'{"meta": ')
+            raise _enospc()
+
+    monkeypatch.setattr(segany.atomic, "atomic_write", atomic_write)
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(pack), "--max-clicks", "1", "--quiet",
+                 "--out", str(out)]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"segany: error: the disk is full: could not write {out / 'results.json'}"), line
+    assert "pass another --out" in line, line
+    assert sorted(p.name for p in out.iterdir()) == []  # no results.json, no temp file
+
