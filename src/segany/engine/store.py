@@ -920,8 +920,9 @@ class Store:
 
         ``edit_uuid`` is the client's idempotency key of this edit, kept with the revision it makes: the same key
         again while that is still the annotation's last change (a retry after a lost answer) is answered with the
-        row as stored, after the uuid and ``check`` checks, and changes nothing. Any change stores its own key or
-        none, so once someone else has changed the annotation a retry is checked like any edit (409 if stale).
+        row as stored, after the uuid and ``check`` checks (no ``check`` for a replay of ``by``'s own review: see
+        the comment there), and changes nothing. Any change stores its own key or none, so once someone else has
+        changed the annotation a retry is checked like any edit (409 if stale).
         The key sent with another edit (a field it sets is not as that edit left it, or another ``expected_revision``)
         is a :class:`ConflictError` naming the fields, not answered with the first edit's row (that would drop this
         one without a word); ``seconds_spent`` is not compared: a client sends the time until each try."""
@@ -937,9 +938,16 @@ class Store:
         with self.transaction() as s:
             a = self._get_ann(s, annotation_id, project_id, lock=True)
             self._check_uuid(a, annotation_id, expected_uuid)
-            if check is not None:
+            replay = edit_key is not None and a.last_edit_uuid == edit_key
+            # A replay of ``by``'s own review (the keyed change made this revision and recorded ``by`` as its
+            # reviewer, then: an accept, a reject, an edit of another's mask) is not checked again: it passed the
+            # check when it was applied and changes nothing now, while the row it made may no longer be ``by``'s
+            # to review (an annotator's rejected proposal is nobody's open proposal any more), which made the
+            # retry of an applied reject a false 403.
+            own_review = replay and by is not None and a.reviewer_id == by and a.reviewed_at == a.updated_at
+            if check is not None and not own_review:
                 check(annotation_dict(a))
-            if edit_key is not None and a.last_edit_uuid == edit_key:
+            if replay:
                 # The row is what the keyed edit made (any later change replaces or clears the key), so a retry
                 # sets each field to what it holds; anything else is another edit under a reused key.
                 differs = _differs_from_edit(a, mask=mask, rle=rle, label=label, review_state=review_state,

@@ -703,17 +703,33 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.post("/api/annotations/{annotation_id}/accept")
     def accept(annotation_id: AnnotationId, body: ReviewIn, who: Who) -> dict[str, Any]:
+        """Accept a mask (a pre-fill, a proposal, or a saved one under review). Safe to send again with
+        ``edit_uuid``, as an edit is (:func:`reject` says how a retry and a conflict are told apart)."""
         return store.update_annotation(annotation_id, project_id=project_id, review_state="accepted",
                                        by=who["id"], seconds_spent=body.seconds_spent, label=body.label,
                                        expected_uuid=body.uuid, expected_revision=body.revision,
-                                       check=lambda ann: require_review(who, ann, "accepting"), declared_label=True)
+                                       check=lambda ann: require_review(who, ann, "accepting"), declared_label=True,
+                                       edit_uuid=body.edit_uuid)
 
     @app.post("/api/annotations/{annotation_id}/reject")
     def reject(annotation_id: AnnotationId, body: ReviewIn, who: Who) -> dict[str, Any]:
+        """Reject a mask. With ``edit_uuid`` (the review's key, a fresh UUID per click) it is safe to send again.
+
+        A retry whose first try was applied but whose answer was lost finds the annotation already reviewed:
+        judged as a new request it was a false 409 (the revision it carries has moved on, by its own first try),
+        a false 403 (an annotator's rejected proposal is no longer an open proposal they may review), or, without
+        a revision, a second application (time counted twice). The key is kept with the revision the review made
+        (``annotations.last_edit_uuid``, as for edits), so the same key while that review is still the last change
+        is answered 200 with the row as it left it, changing nothing. The replay is decided by the key, not by the
+        state (an accept of an accepted mask is not taken as a retry): a review or edit by anyone in between
+        replaces the key, so the retry is then judged like any request and a real conflict stays a 409 (stale
+        revision) or a 403; the key sent with another action, label or revision is a 409 naming what differs.
+        """
         return store.update_annotation(annotation_id, project_id=project_id, review_state="rejected",
                                        by=who["id"], seconds_spent=body.seconds_spent,
                                        expected_uuid=body.uuid, expected_revision=body.revision,
-                                       check=lambda ann: require_review(who, ann, "rejecting"))
+                                       check=lambda ann: require_review(who, ann, "rejecting"),
+                                       edit_uuid=body.edit_uuid)
 
     @app.post("/api/images/{image_id}/prefill")
     def prefill(image_id: ImageId, who: Who) -> list[dict[str, Any]]:

@@ -137,6 +137,12 @@ class ReviewIn(Body):
     revision: int | None = Field(default=None, ge=1, lt=2**62,
                                  description="fail with 409 unless the annotation is still at this revision: another "
                                              "reviewer's accept or reject (or an edit) since the page read it")
+    edit_uuid: str | None = Field(
+        default=None, description="client-generated UUID of this accept or reject: its idempotency key, as an "
+                                  "edit's. Sent again (a retry after a lost answer) while that review is still the "
+                                  "annotation's last change, the row is answered as it left it instead of a 409 or "
+                                  "403; send a new one for each new review (the same one with another action, "
+                                  "label or revision is refused, 409)")
 
     _label = field_validator("label")(_plain_label)
 

@@ -74,10 +74,11 @@ async function api(path, opts = {}) {
   return res;
 }
 
-// A save (POST with the mask's uuid) or an edit (PATCH with its edit_uuid) is safe to send again: the server stores
-// it once and answers a repeat with what it stored. So a network failure or a 5xx (the answer may have been lost
-// after the server applied it) is sent again a few times, with growing pauses; a 4xx says what to fix, at once, and
-// 507 (the server's disk is full) is not helped by retrying. Returns the answer's JSON; throws the last error.
+// A save (POST with the mask's uuid), an edit (PATCH with its edit_uuid) or an accept/reject (POST with its
+// edit_uuid, see reviewKey) is safe to send again: the server stores it once and answers a repeat with what it
+// stored. So a network failure or a 5xx (the answer may have been lost after the server applied it) is sent again a
+// few times, with growing pauses; a 4xx says what to fix, at once, and 507 (the server's disk is full) is not
+// helped by retrying. Returns the answer's JSON; throws the last error.
 const SAVE_TRIES = 4;
 async function sendSave(path, opts) {
   for (let attempt = 0; ; attempt++) {
@@ -1075,6 +1076,7 @@ async function reviewOne(id, action) {
     body.uuid = pre.uuid; if (pre.revision) body.revision = pre.revision;
   }
   if (action === "accept") body.label = pendingLabel(pre || {});
+  body.edit_uuid = reviewKey(pre || {}, action, body);
   const a = await postReview(id, action, body);
   if (!a) return;
   const p = S.pending.find((x) => x.id === id); S.pending = S.pending.filter((x) => x.id !== id);
@@ -1086,12 +1088,23 @@ async function reviewOne(id, action) {
   rebuildOverlay(); renderLists(); draw();
 }
 
-// POST an accept/reject; null when it failed (the message is shown and a stale list fetched again) or when the
-// user left the image meanwhile.
+// A review's key (edit_uuid): the same while what it sends is (the retries of one click, and ✓ or Y again after a
+// failure: if the failed one was stored after all, the server answers with it instead of a false 409, or 403 for
+// an annotator's rejected proposal); anything else gets a new one, as the server refuses a key sent with another
+// review (409). Kept on the mask it reviews.
+function reviewKey(a, action, body) {
+  const what = JSON.stringify([action, body.uuid, body.revision, body.label]);
+  if (!a._reviewKey || a._reviewKey.what !== what) a._reviewKey = { what, uuid: uuid4() };
+  return a._reviewKey.uuid;
+}
+
+// POST an accept/reject (retried as a save is, see sendSave: the mask stays in its list, and a second press for
+// it is dropped, until the answer); null when it failed (the message is shown and a stale list fetched again) or
+// when the user left the image meanwhile.
 async function postReview(id, action, body) {
   const token = S.imageToken; const im = current();
   try {
-    const out = await (await api(`/api/annotations/${id}/${action}`, { method: "POST", json: body })).json();
+    const out = await sendSave(`/api/annotations/${id}/${action}`, { method: "POST", json: body });
     return stale(token) ? null : out;
   } catch (e) {
     if (stale(token)) { notify(`${action} of annotation ${id} on ${im.file_name} failed: ${e.message}`); return null; }
@@ -1124,7 +1137,9 @@ async function refreshAnnotations(token) {
 // pending rows; the row stays, showing its new review state, until the image is opened again.
 async function reviewSaved(a, action) {
   const why = reviewRefusal(a); if (why) { setStatus(`not ${action}ed: ${why}`, true); return; }
-  const out = await postReview(a.id, action, { uuid: a.uuid, revision: a.revision });
+  const body = { uuid: a.uuid, revision: a.revision };
+  body.edit_uuid = reviewKey(a, action, body);
+  const out = await postReview(a.id, action, body);
   if (!out) return;
   Object.assign(a, out, { _mask: a._mask });
   if (S.editing && S.editing.id === a.id) S.editing.revision = a.revision; // (this page's own review)
