@@ -11,6 +11,7 @@ Every writer in segany goes through :func:`atomic_path`, so three properties hol
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -18,6 +19,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+# The errors a full disk gives, and how a message words them.
+NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 
 
 def current_umask() -> int:
@@ -47,6 +51,12 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        # Named after the file the caller asked for, not the temp file (which is removed below): a full disk
+        # is reported as "could not write results.json", not ".results.json.k3j2x.tmp".
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(target)) from exc
     finally:
         tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove
 

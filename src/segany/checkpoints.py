@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from segany import hf_layout
-from segany.atomic import atomic_path
+from segany.atomic import atomic_path, atomic_write
 from segany.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -409,7 +409,9 @@ def save_checkpoint(model: Sam, path: str | os.PathLike[str], meta: dict[str, An
           for k, v in model.state_dict().items()}
     blob = {"format": SEGANY_FORMAT, "config": model.cfg.to_dict(), "model": sd, "meta": dict(meta or {})}
     out = Path(path)
-    _atomic_write(out, lambda tmp: torch.save(blob, tmp))
+    # Through a Python file, not a path: torch's own writer reports a full disk as an opaque RuntimeError
+    # ("unexpected pos …"), a Python file as OSError(ENOSPC), which callers word as "the disk is full".
+    atomic_write(out, lambda f: torch.save(blob, f))
     return out
 
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from segany.atomic import atomic_write_json
+from segany.atomic import NO_SPACE, atomic_write_json
 from segany.data.formats import SHARED_DATASETS, SHARED_DIRS, read_shared
 from segany.data.formats.common import InstanceRecord
 from segany.errors import InputError, SeganyError
 
 SPLITS = ("train", "val")
-NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 
 
 @contextlib.contextmanager

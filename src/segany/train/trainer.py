@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.atomic import atomic_path, atomic_write_text
+from segany.atomic import NO_SPACE, atomic_path, atomic_write_text
 from segany.errors import InputError, SeganyError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.train.config import PROVENANCE, RecipeSection, TrainConfig
@@ -270,9 +270,6 @@ def _free_bytes(path: Path) -> int | None:
         return shutil.disk_usage(folder).free
     except OSError:
         return None
-
-
-NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 
 
 @contextlib.contextmanager
