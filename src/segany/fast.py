@@ -258,6 +258,14 @@ class FastViTAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, H, W, C)
 
 
+# Experimental, off: an ``SDPBackend`` name ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION") makes the fused windowed
+# blocks on CUDA run :meth:`FastWindowBlock.biased_windows` on that backend instead of the window kernel. Why:
+# the kernel is 3.7× its no-bias SDPA floor at ViT-H's 80-channel heads (24 of ViT-H's 104 ms a batch, H200,
+# 2026-11-27); cuDNN's fused attention takes an arbitrary bias on Hopper. Untimed: `bench/relpos_kernel.py`
+# (cudnn_bias_windows) and `bench/speed.py --window-sdpa` time it; switch it on only if a GPU says it is faster.
+WINDOW_SDPA_BACKEND: str | None = None
+
+
 class FastWindowBlock(vit.Block):
     """A windowed :class:`~segany.modeling.image_encoder.Block` whose projections skip the window padding.
 
@@ -310,10 +318,41 @@ class FastWindowBlock(vit.Block):
             windows = windows + self.attn.qkv.bias
         return vit.window_unpartition(self.attn.attend(windows), self.window, padded, qkv_nobias.shape[1:3])
 
+    def biased_windows(self, qkv_nobias: torch.Tensor, backend: Any = None) -> torch.Tensor:
+        """Window attention through SDPA with the rel-pos bias built per window and head, (B·nW, heads, w², w²),
+        from the projection *without* its bias to (B, H, W, C) before ``proj``; ``backend`` an ``SDPBackend``
+        to force (None: SDPA's own choice). Experimental, off (:data:`WINDOW_SDPA_BACKEND`)."""
+        attn, window = self.attn, self.window
+        nh, D = attn.num_heads, attn.head_dim
+        windows, padded = vit.window_partition(qkv_nobias, window)
+        if attn.qkv.bias is not None:
+            windows = windows + attn.qkv.bias
+        n = windows.shape[0]
+        q, k, v = windows.reshape(n, window * window, 3, nh, D).permute(2, 0, 3, 1, 4).unbind(0)
+        grid_q = q.reshape(n, nh, window, window, D)
+        rel_h = torch.einsum("bnyxd,ykd->bnyxk", grid_q, vit.relative_position_table(window, window, attn.rel_pos_h))
+        rel_w = torch.einsum("bnyxd,xkd->bnyxk", grid_q, vit.relative_position_table(window, window, attn.rel_pos_w))
+        bias = _padded_bias(rel_h.reshape(n, nh, window * window, window),
+                            rel_w.reshape(n, nh, window * window, window))
+        if backend is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(n, window, window, nh * D)
+        return vit.window_unpartition(out, window, padded, qkv_nobias.shape[1:3])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
         qkv_layer = self.attn.qkv
-        if self._kernel_applies(x):
+        if (WINDOW_SDPA_BACKEND is not None and self.fused and x.is_cuda and self.attn.use_rel_pos
+                and not isinstance(qkv_layer, quant_linear.QuantLinear)):
+            from torch.nn.attention import SDPBackend
+
+            out = self.biased_windows(F.linear(h, qkv_layer.weight), getattr(SDPBackend, WINDOW_SDPA_BACKEND))
+        elif self._kernel_applies(x):
             out = self.fused_windows(qkv_layer(h))
         elif isinstance(qkv_layer, quant_linear.QuantLinear):
             out = self.folded_windows(qkv_layer.matmul(h))
