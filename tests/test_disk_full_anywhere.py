@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import SAMPLE_IMAGE, cli_fails
 
 import segany.atomic
@@ -28,23 +27,68 @@ def test_a_full_disk_names_the_target_not_the_temp_file(tmp_path: Path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+class _FillingFile:
+    """A real file on a disk that fills after ``room`` bytes: later writes raise ENOSPC, as the OS does."""
+
+    def __init__(self, f, room: int) -> None:
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        if n > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= n
+        return self._f.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+@pytest.mark.parametrize("room", [0, 200_000])
 def test_a_checkpoint_on_a_full_disk_is_an_oserror_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            tiny_sam) -> None:
-    """torch.save given a path reports a full disk as RuntimeError("unexpected pos …"), with nothing to say
-    it was the disk; given a Python file, the write's OSError(ENOSPC). Both are simulated here."""
-    real_save = torch.save
-
-    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
-        if isinstance(f, (str, os.PathLike)):
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
-        real_save({"part": 1}, f)  # some bytes reach the file first, as on a real disk
-        _no_space()
-
-    monkeypatch.setattr(torch, "save", save)
+                                                            tiny_sam, room: int) -> None:
+    """The real torch.save, on a disk that is full at once or fills partway: torch turns the file's OSError
+    into RuntimeError("... unexpected pos ..."); the user must still learn that the disk is full, and which
+    file it was."""
+    real_open = open
+    monkeypatch.setattr(segany.atomic, "open",
+                        lambda f, mode="r", *a, **k: (_FillingFile(real_open(f, mode, *a, **k), room) if mode == "wb"
+                                                      else real_open(f, mode, *a, **k)), raising=False)
     with pytest.raises(OSError) as info:
         save_checkpoint(tiny_sam, tmp_path / "model.pt")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "model.pt")
+    assert room == 0 or isinstance(info.value.__cause__.__cause__, RuntimeError)  # what torch made of it
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_room_for_the_temp_file_names_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def mkstemp(*, dir: str, prefix: str, suffix: str) -> tuple[int, str]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(dir, prefix + "x1y2" + suffix))
+
+    monkeypatch.setattr(segany.atomic.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "results.json", "{}")
+    assert info.value.filename == str(tmp_path / "results.json")
+
+
+def test_a_write_outside_the_atomic_writers_promises_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk in a plain append (a log line) may leave part of it: the message must not say otherwise."""
+    import segany.cli.predict
+
+    def run(args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "log.jsonl")
+
+    monkeypatch.setattr(segany.cli.predict, "run", run)
+    line = cli_fails(["predict", str(SAMPLE_IMAGE), "--point", "1,1", "--out", "x"], capsys,
+                     "the disk is full: could not write log.jsonl. Free space")
+    assert "nothing partial" not in line
 
 
 def test_the_command_line_says_the_disk_is_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

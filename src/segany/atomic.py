@@ -40,11 +40,12 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
     The parent folder is created if missing.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         if fsync:
             with open(tmp, "rb+") as f:
@@ -56,16 +57,56 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
             raise
         # Named after the file the caller asked for, not the temp file (which is removed below): a full disk
         # is reported as "could not write results.json", not ".results.json.k3j2x.tmp".
-        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(target)) from exc
+        err = OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(target))
+        err.partial_removed = True  # type: ignore[attr-defined] - what a message may promise (segany.cli.main)
+        raise err from exc
     finally:
-        tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove
+
+
+class _KeepsWriteErrors:
+    """A binary file that remembers the first OSError its ``write``/``flush`` raised.
+
+    Why: ``torch.save`` into a file object turns the file's OSError (a full disk, ENOSPC) into
+    ``RuntimeError("... unexpected pos ...")``, with nothing to say it was the disk; the writer below raises
+    the remembered OSError instead. Every other attribute is the file's own.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object], *,
                  fsync: bool = False) -> Path:
-    """Write ``path`` atomically through ``write(binary_file)``; returns the path."""
-    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
-        write(f)
+    """Write ``path`` atomically through ``write(binary_file)``; returns the path. If ``write`` fails after
+    the file refused a write (a full disk), the file's OSError is raised, whatever ``write`` made of it."""
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as raw:
+        f = _KeepsWriteErrors(raw)
+        try:
+            write(f)  # type: ignore[arg-type]
+        except Exception as exc:
+            if f.error is not None and exc is not f.error:
+                raise f.error from exc
+            raise
     return Path(path)
 
 

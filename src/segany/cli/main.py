@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the file system refused (a file where a folder goes, permissions, disk full)
         if debug:
             traceback.print_exc()
-        if exc.errno in NO_SPACE:  # atomic writes name the target file and leave no part of it behind
+        if exc.errno in NO_SPACE:
             target = f"could not write {exc.filename}" if exc.filename else "a write failed"
-            print(f"segany: error: {NO_SPACE[exc.errno]}: {target}; nothing partial was left. Free space on that "
-                  "disk (or write to another one) and run the command again", file=sys.stderr)
+            # Only segany.atomic's writes (the target's name, the temp file removed) may promise that.
+            clean = "; nothing partial was left" if getattr(exc, "partial_removed", False) else ""
+            print(f"segany: error: {NO_SPACE[exc.errno]}: {target}{clean}. Free space on that disk (or write to "
+                  "another one) and run the command again", file=sys.stderr)
             return 1
         where = f": {exc.filename!r}" if exc.filename else ""
         print(f"segany: error: {exc.strerror or _one_line(exc)}{where}; check the path and its permissions",

@@ -40,11 +40,11 @@ def provenance(checkpoint: str | os.PathLike[str] | None, records: Sequence[Inst
     import torch
 
     import segany
-    from segany.hashing import file_digest
+    from segany.hashing import weights_digest
     from segany.train.data import records_fingerprint
 
     return {"segany_version": segany.__version__, "torch_version": str(torch.__version__),
-            "weights_sha256": None if checkpoint is None else file_digest(checkpoint),
+            "weights_sha256": None if checkpoint is None else weights_digest(checkpoint),
             "data": {split: records_fingerprint(records), f"{split}_images": len(records)}}
 
 

@@ -347,6 +347,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise InputError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
+        if section == PROVENANCE:
+            raise InputError(f"override {item!r}: {PROVENANCE} is what a run recorded (versions, start weights, "
+                             "data), not a setting; drop it (a new run records its own)")
         out.setdefault(section, {})[name] = _parse_value(key, value)
     return out
 
