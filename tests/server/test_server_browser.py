@@ -535,10 +535,13 @@ def test_browser_clicks_reach_the_model_where_the_predictor_puts_them(browser: A
         page.close()
 
 
-def test_a_proposal_accepted_again_after_a_lost_answer_is_stored_once(browser: Any, label_app: Any, project: Any,
-                                                                      token: str) -> None:
+def test_a_proposal_whose_answer_was_lost_is_sent_again_and_stored_once(browser: Any, label_app: Any,
+                                                                        project: Any, token: str) -> None:
     """Web app audit 4: each accept of a text proposal made a new uuid, so a save whose answer was lost (stored,
-    but the page saw a network error), accepted again, was stored twice."""
+    but the page saw a network error), accepted again, was stored twice. Then it was still sent once, so one lost
+    answer said "save failed" of a mask the server had stored: the page now sends it again by itself (as any save,
+    with the same uuid) and the server answers the repeat with the row it stored. Accepted again by the user after
+    every try failed, it is still stored once."""
     store, proj = project
     with running_server(label_app) as base:
         page = _open(browser, base, token)
@@ -546,22 +549,50 @@ def test_a_proposal_accepted_again_after_a_lost_answer_is_stored_once(browser: A
         page.locator("#text-submit").click()
         page.wait_for_selector("#pending li.proposal", timeout=60_000)
         n = page.locator("#pending li.proposal").count()
-        lost = {"n": 0}
+        tries: list[tuple[str, int | None]] = []  # (the save's uuid, the server's status; None: it never got there)
+        answers: list[dict] = []
+        plan = {"lose": 0, "down": 0}
 
-        def lose_first_answer(route: Any) -> None:
-            if route.request.method == "POST" and not lost["n"]:
-                lost["n"] += 1
-                route.fetch()  # the server stores it...
-                route.abort()  # ...and the page never hears back
-            else:
+        def flaky(route: Any) -> None:
+            if route.request.method != "POST":
                 route.continue_()
+                return
+            key = route.request.post_data_json["uuid"]
+            if plan["down"] and not plan["lose"]:  # the network is down: the server never sees it
+                plan["down"] -= 1
+                tries.append((key, None))
+                route.abort()
+                return
+            answer = route.fetch()  # the server stores it ...
+            tries.append((key, answer.status))
+            answers.append(answer.json())
+            if plan["lose"]:
+                plan["lose"] -= 1
+                route.abort("connectionreset")  # ... and the page never hears back
+            else:
+                route.fulfill(response=answer)
 
-        page.route("**/api/images/*/annotations", lose_first_answer)
-        page.locator("#pending li.proposal .accept-pending").first.click()
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('save failed')")
-        assert len(store.list_annotations(project_id=proj["id"])) == 1
+        def accept(**how: int) -> str:
+            """Accept the (last) proposal with the network as ``how`` says; the status the save ends with."""
+            plan.update(how)
+            page.evaluate("document.getElementById('status').textContent = ''")
+            page.locator("#pending li.proposal .accept-pending").last.click()
+            page.wait_for_function("(t => t.startsWith('saved') || t.startsWith('save failed'))"
+                                   "(document.getElementById('status').textContent)")
+            return page.locator("#status").text_content()
+
+        page.route("**/api/images/*/annotations", flaky)
+        # Stored, its answer lost, then the network down for every retry: "save failed", the proposal back (last
+        # in the list) ...
+        assert accept(lose=1, down=3).startswith("save failed")
+        key = tries[0][0]
+        assert tries == [(key, 201)] + [(key, None)] * 3, tries
         page.wait_for_function(f"document.querySelectorAll('#pending li.proposal').length === {n}")
-        page.locator("#pending li.proposal .accept-pending").last.click()  # the proposal is back, last in the list
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('saved')")
-        assert len(store.list_annotations(project_id=proj["id"])) == 1
+        # ... accepted again by the user, and that answer lost too: the page sends it again by itself and shows it
+        # saved; the server answered each repeat with the row it stored the first time, stored once.
+        status = accept(lose=1)
+        assert status.startswith("saved"), status
+        assert tries[4:] == [(key, 200), (key, 200)] and answers[0] == answers[1] == answers[2], (tries, answers)
+        assert [a["uuid"] for a in store.list_annotations(project_id=proj["id"])] == [key]
+        assert page.locator("#pending li.proposal").count() == n - 1
         page.close()

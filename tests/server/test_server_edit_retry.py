@@ -89,8 +89,8 @@ def _reused_keys(store: Store) -> None:
         r = client.patch(url, headers=auth(token), json={**edit, **change})
         assert r.status_code == 409, (field, r.text)
         detail = r.json()["detail"]
-        assert f"edit_uuid {key} was already used for another edit" in detail and field in detail, detail
-        assert "send a new edit_uuid" in detail, detail
+        assert (f"edit_uuid {key} was already used for another change to annotation {ann['id']} (this edit "
+                f"differs from it in {field}); send a new edit_uuid for each new edit") in detail, detail
     assert store.get_annotation(ann["id"]) == first.json()  # none of them changed anything
     again = client.patch(url, headers=auth(token), json={**edit, "edit_uuid": key.upper(), "seconds_spent": 4.0})
     assert again.status_code == 200 and again.json() == first.json(), again.text

@@ -87,7 +87,10 @@ def _retried_reviews(store: Store) -> None:
     for action, body, field in (("reject", {k: v for k, v in mine.items() if k != "label"}, "review_state"),
                                 ("accept", {**mine, "revision": rev + 1}, "revision")):
         r = client.post(f"/api/annotations/{acc['id']}/{action}", headers=auth(rita), json=body)
-        assert r.status_code == 409 and field in r.json()["detail"], (action, r.text)
+        # (worded for a review: "another edit" read oddly for an accept or a reject)
+        said = (f"edit_uuid {mine['edit_uuid']} was already used for another change to annotation {acc['id']} "
+                f"(this {action} differs from it in {field}); send a new edit_uuid for each new {action}")
+        assert r.status_code == 409 and said in r.json()["detail"], (action, r.text)
     assert store.get_annotation(acc["id"])["revision"] == rev + 1  # (rita's accept, once)
 
     # a real conflict stays one: rita rejected a proposal first, so another reviewer's accept of the revision he

@@ -954,10 +954,16 @@ class Store:
                                              annotator_id=annotator_id, prompts=prompts,
                                              expected_revision=expected_revision)
                 if differs:
+                    # Worded for what this request is (the server's accept and reject send a review state and at
+                    # most a label): "another edit" read oddly for a review. The earlier use is "another change":
+                    # the row does not say whether it was an accept, a reject or an edit.
+                    what = "edit"
+                    if mask is None and rle is None and prompts is None and annotator_id is None:
+                        what = {"accepted": "accept", "rejected": "reject"}.get(review_state or "", "edit")
                     raise ConflictError(
-                        f"edit_uuid {edit_key} was already used for another edit of annotation {annotation_id} "
-                        f"(this request differs from it in {', '.join(differs)}); send a new edit_uuid for each new "
-                        "edit, and the same one only to retry that edit unchanged")
+                        f"edit_uuid {edit_key} was already used for another change to annotation {annotation_id} "
+                        f"(this {what} differs from it in {', '.join(differs)}); send a new edit_uuid for each new "
+                        f"{what}, and the same one only to retry that {what} unchanged")
                 return annotation_dict(a)  # this edit, applied already: answered again, not applied twice
             if expected_revision is not None and a.revision != expected_revision:
                 raise ConflictError(f"annotation {annotation_id} is at revision {a.revision}, not "

@@ -1199,7 +1199,9 @@ async function reviewProposal(p, action) {
   S.pending = S.pending.filter((x) => x.id !== p.id);
   if (S.selectedPending === p.id) S.selectedPending = null;
   if (action === "accept") {
-    // One uuid per proposal, kept across retries: a save whose answer was lost, accepted again, was stored twice.
+    // A save as any other (sent through sendSave): one uuid per proposal, kept across retries (sendSave's own, and
+    // the user's accept again after a failure), so the server stores it once and answers a repeat with that row; a
+    // lost answer is neither shown as a failure nor stored twice.
     if (!p.saveUuid) p.saveUuid = uuid4();
     const body = {
       uuid: p.saveUuid, segmentation: p.segmentation, label: p.label, source: "semi", predicted_iou: p.score,
@@ -1207,7 +1209,7 @@ async function reviewProposal(p, action) {
       prompts: { text: p.prompts.text, label_score: p.score },
     };
     try {
-      const saved = await (await api(`/api/images/${im.id}/annotations`, { method: "POST", json: body })).json();
+      const saved = await sendSave(`/api/images/${im.id}/annotations`, { method: "POST", json: body });
       if (stale(token)) return;
       saved._mask = p._mask; S.saved.push(saved); addLabel(saved.label);
       setStatus(`saved “${p.prompts.text}” as annotation ${saved.id}`, true);
