@@ -45,7 +45,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from segany.cli._checks import check_out_dir, check_out_file
     from segany.errors import InputError
-    from segany.train.config import config_warnings, load_config
+    from segany.train.config import load_config
 
     if args.config_option is not None:
         if args.config is not None and args.config != args.config_option:
@@ -60,13 +60,37 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(cfg.run.out_dir, "run.out_dir")
     if args.export:
         check_out_file(args.export, "--export")
-    from segany.train.trainer import Trainer, resolve_device
+    from segany.train.trainer import RunLock, resolve_device
 
     resolve_device(cfg.run.device)  # run.device=cuda on a machine without one
+    # Rank 0 (the one that writes) holds the folder until its export: a folder another run is writing is refused
+    # now, before the resume checks read it and before the model is built. Without a lock file yet nobody holds
+    # it, and none is made before the checks pass: fit() takes it then (making the folder and the file).
+    lock = RunLock(cfg.run.out_dir) if _launch_rank() == 0 else None
+    if lock is not None:
+        lock.acquire(create=False)
+    try:
+        return _train(args, cfg, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _launch_rank() -> int:
+    """This process's rank under torchrun (0 otherwise), known before the process group is set up."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _train(args: argparse.Namespace, cfg: Any, lock: Any) -> int:
+    from segany.train.config import config_warnings
+    from segany.train.trainer import Trainer
+
     last = _check_resume(cfg, args.resume)
     records, notes = _check_data(cfg)
 
-    trainer = Trainer(cfg, train_records=records)
+    trainer = Trainer(cfg, train_records=records, run_lock=lock)
     for note in notes:
         _say(trainer, note)
     if last is not None:

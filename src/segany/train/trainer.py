@@ -295,6 +295,98 @@ def writing(path: str | os.PathLike[str], needed: int | None, fix: str) -> Itera
         raise TrainingError(_no_space_message(target, needed, fix, NO_SPACE[errno.ENOSPC])) from exc
 
 
+_LOCK_FDS: set[int] = set()  # the RunLock descriptors this process holds
+_fork_hook_registered = False
+
+
+def _close_lock_fds_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: they share the open file
+    whose flock is the lock, so they would keep it held after the run itself died. (Not LOCK_UN: that would
+    release it for the parent too.)"""
+    for fd in _LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+class RunLock:
+    """An exclusive hold on a run folder (``flock`` on ``OUT_DIR/.lock``) for as long as one run writes it.
+
+    Why: a second run started on a folder a live one is writing would remove that run's in-flight temp files
+    (the stale-temp cleanup at start) and then both would overwrite each other's ``last.pt`` and log. The
+    second one is refused instead, before it removes or writes anything. The holder's pid is kept in the file
+    for the message. The lock belongs to the open file, so the OS drops it when its process dies: a lock file a
+    killed run left is simply taken again (the file itself is never removed: unlinking a lock file lets two
+    processes lock two different files). Where ``fcntl`` is missing (Windows) or the file system refuses
+    ``flock`` (some network mounts), runs are not locked. Under DDP only rank 0 writes, so only it locks.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.out_dir = Path(out_dir)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, *, create: bool = True) -> RunLock:
+        """Take the lock (creating the folder and the lock file); a no-op when this object holds it already.
+        Raises :class:`TrainingError` when another process holds it. ``create=False``: only where a lock file
+        exists already (none: nobody holds it now, and nothing is created; see :attr:`held`)."""
+        if self._fd is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked (docs/cli.md says so)
+            return self
+        path = self.out_dir / self.NAME
+        if create:
+            with writing(self.out_dir, None, "free space on that disk or pick another -o run.out_dir"):
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:  # no O_TRUNC: the holder's pid must survive this open
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            if create:
+                raise
+            return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                log.warning("cannot lock %s (%s): running without a lock on the run folder", path, exc)
+                return self
+            by = f" (pid {holder})" if holder.isdigit() else ""
+            raise TrainingError(
+                f"run.out_dir {str(self.out_dir)!r} is being written by another `segany train`{by}: wait for it "
+                "to finish (then --resume continues it), or start this run in another folder with "
+                "-o run.out_dir=NEW_FOLDER") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        global _fork_hook_registered
+        if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+            _fork_hook_registered = True
+        _LOCK_FDS.add(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            _LOCK_FDS.discard(fd)
+            os.close(fd)  # closing the last descriptor of the open file drops the flock
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def _no_space_message(path: Path, needed: int | None, fix: str, what: str) -> str:
     free = _free_bytes(path)
     room = ""
@@ -417,7 +509,10 @@ def _train_wording() -> Iterator[None]:
 class Trainer:
     """Owns the model, optimizer and schedule; ``fit`` runs the loop, ``save``/``load`` checkpoint it."""
 
-    def __init__(self, cfg: TrainConfig, *, sam: Sam | None = None, train_records: list | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, *, sam: Sam | None = None, train_records: list | None = None,
+                 run_lock: RunLock | None = None) -> None:
+        """``run_lock``: a :class:`RunLock` on ``run.out_dir`` the caller holds past :meth:`fit` (the CLI, through
+        its export); without one, rank 0's ``fit`` locks the folder for its own duration."""
         from segany.checkpoints import build_sam
 
         self.cfg = cfg
@@ -484,6 +579,7 @@ class Trainer:
         self._data_fp: dict[str, Any] | None = None
         self._init_fp: dict[str, Any] | None = None
         self.out_dir = Path(cfg.run.out_dir)
+        self.run_lock = run_lock
         self.amp = cfg.run.amp and dev.type == "cuda"
         self.resume_notes: list[str] = []  # what ``load`` wants the user told (printed by `segany train`)
 
@@ -580,15 +676,19 @@ class Trainer:
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         return float(both[0]), bool(both[1] > 0)
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every process when ``flag`` is true on any (so all of them stop after the same step)."""
+    def _max_over_ranks(self, values: list[float]) -> list[float]:
+        """Each value's maximum over all processes (one all-reduce), the same on every one of them."""
         if self.world == 1:
-            return flag
+            return values
         import torch.distributed as dist
 
-        t = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t[0] > 0)
+        return t.tolist()
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (so all of them stop after the same step)."""
+        return self._max_over_ranks([float(flag)])[0] > 0
 
     def _diverged(self, step: int, what: str) -> TrainingError:
         lr = self.cfg.optim.lr
@@ -607,13 +707,25 @@ class Trainer:
         """Names of the model's float tensors that hold NaN or inf."""
         return [k for k, v in self.sam.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
 
-    def _check_weights(self, path: Path) -> None:
-        """Refuse to write ``path`` from non-finite weights: a NaN model loaded everywhere and scored NaN."""
-        bad = self.nonfinite_weights()
-        if bad:
-            raise TrainingError(f"not writing {path}: {len(bad)} weight tensor(s) at step {self.step} hold NaN or "
-                                f"inf (first: {bad[0]}); training diverged: lower optim.lr (now "
-                                f"{self.cfg.optim.lr:g}) and start a new run with -o run.out_dir=NEW_FOLDER")
+    def _check_weights(self, doing: str, *, all_ranks: bool = False) -> None:
+        """Refuse ``doing`` (writing a file) from non-finite weights: a NaN model loaded everywhere and scored NaN.
+
+        ``all_ranks``: every process calls this at the same point and all raise the same error when any of them
+        holds a non-finite weight (one all-reduce, as for the loss). Under DDP rank 0 alone writes; checking there
+        alone would stop it and leave the others to fail on a lost connection at their next all-reduce.
+        """
+        names = list(self.sam.state_dict())
+        bad = set(self.nonfinite_weights())
+        first = next((i for i, k in enumerate(names) if k in bad), len(names))
+        if all_ranks:  # the count and the first name (by index: the same model everywhere) agreed on, so the
+            count, neg_first = self._max_over_ranks([float(len(bad)), -float(first)])  # message is the same too
+            n, first = int(count), int(-neg_first)
+        else:
+            n = len(bad)
+        if n:
+            raise TrainingError(f"{doing}: {n} weight tensor(s) at step {self.step} hold NaN or inf (first: "
+                                f"{names[first]}); training diverged: lower optim.lr (now {self.cfg.optim.lr:g}) "
+                                "and start a new run with -o run.out_dir=NEW_FOLDER")
 
     def _log_step(self, stats: dict[str, float], since_t: float, since_step: int, log_path: Path,
                   on_log: Callable[[dict[str, Any]], None] | None) -> None:
@@ -621,6 +733,8 @@ class Trainer:
 
     def _validate_and_log(self, log_path: Path, on_log: Callable[[dict[str, Any]], None] | None) -> None:
         self._last_val_step = self.step
+        # Checked by every process here, as validation (and its best.pt) is rank 0's alone.
+        self._check_weights(f"not validating step {self.step} (nor writing best.pt)", all_ranks=True)
         if self.rank == 0:  # the other processes wait at their next gradient all-reduce
             self._write_log(self.validate(), log_path, on_log)
 
@@ -741,10 +855,11 @@ class Trainer:
         return self._data_fp
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the full training state atomically (rank 0 only); returns its path."""
+        """Write the full training state atomically (rank 0 writes it); returns its path. Under DDP every
+        process must call it at the same step: they agree first that the weights are finite."""
         p = Path(path) if path is not None else self.out_dir / "last.pt"
+        self._check_weights(f"not writing {p}", all_ranks=True)  # every process calls save(), each step alike
         if self.rank == 0:
-            self._check_weights(p)
             state = self.state_dict()
             with self.writing(p, tensor_bytes(state)):
                 _atomic_torch_save(state, p)
@@ -803,7 +918,8 @@ class Trainer:
         user sets to write elsewhere, named when the disk is full."""
         from segany.checkpoints import save_checkpoint
 
-        self._check_weights(Path(path))
+        # Rank 0's alone (validation, the CLI's export after fit): the weights were agreed on just before.
+        self._check_weights(f"not writing {Path(path)}")
         info = {"trained_steps": self.step, "train_seconds": round(self.elapsed, 1), **(meta or {}),
                 PROVENANCE: self.provenance()}
         needed = sum(v.numel() * (2 if half and v.is_floating_point() else v.element_size())
@@ -948,7 +1064,21 @@ class Trainer:
         """Train until ``run.max_steps`` or ``run.max_minutes``; checkpoint periodically and at the end.
 
         Ctrl-C ends the current step, saves ``last.pt`` and raises KeyboardInterrupt (a second one stops at once).
+        Rank 0 holds ``run.out_dir``'s :class:`RunLock` throughout (taken first: before any cleanup or write), so
+        a run started on a folder another one is writing stops with a TrainingError having touched nothing.
         """
+        if self.rank != 0:
+            return self._fit(on_log)
+        own = self.run_lock is None  # else the caller's, held beyond this call
+        lock = RunLock(self.out_dir) if self.run_lock is None else self.run_lock
+        lock.acquire()
+        try:
+            return self._fit(on_log)
+        finally:
+            if own:
+                lock.release()
+
+    def _fit(self, on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
         run = self.cfg.run
         next_batch = self.build_batches()
         if self.device.type == "cuda":
