@@ -7,8 +7,8 @@ the check before a save (one all-reduce, as for the loss), so each raises the sa
 a process whose own weights are finite.
 
 Two ranks over gloo, as torchrun runs them (WORLD_SIZE set, the Trainer's own DDP wrapper): rank 0 runs in this
-process and rank 1 in a fork of it, so no interpreter starts and imports torch again (that is most of the time
-of a torchrun launch, several seconds of CPU per process; test_ddp.py pays it once for the whole DDP path).
+process and rank 1 in a spawned one. Not a fork: in the full suite this process has server and thread-pool
+threads, and a fork taken while one of them holds a lock can hang the child.
 """
 
 from __future__ import annotations
@@ -89,13 +89,11 @@ def _rank1(out: Path, port: int) -> None:
 
 def test_nan_weights_on_one_rank_stop_every_rank_with_the_same_error_before_saving(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch._dynamo  # noqa: F401  (the optimizer and DDP import it: once here, shared by the fork)
-
     port = _free_port()
     for key, value in {"WORLD_SIZE": str(RANKS), "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)  # this process is rank 0 of a torchrun launch
-    child = multiprocessing.get_context("fork").Process(target=_rank1, args=(tmp_path, port))
-    child.start()  # before this process makes its group: the fork holds no connection of it
+    child = multiprocessing.get_context("spawn").Process(target=_rank1, args=(tmp_path, port))
+    child.start()
     try:
         r0 = worker(tmp_path, 0, port)
         child.join(timeout=90)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.atomic import NO_SPACE, atomic_path, atomic_write_text
+from segany.atomic import NO_SPACE, atomic_write, atomic_write_text
 from segany.errors import InputError, SeganyError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.train.config import PROVENANCE, RecipeSection, TrainConfig
@@ -240,10 +240,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    # Through a Python file, not a path: torch's own file writer reports a full disk as an opaque RuntimeError
-    # ("unexpected pos 704 vs 598"), Python's as OSError(ENOSPC), which ``writing`` turns into a clear message.
-    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:  # a resumed run trusts last.pt as whole
-        torch.save(obj, f)
+    # atomic_write raises the file's own OSError(ENOSPC) for a full disk, which torch.save makes into an opaque
+    # RuntimeError ("unexpected pos 704 vs 598"); ``writing`` turns that into a clear message.
+    atomic_write(path, lambda f: torch.save(obj, f), fsync=True)  # fsync: a resumed run trusts last.pt as whole
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -278,8 +277,8 @@ def writing(path: str | os.PathLike[str], needed: int | None, fix: str) -> Itera
     needs (``needed`` bytes, when known) and ``fix``; any other error passes unchanged.
 
     The writers inside leave nothing partial (atomic writes remove their temp file; log appends are cut back),
-    so the message can say so. torch.save given a path reports a full disk as a RuntimeError without an errno;
-    that one counts as a full disk only when less than ``needed`` is free.
+    so the message can say so. Every writer inside goes through :func:`segany.atomic.atomic_write` or a plain
+    Python file, so a full disk arrives as OSError(ENOSPC/EDQUOT); nothing else is guessed to be one.
     """
     target = Path(path)
     try:
@@ -288,11 +287,6 @@ def writing(path: str | os.PathLike[str], needed: int | None, fix: str) -> Itera
         if exc.errno not in NO_SPACE:
             raise
         raise TrainingError(_no_space_message(target, needed, fix, NO_SPACE[exc.errno])) from exc
-    except RuntimeError as exc:
-        free = _free_bytes(target)
-        if isinstance(exc, SeganyError) or needed is None or free is None or free >= needed:
-            raise
-        raise TrainingError(_no_space_message(target, needed, fix, NO_SPACE[errno.ENOSPC])) from exc
 
 
 _LOCK_FDS: set[int] = set()  # the RunLock descriptors this process holds
@@ -818,11 +812,11 @@ class Trainer:
         The start weights are hashed once (a resumed run keeps its first start's, read from last.pt).
         """
         if self._init_fp is None:
-            from segany.hashing import file_digest
+            from segany.hashing import weights_digest
 
             ckpt = self.init_checkpoint
             self._init_fp = {"init": self._init_kind, "init_checkpoint": None if ckpt is None else str(ckpt),
-                             "init_sha256": None if ckpt is None else file_digest(ckpt)}
+                             "init_sha256": None if ckpt is None else weights_digest(ckpt)}
         import segany
 
         try:
