@@ -70,7 +70,8 @@ class _KeepsWriteErrors:
 
     Why: ``torch.save`` into a file object turns the file's OSError (a full disk, ENOSPC) into
     ``RuntimeError("... unexpected pos ...")``, with nothing to say it was the disk; the writer below raises
-    the remembered OSError instead. Every other attribute is the file's own.
+    the remembered OSError instead. Every other attribute is the file's own; special methods are not
+    forwarded (no ``with``, iteration or ``isinstance(f, io.IOBase)``), which no writer here needs.
     """
 
     def __init__(self, f: IO[bytes]) -> None:

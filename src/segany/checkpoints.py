@@ -409,8 +409,9 @@ def save_checkpoint(model: Sam, path: str | os.PathLike[str], meta: dict[str, An
           for k, v in model.state_dict().items()}
     blob = {"format": SEGANY_FORMAT, "config": model.cfg.to_dict(), "model": sd, "meta": dict(meta or {})}
     out = Path(path)
-    # Through a Python file, not a path: torch's own writer reports a full disk as an opaque RuntimeError
-    # ("unexpected pos …"), a Python file as OSError(ENOSPC), which callers word as "the disk is full".
+    # Through atomic_write: torch.save reports a full disk as an opaque RuntimeError ("unexpected pos …"),
+    # path or file alike; atomic_write raises the file's own OSError(ENOSPC) instead, which callers word as
+    # "the disk is full".
     atomic_write(out, lambda f: torch.save(blob, f))
     return out
 

@@ -1,4 +1,4 @@
-"""One run per run folder: ``segany train`` holds ``OUT_DIR/.lock`` (flock) while it writes the folder.
+"""One run per run folder: ``segany train`` holds ``OUT_DIR/.segany-train.lock`` (flock) while it writes the folder.
 
 A second run started on a folder a live run is writing would remove that run's in-flight temp file (the cleanup
 of temp files a killed run left) and then both would overwrite each other's last.pt and log. It is refused at
@@ -25,10 +25,10 @@ from segany.train.trainer import Trainer
 fcntl = pytest.importorskip("fcntl")  # where flock is missing, runs are not locked (docs/cli.md)
 
 TINY_CPU = str(REPO / "configs" / "tiny_cpu.yaml")
-LOCK = ".lock"  # OUT_DIR/.lock, RunLock.NAME
+LOCK = ".segany-train.lock"  # RunLock.NAME
 SMALL = ("model.arch={encoder: {kind: vit, img_size: 64, depth: 1, embed_dim: 32, num_heads: 2, "
          "global_attn_indexes: [0], window_size: 4}}")  # a model that builds and trains a step in no time
-# Holds OUT_DIR/.lock as RunLock does (flock, its pid in the file) until its stdin closes.
+# Holds the lock file as RunLock does (flock, its pid in the file) until its stdin closes.
 HOLDER = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
           "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode()); "
           "print('held', flush=True); sys.stdin.read()")
@@ -102,3 +102,75 @@ def test_a_second_run_on_a_folder_being_written_is_refused_and_a_killed_runs_loc
     assert (out / LOCK).read_text().strip() == str(os.getpid())  # the run that took it over
     with (out / LOCK).open("rb") as fd:  # and released at its end
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _open_fds() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors through /proc")
+def test_the_lock_keeps_no_descriptor_it_did_not_take_and_a_full_disk_does_not_stop_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from segany.train import trainer as tr
+
+    before = _open_fds()
+    monkeypatch.setattr(tr.os, "pread", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(fcntl, "flock",
+                        lambda *a: (_ for _ in ()).throw(OSError(errno.EWOULDBLOCK, "busy")))
+    with pytest.raises(OSError, match="I/O error"):
+        tr.RunLock(tmp_path / "a").acquire()
+    assert _open_fds() == before  # the descriptor (and a flock it might hold) is not leaked
+    monkeypatch.undo()
+    # No room for the pid (the lock file is new, the disk full): the lock is held all the same.
+    real_write = os.write
+    monkeypatch.setattr(tr.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    lock = tr.RunLock(tmp_path / "b").acquire()
+    monkeypatch.setattr(tr.os, "write", real_write)
+    assert lock.held
+    with pytest.raises(SeganyError, match="another run in this process"):  # its pid could not be written
+        tr.RunLock(tmp_path / "b").acquire()
+    lock.release()
+    tr.RunLock(tmp_path / "b").acquire().release()
+    assert _open_fds() == before
+
+
+def test_a_second_lock_in_the_same_process_says_so_and_the_file_has_the_usual_mode(tmp_path: Path) -> None:
+    import os
+
+    from segany.atomic import current_umask
+    from segany.train.trainer import RunLock
+
+    first = RunLock(tmp_path).acquire()
+    try:
+        with pytest.raises(SeganyError, match=rf"by another run in this process \(pid {os.getpid()}\)"):
+            RunLock(tmp_path).acquire()
+        assert (tmp_path / LOCK).stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as last.pt, log.jsonl
+    finally:
+        first.release()
+
+
+def test_a_save_on_a_processs_own_interrupt_runs_no_collective(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C seen by one DDP process alone (its loader workers died) must not start an all-reduce the others,
+    mid-step, would pair with a gradient bucket; that process checks its own weights and saves."""
+    import torch
+
+    from segany.modeling.config import SamConfig, ViTConfig
+    from segany.modeling.sam import Sam
+    from segany.train.config import load_config
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}"])
+    sam = Sam(SamConfig(encoder=ViTConfig(img_size=64, depth=1, embed_dim=32, num_heads=2,
+                                          global_attn_indexes=(0,), window_size=4)))
+    trainer = Trainer(cfg, sam=sam, train_records=[])
+    calls: list[bool] = []
+    monkeypatch.setattr(trainer, "_check_weights", lambda doing, all_ranks=False: calls.append(all_ranks))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: pytest.fail("a collective ran"))
+    with pytest.raises(KeyboardInterrupt):
+        trainer._save_on_interrupt(agreed=False)
+    assert calls == [False] and (tmp_path / "run" / "last.pt").is_file()
+    trainer.save()  # the periodic save, reached by every process alike, agrees
+    assert calls == [False, True]

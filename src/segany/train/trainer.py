@@ -290,6 +290,7 @@ def writing(path: str | os.PathLike[str], needed: int | None, fix: str) -> Itera
 
 
 _LOCK_FDS: set[int] = set()  # the RunLock descriptors this process holds
+_HELD_PATHS: set[str] = set()  # and their lock files, to say when the other holder is this process
 _fork_hook_registered = False
 
 
@@ -301,10 +302,11 @@ def _close_lock_fds_in_child() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     _LOCK_FDS.clear()
+    _HELD_PATHS.clear()
 
 
 class RunLock:
-    """An exclusive hold on a run folder (``flock`` on ``OUT_DIR/.lock``) for as long as one run writes it.
+    """An exclusive hold on a run folder (``flock`` on ``OUT_DIR/.segany-train.lock``) while one run writes it.
 
     Why: a second run started on a folder a live one is writing would remove that run's in-flight temp files
     (the stale-temp cleanup at start) and then both would overwrite each other's ``last.pt`` and log. The
@@ -315,11 +317,12 @@ class RunLock:
     ``flock`` (some network mounts), runs are not locked. Under DDP only rank 0 writes, so only it locks.
     """
 
-    NAME = ".lock"
+    NAME = ".segany-train.lock"  # not ".lock": the folder may be shared, and another tool's lock file emptied
 
     def __init__(self, out_dir: str | os.PathLike[str]) -> None:
         self.out_dir = Path(out_dir)
         self._fd: int | None = None
+        self._path = ""
 
     @property
     def held(self) -> bool:
@@ -339,39 +342,65 @@ class RunLock:
         if create:
             with writing(self.out_dir, None, "free space on that disk or pick another -o run.out_dir"):
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-        try:  # no O_TRUNC: the holder's pid must survive this open
-            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-        except FileNotFoundError:
-            if create:
-                raise
+        fd = self._open(path, create)
+        if fd is None:
             return self
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                log.warning("cannot lock %s (%s): running without a lock on the run folder", path, exc)
-                return self
-            by = f" (pid {holder})" if holder.isdigit() else ""
-            raise TrainingError(
-                f"run.out_dir {str(self.out_dir)!r} is being written by another `segany train`{by}: wait for it "
-                "to finish (then --resume continues it), or start this run in another folder with "
-                "-o run.out_dir=NEW_FOLDER") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    log.warning("cannot lock %s (%s): running without a lock on the run folder", path, exc)
+                    os.close(fd)
+                    return self
+                raise TrainingError(self._busy(holder, str(path.resolve()) in _HELD_PATHS)) from None
+            with contextlib.suppress(OSError):  # the pid is for messages only; a full disk must not stop the run
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            if fd not in _LOCK_FDS:
+                os.close(fd)  # never keep a descriptor (and with it the flock) of a lock not taken
+            raise
         global _fork_hook_registered
         if not _fork_hook_registered and hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_close_lock_fds_in_child)
             _fork_hook_registered = True
         _LOCK_FDS.add(fd)
         self._fd = fd
+        self._path = str(path.resolve())
+        _HELD_PATHS.add(self._path)
         return self
+
+    @staticmethod
+    def _open(path: Path, create: bool) -> int | None:
+        """The lock file's descriptor (None: no lock file and ``create`` is False). No O_TRUNC: the holder's
+        pid must survive this open. Mode 0666 under the umask, as every other run file; a file others may
+        only read is locked through a read-only descriptor (flock needs no write access)."""
+        flags = os.O_CREAT if create else 0
+        try:
+            return os.open(path, os.O_RDWR | flags, 0o666)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except PermissionError:
+            return os.open(path, os.O_RDONLY)
+
+    def _busy(self, holder: str, here: bool) -> str:
+        if here:
+            return (f"run.out_dir {str(self.out_dir)!r} is being written by another run in this process "
+                    f"(pid {os.getpid()}): let it finish first, or give this run another run.out_dir")
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        return (f"run.out_dir {str(self.out_dir)!r} is being written by another `segany train`{by}: wait for it "
+                "to finish (then --resume continues it), or start this run in another folder with "
+                "-o run.out_dir=NEW_FOLDER")
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             _LOCK_FDS.discard(fd)
+            _HELD_PATHS.discard(self._path)
             os.close(fd)  # closing the last descriptor of the open file drops the flock
 
     def __enter__(self) -> RunLock:
@@ -631,7 +660,7 @@ class Trainer:
                 batch = next_batch()
             except Exception:
                 if interrupt.requested:  # loader workers took the same Ctrl-C and exited
-                    self._save_on_interrupt()
+                    self._save_on_interrupt(agreed=False)  # this process's own flag: the others may be mid-step
                 raise
             stats = self.train_step(batch, elapsed=elapsed)
             if self.first_loss is None and stats.get("masks"):  # not a batch the crops emptied
@@ -649,8 +678,8 @@ class Trainer:
             self._log_step(stats, last_t, last_step, log_path, on_log)
         if run.val_every and stats and self._last_val_step != self.step:
             self._validate_and_log(log_path, on_log)
-        if interrupt.requested:
-            self._save_on_interrupt()
+        if interrupt.requested:  # after the last agreement: this process's own flag
+            self._save_on_interrupt(agreed=False)
         return stats
 
     def _agree(self, elapsed: float, interrupted: bool) -> tuple[float, bool]:
@@ -732,9 +761,10 @@ class Trainer:
         if self.rank == 0:  # the other processes wait at their next gradient all-reduce
             self._write_log(self.validate(), log_path, on_log)
 
-    def _save_on_interrupt(self) -> None:
-        """Checkpoint the state after the last whole step (as a periodic save would) and stop."""
-        self.interrupt_checkpoint = self.save()
+    def _save_on_interrupt(self, *, agreed: bool = True) -> None:
+        """Checkpoint the state after the last whole step (as a periodic save would) and stop. ``agreed``: every
+        process reached this at the same step (see :meth:`save`)."""
+        self.interrupt_checkpoint = self.save(agreed=agreed)
         raise KeyboardInterrupt
 
     # ------------------------------------------------------------------ one step
@@ -848,11 +878,16 @@ class Trainer:
             self._data_fp = data_fingerprint(self.cfg.data, self.train_records)
         return self._data_fp
 
-    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str] | None = None, *, agreed: bool = True) -> Path:
         """Write the full training state atomically (rank 0 writes it); returns its path. Under DDP every
-        process must call it at the same step: they agree first that the weights are finite."""
+        process must call it at the same step: they agree first that the weights are finite. ``agreed=False``
+        (a process saving on its own, e.g. on its own Ctrl-C while the others may be mid-step): no collective,
+        rank 0 checks its own weights."""
         p = Path(path) if path is not None else self.out_dir / "last.pt"
-        self._check_weights(f"not writing {p}", all_ranks=True)  # every process calls save(), each step alike
+        if agreed:
+            self._check_weights(f"not writing {p}", all_ranks=True)  # every process calls save(), each step alike
+        elif self.rank == 0:
+            self._check_weights(f"not writing {p}")
         if self.rank == 0:
             state = self.state_dict()
             with self.writing(p, tensor_bytes(state)):
