@@ -82,3 +82,28 @@ def test_open_vocabulary_labels_keep_their_hyphens_and_match_declared_ones() -> 
     assert proposal_label("t shirt", (), ["T-shirt"]) == "T-shirt"
     assert proposal_label("persons", ("dog", "person"), ()) == "person"  # a closed vocabulary's class
     assert proposal_label("a zebra", ("dog", "person"), ["Dog"]) == "zebra"  # an open-vocabulary phrase
+
+
+def test_a_proposal_saved_before_a_restart_is_answered_when_retried(label_app: Any, token: str,
+                                                                   project: Any) -> None:
+    """A proposal keeps its undeclared label only while the server remembers proposing it. A retry of its save
+    after a restart (the answer was lost; the page sends the same uuid again) is the stored row, 200, not 422;
+    anything else under that label is still refused."""
+    from segany.server.app import create_app
+
+    client = TestClient(label_app)
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    got = client.post(f"/api/images/{im['id']}/text", headers=auth(token),
+                      json={"text": "dog", "min_score": 0.0, "max_masks": 1}).json()
+    body = {"uuid": str(uuid.uuid4()), "segmentation": got["proposals"][0]["segmentation"], "label": "dog",
+            "source": "semi"}
+    first = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=body)
+    assert first.status_code == 201, first.text
+    restarted = TestClient(create_app(project[0], label_app.state.model))  # remembers no proposal
+    again = restarted.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=body)
+    assert again.status_code == 200 and again.json() == first.json(), again.text
+    assert len(project[0].list_annotations(image_id=im["id"])) == 1
+    other = project[0].add_annotator("bob")  # the same uuid from someone else is not their retry
+    assert restarted.post(f"/api/images/{im['id']}/annotations", headers=auth(other), json=body).status_code == 422
+    fresh = {**body, "uuid": str(uuid.uuid4())}  # a new save of the same mask: the label check applies again
+    assert restarted.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=fresh).status_code == 422

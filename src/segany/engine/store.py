@@ -687,6 +687,19 @@ class Store:
                     raise
                 return self._replay(s, existing, im), False
 
+    def stored_save(self, project_id: int, image_id: int, uuid: str) -> dict[str, Any] | None:
+        """The row a save with ``uuid`` stored on this project's image ``image_id``; None when nothing is stored
+        under it. Lets a retried save be answered before checks only a new save must pass (a label that was
+        allowed as a model proposal's, whose record a server restart forgot); a uuid on another image is a
+        :class:`ConflictError`, as in :meth:`save_annotation`."""
+        key = _check_uuid(uuid)
+        with self.transaction(write=False) as s:
+            im = s.get(Image, image_id)
+            if im is None or im.project_id != project_id:
+                raise NotFoundError(f"no image with id {image_id} in this project")
+            existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
+            return None if existing is None else self._replay(s, existing, im)
+
     @staticmethod
     def _replay(s: Session, existing: Annotation, image: Image) -> dict[str, Any]:
         """The stored row for a repeated uuid, if it is on ``image``; a uuid used on another image is a conflict,

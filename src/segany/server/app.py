@@ -658,7 +658,16 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         as_proposed = body.source == "semi" and proposed_masks.was_proposed(
             image_id, body.label, body.segmentation.model_dump())
         if not as_proposed:
-            store.check_label(project_id, body.label)
+            try:
+                store.check_label(project_id, body.label)
+            except InvalidAnnotationError:
+                # A retry of the caller's own stored save is answered as any retry, though the label check would
+                # refuse it now: a proposal's undeclared label, accepted before a server restart (or before
+                # the proposal fell out of ``proposed_masks``), is no longer known as proposed.
+                prior = store.stored_save(project_id, image_id, body.uuid)
+                if prior is None or prior["annotator_id"] != who["id"] or prior["label"] != (body.label.strip() or "object"):
+                    raise
+                return JSONResponse(prior, status_code=200)
 
         def reused() -> ConflictError:
             return ConflictError(f"annotation uuid {body.uuid} already names another annotation; generate a new "
