@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,46 @@ from typing import IO, Any
 
 # The errors a full disk gives, and how a message words them.
 NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (its nearest existing folder), None if unknown."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextmanager
+def disk_full_as(error: type[Exception], path: str | os.PathLike[str], fix: str,
+                 needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one ``error`` naming the file, the space it needs
+    (``needed`` bytes, when known) and ``fix``; any other error passes unchanged.
+
+    For commands whose writers inside leave nothing partial (these atomic writes; appends that cut a failed
+    line back off), so the message can say so. Those writers report a full disk as OSError(ENOSPC/EDQUOT)
+    (:func:`atomic_write` even when torch.save made it a RuntimeError); nothing else is guessed to be one.
+    """
+    target = Path(path)
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        room = ""
+        if needed:
+            free = _free_bytes(target)
+            room = f" (it needs about {_size(needed)}" + (f", {_size(free)} free there)" if free is not None
+                                                          and free < needed else ")")
+        raise error(f"{NO_SPACE[exc.errno]}: could not write {target}{room}; nothing partial was left. "
+                    f"{fix}") from exc
 
 
 def current_umask() -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from segany.atomic import NO_SPACE, atomic_write_json
+from segany.atomic import atomic_write_json, disk_full_as
 from segany.data.formats import SHARED_DATASETS, SHARED_DIRS, read_shared
 from segany.data.formats.common import InstanceRecord
 from segany.errors import InputError, SeganyError
@@ -17,18 +17,12 @@ from segany.errors import InputError, SeganyError
 SPLITS = ("train", "val")
 
 
-@contextlib.contextmanager
-def writing(path: str | os.PathLike[str], option: str = "--out") -> Iterator[None]:
+def writing(path: str | os.PathLike[str], option: str = "--out") -> contextlib.AbstractContextManager[None]:
     """A full disk while writing ``path`` becomes one SeganyError naming the file and the fix (free space, or
-    another ``option``), not the temp file's name with "check the path and its permissions". The atomic
-    writers inside remove their temp file, so nothing partial is left."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in NO_SPACE:
-            raise
-        raise SeganyError(f"{NO_SPACE[exc.errno]}: could not write {path}; nothing partial was left. Free space "
-                          f"on that disk or pass another {option}, and run the evaluation again") from exc
+    another ``option``), not the temp file's name with "check the path and its permissions"
+    (:func:`segany.atomic.disk_full_as`)."""
+    return disk_full_as(SeganyError, path, f"Free space on that disk or pass another {option}, and run the "
+                        "evaluation again")
 
 
 def provenance(checkpoint: str | os.PathLike[str] | None, records: Sequence[InstanceRecord],

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.atomic import NO_SPACE, atomic_write, atomic_write_text
+from segany.atomic import atomic_write, atomic_write_text, disk_full_as
 from segany.errors import InputError, SeganyError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.train.config import PROVENANCE, RecipeSection, TrainConfig
@@ -256,37 +255,10 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-def _free_bytes(path: Path) -> int | None:
-    """Free bytes on the file system that holds ``path`` (its nearest existing folder), None if unknown."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def writing(path: str | os.PathLike[str], needed: int | None, fix: str) -> Iterator[None]:
-    """Turn a full disk while writing ``path`` into one :class:`TrainingError` naming the file, the space it
-    needs (``needed`` bytes, when known) and ``fix``; any other error passes unchanged.
-
-    The writers inside leave nothing partial (atomic writes remove their temp file; log appends are cut back),
-    so the message can say so. Every writer inside goes through :func:`segany.atomic.atomic_write` or a plain
-    Python file, so a full disk arrives as OSError(ENOSPC/EDQUOT); nothing else is guessed to be one.
-    """
-    target = Path(path)
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in NO_SPACE:
-            raise
-        raise TrainingError(_no_space_message(target, needed, fix, NO_SPACE[exc.errno])) from exc
+def writing(path: str | os.PathLike[str], needed: int | None, fix: str) -> contextlib.AbstractContextManager[None]:
+    """A full disk while writing ``path`` becomes one :class:`TrainingError` naming the file, the space it needs
+    and ``fix`` (:func:`segany.atomic.disk_full_as`)."""
+    return disk_full_as(TrainingError, path, fix, needed)
 
 
 _LOCK_FDS: set[int] = set()  # the RunLock descriptors this process holds
@@ -408,15 +380,6 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _no_space_message(path: Path, needed: int | None, fix: str, what: str) -> str:
-    free = _free_bytes(path)
-    room = ""
-    if needed:
-        room = f" (it needs about {_size(needed)}" + (f", {_size(free)} free there)" if free is not None
-                                                      and free < needed else ")")
-    return f"{what}: could not write {path}{room}; nothing partial was left. {fix}"
 
 
 def _append(path: Path, data: bytes) -> None:
