@@ -63,10 +63,10 @@ def test_sa1b_folder_of_segany_auto_packs_every_mask(tmp_path: Path, capsys) -> 
     """--sa1b OUT --images IMAGES packs `segany auto`'s files (a subfolder included; its bookkeeping JSONs
     are not images) with every mask on its own image; SA-1B's own layout (image beside its JSON) needs no
     --images."""
-    from segany.data.formats.sa1b import AUTO_BOOKKEEPING
+    from segany.data.formats.auto_files import BOOKKEEPING
 
     _sa1b_dataset(tmp_path / "imgs", tmp_path / "auto", subfolder="sub")
-    for name in AUTO_BOOKKEEPING:
+    for name in BOOKKEEPING:
         (tmp_path / "auto" / name).write_text(json.dumps({"images": [], "annotations": []}))
     assert _pack("--sa1b", str(tmp_path / "auto"), "--images", str(tmp_path / "imgs"),
                  "--out", str(tmp_path / "pack"), "--name", "mine") == 0

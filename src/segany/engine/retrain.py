@@ -366,9 +366,9 @@ def _group(files: dict[int, tuple[str, str]], remembered: Remembered, cache: Map
         nodes[-1 - k] = (sha, remembered.paths.get(sha, ""))
         sides[-1 - k] = held
     tried = {k: f for k, f in nodes.items() if f[0] not in failed}
-    hashes, new, unreadable = near_dupes.dhashes_for(tried, cache)
+    hashes, _, unreadable = near_dupes.dhashes_for(tried, cache)
     unreadable.update({k: failed[f[0]] for k, f in nodes.items() if f[0] in failed})
-    by_sha = {**{nodes[k][0]: h for k, h in hashes.items()}, **new}
+    by_sha = {nodes[k][0]: h for k, h in hashes.items()}  # the ones hashed now included
     return _Grouping(groups=near_dupes.near_duplicate_groups(hashes, max_bits), sides=sides, hashes=hashes,
                      by_sha=by_sha, unreadable=unreadable,
                      failed={**failed, **{nodes[k][0]: why for k, why in unreadable.items()}})

@@ -678,24 +678,20 @@ class Store:
         except IntegrityError:
             # Another request with the same key committed between our read and our insert (or the image was
             # removed meanwhile, where the lock above is not taken).
-            with self.transaction(write=False) as s:
-                existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
-                im = s.get(Image, image_id)
-                if im is None:
-                    raise NotFoundError(f"no image with id {image_id} in this project") from None
-                if existing is None:
-                    raise
-                return self._replay(s, existing, im), False
+            prior = self.stored_save(project_id, image_id, key)
+            if prior is None:
+                raise
+            return prior, False
 
-    def stored_save(self, project_id: int, image_id: int, uuid: str) -> dict[str, Any] | None:
-        """The row a save with ``uuid`` stored on this project's image ``image_id``; None when nothing is stored
-        under it. Lets a retried save be answered before checks only a new save must pass (a label that was
+    def stored_save(self, project_id: int | None, image_id: int, uuid: str) -> dict[str, Any] | None:
+        """The row a save with ``uuid`` stored on this project's image ``image_id`` (any project's with
+        ``project_id`` None); None when nothing is stored under it. Lets a retried save be answered before checks only a new save must pass (a label that was
         allowed as a model proposal's, whose record a server restart forgot); a uuid on another image is a
         :class:`ConflictError`, as in :meth:`save_annotation`."""
         key = _check_uuid(uuid)
         with self.transaction(write=False) as s:
             im = s.get(Image, image_id)
-            if im is None or im.project_id != project_id:
+            if im is None or (project_id is not None and im.project_id != project_id):
                 raise NotFoundError(f"no image with id {image_id} in this project")
             existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
             return None if existing is None else self._replay(s, existing, im)

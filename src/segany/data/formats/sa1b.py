@@ -200,8 +200,6 @@ def _sa1b_image(data: Any, p: Path) -> Sa1bImage:
 
 
 # ----------------------------------------------------------------------------- a folder of them, for packing
-# The files `segany auto` keeps beside its SA-1B outputs: its records, not an image's masks.
-AUTO_BOOKKEEPING = frozenset(BOOKKEEPING)
 
 
 def is_sa1b_data(data: Any) -> bool:
@@ -226,7 +224,7 @@ def sa1b_json_files(source: str | os.PathLike[str]) -> list[Path]:
         raise InputError(f"--sa1b {str(src)!r} does not exist; pass the folder of SA-1B .json files (one per image, "
                          "as SA-1B ships them and `segany auto IMAGES --out DIR` writes them)")
     return [p for p in sorted(src.rglob("*.json"))
-            if p.name not in AUTO_BOOKKEEPING and p.is_file()
+            if p.name not in BOOKKEEPING and p.is_file()  # segany auto's records, not an image's masks
             and not any(part.startswith(".") for part in p.relative_to(src).parts)]
 
 
