@@ -43,6 +43,7 @@ from segany.engine.store import (
     bad_images_message,
     check_finite,
     check_seconds,
+    label_name,
     read_image_files,
 )
 from segany.errors import InputError
@@ -928,7 +929,7 @@ def _import_record(a: dict[str, Any], cats: dict[Any, str], size_hw: tuple[int, 
     check_finite("segany.predicted_iou", extra.get("predicted_iou"))
     digest = hashlib.sha256(f"{label}\n{rle['counts']}".encode()).hexdigest()[:16]
     src = extra.get("source", source)
-    return {"rle": rle, "label": label.strip()[:200] or "object",
+    return {"rle": rle, "label": label_name(label),
             "source": src if src in ("manual", "semi", "auto") else source,
             # The resolved path: an export refuses to overwrite it, and a re-import finds its earlier rows.
             "prompts": {"imported_from": str(Path(coco_json).resolve()), "import_digest": digest},

@@ -114,6 +114,12 @@ def plain_text_problem(value: str) -> str | None:
             "line: remove it (no NUL, tab, newline or other control characters)")
 
 
+def label_name(label: str) -> str:
+    """The label as stored: stripped, at most 200 characters, "object" when empty. One rule for every write
+    and for comparing a retried request with the row it wrote."""
+    return label.strip()[:200] or "object"
+
+
 def check_plain_text(what: str, value: str) -> str:
     """``value`` if it is plain text, else :class:`InputError` naming ``what``, the character and the fix."""
     problem = plain_text_problem(value)
@@ -648,7 +654,7 @@ class Store:
         predicted_iou = check_finite("predicted_iou", predicted_iou)
         stability_score = check_finite("stability_score", stability_score)
         check_finite_json("prompts", prompts)
-        label = check_plain_text("label", (label or "object").strip()[:200] or "object")
+        label = check_plain_text("label", label_name(label or "object"))
         try:
             with self.transaction() as s:
                 # The image first: a replayed uuid must not answer for an image outside the caller's project.
@@ -860,7 +866,7 @@ class Store:
 
     @staticmethod
     def _refuse_undeclared(labels: Sequence[str], label: str) -> None:
-        name = label.strip()[:200] or "object"
+        name = label_name(label)
         if labels and name not in labels:
             raise InvalidAnnotationError(f"label {name!r} is not one of this project's labels "
                                          f"({', '.join(labels)}); pick one of them, or an admin adds it to the "
@@ -989,7 +995,7 @@ class Store:
             if label is not None:
                 if declared_label:
                     self._refuse_undeclared(list(s.get(Project, a.image.project_id).labels or []), label)
-                a.label = label.strip()[:200] or "object"
+                a.label = label_name(label)
             if review_state is not None:
                 a.review_state = review_state
             if annotator_id is not None:
@@ -1188,7 +1194,7 @@ def _differs_from_edit(a: Annotation, *, mask: np.ndarray | None, rle: dict[str,
         enc = encode_mask(mask) if mask is not None else normalize_rle(rle)  # type: ignore[arg-type]
         if list(enc["size"]) != [a.height, a.width] or enc["counts"] != a.rle_counts:
             differs.append("segmentation")
-    if label is not None and (label.strip()[:200] or "object") != a.label:
+    if label is not None and label_name(label) != a.label:
         differs.append("label")
     if review_state is not None and review_state != a.review_state:
         differs.append("review_state")

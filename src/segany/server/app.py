@@ -50,6 +50,7 @@ from segany.engine.store import (
     Store,
     file_sha256,
     hash_token,
+    label_name,
 )
 from segany.errors import InputError, SeganyError
 from segany.server.model_service import DecodeExpiredError, ModelService
@@ -665,7 +666,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                 # refuse it now: a proposal's undeclared label, accepted before a server restart (or before
                 # the proposal fell out of ``proposed_masks``), is no longer known as proposed.
                 prior = store.stored_save(project_id, image_id, body.uuid)
-                if prior is None or prior["annotator_id"] != who["id"] or prior["label"] != (body.label.strip() or "object"):
+                if prior is None or prior["annotator_id"] != who["id"] or prior["label"] != label_name(body.label):
                     raise
                 return JSONResponse(prior, status_code=200)
 
