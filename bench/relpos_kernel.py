@@ -135,11 +135,11 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
     flops = 4 * batch * nw * nh * (window * window) ** 2 * D
     res: dict[str, Any] = {"model": name, "block": "windowed", "batch": batch, "heads": nh, "head_dim": D,
                            "window": window, "grid": grid}
+    biased = {"cudnn_bias_windows": SDPBackend.CUDNN_ATTENTION, "efficient_bias_windows": SDPBackend.EFFICIENT_ATTENTION}
     fns = {
         "fold": lambda: half.folded_windows(qkv_nobias),
         "fused": lambda: half.fused_windows(qkv),  # what the encoder runs (the flash kernel by default)
-        "cudnn_bias_windows": lambda: half.biased_windows(qkv_nobias, SDPBackend.CUDNN_ATTENTION),
-        "efficient_bias_windows": lambda: half.biased_windows(qkv_nobias, SDPBackend.EFFICIENT_ATTENTION),
+        **{label: (lambda b=backend: half.biased_windows(qkv_nobias, b)) for label, backend in biased.items()},
         "sdpa_no_bias_windows": lambda: F.scaled_dot_product_attention(wq, wk, wv),
     }
     with torch.no_grad():
@@ -151,8 +151,7 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
             got = half.fused_windows(qkv[:n]).float()
             res["max_abs_err_fused"] = round(float((got - ref).abs().max()), 5)
             res["max_abs_err_fold"] = round(float((half.folded_windows(qkv_nobias[:n]).float() - ref).abs().max()), 5)
-            for label, backend in (("cudnn_bias_windows", SDPBackend.CUDNN_ATTENTION),
-                                   ("efficient_bias_windows", SDPBackend.EFFICIENT_ATTENTION)):
+            for label, backend in biased.items():
                 if "ms" in res[label]:
                     got = half.biased_windows(qkv_nobias[:n], backend).float()
                     res[f"max_abs_err_{label}"] = round(float((got - ref).abs().max()), 5)

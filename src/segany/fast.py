@@ -230,8 +230,10 @@ class FastViTAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.attend(self.qkv(x)))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Projected tokens (B, H, W, 3C) → attention output (B, H, W, C), before the output projection."""
+    def attend(self, qkv: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """Projected tokens (B, H, W, 3C) → attention output (B, H, W, C), before the output projection;
+        ``mode`` overrides :attr:`mode` for this call."""
+        mode = self.mode if mode is None else mode
         B, H, W, C3 = qkv.shape
         C = C3 // 3
         nh, hd, L = self.num_heads, self.head_dim, H * W
@@ -244,14 +246,14 @@ class FastViTAttention(nn.Module):
             qg = q.reshape(B, nh, H, W, hd)
             bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rel_w).reshape(B, nh, L, W)
             bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rel_h).reshape(B, nh, L, H)
-            if self.mode == "fused" and relpos_kernel.available(q.device, q.dtype) and relpos_kernel.supports((H, W), hd):
+            if mode == "fused" and relpos_kernel.available(q.device, q.dtype) and relpos_kernel.supports((H, W), hd):
                 # bias_h stays (L, H) row-major although the kernel reads it one key row at a time: on the
                 # H200 a transposed copy (queries contiguous) made the kernel 1-13% slower, not faster
                 # (bench/results/gpu_2026-11-26b/relpos_kernel.json, "fused" against "fused_bias_h_rows").
                 out = relpos_kernel.relpos_attention(q, k, v, bias_h, bias_w, (H, W))
-            elif self.mode == "fold":
+            elif mode == "fold":
                 out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
-            elif self.mode == "flex":
+            elif mode == "flex":
                 out = _flex_attention(q, k, v, bias_h, bias_w, W)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
@@ -310,39 +312,24 @@ class FastWindowBlock(vit.Block):
         return window_kernel.window_attention(qkv, self.attn.qkv.bias, table_h, table_w, self.window,
                                               self.attn.num_heads)
 
-    def folded_windows(self, qkv_nobias: torch.Tensor) -> torch.Tensor:
+    def folded_windows(self, qkv_nobias: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """Window attention without the kernel, from the projection *without* its bias (added after padding,
-        see the class docstring) to (B, H, W, C) before ``proj``."""
+        see the class docstring) to (B, H, W, C) before ``proj``; ``mode``: the attention's, by default."""
         windows, padded = vit.window_partition(qkv_nobias, self.window)
         if self.attn.qkv.bias is not None:
             windows = windows + self.attn.qkv.bias
-        return vit.window_unpartition(self.attn.attend(windows), self.window, padded, qkv_nobias.shape[1:3])
+        return vit.window_unpartition(self.attn.attend(windows, mode), self.window, padded, qkv_nobias.shape[1:3])
 
     def biased_windows(self, qkv_nobias: torch.Tensor, backend: Any = None) -> torch.Tensor:
-        """Window attention through SDPA with the rel-pos bias built per window and head, (B·nW, heads, w², w²),
-        from the projection *without* its bias to (B, H, W, C) before ``proj``; ``backend`` an ``SDPBackend``
-        to force (None: SDPA's own choice). Experimental, off (:data:`WINDOW_SDPA_BACKEND`)."""
-        attn, window = self.attn, self.window
-        nh, D = attn.num_heads, attn.head_dim
-        windows, padded = vit.window_partition(qkv_nobias, window)
-        if attn.qkv.bias is not None:
-            windows = windows + attn.qkv.bias
-        n = windows.shape[0]
-        q, k, v = windows.reshape(n, window * window, 3, nh, D).permute(2, 0, 3, 1, 4).unbind(0)
-        grid_q = q.reshape(n, nh, window, window, D)
-        rel_h = torch.einsum("bnyxd,ykd->bnyxk", grid_q, vit.relative_position_table(window, window, attn.rel_pos_h))
-        rel_w = torch.einsum("bnyxd,xkd->bnyxk", grid_q, vit.relative_position_table(window, window, attn.rel_pos_w))
-        bias = _padded_bias(rel_h.reshape(n, nh, window * window, window),
-                            rel_w.reshape(n, nh, window * window, window))
+        """:meth:`folded_windows` with the rel-pos bias built per window and head, (B·nW, heads, w², w²), as
+        SDPA's mask (``attention="mask"``), on ``backend`` (an ``SDPBackend``; None: SDPA's own choice).
+        Experimental, off (:data:`WINDOW_SDPA_BACKEND`)."""
         if backend is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            from torch.nn.attention import sdpa_kernel
+            return self.folded_windows(qkv_nobias, "mask")
+        from torch.nn.attention import sdpa_kernel
 
-            with sdpa_kernel(backend):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(n, window, window, nh * D)
-        return vit.window_unpartition(out, window, padded, qkv_nobias.shape[1:3])
+        with sdpa_kernel(backend):
+            return self.folded_windows(qkv_nobias, "mask")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segany.atomic import NO_SPACE
 from segany.cli._checks import check_out_dir
 from segany.cli._util import (
     add_speed_arguments,
@@ -580,7 +581,7 @@ def _writing(path: Path, *, done: int) -> Iterator[None]:
 
 
 def _write_failure(exc: OSError, reason: str, path: Path, done: int) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in NO_SPACE:
         fix = "free space on that disk"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "make that folder writable"

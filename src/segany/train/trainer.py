@@ -244,14 +244,15 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), fsync=True)  # fsync: a resumed run trusts last.pt as whole
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about what torch.save writes."""
+def tensor_bytes(obj: Any, half: bool = False) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about what torch.save writes; ``half``:
+    floats counted at 2 bytes, as :func:`segany.checkpoints.save_checkpoint` stores them with ``half=True``."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        return obj.numel() * (2 if half and obj.is_floating_point() else obj.element_size())
     if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
+        return sum(tensor_bytes(v, half) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
+        return sum(tensor_bytes(v, half) for v in obj)
     return 0
 
 
@@ -914,9 +915,7 @@ class Trainer:
         self._check_weights(f"not writing {Path(path)}")
         info = {"trained_steps": self.step, "train_seconds": round(self.elapsed, 1), **(meta or {}),
                 PROVENANCE: self.provenance()}
-        needed = sum(v.numel() * (2 if half and v.is_floating_point() else v.element_size())
-                     for v in self.sam.state_dict().values())
-        with self.writing(path, needed, option=option):
+        with self.writing(path, tensor_bytes(self.sam.state_dict(), half), option=option):
             return save_checkpoint(self.sam, path, meta=info, half=half)
 
     # ------------------------------------------------------------------ loop
