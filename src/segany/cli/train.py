@@ -193,11 +193,9 @@ def _init_source(cfg: Any, trainer: Any) -> str:
     from segany.train.config import BUNDLED
     from segany.train.init_weights import describe_init
 
-    if trainer.init_checkpoint is None:
-        return describe_init(None, False)
     # The digest the run records (trainer.provenance), so the file is hashed once, not again for this line.
-    sha = trainer.provenance()["init_sha256"]
-    return f"{'bundled ' if cfg.model.checkpoint == BUNDLED else ''}{trainer.init_checkpoint} (sha256 {sha[:12]})"
+    sha = None if trainer.init_checkpoint is None else trainer.provenance()["init_sha256"]
+    return describe_init(trainer.init_checkpoint, cfg.model.checkpoint == BUNDLED, sha)
 
 
 def _say(trainer: Any, msg: str) -> None:

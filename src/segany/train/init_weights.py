@@ -23,10 +23,13 @@ def resolve_init_checkpoint(model: ModelSection) -> Path | None:
     return bundled_weights(model.name)
 
 
-def describe_init(path: Path | None, bundled: bool) -> str:
-    """One line for the start-up banner: ``random init`` or the file and its sha256 prefix."""
+def describe_init(path: Path | None, bundled: bool, sha: str | None = None) -> str:
+    """One line for the start-up banner: ``random init`` or the file and its sha256 prefix (``sha``: the digest
+    already taken, e.g. the run's recorded one, so the file is not hashed again)."""
     if path is None:
         return "random init (model.checkpoint is null)"
-    from segany.hashing import file_digest
+    if sha is None:
+        from segany.hashing import weights_digest
 
-    return f"{'bundled ' if bundled else ''}{path} (sha256 {file_digest(path)[:12]})"
+        sha = weights_digest(path)
+    return f"{'bundled ' if bundled else ''}{path} (sha256 {sha[:12]})"
