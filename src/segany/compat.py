@@ -75,7 +75,7 @@ class _Registry(dict[str, Builder]):
 
     Why a ``dict`` subclass that overrides every method: code written for the reference checks
     ``isinstance(..., dict)``, and ``dict``'s own C methods read the stored entries directly, so each
-    read path must sync them first and each write path must keep track of which entries are the user's.
+    read path must sync them first; writes change only the user's builders and mark the entries stale.
     """
 
     def __init__(self) -> None:
@@ -96,9 +96,6 @@ class _Registry(dict[str, Builder]):
         dict.clear(self)
         dict.update(self, entries)
         self._synced = names
-
-    def _registered(self, name: str) -> bool:
-        return name == "default" or name in list_models()
 
     # ------------------------------------------------------------------------------- reads
     def __getitem__(self, name: str) -> Builder:
@@ -184,20 +181,15 @@ class _Registry(dict[str, Builder]):
         if not callable(builder):
             raise InputError(f"sam_model_registry[{name!r}] must be a builder function (checkpoint=None) -> Sam, "
                             f"got {type(builder).__name__}")
-        self._sync()
         self._user[name] = builder
-        dict.__setitem__(self, name, builder)  # an existing key keeps its place, a new one goes last
+        self._synced = None  # rebuilt on the next read: a registered name keeps its place, a new one goes last
 
     def __delitem__(self, name: str) -> None:
         if name not in self._user:
             raise UnknownModelError(f"{name!r} is not a builder added to sam_model_registry; registered models cannot "
                            "be removed, only builders assigned with sam_model_registry[name] = fn")
-        self._sync()
         del self._user[name]
-        if self._registered(name):  # the registered builder it shadowed comes back, in its place
-            dict.__setitem__(self, name, _builder("vit_h" if name == "default" else name))
-        else:
-            dict.__delitem__(self, name)
+        self._synced = None  # rebuilt on the next read: a registered builder it shadowed comes back, in its place
 
     def update(self, *args: Any, **kwargs: Builder) -> None:  # type: ignore[override]
         if len(args) > 1:
