@@ -932,9 +932,8 @@ async function saveEdit() {
   // new one, as the server refuses a key sent with another edit (409). Told by the runs themselves, not by
   // editSeq: a brush stroke still drawn after Enter changes the mask in place without counting as an edit.
   // (seconds_spent is the time until each try: the server does not compare it.)
-  const what = JSON.stringify([e.revision, label, body.segmentation ? body.segmentation.counts : null]);
-  if (!e.saveKey || e.saveKey.what !== what) e.saveKey = { what, uuid: uuid4() };
-  body.edit_uuid = e.saveKey.uuid;
+  body.edit_uuid = stableKey(e, "saveKey",
+    JSON.stringify([e.revision, label, body.segmentation ? body.segmentation.counts : null]));
   const token = S.imageToken; const im = current(); const mask = S.mask; const job = { token, seq: S.editSeq };
   S.saves.push(job); setStatus("saving the edit…", false);
   let out;
@@ -1093,9 +1092,13 @@ async function reviewOne(id, action) {
 // an annotator's rejected proposal); anything else gets a new one, as the server refuses a key sent with another
 // review (409). Kept on the mask it reviews.
 function reviewKey(a, action, body) {
-  const what = JSON.stringify([action, body.uuid, body.revision, body.label]);
-  if (!a._reviewKey || a._reviewKey.what !== what) a._reviewKey = { what, uuid: uuid4() };
-  return a._reviewKey.uuid;
+  return stableKey(a, "_reviewKey", JSON.stringify([action, body.uuid, body.revision, body.label]));
+}
+
+// holder[prop]'s uuid while `what` (what a request sends) stays the same, a new one when it changes.
+function stableKey(holder, prop, what) {
+  if (!holder[prop] || holder[prop].what !== what) holder[prop] = { what, uuid: uuid4() };
+  return holder[prop].uuid;
 }
 
 // POST an accept/reject (retried as a save is, see sendSave: the mask stays in its list, and a second press for
