@@ -12,10 +12,6 @@ Windowed blocks (14-token windows), from the ``qkv`` projection to the tokens ``
   the rel-pos einsums, SDPA on the folded heads, merge and crop;
 * ``fused``: :func:`segany.kernels.window_attention.window_attention` as the encoder runs it (the flash
   kernel: a key row a step, online softmax);
-* ``cudnn_bias_windows`` / ``efficient_bias_windows``: pad and partition, the rel-pos terms as two einsums,
-  the (window², window²) bias built per window and head, and SDPA with it as ``attn_mask`` on cuDNN's
-  fused attention (Hopper) or the memory-efficient kernel: the candidate to beat the Triton kernel at
-  ViT-H's 80-channel heads, where that kernel is 3.7× its no-bias floor;
 * ``sdpa_no_bias_windows``: SDPA on already-partitioned windows without bias (a floor for the attention
   itself; the other two also move the tokens in and out of windows);
 
@@ -42,8 +38,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from torch.nn.attention import SDPBackend  # noqa: E402
 
 from segany.cli._util import atomic_write_bytes  # noqa: E402
 from segany.fast import FastViTAttention, FastWindowBlock, _padded_bias  # noqa: E402
@@ -135,11 +129,9 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
     flops = 4 * batch * nw * nh * (window * window) ** 2 * D
     res: dict[str, Any] = {"model": name, "block": "windowed", "batch": batch, "heads": nh, "head_dim": D,
                            "window": window, "grid": grid}
-    biased = {"cudnn_bias_windows": SDPBackend.CUDNN_ATTENTION, "efficient_bias_windows": SDPBackend.EFFICIENT_ATTENTION}
     fns = {
         "fold": lambda: half.folded_windows(qkv_nobias),
         "fused": lambda: half.fused_windows(qkv),  # what the encoder runs (the flash kernel by default)
-        **{label: (lambda b=backend: half.biased_windows(qkv_nobias, b)) for label, backend in biased.items()},
         "sdpa_no_bias_windows": lambda: F.scaled_dot_product_attention(wq, wk, wv),
     }
     with torch.no_grad():
@@ -151,10 +143,6 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
             got = half.fused_windows(qkv[:n]).float()
             res["max_abs_err_fused"] = round(float((got - ref).abs().max()), 5)
             res["max_abs_err_fold"] = round(float((half.folded_windows(qkv_nobias[:n]).float() - ref).abs().max()), 5)
-            for label, backend in biased.items():
-                if "ms" in res[label]:
-                    got = half.biased_windows(qkv_nobias[:n], backend).float()
-                    res[f"max_abs_err_{label}"] = round(float((got - ref).abs().max()), 5)
     return res
 
 

@@ -434,6 +434,8 @@ def machine(device: str) -> dict[str, Any]:
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     info["logical_cpus"] = os.cpu_count()
+    # Inductor's environment switches (TORCHINDUCTOR_FREEZING=1, …) change the compiled rows: keep them with them.
+    info["inductor_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -475,9 +477,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="the ViT MLP's GELU in the first GEMM's cuBLASLt epilogue (FastPath(gelu_epilogue=)): "
                         "leave each bf16 variant at its default, force it off or on, or time both; on CUDA "
                         "'on'/'both' also add its accuracy row")
-    p.add_argument("--window-sdpa", choices=["CUDNN_ATTENTION", "EFFICIENT_ATTENTION"],
-                   help="experimental: the fused windowed blocks on CUDA run SDPA with the rel-pos bias on this "
-                        "backend instead of the window kernel (segany.fast.WINDOW_SDPA_BACKEND)")
     p.add_argument("--skip-sam-fast", action="store_true",
                    help="with --compile: leave out segment-anything-fast's method (a minute of compiling)")
     p.add_argument("--skip-eager", action="store_true",
@@ -517,10 +516,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown_parts = set(args.parts.split(",")) - {"encoder", "prompt", "accuracy"}
     if unknown_parts:
         p.error(f"unknown --parts {', '.join(sorted(unknown_parts))}; known: encoder, prompt, accuracy")
-    if args.window_sdpa:
-        import segany.fast
-
-        segany.fast.WINDOW_SDPA_BACKEND = args.window_sdpa
     if not gpu:
         args.threads = configure_cpu_threads(args.threads)
     if gpu:

@@ -230,10 +230,9 @@ class FastViTAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.attend(self.qkv(x)))
 
-    def attend(self, qkv: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """Projected tokens (B, H, W, 3C) → attention output (B, H, W, C), before the output projection;
-        ``mode`` overrides :attr:`mode` for this call."""
-        mode = self.mode if mode is None else mode
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Projected tokens (B, H, W, 3C) → attention output (B, H, W, C), before the output projection."""
+        mode = self.mode
         B, H, W, C3 = qkv.shape
         C = C3 // 3
         nh, hd, L = self.num_heads, self.head_dim, H * W
@@ -258,14 +257,6 @@ class FastViTAttention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
         return out.transpose(1, 2).reshape(B, H, W, C)
-
-
-# Experimental, off: an ``SDPBackend`` name ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION") makes the fused windowed
-# blocks on CUDA run :meth:`FastWindowBlock.biased_windows` on that backend instead of the window kernel. Why:
-# the kernel is 3.7× its no-bias SDPA floor at ViT-H's 80-channel heads (24 of ViT-H's 104 ms a batch, H200,
-# 2026-11-27); cuDNN's fused attention takes an arbitrary bias on Hopper. Untimed: `bench/relpos_kernel.py`
-# (cudnn_bias_windows) and `bench/speed.py --window-sdpa` time it; switch it on only if a GPU says it is faster.
-WINDOW_SDPA_BACKEND: str | None = None
 
 
 class FastWindowBlock(vit.Block):
@@ -312,34 +303,18 @@ class FastWindowBlock(vit.Block):
         return window_kernel.window_attention(qkv, self.attn.qkv.bias, table_h, table_w, self.window,
                                               self.attn.num_heads)
 
-    def folded_windows(self, qkv_nobias: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+    def folded_windows(self, qkv_nobias: torch.Tensor) -> torch.Tensor:
         """Window attention without the kernel, from the projection *without* its bias (added after padding,
-        see the class docstring) to (B, H, W, C) before ``proj``; ``mode``: the attention's, by default."""
+        see the class docstring) to (B, H, W, C) before ``proj``."""
         windows, padded = vit.window_partition(qkv_nobias, self.window)
         if self.attn.qkv.bias is not None:
             windows = windows + self.attn.qkv.bias
-        return vit.window_unpartition(self.attn.attend(windows, mode), self.window, padded, qkv_nobias.shape[1:3])
-
-    def biased_windows(self, qkv_nobias: torch.Tensor, backend: Any = None) -> torch.Tensor:
-        """:meth:`folded_windows` with the rel-pos bias built per window and head, (B·nW, heads, w², w²), as
-        SDPA's mask (``attention="mask"``), on ``backend`` (an ``SDPBackend``; None: SDPA's own choice).
-        Experimental, off (:data:`WINDOW_SDPA_BACKEND`)."""
-        if backend is None:
-            return self.folded_windows(qkv_nobias, "mask")
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(backend):
-            return self.folded_windows(qkv_nobias, "mask")
+        return vit.window_unpartition(self.attn.attend(windows), self.window, padded, qkv_nobias.shape[1:3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
         qkv_layer = self.attn.qkv
-        if (WINDOW_SDPA_BACKEND is not None and self.fused and x.is_cuda and self.attn.use_rel_pos
-                and not isinstance(qkv_layer, quant_linear.QuantLinear)):
-            from torch.nn.attention import SDPBackend
-
-            out = self.biased_windows(F.linear(h, qkv_layer.weight), getattr(SDPBackend, WINDOW_SDPA_BACKEND))
-        elif self._kernel_applies(x):
+        if self._kernel_applies(x):
             out = self.fused_windows(qkv_layer(h))
         elif isinstance(qkv_layer, quant_linear.QuantLinear):
             out = self.folded_windows(qkv_layer.matmul(h))
