@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from segany.atomic import atomic_path, atomic_write, atomic_write_json, atomic_write_text
+import segany.atomic
+from segany.atomic import append_whole, atomic_path, atomic_write, atomic_write_json, atomic_write_text
 
 
 def _mode(path: Path) -> int:
@@ -53,3 +56,37 @@ def test_a_folder_in_the_way_fails_without_a_stray_temp(tmp_path: Path) -> None:
 
 def test_missing_parent_folders_are_made(tmp_path: Path) -> None:
     assert atomic_write_text(tmp_path / "a" / "b" / "c.txt", "x").read_text() == "x"
+
+
+class _FillsUp:
+    """A file on a disk with ``room`` bytes left: writes take what fits, then fail with ENOSPC."""
+
+    def __init__(self, f: Any, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data: Any) -> int:
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = self.f.write(bytes(data[: self.room]))
+        self.room -= n
+        return n
+
+    def __enter__(self) -> _FillsUp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def test_an_append_that_fills_the_disk_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "log.jsonl"
+    append_whole(log, b'{"step": 1}\n')
+    monkeypatch.setattr(segany.atomic, "open", lambda *a, **k: _FillsUp(open(*a, **k), 5), raising=False)
+    with pytest.raises(OSError) as err:
+        append_whole(log, b'{"step": 2, "loss": 0.5}\n')
+    assert err.value.errno == errno.ENOSPC
+    assert log.read_bytes() == b'{"step": 1}\n'  # the half-written record was cut back off
+

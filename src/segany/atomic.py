@@ -7,6 +7,9 @@ Every writer in segany goes through :func:`atomic_path`, so three properties hol
 * the temp file is removed on any failure, Ctrl-C included, so no ``.name.XXXX.tmp`` is left behind;
 * the new file gets the permissions any other new file gets under the process's umask (``mkstemp`` makes
   0600 files, which other users, a web server or a container mount then cannot read).
+
+Logs that grow line by line are not rewritten whole: :func:`append_whole` adds a record or nothing, so a
+full disk never leaves a torn last line for the next reader (or a resumed run) to trip on.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -163,3 +166,21 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = 
 def atomic_write_json(path: str | os.PathLike[str], data: Any, *, fsync: bool = False, **dumps: Any) -> Path:
     """``json.dumps(data, **dumps)`` written atomically (UTF-8)."""
     return atomic_write_text(path, json.dumps(data, **dumps), fsync=fsync)
+
+
+def append_whole(path: str | os.PathLike[str], data: bytes) -> None:
+    """Append ``data`` to ``path`` whole or not at all: a write that fails partway (a full disk, Ctrl-C) is
+    cut back off before the error goes on, so a line-per-record log never ends in a torn line."""
+    with open(path, "ab", buffering=0) as f:
+        start = f.tell()
+        try:
+            view = memoryview(data)
+            while view:
+                n = f.write(view)
+                if not n:
+                    raise OSError(errno.EIO, f"could not append to {path}")
+                view = view[n:]
+        except BaseException:
+            with suppress(OSError):
+                f.truncate(start)
+            raise

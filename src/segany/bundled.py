@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from segany.atomic import atomic_path
+from segany.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from segany.errors import CheckpointError
 from segany.hashing import file_digest
 
@@ -41,9 +41,9 @@ def split_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | N
     out = []
     for i in range(0, max(1, len(data)), part_bytes):
         p = dest / f"{src.name}.part{i // part_bytes}"
-        p.write_bytes(data[i : i + part_bytes])
+        atomic_write_bytes(p, data[i : i + part_bytes])
         out.append(p)
-    (dest / f"{src.name}.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    atomic_write_text(dest / f"{src.name}.sha256", hashlib.sha256(data).hexdigest() + "\n")
     return out
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segany.atomic import append_whole
 from segany.data.formats.common import InstanceRecord, decode_rle
 from segany.errors import InputError
 from segany.modeling.config import ClassHeadConfig, SamConfig, TextConfig
@@ -405,8 +406,7 @@ def train_labels(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig, *
         stats.update(step=step, lr=lr, time_s=round(time.time() - t0, 1))
         history.append(stats)
         if step % cfg.log_every == 0 or step == 1:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(stats) + "\n")
+            append_whole(out / "log.jsonl", (json.dumps(stats) + "\n").encode())
             log.info("step %d loss %.4f", step, stats["loss"])
             if on_log:
                 on_log(stats)
@@ -622,8 +622,7 @@ def train_head_only(sam: Sam, train: list[InstanceRecord], cfg: LabelTrainConfig
             stats.update(val_loss=float(vl), val_acc=va)
         history.append(stats)
         if step % cfg.log_every == 0 or step == 1:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(stats) + "\n")
+            append_whole(out / "log.jsonl", (json.dumps(stats) + "\n").encode())
             if on_log:
                 on_log(stats)
     head.eval()
