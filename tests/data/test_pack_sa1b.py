@@ -175,3 +175,37 @@ def test_sa1b_masks_are_on_the_picture_as_shown(tmp_path: Path) -> None:
     with Image.open(rec.image_path) as im:
         pixels = np.asarray(im.convert("L"))
     assert pixels[decode_rle(rec.masks[0])].min() > 200
+
+
+def test_sa1b_folder_opens_each_header_and_parses_each_mask_once(tmp_path: Path, monkeypatch) -> None:
+    """Packing's size check reuses the header the reader opened for the EXIF tag (an unreadable image's line
+    included), and the reader's RLE check gives each mask's area: one header open per image, one counts
+    parse per mask, where each used to happen twice."""
+    from segany.data.formats import common, sa1b
+    from segany.data.formats.common import ReadReport
+    from segany.data.pack import _readable
+
+    paths = _sa1b_dataset(tmp_path / "imgs", tmp_path / "auto")
+    paths["img1"].write_bytes(b"not an image")
+    opened: list[str] = []
+    parsed: list[str] = []
+    real_header, real_parse = common._header, common._string_to_counts
+
+    def header(path: Path, *args, **kwargs):  # noqa: ANN202
+        opened.append(Path(path).name)
+        return real_header(path, *args, **kwargs)
+
+    def parse(counts: str) -> list[int]:
+        parsed.append(counts)
+        return real_parse(counts)
+
+    monkeypatch.setattr(common, "_header", header)
+    for module in (common, sa1b):
+        monkeypatch.setattr(module, "_string_to_counts", parse)
+    report = ReadReport()
+    recs = _readable(sa1b.read_sa1b_folder(tmp_path / "auto", tmp_path / "imgs", report=report), report)
+    assert [r.image_id for r in recs] == ["img0", "img2"]
+    assert report.bad == [f"{paths['img1']}: not a readable image (UnidentifiedImageError)"]
+    assert sorted(opened) == ["img0.png", "img1.png", "img2.png"]
+    masks = [json.loads((tmp_path / "auto" / f"{k}.json").read_text())["annotations"] for k in SIZES_HW]
+    assert sorted(parsed) == sorted(a["segmentation"]["counts"] for anns in masks for a in anns)

@@ -31,7 +31,16 @@ from PIL import Image
 
 from segany.atomic import atomic_path, atomic_write, atomic_write_json
 from segany.data.formats import held_out_ids
-from segany.data.formats.common import InstanceRecord, ReadReport, decode_rle, encode_mask, note
+from segany.data.formats.common import (
+    IMAGE_FRAMES,
+    ImageFrames,
+    InstanceRecord,
+    ReadReport,
+    decode_rle,
+    encode_mask,
+    image_frames_hw,
+    note,
+)
 from segany.errors import ImageLoadError, InputError
 from segany.transforms import preprocess_shape
 
@@ -501,12 +510,10 @@ def _readable(recs: list[InstanceRecord], report: ReadReport) -> list[InstanceRe
     unless the reader already knew the frame (YOLO labels are always on the shown picture): then only that
     frame's size is accepted.
     """
-    from segany.data.formats.common import image_frames_hw
-
     good = []
     unrotated: list[str] = []
     for r in recs:
-        frames = image_frames_hw(Path(r.image_path), report)
+        frames = _image_frames(r, report)
         if frames is None:
             continue
         stored, shown, orientation = frames
@@ -534,6 +541,21 @@ def _readable(recs: list[InstanceRecord], report: ReadReport) -> list[InstanceRe
         note(report, f"{len(unrotated)} image(s) carry an EXIF orientation but their annotations fit the pixels as "
                      f"stored (e.g. {unrotated[0]}); packed without that rotation, so masks stay on their pixels")
     return good
+
+
+def _image_frames(r: InstanceRecord, report: ReadReport) -> ImageFrames | None:
+    """The record's image frames as :func:`image_frames_hw` reads them, None (reported) when unreadable.
+
+    Taken from ``extra[IMAGE_FRAMES]`` when the reader already opened the header (SA-1B, for its EXIF tag),
+    so each image's header is read once; the entry is used up, so a later check reads the file afresh.
+    """
+    known = r.extra.pop(IMAGE_FRAMES, None)
+    if known is None:
+        return image_frames_hw(Path(r.image_path), report)
+    if isinstance(known, str):  # why the reader could not read it
+        report.bad.append(known)
+        return None
+    return known
 
 
 def _with_objects(recs: list[InstanceRecord], report: ReadReport, categories: list[str] | None

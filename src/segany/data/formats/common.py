@@ -156,11 +156,17 @@ def decode_rle(rle: RLE) -> np.ndarray:
     return flat.reshape((w, h)).T
 
 
+def runs_area(runs: list[int]) -> int:
+    """Pixels set in a mask of these run lengths: every second run, since COCO counts start with a run of zeros."""
+    return int(sum(runs[1::2]))
+
+
 def rle_area(rle: RLE) -> int:
+    """Pixels set in the mask of ``rle``, counted from its run lengths (no decode to a bitmap)."""
     counts = rle["counts"]
     if isinstance(counts, (str, bytes)):
         counts = _string_to_counts(counts)
-    return int(sum(counts[1::2]))
+    return runs_area(counts)
 
 
 def rle_bbox_xyxy(rle: RLE) -> tuple[int, int, int, int]:
@@ -249,7 +255,16 @@ def _orientation(im: Any) -> int:
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def image_frames_hw(path: Path, report: ReadReport | None) -> tuple[tuple[int, int], tuple[int, int], int] | None:
+# (stored (H, W), shown (H, W), EXIF orientation): what image_frames_hw reads from a header.
+ImageFrames = tuple[tuple[int, int], tuple[int, int], int]
+
+# InstanceRecord.extra key where a reader that already opened the image's header leaves what it found: the
+# ImageFrames, or the line saying why the header could not be read. Packing's size check takes it from there
+# instead of opening every image a second time.
+IMAGE_FRAMES = "image_frames"
+
+
+def image_frames_hw(path: Path, report: ReadReport | None) -> ImageFrames | None:
     """(stored (H, W), shown (H, W), EXIF orientation) from the header; None (reported) when unreadable.
 
     The stored frame is the pixels as written in the file; the shown frame is what a viewer displays after

@@ -19,6 +19,8 @@ import numpy as np
 from segany.atomic import atomic_write_text
 from segany.data.formats.auto_files import BOOKKEEPING
 from segany.data.formats.common import (
+    IMAGE_FRAMES,
+    ImageFrames,
     InstanceRecord,
     ReadReport,
     _string_to_counts,
@@ -26,7 +28,7 @@ from segany.data.formats.common import (
     encode_mask,
     image_frames_hw,
     note,
-    rle_area,
+    runs_area,
 )
 from segany.data.rle import coco_to_mask, mask_to_coco
 from segany.errors import ImageLoadError, InputError
@@ -41,6 +43,9 @@ class Sa1bImage:
     height: int
     file_name: str
     annotations: list[dict[str, Any]] = field(default_factory=list)
+    # Pixels of each annotation's mask, counted when its counts were checked: a reader that needs them (to
+    # leave empty masks out) parses no RLE twice, and need not trust the file's own "area" field.
+    areas: list[int] = field(default_factory=list)
 
     def masks(self) -> np.ndarray:
         """All masks decoded, (N, H, W) bool."""
@@ -118,20 +123,24 @@ def _nonfinite_field(value: Any, where: str = "") -> str | None:
     return None
 
 
-def _counts_total(counts: Any) -> int:
-    """Pixels the RLE ``counts`` (a COCO counts str, or a list of run lengths) cover; ValueError when malformed."""
+def _run_lengths(counts: Any) -> list[int]:
+    """The run lengths of RLE ``counts`` (a COCO counts str, or a list of run lengths); ValueError when malformed."""
     if isinstance(counts, (str, bytes)):
-        return sum(_string_to_counts(counts))
+        return _string_to_counts(counts)
     if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
         if any(c < 0 for c in counts):
             raise ValueError("a run length is negative")
-        return sum(counts)
+        return counts
     raise ValueError(f"counts is a {type(counts).__name__}, not a COCO counts string")
 
 
-def _check_segmentation(a: dict[str, Any], where: str, size_hw: list[int]) -> None:
+def _check_segmentation(a: dict[str, Any], where: str, size_hw: list[int]) -> int:
     """Refuse a damaged mask when the file is read: decoded later (``masks()``, a pack, an eval), it would fail
-    far from the file it came from, or (counts that are too short) decode to a wrong mask without a word."""
+    far from the file it came from, or (counts that are too short) decode to a wrong mask without a word.
+
+    Returns the mask's area in pixels, from the run lengths parsed for the check, so no caller parses the
+    counts again to count them.
+    """
     seg = a["segmentation"]
     h, w = size_hw
     if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
@@ -143,13 +152,15 @@ def _check_segmentation(a: dict[str, Any], where: str, size_hw: list[int]) -> No
         raise InputError(f"{where}: segmentation size is {size!r} but the image is {h}x{w}; each mask must be "
                          "the image's size [height, width]: re-export the mask or fix the image's height/width")
     try:
-        total = _counts_total(seg["counts"])
+        runs = _run_lengths(seg["counts"])
     except ValueError as exc:
         raise InputError(f"{where}: segmentation counts are corrupt ({exc}); the file may be cut off or "
                          "hand-edited: regenerate it") from exc
+    total = sum(runs)
     if total != h * w:
         raise InputError(f"{where}: segmentation counts cover {total} pixels but its size {h}x{w} has {h * w}; "
                          "the mask is corrupt: regenerate the file")
+    return runs_area(runs)
 
 
 def read_sa1b(path: str | os.PathLike[str]) -> Sa1bImage:
@@ -184,6 +195,7 @@ def _sa1b_image(data: Any, p: Path) -> Sa1bImage:
     if not all(isinstance(im[k], int) and im[k] > 0 for k in ("width", "height")):
         raise InputError(f"{str(p)!r}: image width/height are {im['width']!r}/{im['height']!r}; they must be "
                          "positive whole numbers of pixels")
+    areas = []
     for j, a in enumerate(anns):
         if not isinstance(a, dict):
             raise InputError(f"{str(p)!r}: annotation {j} is a {type(a).__name__}, not an object")
@@ -191,12 +203,12 @@ def _sa1b_image(data: Any, p: Path) -> Sa1bImage:
         lacks = [k for k in _ANN_KEYS if k not in a]
         if lacks:
             raise InputError(f"{where} lacks {', '.join(lacks)}")
-        _check_segmentation(a, where, [im["height"], im["width"]])
+        areas.append(_check_segmentation(a, where, [im["height"], im["width"]]))
     try:
         image_id = int(im["image_id"])
     except (TypeError, ValueError) as exc:
         raise InputError(f"{str(p)!r}: image_id is {im['image_id']!r}; SA-1B image ids are whole numbers") from exc
-    return Sa1bImage(image_id, int(im["width"]), int(im["height"]), str(im["file_name"]), list(anns))
+    return Sa1bImage(image_id, int(im["width"]), int(im["height"]), str(im["file_name"]), list(anns), areas)
 
 
 # ----------------------------------------------------------------------------- a folder of them, for packing
@@ -248,9 +260,10 @@ def read_sa1b_folder(source: str | os.PathLike[str], image_root: str | os.PathLi
     unique by construction (SA-1B's numeric ids need not be, across two ``segany auto`` runs). Masks are on
     the picture as shown, EXIF rotation applied, as ``segany auto`` and SAM's own scripts read images.
     Images are not checked here (a missing one is still a record): packing lists every unusable image
-    at once, a missing file or a size that is not the file's (:func:`segany.data.pack.pack_own`). Masks of no
-    pixels are counted in ``report.skipped`` (``empty_mask``) and left out. A JSON file that is not an SA-1B file is
-    refused, naming it.
+    at once, a missing file or a size that is not the file's (:func:`segany.data.pack.pack_own`). It does so
+    from the header read here for the EXIF tag, left in ``extra[IMAGE_FRAMES]``, so no image is opened twice.
+    Masks of no pixels are counted in ``report.skipped`` (``empty_mask``) and left out. A JSON file that is
+    not an SA-1B file is refused, naming it.
     """
     src = Path(source)
     files = sa1b_json_files(src)
@@ -270,21 +283,20 @@ def read_sa1b_folder(source: str | os.PathLike[str], image_root: str | os.PathLi
                              "every .json under --sa1b must be one: move it out of the folder")
         im = _sa1b_image(data, p)
         file = (Path(image_root) / im.file_name) if image_root is not None else p.parent / Path(im.file_name).name
-        try:
-            orientation = image_frames_hw(file, None)[2]  # type: ignore[index]  # None raises instead
-        except ImageLoadError:  # missing or unreadable: packing lists it with every other unusable image
-            orientation = 1
+        frames = _frames_or_reason(file)
+        orientation = frames[2] if not isinstance(frames, str) else 1
         h, w = im.height, im.width
         masks = []
-        for a in im.annotations:
-            seg = a["segmentation"]
-            rle = ({"size": [h, w], "counts": seg["counts"]} if isinstance(seg["counts"], str)
-                   else encode_mask(decode_rle(seg)))
-            if rle_area(rle) < 1:
+        for a, area in zip(im.annotations, im.areas, strict=True):
+            if area < 1:
                 empty += 1
                 continue
-            masks.append(rle)
-        extra = {"exif_frame": "shown"} if orientation != 1 else {}
+            seg = a["segmentation"]
+            masks.append({"size": [h, w], "counts": seg["counts"]} if isinstance(seg["counts"], str)
+                         else encode_mask(decode_rle(seg)))
+        extra: dict[str, Any] = {IMAGE_FRAMES: frames}
+        if orientation != 1:
+            extra["exif_frame"] = "shown"
         records.append(InstanceRecord(image_path=str(file), size_hw=(h, w), masks=masks,
                                       image_id=p.relative_to(base).with_suffix("").as_posix(), dataset=dataset,
                                       extra=extra))
@@ -293,3 +305,12 @@ def read_sa1b_folder(source: str | os.PathLike[str], image_root: str | os.PathLi
         if report is not None:
             report.skipped["empty_mask"] += empty
     return records
+
+
+def _frames_or_reason(file: Path) -> ImageFrames | str:
+    """The image's frames from its header, or the line saying why it cannot be read: a missing or unreadable
+    image is still a record here, and packing lists it with every other unusable image."""
+    try:
+        return image_frames_hw(file, None)  # type: ignore[return-value]  # None raises instead of returning None
+    except ImageLoadError as exc:
+        return str(exc)
