@@ -132,3 +132,34 @@ def test_eval_on_a_full_disk_names_the_file(pack: Path, tmp_path: Path, capsys: 
     assert "pass another --out" in line, line
     assert sorted(p.name for p in out.iterdir()) == []  # no results.json, no temp file
 
+
+
+def test_the_trainers_disk_full_fix_is_worded_only_when_the_disk_is_full(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every log line and checkpoint is written inside ``Trainer.writing``; its fix looks for last.pt on disk, so
+    it is worded when a write fails for space, not before each write."""
+    from segany.errors import SeganyError
+    from segany.modeling.config import SamConfig, ViTConfig
+    from segany.modeling.sam import Sam
+    from segany.train.config import load_config
+    from segany.train.trainer import Trainer
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}"])
+    trainer = Trainer(cfg, sam=Sam(SamConfig(encoder=ViTConfig(img_size=64, depth=1, embed_dim=32, num_heads=2,
+                                                               global_attn_indexes=(0,), window_size=4))),
+                      train_records=[])
+    (tmp_path / "last.pt").write_bytes(b"state")
+    trainer.saved_state = (tmp_path / "last.pt", 3)
+    looks: list[Path] = []
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: looks.append(self) or real_is_file(self))
+    with trainer.writing(tmp_path / "log.jsonl", 10):
+        pass
+    with pytest.raises(OSError, match="denied"), trainer.writing(tmp_path / "log.jsonl", 10):
+        raise PermissionError(errno.EACCES, "denied")  # not a full disk: unchanged
+    assert looks == []
+    with pytest.raises(SeganyError, match=r"the disk is full: could not write .*log.jsonl.*rerun with --resume: "
+                                          r"it continues from the last good .*last.pt \(step 3\)") as info:
+        with trainer.writing(tmp_path / "log.jsonl", 10):
+            raise _enospc()
+    assert isinstance(info.value.__cause__, OSError) and looks == [tmp_path / "last.pt"]

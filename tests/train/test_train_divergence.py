@@ -191,3 +191,47 @@ def test_retrain_refuses_an_lr_above_the_trainers_bound_up_front() -> None:
 
     with pytest.raises(InputError, match=r"^--lr must be > 0 and <= 1 \(e.g. 1e-4\), got 2"):
         RetrainSettings(lr=2.0)
+
+
+def test_a_runs_end_scans_its_weights_once_and_scans_them_again_once_changed(tmp_path, monkeypatch) -> None:
+    """Validation, best.pt, best_fp16.pt, last.pt and the CLI's export all check the same weights: one scan (each
+    was one, with a device sync per tensor); an in-place edit at the same step is scanned again and refused."""
+    import segany.eval.interactive as interactive
+
+    monkeypatch.setattr(interactive, "evaluate_model", lambda *a, **k: [object()] * 3)
+    monkeypatch.setattr(interactive, "summarize", lambda results, max_clicks=1: {"all": {"box_miou": 0.5,
+                                                                                        "miou_1": 0.5}})
+    monkeypatch.setattr(Trainer, "validation_objects", lambda self: [(None, [1, 2, 3])])
+    out = tmp_path / "run"
+    tr = Trainer(_cfg(out, "run.max_steps=1", "run.val_every=1"), sam=_model(),
+                 train_records=synthetic_records(tmp_path))
+    scans: list[int] = []
+    real = Trainer.nonfinite_weights
+    monkeypatch.setattr(Trainer, "nonfinite_weights", lambda self, *a: scans.append(self.step) or real(self, *a))
+    tr.fit()
+    tr.export(out / "model_fp16.pt")
+    assert scans == [1]
+    assert all((out / name).is_file() for name in ("best.pt", "best_fp16.pt", "last.pt", "model_fp16.pt"))
+    with torch.no_grad():
+        tr.sam.mask_decoder.iou_token.weight[0, 0] = float("nan")
+    with pytest.raises(SeganyError, match=r"1 weight tensor\(s\) at step 1 hold NaN .*iou_token.weight"):
+        tr.save()
+    assert scans == [1, 1]
+
+
+def test_the_weight_scan_reads_the_device_once_and_names_the_bad_tensors_in_order(tmp_path, monkeypatch) -> None:
+    tr = Trainer(_cfg(tmp_path), sam=_model(), train_records=[])
+    state = tr.sam.state_dict()
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    bad = [floats[0], floats[len(floats) // 2], floats[-1]]
+    with torch.no_grad():
+        for k, value in zip(bad, (float("nan"), float("inf"), float("-inf")), strict=True):
+            state[k].view(-1)[-1] = value
+    reads: list[str] = []
+    for name in ("__bool__", "item", "tolist"):  # each one a device sync on a GPU
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _real=real, _name=name: reads.append(_name) or _real(self, *a))
+    found = tr.nonfinite_weights()
+    monkeypatch.undo()
+    assert found == bad and len(reads) == 1, reads

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.atomic import atomic_write, atomic_write_text, disk_full_as
+from segany.atomic import NO_SPACE, atomic_write, atomic_write_text, disk_full_as
 from segany.errors import InputError, SeganyError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.train.config import PROVENANCE, RecipeSection, TrainConfig
@@ -297,14 +297,10 @@ class RunLock:
         self._fd: int | None = None
         self._path = ""
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self, *, create: bool = True) -> RunLock:
         """Take the lock (creating the folder and the lock file); a no-op when this object holds it already.
         Raises :class:`TrainingError` when another process holds it. ``create=False``: only where a lock file
-        exists already (none: nobody holds it now, and nothing is created; see :attr:`held`)."""
+        exists already (none: nobody holds it now, and nothing is created)."""
         if self._fd is not None:
             return self
         try:
@@ -375,12 +371,6 @@ class RunLock:
             _LOCK_FDS.discard(fd)
             _HELD_PATHS.discard(self._path)
             os.close(fd)  # closing the last descriptor of the open file drops the flock
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -560,6 +550,7 @@ class Trainer:
         # is only written by a step that beats it, as the starting weights are already a file.
         self.base_val: float | None = None
         self.saved_state: tuple[Path, int] | None = None  # (file, step) of the last state saved or loaded
+        self._finite_key: tuple | None = None  # the weights' _weights_key when a scan last found them all finite
         self._val_objects: list | None = None
         self._last_val_step = -1
         self.train_records = train_records
@@ -690,9 +681,32 @@ class Trainer:
             f"(optim.lr={lr:g}): lower it, e.g. -o optim.lr={lr / 10:g}, and start a new run with "
             f"-o run.out_dir=NEW_FOLDER; {good}")
 
-    def nonfinite_weights(self) -> list[str]:
-        """Names of the model's float tensors that hold NaN or inf."""
-        return [k for k, v in self.sam.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    def nonfinite_weights(self, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+        """Names of the model's float tensors that hold NaN or inf (``state``: the model's state_dict, if at hand).
+
+        One device sync per device the weights are on (one, in practice), not one per tensor: each tensor's flag
+        stays on its device until all are stacked and read together.
+        """
+        state = self.sam.state_dict() if state is None else state
+        flags: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+        for k, v in state.items():
+            if v.is_floating_point():
+                names, finite = flags.setdefault(v.device, ([], []))
+                names.append(k)
+                finite.append(v.isfinite().all())
+        bad = set()
+        for names, finite in flags.values():
+            bad.update(k for k, ok in zip(names, torch.stack(finite).tolist(), strict=True) if not ok)
+        return [k for k in state if k in bad]
+
+    def _weights_key(self, state: dict[str, torch.Tensor]) -> tuple | None:
+        """What the weights' values depend on, read without a device sync: the optimizer step and each tensor's
+        storage and in-place version counter (which an optimizer step, ``load_state_dict`` and an in-place edit
+        under ``no_grad`` all bump). None (not cacheable) for inference tensors, which keep no version counter.
+        Not seen: an edit through ``.data`` between two checks at the same step (``.data`` has its own counter)."""
+        if any(v.is_inference() for v in state.values()):
+            return None
+        return (self.step, tuple((k, v.data_ptr(), v._version) for k, v in state.items()))
 
     def _check_weights(self, doing: str, *, all_ranks: bool = False) -> None:
         """Refuse ``doing`` (writing a file) from non-finite weights: a NaN model loaded everywhere and scored NaN.
@@ -700,9 +714,20 @@ class Trainer:
         ``all_ranks``: every process calls this at the same point and all raise the same error when any of them
         holds a non-finite weight (one all-reduce, as for the loss). Under DDP rank 0 alone writes; checking there
         alone would stop it and leave the others to fail on a lost connection at their next all-reduce.
+
+        The weights are scanned once per change: a run's end checks them for validation, best.pt, best_fp16.pt,
+        last.pt and the CLI's export, and a pass is remembered (:meth:`_weights_key`) until a step or an in-place
+        write changes them. That memory is this process's own, so it only spares the scan: the all-reduce of
+        ``all_ranks`` runs every time, and every process takes part in the same collectives in the same order.
         """
-        names = list(self.sam.state_dict())
-        bad = set(self.nonfinite_weights())
+        state = self.sam.state_dict()
+        names = list(state)
+        key = self._weights_key(state)
+        if key is not None and key == self._finite_key:
+            bad: set[str] = set()  # unchanged since a scan that found them all finite
+        else:
+            bad = set(self.nonfinite_weights(state))
+            self._finite_key = key if not bad else None
         first = next((i for i, k in enumerate(names) if k in bad), len(names))
         if all_ranks:  # the count and the first name (by index: the same model everywhere) agreed on, so the
             count, neg_first = self._max_over_ranks([float(len(bad)), -float(first)])  # message is the same too
@@ -821,18 +846,29 @@ class Trainer:
         return {"segany_version": segany.__version__, "torch_version": str(torch.__version__), **self._init_fp,
                 "data": data}
 
+    @contextlib.contextmanager
     def writing(self, path: str | os.PathLike[str], needed: int | None = None, *,
-                option: str = "-o run.out_dir") -> contextlib.AbstractContextManager[None]:
+                option: str = "-o run.out_dir") -> Iterator[None]:
         """A full disk while writing ``path`` becomes one TrainingError saying what to do: free space and
-        ``--resume`` from the last good last.pt, or pick another ``option`` (see :func:`writing`)."""
+        ``--resume`` from the last good last.pt, or pick another ``option`` (see :func:`writing`).
+
+        The fix is worded only when the disk is full: it looks for last.pt on disk, and every log line and
+        checkpoint is written through here."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            with writing(path, needed, self._disk_full_fix(option)):
+                raise
+
+    def _disk_full_fix(self, option: str) -> str:
         last = self.saved_state
         if last is not None and last[0].name == "last.pt" and last[0].is_file():
-            fix = (f"Free space on that disk (or move {self.out_dir} to another disk and point -o run.out_dir at "
-                   f"it), then rerun with --resume: it continues from the last good {last[0]} (step {last[1]})")
-        else:
-            fix = (f"Free space on that disk or pick another {option}, then run again (no last.pt was saved yet: "
-                   "--resume has nothing to continue)")
-        return writing(path, needed, fix)
+            return (f"Free space on that disk (or move {self.out_dir} to another disk and point -o run.out_dir at "
+                    f"it), then rerun with --resume: it continues from the last good {last[0]} (step {last[1]})")
+        return (f"Free space on that disk or pick another {option}, then run again (no last.pt was saved yet: "
+                "--resume has nothing to continue)")
 
     def data_fingerprint(self) -> dict[str, Any]:
         """What this run trains and validates on (computed once), kept in ``last.pt`` for ``--resume``."""
