@@ -2,9 +2,10 @@
 
 1. ``SamAutomaticMaskGenerator.postprocess_small_regions`` (a static method downstream code calls on its own
    ``MaskData``) gives the reference's records on masks with small holes, islands, ties, an empty mask and
-   duplicates that only appear after clean-up.
+   duplicates that only appear after clean-up; a subclass that overrides it changes ``generate`` as in the
+   reference.
 2. ``sam_model_registry`` is a ``dict`` with the reference's keys first, in its order, and keeps segany's
-   extras (user builders first, live registry, helpful errors).
+   extras (user builders first, live registry, helpful errors); it pickles and deep-copies.
 3. ``SamOnnxModel.select_masks`` takes ``iou_preds`` by keyword, and the exported single-mask graph declares
    ``low_res_masks`` with a fixed mask dimension of 1, as the reference's export does.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import segment_anything as ref_sa
 import segment_anything.utils.amg as ref_amg
 import segment_anything.utils.onnx as ref_onnx
 import torch
+from conftest import tiny_config
 
 import segany
 import segany.registry
@@ -131,6 +134,66 @@ def test_postprocess_small_regions_edge_cases() -> None:
         _assert_same_bag(a, b)
 
 
+def _recording_generators(kind: str) -> tuple[type, type, list[tuple[Any, ...]]]:
+    """A subclass of each generator whose ``postprocess_small_regions`` (a ``kind`` method) records its
+    arguments and returns a new bag: rows 2 and 0, in that order, with row 2's mask swapped for a box."""
+    calls: list[tuple[Any, ...]] = []
+
+    def clean(mask_data: Any, min_area: int, nms_thresh: float) -> Any:
+        calls.append((copy.deepcopy(mask_data), min_area, nms_thresh))
+        out = type(mask_data)(**dict(mask_data.items()))
+        out.filter(torch.tensor([2, 0]))
+        box = np.zeros(out["rles"][0]["size"], dtype=bool)
+        box[3:9, 5:20] = True
+        out["rles"][0] = ref_amg.mask_to_rle_pytorch(torch.from_numpy(box)[None])[0]
+        out["boxes"][0] = [5, 3, 19, 8]
+        return out
+
+    body: dict[str, Any] = {
+        "static": {"postprocess_small_regions": staticmethod(clean)},
+        "class": {"postprocess_small_regions": classmethod(lambda cls, *args: clean(*args))},
+        "instance": {"postprocess_small_regions": lambda self, *args: clean(*args)},
+    }[kind]
+    return (type("Ours", (SamAutomaticMaskGenerator,), dict(body)),
+            type("Ref", (ref_sa.SamAutomaticMaskGenerator,), dict(body)), calls)
+
+
+def _assert_same_anns(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> None:
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref, strict=True):
+        assert list(a) == list(b)
+        for key, want in b.items():
+            got = a[key]
+            if isinstance(want, np.ndarray):
+                assert got.dtype == want.dtype and np.array_equal(got, want), key
+            else:
+                assert type(got) is type(want) and got == want, key
+
+
+def test_generate_calls_a_subclass_postprocess_small_regions(tiny_sam: Sam) -> None:
+    """As the reference's generate does: the subclass's method gets the reference's bag, the minimum area and
+    the larger NMS threshold, and what it returns becomes the output; with the clean-up off it is not called."""
+    image = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    for kind, mode in [("static", "binary_mask"), ("class", "uncompressed_rle"), ("instance", "coco_rle")]:
+        kwargs = dict(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.5,
+                      crop_nms_thresh=0.6, output_mode=mode)
+        ours_cls, ref_cls, calls = _recording_generators(kind)
+        ref = ref_cls(tiny_sam, min_mask_region_area=MIN_AREA, **kwargs).generate(image)
+        ours = ours_cls(tiny_sam, min_mask_region_area=MIN_AREA, **kwargs).generate(image)
+        assert len(calls) == 2 and len(ref) == 2, kind
+        (ref_bag, *ref_args), (our_bag, *our_args) = calls
+        assert our_args == ref_args == [MIN_AREA, 0.6]
+        assert type(our_bag) is our_amg.MaskData and len(ref_bag["rles"]) > 2
+        assert [k for k, _ in our_bag.items()] == [k for k, _ in ref_bag.items()]
+        _assert_same_bag(our_bag, ref_bag)
+        _assert_same_anns(ours, ref)
+        assert ours[0]["bbox"] == [5, 3, 14, 5] and ours[0]["area"] == 6 * 15, kind
+    calls.clear()
+    ours_cls(tiny_sam, min_mask_region_area=0, **kwargs).generate(image)
+    ref_cls(tiny_sam, min_mask_region_area=0, **kwargs).generate(image)
+    assert calls == []
+
+
 # --------------------------------------------------------------------------------- 2. sam_model_registry
 def test_sam_model_registry_is_a_dict() -> None:
     reg, ref = segany.sam_model_registry, ref_sa.sam_model_registry
@@ -186,6 +249,37 @@ def test_sam_model_registry_keeps_segany_behaviour(monkeypatch: pytest.MonkeyPat
         reg.clear()
     assert list(reg) == ["default", "vit_h", "vit_l", "vit_b", *[m for m in list_models() if m not in
                                                                  ("vit_h", "vit_l", "vit_b")]]
+
+
+def user_builder(checkpoint: Any = None) -> Sam:
+    """A module-level user builder, so that it pickles by name."""
+    raise NotImplementedError
+
+
+def test_sam_model_registry_pickles_and_deep_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pickled registry loads as a registry with the same entries, order and builders (the registered ones
+    are this process's own, so they build the same models), the user's builders still the user's."""
+    reg = segany.sam_model_registry
+    monkeypatch.setitem(segany.registry._MODELS, "zz_tiny", ModelInfo("zz_tiny", tiny_config, None, "test"))
+    try:
+        reg.update([("vit_l", user_builder)], mine=user_builder)
+        assert reg.setdefault("mine", build_sam_vit_h) is user_builder
+        names = list(reg)
+        for loaded in (pickle.loads(pickle.dumps(reg)), pickle.loads(pickle.dumps(reg, protocol=0))):
+            assert type(loaded) is type(reg) and loaded is not reg and list(loaded) == names and loaded == reg
+            assert loaded["vit_b"] is build_sam_vit_b and loaded["default"] is loaded["vit_h"] is build_sam_vit_h
+            assert loaded["vit_l"] is loaded["mine"] is user_builder and list(loaded)[2] == "vit_l"
+            del loaded["vit_l"]  # still a user builder there, shadowing the registered one
+            assert loaded["vit_l"].__name__ == "build_sam_vit_l" and reg["vit_l"] is user_builder
+            with pytest.raises(UnknownModelError, match="registered models cannot be removed"):
+                del loaded["vit_b"]
+        deep = copy.deepcopy(reg)
+        assert list(deep) == names and all(deep[n] is reg[n] for n in names)
+        for builder in (pickle.loads(pickle.dumps(reg))["zz_tiny"], deep["zz_tiny"]):
+            assert builder is reg["zz_tiny"] and builder.__name__ == "build_sam_zz_tiny"
+            assert builder().cfg == tiny_config()
+    finally:
+        reg.clear()
 
 
 # -------------------------------------------------------------------------------------------- 3. ONNX

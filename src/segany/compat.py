@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, MutableMapping, ValuesView
 from functools import cache
 from typing import Any
 
@@ -22,16 +22,32 @@ def create_model(name: str, checkpoint: str | os.PathLike[str] | None = None, de
     return build_sam(name, checkpoint=checkpoint, device=device)
 
 
-@cache  # one function per name, so sam_model_registry["vit_b"] is build_sam_vit_b, as in the reference
-def _builder(name: str) -> Builder:
-    def build(checkpoint: str | os.PathLike[str] | None = None) -> Sam:
-        model = build_sam(name, checkpoint=checkpoint)
-        _check_kind(model, name, checkpoint)
+class _Builder:
+    """``build_sam_<name>(checkpoint=None)``: the model ``name``, refusing a checkpoint of another kind.
+
+    A top-level class rather than a closure so that it pickles (and with it ``sam_model_registry``): it is
+    stored by model name and loads as this process's builder for that name, the same object again.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.model_name = name
+        self.__name__ = self.__qualname__ = f"build_sam_{name}"  # as the reference's module functions are named
+
+    def __call__(self, checkpoint: str | os.PathLike[str] | None = None) -> Sam:
+        model = build_sam(self.model_name, checkpoint=checkpoint)
+        _check_kind(model, self.model_name, checkpoint)
         return model
 
-    build.__name__ = f"build_sam_{name}"
-    build.__qualname__ = build.__name__
-    return build
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _builder, (self.model_name,)
+
+    def __repr__(self) -> str:
+        return f"<segany builder {self.__name__}>"
+
+
+@cache  # one builder per name, so sam_model_registry["vit_b"] is build_sam_vit_b, as in the reference
+def _builder(name: str) -> Builder:
+    return _Builder(name)
 
 
 def _check_kind(model: Sam, name: str, checkpoint: str | os.PathLike[str] | None) -> None:
@@ -150,6 +166,11 @@ class _Registry(dict[str, Builder]):
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Builder]:
         return copy.deepcopy(self.copy(), memo)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A new registry with the user's builders (re-added through __setitem__); the registered names are
+        # read live again where it loads. dict's default would replay every entry before _user exists.
+        return _Registry, (), None, None, iter(self._user.items())
+
     def __repr__(self) -> str:
         self._sync()
         return dict.__repr__(self)
@@ -191,26 +212,13 @@ class _Registry(dict[str, Builder]):
         del self._user[name]
         self._synced = None  # rebuilt on the next read: a registered builder it shadowed comes back, in its place
 
-    def update(self, *args: Any, **kwargs: Builder) -> None:  # type: ignore[override]
-        if len(args) > 1:
-            raise TypeError(f"update expected at most 1 positional argument, got {len(args)}")
-        other: Any = args[0] if args else ()
-        pairs = other.items() if isinstance(other, Mapping) else (
-            ((k, other[k]) for k in other.keys()) if hasattr(other, "keys") else other)
-        for name, builder in pairs:
-            self[name] = builder
-        for name, builder in kwargs.items():
-            self[name] = builder
+    # MutableMapping's versions go through __setitem__ (and __getitem__), so they validate as it does.
+    update = MutableMapping.update  # type: ignore[assignment]
+    setdefault = MutableMapping.setdefault  # type: ignore[assignment]
 
     def __ior__(self, other: Any) -> _Registry:
         self.update(other)
         return self
-
-    def setdefault(self, name: str, default: Builder | None = None) -> Builder:  # type: ignore[override]
-        if name in self:
-            return self[name]
-        self[name] = default  # type: ignore[assignment]  # __setitem__ refuses a non-callable, None included
-        return self[name]
 
     def pop(self, name: str, default: Any = _MISSING) -> Any:  # type: ignore[override]
         if name in self._user:

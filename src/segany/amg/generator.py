@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -140,8 +141,16 @@ class SamAutomaticMaskGenerator:
             (XYWH; W and H are last-minus-first pixel, as in the reference), ``predicted_iou``,
             ``point_coords`` ([[x, y]]), ``stability_score`` and ``crop_box`` (XYWH).
         """
-        records = self.generate_records(image)
-        anns = self.records_to_annotations(records)
+        hook = self._small_regions_override()
+        if hook is None:
+            anns = self.records_to_annotations(self.generate_records(image))
+        else:
+            # A subclass's own clean-up replaces the device one: called as the reference's generate calls it,
+            # on the reference's record bag, whose returned bag then gives the annotations.
+            c = self.config
+            mask_data = hook(self._records_to_mask_data(self._candidate_records(image)), c.min_mask_region_area,
+                             max(c.box_nms_thresh, c.crop_nms_thresh))
+            anns = self._mask_data_to_annotations(mask_data)
         if anns and (self.labels or self.predictor.model.class_head is not None):
             from segany.text.prompting import add_labels  # issue 10: label, label_score, category_id
 
@@ -150,7 +159,18 @@ class SamAutomaticMaskGenerator:
 
     @torch.no_grad()
     def generate_records(self, image: np.ndarray) -> MaskRecords:
-        """The surviving masks as device tensors, before conversion to the output format."""
+        """The surviving masks as device tensors, before conversion to the output format.
+
+        Small regions are cleaned by segany's device step; a subclass's ``postprocess_small_regions``, which
+        works on the reference's record bag, takes its place in :meth:`generate` only.
+        """
+        records = self._candidate_records(image)
+        if self.config.min_mask_region_area > 0 and len(records):
+            records = self._remove_small_regions(records)
+        return records
+
+    def _candidate_records(self, image: np.ndarray) -> MaskRecords:
+        """The masks that survive every step but the small-region clean-up."""
         if not isinstance(image, np.ndarray):
             raise InputError(f"generate expects a numpy array (H, W, 3), got {type(image).__name__}; "
                              "load files with segany.data.images.load_image")
@@ -169,8 +189,6 @@ class SamAutomaticMaskGenerator:
             # Between crops prefer the mask from the smaller crop: it saw the object at higher resolution.
             scores = 1.0 / box_area(records.crop_boxes_xyxy)
             records = records.select(_nms(records.boxes_xyxy, scores.to(records.boxes_xyxy.device), c.crop_nms_thresh))
-        if c.min_mask_region_area > 0 and len(records):
-            records = self._remove_small_regions(records)
         return records
 
     @staticmethod
@@ -323,6 +341,55 @@ class SamAutomaticMaskGenerator:
                               crop_boxes_xyxy=records.crop_boxes_xyxy, areas=torch.as_tensor(areas, device=dev))
         return updated.select(keep.to(dev))
 
+    # ------------------------------------------------- a subclass's postprocess_small_regions
+    def _small_regions_override(self) -> Callable[..., Any] | None:
+        """``postprocess_small_regions`` when it is not segany's own and the clean-up is on, else None.
+
+        Looked up on the instance, as the reference's ``generate`` calls it: a subclass's static, class or
+        instance method and an attribute set on the generator all count.
+        """
+        hook = self.postprocess_small_regions
+        if self.config.min_mask_region_area <= 0 or hook is _OWN_POSTPROCESS_SMALL_REGIONS:
+            return None
+        return hook
+
+    @staticmethod
+    def _records_to_mask_data(records: MaskRecords) -> Any:
+        """The reference's record bag at the clean-up step: a ``MaskData`` of numpy columns and uncompressed RLEs."""
+        from segany.utils.amg import MaskData
+
+        rles = records.rles.to_numpy()
+        return MaskData(
+            iou_preds=records.iou_preds.to(torch.float32).cpu().numpy(),
+            points=records.points_xy.to(torch.float64).cpu().numpy(),
+            stability_score=records.stability.to(torch.float32).cpu().numpy(),
+            boxes=records.boxes_xyxy.to(torch.int64).cpu().numpy(),
+            rles=[rles.uncompressed(i) for i in range(len(records))],
+            crop_boxes=records.crop_boxes_xyxy.to(torch.int64).cpu().numpy(),
+        )
+
+    def _mask_data_to_annotations(self, mask_data: Any) -> list[dict[str, Any]]:
+        """Annotations from a record bag (what a subclass's clean-up returned), as the reference builds them:
+        areas from the RLEs, boxes and scores read from their columns, whatever their array type."""
+        from segany.utils.amg import area_from_rle, coco_encode_rle, rle_to_mask
+
+        rles = mask_data["rles"]
+        mode = self.config.output_mode
+        if mode == "coco_rle":
+            segs: list[Any] = [coco_encode_rle(rle) for rle in rles]
+        elif mode == "binary_mask":
+            segs = [rle_to_mask(rle) for rle in rles]
+        else:
+            segs = rles
+        mask_data["segmentations"] = segs  # the reference leaves them in the bag too
+        return [
+            {"segmentation": segs[i], "area": area_from_rle(rles[i]), "bbox": _xywh_list(mask_data["boxes"][i]),
+             "predicted_iou": mask_data["iou_preds"][i].item(), "point_coords": [mask_data["points"][i].tolist()],
+             "stability_score": mask_data["stability_score"][i].item(),
+             "crop_box": _xywh_list(mask_data["crop_boxes"][i])}
+            for i in range(len(segs))
+        ]
+
     # ----------------------------------------------------------- output edge
     def records_to_annotations(self, records: MaskRecords) -> list[dict[str, Any]]:
         """Convert device records to the reference's list of annotation dicts (the numpy edge)."""
@@ -353,6 +420,18 @@ class SamAutomaticMaskGenerator:
             for i in range(n)
         ]
 
+
+def _xywh_list(box_xyxy: Any) -> list[Any]:
+    """One (4,) XYXY box (numpy array or tensor) as an XYWH list, computed in the box's own dtype."""
+    lo, hi = box_xyxy[:2], box_xyxy[2:]
+    if isinstance(box_xyxy, torch.Tensor):
+        return torch.cat([lo, hi - lo]).tolist()
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    return np.concatenate([lo, hi - lo]).tolist()
+
+
+# generate() uses its device clean-up unless postprocess_small_regions is something else.
+_OWN_POSTPROCESS_SMALL_REGIONS = SamAutomaticMaskGenerator.postprocess_small_regions
 
 for _name in AmgConfig.__dataclass_fields__:  # the reference's attribute names (point_grids is the generator's own)
     if _name != "point_grids":
