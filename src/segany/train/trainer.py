@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.atomic import NO_SPACE, atomic_write, atomic_write_text, disk_full_as
+from segany.atomic import NO_SPACE, append_whole, atomic_write, atomic_write_text, disk_full_as
 from segany.errors import InputError, SeganyError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.train.config import PROVENANCE, RecipeSection, TrainConfig
@@ -373,24 +373,6 @@ class RunLock:
             os.close(fd)  # closing the last descriptor of the open file drops the flock
 
 
-def _append(path: Path, data: bytes) -> None:
-    """Append ``data`` whole or not at all: a failed write (a full disk) is cut back off, so ``log.jsonl``
-    never ends in a torn line."""
-    with open(path, "ab", buffering=0) as f:
-        start = f.tell()
-        try:
-            view = memoryview(data)
-            while view:
-                n = f.write(view)
-                if not n:
-                    raise OSError(errno.EIO, f"could not append to {path}")
-                view = view[n:]
-        except BaseException:
-            with contextlib.suppress(OSError):
-                f.truncate(start)
-            raise
-
-
 def trim_log(path: Path, step: int) -> int:
     """Drop ``log.jsonl`` lines past ``step`` (and any torn last line), atomically; returns lines dropped.
 
@@ -581,7 +563,7 @@ class Trainer:
         if self.rank == 0:
             line = (json.dumps(json_safe(entry), allow_nan=False) + "\n").encode()
             with self.writing(log_path, len(line)):
-                _append(log_path, line)
+                append_whole(log_path, line)
             if on_log:
                 on_log(entry)
 
