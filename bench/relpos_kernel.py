@@ -15,7 +15,10 @@ Windowed blocks (14-token windows), from the ``qkv`` projection to the tokens ``
 * ``sdpa_no_bias_windows``: SDPA on already-partitioned windows without bias (a floor for the attention
   itself; the other two also move the tokens in and out of windows);
 
-and each kernel's error against fp32 maths. One line per shape, plus JSON.
+and each kernel's error against fp32 maths. One line per shape, plus JSON. For the window kernel the JSON
+also keeps Triton's autotuner timings of every tile config it tried (``fused_autotune``, ms), and
+``--extra-window-configs`` adds more candidates to that search (``fused_extended``: the time and error of
+the kernel with the pick among all of them), to find a better tile without rebuilding the package.
 
 Usage::
 
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from segany.cli._util import atomic_write_bytes  # noqa: E402
 from segany.fast import FastViTAttention, FastWindowBlock, _padded_bias  # noqa: E402
+from segany.kernels import window_attention as window_kernel  # noqa: E402
 from segany.kernels.relpos_attention import relpos_attention  # noqa: E402
 from segany.modeling import image_encoder as vit  # noqa: E402
 from segany.modeling.config import ViTConfig  # noqa: E402
@@ -106,8 +110,36 @@ def bench_shape(name: str, nh: int, D: int, batch: int, grid: int, device: str =
     return res
 
 
+# Tile configs beyond the kernel's own list (segany.kernels.window_attention._configs), as
+# (BLOCK_M, KR key rows a step, warps, pipeline stages): shorter query tiles, more stages, wider key tiles.
+EXTRA_WINDOW_CONFIGS = ((64, 1, 4, 3), (64, 2, 4, 2), (64, 2, 8, 3), (128, 1, 8, 2), (128, 2, 8, 3),
+                        (128, 4, 8, 2), (64, 4, 4, 2), (32, 1, 4, 2), (32, 2, 4, 2), (32, 4, 4, 2))
+
+
+def _autotune_timings(kernel: Any) -> dict[str, Any]:
+    """The autotuner's last search, config → ms (Triton keeps it as ``configs_timings``)."""
+    timings = getattr(kernel, "configs_timings", None) or {}
+    return {str(cfg): (round(t[0], 4) if isinstance(t, (list, tuple)) else round(float(t), 4))
+            for cfg, t in timings.items()}
+
+
+def _with_extra_configs(kernel: Any, run: Any) -> Any:
+    """``run()`` with :data:`EXTRA_WINDOW_CONFIGS` added to ``kernel``'s autotune list and its choice
+    forgotten, so the next call searches them all; the kernel's own list is restored afterwards."""
+    import triton
+
+    own, kernel.configs = kernel.configs, [*kernel.configs, *(
+        triton.Config({"BLOCK_M": bm, "KR": kr}, num_warps=w, num_stages=st) for bm, kr, w, st in EXTRA_WINDOW_CONFIGS)]
+    kernel.cache.clear()
+    try:
+        return run()
+    finally:
+        kernel.configs = own
+        kernel.cache.clear()
+
+
 def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int = 14,
-                 device: str = "cuda") -> dict[str, Any]:
+                 device: str = "cuda", extra_configs: bool = False) -> dict[str, Any]:
     dt = torch.bfloat16 if device == "cuda" else torch.float16
     C = nh * D
     torch.manual_seed(0)
@@ -143,6 +175,18 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
             got = half.fused_windows(qkv[:n]).float()
             res["max_abs_err_fused"] = round(float((got - ref).abs().max()), 5)
             res["max_abs_err_fold"] = round(float((half.folded_windows(qkv_nobias[:n]).float() - ref).abs().max()), 5)
+            kernel = getattr(window_kernel, "_window_attention_kernel", None)
+            if device == "cuda" and kernel is not None:
+                res["fused_autotune"] = _autotune_timings(kernel)
+                if extra_configs:
+                    def extended() -> dict[str, Any]:
+                        half.fused_windows(qkv)  # the search, over the kernel's configs and the extra ones
+                        out = time_variants({"fused": lambda: half.fused_windows(qkv)}, flops, device)["fused"]
+                        got = half.fused_windows(qkv[:n]).float()
+                        return {**out, "max_abs_err": round(float((got - ref).abs().max()), 5),
+                                "autotune": _autotune_timings(kernel)}
+
+                    res["fused_extended"] = _with_extra_configs(kernel, extended)
     return res
 
 
@@ -154,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", choices=["both", "global", "windowed"], default="both")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a smoke run of this script under TRITON_INTERPRET=1 (timings meaningless)")
+    p.add_argument("--extra-window-configs", action="store_true",
+                   help="also let the window kernel's autotuner choose among EXTRA_WINDOW_CONFIGS (CUDA)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.extra_window_configs and args.device != "cuda":
+        p.error("--extra-window-configs times tiles on a GPU: use --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (the kernel's CPU check is tests/kernels/, under Triton's interpreter)")
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -168,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for bench in ((bench_shape, bench_window) if args.blocks == "both" else
                       (bench_shape,) if args.blocks == "global" else (bench_window,)):
-            r = bench(name, nh, D, args.batch, args.grid, device=args.device)
+            r = (bench_window(name, nh, D, args.batch, args.grid, device=args.device,
+                              extra_configs=args.extra_window_configs) if bench is bench_window
+                 else bench(name, nh, D, args.batch, args.grid, device=args.device))
             out["results"].append(r)
             print(json.dumps(r), flush=True)
             if args.json:  # after each shape, so a run cut short keeps what it measured
