@@ -99,6 +99,10 @@ step ${T_H_EPILOGUE:-260} speed_h_epilogue python3 bench/speed.py --device cuda 
 step ${T_BL_EPILOGUE:-280} speed_bl_epilogue python3 bench/speed.py --device cuda --models vit_b,vit_l --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
   --skip-eager --skip-sam-fast --gelu-epilogue both --json "$OUT/speed_bl_epilogue.json"
+# The window kernel's tiles: its autotuner's timing of each of its own configs, then a search that also
+# tries bench/relpos_kernel.py's EXTRA_WINDOW_CONFIGS (ViT-H's and ViT-B's windowed blocks).
+step ${T_WINDOW_CONFIGS:-120} window_configs python3 bench/relpos_kernel.py --models vit_h,vit_b --blocks windowed \
+  --extra-window-configs --json "$OUT/window_configs.json"
 # ViT-H compiled in default mode with the shipped options: the baseline for a step that changes one of them.
 step ${T_H_BASE:-150} speed_h_base python3 bench/speed.py --device cuda --models vit_h --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
