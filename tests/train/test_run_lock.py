@@ -64,7 +64,7 @@ def test_a_second_run_on_a_folder_being_written_is_refused_and_a_killed_runs_loc
         monkeypatch.setattr(Trainer, "__init__", no_model)
         for resume in ([], ["--resume"]):  # refused before the resume checks read the folder
             line = cli_fails(["train", TINY_CPU, *resume, *_opts(pack, out)], capsys,
-                             f"run.out_dir {str(out)!r} is being written by another `segany train` (pid {live.pid})")
+                             f"run.out_dir {str(out)!r} is being written by another training run (pid {live.pid})")
             assert "wait for it to finish" in line and "-o run.out_dir=NEW_FOLDER" in line
         assert _files(out) == before  # its temp file, log, settings and lock file as they were
         monkeypatch.setattr(Trainer, "__init__", real_init)

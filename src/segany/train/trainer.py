@@ -361,9 +361,10 @@ class RunLock:
             return (f"run.out_dir {str(self.out_dir)!r} is being written by another run in this process "
                     f"(pid {os.getpid()}): let it finish first, or give this run another run.out_dir")
         by = f" (pid {holder})" if holder.isdigit() else ""
-        return (f"run.out_dir {str(self.out_dir)!r} is being written by another `segany train`{by}: wait for it "
-                "to finish (then --resume continues it), or start this run in another folder with "
-                "-o run.out_dir=NEW_FOLDER")
+        # The holder may be `segany train` or an engine retrain (which calls fit() itself): word it for both.
+        return (f"run.out_dir {str(self.out_dir)!r} is being written by another training run{by} (`segany train` "
+                "or `segany engine retrain`): wait for it to finish (`segany train --resume` then continues it), "
+                "or start this run in another folder (-o run.out_dir=NEW_FOLDER)")
 
     def release(self) -> None:
         if self._fd is not None:
