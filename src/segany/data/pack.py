@@ -546,8 +546,9 @@ def _readable(recs: list[InstanceRecord], report: ReadReport) -> list[InstanceRe
 def _image_frames(r: InstanceRecord, report: ReadReport) -> ImageFrames | None:
     """The record's image frames as :func:`image_frames_hw` reads them, None (reported) when unreadable.
 
-    Taken from ``extra[IMAGE_FRAMES]`` when the reader already opened the header (SA-1B, for its EXIF tag),
-    so each image's header is read once; the entry is used up, so a later check reads the file afresh.
+    Taken from ``extra[IMAGE_FRAMES]`` when the reader already opened the header (SA-1B for its EXIF tag,
+    YOLO and per-object masks for the image's size), so each image's header is read once; the entry is used
+    up, so a later check reads the file afresh.
     """
     known = r.extra.pop(IMAGE_FRAMES, None)
     if known is None:

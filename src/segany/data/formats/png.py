@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw, note
+from segany.data.formats.common import (
+    IMAGE_FRAMES,
+    InstanceRecord,
+    ReadReport,
+    encode_mask,
+    image_frames_hw,
+    note,
+)
 from segany.errors import InputError
 
 
@@ -230,7 +237,8 @@ def read_object_masks(image_dir: str | os.PathLike[str], mask_dir: str | os.Path
     """Images of ``image_dir`` with their per-object masks ``mask_dir/<image stem>/*.png`` (one object each).
 
     Images without a mask folder and mask folders without an image are counted in ``report.notes``;
-    unreadable images go to ``report.bad`` (or raise without a report).
+    unreadable images go to ``report.bad`` (or raise without a report). Each record carries the frames read
+    from its image's header in ``extra[IMAGE_FRAMES]``, so packing does not open the image a second time.
     """
     idir, mdir = Path(image_dir), Path(mask_dir)
     for flag, d in (("--images", idir), ("--masks", mdir)):
@@ -248,7 +256,7 @@ def read_object_masks(image_dir: str | os.PathLike[str], mask_dir: str | os.Path
             continue
         masks, size_hw = _read_object_folder(folders[stem], img_path, (frames[0], frames[1]), report)
         records.append(InstanceRecord(image_path=str(img_path), size_hw=size_hw, masks=masks, image_id=stem,
-                                      dataset=dataset))
+                                      dataset=dataset, extra={IMAGE_FRAMES: frames}))
     if without := len(set(images) - set(folders)):
         note(report, f"{idir}: {without} image(s) have no mask folder {mdir}/<stem>/; left out")
     if orphans := sorted(set(folders) - set(images)):

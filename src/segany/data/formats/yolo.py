@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from segany.data.formats.common import InstanceRecord, ReadReport, encode_mask, image_frames_hw, note
+from segany.data.formats.common import (
+    IMAGE_FRAMES,
+    InstanceRecord,
+    ReadReport,
+    encode_mask,
+    image_frames_hw,
+    note,
+)
 from segany.errors import InputError, require
 from segany.yaml_errors import yaml_problem
 
@@ -132,7 +139,8 @@ def read_yolo_seg(root: str | os.PathLike[str], split: str | None = "train2017",
     """Read one split (or, with ``split=None``, every split folder) of a YOLO-seg dataset.
 
     ``categories`` keeps only polygons of those class names (from ``data.yaml``; the index when it has none).
-    Unreadable images go to ``report.bad`` (or raise without a report).
+    Unreadable images go to ``report.bad`` (or raise without a report). Each record carries the frames read
+    from its image's header in ``extra[IMAGE_FRAMES]``, so packing does not open the image a second time.
     """
     base = Path(root)
     names = _class_names(base)
@@ -159,7 +167,8 @@ def read_yolo_seg(root: str | os.PathLike[str], split: str | None = "train2017",
             # orientation applied (OpenCV's imread does, and its label checks use the rotated size). So a
             # phone photo's polygons are drawn on the shown frame, and the pack rotates its pixels to match.
             _, size_hw, orientation = frames
-            extra = {"yolo_split": sp, **({"exif_frame": "shown"} if orientation != 1 else {})}
+            # The frames go with the record, so packing's size check does not open the image again.
+            extra = {"yolo_split": sp, IMAGE_FRAMES: frames, **({"exif_frame": "shown"} if orientation != 1 else {})}
             masks, classes = _label_masks(lbl_dir / (img_path.stem + ".txt"), size_hw, names, wanted, min_area,
                                           clipped)
             records.append(InstanceRecord(image_path=str(img_path), size_hw=size_hw, masks=masks,
