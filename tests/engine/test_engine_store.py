@@ -54,6 +54,26 @@ def test_sqlite_pragmas(store) -> None:  # type: ignore[no-untyped-def]
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
+
+def test_declared_label_is_checked_after_the_replay(store) -> None:  # type: ignore[no-untyped-def]
+    """``declared_label``: a new save under an undeclared label is refused before the mask's own checks; a replay
+    of a stored uuid is answered with its row whatever the label (a model proposal's, accepted as proposed)."""
+    from segany.engine.store import InvalidAnnotationError
+
+    p = store.create_project("declared", labels=["person"])
+    im = store.add_images(p["id"], [SAMPLE])[0]
+    m = np.zeros((im["height"], im["width"]), bool)
+    m[5:15, 10:30] = True
+    key = str(uuid.uuid4())
+    a, _ = store.save_annotation(im["id"], mask=m, uuid=key, label="dog", source="semi")  # as proposed
+    b, created = store.save_annotation(im["id"], mask=m, uuid=key, label="dog", declared_label=True)
+    assert not created and b == a
+    for mask in (m, np.zeros_like(m), np.ones((4, 4), bool)):  # before "mask is empty" and the size check
+        with pytest.raises(InvalidAnnotationError, match=r"label 'dog' is not one of this project's labels \(person\)"):
+            store.save_annotation(im["id"], mask=mask, label=" dog ", declared_label=True)
+    assert store.save_annotation(im["id"], mask=m, label="person", declared_label=True)[1]
+    assert store.count_annotations() == 2
+
 def test_save_idempotent_edit_delete(store) -> None:  # type: ignore[no-untyped-def]
     p = store.create_project("demo")
     im = store.add_images(p["id"], [SAMPLE])[0]

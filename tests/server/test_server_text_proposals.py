@@ -88,7 +88,7 @@ def test_a_proposal_saved_before_a_restart_is_answered_when_retried(label_app: A
                                                                    project: Any) -> None:
     """A proposal keeps its undeclared label only while the server remembers proposing it. A retry of its save
     after a restart (the answer was lost; the page sends the same uuid again) is the stored row, 200, not 422;
-    anything else under that label is still refused."""
+    a new save under that label is still refused (422), and someone else's under that uuid is a conflict (409)."""
     from segany.server.app import create_app
 
     client = TestClient(label_app)
@@ -103,7 +103,7 @@ def test_a_proposal_saved_before_a_restart_is_answered_when_retried(label_app: A
     again = restarted.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=body)
     assert again.status_code == 200 and again.json() == first.json(), again.text
     assert len(project[0].list_annotations(image_id=im["id"])) == 1
-    other = project[0].add_annotator("bob")  # the same uuid from someone else is not their retry
-    assert restarted.post(f"/api/images/{im['id']}/annotations", headers=auth(other), json=body).status_code == 422
+    other = project[0].add_annotator("bob")  # the same uuid from someone else is not their retry: a reused key
+    assert restarted.post(f"/api/images/{im['id']}/annotations", headers=auth(other), json=body).status_code == 409
     fresh = {**body, "uuid": str(uuid.uuid4())}  # a new save of the same mask: the label check applies again
     assert restarted.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=fresh).status_code == 422

@@ -635,11 +635,20 @@ class Store:
         predicted_iou: float | None = None,
         stability_score: float | None = None,
         project_id: int | None = None,
+        declared_label: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """Store one mask (a bool array or any COCO RLE); returns (annotation, created).
 
         ``uuid`` is the idempotency key: saving the same uuid again returns the stored row and
-        ``created=False`` without writing. Reusing a uuid for another image raises :class:`ConflictError`.
+        ``created=False`` without writing (whether that row is the caller's, with the same mask and label, is
+        the caller's to judge). Reusing a uuid for another image raises :class:`ConflictError`.
+
+        ``declared_label`` refuses a label the project does not declare (:class:`InvalidAnnotationError`
+        naming the declared ones, so a typo does not become a new class in every export; a project without
+        declared labels takes any label). It is checked after the replay: a retry is answered with its stored
+        row although its label would be refused now (a model proposal's label, allowed when the server still
+        remembered proposing it), and before the mask's own checks, so a new save with an undeclared label is
+        told so first.
         """
         _check_choice("source", source, db.SOURCES)
         if review_state is None:
@@ -666,6 +675,8 @@ class Store:
                 existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
                 if existing is not None:
                     return self._replay(s, existing, im), False
+                if declared_label:
+                    self._refuse_undeclared(list(s.get(Project, im.project_id).labels or []), label)
                 if tuple(enc["size"]) != (im.height, im.width):
                     raise InputError(f"mask size {enc['size']} does not match image {image_id}'s "
                                      f"[height, width] = [{im.height}, {im.width}]")
@@ -684,17 +695,14 @@ class Store:
         except IntegrityError:
             # Another request with the same key committed between our read and our insert (or the image was
             # removed meanwhile, where the lock above is not taken).
-            prior = self.stored_save(project_id, image_id, key)
+            prior = self._stored_save(project_id, image_id, key)
             if prior is None:
                 raise
             return prior, False
 
-    def stored_save(self, project_id: int | None, image_id: int, uuid: str) -> dict[str, Any] | None:
-        """The row a save with ``uuid`` stored on this project's image ``image_id`` (any project's with
-        ``project_id`` None); None when nothing is stored under it. Lets a retried save be answered before checks only a new save must pass (a label that was
-        allowed as a model proposal's, whose record a server restart forgot); a uuid on another image is a
-        :class:`ConflictError`, as in :meth:`save_annotation`."""
-        key = _check_uuid(uuid)
+    def _stored_save(self, project_id: int | None, image_id: int, key: str) -> dict[str, Any] | None:
+        """The row stored under ``key`` on this project's image ``image_id`` (any project's with ``project_id``
+        None), None when nothing is; a key on another image is a :class:`ConflictError`, as in a replay."""
         with self.transaction(write=False) as s:
             im = s.get(Image, image_id)
             if im is None or (project_id is not None and im.project_id != project_id):
@@ -857,13 +865,6 @@ class Store:
         s.flush()
         return kinds
 
-    def check_label(self, project_id: int, label: str | None) -> None:
-        """Refuse ``label`` when the project declares labels and it is not one of them, so a typo does not become
-        a new class in every export; a project without declared labels takes any label."""
-        if label is not None:
-            check_plain_text("label", label.strip())
-            self._refuse_undeclared(self._project_labels(project_id), label)
-
     @staticmethod
     def _refuse_undeclared(labels: Sequence[str], label: str) -> None:
         name = label_name(label)
@@ -871,13 +872,6 @@ class Store:
             raise InvalidAnnotationError(f"label {name!r} is not one of this project's labels "
                                          f"({', '.join(labels)}); pick one of them, or an admin adds it to the "
                                          "project's labels")
-
-    def _project_labels(self, project_id: int) -> list[str]:
-        with self.transaction(write=False) as s:
-            p = s.get(Project, project_id)
-            if p is None:
-                raise NotFoundError(f"no project with id {project_id}")
-            return list(p.labels or [])
 
     def get_annotation(self, annotation_id: int, project_id: int | None = None) -> dict[str, Any]:
         with self.transaction(write=False) as s:
@@ -914,7 +908,7 @@ class Store:
                           check: Callable[[dict[str, Any]], None] | None = None,
                           declared_label: bool = False, edit_uuid: str | None = None) -> dict[str, Any]:
         """Edit a stored annotation; ``declared_label`` refuses a new label the project does not declare (as
-        :meth:`check_label`, after the conflict checks so a stale edit still reads as a conflict); ``expected_revision`` makes the edit fail if someone else edited first,
+        :meth:`save_annotation`'s, after the conflict checks so a stale edit still reads as a conflict); ``expected_revision`` makes the edit fail if someone else edited first,
         ``expected_uuid`` (:class:`ConflictError`) if the id now names another annotation. ``check`` gets the
         annotation as stored, in the same transaction, and raises to refuse the edit (the server's role checks:
         no one can take a proposal between the check and the write).

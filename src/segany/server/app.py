@@ -647,28 +647,22 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.post("/api/images/{image_id}/annotations")
     def save_annotation(image_id: ImageId, body: AnnotationIn, who: Who) -> JSONResponse:
-        # A typed label must be one of the project's (422 naming them). A text proposal's label comes from the
-        # model (its class vocabulary or the phrase) and is accepted as proposed: the app saves it with source
-        # "semi" and the segmentation the server sent. Only that exact mask skips the check: the word "semi" or
-        # an earlier proposal of the label on this image is not enough, or any mask could carry any label.
-        #
-        # The image must be this project's before anything else, so another project's image is a 404 before any
-        # label check (the store checks it again before answering a replayed uuid: machine uuids are predictable,
-        # uuid5 of image, generation and index, and replaying them must never read another project's masks).
+        """Store a new mask: 201 with the row; the same uuid again, from the same annotator with the same mask and
+        label (a retry after a lost answer), 200 with the row stored the first time.
+
+        A typed label must be one of the project's (422 naming them). A text proposal's label comes from the model
+        (its class vocabulary or the phrase) and is accepted as proposed: the app saves it with source "semi" and
+        the segmentation the server sent. Only that exact mask skips the check: the word "semi" or an earlier
+        proposal of the label on this image is not enough, or any mask could carry any label. The store checks the
+        label after the uuid replay, so a retry of a proposal saved before a server restart (which forgot what it
+        proposed) is still answered with its row, and a reused uuid is a conflict (409), whatever its label.
+        """
+        # The image must be this project's before anything else, so another project's image is a 404 first (the
+        # store checks it again before answering a replayed uuid: machine uuids are predictable, uuid5 of image,
+        # generation and index, and replaying them must never read another project's masks).
         store.get_image(project_id, image_id)
         as_proposed = body.source == "semi" and proposed_masks.was_proposed(
             image_id, body.label, body.segmentation.model_dump())
-        if not as_proposed:
-            try:
-                store.check_label(project_id, body.label)
-            except InvalidAnnotationError:
-                # A retry of the caller's own stored save is answered as any retry, though the label check would
-                # refuse it now: a proposal's undeclared label, accepted before a server restart (or before
-                # the proposal fell out of ``proposed_masks``), is no longer known as proposed.
-                prior = store.stored_save(project_id, image_id, body.uuid)
-                if prior is None or prior["annotator_id"] != who["id"] or prior["label"] != label_name(body.label):
-                    raise
-                return JSONResponse(prior, status_code=200)
 
         def reused() -> ConflictError:
             return ConflictError(f"annotation uuid {body.uuid} already names another annotation; generate a new "
@@ -679,13 +673,16 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                 image_id, rle=body.segmentation.model_dump(), uuid=body.uuid, label=body.label, source=body.source,
                 review_state="accepted", model_version_id=model_version_id(), prompts=body.prompts,
                 annotator_id=who["id"], seconds_spent=body.seconds_spent, predicted_iou=body.predicted_iou,
-                project_id=project_id,
+                project_id=project_id, declared_label=not as_proposed,
             )
         except ConflictError:
             raise reused() from None  # one wording for every reused uuid, whichever image already holds it
-        # A replay answers only the caller's own retry; someone else's annotation (a machine proposal, a
-        # colleague's mask) under that uuid is a reused key, not this save.
-        if not created and ann["annotator_id"] != who["id"]:
+        # A replay answers only the caller's own retry of this save; someone else's annotation (a machine
+        # proposal, a colleague's mask) under that uuid, or another mask or label, is a reused key: answering it
+        # with the stored row would drop this save without a word. (Time, prompts and scores are not compared: a
+        # client measures the time until each try.)
+        if not created and (ann["annotator_id"] != who["id"] or ann["label"] != label_name(body.label)
+                            or ann["segmentation"]["counts"] != normalize_rle(body.segmentation.model_dump())["counts"]):
             raise reused()
         return JSONResponse(ann, status_code=201 if created else 200)
 
