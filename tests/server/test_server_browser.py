@@ -492,6 +492,45 @@ def test_save_refused_with_a_4xx_is_not_retried(browser: Any, app: Any, project:
         page.close()
 
 
+def test_a_save_stored_after_all_is_shown_not_refused(browser: Any, app: Any, project: Any, token: str) -> None:  # noqa: F811
+    """A save stored but its answer lost, every retry then lost to the network ("save failed"), the label changed
+    and Enter again: the same key with another label is a 409 from the server. The page shows the stored
+    annotation, selected, instead of the API's wording, and nothing is stored twice."""
+    store, proj = project
+    with running_server(app) as base:
+        page = _open(browser, base, token)
+        tries: list[int | None] = []  # the server's status per try; None: the network was down
+
+        def lost(route: Any) -> None:
+            if route.request.method != "POST":
+                route.continue_()
+                return
+            if tries:  # after the first try: the network is down
+                tries.append(None)
+                route.abort()
+                return
+            tries.append(route.fetch().status)  # stored ...
+            route.abort("connectionreset")  # ... and the page never hears back
+
+        page.route("**/api/images/*/annotations", lost)
+        page.evaluate("window.segany.mask = new Uint8Array(window.segany.W * window.segany.H).fill(1)")
+        page.evaluate("document.getElementById('label').value = 'person'")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('save failed')")
+        assert tries == [201, None, None, None], tries
+        page.unroute("**/api/images/*/annotations")
+        page.evaluate("document.getElementById('label').value = 'thing'")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('not saved again')")
+        stored = store.list_annotations(project_id=proj["id"])
+        assert len(stored) == 1 and stored[0]["label"] == "person", stored
+        status = page.locator("#status").text_content()
+        assert f"as annotation {stored[0]['id']} (person)" in status and "E edits it" in status, status
+        assert page.evaluate("window.segany.selected") == stored[0]["id"]
+        assert page.evaluate("window.segany.mask") is None  # nothing left to save twice
+        page.close()
+
+
 def test_opening_an_image_starts_its_own_prefill(browser: Any, app: Any, project: Any, admin_token: str) -> None:  # noqa: F811
     """Semi stage: the pre-fill of the image left behind is still running; the next image gets its own at once."""
     store, proj = project

@@ -998,8 +998,11 @@ async function accept() {
   setStatus("saving…", false);
   try { saved = await sendSave(`/api/images/${im.id}/annotations`, { method: "POST", json: body }); }
   catch (e) {
-    if (token === S.imageToken) setStatus(`save failed: ${e.message}`, true);
-    else notify(`the mask on ${im.file_name} was not saved: ${e.message}`);
+    if (token !== S.imageToken) { notify(`the mask on ${im.file_name} was not saved: ${e.message}`); return; }
+    // A 409 for this mask's key after a try whose answer was lost (stored after all) and a changed label: show
+    // the stored annotation instead of the API's wording, so the user edits it rather than saving a duplicate.
+    if (e.status === 409 && await storedAfterAll(token, body.uuid)) return;
+    setStatus(`save failed: ${e.message}`, true);
     return;
   } finally { S.saves = S.saves.filter((x) => x !== job); }
   if (stale(token)) {
@@ -1014,6 +1017,17 @@ async function accept() {
   if (job.seq === S.editSeq) clearPrompts(); // an edit made meanwhile (undo, Esc) is the user's newer state: kept
   rebuildOverlay(); renderLists(); draw();
   setStatus(`saved annotation ${saved.id}`, true);
+}
+
+// After a refused save: true (and the saved annotation selected, the prompts cleared, the status saying so) when
+// an earlier try of it was stored under `uuid` after all.
+async function storedAfterAll(token, uuid) {
+  await refreshAnnotations(token);
+  const kept = stale(token) ? null : S.saved.find((x) => x.uuid === uuid);
+  if (!kept) return false;
+  clearPrompts(); S.selected = kept.id; rebuildOverlay(); renderLists(); draw();
+  setStatus(`not saved again: a lost try stored it as annotation ${kept.id} (${kept.label}), now selected: E edits it`, true);
+  return true;
 }
 
 // A saved annotation is only deleted when the user names it (selected in the list, or its ✕) and confirms.
