@@ -166,6 +166,7 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
         "fused": lambda: half.fused_windows(qkv),  # what the encoder runs (the flash kernel by default)
         "sdpa_no_bias_windows": lambda: F.scaled_dot_product_attention(wq, wk, wv),
     }
+    kernel = getattr(window_kernel, "_window_attention_kernel", None)
     with torch.no_grad():
         res.update(time_variants(fns, flops, device))
         if "ms" in res["fused"] and "ms" in res["fold"]:
@@ -175,7 +176,6 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
             got = half.fused_windows(qkv[:n]).float()
             res["max_abs_err_fused"] = round(float((got - ref).abs().max()), 5)
             res["max_abs_err_fold"] = round(float((half.folded_windows(qkv_nobias[:n]).float() - ref).abs().max()), 5)
-            kernel = getattr(window_kernel, "_window_attention_kernel", None)
             if device == "cuda" and kernel is not None:
                 res["fused_autotune"] = _autotune_timings(kernel)
                 if extra_configs:

@@ -170,7 +170,8 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any, *, fsync: bool = 
 
 def append_whole(path: str | os.PathLike[str], data: bytes) -> None:
     """Append ``data`` to ``path`` whole or not at all: a write that fails partway (a full disk, Ctrl-C) is
-    cut back off before the error goes on, so a line-per-record log never ends in a torn line."""
+    cut back off before the error goes on, so a line-per-record log never ends in a torn line. For a file with
+    one writer: the cut would also drop a line another process appended meanwhile."""
     with open(path, "ab", buffering=0) as f:
         start = f.tell()
         try:

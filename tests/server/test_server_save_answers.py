@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from annotation_fixtures import SAMPLE_FILES, postgres_url  # noqa: F401  (fixtures)
 from fastapi.testclient import TestClient
+from pycocotools import mask as mask_utils
 
+from segany.engine.masks import decode_rle, normalize_rle
 from segany.engine.store import Store, open_store
 from segany.server.app import ServerSettings, _uncompressed_rle, create_app
 
@@ -57,7 +59,13 @@ def _save_answers(store: Store) -> None:
     proposal, _ = store.save_annotation(im["id"], mask=m, uuid=key, label="dog", source="semi",
                                         review_state="accepted", annotator_id=alice_id, project_id=proj["id"])
     proposed = {"uuid": key, "segmentation": _uncompressed_rle(m), "label": "dog", "source": "semi"}
-    for body, row in ((saved, first.json()), (proposed, proposal)):
+    # The same mask spelled otherwise is the same save: compressed, and with a number written in one 5-bit group
+    # more than pycocotools writes (a valid string that was stored as sent and compared as a string: a false 409).
+    compressed = mask_utils.encode(np.asfortranarray(decode_rle(saved["segmentation"])))["counts"].decode()
+    respelled = {**saved, "segmentation": {"size": saved["segmentation"]["size"], "counts": _longer(compressed)}}
+    assert respelled["segmentation"]["counts"] != compressed
+    assert normalize_rle(respelled["segmentation"]) == normalize_rle(saved["segmentation"])  # one mask, one string
+    for body, row in ((saved, first.json()), (proposed, proposal), (respelled, first.json())):
         again = post(body)
         assert again.status_code == 200 and again.json() == row, again.text
     cases = [  # (what, body, annotator, image, status, fragment of the detail)
@@ -69,6 +77,9 @@ def _save_answers(store: Store) -> None:
          REUSED),  # was 200
         ("(d) another image, undeclared", {**saved, "label": "dog", "segmentation": seg(im2)}, alice, im2, 409,
          REUSED),  # was 409 "was already used on image N"
+        ("(d) the same counts, height and width swapped", {**saved, "segmentation": {
+            "size": saved["segmentation"]["size"][::-1], "counts": saved["segmentation"]["counts"]}}, alice, im, 409,
+         REUSED),  # was 200: only the counts were compared
         ("(e) someone else's", saved, bob, im, 409, REUSED),
         ("(e) someone else's, undeclared", proposed, bob, im, 409, REUSED),  # was 422
         ("(f) blank label", new("   "), alice, im, 422, "label 'object' is not one of this project's labels"),
@@ -80,6 +91,15 @@ def _save_answers(store: Store) -> None:
     assert sorted(a["uuid"] for a in store.list_annotations(project_id=proj["id"])) == sorted([saved["uuid"], key])
     stored = store.get_annotation(first.json()["id"])
     assert (stored["label"], stored["revision"]) == ("person", 1)
+
+
+def _longer(counts: str) -> str:
+    """``counts`` (a compressed COCO RLE string) with its first number written in one 5-bit group more: the same
+    runs, a string pycocotools would not write."""
+    c = [ord(ch) - 48 for ch in counts]
+    i = next(j for j, v in enumerate(c) if not v & 0x20)  # the first number's last group
+    c[i:i + 1] = [c[i] | 0x20, 0x1F if c[i] & 0x10 else 0]  # the sign moves into a new last group
+    return "".join(chr(v + 48) for v in c)
 
 
 def test_save_answers_sqlite(tmp_path: Path) -> None:

@@ -114,6 +114,8 @@ def normalize_rle(rle: dict[str, Any]) -> dict[str, Any]:
 
     Raises :class:`InputError` unless the runs are non-negative and cover exactly ``H * W`` pixels.
     """
+    # Always re-encoded: a compressed string whose runs are canonical can still spell a number with more 5-bit
+    # groups than pycocotools writes, and the same mask must give the same string (retries, dedup compare them).
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise InputError("an RLE must be a dict with 'size' [H, W] and 'counts'; got "
                          f"{type(rle).__name__} with keys {sorted(rle) if isinstance(rle, dict) else '-'}")
@@ -131,17 +133,12 @@ def normalize_rle(rle: dict[str, Any]) -> dict[str, Any]:
                              f"({_MAX_RUN}); runs are pixel counts of a mask of size {h}x{w}")
         runs = np.asarray(counts, dtype=np.int64)
         _check_runs(runs, h, w, "uncompressed")
-        original: str | None = None
     elif isinstance(counts, (str, bytes)):
         runs = compressed_runs(counts)
         _check_runs(runs, h, w, "compressed")
-        original = counts.decode("ascii") if isinstance(counts, bytes) else counts
     else:
         raise InputError(f"RLE 'counts' must be a string or a list of ints, got {type(counts).__name__}")
-    canonical = _canonical_runs(runs)
-    if original is not None and len(canonical) == runs.size and np.array_equal(canonical, runs):
-        return {"size": [h, w], "counts": original}  # already what pycocotools writes: no re-encoding
-    out = mask_utils.frPyObjects({"size": [h, w], "counts": canonical}, h, w)
+    out = mask_utils.frPyObjects({"size": [h, w], "counts": _canonical_runs(runs)}, h, w)
     c = out["counts"]
     return {"size": [h, w], "counts": c.decode("ascii") if isinstance(c, bytes) else c}
 

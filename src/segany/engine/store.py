@@ -647,8 +647,9 @@ class Store:
         naming the declared ones, so a typo does not become a new class in every export; a project without
         declared labels takes any label). It is checked after the replay: a retry is answered with its stored
         row although its label would be refused now (a model proposal's label, allowed when the server still
-        remembered proposing it), and before the mask's own checks, so a new save with an undeclared label is
-        told so first.
+        remembered proposing it), and before the size and empty-mask checks, so a new save with an undeclared
+        label is told so before those. (A malformed RLE or a bad ``seconds_spent`` is refused before the
+        transaction, so before the label.)
         """
         _check_choice("source", source, db.SOURCES)
         if review_state is None:

@@ -135,7 +135,8 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": bm, "KR": kr}, num_warps=w, num_stages=2)
                 for bm, kr, w in ((64, 1, 4), (64, 1, 8), (64, 2, 8), (128, 2, 8), (64, 4, 8))]
 
-    @triton.autotune(configs=_configs(), key=["HS", "WS", "WIN", "D"])
+    # C (heads × D) is in the key: ViT-B and ViT-L share D = 64 but not their head count, so not their grid.
+    @triton.autotune(configs=_configs(), key=["HS", "WS", "WIN", "D", "C"])
     @triton.jit
     def _window_attention_kernel(
         QKV, BQKV, TH, TW, Out,

@@ -258,6 +258,13 @@ def _unpack_uncompressed_rle(counts: list[int], h: int, w: int) -> np.ndarray:
     return flat.reshape(w, h).T  # column-major (COCO order)
 
 
+def _mask_key(rle: dict[str, Any]) -> tuple[list[int], str]:
+    """A mask as (size, canonical counts): two RLEs of the same mask, compressed or not, give the same key, and
+    the same counts under another size do not."""
+    r = normalize_rle(rle)
+    return r["size"], r["counts"]
+
+
 def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     """(H, W) bool → COCO uncompressed RLE (column-major runs, first run is zeros): easy to decode in JS."""
     flat = np.asarray(mask, dtype=np.uint8).T.reshape(-1)
@@ -682,7 +689,7 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         # with the stored row would drop this save without a word. (Time, prompts and scores are not compared: a
         # client measures the time until each try.)
         if not created and (ann["annotator_id"] != who["id"] or ann["label"] != label_name(body.label)
-                            or ann["segmentation"]["counts"] != normalize_rle(body.segmentation.model_dump())["counts"]):
+                            or _mask_key(ann["segmentation"]) != _mask_key(body.segmentation.model_dump())):
             raise reused()
         return JSONResponse(ann, status_code=201 if created else 200)
 
