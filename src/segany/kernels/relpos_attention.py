@@ -65,7 +65,8 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
                 for bm in (64, 128) for w in (4, 8) for s in (2, 3)]
 
-    @triton.autotune(configs=_configs(), key=["L", "H", "W", "D"])
+    # NH (heads) is in the key only: ViT-B and ViT-L share L and D but not their head count, so not their grid.
+    @triton.autotune(configs=_configs(), key=["L", "H", "W", "D", "NH"])
     @triton.jit
     def _relpos_attention_kernel(
         Q, K, V, BH, BW, Out,
@@ -75,7 +76,7 @@ if triton is not None:
         sbh_b, sbh_n, sbh_l, sbh_h,
         sbw_b, sbw_n, sbw_l, sbw_w,
         so_b, so_n, so_l, so_d,
-        L, H, W, D, qk_scale,
+        L, H, W, D, NH, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     ):
@@ -170,7 +171,7 @@ def _launch(kernel: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     kernel[grid](  # type: ignore[index]
         q, k, v, bias_h, bias_w, out,
         *q.stride(), *k.stride(), *v.stride(), *bias_h.stride(), *bias_w.stride(), *out.stride(),
-        L, L // W, W, D, scale,
+        L, L // W, W, D, nh, scale,
         BLOCK_N=_pow2(W), BLOCK_D=block_d, SPLIT_D=block_d2 > 0, BLOCK_D2=max(block_d2, 16),
     )
     return out
