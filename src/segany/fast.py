@@ -232,7 +232,6 @@ class FastViTAttention(nn.Module):
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Projected tokens (B, H, W, 3C) → attention output (B, H, W, C), before the output projection."""
-        mode = self.mode
         B, H, W, C3 = qkv.shape
         C = C3 // 3
         nh, hd, L = self.num_heads, self.head_dim, H * W
@@ -245,14 +244,14 @@ class FastViTAttention(nn.Module):
             qg = q.reshape(B, nh, H, W, hd)
             bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rel_w).reshape(B, nh, L, W)
             bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rel_h).reshape(B, nh, L, H)
-            if mode == "fused" and relpos_kernel.available(q.device, q.dtype) and relpos_kernel.supports((H, W), hd):
+            if self.mode == "fused" and relpos_kernel.available(q.device, q.dtype) and relpos_kernel.supports((H, W), hd):
                 # bias_h stays (L, H) row-major although the kernel reads it one key row at a time: on the
                 # H200 a transposed copy (queries contiguous) made the kernel 1-13% slower, not faster
                 # (bench/results/gpu_2026-11-26b/relpos_kernel.json, "fused" against "fused_bias_h_rows").
                 out = relpos_kernel.relpos_attention(q, k, v, bias_h, bias_w, (H, W))
-            elif mode == "fold":
+            elif self.mode == "fold":
                 out = _folded_attention(q, k, v, bias_h, bias_w, H, W)
-            elif mode == "flex":
+            elif self.mode == "flex":
                 out = _flex_attention(q, k, v, bias_h, bias_w, W)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_bias(bias_h, bias_w))
