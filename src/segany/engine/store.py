@@ -35,6 +35,7 @@ import re
 import secrets
 import uuid as uuid_lib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -636,12 +637,16 @@ class Store:
         stability_score: float | None = None,
         project_id: int | None = None,
         declared_label: bool = False,
+        same_save: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """Store one mask (a bool array or any COCO RLE); returns (annotation, created).
 
         ``uuid`` is the idempotency key: saving the same uuid again returns the stored row and
-        ``created=False`` without writing (whether that row is the caller's, with the same mask and label, is
-        the caller's to judge). Reusing a uuid for another image raises :class:`ConflictError`.
+        ``created=False`` without writing. Reusing a uuid for another image raises :class:`ConflictError`, and so
+        does, with ``same_save``, a replay that is not a retry of this save: another annotator's row, or another
+        mask or label (compared as :func:`_differs_from_edit` compares an edit's retry), which answered with the
+        stored row would drop this save without a word. Without it (the engine's machine uuids) the stored row
+        is answered whatever this call sends.
 
         ``declared_label`` refuses a label the project does not declare (:class:`InvalidAnnotationError`
         naming the declared ones, so a typo does not become a new class in every export; a project without
@@ -665,6 +670,7 @@ class Store:
         stability_score = check_finite("stability_score", stability_score)
         check_finite_json("prompts", prompts)
         label = check_plain_text("label", label_name(label or "object"))
+        retry = _SaveRetry(enc, label, annotator_id) if same_save else None
         try:
             with self.transaction() as s:
                 # The image first: a replayed uuid must not answer for an image outside the caller's project.
@@ -675,7 +681,7 @@ class Store:
                     raise NotFoundError(f"no image with id {image_id} in this project")
                 existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
                 if existing is not None:
-                    return self._replay(s, existing, im), False
+                    return self._replay(s, existing, im, retry), False
                 if declared_label:
                     self._refuse_undeclared(list(s.get(Project, im.project_id).labels or []), label)
                 if tuple(enc["size"]) != (im.height, im.width):
@@ -696,31 +702,43 @@ class Store:
         except IntegrityError:
             # Another request with the same key committed between our read and our insert (or the image was
             # removed meanwhile, where the lock above is not taken).
-            prior = self._stored_save(project_id, image_id, key)
+            prior = self._stored_save(project_id, image_id, key, retry)
             if prior is None:
                 raise
             return prior, False
 
-    def _stored_save(self, project_id: int | None, image_id: int, key: str) -> dict[str, Any] | None:
+    def _stored_save(self, project_id: int | None, image_id: int, key: str,
+                     retry: _SaveRetry | None) -> dict[str, Any] | None:
         """The row stored under ``key`` on this project's image ``image_id`` (any project's with ``project_id``
-        None), None when nothing is; a key on another image is a :class:`ConflictError`, as in a replay."""
+        None), None when nothing is; a key on another image, or (``retry``) another save's, is a
+        :class:`ConflictError`, as in a replay."""
         with self.transaction(write=False) as s:
             im = s.get(Image, image_id)
             if im is None or (project_id is not None and im.project_id != project_id):
                 raise NotFoundError(f"no image with id {image_id} in this project")
             existing = s.scalar(select(Annotation).where(Annotation.uuid == key))
-            return None if existing is None else self._replay(s, existing, im)
+            return None if existing is None else self._replay(s, existing, im, retry)
 
     @staticmethod
-    def _replay(s: Session, existing: Annotation, image: Image) -> dict[str, Any]:
+    def _replay(s: Session, existing: Annotation, image: Image, retry: _SaveRetry | None = None) -> dict[str, Any]:
         """The stored row for a repeated uuid, if it is on ``image``; a uuid used on another image is a conflict,
-        whose message names that image only when it is in the same project (ids elsewhere are not the caller's)."""
+        whose message names that image only when it is in the same project (ids elsewhere are not the caller's).
+        ``retry``: also a conflict unless the row is that save's (see :meth:`save_annotation`'s ``same_save``)."""
         if existing.image_id != image.id:
             other = s.get(Image, existing.image_id)
             where = (f"image {existing.image_id}" if other is not None and other.project_id == image.project_id
                      else "another image")
             raise ConflictError(f"annotation uuid {existing.uuid} was already used on {where}; "
                                 "generate a new uuid for each new annotation")
+        if retry is not None:
+            differs = _differs_from_edit(existing, mask=None, rle=retry.rle, label=retry.label, review_state=None,
+                                         annotator_id=None, prompts=None, expected_revision=None)
+            if existing.annotator_id != retry.annotator_id:  # someone else's row (a machine's: None)
+                differs.append("annotator_id")
+            if differs:
+                raise ConflictError(f"annotation uuid {existing.uuid} already names another annotation (this save "
+                                    f"differs from it in {', '.join(differs)}); generate a new uuid for each new "
+                                    "annotation")
         return annotation_dict(existing)
 
     def import_annotations(self, project_id: int, *, new_images: Sequence[ImageRow], labels: Sequence[str],
@@ -1177,6 +1195,15 @@ def check_finite_json(name: str, value: Any) -> None:
         where, v = found
         raise InputError(f"{where} is {v!r}, not a finite number; JSON has no NaN or Infinity, so send a "
                          "real value or leave it out")
+
+
+@dataclass(frozen=True)
+class _SaveRetry:
+    """What a save sends that its retry must send again: the mask (canonical RLE), label (as stored) and author."""
+
+    rle: dict[str, Any]
+    label: str
+    annotator_id: int | None
 
 
 def _differs_from_edit(a: Annotation, *, mask: np.ndarray | None, rle: dict[str, Any] | None, label: str | None,

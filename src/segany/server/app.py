@@ -50,7 +50,6 @@ from segany.engine.store import (
     Store,
     file_sha256,
     hash_token,
-    label_name,
 )
 from segany.errors import InputError, SeganyError
 from segany.server.model_service import DecodeExpiredError, ModelService
@@ -256,13 +255,6 @@ def _unpack_uncompressed_rle(counts: list[int], h: int, w: int) -> np.ndarray:
         pos += c
         val ^= 1
     return flat.reshape(w, h).T  # column-major (COCO order)
-
-
-def _mask_key(rle: dict[str, Any]) -> tuple[list[int], str]:
-    """A mask as (size, canonical counts): two RLEs of the same mask, compressed or not, give the same key, and
-    the same counts under another size do not."""
-    r = normalize_rle(rle)
-    return r["size"], r["counts"]
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -681,16 +673,13 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
                 review_state="accepted", model_version_id=model_version_id(), prompts=body.prompts,
                 annotator_id=who["id"], seconds_spent=body.seconds_spent, predicted_iou=body.predicted_iou,
                 project_id=project_id, declared_label=not as_proposed,
+                # A replay answers only the caller's own retry of this save: someone else's annotation (a machine
+                # proposal, a colleague's mask) under that uuid, or another mask or label, is a reused key. (Time,
+                # prompts and scores are not compared: a client measures the time until each try.)
+                same_save=True,
             )
         except ConflictError:
             raise reused() from None  # one wording for every reused uuid, whichever image already holds it
-        # A replay answers only the caller's own retry of this save; someone else's annotation (a machine
-        # proposal, a colleague's mask) under that uuid, or another mask or label, is a reused key: answering it
-        # with the stored row would drop this save without a word. (Time, prompts and scores are not compared: a
-        # client measures the time until each try.)
-        if not created and (ann["annotator_id"] != who["id"] or ann["label"] != label_name(body.label)
-                            or _mask_key(ann["segmentation"]) != _mask_key(body.segmentation.model_dump())):
-            raise reused()
         return JSONResponse(ann, status_code=201 if created else 200)
 
     @app.patch("/api/annotations/{annotation_id}")
