@@ -107,6 +107,12 @@ step ${T_WINDOW_CONFIGS:-120} window_configs python3 bench/relpos_kernel.py --mo
 step ${T_H_BASE:-150} speed_h_base python3 bench/speed.py --device cuda --models vit_h --parts encoder \
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
   --skip-eager --skip-sam-fast --json "$OUT/speed_h_base.json"
+# After a change of the window kernel's tiles: the CUDA tests of the fast path (fused kernels included), then ViT-B and ViT-L compiled with the shipped
+# options (ViT-H's is speed_h_base above).
+step ${T_WINDOW_TESTS:-120} window_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast.py -k cuda
+step ${T_BL_BASE:-240} speed_bl_base python3 bench/speed.py --device cuda --models vit_b,vit_l --parts encoder \
+  --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
+  --skip-eager --skip-sam-fast --json "$OUT/speed_bl_base.json"
 step ${T_ENGINE:-50} engine_gpu python3 bench/engine.py --model segany_tiny --device cuda --workers 1 --json "$OUT/engine_gpu.json"
 if [ "$STEPS" = all ]; then
   selected=("${ORDER[@]}")

@@ -129,11 +129,13 @@ if triton is not None:
             return [triton.Config({"BLOCK_M": 16, "KR": 2}, num_warps=1, num_stages=1)]  # windows end short
         # 196 queries of a 14-wide window in 4 × 64 or 2 × 128 (64 rows is the smallest Hopper wgmma tile).
         # KR key rows a step: one row makes 16-key dots (k = 16 for p·v); two or four give the tensor cores
-        # longer ones, four wasting two rows' slots on the last step of a 14-row window. Register use is
-        # high (the rel-pos dot products stay in registers); ptxas for sm_90a reports no spills for 80-channel
-        # heads at (64, 2, 8 warps) and small ones for the others, so the autotuner chooses among these.
-        return [triton.Config({"BLOCK_M": bm, "KR": kr}, num_warps=w, num_stages=2)
-                for bm, kr, w in ((64, 1, 4), (64, 1, 8), (64, 2, 8), (128, 2, 8), (64, 4, 8))]
+        # longer ones, four wasting two rows' slots on the last step of a 14-row window. The set is the
+        # winners of a search over fifteen tiles on an H200 (bench/relpos_kernel.py --extra-window-configs,
+        # 2026-11-27 23:40): ViT-H's 16 × 80 heads ran 0.70 ms a block at (128, 2, 8 warps, 3 stages)
+        # against 0.82 at the old pick, ViT-B's 12 × 64 0.36 at (64, 2, 4 warps) against 0.48; 8 warps at
+        # 64 rows and 32-row tiles lost everywhere, so they are gone (fewer tiles, shorter autotuning).
+        return [triton.Config({"BLOCK_M": bm, "KR": kr}, num_warps=w, num_stages=st)
+                for bm, kr, w, st in ((64, 2, 4, 2), (64, 4, 4, 2), (64, 1, 4, 3), (128, 2, 8, 3), (128, 2, 8, 2))]
 
     # C (heads × D) is in the key: ViT-B and ViT-L share D = 64 but not their head count, so not their grid.
     @triton.autotune(configs=_configs(), key=["HS", "WS", "WIN", "D", "C"])
