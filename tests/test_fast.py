@@ -21,6 +21,7 @@ from segany.fast import (
     configure_cpu_threads,
     encode_images,
     make_fast_encoder,
+    mode_uses_cuda_graphs,
     resolve_precision,
 )
 from segany.modeling import image_encoder as vit
@@ -231,6 +232,28 @@ def test_configure_cpu_threads_restores():
         assert n >= 1 and torch.get_num_threads() == n
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode, graphs", [(None, False), ("default", False), ("reduce-overhead", True),
+                                           ("max-autotune", True), ("max-autotune-no-cudagraphs", False)])
+def test_mode_uses_cuda_graphs(mode, graphs):
+    assert mode_uses_cuda_graphs(mode) is graphs
+
+
+def test_graph_replayed_encoder_output_is_copied_out(tiny_sam):
+    """A compiled encoder that replays CUDA graphs writes each output into the same memory; an fp32 embedding
+    handed to a predictor must not change when the next image is encoded (simulated: one shared buffer)."""
+    fast = FastPath(tiny_sam, precision="fp32")
+    buffer = torch.zeros(1, 256, 4, 4)
+
+    def replay(x: torch.Tensor) -> torch.Tensor:
+        buffer.fill_(float(x.mean()))
+        return buffer
+
+    fast._encode_fn, fast._encode_graphs = replay, True
+    first = fast.encode(torch.ones(1, 3, 64, 64))
+    second = fast.encode(torch.full((1, 3, 64, 64), 2.0))
+    assert float(first.mean()) == 1.0 and float(second.mean()) == 2.0
 
 
 @pytest.mark.gpu

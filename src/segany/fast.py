@@ -837,6 +837,20 @@ class _GraphCache:
         return graph, static_in, static_out
 
 
+def mode_uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether torch.compile in ``mode`` replays CUDA graphs on CUDA ("reduce-overhead", "max-autotune"),
+    whose outputs live in memory the next replay reuses. Asked of Inductor, so a new mode is answered right;
+    an unknown mode raises torch's own error when compiled, so it is False here."""
+    if mode is None:
+        return False
+    from torch._inductor import list_mode_options
+
+    try:
+        return bool(list_mode_options(mode).get("triton.cudagraphs", False))
+    except (KeyError, RuntimeError, ValueError):
+        return False
+
+
 # ------------------------------------------------------------------------------------------ fast path
 class FastPath:
     """Fast encoder and decoder for one :class:`Sam`, used by ``SamPredictor`` and :func:`encode_images`.
@@ -844,8 +858,9 @@ class FastPath:
     Args:
         model: the fp32 model; it is not modified (the fast path keeps cast copies of the encoder and decoder).
         precision: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
-        compile: ``False``, ``True`` or a torch.compile mode for the encoder (e.g. ``"max-autotune"``);
-            the decoder is compiled with ``"reduce-overhead"`` on CUDA.
+        compile: ``False``, ``True`` or a torch.compile mode for the encoder (e.g. ``"max-autotune"``, or
+            ``"reduce-overhead"``, which replays it as CUDA graphs); the decoder is compiled with
+            ``"reduce-overhead"`` on CUDA.
         cuda_graphs: capture decoder + post-processing in CUDA graphs (default: on for CUDA without compile).
         attention: ``"auto"`` (default; :func:`resolve_attention`), ``"mask"``, ``"fold"``, ``"mixed"``,
             ``"fused"`` or ``"flex"`` (see module docstring). The mode used is ``self.attention``.
@@ -922,11 +937,13 @@ class FastPath:
         self._opencv_post = self.device.type == "cpu" and (fast_decoder or self.decoder_dtype != torch.float32)
         self.compile = compile
         self._encode_fn: Callable[[torch.Tensor], torch.Tensor] = self.encoder
+        self._encode_graphs = False  # the compiled encoder replays CUDA graphs (see encode)
         self._decode_fn: Callable[..., tuple[torch.Tensor, ...]] = self._decode_core
         if compile:
             compile_cache_dir()
             mode = compile if isinstance(compile, str) else None
             self._encode_fn = torch.compile(self.encoder, mode=mode, dynamic=False)
+            self._encode_graphs = is_cuda and mode_uses_cuda_graphs(mode)
             if quantize == "int8":
                 self._encode_fn = _with_int8_scaling_fused(self._encode_fn)
             self._decode_fn = torch.compile(self._decode_core, mode="reduce-overhead" if is_cuda else None,
@@ -942,7 +959,15 @@ class FastPath:
         x = x.to(self.device, self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._encode_fn(x).float().contiguous()
+        if not self._encode_graphs:
+            return self._encode_fn(x).float().contiguous()
+        # "reduce-overhead" and "max-autotune" replay CUDA graphs whose output the next replay overwrites.
+        # A bf16 output is cast into a new tensor anyway; an fp32 one is the graph's own memory, so copy it,
+        # or a predictor's stored embedding would change (or raise) when the next image is encoded.
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self._encode_fn(x)
+        return (out.clone(memory_format=torch.contiguous_format) if out.dtype == torch.float32
+                else out.float().contiguous())
 
     # ------------------------------------------------------------------ decoder
     def _features_for_decoder(self, features: torch.Tensor) -> torch.Tensor:
