@@ -19,6 +19,8 @@ and each kernel's error against fp32 maths. One line per shape, plus JSON. For t
 also keeps Triton's autotuner timings of every tile config it tried (``fused_autotune``, ms), and
 ``--extra-window-configs`` adds more candidates to that search (``fused_extended``: the time and error of
 the kernel with the pick among all of them), to find a better tile without rebuilding the package.
+``terms`` says how the kernel read its rel-pos terms (``window_attention.TERMS``), and ``fused_gather``
+(or ``fused_select``) times the other way in the same process, with its own search and error.
 
 Usage::
 
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from segany.cli._util import atomic_write_bytes  # noqa: E402
 from segany.fast import FastViTAttention, FastWindowBlock, _padded_bias  # noqa: E402
+from segany.kernels import relpos_attention as relpos_kernel  # noqa: E402
 from segany.kernels import window_attention as window_kernel  # noqa: E402
 from segany.kernels.relpos_attention import relpos_attention  # noqa: E402
 from segany.modeling import image_encoder as vit  # noqa: E402
@@ -107,6 +110,9 @@ def bench_shape(name: str, nh: int, D: int, batch: int, grid: int, device: str =
         mask = F.scaled_dot_product_attention(q[:n], k[:n], v[:n], attn_mask=_padded_bias(bias_h[:n], bias_w[:n]))
         res["max_abs_err_fused"] = round(float((got - ref).abs().max()), 5)
         res["max_abs_err_sdpa_mask"] = round(float((mask.float() - ref).abs().max()), 5)
+        kernel = getattr(relpos_kernel, "_relpos_attention_kernel", None)
+        if device == "cuda" and kernel is not None:  # which tile won (KR = 2 rows a step, or 1), and by how much
+            res["fused_autotune"] = _autotune_timings(kernel)
     return res
 
 
@@ -123,6 +129,16 @@ def _autotune_timings(kernel: Any) -> dict[str, Any]:
     timings = getattr(kernel, "configs_timings", None) or {}
     return {str(cfg): (round(t[0], 4) if isinstance(t, (list, tuple)) else round(float(t), 4))
             for cfg, t in timings.items()}
+
+
+def _with_terms(terms: str, run: Any) -> Any:
+    """``run()`` with the window kernel reading its rel-pos terms the other way (``window_attention.TERMS``,
+    which is in the autotune key, so it is searched afresh)."""
+    own, window_kernel.TERMS = window_kernel.TERMS, terms
+    try:
+        return run()
+    finally:
+        window_kernel.TERMS = own
 
 
 def _with_extra_configs(kernel: Any, run: Any) -> Any:
@@ -180,6 +196,16 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
             res["max_abs_err_fold"] = round(float((half.folded_windows(qkv_nobias[:n]).float() - ref).abs().max()), 5)
             if device == "cuda" and kernel is not None:
                 res["fused_autotune"] = _autotune_timings(kernel)
+                res["terms"] = window_kernel.TERMS
+                other = "gather" if window_kernel.TERMS == "select" else "select"
+
+                def other_terms() -> dict[str, Any]:
+                    out = time_variants({"fused": lambda: half.fused_windows(qkv)}, flops, device)["fused"]
+                    got = half.fused_windows(qkv[:n]).float()
+                    return {**out, "max_abs_err": round(float((got - ref).abs().max()), 5),
+                            "autotune": _autotune_timings(kernel)}
+
+                res[f"fused_{other}"] = _with_terms(other, other_terms)
                 if extra_configs:
                     def extended() -> dict[str, Any]:
                         half.fused_windows(qkv)  # the search, over the kernel's configs and the extra ones

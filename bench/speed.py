@@ -436,6 +436,7 @@ def machine(device: str) -> dict[str, Any]:
     info["logical_cpus"] = os.cpu_count()
     # Inductor's environment switches (TORCHINDUCTOR_FREEZING=1, …) change the compiled rows: keep them with them.
     info["inductor_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")}
+    info["segany_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SEGANY_")}  # experiments
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda

@@ -20,10 +20,11 @@ triton = pytest.importorskip("triton")
 from segany.kernels import relpos_attention as relpos  # noqa: E402
 
 POINTERS = ("Q", "K", "V", "BH", "BW", "Out")
-CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "SPLIT_D", "BLOCK_D2")
+CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "SPLIT_D", "BLOCK_D2", "KR")
 
 
-def _build(scale_type: str, head_dim: int, half: str, block_m: int = 64, arch: int = 90) -> object:
+@functools.cache  # the fp32 build at 80 channels is shared by two tests
+def _build(scale_type: str, head_dim: int, half: str, block_m: int = 64, arch: int = 90, rows: int = 1) -> object:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -34,9 +35,11 @@ def _build(scale_type: str, head_dim: int, half: str, block_m: int = 64, arch: i
                      else "constexpr" if n in CONSTEXPRS else "i32") for n in names}
     block_d, block_d2 = relpos.head_blocks(head_dim)
     values = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": block_d, "SPLIT_D": block_d2 > 0,
-              "BLOCK_D2": max(block_d2, 16)}
+              "BLOCK_D2": max(block_d2, 16), "KR": rows}
     constexprs = {(names.index(n),): v for n, v in values.items()}
-    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))
+    options = {"num_warps": 8} if rows > 1 else {}
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                          options=options)
 
 
 def _nvidia_backend() -> bool:
@@ -45,14 +48,28 @@ def _nvidia_backend() -> bool:
     return "nvidia" in backends
 
 
+# torch.compile's typing of the scale (fp64) for each head layout and half type; Triton's launcher's (fp32)
+# once, at ViT-H's split head: the typing and the layout are independent, so the cross product adds nothing.
+TYPINGS = [("fp64", 64, "bf16"), ("fp64", 80, "bf16"), ("fp64", 64, "fp16"), ("fp32", 80, "bf16")]
+
+
 @pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("scale_type", ["fp64", "fp32"])  # torch.compile's typing, Triton's launcher's
-@pytest.mark.parametrize(("head_dim", "half"), [(64, "bf16"), (80, "bf16"), (64, "fp16")])
+@pytest.mark.parametrize(("scale_type", "head_dim", "half"), TYPINGS)
 def test_kernel_builds_for_sm90(scale_type, head_dim, half):
     if not _nvidia_backend():
         pytest.skip("Triton has no NVIDIA backend here")
     kernel = _build(scale_type, head_dim, half)
     assert kernel.asm.get("cubin"), "no cubin was produced"
+
+
+@pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernel_builds_two_key_rows_a_step(arch):
+    """The autotuner's two-rows-a-step tiles (128 queries, 8 warps) at ViT-H's heads, as torch.compile types them."""
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend here")
+    kernel = _build("fp64", 80, "bf16", block_m=128, arch=arch, rows=2)
+    assert kernel.asm.get("cubin") and (arch != 90 or "wgmma" in kernel.asm["ptx"])
 
 
 @pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
@@ -67,13 +84,13 @@ def test_kernel_builds_for_sm80_and_sm89(head_dim):
 
 
 WINDOW_POINTERS = ("QKV", "BQKV", "TH", "TW", "Out")
-WINDOW_CONSTEXPRS = ("HAS_BIAS", "BLOCK_M", "BLOCK_T", "BLOCK_D", "SPLIT_D", "BLOCK_D2")
+WINDOW_CONSTEXPRS = ("HAS_BIAS", "BLOCK_M", "BLOCK_T", "BLOCK_D", "SPLIT_D", "BLOCK_D2", "GATHER")
 FLASH_CONSTEXPRS = ("KR", "BLOCK_W")
 
 
 @functools.cache  # the default build is shared by two tests
 def _build_window(scale_type: str, head_dim: int, half: str, block_m: int = 64, rows: int = 2,
-                  num_warps: int = 4, arch: int = 90) -> object:
+                  num_warps: int = 4, arch: int = 90, num_stages: int = 2, gather: bool = False) -> object:
     """The kernel of segany.kernels.window_attention at SAM's 14-token windows."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -89,15 +106,14 @@ def _build_window(scale_type: str, head_dim: int, half: str, block_m: int = 64, 
     block_d, block_d2 = relpos.head_blocks(head_dim)
     values = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_T": 32, "BLOCK_D": block_d,
               "SPLIT_D": block_d2 > 0, "BLOCK_D2": max(block_d2, 16),
-              "KR": rows, "BLOCK_W": 16}
+              "KR": rows, "BLOCK_W": 16, "GATHER": gather}
     constexprs = {(names.index(n),): v for n, v in values.items()}
     return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": 2})
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 @pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("scale_type", ["fp64", "fp32"])
-@pytest.mark.parametrize(("head_dim", "half"), [(64, "bf16"), (80, "bf16"), (64, "fp16")])
+@pytest.mark.parametrize(("scale_type", "head_dim", "half"), TYPINGS)
 def test_window_kernel_builds_for_sm90(scale_type, head_dim, half):
     """Hopper tensor-core dots (wgmma) for the 64-query tiles the autotuner is likeliest to pick."""
     if not _nvidia_backend():
@@ -107,12 +123,26 @@ def test_window_kernel_builds_for_sm90(scale_type, head_dim, half):
 
 
 @pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
-@pytest.mark.parametrize(("block_m", "rows", "num_warps"), [(64, 1, 4), (128, 2, 8), (64, 4, 8)])
-def test_window_kernel_builds_every_tile_for_sm80_and_sm89(block_m, rows, num_warps):
+@pytest.mark.parametrize(("block_m", "rows", "num_warps", "num_stages"),
+                         [(64, 2, 4, 2), (64, 4, 4, 2), (64, 1, 4, 3), (128, 2, 8, 3)])
+def test_window_kernel_builds_every_tile_for_sm80_and_sm89(block_m, rows, num_warps, num_stages):
     if not _nvidia_backend():
         pytest.skip("Triton has no NVIDIA backend here")
-    kernel = _build_window("fp32", 80, "bf16", block_m=block_m, rows=rows, num_warps=num_warps, arch=80)
+    kernel = _build_window("fp32", 80, "bf16", block_m=block_m, rows=rows, num_warps=num_warps, arch=80,
+                           num_stages=num_stages)
     assert kernel.asm.get("cubin")  # sm80 stands for 8.x, as above
+
+
+@pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
+@pytest.mark.parametrize(("head_dim", "arch", "block_m", "rows", "num_warps"),
+                         [(80, 90, 128, 2, 8), (64, 90, 64, 2, 4), (80, 80, 64, 4, 4)])
+def test_window_kernel_builds_with_gathered_terms(head_dim, arch, block_m, rows, num_warps):
+    """``TERMS = "gather"`` (tl.gather of the rel-pos terms) at the shipped tiles, as torch.compile types it."""
+    if not _nvidia_backend():
+        pytest.skip("Triton has no NVIDIA backend here")
+    kernel = _build_window("fp64", head_dim, "bf16", block_m=block_m, rows=rows, num_warps=num_warps,
+                           arch=arch, gather=True)
+    assert kernel.asm.get("cubin") and (arch != 90 or "wgmma" in kernel.asm["ptx"])
 
 
 @pytest.mark.skipif(relpos.triton is None, reason="needs Triton")

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     calls = []
     real = wk.window_attention
     wk.window_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    out = {"available_cpu": wk.available("cpu"), "cases": []}
+    out = {"available_cpu": wk.available("cpu")}
     # (dim, heads, window, H, W, dtype, qkv_bias, table rows): grids that are and are not whole windows,
     # head sizes of 16, 20 (one padded tile) and 80 (ViT-H: 64 + 16), no qkv bias, and a rel-pos table
     # trained for another size (resampled, as a checkpoint run at another resolution is).
@@ -39,28 +39,38 @@ SCRIPT = textwrap.dedent(
              (160, 2, 5, 11, 6, torch.float32, True, None), (48, 3, 3, 5, 7, torch.float32, False, None),
              (32, 2, 4, 6, 5, torch.float32, True, 11), (64, 2, 4, 6, 10, torch.float16, True, None),
              (160, 2, 3, 4, 5, torch.float16, True, None)]
-    for dim, nh, win, H, W, dt, qkv_bias, rows in cases:
-        blk = vit.Block(ViTConfig(embed_dim=dim, num_heads=nh, qkv_bias=qkv_bias), window=win)
-        if rows is not None:
-            hd = dim // nh
-            blk.attn.rel_pos_h = torch.nn.Parameter(torch.zeros(rows, hd))
-            blk.attn.rel_pos_w = torch.nn.Parameter(torch.zeros(rows, hd))
-        with torch.no_grad():
-            for p in blk.parameters():
-                p.normal_(0, 0.1, generator=g)
-        blk.eval()
-        fast = FastWindowBlock.from_block(blk, FastViTAttention.from_attention(blk.attn, "fold"), fused=True)
-        # Batch 2 in the first case only: windows of the batch are one axis to the kernel, so 1 covers the rest.
-        x = torch.randn(2 if (dim, H, W) == (32, 8, 8) else 1, H, W, dim, generator=g)
-        before = len(calls)
-        with torch.no_grad():
-            ref = blk.double()(x.double())
-            got = fast.to(dt)(x.to(dt))
-        delta = (ref - x.double()).abs().max()  # the block's own contribution, not the residual
-        out["cases"].append({"shape": [dim, nh, win, H, W], "dtype": str(dt),
-                             "ran": len(calls) - before,
-                             "out_shape": list(got.shape), "finite": bool(torch.isfinite(got).all()),
-                             "err": float((got.double() - ref).abs().max() / delta)})
+    def run_cases(cases):
+        done = []
+        for dim, nh, win, H, W, dt, qkv_bias, rows in cases:
+            blk = vit.Block(ViTConfig(embed_dim=dim, num_heads=nh, qkv_bias=qkv_bias), window=win)
+            if rows is not None:
+                hd = dim // nh
+                blk.attn.rel_pos_h = torch.nn.Parameter(torch.zeros(rows, hd))
+                blk.attn.rel_pos_w = torch.nn.Parameter(torch.zeros(rows, hd))
+            with torch.no_grad():
+                for p in blk.parameters():
+                    p.normal_(0, 0.1, generator=g)
+            blk.eval()
+            fast = FastWindowBlock.from_block(blk, FastViTAttention.from_attention(blk.attn, "fold"), fused=True)
+            # Batch 2 in the first case only: windows of the batch are one axis to the kernel, so 1 covers the rest.
+            x = torch.randn(2 if (dim, H, W) == (32, 8, 8) else 1, H, W, dim, generator=g)
+            before = len(calls)
+            with torch.no_grad():
+                ref = blk.double()(x.double())
+                got = fast.to(dt)(x.to(dt))
+            delta = (ref - x.double()).abs().max()  # the block's own contribution, not the residual
+            done.append({"shape": [dim, nh, win, H, W], "dtype": str(dt),
+                         "ran": len(calls) - before,
+                         "out_shape": list(got.shape), "finite": bool(torch.isfinite(got).all()),
+                         "err": float((got.double() - ref).abs().max() / delta)})
+        return done
+
+    out["cases"] = run_cases(cases)
+    # The experimental "gather" reading of the rel-pos terms (wk.TERMS) on the shapes that differ for it:
+    # a partial last window, an 80-channel head in two tiles, a resampled table, and fp16.
+    wk.TERMS = "gather"
+    out["gather_cases"] = run_cases([cases[1], cases[2], cases[4], cases[6]])
+    wk.TERMS = "select"
 
     # The whole encoder with attention="fused": the window kernel in the windowed block.
     torch.manual_seed(0)
@@ -100,6 +110,24 @@ def test_window_kernel_matches_the_reference_block(interpreted):
         assert case["ran"] == 1 and case["out_shape"][1:] == [H, W, dim] and case["finite"], case
         tol = 1e-5 if case["dtype"] == "torch.float32" else 5e-3  # fp16 rounds p before p·v
         assert case["err"] < tol, case
+
+
+def test_gather_terms_match_the_reference_block(interpreted):
+    """``TERMS = "gather"`` reads the same rel-pos terms by ``tl.gather``: the same answers to rounding."""
+    cases = interpreted["gather_cases"]
+    assert len(cases) == 4
+    for case, select in zip(cases, [interpreted["cases"][i] for i in (1, 2, 4, 6)], strict=True):
+        assert case["shape"] == select["shape"] and case["ran"] == 1 and case["finite"], case
+        tol = 1e-5 if case["dtype"] == "torch.float32" else 5e-3
+        assert case["err"] < tol, case
+
+
+def test_unknown_terms_setting_is_refused(monkeypatch):
+    if wk.triton is None:
+        pytest.skip("needs Triton")
+    monkeypatch.setattr(wk, "TERMS", "gathr")
+    with pytest.raises(ValueError, match=r"'gathr' \(SEGANY_WINDOW_TERMS\) must be one of"):
+        wk.window_attention(torch.zeros(1, 4, 4, 24), None, torch.zeros(7, 4), torch.zeros(7, 4), 4, 2)
 
 
 def test_fused_encoder_runs_the_window_kernel_and_matches(interpreted):

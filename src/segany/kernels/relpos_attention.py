@@ -9,7 +9,8 @@ layer, a third of the compiled encoder (``bench/results/gpu_2026-11-26/profile_v
 Here each key tile is one row of the key grid (``BLOCK_N`` ≥ the grid width ``W``), so inside a tile the
 ``bias_h`` term is one value per query (a (BLOCK_M,) vector) and the ``bias_w`` term is the same
 (BLOCK_M, W) slab for every tile, loaded once per program. Scores never leave registers; the softmax is
-the usual online (flash) one in fp32.
+the usual online (flash) one in fp32. A tile can also hold ``KR`` = 2 rows of the key grid, with a
+``bias_h`` column per row: longer dots and half the accumulator rescales, for the autotuner to weigh.
 
 The maths is exactly ``softmax(q·kᵀ·scale + bias) · v`` of :class:`segany.modeling.image_encoder.Attention`;
 only summation order differs. It is meant for bf16/fp16: with fp32 inputs on a GPU, Triton's dots run in
@@ -61,9 +62,13 @@ if triton is not None:
 
     def _configs() -> list[triton.Config]:
         if _INTERPRET:  # the interpreter is slow; one small config keeps tests fast
-            return [triton.Config({"BLOCK_M": 16}, num_warps=1, num_stages=1)]
-        return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-                for bm in (64, 128) for w in (4, 8) for s in (2, 3)]
+            return [triton.Config({"BLOCK_M": 16, "KR": 1}, num_warps=1, num_stages=1)]
+        # KR key-grid rows a step: one is what was timed (2.46 ms a ViT-H global block on an H200,
+        # 2026-11-27); two make 128-key dots and halve the softmax rescales of the accumulator, not yet timed,
+        # so they are offered to the autotuner at the two largest tiles only.
+        return [*(triton.Config({"BLOCK_M": bm, "KR": 1}, num_warps=w, num_stages=s)
+                  for bm in (64, 128) for w in (4, 8) for s in (2, 3)),
+                *(triton.Config({"BLOCK_M": 128, "KR": 2}, num_warps=8, num_stages=s) for s in (2, 3))]
 
     # NH (heads) is in the key only: ViT-B and ViT-L share L and D but not their head count, so not their grid.
     @triton.autotune(configs=_configs(), key=["L", "H", "W", "D", "NH"])
@@ -78,15 +83,17 @@ if triton is not None:
         so_b, so_n, so_l, so_d,
         L, H, W, D, NH, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+        SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr, KR: tl.constexpr,
     ):
+        BLOCK_K: tl.constexpr = KR * BLOCK_N  # keys a step: KR rows of the key grid, each in BLOCK_N slots
         pid_m, n = tl.program_id(0), tl.program_id(1)
         # 64-bit from the batch index on: b·stride passes 2³¹ elements at 410 ViT-H images a call.
         b = tl.program_id(2).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_in_step, col = offs_k // BLOCK_N, offs_k % BLOCK_N
         offs_d = tl.arange(0, BLOCK_D)
-        in_m, in_n, in_d = offs_m < L, offs_n < W, offs_d < D
+        in_m, in_n, in_d = offs_m < L, col < W, offs_d < D
         log2e = 1.4426950408889634  # scores in log2 units, so the exponentials are exp2
         # Inductor types a Python float argument as fp64 (Triton's own launcher as fp32): cast, or the
         # scores and the loop-carried softmax state turn fp64 under torch.compile and the kernel won't build.
@@ -103,7 +110,7 @@ if triton is not None:
             v2_base = V + b * sv_b + n * sv_n + offs_e[None, :] * sv_d
             acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
         # bias_w[q, col(k)] is the same for every key row: load the (BLOCK_M, W) slab once, in log2 units.
-        bw = tl.load(BW + b * sbw_b + n * sbw_n + offs_m[:, None] * sbw_l + offs_n[None, :] * sbw_w,
+        bw = tl.load(BW + b * sbw_b + n * sbw_n + offs_m[:, None] * sbw_l + col[None, :] * sbw_w,
                      mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32) * log2e
         bw = tl.where(in_n[None, :], bw, float("-inf"))  # columns beyond the row width are not keys
         bh_base = BH + b * sbh_b + n * sbh_n + offs_m * sbh_l
@@ -113,24 +120,31 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for r in range(0, H):  # one key-grid row per step
-            keys = r * W + offs_n
-            k = tl.load(k_base + keys[None, :] * sk_l, mask=in_d[:, None] & in_n[None, :], other=0.0)
+        for r in range(0, H, KR):  # KR key-grid rows per step
+            kr = r + row_in_step
+            in_k = in_n & (kr < H)  # with KR > 1 the last step can run past the grid's last row
+            keys = kr * W + col
+            k = tl.load(k_base + keys[None, :] * sk_l, mask=in_d[:, None] & in_k[None, :], other=0.0)
             s = tl.dot(q, k)
             if SPLIT_D:
-                k2 = tl.load(k2_base + keys[None, :] * sk_l, mask=in_e[:, None] & in_n[None, :], other=0.0)
+                k2 = tl.load(k2_base + keys[None, :] * sk_l, mask=in_e[:, None] & in_k[None, :], other=0.0)
                 s += tl.dot(q2, k2)
             s = s * qk_scale2
-            bh = tl.load(bh_base + r * sbh_h, mask=in_m, other=0.0).to(tl.float32) * log2e
-            s = s + bh[:, None] + bw
+            if KR == 1:  # one bias_h value per query for the whole step
+                bh = tl.load(bh_base + r * sbh_h, mask=in_m, other=0.0).to(tl.float32) * log2e
+                s = s + bh[:, None] + bw
+            else:  # each key row of the step has its own bias_h column; rows past the grid are not keys
+                bh = tl.load(bh_base[:, None] + kr[None, :] * sbh_h, mask=in_m[:, None] & in_k[None, :],
+                             other=0.0).to(tl.float32) * log2e
+                s = tl.where(in_k[None, :], s + bh + bw, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + keys[:, None] * sv_l, mask=in_n[:, None] & in_d[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None] * sv_l, mask=in_k[:, None] & in_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             if SPLIT_D:
-                v2 = tl.load(v2_base + keys[:, None] * sv_l, mask=in_n[:, None] & in_e[None, :], other=0.0)
+                v2 = tl.load(v2_base + keys[:, None] * sv_l, mask=in_k[:, None] & in_e[None, :], other=0.0)
                 acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
             m_i = m_new
         acc = acc / l_i[:, None]

@@ -11,9 +11,10 @@ Here one program takes ``BLOCK_M`` queries of one window and one head and reads 
 values from the (B, H, W, 3C) projection where they lie; the window padding is never written: a key
 outside the image is what the reference's zero-padded token gives after ``qkv``, the bias alone. The
 rel-pos terms come from two small dots of the queries with the (2·window−1, D) offset tables, picked per
-query and key inside the kernel, so neither the (window², window) bias tensors nor a mask exist. The
-output goes to (B, H, W, C) token order, ready for ``proj``. The softmax is the online (flash) one in
-fp32 over one key row of the window per step, as in :mod:`segany.kernels.relpos_attention`.
+query and key inside the kernel (a select-and-sum, or ``tl.gather`` with :data:`TERMS`), so neither the
+(window², window) bias tensors nor a mask exist. The output goes to (B, H, W, C) token order, ready for
+``proj``. The softmax is the online (flash) one in fp32 over ``KR`` key rows of the window per step, as in
+:mod:`segany.kernels.relpos_attention`.
 
 A one-pass variant (every key of a window in one tile, one plain softmax) was tried and removed on
 2026-11-27: on an H200 its 80-channel Hopper tiles made illegal accesses or gave wrong sums, and where it
@@ -27,6 +28,7 @@ GPU runs fp32 dots in TF32. ``TRITON_INTERPRET=1`` runs it on CPU tensors for te
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -40,6 +42,14 @@ __all__ = ["available", "offset_table", "register_op", "supports", "window_atten
 _MAX_WINDOW = 32  # one window row per key tile, and 2·window − 1 offsets in one tile of at most 64
 
 available = _relpos.available
+
+# How each (query, key) pair's rel-pos terms are read out of the queries' dots with the offset tables:
+# "select" (a select-and-sum over the offsets per key column and key row; what was timed) or "gather"
+# (``tl.gather`` along the offsets, one register gather each: fewer instructions and live values, not yet
+# timed on a GPU). An experiment switch read when the kernel is launched (or traced by torch.compile);
+# ``SEGANY_WINDOW_TERMS`` sets it for a whole process, which is how the GPU benches compare the two.
+TERMS = os.environ.get("SEGANY_WINDOW_TERMS", "select")
+_TERMS = ("select", "gather")
 
 
 def supports(window: int, head_dim: int) -> bool:
@@ -83,6 +93,13 @@ if triton is not None:
             val = tl.sum(tl.where(offs_t[None, :] == (qpos - c + WIN - 1)[:, None], rt, 0.0), 1)
             out = tl.where(slots[None, :] == c, val[:, None], out)
         return out
+
+    @triton.jit
+    def _offset_index(qpos, kpos, WIN, BLOCK_T: tl.constexpr):
+        """(queries, keys) offset rows ``qpos − kpos + WIN − 1`` for :func:`tl.gather`, clamped into the
+        table's tile: a key slot past the window's end would point outside it (its score is masked)."""
+        idx = qpos[:, None] - kpos[None, :] + WIN - 1
+        return tl.minimum(tl.maximum(idx, 0), BLOCK_T - 1)
 
     @triton.jit
     def _query_terms(base, TH, TW, yq, xq, q_in, s_y, s_x, s_c, st_h, st_hd, st_w, st_wd, n, D, offs_c, in_c,
@@ -138,7 +155,7 @@ if triton is not None:
                 for bm, kr, w, st in ((64, 2, 4, 2), (64, 4, 4, 2), (64, 1, 4, 3), (128, 2, 8, 3), (128, 2, 8, 2))]
 
     # C (heads × D) is in the key: ViT-B and ViT-L share D = 64 but not their head count, so not their grid.
-    @triton.autotune(configs=_configs(), key=["HS", "WS", "WIN", "D", "C"])
+    @triton.autotune(configs=_configs(), key=["HS", "WS", "WIN", "D", "C", "GATHER"])
     @triton.jit
     def _window_attention_kernel(
         QKV, BQKV, TH, TW, Out,
@@ -148,6 +165,7 @@ if triton is not None:
         HS, WS, NWY, NWX, C, D, WIN, qk_scale,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, KR: tl.constexpr, BLOCK_W: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+        GATHER: tl.constexpr,
     ):
         BLOCK_N: tl.constexpr = KR * BLOCK_W
         pid_m, n = tl.program_id(0), tl.program_id(1)
@@ -180,7 +198,10 @@ if triton is not None:
         # A key tile is KR rows of the window, each in BLOCK_W slots (BLOCK_W ≥ WIN, a power of two).
         row_in_tile, kc = offs_n // BLOCK_W, offs_n % BLOCK_W
         # rel_w[q, key column c] = rw[q, qc − c + WIN − 1]: the same for every key row, so built once.
-        bw = _pick_terms(rw, qc, offs_t, kc, WIN, BLOCK_M, BLOCK_N) * log2e
+        if GATHER:  # slots that hold no key read a clamped offset; their scores become −inf below
+            bw = tl.gather(rw, _offset_index(qc, kc, WIN, BLOCK_T), 1) * log2e
+        else:
+            bw = _pick_terms(rw, qc, offs_t, kc, WIN, BLOCK_M, BLOCK_N) * log2e
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,10 +220,14 @@ if triton is not None:
                 k2 = _keys(base, kv_off, k_in, bk2, C + n * D, s_c, offs_e, in_e, HAS_BIAS)
                 v2 = _values(base, kv_off, k_in, bv2, 2 * C + n * D, s_c, offs_e, in_e, HAS_BIAS)
                 s += tl.dot(q2, k2)
-            bh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # rel_h[q, key row] = rh[q, qr − row + WIN − 1]
-            for j in tl.static_range(KR):
-                val = tl.sum(tl.where(offs_t[None, :] == (qr - r0 - j + WIN - 1)[:, None], rh, 0.0), 1)
-                bh = tl.where(row_in_tile[None, :] == j, val[:, None], bh)
+            # rel_h[q, key row] = rh[q, qr − row + WIN − 1]
+            if GATHER:
+                bh = tl.gather(rh, _offset_index(qr, kr, WIN, BLOCK_T), 1)
+            else:
+                bh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(KR):
+                    val = tl.sum(tl.where(offs_t[None, :] == (qr - r0 - j + WIN - 1)[:, None], rh, 0.0), 1)
+                    bh = tl.where(row_in_tile[None, :] == j, val[:, None], bh)
             s = s * qk_scale2 + bh * log2e + bw
             s = tl.where(is_key[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -242,6 +267,7 @@ def _launch(wrap: Callable[[object], object], qkv: torch.Tensor, bias: torch.Ten
         *qkv.stride(), *table_h.stride(), *table_w.stride(), *out.stride(),
         H, W, nwy, nwx, C, D, window, scale, HAS_BIAS=bias is not None, BLOCK_T=_relpos._pow2(2 * window - 1),
         BLOCK_D=block_d, SPLIT_D=block_d2 > 0, BLOCK_D2=max(block_d2, 16), BLOCK_W=_relpos._pow2(window),
+        GATHER=TERMS == "gather",
     )
     return out
 
@@ -306,6 +332,8 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torc
                          f"{tuple(table_h.shape)} and {tuple(table_w.shape)}")
     if bias is not None and bias.shape != (C3,):
         raise ValueError(f"window_attention: bias must have {C3} values, got {tuple(bias.shape)}")
+    if TERMS not in _TERMS:
+        raise ValueError(f"window_attention: rel-pos terms {TERMS!r} (SEGANY_WINDOW_TERMS) must be one of {_TERMS}")
     scale = D ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"window_attention: scale must be finite, got {scale}")
