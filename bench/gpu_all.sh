@@ -108,8 +108,8 @@ step ${T_H_BASE:-150} speed_h_base python3 bench/speed.py --device cuda --models
   --skip-reference --attentions "" --compile --compile-mode default --compile-attentions fused --no-compile-mask \
   --skip-eager --skip-sam-fast --json "$OUT/speed_h_base.json"
 # The global kernel's tiles, with the autotuner's timing of each (fused_autotune): KR = 2 key rows a step
-# (2026-11-28) against the one row a step that was timed.
-step ${T_GLOBAL_CONFIGS:-90} global_configs python3 bench/relpos_kernel.py --models vit_h,vit_b --blocks global \
+# (2026-11-28; offered only with SEGANY_RELPOS_TWO_ROWS=1 until timed) against the one row a step.
+step ${T_GLOBAL_CONFIGS:-90} global_configs env SEGANY_RELPOS_TWO_ROWS=1 python3 bench/relpos_kernel.py --models vit_h,vit_b --blocks global \
   --json "$OUT/global_configs.json"
 # ViT-H compiled in default mode with the window kernel's rel-pos terms read by tl.gather (an experiment).
 step ${T_H_GATHER:-200} speed_h_gather env SEGANY_WINDOW_TERMS=gather python3 bench/speed.py --device cuda \
