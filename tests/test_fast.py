@@ -7,6 +7,8 @@ away from the threshold. fp32 variants of the fast modules must agree to 1e-5.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from segany.fast import (
     FastPath,
     FastViTAttention,
     FastWindowBlock,
+    compile_cache_dir,
     configure_cpu_threads,
     encode_images,
     make_fast_encoder,
@@ -238,6 +241,31 @@ def test_configure_cpu_threads_restores():
                                            ("max-autotune", True), ("max-autotune-no-cudagraphs", False)])
 def test_mode_uses_cuda_graphs(mode, graphs):
     assert mode_uses_cuda_graphs(mode) is graphs
+
+
+def test_inductor_cudagraphs_switch_counts_for_every_mode():
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraphs": True}):  # what TORCHINDUCTOR_CUDAGRAPHS=1 sets
+        assert mode_uses_cuda_graphs(None) and mode_uses_cuda_graphs("default")
+    assert not mode_uses_cuda_graphs(None)
+
+
+def test_compile_cache_is_kept_apart_per_kernel_setting(monkeypatch, tmp_path):
+    """A graph compiled under one window-kernel setting must not be served from disk under another: torch's
+    AOTAutograd cache does not see the setting, so each gets its own directory; a user's own stays theirs."""
+    from segany.kernels import window_attention as wk
+
+    monkeypatch.setenv("SEGANY_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(wk, "TERMS", "select")
+    select = compile_cache_dir()
+    monkeypatch.setattr(wk, "TERMS", "gather")
+    gather = compile_cache_dir()
+    assert select != gather and select.parent == gather.parent == tmp_path / "compile-cache"
+    assert select.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(gather)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"
 
 
 def test_graph_replayed_encoder_output_is_copied_out(tiny_sam):

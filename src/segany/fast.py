@@ -42,6 +42,7 @@ when it helps), :func:`encode_images` for batched embeddings, :func:`configure_c
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -181,11 +182,36 @@ def configure_cpu_threads(num_threads: int | None = None) -> int:
     return int(num_threads)
 
 
+_OWN_CACHE_DIR: str | None = None  # the cache directory compile_cache_dir chose last (not the user's)
+
+
+def kernel_settings_key() -> str:
+    """A short hash of segany's kernel settings that a compiled graph bakes in without its cache seeing them.
+
+    Why: torch's AOTAutograd cache keys a graph on its Triton kernels' source, not on their autotune config
+    lists or their constexpr arguments. A graph compiled before a tile list changed, or under the other
+    :data:`segany.kernels.window_attention.TERMS`, was served again from disk (seen on an H200, 2026-11-27:
+    ViT-H timed the old tiles after the change). A cache directory per setting keeps them apart.
+    """
+    parts = [f"window_terms={window_kernel.TERMS}"]
+    for kernel in (getattr(window_kernel, "_window_attention_kernel", None),
+                   getattr(relpos_kernel, "_relpos_attention_kernel", None)):
+        parts.append(";".join(str(c) for c in getattr(kernel, "configs", ())))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
 def compile_cache_dir() -> Path:
-    """Point TorchInductor's on-disk cache at ``$SEGANY_HOME/compile-cache`` (unless the user set one)."""
+    """Point TorchInductor's on-disk cache at ``$SEGANY_HOME/compile-cache/kernels-<key>`` (unless the user
+    set ``TORCHINDUCTOR_CACHE_DIR``), the key from :func:`kernel_settings_key`."""
+    global _OWN_CACHE_DIR
     from segany.checkpoints import weights_home
 
-    path = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", weights_home() / "compile-cache"))
+    user = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if user and user != _OWN_CACHE_DIR:
+        path = Path(user)
+    else:
+        path = weights_home() / "compile-cache" / f"kernels-{kernel_settings_key()}"
+        _OWN_CACHE_DIR = str(path)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     try:
@@ -838,13 +864,17 @@ class _GraphCache:
 
 
 def mode_uses_cuda_graphs(mode: str | None) -> bool:
-    """Whether torch.compile in ``mode`` replays CUDA graphs on CUDA ("reduce-overhead", "max-autotune"),
-    whose outputs live in memory the next replay reuses. Asked of Inductor, so a new mode is answered right;
-    an unknown mode raises torch's own error when compiled, so it is False here."""
-    if mode is None:
-        return False
+    """Whether torch.compile in ``mode`` replays CUDA graphs on CUDA ("reduce-overhead", "max-autotune", or
+    any mode with Inductor's ``triton.cudagraphs`` switched on, as ``TORCHINDUCTOR_CUDAGRAPHS=1`` does), whose
+    outputs live in memory the next replay reuses. Asked of Inductor, so a new mode is answered right; an
+    unknown mode raises torch's own error when compiled."""
+    import torch._inductor.config as inductor_config
     from torch._inductor import list_mode_options
 
+    if getattr(inductor_config.triton, "cudagraphs", False):
+        return True
+    if mode is None:
+        return False
     try:
         return bool(list_mode_options(mode).get("triton.cudagraphs", False))
     except (KeyError, RuntimeError, ValueError):

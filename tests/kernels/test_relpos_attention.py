@@ -143,6 +143,18 @@ def test_cpu_without_interpreter_falls_back_to_sdpa():
     assert not relpos.supports((16, 256), 64) and not relpos.supports((64, 64), 160)
 
 
+@pytest.mark.parametrize(("value", "two_rows"), [(None, False), ("0", False), ("true", False), ("1", True)])
+def test_two_row_tiles_are_offered_only_when_asked(monkeypatch, value, two_rows):
+    if relpos.triton is None:
+        pytest.skip("needs Triton")
+    if value is None:
+        monkeypatch.delenv("SEGANY_RELPOS_TWO_ROWS", raising=False)
+    else:
+        monkeypatch.setenv("SEGANY_RELPOS_TWO_ROWS", value)
+    rows = {c.kwargs["KR"] for c in relpos._configs()}
+    assert rows == ({1, 2} if two_rows else {1})
+
+
 def test_bad_shapes_are_refused():
     q = torch.zeros(1, 1, 12, 8)
     with pytest.raises(ValueError, match="grid"):

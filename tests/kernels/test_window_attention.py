@@ -14,6 +14,7 @@ import pytest
 import torch
 from interpreter_run import run_interpreted
 
+from segany.errors import InputError
 from segany.kernels import window_attention as wk
 
 pytest.importorskip("triton")
@@ -126,7 +127,7 @@ def test_unknown_terms_setting_is_refused(monkeypatch):
     if wk.triton is None:
         pytest.skip("needs Triton")
     monkeypatch.setattr(wk, "TERMS", "gathr")
-    with pytest.raises(ValueError, match=r"'gathr' \(SEGANY_WINDOW_TERMS\) must be one of"):
+    with pytest.raises(InputError, match=r"'gathr' are not known; set SEGANY_WINDOW_TERMS to select or gather"):
         wk.window_attention(torch.zeros(1, 4, 4, 24), None, torch.zeros(7, 4), torch.zeros(7, 4), 4, 2)
 
 

@@ -69,7 +69,7 @@ if triton is not None:
         # SEGANY_RELPOS_TWO_ROWS=1, as the GPU bench sets it, until they are timed there.
         one_row = [triton.Config({"BLOCK_M": bm, "KR": 1}, num_warps=w, num_stages=s)
                    for bm in (64, 128) for w in (4, 8) for s in (2, 3)]
-        if os.environ.get("SEGANY_RELPOS_TWO_ROWS", "0") in ("", "0"):
+        if os.environ.get("SEGANY_RELPOS_TWO_ROWS") != "1":
             return one_row
         return [*one_row, *(triton.Config({"BLOCK_M": 128, "KR": 2}, num_warps=8, num_stages=s) for s in (2, 3))]
 

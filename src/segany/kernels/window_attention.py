@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from segany.errors import InputError
 from segany.kernels import relpos_attention as _relpos
 
 triton, tl = _relpos.triton, _relpos.tl
@@ -333,7 +334,8 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor | None, table_h: torc
     if bias is not None and bias.shape != (C3,):
         raise ValueError(f"window_attention: bias must have {C3} values, got {tuple(bias.shape)}")
     if TERMS not in _TERMS:
-        raise ValueError(f"window_attention: rel-pos terms {TERMS!r} (SEGANY_WINDOW_TERMS) must be one of {_TERMS}")
+        raise InputError(f"window_attention: rel-pos terms {TERMS!r} are not known; set SEGANY_WINDOW_TERMS to "
+                         f"{' or '.join(_TERMS)}, or unset it for the default ({_TERMS[0]})")
     scale = D ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"window_attention: scale must be finite, got {scale}")
