@@ -124,7 +124,8 @@ def test_window_kernel_builds_for_sm90(scale_type, head_dim, half):
 
 @pytest.mark.skipif(relpos.triton is None, reason="needs Triton")
 @pytest.mark.parametrize(("block_m", "rows", "num_warps", "num_stages"),
-                         [(64, 2, 4, 2), (64, 4, 4, 2), (64, 1, 4, 3), (128, 2, 8, 3), (128, 2, 8, 2)])
+                         [(64, 2, 4, 2), (64, 4, 4, 2), (64, 1, 4, 3), (64, 1, 4, 2), (128, 2, 8, 3),
+                          (128, 2, 8, 2)])
 def test_window_kernel_builds_every_tile_for_sm80_and_sm89(block_m, rows, num_warps, num_stages):
     if not _nvidia_backend():
         pytest.skip("Triton has no NVIDIA backend here")
