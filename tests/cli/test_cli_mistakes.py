@@ -134,3 +134,22 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     p.stdout.close()  # the reader is gone before the first line is written
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and err == "", err
+
+
+@pytest.mark.parametrize(("argv", "compile_option"), [([], False), (["--compile"], True),
+                                                      (["--compile-mode", "reduce-overhead"], "reduce-overhead"),
+                                                      (["--compile", "--compile-mode", "max-autotune"], "max-autotune")])
+def test_compile_mode_reaches_the_predictor(argv: list[str], compile_option: object) -> None:
+    import argparse
+
+    from segany.cli._util import add_speed_arguments, predictor_options
+
+    p = argparse.ArgumentParser()
+    add_speed_arguments(p)
+    assert predictor_options(p.parse_args(argv), "cpu")["compile"] == compile_option
+
+
+def test_an_unknown_compile_mode_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--compile-mode", "fast", "x.jpg"])
+    assert exc.value.code == 2 and "reduce-overhead" in capsys.readouterr().err

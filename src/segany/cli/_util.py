@@ -125,8 +125,13 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+# torch.compile's modes (docs/speed.md says what each gained on an H200).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def add_speed_arguments(p: argparse.ArgumentParser, *, cpu_bf16_auto: bool = True) -> None:
-    """``--precision``, ``--quantize`` and ``--compile``: the predictor's fast-path options (docs/speed.md).
+    """``--precision``, ``--quantize``, ``--compile`` and ``--compile-mode``: the predictor's fast-path options
+    (docs/speed.md).
 
     ``cpu_bf16_auto=False`` (eval) keeps ``--precision auto`` exact on every CPU: a measurement should
     not change with the CPU it runs on. Pass the same value to :func:`predictor_options`.
@@ -140,6 +145,9 @@ def add_speed_arguments(p: argparse.ArgumentParser, *, cpu_bf16_auto: bool = Tru
                    help="8-bit encoder GEMMs, with --precision bf16: faster on recent GPUs, costs some accuracy")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile encoder and decoder: slow first image, faster after (cached on disk)")
+    g.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="--compile with this torch.compile mode for the encoder: reduce-overhead replays it as "
+                        "CUDA graphs, max-autotune also times GEMM templates (minutes to compile on a big model)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model (default: torch's own, about one per core, or "
                         "OMP_NUM_THREADS); e.g. --threads 1 keeps a core free on a 2-core laptop")
@@ -156,7 +164,8 @@ def predictor_options(args: argparse.Namespace, device: str, *, cpu_bf16_auto: b
 
     precision, fast_decoder = machine_auto(args.precision, device) if cpu_bf16_auto else (args.precision, False)
     check_quantize(args.quantize, resolve_precision(precision, device), device)
-    options = {"precision": precision, "quantize": args.quantize, "compile": bool(args.compile)}
+    compile_mode = getattr(args, "compile_mode", None)
+    options = {"precision": precision, "quantize": args.quantize, "compile": compile_mode or bool(args.compile)}
     return {**options, "fast_decoder": True} if fast_decoder else options
 
 
