@@ -32,8 +32,8 @@ bias to ``scaled_dot_product_attention`` in a layout its fused kernels accept:
 
 Prompt → mask latency on CUDA comes from capturing the decoder plus mask post-processing in a CUDA
 graph per prompt shape (:class:`_GraphCache`), or from ``torch.compile(mode="reduce-overhead")`` with
-``compile=True``. Compiled artefacts are cached on disk under ``$SEGANY_HOME/compile-cache`` so the
-compile cost is paid once per machine.
+``compile=True``. Compiled artefacts are cached on disk under ``$SEGANY_HOME/compile-cache`` (a folder per
+kernel setting, :func:`compile_cache_dir`) so the compile cost is paid once per machine.
 
 Entry points: ``SamPredictor(model, precision=..., compile=...)`` (which builds a :class:`FastPath`
 when it helps), :func:`encode_images` for batched embeddings, :func:`configure_cpu_threads`.
