@@ -425,7 +425,7 @@ def onnx_prompt(model: torch.nn.Module, feats: torch.Tensor, input_size: tuple[i
 
 
 # ----------------------------------------------------------------------------------------- main
-def machine(device: str) -> dict[str, Any]:
+def machine(device: str, compiled: bool = False) -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
     try:
@@ -437,6 +437,13 @@ def machine(device: str) -> dict[str, Any]:
     # Inductor's environment switches (TORCHINDUCTOR_FREEZING=1, …) change the compiled rows: keep them with them.
     info["inductor_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")}
     info["segany_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SEGANY_")}  # experiments
+    if compiled:
+        # A compiled row timed from a warm cache may be a graph compiled under other settings (2026-11-27
+        # late): say which folder the compiles use and how full it was before this run.
+        from segany.fast import compile_cache_dir
+
+        cache = compile_cache_dir()
+        info["compile_cache"] = {"dir": str(cache), "files_before": sum(1 for p in cache.rglob("*") if p.is_file())}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -522,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in this table
         torch.backends.cudnn.allow_tf32 = False
-    report: dict[str, Any] = {"machine": machine(args.device), "args": {k: (sorted(v) if isinstance(v, set) else v)
+    report: dict[str, Any] = {"machine": machine(args.device, args.compile), "args": {k: (sorted(v) if isinstance(v, set) else v)
                                                                          for k, v in vars(args).items()},
                               "results": []}
     global SAVE_PARTIAL

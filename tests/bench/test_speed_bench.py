@@ -88,3 +88,16 @@ def test_gelu_epilogue_choice_leaves_fp32_and_8_bit_variants_alone() -> None:
     assert [label for label, _ in speed.with_gelu_epilogue(variants, "both")] == [
         "fp32", "bf16", "bf16_gelu_epilogue", "int8"]
     assert speed.with_gelu_epilogue(variants, "off")[1] == ("bf16", {"precision": "bf16", "gelu_epilogue": False})
+
+
+def test_compiled_runs_record_their_compile_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A compiled row may come from a graph that a warm cache compiled under other settings: the JSON says
+    which cache folder the run used and how many files it held before."""
+    speed = _speed_module()
+    monkeypatch.setenv("SEGANY_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert "compile_cache" not in speed.machine("cpu")
+    record = speed.machine("cpu", compiled=True)["compile_cache"]
+    assert Path(record["dir"]).parent == tmp_path / "compile-cache" and record["files_before"] == 0
+    (Path(record["dir"]) / "entry").write_text("x")
+    assert speed.machine("cpu", compiled=True)["compile_cache"]["files_before"] == 1
