@@ -201,6 +201,8 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
 
                 def other_terms() -> dict[str, Any]:
                     out = time_variants({"fused": lambda: half.fused_windows(qkv)}, flops, device)["fused"]
+                    if "error" in out:  # never run on a GPU before: its failure is a result, not a crash
+                        return out
                     got = half.fused_windows(qkv[:n]).float()
                     return {**out, "max_abs_err": round(float((got - ref).abs().max()), 5),
                             "autotune": _autotune_timings(kernel)}
