@@ -111,10 +111,13 @@ step ${T_H_BASE:-150} speed_h_base python3 bench/speed.py --device cuda --models
 # (2026-11-28; offered only with SEGANY_RELPOS_TWO_ROWS=1 until timed) against the one row a step.
 step ${T_GLOBAL_CONFIGS:-90} global_configs env SEGANY_RELPOS_TWO_ROWS=1 python3 bench/relpos_kernel.py --models vit_h,vit_b --blocks global \
   --json "$OUT/global_configs.json"
-# ViT-H compiled in default mode with the window kernel's rel-pos terms read by tl.gather (an experiment).
-step ${T_H_GATHER:-200} speed_h_gather env SEGANY_WINDOW_TERMS=gather python3 bench/speed.py --device cuda \
-  --models vit_h --parts encoder,accuracy --skip-reference --attentions "" --compile --compile-mode default \
-  --compile-attentions fused --no-compile-mask --skip-eager --skip-sam-fast --json "$OUT/speed_h_gather.json"
+# ViT-H compiled in default mode with both kernel experiments of 2026-11-28 on: the window kernel's rel-pos
+# terms read by tl.gather, and the global kernel's two-rows-a-step tiles offered to its autotuner (which
+# keeps one row where that is faster). window_configs and global_configs time each alone.
+step ${T_H_EXPERIMENTS:-200} speed_h_experiments env SEGANY_WINDOW_TERMS=gather SEGANY_RELPOS_TWO_ROWS=1 \
+  python3 bench/speed.py --device cuda --models vit_h --parts encoder,accuracy --skip-reference --attentions "" \
+  --compile --compile-mode default --compile-attentions fused --no-compile-mask --skip-eager --skip-sam-fast \
+  --json "$OUT/speed_h_experiments.json"
 # After a change of the window kernel's tiles: the CUDA tests of the fast path (fused kernels included), then ViT-B and ViT-L compiled with the shipped
 # options (ViT-H's is speed_h_base above).
 step ${T_WINDOW_TESTS:-120} window_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast.py -k cuda

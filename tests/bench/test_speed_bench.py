@@ -101,3 +101,16 @@ def test_compiled_runs_record_their_compile_cache(monkeypatch: pytest.MonkeyPatc
     assert Path(record["dir"]).parent == tmp_path / "compile-cache" and record["files_before"] == 0
     (Path(record["dir"]) / "entry").write_text("x")
     assert speed.machine("cpu", compiled=True)["compile_cache"]["files_before"] == 1
+
+
+def test_every_step_the_gpu_runbook_names_exists() -> None:
+    """A misspelt step costs a scarce GPU call: every STEPS="..." of the runbook and of gpu_all.sh's own
+    usage note must name a step that gpu_all.sh defines."""
+    import re
+
+    script = (REPO / "bench" / "gpu_all.sh").read_text()
+    defined = set(re.findall(r"^step \S+ (\S+) ", script, flags=re.M))
+    texts = [(REPO / "docs" / "dev" / "GPU_RUNBOOK.md").read_text(), script]
+    named = {name for text in texts for steps in re.findall(r'STEPS="([^"$]*)"', text) for name in steps.split()}
+    assert named and "speed_h_base" in defined, (named, defined)
+    assert named <= defined, f"not defined in bench/gpu_all.sh: {sorted(named - defined)}"
