@@ -44,10 +44,12 @@ def _free_bytes(path: Path) -> int | None:
 
 
 @contextmanager
-def disk_full_as(error: type[Exception], path: str | os.PathLike[str], fix: str,
+def disk_full_as(error: type[Exception], path: str | os.PathLike[str], fix: str | Callable[[], str],
                  needed: int | None = None) -> Iterator[None]:
     """Turn a full disk while writing ``path`` into one ``error`` naming the file, the space it needs
-    (``needed`` bytes, when known) and ``fix``; any other error passes unchanged.
+    (``needed`` bytes, when known) and ``fix``; any other error passes unchanged. ``fix`` may be a function,
+    called only when the disk is full: for a wording that costs something (a look on disk) around writes
+    that are frequent (every line of a log).
 
     For commands whose writers inside leave nothing partial (these atomic writes; appends that cut a failed
     line back off), so the message can say so. Those writers report a full disk as OSError(ENOSPC/EDQUOT)
@@ -65,7 +67,7 @@ def disk_full_as(error: type[Exception], path: str | os.PathLike[str], fix: str,
             room = f" (it needs about {_size(needed)}" + (f", {_size(free)} free there)" if free is not None
                                                           and free < needed else ")")
         raise error(f"{NO_SPACE[exc.errno]}: could not write {target}{room}; nothing partial was left. "
-                    f"{fix}") from exc
+                    f"{fix() if callable(fix) else fix}") from exc
 
 
 def current_umask() -> int:

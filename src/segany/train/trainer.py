@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.atomic import NO_SPACE, append_whole, atomic_write, atomic_write_text, disk_full_as
+from segany.atomic import append_whole, atomic_write, atomic_write_text, disk_full_as
 from segany.errors import InputError, SeganyError, UnknownModelError
 from segany.modeling.sam import Sam
 from segany.train.config import PROVENANCE, RecipeSection, TrainConfig
@@ -256,7 +256,8 @@ def tensor_bytes(obj: Any, half: bool = False) -> int:
     return 0
 
 
-def writing(path: str | os.PathLike[str], needed: int | None, fix: str) -> contextlib.AbstractContextManager[None]:
+def writing(path: str | os.PathLike[str], needed: int | None,
+            fix: str | Callable[[], str]) -> contextlib.AbstractContextManager[None]:
     """A full disk while writing ``path`` becomes one :class:`TrainingError` naming the file, the space it needs
     and ``fix`` (:func:`segany.atomic.disk_full_as`)."""
     return disk_full_as(TrainingError, path, fix, needed)
@@ -829,21 +830,14 @@ class Trainer:
         return {"segany_version": segany.__version__, "torch_version": str(torch.__version__), **self._init_fp,
                 "data": data}
 
-    @contextlib.contextmanager
     def writing(self, path: str | os.PathLike[str], needed: int | None = None, *,
-                option: str = "-o run.out_dir") -> Iterator[None]:
+                option: str = "-o run.out_dir") -> contextlib.AbstractContextManager[None]:
         """A full disk while writing ``path`` becomes one TrainingError saying what to do: free space and
         ``--resume`` from the last good last.pt, or pick another ``option`` (see :func:`writing`).
 
         The fix is worded only when the disk is full: it looks for last.pt on disk, and every log line and
         checkpoint is written through here."""
-        try:
-            yield
-        except OSError as exc:
-            if exc.errno not in NO_SPACE:
-                raise
-            with writing(path, needed, self._disk_full_fix(option)):
-                raise
+        return writing(path, needed, lambda: self._disk_full_fix(option))
 
     def _disk_full_fix(self, option: str) -> str:
         last = self.saved_state
