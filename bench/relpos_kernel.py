@@ -199,24 +199,18 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
                 res["terms"] = window_kernel.TERMS
                 other = "gather" if window_kernel.TERMS == "select" else "select"
 
-                def other_terms() -> dict[str, Any]:
+                def searched() -> dict[str, Any]:
+                    """The kernel timed after a fresh tile search, with its error and the search's timings."""
                     out = time_variants({"fused": lambda: half.fused_windows(qkv)}, flops, device)["fused"]
-                    if "error" in out:  # never run on a GPU before: its failure is a result, not a crash
+                    if "error" in out:  # a variant never run on a GPU before: its failure is a result, not a crash
                         return out
                     got = half.fused_windows(qkv[:n]).float()
                     return {**out, "max_abs_err": round(float((got - ref).abs().max()), 5),
                             "autotune": _autotune_timings(kernel)}
 
-                res[f"fused_{other}"] = _with_terms(other, other_terms)
+                res[f"fused_{other}"] = _with_terms(other, searched)
                 if extra_configs:
-                    def extended() -> dict[str, Any]:
-                        half.fused_windows(qkv)  # the search, over the kernel's configs and the extra ones
-                        out = time_variants({"fused": lambda: half.fused_windows(qkv)}, flops, device)["fused"]
-                        got = half.fused_windows(qkv[:n]).float()
-                        return {**out, "max_abs_err": round(float((got - ref).abs().max()), 5),
-                                "autotune": _autotune_timings(kernel)}
-
-                    res["fused_extended"] = _with_extra_configs(kernel, extended)
+                    res["fused_extended"] = _with_extra_configs(kernel, searched)
     return res
 
 
