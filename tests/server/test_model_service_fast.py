@@ -13,10 +13,11 @@ import pytest
 from conftest import SAMPLE_IMAGE, randomize_, tiny_config
 
 from segany.data.images import load_image
+from segany.errors import InputError, PromptError
 from segany.fast import FastPath
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
-from segany.server.model_service import ModelService
+from segany.server.model_service import ModelService, PrefillSettings
 
 
 @pytest.fixture
@@ -83,3 +84,59 @@ def test_default_cpu_service_needs_no_fast_path(sam):
     emb = svc.embedding(1, str(SAMPLE_IMAGE))
     masks, _, _ = svc.decode(emb, points_xy=[[320, 212]], labels=[1])
     assert svc._fast is None and masks.shape == (3, 425, 640)
+
+
+def _thread_spy(monkeypatch) -> dict[str, set[str]]:
+    """Names of the threads FastPath.encode and FastPath.decode ran on."""
+    seen: dict[str, set[str]] = {"encode": set(), "decode": set()}
+    for name in seen:
+        real = getattr(FastPath, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            seen[_name].add(threading.current_thread().name.split("_")[0])
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(FastPath, name, spy)
+    return seen
+
+
+def test_on_cuda_fast_path_work_runs_on_the_services_own_two_threads(sam, monkeypatch):
+    # torch keeps compiled CUDA graphs per thread: clicks decoded in whichever request thread served them would
+    # record the decoder's graphs (and a memory pool) once per thread. CUDA is simulated: the routing is the same.
+    monkeypatch.setattr(ModelService, "_device_threads", lambda self: True, raising=False)
+    seen = _thread_spy(monkeypatch)
+    svc = ModelService("vit_b", sam=sam, device="cpu", predictor_options={"precision": "bf16"},
+                       prefill_settings=PrefillSettings(points_per_side=4, pred_iou_thresh=0.0,
+                                                        stability_score_thresh=0.0, min_mask_region_area=0))
+    emb = svc.embedding(1, str(SAMPLE_IMAGE))
+    got: list[np.ndarray] = []
+
+    def click(i: int) -> None:
+        got.append(svc.decode(emb, points_xy=[[40 + 60 * i, 30 + 40 * i]], labels=[1])[0])
+
+    threads = [threading.Thread(target=click, args=(i,), name=f"request-{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    click(4)
+    assert len(got) == 5 and seen == {"encode": {"segany-embed"}, "decode": {"segany-decode"}}, seen
+
+    seen["encode"].clear()
+    seen["decode"].clear()
+    records = svc.prefill(load_image(SAMPLE_IMAGE))  # encodes the image: on the embedding worker
+    assert records and seen == {"encode": {"segany-embed"}, "decode": {"segany-embed"}}, seen
+
+    with pytest.raises(InputError, match="at most"):  # an error on the decode thread is the caller's error
+        svc.decode(emb, points_xy=[[1, 1]] * 100, labels=[1] * 100)
+    with pytest.raises(PromptError):
+        svc.text_proposals(emb, "dog")  # a model without a text path: raised on the decode thread, here
+
+
+def test_on_cpu_clicks_run_in_the_callers_thread(sam, monkeypatch):
+    # No graphs to keep on CPU: a click must not queue behind another service thread.
+    seen = _thread_spy(monkeypatch)
+    svc = ModelService("vit_b", sam=sam, device="cpu", predictor_options={"precision": "bf16"})
+    emb = svc.embedding(1, str(SAMPLE_IMAGE))
+    svc.decode(emb, points_xy=[[320, 212]], labels=[1])
+    assert seen == {"encode": {"segany-embed"}, "decode": {"MainThread"}}, seen

@@ -6,6 +6,12 @@ The model is built on first use, not at startup, so the server answers (and the 
 while weights load. Embeddings are computed one at a time on one worker thread: the encoder
 already uses every core (or the GPU), and a prefetch queued behind a user's request must not
 compete with it.
+
+On CUDA every use of the shared fast path runs on one of two threads, wherever the request came in: the
+embedding worker (embeddings, stage-2 pre-fill) and one decode thread (clicks, text proposals). torch keeps a
+compiled function's CUDA graphs per thread (Inductor's cudagraph trees live in thread-local storage), so
+clicks decoded in the web server's pool of request threads would record the decoder's graphs, with a memory
+pool each, once per thread that happened to serve a click, and a pre-fill would record the encoder's again.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ from segany.text.vocab import TEXT_MIN_SCORE
 log = logging.getLogger(__name__)
 
 PrefillFn = Callable[[np.ndarray], list[dict[str, Any]]]
+T = TypeVar("T")
 
 
 class DecodeExpiredError(SeganyError, LookupError):
@@ -133,7 +140,11 @@ class ModelService:
         self._cache: collections.OrderedDict[Any, Embedding] = collections.OrderedDict()
         self._inflight: dict[Any, Future[Embedding]] = {}
         self._cache_lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-embed")
+        self._role = threading.local()  # which of this service's threads the current one is (see _on)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-embed",
+                                          initializer=self._name_thread, initargs=("embed",))
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-decode",
+                                           initializer=self._name_thread, initargs=("decode",))
         self._onnx_lock = threading.Lock()
         self._prefill_lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "prefetches": 0}
@@ -227,6 +238,22 @@ class ModelService:
         if self._ensure_fast() is None or (encoder and not str(self.device).startswith("cuda")):
             return contextlib.nullcontext()
         return self._fast_lock
+
+    def _name_thread(self, role: str) -> None:
+        self._role.name = role
+
+    def _device_threads(self) -> bool:
+        """Whether fast-path work must run on this service's own threads (see the module docstring): on CUDA.
+        On CPU there are no graphs to keep, and a click runs at once in its request thread while an embedding is
+        computed on the worker."""
+        return str(self.device).startswith("cuda") and self._ensure_fast() is not None
+
+    def _on(self, role: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on the ``"embed"`` or ``"decode"`` thread when :meth:`_device_threads`, else here; its
+        exception is raised here as it is."""
+        if getattr(self._role, "name", None) == role or not self._device_threads():
+            return fn()
+        return (self._worker if role == "embed" else self._decoder).submit(fn).result()
 
     def info(self) -> dict[str, Any]:
         sam = self.sam
@@ -323,8 +350,12 @@ class ModelService:
         """
         pc, pl = _click_arrays(points_xy, labels)
         box = np.asarray(box_xyxy, dtype=np.float64) if box_xyxy is not None else None
-        with self._exclusive():
-            return self._predictor(emb).predict(pc, pl, box, mask_input, multimask_output=True)
+
+        def run() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            with self._exclusive():
+                return self._predictor(emb).predict(pc, pl, box, mask_input, multimask_output=True)
+
+        return self._on("decode", run)
 
     # Multi-click refinement. SAM refines a click set from the previous step's chosen low-res logits (its
     # mask_input), as the browser's ONNX decoder does and segany.eval.interactive evaluates; a server decode
@@ -382,10 +413,15 @@ class ModelService:
         closed vocabulary raise :class:`segany.errors.PromptError` whose message says what to do. The label is
         :func:`proposal_label`'s: one of the project's ``labels`` when the phrase names one.
         """
-        from segany.text.prompting import segment_every
         from segany.text.vocab import check_text
 
         text = check_text(text)
+        return self._on("decode", lambda: self._text_proposals(emb, text, max_masks, min_score, labels))
+
+    def _text_proposals(self, emb: Embedding, text: str, max_masks: int, min_score: float | None,
+                        labels: Sequence[str]) -> tuple[str, list[TextProposal]]:
+        from segany.text.prompting import segment_every
+
         with self._exclusive():
             pred = self._predictor(emb)
             if self._clip is not None:
@@ -450,8 +486,13 @@ class ModelService:
         with self._prefill_lock:  # the generator holds per-image state and uses all cores
             if self._prefill is not None:
                 return self._prefill(image)
-            with self._exclusive():
-                return default_prefill(self.sam, image, self.prefill_settings, predictor=self._new_predictor())
+
+            def run() -> list[dict[str, Any]]:
+                with self._exclusive():
+                    return default_prefill(self.sam, image, self.prefill_settings,
+                                           predictor=self._new_predictor())
+
+            return self._on("embed", run)  # it encodes: where the encoder's graphs are
 
 
 def _click_arrays(points_xy: Sequence[Sequence[float]] | None, labels: Sequence[int] | None
