@@ -18,7 +18,8 @@ Windowed blocks (14-token windows), from the ``qkv`` projection to the tokens ``
 and each kernel's error against fp32 maths. One line per shape, plus JSON. For the window kernel the JSON
 also keeps Triton's autotuner timings of every tile config it tried (``fused_autotune``, ms), and
 ``--extra-window-configs`` adds more candidates to that search (``fused_extended``: the time and error of
-the kernel with the pick among all of them), to find a better tile without rebuilding the package.
+the kernel with the pick among all of them), to find a better tile without rebuilding the package, and
+``fused_forced`` times the search's three fastest tiles again, each alone, as the bench times the kernel.
 ``terms`` says how the kernel read its rel-pos terms (``window_attention.TERMS``), and ``fused_gather``
 (or ``fused_select``) times the other way in the same process, with its own search and error.
 
@@ -141,19 +142,40 @@ def _with_terms(terms: str, run: Any) -> Any:
         window_kernel.TERMS = own
 
 
-def _with_extra_configs(kernel: Any, run: Any) -> Any:
-    """``run()`` with :data:`EXTRA_WINDOW_CONFIGS` added to ``kernel``'s autotune list and its choice
-    forgotten, so the next call searches them all; the kernel's own list is restored afterwards."""
-    import triton
-
-    own, kernel.configs = kernel.configs, [*kernel.configs, *(
-        triton.Config({"BLOCK_M": bm, "KR": kr}, num_warps=w, num_stages=st) for bm, kr, w, st in EXTRA_WINDOW_CONFIGS)]
+def _with_configs(kernel: Any, configs: list[Any], run: Any) -> Any:
+    """``run()`` with ``kernel``'s autotune list replaced by ``configs`` and its choice forgotten, so the next
+    call searches them (one config: runs it, no search); the kernel's own list is restored afterwards."""
+    own, kernel.configs = kernel.configs, list(configs)
     kernel.cache.clear()
     try:
         return run()
     finally:
         kernel.configs = own
         kernel.cache.clear()
+
+
+def _extra_configs(kernel: Any) -> list[Any]:
+    """The kernel's own tile list and :data:`EXTRA_WINDOW_CONFIGS`."""
+    import triton
+
+    return [*kernel.configs, *(triton.Config({"BLOCK_M": bm, "KR": kr}, num_warps=w, num_stages=st)
+                               for bm, kr, w, st in EXTRA_WINDOW_CONFIGS)]
+
+
+FORCED_TILES = 3  # the search's fastest tiles, each timed alone as the bench times the kernel (fused_forced)
+
+
+def _forced(kernel: Any, configs: list[Any], timings: dict[str, Any], time_one: Any) -> dict[str, Any]:
+    """The ``FORCED_TILES`` tiles the last search timed fastest, each timed by ``time_one()`` as the only tile.
+
+    Why: on 2026-11-27 the search timed ViT-B's pick at 0.36 ms and the bench then measured 0.66 with it
+    (ViT-H: 0.70 and 0.75). Timing each of the best tiles alone, the bench's way, says whether the pick is
+    slow in the bench's conditions or the search's figure was off.
+    """
+    by_name = {str(c): c for c in configs}
+    best = sorted((name for name in timings if name in by_name), key=lambda name: timings[name])[:FORCED_TILES]
+    return {name: {"autotune_ms": timings[name], **_with_configs(kernel, [by_name[name]], time_one)}
+            for name in best}
 
 
 def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int = 14,
@@ -210,7 +232,10 @@ def bench_window(name: str, nh: int, D: int, batch: int, grid: int, window: int 
 
                 res[f"fused_{other}"] = _with_terms(other, searched)
                 if extra_configs:
-                    res["fused_extended"] = _with_extra_configs(kernel, searched)
+                    tiles = _extra_configs(kernel)
+                    res["fused_extended"] = ext = _with_configs(kernel, tiles, searched)
+                    res["fused_forced"] = _forced(kernel, tiles, ext.get("autotune", {}), lambda: time_variants(
+                        {"fused": lambda: half.fused_windows(qkv)}, flops, device)["fused"])
     return res
 
 

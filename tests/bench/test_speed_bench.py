@@ -114,3 +114,31 @@ def test_every_step_the_gpu_runbook_names_exists() -> None:
     named = {name for text in texts for steps in re.findall(r'STEPS="([^"$]*)"', text) for name in steps.split()}
     assert named and "speed_h_base" in defined, (named, defined)
     assert named <= defined, f"not defined in bench/gpu_all.sh: {sorted(named - defined)}"
+
+
+def test_forced_tiles_time_the_searchs_fastest_each_alone_and_restore_the_list() -> None:
+    spec = importlib.util.spec_from_file_location("bench_relpos", REPO / "bench" / "relpos_kernel.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class Kernel:  # what the bench uses of Triton's Autotuner: its tile list and its choice cache
+        def __init__(self) -> None:
+            self.configs = ["own"]
+            self.cache = {"key": "own"}
+
+    kernel = Kernel()
+    tiles = ["a", "b", "c", "d", "e"]
+    timings = {"a": 0.5, "b": 0.2, "c": 0.9, "d": 0.3, "e": 0.4, "gone": 0.1}  # "gone": not a tile on offer
+    ran: list[list[str]] = []
+
+    def time_one() -> dict[str, float]:
+        assert kernel.cache == {}, "the choice must be forgotten, or the old pick runs"
+        ran.append(list(kernel.configs))
+        return {"ms": 10.0 * len(ran)}
+
+    forced = bench._forced(kernel, tiles, timings, time_one)
+    assert ran == [["b"], ["d"], ["e"]]  # the three fastest, each the only tile
+    assert forced == {"b": {"autotune_ms": 0.2, "ms": 10.0}, "d": {"autotune_ms": 0.3, "ms": 20.0},
+                      "e": {"autotune_ms": 0.4, "ms": 30.0}}
+    assert kernel.configs == ["own"] and kernel.cache == {}
