@@ -499,3 +499,26 @@ def test_a_sharded_folder_loads_every_shard(tmp_path: Path, tiny_sam: Sam) -> No
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="sharded checkpoint but lacks model-00002-of-00002.safetensors"):
         read_checkpoint(tmp_path)
+
+
+def test_checks_of_one_config_share_one_meta_shell_and_still_catch_a_bad_file(
+        tmp_path: Path, tiny_sam: Sam, tiny_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from segany import checkpoints
+
+    checkpoints._shapes.cache_clear()  # another test may have checked this config already
+    built: list[str] = []
+    real_init = Sam.__init__
+
+    def counting_init(self: Sam, *args: object, **kwargs: object) -> None:
+        built.append(str(torch.get_default_device()))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sam, "__init__", counting_init)
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    torch.save(tiny_sam.state_dict(), good)
+    torch.save({k: v for k, v in list(tiny_sam.state_dict().items())[:-3]}, bad)
+    for _ in range(3):
+        checkpoints.read_checked(tiny_name, good)
+    assert built == ["meta"], built  # one shell for three checks of the same config
+    with pytest.raises(CheckpointError, match="3 missing keys"):  # the kept shell still finds a bad file
+        checkpoints.read_checked(tiny_name, bad)

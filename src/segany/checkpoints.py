@@ -228,9 +228,19 @@ def _prefix_hint(state_dict: dict[str, torch.Tensor]) -> str | None:
 
 @functools.lru_cache(maxsize=32)
 def _shapes(config: SamConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of a model of ``config`` (building even a meta-device ViT-H takes ~0.3 s)."""
+    """Parameter names and shapes of a model of ``config``, kept per config: building even a meta-device ViT-H
+    takes 0.3–0.7 s, and every check before a model is built needs them (a server's startup check, then the
+    build itself; each engine run)."""
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in Sam(config).state_dict().items()}
+
+
+def _config_shapes(config: SamConfig) -> dict[str, tuple[int, ...]]:
+    """:func:`_shapes`, also for a config holding an unhashable value (built each time then)."""
+    try:
+        return _shapes(config)
+    except TypeError:
+        return _shapes.__wrapped__(config)
 
 
 def guess_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -245,15 +255,18 @@ def guess_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
     return best if best_score > 0.5 else None
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], model_name: str, source: str) -> None:
-    """Raise a readable :class:`CheckpointError` unless ``state_dict`` fits ``model`` exactly."""
-    expected = model.state_dict()
+def check_state_dict(model: torch.nn.Module | dict[str, tuple[int, ...]], state_dict: dict[str, torch.Tensor],
+                     model_name: str, source: str) -> None:
+    """Raise a readable :class:`CheckpointError` unless ``state_dict`` fits ``model`` (a module, or its
+    state dict's names and shapes) exactly."""
+    expected = ({k: tuple(v.shape) for k, v in model.state_dict().items()} if isinstance(model, torch.nn.Module)
+                else model)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {v}"
         for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+        if k in state_dict and tuple(state_dict[k].shape) != v
     ]
     if not (missing or unexpected or shapes):
         return
@@ -346,9 +359,7 @@ def read_checked(name: str, checkpoint: str | os.PathLike[str], *, guess_name: b
     config = embedded or get_config(name)
     if embedded is not None and embedded != _config_or_none(name):
         log.info("%s embeds its own config, which is used instead of %r's", checkpoint, name)
-    with torch.device("meta"):
-        shell = Sam(config)
-    check_state_dict(shell, sd, name, str(checkpoint))
+    check_state_dict(_config_shapes(config), sd, name, str(checkpoint))
     return sd, config
 
 
