@@ -15,6 +15,7 @@ from engine_fixtures import make_images
 from segany.cli.main import main
 from segany.engine.masks import decode_rle, encode_mask
 from segany.engine.store import open_store
+from segany.errors import InputError
 
 
 def _square(h: int, w: int, x0: int, y0: int, side: int) -> dict:
@@ -231,3 +232,48 @@ def test_a_mask_held_twice_is_added_once_and_counted_as_a_duplicate(
     finally:
         store.close()
     assert (r.created, r.unchanged, r.duplicate, r.already_present) == (0, 3, 1, 4)
+
+
+def test_images_sharing_a_name_keep_their_own_masks_through_export_and_import(tmp_path: Path) -> None:
+    # a/img.png and b/img.png: the export named both "img.png" and the import put both masks on b's picture.
+    from segany.engine.exports import export_coco, import_coco_summary
+    from segany.engine.retrain import freeze_dataset_version
+    from segany.engine.versions import export_version_coco
+
+    made = make_images(tmp_path / "src", 2)
+    files = []
+    for folder, src in zip(("a", "b"), made, strict=True):
+        (tmp_path / folder).mkdir()
+        files.append(Path(shutil.copy(src, tmp_path / folder / "img.png")))
+    store = open_store(tmp_path / "p1", create=True)
+    p1 = store.create_project("one", media_dir=tmp_path / "p1" / "media", labels=[])
+    boxes = {}
+    for k, im in enumerate(store.add_images(p1["id"], files)):
+        store.save_annotation(im["id"], rle=_square(im["height"], im["width"], 5 + 40 * k, 5, 20), label="x",
+                              project_id=p1["id"], review_state="accepted")
+        boxes[Path(im["path"]).parent.name] = [5 + 40 * k, 5, 20, 20]
+    coco = json.loads(export_coco(store, p1["id"], tmp_path / "c.json").read_text())
+    assert sorted(im["file_name"] for im in coco["images"]) == ["a/img.png", "b/img.png"]
+    freeze_dataset_version(store, None, held_out=0.0)
+    frozen = json.loads(Path(export_version_coco(store, None, "v1", tmp_path / "v1.json")["path"]).read_text())
+    assert sorted(im["file_name"] for im in frozen["images"]) == ["a/img.png", "b/img.png"]
+
+    for name, src in (("p2", tmp_path / "c.json"), ("p3", tmp_path / "v1.json")):
+        other = open_store(tmp_path / name, create=True)
+        p = other.create_project(name, media_dir=tmp_path / name / "media", labels=[])
+        ims = other.add_images(p["id"], files)
+        assert import_coco_summary(other, p["id"], src).created == 2
+        got = {Path(im["path"]).parent.name: [a["bbox"] for a in other.list_annotations(project_id=p["id"],
+                                                                                         image_id=im["id"])]
+               for im in ims}
+        assert got == {folder: [box] for folder, box in boxes.items()}, (name, got)
+
+    # A file made elsewhere that names both pictures "img.png" is refused, naming them, and imports nothing.
+    coco["images"] = [{**im, "file_name": "img.png"} for im in coco["images"]]
+    (tmp_path / "plain.json").write_text(json.dumps(coco))
+    other = open_store(tmp_path / "p4", create=True)
+    p4 = other.create_project("four", media_dir=tmp_path / "p4" / "media", labels=[])
+    other.add_images(p4["id"], files)
+    with pytest.raises(InputError, match=r"match more than one image.*a/img.png.*b/img.png.*nothing was imported"):
+        import_coco_summary(other, p4["id"], tmp_path / "plain.json")
+    assert other.list_annotations(project_id=p4["id"]) == []

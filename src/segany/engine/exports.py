@@ -78,6 +78,33 @@ def _stems(images: Sequence[dict[str, Any]]) -> dict[int, str]:
     return names
 
 
+def coco_file_names(images: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """Per image, the ``file_name`` a COCO file gives it: its own name where no other image of the file has it,
+    else the shortest end of its path that no other image's path ends with (``a/img.jpg`` and ``b/img.jpg``).
+
+    Why: an import finds each image by that name, and two images named ``img.jpg`` from two folders put the
+    second picture's masks on the first (or refused to import, when their sizes differed). Paths that end alike
+    all the way get ``<stem>-<image id><suffix>``, as :func:`_stems` names per-image files.
+    """
+    count = Counter(im["file_name"] for im in images)
+    parts = {im["id"]: Path(im["path"] or im["file_name"]).as_posix().split("/") for im in images}
+    names: dict[int, str] = {}
+    for im in images:
+        if count[im["file_name"]] == 1:
+            names[im["id"]] = im["file_name"]
+            continue
+        rivals = [parts[o["id"]] for o in images if o["file_name"] == im["file_name"] and o["id"] != im["id"]]
+        own = parts[im["id"]]
+        for k in range(2, len(own) + 1):
+            if all(r[-k:] != own[-k:] for r in rivals):
+                names[im["id"]] = "/".join(own[-k:])
+                break
+        else:
+            stem, suffix = Path(im["file_name"]).stem, Path(im["file_name"]).suffix
+            names[im["id"]] = f"{stem}-{im['id']}{suffix}"
+    return names
+
+
 # ------------------------------------------------------------------------------------- targets
 # Marks a folder as a segany export, so the next export may replace it. JSON inside, but no .json suffix:
 # SA-1B readers take every *.json of the folder as an image's annotations. It lists the files the export wrote,
@@ -455,8 +482,9 @@ def export_coco_summary(store: Store, project_id: int, out_path: str | os.PathLi
     labels = _project_labels(store, project_id, anns)
     cat_id = {name: i + 1 for i, name in enumerate(labels)}
     out_images, out_anns = [], []
+    file_names = coco_file_names(images)
     for im in images:
-        out_images.append({"id": im["id"], "file_name": im["file_name"], "width": im["width"],
+        out_images.append({"id": im["id"], "file_name": file_names[im["id"]], "width": im["width"],
                            "height": im["height"]})
         for a in anns.get(im["id"], []):
             seg: Any = a["segmentation"]
@@ -793,12 +821,19 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
         out.looked_in.append(str(Path(images_dir).resolve()))
     cats = {c["id"]: c["name"] for c in data.get("categories", []) if isinstance(c, dict) and "id" in c
             and "name" in c}
-    known = _images_by_name(store.list_images(project_id))
+    known, ambiguous = _images_by_name(store.list_images(project_id), [im["file_name"] for im in data["images"]])
     missing = [im["file_name"] for im in data["images"] if im["file_name"] not in known]
     found = [name for name in missing if images_dir is not None and (Path(images_dir) / name).is_file()]
     names = {im["id"]: im["file_name"] for im in data["images"]}
     anns = data.get("annotations", [])
     findable = set(known) | set(found)
+    unclear = sorted({names[a["image_id"]] for a in anns if names.get(a["image_id"]) in ambiguous})
+    if unclear:
+        shown = "; ".join(f"{n!r} matches {', '.join(ambiguous[n])}" for n in unclear[:3])
+        raise InputError(f"{coco_json}: {len(unclear)} image name(s) of the file match more than one image of the "
+                         f"project, so their masks could land on the wrong picture: {shown}. Name each image in the "
+                         "COCO file by enough of its path to tell it apart (e.g. 'a/img.jpg' and 'b/img.jpg'), as "
+                         "segany's own COCO export does; nothing was imported")
     usable = [a for a in anns if names.get(a["image_id"]) in findable]
     out.skipped = len(anns) - len(usable)
     out.missing_images = sorted({names.get(a["image_id"], f"<image id {a['image_id']}>") for a in anns
@@ -846,23 +881,37 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     return out
 
 
-def _images_by_name(images: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The project's images by file name, uploads also by the name they were uploaded under.
+def _images_by_name(images: Sequence[dict[str, Any]], wanted: Sequence[str]
+                    ) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """The project's image for each name in ``wanted`` (a COCO file's ``file_name`` values), and the names that
+    match several images, with their paths.
 
-    The app stores an upload as ``<first 12 hex of its sha256>-<name>`` (two uploads may share a name), while a
-    COCO file made elsewhere names ``<name>``. An upload answers to ``<name>`` too when no other image has that
-    name and no other upload was sent under it.
+    A name matches the images of that file name; else those whose path ends with it (``a/img.jpg``, as
+    :func:`coco_file_names` writes where two images share a name); else an upload sent under it. The app stores
+    an upload as ``<first 12 hex of its sha256>-<name>`` (two uploads may share a name), while a COCO file made
+    elsewhere names ``<name>``; an upload answers to ``<name>`` when no other upload was sent under it.
     """
-    known = {im["file_name"]: im for im in images}
+    by_name: dict[str, list[dict[str, Any]]] = {}
     uploaded: dict[str, list[dict[str, Any]]] = {}
     for im in images:
+        by_name.setdefault(im["file_name"], []).append(im)
         prefix, sep, rest = im["file_name"].partition("-")
         if sep and rest and prefix == str(im.get("sha256", ""))[:12]:
             uploaded.setdefault(rest, []).append(im)
-    for name, ims in uploaded.items():
-        if name not in known and len(ims) == 1:
-            known[name] = ims[0]
-    return known
+    paths = [(Path(im["path"] or im["file_name"]).as_posix(), im) for im in images]
+    known: dict[str, dict[str, Any]] = {}
+    ambiguous: dict[str, list[str]] = {}
+    for name in dict.fromkeys(wanted):
+        if not isinstance(name, str) or not name:
+            continue
+        hits = by_name.get(name) or [im for path, im in paths if path == name or path.endswith("/" + name)]
+        if not hits and len(uploaded.get(name, [])) == 1:
+            hits = uploaded[name]
+        if len(hits) == 1:
+            known[name] = hits[0]
+        elif hits:
+            ambiguous[name] = sorted(str(im["path"] or im["file_name"]) for im in hits)
+    return known, ambiguous
 
 
 def _earlier_imports(store: Store, project_id: int, coco_path: Path) -> list[str]:

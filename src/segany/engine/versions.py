@@ -158,7 +158,7 @@ def export_version_coco(store: Any, project: str | None, version: str | int, out
         raise InputError(f"cannot write {out}: folder {out.parent} does not exist; create it or pick another path")
     if out.is_dir():
         raise InputError(f"{out} is a folder; pass a file path such as {out / 'coco.json'}")
-    from segany.engine.exports import is_segany_coco
+    from segany.engine.exports import coco_file_names, is_segany_coco
 
     if out.exists() and not is_segany_coco(out, VERSION_EXPORT_DESCRIPTION):  # e.g. a file the project imported
         raise InputError(f"{out} exists and is not a segany dataset-version export; pass a new file name")
@@ -181,6 +181,10 @@ def export_version_coco(store: Any, project: str | None, version: str | int, out
                             "segmentation": {"size": [it["height"], it["width"]], "counts": it["rle_counts"]},
                             "area": it["area"], "bbox": it["bbox_xywh"], "iscrowd": 0,
                             "segany_uuid": it["annotation_uuid"], "segany_source": it["source"]})
+    unique = coco_file_names([{"id": im["id"], "file_name": im["file_name"], "path": im["path"]}
+                              for im in images.values()])
+    for im in images.values():  # two pictures named alike must not share a name an import would look up
+        im["file_name"] = unique[im["id"]]
     coco = {"info": {"description": f"{VERSION_EXPORT_DESCRIPTION}{dv_name} of {proj['name']}",
                      "segany": {"format": VERSION_EXPORT_FORMAT}},
             "images": list(images.values()), "annotations": annotations,
