@@ -324,6 +324,30 @@ def test_zip_exports(client: TestClient, token: str, fmt: str) -> None:
     assert client.get("/api/export/nope", headers=auth(token)).status_code == 404
 
 
+def test_zip_exports_are_built_on_disk_not_in_memory(client: TestClient, token: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A YOLO or SA-1B zip holds every image of the project; built in a BytesIO it cost that much RAM a request."""
+    import zipfile
+    from pathlib import Path
+
+    targets: list[Any] = []
+    real = zipfile.ZipFile
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, file: Any, *args: Any, **kwargs: Any) -> None:
+            targets.append(file)
+            super().__init__(file, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile, "ZipFile", Recording)
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    client.post(f"/api/images/{im['id']}/annotations", headers=auth(token), json=mask_body(im["height"], im["width"]))
+    r = client.get("/api/export/yolo", headers=auth(token))
+    assert r.status_code == 200 and r.headers["content-disposition"].endswith('filename="yolo.zip"')
+    assert targets and all(isinstance(t, (str, Path)) for t in targets), targets
+    monkeypatch.setattr(zipfile, "ZipFile", real)
+    assert zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+
+
 def test_exports_leave_no_temporary_files(client: TestClient, token: str, tmp_path: Any,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Each export works in a temporary folder; a server exporting all day must not fill the disk with them."""
