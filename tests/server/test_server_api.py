@@ -468,3 +468,22 @@ def test_prefill_keeps_the_generators_labels(project: Any, token: str, tiny_chec
     im = client.get("/api/images", headers=auth(token)).json()[0]
     pending = client.post(f"/api/images/{im['id']}/prefill", headers=auth(token)).json()
     assert sorted((a["label"], a["prompts"].get("label_score")) for a in pending) == [("dog", 0.8), ("object", None)]
+
+
+def test_unknown_state_filter_and_a_label_on_reject_are_refused(client: TestClient, token: str) -> None:
+    im = client.get("/api/images", headers=auth(token)).json()[0]
+    saved = client.post(f"/api/images/{im['id']}/annotations", headers=auth(token),
+                        json=mask_body(im["height"], im["width"])).json()
+    url = f"/api/images/{im['id']}/annotations"
+    for bad in ("bogus", "Accepted", "accepted,rejectd"):  # listed nothing before, as if the image had no masks
+        r = client.get(url, params={"state": bad}, headers=auth(token))
+        assert r.status_code == 400 and "use one or more of accepted, pending, rejected" in r.json()["detail"], bad
+    assert [a["id"] for a in client.get(url, params={"state": "accepted,pending"}, headers=auth(token)).json()] == \
+        [saved["id"]]
+
+    # The label was ignored, so the client believed it had relabelled the mask.
+    r = client.post(f"/api/annotations/{saved['id']}/reject", headers=auth(token), json={"label": "thing"})
+    assert r.status_code == 400 and "a reject takes no label" in r.json()["detail"]
+    assert client.get(url, headers=auth(token)).json()[0]["review_state"] == saved["review_state"]
+    r = client.post(f"/api/annotations/{saved['id']}/reject", headers=auth(token), json={})
+    assert r.status_code == 200 and r.json()["review_state"] == "rejected" and r.json()["label"] == saved["label"]

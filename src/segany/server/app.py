@@ -640,8 +640,14 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
 
     @app.get("/api/images/{image_id}/annotations")
     def list_annotations(image_id: ImageId, who: Who, state: str | None = None) -> list[dict[str, Any]]:
+        from segany.engine.db import REVIEW_STATES
+
         store.get_image(project_id, image_id)
         states = state.split(",") if state else None
+        unknown = [s for s in states or () if s not in REVIEW_STATES]
+        if unknown:  # a typo ("Accepted") would otherwise list nothing, as if the image had no masks
+            raise InputError(f"unknown state {unknown[0]!r}: use one or more of {', '.join(REVIEW_STATES)}, "
+                             "separated by commas (e.g. ?state=accepted,pending)")
         return store.list_annotations(project_id=project_id, image_id=image_id, states=states)
 
     @app.post("/api/images/{image_id}/annotations")
@@ -728,6 +734,9 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         replaces the key, so the retry is then judged like any request and a real conflict stays a 409 (stale
         revision) or a 403; the key sent with another action, label or revision is a 409 naming what differs.
         """
+        if body.label is not None:  # it was ignored: the client believed it relabelled the mask
+            raise InputError("a reject takes no label: a rejected mask keeps its label; to correct the label, "
+                             "accept the mask with it or edit the mask")
         return store.update_annotation(annotation_id, project_id=project_id, review_state="rejected",
                                        by=who["id"], seconds_spent=body.seconds_spent,
                                        expected_uuid=body.uuid, expected_revision=body.revision,
