@@ -291,3 +291,26 @@ def test_a_replayed_uuid_never_answers_across_projects(tmp_path: Path) -> None:
         assert not created and replay["id"] == saved["id"]  # the caller's own retry still gets its row
     finally:
         store.close()
+
+
+def test_sa1b_export_passes_on_only_points_and_crops_that_are_ones(one_image: Any, tmp_path: Path) -> None:
+    # prompts is whatever a client sent (checked only as JSON): "hello" went out as SA-1B's point_coords.
+    from segany.engine.exports import export_sa1b
+
+    store, proj, im = one_image
+    W, H = float(im["width"]), float(im["height"])
+    cases = [({"points": "hello"}, [], None), ({"point_coords": {"x": 1}}, [], None),
+             ({"points": [[1, 2, 3, 4, 5]]}, [], None), ({"points": [[True, 2]]}, [], None),
+             ({"points": [[3, 4], [5.5, 6]], "labels": [1, 0]}, [[3.0, 4.0], [5.5, 6.0]], None),
+             ({"point_coords": [[7, 8]], "crop_box": [0, 0, 1e9, -5]}, [[7.0, 8.0]], None),
+             ({"crop_box": [1, 2, 3]}, [], None), ({"crop_box": [-1, 0, 5, 5]}, [], None),
+             ({"crop_box": [2, 3, 10, 20]}, [], [2.0, 3.0, 10.0, 20.0])]
+    for k, (prompts, _, _) in enumerate(cases):
+        store.save_annotation(im["id"], mask=box_mask(im["height"], im["width"], 2 + k), prompts=prompts,
+                              review_state="accepted")
+    out = export_sa1b(store, proj["id"], tmp_path / "sa1b")
+    records = json.loads(next(out.glob("*.json")).read_text())["annotations"]
+    assert len(records) == len(cases)
+    for rec, (prompts, points, crop) in zip(records, cases, strict=True):
+        assert rec["point_coords"] == points, prompts
+        assert rec["crop_box"] == (crop or [0.0, 0.0, W, H]), prompts

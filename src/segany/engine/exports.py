@@ -526,9 +526,28 @@ def _crop_box_xywh(a: dict[str, Any], im: dict[str, Any]) -> list[float]:
     """The crop the mask was generated in (XYWH, as stage 3 stores it), or the whole image for masks made
     without one (clicks, imports)."""
     box = a["prompts"].get("crop_box")
-    if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
-        return [float(v) for v in box]
-    return [0.0, 0.0, float(im["width"]), float(im["height"])]
+    W, H = float(im["width"]), float(im["height"])
+    if (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box)):
+        x, y, w, h = (float(v) for v in box)
+        # Anything else is not a crop of this image: ``prompts`` is what a client sent, checked only as JSON.
+        if 0 <= x and 0 <= y and 0 < w and 0 < h and x + w <= W and y + h <= H:
+            return [x, y, w, h]
+    return [0.0, 0.0, W, H]
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _point_coords(prompts: dict[str, Any]) -> list[list[float]]:
+    """SA-1B's ``point_coords``: the [x, y] points a mask was made from (stage 3's grid point, or a click's
+    points), or [] when ``prompts`` holds none, or holds something else: it is whatever the client sent, and
+    an export must not pass ``"hello"`` on as a point."""
+    pts = prompts.get("point_coords") or prompts.get("points") or []
+    if isinstance(pts, list) and all(isinstance(p, list) and len(p) == 2 and all(_finite_number(v) for v in p)
+                                     for p in pts):
+        return [[float(p[0]), float(p[1])] for p in pts]
+    return []
 
 
 def export_sa1b(store: Store, project_id: int, out_dir: str | os.PathLike[str], *,
@@ -548,7 +567,7 @@ def export_sa1b_summary(store: Store, project_id: int, out_dir: str | os.PathLik
         for im in images:
             records = []
             for a in _nonempty(anns.get(im["id"], []), result):
-                pc = a["prompts"].get("point_coords") or a["prompts"].get("points") or []
+                pc = _point_coords(a["prompts"])
                 records.append({"id": a["id"], "segmentation": a["segmentation"], "area": a["area"],
                                 "bbox": a["bbox"], "predicted_iou": a["predicted_iou"],
                                 "stability_score": a["stability_score"], "point_coords": pc,
