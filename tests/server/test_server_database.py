@@ -13,6 +13,7 @@ from annotation_fixtures import admin_token, auth, project  # noqa: F401  (fixtu
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
+from segany.errors import InputError
 from segany.server.app import _uncompressed_rle, create_app
 
 
@@ -67,3 +68,26 @@ def test_labels_with_control_characters_are_refused(client: TestClient, admin_to
     r = client.post(f"/api/images/{im['id']}/annotations", json=body, headers=auth(admin_token))
     assert r.status_code == 422 and "control character U+0000" in r.text and "remove it" in r.text, r.text
     assert store.list_annotations() == []
+
+
+def test_declared_labels_are_stored_as_mask_labels_are(client: TestClient, admin_token: str, project: Any) -> None:
+    # " dog" and a 250-character name were stored as sent, while a mask's label is stripped and cut to 200
+    # characters before it is compared with them: neither could ever be used.
+    store, proj = project
+    long = "y" * 250
+    r = client.patch("/api/project", json={"labels": [" dog", long, "cat", "dog "]}, headers=auth(admin_token))
+    assert r.status_code == 200, r.text
+    assert store.get_project(proj["name"])["labels"] == ["dog", "y" * 200, "cat"]
+    im = client.get("/api/images", headers=auth(admin_token)).json()[0]
+    mask = np.zeros((im["height"], im["width"]), bool)
+    mask[20:60, 30:90] = True
+    for label in (" dog", "dog", long):
+        body = {"uuid": str(uuid.uuid4()), "segmentation": _uncompressed_rle(mask), "label": label}
+        r = client.post(f"/api/images/{im['id']}/annotations", json=body, headers=auth(admin_token))
+        assert r.status_code == 201, (label, r.text)
+    for empty in ([""], ["a", "  "]):
+        r = client.patch("/api/project", json={"labels": empty}, headers=auth(admin_token))
+        assert r.status_code == 422 and "is empty" in r.text, r.text
+    assert store.get_project(proj["name"])["labels"] == ["dog", "y" * 200, "cat"]
+    with pytest.raises(InputError, match="is empty"):  # the store refuses it too (CLI, engine)
+        store.update_project(proj["id"], labels=["ok", " "])

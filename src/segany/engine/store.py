@@ -288,13 +288,21 @@ def _refuse_dml(state: ORMExecuteState) -> None:
 
 
 def check_labels(labels: Iterable[str]) -> list[str]:
-    """``labels`` as a list, each checked by :func:`check_plain_text`."""
-    out = list(labels)
-    for label in out:
+    """``labels`` as a list of distinct names stored as an annotation's label is (:func:`label_name`), each
+    checked by :func:`check_plain_text`; an empty one is refused.
+
+    Why the same rule: a mask's label is compared with the declared ones after :func:`label_name`, so a
+    declared " dog" or a 250-character name could never be used.
+    """
+    out = []
+    for label in labels:
         if not isinstance(label, str):
             raise InputError(f"labels must be strings, got {type(label).__name__} {label!r}")
         check_plain_text("label", label)
-    return out
+        if not label.strip():
+            raise InputError(f"label {label!r} is empty: give each label a name, or leave it out")
+        out.append(label_name(label))
+    return list(dict.fromkeys(out))
 
 
 # FOR NO KEY UPDATE on PostgreSQL (nothing on SQLite, whose writers already run one at a time): it excludes other
@@ -887,7 +895,7 @@ class Store:
     @staticmethod
     def _refuse_undeclared(labels: Sequence[str], label: str) -> None:
         name = label_name(label)
-        if labels and name not in labels:
+        if labels and name not in labels and name not in {label_name(d) for d in labels if d.strip()}:
             raise InvalidAnnotationError(f"label {name!r} is not one of this project's labels "
                                          f"({', '.join(labels)}); pick one of them, or an admin adds it to the "
                                          "project's labels")

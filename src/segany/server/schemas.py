@@ -158,6 +158,8 @@ class ProjectPatch(Body):
             problem = plain_text_problem(label)
             if problem is not None:
                 raise ValueError(f"labels[{i}] {label[:80]!r} {problem}")
+            if not label.strip():
+                raise ValueError(f"labels[{i}] {label!r} is empty: give each label a name, or leave it out")
         return value
 
 
