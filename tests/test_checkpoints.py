@@ -522,3 +522,31 @@ def test_checks_of_one_config_share_one_meta_shell_and_still_catch_a_bad_file(
     assert built == ["meta"], built  # one shell for three checks of the same config
     with pytest.raises(CheckpointError, match="3 missing keys"):  # the kept shell still finds a bad file
         checkpoints.read_checked(tiny_name, bad)
+
+
+def test_a_file_of_another_variant_is_a_runtime_error_as_in_the_reference(vit_t_file: Path) -> None:
+    # Code written for segment_anything guesses the variant by trying vit_h, vit_l, vit_b under
+    # `except RuntimeError` (load_state_dict's error); a bare SeganyError stopped it at the first try.
+    from segany import sam_model_registry
+
+    found = None
+    for name in ("vit_h", "vit_l", "vit_b", "vit_t"):
+        try:
+            found = sam_model_registry[name](checkpoint=str(vit_t_file))
+            break
+        except RuntimeError as exc:
+            assert isinstance(exc, CheckpointError) and "vit_t" in str(exc)
+    assert found is not None and name == "vit_t"
+
+
+def test_a_reference_model_given_to_the_predictor_says_how_to_build_segany_s(tiny_sam: Sam) -> None:
+    from segment_anything.modeling import Sam as RefSam
+
+    from segany import SamPredictor
+    from segany.errors import InputError
+
+    ref = RefSam.__new__(RefSam)  # the attributes a half-ported script's model lacks are what matters
+    torch.nn.Module.__init__(ref)
+    with pytest.raises(InputError, match=r"needs a segany model, got segment_anything.*sam_model_registry"):
+        SamPredictor(ref)
+    assert SamPredictor(tiny_sam).model is tiny_sam

@@ -24,6 +24,7 @@ from segany import hf_layout
 from segany.atomic import atomic_path, atomic_write
 from segany.errors import (
     CheckpointError,
+    CheckpointMismatchError,
     CheckpointNotFoundError,
     DownloadError,
     InputError,
@@ -281,18 +282,19 @@ def check_state_dict(model: torch.nn.Module | dict[str, tuple[int, ...]], state_
     wrapped = _prefix_hint(state_dict)
     guess = None if wrapped else guess_variant(state_dict)
     if wrapped:
-        raise CheckpointError(f"{head}; {wrapped}")
+        raise CheckpointMismatchError(f"{head}; {wrapped}")
     if guess and guess != model_name:
         # The fix is the model to build: a Python call for API callers, --model on the command line.
         diagnosis = f"{head}; the file looks like a {guess!r} checkpoint: "
-        error = CheckpointError(f"{diagnosis}build that model, e.g. build_sam({guess!r}, checkpoint={source!r}) "
-                                f"or sam_model_registry[{guess!r}](checkpoint={source!r})")
+        error = CheckpointMismatchError(
+            f"{diagnosis}build that model, e.g. build_sam({guess!r}, checkpoint={source!r}) "
+            f"or sam_model_registry[{guess!r}](checkpoint={source!r})")
         error.looks_like, error.diagnosis = guess, diagnosis
         error.with_cli_fix(f"use --model {guess}")
         raise error
     if missing and not unexpected:
         head += "; the file may be truncated or partial: download it again"
-    raise CheckpointError(head)
+    raise CheckpointMismatchError(head)
 
 
 def load_weights(model: Sam, path: str | os.PathLike[str], model_name: str = "model") -> dict[str, Any]:

@@ -67,6 +67,12 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     raises there, so code written for it that catches that still does."""
 
 
+class CheckpointMismatchError(CheckpointError, RuntimeError):
+    """The checkpoint's keys or shapes do not fit the model. Also a ``RuntimeError``, which is what the reference
+    package raises there (from ``load_state_dict``), so code written for it that tries ``vit_h``, ``vit_l`` and
+    ``vit_b`` under ``except RuntimeError`` still finds the variant."""
+
+
 class DownloadError(SeganyError):
     """Weights could not be fetched or failed their checksum."""
 

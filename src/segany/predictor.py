@@ -118,6 +118,11 @@ class SamPredictor:
         predictors, like a server making one per request, builds it once. A shared fast path keeps
         per-image caches and CUDA graphs, so callers serialise the predictors that use it.
         """
+        if not hasattr(sam_model, "img_size"):  # e.g. a segment_anything model in a half-ported script
+            kind = f"{type(sam_model).__module__}.{type(sam_model).__name__}"
+            raise InputError(f"SamPredictor needs a segany model, got {kind}; build it with segany: "
+                             "segany.sam_model_registry[name](checkpoint=...) or segany.build_sam(name, checkpoint) "
+                             "(both read the official SAM checkpoint files)")
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.img_size)
         from segany.fast import FastPath, resolve_precision

@@ -189,3 +189,12 @@ def test_a_slow_image_shows_its_prompts_done(checkpoint: Path, tmp_path: Path, m
     err = capsys.readouterr().err
     shown = [part for part in err.replace("\r", "\n").splitlines() if "prompts" in part]
     assert any("big: 0/64 prompts" in s for s in shown) and any("big: 48/64 prompts" in s for s in shown), err
+
+
+def test_an_image_list_saved_with_a_bom_reads_its_first_path(tmp_path: Path) -> None:
+    # Windows editors and PowerShell's utf8 write a BOM: it was glued to the first path, which then "did not exist".
+    from segany.cli.auto import _read_list
+
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufeffa.png\r\n# a note\r\nsub/b.png\r\n".encode())
+    assert _read_list(listing) == [tmp_path / "a.png", tmp_path / "sub" / "b.png"]

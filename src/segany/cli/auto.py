@@ -256,7 +256,9 @@ def _parts_inside(out: Path, src: Path) -> tuple[str, ...] | None:
 
 def _read_list(src: Path) -> list[Path]:
     try:
-        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
+        # utf-8-sig: Windows editors (and PowerShell's utf8) start the file with a BOM, which glued an invisible
+        # character to the first path, so that image was "missing".
+        lines = [ln.strip() for ln in src.read_text(encoding="utf-8-sig").splitlines()]
     except UnicodeDecodeError as exc:
         raise InputError(f"{str(src)!r} ends in .txt but is not a UTF-8 text list of image paths ({exc.reason} "
                          f"at byte {exc.start}); rename an image to its real extension, or write one path "
