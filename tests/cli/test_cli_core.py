@@ -219,3 +219,30 @@ def test_predict_auto_precision_is_bf16_on_a_native_bf16_cpu(tmp_path: Path, tin
         masks[expected] = np.asarray(Image.open(out / "sample_mask0.png")) > 0
     a, b = masks["fp32"], masks["bf16"]
     assert a.any() and (a & b).sum() / (a | b).sum() > 0.95
+
+
+def test_predict_never_replaces_another_tools_files_beside_the_image(tmp_path: Path, tiny_ckpt: Path, home: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # LabelMe keeps x.json beside x.jpg, so `--out .` in an image folder destroyed the user's annotation.
+    from conftest import cli_fails
+
+    monkeypatch.setenv("SEGANY_HOME", str(home))
+    out = tmp_path / "out"
+    out.mkdir()
+    labelme = '{"version": "5.2.1", "shapes": [{"label": "dog"}], "imagePath": "sample.jpg"}'
+    (out / "sample.json").write_text(labelme)
+    (out / "sample_mask0.png").write_bytes(b"mine")
+    args = ["predict", str(SAMPLE_IMAGE), "--point", "320,212", "--checkpoint", str(tiny_ckpt), "--out", str(out),
+            "--quiet"]
+    line = cli_fails(args, capsys, "no earlier segany predict wrote")
+    assert "sample.json, sample_mask0.png" in line and "--overwrite" in line
+    assert (out / "sample.json").read_text() == labelme and (out / "sample_mask0.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in out.iterdir()) == ["sample.json", "sample_mask0.png"]
+
+    assert main([*args, "--overwrite"]) == 0  # named on stderr, then replaced
+    assert "replacing sample.json, sample_mask0.png" in capsys.readouterr().err
+    first = json.loads((out / "sample.json").read_text())
+    assert first["masks"] and (out / "sample_mask0.png").read_bytes() != b"mine"
+    assert main(args) == 0  # segany's own earlier result is replaced without --overwrite
+    assert json.loads((out / "sample.json").read_text())["masks"] == first["masks"]

@@ -73,6 +73,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="auto (default: cuda when there is a GPU, else cpu), cpu, cuda, cuda:1 or mps")
     add_speed_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out at this image's output names (<stem>.json, <stem>_overlay.png, "
+                        "<stem>_mask<i>.png) that no earlier segany predict wrote (refused without it)")
     p.set_defaults(func=run)
     return p
 
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         check_text(args.text)
     multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
     out = check_out_dir(args.out, "--out")
+    _check_foreign(out, Path(args.image).stem, args.overwrite)
     progress = Progress(args.quiet)
 
     # Cheap checks first, so a typo fails before seconds of model loading.
@@ -203,6 +207,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _previous_result(out: Path, stem: str) -> dict[str, Any] | None:
+    """The earlier ``segany predict`` result for ``stem`` in ``out``, or None (no file, or another program's:
+    LabelMe, for one, keeps ``x.json`` beside ``x.jpg``)."""
+    try:
+        data = json.loads((out / f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "image" in data and isinstance(data.get("masks"), list) else None
+
+
+def _check_foreign(out: Path, stem: str, overwrite: bool) -> None:
+    """Refuse, before the model loads, to replace a file at this image's output names that no earlier segany
+    predict wrote (the user's ``x.json``, or PNGs of theirs), unless ``overwrite``; with it, name them."""
+    import re
+
+    previous = _previous_result(out, stem)
+    owned = {f"{stem}.json", str(previous.get("overlay"))} if previous is not None else set()
+    if previous is not None:
+        owned |= {str(m.get("file")) for m in previous["masks"] if isinstance(m, dict)}
+    own = re.compile(re.escape(stem) + r"(\.json|_overlay\.png|_mask\d+\.png)")
+    try:
+        present = sorted(e.name for e in out.iterdir() if own.fullmatch(e.name))
+    except OSError:
+        return  # check_out_dir made it: a folder we cannot list fails at the first write, naming the file
+    foreign = [name for name in present if name not in owned]
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    if not overwrite:
+        raise InputError(f"--out {str(out)!r} holds {shown}, at this image's output names, which no earlier segany "
+                         "predict wrote (another tool's annotation beside the image?); pick another --out, move "
+                         "them away, or pass --overwrite to replace them")
+    print(f"segany predict: --overwrite: replacing {shown}", file=sys.stderr)
+
+
 def _remove_previous(out: Path, stem: str) -> None:
     """Remove this image's earlier result in ``out``: its JSON first, then the mask files it lists.
 
@@ -213,13 +252,12 @@ def _remove_previous(out: Path, stem: str) -> None:
     """
     import re
 
-    previous = out / f"{stem}.json"
-    try:
-        listed = [m.get("file") for m in json.loads(previous.read_text()).get("masks", [])]
-    except (OSError, ValueError, AttributeError):
-        return  # no earlier result (or not one of ours): nothing to clean
+    result = _previous_result(out, stem)
+    if result is None:
+        return  # no earlier result (or not one of ours: --overwrite replaces it in place)
+    listed = [m.get("file") for m in result["masks"] if isinstance(m, dict)]
     own = re.compile(re.escape(stem) + r"_mask\d+\.png")
-    previous.unlink(missing_ok=True)
+    (out / f"{stem}.json").unlink(missing_ok=True)
     for name in listed:
         if isinstance(name, str) and own.fullmatch(name):
             (out / name).unlink(missing_ok=True)
