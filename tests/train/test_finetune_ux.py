@@ -8,6 +8,7 @@ as a user's own pack would be) with the tests' tiny ViT (configs/tiny_cpu.yaml).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,37 @@ def test_a_pack_without_a_train_split_names_a_fix_that_works(pack: Path, tmp_pat
     with pytest.raises(InputError, match="its train split is empty: pack the data again with a smaller "
                                          "--val-fraction"):
         _select([], ["mine"], str(pack), "train")
+
+
+def test_a_key_written_twice_in_a_config_is_refused_naming_its_line(tmp_path: Path) -> None:
+    # PyYAML keeps the last of two equal keys: a second run: block replaced the first one's folder, steps and device.
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("model: {name: tiny_cpu}\nrun: {out_dir: a, max_steps: 1, device: cpu}\noptim: {lr: 3.0e-4}\n"
+                   "run: {out_dir: b}\n")
+    with pytest.raises(InputError, match=r"line 4, column 1: key 'run' appears twice \(first at line 2\)"):
+        load_config(str(cfg))
+    cfg.write_text("model: {name: tiny_cpu}\noptim: {lr: 3.0e-4, lr: 3.0e-1}\n")
+    with pytest.raises(InputError, match=r"key 'lr' appears twice"):
+        load_config(str(cfg))
+
+
+@pytest.mark.parametrize("arch,fragment", [
+    ("foo", "model.arch must be a mapping"),
+    ("{}", "model.arch needs an encoder section"),
+    ("{encoder: {kind: tinyvit}}", "model.arch.encoder.kind must be one of vit, tiny_vit, got 'tinyvit'"),
+    ("{encoder: {kind: vit}, decoder_depth: 3}", "model.arch has no setting 'decoder_depth'"),
+    ("{encoder: {kind: vit, depht: 2}}", "model.arch.encoder has no setting 'depht'"),
+    ("{encoder: {kind: vit}, decodr: {transformer_depth: 1}}", "model.arch has no setting 'decodr'"),
+])
+def test_a_mistyped_architecture_is_refused_not_trained(arch: str, fragment: str) -> None:
+    # It built a default-size ViT (any kind but tiny_vit), dropped unknown sections, or crashed on a KeyError.
+    with pytest.raises(InputError, match=re.escape(fragment)):
+        load_config(str(REPO / "configs" / "tiny_cpu.yaml"), [f"model.arch={arch}"])
+
+
+def test_a_yes_no_setting_takes_only_yes_or_no() -> None:
+    tiny = str(REPO / "configs" / "tiny_cpu.yaml")
+    assert load_config(tiny, ["optim.freeze_image_encoder=1"]).optim.freeze_image_encoder is True
+    for bad in ("2", "0.5"):  # a number meant "yes" before
+        with pytest.raises(InputError, match="config optim.freeze_image_encoder must be bool"):
+            load_config(tiny, [f"optim.freeze_image_encoder={bad}"])

@@ -188,6 +188,44 @@ class SamConfig:
         return d
 
     @classmethod
+    def checked_from_dict(cls, data: Any, where: str) -> SamConfig:
+        """:meth:`from_dict` for a config a person wrote (``where`` names it, e.g. ``model.arch``): a key this
+        architecture does not have, an unknown encoder ``kind`` or a value of the wrong kind is an
+        :class:`InputError` naming it. :meth:`from_dict` takes any ``kind`` but ``tiny_vit`` as a ViT and drops
+        unknown sections, so a typo (``decodr``) trained some other model without a word."""
+        from dataclasses import fields
+
+        def keys_of(section: str, value: Any, allowed: set[str]) -> None:
+            if not isinstance(value, dict):
+                raise InputError(f"{where}{section} must be a mapping of settings, got {value!r}")
+            extra = sorted(set(map(str, value)) - allowed)
+            if extra:
+                raise InputError(f"{where}{section} has no setting {extra[0]!r}; its settings are "
+                                 f"{', '.join(sorted(allowed))}")
+
+        keys_of("", data, {f.name for f in fields(cls)})
+        if "encoder" not in data:
+            raise InputError(f"{where} needs an encoder section, e.g. {{encoder: {{kind: vit, ...}}}} "
+                             "(SamConfig.to_dict() of a registered model shows every setting)")
+        kinds = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}
+        encoder = data["encoder"]
+        kind = encoder.get("kind", "vit") if isinstance(encoder, dict) else None
+        if kind not in kinds:
+            raise InputError(f"{where}.encoder.kind must be one of {', '.join(kinds)}, got {kind!r}")
+        keys_of(".encoder", encoder, {f.name for f in fields(kinds[kind])} | {"kind"})
+        for section, sub in (("prompt", PromptEncoderConfig), ("decoder", MaskDecoderConfig),
+                             ("text", TextConfig), ("classes", ClassHeadConfig)):
+            if data.get(section) is not None:
+                keys_of(f".{section}", data[section], {f.name for f in fields(sub)})
+        try:
+            return cls.from_dict(data)
+        except InputError:
+            raise
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InputError(f"{where} is not a valid architecture ({type(exc).__name__}: {exc}); start from "
+                             "SamConfig.to_dict() of a registered model") from exc
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamConfig:
         """Inverse of :meth:`to_dict`; tuples come back as tuples so configs compare equal."""
         enc = dict(data["encoder"])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segany.errors import InputError, require
-from segany.yaml_errors import yaml_problem
+from segany.yaml_errors import safe_load_unique, yaml_problem
 
 
 def _require(ok: bool, message: str) -> None:
@@ -85,6 +85,10 @@ class ModelSection:
             from segany.registry import get_config
 
             get_config(self.name)
+        if self.arch is not None:
+            from segany.modeling.config import SamConfig
+
+            SamConfig.checked_from_dict(self.arch, "model.arch")
         if self.checkpoint == BUNDLED and self.arch is not None:
             raise InputError("model.checkpoint=bundled needs a registered model.name, not model.arch; "
                              "pass a checkpoint file instead")
@@ -314,7 +318,9 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+                return bool(value)
+            raise ValueError(value)  # 2 or 0.5 meant "yes" before: a slip, not a choice
         if ann.startswith("str"):
             return str(value)
     except InputError:  # _finite's own message (InputError is a ValueError)
@@ -381,7 +387,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
 
         try:
             text = bundled.read_text(encoding="utf-8") if bundled is not None else p.read_text(encoding="utf-8")
-            data = yaml.safe_load(text) or {}
+            data = safe_load_unique(text) or {}
         except UnicodeDecodeError:
             raise InputError(f"config {str(p)!r} is not a text file (not UTF-8); pass a YAML config such as "
                              "configs/tiny_cpu.yaml") from None

@@ -23,7 +23,7 @@ from segany.data.formats.common import (
     note,
 )
 from segany.errors import InputError, require
-from segany.yaml_errors import yaml_problem
+from segany.yaml_errors import safe_load_unique, yaml_problem
 
 
 def polygon_to_mask(xy: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -59,7 +59,7 @@ def _class_names(root: Path) -> dict[int, str]:
 
     fix = "names: [person, car] or names: {0: person, 1: car}"
     try:
-        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig"))
+        data = safe_load_unique(yaml_path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise InputError(f"{yaml_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
     except OSError as exc:
