@@ -198,3 +198,19 @@ def test_an_image_list_saved_with_a_bom_reads_its_first_path(tmp_path: Path) -> 
     listing = tmp_path / "list.txt"
     listing.write_bytes("\ufeffa.png\r\n# a note\r\nsub/b.png\r\n".encode())
     assert _read_list(listing) == [tmp_path / "a.png", tmp_path / "sub" / "b.png"]
+
+
+def test_resume_takes_another_points_per_batch_but_not_another_threshold(tmp_path: Path) -> None:
+    # A user who lowers --points-per-batch after running out of memory must not redo every finished image:
+    # the batch size changes memory, not the masks.
+    from segany.cli.auto_resume import RUN_FILE, check_resume, run_settings
+    from segany.errors import InputError
+
+    def settings(**options: object) -> dict:
+        return run_settings("segany_tiny", None, "sa1b", {"points_per_side": 8, "points_per_batch": 64,
+                                                          "pred_iou_thresh": 0.88, **options}, None)
+
+    (tmp_path / RUN_FILE).write_text(json.dumps({"settings": settings()}))
+    assert check_resume(tmp_path, settings(points_per_batch=16), True, lambda: True) is True
+    with pytest.raises(InputError, match=r"pred_iou_thresh 0.88 → 0.5"):
+        check_resume(tmp_path, settings(points_per_batch=16, pred_iou_thresh=0.5), True, lambda: True)

@@ -112,6 +112,7 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, has_outputs:
     now = json.loads(json.dumps(settings))  # compare as JSON round-trips them (tuples, floats)
     if isinstance(before, dict):
         before = _upgrade(before, now)
+        before, now = _without_batch(before), _without_batch(now)
     if before != now:
         changed = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
         detail = ", ".join(_describe(k, before.get(k), now.get(k)) for k in changed)
@@ -123,6 +124,16 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, has_outputs:
         raise InputError(f"--resume: {str(out)!r} was made with other settings ({detail}); {fix}rerun without "
                          "--resume to replace its outputs, or pick a new --out")
     return True
+
+
+def _without_batch(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without ``options.points_per_batch``: how many prompts run at once changes memory, not the
+    masks (equal to rounding), so a run resumed with a smaller batch after running out of memory keeps its
+    finished images."""
+    options = settings.get("options")
+    if not isinstance(options, dict) or "points_per_batch" not in options:
+        return settings
+    return {**settings, "options": {k: v for k, v in options.items() if k != "points_per_batch"}}
 
 
 def _describe(key: str, old: Any, new: Any) -> str:
