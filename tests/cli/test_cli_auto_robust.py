@@ -214,3 +214,22 @@ def test_resume_takes_another_points_per_batch_but_not_another_threshold(tmp_pat
     assert check_resume(tmp_path, settings(points_per_batch=16), True, lambda: True) is True
     with pytest.raises(InputError, match=r"pred_iou_thresh 0.88 → 0.5"):
         check_resume(tmp_path, settings(points_per_batch=16, pred_iou_thresh=0.5), True, lambda: True)
+
+
+def test_a_folder_input_goes_through_linked_folders_once(tmp_path: Path) -> None:
+    # Path.rglob skipped linked folders without a word (while following linked files): their images were lost.
+    from segany.cli.auto import scan_input
+
+    src, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (src / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for folder, name in ((src / "sub", "a.png"), (elsewhere, "b.png"), (elsewhere, "c.png")):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (src / "again").symlink_to(elsewhere, target_is_directory=True)  # one folder twice: its images once
+    (src / "sub" / "loop").symlink_to(src, target_is_directory=True)  # a link to a parent must not loop
+    keys = sorted(key for _, key in scan_input(str(src)).images)
+    assert keys == ["again/b", "again/c", "sub/a"], keys
+    from segany.engine.store import collect_image_files  # `project add-images FOLDER` lists the same way
+
+    assert sorted(f.name for f in collect_image_files([src])) == ["a.png", "b.png", "c.png"]

@@ -68,6 +68,7 @@ from segany.cli.auto_resume import (
     run_settings,
     write_images,
 )
+from segany.data.walk import walk_files
 from segany.errors import InputError, SeganyError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -175,7 +176,7 @@ def scan_input(source: str, out: Path | None = None) -> Listing:
 def _scan_folder(src: Path, out: Path | None) -> Listing:
     inner = _parts_inside(out, src) if out is not None else None
     same = inner == ()  # --out is the input folder itself: its JSON outputs are no news to the user
-    found = [p for p in sorted(src.rglob("*")) if not any(part.startswith(".") for part in p.relative_to(src).parts)]
+    found = [p for p in walk_files(src) if not any(part.startswith(".") for part in p.relative_to(src).parts)]
     # This run's --out, and any earlier run's output folder (it holds that run's run.json): masks, not input.
     earlier = [p.parent for p in found if p.name == RUN_FILE and p.parent != src and _is_run_record(p)
                and p.parent.relative_to(src).parts != inner]

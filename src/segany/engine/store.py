@@ -46,6 +46,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction, sessionmaker
 
+from segany.data.walk import walk_files
 from segany.engine import db
 from segany.engine.db import (
     Annotation,
@@ -1114,7 +1115,7 @@ def collect_image_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for raw in paths:
         p = Path(raw).expanduser().resolve()
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+            files.extend(f for f in walk_files(p) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         elif p.is_file():
             files.append(p)
         else:
