@@ -333,3 +333,18 @@ def test_yolo_labels_of_an_exif_rotated_photo_are_on_the_shown_picture(tmp_path,
                  "--val-fraction", "0"]) == 0
     [colour] = _colour_under_masks(tmp_path / "p")
     assert np.allclose(colour, RED, atol=25), colour
+
+
+def test_coco_image_ids_written_as_text_for_numbered_images_are_named(tmp_path) -> None:
+    # Annotations with image_id "1" for an image with id 1 were left out as orphans, and the pack then said
+    # the file had no annotations at all.
+    from segany.data.formats.coco import read_coco
+
+    img = _save(tmp_path / "img" / "a.jpg", _two_colour(40, 60))
+    images = [{"id": 1, "file_name": img.name, "height": 40, "width": 60}]
+    path = _coco_file(tmp_path, images, [_ann(1, "1", 2, 2, 20, 20), _ann(2, "1", 30, 5, 50, 30)])
+    with pytest.raises(InputError, match=r"2 annotation\(s\) give image_id as text \('1'\) where 'images' gives "
+                                         r"the id as a number \(1\)"):
+        read_coco(path, tmp_path / "img")
+    path = _coco_file(tmp_path, images, [_ann(1, 1, 2, 2, 20, 20)])
+    assert len(read_coco(path, tmp_path / "img")[0].masks) == 1

@@ -146,6 +146,25 @@ def _category_names(data: dict[str, Any], path: Path, categories: Collection[str
     return names
 
 
+def _check_id_types(by_image: dict[Any, list[dict]], listed: set[Any], path: Path) -> None:
+    """Refuse annotations whose ``image_id`` names an image only as another type ("1" for 1): they would be
+    left out as belonging to no image, and a file written that way has no annotation left at all."""
+    as_text = {str(i): i for i in listed if isinstance(i, (int, str))}
+    retyped = [i for i in by_image if i not in listed and isinstance(i, (int, str)) and str(i) in as_text
+               and type(i) is not type(as_text[str(i)])]
+    if not retyped:
+        return
+    count = sum(len(by_image[i]) for i in retyped)
+    first, image = retyped[0], as_text[str(retyped[0])]
+
+    def kind(v: Any) -> str:
+        return "text" if isinstance(v, str) else "a number"
+
+    raise InputError(f"{path}: {count} annotation(s) give image_id as {kind(first)} ({first!r}) where 'images' gives "
+                     f"the id as {kind(image)} ({image!r}); COCO ids must match exactly: write each annotation's "
+                     f"image_id as its image's id is written")
+
+
 def _check_unique_ids(images: list[dict[str, Any]], path: Path) -> None:
     """Refuse two ``images`` entries with one id: their annotations could not be told apart, and both
     would be packed under one file name, one image overwriting the other."""
@@ -192,6 +211,7 @@ def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.Path
     for ann in data["annotations"]:
         by_image[ann.get("image_id")].append(ann)
     listed = {img.get("id") for img in data["images"]}
+    _check_id_types(by_image, listed, path)
     orphans = sum(len(anns) for image_id, anns in by_image.items() if image_id not in listed)
     if orphans:
         note(report, f"{path}: {orphans} annotation(s) name an image_id that is not in 'images'; left out")
