@@ -233,3 +233,24 @@ def test_a_folder_input_goes_through_linked_folders_once(tmp_path: Path) -> None
     from segany.engine.store import collect_image_files  # `project add-images FOLDER` lists the same way
 
     assert sorted(f.name for f in collect_image_files([src])) == ["a.png", "b.png", "c.png"]
+
+
+def test_resume_redoes_a_png_output_whose_mask_file_is_gone_or_cut_short(tmp_path: Path) -> None:
+    # masks.json alone was checked: a deleted or truncated mask PNG counted as done, and --overlay then
+    # stopped the run as a failed write, telling the user to rerun with --resume (the same stop again).
+    from segany.cli.auto import _output_masks
+
+    target = tmp_path / "img"
+    target.mkdir()
+    files = [f"mask_{i:04d}.png" for i in range(2)]
+    for name in files:
+        Image.new("L", (8, 6), 255).save(target / name)
+    (target / "masks.json").write_text(json.dumps({"image": {"image_id": 1}, "annotations": [
+        {"id": i + 1, "file": name} for i, name in enumerate(files)]}))
+    assert _output_masks(target, "png") == 2
+    whole = (target / files[0]).read_bytes()
+    (target / files[0]).write_bytes(whole[:40])
+    assert _output_masks(target, "png") is None
+    (target / files[0]).write_bytes(whole)
+    (target / files[1]).unlink()
+    assert _output_masks(target, "png") is None

@@ -713,8 +713,13 @@ def _one_image(out: Path, listing: Listing, path: Path, key: str, overlay_only: 
     image = load_image(path)
     target = output_path(out, key, args.format)
     if overlay_only:  # done by the recorded run without --overlay: draw its saved masks
+        try:  # read before the write guard: a file of the output that went missing is not a failed write
+            saved = _saved_records(target, args.format)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"its earlier output {target} cannot be read to draw the overlay ({exc}); rerun this "
+                             "image without --resume") from exc
         with _writing(overlay_path(out, key), done=state.done):
-            _write_overlay(out, key, image, _saved_records(target, args.format))
+            _write_overlay(out, key, image, saved)
         state.overlays += 1
         return
     if within is not None:
@@ -935,11 +940,34 @@ def _plan(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace, s
 
 
 def _output_masks(target: Path, fmt: str) -> int | None:
-    """How many masks a finished output holds, or None when it cannot be read."""
+    """How many masks a finished output holds, or None when it cannot be read (then --resume redoes it).
+
+    For ``png`` the mask files masks.json lists must be there and whole too: one deleted or cut short counted
+    as done, and drawing ``--overlay`` from it later stopped the run as a failed write.
+    """
     try:
-        return _mask_count(_read_output(target, fmt), fmt)
-    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        data = _read_output(target, fmt)
+        if fmt == "png" and not all(_whole_png(target / str(m["file"])) for m in _png_masks(data)):
+            return None
+        return _mask_count(data, fmt)
+    except (OSError, ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk: a file cut short lacks it
+
+
+def _whole_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG file that ends as a PNG does (read: its size and last 12 bytes, not its pixels,
+    so a resume over thousands of masks stays quick)."""
+    try:
+        with path.open("rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return f.read() == _PNG_END
+    except OSError:
+        return False
 
 
 def _mask_count(data: Any, fmt: str) -> int:
