@@ -25,9 +25,12 @@ def safe_load_unique(text: str) -> Any:
     class _UniqueKeys(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             if isinstance(node, yaml.MappingNode):
-                self.flatten_mapping(node)  # "<<" merge keys are the file's own choice, not a repeat
+                # The mapping's own keys, before "<<" merges are flattened in: overriding a merged key is what
+                # a merge is for, not a repeat.
                 seen: dict[Any, Any] = {}
                 for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
                     key = self.construct_object(key_node, deep=True)
                     try:
                         first = seen.get(key)

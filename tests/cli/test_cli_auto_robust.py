@@ -228,6 +228,9 @@ def test_a_folder_input_goes_through_linked_folders_once(tmp_path: Path) -> None
     (src / "linked").symlink_to(elsewhere, target_is_directory=True)
     (src / "again").symlink_to(elsewhere, target_is_directory=True)  # one folder twice: its images once
     (src / "sub" / "loop").symlink_to(src, target_is_directory=True)  # a link to a parent must not loop
+    # Links to a folder of the tree add nothing and rename nothing, hidden or sorted first.
+    (src / ".backup").symlink_to(src / "sub", target_is_directory=True)
+    (src / "0-link").symlink_to(src / "sub", target_is_directory=True)
     keys = sorted(key for _, key in scan_input(str(src)).images)
     assert keys == ["again/b", "again/c", "sub/a"], keys
     from segany.engine.store import collect_image_files  # `project add-images FOLDER` lists the same way

@@ -277,3 +277,33 @@ def test_images_sharing_a_name_keep_their_own_masks_through_export_and_import(tm
     with pytest.raises(InputError, match=r"match more than one image.*a/img.png.*b/img.png.*nothing was imported"):
         import_coco_summary(other, p4["id"], tmp_path / "plain.json")
     assert other.list_annotations(project_id=p4["id"]) == []
+
+
+def test_a_name_found_in_images_dir_is_that_file_not_a_project_image_ending_alike(tmp_path: Path) -> None:
+    # ds1/images/0001.png is in the project; the COCO file's images/0001.png under --images-dir ds2 is another
+    # picture. Matching by the end of the path alone put its mask on ds1's picture.
+    from segany.engine.exports import import_coco_summary
+
+    made = make_images(tmp_path / "src", 2)
+    files = []
+    for folder, src in zip(("ds1", "ds2"), made, strict=True):
+        (tmp_path / folder / "images").mkdir(parents=True)
+        files.append(Path(shutil.copy(src, tmp_path / folder / "images" / "0001.png")))
+    from PIL import Image
+
+    with Image.open(files[1]) as im:
+        w, h = im.size
+    coco = {"images": [{"id": 1, "file_name": "images/0001.png", "width": w, "height": h}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                             "segmentation": _square(h, w, 5, 5, 10)}],
+            "categories": [{"id": 1, "name": "x"}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    for holds in ([files[0]], files):
+        name = f"p{len(holds)}"
+        store = open_store(tmp_path / name, create=True)
+        p = store.create_project(name, media_dir=tmp_path / name / "media", labels=[])
+        store.add_images(p["id"], holds)
+        assert import_coco_summary(store, p["id"], tmp_path / "c.json", images_dir=tmp_path / "ds2").created == 1
+        owner = {im["id"]: im["path"] for im in store.list_images(p["id"])}
+        assert [owner[a["image_id"]] for a in store.list_annotations(project_id=p["id"])] == [str(files[1])], name
+        store.close()

@@ -13,7 +13,7 @@ import pytest
 from conftest import SAMPLE_IMAGE, randomize_, tiny_config
 
 from segany.data.images import load_image
-from segany.errors import InputError, PromptError
+from segany.errors import PromptError
 from segany.fast import FastPath
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
@@ -127,8 +127,8 @@ def test_on_cuda_fast_path_work_runs_on_the_services_own_two_threads(sam, monkey
     records = svc.prefill(load_image(SAMPLE_IMAGE))  # encodes the image: on the embedding worker
     assert records and seen == {"encode": {"segany-embed"}, "decode": {"segany-embed"}}, seen
 
-    with pytest.raises(InputError, match="at most"):  # an error on the decode thread is the caller's error
-        svc.decode(emb, points_xy=[[1, 1]] * 100, labels=[1] * 100)
+    with pytest.raises(PromptError, match="lies outside the 640x425"):  # raised by predict on the decode thread
+        svc.decode(emb, points_xy=[[5000, 5000]], labels=[1])
     with pytest.raises(PromptError):
         svc.text_proposals(emb, "dog")  # a model without a text path: raised on the decode thread, here
 

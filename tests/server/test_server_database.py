@@ -91,3 +91,23 @@ def test_declared_labels_are_stored_as_mask_labels_are(client: TestClient, admin
     assert store.get_project(proj["name"])["labels"] == ["dog", "y" * 200, "cat"]
     with pytest.raises(InputError, match="is empty"):  # the store refuses it too (CLI, engine)
         store.update_project(proj["id"], labels=["ok", " "])
+
+
+def test_an_import_does_not_add_a_second_spelling_of_an_old_unstripped_label(project: Any) -> None:
+    # A project declared " dog" before labels were normalised; an import's "dog" is that label, not a new one.
+    from segany.engine.db import Project
+
+    store, proj = project
+    with store.transaction() as s:
+        s.get(Project, proj["id"]).labels = [" dog", "cat"]
+    im = store.list_images(proj["id"])[0]
+    mask = np.zeros((im["height"], im["width"]), bool)
+    mask[2:9, 3:12] = True
+    from segany.engine.masks import encode_mask
+
+    rec = {"image_sha256": im["sha256"], "key": str(uuid.uuid4()), "rle": encode_mask(mask), "label": "dog",
+           "source": "manual", "prompts": {}}
+    store.import_annotations(proj["id"], new_images=[], labels=["dog"], records=[rec])
+    assert store.get_project(proj["name"])["labels"] == [" dog", "cat"]
+    store.import_annotations(proj["id"], new_images=[], labels=["bird"], records=[])
+    assert store.get_project(proj["name"])["labels"] == [" dog", "cat", "bird"]

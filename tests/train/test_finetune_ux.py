@@ -290,6 +290,11 @@ def test_a_key_written_twice_in_a_config_is_refused_naming_its_line(tmp_path: Pa
     cfg.write_text("model: {name: tiny_cpu}\noptim: {lr: 3.0e-4, lr: 3.0e-1}\n")
     with pytest.raises(InputError, match=r"key 'lr' appears twice"):
         load_config(str(cfg))
+    # Overriding a key a "<<" merge brought in is what a merge is for, not a repeat.
+    from segany.yaml_errors import safe_load_unique
+
+    assert safe_load_unique("base: &b {steps: 10, device: cpu}\nrun: {<<: *b, steps: 20}\n")["run"] == \
+        {"steps": 20, "device": "cpu"}
 
 
 @pytest.mark.parametrize("arch,fragment", [

@@ -237,8 +237,9 @@ def _check_foreign(out: Path, stem: str, overwrite: bool) -> None:
     shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
     if not overwrite:
         raise InputError(f"--out {str(out)!r} holds {shown}, at this image's output names, which no earlier segany "
-                         "predict wrote (another tool's annotation beside the image?); pick another --out, move "
-                         "them away, or pass --overwrite to replace them")
+                         f"predict wrote (another tool's annotation beside the image, or files of a segany predict "
+                         f"stopped before it wrote {stem}.json); pick another --out, move them away, or pass "
+                         "--overwrite to replace them")
     print(f"segany predict: --overwrite: replacing {shown}", file=sys.stderr)
 
 

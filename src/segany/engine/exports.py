@@ -80,28 +80,35 @@ def _stems(images: Sequence[dict[str, Any]]) -> dict[int, str]:
 
 def coco_file_names(images: Sequence[dict[str, Any]]) -> dict[int, str]:
     """Per image, the ``file_name`` a COCO file gives it: its own name where no other image of the file has it,
-    else the shortest end of its path that no other image's path ends with (``a/img.jpg`` and ``b/img.jpg``).
+    else the shortest end of its path that no other image of that name ends with (``a/img.jpg`` and
+    ``b/img.jpg``).
 
     Why: an import finds each image by that name, and two images named ``img.jpg`` from two folders put the
     second picture's masks on the first (or refused to import, when their sizes differed). Paths that end alike
-    all the way get ``<stem>-<image id><suffix>``, as :func:`_stems` names per-image files.
+    all the way get ``<stem>-<image id><suffix>``, as :func:`_stems` names per-image files. Linear in the
+    images (folders of video frames share every name).
     """
-    count = Counter(im["file_name"] for im in images)
-    parts = {im["id"]: Path(im["path"] or im["file_name"]).as_posix().split("/") for im in images}
-    names: dict[int, str] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for im in images:
-        if count[im["file_name"]] == 1:
-            names[im["id"]] = im["file_name"]
+        groups.setdefault(im["file_name"], []).append(im)
+    names: dict[int, str] = {}
+    for name, group in groups.items():
+        if len(group) == 1:
+            names[group[0]["id"]] = name
             continue
-        rivals = [parts[o["id"]] for o in images if o["file_name"] == im["file_name"] and o["id"] != im["id"]]
-        own = parts[im["id"]]
-        for k in range(2, len(own) + 1):
-            if all(r[-k:] != own[-k:] for r in rivals):
-                names[im["id"]] = "/".join(own[-k:])
+        parts = {im["id"]: Path(im["path"] or name).as_posix().split("/") for im in group}
+        left = [im["id"] for im in group]
+        for k in range(2, max(len(v) for v in parts.values()) + 1):
+            ends = Counter("/".join(parts[i][-k:]) for i in left)
+            for i in left:
+                end = "/".join(parts[i][-k:])
+                if ends[end] == 1 and len(parts[i]) >= k:
+                    names[i] = end
+            left = [i for i in left if i not in names]
+            if not left:
                 break
-        else:
-            stem, suffix = Path(im["file_name"]).stem, Path(im["file_name"]).suffix
-            names[im["id"]] = f"{stem}-{im['id']}{suffix}"
+        for i in left:
+            names[i] = f"{Path(name).stem}-{i}{Path(name).suffix}"
     return names
 
 
@@ -840,7 +847,8 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
         out.looked_in.append(str(Path(images_dir).resolve()))
     cats = {c["id"]: c["name"] for c in data.get("categories", []) if isinstance(c, dict) and "id" in c
             and "name" in c}
-    known, ambiguous = _images_by_name(store.list_images(project_id), [im["file_name"] for im in data["images"]])
+    known, ambiguous = _images_by_name(store.list_images(project_id), [im["file_name"] for im in data["images"]],
+                                       images_dir)
     missing = [im["file_name"] for im in data["images"] if im["file_name"] not in known]
     found = [name for name in missing if images_dir is not None and (Path(images_dir) / name).is_file()]
     names = {im["id"]: im["file_name"] for im in data["images"]}
@@ -900,30 +908,53 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     return out
 
 
-def _images_by_name(images: Sequence[dict[str, Any]], wanted: Sequence[str]
+def _images_by_name(images: Sequence[dict[str, Any]], wanted: Sequence[str],
+                    images_dir: str | os.PathLike[str] | None = None
                     ) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
     """The project's image for each name in ``wanted`` (a COCO file's ``file_name`` values), and the names that
     match several images, with their paths.
 
-    A name matches the images of that file name; else those whose path ends with it (``a/img.jpg``, as
-    :func:`coco_file_names` writes where two images share a name); else an upload sent under it. The app stores
-    an upload as ``<first 12 hex of its sha256>-<name>`` (two uploads may share a name), while a COCO file made
+    A name matches, in this order: the images of that file name; the file it names in ``images_dir``, when that
+    file is one of the project's images (when it is not, the name stays unmatched, so the import adds that file
+    rather than pick another picture whose path ends alike); the images whose path ends with it (``a/img.jpg``,
+    as :func:`coco_file_names` writes where two images share a name); an upload sent under it. The app stores an
+    upload as ``<first 12 hex of its sha256>-<name>`` (two uploads may share a name), while a COCO file made
     elsewhere names ``<name>``; an upload answers to ``<name>`` when no other upload was sent under it.
     """
     by_name: dict[str, list[dict[str, Any]]] = {}
     uploaded: dict[str, list[dict[str, Any]]] = {}
+    by_real: dict[str, dict[str, Any]] = {}
     for im in images:
         by_name.setdefault(im["file_name"], []).append(im)
         prefix, sep, rest = im["file_name"].partition("-")
         if sep and rest and prefix == str(im.get("sha256", ""))[:12]:
             uploaded.setdefault(rest, []).append(im)
-    paths = [(Path(im["path"] or im["file_name"]).as_posix(), im) for im in images]
+        if im["path"]:
+            by_real[os.path.realpath(im["path"])] = im
+    parts = {im["id"]: Path(im["path"] or im["file_name"]).as_posix().split("/") for im in images}
+    by_end: dict[int, dict[str, list[dict[str, Any]]]] = {}  # k -> the last k parts of each path -> images
+
+    def ending(name: str) -> list[dict[str, Any]]:
+        k = len(name.split("/"))
+        if k not in by_end:
+            by_end[k] = {}
+            for im in images:
+                if len(parts[im["id"]]) >= k:
+                    by_end[k].setdefault("/".join(parts[im["id"]][-k:]), []).append(im)
+        return by_end[k].get(name, [])
+
     known: dict[str, dict[str, Any]] = {}
     ambiguous: dict[str, list[str]] = {}
     for name in dict.fromkeys(wanted):
         if not isinstance(name, str) or not name:
             continue
-        hits = by_name.get(name) or [im for path, im in paths if path == name or path.endswith("/" + name)]
+        hits = by_name.get(name, [])
+        if not hits and images_dir is not None and (Path(images_dir) / name).is_file():
+            own = by_real.get(os.path.realpath(Path(images_dir) / name))
+            if own is None:
+                continue  # a file to add (or one the project holds under another path: matched by content)
+            hits = [own]
+        hits = hits or ending(name.strip("/"))
         if not hits and len(uploaded.get(name, [])) == 1:
             hits = uploaded[name]
         if len(hits) == 1:

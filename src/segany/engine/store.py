@@ -785,8 +785,11 @@ class Store:
             if p is None:
                 raise NotFoundError(f"no project with id {project_id}")
             counts["images_added"] = len(self._insert_images(s, project_id, new_images))
-            if any(n not in (p.labels or []) for n in labels):
-                p.labels = list(dict.fromkeys([*(p.labels or []), *labels]))
+            # A label declared before labels were normalised (" dog") already is "dog": not added a second time.
+            have = {label_name(d) for d in (p.labels or []) if d.strip()}
+            new = [n for n in labels if n not in have]
+            if new:
+                p.labels = list(dict.fromkeys([*(p.labels or []), *new]))
             # FOR KEY SHARE (PostgreSQL): an image removed while this import runs either goes first (and is not
             # found here: the record is refused by name) or waits for it; without the lock the annotation insert
             # met the removal's committed delete as a raw foreign-key violation.
