@@ -206,3 +206,41 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path) -> None:  # type: i
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(m.training for m in model.modules())
     assert (tmp_path / "decoder.onnx").stat().st_size > 0 and (tmp_path / "encoder.onnx").stat().st_size > 0
+
+
+def test_a_graph_over_2_gib_keeps_its_weights_in_one_file_beside_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # torch writes each weight of a graph over protobuf's 2 GiB limit (ViT-H's encoder) as its own file beside
+    # the graph: hundreds of tensor-named files in --out, outside the temp-and-rename and the meta's list.
+    # A small graph saved the same way (one file per tensor) stands in for the 2.5 GB export.
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from segany.export.onnx import place_onnx
+
+    w = np.arange(3 * 512, dtype=np.float32).reshape(3, 512)  # 6 KiB: large enough to be stored outside
+    b = np.ones(512, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    onnx.save_model(model, str(work / "encoder.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(work.iterdir())) == 3  # the graph and one file per tensor, as torch leaves them
+    place_onnx(work, out / "encoder.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx", "encoder.onnx.data"]
+    x = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    got = ort.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, x @ w + b)
+
+    # A later export whose graph holds its weights removes the earlier one's weights file.
+    again = tmp_path / "again"
+    again.mkdir()
+    onnx.save_model(model, str(again / "encoder.onnx"))
+    place_onnx(again, out / "encoder.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx"]

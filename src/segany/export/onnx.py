@@ -162,10 +162,55 @@ def _legacy_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path
     The decoder resizes masks to ``orig_im_size``, a value read from an input tensor; the tracing
     exporter records that as a dynamic Resize, which torch.export (dynamo) refuses as data-dependent.
     """
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about python ints, deprecation notes
-        torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python ints, deprecation notes
+            torch.onnx.export(module, args, str(work / path.name), dynamo=False, opset_version=OPSET,
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
+        place_onnx(work, path)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def external_data_name(path: Path) -> str:
+    """The one weights file beside a graph over protobuf's 2 GiB limit (ViT-H's encoder): ``<graph>.data``."""
+    return f"{path.name}.data"
+
+
+def place_onnx(work: Path, path: Path) -> None:
+    """Move the graph exported as ``work/<path.name>`` to ``path``, atomically.
+
+    Over 2 GiB, torch writes every weight as its own file beside the graph (hundreds, named after tensors):
+    those are gathered into :func:`external_data_name`'s one file, renamed into place before the graph, so a
+    graph never points at missing weights. A graph with its weights inside removes such a file left by an
+    earlier, larger export.
+    """
+    graph = work / path.name
+    data = path.parent / external_data_name(path)
+    if not any(f != graph for f in work.iterdir()):
+        data.unlink(missing_ok=True)
+        os.replace(graph, path)
+        return
+    import onnx
+
+    model = onnx.load(str(graph))  # reads the loose weights beside it
+    packed = work / "packed"
+    packed.mkdir()
+    onnx.save_model(model, str(packed / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external_data_name(path), size_threshold=1024)
+    del model
+    if (packed / external_data_name(path)).exists():
+        os.replace(packed / external_data_name(path), data)
+    else:  # every tensor was small enough to sit inside the graph
+        data.unlink(missing_ok=True)
+    os.replace(packed / path.name, path)
 
 
 def export_encoder(model: Sam, path: str | os.PathLike[str]) -> Path:
@@ -275,6 +320,10 @@ def export_onnx(model: Sam, out_dir: str | os.PathLike[str], *, quantize_int8: b
     registered = _registered_config(model_name) if model_name is not None else None
     if registered is not None and registered != model.cfg:
         model_name = None  # the weights file's own config won (e.g. --model vit_b with a TinyViT file): no false name
+    for role in ("encoder", "decoder"):  # a graph over 2 GiB keeps its weights in one file beside it
+        data = out / external_data_name(paths[role])
+        if data.exists():
+            paths[f"{role}_data"] = data
     meta = {"format": "segany-onnx-v1", "model": model_name, "config": model.cfg.to_dict(), "opset": OPSET,
             "multimask": multimask, "files": {k: v.name for k, v in paths.items()}, "weights": weights}
     paths["meta"] = atomic_write_json(out / META_FILE, meta, indent=2)
