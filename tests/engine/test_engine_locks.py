@@ -78,3 +78,13 @@ def test_the_heartbeat_thread_stops_when_the_claim_is_lost(store: Store) -> None
 
 def _beating(project_id: int) -> bool:
     return any(t.name == f"segany-claim-{project_id}" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("kind,after", [("auto", "resumes where it stopped"),
+                                        ("retrain", "trains from its first step again")])
+def test_the_busy_message_says_what_a_rerun_of_that_job_does(store: Store, kind: str, after: str) -> None:
+    # A retrain told the user "the new run resumes where it stopped"; its fine-tuning starts over.
+    proj = store.create_project("p")
+    locks.claim_project(store, proj, kind)
+    with pytest.raises(locks.ProjectBusyError, match=after):
+        locks.claim_project(store, proj, kind)

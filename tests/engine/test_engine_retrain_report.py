@@ -90,3 +90,24 @@ def test_report_writes_html_and_flags_review_queue(pennfudan_project: dict, tmp_
     assert out["flagged"] >= 1
     # Images of one scene with the same content would be near-duplicates; distinct PennFudan images are not.
     assert report["image_flags"] == []
+
+
+def test_a_retrain_refused_before_training_leaves_no_version_behind(pennfudan_project: dict,
+                                                                    tmp_path: Path) -> None:
+    # Each of these refusals used to come after the dataset version was frozen and the parent registered: the
+    # project gained a numbered version (in `versions`, reports, exports) for a run that never trained.
+    from segany.engine.retrain import RetrainSettings, retrain
+    from segany.engine.versions import list_versions
+    from segany.errors import InputError
+
+    store, ckpt = pennfudan_project["store"], pennfudan_project["ckpt"]
+    before = (list_versions(store, None), store.list_model_versions())
+    bad_data = RetrainSettings(steps=1, batch_size=1, device="cpu", eval_data=str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match=r"pass --eval-data out/packed or --eval-data"):
+        retrain(store, None, bad_data, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "run"))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "model.pt").write_bytes(b"x")
+    with pytest.raises(InputError, match="already holds a retrained model.pt"):
+        retrain(store, None, RetrainSettings(steps=1, batch_size=1, device="cpu"), model="vit_b",
+                checkpoint=str(ckpt), out_dir=str(tmp_path / "used"))
+    assert (list_versions(store, None), store.list_model_versions()) == before

@@ -72,6 +72,14 @@ def _owner_alive(owner: str) -> bool:
     return True
 
 
+def _rerun_note(kind: str) -> str:
+    """What a rerun after stopping the holder does: `engine auto` keeps every image it finished, while a
+    retrain's fine-tuning starts again from its first step (it reuses the frozen dataset version)."""
+    if kind == "retrain":
+        return "the new run reuses the frozen dataset version but trains from its first step again"
+    return "the new run resumes where it stopped"
+
+
 def claim_project(store: Any, project: dict[str, Any], kind: str) -> str:
     """Claim ``project`` for a ``kind`` job (``auto`` = ``segany engine auto``), taking over a stale claim;
     returns the owner string to pass to :func:`touch_claim` and :func:`release_project`.
@@ -96,8 +104,8 @@ def claim_project(store: Any, project: dict[str, Any], kind: str) -> str:
                         raise ProjectBusyError(
                             f"project {project['name']!r} is being processed by another `engine {kind}` run "
                             f"({lock.owner}, last result {age:.0f} s ago); wait for it to finish, or stop it "
-                            "and rerun (the new run resumes where it stopped; a claim left by a run killed on "
-                            f"another machine is taken over after {LOCK_STALE_SECONDS / 60:.0f} minutes)")
+                            f"and rerun ({_rerun_note(kind)}; a claim left by a run killed on another machine is "
+                            f"taken over after {LOCK_STALE_SECONDS / 60:.0f} minutes)")
                     s.execute(delete(JobLock).where(JobLock.id == lock.id))
                     s.flush()
                 s.add(JobLock(project_id=project["id"], kind=kind, owner=me, heartbeat_at=now))

@@ -689,6 +689,16 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     from segany.train.config import TrainConfig
     from segany.train.trainer import Trainer
 
+    # What can be refused without the store is refused first: a failed retrain must not leave a frozen dataset
+    # version (it takes a number and shows in `versions` and reports) or a registered parent behind.
+    if out_dir:
+        _run_folder(Path(out_dir), Path(out_dir))
+    eval_records = None
+    if settings.eval_data:
+        from segany.eval.run import load_eval_records
+
+        eval_records = load_eval_records(settings.eval_data, "val", list(settings.eval_datasets or []) or None,
+                                         limit_images=settings.eval_images, flag="--eval-data")
     parent_id = register_model(store, spec)
     dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out, say=say)
     n_groups, n_split = dv["near_duplicate_groups"], dv["near_duplicate_groups_split"]
@@ -702,12 +712,7 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     if not train_records:
         raise InputError("no training images left after the held-out split; lower --held-out or add images"
                          + _near_copies_hint(n_groups))
-    if settings.eval_data:
-        from segany.eval.run import load_eval_records
-
-        eval_records = load_eval_records(settings.eval_data, "val", list(settings.eval_datasets or []) or None,
-                                         limit_images=settings.eval_images)
-    else:
+    if eval_records is None:
         eval_records = dataset_records(store, dv["id"], dv["held_out_image_ids"])
         if settings.eval_images is not None:
             eval_records = eval_records[: settings.eval_images]

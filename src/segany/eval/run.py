@@ -50,8 +50,9 @@ def _check_datasets(datasets: list[str] | None, known: list[str], where: str) ->
 
 
 def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets: list[str] | None = None,
-                      limit_images: int | None = None) -> list[InstanceRecord]:
-    """Records from a pack folder (``manifest.json.gz``) or the shared-data root (``../shared/data``)."""
+                      limit_images: int | None = None, flag: str = "--data") -> list[InstanceRecord]:
+    """Records from a pack folder (``manifest.json.gz``) or the shared-data root (``../shared/data``);
+    ``flag`` is the option that named ``data``, for the error's fix (``engine retrain`` calls it --eval-data)."""
     root = Path(data)
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose from {', '.join(SPLITS)} (val is the held-out images)")
@@ -71,7 +72,7 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
                 recs.extend(read_shared(name, root)[split])
     else:
         raise InputError(f"{str(root)!r} is neither a pack (manifest.json.gz) nor the shared data folder; "
-                         "pass --data out/packed or --data ../shared/data")
+                         f"pass {flag} out/packed or {flag} ../shared/data")
     if limit_images is not None:  # a few images per dataset, keeping every dataset represented
         by_ds: dict[str, list[InstanceRecord]] = {}
         for r in recs:
