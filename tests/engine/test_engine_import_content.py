@@ -307,3 +307,20 @@ def test_a_name_found_in_images_dir_is_that_file_not_a_project_image_ending_alik
         owner = {im["id"]: im["path"] for im in store.list_images(p["id"])}
         assert [owner[a["image_id"]] for a in store.list_annotations(project_id=p["id"])] == [str(files[1])], name
         store.close()
+
+
+def test_a_reimport_that_adds_nothing_declares_no_label(tmp_path: Path) -> None:
+    # Re-importing a project's own export added nothing, yet said "added labels object" and declared it.
+    from segany.engine.exports import export_coco, import_coco_summary
+
+    made = make_images(tmp_path / "imgs", 1)
+    store = open_store(tmp_path / "p", create=True)
+    p = store.create_project("one", media_dir=tmp_path / "p" / "media", labels=[])
+    im = store.add_images(p["id"], made)[0]
+    store.save_annotation(im["id"], rle=_square(im["height"], im["width"], 5, 5, 20), label="object",
+                          project_id=p["id"], review_state="accepted")
+    export_coco(store, p["id"], tmp_path / "c.json")
+    assert store.get_project("one")["labels"] == []
+    out = import_coco_summary(store, p["id"], tmp_path / "c.json")
+    assert out.created == 0 and out.duplicate == 1 and out.labels_added == []
+    assert store.get_project("one")["labels"] == []

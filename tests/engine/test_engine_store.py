@@ -246,3 +246,15 @@ def test_roles(store) -> None:  # type: ignore[no-untyped-def]
         store.set_role("rev", "root")
     with pytest.raises(NotFoundError, match="no annotator named 'zed' .known: rev"):
         store.set_role("zed", "admin")
+
+
+def test_annotator_names_that_print_alike_are_refused(store) -> None:  # type: ignore[no-untyped-def]
+    # "alice", "Alice" and "alice " were three people: two rows looked the same, and set-role changed one of them.
+    store.add_annotator("alice")
+    with pytest.raises(ConflictError, match="'alice' already exists, 'Alice' differs only by case"):
+        store.add_annotator("Alice")
+    for spaced in ("alice ", " bob"):
+        with pytest.raises(InputError, match="starts or ends with spaces"):
+            store.add_annotator(spaced)
+    store.add_annotator("bob")
+    assert [a["name"] for a in store.list_annotators()] == ["alice", "bob"]

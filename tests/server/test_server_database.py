@@ -109,5 +109,9 @@ def test_an_import_does_not_add_a_second_spelling_of_an_old_unstripped_label(pro
            "source": "manual", "prompts": {}}
     store.import_annotations(proj["id"], new_images=[], labels=["dog"], records=[rec])
     assert store.get_project(proj["name"])["labels"] == [" dog", "cat"]
-    store.import_annotations(proj["id"], new_images=[], labels=["bird"], records=[])
+    store.import_annotations(proj["id"], new_images=[], labels=["bird"], records=[])  # nothing written: no label
+    assert store.get_project(proj["name"])["labels"] == [" dog", "cat"]
+    mask[20:30, 20:30] = True
+    store.import_annotations(proj["id"], new_images=[], labels=["bird"], records=[
+        {**rec, "key": str(uuid.uuid4()), "rle": encode_mask(mask), "label": "bird"}])
     assert store.get_project(proj["name"])["labels"] == [" dog", "cat", "bird"]

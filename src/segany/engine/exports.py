@@ -894,7 +894,6 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     # Only the labels imported annotations use: the file's categories list may name classes it never uses.
     used_labels = list(dict.fromkeys(r["label"] for r in records))
     declared = _project_labels(store, project_id, {})
-    out.labels_added = [n for n in used_labels if n not in declared]
     keys_in_file = {r["key"] for r in records} | {r["legacy_key"] for r in records} | {
         import_key(project_id, sha_of[names[a["image_id"]]], a["id"], {}, "") for a in usable if a.get("id") is not None}
     earlier = _earlier_imports(store, project_id, Path(coco_json).resolve())
@@ -902,6 +901,8 @@ def import_coco_summary(store: Store, project_id: int, coco_json: str | os.PathL
     out.no_longer_in_file = sum(1 for u in earlier if u not in keys_in_file)
     counts = store.import_annotations(project_id, new_images=new_rows, labels=used_labels, records=records,
                                       restore_deleted=restore_deleted)
+    # What the store declared: only labels of annotations it wrote (a re-import that adds nothing adds none).
+    out.labels_added = [n for n in _project_labels(store, project_id, {}) if n not in declared]
     out.images_added = counts["images_added"]
     out.created, out.updated, out.unchanged = counts["created"], counts["updated"], counts["unchanged"]
     out.kept_deleted, out.duplicate = counts["kept_deleted"], counts["duplicate"]

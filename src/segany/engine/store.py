@@ -551,6 +551,8 @@ class Store:
         if not name or len(name) > 200:
             raise InputError(f"annotator name must be 1-200 characters, got {name!r}")
         check_plain_text("annotator name", name)
+        if name != name.strip():  # "alice " beside "alice": two rows that print alike, set-role finds one
+            raise InputError(f"annotator name {name!r} starts or ends with spaces; write it without them")
         check_role(role)
         token = secrets.token_urlsafe(32)
         taken = ConflictError(f"annotator {name!r} already exists; use another name or `--rotate`")
@@ -558,6 +560,10 @@ class Store:
             with self.transaction() as s:
                 if s.scalar(select(Annotator.id).where(Annotator.name == name)) is not None:
                     raise taken
+                alike = [n for n in s.scalars(select(Annotator.name)) if n.casefold() == name.casefold()]
+                if alike:
+                    raise ConflictError(f"annotator {alike[0]!r} already exists, {name!r} differs only by case; "
+                                        f"use that name (`--rotate` gives a new token) or a clearly different one")
                 s.add(Annotator(name=name, token_hash=hash_token(token), active=True, role=role))
         except IntegrityError as exc:  # another client added the name between our check and our insert
             if self._exists(select(Annotator.id).where(Annotator.name == name)):
@@ -785,11 +791,6 @@ class Store:
             if p is None:
                 raise NotFoundError(f"no project with id {project_id}")
             counts["images_added"] = len(self._insert_images(s, project_id, new_images))
-            # A label declared before labels were normalised (" dog") already is "dog": not added a second time.
-            have = {label_name(d) for d in (p.labels or []) if d.strip()}
-            new = [n for n in labels if n not in have]
-            if new:
-                p.labels = list(dict.fromkeys([*(p.labels or []), *new]))
             # FOR KEY SHARE (PostgreSQL): an image removed while this import runs either goes first (and is not
             # found here: the record is refused by name) or waits for it; without the lock the annotation insert
             # met the removal's committed delete as a raw foreign-key violation.
@@ -799,10 +800,20 @@ class Store:
                                                         .with_for_update(read=True, key_share=True))}
             deleted = {u: i for i, u in s.execute(select(DeletedAnnotation.id, DeletedAnnotation.uuid)
                                                   .where(DeletedAnnotation.project_id == project_id))}
+            written: set[str] = set()
             for start in range(0, len(records), _IMPORT_BATCH):
                 batch = records[start:start + _IMPORT_BATCH]
-                for kind in self._import_batch(s, by_sha, batch, deleted, restore_deleted):
+                for r, kind in zip(batch, self._import_batch(s, by_sha, batch, deleted, restore_deleted),
+                                   strict=True):
                     counts[kind] += 1
+                    if kind in ("created", "updated"):
+                        written.add(label_name(r["label"]))
+            # Only labels a written annotation carries: an import that added nothing declares nothing. A label
+            # declared before labels were normalised (" dog") already is "dog": not added a second time.
+            have = {label_name(d) for d in (p.labels or []) if d.strip()}
+            new = [n for n in labels if n in written and n not in have]
+            if new:
+                p.labels = list(dict.fromkeys([*(p.labels or []), *new]))
         return counts
 
     @staticmethod
