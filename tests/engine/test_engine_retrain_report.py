@@ -111,3 +111,12 @@ def test_a_retrain_refused_before_training_leaves_no_version_behind(pennfudan_pr
         retrain(store, None, RetrainSettings(steps=1, batch_size=1, device="cpu"), model="vit_b",
                 checkpoint=str(ckpt), out_dir=str(tmp_path / "used"))
     assert (list_versions(store, None), store.list_model_versions()) == before
+
+
+def test_eval_datasets_without_eval_data_is_refused() -> None:
+    from segany.engine.retrain import RetrainSettings
+    from segany.errors import InputError
+
+    with pytest.raises(InputError, match="--eval-datasets picks datasets of --eval-data"):
+        RetrainSettings(eval_datasets=("foo",))
+    assert RetrainSettings(eval_datasets=("foo",), eval_data="pack").eval_datasets == ("foo",)

@@ -593,6 +593,9 @@ class RetrainSettings:
             raise InputError(f"--lr must be > 0 and <= {MAX_LR:g} (e.g. 1e-4), got {self.lr}")
         if self.max_objects < 1:
             raise InputError(f"--max-objects must be >= 1, got {self.max_objects}")
+        if self.eval_datasets and not self.eval_data:  # it was ignored: the held-out split ran instead
+            raise InputError("--eval-datasets picks datasets of --eval-data; pass --eval-data PACK as well, or leave "
+                             "--eval-datasets out to evaluate on held-out project images")
         if self.eval_images is not None and self.eval_images < 1:
             raise InputError(f"--eval-images must be >= 1 (leave it out to use all), got {self.eval_images}")
         if not 0.0 <= self.held_out < 1.0:
