@@ -14,7 +14,7 @@ def walk_files(src: Path) -> list[Path]:
     folder of the tree (``.backup -> imgs``, ``0-link -> imgs``) adds nothing and renames nothing, a link to a
     parent cannot loop, and two links to one folder outside list its files once, under the first name.
     """
-    claimed = {os.path.realpath(d) for d, _, _ in _real_dirs(src)}
+    claimed = _real_dirs(src)
     walked: set[str] = set()
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
@@ -32,11 +32,11 @@ def walk_files(src: Path) -> list[Path]:
     return sorted(files)
 
 
-def _real_dirs(src: Path) -> list[tuple[str, list[str], list[str]]]:
-    """The tree's own folders (no links followed), leaving out hidden ones: a hidden folder does not claim its
-    files from a visible link to it, since a folder input leaves hidden folders out."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(src):
+def _real_dirs(src: Path) -> set[str]:
+    """The real paths of the tree's own folders (no links followed), leaving out hidden ones: a hidden folder
+    does not claim its files from a visible link to it, since a folder input leaves hidden folders out."""
+    out = set()
+    for dirpath, dirnames, _ in os.walk(src):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.append((dirpath, dirnames, filenames))
+        out.add(os.path.realpath(dirpath))
     return out

@@ -122,6 +122,12 @@ def label_name(label: str) -> str:
     return label.strip()[:200] or "object"
 
 
+def declared_names(labels: Iterable[str]) -> set[str]:
+    """A project's declared labels as a mask's label is compared with them (:func:`label_name`); a label stored
+    before labels were normalised (" dog") answers to its stripped name."""
+    return {label_name(d) for d in labels if d.strip()}
+
+
 def check_plain_text(what: str, value: str) -> str:
     """``value`` if it is plain text, else :class:`InputError` naming ``what``, the character and the fix."""
     problem = plain_text_problem(value)
@@ -810,7 +816,7 @@ class Store:
                         written.add(label_name(r["label"]))
             # Only labels a written annotation carries: an import that added nothing declares nothing. A label
             # declared before labels were normalised (" dog") already is "dog": not added a second time.
-            have = {label_name(d) for d in (p.labels or []) if d.strip()}
+            have = declared_names(p.labels or [])
             new = [n for n in labels if n in written and n not in have]
             if new:
                 p.labels = list(dict.fromkeys([*(p.labels or []), *new]))
@@ -910,7 +916,7 @@ class Store:
     @staticmethod
     def _refuse_undeclared(labels: Sequence[str], label: str) -> None:
         name = label_name(label)
-        if labels and name not in labels and name not in {label_name(d) for d in labels if d.strip()}:
+        if labels and name not in declared_names(labels):
             raise InvalidAnnotationError(f"label {name!r} is not one of this project's labels "
                                          f"({', '.join(labels)}); pick one of them, or an admin adds it to the "
                                          "project's labels")

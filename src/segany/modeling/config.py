@@ -145,6 +145,9 @@ class ClassHeadConfig:
             raise InputError(f"ClassHeadConfig.clip_dim must be >= 0 (0 = no CLIP projection), got {self.clip_dim}")
 
 
+_ENCODERS: dict[str, type[ViTConfig] | type[TinyViTConfig]] = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}
+
+
 @dataclass(frozen=True)
 class SamConfig:
     """The whole model. ``encoder`` is a :class:`ViTConfig` or :class:`TinyViTConfig`."""
@@ -207,12 +210,11 @@ class SamConfig:
         if "encoder" not in data:
             raise InputError(f"{where} needs an encoder section, e.g. {{encoder: {{kind: vit, ...}}}} "
                              "(SamConfig.to_dict() of a registered model shows every setting)")
-        kinds = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}
         encoder = data["encoder"]
         kind = encoder.get("kind", "vit") if isinstance(encoder, dict) else None
-        if kind not in kinds:
-            raise InputError(f"{where}.encoder.kind must be one of {', '.join(kinds)}, got {kind!r}")
-        keys_of(".encoder", encoder, {f.name for f in fields(kinds[kind])} | {"kind"})
+        if kind not in _ENCODERS:
+            raise InputError(f"{where}.encoder.kind must be one of {', '.join(_ENCODERS)}, got {kind!r}")
+        keys_of(".encoder", encoder, {f.name for f in fields(_ENCODERS[kind])} | {"kind"})
         for section, sub in (("prompt", PromptEncoderConfig), ("decoder", MaskDecoderConfig),
                              ("text", TextConfig), ("classes", ClassHeadConfig)):
             if data.get(section) is not None:
@@ -231,7 +233,7 @@ class SamConfig:
         enc = dict(data["encoder"])
         kind = enc.pop("kind", "vit")
         enc = {k: tuple(v) if isinstance(v, list) else v for k, v in enc.items()}
-        encoder: ViTConfig | TinyViTConfig = TinyViTConfig(**enc) if kind == "tiny_vit" else ViTConfig(**enc)
+        encoder: ViTConfig | TinyViTConfig = _ENCODERS.get(kind, ViTConfig)(**enc)  # any other kind: a ViT, as always
         return cls(
             encoder=encoder,
             prompt=PromptEncoderConfig(**data.get("prompt", {})),
