@@ -290,6 +290,9 @@ def test_a_key_written_twice_in_a_config_is_refused_naming_its_line(tmp_path: Pa
     cfg.write_text("model: {name: tiny_cpu}\noptim: {lr: 3.0e-4, lr: 3.0e-1}\n")
     with pytest.raises(InputError, match=r"key 'lr' appears twice"):
         load_config(str(cfg))
+    # An override's value is read the same way (it went through plain safe_load, keeping the last depth).
+    with pytest.raises(InputError, match=r"override model.arch=.*key 'depth' appears twice"):
+        load_config(str(REPO / "configs" / "tiny_cpu.yaml"), ["model.arch={encoder: {kind: vit, depth: 2, depth: 3}}"])
     # Overriding a key a "<<" merge brought in is what a merge is for, not a repeat.
     from segany.yaml_errors import safe_load_unique
 

@@ -336,7 +336,10 @@ def _parse_value(key: str, text: str) -> Any:
     yaml: Any = require("yaml", "train")  # pyyaml: one install hint, not a bare ModuleNotFoundError
 
     try:
-        return yaml.safe_load(text)
+        return safe_load_unique(text)  # as the config file is read: {lr: 1, lr: 2} is a slip, not the last lr
+    except yaml.constructor.ConstructorError as exc:
+        problem, _ = yaml_problem(exc)
+        raise InputError(f"override {key}={text!r}: {problem}") from None
     except yaml.YAMLError:
         raise InputError(f"override {key}={text!r}: the value is not valid YAML; quote strings, write lists as "
                          "[a, b]") from None
