@@ -63,6 +63,25 @@ def test_open_store_raises_store_error(tmp_path: Path) -> None:
         open_store(tmp_path / "f", create=True)
 
 
+# -------------------------------------------------------------------------------------- engine auto
+@pytest.mark.parametrize(("option", "value", "fragment"), [
+    ("--points-per-side", "0", "--points-per-side must be >= 1, got 0"),
+    ("--min-area", "-1", "--min-area must be >= 0, got -1"),
+    ("--stability-thresh", "2", "--stability-thresh must be in [0, 1], got 2"),
+    ("--max-masks", "0", "--max-masks must be >= 1"),
+])
+def test_auto_refusals_name_the_flag(proj: Path, capsys: pytest.CaptureFixture[str], option: str, value: str,
+                                     fragment: str) -> None:
+    # They named AutoSettings' fields (min_mask_region_area), which `engine auto` has no flag for.
+    _fails(["engine", "auto", str(proj), "--device", "cpu", f"{option}={value}"], capsys, fragment)
+
+
+def test_segany_auto_refusals_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(["auto", str(SAMPLES), "--out", str(tmp_path / "o"), "--points-per-batch=0"], capsys,
+           "--points-per-batch must be >= 1, got 0")
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------------ engine report
 @pytest.mark.parametrize(("option", "value", "fragment"), [
     ("--dup-iou", "5", "--dup-iou"), ("--dup-iou", "nan", "--dup-iou"), ("--disagreement-iou", "-1", "between 0 and 1"),

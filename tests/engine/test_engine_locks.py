@@ -81,9 +81,9 @@ def _beating(project_id: int) -> bool:
 
 
 @pytest.mark.parametrize("kind,after", [("auto", "resumes where it stopped"),
-                                        ("retrain", "trains from its first step again")])
+                                        ("retrain", "continues the fine-tuning from its last save")])
 def test_the_busy_message_says_what_a_rerun_of_that_job_does(store: Store, kind: str, after: str) -> None:
-    # A retrain told the user "the new run resumes where it stopped"; its fine-tuning starts over.
+    # Each job's rerun does its own thing: auto keeps finished images, a retrain continues its saved fine-tune.
     proj = store.create_project("p")
     locks.claim_project(store, proj, kind)
     with pytest.raises(locks.ProjectBusyError, match=after):

@@ -144,3 +144,30 @@ def test_near_duplicate_images_are_flagged_per_group_not_per_pair(tmp_path: Path
     assert pair == {"reason": "near_duplicate_images", "image_ids": [301, 302], "pairs_left_out": 0,
                     "pairs": [{"image_id": 301, "duplicate_of": 302, "hash_bits": 1}]}
     assert "and 44830 more" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_the_report_folder_is_written_whole_and_never_over_other_files(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # `--out ~` wrote index.html, report.json and plots over whatever the folder held; and a report rerun into
+    # the same folder kept the plots of dataset versions that no longer exist.
+    root, ids = _project(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "index.html").write_text("my page")
+    assert main(["engine", "report", str(root), "--out", str(home), "--no-model", "--demote"]) == 1
+    err = capsys.readouterr().err
+    assert "not a segany report" in err and "--force" in err
+    assert [p.name for p in home.iterdir()] == ["index.html"] and (home / "index.html").read_text() == "my page"
+    assert set(_states(root).values()) == {"accepted"}, "--demote ran for a report that was refused"
+
+    out = tmp_path / "weekly"
+    assert main(["engine", "report", str(root), "--out", str(out), "--no-model"]) == 0
+    (out / "dv99_distributions.png").write_bytes(b"a plot of a version since deleted")  # as an older report's
+    (out / ".segany-export").unlink()  # a report written before reports were marked
+    assert main(["engine", "report", str(root), "--out", str(out), "--no-model"]) == 0, capsys.readouterr().err
+    assert not (out / "dv99_distributions.png").exists() and (out / "report.json").is_file()
+    (out / "notes.txt").write_text("mine")
+    assert main(["engine", "report", str(root), "--out", str(out), "--no-model"]) == 1
+    assert "holds 1 file it did not write (notes.txt)" in capsys.readouterr().err
+    assert main(["engine", "report", str(root), "--out", str(out), "--no-model", "--force"]) == 0
+    assert not (out / "notes.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".weekly.")], "a temporary folder was left"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,21 @@ from segany.engine.masks import decode_rle
 
 @pytest.fixture(scope="module")
 def pennfudan_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _pennfudan(tmp_path_factory.mktemp("retrain"))
+
+
+@pytest.fixture
+def fresh_project(tmp_path: Path) -> Iterator[dict]:
+    """:func:`pennfudan_project` of this test alone (the report test demotes masks of the shared one)."""
+    made = _pennfudan(tmp_path / "project")
+    yield made
+    made["store"].close()
+
+
+def _pennfudan(root: Path) -> dict:
     """4 PennFudan images with their pedestrian masks stored as accepted manual annotations."""
     from segany.data.formats import read_shared
 
-    root = tmp_path_factory.mktemp("retrain")
     split = read_shared("pennfudan", SHARED_DATA, limit=4)
     recs = (split["train"] + split["val"])[:4]
     assert len(recs) == 4, f"PennFudanPed not found under {SHARED_DATA}"
@@ -120,3 +132,96 @@ def test_eval_datasets_without_eval_data_is_refused() -> None:
     with pytest.raises(InputError, match="--eval-datasets picks datasets of --eval-data"):
         RetrainSettings(eval_datasets=("foo",))
     assert RetrainSettings(eval_datasets=("foo",), eval_data="pack").eval_datasets == ("foo",)
+
+
+def test_held_out_beside_eval_data_is_refused() -> None:
+    # --held-out was ignored beside --eval-data (every project image trained), and its default of 0.2 hid that.
+    from segany.engine.retrain import DEFAULT_HELD_OUT, RetrainSettings
+    from segany.errors import InputError
+
+    with pytest.raises(InputError, match="--held-out splits the project's images .* pass one of them"):
+        RetrainSettings(held_out=0.3, eval_data="pack")
+    assert RetrainSettings(eval_data="pack").held_out_fraction == 0.0
+    assert RetrainSettings().held_out_fraction == DEFAULT_HELD_OUT == 0.2
+    assert RetrainSettings(held_out=0.0).held_out_fraction == 0.0
+
+
+def _weights(path: str) -> dict:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state)
+
+
+def test_an_interrupted_retrain_continues_where_it_stopped(fresh_project: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # An interrupted retrain trained from step 1 again when rerun; now it continues from the saved state, and
+    # its weights come out as an uninterrupted run's.
+    import os
+    import signal
+
+    import torch
+
+    from segany.engine.retrain import RetrainSettings, retrain
+    from segany.train.trainer import Trainer
+
+    store, ckpt = fresh_project["store"], fresh_project["ckpt"]
+    settings = RetrainSettings(steps=4, batch_size=1, held_out=0.25, max_objects=2, device="cpu")
+    whole = retrain(store, None, settings, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "whole"))
+
+    step = Trainer.train_step
+
+    def ctrl_c_after_step_2(self: Trainer, *args: object, **kwargs: object) -> dict:
+        stats = step(self, *args, **kwargs)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C: the trainer finishes the step and saves
+        return stats
+
+    said: list[str] = []
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_after_step_2)
+        with pytest.raises(KeyboardInterrupt):
+            retrain(store, None, settings, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "cut"),
+                    log=said.append)
+    assert any("interrupted at step 2 of 4" in s and "continues from it" in s for s in said), said
+    assert (tmp_path / "cut" / "run" / "last.pt").is_file() and not (tmp_path / "cut" / "model.pt").exists()
+
+    trained: list[int] = []
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", lambda self, *a, **k: (trained.append(self.step), step(self, *a, **k))[1])
+        said.clear()
+        again = retrain(store, None, settings, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "cut"),
+                        log=said.append)
+    assert trained == [2, 3], "the rerun trained steps it had already done"
+    assert any("continuing the interrupted fine-tune" in s for s in said), said
+    assert again["train"]["steps"] == 4 and again["dataset_version"]["id"] == whole["dataset_version"]["id"]
+    a, b = _weights(whole["model_version"]["checkpoint"]), _weights(again["model_version"]["checkpoint"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "cut" / "run").glob("*.pt")), "the training states outlived the registered model"
+
+
+def test_a_retrain_with_other_settings_starts_the_saved_fine_tune_over(fresh_project: dict,
+                                                                       tmp_path: Path) -> None:
+    from segany.engine.retrain import RetrainSettings, retrain
+    from segany.train.trainer import Trainer
+
+    store, ckpt = fresh_project["store"], fresh_project["ckpt"]
+    first = RetrainSettings(steps=2, batch_size=1, held_out=0.25, max_objects=2, device="cpu")
+    step = Trainer.train_step
+
+    def stop_after_step_1(self: Trainer, *args: object, **kwargs: object) -> dict:
+        step(self, *args, **kwargs)
+        self.save()  # what the periodic save leaves behind a kill -9
+        raise RuntimeError("killed")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Trainer, "train_step", stop_after_step_1)
+        with pytest.raises(RuntimeError, match="killed"):
+            retrain(store, None, first, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "run"))
+    said: list[str] = []
+    other_lr = RetrainSettings(steps=2, batch_size=1, held_out=0.25, max_objects=2, device="cpu", lr=3e-5)
+    result = retrain(store, None, other_lr, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "run"),
+                     log=said.append)
+    assert any("not continuing the earlier fine-tune" in s and "optim.lr" in s and "starting it over" in s
+               for s in said), said
+    assert result["train"]["steps"] == 2

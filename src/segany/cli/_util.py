@@ -44,6 +44,27 @@ class Progress:
 
 
 
+@contextmanager
+def as_flags(flags: dict[str, str]) -> Iterator[None]:
+    """Re-raise an :class:`InputError` of a settings class with its field names as the command's flags.
+
+    Settings dataclasses check their own values and name their fields (``points_per_side must be >= 1``); the
+    person at the command line typed ``--points-per-side``, which is what they must change. ``flags`` maps a
+    field to its flag; a field the message does not name is left alone.
+    """
+    import re
+
+    try:
+        yield
+    except InputError as exc:
+        text = str(exc)
+        for field, flag in flags.items():
+            text = re.sub(rf"(?<![\w-]){re.escape(field)}\b", flag, text)
+        if text == str(exc):
+            raise
+        raise InputError(text) from exc
+
+
 def comma_list(text: str) -> list[str]:
     """``"a, b,,c"`` → ``["a", "b", "c"]``: the names of a comma-separated option, blanks dropped."""
     return [t.strip() for t in text.split(",") if t.strip()]

@@ -43,6 +43,7 @@ from segany.atomic import NO_SPACE
 from segany.cli._checks import check_out_dir
 from segany.cli._util import (
     add_speed_arguments,
+    as_flags,
     atomic_write_bytes,
     comma_list,
     loaded_model_name,
@@ -436,7 +437,8 @@ def _check_options(options: dict[str, Any]) -> Any:
     """Validate generator options before anything is written; returns their AmgConfig."""
     from segany.amg.config import AmgConfig
 
-    config = AmgConfig(**options)
+    with as_flags({name: "--" + name.replace("_", "-") for name in _GEN_OPTIONS}):
+        config = AmgConfig(**options)
     for name in ("pred_iou_thresh", "stability_score_thresh"):  # the Python generator, like SAM's, takes any
         if not 0.0 <= options[name] <= 1.0:  # float; a typed value outside [0, 1] keeps all or no masks
             flag = "--" + name.replace("_", "-")

@@ -82,7 +82,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--steps", type=int, default=200, help="training steps")
     r.add_argument("--batch-size", type=int, default=2)
     r.add_argument("--lr", type=float, default=1e-4)
-    r.add_argument("--held-out", type=float, default=0.2, help="fraction of images kept for evaluation")
+    r.add_argument("--held-out", type=float, default=None,
+                   help="fraction of the project's images kept out of training to evaluate on (default 0.2; none "
+                        "with --eval-data)")
     r.add_argument("--eval-data", default=None,
                    help="evaluate on this data instead of the held-out images (a pack or ../shared/data)")
     r.add_argument("--eval-datasets", default=None, help="comma-separated datasets of --eval-data")
@@ -96,7 +98,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--min-eval-objects", type=int, default=20,
                    help="promote only if at least this many held-out objects were evaluated (default 20)")
     r.add_argument("--out", default=None, help="run folder (default PROJECT/.segany/retrain/<dataset version>-from-<model id>, "
-                        "-2, -3... when taken; under the current folder for a database URL)")
+                        "-2, -3... when taken; under the current folder for a database URL). An interrupted retrain "
+                        "continues its fine-tuning from the state saved there when run again")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
 
     v = sub.add_parser("versions", help="list the project's frozen dataset versions; export one as COCO")
@@ -109,7 +112,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     m = sub.add_parser("report", help="data maintenance report (HTML) listing masks to check; changes nothing "
                                       "unless --demote")
     _model_args(m)
-    m.add_argument("--out", required=True, help="report folder")
+    m.add_argument("--out", required=True, help="report folder (new, empty, or an earlier report: replaced whole)")
+    m.add_argument("--force", action="store_true", help="replace --out's contents even if they are not an "
+                   "earlier report")
     m.add_argument("--disagreement-iou", type=float, default=0.5,
                    help="flag accepted masks whose box-prompted model mask has IoU below this")
     m.add_argument("--max-disagreement", type=int, default=500, help="masks checked against the model at most")
@@ -142,10 +147,18 @@ def _spec(store: Any, args: argparse.Namespace, *, on_ray: bool = False) -> Any:
     return model_spec_for(store, args.project, model=args.model, checkpoint=args.checkpoint, device=device)
 
 
+# AutoSettings' fields and the `engine auto` flags that set them, so a refusal names what was typed.
+_AUTO_FLAGS = {"points_per_side": "--points-per-side", "points_per_batch": "--points-per-batch",
+               "pred_iou_thresh": "--pred-iou-thresh", "stability_score_thresh": "--stability-thresh",
+               "box_nms_thresh": "--box-nms-thresh", "crop_n_layers": "--crop-n-layers",
+               "min_mask_region_area": "--min-area", "max_masks": "--max-masks"}
+
+
 def _auto(store: Any, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from segany.amg.model_defaults import generator_defaults
+    from segany.cli._util import as_flags
     from segany.engine.auto import AutoSettings, run_auto
     from segany.engine.jobs import check_workers
 
@@ -162,16 +175,17 @@ def _auto(store: Any, args: argparse.Namespace) -> int:
     def pick(value: Any, name: str) -> Any:
         return d[name] if value is None else value
 
-    settings = AutoSettings(
-        points_per_side=pick(args.points_per_side, "points_per_side"),
-        points_per_batch=pick(args.points_per_batch, "points_per_batch"),
-        pred_iou_thresh=pick(args.pred_iou_thresh, "pred_iou_thresh"),
-        stability_score_thresh=pick(args.stability_thresh, "stability_score_thresh"),
-        stability_score_offset=d["stability_score_offset"],
-        box_nms_thresh=pick(args.box_nms_thresh, "box_nms_thresh"),
-        crop_n_layers=pick(args.crop_n_layers, "crop_n_layers"),
-        min_mask_region_area=pick(args.min_area, "min_mask_region_area"),
-        max_masks=args.max_masks, review_state="pending" if args.review else "accepted", generator=args.generator)
+    with as_flags(_AUTO_FLAGS):
+        settings = AutoSettings(
+            points_per_side=pick(args.points_per_side, "points_per_side"),
+            points_per_batch=pick(args.points_per_batch, "points_per_batch"),
+            pred_iou_thresh=pick(args.pred_iou_thresh, "pred_iou_thresh"),
+            stability_score_thresh=pick(args.stability_thresh, "stability_score_thresh"),
+            stability_score_offset=d["stability_score_offset"],
+            box_nms_thresh=pick(args.box_nms_thresh, "box_nms_thresh"),
+            crop_n_layers=pick(args.crop_n_layers, "crop_n_layers"),
+            min_mask_region_area=pick(args.min_area, "min_mask_region_area"),
+            max_masks=args.max_masks, review_state="pending" if args.review else "accepted", generator=args.generator)
     bar: dict[str, Any] = {}
 
     def on_start(todo: int, done: int) -> None:
@@ -277,7 +291,7 @@ def _report(store: Any, args: argparse.Namespace) -> int:
                               dup_iou=args.dup_iou, dup_hash_bits=args.dup_hash_bits, demote=args.demote)
     check_out_dir(Path(args.out))
     spec = None if args.no_model else _spec(store, args)
-    out = build_report(store, args.project, args.out, settings, spec=spec,
+    out = build_report(store, args.project, args.out, settings, spec=spec, force=args.force,
                        log=lambda msg: print(f"[segany] {msg}", file=sys.stderr, flush=True))
     print(f"wrote {out['html']} ({out['flagged']} masks flagged, "
           + (f"{out['demoted']} sent to the review queue)" if args.demote else "--demote sends them to review)"))

@@ -120,7 +120,10 @@ EXPORT_MARKER = ".segany-export"
 
 # What exports written before the marker listed its files hold, per format (relative paths, one glob per part).
 _LEGACY_LAYOUT = {"sa1b": ("*.json",), "yolo": ("data.yaml", "images/*", "labels/*.txt"),
-                  "png": ("index.json", "*/*.png")}
+                  "png": ("index.json", "*/*.png"), "report": ("index.html", "report.json", "flags.json", "*.png")}
+# Outputs written before they carried a marker at all (`engine report`): a folder holding this file and nothing
+# outside the format's layout is taken for an earlier one, so a weekly report into one folder goes on working.
+_UNMARKED_SIGNATURE = {"report": "report.json"}
 COCO_EXPORT_DESCRIPTION = "exported by segany"
 
 
@@ -263,25 +266,36 @@ def _foreign_files(folder: Path, marker: dict[str, Any]) -> list[str]:
     return [f for f in on_disk if not _matches_layout(f, layout)]
 
 
-def _check_folder_target(store: Store, target: Path, shown: Path, what: str, force: bool = False) -> None:
+def _unmarked_earlier_output(folder: Path, what: str) -> bool:
+    """Whether ``folder`` is a ``what`` output written before such outputs carried a marker."""
+    signature = _UNMARKED_SIGNATURE.get(what)
+    return signature is not None and (folder / signature).is_file() and not _foreign_files(folder, {"format": what})
+
+
+def check_folder_target(store: Store, target: Path, shown: Path, what: str, force: bool = False) -> None:
     """Refuse a file; the project's data (always); a non-empty folder that is not an earlier segany export, or an
     earlier export the user added files to (the swap would delete them), unless ``force``."""
+    noun = "report" if what == "report" else "export"  # `engine report` writes its folder through here too
     if target.exists() and not target.is_dir():
-        raise InputError(f"{shown} is a file; the {what} export writes a folder: pass a folder name")
+        label = noun if noun == "report" else f"{what} export"
+        raise InputError(f"{shown} is a file; the {label} writes a folder: pass a folder name")
     _refuse_project_data_folder(store, target, shown)
     if not target.is_dir() or force:
         return
     marker = _read_marker(target)
+    if marker is None and _unmarked_earlier_output(target, what):
+        marker = {"format": what}
     if marker is None:
         if any(target.iterdir()):
-            raise InputError(f"{shown} is a folder with files that are not a segany export; pass a new or empty "
+            raise InputError(f"{shown} is a folder with files that are not a segany {noun}; pass a new or empty "
                              "folder, or --force to replace its contents")
         return
     foreign = _foreign_files(target, marker)
     if foreign:
         names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise InputError(f"{shown} is an earlier segany export but also holds {len(foreign)} files it did not write "
-                         f"({names}); move them out, or pass --force to delete them with the old export")
+        raise InputError(f"{shown} is an earlier segany {noun} but also holds {len(foreign)} "
+                         f"{'file' if len(foreign) == 1 else 'files'} it did not write "
+                         f"({names}); move them out, or pass --force to delete them with the old {noun}")
 
 
 @dataclass
@@ -328,12 +342,12 @@ def _swap_in(work: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _folder_swap(store: Store, out: Path, what: str, force: bool) -> Iterator[Path]:
+def folder_swap(store: Store, out: Path, what: str, force: bool) -> Iterator[Path]:
     """A fresh temporary folder beside ``out`` to write the export into; on success it replaces ``out`` (files
     of an earlier export included, so nothing stale stays), on failure it is removed and ``out`` is untouched.
     The path is resolved first, so ``.`` or a path through a link names the real folder."""
     target = out.resolve()
-    _check_folder_target(store, target, out, what, force)
+    check_folder_target(store, target, out, what, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -570,7 +584,7 @@ def export_sa1b_summary(store: Store, project_id: int, out_dir: str | os.PathLik
     images, anns = _collect(store, project_id, states)
     result = ExportResult(out, images=len(images))
     stems = _stems(images)
-    with _folder_swap(store, out, "sa1b", force) as work:
+    with folder_swap(store, out, "sa1b", force) as work:
         for im in images:
             records = []
             for a in _nonempty(anns.get(im["id"], []), result):
@@ -620,7 +634,7 @@ def export_yolo_summary(store: Store, project_id: int, out_dir: str | os.PathLik
     labels = _project_labels(store, project_id, anns)
     cls = {n: i for i, n in enumerate(labels)}
     stems = _stems(images)
-    with _folder_swap(store, out, "yolo", force) as work:
+    with folder_swap(store, out, "yolo", force) as work:
         (work / "labels").mkdir()
         (work / "images").mkdir()
         for im in images:
@@ -658,7 +672,7 @@ def export_png_summary(store: Store, project_id: int, out_dir: str | os.PathLike
     result = ExportResult(out, images=len(images))
     stems = _stems(images)
     index = []
-    with _folder_swap(store, out, "png", force) as work:
+    with folder_swap(store, out, "png", force) as work:
         for im in images:
             stem = stems[im["id"]]
             for a in _nonempty(anns.get(im["id"], []), result):

@@ -73,10 +73,10 @@ def _owner_alive(owner: str) -> bool:
 
 
 def _rerun_note(kind: str) -> str:
-    """What a rerun after stopping the holder does: `engine auto` keeps every image it finished, while a
-    retrain's fine-tuning starts again from its first step (it reuses the frozen dataset version)."""
+    """What a rerun after stopping the holder does: `engine auto` keeps every image it finished; a retrain
+    reuses the frozen dataset version and continues its fine-tuning from the last saved training state."""
     if kind == "retrain":
-        return "the new run reuses the frozen dataset version but trains from its first step again"
+        return "the new run reuses the frozen dataset version and continues the fine-tuning from its last save"
     return "the new run resumes where it stopped"
 
 

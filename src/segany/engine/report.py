@@ -257,26 +257,33 @@ def near_duplicate_image_flags(hashes: Mapping[int, int], max_bits: int, max_pai
 
 
 def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str], settings: ReportSettings,
-                 *, spec: Any = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                 *, spec: Any = None, log: Callable[[str], None] = lambda m: None, force: bool = False
+                 ) -> dict[str, Any]:
     """Write ``index.html``, plots, ``report.json`` and ``flags.json`` to ``out_dir``; with ``settings.demote``
     also send flagged accepted masks to the review queue.
 
+    The folder is written as exports are (:func:`segany.engine.exports.folder_swap`): built beside ``out_dir``
+    and swapped in whole, so a failed report leaves the earlier one, and a folder holding other files (a home
+    folder's ``index.html``) is refused before anything runs, unless ``force``.
+
     Args:
         spec: the model to check accepted masks against (:class:`segany.engine.auto.ModelSpec`), or None.
+        force: replace ``out_dir``'s contents even when they are not an earlier report.
 
     Returns:
         ``{"html": path, "flagged": masks flagged, "demoted": masks moved to pending, "report": the report dict}``.
     """
     from segany.engine.db import DatasetVersion
+    from segany.engine.exports import check_folder_target, folder_swap
     from segany.engine.near_dupes import cache_from_metas, dhashes_for
 
     out = Path(out_dir)
     check_out_dir(out)
     proj = store.get_project(project)
+    check_folder_target(store, out.resolve(), out, "report", force)  # before --demote changes anything
     # The model is built (its checkpoint read and checked) before the report folder exists: a bad checkpoint
     # fails here and leaves nothing behind.
     sam = spec.build() if spec is not None else None
-    out.mkdir(parents=True, exist_ok=True)
     pid = proj["id"]
     images = {im["id"]: im for im in store.list_images(pid)}
     live = store.list_annotations(project_id=pid, states=["accepted", "pending"])
@@ -328,35 +335,37 @@ def build_report(store: Any, project: str | None, out_dir: str | os.PathLike[str
                 store.update_annotation(aid, project_id=pid, review_state="pending")
                 flagged += 1
 
-    sections = []
-    report: dict[str, Any] = {"project": proj["name"], "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-                              "model": model_name, "versions": [], "flags": flags, "image_flags": image_flags,
-                              "flagged_masks": len({f["annotation_id"] for f in flags}),
-                              "flagged_to_review": flagged}
-    sets: list[tuple[str, str, list[dict[str, Any]], Any, Mapping[Any, Any]]] = [
-        ("live", "current annotations (accepted + pending)", live, None, images)]
-    live_by_uuid = {a["uuid"]: a for a in all_by_id.values()}  # once, not per version
-    for vid, name, meta in versions:
-        frozen, frozen_images = _version_annotations(store, vid, live_by_uuid)
-        sets.append((f"dv{vid}", f"dataset version {name}", frozen, meta, frozen_images))
-    for key, title, anns, meta, of_images in sets:
-        d = describe(anns, of_images)
-        extra = {}
-        if key == "live" and disagree:
-            extra["model vs annotation IoU"] = list(disagree.values())
-        pngs = _plots(key, d, out, extra)
-        public = {k: v for k, v in d.items() if not k.startswith("_")}
-        meta = {k: v for k, v in (meta or {}).items() if k != DHASH_META_KEY}  # a cache, not a description
-        report["versions"].append({"key": key, "title": title, "meta": meta, **public})
-        sections.append((title, public, pngs, meta))
-    thr = throughput(store.list_annotations(project_id=pid))
-    report["throughput"] = thr
-    thr_png = _throughput_plot(thr, out)
-    _write_json(out / "report.json", report)
-    _write_json(out / "flags.json", {"masks": flags, "images": image_flags})
-    html_path = out / "index.html"
-    _write_text(html_path, _html(report, sections, thr_png, settings))
-    return {"html": str(html_path), "flagged": report["flagged_masks"], "demoted": flagged, "report": report}
+    # Written into a fresh folder beside --out and swapped in whole (see the docstring).
+    with folder_swap(store, out, "report", force) as work:
+        sections = []
+        report: dict[str, Any] = {"project": proj["name"], "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                                  "model": model_name, "versions": [], "flags": flags, "image_flags": image_flags,
+                                  "flagged_masks": len({f["annotation_id"] for f in flags}),
+                                  "flagged_to_review": flagged}
+        sets: list[tuple[str, str, list[dict[str, Any]], Any, Mapping[Any, Any]]] = [
+            ("live", "current annotations (accepted + pending)", live, None, images)]
+        live_by_uuid = {a["uuid"]: a for a in all_by_id.values()}  # once, not per version
+        for vid, name, meta in versions:
+            frozen, frozen_images = _version_annotations(store, vid, live_by_uuid)
+            sets.append((f"dv{vid}", f"dataset version {name}", frozen, meta, frozen_images))
+        for key, title, anns, meta, of_images in sets:
+            d = describe(anns, of_images)
+            extra = {}
+            if key == "live" and disagree:
+                extra["model vs annotation IoU"] = list(disagree.values())
+            pngs = _plots(key, d, work, extra)
+            public = {k: v for k, v in d.items() if not k.startswith("_")}
+            meta = {k: v for k, v in (meta or {}).items() if k != DHASH_META_KEY}  # a cache, not a description
+            report["versions"].append({"key": key, "title": title, "meta": meta, **public})
+            sections.append((title, public, pngs, meta))
+        thr = throughput(store.list_annotations(project_id=pid))
+        report["throughput"] = thr
+        thr_png = _throughput_plot(thr, work)
+        _write_json(work / "report.json", report)
+        _write_json(work / "flags.json", {"masks": flags, "images": image_flags})
+        _write_text(work / "index.html", _html(report, sections, thr_png, settings))
+    return {"html": str(out / "index.html"), "flagged": report["flagged_masks"], "demoted": flagged,
+            "report": report}
 
 
 def check_out_dir(out: Path) -> None:

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 CURRENT_KEY = "current_model_version_id"
 DEFAULT_MODEL = "segany_tiny"
+# How many times a fine-tune saves its training state, so that a killed retrain loses at most a tenth of its
+# steps (Ctrl-C saves at once). The run folder's states are deleted once the model is registered.
+CHECKPOINTS_PER_RUN = 10
+DEFAULT_HELD_OUT = 0.2  # of a project's images kept out of a retrain's fine-tuning to compare old and new on
 
 
 # ------------------------------------------------------------------------------------- current model
@@ -72,7 +76,9 @@ def model_spec_for(store: Any, project: str | None, *, model: str | None = None,
         checkpoint = str(found)
     elif not Path(checkpoint).is_file():
         raise InputError(f"--checkpoint {checkpoint!r} does not exist; check the path")
-    return ModelSpec(name, checkpoint, device)
+    # Absolute: the path is stored with the model version, and `serve` or `engine auto` run from another
+    # folder read it back (a relative `--checkpoint tiny.pt` named a file that was not there).
+    return ModelSpec(name, str(Path(checkpoint).resolve()), device)
 
 
 # ---------------------------------------------------------------------------------- dataset versions
@@ -96,7 +102,7 @@ def held_out_group(shas: Iterable[str], fraction: float) -> bool:
     return held_out_image(hashlib.sha256(b"group\0" + ordered[0].encode()).hexdigest(), fraction)
 
 
-def freeze_dataset_version(store: Any, project: str | None, *, held_out: float = 0.2,
+def freeze_dataset_version(store: Any, project: str | None, *, held_out: float = DEFAULT_HELD_OUT,
                            states: tuple[str, ...] = ("accepted",), near_dup_bits: int = DEFAULT_MAX_BITS,
                            say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Freeze the project's annotations in ``states`` as a dataset version; reuse one with the same content.
@@ -566,7 +572,9 @@ class RetrainSettings:
     steps: int = 200
     batch_size: int = 2
     lr: float = 1e-4
-    held_out: float = 0.2
+    # Fraction of the project's images kept out of training to evaluate on; None: DEFAULT_HELD_OUT, or none
+    # with ``eval_data``. Given beside ``eval_data`` it is refused: it would be ignored.
+    held_out: float | None = None
     eval_data: str | None = None  # evaluate on external data (pack or shared-data root) instead
     eval_datasets: tuple[str, ...] | None = None
     eval_images: int | None = None
@@ -598,14 +606,25 @@ class RetrainSettings:
                              "--eval-datasets out to evaluate on held-out project images")
         if self.eval_images is not None and self.eval_images < 1:
             raise InputError(f"--eval-images must be >= 1 (leave it out to use all), got {self.eval_images}")
-        if not 0.0 <= self.held_out < 1.0:
+        if self.held_out is not None and not 0.0 <= self.held_out < 1.0:
             raise InputError(f"--held-out must be in [0, 1), got {self.held_out}")
+        if self.held_out is not None and self.eval_data:  # it was ignored: every project image trained
+            raise InputError("--held-out splits the project's images for evaluation, and --eval-data evaluates on "
+                             "other data, so every project image trains; pass one of them")
         if not 0.0 <= self.min_gain < 1.0:
             raise InputError(f"--min-gain must be in [0, 1) (a score difference, e.g. 0.01), got {self.min_gain}")
         if self.min_eval_objects < 1:
             raise InputError(f"--min-eval-objects must be >= 1, got {self.min_eval_objects}")
         if self.max_clicks < 5:
             raise InputError(f"max_clicks must be >= 5 (5-click mIoU is reported), got {self.max_clicks}")
+
+
+    @property
+    def held_out_fraction(self) -> float:
+        """The fraction of project images held out: none when evaluating on ``eval_data``."""
+        if self.eval_data:
+            return 0.0
+        return DEFAULT_HELD_OUT if self.held_out is None else self.held_out
 
 
 def score(metrics: dict[str, Any]) -> float:
@@ -703,7 +722,7 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
         eval_records = load_eval_records(settings.eval_data, "val", list(settings.eval_datasets or []) or None,
                                          limit_images=settings.eval_images, flag="--eval-data")
     parent_id = register_model(store, spec)
-    dv = freeze_dataset_version(store, project, held_out=0.0 if settings.eval_data else settings.held_out, say=say)
+    dv = freeze_dataset_version(store, project, held_out=settings.held_out_fraction, say=say)
     n_groups, n_split = dv["near_duplicate_groups"], dv["near_duplicate_groups_split"]
     n_left = len(dv["near_duplicate_left_out"])
     groups = (f"; near-duplicate image groups: {n_groups - n_split} kept on one side"
@@ -733,7 +752,7 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
         "recipe": {"point_rounds": 2, "mask_only_rounds": 1},
         "run": {"out_dir": str(base / "run"), "max_steps": settings.steps, "batch_size": settings.batch_size,
                 "seed": settings.seed, "device": settings.device, "log_every": max(1, settings.steps // 10),
-                "ckpt_every": 0},
+                "ckpt_every": max(1, settings.steps // CHECKPOINTS_PER_RUN)},
     })
     base.mkdir(parents=True, exist_ok=True)
 
@@ -741,10 +760,19 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     t0 = time.time()
     metrics_old = evaluate(old, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
 
-    log(f"fine-tuning for {settings.steps} steps on {len(train_records)} images")
     torch.manual_seed(settings.seed)
     trainer = Trainer(cfg, sam=old, train_records=train_records)  # fine-tunes ``old`` in place
-    summary = trainer.fit(on_log=still_ours)
+    _continue_fine_tune(trainer, base / "run" / "last.pt", log)
+    log(f"fine-tuning for {settings.steps} steps on {len(train_records)} images"
+        + (f", from step {trainer.step}" if trainer.step else ""))
+    try:
+        summary = trainer.fit(on_log=still_ours)
+    except KeyboardInterrupt:
+        saved = getattr(trainer, "interrupt_checkpoint", None)
+        log(f"interrupted at step {trainer.step} of {settings.steps}; "
+            + (f"saved {saved}: the same `segany engine retrain` command continues from it" if saved else
+               "no training state was saved"))
+        raise
     new = trainer.sam.eval()
     metrics_new = evaluate(new, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
     _prune_run_dir(base / "run")
@@ -778,6 +806,29 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
               "seconds": round(time.time() - t0, 1)}
     atomic_write_json(base / "result.json", result, indent=1)
     return result
+
+
+def _continue_fine_tune(trainer: Any, last: Path, log: Callable[[str], None]) -> None:
+    """Load the training state an interrupted run of this same retrain left in its run folder, if any.
+
+    Long jobs resume where they stopped: the run folder is named by the dataset version and the parent model,
+    so a rerun after Ctrl-C or a kill finds the state the trainer saved then (or at its last periodic save) and
+    trains only the steps left; batches and prompts are functions of the step, so the weights come out as an
+    uninterrupted run's. A state this run cannot continue (other --steps, --lr or --batch-size, other data, a
+    torn file) is not an error: the fine-tuning starts over, and the log says why.
+    """
+    if not last.is_file():
+        return
+    try:
+        trainer.load(last)  # checks config, weights and data before it changes anything
+    except Exception as exc:  # any reason at all: starting over is always correct, only slower
+        from segany.errors import SeganyError
+
+        why = " ".join((exc.cli_message() if isinstance(exc, SeganyError) else str(exc)).split())
+        log(f"not continuing the earlier fine-tune in {last.parent} ({why or type(exc).__name__}); "
+            "starting it over")
+        return
+    log(f"continuing the interrupted fine-tune in {last.parent} (step {trainer.step} was saved)")
 
 
 def promotion_decision(s_old: float, s_new: float, objects: int, settings: RetrainSettings) -> tuple[bool, str]:

@@ -116,7 +116,8 @@ class ModelService:
                 (:meth:`remember_decode`); one SAM decode holds 3 x 256 x 256 float32 = 768 KiB.
         """
         self.model_type = model_type
-        self.checkpoint = checkpoint
+        # Absolute: it is stored with the model version this server registers, and read back from other folders.
+        self.checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cache_size = max(1, cache_size)
         self.cache_dir = cache_dir
