@@ -74,6 +74,39 @@ def check_points(coords: np.ndarray | None, labels: np.ndarray | None, size_hw: 
     return coords, labels.astype(np.int64)
 
 
+def check_mask_input(mask_input: np.ndarray | None, side: int) -> np.ndarray | None:
+    """Validated (1, side, side) float32 low-res logits, or None; shared with the ONNX predictor.
+
+    Non-finite values are refused: a NaN logit gives NaN through the whole decoder, so every mask came back
+    empty with a NaN score, and nothing said why.
+    """
+    if mask_input is None:
+        return None
+    m = np.asarray(mask_input, dtype=np.float32)
+    if m.shape == (side, side):
+        m = m[None]
+    if m.shape != (1, side, side):
+        raise PromptError(f"mask_input must have shape (1, {side}, {side}) (low-res logits from a previous "
+                          f"predict), got {m.shape}")
+    if not np.isfinite(m).all():
+        raise PromptError("mask_input contains NaN or infinite values; pass the low-res logits a previous predict "
+                          "returned")
+    return m
+
+
+def check_some_prompt(pts: tuple[np.ndarray, np.ndarray] | None, box: np.ndarray | None,
+                      mask: np.ndarray | None) -> None:
+    """Refuse an empty prompt (the reference decodes one silently; it is never what a user meant): nothing
+    given, or only points labelled -1, which the model ignores."""
+    if box is not None or mask is not None:
+        return
+    if pts is None:
+        raise PromptError("no prompt given: pass point_coords/point_labels, box or mask_input")
+    if (pts[1] == -1).all():
+        raise PromptError("every point is labelled -1 (ignored), so nothing is prompted: label points 1 "
+                          "(foreground) or 0 (background), or pass a box or mask_input")
+
+
 def check_box(box: np.ndarray | None, size_hw: tuple[int, int], *, inside: bool = False) -> np.ndarray | None:
     """A validated box as (1, 4) xyxy pixels, or None.
 
@@ -221,16 +254,7 @@ class SamPredictor:
 
     # --------------------------------------------------------------- prompts
     def _check_mask_input(self, mask_input: np.ndarray | None) -> np.ndarray | None:
-        if mask_input is None:
-            return None
-        m = np.asarray(mask_input, dtype=np.float32)
-        side = 4 * self.model.cfg.embed_size
-        if m.shape == (side, side):
-            m = m[None]
-        if m.shape != (1, side, side):
-            raise PromptError(f"mask_input must have shape (1, {side}, {side}) (low-res logits from a previous "
-                              f"predict), got {m.shape}")
-        return m
+        return check_mask_input(mask_input, 4 * self.model.cfg.embed_size)
 
     def predict(
         self,
@@ -273,9 +297,7 @@ class SamPredictor:
                                                             dtype=torch.float32, device=self.device),
                 None if mask_np is None else torch.as_tensor(mask_np, device=self.device)[None],
                 multimask_output, return_logits)
-        if pts is None and box_np is None and mask_np is None:
-            # The reference silently decodes an empty prompt; that is never what a user meant.
-            raise PromptError("no prompt given: pass point_coords/point_labels, box or mask_input")
+        check_some_prompt(pts, box_np, mask_np)
         dev = self.device
         coords_t = labels_t = box_t = mask_t = None
         if pts is not None:

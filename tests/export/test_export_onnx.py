@@ -162,6 +162,12 @@ def test_bad_inputs(exported, tmp_path, image):
         p.predict(mask_input=np.zeros((256, 256)))
     with pytest.raises(PromptError, match="no prompt"):
         p.predict()
+    side = p.predict(point_coords=np.array([[1, 1]]), point_labels=np.array([1]))[2].shape[-1]
+    with pytest.raises(PromptError, match="mask_input contains NaN"):  # every mask came back empty, score NaN
+        p.predict(point_coords=np.array([[1, 1]]), point_labels=np.array([1]),
+                  mask_input=np.full((1, side, side), np.nan, np.float32))
+    with pytest.raises(PromptError, match="every point is labelled -1"):
+        p.predict(point_coords=np.array([[1, 1]]), point_labels=np.array([-1]))
 
 
 def test_reexport_without_int8_leaves_no_stale_int8(exported, tmp_path, image, caplog):
@@ -244,3 +250,23 @@ def test_a_graph_over_2_gib_keeps_its_weights_in_one_file_beside_it(tmp_path) ->
     onnx.save_model(model, str(again / "encoder.onnx"))
     place_onnx(again, out / "encoder.onnx")
     assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx"]
+
+
+def test_a_lone_graph_over_an_exports_graph_unmakes_the_export(exported, tmp_path, caplog):  # type: ignore[no-untyped-def]
+    # export_decoder alone over an exported folder's decoder left the meta naming the earlier model, and
+    # OnnxPredictor paired the earlier encoder with the new decoder without a word.
+    import shutil
+
+    from segany.export.onnx import META_FILE, export_decoder
+
+    model, out, _ = exported
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder)
+    export_decoder(model, tmp_path / "elsewhere.onnx")  # beside no export: nothing to undo
+    assert (folder / META_FILE).is_file()
+    with caplog.at_level("WARNING", logger="segany.export.onnx"):
+        export_decoder(model, folder / "decoder.onnx")
+    assert not (folder / META_FILE).exists()
+    assert "export onnx" in caplog.text
+    with pytest.raises(InputError, match=f"has no {META_FILE}"):
+        OnnxPredictor(folder)

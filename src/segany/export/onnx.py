@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.atomic import atomic_path, atomic_write_json
-from segany.errors import InputError, PromptError, StateError, UnknownModelError, require
+from segany.errors import InputError, StateError, UnknownModelError, require
 from segany.modeling.config import SamConfig
 from segany.modeling.sam import Sam
 from segany.transforms import ResizeLongestSide
@@ -213,11 +213,30 @@ def place_onnx(work: Path, path: Path) -> None:
     os.replace(packed / path.name, path)
 
 
+def _unlist_export(path: Path) -> None:
+    """Remove the meta file of an export that lists ``path``, which a lone graph is about to replace.
+
+    :func:`export_encoder` or :func:`export_decoder` called alone over a graph of an exported folder left the
+    folder's meta naming the earlier model's config and its other graph: ``OnnxPredictor`` then paired graphs
+    of two models without a word. Without the meta, it refuses the folder and says to export again.
+    """
+    meta_path = path.parent / META_FILE
+    try:
+        listed = json.loads(meta_path.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):  # none, or not a meta this code wrote: nothing lists the graph
+        return
+    if isinstance(listed, dict) and path.name in listed.values():
+        meta_path.unlink(missing_ok=True)
+        log.warning("%s replaces a graph of the export in %s, whose %s was removed: run export_onnx (or `segany "
+                    "export onnx`) to make that folder an export again", path.name, path.parent, META_FILE)
+
+
 def export_encoder(model: Sam, path: str | os.PathLike[str]) -> Path:
     model = model_for_export(model)
     require("onnx", "onnx")
     s = model.img_size
     out = Path(path)
+    _unlist_export(out)
     example = torch.randint(0, 256, (1, 3, s, s * 3 // 4), dtype=torch.float32)
     with torch.no_grad():
         _legacy_export(EncoderGraph(model).eval(), (example,), out, ["image"], ["image_embeddings"],
@@ -231,6 +250,7 @@ def export_decoder(model: Sam, path: str | os.PathLike[str], multimask: bool = F
     g = model.cfg.embed_size
     c = model.cfg.prompt.embed_dim
     out = Path(path)
+    _unlist_export(out)
     example = (
         torch.randn(1, c, g, g),
         torch.randint(0, model.img_size, (1, 3, 2)).float(),
@@ -282,6 +302,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = Path(dst)
+    _unlist_export(out)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run shape inference first goes to the root logger on every call
@@ -422,7 +443,7 @@ class OnnxPredictor:
                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Same contract as ``SamPredictor.predict``: masks (C, H, W), scores (C,), low-res logits (C, 4g, 4g) with
         g = img_size / 16 (256 × 256 for SAM's 1024-pixel models, 128 × 128 for segany_tiny)."""
-        from segany.predictor import check_box, check_points
+        from segany.predictor import check_box, check_mask_input, check_points, check_some_prompt
 
         if not self.is_image_set or self.features is None:
             raise StateError("no image is set: call set_image(image) before predict")
@@ -430,15 +451,8 @@ class OnnxPredictor:
         pts = check_points(point_coords, point_labels, self.original_size)
         box_np = check_box(box, self.original_size)
         side = 4 * self.config.embed_size
-        mask_np = None
-        if mask_input is not None:
-            mask_np = np.asarray(mask_input, dtype=np.float32)
-            if mask_np.shape not in ((side, side), (1, side, side)):
-                raise PromptError(f"mask_input must have shape (1, {side}, {side}) (low-res logits from a previous "
-                                  f"predict), got {mask_np.shape}")
-            mask_np = mask_np.reshape(1, side, side)
-        if pts is None and box_np is None and mask_np is None:
-            raise PromptError("no prompt given: pass point_coords/point_labels, box or mask_input")
+        mask_np = check_mask_input(mask_input, side)
+        check_some_prompt(pts, box_np, mask_np)
         coords_l, labels_l = [], []
         if pts is not None:
             coords_l.append(self.transform.apply_coords(pts[0], self.original_size))
