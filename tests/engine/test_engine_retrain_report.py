@@ -25,13 +25,13 @@ def fresh_project(tmp_path: Path) -> Iterator[dict]:
     made["store"].close()
 
 
-def _pennfudan(root: Path) -> dict:
-    """4 PennFudan images with their pedestrian masks stored as accepted manual annotations."""
+def _pennfudan(root: Path, n: int = 4) -> dict:
+    """``n`` PennFudan images with their pedestrian masks stored as accepted manual annotations."""
     from segany.data.formats import read_shared
 
     split = read_shared("pennfudan", SHARED_DATA, limit=4)
-    recs = (split["train"] + split["val"])[:4]
-    assert len(recs) == 4, f"PennFudanPed not found under {SHARED_DATA}"
+    recs = (split["train"] + split["val"])[:n]
+    assert len(recs) == n, f"PennFudanPed not found under {SHARED_DATA}"
     store, proj = make_project(root / "proj", [r.image_path for r in recs])
     ids = {im["file_name"]: im["id"] for im in store.list_images(proj["id"])}
     annotator = store.add_annotator("alice") and store.list_annotators()[0]["id"]
@@ -225,3 +225,20 @@ def test_a_retrain_with_other_settings_starts_the_saved_fine_tune_over(fresh_pro
     assert any("not continuing the earlier fine-tune" in s and "optim.lr" in s and "starting it over" in s
                for s in said), said
     assert result["train"]["steps"] == 2
+
+
+def test_a_split_with_an_empty_side_is_refused_before_a_version_is_frozen(tmp_path: Path) -> None:
+    # It was refused after the freeze: the project gained a numbered version for a run that never trained.
+    from segany.engine.retrain import RetrainSettings, retrain
+    from segany.engine.versions import list_versions
+    from segany.errors import InputError
+
+    one = _pennfudan(tmp_path / "one", n=1)  # a single image cannot be on both sides
+    store = one["store"]
+    try:
+        with pytest.raises(InputError, match="no held-out images to evaluate on; raise --held-out"):
+            retrain(store, None, RetrainSettings(steps=1, batch_size=1, device="cpu"), model="vit_b",
+                    checkpoint=str(one["ckpt"]), out_dir=str(tmp_path / "run"))
+        assert list_versions(store, None) == [] and store.list_model_versions() == []
+    finally:
+        store.close()

@@ -104,7 +104,8 @@ def held_out_group(shas: Iterable[str], fraction: float) -> bool:
 
 def freeze_dataset_version(store: Any, project: str | None, *, held_out: float = DEFAULT_HELD_OUT,
                            states: tuple[str, ...] = ("accepted",), near_dup_bits: int = DEFAULT_MAX_BITS,
-                           say: Callable[[str], None] | None = None) -> dict[str, Any]:
+                           say: Callable[[str], None] | None = None, need_both_sides: bool = False
+                           ) -> dict[str, Any]:
     """Freeze the project's annotations in ``states`` as a dataset version; reuse one with the same content.
 
     Freezing copies each mask (image id/sha256/path, RLE, label, source, annotation uuid) into the version's
@@ -123,6 +124,9 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
     Args:
         say: where the notes for a person go (images that could not be hashed, near-duplicate groups with images
             on both sides); the module's logger (warnings) when None.
+        need_both_sides: refuse, before a new version is stored, a split that leaves no training images (or,
+            with ``held_out`` > 0, no held-out ones): a retrain cannot run on it, and a version frozen for a run
+            that never trained took a number and showed in `versions` and reports.
 
     Returns:
         ``{id, name, content_hash, annotations, images, train_image_ids, held_out_image_ids,
@@ -177,6 +181,8 @@ def freeze_dataset_version(store: Any, project: str | None, *, held_out: float =
                               failed=grouping.failed)
         images = {i: sha for i, (sha, _) in now[1].items()}
         split = split_images(images, held_out, grouping.sides, grouping.groups)
+        if need_both_sides:  # raised inside the transaction: nothing is stored
+            check_split(len(split.train), len(split.held) if held_out > 0 else None, split.groups)
         near_trained = _held_out_near_trained(split, grouping, near_dup_bits)
         not_read = sorted(i for i in grouping.unreadable if i in images)
         _say_unreadable(say, {i: (now[1][i][1], grouping.unreadable[i]) for i in not_read})
@@ -508,6 +514,17 @@ def _split(images: dict[int, str], held_out: float, earlier: dict[int, bool] | N
     return split.train, split.held
 
 
+def check_split(train: int, held: int | None, near_duplicate_groups: int) -> None:
+    """Refuse a retrain's split with no images to train on, or none held out to evaluate on (``held`` None:
+    evaluated on other data)."""
+    if not train:
+        raise InputError("no training images left after the held-out split; lower --held-out or add images"
+                         + _near_copies_hint(near_duplicate_groups))
+    if held is not None and not held:
+        raise InputError("no held-out images to evaluate on; raise --held-out or pass --eval-data"
+                         + _near_copies_hint(near_duplicate_groups))
+
+
 def _near_copies_hint(near_duplicate_groups: int) -> str:
     """What to add to a split's refusal where near-duplicates were kept together (they may be why it is empty)."""
     if not near_duplicate_groups:
@@ -721,8 +738,8 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
 
         eval_records = load_eval_records(settings.eval_data, "val", list(settings.eval_datasets or []) or None,
                                          limit_images=settings.eval_images, flag="--eval-data")
-    parent_id = register_model(store, spec)
-    dv = freeze_dataset_version(store, project, held_out=settings.held_out_fraction, say=say)
+    dv = freeze_dataset_version(store, project, held_out=settings.held_out_fraction, say=say, need_both_sides=True)
+    parent_id = register_model(store, spec)  # after the freeze's refusals: a refused retrain registers nothing
     n_groups, n_split = dv["near_duplicate_groups"], dv["near_duplicate_groups_split"]
     n_left = len(dv["near_duplicate_left_out"])
     groups = (f"; near-duplicate image groups: {n_groups - n_split} kept on one side"
@@ -731,16 +748,11 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     log(f"dataset version {dv['name']}: {dv['annotations']} masks on {dv['images']} images "
         f"({len(dv['train_image_ids'])} train, {len(dv['held_out_image_ids'])} held out{groups})")
     train_records = dataset_records(store, dv["id"], dv["train_image_ids"])
-    if not train_records:
-        raise InputError("no training images left after the held-out split; lower --held-out or add images"
-                         + _near_copies_hint(n_groups))
     if eval_records is None:
         eval_records = dataset_records(store, dv["id"], dv["held_out_image_ids"])
         if settings.eval_images is not None:
             eval_records = eval_records[: settings.eval_images]
-    if not eval_records:
-        raise InputError("no held-out images to evaluate on; raise --held-out or pass --eval-data"
-                         + _near_copies_hint(n_groups))
+    check_split(len(train_records), len(eval_records), n_groups)  # a version reused from an earlier freeze
 
     base = _run_folder(Path(out_dir) if out_dir else None,
                        (store.project_dir or Path.cwd()) / ".segany" / "retrain" / f"{dv['name']}-from-{parent_id}")
