@@ -171,3 +171,13 @@ def test_the_report_folder_is_written_whole_and_never_over_other_files(tmp_path:
     assert main(["engine", "report", str(root), "--out", str(out), "--no-model", "--force"]) == 0
     assert not (out / "notes.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".weekly.")], "a temporary folder was left"
+
+    exported = tmp_path / "masks"
+    assert main(["project", "export", str(root), "png", str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["engine", "report", str(root), "--out", str(exported), "--no-model"]) == 1
+    assert "is a segany export, not a report" in capsys.readouterr().err
+    assert main(["project", "export", str(root), "png", str(out)]) == 1
+    assert "is a segany report, not an export" in capsys.readouterr().err
+    assert main(["engine", "report", str(root), "--out", str(root), "--no-model"]) == 1
+    assert f"such as {root.parent / 'report'}" in capsys.readouterr().err  # not ".../export"

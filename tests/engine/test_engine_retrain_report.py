@@ -143,7 +143,9 @@ def test_held_out_beside_eval_data_is_refused() -> None:
         RetrainSettings(held_out=0.3, eval_data="pack")
     assert RetrainSettings(eval_data="pack").held_out_fraction == 0.0
     assert RetrainSettings().held_out_fraction == DEFAULT_HELD_OUT == 0.2
-    assert RetrainSettings(held_out=0.0).held_out_fraction == 0.0
+    assert RetrainSettings(held_out=0.0, eval_data="pack").held_out_fraction == 0.0  # says the same: allowed
+    with pytest.raises(InputError, match="--held-out 0 holds no image out"):  # refused after the freeze before
+        RetrainSettings(held_out=0.0)
 
 
 def _weights(path: str) -> dict:
@@ -200,12 +202,19 @@ def test_an_interrupted_retrain_continues_where_it_stopped(fresh_project: dict, 
     assert not list((tmp_path / "cut" / "run").glob("*.pt")), "the training states outlived the registered model"
 
 
-def test_a_retrain_with_other_settings_starts_the_saved_fine_tune_over(fresh_project: dict,
-                                                                       tmp_path: Path) -> None:
+def test_only_the_same_fine_tune_is_continued(fresh_project: dict, tmp_path: Path) -> None:
+    # A rerun continues only the same fine-tune: other settings (--steps 600 after a kill at step 800 of 1000
+    # trained nothing and registered "600 steps"), or another parent in a reused --out (its state was
+    # continued and registered under the new parent), start over, saying why in the retrain's own flags.
+    from conftest import randomize_, tiny_config
+
+    from segany.checkpoints import save_checkpoint
     from segany.engine.retrain import RetrainSettings, retrain
+    from segany.modeling.sam import Sam
     from segany.train.trainer import Trainer
 
     store, ckpt = fresh_project["store"], fresh_project["ckpt"]
+    other = save_checkpoint(randomize_(Sam(tiny_config()), seed=7).eval(), tmp_path / "other.pt")
     first = RetrainSettings(steps=2, batch_size=1, held_out=0.25, max_objects=2, device="cpu")
     step = Trainer.train_step
 
@@ -214,17 +223,29 @@ def test_a_retrain_with_other_settings_starts_the_saved_fine_tune_over(fresh_pro
         self.save()  # what the periodic save leaves behind a kill -9
         raise RuntimeError("killed")
 
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(Trainer, "train_step", stop_after_step_1)
-        with pytest.raises(RuntimeError, match="killed"):
-            retrain(store, None, first, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "run"))
-    said: list[str] = []
-    other_lr = RetrainSettings(steps=2, batch_size=1, held_out=0.25, max_objects=2, device="cpu", lr=3e-5)
-    result = retrain(store, None, other_lr, model="vit_b", checkpoint=str(ckpt), out_dir=str(tmp_path / "run"),
-                     log=said.append)
-    assert any("not continuing the earlier fine-tune" in s and "optim.lr" in s and "starting it over" in s
-               for s in said), said
-    assert result["train"]["steps"] == 2
+    def killed_run(out: Path, checkpoint: Path = ckpt) -> None:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(Trainer, "train_step", stop_after_step_1)
+            with pytest.raises(RuntimeError, match="killed"):
+                retrain(store, None, first, model="vit_b", checkpoint=str(checkpoint), out_dir=str(out))
+        assert (out / "run" / "last.pt").is_file()
+
+    def rerun(settings: RetrainSettings, out: Path, checkpoint: Path = ckpt) -> tuple[dict, str]:
+        said: list[str] = []
+        result = retrain(store, None, settings, model="vit_b", checkpoint=str(checkpoint), out_dir=str(out),
+                         log=said.append)
+        (why,) = [s for s in said if "not continuing the earlier fine-tune" in s and "starting it over" in s]
+        return result, why
+
+    killed_run(tmp_path / "a")
+    other_settings = RetrainSettings(steps=3, batch_size=1, held_out=0.25, max_objects=2, device="cpu", lr=3e-5)
+    result, why = rerun(other_settings, tmp_path / "a")
+    assert "it ran with other --lr, --steps" in why and result["train"]["steps"] == 3
+
+    killed_run(tmp_path / "b", checkpoint=other)
+    result, why = rerun(first, tmp_path / "b")
+    assert "it fine-tuned another model (vit_b:" in why and result["train"]["steps"] == 2
+    assert result["model_version"]["parent_id"] != result["model_version"]["id"]
 
 
 def test_a_split_with_an_empty_side_is_refused_before_a_version_is_frozen(tmp_path: Path) -> None:

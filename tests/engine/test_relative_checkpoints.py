@@ -32,3 +32,4 @@ def test_the_server_resolves_a_relative_checkpoint(tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     assert ModelService("vit_b", "tiny.pt", device="cpu").checkpoint == str(tmp_path / "tiny.pt")
     assert ModelService("vit_b", None, device="cpu").checkpoint is None
+    assert ModelService("segany_tiny", "bundled", device="cpu").checkpoint == "bundled"  # build_sam's name for them

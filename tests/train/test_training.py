@@ -76,6 +76,38 @@ def test_resume_reproduces_next_loss_exactly(tmp_path) -> None:
         assert k == k2 and torch.equal(v, v2), k
 
 
+def test_ckpt_minutes_saves_by_training_time(tmp_path, monkeypatch) -> None:
+    # A save sized in steps costs a ViT-H run seconds of disk per save, whatever its steps take; run.ckpt_minutes
+    # saves by the training clock instead (the `engine retrain` fine-tunes use it).
+    from segany.train import trainer as trainer_mod
+
+    recs = _records(tmp_path)
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(trainer_mod.time, "time", lambda: clock["t"])
+    saved: list[int] = []
+    real_save = Trainer.save
+
+    def spy(self, *args, **kwargs):
+        saved.append(self.step)
+        return real_save(self, *args, **kwargs)
+
+    step = Trainer.train_step
+
+    def a_minute_per_step(self, *args, **kwargs):
+        clock["t"] += 60.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save", spy)
+    monkeypatch.setattr(Trainer, "train_step", a_minute_per_step)
+    Trainer(_cfg(tmp_path / "a", "run.max_steps=5", "run.ckpt_minutes=2"), sam=_model(), train_records=recs).fit()
+    # The clock read before step k says k-1 minutes: steps 3 and 5 reach 2 minutes since the last save; 5 is
+    # saved again at the end of the run.
+    assert saved == [3, 5, 5]
+    saved.clear()
+    Trainer(_cfg(tmp_path / "b", "run.max_steps=5"), sam=_model(), train_records=recs).fit()
+    assert saved == [5]
+
+
 def test_export_roundtrip_fp16(tmp_path) -> None:
     from segany.checkpoints import build_sam
 
@@ -158,6 +190,7 @@ def test_repeat_config_checks_names_and_values() -> None:
     ("run.max_minutes=-1", "run.max_minutes"), ("run.max_minutes=0", "run.max_minutes"),
     ("run.max_steps=0", "run.max_steps must be >= 1"), ("run.batch_size=0", "run.batch_size must be >= 1"),
     ("run.log_every=0", "run.log_every"), ("run.ckpt_every=-1", "run.ckpt_every"), ("run.seed=-1", "run.seed"),
+    ("run.ckpt_minutes=0", "run.ckpt_minutes must be > 0"),
     ("run.device=gpu", "run.device must be"), ("run.max_steps=null", "run.max_steps needs a value"),
     ("optim.lr=0", "optim.lr must be > 0"), ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
     ("optim.lr=.inf", "optim.lr must be a finite number"), ("data.scale_max=.inf", "data.scale_max must be a finite"),

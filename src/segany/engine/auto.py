@@ -87,7 +87,7 @@ class AutoSettings:
         if self.review_state not in ("accepted", "pending"):
             raise InputError(f"review_state must be 'accepted' or 'pending', got {self.review_state!r}")
         if self.max_masks is not None and self.max_masks < 1:
-            raise InputError(f"max_masks must be >= 1 or None, got {self.max_masks}")
+            raise InputError(f"max_masks must be >= 1, got {self.max_masks} (leave it unset to keep every mask)")
         AmgConfig(**self.generator_kwargs())  # the same checks and messages as the generator's own
         for name in ("pred_iou_thresh", "stability_score_thresh"):  # AmgConfig allows any float here
             v = getattr(self, name)

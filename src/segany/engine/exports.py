@@ -158,26 +158,27 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _refuse_project_data_folder(store: Store, target: Path, shown: Path) -> None:
+def _refuse_project_data_folder(store: Store, target: Path, shown: Path, noun: str = "export") -> None:
     """Refuse (even with --force) a folder target whose replacement would delete the store, its media folder or
-    registered images, or the folder this process runs in (which cannot be renamed)."""
+    registered images, or the folder this process runs in (which cannot be renamed). ``noun`` names what is
+    written: ``export`` or ``report``, also the example folder's name."""
     fix = "pass a folder outside the project's data, such as"
     for f in _store_files(store):
         if _within(f, target):
             raise InputError(f"{shown} holds the project's database {f}; replacing it would delete the project "
-                             f"(--force does not override this); {fix} {target.parent / 'export'}")
+                             f"(--force does not override this); {fix} {target.parent / noun}")
     for media in _media_dirs(store):
         if _within(target, media) or _within(media, target):
             raise InputError(f"{shown} is, holds or is inside the project's media folder {media}; replacing it "
                              f"would delete the project's images (--force does not override this); {fix} "
-                             f"{media.parent.parent / 'export'}")
+                             f"{media.parent.parent / noun}")
     for folder, example in _image_dirs(store).items():
         if _within(folder, target):
             raise InputError(f"{shown} holds images registered in the project (e.g. {example}); replacing it "
-                             f"would delete them (--force does not override this); {fix} {target / 'export'}")
+                             f"would delete them (--force does not override this); {fix} {target / noun}")
     if _within(Path.cwd().resolve(), target):
-        raise InputError(f"{shown} is the current folder or holds it, which the export cannot replace; pass a new "
-                         f"subfolder such as {shown / 'export'}")
+        raise InputError(f"{shown} is the current folder or holds it, which the {noun} cannot replace; pass a new "
+                         f"subfolder such as {shown / noun}")
 
 
 def _refuse_project_data_file(store: Store, target: Path, shown: Path) -> None:
@@ -279,12 +280,16 @@ def check_folder_target(store: Store, target: Path, shown: Path, what: str, forc
     if target.exists() and not target.is_dir():
         label = noun if noun == "report" else f"{what} export"
         raise InputError(f"{shown} is a file; the {label} writes a folder: pass a folder name")
-    _refuse_project_data_folder(store, target, shown)
+    _refuse_project_data_folder(store, target, shown, noun)
     if not target.is_dir() or force:
         return
     marker = _read_marker(target)
     if marker is None and _unmarked_earlier_output(target, what):
         marker = {"format": what}
+    if marker is not None and (marker.get("format") == "report") != (what == "report"):
+        other = "report" if marker.get("format") == "report" else "export"  # exports replace each other; not these
+        raise InputError(f"{shown} is a segany {other}, not {'an' if noun == 'export' else 'a'} {noun}; pass another "
+                         "folder, or --force to replace it")
     if marker is None:
         if any(target.iterdir()):
             raise InputError(f"{shown} is a folder with files that are not a segany {noun}; pass a new or empty "

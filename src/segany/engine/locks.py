@@ -76,7 +76,8 @@ def _rerun_note(kind: str) -> str:
     """What a rerun after stopping the holder does: `engine auto` keeps every image it finished; a retrain
     reuses the frozen dataset version and continues its fine-tuning from the last saved training state."""
     if kind == "retrain":
-        return "the new run reuses the frozen dataset version and continues the fine-tuning from its last save"
+        return ("the new run reuses the frozen dataset version and, with the same settings, continues the "
+                "fine-tuning from its last save")
     return "the new run resumes where it stopped"
 
 

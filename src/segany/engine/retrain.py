@@ -12,7 +12,9 @@ load the current model unless told otherwise.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,9 +30,12 @@ log = logging.getLogger(__name__)
 
 CURRENT_KEY = "current_model_version_id"
 DEFAULT_MODEL = "segany_tiny"
-# How many times a fine-tune saves its training state, so that a killed retrain loses at most a tenth of its
-# steps (Ctrl-C saves at once). The run folder's states are deleted once the model is registered.
-CHECKPOINTS_PER_RUN = 10
+# A fine-tune saves its training state after this many minutes of training since the last save, so a killed
+# retrain loses at most that much (Ctrl-C saves at once). By time, not steps: a ViT-H state is ~7.6 GB, and ten
+# saves a run cost a short GPU fine-tune more disk time than training. The states go once the model is registered.
+CHECKPOINT_MINUTES = 10.0
+# What a retrain writes beside its trainer's states: the parent model they fine-tune (its version name).
+FINE_TUNE_FILE = "fine_tune.json"
 DEFAULT_HELD_OUT = 0.2  # of a project's images kept out of a retrain's fine-tuning to compare old and new on
 
 
@@ -78,7 +83,7 @@ def model_spec_for(store: Any, project: str | None, *, model: str | None = None,
         raise InputError(f"--checkpoint {checkpoint!r} does not exist; check the path")
     # Absolute: the path is stored with the model version, and `serve` or `engine auto` run from another
     # folder read it back (a relative `--checkpoint tiny.pt` named a file that was not there).
-    return ModelSpec(name, str(Path(checkpoint).resolve()), device)
+    return ModelSpec(name, os.path.abspath(checkpoint), device)  # the path as typed, links kept
 
 
 # ---------------------------------------------------------------------------------- dataset versions
@@ -625,9 +630,12 @@ class RetrainSettings:
             raise InputError(f"--eval-images must be >= 1 (leave it out to use all), got {self.eval_images}")
         if self.held_out is not None and not 0.0 <= self.held_out < 1.0:
             raise InputError(f"--held-out must be in [0, 1), got {self.held_out}")
-        if self.held_out is not None and self.eval_data:  # it was ignored: every project image trained
+        if self.held_out and self.eval_data:  # it was ignored: every project image trained
             raise InputError("--held-out splits the project's images for evaluation, and --eval-data evaluates on "
                              "other data, so every project image trains; pass one of them")
+        if self.held_out == 0 and not self.eval_data:  # refused only after a version was frozen
+            raise InputError("--held-out 0 holds no image out to evaluate the models on; pass a fraction such as "
+                             "0.2, or --eval-data PACK")
         if not 0.0 <= self.min_gain < 1.0:
             raise InputError(f"--min-gain must be in [0, 1) (a score difference, e.g. 0.01), got {self.min_gain}")
         if self.min_eval_objects < 1:
@@ -764,7 +772,7 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
         "recipe": {"point_rounds": 2, "mask_only_rounds": 1},
         "run": {"out_dir": str(base / "run"), "max_steps": settings.steps, "batch_size": settings.batch_size,
                 "seed": settings.seed, "device": settings.device, "log_every": max(1, settings.steps // 10),
-                "ckpt_every": max(1, settings.steps // CHECKPOINTS_PER_RUN)},
+                "ckpt_every": 0, "ckpt_minutes": CHECKPOINT_MINUTES},
     })
     base.mkdir(parents=True, exist_ok=True)
 
@@ -774,16 +782,18 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
 
     torch.manual_seed(settings.seed)
     trainer = Trainer(cfg, sam=old, train_records=train_records)  # fine-tunes ``old`` in place
-    _continue_fine_tune(trainer, base / "run" / "last.pt", log)
+    parent = spec.version_name()
+    _continue_fine_tune(trainer, base / "run", parent, log)
     log(f"fine-tuning for {settings.steps} steps on {len(train_records)} images"
         + (f", from step {trainer.step}" if trainer.step else ""))
+    atomic_write_json(base / "run" / FINE_TUNE_FILE, {"parent": parent}, indent=1)
     try:
         summary = trainer.fit(on_log=still_ours)
     except KeyboardInterrupt:
-        saved = getattr(trainer, "interrupt_checkpoint", None)
+        kept = trainer.saved_state  # this Ctrl-C's save, else the last periodic one (or the state it continued)
         log(f"interrupted at step {trainer.step} of {settings.steps}; "
-            + (f"saved {saved}: the same `segany engine retrain` command continues from it" if saved else
-               "no training state was saved"))
+            + (f"{kept[0]} holds step {kept[1]}: the same `segany engine retrain` command continues from it"
+               if kept else "no training state was saved yet: a rerun starts the fine-tuning over"))
         raise
     new = trainer.sam.eval()
     metrics_new = evaluate(new, eval_records, max_objects=settings.max_objects, max_clicks=settings.max_clicks)
@@ -820,27 +830,54 @@ def _retrain_claimed(store: Any, project: str | None, proj: dict[str, Any], spec
     return result
 
 
-def _continue_fine_tune(trainer: Any, last: Path, log: Callable[[str], None]) -> None:
-    """Load the training state an interrupted run of this same retrain left in its run folder, if any.
+# What each trainer setting a retrain derives is set by, so a refusal to continue names the retrain's flags.
+_RETRAIN_FLAGS = {"run.max_steps": "--steps", "optim.warmup_steps": "--steps", "run.log_every": "--steps",
+                  "optim.lr": "--lr", "run.batch_size": "--batch-size", "optim.freeze_image_encoder": "--freeze-encoder",
+                  "run.device": "--device"}
 
-    Long jobs resume where they stopped: the run folder is named by the dataset version and the parent model,
-    so a rerun after Ctrl-C or a kill finds the state the trainer saved then (or at its last periodic save) and
-    trains only the steps left; batches and prompts are functions of the step, so the weights come out as an
-    uninterrupted run's. A state this run cannot continue (other --steps, --lr or --batch-size, other data, a
-    torn file) is not an error: the fine-tuning starts over, and the log says why.
+
+def _continue_fine_tune(trainer: Any, run_dir: Path, parent: str, log: Callable[[str], None]) -> None:
+    """Load the training state an interrupted run of this same retrain left in ``run_dir``, if any.
+
+    Long jobs resume where they stopped: a rerun after Ctrl-C or a kill finds the state the trainer saved then
+    (or at its last periodic save) and trains only the steps left; batches and prompts are functions of the
+    step, so the weights come out as an uninterrupted run's. Only the same fine-tune is continued: the same
+    parent model (``parent``, its version name, recorded in :data:`FINE_TUNE_FILE`; a reused ``--out`` may
+    hold another model's), the same data and the same settings, device included. Anything else (other --steps,
+    --lr, a torn file) is not an error: the fine-tuning starts over, and the log says why.
     """
+    from segany.train.resume import changed_keys, saved_config
+
+    last = run_dir / "last.pt"
     if not last.is_file():
         return
+    why = None
     try:
-        trainer.load(last)  # checks config, weights and data before it changes anything
-    except Exception as exc:  # any reason at all: starting over is always correct, only slower
-        from segany.errors import SeganyError
+        recorded = json.loads((run_dir / FINE_TUNE_FILE).read_text(encoding="utf-8")).get("parent")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != parent:
+        why = f"it fine-tuned another model ({recorded or 'not recorded'})"
+    else:
+        try:
+            changed = [k for k in changed_keys(saved_config(last), trainer.cfg) if k != "run.out_dir"]
+            if changed:
+                flags = sorted({_RETRAIN_FLAGS.get(k, k) for k in changed})
+                why = f"it ran with other {', '.join(flags)}"
+            else:
+                trainer.load(last)  # checks weights and data before it changes anything
+        except Exception as exc:  # any reason at all: starting over is always correct, only slower
+            from segany.errors import SeganyError
 
-        why = " ".join((exc.cli_message() if isinstance(exc, SeganyError) else str(exc)).split())
-        log(f"not continuing the earlier fine-tune in {last.parent} ({why or type(exc).__name__}); "
-            "starting it over")
+            text = " ".join((exc.cli_message() if isinstance(exc, SeganyError) else str(exc)).split())
+            why = text or type(exc).__name__
+    if why is not None:
+        log(f"not continuing the earlier fine-tune in {run_dir}: {why}; starting it over")
+        _prune_run_dir(run_dir)  # else a rerun killed before its first save would find these again
         return
-    log(f"continuing the interrupted fine-tune in {last.parent} (step {trainer.step} was saved)")
+    log(f"continuing the interrupted fine-tune in {run_dir} (step {trainer.step} was saved)")
+    for note in trainer.resume_notes:
+        log(note)
 
 
 def promotion_decision(s_old: float, s_new: float, objects: int, settings: RetrainSettings) -> tuple[bool, str]:

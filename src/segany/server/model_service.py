@@ -116,8 +116,11 @@ class ModelService:
                 (:meth:`remember_decode`); one SAM decode holds 3 x 256 x 256 float32 = 768 KiB.
         """
         self.model_type = model_type
-        # Absolute: it is stored with the model version this server registers, and read back from other folders.
-        self.checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
+        from segany.checkpoints import BUNDLED
+
+        # Absolute: it is stored with the model version this server registers, and read back from other folders
+        # (the path as typed, links kept; build_sam's "bundled" is a name, not a path).
+        self.checkpoint = checkpoint if checkpoint in (None, BUNDLED) else os.path.abspath(checkpoint)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cache_size = max(1, cache_size)
         self.cache_dir = cache_dir

@@ -20,7 +20,8 @@ from segany.train.config import TrainConfig
 # stream and bf16 autocast, so the trainer says so when it happens (Trainer.load); it is allowed because a
 # GPU lease can end mid-run. out_dir may be spelled differently (relative vs absolute).
 RESUMABLE_KEYS = frozenset({
-    "run.max_steps", "run.max_minutes", "run.log_every", "run.ckpt_every", "run.val_every", "run.val_objects",
+    "run.max_steps", "run.max_minutes", "run.log_every", "run.ckpt_every", "run.ckpt_minutes", "run.val_every",
+    "run.val_objects",
     "run.out_dir", "run.device", "data.num_workers",
 })
 

@@ -588,6 +588,7 @@ class Trainer:
         """
         run = self.cfg.run
         last_t, last_step = time.time(), self.step
+        saved_at = self.elapsed  # training seconds at the last save (or at this process's start)
         stats: dict[str, float] = {}
         while self.step < run.max_steps:
             elapsed, interrupted = self._agree(time.time() - t0, interrupt.requested)
@@ -611,8 +612,11 @@ class Trainer:
                 last_t, last_step = time.time(), self.step
             if run.val_every and self.step % run.val_every == 0:
                 self._validate_and_log(log_path, on_log)
-            if run.ckpt_every and self.step % run.ckpt_every == 0:
+            # ``elapsed`` was agreed before the step, so every process takes the same decision.
+            if (run.ckpt_every and self.step % run.ckpt_every == 0) or (
+                    run.ckpt_minutes and elapsed - saved_at >= 60.0 * run.ckpt_minutes):
                 self.save()
+                saved_at = elapsed
         if stats and last_step != self.step:  # the budget ended between log steps: log where it stopped
             self._log_step(stats, last_t, last_step, log_path, on_log)
         if run.val_every and stats and self._last_val_step != self.step:
