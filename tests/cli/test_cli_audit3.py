@@ -292,3 +292,65 @@ def test_text_grid_over_its_limit_is_refused_before_loading(tmp_path: Path, caps
         cli_fails(["predict", str(image), "--text", "person", "--model", "segany_tiny_labels", "--points-per-side", pps,
                    "--out", str(out)], capsys, "--points-per-side must be between 1 and 64")
     assert not out.exists()
+
+
+def test_an_image_cut_short_names_skip_bad_and_the_rest_of_the_pack_is_not_read_without_it(tmp_path: Path,
+                                                                                           capsys) -> None:
+    # A JPEG cut short passes the header check, so packing stopped midway with only the decoder's words; the
+    # dataset was withdrawn, and `eval --data PACK` then quietly evaluated the pack's other datasets alone.
+    out = tmp_path / "pack"
+    pack_own(out, coco=str(_coco(tmp_path / "a", [(40, 60)] * 4, seed=0)), name="mc")
+    pack_own(out, coco=str(_coco(tmp_path / "o", [(40, 60)] * 4, seed=9)), name="other")
+    second = _coco(tmp_path / "b", [(30, 50)] * 4, seed=50)
+    good = (tmp_path / "b" / "im4.png").read_bytes()
+    (tmp_path / "b" / "im4.png").write_bytes(good[: len(good) // 3])  # the header reads, the pixels do not
+    with pytest.raises(InputError, match="pass --skip-bad to pack the rest without it; until a pack of mc"):
+        pack_own(out, coco=str(second), name="mc")
+    with pytest.raises(InputError, match=r"mc of the pack .* ask for the others alone \(eval: --datasets other"):
+        load_pack(out, split="val")
+    assert {r.dataset for r in load_pack(out, datasets=["other"])} == {"other"}
+    pack_own(out, coco=str(second), name="mc", skip_bad=True)  # the rerun the message names finishes it
+    assert {r.dataset for r in load_pack(out)} == {"mc", "other"}
+
+
+def test_eval_refuses_a_named_dataset_with_no_images_in_the_split(tmp_path: Path) -> None:
+    # `--datasets coco128,pennfudan` evaluated pennfudan alone, and its "all" row said nothing of coco128.
+    from segany.eval.run import load_eval_records
+
+    out = tmp_path / "pack"
+    pack_own(out, coco=str(_coco(tmp_path / "a", [(40, 60)] * 4, seed=0)), name="trainonly", val_fraction=0.0)
+    pack_own(out, coco=str(_coco(tmp_path / "o", [(40, 60)] * 4, seed=9)), name="other", val_fraction=0.5)
+    with pytest.raises(InputError, match="dataset.s. trainonly in --datasets have no 'val' images"):
+        load_eval_records(out, "val", ["trainonly", "other"])
+    assert {r.dataset for r in load_eval_records(out, "val", ["other"])} == {"other"}
+
+
+def test_eval_without_matplotlib_fails_before_the_model_loads(tmp_path: Path, capsys, monkeypatch) -> None:
+    # Its plot came after the whole evaluation: hours of work, then an error and no table.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    cli_fails(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o")], capsys,
+              "'matplotlib' is needed for this feature")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_eval_table_of_one_click_has_one_click_column() -> None:
+    from segany.eval.run import format_table
+
+    row = {"objects": 3, "miou_1": 0.5, "miou_5": 0.5, "noc85": 1.0, "noc90": 1.0, "nof85": 3, "nof90": 3,
+           "box_miou": 0.6, "miou_by_clicks": [0.5]}
+    head = format_table({"model": {"all": row}}).splitlines()[0]
+    assert head.count("1-click") == 1 and "NoC1@85" in head
+    row5 = {**row, "miou_by_clicks": [0.5] * 5}
+    assert "5-click" in format_table({"model": {"all": row5}}).splitlines()[0]
+
+
+def test_a_coco_file_listing_one_picture_under_two_ids_is_refused(tmp_path: Path) -> None:
+    coco = _coco(tmp_path / "a", [(40, 60)] * 3, seed=0)
+    data = json.loads(coco.read_text())
+    data["images"][2]["file_name"] = "./" + data["images"][0]["file_name"]  # a merged export's repeat
+    coco.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"images 1 and 3 are both './im1.png'; one picture would be packed twice"):
+        pack_own(tmp_path / "pack", coco=str(coco), name="mc")
+    assert not (tmp_path / "pack").exists()

@@ -63,6 +63,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.max_objects_per_image < 0:
         raise InputError(f"--max-objects-per-image must be 0 (every object) or more, got {args.max_objects_per_image}")
     check_out_dir(args.out, "--out")
+    if args.out:  # its plot is drawn after the whole evaluation: hours lost, and no table, had it failed then
+        from segany.errors import require
+
+        require("matplotlib", "train")
 
 
 def _bar(quiet: bool, unit: str = "obj") -> Any:

@@ -204,8 +204,11 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
                     invalidated = True
                 _write_image(rec, out / rel, (nh, nw), quality, digest)
         except (OSError, ImageLoadError) as exc:
-            if on_bad is None:
-                raise ImageLoadError(f"{rec.image_path}: cannot be packed ({exc})") from exc
+            if on_bad is None:  # the header read passed: damaged pixels (a cut-off JPEG) show only here
+                withdrawn = (f"; until a pack of {', '.join(names)} finishes, the pack holds none of its records"
+                             if invalidated else "")
+                raise ImageLoadError(f"{rec.image_path}: cannot be packed ({exc}); replace or remove that file, or "
+                                     f"pass --skip-bad to pack the rest without it{withdrawn}") from exc
             bad.append(f"{rec.image_path}: {exc}")
             on_bad(bad[-1])
             continue
@@ -641,13 +644,17 @@ def load_pack(pack_dir: str | os.PathLike[str], split: str | None = None, datase
         raise InputError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {PACK_FORMAT!r}")
     wanted = set(datasets) if datasets is not None else None
     have = sorted({str(d.get("dataset", "")) for d in manifest["records"]})
-    # Asked for by name, or the whole pack when that is all it held: an interrupted re-pack, not a typo.
+    # Asked for by name, or by asking for the whole pack: it would silently be the pack without them (an eval's
+    # "all" row of other datasets, a training run on less data). Left out by name, the rest may be read.
     unfinished = set(manifest.get(UNFINISHED, []))
-    unfinished = sorted(unfinished & wanted if wanted is not None else set() if have else unfinished)
+    unfinished = sorted(unfinished & wanted if wanted is not None else unfinished)
     if unfinished:
+        rest = [d for d in have if d not in unfinished]
+        others = (f", or ask for the others alone (eval: --datasets {','.join(rest)}; training: "
+                  f"-o data.datasets=[{','.join(rest)}])" if rest and wanted is None else "")
         raise InputError(f"dataset(s) {', '.join(unfinished)} of the pack {str(root)!r} were being packed again "
-                         "when that stopped (interrupted), so the pack holds no records of them; rerun the same "
-                         "`segany data pack` command to finish it")
+                         "when that stopped (interrupted, or an image could not be packed), so the pack holds no "
+                         f"records of them; rerun the same `segany data pack` command to finish it{others}")
     if wanted is not None and not wanted & set(have):
         raise InputError(f"unknown dataset(s) {', '.join(map(repr, sorted(wanted)))} for the pack {str(root)!r}, "
                          f"which holds {', '.join(have) or 'nothing'}; ask for those (training: "

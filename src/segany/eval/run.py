@@ -78,6 +78,11 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
         for r in recs:
             by_ds.setdefault(r.dataset, []).append(r)
         recs = [r for rs in by_ds.values() for r in rs[:limit_images]]
+    empty = [d for d in datasets or [] if d not in {r.dataset for r in recs}]
+    if recs and empty:  # named, known, but nothing of it in this split: it was left out of the table silently
+        raise InputError(f"dataset(s) {', '.join(empty)} in --datasets have no {split!r} images in {str(root)!r} "
+                         f"(coco128 of the shared data has a train split only); drop them from --datasets, or "
+                         "pick another --split")
     if not recs:
         raise InputError(f"no {split!r} records found in {str(root)!r} for datasets {datasets or 'all'}; a pack of "
                          "your own data holds images out for eval only with --val-fraction > 0 and 2 images or "
@@ -174,12 +179,14 @@ def format_table(result: dict[str, Any]) -> str:
     later = f"{min(5, max(curves, default=5)) or 5}-click"  # miou_5 is the last click's when fewer ran
     cap = max(curves, default=20)
     noc = "NoC" if cap == 20 else f"NoC{cap}"  # the cap shows when it is not the usual 20 clicks
-    head = f"{'dataset':10s} {'objects':>7s} {'1-click':>8s} {later:>8s} {noc + '@85':>7s} {noc + '@90':>7s} " \
+    two = later != "1-click"  # with --max-clicks 1 the second column was the first again
+    head = f"{'dataset':10s} {'objects':>7s} {'1-click':>8s}" + (f" {later:>8s}" if two else "") + \
+           f" {noc + '@85':>7s} {noc + '@90':>7s} " \
            f"{'NoF@85':>7s} {'NoF@90':>7s} {'box':>7s}" + (f" {'GrabCut':>8s}" if gc is not None else "")
     lines = [head, "-" * len(head)]
     for name, s in result["model"].items():
-        line = (f"{name:10s} {s['objects']:7d} {s.get('miou_1', float('nan')):8.3f} "
-                f"{s.get('miou_5', float('nan')):8.3f} {s.get('noc85', float('nan')):7.2f} "
+        line = (f"{name:10s} {s['objects']:7d} {s.get('miou_1', float('nan')):8.3f}"
+                + (f" {s.get('miou_5', float('nan')):8.3f}" if two else "") + f" {s.get('noc85', float('nan')):7.2f} "
                 f"{s.get('noc90', float('nan')):7.2f} {s.get('nof85', -1):7d} {s.get('nof90', -1):7d} "
                 f"{s['box_miou']:7.3f}")
         if gc is not None:

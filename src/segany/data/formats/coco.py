@@ -166,9 +166,11 @@ def _check_id_types(by_image: dict[Any, list[dict]], listed: set[Any], path: Pat
 
 
 def _check_unique_ids(images: list[dict[str, Any]], path: Path) -> None:
-    """Refuse two ``images`` entries with one id: their annotations could not be told apart, and both
-    would be packed under one file name, one image overwriting the other."""
+    """Refuse two ``images`` entries with one id (their annotations could not be told apart, and both would be
+    packed under one file name, one image overwriting the other), or with one file (merged exports repeat a
+    file under a new id: the picture was packed once per id and could be trained on and evaluated on)."""
     seen: dict[Any, str] = {}
+    files: dict[str, Any] = {}
     for img in images:
         image_id, file_name = img.get("id"), str(img.get("file_name", ""))
         if image_id in seen:
@@ -176,6 +178,12 @@ def _check_unique_ids(images: list[dict[str, Any]], path: Path) -> None:
                              "each entry of 'images' needs its own id: give one a new id (and move its "
                              "annotations' image_id)")
         seen[image_id] = file_name
+        key = os.path.normpath(file_name)
+        if key in files:
+            raise InputError(f"{path}: images {files[key]!r} and {image_id!r} are both {file_name!r}; one picture "
+                             "would be packed twice (and could be trained and evaluated on): keep one entry and "
+                             "move the other's annotations to its image_id")
+        files[key] = image_id
 
 
 def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None, *,
