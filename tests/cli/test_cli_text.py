@@ -50,15 +50,18 @@ def test_predict_text_with_the_label_model_writes_every_person(tmp_path: Path, h
     out = tmp_path / "out"
     # An 8×8 search grid keeps the test fast (the default 16×16 decodes 4× the prompts).
     r = segany("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "person",
-               "--points-per-side", "8", "--out", str(out), home=home)
+               "--points-per-side", "8", "--min-score", "0.02", "--max-instances", "3", "--out", str(out), home=home)
     assert r.returncode == 0, r.stderr
     stem = PERSON_IMAGE.stem
     assert r.stdout.strip() == str(out / f"{stem}.json")
     result = json.loads((out / f"{stem}.json").read_text())
     assert result["model"] == "segany_tiny_labels"
     assert result["decoder"] == "exact"  # what ran: the text path reads mask tokens from the reference decoder
-    assert result["prompts"]["text"] == "person" and result["prompts"]["min_score"] == 0.1
-    assert all(m["score"] >= 0.1 for m in result["masks"])
+    assert result["prompts"]["text"] == "person" and result["prompts"]["min_score"] == 0.02
+    assert all(m["score"] >= 0.02 for m in result["masks"])
+    # The cap (50 by default) cut the list without a word; it is now an option, recorded, and said when reached.
+    assert len(result["masks"]) == 3 and result["prompts"]["max_instances"] == 3
+    assert "kept the best 3 instances (--max-instances)" in r.stderr
     assert result["checkpoint"].endswith("segany_tiny_labels_head.pt")
     masks = result["masks"]
     assert len(masks) >= 1
@@ -119,8 +122,24 @@ def test_unknown_label_lists_the_known_ones(argv: tuple[str, ...], tmp_path: Pat
     assert not (tmp_path / "out").exists()
 
 
+def test_text_with_a_box_chooses_among_the_candidates(tmp_path: Path, home: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # With a box the default was one candidate, so --text only rescored it: "person" and "giraffe" wrote the
+    # same mask. Now --text keeps the 3 candidates, ranked by the phrase.
+    out = tmp_path / "out"
+    code, err = segany_here("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "person",
+                            "--box", "100,50,400,400", "--out", str(out), home=home, capsys=capsys,
+                            monkeypatch=monkeypatch)
+    assert code == 0, err
+    result = json.loads((out / f"{PERSON_IMAGE.stem}.json").read_text())
+    scores = [m["score"] for m in result["masks"]]
+    assert result["multimask"] is True and len(scores) == 3 and scores == sorted(scores, reverse=True)
+
+
 @pytest.mark.parametrize(("argv", "named"), [
     (("--text", "person", "--point", "100,100", "--points-per-side", "8"), "--points-per-side only applies"),
+    (("--text", "person", "--point", "100,100", "--max-instances", "8"), "--max-instances only applies"),
     (("--point", "100,100", "--min-score", "0.5"), "--min-score only applies"),
     (("--text", "person", "--box", "10,10,200,200", "--min-score", "0.5", "--points-per-side", "4"),
      "--min-score and --points-per-side only apply"),

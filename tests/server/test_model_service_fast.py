@@ -140,3 +140,39 @@ def test_on_cpu_clicks_run_in_the_callers_thread(sam, monkeypatch):
     emb = svc.embedding(1, str(SAMPLE_IMAGE))
     svc.decode(emb, points_xy=[[320, 212]], labels=[1])
     assert seen == {"encode": {"segany-embed"}, "decode": {"MainThread"}}, seen
+
+
+def test_a_text_prompt_does_not_hold_up_clicks_on_cpu(sam, monkeypatch):
+    # The text search ran under the fast path's lock, which it does not use: on a CPU server every person's
+    # clicks waited 10-16 s for one person's text prompt.
+    import contextlib
+
+    from segany.text import prompting
+
+    svc = ModelService("vit_b", sam=sam, device="cpu", predictor_options={"precision": "bf16"})
+    emb = svc.embedding(1, str(SAMPLE_IMAGE))
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_text(*args, **kwargs):  # stands in for seconds of text search
+        inside.set()
+        release.wait(30)
+        raise PromptError("nothing matched")
+
+    monkeypatch.setattr(prompting, "predict_text", slow_text)
+
+    def ask() -> None:
+        with contextlib.suppress(PromptError):
+            svc.text_proposals(emb, "person")
+
+    text = threading.Thread(target=ask)
+    text.start()
+    clicked = threading.Event()
+    try:
+        assert inside.wait(10)
+        threading.Thread(target=lambda: (svc.decode(emb, points_xy=[[320, 212]], labels=[1]), clicked.set()),
+                         daemon=True).start()
+        assert clicked.wait(10), "the click waited for the text prompt"
+    finally:
+        release.set()
+        text.join()
+    assert svc._fast is not None  # the case of the finding: a fast path, whose lock the click takes

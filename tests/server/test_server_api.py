@@ -425,11 +425,17 @@ def test_text_prompt_proposes_masks(label_app: Any, token: str) -> None:
     ("   ", "text is empty"),
     ("zebra", f"Known: {', '.join(LABELS)}"),
 ])
-def test_text_prompt_bad_phrase_is_400(label_app: Any, token: str, text: str, fragment: str) -> None:
+def test_text_prompt_bad_phrase_is_400(label_app: Any, token: str, text: str, fragment: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from segany.server.model_service import ModelService
+
+    embedded: list[int] = []
+    monkeypatch.setattr(ModelService, "embedding", lambda self, image_id, *a, **k: embedded.append(image_id))
     client = TestClient(label_app)
     im = client.get("/api/images", headers=auth(token)).json()[0]
     r = client.post(f"/api/images/{im['id']}/text", headers=auth(token), json={"text": text})
     assert r.status_code == 400 and fragment in r.json()["detail"]
+    assert embedded == [], "the image was embedded (seconds of encoder on CPU) for a phrase refused anyway"
 
 
 def test_text_prompt_without_text_path_names_the_model(client: TestClient, token: str) -> None:
@@ -447,7 +453,8 @@ def test_model_info_says_whether_text_prompts_work(client: TestClient, label_app
 def test_text_prompt_request_validation(label_app: Any, token: str) -> None:
     client = TestClient(label_app)
     im = client.get("/api/images", headers=auth(token)).json()[0]
-    for body in ({"text": "dog", "max_masks": 0}, {"text": "dog", "min_score": 2}, {"text": "x" * 201}, {}):
+    for body in ({"text": "dog", "max_masks": 0}, {"text": "dog", "min_score": 2}, {"text": "x" * 201}, {},
+                 {"text": "\u0000person"}):
         assert client.post(f"/api/images/{im['id']}/text", headers=auth(token), json=body).status_code == 422
     assert client.post("/api/images/999/text", headers=auth(token), json={"text": "dog"}).status_code == 404
 

@@ -97,6 +97,10 @@ def test_predict_text_and_points_combine(text_sam: Sam, sample_image: np.ndarray
     assert not np.allclose(s_txt, s_pt)  # the text token changed the decode
     every, scores, low = p.predict(text="dog")  # text alone + class head: every instance
     assert every.ndim == 3 and every.shape[1:] == (h, w) and len(every) == len(scores) == len(low)
+    from segany.text.prompting import segment_every
+
+    every, scores, low = segment_every(p, "dog", min_score=0.0)  # random weights: the default floor may keep none
+    assert len(scores) > 0 and every.shape[1:] == (h, w) and len(every) == len(low)
     assert np.all(np.diff(scores) <= 1e-6)
 
 
@@ -105,6 +109,10 @@ def test_closed_vocabulary_and_bad_input(sample_image: np.ndarray) -> None:
     p = _predictor(model, sample_image)
     masks, scores, _ = p.predict(text="The Dogs", )  # articles, case and plural are forgiven
     assert masks.shape[1:] == sample_image.shape[:2]
+    from segany.text.prompting import segment_every
+
+    masks, scores, _ = segment_every(p, "The Dogs", min_score=0.0)  # and something is found (floor 0)
+    assert len(scores) > 0 and masks.shape[1:] == sample_image.shape[:2]
     with pytest.raises(PromptError, match=r"unknown label 'zebra'.*Known: person, dog, car"):
         p.predict(text="zebra")
     with pytest.raises(PromptError, match="text is empty"):
@@ -231,3 +239,23 @@ def test_one_text_score_floor_for_predict_the_api_and_the_server() -> None:
     assert inspect.signature(segment_every).parameters["min_score"].default == TEXT_MIN_SCORE
     assert ModelService("vit_b", device="cpu").text_min_score == TEXT_MIN_SCORE
     assert predict_cli.TEXT_MIN_SCORE is TEXT_MIN_SCORE
+
+
+def test_add_labels_numbers_categories_by_the_vocabulary_it_scores_against(sample_image: np.ndarray) -> None:
+    # ["person", "Person", "car"] is two labels to the scorer, but the ids were counted in the list as given:
+    # car became category 3 of 2. And a closed vocabulary's labels are the class's own names.
+    from types import SimpleNamespace
+
+    from segany.text.prompting import add_labels
+
+    model = randomize_(Sam(with_labels(tiny_config(), NAMES)), seed=2).eval()
+    p = _predictor(model, sample_image)
+    h, w = sample_image.shape[:2]
+    masks = np.zeros((4, h, w), bool)
+    for i in range(4):
+        masks[i, 40 * i: 40 * i + 60, 100 * i: 100 * i + 120] = True
+    anns = [{"segmentation": m} for m in masks]
+    generator = SimpleNamespace(predictor=p, config=SimpleNamespace(crop_n_layers=0))
+    out = add_labels(generator, sample_image, anns, ["person", "Persons", "cars"])
+    ids = {a["label"]: a["category_id"] for a in out}
+    assert set(ids) <= {"person", "car"} and all(ids[n] == {"person": 1, "car": 2}[n] for n in ids), ids

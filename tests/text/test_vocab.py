@@ -8,7 +8,7 @@ import pytest
 from segany.errors import PromptError
 from segany.text.vocab import normalize_phrase, resolve_label
 
-NAMES = ("person", "mouse", "knife", "traffic light", "car", "wine glass", "bus", "scissors", "dog", "cat", "tv")
+NAMES = ("person", "mouse", "knife", "traffic light", "car", "wine glass", "bus", "scissors", "dog", "cat", "tv", "skis")
 
 
 @pytest.mark.parametrize(("typed", "name"), [
@@ -16,6 +16,7 @@ NAMES = ("person", "mouse", "knife", "traffic light", "car", "wine glass", "bus"
     ("computer mice", None), ("knives", "knife"), ("traffic-light", "traffic light"),
     ("traffic-lights", "traffic light"), ("car.", "car"), ("a car!", "car"), ("'dog'", "dog"), ("cars?", "car"),
     ("wine glasses", "wine glass"), ("busses", "bus"), ("buses", "bus"), ("scissors", "scissors"), ("TVs", "tv"),
+    ("ski", "skis"), ("a ski", "skis"), ("Skis", "skis"),  # a class named in the plural, asked in the singular
 ])
 def test_phrases_resolve_to_their_class(typed: str, name: str | None) -> None:
     if name is None:

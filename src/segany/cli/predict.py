@@ -30,7 +30,7 @@ from segany.cli._util import (
     resolve_device,
 )
 from segany.errors import InputError
-from segany.text.vocab import TEXT_MIN_SCORE, TEXT_POINTS_PER_SIDE
+from segany.text.vocab import TEXT_MAX_INSTANCES, TEXT_MIN_SCORE, TEXT_POINTS_PER_SIDE
 
 # --text alone keeps 3 low-res candidates per grid point until ranking: 64² points are 12,288 candidates, about
 # 0.8 GB for segany_tiny's 128² logits and 3.2 GB for SAM's 256².
@@ -60,15 +60,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="--text alone: side of the point grid searched for instances "
                         f"(default {TEXT_POINTS_PER_SIDE}, at most "
                         f"{MAX_TEXT_POINTS_PER_SIDE})")
+    p.add_argument("--max-instances", type=int, default=None,
+                   help=f"--text alone: keep at most this many instances, best first (default {TEXT_MAX_INSTANCES}; "
+                        "a note says when the limit was reached)")
     p.add_argument("--model", default="segany_tiny",
                    help="registered model name (see `segany models`; default segany_tiny, whose weights ship with segany)")
     p.add_argument("--checkpoint", help="weights file; default: the model's weights in the download cache")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     mm = p.add_mutually_exclusive_group()
     mm.add_argument("--multimask", dest="multimask", action="store_true", default=None,
-                    help="write SAM's 3 candidate masks (default for a single click, which is ambiguous)")
+                    help="write SAM's 3 candidate masks (default for a single click, which is ambiguous, and with "
+                         "--text, which ranks them: the named object first)")
     mm.add_argument("--single", dest="multimask", action="store_false",
-                    help="write one mask (default for boxes and several clicks)")
+                    help="write one mask (default for boxes and several clicks without --text)")
     p.add_argument("--device", default="auto",
                    help="auto (default: cuda when there is a GPU, else cpu), cpu, cuda, cuda:1 or mps")
     add_speed_arguments(p)
@@ -89,14 +93,17 @@ def run(args: argparse.Namespace) -> int:
     if not points and box is None and args.text is None:
         raise InputError("no prompt given: pass at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or --text")
     text_alone = args.text is not None and not points and box is None
-    given = [flag for flag, v in (("--min-score", args.min_score), ("--points-per-side", args.points_per_side))
-             if v is not None]
+    given = [flag for flag, v in (("--min-score", args.min_score), ("--points-per-side", args.points_per_side),
+                                  ("--max-instances", args.max_instances)) if v is not None]
     if given and not text_alone:  # they would be ignored silently
         verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
         raise InputError(f"{' and '.join(given)} only {verb} to --text given alone (no --point or --box), which "
                          f"searches the whole image; drop {them}")
     args.min_score = TEXT_MIN_SCORE if args.min_score is None else args.min_score
     args.points_per_side = TEXT_POINTS_PER_SIDE if args.points_per_side is None else args.points_per_side
+    args.max_instances = TEXT_MAX_INSTANCES if args.max_instances is None else args.max_instances
+    if args.max_instances < 1:
+        raise InputError(f"--max-instances must be at least 1, got {args.max_instances}")
     if not 0.0 <= args.min_score <= 1.0:
         raise InputError(f"--min-score must be in [0, 1], got {args.min_score:g}")
     if not 1 <= args.points_per_side <= MAX_TEXT_POINTS_PER_SIDE:
@@ -108,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         from segany.text.vocab import check_text
 
         check_text(args.text)
-    multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
+    # With --text the candidates are what the phrase chooses among: one candidate left it nothing to choose
+    # (a box's mask was the same for "person" and "giraffe"; only its score changed).
+    multimask = args.multimask if args.multimask is not None else (
+        (len(points) == 1 and box is None) or args.text is not None)
     out = check_out_dir(args.out, "--out")
     _check_foreign(out, Path(args.image).stem, args.overwrite)
     progress = Progress(args.quiet)
@@ -159,7 +169,10 @@ def run(args: argparse.Namespace) -> int:
             from segany.text.prompting import segment_every
 
             masks, scores, _ = segment_every(predictor, args.text, points_per_side=args.points_per_side,
-                                             min_score=args.min_score)
+                                             min_score=args.min_score, max_instances=args.max_instances)
+            if len(masks) >= args.max_instances:
+                progress.note(f"kept the best {args.max_instances} instances (--max-instances); there may be more "
+                              f"scoring at least {args.min_score:g}: raise --max-instances to see them")
         else:
             masks, scores, _ = predictor.predict(point_coords=coords, point_labels=labels,
                                                  box=box_np, multimask_output=multimask,
@@ -196,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
         "multimask": multimask,
         "prompts": {"points_xy": [[x, y] for x, y, _ in points], "labels": [lab for *_, lab in points],
                     "box_xyxy": list(box) if box else None, **({"text": args.text} if args.text else {}),
-                    **({"min_score": args.min_score, "points_per_side": args.points_per_side} if every else {})},
+                    **({"min_score": args.min_score, "points_per_side": args.points_per_side,
+                        "max_instances": args.max_instances} if every else {})},
         "overlay": overlay, "masks": records,
         "timings_s": {k: round(v, 4) for k, v in progress.timings.items()},
     }

@@ -620,8 +620,13 @@ def create_app(store: Store, model: ModelService | None = None, settings: Server
         Nothing is stored: an accepted proposal is saved like any annotation (the app sends source "semi" and
         the phrase in ``prompts``). A model without a text path answers 400 with the model to use instead.
         """
+        from segany.text.prompting import check_text_for_model
+
         svc = need_model()
         im = image_for_model(image_id)
+        # A phrase the model cannot take (empty, unknown class, no text path) fails before the image is embedded:
+        # seconds of encoder on CPU for an answer of "unknown label".
+        check_text_for_model(svc.sam, body.text)
         emb = svc.embedding(image_id, im["path"])
         t0 = time.perf_counter()
         declared = store.get_project(settings.project).get("labels") or []  # a phrase naming one takes its spelling

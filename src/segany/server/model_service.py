@@ -140,6 +140,9 @@ class ModelService:
         # A shared fast path keeps per-image decoder caches and CUDA graphs: one request at a time uses it.
         # On CUDA the encoder takes the lock too, since a graph capture must not see other threads' work.
         self._fast_lock = threading.RLock()
+        # Text prompts one at a time (they share the loaded CLIP); they do not use the fast path, so they take
+        # this, not _fast_lock: a class head's search takes seconds on CPU, and every click waited for it.
+        self._text_lock = threading.Lock()
         self._build_lock = threading.Lock()
         self._cache: collections.OrderedDict[Any, Embedding] = collections.OrderedDict()
         self._inflight: dict[Any, Future[Embedding]] = {}
@@ -335,8 +338,8 @@ class ModelService:
 
     # ----------------------------------------------------------------------------- server decoding
     def _predictor(self, emb: Embedding) -> Any:
-        """A ``SamPredictor`` on the cached embedding (the encoder does not run again); use it inside
-        :meth:`_exclusive`."""
+        """A ``SamPredictor`` on the cached embedding (the encoder does not run again); decode through it
+        inside :meth:`_exclusive` (its fast path is shared), except text prompts, which do not use that path."""
         pred = self._new_predictor()
         pred.features = emb.features.to(pred.device)
         pred.original_size = emb.original_size
@@ -426,7 +429,7 @@ class ModelService:
                         labels: Sequence[str]) -> tuple[str, list[TextProposal]]:
         from segany.text.prompting import segment_every
 
-        with self._exclusive():
+        with self._text_lock:
             pred = self._predictor(emb)
             if self._clip is not None:
                 pred.clip = self._clip

@@ -171,3 +171,13 @@ class TextIn(Body):
     min_score: float | None = Field(default=None, ge=0, le=1,
                                     description="keep masks scoring at least this (predicted IoU × label "
                                                 "probability); default: the server's setting")
+
+    @field_validator("text")
+    @classmethod
+    def _plain_text(cls, value: str) -> str:
+        """Control characters and lone surrogates are refused (422) as in labels: a proposal takes the phrase as
+        its label when the project declares none that it names."""
+        problem = plain_text_problem(value.strip())
+        if problem is not None:
+            raise ValueError(f"text {value[:80]!r} {problem}")
+        return value

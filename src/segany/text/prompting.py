@@ -23,6 +23,7 @@ import torch
 
 from segany.errors import PromptError
 from segany.text.vocab import (
+    TEXT_MAX_INSTANCES,
     TEXT_MIN_SCORE,
     TEXT_POINTS_PER_SIDE,
     check_text,
@@ -70,7 +71,8 @@ def make_vocabulary(model: Sam, labels: list[str], clip: ClipEncoder | None = No
                     predictor: SamPredictor | None = None) -> Vocabulary:
     """Closed when every label is a class name; otherwise open-vocabulary (needs CLIP), else an error.
 
-    Labels that read the same (:func:`~segany.text.vocab.normalize_phrase`) are one entry, spelled as first given.
+    Labels that read the same (:func:`~segany.text.vocab.normalize_phrase`) are one entry, spelled as first given;
+    in a closed vocabulary each is the class's own name, once ("Persons" and "people" are "person").
     """
     head = model.class_head
     labels = [check_text(t) for t in labels]
@@ -85,7 +87,8 @@ def make_vocabulary(model: Sam, labels: list[str], clip: ClipEncoder | None = No
     if head is None:
         raise PromptError("this model has no class head, so it cannot label masks; " + NO_TEXT_PATH)
     try:
-        return Vocabulary(labels, closed_idx=[resolve_label(t, head.class_names) for t in labels])
+        classes = list(dict.fromkeys(resolve_label(t, head.class_names) for t in labels))
+        return Vocabulary([head.class_names[i] for i in classes], closed_idx=classes)
     except PromptError:
         if head.clip_dim <= 0:
             raise
@@ -251,7 +254,7 @@ def select(low_res: torch.Tensor, scores: torch.Tensor, *, min_score: float, nms
 @torch.no_grad()
 def segment_every(predictor: SamPredictor, text: str, *, points_per_side: int = TEXT_POINTS_PER_SIDE,
                   min_score: float = TEXT_MIN_SCORE,
-                  nms_iou: float = 0.7, max_instances: int = 50, return_logits: bool = False
+                  nms_iou: float = 0.7, max_instances: int = TEXT_MAX_INSTANCES, return_logits: bool = False
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every instance of ``text``: masks (N, H, W), scores (N,), low-res logits (N, h, w), best first."""
     model = predictor.model
@@ -277,8 +280,8 @@ def segment_every(predictor: SamPredictor, text: str, *, points_per_side: int = 
 
 
 @torch.no_grad()
-def label_masks(predictor: SamPredictor, masks: np.ndarray | torch.Tensor, labels: list[str] | None = None
-                ) -> tuple[list[str], np.ndarray]:
+def label_masks(predictor: SamPredictor, masks: np.ndarray | torch.Tensor, labels: list[str] | None = None, *,
+                vocab: Vocabulary | None = None) -> tuple[list[str], np.ndarray]:
     """Label masks from any source (e.g. the automatic generator): each is re-prompted by its box, and the
     class head reads the resulting mask token.
 
@@ -286,12 +289,14 @@ def label_masks(predictor: SamPredictor, masks: np.ndarray | torch.Tensor, label
         masks: (N, H, W) bool in original-image pixels.
         labels: optional label list (closed or, with CLIP, open); default the model's class names. A label
             given twice counts once.
+        vocab: the labels' :func:`make_vocabulary`, when the caller built it (instead of ``labels``).
 
     Returns:
         (label per mask, its probability (N,)). With ``labels`` given, each mask gets the best of them.
     """
     model = predictor.model
-    vocab = make_vocabulary(model, labels, predictor=predictor) if labels else None
+    if vocab is None and labels:
+        vocab = make_vocabulary(model, labels, predictor=predictor)
     names = vocab.names if vocab else list(model.class_head.class_names if model.class_head else [])
     m = torch.as_tensor(np.asarray(masks), device=predictor.device).bool()
     if m.ndim != 3:
@@ -338,8 +343,11 @@ def add_labels(generator: Any, image: np.ndarray, anns: list[dict[str, Any]], la
     if predictor.original_size != tuple(image.shape[:2]) or getattr(generator.config, "crop_n_layers", 0) > 0:
         predictor.set_image(image)
     masks = np.stack([_ann_mask(a["segmentation"]) for a in anns])
-    names, scores = label_masks(predictor, masks, labels)
-    vocab = list(labels) if labels else list(predictor.model.class_head.class_names)
+    # The ids come from the vocabulary the masks are scored against: a label given twice ("person", "Person")
+    # is one entry there, so the labels as given numbered the next class 3 of 2.
+    vocab = make_vocabulary(predictor.model, labels, predictor=predictor) if labels else None
+    names, scores = label_masks(predictor, masks, vocab=vocab)
+    ordered = vocab.names if vocab else list(predictor.model.class_head.class_names)
     for a, n, s in zip(anns, names, scores.tolist(), strict=True):
-        a["label"], a["label_score"], a["category_id"] = n, float(s), vocab.index(n) + 1
+        a["label"], a["label_score"], a["category_id"] = n, float(s), ordered.index(n) + 1
     return anns

@@ -23,6 +23,7 @@ _SEVERAL = re.compile(r"\s*(?:,|;|/|&|\+|\band\b|\bor\b)\s*")
 # so the command line's parser can read them without importing torch.
 TEXT_MIN_SCORE = 0.1
 TEXT_POINTS_PER_SIDE = 16
+TEXT_MAX_INSTANCES = 50  # the most instances "every <text>" returns, best first (`predict --max-instances`)
 
 
 def normalize_phrase(text: str) -> str:
@@ -79,6 +80,10 @@ def _find(want: str, names: list[str]) -> int | None:
     for cand in _singulars(want):
         if cand in names:
             return names.index(cand)
+    # A class named in the plural (COCO's "skis"), asked for in the singular ("ski").
+    for plural in (want + "s", want + "es"):
+        if plural in names:
+            return names.index(plural)
     return None
 
 
