@@ -101,10 +101,15 @@ def test_text_with_a_model_without_labels_names_the_label_model(argv: tuple[str,
 def test_nothing_above_min_score_says_how_to_see_weaker_matches(tmp_path: Path, home: Path,
                                                                capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / f"{PERSON_IMAGE.stem}.json"  # an earlier prompt's result, which stays: said, not implied
+    earlier.write_text(json.dumps({"image": str(PERSON_IMAGE), "masks": [], "prompts": {"text": "umbrella"}}))
     code, err = segany_here("predict", str(PERSON_IMAGE), "--model", "segany_tiny_labels", "--text", "person",
-                            "--points-per-side", "2", "--min-score", "1", "--out", str(tmp_path / "out"), home=home,
+                            "--points-per-side", "2", "--min-score", "1", "--out", str(out), home=home,
                             capsys=capsys, monkeypatch=monkeypatch)
     assert code == 1 and "nothing matched --text 'person'" in err and "--min-score 1" in err
+    assert f"{earlier} is still an earlier run's result, not this prompt's" in err
 
 
 @pytest.mark.parametrize("argv", [

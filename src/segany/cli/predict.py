@@ -178,8 +178,12 @@ def run(args: argparse.Namespace) -> int:
                                                  box=box_np, multimask_output=multimask,
                                                  text=args.text)
     if len(masks) == 0:
+        stem = Path(args.image).stem
+        earlier = (f"; {out / (stem + '.json')} is still an earlier run's result, not this prompt's"
+                   if _previous_result(out, stem) is not None else "")
         raise InputError(f"nothing matched --text {args.text!r} in {args.image}: no instance scored at least "
-                         f"--min-score {args.min_score:g} (predicted IoU x P(class)); lower it to see weaker ones")
+                         f"--min-score {args.min_score:g} (predicted IoU x P(class)); lower it to see weaker "
+                         f"ones{earlier}")
     if not np.isfinite(scores).all():  # before any file is written: JSON has no NaN, and these masks are noise
         from segany.errors import CheckpointError
 
