@@ -322,6 +322,8 @@ def test_eval_refuses_a_named_dataset_with_no_images_in_the_split(tmp_path: Path
     pack_own(out, coco=str(_coco(tmp_path / "o", [(40, 60)] * 4, seed=9)), name="other", val_fraction=0.5)
     with pytest.raises(InputError, match="dataset.s. trainonly in --datasets have no 'val' images"):
         load_eval_records(out, "val", ["trainonly", "other"])
+    with pytest.raises(InputError, match="in --eval-datasets have no 'val' images.*drop them from --eval-datasets"):
+        load_eval_records(out, "val", ["trainonly", "other"], flag="--eval-data")  # engine retrain's names
     assert {r.dataset for r in load_eval_records(out, "val", ["other"])} == {"other"}
 
 
@@ -354,3 +356,52 @@ def test_a_coco_file_listing_one_picture_under_two_ids_is_refused(tmp_path: Path
     with pytest.raises(InputError, match=r"images 1 and 3 are both './im1.png'; one picture would be packed twice"):
         pack_own(tmp_path / "pack", coco=str(coco), name="mc")
     assert not (tmp_path / "pack").exists()
+
+
+def _unfinished_pack(tmp_path: Path) -> Path:
+    """A pack of datasets "mc" (left unfinished by a re-pack an image stopped) and "other"."""
+    out = tmp_path / "pack"
+    pack_own(out, coco=str(_coco(tmp_path / "a", [(40, 60)] * 4, seed=0)), name="mc")
+    pack_own(out, coco=str(_coco(tmp_path / "o", [(40, 60)] * 4, seed=9)), name="other", val_fraction=0.5)
+    second = _coco(tmp_path / "b", [(30, 50)] * 4, seed=50)
+    cut = tmp_path / "b" / "im4.png"
+    cut.write_bytes(cut.read_bytes()[:200])
+    with pytest.raises(InputError, match="pass --skip-bad"):
+        pack_own(out, coco=str(second), name="mc")
+    return out
+
+
+def test_an_unfinished_dataset_does_not_stop_what_leaves_it_out(tmp_path: Path) -> None:
+    # Training on "other" alone was refused for the unfinished "mc", advising the very setting it had; and a
+    # typo in eval's --datasets was reported as "mc is unfinished".
+    from segany.eval.run import load_eval_records
+    from segany.train.config import DataSection
+    from segany.train.data import train_records, val_records
+
+    out = _unfinished_pack(tmp_path)
+    data = DataSection(pack=str(out), datasets=("other",))
+    assert {r.dataset for r in train_records(data)} == {"other"} and val_records(data)
+    with pytest.raises(InputError, match="unknown dataset.s. 'othr' in --datasets"):
+        load_eval_records(out, "val", ["other", "othr"])
+
+
+def test_shared_data_packs_take_skip_bad(tmp_path: Path, capsys, monkeypatch) -> None:
+    # --skip-bad was silently ignored with --data, so the error's own advice stopped on the same file again.
+    import segany.data.formats as formats
+    from segany.data.formats.common import InstanceRecord
+    from segany.engine.masks import encode_mask
+
+    root = tmp_path / "shared"
+    (root / "PennFudanPed").mkdir(parents=True)
+    mask = np.zeros((40, 60), bool)
+    mask[5:30, 10:50] = True
+    recs = [InstanceRecord(image_path=str(_image(tmp_path / "i" / f"{k}.png", 40, 60, seed=k)), size_hw=(40, 60),
+                           masks=[encode_mask(mask)], image_id=str(k), dataset="pennfudan") for k in range(3)]
+    bad = Path(recs[1].image_path)
+    bad.write_bytes(bad.read_bytes()[:200])
+    monkeypatch.setattr(formats, "read_shared", lambda name, data_root, limit=None: {"train": recs, "val": []})
+    argv = ["data", "pack", "--data", str(root), "--datasets", "pennfudan", "--out", str(tmp_path / "p")]
+    assert main(argv) == 1 and "pass --skip-bad" in capsys.readouterr().err
+    assert main([*argv, "--skip-bad"]) == 0
+    assert f"left out {bad}" in capsys.readouterr().err
+    assert len(load_pack(tmp_path / "p")) == 2

@@ -61,6 +61,7 @@ def test_predict_text_with_the_label_model_writes_every_person(tmp_path: Path, h
     assert all(m["score"] >= 0.02 for m in result["masks"])
     # The cap (50 by default) cut the list without a word; it is now an option, recorded, and said when reached.
     assert len(result["masks"]) == 3 and result["prompts"]["max_instances"] == 3
+    assert result["multimask"] is False  # text alone: instances, not a click's candidates
     assert "kept the best 3 instances (--max-instances)" in r.stderr
     assert result["checkpoint"].endswith("segany_tiny_labels_head.pt")
     masks = result["masks"]

@@ -176,3 +176,23 @@ def test_a_text_prompt_does_not_hold_up_clicks_on_cpu(sam, monkeypatch):
         release.set()
         text.join()
     assert svc._fast is not None  # the case of the finding: a fast path, whose lock the click takes
+
+
+def test_on_cuda_a_text_prompt_still_excludes_the_encoders_graph_capture(sam, monkeypatch):
+    # On CUDA no kernel may run while the encoder records its CUDA graphs, which hold the fast path's lock; text
+    # prompts keep taking it there (on CPU they leave it to clicks, above). CUDA is simulated.
+    from segany.text import prompting
+
+    monkeypatch.setattr(ModelService, "_device_threads", lambda self: True, raising=False)
+    svc = ModelService("vit_b", sam=sam, device="cpu", predictor_options={"precision": "bf16"})
+    emb = svc.embedding(1, str(SAMPLE_IMAGE))
+    held: list[bool] = []
+
+    def spy(*args, **kwargs):
+        held.append(svc._fast_lock._is_owned())
+        raise PromptError("nothing matched")
+
+    monkeypatch.setattr(prompting, "predict_text", spy)
+    with pytest.raises(PromptError):
+        svc.text_proposals(emb, "person")
+    assert held == [True]

@@ -8,7 +8,7 @@ import pytest
 from segany.errors import PromptError
 from segany.text.vocab import normalize_phrase, resolve_label
 
-NAMES = ("person", "mouse", "knife", "traffic light", "car", "wine glass", "bus", "scissors", "dog", "cat", "tv", "skis")
+NAMES = ("person", "mouse", "knife", "traffic light", "car", "wine glass", "bus", "scissors", "dog", "cat", "tv", "skis", "glasses")
 
 
 @pytest.mark.parametrize(("typed", "name"), [
@@ -17,6 +17,7 @@ NAMES = ("person", "mouse", "knife", "traffic light", "car", "wine glass", "bus"
     ("traffic-lights", "traffic light"), ("car.", "car"), ("a car!", "car"), ("'dog'", "dog"), ("cars?", "car"),
     ("wine glasses", "wine glass"), ("busses", "bus"), ("buses", "bus"), ("scissors", "scissors"), ("TVs", "tv"),
     ("ski", "skis"), ("a ski", "skis"), ("Skis", "skis"),  # a class named in the plural, asked in the singular
+    ("glass", None), ("bu", None),  # but not a plain word that an "es" or a stub would stretch to a class
 ])
 def test_phrases_resolve_to_their_class(typed: str, name: str | None) -> None:
     if name is None:

@@ -115,8 +115,12 @@ def _pack(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
                         val_fraction=args.val_fraction, seed=args.seed, skip_bad=args.skip_bad,
                         max_side=args.max_side, quality=args.quality, progress=progress)
     data = args.data if args.data is not None else str(Path("..") / "shared" / "data")
+    def skipped(message: str) -> None:  # --skip-bad was ignored with the shared data; an image is named as it goes
+        print(f"[segany] left out {message}", file=sys.stderr, flush=True)
+
     return pack_shared(data, args.out, datasets=comma_list(args.datasets or SHARED_DEFAULT_DATASETS),
-                       max_side=args.max_side, quality=args.quality, limit=args.limit, progress=progress)
+                       max_side=args.max_side, quality=args.quality, limit=args.limit, progress=progress,
+                       on_bad=skipped if args.skip_bad else None)
 
 
 def run(args: argparse.Namespace) -> int:

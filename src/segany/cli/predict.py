@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     # With --text the candidates are what the phrase chooses among: one candidate left it nothing to choose
     # (a box's mask was the same for "person" and "giraffe"; only its score changed).
     multimask = args.multimask if args.multimask is not None else (
-        (len(points) == 1 and box is None) or args.text is not None)
+        (len(points) == 1 and box is None) or (args.text is not None and not text_alone))
     out = check_out_dir(args.out, "--out")
     _check_foreign(out, Path(args.image).stem, args.overwrite)
     progress = Progress(args.quiet)

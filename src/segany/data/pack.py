@@ -205,7 +205,8 @@ def pack_records(records: Iterable[tuple[str, InstanceRecord]], out_dir: str | o
                 _write_image(rec, out / rel, (nh, nw), quality, digest)
         except (OSError, ImageLoadError) as exc:
             if on_bad is None:  # the header read passed: damaged pixels (a cut-off JPEG) show only here
-                withdrawn = (f"; until a pack of {', '.join(names)} finishes, the pack holds none of its records"
+                its = "its" if len(names) == 1 else "their"
+                withdrawn = (f"; until a pack of {', '.join(names)} finishes, the pack holds none of {its} records"
                              if invalidated else "")
                 raise ImageLoadError(f"{rec.image_path}: cannot be packed ({exc}); replace or remove that file, or "
                                      f"pass --skip-bad to pack the rest without it{withdrawn}") from exc
@@ -587,8 +588,10 @@ def _split_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, list[st
 def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                 datasets: Iterable[str] = ("coco128", "pennfudan", "kvasir", "bsds"), max_side: int = 512,
                 quality: int = 80, max_side_by_dataset: dict[str, int] | None = None, bsds_annotators: int = 3, limit: int | None = None,
-                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Pack the shared datasets (``../shared/data``) with their train/held-out splits."""
+                progress: Callable[[int], None] | None = None, on_bad: Callable[[str], None] | None = None
+                ) -> dict[str, Any]:
+    """Pack the shared datasets (``../shared/data``) with their train/held-out splits; ``on_bad`` as in
+    :func:`pack_records` (`--skip-bad`)."""
     from segany.data.formats import SHARED_DATASETS, SHARED_DIRS, read_shared
 
     datasets = list(datasets)
@@ -627,7 +630,14 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
                 pairs.append((split, r))
     log.info("packing %d images", len(pairs))
     return pack_records(pairs, out_dir, max_side=max_side, quality=quality, progress=progress,
-                        max_side_by_dataset=max_side_by_dataset)
+                        max_side_by_dataset=max_side_by_dataset, on_bad=on_bad)
+
+
+def pack_dataset_names(pack_dir: str | os.PathLike[str]) -> list[str]:
+    """The datasets a pack holds records of, read from its manifest alone (no record or image is checked, and
+    one left unfinished by an interrupted re-pack is not among them); [] when there is no readable manifest."""
+    manifest = _existing_manifest(Path(pack_dir)) or {}
+    return sorted({str(d.get("dataset", "")) for d in manifest.get("records", [])})
 
 
 def load_pack(pack_dir: str | os.PathLike[str], split: str | None = None, datasets: Iterable[str] | None = None

@@ -63,10 +63,16 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
 
         recs = load_pack(root, split=split, datasets=datasets)
         if datasets and set(datasets) - {r.dataset for r in recs}:  # unknown, or only not in this split
-            _check_datasets(datasets, sorted({r.dataset for r in load_pack(root)}), f"the pack {str(root)!r}")
+            from segany.data.pack import pack_dataset_names
+
+            _check_datasets(datasets, pack_dataset_names(root), f"the pack {str(root)!r}")
     elif (root / SHARED_DIRS["pennfudan"]).exists() or (root / SHARED_DIRS["kvasir"]).exists():
         _check_datasets(datasets, list(SHARED_DATASETS), "the shared data")
         recs = []
+        missing = [d for d in datasets or [] if not (root / SHARED_DIRS[d]).exists()]
+        if missing:  # named, but its folder is not there: skipped without a word before
+            raise InputError(f"dataset(s) {', '.join(missing)} of {flag.replace('data', 'datasets')} are not in "
+                             f"{str(root)!r} (no {', '.join(SHARED_DIRS[d] + '/' for d in missing)}); drop them")
         for name in datasets or SHARED_DATASETS:
             if (root / SHARED_DIRS[name]).exists():
                 recs.extend(read_shared(name, root)[split])
@@ -80,9 +86,10 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
         recs = [r for rs in by_ds.values() for r in rs[:limit_images]]
     empty = [d for d in datasets or [] if d not in {r.dataset for r in recs}]
     if recs and empty:  # named, known, but nothing of it in this split: it was left out of the table silently
-        raise InputError(f"dataset(s) {', '.join(empty)} in --datasets have no {split!r} images in {str(root)!r} "
-                         f"(coco128 of the shared data has a train split only); drop them from --datasets, or "
-                         "pick another --split")
+        option = flag.replace("data", "datasets")  # --datasets, or engine retrain's --eval-datasets
+        note = " (coco128 of the shared data has a train split only)" if "coco128" in empty else ""
+        raise InputError(f"dataset(s) {', '.join(empty)} in {option} have no {split!r} images in {str(root)!r}"
+                         f"{note}; drop them from {option}, or pick another split")
     if not recs:
         raise InputError(f"no {split!r} records found in {str(root)!r} for datasets {datasets or 'all'}; a pack of "
                          "your own data holds images out for eval only with --val-fraction > 0 and 2 images or "

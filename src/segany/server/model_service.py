@@ -429,7 +429,10 @@ class ModelService:
                         labels: Sequence[str]) -> tuple[str, list[TextProposal]]:
         from segany.text.prompting import segment_every
 
-        with self._text_lock:
+        # On CUDA also the fast path's lock: no kernel of this may run while the encoder records its graphs (there
+        # it costs nothing, text and clicks share the decode thread anyway).
+        gpu = self._fast_lock if self._device_threads() else contextlib.nullcontext()
+        with self._text_lock, gpu:
             pred = self._predictor(emb)
             if self._clip is not None:
                 pred.clip = self._clip

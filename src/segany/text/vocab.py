@@ -80,10 +80,10 @@ def _find(want: str, names: list[str]) -> int | None:
     for cand in _singulars(want):
         if cand in names:
             return names.index(cand)
-    # A class named in the plural (COCO's "skis"), asked for in the singular ("ski").
-    for plural in (want + "s", want + "es"):
-        if plural in names:
-            return names.index(plural)
+    # A class named in the plural (COCO's "skis"), asked for in the singular ("ski"). Only a plain "s", and not
+    # for a stub: "glass" must not become "glasses", nor "bu" "bus".
+    if len(want) >= 3 and want + "s" in names:
+        return names.index(want + "s")
     return None
 
 

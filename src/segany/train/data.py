@@ -54,17 +54,24 @@ def _select(records: Sequence[InstanceRecord], datasets: Sequence[str], pack: st
 
 def train_records(data: DataSection) -> list[InstanceRecord]:
     """The training records of the pack's ``data.datasets`` (before ``data.repeat``)."""
-    from segany.data.pack import load_pack
-
     check_pack_folder(data.pack)
-    return _select(load_pack(data.pack, split="train"), data.datasets, data.pack, "train")
+    # Only its own datasets are read: another dataset of the pack left unfinished by a re-pack is not its business.
+    return _select(_load_known(data, "train"), data.datasets, data.pack, "train")
 
 
 def _pack_val(data: DataSection) -> list[InstanceRecord]:
     """The pack's held-out records of ``data.datasets`` (possibly none)."""
-    from segany.data.pack import load_pack
+    return [r for r in _load_known(data, "val") if r.dataset in set(data.datasets)]
 
-    return [r for r in load_pack(data.pack, split="val") if r.dataset in set(data.datasets)]
+
+def _load_known(data: DataSection, split: str) -> list[InstanceRecord]:
+    """The pack's records of ``split`` among ``data.datasets`` that the pack holds (:func:`_select` names the
+    rest), or all of them when it holds none of those (for that function's message)."""
+    from segany.data.pack import load_pack, pack_dataset_names
+
+    held = set(pack_dataset_names(data.pack))
+    wanted = [d for d in data.datasets if d in held]
+    return load_pack(data.pack, split=split, datasets=wanted or None)
 
 
 def val_records(data: DataSection) -> list[InstanceRecord]:
