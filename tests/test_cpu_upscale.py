@@ -109,3 +109,18 @@ def test_fast_path_decode_uses_it_on_cpu(monkeypatch, tiny_sam, image):
     logits0 = exact.predict(pt, lb, return_logits=True)[0]
     logits1 = quick.predict(pt, lb, return_logits=True)[0]
     np.testing.assert_allclose(logits0, logits1, atol=1e-4)
+
+
+def test_opencv_uses_no_more_threads_than_torch():
+    # OpenCV's pool was sized to every core, so `--threads 1` (to keep a core free) still used them all here.
+    import cv2
+
+    before_torch, before_cv = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        torch.set_num_threads(1)
+        cv2.setNumThreads(8)
+        cpu_upscale.upscale_logits(torch.randn(1, 1, 64, 64), 256, (200, 256), (400, 512), 0.0)
+        assert cv2.getNumThreads() == 1
+    finally:
+        torch.set_num_threads(before_torch)
+        cv2.setNumThreads(before_cv)

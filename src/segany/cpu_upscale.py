@@ -42,7 +42,12 @@ def _resize(src: np.ndarray, size_hw: tuple[int, int], dst: np.ndarray) -> np.nd
     every child process inherits, and building any SamPredictor imports this module.
     """
     import cv2
+    import torch
 
+    # OpenCV keeps its own thread pool, sized to every core: --threads and torch.set_num_threads bound it too.
+    n = torch.get_num_threads()
+    if cv2.getNumThreads() != n:
+        cv2.setNumThreads(n)
     out = cv2.resize(src, (size_hw[1], size_hw[0]), dst=dst, interpolation=cv2.INTER_LINEAR)
     if out is not dst:
         dst[...] = out

@@ -352,6 +352,14 @@ class SamPredictor:
         prompt_batch = {t.shape[0] for t in (point_coords, boxes) if t is not None}
         if len(prompt_batch) > 1:
             raise PromptError(f"point_coords and boxes must share the batch size, got sizes {sorted(prompt_batch)}")
+        side = 4 * self.model.cfg.embed_size
+        if mask_input is not None and (mask_input.ndim != 4 or tuple(mask_input.shape[1:]) != (1, side, side)):
+            raise PromptError(f"mask_input must be (B, 1, {side}, {side}) low-res logits (or (1, 1, {side}, {side}) "
+                              f"for every prompt), got {tuple(mask_input.shape)}")
+        if 0 in prompt_batch or (not prompt_batch and mask_input is not None and mask_input.shape[0] == 0):
+            # No prompt at all (a detector that found nothing): empty results. On the fast path a zero batch
+            # also left an empty image cache behind, which broke every later click on the image.
+            return self._no_masks(multimask_output, return_logits)
         if mask_input is not None:
             mask_input = mask_input.to(self.device)
             if prompt_batch and mask_input.shape[0] == 1:  # one mask for every prompt, as the reference allows
@@ -369,3 +377,13 @@ class SamPredictor:
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res
+
+    def _no_masks(self, multimask_output: bool, return_logits: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`predict_torch`'s outputs for a batch of no prompts, with the shapes of any other batch."""
+        assert self.original_size is not None
+        c = self.model.mask_decoder.num_multimask_outputs if multimask_output else 1
+        side = 4 * self.model.cfg.embed_size
+        masks = torch.zeros(0, c, *self.original_size, device=self.device,
+                            dtype=torch.float32 if return_logits else torch.bool)
+        return masks, torch.zeros(0, c, device=self.device), torch.zeros(0, c, side, side, device=self.device)

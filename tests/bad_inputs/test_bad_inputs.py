@@ -257,3 +257,22 @@ def test_cli_bad_input(files: Files, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert len(err) == 1, err
     assert err[0].startswith("segany: error: ") and fragment in err[0], err[0]
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_empty_prompt_batch_gives_empty_results_and_later_clicks_still_work() -> None:
+    # A detector that found nothing passes boxes of shape (0, 4). On the fast path (the CLI's, serve's and auto's
+    # default on CPU) that cached an empty image side, and every later click on the image failed with IndexError.
+    model = randomize_(Sam(tiny_config()), seed=1).eval()
+    for fast in (False, True):
+        p = SamPredictor(model, fast_decoder=fast)
+        p.set_image(np.zeros((30, 40, 3), np.uint8))
+        masks, iou, low = p.predict_torch(None, None, boxes=torch.zeros(0, 4))
+        side = 4 * model.cfg.embed_size
+        assert masks.shape == (0, 3, 30, 40) and masks.dtype == torch.bool and iou.shape == (0, 3)
+        assert low.shape == (0, 3, side, side)
+        masks, _, _ = p.predict_torch(torch.zeros(0, 1, 2), torch.ones(0, 1), multimask_output=False,
+                                      return_logits=True)
+        assert masks.shape == (0, 1, 30, 40) and masks.dtype == torch.float32
+        assert p.predict(np.array([[5.0, 5.0]]), np.array([1]))[0].shape == (3, 30, 40)
+        with pytest.raises(PromptError, match=rf"mask_input must be \(B, 1, {side}, {side}\)"):
+            p.predict_torch(torch.zeros(1, 1, 2), torch.ones(1, 1), mask_input=torch.zeros(1, 1, 16, 16))
