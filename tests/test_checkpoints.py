@@ -550,3 +550,75 @@ def test_a_reference_model_given_to_the_predictor_says_how_to_build_segany_s(tin
     with pytest.raises(InputError, match=r"needs a segany model, got segment_anything.*sam_model_registry"):
         SamPredictor(ref)
     assert SamPredictor(tiny_sam).model is tiny_sam
+
+
+# ------------------------------------------------------------------ weights review (stop 34)
+def test_build_sam_takes_none_and_a_path_as_the_reference_does(vit_t_file: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    # build_sam(None) and build_sam(Path(...)) crashed with AttributeError ('NoneType'/'PosixPath' has no .lower).
+    import segany.checkpoints as ck
+
+    built = build_sam(vit_t_file.parent / vit_t_file.name)  # a Path: the checkpoint, as the reference's first arg
+    assert built.cfg == get_config("vit_t")
+    real = ck.get_config
+    monkeypatch.setattr(ck, "get_config", lambda name: tiny_config() if name == "vit_h" else real(name))
+    assert build_sam(None).cfg == tiny_config()  # the reference's build_sam(checkpoint=None): a random ViT-H
+
+
+def test_a_config_this_segany_cannot_read_is_a_checkpoint_error(tmp_path: Path) -> None:
+    # A newer segany's extra config field was "unexpected error: TypeError: ViTConfig.__init__() got ...".
+    path = save_checkpoint(randomize_(Sam(tiny_config()), seed=1), tmp_path / "tiny.pt")
+    raw = torch.load(path, weights_only=True)
+    raw["config"]["encoder"]["new_field"] = 1
+    torch.save(raw, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match="embeds a model config this segany cannot read .*newer segany"):
+        read_checkpoint(tmp_path / "newer.pt")
+    del raw["model"]
+    raw["config"]["encoder"].pop("new_field")
+    torch.save(raw, tmp_path / "no_model.pt")
+    with pytest.raises(CheckpointError, match="without its 'model' weights"):
+        read_checkpoint(tmp_path / "no_model.pt")
+
+
+def test_a_folder_loads_its_model_file_not_the_optimizers(tmp_path: Path, vit_t_file: Path) -> None:
+    # An Accelerate state folder: optimizer.bin came first by name and was read as the model.
+    folder = tmp_path / "state"
+    folder.mkdir()
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.bin")
+    (folder / "pytorch_model.bin").write_bytes(vit_t_file.read_bytes())
+    assert read_checkpoint(folder)[0].keys() == read_checkpoint(vit_t_file)[0].keys()
+    (folder / "pytorch_model.bin").rename(folder / "weights.bin")
+    with pytest.raises(CheckpointError, match=r"holds several weight files \(optimizer.bin, weights.bin\)"):
+        read_checkpoint(folder)
+
+
+def test_a_pickle_that_would_run_code_is_named_so(tmp_path: Path) -> None:
+    import os
+
+    class Runs:
+        def __reduce__(self) -> tuple:
+            return (os.system, ("true",))
+
+    torch.save({"w": torch.zeros(1), "x": Runs()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="holds Python objects besides tensors"):
+        read_checkpoint(tmp_path / "evil.pt")
+
+
+def test_a_connection_cut_mid_chunk_is_a_download_error(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # http.client.IncompleteRead is no OSError: it escaped as "unexpected error: IncompleteRead".
+    import http.client
+    import io
+
+    import segany.checkpoints as ck
+
+    class Cut(io.BytesIO):
+        headers: dict = {"Content-Length": "4096"}
+
+        def read(self, n: int = -1) -> bytes:
+            raise http.client.IncompleteRead(b"PK", 4094)
+
+    info = _register(monkeypatch, url="https://example.invalid/w.pt")
+    monkeypatch.setattr(ck.urllib.request, "urlopen", lambda url, timeout=None: Cut())
+    with pytest.raises(DownloadError, match="could not download test_weights .*If this machine is offline"):
+        download(info.name)
+    assert not (home / "weights").exists() or list((home / "weights").iterdir()) == []

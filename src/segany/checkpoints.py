@@ -78,6 +78,23 @@ def _shards(folder: Path) -> list[Path] | None:
     return None
 
 
+# The weights file of a save_pretrained (or Accelerate) folder, by the names those tools give it.
+_MODEL_FILES = ("model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin", "model.bin")
+
+
+def _model_file(folder: Path, candidates: list[Path]) -> Path:
+    """The folder's weights file: the one of a known name, else its only candidate; several are refused (an
+    Accelerate state holds optimizer.bin and scheduler.bin too, and the first by name was read)."""
+    for name in _MODEL_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    if len(candidates) == 1:
+        return candidates[0]
+    names = ", ".join(p.name for p in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+    raise CheckpointError(f"{str(folder)!r} holds several weight files ({names}) and none named "
+                          f"{' or '.join(_MODEL_FILES[::2])}; pass the model's file itself")
+
+
 def _read_raw(path: Path, *, mmap: bool = False) -> Any:
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path or run "
@@ -95,7 +112,7 @@ def _read_raw(path: Path, *, mmap: bool = False) -> Any:
             for shard in shards:
                 merged.update(_read_raw(shard, mmap=mmap))
             return merged
-        path = candidates[0]
+        path = _model_file(path, candidates)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -110,7 +127,9 @@ def _read_raw(path: Path, *, mmap: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - pickle raises nearly anything (KeyError('h') for a text file)
         text = str(exc)
-        if "Unsupported global" in text:  # objects besides tensors; never repeat torch's hint to unpickle them
+        low = text.lower()
+        if "unsupported global" in low or "is blocked" in low:  # objects besides tensors (or code to run); never
+            # repeat torch's hint to unpickle them
             raise CheckpointError(
                 f"{str(path)!r} holds Python objects besides tensors, which segany does not unpickle (that would "
                 "run code from the file); re-save only the weights: torch.save(model.state_dict(), path)"
@@ -122,6 +141,23 @@ def _read_raw(path: Path, *, mmap: bool = False) -> Any:
             f"{str(path)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {first}); "
             "it may be truncated or not a checkpoint at all: download it again (`segany download NAME`)"
         ) from exc
+
+
+def _embedded_config(raw: dict[str, Any], key: str, path: str | os.PathLike[str]) -> SamConfig:
+    """The config a segany file embeds, or a CheckpointError: a newer segany's extra field, or a damaged entry,
+    was an "unexpected error" (TypeError from the dataclass)."""
+    try:
+        return SamConfig.from_dict(raw[key])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{str(path)!r} embeds a model config this segany cannot read ({type(exc).__name__}: "
+                              f"{exc}); it may come from a newer segany (update segany) or be damaged") from exc
+
+
+def _embedded_model(raw: dict[str, Any], path: str | os.PathLike[str]) -> Any:
+    if not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{str(path)!r} is a segany file without its 'model' weights; it is damaged: write "
+                              "or download it again")
+    return raw["model"]
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False
@@ -140,15 +176,15 @@ def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False
     if is_head_blob(raw):  # a class head over another model's weights (segany_tiny_labels): base + head
         return expand_head(raw, str(path))
     if raw.get("format") == SEGANY_FORMAT:
-        config = SamConfig.from_dict(raw["config"])
-        meta = dict(raw.get("meta", {}))
-        sd = raw["model"]
+        config = _embedded_config(raw, "config", path)
+        meta = dict(raw.get("meta") or {})
+        sd = _embedded_model(raw, path)
     elif raw.get("format") == TRAIN_STATE_FORMAT and isinstance(raw.get("model_config"), dict):
         # `segany train`'s last.pt: the model inside the training state loads like a checkpoint, so a run can
         # be tried (predict, eval) mid-way without first exporting model_fp16.pt.
-        config = SamConfig.from_dict(raw["model_config"])
+        config = _embedded_config(raw, "model_config", path)
         meta = {"training_step": int(raw.get("step", 0))}
-        sd = raw["model"]
+        sd = _embedded_model(raw, path)
     elif "model" in raw and isinstance(raw["model"], dict) and "config" not in raw:
         sd = raw["model"]  # training checkpoints of other tools
     elif "state_dict" in raw and isinstance(raw["state_dict"], dict):
@@ -314,12 +350,12 @@ def _looks_like_path(name: str) -> bool:
                                                                           ".ckpt")
 
 
-def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = None,
+def build_sam(name: str | os.PathLike[str] | None = "vit_h", checkpoint: str | os.PathLike[str] | None = None,
               device: str | torch.device = "cpu") -> Sam:
     """Build a registered model, optionally loading weights, in eval mode.
 
     A segany checkpoint carries its own config; its variant name then need not be given exactly,
-    but a mismatch between the embedded config and ``name`` is reported.
+    and the embedded config wins (logged at INFO; `sam_model_registry[name]` refuses another architecture).
 
     Without ``checkpoint`` the model is randomly initialised, as ``sam_model_registry[name]()`` is in
     ``segment_anything``, and training from scratch relies on that. This holds for ``segany_tiny`` too,
@@ -327,8 +363,16 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     is a class-head model (``segany_tiny_labels``), which is meaningless without its shipped head.
 
     ``build_sam("weights.pth")`` (a file, not a model name, as the reference's ``build_sam`` is called)
-    loads that file, taking the variant from its embedded config or its tensor shapes.
+    loads that file, taking the variant from its embedded config or its tensor shapes; so does a ``Path``.
+    ``build_sam(None)`` is the reference's ``build_sam(checkpoint=None)``: a randomly initialised ViT-H.
     """
+    if name is None:
+        name = "vit_h"
+    elif not isinstance(name, str):  # a Path (the reference's build_sam takes the checkpoint first)
+        name = os.fspath(name)
+        if checkpoint is None:
+            checkpoint = name
+            return _build_from_file(name, checkpoint, device)
     if checkpoint == BUNDLED:
         checkpoint = bundled_weights(name)
     path_first = checkpoint is None and _config_or_none(name) is None and _looks_like_path(name)
@@ -337,11 +381,15 @@ def build_sam(name: str = "vit_h", checkpoint: str | os.PathLike[str] | None = N
     elif checkpoint is None:
         checkpoint = _shipped_head(name)
     if checkpoint is not None:
-        sd, config = read_checked(name, checkpoint, guess_name=path_first)
-        model = Sam(config)
-        model.load_state_dict(sd, strict=True)
-    else:
-        model = Sam(get_config(name))
+        return _build_from_file(name, checkpoint, device, guess_name=path_first)
+    return Sam(get_config(name)).to(device).eval()
+
+
+def _build_from_file(name: str, checkpoint: str | os.PathLike[str], device: str | torch.device, *,
+                     guess_name: bool = True) -> Sam:
+    sd, config = read_checked(name, checkpoint, guess_name=guess_name)
+    model = Sam(config)
+    model.load_state_dict(sd, strict=True)
     return model.to(device).eval()
 
 
@@ -489,29 +537,45 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
     _sweep_stale_downloads(dest)
 
     def fetch(tmp: str) -> None:
-        try:
-            with urllib.request.urlopen(info.url, timeout=timeout) as resp, open(tmp, "wb") as out:
+        import http.client
+
+        # Only the network's errors are called a failed download; the file's own (a full disk) go on as they are,
+        # so atomic_path and the command line say it was the disk.
+        network = (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError)
+        with open(tmp, "wb") as out:
+            try:
+                response = urllib.request.urlopen(info.url, timeout=timeout)
+            except network as exc:
+                raise _network_error(info, dest, exc) from exc
+            with response as resp:
                 # file:// responses have no .length; both kinds carry Content-Length.
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length else None
                 done = 0
-                while chunk := resp.read(1 << 20):
+                while True:
+                    try:
+                        chunk = resp.read(1 << 20)
+                    except network as exc:  # a cut connection: IncompleteRead is an HTTPException, not OSError
+                        raise _network_error(info, dest, exc) from exc
+                    if not chunk:
+                        break
                     out.write(chunk)
                     done += len(chunk)
                     if progress:
                         progress(done, total)
-            if total is not None and done != total:
-                raise DownloadError(f"the download of {info.name} from {info.url} stopped after {done} of {total} "
-                                    f"bytes; run `segany download {info.name}` again")
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            what = (f"could not download {info.name} from {info.url} ({getattr(exc, 'reason', exc)}). If this "
-                    f"machine is offline, fetch the file elsewhere and put it at {dest} (or pass its path ")
-            raise DownloadError(what + "as build_sam(..., checkpoint=PATH))",
-                                cli=what + "with --checkpoint)") from exc
+        if total is not None and done != total:
+            raise DownloadError(f"the download of {info.name} from {info.url} stopped after {done} of {total} "
+                                f"bytes; run `segany download {info.name}` again")
         verify_file(Path(tmp), info, fetched_from=info.url)
 
     _atomic_write(dest, fetch)
     return dest
+
+
+def _network_error(info: Any, dest: Path, exc: BaseException) -> DownloadError:
+    what = (f"could not download {info.name} from {info.url} ({getattr(exc, 'reason', exc)!s:.200}). If this "
+            f"machine is offline, fetch the file elsewhere and put it at {dest} (or pass its path ")
+    return DownloadError(what + "as build_sam(..., checkpoint=PATH))", cli=what + "with --checkpoint)")
 
 
 def _sweep_stale_downloads(dest: Path) -> None:
