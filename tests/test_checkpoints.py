@@ -426,29 +426,78 @@ def test_an_unhashed_download_must_be_a_torch_file_and_a_damaged_cache_is_fetche
     assert download(info.name) == cached and cached.read_bytes() == data  # fetched again, not kept
 
 
-def test_a_transfer_shorter_than_its_content_length_is_refused(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cut_transfer_is_continued_where_it_stopped(home: Path, vit_t_file: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A transfer cut short was refused and thrown away: a 2.5 GB ViT-H cut at 95 % started again from byte 0.
+    # The bytes received are kept, and the next attempt asks for the rest (an HTTP Range request).
     import http.server
     import threading
 
-    class Short(http.server.BaseHTTPRequestHandler):
+    data = vit_t_file.read_bytes()
+    asked: list[str | None] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.send_header("Content-Length", "4096")
+            asked.append(self.headers.get("Range"))
+            if len(asked) == 1:  # the first answer promises the whole file and stops a third of the way
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 3])
+                return
+            start = int(self.headers["Range"].removeprefix("bytes=").removesuffix("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
             self.end_headers()
-            self.wfile.write(b"PK" + b"\0" * 998)  # then the connection closes
+            self.wfile.write(data[start:])
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Short)
-    threading.Thread(target=server.handle_request, daemon=True).start()
-    info = _register(monkeypatch, url=f"http://127.0.0.1:{server.server_port}/w.pt")
+    server = http.server.HTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    info = _register(monkeypatch, url=f"http://127.0.0.1:{server.server_port}/w.pt", size=len(data),
+                     sha256=hashlib.sha256(data).hexdigest())
     try:
-        with pytest.raises(DownloadError, match=r"stopped after 1000 of 4096 bytes; run `segany download"):
+        with pytest.raises(DownloadError, match=rf"stopped after {len(data) // 3} of {len(data)} bytes; run "
+                                                r"`segany download test_weights` again: it continues from there"):
             download(info.name, timeout=10)
+        part = home / "weights" / ".test_weights.pt.part"
+        assert part.stat().st_size == len(data) // 3 and find_weights(info.name) is None
+        path = download(info.name, timeout=10)
     finally:
+        server.shutdown()
         server.server_close()
-    assert not (home / "weights").exists() or list((home / "weights").iterdir()) == []
+    assert asked == [None, f"bytes={len(data) // 3}-"] and path.read_bytes() == data
+    assert sorted(p.name for p in path.parent.iterdir()) == ["test_weights.pt"]
+
+
+def test_a_server_without_ranges_sends_the_whole_file_again(home: Path, vit_t_file: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    data = vit_t_file.read_bytes()
+    info = _register(monkeypatch, url=vit_t_file.as_uri(), size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    part = home / "weights" / ".test_weights.pt.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"junk from another attempt")  # file:// ignores Range: the answer is the whole file
+    assert download(info.name).read_bytes() == data and not part.exists()
+
+
+def test_a_download_in_progress_is_not_joined_by_a_second_one(home: Path, vit_t_file: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import os
+
+    info = _register(monkeypatch, url=vit_t_file.as_uri())
+    part = home / "weights" / ".test_weights.pt.part"
+    part.parent.mkdir(parents=True)
+    fd = os.open(part, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the other process's download holds it
+        with pytest.raises(DownloadError, match=r"another `segany download test_weights` is writing .*\.part"):
+            download(info.name)
+    finally:
+        os.close(fd)
 
 
 def test_a_killed_downloads_temporary_file_is_swept_up(home: Path, vit_t_file: Path,
@@ -608,8 +657,7 @@ def test_a_connection_cut_mid_chunk_is_a_download_error(home: Path, monkeypatch:
     # http.client.IncompleteRead is no OSError: it escaped as "unexpected error: IncompleteRead".
     import http.client
     import io
-
-    import segany.checkpoints as ck
+    import urllib.request
 
     class Cut(io.BytesIO):
         headers: dict = {"Content-Length": "4096"}
@@ -618,7 +666,7 @@ def test_a_connection_cut_mid_chunk_is_a_download_error(home: Path, monkeypatch:
             raise http.client.IncompleteRead(b"PK", 4094)
 
     info = _register(monkeypatch, url="https://example.invalid/w.pt")
-    monkeypatch.setattr(ck.urllib.request, "urlopen", lambda url, timeout=None: Cut())
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout=None: Cut())
     with pytest.raises(DownloadError, match="could not download test_weights .*If this machine is offline"):
         download(info.name)
     assert not (home / "weights").exists() or list((home / "weights").iterdir()) == []

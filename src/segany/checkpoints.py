@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import torch
 
 from segany import hf_layout
-from segany.atomic import atomic_path, atomic_write
+from segany.atomic import atomic_write, current_umask
 from segany.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -458,11 +456,6 @@ def _config_or_none(name: str) -> SamConfig | None:
         return None
 
 
-def _atomic_write(path: Path, writer: Callable[[str], None]) -> None:
-    with atomic_path(path) as tmp:
-        writer(str(tmp))
-
-
 def save_checkpoint(model: Sam, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
                     half: bool = False) -> Path:
     """Write a self-describing segany checkpoint atomically (``half`` stores floats as fp16)."""
@@ -535,46 +528,38 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
         except DownloadError as exc:  # a damaged cached file: fetched again, not kept
             log.warning("%s; downloading it again", exc)
     _sweep_stale_downloads(dest)
+    from segany.fetch import PartBusyError, TransferError, fetch_into, locked_part, part_path
 
-    def fetch(tmp: str) -> None:
-        import http.client
-
-        # Only the network's errors are called a failed download; the file's own (a full disk) go on as they are,
-        # so atomic_path and the command line say it was the disk.
-        network = (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError)
-        with open(tmp, "wb") as out:
+    part = part_path(dest)
+    try:
+        with locked_part(part):
+            got = fetch_into(info.url, part, timeout=timeout, progress=progress)
+            if got.resumed_from:
+                log.info("continued %s from byte %d", info.name, got.resumed_from)
+            if got.total is not None and got.size != got.total:
+                raise DownloadError(f"the download of {info.name} from {info.url} stopped after {got.size} of "
+                                    f"{got.total} bytes; run `segany download {info.name}` again: it continues "
+                                    "from there")
             try:
-                response = urllib.request.urlopen(info.url, timeout=timeout)
-            except network as exc:
-                raise _network_error(info, dest, exc) from exc
-            with response as resp:
-                # file:// responses have no .length; both kinds carry Content-Length.
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length else None
-                done = 0
-                while True:
-                    try:
-                        chunk = resp.read(1 << 20)
-                    except network as exc:  # a cut connection: IncompleteRead is an HTTPException, not OSError
-                        raise _network_error(info, dest, exc) from exc
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total)
-        if total is not None and done != total:
-            raise DownloadError(f"the download of {info.name} from {info.url} stopped after {done} of {total} "
-                                f"bytes; run `segany download {info.name}` again")
-        verify_file(Path(tmp), info, fetched_from=info.url)
-
-    _atomic_write(dest, fetch)
+                verify_file(part, info, fetched_from=info.url)
+            except DownloadError:
+                part.unlink(missing_ok=True)  # a whole file that fails its check is not continued, but fetched anew
+                raise
+            os.chmod(part, 0o666 & ~current_umask())
+            os.replace(part, dest)
+    except TransferError as exc:
+        raise _network_error(info, dest, exc.cause, kept=exc.kept) from exc.cause
+    except PartBusyError:
+        raise DownloadError(f"another `segany download {info.name}` is writing {part}; wait for it to finish "
+                            "(or stop it) and run again") from None
     return dest
 
 
-def _network_error(info: Any, dest: Path, exc: BaseException) -> DownloadError:
-    what = (f"could not download {info.name} from {info.url} ({getattr(exc, 'reason', exc)!s:.200}). If this "
-            f"machine is offline, fetch the file elsewhere and put it at {dest} (or pass its path ")
+def _network_error(info: Any, dest: Path, exc: BaseException, *, kept: int = 0) -> DownloadError:
+    again = (f"; the {kept} bytes received are kept, and `segany download {info.name}` continues from them"
+             if kept else "")
+    what = (f"could not download {info.name} from {info.url} ({getattr(exc, 'reason', exc)!s:.200}){again}. If "
+            f"this machine is offline, fetch the file elsewhere and put it at {dest} (or pass its path ")
     return DownloadError(what + "as build_sam(..., checkpoint=PATH))", cli=what + "with --checkpoint)")
 
 
