@@ -114,6 +114,24 @@ def test_exif_rotated_image_with_masks_on_the_shown_picture_is_packed_rotated(tm
     assert np.allclose(colour, RED, atol=25), colour
 
 
+@pytest.mark.parametrize("frame", ["shown", "stored"])
+def test_without_a_size_in_the_file_the_annotations_name_the_frame(tmp_path, frame: str) -> None:
+    # Sized from the file's stored pixels alone, a polygon drawn on the shown (rotated) picture was cut off or
+    # left out ("a mask of no pixels inside the image"). Red on the top rows: shown, it is the right-hand side,
+    # whose polygon reaches below the stored frame's 40 rows, so the frame is not ambiguous.
+    stored = _two_colour(40, 64, split="rows")
+    _save(tmp_path / "rot.jpg", stored, orientation=6)
+    with Image.open(tmp_path / "rot.jpg") as im:
+        picture = np.asarray((ImageOps.exif_transpose(im) if frame == "shown" else im).convert("RGB"))
+    ys, xs = np.nonzero(picture[..., 0] > 128)  # the red part in that frame
+    imgs = [{"id": 1, "file_name": "rot.jpg"}]  # no height or width: sized from the file
+    coco = _coco_file(tmp_path, imgs, [_ann(1, 1, int(xs.min()) + 2, int(ys.min()) + 2,
+                                            int(xs.max()) - 2, int(ys.max()) - 2)])
+    assert main(["data", "pack", "--coco", str(coco), "--out", str(tmp_path / "p")]) == 0
+    [colour] = _colour_under_masks(tmp_path / "p")
+    assert np.allclose(colour, RED, atol=25), colour
+
+
 def test_size_mismatch_is_listed_before_any_image_is_written(tmp_path, capsys) -> None:
     _save(tmp_path / "a.jpg", _two_colour(40, 64))
     _save(tmp_path / "b.jpg", _two_colour(40, 64), orientation=6)

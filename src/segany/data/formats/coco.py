@@ -8,11 +8,12 @@ nothing is stretched or dropped without a word.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from segany.data.formats.common import (
     _string_to_counts,
     decode_rle,
     encode_mask,
-    image_size_hw,
+    image_frames_hw,
     note,
     rle_area,
 )
@@ -108,17 +109,54 @@ def _checked_rle(seg: dict[str, Any], size_hw: tuple[int, int], path: Path, ann:
     return {"size": [h, w], "counts": counts}
 
 
-def _image_size(img: dict[str, Any], file: Path, report: ReadReport | None, path: Path) -> tuple[int, int] | None:
-    """(H, W) from the entry, or from the image file when the entry lacks it (common in hand-made files)."""
+def _image_size(img: dict[str, Any], file: Path, report: ReadReport | None, path: Path,
+                anns: Sequence[dict[str, Any]] = ()) -> tuple[int, int] | None:
+    """(H, W) from the entry, or from the image file when the entry lacks it (common in hand-made files).
+
+    From the file, a photo with an EXIF quarter turn has two frames: the pixels as stored, and the picture as
+    shown. The annotations say which they were drawn on: the shown frame when they reach past the stored one
+    and fit the shown one (an RLE's own size names it outright); else the stored frame, packing's rule when
+    both fit. Sized by the stored frame alone, labels drawn on the shown picture were cut off or left out.
+    """
     try:
         h, w = int(img["height"]), int(img["width"])
     except (KeyError, TypeError, ValueError):
-        return image_size_hw(file, report)
+        frames = image_frames_hw(file, report)
+        if frames is None:
+            return None
+        stored, shown, _ = frames
+        if stored == shown:
+            return stored
+        sizes = {tuple(a["segmentation"]["size"]) for a in anns if isinstance(a.get("segmentation"), dict)
+                 and isinstance(a["segmentation"].get("size"), list) and len(a["segmentation"]["size"]) == 2}
+        if shown in sizes and stored not in sizes:
+            return shown
+        reach_y, reach_x = _reach(anns)  # of the polygons and boxes
+        past_stored = reach_y > stored[0] or reach_x > stored[1]
+        return shown if past_stored and reach_y <= shown[0] and reach_x <= shown[1] else stored
     if h <= 0 or w <= 0:
         raise InputError(f"{path}: image {img.get('id')!r} ({str(img.get('file_name', '?'))!r}) has height {h} and "
                          f"width {w}; an image needs both >= 1: fix them, or remove both keys so segany reads the "
                          "size from the image file")
     return h, w
+
+
+def _reach(anns: Sequence[dict[str, Any]]) -> tuple[float, float]:
+    """The largest y and x any polygon vertex or box of ``anns`` reaches (0, 0 for none)."""
+    ys, xs = [0.0], [0.0]
+    for a in anns:
+        seg, box = a.get("segmentation"), a.get("bbox")
+        if isinstance(seg, list):
+            for poly in seg:
+                if isinstance(poly, list) and len(poly) >= 2:
+                    with contextlib.suppress(TypeError, ValueError):
+                        xs.append(max(float(v) for v in poly[0::2]))
+                        ys.append(max(float(v) for v in poly[1::2]))
+        if isinstance(box, list) and len(box) == 4:
+            with contextlib.suppress(TypeError, ValueError):
+                xs.append(float(box[0]) + float(box[2]))
+                ys.append(float(box[1]) + float(box[3]))
+    return max(ys), max(xs)
 
 
 def _check_entries(data: dict[str, Any], path: Path) -> None:
@@ -227,7 +265,7 @@ def read_coco(annotation_json: str | os.PathLike[str], image_root: str | os.Path
     skipped: Counter[str] = Counter()
     for img in data["images"]:
         file = root / str(img.get("file_name", ""))
-        size_hw = _image_size(img, file, report, path)
+        size_hw = _image_size(img, file, report, path, by_image.get(img.get("id"), []))
         if size_hw is None:
             continue
         masks, classes = _image_masks(by_image.get(img.get("id"), []), size_hw, path, names, wanted,
