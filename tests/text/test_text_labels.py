@@ -259,3 +259,28 @@ def test_add_labels_numbers_categories_by_the_vocabulary_it_scores_against(sampl
     out = add_labels(generator, sample_image, anns, ["person", "Persons", "cars"])
     ids = {a["label"]: a["category_id"] for a in out}
     assert set(ids) <= {"person", "car"} and all(ids[n] == {"person": 1, "car": 2}[n] for n in ids), ids
+
+
+def test_add_labels_prompts_with_the_records_boxes_in_batches(sample_image: np.ndarray,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every record's mask was decoded to full size at once only to find its box, and every box decoded in one
+    # batch (a 12 MP photo's 200 masks: 2.4 GB). Now the record's bbox gives the box, in batches, to the same
+    # labels and scores as the masks' own boxes.
+    from types import SimpleNamespace
+
+    from segany.amg import SamAutomaticMaskGenerator
+    from segany.text import prompting
+
+    model = randomize_(Sam(with_labels(tiny_config(), NAMES)), seed=2).eval()
+    gen = SamAutomaticMaskGenerator(model, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                    output_mode="coco_rle")
+    recs = gen.generate(sample_image)
+    assert len(recs) >= 3
+    masks = np.stack([prompting._ann_mask(r["segmentation"]) for r in recs])
+    want_names, want_scores = prompting.label_masks(gen.predictor, masks)
+    monkeypatch.setattr(prompting, "_ann_mask", lambda seg: pytest.fail("a mask was decoded for its box"))
+    monkeypatch.setattr(prompting, "LABEL_BATCH", 2)
+    out = prompting.add_labels(SimpleNamespace(predictor=gen.predictor, config=gen.config), sample_image,
+                               [dict(r) for r in recs])
+    assert [a["label"] for a in out] == want_names
+    np.testing.assert_allclose([a["label_score"] for a in out], want_scores, atol=1e-6)

@@ -294,29 +294,61 @@ def label_masks(predictor: SamPredictor, masks: np.ndarray | torch.Tensor, label
     Returns:
         (label per mask, its probability (N,)). With ``labels`` given, each mask gets the best of them.
     """
-    model = predictor.model
-    if vocab is None and labels:
-        vocab = make_vocabulary(model, labels, predictor=predictor)
-    names = vocab.names if vocab else list(model.class_head.class_names if model.class_head else [])
     m = torch.as_tensor(np.asarray(masks), device=predictor.device).bool()
     if m.ndim != 3:
         raise PromptError(f"masks must be (N, H, W) bool, got shape {tuple(m.shape)}")
-    if len(m) == 0:
-        return [], np.zeros(0, dtype=np.float32)
-    assert predictor.features is not None and predictor.original_size is not None
     from torchvision.ops import masks_to_boxes
 
     nonempty = m.flatten(1).any(1)
     boxes = torch.zeros(len(m), 4, device=m.device)
-    boxes[nonempty] = masks_to_boxes(m[nonempty]).float()
-    boxes[:, 2:] += 1
+    if nonempty.any():
+        boxes[nonempty] = masks_to_boxes(m[nonempty]).float()
+    boxes[:, 2:] += 1  # end exclusive (an empty mask prompts with the 1-pixel box at the origin)
+    return label_boxes(predictor, boxes.cpu().numpy(), labels, vocab=vocab)
+
+
+# Boxes decoded at once by label_boxes: 200 masks of a photo decoded in one batch held 200 x 4 x 256 x 256
+# float32 logits (200 MB) at once for nothing.
+LABEL_BATCH = 64
+
+
+def label_boxes(predictor: SamPredictor, boxes_xyxy: np.ndarray, labels: list[str] | None = None, *,
+                vocab: Vocabulary | None = None) -> tuple[list[str], np.ndarray]:
+    """:func:`label_masks` from the masks' boxes (N, 4) XYXY in original-image pixels, end exclusive (a COCO
+    bbox's x + w): what it prompts with. Callers that hold the boxes (annotations carry ``bbox``) skip decoding
+    every mask to full size."""
+    model = predictor.model
+    if vocab is None and labels:
+        vocab = make_vocabulary(model, labels, predictor=predictor)
+    names = vocab.names if vocab else list(model.class_head.class_names if model.class_head else [])
+    boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+    if len(boxes) == 0:
+        return [], np.zeros(0, dtype=np.float32)
+    assert predictor.features is not None and predictor.original_size is not None
     t = predictor.transform
-    boxes_t = torch.as_tensor(t.apply_boxes(boxes.cpu().numpy(), predictor.original_size), dtype=torch.float32,
-                              device=predictor.device)
-    _, _, tokens = decode(model, predictor.features, None, boxes_t, None, None)
-    probs = label_probs(model, tokens[:, 0], vocab)
-    score, idx = probs.max(-1)
-    return [names[i] for i in idx.tolist()], score.float().cpu().numpy()
+    scores, picks = [], []
+    for i in range(0, len(boxes), LABEL_BATCH):
+        boxes_t = torch.as_tensor(t.apply_boxes(boxes[i: i + LABEL_BATCH], predictor.original_size),
+                                  dtype=torch.float32, device=predictor.device)
+        with torch.no_grad():
+            _, _, tokens = decode(model, predictor.features, None, boxes_t, None, None)
+            score, idx = label_probs(model, tokens[:, 0], vocab).max(-1)
+        scores.append(score.float().cpu().numpy())
+        picks += idx.tolist()
+    return [names[i] for i in picks], np.concatenate(scores)
+
+
+def _ann_box(ann: dict[str, Any]) -> list[float]:
+    """A generator record's box as :func:`label_masks` prompts with it (XYXY, end exclusive): from its ``bbox``,
+    whose width is SAM's (last column minus first, so x + w is the last column), else from its mask."""
+    box = ann.get("bbox")
+    if isinstance(box, (list, tuple)) and len(box) == 4:
+        x, y, w, h = (float(v) for v in box)
+        return [x, y, x + w + 1, y + h + 1]
+    ys, xs = np.nonzero(_ann_mask(ann["segmentation"]))
+    if len(xs) == 0:
+        return [0.0, 0.0, 1.0, 1.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
 def _ann_mask(seg: Any) -> np.ndarray:
@@ -342,11 +374,13 @@ def add_labels(generator: Any, image: np.ndarray, anns: list[dict[str, Any]], la
     predictor = generator.predictor
     if predictor.original_size != tuple(image.shape[:2]) or getattr(generator.config, "crop_n_layers", 0) > 0:
         predictor.set_image(image)
-    masks = np.stack([_ann_mask(a["segmentation"]) for a in anns])
+    # Boxes, not full-size masks (a 12 MP photo's 200 masks decoded at once were 2.4 GB): each from its bbox,
+    # else from its mask.
+    boxes = np.array([_ann_box(a) for a in anns], dtype=np.float32)
     # The ids come from the vocabulary the masks are scored against: a label given twice ("person", "Person")
     # is one entry there, so the labels as given numbered the next class 3 of 2.
     vocab = make_vocabulary(predictor.model, labels, predictor=predictor) if labels else None
-    names, scores = label_masks(predictor, masks, vocab=vocab)
+    names, scores = label_boxes(predictor, boxes, vocab=vocab)
     ordered = vocab.names if vocab else list(predictor.model.class_head.class_names)
     for a, n, s in zip(anns, names, scores.tolist(), strict=True):
         a["label"], a["label_score"], a["category_id"] = n, float(s), ordered.index(n) + 1
