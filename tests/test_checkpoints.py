@@ -426,51 +426,110 @@ def test_an_unhashed_download_must_be_a_torch_file_and_a_damaged_cache_is_fetche
     assert download(info.name) == cached and cached.read_bytes() == data  # fetched again, not kept
 
 
+class _Scripted:
+    """A local HTTP server answering each GET by the next step of a script: ("cut", n) sends a 200 promising the
+    whole file and stops after n bytes; ("range", start, n) a 206 of n bytes from ``start`` (whatever was asked);
+    ("fail",) a 503; ("whole",) a plain 200. The Range and If-Range headers asked are kept in ``asked``."""
+
+    def __init__(self, data: bytes, script: list[tuple], etag: str | None = None) -> None:
+        import http.server
+        import threading
+
+        self.asked: list[tuple[str | None, str | None]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                outer.asked.append((self.headers.get("Range"), self.headers.get("If-Range")))
+                step = script[min(len(outer.asked), len(script)) - 1]
+                if step[0] == "fail":
+                    self.send_error(503)
+                    return
+                if step[0] == "range":
+                    start, n = step[1], step[2]
+                    body = data[start: start + n]
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
+                    self.send_header("Content-Length", str(len(body)))
+                else:
+                    body = data if step[0] == "whole" else data[: step[1]]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                if etag:
+                    self.send_header("ETag", etag)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/w.pt"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_a_cut_transfer_is_continued_where_it_stopped(home: Path, vit_t_file: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    # A transfer cut short was refused and thrown away: a 2.5 GB ViT-H cut at 95 % started again from byte 0.
-    # The bytes received are kept, and the next attempt asks for the rest (an HTTP Range request).
-    import http.server
-    import threading
-
+    # A transfer cut short was thrown away: a 2.5 GB ViT-H cut at 95 % started again from byte 0. The bytes
+    # received are kept: the same call asks for the rest (an HTTP Range request), and a later call does too.
     data = vit_t_file.read_bytes()
-    asked: list[str | None] = []
-
-    class Flaky(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            asked.append(self.headers.get("Range"))
-            if len(asked) == 1:  # the first answer promises the whole file and stops a third of the way
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data[: len(data) // 3])
-                return
-            start = int(self.headers["Range"].removeprefix("bytes=").removesuffix("-"))
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.send_header("Content-Length", str(len(data) - start))
-            self.end_headers()
-            self.wfile.write(data[start:])
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    info = _register(monkeypatch, url=f"http://127.0.0.1:{server.server_port}/w.pt", size=len(data),
-                     sha256=hashlib.sha256(data).hexdigest())
+    k = len(data) // 3
+    server = _Scripted(data, [("cut", k), ("fail",), ("range", k, len(data))], etag='"v1"')
+    info = _register(monkeypatch, url=server.url, size=len(data), sha256=hashlib.sha256(data).hexdigest())
     try:
-        with pytest.raises(DownloadError, match=rf"stopped after {len(data) // 3} of {len(data)} bytes; run "
-                                                r"`segany download test_weights` again: it continues from there"):
+        with pytest.raises(DownloadError, match=rf"the {k} bytes received are kept, and `segany download "
+                                                r"test_weights` continues from them"):
             download(info.name, timeout=10)
         part = home / "weights" / ".test_weights.pt.part"
-        assert part.stat().st_size == len(data) // 3 and find_weights(info.name) is None
+        assert part.stat().st_size == k and find_weights(info.name) is None
         path = download(info.name, timeout=10)
     finally:
-        server.shutdown()
-        server.server_close()
-    assert asked == [None, f"bytes={len(data) // 3}-"] and path.read_bytes() == data
-    assert sorted(p.name for p in path.parent.iterdir()) == ["test_weights.pt"]
+        server.close()
+    assert server.asked == [(None, None), (f"bytes={k}-", '"v1"'), (f"bytes={k}-", '"v1"')]
+    assert path.read_bytes() == data
+    assert sorted(p.name for p in path.parent.iterdir()) == ["test_weights.pt"]  # part and its validator gone
+
+
+@pytest.mark.parametrize("answer", ["wrong start", "short ranges"])
+def test_a_ranged_answer_is_used_only_where_it_continues_the_part(home: Path, vit_t_file: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   answer: str) -> None:
+    # A 206 was appended whatever its Content-Range said: a range from byte 0 doubled the file, and a short one
+    # passed for the whole rest. Both ended in a failed check that threw every byte away.
+    data = vit_t_file.read_bytes()
+    k = len(data) // 3
+    script = ([("cut", k), ("range", 0, len(data)), ("whole",)] if answer == "wrong start"
+              else [("cut", k), ("range", k, 1000), ("range", k + 1000, len(data))])
+    server = _Scripted(data, script)
+    info = _register(monkeypatch, url=server.url, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    try:
+        path = download(info.name, timeout=10)
+    finally:
+        server.close()
+    assert path.read_bytes() == data
+    if answer == "short ranges":
+        assert [a[0] for a in server.asked] == [None, f"bytes={k}-", f"bytes={k + 1000}-"]
+
+
+def test_a_file_without_size_or_hash_is_continued_only_with_a_validator(home: Path, vit_t_file: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # MobileSAM's entry has no size or hash, and its URL follows a branch: a part joined to another version's
+    # end would pass the only check it has (a PyTorch zip). Without an ETag it is fetched whole again.
+    data = vit_t_file.read_bytes()
+    server = _Scripted(data, [("cut", len(data) // 3), ("fail",), ("whole",)])
+    info = _register(monkeypatch, url=server.url)
+    try:
+        with pytest.raises(DownloadError):
+            download(info.name, timeout=10)
+        path = download(info.name, timeout=10)
+    finally:
+        server.close()
+    assert [a[0] for a in server.asked] == [None, f"bytes={len(data) // 3}-", None]
+    assert path.read_bytes() == data
 
 
 def test_a_server_without_ranges_sends_the_whole_file_again(home: Path, vit_t_file: Path,

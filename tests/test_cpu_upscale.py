@@ -124,3 +124,17 @@ def test_opencv_uses_no_more_threads_than_torch():
     finally:
         torch.set_num_threads(before_torch)
         cv2.setNumThreads(before_cv)
+
+
+def test_an_applications_lower_opencv_setting_stays():
+    import cv2
+
+    before_torch, before_cv = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        torch.set_num_threads(2)
+        cv2.setNumThreads(1)
+        cpu_upscale.upscale_logits(torch.randn(1, 1, 64, 64), 256, (200, 256), (400, 512), 0.0)
+        assert cv2.getNumThreads() == 1
+    finally:
+        torch.set_num_threads(before_torch)
+        cv2.setNumThreads(before_cv)

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader, or a resumed run, sees the old file or the complete new one, never a part.
 
-Every writer in segany goes through :func:`atomic_path`, so three properties hold everywhere:
+Every writer in segany goes through :func:`atomic_path` (but the weights download, whose hidden ``.part`` is
+kept across attempts on purpose, see :mod:`segany.fetch`), so three properties hold everywhere:
 
 * the data lands in a temp file beside the target and is renamed over it (``os.replace`` is atomic on one
   file system), so a crash or Ctrl-C mid-write leaves the previous file, or none;

@@ -528,12 +528,16 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
         except DownloadError as exc:  # a damaged cached file: fetched again, not kept
             log.warning("%s; downloading it again", exc)
     _sweep_stale_downloads(dest)
-    from segany.fetch import PartBusyError, TransferError, fetch_into, locked_part, part_path
+    from segany.fetch import PartBusyError, TransferError, fetch_into, finished, locked_part, part_path
 
     part = part_path(dest)
     try:
-        with locked_part(part):
-            got = fetch_into(info.url, part, timeout=timeout, progress=progress)
+        with locked_part(part) as out:
+            if dest.exists() and not force and _whole(dest, info):  # another download finished it meanwhile
+                return dest
+            # A part is continued without the server's validator only when the joined file can be checked.
+            checked = info.size is not None or bool(info.sha256 or info.md5)
+            got = fetch_into(info.url, part, out, timeout=timeout, resume_unchecked=checked, progress=progress)
             if got.resumed_from:
                 log.info("continued %s from byte %d", info.name, got.resumed_from)
             if got.total is not None and got.size != got.total:
@@ -544,15 +548,25 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
                 verify_file(part, info, fetched_from=info.url)
             except DownloadError:
                 part.unlink(missing_ok=True)  # a whole file that fails its check is not continued, but fetched anew
+                finished(part)
                 raise
             os.chmod(part, 0o666 & ~current_umask())
             os.replace(part, dest)
+            finished(part)
     except TransferError as exc:
         raise _network_error(info, dest, exc.cause, kept=exc.kept) from exc.cause
     except PartBusyError:
         raise DownloadError(f"another `segany download {info.name}` is writing {part}; wait for it to finish "
                             "(or stop it) and run again") from None
     return dest
+
+
+def _whole(path: Path, info: WeightsInfo) -> bool:
+    try:
+        verify_file(path, info)
+    except DownloadError:
+        return False
+    return True
 
 
 def _network_error(info: Any, dest: Path, exc: BaseException, *, kept: int = 0) -> DownloadError:

@@ -44,9 +44,10 @@ def _resize(src: np.ndarray, size_hw: tuple[int, int], dst: np.ndarray) -> np.nd
     import cv2
     import torch
 
-    # OpenCV keeps its own thread pool, sized to every core: --threads and torch.set_num_threads bound it too.
+    # OpenCV keeps its own thread pool, sized to every core: --threads and torch.set_num_threads bound it too
+    # (lowered only: an application's own lower OpenCV setting stays).
     n = torch.get_num_threads()
-    if cv2.getNumThreads() != n:
+    if cv2.getNumThreads() > n:
         cv2.setNumThreads(n)
     out = cv2.resize(src, (size_hw[1], size_hw[0]), dst=dst, interpolation=cv2.INTER_LINEAR)
     if out is not dst:

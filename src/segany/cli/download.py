@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         if args.quiet:
             return
         if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, file=sys.stderr)
+            # ``initial``: a continued download starts at the bytes it kept (its speed is not counted from them)
+            bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                       file=sys.stderr)
         bar.update(done - bar.n)
 
     try:
