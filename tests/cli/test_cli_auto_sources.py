@@ -166,7 +166,10 @@ def test_earlier_output_folders_inside_the_input_are_named(checkpoint: Path, tmp
     assert f"skipped 1 folder holding an earlier segany auto output: {p / 'out'}" in err, err
 
 
-def test_sigint_writes_the_manifest_and_says_how_to_resume(checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_writes_the_manifest_and_says_how_to_resume(checkpoint: Path, tmp_path: Path, sig: int) -> None:
+    # SIGTERM (timeout, a batch system's time limit, docker stop) killed the run at once: no manifest, or the
+    # earlier run's, which then described another run. It now ends as Ctrl-C does.
     d, out = tmp_path / "in", tmp_path / "out"
     for i in range(12):
         _image(d / f"img_{i:02d}.jpg", i)
@@ -181,7 +184,7 @@ def test_sigint_writes_the_manifest_and_says_how_to_resume(checkpoint: Path, tmp
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(out.glob("img_*.json")) and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "rerun the same command with --resume" in err, err
@@ -202,6 +205,24 @@ def test_png_output_of_x_beside_a_folder_x_keeps_both(checkpoint: Path, tmp_path
     assert "the output holds 2 of 2 images" in capsys.readouterr().err
     assert _auto(checkpoint, src, "--out", out, "--format", "png", "--resume") == 0
     assert "0 processed, 2 already done" in capsys.readouterr().err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "x.png").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's 0700 kept other readers out
+
+
+def test_a_folder_x_added_beside_x_on_resume_does_not_nest_in_xs_output(checkpoint: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # x.png (output folder x/) first; x/y.png added later: its output landed in x/ and went when x was redone.
+    src, out = tmp_path / "src", tmp_path / "out"
+    _image(src / "x.png", 0)
+    assert _auto(checkpoint, src, "--out", out, "--format", "png") == 0
+    _image(src / "x" / "y.png", 1)
+    assert _auto(checkpoint, src, "--out", out, "--format", "png", "--resume") == 0
+    assert (out / "x" / "masks.json").is_file() and (out / "x_new" / "y" / "masks.json").is_file()
+    _image(src / "x.png", 2)  # x changes: it is redone
+    assert _auto(checkpoint, src, "--out", out, "--format", "png", "--resume") == 0
+    assert (out / "x_new" / "y" / "masks.json").is_file(), "x/y's masks went with x's"
+    assert "the output holds 2 of 2 images" in capsys.readouterr().err
 
 
 def test_an_output_left_empty_by_a_crash_is_redone_on_resume(checkpoint: Path, tmp_path: Path,
@@ -250,3 +271,16 @@ def test_a_list_that_gains_an_image_from_elsewhere_keeps_the_earlier_names(check
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json")
                    if p.name not in ("run.json", "manifest.json", "image_ids.json"))
     assert names == ["a.json", "other/b.json"]
+
+
+def test_hidden_images_are_counted_not_dropped_silently(checkpoint: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import cli_fails
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _image(src / ".cache" / "a.png", 0), _image(src / ".b.png", 1)
+    cli_fails(["auto", str(src), "--out", str(out), "--checkpoint", str(checkpoint)], capsys,
+              "2 hidden ones (a name starting with '.'")
+    _image(src / "c.png", 2)
+    assert _auto(checkpoint, src, "--out", out) == 0
+    assert "skipped 2 hidden images (a name starting with '.'" in capsys.readouterr().err

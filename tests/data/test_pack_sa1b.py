@@ -209,3 +209,15 @@ def test_sa1b_folder_opens_each_header_and_parses_each_mask_once(tmp_path: Path,
     assert sorted(opened) == ["img0.png", "img1.png", "img2.png"]
     masks = [json.loads((tmp_path / "auto" / f"{k}.json").read_text())["annotations"] for k in SIZES_HW]
     assert sorted(parsed) == sorted(a["segmentation"]["counts"] for anns in masks for a in anns)
+
+
+def test_an_image_named_like_a_bookkeeping_file_in_a_subfolder_is_read(tmp_path: Path) -> None:
+    # `segany auto` writes sub/run.jpg's masks as sub/run.json (its own run.json is at the top only), but the
+    # reader skipped every run.json, manifest.json... at any depth: those images were lost without a word.
+    from segany.data.formats.sa1b import sa1b_json_files
+
+    for rel in ("run.json", "manifest.json", "sub/run.json", "sub/manifest.json", "sub/x.json", ".hidden/y.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}")
+    assert [p.relative_to(tmp_path).as_posix() for p in sa1b_json_files(tmp_path)] == [
+        "sub/manifest.json", "sub/run.json", "sub/x.json"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segany.atomic import NO_SPACE
+from segany.atomic import NO_SPACE, current_umask
 from segany.cli._checks import check_out_dir
 from segany.cli._util import (
     add_speed_arguments,
@@ -137,6 +137,7 @@ class Listing:
     root: Path | None = None
     duplicates: int = 0  # list entries naming an image listed before
     earlier_outputs: list[Path] = field(default_factory=list)  # folders of earlier runs inside a folder input
+    hidden_images: list[Path] = field(default_factory=list)  # images under a name starting with "." (left out)
 
     def file_name(self, path: Path) -> str:
         """``path`` relative to :attr:`root` with POSIX separators, as COCO tools join it to an image root."""
@@ -177,7 +178,12 @@ def scan_input(source: str, out: Path | None = None) -> Listing:
 def _scan_folder(src: Path, out: Path | None) -> Listing:
     inner = _parts_inside(out, src) if out is not None else None
     same = inner == ()  # --out is the input folder itself: its JSON outputs are no news to the user
-    found = [p for p in walk_files(src) if not any(part.startswith(".") for part in p.relative_to(src).parts)]
+    found, hidden = [], []
+    for p in walk_files(src):
+        if not any(part.startswith(".") for part in p.relative_to(src).parts):
+            found.append(p)
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
+            hidden.append(p)
     # This run's --out, and any earlier run's output folder (it holds that run's run.json): masks, not input.
     earlier = [p.parent for p in found if p.name == RUN_FILE and p.parent != src and _is_run_record(p)
                and p.parent.relative_to(src).parts != inner]
@@ -194,8 +200,10 @@ def _scan_folder(src: Path, out: Path | None) -> Listing:
         elif not (same and suffix == ".json"):
             other[suffix or "(no extension)"] += 1
     if not files:
-        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {str(src)!r}")
-    return Listing(_keys(files, src), other, root=src, earlier_outputs=earlier)
+        also = (f"; {len(hidden)} hidden ones (a name starting with '.', e.g. {hidden[0]}) are left out: rename "
+                "them, or pass them in a .txt list" if hidden else "")
+        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {str(src)!r}{also}")
+    return Listing(_keys(files, src), other, root=src, earlier_outputs=earlier, hidden_images=hidden)
 
 
 def _scan_list(paths: list[Path]) -> Listing:
@@ -240,6 +248,16 @@ def _keep_recorded_keys(out: Path, images: list[tuple[Path, str]]) -> list[tuple
         return images
     taken = {k.casefold() for k in kept.values()}
     wanted = [kept.get(i, key if key.casefold() not in taken else f"{key}_new") for i, (_, key) in enumerate(images)]
+    # A new x/y under a kept x: in the png format x is the folder of x.png's masks, so x/y's would nest in it
+    # and be deleted with it when x.png is redone. The new one's folder part takes a suffix instead.
+    for i, key in enumerate(wanted):
+        if i in kept:
+            continue
+        parts = key.split("/")
+        for j in range(1, len(parts)):
+            if "/".join(parts[:j]).casefold() in taken:
+                parts[j - 1] += "_new"
+        wanted[i] = "/".join(parts)
     return _unique([p for p, _ in images], wanted)
 
 
@@ -297,6 +315,10 @@ def _say_skipped(listing: Listing) -> None:
         n = len(listing.earlier_outputs)
         print(f"segany auto: skipped {n} folder{'s' if n > 1 else ''} holding an earlier segany auto output: "
               + ", ".join(str(f) for f in listing.earlier_outputs), file=sys.stderr)
+    if listing.hidden_images:
+        n = len(listing.hidden_images)
+        print(f"segany auto: skipped {n} hidden image{'s' if n > 1 else ''} (a name starting with '.', e.g. "
+              f"{listing.hidden_images[0]}); rename, or pass them in a .txt list, to include them", file=sys.stderr)
     if listing.duplicates:
         n = listing.duplicates
         print(f"segany auto: the list names {n} image{'s' if n > 1 else ''} more than once; each is segmented "
@@ -360,6 +382,7 @@ def _write_png_dir(target: Path, records: list[dict[str, Any]], image: dict[str,
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 kept other users and a web server out
         meta = []
         for i, r in enumerate(records):
             m = r["segmentation"]
@@ -531,7 +554,8 @@ def run(args: argparse.Namespace) -> int:
     todo, overlay_only = _plan(out, images, args, since, state.earlier_masks)
     finished = False
     try:
-        _process(out, listing, todo, overlay_only, generator, record.ids, args, state, within)
+        with _stops_as_interrupts():
+            _process(out, listing, todo, overlay_only, generator, record.ids, args, state, within)
         finished = True
     finally:  # however the run ends, the manifest records what it did
         stopped = None if finished else sys.exc_info()[1]
@@ -547,6 +571,34 @@ def run(args: argparse.Namespace) -> int:
             print(f"segany auto: interrupted after {state.done} images; finished ones are kept, rerun the same "
                   f"command with --resume to do the rest (outputs in {out})", file=sys.stderr)
     return code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``timeout``, a batch system's time limit, ``docker stop``, a closed terminal): ended as
+    Ctrl-C is, so the manifest is written and says how to resume. Before, the process died at once and the
+    folder's manifest still described the run before it."""
+
+
+@contextmanager
+def _stops_as_interrupts() -> Iterator[None]:
+    """While images are processed (main thread only), SIGTERM and SIGHUP raise :class:`Terminated`."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(signal.Signals(signum).name)
+
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    before = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -870,6 +922,7 @@ def _inside(out: Path, path: Path) -> bool:
 def _remove_previous_run(out: Path, images: list[tuple[Path, str]], args: argparse.Namespace) -> None:
     """A run without --resume owns its folder: remove every output the recorded run wrote (found through its
     run.json and image_ids.json, so no other file is touched) and say how many this run will not rewrite."""
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # it describes the earlier run; this one writes its own
     fmt, keys = previous_outputs(out)
     if fmt not in FORMATS:
         return

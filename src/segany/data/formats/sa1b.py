@@ -227,7 +227,8 @@ def _is_coco_data(data: Any) -> bool:
 def sa1b_json_files(source: str | os.PathLike[str]) -> list[Path]:
     """The per-image SA-1B files under ``source`` (a folder, searched recursively; or one .json file), sorted.
 
-    Hidden paths and the bookkeeping files of ``segany auto`` are left out.
+    Hidden paths and the bookkeeping files of ``segany auto`` are left out: only at the folder's top, where
+    ``auto`` writes them (``sub/run.json`` is the masks of ``sub/run.jpg``, which a skip at any depth lost).
     """
     src = Path(source)
     if src.is_file():
@@ -236,7 +237,7 @@ def sa1b_json_files(source: str | os.PathLike[str]) -> list[Path]:
         raise InputError(f"--sa1b {str(src)!r} does not exist; pass the folder of SA-1B .json files (one per image, "
                          "as SA-1B ships them and `segany auto IMAGES --out DIR` writes them)")
     return [p for p in sorted(src.rglob("*.json"))
-            if p.name not in BOOKKEEPING and p.is_file()  # segany auto's records, not an image's masks
+            if not (p.parent == src and p.name in BOOKKEEPING) and p.is_file()  # auto's records, not masks
             and not any(part.startswith(".") for part in p.relative_to(src).parts)]
 
 
