@@ -284,3 +284,17 @@ def test_hidden_images_are_counted_not_dropped_silently(checkpoint: Path, tmp_pa
     _image(src / "c.png", 2)
     assert _auto(checkpoint, src, "--out", out) == 0
     assert "skipped 2 hidden images (a name starting with '.'" in capsys.readouterr().err
+
+
+def test_an_ignored_sighup_stays_ignored() -> None:
+    # Under `nohup` SIGHUP is ignored; turning it into a stop would end the run when the terminal closes.
+    from segany.cli.auto import _stops_as_interrupts
+
+    before_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _stops_as_interrupts():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before_hup)

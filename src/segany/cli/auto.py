@@ -592,7 +592,9 @@ def _stops_as_interrupts() -> Iterator[None]:
     def stop(signum: int, frame: object) -> None:
         raise Terminated(signal.Signals(signum).name)
 
-    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    # Only where the signal would kill the process: `nohup` (SIGHUP ignored) and a parent's own handling stay.
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP")
+              if hasattr(signal, n) and signal.getsignal(getattr(signal, n)) == signal.SIG_DFL]
     before = {sig: signal.signal(sig, stop) for sig in wanted}
     try:
         yield
