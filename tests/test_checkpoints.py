@@ -515,6 +515,21 @@ def test_a_ranged_answer_is_used_only_where_it_continues_the_part(home: Path, vi
         assert [a[0] for a in server.asked] == [None, f"bytes={k}-", f"bytes={k + 1000}-"]
 
 
+def test_a_server_that_cuts_whole_answers_is_asked_twice_not_64_times(home: Path, vit_t_file: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server that ignores Range and cuts every answer short was asked for the whole file again and again.
+    data = vit_t_file.read_bytes()
+    k = len(data) // 3
+    server = _Scripted(data, [("cut", k)])
+    info = _register(monkeypatch, url=server.url, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    try:
+        with pytest.raises(DownloadError, match=rf"stopped after {k} of {len(data)} bytes"):
+            download(info.name, timeout=10)
+    finally:
+        server.close()
+    assert len(server.asked) == 2
+
+
 def test_a_file_without_size_or_hash_is_continued_only_with_a_validator(home: Path, vit_t_file: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # MobileSAM's entry has no size or hash, and its URL follows a branch: a part joined to another version's

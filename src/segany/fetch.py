@@ -85,6 +85,14 @@ def locked_part(part: Path) -> Iterator[BinaryIO]:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
                 raise PartBusyError(str(part)) from exc
+            # The lock is on the file opened, which another process may have renamed into place (or removed)
+            # between our open and our lock: then it is not the part, and writing it would damage that file.
+            try:
+                same = os.stat(part).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise PartBusyError(str(part))
         try:
             yield f
         finally:
@@ -116,6 +124,7 @@ def fetch_into(url: str, part: Path, out: BinaryIO, *, timeout: float, resume_un
         have = _restart(out, part)  # nothing would tell a file that moved on from this one
     resumed_from = have
     total: int | None = None
+    whole = 0  # answers that were the whole file
     for _ in range(MAX_REQUESTS):
         headers = {"Range": f"bytes={have}-"} if have else {}
         if have and validator:
@@ -143,10 +152,15 @@ def fetch_into(url: str, part: Path, out: BinaryIO, *, timeout: float, resume_un
                     continue
             else:
                 total = size
+            whole += not (start is not None and start == have)
             if progress:
                 progress(have, total)
+            before = have
             have = _copy(resp, out, have, total, progress)
-        if total is None or have >= total:
+        # Asked again for the rest while ranges move the part on (a server that sends short ones), and once after
+        # a whole answer cut short; not after a second whole answer, which a server that ignores ranges would
+        # send for every request (the whole file, up to MAX_REQUESTS times).
+        if total is None or have >= total or have == before or whole >= 2:
             break
     return Transfer(resumed_from, have, total)
 

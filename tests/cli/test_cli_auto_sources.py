@@ -186,10 +186,11 @@ def test_sigint_writes_the_manifest_and_says_how_to_resume(checkpoint: Path, tmp
         time.sleep(0.02)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig if sig == signal.SIGTERM else 130, err  # 143: a batch system reads it
     assert "rerun the same command with --resume" in err, err
     lines = [ln.strip() for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
-    assert lines[-1] == "segany: interrupted", lines[-3:]  # no progress line after it
+    last = "segany: stopped by SIGTERM" if sig == signal.SIGTERM else "segany: interrupted"
+    assert lines[-1] == last, lines[-3:]  # no progress line after it
     done = len(list(out.glob("img_*.json")))
     assert 0 < done < 12 and _json(out / "manifest.json")["counts"]["done"] == done
     shutil.rmtree(out)
@@ -208,6 +209,13 @@ def test_png_output_of_x_beside_a_folder_x_keeps_both(checkpoint: Path, tmp_path
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "x.png").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's 0700 kept other readers out
+
+
+def test_new_keys_never_nest_with_kept_ones_in_png_and_stay_as_they_are_elsewhere() -> None:
+    from segany.cli.auto import _unnested
+
+    # a new x/y under a kept x, and a new x over a kept x2/y... and a kept a/b under a new a
+    assert _unnested(["x", "x/y", "a/b", "a", "c"], kept={0, 2}) == ["x", "x_new/y", "a/b", "a_new", "c"]
 
 
 def test_a_folder_x_added_beside_x_on_resume_does_not_nest_in_xs_output(checkpoint: Path, tmp_path: Path,
@@ -279,6 +287,7 @@ def test_hidden_images_are_counted_not_dropped_silently(checkpoint: Path, tmp_pa
 
     src, out = tmp_path / "src", tmp_path / "out"
     _image(src / ".cache" / "a.png", 0), _image(src / ".b.png", 1)
+    _image(src / "._b.png", 1), _image(src / ".c.png.x1.tmp" / "m.png", 1)  # a resource fork, a run's temp folder
     cli_fails(["auto", str(src), "--out", str(out), "--checkpoint", str(checkpoint)], capsys,
               "2 hidden ones (a name starting with '.'")
     _image(src / "c.png", 2)

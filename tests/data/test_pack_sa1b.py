@@ -221,3 +221,12 @@ def test_an_image_named_like_a_bookkeeping_file_in_a_subfolder_is_read(tmp_path:
         (tmp_path / rel).write_text("{}")
     assert [p.relative_to(tmp_path).as_posix() for p in sa1b_json_files(tmp_path)] == [
         "sub/manifest.json", "sub/run.json", "sub/x.json"]
+    # A folder of several auto runs' outputs: each run's own bookkeeping (its run.json records a run) is skipped.
+    run = tmp_path / "runs" / "run1"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"settings": {"format": "sa1b"}}))
+    (run / "image_ids.json").write_text("{}")
+    (run / "a.json").write_text("{}")
+    assert "runs/run1/a.json" in [p.relative_to(tmp_path).as_posix() for p in sa1b_json_files(tmp_path)]
+    assert not {"runs/run1/run.json", "runs/run1/image_ids.json"} & {
+        p.relative_to(tmp_path).as_posix() for p in sa1b_json_files(tmp_path)}

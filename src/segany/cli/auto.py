@@ -182,7 +182,7 @@ def _scan_folder(src: Path, out: Path | None) -> Listing:
     for p in walk_files(src):
         if not any(part.startswith(".") for part in p.relative_to(src).parts):
             found.append(p)
-        elif p.suffix.lower() in IMAGE_SUFFIXES:
+        elif p.suffix.lower() in IMAGE_SUFFIXES and not _not_a_hidden_image(p.relative_to(src).parts):
             hidden.append(p)
     # This run's --out, and any earlier run's output folder (it holds that run's run.json): masks, not input.
     earlier = [p.parent for p in found if p.name == RUN_FILE and p.parent != src and _is_run_record(p)
@@ -223,6 +223,12 @@ def _scan_list(paths: list[Path]) -> Listing:
     return Listing(_keys(unique, root), root=root, duplicates=len(absolute) - len(unique))
 
 
+def _not_a_hidden_image(parts: tuple[str, ...]) -> bool:
+    """Dot-names that are no one's hidden picture: macOS's ``._x.jpg`` resource forks, and the temporary folders
+    of an interrupted run (``.x.k3j2.tmp``), so the hidden-image count names only what a person hid."""
+    return parts[-1].startswith("._") or any(part.startswith(".") and part.endswith(".tmp") for part in parts[:-1])
+
+
 def _keys(files: list[Path], root: Path) -> list[tuple[Path, str]]:
     """Each file's key: its path below ``root`` without the extension, unless that is ambiguous or reserved."""
     rel = [Path(os.path.relpath(f, root)) if f.anchor == root.anchor else Path(*f.parts[1:]) for f in files]
@@ -236,7 +242,7 @@ def _keys(files: list[Path], root: Path) -> list[tuple[Path, str]]:
     return _unique(files, wanted)
 
 
-def _keep_recorded_keys(out: Path, images: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+def _keep_recorded_keys(out: Path, images: list[tuple[Path, str]], fmt: str) -> list[tuple[Path, str]]:
     """On --resume, each image the recorded run already named keeps that name. A list's keys are relative to
     the deepest folder holding all its images, so adding an image from elsewhere to the list would otherwise
     rename every output (and a resume would redo them all, leaving the old files beside the new)."""
@@ -248,17 +254,29 @@ def _keep_recorded_keys(out: Path, images: list[tuple[Path, str]]) -> list[tuple
         return images
     taken = {k.casefold() for k in kept.values()}
     wanted = [kept.get(i, key if key.casefold() not in taken else f"{key}_new") for i, (_, key) in enumerate(images)]
-    # A new x/y under a kept x: in the png format x is the folder of x.png's masks, so x/y's would nest in it
-    # and be deleted with it when x.png is redone. The new one's folder part takes a suffix instead.
-    for i, key in enumerate(wanted):
+    if fmt == "png":  # there a key is a folder: one output nested in another goes when that one is redone
+        wanted = _unnested(wanted, set(kept))
+    return _unique([p for p, _ in images], wanted)
+
+
+def _unnested(keys: list[str], kept: set[int]) -> list[str]:
+    """Rename the new keys (not in ``kept``) whose png output folder would hold, or sit in, a kept key's: a new
+    x/y under a kept x (x.png's masks), or a new x over a kept x/y. The new one takes a ``_new`` suffix on the
+    clashing part; the kept ones, whose outputs exist, never move."""
+    kept_keys = [keys[i].casefold() for i in kept]
+    folders = {"/".join(k.split("/")[:j]) for k in kept_keys for j in range(1, k.count("/") + 1)}
+    out = list(keys)
+    for i, key in enumerate(keys):
         if i in kept:
             continue
         parts = key.split("/")
-        for j in range(1, len(parts)):
-            if "/".join(parts[:j]).casefold() in taken:
+        for j in range(1, len(parts)):  # a kept key is a folder above this one
+            if "/".join(parts[:j]).casefold() in kept_keys:
                 parts[j - 1] += "_new"
-        wanted[i] = "/".join(parts)
-    return _unique([p for p, _ in images], wanted)
+        if "/".join(parts).casefold() in folders:  # this one would be a folder above a kept key
+            parts[-1] += "_new"
+        out[i] = "/".join(parts)
+    return out
 
 
 def _is_run_record(path: Path) -> bool:
@@ -528,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
                         lambda: any(output_path(out, k, args.format).exists() for _, k in images),
                         requested_precision=args.precision)
     if keep:
-        listing = dataclasses.replace(listing, images=_keep_recorded_keys(out, images))
+        listing = dataclasses.replace(listing, images=_keep_recorded_keys(out, images, args.format))
         images = listing.images
     elif args.resume:  # --resume into a folder without a record: a fresh run
         _check_foreign(out, images, args)
@@ -568,7 +586,8 @@ def run(args: argparse.Namespace) -> int:
             # the error that stopped the run is the one the command ends with; this one gets a line
             print(f"segany auto: the manifest could not be written: {type(exc).__name__}: {exc}", file=sys.stderr)
         if isinstance(stopped, KeyboardInterrupt):
-            print(f"segany auto: interrupted after {state.done} images; finished ones are kept, rerun the same "
+            how = f"stopped by {stopped}" if isinstance(stopped, Terminated) else "interrupted"
+            print(f"segany auto: {how} after {state.done} images; finished ones are kept, rerun the same "
                   f"command with --resume to do the rest (outputs in {out})", file=sys.stderr)
     return code
 
@@ -576,7 +595,12 @@ def run(args: argparse.Namespace) -> int:
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP (``timeout``, a batch system's time limit, ``docker stop``, a closed terminal): ended as
     Ctrl-C is, so the manifest is written and says how to resume. Before, the process died at once and the
-    folder's manifest still described the run before it."""
+    folder's manifest still described the run before it. ``signum``: the command exits 128 + it, as a process
+    the signal killed would (143 for SIGTERM), which batch systems and systemd read."""
+
+    def __init__(self, name: str, signum: int) -> None:
+        super().__init__(name)
+        self.signum = signum
 
 
 @contextmanager
@@ -590,7 +614,7 @@ def _stops_as_interrupts() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: object) -> None:
-        raise Terminated(signal.Signals(signum).name)
+        raise Terminated(signal.Signals(signum).name, signum)
 
     # Only where the signal would kill the process: `nohup` (SIGHUP ignored) and a parent's own handling stay.
     wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP")
@@ -862,6 +886,8 @@ def _finish(out: Path, listing: Listing, args: argparse.Namespace, model_name: s
 
 
 def _stop_reason(exc: BaseException) -> str:
+    if isinstance(exc, Terminated):
+        return f"stopped by {exc}; rerun the same command with --resume to do the rest"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C); rerun the same command with --resume to do the rest"
     if isinstance(exc, SeganyError):

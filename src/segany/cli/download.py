@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
             # ``initial``: a continued download starts at the bytes it kept (its speed is not counted from them)
             bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
                        file=sys.stderr)
+        if total != bar.total:  # a restart on the whole file, or a length first unknown
+            bar.total = total
         bar.update(done - bar.n)
 
     try:

@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"segany: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("segany: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", None)  # segany auto's SIGTERM/SIGHUP (cli.auto.Terminated)
+        print(f"segany: stopped by {exc}" if signum else "segany: interrupted", file=sys.stderr)
+        return 128 + signum if signum else 130
     except BrokenPipeError:  # the reader went away (`segany ... --json | head`): stop quietly, as Unix tools do
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

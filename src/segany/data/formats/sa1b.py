@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from segany.atomic import atomic_write_text
-from segany.data.formats.auto_files import BOOKKEEPING
+from segany.data.formats.auto_files import BOOKKEEPING, RUN_FILE
 from segany.data.formats.common import (
     IMAGE_FRAMES,
     ImageFrames,
@@ -227,8 +227,9 @@ def _is_coco_data(data: Any) -> bool:
 def sa1b_json_files(source: str | os.PathLike[str]) -> list[Path]:
     """The per-image SA-1B files under ``source`` (a folder, searched recursively; or one .json file), sorted.
 
-    Hidden paths and the bookkeeping files of ``segany auto`` are left out: only at the folder's top, where
-    ``auto`` writes them (``sub/run.json`` is the masks of ``sub/run.jpg``, which a skip at any depth lost).
+    Hidden paths and the bookkeeping files of ``segany auto`` are left out: at the folder's top and in any
+    folder that holds an auto run record (several runs' outputs under one folder); elsewhere ``sub/run.json``
+    is the masks of ``sub/run.jpg``, which a skip at any depth lost.
     """
     src = Path(source)
     if src.is_file():
@@ -236,9 +237,27 @@ def sa1b_json_files(source: str | os.PathLike[str]) -> list[Path]:
     if not src.is_dir():
         raise InputError(f"--sa1b {str(src)!r} does not exist; pass the folder of SA-1B .json files (one per image, "
                          "as SA-1B ships them and `segany auto IMAGES --out DIR` writes them)")
+    records: dict[Path, bool] = {}  # folder -> whether it is an auto output (its run.json records a run)
+
+    def bookkeeping(p: Path) -> bool:
+        if p.name not in BOOKKEEPING:
+            return False
+        if p.parent not in records:
+            records[p.parent] = p.parent == src or _records_a_run(p.parent / RUN_FILE)
+        return records[p.parent]
+
     return [p for p in sorted(src.rglob("*.json"))
-            if not (p.parent == src and p.name in BOOKKEEPING) and p.is_file()  # auto's records, not masks
+            if not bookkeeping(p) and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+
+
+def _records_a_run(run_json: Path) -> bool:
+    """Whether ``run_json`` is a ``segany auto`` run record (then its folder's bookkeeping files are not masks)."""
+    try:
+        data = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("settings"), dict) and "format" in data["settings"]
 
 
 def looks_like_sa1b(path: str | os.PathLike[str]) -> bool:
