@@ -12,13 +12,13 @@ import textwrap
 
 import pytest
 import torch
-from interpreter_run import run_interpreted
+from interpreter_run import register, run_interpreted
 
 from segany.kernels import relpos_attention as relpos
 
 pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent(
+SCRIPT = register(textwrap.dedent(
     """
     import json, torch
     import torch.nn.functional as F
@@ -97,7 +97,7 @@ SCRIPT = textwrap.dedent(
     out["compiled_graphs"], out["compiled_op_calls"], out["compiled_err"] = report["graphs"], report["op_calls"], report["err"]
     print(json.dumps(out))
     """
-)
+))
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ import textwrap
 
 import pytest
 import torch
-from interpreter_run import run_interpreted
+from interpreter_run import register, run_interpreted
 
 from segany.errors import InputError
 from segany.kernels import window_attention as wk
 
 pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent(
+SCRIPT = register(textwrap.dedent(
     """
     import json, torch
     from segany.fast import FastViTAttention, FastWindowBlock, make_fast_encoder
@@ -94,7 +94,7 @@ SCRIPT = textwrap.dedent(
     out["compiled_graphs"], out["compiled_window_ops"], out["compiled_err"] = report["graphs"], report["op_calls"], report["err"]
     print(json.dumps(out))
     """
-)
+))
 
 
 @pytest.fixture(scope="module")
