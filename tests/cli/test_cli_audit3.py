@@ -383,6 +383,9 @@ def test_an_unfinished_dataset_does_not_stop_what_leaves_it_out(tmp_path: Path) 
     assert {r.dataset for r in train_records(data)} == {"other"} and val_records(data)
     with pytest.raises(InputError, match="unknown dataset.s. 'othr' in --datasets"):
         load_eval_records(out, "val", ["other", "othr"])
+    # Training that names the unfinished one is told to finish the pack, not that the dataset is unknown.
+    with pytest.raises(InputError, match="mc of the pack .* rerun the same `segany data pack` command"):
+        train_records(DataSection(pack=str(out), datasets=("mc", "other")))
 
 
 def test_shared_data_packs_take_skip_bad(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -640,6 +640,11 @@ def pack_dataset_names(pack_dir: str | os.PathLike[str]) -> list[str]:
     return sorted({str(d.get("dataset", "")) for d in manifest.get("records", [])})
 
 
+def pack_unfinished(pack_dir: str | os.PathLike[str]) -> list[str]:
+    """The datasets an interrupted (or stopped) re-pack left without records, from the pack's manifest."""
+    return sorted((_existing_manifest(Path(pack_dir)) or {}).get(UNFINISHED, []))
+
+
 def load_pack(pack_dir: str | os.PathLike[str], split: str | None = None, datasets: Iterable[str] | None = None
               ) -> list[InstanceRecord]:
     """Records of a pack (optionally one split and some datasets), image paths made absolute."""
@@ -660,7 +665,8 @@ def load_pack(pack_dir: str | os.PathLike[str], split: str | None = None, datase
     unfinished = sorted(unfinished & wanted if wanted is not None else unfinished)
     if unfinished:
         rest = [d for d in have if d not in unfinished]
-        others = (f", or ask for the others alone (eval: --datasets {','.join(rest)}; training: "
+        others = (f", or ask for the others alone (eval: --datasets {','.join(rest)}, or --eval-datasets for "
+                  f"engine retrain; training: "
                   f"-o data.datasets=[{','.join(rest)}])" if rest and wanted is None else "")
         raise InputError(f"dataset(s) {', '.join(unfinished)} of the pack {str(root)!r} were being packed again "
                          "when that stopped (interrupted, or an image could not be packed), so the pack holds no "
