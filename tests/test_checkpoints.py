@@ -141,7 +141,7 @@ def test_half_checkpoint_loads_into_fp32(tmp_path: Path, tiny_sam: Sam) -> None:
 def test_wrong_checkpoint_names_probable_variant(vit_t_file: Path) -> None:
     """The fix fits the caller: a Python call for the API (it has no --model), the flag on the command line."""
     from segany import sam_model_registry
-    from segany.cli.main import _one_line
+    from segany.errors import one_line
 
     with pytest.raises(CheckpointError) as info:
         build_sam("vit_b", checkpoint=vit_t_file)
@@ -156,7 +156,7 @@ def test_wrong_checkpoint_names_probable_variant(vit_t_file: Path) -> None:
     assert info.value.cli_message().endswith("looks like a 'vit_t' checkpoint: use --model vit_t")
     with pytest.raises(CheckpointError, match=r"build_sam\('vit_t'"):
         sam_model_registry["vit_b"](checkpoint=vit_t_file)
-    line = _one_line(info.value)  # what `segany: error:` prints (tests/bad_inputs runs the whole command)
+    line = one_line(info.value)  # what `segany: error:` prints (tests/bad_inputs runs the whole command)
     assert "use --model vit_t" in line and "build_sam" not in line, line
 
 

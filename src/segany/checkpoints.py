@@ -521,20 +521,22 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
             return found
         what = f"weights {name!r} have no download URL; put the file at {dest} (or pass its path "
         raise DownloadError(what + "as build_sam(..., checkpoint=PATH))", cli=what + "with --checkpoint)")
+    damaged = None  # the cached file found damaged, as it was then: not hashed again under the lock
     if dest.exists() and not force:
         try:
             verify_file(dest, info)
             return dest
         except DownloadError as exc:  # a damaged cached file: fetched again, not kept
             log.warning("%s; downloading it again", exc)
+            damaged = _file_key(dest)
     _sweep_stale_downloads(dest)
     from segany.fetch import PartBusyError, TransferError, fetch_into, finished, locked_part, part_path
 
     part = part_path(dest)
     try:
         with locked_part(part) as out:
-            if dest.exists() and not force and _whole(dest, info):  # another download finished it meanwhile
-                return dest
+            if dest.exists() and not force and _file_key(dest) != damaged and _whole(dest, info):
+                return dest  # another download finished it meanwhile
             # A part is continued without the server's validator only when the joined file can be checked.
             checked = info.size is not None or bool(info.sha256 or info.md5)
             got = fetch_into(info.url, part, out, timeout=timeout, resume_unchecked=checked, progress=progress)
@@ -559,6 +561,15 @@ def download(name: str, *, force: bool = False, timeout: float = 30.0,
         raise DownloadError(f"another `segany download {info.name}` is writing {part}; wait for it to finish "
                             "(or stop it) and run again") from None
     return dest
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of ``path``: changes when another process puts a new file there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _whole(path: Path, info: WeightsInfo) -> bool:

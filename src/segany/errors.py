@@ -91,3 +91,10 @@ def require(module: str, extra: str) -> object:
         raise MissingDependencyError(
             f"{module!r} is needed for this feature but is not installed; run: pip install 'segany[{extra}]'"
         ) from exc
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line for a person: a segany error's command-line wording (its fix names flags, not Python),
+    any other's text, whitespace collapsed; the type's name when it has no text."""
+    text = exc.cli_message() if isinstance(exc, SeganyError) else str(exc)
+    return " ".join(text.split()) or type(exc).__name__

@@ -65,10 +65,10 @@ from segany.cli.auto_resume import (
     previous_outputs,
     record_run,
     recorded_keys,
-    recorded_settings,
     run_settings,
     write_images,
 )
+from segany.data.formats.auto_files import is_run_record
 from segany.data.walk import walk_files
 from segany.errors import InputError, SeganyError
 
@@ -185,7 +185,7 @@ def _scan_folder(src: Path, out: Path | None) -> Listing:
         elif p.suffix.lower() in IMAGE_SUFFIXES and not _not_a_hidden_image(p.relative_to(src).parts):
             hidden.append(p)
     # This run's --out, and any earlier run's output folder (it holds that run's run.json): masks, not input.
-    earlier = [p.parent for p in found if p.name == RUN_FILE and p.parent != src and _is_run_record(p)
+    earlier = [p.parent for p in found if p.name == RUN_FILE and p.parent != src and is_run_record(p.parent)
                and p.parent.relative_to(src).parts != inner]
     skip = ([inner] if inner else []) + [p.relative_to(src).parts for p in earlier]
     files: list[Path] = []
@@ -277,11 +277,6 @@ def _unnested(keys: list[str], kept: set[int]) -> list[str]:
             parts[-1] += "_new"
         out[i] = "/".join(parts)
     return out
-
-
-def _is_run_record(path: Path) -> bool:
-    """Whether ``path`` (a run.json) is the record of a ``segany auto`` output folder."""
-    return "format" in (recorded_settings(path.parent) or {})
 
 
 def _parts_inside(out: Path, src: Path) -> tuple[str, ...] | None:

@@ -32,6 +32,7 @@ from segany.data.formats.auto_files import (  # noqa: F401 - re-exported: segany
     IDS_FILE,
     MANIFEST_FILE,
     RUN_FILE,
+    recorded_settings,
 )
 from segany.errors import InputError
 
@@ -235,16 +236,6 @@ def write_images(out: Path, record: ImageRecord) -> None:
     recorded as its new image's."""
     data = {"ids": record.ids, "sources": record.sources, "next_id": record.next_id}
     atomic_write_bytes(out / IDS_FILE, json.dumps(data, indent=1).encode("utf-8"))
-
-
-def recorded_settings(out: Path) -> dict[str, Any] | None:
-    """The settings of the run recorded in ``out``'s run.json, or None when there is no readable record."""
-    try:
-        data = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    settings = data.get("settings") if isinstance(data, dict) else None
-    return settings if isinstance(settings, dict) else None
 
 
 def previous_outputs(out: Path) -> tuple[str | None, list[str]]:

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from segany import __version__
 from segany.atomic import NO_SPACE
-from segany.errors import SeganyError
+from segany.errors import SeganyError, one_line
 
 # Shown first in `segany --help`; the rest follow alphabetically.
 _FIRST = ("predict", "models", "download")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except SeganyError as exc:
         if debug:
             traceback.print_exc()
-        print(f"segany: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"segany: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", None)  # segany auto's SIGTERM/SIGHUP (cli.auto.Terminated)
@@ -116,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                   "another one) and run the command again", file=sys.stderr)
             return 1
         where = f": {exc.filename!r}" if exc.filename else ""
-        print(f"segany: error: {exc.strerror or _one_line(exc)}{where}; check the path and its permissions",
+        print(f"segany: error: {exc.strerror or one_line(exc)}{where}; check the path and its permissions",
               file=sys.stderr)
         return 1
     except Exception as exc:  # a bug, not a user error: say so and how to see more
         if debug:
             traceback.print_exc()
             return 1
-        print(f"segany: unexpected error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
+        print(f"segany: unexpected error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for the "
               "traceback)", file=sys.stderr)
         return 1
 
@@ -141,11 +141,6 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
         if isinstance(value, str) and not value.strip():
             flag = "--" + dest.replace("_", "-")
             raise InputError(f"{flag} is empty; pass a path (e.g. {flag} out), or . for the current folder")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = exc.cli_message() if isinstance(exc, SeganyError) else str(exc)  # the command line's fix, not Python's
-    return " ".join(text.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

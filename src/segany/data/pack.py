@@ -633,16 +633,12 @@ def pack_shared(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[st
                         max_side_by_dataset=max_side_by_dataset, on_bad=on_bad)
 
 
-def pack_dataset_names(pack_dir: str | os.PathLike[str]) -> list[str]:
-    """The datasets a pack holds records of, read from its manifest alone (no record or image is checked, and
-    one left unfinished by an interrupted re-pack is not among them); [] when there is no readable manifest."""
+def pack_datasets(pack_dir: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """(the datasets a pack holds records of, those an interrupted or stopped re-pack left without records), from
+    one read of its manifest alone (no record or image is checked); ([], []) without a readable manifest."""
     manifest = _existing_manifest(Path(pack_dir)) or {}
-    return sorted({str(d.get("dataset", "")) for d in manifest.get("records", [])})
-
-
-def pack_unfinished(pack_dir: str | os.PathLike[str]) -> list[str]:
-    """The datasets an interrupted (or stopped) re-pack left without records, from the pack's manifest."""
-    return sorted((_existing_manifest(Path(pack_dir)) or {}).get(UNFINISHED, []))
+    return (sorted({str(d.get("dataset", "")) for d in manifest.get("records", [])}),
+            sorted(manifest.get(UNFINISHED, [])))
 
 
 def load_pack(pack_dir: str | os.PathLike[str], split: str | None = None, datasets: Iterable[str] | None = None

@@ -643,7 +643,6 @@ class RetrainSettings:
         if self.max_clicks < 5:
             raise InputError(f"max_clicks must be >= 5 (5-click mIoU is reported), got {self.max_clicks}")
 
-
     @property
     def held_out_fraction(self) -> float:
         """The fraction of project images held out: none when evaluating on ``eval_data``."""
@@ -867,10 +866,9 @@ def _continue_fine_tune(trainer: Any, run_dir: Path, parent: str, log: Callable[
             else:
                 trainer.load(last)  # checks weights and data before it changes anything
         except Exception as exc:  # any reason at all: starting over is always correct, only slower
-            from segany.errors import SeganyError
+            from segany.errors import one_line
 
-            text = " ".join((exc.cli_message() if isinstance(exc, SeganyError) else str(exc)).split())
-            why = text or type(exc).__name__
+            why = one_line(exc)
     if why is not None:
         log(f"not continuing the earlier fine-tune in {run_dir}: {why}; starting it over")
         _prune_run_dir(run_dir)  # else a rerun killed before its first save would find these again

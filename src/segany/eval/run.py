@@ -63,9 +63,9 @@ def load_eval_records(data: str | os.PathLike[str], split: str = "val", datasets
 
         recs = load_pack(root, split=split, datasets=datasets)
         if datasets and set(datasets) - {r.dataset for r in recs}:  # unknown, or only not in this split
-            from segany.data.pack import pack_dataset_names
+            from segany.data.pack import pack_datasets
 
-            _check_datasets(datasets, pack_dataset_names(root), f"the pack {str(root)!r}")
+            _check_datasets(datasets, pack_datasets(root)[0], f"the pack {str(root)!r}")
     elif (root / SHARED_DIRS["pennfudan"]).exists() or (root / SHARED_DIRS["kvasir"]).exists():
         _check_datasets(datasets, list(SHARED_DATASETS), "the shared data")
         recs = []

@@ -67,11 +67,11 @@ def _pack_val(data: DataSection) -> list[InstanceRecord]:
 def _load_known(data: DataSection, split: str) -> list[InstanceRecord]:
     """The pack's records of ``split`` among ``data.datasets`` that the pack holds (:func:`_select` names the
     rest), or all of them when it holds none of those (for that function's message)."""
-    from segany.data.pack import load_pack, pack_dataset_names, pack_unfinished
+    from segany.data.pack import load_pack, pack_datasets
 
-    if set(data.datasets) & set(pack_unfinished(data.pack)):  # load_pack says which and how to finish the pack
+    held, unfinished = pack_datasets(data.pack)
+    if set(data.datasets) & set(unfinished):  # load_pack says which and how to finish the pack
         return load_pack(data.pack, split=split, datasets=data.datasets)
-    held = set(pack_dataset_names(data.pack))
     wanted = [d for d in data.datasets if d in held]
     return load_pack(data.pack, split=split, datasets=wanted or None)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from segany.atomic import atomic_write_text
-from segany.data.formats.auto_files import BOOKKEEPING, RUN_FILE
+from segany.data.formats.auto_files import BOOKKEEPING, is_run_record
 from segany.data.formats.common import (
     IMAGE_FRAMES,
     ImageFrames,
@@ -243,21 +243,12 @@ def sa1b_json_files(source: str | os.PathLike[str]) -> list[Path]:
         if p.name not in BOOKKEEPING:
             return False
         if p.parent not in records:
-            records[p.parent] = p.parent == src or _records_a_run(p.parent / RUN_FILE)
+            records[p.parent] = p.parent == src or is_run_record(p.parent)
         return records[p.parent]
 
     return [p for p in sorted(src.rglob("*.json"))
             if not bookkeeping(p) and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(src).parts)]
-
-
-def _records_a_run(run_json: Path) -> bool:
-    """Whether ``run_json`` is a ``segany auto`` run record (then its folder's bookkeeping files are not masks)."""
-    try:
-        data = json.loads(run_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("settings"), dict) and "format" in data["settings"]
 
 
 def looks_like_sa1b(path: str | os.PathLike[str]) -> bool:
